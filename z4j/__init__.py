@@ -1,0 +1,14 @@
+"""z4j: a Trio-native control plane and telemetry pipeline for Python services.
+
+Run a brain inside a Trio program::
+
+    addresses = await nursery.start(z4j.serve_brain, z4j.Config())
+"""
+
+from ._version import __version__ as __version__
+from .brain import BrainAddresses as BrainAddresses
+from .brain import serve_brain as serve_brain
+from .config import Config as Config
+from .config import ConfigError as ConfigError
+from .config import load_config as load_config
+from .stats import BrainStats as BrainStats

@@ -1,0 +1,233 @@
+"""The supervisor: one root nursery that runs a whole brain.
+
+Start order follows dependencies, each step through ``nursery.start`` so
+that it returns only once the service can serve:
+
+    buffer (opened) → group-commit writer → store migrations (retried in
+    the background until the store answers) → drains → ingest server →
+    HTTP → heartbeat → report addresses.
+
+Any child failing cancels the tree. A graceful stop (``shutdown`` set) runs
+in reverse, under a deadline of Z4J_SHUTDOWN_GRACE_SECONDS:
+
+    stop accepting ingest, let connections answer what they hold → the
+    writer commits what is queued → drains finish the batch in hand (rows
+    not drained stay in the buffer file for the next start) → last
+    heartbeat → HTTP stops → cancel whatever is left.
+
+Nothing acknowledged can be lost on any of these paths, graceful or not:
+an acknowledgement is only ever sent after its rows are committed in the
+buffer file, and rows leave that file only after the store has them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+
+import attrs
+import trio
+
+from .buffer import Buffer
+from .config import Config
+from .drain import Drainer
+from .heartbeat import Heartbeat
+from .http import HealthChecks, build_app, serve_http
+from .ingest_server import IngestServer
+from .stats import BrainStats
+from .store import Store, store_for
+from .store.base import InstanceInfo
+
+__all__ = ["BrainAddresses", "serve_brain"]
+
+log = logging.getLogger("z4j.brain")
+
+MIGRATE_RETRY_SECONDS = 2.0
+
+
+@attrs.frozen(kw_only=True)
+class BrainAddresses:
+    """Where a running brain listens (the real ports, when 0 was asked for)."""
+
+    ingest: tuple[str, int]
+    http: tuple[str, int]
+    instance_id: uuid.UUID
+
+    @property
+    def http_url(self) -> str:
+        host, port = self.http
+        return f"http://{host}:{port}"
+
+
+async def _migrate_until_ready(store: Store, ready: trio.Event) -> None:
+    """Apply migrations, retrying while the store is unreachable.
+
+    The buffer takes ingest meanwhile; drains and the heartbeat wait on
+    ``ready``.
+    """
+    attempt = 0
+    while True:
+        try:
+            applied = await store.migrate()
+        except Exception as exc:
+            attempt += 1
+            if attempt == 1 or attempt % 30 == 0:
+                log.warning(
+                    "store not available (%s); ingest goes on into the buffer, retrying every %gs",
+                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                    MIGRATE_RETRY_SECONDS,
+                )
+            await trio.sleep(MIGRATE_RETRY_SECONDS)
+            continue
+        if applied:
+            log.info("schema migrated to version %d", applied[-1])
+        ready.set()
+        return
+
+
+async def serve_brain(
+    config: Config,
+    *,
+    shutdown: trio.Event | None = None,
+    stats: BrainStats | None = None,
+    task_status: trio.TaskStatus[BrainAddresses] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a brain until cancelled, or until ``shutdown`` is set (graceful).
+
+    Reports a `BrainAddresses` when every service is ready::
+
+        addresses = await nursery.start(z4j.serve_brain, config)
+    """
+    stats = stats if stats is not None else BrainStats()
+    instance_id = uuid.uuid4()
+    store = store_for(config, application_name=f"z4j-{instance_id.hex[:8]}")
+    buffer = await Buffer.open(config.resolved_buffer_path, max_rows=config.buffer_max_rows)
+    try:
+        async with trio.open_nursery() as nursery:
+            store_ready = trio.Event()
+            http_shutdown = trio.Event()
+
+            writer_done = trio.Event()
+
+            async def run_writer(task_status: trio.TaskStatus[None]) -> None:
+                try:
+                    await buffer.run_writer(task_status=task_status)
+                finally:
+                    writer_done.set()
+
+            await nursery.start(run_writer)
+            nursery.start_soon(_migrate_until_ready, store, store_ready)
+
+            drainer = Drainer(
+                buffer,
+                store,
+                stats,
+                batch_rows=config.drain_batch_rows,
+                lease_seconds=config.drain_lease_seconds,
+                store_ready=store_ready,
+            )
+            for worker in range(config.drain_workers):
+                await nursery.start(drainer.run, worker)
+
+            ingest = IngestServer(config, buffer, stats)
+            ingest_done = trio.Event()
+
+            async def run_ingest(task_status: trio.TaskStatus[tuple[str, int]]) -> None:
+                try:
+                    await ingest.serve(task_status=task_status)
+                finally:
+                    ingest_done.set()
+
+            ingest_address = await nursery.start(run_ingest)
+
+            health = _health_checks(store, store_ready, buffer)
+            http_address = await nursery.start(
+                lambda task_status: serve_http(
+                    config, build_app(health), shutdown=http_shutdown, task_status=task_status
+                )
+            )
+
+            info = InstanceInfo(
+                id=instance_id,
+                name=config.instance_name or f"{socket.gethostname()}:{os.getpid()}",
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                buffer_id=buffer.buffer_id,
+                started_at=time.time(),
+                last_seen=time.time(),
+            )
+            heartbeat = Heartbeat(
+                store,
+                buffer,
+                stats,
+                info,
+                interval=config.heartbeat_seconds,
+                store_ready=store_ready,
+            )
+            heartbeat_scope = trio.CancelScope()
+
+            async def run_heartbeat(task_status: trio.TaskStatus[None]) -> None:
+                with heartbeat_scope:
+                    await heartbeat.run(task_status=task_status)
+
+            await nursery.start(run_heartbeat)
+
+            addresses = BrainAddresses(
+                ingest=ingest_address, http=http_address, instance_id=instance_id
+            )
+            log.info(
+                "brain %s ready: ingest %s:%d, http %s:%d, store %s, buffer %s",
+                instance_id,
+                *ingest_address,
+                *http_address,
+                store.kind,
+                config.resolved_buffer_path,
+            )
+            task_status.started(addresses)
+
+            if shutdown is None:
+                return  # run until cancelled; the children keep the nursery open
+            await shutdown.wait()
+            log.info("graceful shutdown: %g s to finish", config.shutdown_grace_seconds)
+            with trio.move_on_after(config.shutdown_grace_seconds) as deadline:
+                ingest.stop_accepting()
+                await ingest_done.wait()
+                buffer.close_writer()
+                await writer_done.wait()
+                drainer.stop()
+                await drainer.all_stopped.wait()
+                heartbeat_scope.cancel()
+                if store_ready.is_set():
+                    await heartbeat.beat(stopped=True)
+                http_shutdown.set()
+            if deadline.cancelled_caught:
+                log.warning("graceful shutdown ran past its deadline; cancelling the rest")
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await buffer.aclose()
+            await store.aclose()
+        log.info("brain %s stopped", instance_id)
+
+
+def _health_checks(store: Store, store_ready: trio.Event, buffer: Buffer) -> HealthChecks:
+    health = HealthChecks()
+
+    async def store_check() -> str | None:
+        if not store_ready.is_set():
+            return "store not reachable yet (migrations pending)"
+        await store.check()
+        return None
+
+    async def buffer_check() -> str | None:
+        stats = buffer.statistics()
+        if buffer.full:
+            return f"buffer full ({stats.depth} of {stats.max_rows} rows)"
+        return None
+
+    health.add("store", store_check)
+    health.add("buffer", buffer_check)
+    return health

@@ -1,0 +1,365 @@
+"""The durable local buffer: a SQLite WAL file between ingest and the store.
+
+Why it exists: a payload is acknowledged only once it is durable, and the
+shared store (Postgres) may be slow or down. The buffer takes every payload
+in group commits (many payloads per SQLite transaction, one fsync), and drain
+tasks move it on to the store at their own pace.
+
+How it stays correct:
+
+- One row per payload. Row ids come from AUTOINCREMENT, so an id is never
+  reused after a delete; together with the buffer's own id (a UUID kept in
+  the file) they give every record a stable idempotency key, so a batch that
+  reaches the store twice lands once.
+- Drains *claim* rows with a lease (token and expiry) in one UPDATE, write
+  them to the store, and only then delete them. A drain that dies leaves a
+  claim that expires and is taken again. At open, every claim is released:
+  the file is locked to one process, so old claims belong to the dead.
+- The depth (rows stored, claimed or not, plus rows admitted but not yet
+  committed) is kept in memory and checked before admitting a payload, so a
+  full buffer answers at once and nothing stored is ever dropped.
+- All SQLite work runs on worker threads through one capacity limiter, one
+  statement at a time on one connection: SQLite has one writer anyway, and
+  this avoids its sleeping busy-handler.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import math
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+__all__ = ["Buffer", "BufferFile", "BufferFull", "BufferInUse", "Claim", "ClaimedRow", "NewRow"]
+
+
+class BufferFull(Exception):
+    """The buffer holds its maximum number of rows; try again later."""
+
+
+class BufferInUse(Exception):
+    """Another process holds this buffer file."""
+
+
+@attrs.frozen(kw_only=True)
+class NewRow:
+    """A payload about to be buffered."""
+
+    received_at: float
+    source: str
+    body: bytes
+    origin: bytes | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ClaimedRow:
+    """A buffered payload claimed by a drain."""
+
+    id: int
+    received_at: float
+    source: str
+    body: bytes
+    origin: bytes | None
+
+
+@attrs.frozen(kw_only=True)
+class Claim:
+    """A drain's lease on a batch of rows, all with ids in ``first..last``."""
+
+    token: str
+    rows: tuple[ClaimedRow, ...]
+
+    @property
+    def first(self) -> int:
+        return self.rows[0].id
+
+    @property
+    def last(self) -> int:
+        return self.rows[-1].id
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS payloads (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_at REAL NOT NULL,
+    source      TEXT NOT NULL,
+    origin      BLOB,
+    body        BLOB NOT NULL,
+    claim_token TEXT,
+    claim_until REAL
+);
+"""
+
+
+class BufferFile:
+    """Blocking access to the buffer file. Call only from worker threads.
+
+    Not thread-safe by itself: `Buffer` serialises every call.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock_fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise BufferInUse(
+                f"buffer file {path} is in use by another process; give each instance "
+                "its own Z4J_BUFFER_PATH (or Z4J_DATA_DIR)"
+            ) from None
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'buffer_id'").fetchone()
+            if row is None:
+                self.buffer_id = uuid.uuid4()
+                self._db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('buffer_id', ?)", (str(self.buffer_id),)
+                )
+            else:
+                self.buffer_id = uuid.UUID(row[0])
+            # Only this process can hold the file, so any claim in it is stale.
+            self._db.execute(
+                "UPDATE payloads SET claim_token = NULL, claim_until = NULL "
+                "WHERE claim_token IS NOT NULL"
+            )
+            self.depth: int = self._db.execute("SELECT count(*) FROM payloads").fetchone()[0]
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        db = getattr(self, "_db", None)
+        if db is not None:
+            db.close()
+            self._db = None  # type: ignore[assignment]
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = -1
+
+    def append(self, rows: Sequence[NewRow]) -> None:
+        """Insert ``rows`` in one transaction (one fsync)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT INTO payloads (received_at, source, origin, body) VALUES (?, ?, ?, ?)",
+                [(r.received_at, r.source, r.origin, r.body) for r in rows],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.depth += len(rows)
+
+    def claim(self, limit: int, lease_seconds: float) -> Claim | None:
+        """Lease up to ``limit`` unclaimed (or expired) rows, oldest first."""
+        now = time.time()
+        token = uuid.uuid4().hex
+        rows = self._db.execute(
+            "UPDATE payloads SET claim_token = ?, claim_until = ? WHERE id IN ("
+            "  SELECT id FROM payloads WHERE claim_until IS NULL OR claim_until < ?"
+            "  ORDER BY id LIMIT ?"
+            ") RETURNING id, received_at, source, body, origin",
+            (token, now + lease_seconds, now, limit),
+        ).fetchall()
+        if not rows:
+            return None
+        rows.sort()
+        return Claim(
+            token=token,
+            rows=tuple(
+                ClaimedRow(id=r[0], received_at=r[1], source=r[2], body=r[3], origin=r[4])
+                for r in rows
+            ),
+        )
+
+    def complete(self, claim: Claim) -> int:
+        """Delete a claim's rows once the store holds them; returns rows deleted.
+
+        Rows whose lease expired and were claimed again by another drain are
+        left to that drain.
+        """
+        cur = self._db.execute(
+            "DELETE FROM payloads WHERE id BETWEEN ? AND ? AND claim_token = ?",
+            (claim.first, claim.last, claim.token),
+        )
+        self.depth -= cur.rowcount
+        return cur.rowcount
+
+    def release(self, claim: Claim) -> None:
+        """Give a claim's rows back without storing them (store failure, shutdown)."""
+        self._db.execute(
+            "UPDATE payloads SET claim_token = NULL, claim_until = NULL "
+            "WHERE id BETWEEN ? AND ? AND claim_token = ?",
+            (claim.first, claim.last, claim.token),
+        )
+
+    def extend(self, claim: Claim, lease_seconds: float) -> None:
+        self._db.execute(
+            "UPDATE payloads SET claim_until = ? WHERE id BETWEEN ? AND ? AND claim_token = ?",
+            (time.time() + lease_seconds, claim.first, claim.last, claim.token),
+        )
+
+    def count(self) -> int:
+        """Rows in the file, counted by SQLite (for tests and checks)."""
+        return int(self._db.execute("SELECT count(*) FROM payloads").fetchone()[0])
+
+
+@attrs.frozen(kw_only=True)
+class BufferStatistics:
+    """A snapshot of the buffer, for metrics, health and the heartbeat."""
+
+    depth: int
+    reserved: int
+    max_rows: int
+    appended_total: int
+    commits_total: int
+    completed_total: int
+
+    @property
+    def utilisation(self) -> float:
+        return (self.depth + self.reserved) / self.max_rows
+
+
+@attrs.define
+class _AppendRequest:
+    rows: Sequence[NewRow]
+    done: trio.Event = attrs.field(factory=trio.Event)
+    error: BaseException | None = None
+
+
+class Buffer:
+    """The Trio face of the buffer: admission, group commit, claims.
+
+    Ingest connections call `admit` (cheap, synchronous: is there room?) and
+    then `append` (waits until the rows are durable). `run_writer` is the
+    one task that commits: it takes every append waiting at that moment into
+    one transaction, so more concurrent clients mean bigger, cheaper commits.
+    """
+
+    def __init__(self, file: BufferFile, *, max_rows: int) -> None:
+        self.file = file
+        self.max_rows = max_rows
+        self.buffer_id = file.buffer_id
+        self._reserved = 0
+        self._limiter = trio.CapacityLimiter(1)
+        send, receive = trio.open_memory_channel[_AppendRequest](math.inf)
+        self._send, self._receive = send, receive
+        self._rows_arrived = trio.lowlevel.ParkingLot()
+        self._appended_total = 0
+        self._commits_total = 0
+        self._completed_total = 0
+
+    @classmethod
+    async def open(cls, path: Path, *, max_rows: int) -> Buffer:
+        file = await trio.to_thread.run_sync(BufferFile, path)
+        return cls(file, max_rows=max_rows)
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._run(self.file.close)
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    # -- ingest side -----------------------------------------------------------
+
+    def admit(self, rows: int) -> bool:
+        """Reserve room for ``rows``; False when the buffer is full."""
+        if self.file.depth + self._reserved + rows > self.max_rows:
+            return False
+        self._reserved += rows
+        return True
+
+    async def append(self, rows: Sequence[NewRow]) -> None:
+        """Wait until admitted ``rows`` are durable; raises if the commit failed."""
+        request = _AppendRequest(rows)
+        self._send.send_nowait(request)
+        await request.done.wait()
+        if request.error is not None:
+            raise request.error
+
+    async def run_writer(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Commit appends in groups until the channel closes or we are cancelled."""
+        task_status.started()
+        async for first in self._receive:
+            batch = [first]
+            while True:
+                try:
+                    batch.append(self._receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            rows = [row for request in batch for row in request.rows]
+            try:
+                await self._run(self.file.append, rows)
+            except Exception as exc:  # storage failure: every waiter gets 5:ERROR
+                for request in batch:
+                    request.error = exc
+            else:
+                self._appended_total += len(rows)
+                self._commits_total += 1
+                self._rows_arrived.unpark_all()
+            finally:
+                self._reserved -= len(rows)
+                for request in batch:
+                    request.done.set()
+
+    def close_writer(self) -> None:
+        """No more appends: the writer finishes what is queued, then returns."""
+        self._send.close()
+
+    # -- drain side --------------------------------------------------------------
+
+    async def claim(self, limit: int, lease_seconds: float) -> Claim | None:
+        result: Claim | None = await self._run(self.file.claim, limit, lease_seconds)
+        return result
+
+    async def complete(self, claim: Claim) -> None:
+        deleted: int = await self._run(self.file.complete, claim)
+        self._completed_total += deleted
+
+    async def release(self, claim: Claim) -> None:
+        await self._run(self.file.release, claim)
+
+    async def extend(self, claim: Claim, lease_seconds: float) -> None:
+        await self._run(self.file.extend, claim, lease_seconds)
+
+    async def wait_for_rows(self, timeout: float) -> None:
+        """Return when new rows were committed, or after ``timeout``."""
+        with trio.move_on_after(timeout):
+            await self._rows_arrived.park()
+
+    # -- observation --------------------------------------------------------------
+
+    def statistics(self) -> BufferStatistics:
+        return BufferStatistics(
+            depth=self.file.depth,
+            reserved=self._reserved,
+            max_rows=self.max_rows,
+            appended_total=self._appended_total,
+            commits_total=self._commits_total,
+            completed_total=self._completed_total,
+        )
+
+    @property
+    def full(self) -> bool:
+        return self.file.depth + self._reserved >= self.max_rows

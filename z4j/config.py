@@ -1,0 +1,286 @@
+"""The brain's configuration: one frozen object, built once at start.
+
+Values come from, lowest precedence first: the defaults below, an optional
+TOML file (``--config`` or ``Z4J_CONFIG``), ``Z4J_*`` environment variables,
+and ``z4j brain`` flags. Everything is structured by one project-owned cattrs
+converter, so a bad value fails at start with the name of the variable that
+carried it and what it accepts, instead of surfacing later as a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import cattrs
+
+__all__ = ["ENV_PREFIX", "Config", "ConfigError", "load_config"]
+
+ENV_PREFIX = "Z4J_"
+MiB = 1024 * 1024
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+LogFormat = Literal["text", "json"]
+
+
+class ConfigError(ValueError):
+    """A configuration value was missing or malformed; the message names it."""
+
+
+def _positive(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"must be greater than 0, got {value!r}")
+
+
+def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value < 0:
+        raise ValueError(f"must be 0 or more, got {value!r}")
+
+
+def _bind(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    parse_bind(value)
+
+
+def parse_bind(value: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` for IPv6) into its parts."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"must look like HOST:PORT (for example 127.0.0.1:7700), got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port_text)
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """Every setting of a brain. Field ``x`` is read from ``Z4J_X``.
+
+    docs/configuration.md is the reference for each field; keep both in step.
+    """
+
+    data_dir: Path = Path(".z4j")
+    database_url: str | None = None
+    http_bind: str = attrs.field(default="127.0.0.1:7700", validator=_bind)
+    ingest_bind: str = attrs.field(default="127.0.0.1:2407", validator=_bind)
+    ingest_token: str | None = None
+    ingest_max_frame_bytes: int = attrs.field(default=10 * MiB, validator=_positive)
+    ingest_max_inflated_bytes: int = attrs.field(default=64 * MiB, validator=_positive)
+    ingest_idle_timeout_seconds: float = attrs.field(default=10.0, validator=_positive)
+    buffer_path: Path | None = None
+    buffer_max_rows: int = attrs.field(default=100_000, validator=_positive)
+    drain_workers: int = attrs.field(default=2, validator=_positive)
+    drain_batch_rows: int = attrs.field(default=2_000, validator=_positive)
+    drain_lease_seconds: float = attrs.field(default=30.0, validator=_positive)
+    so_reuseport: bool = False
+    db_pool_size: int = attrs.field(default=8, validator=_positive)
+    db_statement_timeout_ms: int = attrs.field(default=30_000, validator=_non_negative)
+    event_retention_days: int = attrs.field(default=30, validator=_positive)
+    shutdown_grace_seconds: float = attrs.field(default=10.0, validator=_non_negative)
+    heartbeat_seconds: float = attrs.field(default=5.0, validator=_positive)
+    instance_name: str | None = None
+    log_level: LogLevel = "INFO"
+    log_format: LogFormat = "text"
+
+    @property
+    def resolved_buffer_path(self) -> Path:
+        return (
+            self.buffer_path if self.buffer_path is not None else self.data_dir / "buffer.sqlite3"
+        )
+
+    @property
+    def sqlite_store_path(self) -> Path:
+        return self.data_dir / "store.sqlite3"
+
+    @property
+    def uses_postgres(self) -> bool:
+        return self.database_url is not None
+
+
+HELP: dict[str, str] = {
+    "data_dir": "Directory for the buffer file and the embedded SQLite store.",
+    "database_url": "Postgres URL (postgresql://...). Unset: SQLite store in the data dir.",
+    "http_bind": "HOST:PORT for the dashboard, API, health and metrics.",
+    "ingest_bind": "HOST:PORT for the TCP ingest server (NightOwl v1 framing).",
+    "ingest_token": "When set, ingest frames must carry the first 7 hex of xxh128(token).",
+    "ingest_max_frame_bytes": "Largest accepted ingest frame, in bytes.",
+    "ingest_max_inflated_bytes": "Largest size a gzip payload may inflate to, in bytes.",
+    "ingest_idle_timeout_seconds": "Close an ingest connection idle this long.",
+    "buffer_path": "The local buffer file. Default: DATA_DIR/buffer.sqlite3.",
+    "buffer_max_rows": "Buffer capacity in payloads; when full, ingest answers 5:ERROR.",
+    "drain_workers": "Concurrent drain tasks moving the buffer into the store.",
+    "drain_batch_rows": "Buffer rows (payloads) a drain claims per batch.",
+    "drain_lease_seconds": "How long a drain's claim holds before others may take it.",
+    "so_reuseport": "Set SO_REUSEPORT so several processes share the ingest and HTTP ports.",
+    "db_pool_size": "Most Postgres connections this process opens.",
+    "db_statement_timeout_ms": "statement_timeout on every Postgres connection (0: none).",
+    "event_retention_days": "Days of events kept before partitions are dropped.",
+    "shutdown_grace_seconds": "Time a graceful stop (SIGTERM/SIGINT) may take.",
+    "heartbeat_seconds": "Interval of this instance's row update in `instances`.",
+    "instance_name": "Name shown for this instance. Default: HOST:PID.",
+    "log_level": "DEBUG, INFO, WARNING or ERROR.",
+    "log_format": "text or json (one object per line).",
+}
+
+attrs.resolve_types(Config)
+FIELDS: dict[str, attrs.Attribute[Any]] = {a.name: a for a in attrs.fields(Config)}
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+# -- the converter -------------------------------------------------------------
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _make_converter() -> cattrs.Converter:
+    """Strings from the environment and flags become typed values here.
+
+    TOML already gives ints, floats and bools, so each hook accepts both the
+    typed value and its string spelling.
+    """
+    conv = cattrs.Converter(forbid_extra_keys=True)
+
+    def to_bool(value: object, _: type) -> bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ValueError(f"must be true or false, got {value!r}")
+
+    def to_int(value: object, _: type) -> int:
+        if isinstance(value, bool):
+            raise ValueError(f"must be a whole number, got {value!r}")
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().replace("_", "")
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"must be a whole number, got {value!r}") from None
+
+    def to_float(value: object, _: type) -> float:
+        if isinstance(value, bool):
+            raise ValueError(f"must be a number, got {value!r}")
+        try:
+            return float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ValueError(f"must be a number, got {value!r}") from None
+
+    def to_path(value: object, _: type) -> Path:
+        if not isinstance(value, str | Path) or not str(value):
+            raise ValueError(f"must be a path, got {value!r}")
+        return Path(value)
+
+    def to_str(value: object, _: type) -> str:
+        if not isinstance(value, str):
+            raise ValueError(f"must be a string, got {value!r}")
+        return value
+
+    conv.register_structure_hook(bool, to_bool)
+    conv.register_structure_hook(int, to_int)
+    conv.register_structure_hook(float, to_float)
+    conv.register_structure_hook(Path, to_path)
+    conv.register_structure_hook(str, to_str)
+    return conv
+
+
+converter = _make_converter()
+
+
+def _describe(exc: BaseException) -> str:
+    """Flatten a cattrs error tree into its leaf messages."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return str(exc)
+
+
+def _structure_field(name: str, value: object, source: str) -> object:
+    field = FIELDS[name]
+    if value == "" and _is_optional(field):
+        return None
+    try:
+        typed = converter.structure(value, field.type)  # type: ignore[arg-type]
+    except Exception as exc:
+        hint = _describe(exc)
+        if "Literal" in str(field.type) or not hint:
+            hint = f"must be one of {_literal_choices(field)}, got {value!r}"
+        raise ConfigError(f"{source}: {hint}") from None
+    if field.validator is not None and typed is not None:
+        try:
+            field.validator(None, field, typed)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+    return typed
+
+
+def _is_optional(field: attrs.Attribute[Any]) -> bool:
+    return type(None) in getattr(field.type, "__args__", ())
+
+
+def _literal_choices(field: attrs.Attribute[Any]) -> str:
+    return ", ".join(repr(a) for a in getattr(field.type, "__args__", ()))
+
+
+def load_config(
+    *,
+    env: Mapping[str, str] | None = None,
+    file: Path | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Config:
+    """Build a `Config` from a TOML file, the environment and flag overrides.
+
+    ``overrides`` holds values from command-line flags, keyed by field name;
+    ``None`` values mean "flag not given". Unknown keys in the file are an
+    error; unknown ``Z4J_*`` variables are logged, since agents use the
+    prefix too.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, tuple[object, str]] = {}
+
+    file = file or (Path(env["Z4J_CONFIG"]) if env.get("Z4J_CONFIG") else None)
+    if file is not None:
+        try:
+            data = tomllib.loads(file.read_text())
+        except OSError as exc:
+            raise ConfigError(f"config file {file}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {file}: not valid TOML: {exc}") from None
+        for key, value in data.items():
+            if key not in FIELDS:
+                raise ConfigError(f"config file {file}: unknown setting {key!r}")
+            values[key] = (value, f"{key} in {file}")
+
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX) or key in _NOT_SETTINGS:
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name not in FIELDS:
+            # Agents read Z4J_* variables of their own, and may share an
+            # environment with an embedded brain: warn, do not refuse.
+            logging.getLogger("z4j.config").warning(
+                "ignoring %s: not a brain setting (see docs/configuration.md)", key
+            )
+            continue
+        values[name] = (value, key)
+
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = (value, "--" + name.replace("_", "-"))
+
+    typed = {name: _structure_field(name, v, src) for name, (v, src) in values.items()}
+    return Config(**typed)  # type: ignore[arg-type]
+
+
+# Variables that share the prefix but are not brain settings.
+_NOT_SETTINGS = frozenset({"Z4J_CONFIG", "Z4J_TEST_DATABASE_URL"})

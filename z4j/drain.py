@@ -1,0 +1,142 @@
+"""Drain tasks: move buffered payloads into the store.
+
+Each drain loops: claim a batch (lease), write it to the store (idempotent),
+delete it from the buffer. Whatever goes wrong between claim and delete, the
+rows stay in the buffer and are written again later, and the store's
+idempotency keys make the second write a no-op. That is the whole
+exactly-once argument: at-least-once delivery plus idempotent writes.
+
+While the store is down, drains back off (capped exponential, full jitter)
+and the buffer absorbs ingest until its cap.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import trio
+
+from .buffer import Buffer, Claim
+from .stats import BrainStats, ThrottledLog
+from .store.base import Store
+
+__all__ = ["Drainer"]
+
+log = logging.getLogger("z4j.drain")
+
+IDLE_POLL_SECONDS = 1.0
+RETRY_FIRST_SECONDS = 0.2
+RETRY_MAX_SECONDS = 10.0
+RELEASE_TIMEOUT_SECONDS = 5.0
+
+
+class Drainer:
+    """The drain tasks of one brain; `run` is started once per worker."""
+
+    def __init__(
+        self,
+        buffer: Buffer,
+        store: Store,
+        stats: BrainStats,
+        *,
+        batch_rows: int,
+        lease_seconds: float,
+        store_ready: trio.Event,
+    ) -> None:
+        self._buffer = buffer
+        self._store = store
+        self._stats = stats
+        self._batch_rows = batch_rows
+        self._lease = lease_seconds
+        self._store_ready = store_ready
+        self._stopping = False
+        self._idle_scopes: set[trio.CancelScope] = set()
+        self._running = 0
+        self.all_stopped = trio.Event()
+        self._log = ThrottledLog(log)
+
+    def stop(self) -> None:
+        """Finish the batch in hand, then return; idle drains return now."""
+        self._stopping = True
+        for scope in self._idle_scopes:
+            scope.cancel()
+
+    async def _idle(self, seconds: float) -> None:
+        with trio.CancelScope() as scope:
+            self._idle_scopes.add(scope)
+            try:
+                if not self._stopping:
+                    await self._buffer.wait_for_rows(seconds)
+            finally:
+                self._idle_scopes.discard(scope)
+
+    async def _sleep(self, seconds: float) -> None:
+        with trio.CancelScope() as scope:
+            self._idle_scopes.add(scope)
+            try:
+                if not self._stopping:
+                    await trio.sleep(seconds)
+            finally:
+                self._idle_scopes.discard(scope)
+
+    async def run(
+        self, worker: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        self._running += 1
+        task_status.started()
+        try:
+            while not self._store_ready.is_set() and not self._stopping:
+                with trio.move_on_after(IDLE_POLL_SECONDS):
+                    await self._store_ready.wait()
+            failures = 0
+            while not self._stopping:
+                claim = await self._buffer.claim(self._batch_rows, self._lease)
+                if claim is None:
+                    await self._idle(IDLE_POLL_SECONDS)
+                    continue
+                if await self._store_batch(worker, claim):
+                    failures = 0
+                else:
+                    failures += 1
+                    delay = min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** (failures - 1))
+                    await self._sleep(random.uniform(0, delay))
+        finally:
+            self._running -= 1
+            if self._running == 0:
+                self.all_stopped.set()
+
+    async def _store_batch(self, worker: int, claim: Claim) -> bool:
+        """Write one claim; True when the store has it and the buffer let go of it."""
+        stats = self._stats
+        started = time.monotonic()
+        try:
+            stored = await self._store.write_events(self._buffer.buffer_id, claim.rows)
+        except Exception as exc:
+            stats.drain_failures += 1
+            self._log.warning(
+                "store", "drain %d: store write failed, will retry: %s", worker, _one_line(exc)
+            )
+            await self._release(claim)
+            return False
+        except BaseException:
+            # Cancelled mid-write: the store may or may not have the batch;
+            # either way the rows go back, and a re-write is a no-op.
+            await self._release(claim)
+            raise
+        await self._buffer.complete(claim)
+        stats.drain_batches += 1
+        stats.drain_rows += len(claim.rows)
+        stats.drain_records_stored += stored
+        stats.drain_seconds_total += time.monotonic() - started
+        return True
+
+    async def _release(self, claim: Claim) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT_SECONDS):
+            await self._buffer.release(claim)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

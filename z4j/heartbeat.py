@@ -1,0 +1,70 @@
+"""This instance's row in ``instances``: who it is and how it is doing.
+
+Written every Z4J_HEARTBEAT_SECONDS with the ingest and drain rates since
+the last beat and the buffer depth, so an operator (and the dashboard) sees
+at once how load spreads across instances. A failed write is logged and
+retried at the next beat: the heartbeat never takes the brain down.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import attrs
+import trio
+
+from .buffer import Buffer
+from .stats import BrainStats, RateMeter, ThrottledLog
+from .store.base import InstanceInfo, Store
+
+__all__ = ["Heartbeat"]
+
+log = logging.getLogger("z4j.heartbeat")
+
+
+class Heartbeat:
+    def __init__(
+        self,
+        store: Store,
+        buffer: Buffer,
+        stats: BrainStats,
+        info: InstanceInfo,
+        *,
+        interval: float,
+        store_ready: trio.Event,
+    ) -> None:
+        self._store = store
+        self._buffer = buffer
+        self._stats = stats
+        self.info = info
+        self._interval = interval
+        self._store_ready = store_ready
+        self._ingest = RateMeter(stats.ingest_records_ok)
+        self._drain = RateMeter(stats.drain_records_stored)
+        self._log = ThrottledLog(log, interval=60.0)
+
+    def snapshot(self, *, stopped: bool = False) -> InstanceInfo:
+        now = time.time()
+        self.info = attrs.evolve(
+            self.info,
+            last_seen=now,
+            ingest_rate=self._ingest.rate(self._stats.ingest_records_ok),
+            drain_rate=self._drain.rate(self._stats.drain_records_stored),
+            buffer_depth=self._buffer.statistics().depth,
+            stopped_at=now if stopped else None,
+        )
+        return self.info
+
+    async def beat(self, *, stopped: bool = False) -> None:
+        try:
+            await self._store.upsert_instance(self.snapshot(stopped=stopped))
+        except Exception as exc:
+            self._log.warning("beat", "heartbeat write failed: %s", exc)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await self._store_ready.wait()
+        while True:
+            await self.beat()
+            await trio.sleep(self._interval)

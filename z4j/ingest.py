@@ -1,0 +1,198 @@
+"""A small client for the ingest port, in blocking and Trio flavours.
+
+Both keep one persistent connection, frame payloads with
+`protocol.ingest.encode_frame`, and read the ``2:OK`` / ``5:ERROR`` replies
+with its `ReplyParser`::
+
+    with z4j.ingest.connect("127.0.0.1", 2407) as client:
+        client.send([{"t": "log", "message": "hello"}])
+
+    async with await z4j.ingest.open_trio("127.0.0.1", 2407) as client:
+        await client.send([{"t": "log", "message": "hello"}])
+
+`send` returns once the brain has the payload durable, and raises
+`IngestRejected` on ``5:ERROR``. `send_many` pipelines: it writes every
+frame, then reads every reply, which is how one connection reaches high
+rates.
+
+Delivery is at-least-once from the client's view: if the connection breaks
+before a reply arrives, the payload may or may not be stored, and sending
+it again may store it twice.
+"""
+
+from __future__ import annotations
+
+import gzip
+import socket
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import orjson
+import trio
+
+from .protocol.ingest import PING, ReplyParser, encode_frame
+
+__all__ = [
+    "IngestClient",
+    "IngestConnectionError",
+    "IngestRejected",
+    "TrioIngestClient",
+    "connect",
+    "encode_payload",
+    "open_trio",
+]
+
+Records = Sequence[dict[str, Any]] | bytes
+
+
+class IngestRejected(Exception):
+    """The brain answered ``5:ERROR``: the payload is not stored."""
+
+
+class IngestConnectionError(ConnectionError):
+    """The connection closed before every reply arrived."""
+
+
+def encode_payload(records: Records, *, compress: bool = False) -> bytes:
+    """JSON-encode ``records`` (bytes pass through), gzipped if asked."""
+    body = records if isinstance(records, bytes) else orjson.dumps(list(records))
+    return gzip.compress(body, compresslevel=1) if compress else body
+
+
+class _Framing:
+    def __init__(self, token: str | None, compress: bool) -> None:
+        self.token = token
+        self.compress = compress
+        self.replies = ReplyParser()
+
+    def frame(self, records: Records) -> bytes:
+        return encode_frame(encode_payload(records, compress=self.compress), token=self.token)
+
+
+class IngestClient:
+    """Blocking client over one persistent TCP connection."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 2407,
+        *,
+        token: str | None = None,
+        timeout: float | None = 30.0,
+        compress: bool = False,
+    ) -> None:
+        self._framing = _Framing(token, compress)
+        self._sock = socket.create_connection((host, port), timeout=timeout)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _read_replies(self, count: int) -> list[bool]:
+        got: list[bool] = []
+        while len(got) < count:
+            data = self._sock.recv(65536)
+            if not data:
+                raise IngestConnectionError(
+                    f"connection closed with {count - len(got)} replies outstanding"
+                )
+            self._framing.replies.receive_data(data)
+            got += self._framing.replies.replies()
+        return got
+
+    def send(self, records: Records) -> None:
+        """Send one payload; return once it is durable in the brain."""
+        self._sock.sendall(self._framing.frame(records))
+        if not self._read_replies(1)[0]:
+            raise IngestRejected("the brain answered 5:ERROR")
+
+    def send_many(self, payloads: Iterable[Records]) -> list[bool]:
+        """Pipeline ``payloads``; one True (stored) or False (5:ERROR) each."""
+        frames = [self._framing.frame(p) for p in payloads]
+        self._sock.sendall(b"".join(frames))
+        return self._read_replies(len(frames))
+
+    def ping(self) -> None:
+        self._sock.sendall(encode_frame(PING, token=self._framing.token))
+        if not self._read_replies(1)[0]:
+            raise IngestRejected("the brain answered 5:ERROR to PING")
+
+
+class TrioIngestClient:
+    """Trio client over one persistent TCP connection.
+
+    One task at a time may use it (replies are matched to frames by order).
+    """
+
+    def __init__(self, stream: trio.SocketStream, *, token: str | None, compress: bool) -> None:
+        self._stream = stream
+        self._framing = _Framing(token, compress)
+        self._lock = trio.Lock()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    async def _exchange(self, data: bytes, count: int) -> list[bool]:
+        async with self._lock:
+            await self._stream.send_all(data)
+            got: list[bool] = []
+            while len(got) < count:
+                chunk = await self._stream.receive_some(65536)
+                if not chunk:
+                    raise IngestConnectionError(
+                        f"connection closed with {count - len(got)} replies outstanding"
+                    )
+                self._framing.replies.receive_data(chunk)
+                got += self._framing.replies.replies()
+            return got
+
+    async def send(self, records: Records) -> None:
+        if not (await self._exchange(self._framing.frame(records), 1))[0]:
+            raise IngestRejected("the brain answered 5:ERROR")
+
+    async def send_many(self, payloads: Iterable[Records]) -> list[bool]:
+        frames = [self._framing.frame(p) for p in payloads]
+        return await self._exchange(b"".join(frames), len(frames))
+
+    async def ping(self) -> None:
+        if not (await self._exchange(encode_frame(PING, token=self._framing.token), 1))[0]:
+            raise IngestRejected("the brain answered 5:ERROR to PING")
+
+
+def connect(
+    host: str = "127.0.0.1",
+    port: int = 2407,
+    *,
+    token: str | None = None,
+    timeout: float | None = 30.0,
+    compress: bool = False,
+) -> IngestClient:
+    """Open a blocking client."""
+    return IngestClient(host, port, token=token, timeout=timeout, compress=compress)
+
+
+async def open_trio(
+    host: str = "127.0.0.1", port: int = 2407, *, token: str | None = None, compress: bool = False
+) -> TrioIngestClient:
+    """Open a Trio client."""
+    stream = await trio.open_tcp_stream(host, port)
+    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return TrioIngestClient(stream, token=token, compress=compress)

@@ -1,0 +1,22 @@
+"""Shared persistence: Postgres in production, SQLite as the embedded default."""
+
+from __future__ import annotations
+
+from ..config import Config
+from .base import InstanceInfo, Store, StoreUnavailable
+from .postgres import PostgresStore
+from .sqlite import SqliteStore
+
+__all__ = ["InstanceInfo", "PostgresStore", "SqliteStore", "Store", "StoreUnavailable", "store_for"]
+
+
+def store_for(config: Config, *, application_name: str = "z4j") -> Store:
+    """The store the configuration asks for (not yet connected)."""
+    if config.database_url is not None:
+        return PostgresStore.from_url(
+            config.database_url,
+            pool_size=config.db_pool_size,
+            statement_timeout_ms=config.db_statement_timeout_ms,
+            application_name=application_name,
+        )
+    return SqliteStore(config.sqlite_store_path)
