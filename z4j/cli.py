@@ -14,6 +14,7 @@ import orjson
 import trio
 
 from ._version import __version__
+from .buffer import BufferInUse
 from .config import FIELDS, HELP, Config, ConfigError, env_name, load_config, parse_bind
 from .logs import configure_logging
 
@@ -93,18 +94,18 @@ async def _run_brain(config: Config) -> int:
     from .brain import serve_brain
 
     shutdown = trio.Event()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_signals, shutdown, nursery.cancel_scope)
-        try:
-            await nursery.start(
-                lambda task_status: serve_brain(config, shutdown=shutdown, task_status=task_status)
-            )
-        except OSError as exc:
-            log.error("%s", exc)
+    failed = False
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, shutdown, nursery.cancel_scope)
+            await serve_brain(config, shutdown=shutdown)
+            # A graceful stop returned; stop watching signals too.
             nursery.cancel_scope.cancel()
-            return 1
-        # serve_brain returns after a graceful stop; then stop watching signals.
-    return 0
+    except* (OSError, BufferInUse) as group:  # a port in use, a buffer in use, ...
+        for exc in group.exceptions:
+            log.error("%s", exc)
+        failed = True
+    return 1 if failed else 0
 
 
 async def _watch_signals(shutdown: trio.Event, scope: trio.CancelScope) -> None:

@@ -193,7 +193,13 @@ class IngestConnection:
         colon = buf.find(b":", pos, pos + self._max_len_digits + 1)
         if colon < 0:
             if len(buf) - pos > self._max_len_digits:
-                raise self._bad_prefix(bytes(buf[pos : pos + self._max_len_digits + 1]))
+                head = bytes(buf[pos : pos + self._max_len_digits + 1])
+                if head.isdigit():
+                    raise RemoteProtocolError(
+                        f"frame length {head.decode()}... is over the {self._max_frame}-byte limit",
+                        reason="too_large",
+                    )
+                raise self._bad_prefix(head)
             return None
         prefix = bytes(buf[pos:colon])
         if not prefix.isdigit() or (len(prefix) > 1 and prefix[0] == 0x30):

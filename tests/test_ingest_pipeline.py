@@ -1,0 +1,267 @@
+"""End to end over real sockets: TCP ingest → buffer → drain → store.
+
+Every test here runs against both stores: the embedded SQLite default and a
+real Postgres server.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections import Counter
+from pathlib import Path
+
+import attrs
+import orjson
+import pytest
+import trio
+
+import z4j.ingest
+from z4j.config import Config
+from z4j.protocol.ingest import ERROR, OK, encode_frame, token_hash
+from z4j.testing.brain import make_config, read_events, running_brain, wait_until
+
+
+def records(batch: int, count: int, kind: str = "log") -> list[dict[str, object]]:
+    return [{"t": kind, "batch": batch, "i": i, "msg": f"record {batch}.{i}"} for i in range(count)]
+
+
+async def exchange(address: tuple[str, int], data: bytes, replies: int = 1) -> tuple[bytes, bool]:
+    """Send raw bytes, read ``replies`` replies; also report whether the server closed."""
+    stream = await trio.open_tcp_stream(*address)
+    async with stream:
+        await stream.send_all(data)
+        got = b""
+        closed = False
+        with trio.move_on_after(5):
+            while got.count(b":") < replies:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    closed = True
+                    break
+                got += chunk
+            if not closed:
+                with trio.move_on_after(0.3):
+                    closed = await stream.receive_some(4096) == b""
+        return got, closed
+
+
+async def drained(brain_config: Config, expected: int) -> list[dict[str, object]]:
+    events: list[dict[str, object]] = []
+
+    async def enough() -> bool:
+        nonlocal events
+        events = await trio.to_thread.run_sync(read_events, brain_config)
+        return len(events) >= expected
+
+    await wait_until(enough, timeout=30)
+    return events
+
+
+async def test_payloads_land_as_one_event_per_record(config: Config) -> None:
+    with trio.fail_after(60):
+        async with running_brain(config) as brain:
+            client = await z4j.ingest.open_trio(*brain.ingest)
+            async with client:
+                for batch in range(10):
+                    await client.send(records(batch, 5, kind=["log", "job", "request"][batch % 3]))
+                results = await client.send_many([records(100 + b, 3) for b in range(20)])
+                assert results == [True] * 20
+                await client.ping()
+            events = await drained(config, 10 * 5 + 20 * 3)
+
+    assert len(events) == 110
+    assert {e["source"] for e in events} == {"tcp"}
+    assert len({e["key"] for e in events}) == 110
+    bodies = Counter((e["body"]["batch"], e["body"]["i"]) for e in events)  # type: ignore[index]
+    assert max(bodies.values()) == 1
+    by_batch = {(e["body"]["batch"], e["body"]["i"]): e for e in events}  # type: ignore[index]
+    sample = by_batch[(4, 2)]
+    assert sample["kind"] == "job"
+    assert sample["body"] == {"t": "job", "batch": 4, "i": 2, "msg": "record 4.2"}
+    assert by_batch[(119, 0)]["kind"] == "log"
+
+
+async def test_gzip_payload_and_token(tmp_path: Path, database_url: str | None) -> None:
+    config = make_config(tmp_path / "data", database_url, ingest_token="s3cret")
+    with trio.fail_after(60):
+        async with running_brain(config) as brain:
+            client = await z4j.ingest.open_trio(*brain.ingest, token="s3cret", compress=True)
+            async with client:
+                await client.send(records(1, 5))
+            # The same payload with a wrong token is refused.
+            bad = encode_frame(orjson.dumps(records(2, 1)), token="wrong")
+            reply, closed = await exchange(brain.ingest, bad)
+            assert reply == ERROR and not closed
+            assert brain.stats.ingest_rejected["bad_token"] == 1
+            events = await drained(config, 5)
+    assert sorted(e["body"]["i"] for e in events) == [0, 1, 2, 3, 4]  # type: ignore[index]
+
+
+def _frame(body: bytes) -> bytes:
+    return b"%d:%s" % (len(body), body)
+
+
+GOOD = orjson.dumps([{"t": "log", "ok": True}])
+TH = token_hash("x")
+
+# (name, bytes sent, reason counted, server closes the connection)
+MALFORMED = [
+    ("length not a number", b"abc:v1:0000000:[]", "bad_framing", True),
+    ("length with leading zero", b"07:v1:x:[]", "bad_framing", True),
+    ("length longer than any allowed frame", b"123456789012345678", "too_large", True),
+    ("over the size limit", b"99999999:v1:0000000:", "too_large", True),
+    ("wrong version", _frame(b"v2:0000000:" + GOOD), "bad_version", False),
+    ("no token hash field", _frame(b"v1:" + b"0" * 80), "bad_framing", False),
+    ("bad JSON", _frame(b"v1:0000000:[{"), "bad_json", False),
+    ("not an array", _frame(b'v1:0000000:{"t": "log"}'), "not_array", False),
+    ("record without t", _frame(b'v1:0000000:[{"x": 1}]'), "bad_record", False),
+    ("t not a string", _frame(b'v1:0000000:[{"t": 5}]'), "bad_record", False),
+    ("record not an object", _frame(b"v1:0000000:[1, 2]"), "bad_record", False),
+    ("NUL in a string", _frame(b'v1:0000000:[{"t": "log", "m": "a\\u0000b"}]'), "bad_json", False),
+    ("corrupt gzip", _frame(b"v1:0000000:\x1f\x8b\x08\x00garbage"), "bad_gzip", False),
+    (
+        "gzip inflating past the cap",
+        _frame(b"v1:0000000:" + gzip.compress(b"[" + b" " * 200_000 + b"]")),
+        "inflate_too_large",
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "reason", "closes"), MALFORMED, ids=[m[0] for m in MALFORMED]
+)
+async def test_malformed_frames_get_error_and_a_counted_reason(
+    tmp_path: Path, name: str, data: bytes, reason: str, closes: bool
+) -> None:
+    config = make_config(
+        tmp_path / "data", ingest_max_frame_bytes=1_000_000, ingest_max_inflated_bytes=100_000
+    )
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            # A well-behaved client holds a connection open throughout.
+            good = await z4j.ingest.open_trio(*brain.ingest)
+            async with good:
+                await good.send(records(1, 1))
+                reply, closed = await exchange(brain.ingest, data)
+                assert reply == ERROR
+                assert closed is closes
+                assert brain.stats.ingest_rejected == Counter({reason: 1})
+                if not closes:
+                    # The same connection goes on after a content error.
+                    reply, _ = await exchange(brain.ingest, data + _frame(b"v1:0000000:" + GOOD), 2)
+                    assert reply == ERROR + OK
+                await good.send(records(2, 1))
+            await drained(config, 2 if closes else 3)
+
+
+async def test_truncated_frame_is_counted(tmp_path: Path) -> None:
+    config = make_config(tmp_path / "data")
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            stream = await trio.open_tcp_stream(*brain.ingest)
+            await stream.send_all(b"100:v1:0000000:[")
+            await stream.send_eof()
+            assert await stream.receive_some(100) == ERROR
+            await stream.aclose()
+            await wait_until(lambda: brain.stats.ingest_rejected["truncated"] == 1)
+
+
+async def test_full_buffer_answers_error_and_keeps_what_it_has(tmp_path: Path, pg_url: str) -> None:
+    # The store is unreachable at first (nothing listens on that port), so
+    # nothing drains and the buffer fills up to its cap.
+    unreachable = "postgresql://postgres@127.0.0.1:1/none?connect_timeout=1"
+    config = make_config(tmp_path / "data", unreachable, buffer_max_rows=5)
+    with trio.fail_after(60):
+        async with running_brain(config) as brain:
+            client = await z4j.ingest.open_trio(*brain.ingest)
+            async with client:
+                assert await client.send_many([records(b, 2) for b in range(5)]) == [True] * 5
+                assert await client.send_many([records(9, 1)]) == [False]
+                await client.ping()  # a full buffer still answers pings
+            assert brain.stats.ingest_rejected["buffer_full"] == 1
+            reply = await _get(brain.addresses.http, "/health/ready")
+            assert reply[0] == 503 and "buffer full" in reply[1]
+        # Same buffer file, now with a reachable store: all 10 records land.
+        config = attrs.evolve(config, database_url=pg_url)
+        async with running_brain(config):
+            events = await drained(config, 10)
+    assert sorted((e["body"]["batch"], e["body"]["i"]) for e in events) == [  # type: ignore[index]
+        (b, i) for b in range(5) for i in range(2)
+    ]
+
+
+async def _get(address: tuple[str, int], path: str) -> tuple[int, str]:
+    stream = await trio.open_tcp_stream(*address)
+    async with stream:
+        await stream.send_all(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        )
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode()
+
+
+async def test_health_endpoints(config: Config) -> None:
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            assert await _get(brain.addresses.http, "/health/live") == (200, '{"status":"live"}')
+            await wait_until(lambda: brain.stats is not None)
+
+            async def ready() -> bool:
+                return (await _get(brain.addresses.http, "/health/ready"))[0] == 200
+
+            await wait_until(ready)
+            status, body = await _get(brain.addresses.http, "/health/ready")
+            assert orjson.loads(body) == {
+                "status": "ready",
+                "checks": {"buffer": "ok", "store": "ok"},
+            }
+            status, body = await _get(brain.addresses.http, "/nope")
+            assert status == 404 and orjson.loads(body)["error"] == "not_found"
+
+
+async def test_instance_heartbeat_row(config: Config) -> None:
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            client = await z4j.ingest.open_trio(*brain.ingest)
+            async with client:
+                await client.send(records(1, 5))
+            await drained(config, 5)
+
+            def row() -> tuple[object, ...] | None:
+                return _instance_row(config, brain.addresses.instance_id)
+
+            async def beat_with_drain() -> bool:
+                r = await trio.to_thread.run_sync(row)
+                return r is not None and r[2] == 0  # buffer drained and reported
+
+            await wait_until(beat_with_drain)
+            found = await trio.to_thread.run_sync(row)
+    assert found is not None
+    pid, name, depth = found
+    import os
+
+    assert pid == os.getpid()
+    assert name
+
+
+def _instance_row(config: Config, instance_id: object) -> tuple[object, ...] | None:
+    if config.database_url:
+        import psycopg
+
+        with psycopg.connect(config.database_url) as conn:
+            return conn.execute(
+                "SELECT pid, name, buffer_depth FROM instances WHERE id = %s", (instance_id,)
+            ).fetchone()
+    import sqlite3
+
+    db = sqlite3.connect(config.sqlite_store_path)
+    try:
+        return db.execute(
+            "SELECT pid, name, buffer_depth FROM instances WHERE id = ?", (str(instance_id),)
+        ).fetchone()
+    finally:
+        db.close()
