@@ -5,12 +5,55 @@ Hypothesis profiles: ``fast`` (default, every run), ``ci`` (more examples),
 ``Z4J_HYPOTHESIS_PROFILE``.
 """
 
-import os
+from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+
+import psycopg
+import pytest
 from hypothesis import HealthCheck, settings
+
+from z4j.testing.postgres import PostgresCluster
 
 _common = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
 settings.register_profile("fast", max_examples=50, **_common)
 settings.register_profile("ci", max_examples=300, **_common)
 settings.register_profile("deep", max_examples=3000, **_common)
 settings.load_profile(os.environ.get("Z4J_HYPOTHESIS_PROFILE", "fast"))
+
+
+class ExternalPostgres:
+    """A server we were pointed at: usable, but not ours to stop."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def create_database(self, name: str) -> str:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        info = psycopg.conninfo.conninfo_to_dict(self.url)
+        info["dbname"] = name
+        return psycopg.conninfo.make_conninfo(**info)
+
+    def drop_database(self, name: str) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster | ExternalPostgres]:
+    """The session's Postgres server. Tests must not stop it: see `own_postgres`."""
+    url = os.environ.get("Z4J_TEST_DATABASE_URL")
+    if url:
+        yield ExternalPostgres(url)
+        return
+    with PostgresCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresCluster]:
+    """A cluster for this test alone, which it may stop and restart."""
+    with PostgresCluster() as cluster:
+        yield cluster

@@ -2,53 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
+from conftest import ExternalPostgres
 from z4j.config import Config
 from z4j.testing.brain import make_config
 from z4j.testing.postgres import PostgresCluster
-
-
-class ExternalPostgres:
-    """A server we were pointed at: usable, but not ours to stop."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def create_database(self, name: str) -> str:
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        info = psycopg.conninfo.conninfo_to_dict(self.url)
-        info["dbname"] = name
-        return psycopg.conninfo.make_conninfo(**info)
-
-    def drop_database(self, name: str) -> None:
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresCluster | ExternalPostgres]:
-    """The session's Postgres server. Tests must not stop it: see `own_postgres`."""
-    url = os.environ.get("Z4J_TEST_DATABASE_URL")
-    if url:
-        yield ExternalPostgres(url)
-        return
-    with PostgresCluster() as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresCluster]:
-    """A cluster for this test alone, which it may stop and restart."""
-    with PostgresCluster() as cluster:
-        yield cluster
 
 
 @pytest.fixture

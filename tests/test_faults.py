@@ -153,7 +153,9 @@ async def test_sigterm_stops_gracefully_within_grace(
     for s in senders:
         s.start()
     try:
-        await trio.to_thread.run_sync(lambda: wait_for(lambda: all(len(s.acked) > 200 for s in senders)))
+        await trio.to_thread.run_sync(
+            lambda: wait_for(lambda: all(len(s.acked) > 200 for s in senders))
+        )
         started = time.monotonic()
         brain.signal(signal.SIGTERM)
         code = await trio.to_thread.run_sync(brain.wait, grace + 10)

@@ -24,13 +24,13 @@ from ..config import Config, load_config
 from ..stats import BrainStats
 
 __all__ = [
-    "RunningBrain",
     "BrainProcess",
-    "make_config",
-    "running_brain",
-    "read_events",
-    "wait_until",
+    "RunningBrain",
     "buffer_rows",
+    "make_config",
+    "read_events",
+    "running_brain",
+    "wait_until",
 ]
 
 
@@ -125,9 +125,7 @@ def read_events(config: Config) -> list[dict[str, Any]]:
             return []
         finally:
             db.close()
-    return [
-        {"source": s, "kind": k, "body": orjson.loads(b), "key": key} for s, k, b, key in rows
-    ]
+    return [{"source": s, "kind": k, "body": orjson.loads(b), "key": key} for s, k, b, key in rows]
 
 
 _READY = re.compile(r"ready: ingest ([\d.]+):(\d+), http ([\d.]+):(\d+)")

@@ -92,8 +92,14 @@ class PostgresCluster:
     def _initdb(self) -> None:
         subprocess.run(
             self._cmd(
-                "initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
-                "--encoding=UTF8", "--no-sync",
+                "initdb",
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
             ),
             check=True,
             capture_output=True,
@@ -117,8 +123,17 @@ class PostgresCluster:
         ]
         subprocess.run(
             self._cmd(
-                "pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"),
-                "-o", " ".join(options), "-w", "-t", str(int(timeout)), "start",
+                "pg_ctl",
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.root / "server.log"),
+                "-o",
+                " ".join(options),
+                "-w",
+                "-t",
+                str(int(timeout)),
+                "start",
             ),
             check=True,
             capture_output=True,
