@@ -7,6 +7,7 @@ real Postgres server.
 from __future__ import annotations
 
 import gzip
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -242,10 +243,9 @@ async def test_instance_heartbeat_row(config: Config) -> None:
             found = await trio.to_thread.run_sync(row)
     assert found is not None
     pid, name, depth = found
-    import os
-
     assert pid == os.getpid()
     assert name
+    assert depth == 0
 
 
 def _instance_row(config: Config, instance_id: object) -> tuple[object, ...] | None:

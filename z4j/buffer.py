@@ -343,9 +343,9 @@ class Buffer:
     async def extend(self, claim: Claim, lease_seconds: float) -> None:
         await self._run(self.file.extend, claim, lease_seconds)
 
-    async def wait_for_rows(self, timeout: float) -> None:
-        """Return when new rows were committed, or after ``timeout``."""
-        with trio.move_on_after(timeout):
+    async def wait_for_rows(self, at_most: float) -> None:
+        """Return when new rows were committed, or after ``at_most`` seconds."""
+        with trio.move_on_after(at_most):
             await self._rows_arrived.park()
 
     # -- observation --------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import trio
@@ -39,18 +39,18 @@ class HealthChecks:
     def add(self, name: str, check: Callable[[], Awaitable[str | None]]) -> None:
         self._checks[name] = check
 
-    async def run(self, timeout: float = 2.0) -> dict[str, str]:
+    async def run(self, per_check_seconds: float = 2.0) -> dict[str, str]:
         """Every check's verdict: ``"ok"`` or the reason it failed."""
         results: dict[str, str] = {}
 
         async def one(name: str, check: Callable[[], Awaitable[str | None]]) -> None:
-            with trio.move_on_after(timeout) as scope:
+            with trio.move_on_after(per_check_seconds) as scope:
                 try:
                     problem = await check()
                 except Exception as exc:
                     problem = f"{type(exc).__name__}: {exc}"
             if scope.cancelled_caught:
-                problem = f"no answer within {timeout:g} s"
+                problem = f"no answer within {per_check_seconds:g} s"
             results[name] = problem or "ok"
 
         async with trio.open_nursery() as nursery:
@@ -127,7 +127,7 @@ async def serve_http(
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 lambda task_status: worker_serve(
-                    wrap_app(app, hc.wsgi_max_body_size, "asgi"),
+                    wrap_app(cast(Any, app), hc.wsgi_max_body_size, "asgi"),
                     hc,
                     sockets=sockets,
                     shutdown_trigger=shutdown.wait,

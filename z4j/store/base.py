@@ -40,7 +40,8 @@ class InstanceInfo:
 
 
 class Store(Protocol):
-    kind: Literal["postgres", "sqlite"]
+    @property
+    def kind(self) -> Literal["postgres", "sqlite"]: ...
 
     async def migrate(self) -> list[int]:
         """Apply pending migrations; return the versions applied now."""

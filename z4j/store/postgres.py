@@ -167,7 +167,7 @@ def _migrate(conn: psycopg.Connection[Any]) -> list[int]:
         if migration.version in done:
             continue
         log.info("applying migration %d: %s", migration.version, migration.name)
-        conn.execute(migration.postgres)  # type: ignore[arg-type]
+        conn.execute(migration.postgres)
         conn.execute(
             "INSERT INTO schema_version (version, name) VALUES (%s, %s)",
             (migration.version, migration.name),

@@ -1,0 +1,44 @@
+"""Developer sessions: ``nox -s tests lint types property bench``."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "types"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole test suite (what CI runs), with the fast Hypothesis profile."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def property(session: nox.Session) -> None:
+    """Property tests with more examples (profile ``ci``; ``-- deep`` for long runs)."""
+    session.install("-e", ".[test]")
+    profile = session.posargs[0] if session.posargs else "ci"
+    session.run("pytest", "property_tests", env={"Z4J_HYPOTHESIS_PROFILE": profile})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def types(session: nox.Session) -> None:
+    session.install("-e", ".[test]", "mypy")
+    session.run("mypy")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmarks: figures and ratios to ceilings measured in the same run."""
+    session.install("-e", ".[test]")
+    session.run("python", "benchmarks/ingest.py", *session.posargs)
+    session.run("python", "benchmarks/drain.py", *session.posargs)
