@@ -10,35 +10,16 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-import psycopg
 import pytest
 from hypothesis import HealthCheck, settings
 
-from z4j.testing.postgres import PostgresCluster
+from z4j.testing.postgres import ExternalPostgres, PostgresCluster
 
 _common = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
 settings.register_profile("fast", max_examples=50, **_common)
 settings.register_profile("ci", max_examples=300, **_common)
 settings.register_profile("deep", max_examples=3000, **_common)
 settings.load_profile(os.environ.get("Z4J_HYPOTHESIS_PROFILE", "fast"))
-
-
-class ExternalPostgres:
-    """A server we were pointed at: usable, but not ours to stop."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def create_database(self, name: str) -> str:
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        info = psycopg.conninfo.conninfo_to_dict(self.url)
-        info["dbname"] = name
-        return psycopg.conninfo.make_conninfo(**info)
-
-    def drop_database(self, name: str) -> None:
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")

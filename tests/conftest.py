@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ExternalPostgres
 from z4j.config import Config
 from z4j.testing.brain import make_config
-from z4j.testing.postgres import PostgresCluster
+from z4j.testing.postgres import ExternalPostgres, PostgresCluster
 
 
 @pytest.fixture

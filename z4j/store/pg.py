@@ -33,15 +33,33 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class _Guard:
-    """Who closes a connection whose call was cancelled: the thread or us."""
+class _Abandoned(Exception):
+    """The caller was cancelled before the call started."""
 
-    __slots__ = ("abandoned", "finished", "lock")
+
+class _Guard:
+    """Who closes a connection whose call was cancelled: the thread or us.
+
+    A cancel can land before the worker thread starts (trio checks for
+    cancellation before handing the job over), while it runs, or after it
+    finished. Whoever comes second under the lock closes the connection.
+    """
+
+    __slots__ = ("abandoned", "finished", "lock", "started")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.started = False
         self.finished = False
         self.abandoned = False
+
+    def start(self) -> bool:
+        """Called by the thread first; False means the caller gave up already."""
+        with self.lock:
+            if self.abandoned:
+                return False
+            self.started = True
+            return True
 
 
 def _call_in_transaction(
@@ -51,6 +69,8 @@ def _call_in_transaction(
     args: tuple[Any, ...],
     autocommit: bool,
 ) -> T:
+    if not guard.start():
+        raise _Abandoned  # nobody waits for this outcome; the caller closed conn
     try:
         if conn.autocommit != autocommit:
             conn.autocommit = autocommit
@@ -160,7 +180,9 @@ class PgPool:
         guard = _Guard()
         made: list[psycopg.Connection[Any]] = []
 
-        def connect() -> psycopg.Connection[Any]:
+        def connect() -> psycopg.Connection[Any] | None:
+            if not guard.start():
+                return None
             conn = self.connect_sync()
             with guard.lock:
                 guard.finished = True
@@ -171,9 +193,11 @@ class PgPool:
             return conn
 
         try:
-            return await trio.to_thread.run_sync(
+            conn = await trio.to_thread.run_sync(
                 connect, abandon_on_cancel=True, limiter=self._limiter
             )
+            assert conn is not None  # only None after we abandoned it
+            return conn
         except trio.Cancelled:
             with guard.lock:
                 guard.abandoned = True
@@ -185,10 +209,11 @@ class PgPool:
     def _abandon(self, conn: psycopg.Connection[Any], guard: _Guard) -> None:
         with guard.lock:
             guard.abandoned = True
-            finished = guard.finished
-        if finished:
-            # The call ended while we were being cancelled; nobody else
-            # will close it, and its outcome is unknown to the caller.
+            running = guard.started and not guard.finished
+        if not running:
+            # The call never started, or ended while we were being
+            # cancelled: no thread will touch the connection again, and its
+            # state is unknown to the caller, so it goes.
             conn.close()
             return
         # Ask the server to stop the query so the abandoned thread ends soon

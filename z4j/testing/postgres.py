@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psycopg
 
-__all__ = ["PostgresCluster", "find_pg_bin"]
+__all__ = ["ExternalPostgres", "PostgresCluster", "find_pg_bin"]
 
 
 def find_pg_bin() -> Path:
@@ -179,3 +179,21 @@ class PostgresCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ExternalPostgres:
+    """A server we were pointed at: usable, but not ours to stop."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def create_database(self, name: str) -> str:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        info = psycopg.conninfo.conninfo_to_dict(self.url)
+        info["dbname"] = name
+        return psycopg.conninfo.make_conninfo("", **info)
+
+    def drop_database(self, name: str) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
