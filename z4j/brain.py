@@ -5,7 +5,8 @@ that it returns only once the service can serve:
 
     buffer (opened) → group-commit writer → store migrations (retried in
     the background until the store answers) → drains → ingest server →
-    HTTP → heartbeat → report addresses.
+    HTTP → heartbeat → maintenance (partitions, retention) → report
+    addresses.
 
 Any child failing cancels the tree. A graceful stop (``shutdown`` set) runs
 in reverse, under a deadline of Z4J_SHUTDOWN_GRACE_SECONDS:
@@ -37,6 +38,7 @@ from .drain import Drainer
 from .heartbeat import Heartbeat
 from .http import HealthChecks, build_app, serve_http
 from .ingest_server import IngestServer
+from .maintenance import Maintenance
 from .stats import BrainStats
 from .store import Store, store_for
 from .store.base import InstanceInfo
@@ -174,6 +176,10 @@ async def serve_brain(
                     await heartbeat.run(task_status=task_status)
 
             await nursery.start(run_heartbeat)
+            maintenance = Maintenance(
+                store, retention_days=config.event_retention_days, store_ready=store_ready
+            )
+            await nursery.start(maintenance.run)
 
             addresses = BrainAddresses(
                 ingest=ingest_address, http=http_address, instance_id=instance_id

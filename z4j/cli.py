@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -15,7 +16,17 @@ import trio
 
 from ._version import __version__
 from .buffer import BufferInUse
-from .config import FIELDS, HELP, Config, ConfigError, env_name, load_config, parse_bind
+from .config import (
+    FIELDS,
+    HELP,
+    SECRET_FIELDS,
+    Config,
+    ConfigError,
+    env_name,
+    load_config,
+    parse_bind,
+    reference_markdown,
+)
 from .logs import configure_logging
 
 __all__ = ["main"]
@@ -61,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="apply the schema to the configured store")
     _add_config_flags(migrate)
 
+    show = sub.add_parser("config", help="print the effective configuration (secrets masked)")
+    _add_config_flags(show)
+    show.add_argument(
+        "--reference", action="store_true", help="print the settings table of docs/configuration.md"
+    )
+
     send = sub.add_parser(
         "send",
         help="send records to a brain's ingest port",
@@ -79,11 +96,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "send":
         return _send(args)
+    if args.command == "config" and args.reference:
+        print(reference_markdown(), end="")
+        return 0
     try:
         config = _config_from(args)
     except ConfigError as exc:
         print(f"z4j: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "config":
+        for name in FIELDS:
+            value = getattr(config, name)
+            if name == "database_url" and value:
+                value = re.sub(r"(//[^:/@]*:)[^@]*@", r"\1********@", value)
+            elif name in SECRET_FIELDS and value:
+                value = "********"
+            print(f"{env_name(name)}={'' if value is None else value}")
+        return 0
     configure_logging(config.log_level, config.log_format)
     if args.command == "brain":
         return trio.run(_run_brain, config)

@@ -110,7 +110,7 @@ HELP: dict[str, str] = {
     "ingest_max_frame_bytes": "Largest accepted ingest frame, in bytes.",
     "ingest_max_inflated_bytes": "Largest size a gzip payload may inflate to, in bytes.",
     "ingest_idle_timeout_seconds": "Close an ingest connection idle this long.",
-    "buffer_path": "The local buffer file. Default: DATA_DIR/buffer.sqlite3.",
+    "buffer_path": "The local buffer file; one per instance (it is locked while in use).",
     "buffer_max_rows": "Buffer capacity in payloads; when full, ingest answers 5:ERROR.",
     "drain_workers": "Concurrent drain tasks moving the buffer into the store.",
     "drain_batch_rows": "Buffer rows (payloads) a drain claims per batch.",
@@ -125,6 +125,9 @@ HELP: dict[str, str] = {
     "log_level": "DEBUG, INFO, WARNING or ERROR.",
     "log_format": "text or json (one object per line).",
 }
+
+# Never printed in full: `z4j config` masks them (a URL keeps all but its password).
+SECRET_FIELDS = frozenset({"ingest_token", "database_url"})
 
 attrs.resolve_types(Config)
 FIELDS: dict[str, attrs.Attribute[Any]] = {a.name: a for a in attrs.fields(Config)}
@@ -284,3 +287,28 @@ def load_config(
 
 # Variables that share the prefix but are not brain settings.
 _NOT_SETTINGS = frozenset({"Z4J_CONFIG", "Z4J_TEST_DATABASE_URL"})
+
+
+def _default_text(field: attrs.Attribute[Any]) -> str:
+    if field.name == "buffer_path":
+        return "`DATA_DIR/buffer.sqlite3`"
+    if field.default is None:
+        return "unset"
+    if isinstance(field.default, bool):
+        return f"`{str(field.default).lower()}`"
+    return f"`{field.default}`"
+
+
+def reference_markdown() -> str:
+    """The settings table of docs/configuration.md, generated from `Config`.
+
+    ``z4j config --reference`` prints it; a test keeps the doc in step.
+    """
+    lines = [
+        "| Variable | Flag | Default | Meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, field in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        lines.append(f"| `{env_name(name)}` | `{flag}` | {_default_text(field)} | {HELP[name]} |")
+    return "\n".join(lines) + "\n"

@@ -55,6 +55,14 @@ class Store(Protocol):
         """Raise `StoreUnavailable` unless a trivial query succeeds now."""
         ...
 
+    async def enforce_retention(self, *, now: float, keep_days: int) -> int:
+        """Remove events received more than ``keep_days`` days before ``now``.
+
+        Returns what went: partitions dropped (Postgres) or rows deleted
+        (SQLite). Postgres also creates the partitions of the next days.
+        """
+        ...
+
     async def upsert_instance(self, info: InstanceInfo) -> None: ...
 
     async def aclose(self) -> None: ...

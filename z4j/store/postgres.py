@@ -38,6 +38,7 @@ __all__ = ["PostgresStore", "partition_name"]
 
 log = logging.getLogger("z4j.store.postgres")
 
+PARTITIONS_AHEAD = 3  # today and the next two days always exist
 PARTITION_LOCK_KEY = int.from_bytes(b"z4j-part", "big", signed=True)
 _STAGING = "z4j_events_staging"
 _COLUMNS = "received_at, idempotency_key, source, kind, buffer_id, body"
@@ -105,7 +106,7 @@ class PostgresStore:
         applied: list[int] = await self._run(_migrate)
         self._partitions = await self._run(_existing_partitions)
         today = datetime.now(UTC).date()
-        await self.ensure_partitions({today + timedelta(days=n) for n in range(3)})
+        await self.ensure_partitions({today + timedelta(days=n) for n in range(PARTITIONS_AHEAD)})
         return applied
 
     async def ensure_partitions(self, days: set[date]) -> None:
@@ -119,7 +120,14 @@ class PostgresStore:
     async def write_events(self, buffer_id: uuid.UUID, rows: Sequence[ClaimedRow]) -> int:
         days = {datetime.fromtimestamp(r.received_at, UTC).date() for r in rows}
         await self.ensure_partitions(days)
-        inserted: int = await self._run(self._copy_events, buffer_id, rows)
+        try:
+            inserted: int = await self._run(self._copy_events, buffer_id, rows)
+        except psycopg.errors.CheckViolation:
+            # "no partition found for row": another replica's retention run
+            # dropped a partition our cache still lists. Re-read and retry.
+            self._partitions = await self._run(_existing_partitions)
+            await self.ensure_partitions(days)
+            inserted = await self._run(self._copy_events, buffer_id, rows)
         return inserted
 
     def _copy_events(
@@ -152,6 +160,17 @@ class PostgresStore:
 
     async def upsert_instance(self, info: InstanceInfo) -> None:
         await self._run(_upsert_instance, info)
+
+    async def enforce_retention(self, *, now: float, keep_days: int) -> int:
+        today = datetime.fromtimestamp(now, UTC).date()
+        await self.ensure_partitions({today + timedelta(days=n) for n in range(PARTITIONS_AHEAD)})
+        # A partition for day D holds [D, D+1); it goes once D+1 is past the cutoff.
+        cutoff = datetime.fromtimestamp(now, UTC) - timedelta(days=keep_days)
+        dropped: list[date] = await self._run(_drop_partitions_before, cutoff)
+        self._partitions -= set(dropped)
+        for day in dropped:
+            log.info("retention: dropped %s", partition_name(day))
+        return len(dropped)
 
 
 def _migrate(conn: psycopg.Connection[Any]) -> list[int]:
@@ -196,6 +215,17 @@ def _create_partitions(conn: psycopg.Connection[Any], days: list[date]) -> None:
             f"CREATE TABLE IF NOT EXISTS {partition_name(day)} PARTITION OF events "
             f"FOR VALUES FROM ('{start.isoformat()}') TO ('{(start + timedelta(days=1)).isoformat()}')"
         )
+
+
+def _drop_partitions_before(conn: psycopg.Connection[Any], cutoff: datetime) -> list[date]:
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK_KEY,))
+    dropped = []
+    for day in sorted(_existing_partitions(conn)):
+        end = datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(days=1)
+        if end <= cutoff:
+            conn.execute(f"DROP TABLE IF EXISTS {partition_name(day)}")
+            dropped.append(day)
+    return dropped
 
 
 def _upsert_instance(conn: psycopg.Connection[Any], info: InstanceInfo) -> None:

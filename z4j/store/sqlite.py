@@ -72,6 +72,15 @@ class SqliteStore:
     async def upsert_instance(self, info: InstanceInfo) -> None:
         await self._run(_upsert_instance, info)
 
+    async def enforce_retention(self, *, now: float, keep_days: int) -> int:
+        cutoff = now - keep_days * 86400
+        deleted = 0
+        while True:  # in chunks, so other writers get the lock in between
+            n = await self._run(_delete_older_than, cutoff, 10_000)
+            deleted += n
+            if n < 10_000:
+                return deleted
+
 
 def _transaction(db: sqlite3.Connection, fn: Callable[[], T]) -> T:
     db.execute("BEGIN IMMEDIATE")
@@ -130,6 +139,17 @@ def _write_events(db: sqlite3.Connection, buffer_id: uuid.UUID, rows: Sequence[C
             params,
         )
         return db.total_changes - before
+
+    return _transaction(db, run)
+
+
+def _delete_older_than(db: sqlite3.Connection, cutoff: float, limit: int) -> int:
+    def run() -> int:
+        cur = db.execute(
+            "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE received_at < ? LIMIT ?)",
+            (cutoff, limit),
+        )
+        return cur.rowcount
 
     return _transaction(db, run)
 

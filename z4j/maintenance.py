@@ -1,0 +1,65 @@
+"""Periodic upkeep of the store: partitions ahead, retention.
+
+Runs once the store is migrated, then every MAINTENANCE_INTERVAL_SECONDS.
+Every step is idempotent and serialised in the store (advisory lock on
+Postgres), so several replicas running it at once do no harm; the leader
+lease of the multi-replica work narrows it to one replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import trio
+
+from .stats import ThrottledLog
+from .store.base import Store
+
+__all__ = ["MAINTENANCE_INTERVAL_SECONDS", "Maintenance"]
+
+log = logging.getLogger("z4j.maintenance")
+
+MAINTENANCE_INTERVAL_SECONDS = 3600.0
+
+
+class Maintenance:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        retention_days: int,
+        store_ready: trio.Event,
+        clock: Callable[[], float] = time.time,
+        interval: float = MAINTENANCE_INTERVAL_SECONDS,
+    ) -> None:
+        self._store = store
+        self._retention_days = retention_days
+        self._store_ready = store_ready
+        self._clock = clock
+        self._interval = interval
+        self._log = ThrottledLog(log, interval=interval)
+
+    async def run_once(self) -> int:
+        removed = await self._store.enforce_retention(
+            now=self._clock(), keep_days=self._retention_days
+        )
+        if removed:
+            log.info(
+                "retention (%d days): removed %d %s",
+                self._retention_days,
+                removed,
+                "partitions" if self._store.kind == "postgres" else "events",
+            )
+        return removed
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await self._store_ready.wait()
+        while True:
+            try:
+                await self.run_once()
+            except Exception as exc:
+                self._log.warning("run", "maintenance failed, will retry: %s", exc)
+            await trio.sleep(self._interval)
