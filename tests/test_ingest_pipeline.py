@@ -119,6 +119,12 @@ MALFORMED = [
     ("t not a string", _frame(b'v1:0000000:[{"t": 5}]'), "bad_record", False),
     ("record not an object", _frame(b"v1:0000000:[1, 2]"), "bad_record", False),
     ("NUL in a string", _frame(b'v1:0000000:[{"t": "log", "m": "a\\u0000b"}]'), "bad_json", False),
+    (
+        "nested deeper than can be stored",
+        _frame(b'v1:0000000:[{"t": "log", "a": ' + b"[" * 300 + b"]" * 300 + b"}]"),
+        "bad_json",
+        False,
+    ),
     ("corrupt gzip", _frame(b"v1:0000000:\x1f\x8b\x08\x00garbage"), "bad_gzip", False),
     (
         "gzip inflating past the cap",
