@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import sqlite3
 from collections import Counter
 from pathlib import Path
 
@@ -174,11 +175,22 @@ async def test_truncated_frame_is_counted(tmp_path: Path) -> None:
             await wait_until(lambda: brain.stats.ingest_rejected["truncated"] == 1)
 
 
-async def test_full_buffer_answers_error_and_keeps_what_it_has(tmp_path: Path, pg_url: str) -> None:
-    # The store is unreachable at first (nothing listens on that port), so
-    # nothing drains and the buffer fills up to its cap.
-    unreachable = "postgresql://postgres@127.0.0.1:1/none?connect_timeout=1"
-    config = make_config(tmp_path / "data", unreachable, buffer_max_rows=5)
+async def test_full_buffer_answers_error_and_keeps_what_it_has(
+    tmp_path: Path, store_kind: str, request: pytest.FixtureRequest
+) -> None:
+    """The store is unavailable at first, so nothing drains and the buffer fills."""
+    data = tmp_path / "data"
+    if store_kind == "postgres":
+        # Nothing listens on port 1: every connection attempt is refused.
+        unreachable = "postgresql://postgres@127.0.0.1:1/none?connect_timeout=1"
+        config = make_config(data, unreachable, buffer_max_rows=5)
+        lock = None
+    else:
+        # Another process-like holder keeps the store file write-locked.
+        config = make_config(data, None, buffer_max_rows=5)
+        config.sqlite_store_path.parent.mkdir(parents=True)
+        lock = sqlite3.connect(config.sqlite_store_path, isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")
     with trio.fail_after(60):
         async with running_brain(config) as brain:
             client = await z4j.ingest.open_trio(*brain.ingest)
@@ -187,10 +199,15 @@ async def test_full_buffer_answers_error_and_keeps_what_it_has(tmp_path: Path, p
                 assert await client.send_many([records(9, 1)]) == [False]
                 await client.ping()  # a full buffer still answers pings
             assert brain.stats.ingest_rejected["buffer_full"] == 1
+            assert brain.buffer_depth() == 5
             reply = await _get(brain.addresses.http, "/health/ready")
             assert reply[0] == 503 and "buffer full" in reply[1]
-        # Same buffer file, now with a reachable store: all 10 records land.
-        config = attrs.evolve(config, database_url=pg_url)
+        # Same buffer file, now with a store that answers: all 10 records land.
+        if lock is not None:
+            lock.execute("ROLLBACK")
+            lock.close()
+        else:
+            config = attrs.evolve(config, database_url=request.getfixturevalue("pg_url"))
         async with running_brain(config):
             events = await drained(config, 10)
     assert sorted((e["body"]["batch"], e["body"]["i"]) for e in events) == [  # type: ignore[index]
