@@ -18,6 +18,9 @@ How it stays correct:
 - The depth (rows stored, claimed or not, plus rows admitted but not yet
   committed) is kept in memory and checked before admitting a payload, so a
   full buffer answers at once and nothing stored is ever dropped.
+- A payload the store rejects as data (not as an outage) is moved to the
+  ``dead_letter`` table of the same file: kept, counted, and out of the
+  drain's way.
 - All SQLite work runs on worker threads through one capacity limiter, one
   statement at a time on one connection: SQLite has one writer anyway, and
   this avoids its sleeping busy-handler.
@@ -90,6 +93,15 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dead_letter (
+    id          INTEGER PRIMARY KEY,
+    received_at REAL NOT NULL,
+    source      TEXT NOT NULL,
+    origin      BLOB,
+    body        BLOB NOT NULL,
+    error       TEXT NOT NULL,
+    failed_at   REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS payloads (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -202,6 +214,34 @@ class BufferFile:
         )
         self.depth -= cur.rowcount
         return cur.rowcount
+
+    def quarantine(self, claim: Claim, row_id: int, error: str) -> int:
+        """Move one claimed row the store cannot take to ``dead_letter``.
+
+        The payload is kept (for an operator to inspect, fix and re-send),
+        and stops blocking the drain. Returns rows moved (0 or 1).
+        """
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(
+                "INSERT INTO dead_letter (id, received_at, source, origin, body, error, failed_at)"
+                " SELECT id, received_at, source, origin, body, ?, ? FROM payloads"
+                " WHERE id = ? AND claim_token = ?",
+                (error, time.time(), row_id, claim.token),
+            )
+            moved = db.execute(
+                "DELETE FROM payloads WHERE id = ? AND claim_token = ?", (row_id, claim.token)
+            ).rowcount
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.depth -= moved
+        return moved
+
+    def dead_letters(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM dead_letter").fetchone()[0])
 
     def release(self, claim: Claim) -> None:
         """Give a claim's rows back without storing them (store failure, shutdown)."""
@@ -339,6 +379,9 @@ class Buffer:
 
     async def release(self, claim: Claim) -> None:
         await self._run(self.file.release, claim)
+
+    async def quarantine(self, claim: Claim, row_id: int, error: str) -> None:
+        await self._run(self.file.quarantine, claim, row_id, error)
 
     async def extend(self, claim: Claim, lease_seconds: float) -> None:
         await self._run(self.file.extend, claim, lease_seconds)

@@ -7,7 +7,9 @@ idempotency keys make the second write a no-op. That is the whole
 exactly-once argument: at-least-once delivery plus idempotent writes.
 
 While the store is down, drains back off (capped exponential, full jitter)
-and the buffer absorbs ingest until its cap.
+and the buffer absorbs ingest until its cap. A row the store refuses as data
+(not as an outage) would block the drain forever; it is found by bisecting
+the batch and set aside in the buffer's dead-letter table instead.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Sequence
 
 import trio
 
-from .buffer import Buffer, Claim
+from .buffer import Buffer, Claim, ClaimedRow
 from .stats import BrainStats, ThrottledLog
-from .store.base import Store
+from .store.base import Store, UnstorableRows
 
 __all__ = ["Drainer"]
 
@@ -112,7 +115,7 @@ class Drainer:
         stats = self._stats
         started = time.monotonic()
         try:
-            stored = await self._store.write_events(self._buffer.buffer_id, claim.rows)
+            stored = await self._write_or_isolate(worker, claim, claim.rows)
         except Exception as exc:
             stats.drain_failures += 1
             self._log.warning(
@@ -131,6 +134,32 @@ class Drainer:
         stats.drain_records_stored += stored
         stats.drain_seconds_total += time.monotonic() - started
         return True
+
+    async def _write_or_isolate(self, worker: int, claim: Claim, rows: Sequence[ClaimedRow]) -> int:
+        """Write ``rows``; if the store rejects their data, bisect to the culprits.
+
+        Rows the store refuses one by one go to the buffer's dead-letter
+        table; the rest are written. Outages (`StoreUnavailable`) and other
+        errors propagate: the caller releases the claim and retries later.
+        """
+        try:
+            return await self._store.write_events(self._buffer.buffer_id, rows)
+        except UnstorableRows as exc:
+            if len(rows) > 1:
+                half = len(rows) // 2
+                return await self._write_or_isolate(
+                    worker, claim, rows[:half]
+                ) + await self._write_or_isolate(worker, claim, rows[half:])
+            await self._buffer.quarantine(claim, rows[0].id, str(exc))
+            self._stats.drain_quarantined += 1
+            log.error(
+                "drain %d: the store refuses buffer row %d (%s); moved it to the "
+                "buffer's dead_letter table",
+                worker,
+                rows[0].id,
+                _one_line(exc),
+            )
+            return 0
 
     async def _release(self, claim: Claim) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT_SECONDS):

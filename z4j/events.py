@@ -54,6 +54,14 @@ def key_prefix(buffer_id: uuid.UUID) -> int:
     return buffer_id.int >> 64
 
 
+def _kind(record: object, row_id: int) -> str:
+    kind = record.get("t") if isinstance(record, dict) else None
+    if not isinstance(kind, str):
+        # Ingest validates this; a row that fails here was damaged or planted.
+        raise ValueError(f"buffer row {row_id}: a record has no string 't' field")
+    return kind
+
+
 def event_rows(buffer_id: uuid.UUID, rows: Iterable[ClaimedRow]) -> Iterator[EventRow]:
     """Expand claimed payloads into event rows (CPU work: run it off the loop)."""
     prefix = key_prefix(buffer_id)
@@ -68,7 +76,7 @@ def event_rows(buffer_id: uuid.UUID, rows: Iterable[ClaimedRow]) -> Iterator[Eve
                 received_at,
                 uuid.UUID(int=base | index),
                 row.source,
-                record["t"],
+                _kind(record, row.id),
                 buffer_id,
                 dumps(record),
             )

@@ -28,6 +28,7 @@ class BrainStats:
     drain_rows: int = 0
     drain_records_stored: int = 0
     drain_failures: int = 0
+    drain_quarantined: int = 0
     drain_seconds_total: float = 0.0
 
 

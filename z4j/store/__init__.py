@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from ..config import Config
-from .base import InstanceInfo, Store, StoreUnavailable
+from .base import InstanceInfo, Store, StoreUnavailable, UnstorableRows
 from .postgres import PostgresStore
 from .sqlite import SqliteStore
 
-__all__ = ["InstanceInfo", "PostgresStore", "SqliteStore", "Store", "StoreUnavailable", "store_for"]
+__all__ = [
+    "InstanceInfo",
+    "PostgresStore",
+    "SqliteStore",
+    "Store",
+    "StoreUnavailable",
+    "UnstorableRows",
+    "store_for",
+]
 
 
 def store_for(config: Config, *, application_name: str = "z4j") -> Store:

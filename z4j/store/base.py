@@ -22,6 +22,14 @@ class StoreUnavailable(Exception):
     """The store could not be reached or refused the write; retry later."""
 
 
+class UnstorableRows(Exception):
+    """The store rejected the data itself: retrying the same rows cannot help.
+
+    The drain splits the batch to find the rows at fault and sets them
+    aside in the buffer's dead-letter table (kept, counted, logged).
+    """
+
+
 @attrs.frozen(kw_only=True)
 class InstanceInfo:
     """This process's row in ``instances``."""

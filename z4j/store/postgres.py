@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
+import orjson
 import psycopg
 from psycopg import postgres
 from psycopg.adapt import Dumper
@@ -30,7 +31,7 @@ from psycopg.pq import Format
 
 from ..buffer import ClaimedRow
 from ..events import event_rows
-from .base import InstanceInfo, StoreUnavailable
+from .base import InstanceInfo, StoreUnavailable, UnstorableRows
 from .migrations import MIGRATION_LOCK_KEY, MIGRATIONS
 from .pg import PgPool
 
@@ -121,16 +122,35 @@ class PostgresStore:
         days = {datetime.fromtimestamp(r.received_at, UTC).date() for r in rows}
         await self.ensure_partitions(days)
         try:
-            inserted: int = await self._run(self._copy_events, buffer_id, rows)
-        except psycopg.errors.CheckViolation:
-            # "no partition found for row": another replica's retention run
-            # dropped a partition our cache still lists. Re-read and retry.
-            self._partitions = await self._run(_existing_partitions)
-            await self.ensure_partitions(days)
-            inserted = await self._run(self._copy_events, buffer_id, rows)
+            try:
+                inserted: int = await self._run(self._copy_events, buffer_id, rows)
+            except psycopg.errors.CheckViolation:
+                # "no partition found for row": another replica's retention run
+                # dropped a partition our cache still lists. Re-read and retry.
+                self._partitions = await self._run(_existing_partitions)
+                await self.ensure_partitions(days)
+                inserted = await self._run(self._copy_events, buffer_id, rows)
+        except (
+            psycopg.DataError,
+            psycopg.IntegrityError,
+            ValueError,
+            orjson.JSONEncodeError,
+        ) as exc:
+            raise UnstorableRows(str(exc).strip()) from exc
         return inserted
 
     def _copy_events(
+        self, conn: psycopg.Connection[Any], buffer_id: uuid.UUID, rows: Sequence[ClaimedRow]
+    ) -> int:
+        try:
+            return self._copy_events_once(conn, buffer_id, rows)
+        except BaseException:
+            # The transaction rolls back, and a staging table created in it
+            # goes with it: create it again next time.
+            self._staged.discard(conn)
+            raise
+
+    def _copy_events_once(
         self, conn: psycopg.Connection[Any], buffer_id: uuid.UUID, rows: Sequence[ClaimedRow]
     ) -> int:
         cur = conn.cursor()

@@ -14,11 +14,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import orjson
 import trio
 
 from ..buffer import ClaimedRow
 from ..events import event_rows
-from .base import InstanceInfo, StoreUnavailable
+from .base import InstanceInfo, StoreUnavailable, UnstorableRows
 from .migrations import MIGRATIONS
 
 __all__ = ["SqliteStore"]
@@ -64,7 +65,15 @@ class SqliteStore:
         return await self._run(_migrate)
 
     async def write_events(self, buffer_id: uuid.UUID, rows: Sequence[ClaimedRow]) -> int:
-        return await self._run(_write_events, buffer_id, rows)
+        try:
+            return await self._run(_write_events, buffer_id, rows)
+        except (
+            sqlite3.DataError,
+            sqlite3.IntegrityError,
+            ValueError,
+            orjson.JSONEncodeError,
+        ) as exc:
+            raise UnstorableRows(str(exc).strip()) from exc
 
     async def check(self) -> None:
         await self._run(lambda db: db.execute("SELECT 1").fetchone())

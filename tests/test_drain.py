@@ -1,0 +1,107 @@
+"""Drain behaviour that needs no network: leases, re-claims, poison rows."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import orjson
+import trio
+
+from z4j.buffer import Buffer, BufferFile, BufferInUse, NewRow
+from z4j.config import Config
+from z4j.testing.brain import buffer_rows, read_events, running_brain, wait_until
+
+
+def _row(n: int, body: bytes | None = None) -> NewRow:
+    return NewRow(
+        received_at=time.time(),
+        source="tcp",
+        body=body if body is not None else orjson.dumps([{"t": "log", "n": n}]),
+    )
+
+
+def test_claims_are_leased_and_expire(tmp_path: Path) -> None:
+    buf = BufferFile(tmp_path / "b.sqlite3")
+    try:
+        buf.append([_row(n) for n in range(10)])
+        first = buf.claim(4, lease_seconds=60)
+        assert first is not None and [r.id for r in first.rows] == [1, 2, 3, 4]
+        second = buf.claim(100, lease_seconds=0.01)
+        assert second is not None and [r.id for r in second.rows] == list(range(5, 11))
+        assert buf.claim(100, lease_seconds=60) is None  # everything is held
+        time.sleep(0.02)
+        # The short lease expired: its rows are claimable again, the long one's not.
+        again = buf.claim(100, lease_seconds=60)
+        assert again is not None and [r.id for r in again.rows] == list(range(5, 11))
+        # The first holder of an expired claim may not delete what moved on.
+        assert buf.complete(second) == 0
+        assert buf.complete(again) == 6
+        assert buf.complete(first) == 4
+        assert buf.depth == 0 == buf.count()
+    finally:
+        buf.close()
+
+
+def test_row_ids_are_never_reused(tmp_path: Path) -> None:
+    path = tmp_path / "b.sqlite3"
+    buf = BufferFile(path)
+    buf.append([_row(1), _row(2)])
+    claim = buf.claim(10, 60)
+    assert claim is not None
+    buf.complete(claim)
+    buf.close()
+    buf = BufferFile(path)  # reopened empty: ids still go up
+    try:
+        buf.append([_row(3)])
+        claim = buf.claim(10, 60)
+        assert claim is not None and [r.id for r in claim.rows] == [3]
+    finally:
+        buf.close()
+
+
+def test_open_releases_stale_claims_and_locks_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "b.sqlite3"
+    buf = BufferFile(path)
+    buf.append([_row(1)])
+    assert buf.claim(10, 3600) is not None
+    try:
+        BufferFile(path)
+        raise AssertionError("a second opener must be refused")
+    except BufferInUse as exc:
+        assert "Z4J_BUFFER_PATH" in str(exc)
+    buf.close()  # as if the process died holding the claim
+    buf = BufferFile(path)
+    try:
+        claim = buf.claim(10, 60)
+        assert claim is not None and len(claim.rows) == 1
+    finally:
+        buf.close()
+
+
+async def test_unstorable_rows_go_to_dead_letter_and_the_rest_lands(config: Config) -> None:
+    # Rows that passed ingest once but cannot be stored (here: not JSON),
+    # planted straight into the buffer among good ones.
+    buffer = await Buffer.open(config.resolved_buffer_path, max_rows=1000)
+    good = [_row(n) for n in range(20)]
+    bad = [_row(100, b"not json"), _row(101, b'[{"no kind": 1}]')]
+    rows = [*good[:7], bad[0], *good[7:15], bad[1], *good[15:]]
+    await trio.to_thread.run_sync(buffer.file.append, rows)
+    await buffer.aclose()
+
+    with trio.fail_after(60):
+        async with running_brain(config) as brain:
+            await wait_until(lambda: buffer_rows(config) == 0)
+            assert brain.stats.drain_quarantined == 2
+    assert sorted(e["body"]["n"] for e in read_events(config)) == list(range(20))  # type: ignore[index]
+    db = sqlite3.connect(config.resolved_buffer_path)
+    try:
+        dead = db.execute("SELECT id, body, error FROM dead_letter ORDER BY id").fetchall()
+    finally:
+        db.close()
+    assert [(row_id, body) for row_id, body, _ in dead] == [
+        (8, b"not json"),
+        (17, b'[{"no kind": 1}]'),
+    ]
+    assert all(error for _, _, error in dead)
