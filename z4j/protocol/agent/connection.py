@@ -1,0 +1,317 @@
+"""One agent protocol v2 connection, either side, sans-IO.
+
+Theory of operation
+-------------------
+The WebSocket layer hands us whole messages; each message is one frame (UTF-8
+JSON). `AgentProtocol` turns received messages into `Frame` values and the
+frames we send into message bytes, enforcing everything the protocol says
+about order, signatures and replay. It does no I/O and reads no clock but
+the one it is given, so tests drive it with plain bytes and a fake clock.
+
+The handshake, as a table (see `TRANSITIONS`):
+
+    brain:  AWAIT_HELLO --recv hello--> HELLO_RECEIVED --accept()--> OPEN
+    agent:  START --hello()--> AWAIT_HELLO_ACK --recv hello_ack--> OPEN
+
+``hello`` and ``hello_ack`` are unsigned. In OPEN every frame, both ways,
+carries ``v, type, id, ts, nonce, seq, hmac, payload``; received frames are
+verified over the decoded JSON object as received, then pass the replay
+guard, then are structured into typed payloads (unknown fields ignored).
+
+Every violation raises `RemoteProtocolError` carrying the WebSocket close
+code to send, and moves the connection to CLOSED; later calls raise
+`LocalProtocolError`. Calling a method in the wrong state is our bug and
+raises `LocalProtocolError` at once.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import cattrs
+
+from ..errors import LocalProtocolError, RemoteProtocolError
+from . import frames as f
+from .replay import ReplayGuard
+from .signing import SessionBinding, sign, verify
+
+__all__ = [
+    "CLOSE_INVALID_DATA",
+    "CLOSE_PROTOCOL_ERROR",
+    "CLOSE_TOO_LARGE",
+    "CLOSE_VERSION",
+    "TRANSITIONS",
+    "AgentProtocol",
+    "Role",
+    "State",
+]
+
+CLOSE_PROTOCOL_ERROR: Final = 1002
+CLOSE_INVALID_DATA: Final = 1007
+CLOSE_TOO_LARGE: Final = 1009
+CLOSE_VERSION: Final = 4426
+DEFAULT_MAX_FRAME: Final = 1024 * 1024
+
+
+class Role(enum.Enum):
+    BRAIN = "brain"
+    AGENT = "agent"
+
+
+class State(enum.Enum):
+    START = "start"
+    AWAIT_HELLO = "await_hello"
+    HELLO_RECEIVED = "hello_received"
+    AWAIT_HELLO_ACK = "await_hello_ack"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+# (role, state, what happens) -> next state. Anything not listed is an error:
+# a RemoteProtocolError for something received, a LocalProtocolError for
+# something we tried.
+TRANSITIONS: Final[dict[tuple[Role, State, str], State]] = {
+    (Role.BRAIN, State.AWAIT_HELLO, "recv hello"): State.HELLO_RECEIVED,
+    (Role.BRAIN, State.HELLO_RECEIVED, "send hello_ack"): State.OPEN,
+    (Role.BRAIN, State.OPEN, "recv signed"): State.OPEN,
+    (Role.BRAIN, State.OPEN, "send signed"): State.OPEN,
+    (Role.AGENT, State.START, "send hello"): State.AWAIT_HELLO_ACK,
+    (Role.AGENT, State.AWAIT_HELLO_ACK, "recv hello_ack"): State.OPEN,
+    (Role.AGENT, State.OPEN, "recv signed"): State.OPEN,
+    (Role.AGENT, State.OPEN, "send signed"): State.OPEN,
+}
+
+_INITIAL: Final = {Role.BRAIN: State.AWAIT_HELLO, Role.AGENT: State.START}
+
+
+def _now_iso(now: float) -> str:
+    return (
+        datetime.fromtimestamp(now, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    )
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+class AgentProtocol:
+    """State, signing and replay checks of one connection, for one role."""
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME,
+        key: bytes | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.role = role
+        self.state = _INITIAL[role]
+        self.max_frame_size = max_frame_size
+        self._key = key  # the agent knows it up front; the brain after hello
+        self._clock = clock
+        self.binding: SessionBinding | None = None
+        self.hello: f.Hello | None = None
+        self._send_seq = 0
+        self._guard = ReplayGuard()
+        self._may_receive = f.BRAIN_TO_AGENT if role is Role.AGENT else f.AGENT_TO_BRAIN
+        self._may_send = f.AGENT_TO_BRAIN if role is Role.AGENT else f.BRAIN_TO_AGENT
+
+    # -- state table -------------------------------------------------------------
+
+    def _move(self, what: str, *, remote: bool) -> None:
+        nxt = TRANSITIONS.get((self.role, self.state, what))
+        if nxt is None:
+            if self.state is State.CLOSED or not remote:
+                raise LocalProtocolError(
+                    f"{self.role.value} cannot {what} in state {self.state.value}",
+                    reason="internal",
+                )
+            raise self._fail(
+                f"unexpected {what.removeprefix('recv ')} in state {self.state.value}",
+                "unexpected_frame",
+                CLOSE_PROTOCOL_ERROR,
+            )
+        self.state = nxt
+
+    def _fail(self, message: str, reason: str, close_code: int) -> RemoteProtocolError:
+        self.state = State.CLOSED
+        return RemoteProtocolError(message, reason=reason, close_code=close_code)
+
+    def close(self) -> None:
+        self.state = State.CLOSED
+
+    # -- receiving -----------------------------------------------------------------
+
+    def receive_message(self, data: bytes | str) -> f.Frame:
+        """Parse and check one whole WebSocket message."""
+        if self.state is State.CLOSED:
+            raise LocalProtocolError("connection is closed", reason="internal")
+        size = len(data.encode() if isinstance(data, str) else data)
+        if size > self.max_frame_size:
+            raise self._fail(
+                f"frame of {size} bytes is over the {self.max_frame_size}-byte limit",
+                "too_large",
+                CLOSE_TOO_LARGE,
+            )
+        try:
+            obj = json.loads(data, parse_constant=_reject_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise self._fail(f"frame is not JSON: {exc}", "bad_json", CLOSE_INVALID_DATA) from None
+        if not isinstance(obj, dict):
+            raise self._fail("frame must be a JSON object", "bad_frame", CLOSE_INVALID_DATA)
+        frame_type = obj.get("type")
+        if not isinstance(frame_type, str):
+            raise self._fail("frame has no type", "bad_frame", CLOSE_INVALID_DATA)
+        if self.state in (State.AWAIT_HELLO, State.AWAIT_HELLO_ACK):
+            return self._receive_handshake(frame_type, obj)
+        if frame_type not in self._may_receive:
+            self._move(f"recv {frame_type}", remote=True)  # raises: not in the table
+        return self._receive_signed(frame_type, obj)
+
+    def _receive_handshake(self, frame_type: str, obj: dict[str, Any]) -> f.Frame:
+        expected = "hello" if self.role is Role.BRAIN else "hello_ack"
+        if frame_type != expected:
+            raise self._fail(
+                f"first frame must be {expected}, got {frame_type[:40]!r}",
+                "unexpected_frame",
+                CLOSE_PROTOCOL_ERROR,
+            )
+        payload = obj.get("payload")
+        version = payload.get("protocol_version") if isinstance(payload, dict) else None
+        if version != f.PROTOCOL_VERSION:
+            raise self._fail(
+                f"protocol version {version!r} is not {f.PROTOCOL_VERSION!r}",
+                "bad_version",
+                CLOSE_VERSION,
+            )
+        frame = self._structure(frame_type, obj)
+        self._move(f"recv {frame_type}", remote=True)
+        if isinstance(frame.payload, f.Hello):
+            self.hello = frame.payload
+        elif isinstance(frame.payload, f.HelloAck):
+            ack = frame.payload
+            self.binding = SessionBinding(
+                agent_id=ack.agent_id, project_id=ack.project_id, session_id=ack.session_id
+            )
+        return frame
+
+    def _receive_signed(self, frame_type: str, obj: dict[str, Any]) -> f.Frame:
+        assert self._key is not None and self.binding is not None
+        if obj.get("v") != 2:
+            raise self._fail(
+                f"frame version {obj.get('v')!r} is not 2", "bad_version", CLOSE_VERSION
+            )
+        try:
+            verify(obj, self._key, self.binding)
+            self._guard.check(
+                seq=obj.get("seq"), nonce=obj.get("nonce"), ts=obj.get("ts"), now=self._clock()
+            )
+        except RemoteProtocolError:
+            self.state = State.CLOSED
+            raise
+        frame = self._structure(frame_type, obj)
+        self._move("recv signed", remote=True)
+        return frame
+
+    def _structure(self, frame_type: str, obj: dict[str, Any]) -> f.Frame:
+        try:
+            payload = f.structure_payload(frame_type, obj.get("payload", {}))
+            return f.Frame(
+                id=obj.get("id"),  # type: ignore[arg-type]
+                payload=payload,
+                seq=obj.get("seq"),
+                ts=obj.get("ts"),
+                nonce=obj.get("nonce"),
+            )
+        except (TypeError, ValueError, KeyError, cattrs.BaseValidationError) as exc:
+            raise self._fail(
+                f"bad {frame_type} frame: {_describe(exc)}", "bad_payload", CLOSE_INVALID_DATA
+            ) from None
+
+    # -- sending -----------------------------------------------------------------------
+
+    def hello_message(self, hello: f.Hello, *, frame_id: str | None = None) -> bytes:
+        """Agent: the unsigned hello that opens a connection."""
+        self._move("send hello", remote=False)
+        self.hello = hello
+        frame = {
+            "v": 2,
+            "id": frame_id or f"hello_{secrets.token_hex(8)}",
+            "ts": None,
+            "type": "hello",
+            "payload": f.unstructure_payload(hello),
+        }
+        return json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def accept(
+        self,
+        *,
+        key: bytes,
+        agent_id: str,
+        project_id: str,
+        session_id: str | None = None,
+        brain_version: str,
+        heartbeat_interval_seconds: int = 10,
+        max_frame_size_bytes: int | None = None,
+    ) -> bytes:
+        """Brain: accept the hello; returns the unsigned hello_ack to send."""
+        ack = f.HelloAck(
+            protocol_version=f.PROTOCOL_VERSION,
+            brain_version=brain_version,
+            agent_id=agent_id,
+            project_id=project_id,
+            session_id=session_id or str(uuid.uuid4()),
+            heartbeat_interval_seconds=heartbeat_interval_seconds,
+            max_frame_size_bytes=max_frame_size_bytes or self.max_frame_size,
+        )
+        self._move("send hello_ack", remote=False)
+        self._key = key
+        self.binding = SessionBinding(
+            agent_id=ack.agent_id, project_id=ack.project_id, session_id=ack.session_id
+        )
+        frame = {
+            "v": 2,
+            "id": f"ack_{secrets.token_hex(8)}",
+            "ts": _now_iso(self._clock()),
+            "type": "hello_ack",
+            "payload": f.unstructure_payload(ack),
+        }
+        return json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def send(self, payload: f.Payload, *, frame_id: str | None = None) -> bytes:
+        """A signed frame carrying ``payload``, ready to send as one message."""
+        frame_type = f.TYPE_OF[type(payload)]
+        if frame_type not in self._may_send:
+            raise LocalProtocolError(
+                f"a {self.role.value} does not send {frame_type}", reason="internal"
+            )
+        self._move("send signed", remote=False)
+        assert self._key is not None and self.binding is not None
+        self._send_seq += 1
+        frame: dict[str, Any] = {
+            "v": 2,
+            "id": frame_id or f"{frame_type[:3]}_{secrets.token_hex(12)}",
+            "ts": _now_iso(self._clock()),
+            "nonce": secrets.token_urlsafe(16),
+            "seq": self._send_seq,
+            "type": frame_type,
+            "payload": f.unstructure_payload(payload),
+        }
+        frame["hmac"] = sign(frame, self._key, self.binding)
+        return json.dumps(
+            frame, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,115 @@
+"""Frame signing for agent protocol v2: canonical JSON and HMAC-SHA256.
+
+What is signed is the frame *as received* (decoded JSON object), minus its
+``hmac`` key, plus the session binding (``agent_id``, ``project_id``,
+``session_id`` as top-level keys), serialised as canonical JSON: sorted keys
+at every level, compact separators, UTF-8 without ASCII escaping, no NaN.
+Verifying over the received object, never a re-serialised model, is what
+keeps unknown fields (which we ignore) from breaking signatures.
+
+Keys are per project, derived from the brain's master secret, so the master
+never leaves the brain and one project's key forges nothing in another.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from ..errors import RemoteProtocolError
+
+__all__ = [
+    "CLOSE_AUTH",
+    "SessionBinding",
+    "canonical_json",
+    "decode_secret",
+    "derive_project_secret",
+    "encode_secret",
+    "sign",
+    "verify",
+]
+
+CLOSE_AUTH = 4403
+_DERIVATION_LABEL = b"z4j-project-secret-v1:"
+_MIN_SECRET = 32
+_URLSAFE = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
+
+
+@attrs.frozen(kw_only=True)
+class SessionBinding:
+    """The session a signature is bound to; strings exactly as in hello_ack."""
+
+    agent_id: str
+    project_id: str
+    session_id: str
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def derive_project_secret(master: bytes, project_id: uuid.UUID) -> bytes:
+    """HMAC-SHA256(master, label + project_id.bytes_le): the project's 32-byte key."""
+    if len(master) < _MIN_SECRET:
+        raise ValueError(f"the master secret must be at least {_MIN_SECRET} bytes")
+    return hmac.new(master, _DERIVATION_LABEL + project_id.bytes_le, hashlib.sha256).digest()
+
+
+def encode_secret(secret: bytes) -> str:
+    """The form agents are given: URL-safe base64 (with padding)."""
+    return base64.urlsafe_b64encode(secret).decode("ascii")
+
+
+def decode_secret(text: str) -> bytes:
+    """Read a project secret as agents do: URL-safe base64, padding optional."""
+    text = text.strip()
+    if not text or not _URLSAFE.match(text):
+        raise ValueError("a project secret is URL-safe base64 (A-Z a-z 0-9 - _)")
+    try:
+        secret = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"not valid base64: {exc}") from None
+    if len(secret) < _MIN_SECRET:
+        raise ValueError(f"a project secret decodes to at least {_MIN_SECRET} bytes")
+    return secret
+
+
+def _signed_bytes(frame: Mapping[str, Any], binding: SessionBinding) -> bytes:
+    body = {k: v for k, v in frame.items() if k != "hmac"}
+    body["agent_id"] = binding.agent_id
+    body["project_id"] = binding.project_id
+    body["session_id"] = binding.session_id
+    return canonical_json(body)
+
+
+def sign(frame: Mapping[str, Any], key: bytes, binding: SessionBinding) -> str:
+    """The lowercase hex HMAC of ``frame`` (its ``hmac`` key, if any, is left out)."""
+    return hmac.new(key, _signed_bytes(frame, binding), hashlib.sha256).hexdigest()
+
+
+def verify(frame: Mapping[str, Any], key: bytes, binding: SessionBinding) -> None:
+    """Check ``frame["hmac"]``; raise `RemoteProtocolError` (4403) if it is wrong."""
+    provided = frame.get("hmac")
+    if not isinstance(provided, str) or not provided:
+        raise RemoteProtocolError("frame is not signed", reason="unsigned", close_code=CLOSE_AUTH)
+    try:
+        expected = sign(frame, key, binding)
+    except (TypeError, ValueError) as exc:  # NaN, unserialisable values
+        raise RemoteProtocolError(
+            f"frame cannot be canonicalised: {exc}", reason="bad_signature", close_code=CLOSE_AUTH
+        ) from None
+    if len(provided) != len(expected) or not hmac.compare_digest(provided, expected):
+        raise RemoteProtocolError(
+            "frame signature does not match", reason="bad_signature", close_code=CLOSE_AUTH
+        )
