@@ -10,6 +10,7 @@ carried it and what it accepts, instead of surfacing later as a stack trace.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -176,9 +177,14 @@ def _make_converter() -> cattrs.Converter:
         if isinstance(value, bool):
             raise ValueError(f"must be a number, got {value!r}")
         try:
-            return float(value)  # type: ignore[arg-type]
+            number = float(value)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise ValueError(f"must be a number, got {value!r}") from None
+        if math.isnan(number):
+            # NaN compares false with everything, so it would pass every
+            # range check and fail later, far from its variable.
+            raise ValueError(f"must be a number, got {value!r}")
+        return number
 
     def to_path(value: object, _: type) -> Path:
         if not isinstance(value, str | Path) or not str(value):
@@ -210,6 +216,8 @@ def _describe(exc: BaseException) -> str:
 
 def _structure_field(name: str, value: object, source: str) -> object:
     field = FIELDS[name]
+    if name == "log_level" and isinstance(value, str):
+        value = value.upper()  # info, Info and INFO all mean INFO
     if value == "" and _is_optional(field):
         return None
     try:
@@ -254,10 +262,10 @@ def load_config(
     file = file or (Path(env["Z4J_CONFIG"]) if env.get("Z4J_CONFIG") else None)
     if file is not None:
         try:
-            data = tomllib.loads(file.read_text())
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"config file {file}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {file}: not valid TOML: {exc}") from None
         for key, value in data.items():
             if key not in FIELDS:
@@ -286,7 +294,9 @@ def load_config(
 
 
 # Variables that share the prefix but are not brain settings.
-_NOT_SETTINGS = frozenset({"Z4J_CONFIG", "Z4J_TEST_DATABASE_URL"})
+_NOT_SETTINGS = frozenset(
+    {"Z4J_CONFIG", "Z4J_TEST_DATABASE_URL", "Z4J_PG_BIN", "Z4J_HYPOTHESIS_PROFILE"}
+)
 
 
 def _default_text(field: attrs.Attribute[Any]) -> str:

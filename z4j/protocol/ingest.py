@@ -31,6 +31,7 @@ raises again.
 from __future__ import annotations
 
 import hmac
+import re
 import zlib
 from typing import Final
 
@@ -66,6 +67,9 @@ MAX_KIND_LENGTH: Final = 128
 _SAFE_NESTING: Final = 250
 # Longest token-hash field we look through before calling the frame bad.
 _MAX_TOKENHASH_FIELD: Final = 64
+# An escape for NUL: ``\\u0000`` preceded by an even number of backslashes
+# (``\\\\u0000`` is an escaped backslash followed by the text ``u0000``).
+_NUL_ESCAPE: Final = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
 # Every label a rejection can carry; metrics pre-create one counter per label.
 REJECT_REASONS: Final = (
@@ -261,6 +265,10 @@ class IngestConnection:
             )
         if not inflater.eof:
             return Rejected(reason="bad_gzip", detail="gzip stream is truncated")
+        if inflater.unused_data:
+            # A second gzip member or trailing bytes: refuse rather than
+            # answer OK for records we would silently drop.
+            return Rejected(reason="bad_gzip", detail="data after the end of the gzip stream")
         return out
 
 
@@ -269,7 +277,7 @@ def _validate_records(payload: bytes) -> Payload | Rejected:
         records = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         return Rejected(reason="bad_json", detail=str(exc))
-    if b"\\u0000" in payload:
+    if b"\\u0000" in payload and _NUL_ESCAPE.search(payload):
         # Postgres jsonb cannot hold NUL in text; refuse it here rather than
         # accept a payload that can never be drained.
         return Rejected(reason="bad_json", detail="\\u0000 in a string cannot be stored")
