@@ -216,12 +216,12 @@ def _describe(exc: BaseException) -> str:
 
 def _structure_field(name: str, value: object, source: str) -> object:
     field = FIELDS[name]
-    if name == "log_level" and isinstance(value, str):
-        value = value.upper()  # info, Info and INFO all mean INFO
+    given = value.upper() if name == "log_level" and isinstance(value, str) else value
     if value == "" and _is_optional(field):
         return None
     try:
-        typed = converter.structure(value, field.type)  # type: ignore[arg-type]
+        # log_level: info, Info and INFO all mean INFO.
+        typed = converter.structure(given, field.type)  # type: ignore[arg-type]
     except Exception as exc:
         hint = _describe(exc)
         if "Literal" in str(field.type) or not hint:
