@@ -129,15 +129,8 @@ async def test_sigkill_then_restart(tmp_path: Path, database_url: str | None) ->
         sender.stop.set()
         await trio.to_thread.run_sync(sender.join, 10)
         brain.kill()
-    acked = set(sender.acked)
     # Restart on the same data: the buffer's survivors drain, nothing twice.
-    brain = BrainProcess(env, log_path=tmp_path / "brain.log")
-    try:
-        await _wait_for_events(config, acked)
-        await trio.to_thread.run_sync(assert_exactly_once, config, acked)
-    finally:
-        brain.signal(signal.SIGTERM)
-        assert brain.wait(15) == 0
+    await _restart_and_check(env, config, set(sender.acked), tmp_path / "brain.log")
 
 
 @pytest.mark.slow
@@ -172,7 +165,14 @@ async def test_sigterm_stops_gracefully_within_grace(
     acked = set().union(*(s.acked for s in senders))
     assert len(acked) > 600
     # What was not drained before exit is still in the buffer: a restart lands it.
-    brain = BrainProcess(env, log_path=tmp_path / "brain.log")
+    await _restart_and_check(env, config, acked, tmp_path / "brain.log")
+
+
+async def _restart_and_check(
+    env: dict[str, str], config: Config, acked: set[int], log_path: Path
+) -> None:
+    """Start a brain on the same data; every acknowledged record lands once."""
+    brain = BrainProcess(env, log_path=log_path)
     try:
         await _wait_for_events(config, acked)
         await trio.to_thread.run_sync(assert_exactly_once, config, acked)
