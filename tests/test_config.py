@@ -22,6 +22,8 @@ POSITIVE_FIELDS = [
     "ingest_max_frame_bytes",
     "ingest_max_inflated_bytes",
     "ingest_idle_timeout_seconds",
+    "ingest_frame_timeout_seconds",
+    "ingest_max_connections",
     "buffer_max_rows",
     "drain_workers",
     "drain_batch_rows",

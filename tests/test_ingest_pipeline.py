@@ -288,3 +288,59 @@ def _instance_row(config: Config, instance_id: object) -> tuple[object, ...] | N
         ).fetchone()
     finally:
         db.close()
+
+
+async def test_pipelining_any_number_of_frames_does_not_deadlock(tmp_path: Path) -> None:
+    """Replies nobody reads would block the server; the clients read per window."""
+    config = make_config(tmp_path / "data")
+    with trio.fail_after(60):
+        async with running_brain(config) as brain:
+
+            def blocking() -> list[bool]:
+                with z4j.ingest.connect(*brain.ingest, timeout=30) as client:
+                    return client.send_many([b"PING"] * 100_000)
+
+            assert await trio.to_thread.run_sync(blocking) == [True] * 100_000
+            async with await z4j.ingest.open_trio(*brain.ingest) as client:
+                assert await client.send_many([b"PING"] * 100_000) == [True] * 100_000
+
+
+async def test_a_frame_trickling_in_too_slowly_is_refused(tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path / "data", ingest_frame_timeout_seconds=0.5, ingest_idle_timeout_seconds=5
+    )
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            stream = await trio.open_tcp_stream(*brain.ingest)
+            async with stream:
+                # One byte every 0.2 s: never idle for long, never done.
+                reply = b""
+                for byte in b"50:v1:0000000:[":
+                    try:
+                        await stream.send_all(bytes([byte]))
+                    except trio.BrokenResourceError:
+                        break
+                    with trio.move_on_after(0.2):
+                        reply += await stream.receive_some(100)
+                    if reply:
+                        break
+                assert reply == ERROR
+                assert await stream.receive_some(100) == b""  # and closed
+            assert brain.stats.ingest_rejected["too_slow"] == 1
+
+
+async def test_connections_over_the_cap_are_refused(tmp_path: Path) -> None:
+    config = make_config(tmp_path / "data", ingest_max_connections=2)
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            held = [await trio.open_tcp_stream(*brain.ingest) for _ in range(2)]
+            await wait_until(lambda: brain.stats.ingest_connections_open == 2)
+            extra = await trio.open_tcp_stream(*brain.ingest)
+            assert await extra.receive_some(100) == ERROR
+            assert await extra.receive_some(100) == b""
+            await extra.aclose()
+            assert brain.stats.ingest_rejected["too_many_connections"] == 1
+            for stream in held:  # the held ones still work
+                await stream.send_all(encode_frame(b"PING"))
+                assert await stream.receive_some(100) == OK
+                await stream.aclose()

@@ -14,6 +14,7 @@ import orjson
 import pytest
 import xxhash
 
+from z4j.protocol import ingest as ingest_module
 from z4j.protocol.errors import LocalProtocolError, RemoteProtocolError
 from z4j.protocol.ingest import (
     ERROR,
@@ -576,3 +577,15 @@ def test_data_after_eof_is_a_local_error() -> None:
     conn.receive_data(b"")
     with pytest.raises(LocalProtocolError):
         conn.receive_data(b"2:OK")
+
+
+def test_too_many_records_in_one_payload(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The real cap (2**24, what the idempotency key can index) is too big to
+    # build here; the check is the same with a small one.
+    monkeypatch.setattr(ingest_module, "MAX_RECORDS_PER_PAYLOAD", 3)
+    conn = IngestConnection()
+    conn.receive_data(encode_frame(b'[{"t":"a"},{"t":"b"},{"t":"c"}]'))
+    conn.receive_data(encode_frame(b'[{"t":"a"},{"t":"b"},{"t":"c"},{"t":"d"}]'))
+    assert isinstance(conn.next_event(), Payload)
+    rejected = conn.next_event()
+    assert isinstance(rejected, Rejected) and rejected.reason == "too_large"

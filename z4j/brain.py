@@ -40,7 +40,7 @@ from .http import HealthChecks, build_app, serve_http
 from .ingest_server import IngestServer
 from .maintenance import Maintenance
 from .stats import BrainStats
-from .store import Store, store_for
+from .store import Store, StoreUnavailable, store_for
 from .store.base import InstanceInfo
 
 __all__ = ["BrainAddresses", "serve_brain"]
@@ -77,11 +77,24 @@ async def _migrate_until_ready(store: Store, ready: trio.Event) -> None:
         except Exception as exc:
             attempt += 1
             if attempt == 1 or attempt % 30 == 0:
-                log.warning(
-                    "store not available (%s); ingest goes on into the buffer, retrying every %gs",
-                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
-                    MIGRATE_RETRY_SECONDS,
-                )
+                first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                if isinstance(exc, StoreUnavailable):
+                    log.warning(
+                        "store not available (%s); ingest goes on into the buffer, "
+                        "retrying every %gs",
+                        first_line,
+                        MIGRATE_RETRY_SECONDS,
+                    )
+                else:
+                    # Reachable but refusing (permissions, a broken schema):
+                    # an operator must act; keep trying so the fix is picked up.
+                    log.error(
+                        "migrating the store failed (%s: %s); ingest goes on into the "
+                        "buffer, retrying every %gs",
+                        type(exc).__name__,
+                        first_line,
+                        MIGRATE_RETRY_SECONDS,
+                    )
             await trio.sleep(MIGRATE_RETRY_SECONDS)
             continue
         if applied:
@@ -146,11 +159,17 @@ async def serve_brain(
             ingest_address = await nursery.start(run_ingest)
 
             health = _health_checks(store, store_ready, buffer)
-            http_address = await nursery.start(
-                lambda task_status: serve_http(
-                    config, build_app(health), shutdown=http_shutdown, task_status=task_status
-                )
-            )
+            http_done = trio.Event()
+
+            async def run_http(task_status: trio.TaskStatus[tuple[str, int]]) -> None:
+                try:
+                    await serve_http(
+                        config, build_app(health), shutdown=http_shutdown, task_status=task_status
+                    )
+                finally:
+                    http_done.set()
+
+            http_address = await nursery.start(run_http)
 
             info = InstanceInfo(
                 id=instance_id,
@@ -208,7 +227,8 @@ async def serve_brain(
                 heartbeat_scope.cancel()
                 if store_ready.is_set():
                     await heartbeat.beat(stopped=True)
-                http_shutdown.set()
+                http_shutdown.set()  # hypercorn finishes requests in flight
+                await http_done.wait()
             if deadline.cancelled_caught:
                 log.warning("graceful shutdown ran past its deadline; cancelling the rest")
             nursery.cancel_scope.cancel()

@@ -61,6 +61,16 @@ def _config_from(args: argparse.Namespace) -> Config:
     return load_config(file=args.config, overrides=overrides)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="z4j", description="z4j brain and tools")
     parser.add_argument("--version", action="version", version=f"z4j {__version__}")
@@ -87,7 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("file", nargs="?", default="-", help="input file, - for stdin (default)")
     send.add_argument("--ingest", default="127.0.0.1:2407", help="HOST:PORT (default %(default)s)")
     send.add_argument("--token", default=None, help="ingest token (default: Z4J_INGEST_TOKEN)")
-    send.add_argument("--batch", type=int, default=100, help="records per payload (default 100)")
+    send.add_argument(
+        "--batch", type=_positive_int, default=100, help="records per payload (default 100)"
+    )
     send.add_argument("--gzip", action="store_true", help="gzip each payload")
     return parser
 
@@ -199,9 +211,13 @@ def _send(args: argparse.Namespace) -> int:
     except (OSError, orjson.JSONDecodeError) as exc:
         print(f"z4j send: cannot read records: {exc}", file=sys.stderr)
         return 2
-    batches = [records[i : i + args.batch] for i in range(0, len(records), max(1, args.batch))]
-    with connect(host, port, token=token, compress=args.gzip) as client:
-        results = client.send_many(batches) if batches else []
+    batches = [records[i : i + args.batch] for i in range(0, len(records), args.batch)]
+    try:
+        with connect(host, port, token=token, compress=args.gzip) as client:
+            results = client.send_many(batches) if batches else []
+    except OSError as exc:
+        print(f"z4j send: {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     refused = results.count(False)
     print(
         f"sent {len(records)} records in {len(batches)} payloads: "

@@ -72,6 +72,8 @@ class Config:
     ingest_max_frame_bytes: int = attrs.field(default=10 * MiB, validator=_positive)
     ingest_max_inflated_bytes: int = attrs.field(default=64 * MiB, validator=_positive)
     ingest_idle_timeout_seconds: float = attrs.field(default=10.0, validator=_positive)
+    ingest_frame_timeout_seconds: float = attrs.field(default=30.0, validator=_positive)
+    ingest_max_connections: int = attrs.field(default=10_000, validator=_positive)
     buffer_path: Path | None = None
     buffer_max_rows: int = attrs.field(default=100_000, validator=_positive)
     drain_workers: int = attrs.field(default=2, validator=_positive)
@@ -111,6 +113,8 @@ HELP: dict[str, str] = {
     "ingest_max_frame_bytes": "Largest accepted ingest frame, in bytes.",
     "ingest_max_inflated_bytes": "Largest size a gzip payload may inflate to, in bytes.",
     "ingest_idle_timeout_seconds": "Close an ingest connection idle this long.",
+    "ingest_frame_timeout_seconds": "A frame must arrive whole within this time of its first byte.",
+    "ingest_max_connections": "Open ingest connections; more get 5:ERROR and are closed.",
     "buffer_path": "The local buffer file; one per instance (it is locked while in use).",
     "buffer_max_rows": "Buffer capacity in payloads; when full, ingest answers 5:ERROR.",
     "drain_workers": "Concurrent drain tasks moving the buffer into the store.",

@@ -13,7 +13,8 @@ with its `ReplyParser`::
 `send` returns once the brain has the payload durable, and raises
 `IngestRejected` on ``5:ERROR``. `send_many` pipelines: it writes every
 frame, then reads every reply, which is how one connection reaches high
-rates.
+rates. It writes at most `PIPELINE_WINDOW` frames before reading their
+replies, so any number of payloads is safe.
 
 Delivery is at-least-once from the client's view: if the connection breaks
 before a reply arrives, the payload may or may not be stored, and sending
@@ -58,6 +59,22 @@ def encode_payload(records: Records, *, compress: bool = False) -> bytes:
     """JSON-encode ``records`` (bytes pass through), gzipped if asked."""
     body = records if isinstance(records, bytes) else orjson.dumps(list(records))
     return gzip.compress(body, compresslevel=1) if compress else body
+
+
+# Frames written before their replies are read. Unbounded pipelining can
+# deadlock: the server blocks writing replies nobody reads, and stops reading.
+PIPELINE_WINDOW = 256
+
+
+def _windows(frames: Iterable[bytes]) -> Iterable[list[bytes]]:
+    window: list[bytes] = []
+    for frame in frames:
+        window.append(frame)
+        if len(window) == PIPELINE_WINDOW:
+            yield window
+            window = []
+    if window:
+        yield window
 
 
 class _Framing:
@@ -115,9 +132,11 @@ class IngestClient:
 
     def send_many(self, payloads: Iterable[Records]) -> list[bool]:
         """Pipeline ``payloads``; one True (stored) or False (5:ERROR) each."""
-        frames = [self._framing.frame(p) for p in payloads]
-        self._sock.sendall(b"".join(frames))
-        return self._read_replies(len(frames))
+        results: list[bool] = []
+        for window in _windows(self._framing.frame(p) for p in payloads):
+            self._sock.sendall(b"".join(window))
+            results += self._read_replies(len(window))
+        return results
 
     def ping(self) -> None:
         self._sock.sendall(encode_frame(PING, token=self._framing.token))
@@ -169,8 +188,10 @@ class TrioIngestClient:
             raise IngestRejected("the brain answered 5:ERROR")
 
     async def send_many(self, payloads: Iterable[Records]) -> list[bool]:
-        frames = [self._framing.frame(p) for p in payloads]
-        return await self._exchange(b"".join(frames), len(frames))
+        results: list[bool] = []
+        for window in _windows(self._framing.frame(p) for p in payloads):
+            results += await self._exchange(b"".join(window), len(window))
+        return results
 
     async def ping(self) -> None:
         if not (await self._exchange(encode_frame(PING, token=self._framing.token), 1))[0]:

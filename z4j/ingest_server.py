@@ -100,17 +100,37 @@ class IngestServer:
             max_inflated_bytes=self._config.ingest_max_inflated_bytes,
         )
         peer = _peer(stream)
+        config = self._config
         try:
             async with stream:
+                if stats.ingest_connections_open > config.ingest_max_connections:
+                    self._reject("too_many_connections", "connection limit reached", peer)
+                    await stream.send_all(proto.ERROR)
+                    return
+                frame_deadline: float | None = None  # for the frame partly received
                 while not self._stopping:
-                    with trio.move_on_after(self._config.ingest_idle_timeout_seconds) as scope:
+                    wait = config.ingest_idle_timeout_seconds
+                    if conn.buffered:
+                        if frame_deadline is None:
+                            frame_deadline = (
+                                trio.current_time() + config.ingest_frame_timeout_seconds
+                            )
+                        wait = min(wait, frame_deadline - trio.current_time())
+                    else:
+                        frame_deadline = None
+                    with trio.move_on_after(wait) as scope:
                         self._waiting_for_data.add(scope)
                         try:
                             data = await stream.receive_some(RECEIVE_SIZE)
                         finally:
                             self._waiting_for_data.discard(scope)
                     if scope.cancelled_caught:
-                        break  # idle, or the server is stopping
+                        if frame_deadline is not None and trio.current_time() >= frame_deadline:
+                            # A frame trickling in forever holds memory and a
+                            # connection: refuse it rather than wait.
+                            self._reject("too_slow", "frame not complete in time", peer)
+                            await stream.send_all(proto.ERROR)
+                        break  # idle, too slow, or the server is stopping
                     conn.receive_data(data)
                     replies, close = await self._answer(conn, peer)
                     if replies:

@@ -62,6 +62,8 @@ VERSION: Final = b"v1"
 PING: Final = b"PING"
 GZIP_MAGIC: Final = b"\x1f\x8b"
 MAX_KIND_LENGTH: Final = 128
+# Records per payload: the idempotency key keeps 24 bits for a record's index.
+MAX_RECORDS_PER_PAYLOAD: Final = 1 << 24
 # orjson.dumps refuses nesting deeper than 254; a payload with fewer brackets
 # than that cannot nest that deep, so only bigger ones pay for the check.
 _SAFE_NESTING: Final = 250
@@ -85,6 +87,9 @@ REJECT_REASONS: Final = (
     "bad_record",
     "buffer_full",
     "storage_error",
+    # Decided by the server around the protocol, not by this module:
+    "too_slow",
+    "too_many_connections",
 )
 
 
@@ -283,6 +288,12 @@ def _validate_records(payload: bytes) -> Payload | Rejected:
         return Rejected(reason="bad_json", detail="\\u0000 in a string cannot be stored")
     if not isinstance(records, list):
         return Rejected(reason="not_array", detail="payload must be a JSON array of records")
+    if len(records) > MAX_RECORDS_PER_PAYLOAD:
+        # Each record's idempotency key has room for this many per payload.
+        return Rejected(
+            reason="too_large",
+            detail=f"{len(records)} records; at most {MAX_RECORDS_PER_PAYLOAD} per payload",
+        )
     for index, record in enumerate(records):
         kind = record.get("t") if isinstance(record, dict) else None
         if not isinstance(kind, str) or not 0 < len(kind) <= MAX_KIND_LENGTH:

@@ -223,7 +223,11 @@ class PgPool:
         ).start()
 
     async def aclose(self) -> None:
-        """Close idle connections; calls still running close theirs on return."""
+        """Close idle connections and refuse new calls.
+
+        Call it once no call is running (the brain does, after its tree has
+        ended); an abandoned call's thread closes its own connection.
+        """
         self._closed = True
         idle, self._idle = self._idle, []
         with trio.CancelScope(shield=True), trio.move_on_after(5):
