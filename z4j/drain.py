@@ -19,6 +19,7 @@ import random
 import time
 from collections.abc import Sequence
 
+import attrs
 import trio
 
 from .buffer import Buffer, Claim, ClaimedRow
@@ -33,6 +34,15 @@ IDLE_POLL_SECONDS = 1.0
 RETRY_FIRST_SECONDS = 0.2
 RETRY_MAX_SECONDS = 10.0
 RELEASE_TIMEOUT_SECONDS = 5.0
+
+
+@attrs.frozen
+class _Stored:
+    """A batch the store has, not yet deleted from the buffer."""
+
+    claim: Claim
+    records: int
+    seconds: float
 
 
 class Drainer:
@@ -89,51 +99,137 @@ class Drainer:
     ) -> None:
         self._running += 1
         task_status.started()
+        # While a batch is written to the store, the buffer side of the
+        # neighbouring batches runs too: the next claim (`ahead`) and the
+        # delete of the batch stored before (`stored`). See `_pipelined`.
+        ahead: list[Claim] = []
+        stored: list[_Stored] = []
         try:
             while not self._store_ready.is_set() and not self._stopping:
                 with trio.move_on_after(IDLE_POLL_SECONDS):
                     await self._store_ready.wait()
             failures = 0
             while not self._stopping:
-                claim = await self._buffer.claim(self._batch_rows, self._lease)
+                claim = (
+                    ahead.pop()
+                    if ahead
+                    else await self._buffer.claim(self._batch_rows, self._lease)
+                )
                 if claim is None:
                     await self._idle(IDLE_POLL_SECONDS)
                     continue
-                if await self._store_batch(worker, claim):
+                if await self._pipelined(worker, claim, ahead, stored):
                     failures = 0
                 else:
                     failures += 1
+                    while ahead:  # give it back for the backoff's duration
+                        await self._release(ahead.pop())
                     delay = min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** (failures - 1))
                     await self._sleep(random.uniform(0, delay))
         finally:
+            with trio.CancelScope(shield=True):
+                while stored:  # the store has it: let the buffer go of it now
+                    done = stored.pop()
+                    with trio.move_on_after(RELEASE_TIMEOUT_SECONDS):
+                        try:
+                            await self._complete(done)
+                        except Exception as exc:  # it stays, and is re-drained (a no-op)
+                            log.warning("drain %d: buffer delete failed: %s", worker, exc)
+                while ahead:
+                    await self._release(ahead.pop())
             self._running -= 1
             if self._running == 0:
                 self.all_stopped.set()
 
+    async def _pipelined(
+        self, worker: int, claim: Claim, ahead: list[Claim], stored: list[_Stored]
+    ) -> bool:
+        """Write ``claim`` to the store; meanwhile do the buffer's side of its neighbours.
+
+        While this batch goes to the store (Postgres, on a pool thread), the
+        buffer (SQLite, on its own thread) deletes the batch stored before
+        (``stored``) and, after a full batch, when more rows are likely
+        waiting, claims the next one into ``ahead``. Both sides stay busy
+        instead of taking turns. Nothing changes in what is guaranteed: a
+        batch leaves the buffer only after the store has it, and the claim
+        ahead is leased like any other (released by whoever gives up on it).
+
+        True when the store has ``claim``; it then waits in ``stored`` for
+        its delete if a next batch is already claimed, else it is deleted now.
+        """
+        failed: list[Exception] = []
+        previous = stored.pop() if stored else None
+
+        async def claim_ahead() -> None:
+            try:
+                next_claim = await self._buffer.claim(self._batch_rows, self._lease)
+            except Exception as exc:  # raised below, as the loop's own claim would
+                failed.append(exc)
+                return
+            if next_claim is not None:
+                ahead.append(next_claim)
+
+        async def complete_previous() -> None:
+            assert previous is not None
+            try:
+                await self._complete(previous)
+            except Exception as exc:
+                failed.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            if previous is not None:
+                nursery.start_soon(complete_previous)
+            if len(claim.rows) >= self._batch_rows and not self._stopping:
+                nursery.start_soon(claim_ahead)
+            done = await self._write_batch(worker, claim)
+        if failed:
+            if done is not None:
+                stored.append(done)  # completed on the way out
+            raise failed[0]
+        if done is None:
+            return False
+        if ahead and not self._stopping:
+            stored.append(done)
+        else:
+            await self._complete(done)
+        return True
+
     async def _store_batch(self, worker: int, claim: Claim) -> bool:
         """Write one claim; True when the store has it and the buffer let go of it."""
-        stats = self._stats
+        done = await self._write_batch(worker, claim)
+        if done is None:
+            return False
+        await self._complete(done)
+        return True
+
+    async def _write_batch(self, worker: int, claim: Claim) -> _Stored | None:
+        """Write one claim to the store; None (claim released) if that failed."""
         started = time.monotonic()
         try:
-            stored = await self._write_or_isolate(worker, claim, claim.rows)
+            records = await self._write_or_isolate(worker, claim, claim.rows)
         except Exception as exc:
-            stats.drain_failures += 1
+            self._stats.drain_failures += 1
             self._log.warning(
                 "store", "drain %d: store write failed, will retry: %s", worker, _one_line(exc)
             )
             await self._release(claim)
-            return False
+            return None
         except BaseException:
             # Cancelled mid-write: the store may or may not have the batch;
             # either way the rows go back, and a re-write is a no-op.
             await self._release(claim)
             raise
-        await self._buffer.complete(claim)
+        return _Stored(claim, records, time.monotonic() - started)
+
+    async def _complete(self, done: _Stored) -> None:
+        """The store has the batch: delete it from the buffer, count it."""
+        started = time.monotonic()
+        await self._buffer.complete(done.claim)
+        stats = self._stats
         stats.drain_batches += 1
-        stats.drain_rows += len(claim.rows)
-        stats.drain_records_stored += stored
-        stats.drain_seconds_total += time.monotonic() - started
-        return True
+        stats.drain_rows += len(done.claim.rows)
+        stats.drain_records_stored += done.records
+        stats.drain_seconds_total += done.seconds + time.monotonic() - started
 
     async def _write_or_isolate(self, worker: int, claim: Claim, rows: Sequence[ClaimedRow]) -> int:
         """Write ``rows``; if the store rejects their data, bisect to the culprits.

@@ -23,7 +23,13 @@ import orjson
 
 from .buffer import ClaimedRow
 
-__all__ = ["MAX_RECORDS_PER_PAYLOAD", "EventRow", "event_rows", "idempotency_key"]
+__all__ = [
+    "MAX_RECORDS_PER_PAYLOAD",
+    "EventRow",
+    "copy_rows",
+    "event_rows",
+    "idempotency_key",
+]
 
 MAX_RECORDS_PER_PAYLOAD = 1 << 24
 _ROW_LIMIT = 1 << 40
@@ -80,3 +86,26 @@ def event_rows(buffer_id: uuid.UUID, rows: Iterable[ClaimedRow]) -> Iterator[Eve
                 buffer_id,
                 dumps(record),
             )
+
+
+def copy_rows(
+    buffer_id: uuid.UUID, rows: Iterable[ClaimedRow]
+) -> Iterator[tuple[datetime, bytes, str, str, bytes]]:
+    """`event_rows` for the COPY path, lean: no UUID objects, no named tuples.
+
+    Yields ``(received_at, idempotency key as 16 bytes, source, kind, body)``
+    with the same values, the same keys and the same checks as `event_rows`.
+    """
+    prefix = key_prefix(buffer_id) << 64
+    loads, dumps = orjson.loads, orjson.dumps
+    for row in rows:
+        if row.id >= _ROW_LIMIT:
+            raise ValueError(f"buffer row id {row.id} is out of the key's range")
+        received_at = datetime.fromtimestamp(row.received_at, UTC)
+        base = prefix | (row.id << 24)
+        source = row.source
+        for index, record in enumerate(loads(row.body)):
+            kind = record.get("t") if type(record) is dict else None
+            if type(kind) is not str:
+                kind = _kind(record, row.id)  # raises, or accepts a str subclass
+            yield received_at, (base | index).to_bytes(16, "big"), source, kind, dumps(record)

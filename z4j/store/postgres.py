@@ -30,7 +30,7 @@ from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
 from ..buffer import ClaimedRow
-from ..events import event_rows
+from ..events import copy_rows
 from .base import InstanceInfo, StoreUnavailable, UnstorableRows
 from .migrations import MIGRATION_LOCK_KEY, MIGRATIONS
 from .pg import PgPool
@@ -63,8 +63,24 @@ class _JsonTextBinaryDumper(Dumper):
         return b"\x01" + bytes(obj)
 
 
+class _UuidBinaryDumper(Dumper):
+    """uuid in binary: 16 bytes as they are, or a `uuid.UUID`.
+
+    Registered by oid only, so it serves the COPY of `_copy_events` (which
+    passes idempotency keys as bytes, saving a UUID object per event) and
+    leaves how query parameters are dumped alone.
+    """
+
+    format = Format.BINARY
+    oid = postgres.types["uuid"].oid
+
+    def dump(self, obj: Any) -> bytes:
+        return obj if type(obj) is bytes else obj.bytes
+
+
 def _configure(conn: psycopg.Connection[Any]) -> None:
     conn.adapters.register_dumper(JsonText, _JsonTextBinaryDumper)
+    conn.adapters.register_dumper(None, _UuidBinaryDumper)
 
 
 def partition_name(day: date) -> str:
@@ -163,10 +179,13 @@ class PostgresStore:
             )
             self._staged.add(conn)
         with cur.copy(f"COPY {_STAGING} ({_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
+            # Dumped by oid: jsonb by _JsonTextBinaryDumper (the body is
+            # serialised JSON already), uuid by _UuidBinaryDumper (bytes).
             copy.set_types(["timestamptz", "uuid", "text", "text", "uuid", "jsonb"])
             write_row = copy.write_row
-            for event in event_rows(buffer_id, rows):
-                write_row((*event[:5], JsonText(event.body)))
+            buffer_key = buffer_id.bytes
+            for received_at, key, source, kind, body in copy_rows(buffer_id, rows):
+                write_row((received_at, key, source, kind, buffer_key, body))
         cur.execute(
             f"INSERT INTO events ({_COLUMNS}) SELECT {_COLUMNS} FROM {_STAGING} "
             "ON CONFLICT DO NOTHING"
