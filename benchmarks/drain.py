@@ -104,10 +104,10 @@ def write_csv(buffer_path: Path, csv_path: Path) -> int:
             writer.writerow(
                 (
                     e.received_at.isoformat(),
-                    str(e.idempotency_key),
+                    str(uuid.UUID(bytes=e.idempotency_key)),
                     e.source,
                     e.kind,
-                    str(e.buffer_id),
+                    str(buffer_id),
                     e.body.decode(),
                 )
             )

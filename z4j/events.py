@@ -23,37 +23,20 @@ import orjson
 
 from .buffer import ClaimedRow
 
-__all__ = [
-    "MAX_RECORDS_PER_PAYLOAD",
-    "EventRow",
-    "copy_rows",
-    "event_rows",
-    "idempotency_key",
-]
+__all__ = ["MAX_RECORDS_PER_PAYLOAD", "EventRow", "event_rows", "key_prefix"]
 
 MAX_RECORDS_PER_PAYLOAD = 1 << 24
 _ROW_LIMIT = 1 << 40
 
 
 class EventRow(NamedTuple):
-    """One row of the ``events`` table, in column order."""
+    """One ``events`` row: what a drain writes for one record."""
 
     received_at: datetime
-    idempotency_key: uuid.UUID
+    idempotency_key: bytes  # 16 bytes: a UUID's bytes, without the UUID object
     source: str
     kind: str
-    buffer_id: uuid.UUID
-    body: bytes  # serialised JSON object
-
-
-def idempotency_key(buffer_prefix: int, row_id: int, index: int) -> uuid.UUID:
-    """The key of record ``index`` of buffer row ``row_id``.
-
-    ``buffer_prefix`` is the top 64 bits of the buffer id (see `key_prefix`).
-    """
-    if not 0 <= row_id < _ROW_LIMIT or not 0 <= index < MAX_RECORDS_PER_PAYLOAD:
-        raise ValueError(f"row {row_id} / record {index} is out of the key's range")
-    return uuid.UUID(int=(buffer_prefix << 64) | (row_id << 24) | index)
+    body: bytes  # the record, serialised JSON
 
 
 def key_prefix(buffer_id: uuid.UUID) -> int:
@@ -69,32 +52,10 @@ def _kind(record: object, row_id: int) -> str:
 
 
 def event_rows(buffer_id: uuid.UUID, rows: Iterable[ClaimedRow]) -> Iterator[EventRow]:
-    """Expand claimed payloads into event rows (CPU work: run it off the loop)."""
-    prefix = key_prefix(buffer_id)
-    dumps = orjson.dumps
-    for row in rows:
-        received_at = datetime.fromtimestamp(row.received_at, UTC)
-        base = (prefix << 64) | (row.id << 24)
-        if row.id >= _ROW_LIMIT:
-            raise ValueError(f"buffer row id {row.id} is out of the key's range")
-        for index, record in enumerate(orjson.loads(row.body)):
-            yield EventRow(
-                received_at,
-                uuid.UUID(int=base | index),
-                row.source,
-                _kind(record, row.id),
-                buffer_id,
-                dumps(record),
-            )
+    """Expand claimed payloads into event rows (CPU work: run it off the loop).
 
-
-def copy_rows(
-    buffer_id: uuid.UUID, rows: Iterable[ClaimedRow]
-) -> Iterator[tuple[datetime, bytes, str, str, bytes]]:
-    """`event_rows` for the COPY path, lean: no UUID objects, no named tuples.
-
-    Yields ``(received_at, idempotency key as 16 bytes, source, kind, body)``
-    with the same values, the same keys and the same checks as `event_rows`.
+    The hot loop of the drain: it builds no UUID objects, and checks a
+    record's kind with exact type tests first.
     """
     prefix = key_prefix(buffer_id) << 64
     loads, dumps = orjson.loads, orjson.dumps
@@ -108,4 +69,6 @@ def copy_rows(
             kind = record.get("t") if type(record) is dict else None
             if type(kind) is not str:
                 kind = _kind(record, row.id)  # raises, or accepts a str subclass
-            yield received_at, (base | index).to_bytes(16, "big"), source, kind, dumps(record)
+            yield EventRow(
+                received_at, (base | index).to_bytes(16, "big"), source, kind, dumps(record)
+            )

@@ -30,7 +30,7 @@ from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
 from ..buffer import ClaimedRow
-from ..events import copy_rows
+from ..events import event_rows
 from .base import InstanceInfo, StoreUnavailable, UnstorableRows
 from .migrations import MIGRATION_LOCK_KEY, MIGRATIONS
 from .pg import PgPool
@@ -184,7 +184,7 @@ class PostgresStore:
             copy.set_types(["timestamptz", "uuid", "text", "text", "uuid", "jsonb"])
             write_row = copy.write_row
             buffer_key = buffer_id.bytes
-            for received_at, key, source, kind, body in copy_rows(buffer_id, rows):
+            for received_at, key, source, kind, body in event_rows(buffer_id, rows):
                 write_row((received_at, key, source, kind, buffer_key, body))
         cur.execute(
             f"INSERT INTO events ({_COLUMNS}) SELECT {_COLUMNS} FROM {_STAGING} "

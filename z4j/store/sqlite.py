@@ -128,13 +128,14 @@ def _migrate(db: sqlite3.Connection) -> list[int]:
 
 
 def _write_events(db: sqlite3.Connection, buffer_id: uuid.UUID, rows: Sequence[ClaimedRow]) -> int:
+    buffer_text = str(buffer_id)
     params = [
         (
             e.received_at.timestamp(),
-            e.idempotency_key.bytes,
+            e.idempotency_key,
             e.source,
             e.kind,
-            str(e.buffer_id),
+            buffer_text,
             e.body.decode(),
         )
         for e in event_rows(buffer_id, rows)
