@@ -33,7 +33,7 @@ POSITIVE_FIELDS = [
     "heartbeat_seconds",
 ]
 NON_NEGATIVE_FIELDS = ["db_statement_timeout_ms", "shutdown_grace_seconds"]
-OPTIONAL_FIELDS = ["database_url", "ingest_token", "buffer_path", "instance_name"]
+OPTIONAL_FIELDS = ["database_url", "ingest_token", "buffer_path", "instance_name", "secret"]
 
 
 def write_toml(tmp_path: Path, text: str) -> Path:
@@ -189,7 +189,7 @@ def test_empty_string_for_an_optional_field_means_unset(field: str, tmp_path: Pa
     assert FIELDS[field].default is None
     assert getattr(load_config(env={env_name(field): ""}), field) is None
     # ... even when a lower-precedence source set it.
-    path = write_toml(tmp_path, f'{field} = "something"\n')
+    path = write_toml(tmp_path, f'{field} = "{"something-long-enough-for-any-field" * 2}"\n')
     assert getattr(load_config(env={}, file=path), field) is not None
     assert getattr(load_config(env={env_name(field): ""}, file=path), field) is None
 

@@ -43,6 +43,11 @@ def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float) 
         raise ValueError(f"must be 0 or more, got {value!r}")
 
 
+def _long_secret(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if len(value.encode()) < 32:
+        raise ValueError("must be at least 32 characters (try: python -c 'import secrets; print(secrets.token_urlsafe(48))')")
+
+
 def _bind(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
     parse_bind(value)
 
@@ -86,6 +91,7 @@ class Config:
     shutdown_grace_seconds: float = attrs.field(default=10.0, validator=_non_negative)
     heartbeat_seconds: float = attrs.field(default=5.0, validator=_positive)
     instance_name: str | None = None
+    secret: str | None = attrs.field(default=None, validator=attrs.validators.optional(_long_secret))
     log_level: LogLevel = "INFO"
     log_format: LogFormat = "text"
 
@@ -127,12 +133,13 @@ HELP: dict[str, str] = {
     "shutdown_grace_seconds": "Time a graceful stop (SIGTERM/SIGINT) may take.",
     "heartbeat_seconds": "Interval of this instance's row update in `instances`.",
     "instance_name": "Name shown for this instance. Default: HOST:PID.",
+    "secret": "Master secret (32+ characters) that agent signing keys derive from. Unset: generated once into DATA_DIR/secret; replicas must share one.",
     "log_level": "DEBUG, INFO, WARNING or ERROR.",
     "log_format": "text or json (one object per line).",
 }
 
 # Never printed in full: `z4j config` masks them (a URL keeps all but its password).
-SECRET_FIELDS = frozenset({"ingest_token", "database_url"})
+SECRET_FIELDS = frozenset({"ingest_token", "database_url", "secret"})
 
 attrs.resolve_types(Config)
 FIELDS: dict[str, attrs.Attribute[Any]] = {a.name: a for a in attrs.fields(Config)}

@@ -93,4 +93,139 @@ CREATE INDEX events_kind_received ON events (kind, received_at);
 CREATE INDEX events_received ON events (received_at);
 """,
     ),
+    Migration(
+        version=2,
+        name="projects, agents, workers, commands, audit",
+        postgres="""
+CREATE TABLE projects (
+    id         uuid PRIMARY KEY,
+    name       text NOT NULL UNIQUE,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE agents (
+    id         uuid PRIMARY KEY,
+    project_id uuid NOT NULL REFERENCES projects (id),
+    name       text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    revoked_at timestamptz,
+    UNIQUE (project_id, name)
+);
+
+CREATE TABLE agent_tokens (
+    token_hash bytea PRIMARY KEY,
+    agent_id   uuid NOT NULL REFERENCES agents (id),
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE workers (
+    agent_id        uuid NOT NULL REFERENCES agents (id),
+    worker_id       text NOT NULL,
+    role            text,
+    hello           jsonb NOT NULL,
+    instance_id     uuid,
+    connected_at    timestamptz NOT NULL,
+    last_seen       timestamptz NOT NULL,
+    disconnected_at timestamptz,
+    status          jsonb,
+    registry        jsonb NOT NULL DEFAULT '{}',
+    PRIMARY KEY (agent_id, worker_id)
+);
+
+CREATE TABLE commands (
+    id                   uuid PRIMARY KEY,
+    project_id           uuid NOT NULL REFERENCES projects (id),
+    agent_id             uuid NOT NULL REFERENCES agents (id),
+    action               text NOT NULL,
+    target               jsonb NOT NULL DEFAULT '{}',
+    parameters           jsonb NOT NULL DEFAULT '{}',
+    timeout_seconds      integer NOT NULL,
+    issued_by            text,
+    state                text NOT NULL,
+    worker_id            text,
+    delivery_claim_token text,
+    created_at           timestamptz NOT NULL,
+    dispatched_at        timestamptz,
+    finished_at          timestamptz,
+    result               jsonb,
+    error                text
+);
+CREATE INDEX commands_open ON commands (agent_id, created_at) WHERE state IN ('pending', 'dispatched');
+
+CREATE TABLE audit_events (
+    id         bigserial PRIMARY KEY,
+    at         timestamptz NOT NULL DEFAULT now(),
+    actor      text,
+    action     text NOT NULL,
+    subject    text NOT NULL,
+    details    jsonb NOT NULL DEFAULT '{}'
+);
+""",
+        sqlite="""
+CREATE TABLE projects (
+    id         TEXT PRIMARY KEY,
+    name       TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL
+);
+
+CREATE TABLE agents (
+    id         TEXT PRIMARY KEY,
+    project_id TEXT NOT NULL REFERENCES projects (id),
+    name       TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    revoked_at REAL,
+    UNIQUE (project_id, name)
+);
+
+CREATE TABLE agent_tokens (
+    token_hash BLOB PRIMARY KEY,
+    agent_id   TEXT NOT NULL REFERENCES agents (id),
+    created_at REAL NOT NULL
+);
+
+CREATE TABLE workers (
+    agent_id        TEXT NOT NULL REFERENCES agents (id),
+    worker_id       TEXT NOT NULL,
+    role            TEXT,
+    hello           TEXT NOT NULL,
+    instance_id     TEXT,
+    connected_at    REAL NOT NULL,
+    last_seen       REAL NOT NULL,
+    disconnected_at REAL,
+    status          TEXT,
+    registry        TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (agent_id, worker_id)
+);
+
+CREATE TABLE commands (
+    id                   TEXT PRIMARY KEY,
+    project_id           TEXT NOT NULL REFERENCES projects (id),
+    agent_id             TEXT NOT NULL REFERENCES agents (id),
+    action               TEXT NOT NULL,
+    target               TEXT NOT NULL DEFAULT '{}',
+    parameters           TEXT NOT NULL DEFAULT '{}',
+    timeout_seconds      INTEGER NOT NULL,
+    issued_by            TEXT,
+    state                TEXT NOT NULL,
+    worker_id            TEXT,
+    delivery_claim_token TEXT,
+    created_at           REAL NOT NULL,
+    dispatched_at        REAL,
+    finished_at          REAL,
+    result               TEXT,
+    error                TEXT
+);
+CREATE INDEX commands_open ON commands (agent_id, created_at) WHERE state IN ('pending', 'dispatched');
+
+CREATE TABLE audit_events (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    at      REAL NOT NULL,
+    actor   TEXT,
+    action  TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    details TEXT NOT NULL DEFAULT '{}'
+);
+""",
+    ),
 )
+

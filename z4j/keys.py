@@ -1,0 +1,77 @@
+"""The brain's master secret, agent tokens and project signing keys.
+
+- The master secret (Z4J_SECRET, or a file generated once in the data
+  directory) never leaves the brain. Replicas must share it.
+- An agent token is shown once, at creation; the store keeps only a keyed
+  hash of it (HMAC-SHA256 under the master secret, domain-separated), and
+  connections are matched by that hash, never by the plain token.
+- A project's signing key is derived from the master secret and the project
+  id (agent protocol v2), so it need not be stored either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import uuid
+from pathlib import Path
+
+from .config import Config
+from .protocol.agent.signing import derive_project_secret, encode_secret
+
+__all__ = [
+    "master_secret",
+    "new_agent_token",
+    "token_hash",
+    "project_key",
+    "project_secret_text",
+]
+
+log = logging.getLogger("z4j.keys")
+
+_TOKEN_LABEL = b"z4j-agent-token-v1:"
+TOKEN_PREFIX = "z4j_"
+
+
+def master_secret(config: Config) -> bytes:
+    """Z4J_SECRET, or DATA_DIR/secret (created, mode 0600, on first use)."""
+    if config.secret is not None:
+        return config.secret.encode()
+    path = Path(config.data_dir) / "secret"
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(48).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(value + b"\n")
+    if config.database_url is not None:
+        log.warning(
+            "generated a master secret in %s; replicas sharing this database must all use "
+            "the same one: set Z4J_SECRET on each",
+            path,
+        )
+    return value
+
+
+def new_agent_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def token_hash(master: bytes, token: str) -> bytes:
+    """What the store keeps of a token, and what connections are looked up by."""
+    return hmac.new(master, _TOKEN_LABEL + token.encode(), hashlib.sha256).digest()
+
+
+def project_key(master: bytes, project_id: uuid.UUID) -> bytes:
+    return derive_project_secret(master, project_id)
+
+
+def project_secret_text(master: bytes, project_id: uuid.UUID) -> str:
+    """The project key as agents are given it (Z4J_HMAC_SECRET for z4j-bare)."""
+    return encode_secret(project_key(master, project_id))
