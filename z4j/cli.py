@@ -1,4 +1,4 @@
-"""The ``z4j`` command: ``brain``, ``migrate`` and ``send``."""
+"""The ``z4j`` command: ``brain``, ``migrate``, ``config``, ``send``, ``project``, ``agent``."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import logging
 import re
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import trio
@@ -28,6 +29,9 @@ from .config import (
     reference_markdown,
 )
 from .logs import configure_logging
+
+if TYPE_CHECKING:
+    from .store import Agent, Project, Store
 
 __all__ = ["main"]
 
@@ -101,7 +105,42 @@ def _parser() -> argparse.ArgumentParser:
         "--batch", type=_positive_int, default=100, help="records per payload (default 100)"
     )
     send.add_argument("--gzip", action="store_true", help="gzip each payload")
+
+    project = sub.add_parser("project", help="create and list projects")
+    project_sub = project.add_subparsers(dest="action", required=True)
+    project_create = project_sub.add_parser("create", help="create a project")
+    project_create.add_argument("name", type=_directory_name, help="its name (unique)")
+    project_list = project_sub.add_parser("list", help="list the projects")
+
+    agent = sub.add_parser("agent", help="create, list and revoke agents (and their tokens)")
+    agent_sub = agent.add_subparsers(dest="action", required=True)
+    agent_create = agent_sub.add_parser(
+        "create",
+        help="create an agent and print its token (shown only now)",
+        description="Create an agent in a project and print its id, its token and the "
+        "project's signing secret. The token is shown only now: the store keeps its hash.",
+    )
+    agent_create.add_argument("--project", required=True, help="project name or id")
+    agent_create.add_argument("name", type=_directory_name, help="its name (unique in the project)")
+    agent_list = agent_sub.add_parser("list", help="list agents (revoked ones too)")
+    agent_list.add_argument("--project", default=None, help="only this project (name or id)")
+    agent_revoke = agent_sub.add_parser("revoke", help="revoke an agent: its token stops working")
+    agent_revoke.add_argument("agent", help="agent id, or name (with --project if ambiguous)")
+    agent_revoke.add_argument("--project", default=None, help="project name or id")
+
+    for leaf in (project_create, project_list, agent_create, agent_list, agent_revoke):
+        _add_config_flags(leaf)
     return parser
+
+
+def _directory_name(text: str) -> str:
+    if not text or text != text.strip() or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"must be printable, without surrounding spaces: {text!r}")
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return text
+    raise argparse.ArgumentTypeError(f"must not look like an id: {text!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -125,6 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 value = "********"
             print(f"{env_name(name)}={'' if value is None else value}")
         return 0
+    if args.command in ("project", "agent"):
+        # Only warnings and errors: stdout is for the answer, stderr for trouble.
+        configure_logging("WARNING" if config.log_level == "INFO" else config.log_level, "text")
+        return trio.run(_directory, args, config)
     configure_logging(config.log_level, config.log_format)
     if args.command == "brain":
         return trio.run(_run_brain, config)
@@ -186,6 +229,160 @@ async def _migrate(config: Config) -> int:
     else:
         print("schema is up to date")
     return 0
+
+
+# -- project and agent commands ------------------------------------------------------------
+
+
+class _DirectoryError(Exception):
+    """A one-line refusal: unknown project or agent, a name taken."""
+
+
+async def _directory(args: argparse.Namespace, config: Config) -> int:
+    from .store import DirectoryConflict, StoreUnavailable, store_for
+
+    command = _DIRECTORY_COMMANDS[args.command, args.action]
+    store = store_for(config, application_name="z4j-cli")
+    try:
+        await store.migrate()
+        await command(args, config, store)
+    except (_DirectoryError, DirectoryConflict, StoreUnavailable, OSError, ValueError) as exc:
+        message = " ".join(str(exc).split())  # one line, even for libpq's two
+        print(f"z4j {args.command} {args.action}: {message}", file=sys.stderr)
+        return 1
+    finally:
+        await store.aclose()
+    return 0
+
+
+def _actor() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # no user name to be had (a bare container)
+        return "cli"
+
+
+async def _project_of(store: Store, ref: str) -> Project:
+    project = await store.find_project(ref)
+    if project is None:
+        raise _DirectoryError(f"no project {ref!r}")
+    return project
+
+
+async def _project_create(args: argparse.Namespace, config: Config, store: Store) -> None:
+    project = await store.create_project(args.name)
+    await store.audit(
+        "project.create", f"project:{project.id}", {"name": project.name}, actor=_actor()
+    )
+    print(f"{project.id}  {project.name}")
+
+
+async def _project_list(args: argparse.Namespace, config: Config, store: Store) -> None:
+    projects = await store.list_projects()
+    for project in projects:
+        print(f"{project.id}  {project.name}")
+    if not projects:
+        print("no projects yet: z4j project create NAME", file=sys.stderr)
+
+
+async def _agent_create(args: argparse.Namespace, config: Config, store: Store) -> None:
+    from . import keys
+    from .store import DirectoryConflict
+
+    project = await _project_of(store, args.project)
+    master = keys.master_secret(config)
+    secret = keys.project_secret_text(master, project.id)  # checks the master first
+    token = keys.new_agent_token()
+    try:
+        agent = await store.create_agent(project.id, args.name, keys.token_hash(master, token))
+    except DirectoryConflict:
+        taken = await store.find_agent(args.name, project.id)
+        note = " (revoked; names stay taken)" if taken is not None and taken.revoked else ""
+        raise _DirectoryError(
+            f"project {project.name!r} has an agent named {args.name!r} already{note}"
+        ) from None
+    await store.audit(
+        "agent.create",
+        f"agent:{agent.id}",
+        {"project_id": str(project.id), "name": agent.name},
+        actor=_actor(),
+    )
+    print(f"agent id:       {agent.id}  ({agent.name} in project {project.name})")
+    print(f"token:          {token}")
+    print(f"signing secret: {secret}")
+    print("The token is shown only now: only its hash is stored.")
+    print(
+        f"z4j-bare agent: Z4J_BRAIN_URL={_brain_url(config)} Z4J_TOKEN={token} "
+        f"Z4J_PROJECT_ID={project.id} Z4J_HMAC_SECRET={secret}"
+    )
+
+
+def _brain_url(config: Config) -> str:
+    """Where agents reach this brain, as far as its own settings tell."""
+    import socket
+
+    host, port = parse_bind(config.http_bind)
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+async def _agent_list(args: argparse.Namespace, config: Config, store: Store) -> None:
+    project_id = None if args.project is None else (await _project_of(store, args.project)).id
+    names = {p.id: p.name for p in await store.list_projects()}
+    agents = await store.list_agents(project_id)
+    for agent in agents:
+        state = "  revoked" if agent.revoked else ""
+        print(f"{agent.id}  {names.get(agent.project_id, agent.project_id)}  {agent.name}{state}")
+    if not agents:
+        print("no agents yet: z4j agent create --project P NAME", file=sys.stderr)
+
+
+async def _agent_revoke(args: argparse.Namespace, config: Config, store: Store) -> None:
+    agent = await _agent_of(store, args.agent, args.project)
+    if await store.revoke_agent(agent.id):
+        await store.audit(
+            "agent.revoke",
+            f"agent:{agent.id}",
+            {"project_id": str(agent.project_id), "name": agent.name},
+            actor=_actor(),
+        )
+        print(f"revoked agent {agent.name} ({agent.id})")
+    else:
+        print(f"agent {agent.name} ({agent.id}) was revoked already", file=sys.stderr)
+
+
+async def _agent_of(store: Store, ref: str, project_ref: str | None) -> Agent:
+    if project_ref is not None:
+        project = await _project_of(store, project_ref)
+        agent = await store.find_agent(ref, project.id)
+        if agent is None:
+            raise _DirectoryError(f"no agent {ref!r} in project {project.name!r}")
+        return agent
+    agent = await store.find_agent(ref)
+    if agent is not None:
+        return agent
+    named = [a for a in await store.list_agents() if a.name == ref]
+    if not named:
+        raise _DirectoryError(f"no agent {ref!r}")
+    if len(named) > 1:
+        raise _DirectoryError(f"{len(named)} agents are named {ref!r}: give --project")
+    return named[0]
+
+
+_DIRECTORY_COMMANDS: dict[
+    tuple[str, str], Callable[[argparse.Namespace, Config, Store], Awaitable[None]]
+] = {
+    ("project", "create"): _project_create,
+    ("project", "list"): _project_list,
+    ("agent", "create"): _agent_create,
+    ("agent", "list"): _agent_list,
+    ("agent", "revoke"): _agent_revoke,
+}
 
 
 def _read_records(path: str) -> Iterator[dict[str, Any]]:

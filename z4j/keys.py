@@ -25,9 +25,9 @@ from .protocol.agent.signing import derive_project_secret, encode_secret
 __all__ = [
     "master_secret",
     "new_agent_token",
-    "token_hash",
     "project_key",
     "project_secret_text",
+    "token_hash",
 ]
 
 log = logging.getLogger("z4j.keys")

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 from ..config import Config
-from .base import InstanceInfo, Store, StoreUnavailable, UnstorableRows
+from .base import (
+    Agent,
+    DirectoryConflict,
+    InstanceInfo,
+    Project,
+    Store,
+    StoreUnavailable,
+    UnstorableRows,
+)
 from .postgres import PostgresStore
 from .sqlite import SqliteStore
 
 __all__ = [
+    "Agent",
+    "DirectoryConflict",
     "InstanceInfo",
     "PostgresStore",
+    "Project",
     "SqliteStore",
     "Store",
     "StoreUnavailable",

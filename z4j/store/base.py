@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import attrs
 
 from ..buffer import ClaimedRow
 
-__all__ = ["InstanceInfo", "Store", "StoreUnavailable"]
+__all__ = [
+    "Agent",
+    "DirectoryConflict",
+    "InstanceInfo",
+    "Project",
+    "Store",
+    "StoreUnavailable",
+    "UnstorableRows",
+]
 
 
 class StoreUnavailable(Exception):
@@ -28,6 +36,24 @@ class UnstorableRows(Exception):
     The drain splits the batch to find the rows at fault and sets them
     aside in the buffer's dead-letter table (kept, counted, logged).
     """
+
+
+class DirectoryConflict(Exception):
+    """The name is taken: a project of that name, or an agent of that name in the project."""
+
+
+@attrs.frozen
+class Project:
+    id: uuid.UUID
+    name: str
+
+
+@attrs.frozen
+class Agent:
+    id: uuid.UUID
+    project_id: uuid.UUID
+    name: str
+    revoked: bool
 
 
 @attrs.frozen(kw_only=True)
@@ -73,4 +99,130 @@ class Store(Protocol):
 
     async def upsert_instance(self, info: InstanceInfo) -> None: ...
 
+    # -- the agent directory -----------------------------------------------------------
+
+    async def create_project(self, name: str) -> Project:
+        """A new project (fresh uuid4); `DirectoryConflict` if the name is taken."""
+        ...
+
+    async def find_project(self, ref: str) -> Project | None:
+        """The project whose id (as text) or name is ``ref``; the id wins."""
+        ...
+
+    async def list_projects(self) -> list[Project]:
+        """Every project, by name."""
+        ...
+
+    async def create_agent(self, project_id: uuid.UUID, name: str, token_hash: bytes) -> Agent:
+        """A new agent and its token hash, in one transaction.
+
+        `DirectoryConflict` if the project has an agent of that name;
+        `LookupError` if there is no such project.
+        """
+        ...
+
+    async def agent_by_token(self, token_hash: bytes) -> Agent | None:
+        """The agent holding this token hash; None if unknown or revoked."""
+        ...
+
+    async def find_agent(self, ref: str, project_id: uuid.UUID | None = None) -> Agent | None:
+        """The agent whose id (as text) is ``ref``, else the one named ``ref`` in
+        ``project_id``. Revoked agents are found too (see `Agent.revoked`). With
+        ``project_id``, an agent found by id must belong to that project."""
+        ...
+
+    async def list_agents(self, project_id: uuid.UUID | None = None) -> list[Agent]:
+        """Agents (revoked ones too), of one project or all; by project name, then name."""
+        ...
+
+    async def revoke_agent(self, agent_id: uuid.UUID) -> bool:
+        """Revoke an agent (its tokens stop working); False if unknown or revoked already."""
+        ...
+
+    async def worker_connected(
+        self,
+        agent_id: uuid.UUID,
+        worker_id: str,
+        *,
+        role: str | None,
+        hello: dict[str, Any],
+        instance_id: uuid.UUID,
+        at: float,
+    ) -> None:
+        """Upsert the worker's row: connected and seen at ``at``, not disconnected.
+
+        Its last status and task registry are kept across reconnects.
+        """
+        ...
+
+    async def worker_seen(
+        self,
+        agent_id: uuid.UUID,
+        worker_id: str,
+        *,
+        at: float,
+        status: dict[str, Any] | None = None,
+    ) -> None:
+        """Record activity at ``at``, and the worker's status when given."""
+        ...
+
+    async def worker_registry(
+        self,
+        agent_id: uuid.UUID,
+        worker_id: str,
+        *,
+        engine: str,
+        added: list[dict[str, Any]],
+        removed: list[str],
+        updated: list[dict[str, Any]],
+    ) -> None:
+        """Apply a registry delta to the worker's ``{engine: {task name: task}}``.
+
+        Added and updated tasks are keyed by their ``name`` (entries without a
+        string name are skipped); removed ones are names. Read, changed and
+        written in one transaction. Nothing happens for an unknown worker.
+        """
+        ...
+
+    async def worker_disconnected(
+        self, agent_id: uuid.UUID, worker_id: str, *, at: float
+    ) -> None: ...
+
+    async def audit(
+        self, action: str, subject: str, details: dict[str, Any], *, actor: str | None = None
+    ) -> None:
+        """Append a row to ``audit_events``."""
+        ...
+
     async def aclose(self) -> None: ...
+
+
+def apply_registry_delta(
+    registry: Any,
+    engine: str,
+    added: list[dict[str, Any]],
+    removed: list[str],
+    updated: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """``registry`` (``{engine: {task name: task}}``) with one delta applied.
+
+    Both stores use it inside their read-modify-write transaction. Anything
+    malformed already stored (not an object) starts over as empty.
+    """
+    result: dict[str, Any] = dict(registry) if isinstance(registry, dict) else {}
+    current = result.get(engine)
+    tasks: dict[str, Any] = dict(current) if isinstance(current, dict) else {}
+
+    def put(entries: list[dict[str, Any]]) -> None:
+        for task in entries:
+            if isinstance(task, dict) and isinstance(task.get("name"), str):
+                tasks[task["name"]] = task
+
+    # In the order of the frame's fields: added, removed, updated.
+    put(added)
+    for name in removed:
+        if isinstance(name, str):
+            tasks.pop(name, None)
+    put(updated)
+    result[engine] = tasks
+    return result

@@ -228,4 +228,3 @@ CREATE TABLE audit_events (
 """,
     ),
 )
-

@@ -25,13 +25,23 @@ from typing import Any, Literal
 
 import orjson
 import psycopg
+import trio
 from psycopg import postgres
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
+from psycopg.types.json import Jsonb
 
 from ..buffer import ClaimedRow
 from ..events import event_rows
-from .base import InstanceInfo, StoreUnavailable, UnstorableRows
+from .base import (
+    Agent,
+    DirectoryConflict,
+    InstanceInfo,
+    Project,
+    StoreUnavailable,
+    UnstorableRows,
+    apply_registry_delta,
+)
 from .migrations import MIGRATION_LOCK_KEY, MIGRATIONS
 from .pg import PgPool
 
@@ -42,7 +52,9 @@ log = logging.getLogger("z4j.store.postgres")
 PARTITIONS_AHEAD = 3  # today and the next two days always exist
 PARTITION_LOCK_KEY = int.from_bytes(b"z4j-part", "big", signed=True)
 _STAGING = "z4j_events_staging"
-_COLUMNS = "received_at, idempotency_key, source, kind, buffer_id, body"
+_COLUMNS = (
+    "received_at, idempotency_key, source, kind, buffer_id, body, project_id, agent_id, worker_id"
+)
 
 
 class JsonText(bytes):
@@ -142,9 +154,13 @@ class PostgresStore:
                 inserted: int = await self._run(self._copy_events, buffer_id, rows)
             except psycopg.errors.CheckViolation:
                 # "no partition found for row": another replica's retention run
-                # dropped a partition our cache still lists. Re-read and retry.
+                # dropped a partition our cache still lists, or agent events
+                # are filed under their own (earlier) time. Re-read, create
+                # what the events really need, retry.
                 self._partitions = await self._run(_existing_partitions)
-                await self.ensure_partitions(days)
+                await self.ensure_partitions(
+                    await trio.to_thread.run_sync(_event_days, buffer_id, rows)
+                )
                 inserted = await self._run(self._copy_events, buffer_id, rows)
         except (
             psycopg.DataError,
@@ -174,18 +190,21 @@ class PostgresStore:
             cur.execute(
                 f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} ("
                 " received_at timestamptz, idempotency_key uuid, source text,"
-                " kind text, buffer_id uuid, body jsonb"
+                " kind text, buffer_id uuid, body jsonb,"
+                " project_id uuid, agent_id uuid, worker_id text"
                 ") ON COMMIT DELETE ROWS"
             )
             self._staged.add(conn)
         with cur.copy(f"COPY {_STAGING} ({_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
             # Dumped by oid: jsonb by _JsonTextBinaryDumper (the body is
             # serialised JSON already), uuid by _UuidBinaryDumper (bytes).
-            copy.set_types(["timestamptz", "uuid", "text", "text", "uuid", "jsonb"])
+            copy.set_types(
+                ["timestamptz", "uuid", "text", "text", "uuid", "jsonb", "uuid", "uuid", "text"]
+            )
             write_row = copy.write_row
             buffer_key = buffer_id.bytes
-            for received_at, key, source, kind, body in event_rows(buffer_id, rows):
-                write_row((received_at, key, source, kind, buffer_key, body))
+            for at, key, source, kind, body, project, agent, worker in event_rows(buffer_id, rows):
+                write_row((at, key, source, kind, buffer_key, body, project, agent, worker))
         cur.execute(
             f"INSERT INTO events ({_COLUMNS}) SELECT {_COLUMNS} FROM {_STAGING} "
             "ON CONFLICT DO NOTHING"
@@ -211,6 +230,160 @@ class PostgresStore:
             log.info("retention: dropped %s", partition_name(day))
         return len(dropped)
 
+    # -- the agent directory -----------------------------------------------------------
+
+    async def create_project(self, name: str) -> Project:
+        project = Project(uuid.uuid4(), name)
+        try:
+            await self._run(
+                lambda conn: conn.execute(
+                    "INSERT INTO projects (id, name) VALUES (%s, %s)", (project.id, name)
+                )
+            )
+        except psycopg.errors.UniqueViolation as exc:
+            raise DirectoryConflict(f"a project named {name!r} exists already") from exc
+        return project
+
+    async def find_project(self, ref: str) -> Project | None:
+        result: Project | None = await self._run(_find_project, ref)
+        return result
+
+    async def list_projects(self) -> list[Project]:
+        rows = await self._run(
+            lambda conn: conn.execute("SELECT id, name FROM projects ORDER BY name").fetchall()
+        )
+        return [Project(id, name) for id, name in rows]
+
+    async def create_agent(self, project_id: uuid.UUID, name: str, token_hash: bytes) -> Agent:
+        agent = Agent(uuid.uuid4(), project_id, name, revoked=False)
+        try:
+            await self._run(_insert_agent, agent, token_hash)
+        except psycopg.errors.UniqueViolation as exc:
+            raise DirectoryConflict(
+                f"project {project_id} has an agent named {name!r} already"
+            ) from exc
+        return agent
+
+    async def agent_by_token(self, token_hash: bytes) -> Agent | None:
+        row = await self._run(
+            lambda conn: conn.execute(
+                f"SELECT {_AGENT} FROM agent_tokens t JOIN agents a ON a.id = t.agent_id"
+                " WHERE t.token_hash = %s AND a.revoked_at IS NULL",
+                (token_hash,),
+            ).fetchone()
+        )
+        return None if row is None else Agent(*row)
+
+    async def find_agent(self, ref: str, project_id: uuid.UUID | None = None) -> Agent | None:
+        result: Agent | None = await self._run(_find_agent, ref, project_id)
+        return result
+
+    async def list_agents(self, project_id: uuid.UUID | None = None) -> list[Agent]:
+        rows = await self._run(
+            lambda conn: conn.execute(
+                f"SELECT {_AGENT} FROM agents a JOIN projects p ON p.id = a.project_id"
+                " WHERE %(project)s::uuid IS NULL OR a.project_id = %(project)s"
+                " ORDER BY p.name, a.name",
+                {"project": project_id},
+            ).fetchall()
+        )
+        return [Agent(*row) for row in rows]
+
+    async def revoke_agent(self, agent_id: uuid.UUID) -> bool:
+        count: int = await self._run(
+            lambda conn: (
+                conn.execute(
+                    "UPDATE agents SET revoked_at = now() WHERE id = %s AND revoked_at IS NULL",
+                    (agent_id,),
+                ).rowcount
+            )
+        )
+        return count == 1
+
+    async def worker_connected(
+        self,
+        agent_id: uuid.UUID,
+        worker_id: str,
+        *,
+        role: str | None,
+        hello: dict[str, Any],
+        instance_id: uuid.UUID,
+        at: float,
+    ) -> None:
+        when = _ts(at)
+        await self._run(
+            lambda conn: conn.execute(
+                "INSERT INTO workers (agent_id, worker_id, role, hello, instance_id,"
+                " connected_at, last_seen, disconnected_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, NULL)"
+                " ON CONFLICT (agent_id, worker_id) DO UPDATE SET role = EXCLUDED.role,"
+                " hello = EXCLUDED.hello, instance_id = EXCLUDED.instance_id,"
+                " connected_at = EXCLUDED.connected_at, last_seen = EXCLUDED.last_seen,"
+                " disconnected_at = NULL",
+                (agent_id, worker_id, role, _jsonb(hello), instance_id, when, when),
+            )
+        )
+
+    async def worker_seen(
+        self,
+        agent_id: uuid.UUID,
+        worker_id: str,
+        *,
+        at: float,
+        status: dict[str, Any] | None = None,
+    ) -> None:
+        await self._run(
+            lambda conn: conn.execute(
+                "UPDATE workers SET last_seen = %s, status = COALESCE(%s, status)"
+                " WHERE agent_id = %s AND worker_id = %s",
+                (_ts(at), None if status is None else _jsonb(status), agent_id, worker_id),
+            )
+        )
+
+    async def worker_registry(
+        self,
+        agent_id: uuid.UUID,
+        worker_id: str,
+        *,
+        engine: str,
+        added: list[dict[str, Any]],
+        removed: list[str],
+        updated: list[dict[str, Any]],
+    ) -> None:
+        def run(conn: psycopg.Connection[Any]) -> None:
+            row = conn.execute(
+                "SELECT registry FROM workers WHERE agent_id = %s AND worker_id = %s FOR UPDATE",
+                (agent_id, worker_id),
+            ).fetchone()
+            if row is None:
+                return
+            registry = apply_registry_delta(row[0], engine, added, removed, updated)
+            conn.execute(
+                "UPDATE workers SET registry = %s WHERE agent_id = %s AND worker_id = %s",
+                (_jsonb(registry), agent_id, worker_id),
+            )
+
+        await self._run(run)
+
+    async def worker_disconnected(self, agent_id: uuid.UUID, worker_id: str, *, at: float) -> None:
+        await self._run(
+            lambda conn: conn.execute(
+                "UPDATE workers SET disconnected_at = %s WHERE agent_id = %s AND worker_id = %s",
+                (_ts(at), agent_id, worker_id),
+            )
+        )
+
+    async def audit(
+        self, action: str, subject: str, details: dict[str, Any], *, actor: str | None = None
+    ) -> None:
+        await self._run(
+            lambda conn: conn.execute(
+                "INSERT INTO audit_events (actor, action, subject, details)"
+                " VALUES (%s, %s, %s, %s)",
+                (actor, action, subject, _jsonb(details)),
+            )
+        )
+
 
 def _migrate(conn: psycopg.Connection[Any]) -> list[int]:
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
@@ -232,6 +405,10 @@ def _migrate(conn: psycopg.Connection[Any]) -> list[int]:
         )
         applied.append(migration.version)
     return applied
+
+
+def _event_days(buffer_id: uuid.UUID, rows: Sequence[ClaimedRow]) -> set[date]:
+    return {event.received_at.date() for event in event_rows(buffer_id, rows)}
 
 
 def _existing_partitions(conn: psycopg.Connection[Any]) -> set[date]:
@@ -292,3 +469,65 @@ def _upsert_instance(conn: psycopg.Connection[Any], info: InstanceInfo) -> None:
             ts(info.stopped_at),
         ),
     )
+
+
+# -- the agent directory ---------------------------------------------------------------
+
+_AGENT = "a.id, a.project_id, a.name, a.revoked_at IS NOT NULL"
+
+
+def _ts(at: float) -> datetime:
+    return datetime.fromtimestamp(at, UTC)
+
+
+def _jsonb(obj: dict[str, Any]) -> Jsonb:
+    """A JSON object for a jsonb parameter, serialised by orjson as on SQLite."""
+    return Jsonb(obj, dumps=orjson.dumps)
+
+
+def _as_uuid(ref: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(ref)
+    except ValueError:
+        return None
+
+
+def _find_project(conn: psycopg.Connection[Any], ref: str) -> Project | None:
+    by_id = _as_uuid(ref)
+    row = None
+    if by_id is not None:
+        row = conn.execute("SELECT id, name FROM projects WHERE id = %s", (by_id,)).fetchone()
+    if row is None:
+        row = conn.execute("SELECT id, name FROM projects WHERE name = %s", (ref,)).fetchone()
+    return None if row is None else Project(*row)
+
+
+def _insert_agent(conn: psycopg.Connection[Any], agent: Agent, token_hash: bytes) -> None:
+    if conn.execute("SELECT 1 FROM projects WHERE id = %s", (agent.project_id,)).fetchone() is None:
+        raise LookupError(f"no project with id {agent.project_id}")
+    conn.execute(
+        "INSERT INTO agents (id, project_id, name) VALUES (%s, %s, %s)",
+        (agent.id, agent.project_id, agent.name),
+    )
+    conn.execute(
+        "INSERT INTO agent_tokens (token_hash, agent_id) VALUES (%s, %s)", (token_hash, agent.id)
+    )
+
+
+def _find_agent(
+    conn: psycopg.Connection[Any], ref: str, project_id: uuid.UUID | None
+) -> Agent | None:
+    by_id = _as_uuid(ref)
+    row = None
+    if by_id is not None:
+        row = conn.execute(
+            f"SELECT {_AGENT} FROM agents a"
+            " WHERE a.id = %(id)s AND (%(project)s::uuid IS NULL OR a.project_id = %(project)s)",
+            {"id": by_id, "project": project_id},
+        ).fetchone()
+    if row is None and project_id is not None:
+        row = conn.execute(
+            f"SELECT {_AGENT} FROM agents a WHERE a.project_id = %s AND a.name = %s",
+            (project_id, ref),
+        ).fetchone()
+    return None if row is None else Agent(*row)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,7 +20,15 @@ import trio
 
 from ..buffer import ClaimedRow
 from ..events import event_rows
-from .base import InstanceInfo, StoreUnavailable, UnstorableRows
+from .base import (
+    Agent,
+    DirectoryConflict,
+    InstanceInfo,
+    Project,
+    StoreUnavailable,
+    UnstorableRows,
+    apply_registry_delta,
+)
 from .migrations import MIGRATIONS
 
 __all__ = ["SqliteStore"]
@@ -90,6 +99,151 @@ class SqliteStore:
             if n < 10_000:
                 return deleted
 
+    # -- the agent directory -----------------------------------------------------------
+
+    async def create_project(self, name: str) -> Project:
+        project = Project(uuid.uuid4(), name)
+        try:
+            await self._run(
+                _execute,
+                "INSERT INTO projects (id, name, created_at) VALUES (?, ?, ?)",
+                (str(project.id), name, time.time()),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise DirectoryConflict(f"a project named {name!r} exists already") from exc
+        return project
+
+    async def find_project(self, ref: str) -> Project | None:
+        return await self._run(_find_project, ref)
+
+    async def list_projects(self) -> list[Project]:
+        rows = await self._run(_fetch_all, "SELECT id, name FROM projects ORDER BY name", ())
+        return [Project(uuid.UUID(id), name) for id, name in rows]
+
+    async def create_agent(self, project_id: uuid.UUID, name: str, token_hash: bytes) -> Agent:
+        agent = Agent(uuid.uuid4(), project_id, name, revoked=False)
+        try:
+            await self._run(_insert_agent, agent, token_hash)
+        except sqlite3.IntegrityError as exc:
+            raise DirectoryConflict(
+                f"project {project_id} has an agent named {name!r} already"
+            ) from exc
+        return agent
+
+    async def agent_by_token(self, token_hash: bytes) -> Agent | None:
+        rows = await self._run(
+            _fetch_all,
+            f"SELECT {_AGENT} FROM agent_tokens t JOIN agents a ON a.id = t.agent_id"
+            " WHERE t.token_hash = ? AND a.revoked_at IS NULL",
+            (token_hash,),
+        )
+        return _agent(rows[0]) if rows else None
+
+    async def find_agent(self, ref: str, project_id: uuid.UUID | None = None) -> Agent | None:
+        return await self._run(_find_agent, ref, project_id)
+
+    async def list_agents(self, project_id: uuid.UUID | None = None) -> list[Agent]:
+        project = None if project_id is None else str(project_id)
+        rows = await self._run(
+            _fetch_all,
+            f"SELECT {_AGENT} FROM agents a JOIN projects p ON p.id = a.project_id"
+            " WHERE ?1 IS NULL OR a.project_id = ?1 ORDER BY p.name, a.name",
+            (project,),
+        )
+        return [_agent(row) for row in rows]
+
+    async def revoke_agent(self, agent_id: uuid.UUID) -> bool:
+        count = await self._run(
+            _execute,
+            "UPDATE agents SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+            (time.time(), str(agent_id)),
+        )
+        return count == 1
+
+    async def worker_connected(
+        self,
+        agent_id: uuid.UUID,
+        worker_id: str,
+        *,
+        role: str | None,
+        hello: dict[str, Any],
+        instance_id: uuid.UUID,
+        at: float,
+    ) -> None:
+        await self._run(
+            _execute,
+            "INSERT INTO workers (agent_id, worker_id, role, hello, instance_id,"
+            " connected_at, last_seen, disconnected_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, NULL)"
+            " ON CONFLICT (agent_id, worker_id) DO UPDATE SET role = excluded.role,"
+            " hello = excluded.hello, instance_id = excluded.instance_id,"
+            " connected_at = excluded.connected_at, last_seen = excluded.last_seen,"
+            " disconnected_at = NULL",
+            (str(agent_id), worker_id, role, _json(hello), str(instance_id), at, at),
+        )
+
+    async def worker_seen(
+        self,
+        agent_id: uuid.UUID,
+        worker_id: str,
+        *,
+        at: float,
+        status: dict[str, Any] | None = None,
+    ) -> None:
+        await self._run(
+            _execute,
+            "UPDATE workers SET last_seen = ?, status = COALESCE(?, status)"
+            " WHERE agent_id = ? AND worker_id = ?",
+            (at, None if status is None else _json(status), str(agent_id), worker_id),
+        )
+
+    async def worker_registry(
+        self,
+        agent_id: uuid.UUID,
+        worker_id: str,
+        *,
+        engine: str,
+        added: list[dict[str, Any]],
+        removed: list[str],
+        updated: list[dict[str, Any]],
+    ) -> None:
+        key = (str(agent_id), worker_id)
+
+        def run(db: sqlite3.Connection) -> None:
+            def change() -> None:
+                row = db.execute(
+                    "SELECT registry FROM workers WHERE agent_id = ? AND worker_id = ?", key
+                ).fetchone()
+                if row is None:
+                    return
+                registry = apply_registry_delta(
+                    orjson.loads(row[0]), engine, added, removed, updated
+                )
+                db.execute(
+                    "UPDATE workers SET registry = ? WHERE agent_id = ? AND worker_id = ?",
+                    (_json(registry), *key),
+                )
+
+            _transaction(db, change)
+
+        await self._run(run)
+
+    async def worker_disconnected(self, agent_id: uuid.UUID, worker_id: str, *, at: float) -> None:
+        await self._run(
+            _execute,
+            "UPDATE workers SET disconnected_at = ? WHERE agent_id = ? AND worker_id = ?",
+            (at, str(agent_id), worker_id),
+        )
+
+    async def audit(
+        self, action: str, subject: str, details: dict[str, Any], *, actor: str | None = None
+    ) -> None:
+        await self._run(
+            _execute,
+            "INSERT INTO audit_events (at, actor, action, subject, details) VALUES (?, ?, ?, ?, ?)",
+            (time.time(), actor, action, subject, _json(details)),
+        )
+
 
 def _transaction(db: sqlite3.Connection, fn: Callable[[], T]) -> T:
     db.execute("BEGIN IMMEDIATE")
@@ -137,6 +291,9 @@ def _write_events(db: sqlite3.Connection, buffer_id: uuid.UUID, rows: Sequence[C
             e.kind,
             buffer_text,
             e.body.decode(),
+            None if e.project_id is None else str(uuid.UUID(bytes=e.project_id)),
+            None if e.agent_id is None else str(uuid.UUID(bytes=e.agent_id)),
+            e.worker_id,
         )
         for e in event_rows(buffer_id, rows)
     ]
@@ -145,7 +302,8 @@ def _write_events(db: sqlite3.Connection, buffer_id: uuid.UUID, rows: Sequence[C
         before = db.total_changes
         db.executemany(
             "INSERT OR IGNORE INTO events (received_at, idempotency_key, source, kind,"
-            " buffer_id, body) VALUES (?, ?, ?, ?, ?, ?)",
+            " buffer_id, body, project_id, agent_id, worker_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             params,
         )
         return db.total_changes - before
@@ -186,3 +344,78 @@ def _upsert_instance(db: sqlite3.Connection, info: InstanceInfo) -> None:
             info.stopped_at,
         ),
     )
+
+
+# -- the agent directory ---------------------------------------------------------------
+
+_AGENT = "a.id, a.project_id, a.name, a.revoked_at IS NOT NULL"
+
+
+def _agent(row: tuple[Any, ...]) -> Agent:
+    id, project_id, name, revoked = row
+    return Agent(uuid.UUID(id), uuid.UUID(project_id), name, bool(revoked))
+
+
+def _json(obj: dict[str, Any]) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def _as_uuid(ref: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(ref)
+    except ValueError:
+        return None
+
+
+def _execute(db: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> int:
+    """One write in its own transaction; the rows it changed."""
+    return _transaction(db, lambda: db.execute(sql, params).rowcount)
+
+
+def _fetch_all(db: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> list[Any]:
+    return db.execute(sql, params).fetchall()
+
+
+def _find_project(db: sqlite3.Connection, ref: str) -> Project | None:
+    by_id = _as_uuid(ref)
+    row = None
+    if by_id is not None:
+        row = db.execute("SELECT id, name FROM projects WHERE id = ?", (str(by_id),)).fetchone()
+    if row is None:
+        row = db.execute("SELECT id, name FROM projects WHERE name = ?", (ref,)).fetchone()
+    return None if row is None else Project(uuid.UUID(row[0]), row[1])
+
+
+def _insert_agent(db: sqlite3.Connection, agent: Agent, token_hash: bytes) -> None:
+    def run() -> None:
+        project = str(agent.project_id)
+        if db.execute("SELECT 1 FROM projects WHERE id = ?", (project,)).fetchone() is None:
+            raise LookupError(f"no project with id {agent.project_id}")
+        now = time.time()
+        db.execute(
+            "INSERT INTO agents (id, project_id, name, created_at) VALUES (?, ?, ?, ?)",
+            (str(agent.id), project, agent.name, now),
+        )
+        db.execute(
+            "INSERT INTO agent_tokens (token_hash, agent_id, created_at) VALUES (?, ?, ?)",
+            (token_hash, str(agent.id), now),
+        )
+
+    _transaction(db, run)
+
+
+def _find_agent(db: sqlite3.Connection, ref: str, project_id: uuid.UUID | None) -> Agent | None:
+    project = None if project_id is None else str(project_id)
+    by_id = _as_uuid(ref)
+    row = None
+    if by_id is not None:
+        row = db.execute(
+            f"SELECT {_AGENT} FROM agents a WHERE a.id = ?1 AND (?2 IS NULL OR a.project_id = ?2)",
+            (str(by_id), project),
+        ).fetchone()
+    if row is None and project is not None:
+        row = db.execute(
+            f"SELECT {_AGENT} FROM agents a WHERE a.project_id = ? AND a.name = ?",
+            (project, ref),
+        ).fetchone()
+    return None if row is None else _agent(row)
