@@ -31,6 +31,9 @@ POSITIVE_FIELDS = [
     "db_pool_size",
     "event_retention_days",
     "heartbeat_seconds",
+    "ws_max_frame_bytes",
+    "ws_per_agent_concurrency_cap",
+    "ws_heartbeat_interval_seconds",
 ]
 NON_NEGATIVE_FIELDS = ["db_statement_timeout_ms", "shutdown_grace_seconds"]
 OPTIONAL_FIELDS = ["database_url", "ingest_token", "buffer_path", "instance_name", "secret"]

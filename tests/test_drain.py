@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import sqlite3
 import time
+import uuid
 from pathlib import Path
 
+import attrs
 import orjson
 import trio
 
@@ -105,3 +107,29 @@ async def test_unstorable_rows_go_to_dead_letter_and_the_rest_lands(config: Conf
         (17, b'[{"no kind": 1}]'),
     ]
     assert all(error for _, _, error in dead)
+
+
+async def test_agent_batches_sent_twice_land_once(config: Config) -> None:
+    """A re-sent agent batch is a new buffer row with the same events: one copy lands."""
+    project, agent = uuid.uuid4(), uuid.uuid4()
+    origin = orjson.dumps({"project_id": str(project), "agent_id": str(agent), "worker_id": "w-1"})
+    occurred = "2026-11-20T10:00:00.250000+00:00"
+    events = [
+        {"id": f"e-{n}", "kind": "task.succeeded", "occurred_at": occurred, "data": {"n": n}}
+        for n in range(3)
+    ]
+    batch = NewRow(
+        received_at=time.time(), source="agent", body=orjson.dumps(events), origin=origin
+    )
+    resent = attrs.evolve(batch, received_at=time.time() + 5)
+    buffer = await Buffer.open(config.resolved_buffer_path, max_rows=1000)
+    await trio.to_thread.run_sync(buffer.file.append, [batch, resent])
+    await buffer.aclose()
+    with trio.fail_after(60):
+        async with running_brain(config):
+            await wait_until(lambda: buffer_rows(config) == 0)
+    stored = read_events(config)
+    assert sorted(e["body"]["data"]["n"] for e in stored) == [0, 1, 2]  # type: ignore[index]
+    assert {e["source"] for e in stored} == {"agent"}
+    assert {e["kind"] for e in stored} == {"task.succeeded"}
+    assert stored[0]["body"]["id"].startswith("e-")  # type: ignore[index]

@@ -32,6 +32,7 @@ import uuid
 import attrs
 import trio
 
+from .agent_endpoint import AgentEndpoint
 from .buffer import Buffer
 from .config import Config
 from .drain import Drainer
@@ -159,12 +160,18 @@ async def serve_brain(
             ingest_address = await nursery.start(run_ingest)
 
             health = _health_checks(store, store_ready, buffer)
+            agents = AgentEndpoint(
+                config, store, buffer, stats, instance_id=instance_id, store_ready=store_ready
+            )
             http_done = trio.Event()
 
             async def run_http(task_status: trio.TaskStatus[tuple[str, int]]) -> None:
                 try:
                     await serve_http(
-                        config, build_app(health), shutdown=http_shutdown, task_status=task_status
+                        config,
+                        build_app(health, websockets={"/ws/agent": agents}),
+                        shutdown=http_shutdown,
+                        task_status=task_status,
                     )
                 finally:
                     http_done.set()

@@ -45,7 +45,9 @@ def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float) 
 
 def _long_secret(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
     if len(value.encode()) < 32:
-        raise ValueError("must be at least 32 characters (try: python -c 'import secrets; print(secrets.token_urlsafe(48))')")
+        raise ValueError(
+            "must be at least 32 characters (try: python -c 'import secrets; print(secrets.token_urlsafe(48))')"
+        )
 
 
 def _bind(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -91,7 +93,12 @@ class Config:
     shutdown_grace_seconds: float = attrs.field(default=10.0, validator=_non_negative)
     heartbeat_seconds: float = attrs.field(default=5.0, validator=_positive)
     instance_name: str | None = None
-    secret: str | None = attrs.field(default=None, validator=attrs.validators.optional(_long_secret))
+    ws_max_frame_bytes: int = attrs.field(default=1024 * 1024, validator=_positive)
+    ws_per_agent_concurrency_cap: int = attrs.field(default=64, validator=_positive)
+    ws_heartbeat_interval_seconds: int = attrs.field(default=10, validator=_positive)
+    secret: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_long_secret)
+    )
     log_level: LogLevel = "INFO"
     log_format: LogFormat = "text"
 
@@ -133,6 +140,9 @@ HELP: dict[str, str] = {
     "shutdown_grace_seconds": "Time a graceful stop (SIGTERM/SIGINT) may take.",
     "heartbeat_seconds": "Interval of this instance's row update in `instances`.",
     "instance_name": "Name shown for this instance. Default: HOST:PID.",
+    "ws_max_frame_bytes": "Largest agent WebSocket message; larger ones close the connection (1009).",
+    "ws_per_agent_concurrency_cap": "Live workers (connections) one agent may hold; more are closed 4429.",
+    "ws_heartbeat_interval_seconds": "Heartbeat interval told to agents; 3 missed intervals close (4408).",
     "secret": "Master secret (32+ characters) that agent signing keys derive from. Unset: generated once into DATA_DIR/secret; replicas must share one.",
     "log_level": "DEBUG, INFO, WARNING or ERROR.",
     "log_format": "text or json (one object per line).",

@@ -10,10 +10,18 @@ Key layout (a UUID, 16 bytes): the first 8 bytes of the buffer's id, the
 buffer row id in 5 bytes, the record's index in its payload in 3 bytes.
 Row ids are never reused (AUTOINCREMENT), and a payload can hold at most
 2**24 records (the inflation cap keeps real payloads far below).
+
+An agent's event batch is one buffer row too (source ``agent``, its origin
+naming project, agent and worker), but agents re-send a batch they saw no
+acknowledgement for, so its events' keys come from the events' own identity:
+a hash of the agent id and the event id. For the same reason an agent event
+is filed under its ``occurred_at`` (when it is a sane timestamp), not the
+time it reached us: Postgres only finds a duplicate within one partition.
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
@@ -37,6 +45,15 @@ class EventRow(NamedTuple):
     source: str
     kind: str
     body: bytes  # the record, serialised JSON
+    project_id: bytes | None = None  # UUID bytes, agent events only
+    agent_id: bytes | None = None
+    worker_id: str | None = None
+
+
+# An agent event's occurred_at further than this from its receipt is not
+# trusted for filing; the receipt time is used instead.
+_MAX_CLOCK_SKEW_SECONDS = 7 * 86400
+_AGENT_KEY_LABEL = b"z4j-agent-event-v1:"
 
 
 def key_prefix(buffer_id: uuid.UUID) -> int:
@@ -60,6 +77,9 @@ def event_rows(buffer_id: uuid.UUID, rows: Iterable[ClaimedRow]) -> Iterator[Eve
     prefix = key_prefix(buffer_id) << 64
     loads, dumps = orjson.loads, orjson.dumps
     for row in rows:
+        if row.source == "agent":
+            yield from _agent_event_rows(row)
+            continue
         if row.id >= _ROW_LIMIT:
             raise ValueError(f"buffer row id {row.id} is out of the key's range")
         received_at = datetime.fromtimestamp(row.received_at, UTC)
@@ -72,3 +92,45 @@ def event_rows(buffer_id: uuid.UUID, rows: Iterable[ClaimedRow]) -> Iterator[Eve
             yield EventRow(
                 received_at, (base | index).to_bytes(16, "big"), source, kind, dumps(record)
             )
+
+
+def _agent_event_rows(row: ClaimedRow) -> Iterator[EventRow]:
+    origin = orjson.loads(row.origin or b"null")
+    if not isinstance(origin, dict):
+        raise ValueError(f"buffer row {row.id}: agent payload without its origin")
+    project = uuid.UUID(origin["project_id"])
+    agent = uuid.UUID(origin["agent_id"])
+    worker = origin.get("worker_id")
+    for event in orjson.loads(row.body):
+        event_id = event.get("id") if isinstance(event, dict) else None
+        kind = event.get("kind") if isinstance(event, dict) else None
+        if not isinstance(event_id, str) or not isinstance(kind, str):
+            raise ValueError(f"buffer row {row.id}: an agent event without string id and kind")
+        key = hashlib.blake2b(
+            _AGENT_KEY_LABEL + agent.bytes + event_id.encode(), digest_size=16
+        ).digest()
+        yield EventRow(
+            _filing_time(event.get("occurred_at"), row.received_at),
+            key,
+            "agent",
+            kind,
+            orjson.dumps(event),
+            project.bytes,
+            agent.bytes,
+            worker if isinstance(worker, str) else None,
+        )
+
+
+def _filing_time(occurred_at: object, received_at: float) -> datetime:
+    """occurred_at when it is a sane timestamp (naive means UTC), else receipt time."""
+    if isinstance(occurred_at, str):
+        try:
+            when = datetime.fromisoformat(occurred_at.replace("Z", "+00:00"))
+        except ValueError:
+            pass
+        else:
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+            if abs(when.timestamp() - received_at) <= _MAX_CLOCK_SKEW_SECONDS:
+                return when
+    return datetime.fromtimestamp(received_at, UTC)

@@ -75,7 +75,15 @@ async def _json(send: Send, status: int, body: object) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
-def build_app(health: HealthChecks) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def build_app(
+    health: HealthChecks, *, websockets: dict[str, Asgi] | None = None
+) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """The brain's ASGI app; ``websockets`` maps a path to its WebSocket handler."""
+    websockets = websockets or {}
+
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             while True:
@@ -85,6 +93,13 @@ def build_app(health: HealthChecks) -> Callable[[Scope, Receive, Send], Awaitabl
                 elif message["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
                     return
+        if scope["type"] == "websocket":
+            handler = websockets.get(scope["path"])
+            if handler is None:
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await handler(scope, receive, send)
+            return
         if scope["type"] != "http":
             return
         path = scope["path"]
@@ -119,6 +134,7 @@ async def serve_http(
     hc = HypercornConfig()
     hc.graceful_timeout = max(0.1, config.shutdown_grace_seconds / 2)
     hc.accesslog = None
+    hc.websocket_max_message_size = config.ws_max_frame_bytes
     hc.errorlog = logging.getLogger("z4j.http.server")
     sockets = Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[])
 

@@ -30,6 +30,9 @@ class BrainStats:
     drain_failures: int = 0
     drain_quarantined: int = 0
     drain_seconds_total: float = 0.0
+    agent_sessions_open: int = 0
+    agent_events_ok: int = 0
+    agent_rejected: Counter[str] = attrs.field(factory=Counter)
 
 
 class RateMeter:

@@ -249,7 +249,9 @@ class AgentProtocol:
             "type": "hello",
             "payload": f.unstructure_payload(hello),
         }
-        return json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode()
+        return json.dumps(
+            frame, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode()
 
     def accept(
         self,
@@ -284,7 +286,9 @@ class AgentProtocol:
             "type": "hello_ack",
             "payload": f.unstructure_payload(ack),
         }
-        return json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode()
+        return json.dumps(
+            frame, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode()
 
     def send(self, payload: f.Payload, *, frame_id: str | None = None) -> bytes:
         """A signed frame carrying ``payload``, ready to send as one message."""

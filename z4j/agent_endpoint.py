@@ -1,0 +1,300 @@
+"""``/ws/agent``: the brain's side of agent protocol v2, over ASGI WebSockets.
+
+One task per connection (hypercorn's), driving the sans-IO `AgentProtocol`:
+
+1. the bearer token is looked up by its keyed hash; unknown or revoked:
+   accept, then close 4401 (what z4j agents treat as "bad credentials");
+2. the first frame must be ``hello``; the worker it names replaces an older
+   connection of the same (agent, worker) (closed 4002); more than
+   Z4J_WS_PER_AGENT_CONCURRENCY_CAP workers of one agent: 4429;
+3. ``hello_ack`` carries the session's identity and the project's binding;
+4. then every frame is verified and handled in order. An ``event_batch`` is
+   acknowledged only once it is durable in the buffer (it goes through the
+   same buffer and drain as TCP payloads; its events' keys come from their
+   own ids, so a re-sent batch lands once); a full buffer gets no ack, and
+   the agent re-sends later.
+
+Protocol violations close with the code the core names; no frame for three
+heartbeat intervals closes 4408.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import orjson
+import trio
+
+from . import keys
+from ._version import __version__
+from .buffer import Buffer, NewRow
+from .config import Config
+from .protocol.agent import frames as f
+from .protocol.agent.connection import AgentProtocol, Role
+from .protocol.errors import RemoteProtocolError
+from .stats import BrainStats, ThrottledLog
+from .store.base import Agent, Store
+
+__all__ = ["CLOSE_BAD_TOKEN", "CLOSE_CAP", "CLOSE_IDLE", "CLOSE_REPLACED", "AgentEndpoint"]
+
+log = logging.getLogger("z4j.agents")
+
+CLOSE_BAD_TOKEN = 4401
+CLOSE_REPLACED = 4002
+CLOSE_IDLE = 4408
+CLOSE_CAP = 4429
+HELLO_TIMEOUT_SECONDS = 10.0
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class _Closed(Exception):
+    """The peer went away (websocket.disconnect)."""
+
+
+@attrs.define(eq=False)
+class Session:
+    """One live agent connection (one worker)."""
+
+    agent: Agent
+    worker_id: str
+    protocol: AgentProtocol
+    send_message: Send
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    close_code: int | None = None
+    send_lock: trio.Lock = attrs.field(factory=trio.Lock)
+
+    async def send(self, payload: f.Payload, *, frame_id: str | None = None) -> None:
+        # Sign and send under one lock: seq must reach the agent in order.
+        async with self.send_lock:
+            message = self.protocol.send(payload, frame_id=frame_id)
+            await self.send_message({"type": "websocket.send", "bytes": message})
+
+    def kick(self, code: int) -> None:
+        """Close this session from outside (replaced, revoked)."""
+        self.close_code = code
+        self.scope.cancel()
+
+
+class AgentEndpoint:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        buffer: Buffer,
+        stats: BrainStats,
+        *,
+        instance_id: uuid.UUID,
+        store_ready: trio.Event,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._buffer = buffer
+        self._stats = stats
+        self._instance_id = instance_id
+        self._store_ready = store_ready
+        self._master = keys.master_secret(config)
+        self.sessions: dict[tuple[uuid.UUID, str], Session] = {}
+        self._log = ThrottledLog(log)
+
+    def sessions_of(self, agent_id: uuid.UUID) -> list[Session]:
+        return [s for (a, _), s in self.sessions.items() if a == agent_id]
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        """The ASGI app for ``/ws/agent``."""
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        token = _bearer(scope)
+        agent = None
+        if token is not None and self._store_ready.is_set():
+            try:
+                agent = await self._store.agent_by_token(keys.token_hash(self._master, token))
+            except Exception as exc:
+                self._log.warning("lookup", "agent lookup failed: %s", exc)
+                await send({"type": "websocket.close", "code": 1011})
+                return
+        await send({"type": "websocket.accept"})
+        if agent is None:
+            self._reject("bad_token")
+            await send({"type": "websocket.close", "code": CLOSE_BAD_TOKEN})
+            return
+        with contextlib.suppress(_Closed):
+            await self._serve(agent, receive, send)
+
+    def _reject(self, reason: str) -> None:
+        self._stats.agent_rejected[reason] += 1
+
+    async def _serve(self, agent: Agent, receive: Receive, send: Send) -> None:
+        config = self._config
+        protocol = AgentProtocol(Role.BRAIN, max_frame_size=config.ws_max_frame_bytes)
+        try:
+            with trio.fail_after(HELLO_TIMEOUT_SECONDS):
+                hello_frame = protocol.receive_message(await _next_message(receive))
+        except trio.TooSlowError:
+            self._reject("no_hello")
+            await send({"type": "websocket.close", "code": CLOSE_IDLE})
+            return
+        except RemoteProtocolError as exc:
+            self._reject(exc.reason)
+            await send({"type": "websocket.close", "code": exc.close_code or 1002})
+            return
+        hello = hello_frame.payload
+        assert isinstance(hello, f.Hello)
+        worker_id = hello.worker_id or f"conn-{uuid.uuid4().hex[:12]}"
+        key = (agent.id, worker_id)
+
+        old = self.sessions.get(key)
+        if old is None and len(self.sessions_of(agent.id)) >= config.ws_per_agent_concurrency_cap:
+            self._reject("worker_cap")
+            await send({"type": "websocket.close", "code": CLOSE_CAP})
+            return
+        if old is not None:
+            old.kick(CLOSE_REPLACED)
+        session = Session(agent=agent, worker_id=worker_id, protocol=protocol, send_message=send)
+        self.sessions[key] = session
+        self._stats.agent_sessions_open += 1
+        try:
+            await self._run_session(session, hello, send, receive)
+        finally:
+            self._stats.agent_sessions_open -= 1
+            # A replaced session must not mark its successor's worker gone.
+            if self.sessions.get(key) is session:
+                del self.sessions[key]
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    try:
+                        await self._store.worker_disconnected(agent.id, worker_id, at=time.time())
+                    except Exception as exc:
+                        self._log.warning("disconnect", "recording a disconnect failed: %s", exc)
+
+    async def _run_session(
+        self, session: Session, hello: f.Hello, send: Send, receive: Receive
+    ) -> None:
+        agent = session.agent
+        interval = self._config.ws_heartbeat_interval_seconds
+        ack = session.protocol.accept(
+            key=keys.project_key(self._master, agent.project_id),
+            agent_id=str(agent.id),
+            project_id=str(agent.project_id),
+            brain_version=__version__,
+            heartbeat_interval_seconds=interval,
+            max_frame_size_bytes=self._config.ws_max_frame_bytes,
+        )
+        await send({"type": "websocket.send", "bytes": ack})
+        await self._store.worker_connected(
+            agent.id,
+            session.worker_id,
+            role=hello.worker_role,
+            hello=f.unstructure_payload(hello),
+            instance_id=self._instance_id,
+            at=time.time(),
+        )
+        code = 1000
+        with session.scope:
+            try:
+                while True:
+                    with trio.move_on_after(3 * interval) as idle:
+                        message = await _next_message(receive)
+                    if idle.cancelled_caught:
+                        code = CLOSE_IDLE
+                        break
+                    frame = session.protocol.receive_message(message)
+                    await self._handle(session, frame)
+            except RemoteProtocolError as exc:
+                self._reject(exc.reason)
+                code = exc.close_code or 1002
+        if session.close_code is not None:
+            code = session.close_code
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await send({"type": "websocket.close", "code": code})
+
+    async def _handle(self, session: Session, frame: f.Frame) -> None:
+        payload = frame.payload
+        agent = session.agent
+        if isinstance(payload, f.EventBatch):
+            await self._event_batch(session, frame.id, payload)
+        elif isinstance(payload, f.Heartbeat):
+            await self._store.worker_seen(agent.id, session.worker_id, at=time.time())
+        elif isinstance(payload, f.AgentStatus):
+            await self._store.worker_seen(
+                agent.id, session.worker_id, at=time.time(), status=payload.raw
+            )
+        elif isinstance(payload, f.RegistryDelta):
+            await self._store.worker_registry(
+                agent.id,
+                session.worker_id,
+                engine=payload.engine,
+                added=list(payload.added),
+                removed=list(payload.removed),
+                updated=list(payload.updated),
+            )
+        elif isinstance(payload, f.Error):
+            log.info(
+                "agent %s worker %s reports %s: %s",
+                agent.id,
+                session.worker_id,
+                payload.code,
+                payload.message,
+            )
+        else:  # command_ack / command_result: commands are not routed yet
+            log.debug("ignoring %s from agent %s", frame.type, agent.id)
+
+    async def _event_batch(self, session: Session, batch_id: str, batch: f.EventBatch) -> None:
+        count = len(batch.events)
+        if count == 0:
+            await session.send(
+                f.EventBatchAck(acked_id=batch_id, received=0, accepted=0, rejected=0)
+            )
+            return
+        if not self._buffer.admit(1):
+            # No ack: the agent keeps the batch and sends it again later.
+            self._reject("buffer_full")
+            return
+        origin = orjson.dumps(
+            {
+                "project_id": str(session.agent.project_id),
+                "agent_id": str(session.agent.id),
+                "worker_id": session.worker_id,
+            }
+        )
+        body = orjson.dumps([event.raw for event in batch.events])
+        try:
+            await self._buffer.append(
+                [NewRow(received_at=time.time(), source="agent", body=body, origin=origin)]
+            )
+        except Exception as exc:
+            self._reject("storage_error")
+            self._log.warning("buffer", "buffering an agent batch failed: %s", exc)
+            return
+        self._stats.agent_events_ok += count
+        await session.send(
+            f.EventBatchAck(acked_id=batch_id, received=count, accepted=count, rejected=0)
+        )
+
+
+async def _next_message(receive: Receive) -> bytes | str:
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            raise _Closed
+        if message["type"] == "websocket.receive":
+            data: bytes | str | None = message.get("bytes")
+            if data is None:
+                data = message.get("text") or ""
+            return data
+
+
+def _bearer(scope: dict[str, Any]) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"authorization":
+            text = value.decode("latin-1")
+            if text[:7].lower() == "bearer ":
+                return text[7:].strip() or None
+    return None
