@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from ..config import Config
 from .base import (
+    COMMAND_STATES,
+    FINAL_COMMAND_STATES,
     Agent,
+    CommandRecord,
     DirectoryConflict,
     InstanceInfo,
     Project,
@@ -16,7 +19,10 @@ from .postgres import PostgresStore
 from .sqlite import SqliteStore
 
 __all__ = [
+    "COMMAND_STATES",
+    "FINAL_COMMAND_STATES",
     "Agent",
+    "CommandRecord",
     "DirectoryConflict",
     "InstanceInfo",
     "PostgresStore",

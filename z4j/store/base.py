@@ -8,7 +8,7 @@ so tests and future stores slot in without touching the drain or heartbeat.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, Literal, Protocol
 
 import attrs
@@ -16,7 +16,10 @@ import attrs
 from ..buffer import ClaimedRow
 
 __all__ = [
+    "COMMAND_STATES",
+    "FINAL_COMMAND_STATES",
     "Agent",
+    "CommandRecord",
     "DirectoryConflict",
     "InstanceInfo",
     "Project",
@@ -54,6 +57,32 @@ class Agent:
     project_id: uuid.UUID
     name: str
     revoked: bool
+
+
+COMMAND_STATES = ("pending", "dispatched", "completed", "failed", "timeout", "cancelled")
+FINAL_COMMAND_STATES = frozenset({"completed", "failed", "timeout", "cancelled"})
+
+
+@attrs.frozen
+class CommandRecord:
+    """One row of ``commands``; times are epoch seconds."""
+
+    id: uuid.UUID
+    project_id: uuid.UUID
+    agent_id: uuid.UUID
+    action: str
+    target: dict[str, Any]
+    parameters: dict[str, Any]
+    timeout_seconds: int
+    issued_by: str | None
+    state: str
+    worker_id: str | None
+    delivery_claim_token: str | None
+    created_at: float
+    dispatched_at: float | None
+    finished_at: float | None
+    result: dict[str, Any] | None
+    error: str | None
 
 
 @attrs.frozen(kw_only=True)
@@ -194,7 +223,80 @@ class Store(Protocol):
         """Append a row to ``audit_events``."""
         ...
 
+    # -- commands ------------------------------------------------------------------------
+
+    async def create_command(self, command: CommandRecord) -> None:
+        """Insert ``command`` as given, with its ``command.created`` audit row, in one
+        transaction. `LookupError` if its agent is not an agent of its project."""
+        ...
+
+    async def get_command(self, command_id: uuid.UUID) -> CommandRecord | None: ...
+
+    async def open_commands(self, agent_id: uuid.UUID | None = None) -> list[CommandRecord]:
+        """Pending and dispatched commands, of one agent or all; oldest first."""
+        ...
+
+    async def list_commands(
+        self, *, agent_id: uuid.UUID | None = None, limit: int = 100
+    ) -> list[CommandRecord]:
+        """The latest ``limit`` commands, of one agent or all; newest first."""
+        ...
+
+    async def transition_command(
+        self,
+        command_id: uuid.UUID,
+        *,
+        from_states: Collection[str],
+        to_state: str,
+        at: float,
+        actor: str | None = None,
+        worker_id: str | None = None,
+        delivery_claim_token: str | None = None,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> CommandRecord | None:
+        """Compare-and-set: move the command to ``to_state`` if its state is in
+        ``from_states``; None (and nothing changed) if not, or if it is unknown.
+
+        In one transaction with its audit row (``command.{to_state}``, details
+        ``from`` and the ``worker_id`` and ``error`` given). Into ``dispatched``
+        it sets ``dispatched_at``, into a final state ``finished_at``, both to
+        ``at``. ``worker_id``, ``delivery_claim_token``, ``result`` and
+        ``error`` are set when given and kept when None. Returns the record as
+        stored now. `ValueError` if ``to_state`` is not in `COMMAND_STATES`.
+        """
+        ...
+
+    async def overdue_commands(self, *, now: float) -> list[CommandRecord]:
+        """Open commands whose ``created_at + timeout_seconds`` is before ``now``; oldest first."""
+        ...
+
     async def aclose(self) -> None: ...
+
+
+def check_command_state(to_state: str) -> None:
+    """`ValueError` unless ``to_state`` is one of `COMMAND_STATES`."""
+    if to_state not in COMMAND_STATES:
+        raise ValueError(f"unknown command state {to_state!r}")
+
+
+def created_details(command: CommandRecord) -> dict[str, Any]:
+    """The audit details of a new command."""
+    return {
+        "action": command.action,
+        "agent_id": str(command.agent_id),
+        "issued_by": command.issued_by,
+    }
+
+
+def transition_details(old_state: str, worker_id: str | None, error: str | None) -> dict[str, Any]:
+    """The audit details of a command transition (only the keys with a value)."""
+    details: dict[str, Any] = {"from": old_state}
+    if worker_id is not None:
+        details["worker_id"] = worker_id
+    if error is not None:
+        details["error"] = error
+    return details
 
 
 def apply_registry_delta(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
@@ -34,13 +34,18 @@ from psycopg.types.json import Jsonb
 from ..buffer import ClaimedRow
 from ..events import event_rows
 from .base import (
+    FINAL_COMMAND_STATES,
     Agent,
+    CommandRecord,
     DirectoryConflict,
     InstanceInfo,
     Project,
     StoreUnavailable,
     UnstorableRows,
     apply_registry_delta,
+    check_command_state,
+    created_details,
+    transition_details,
 )
 from .migrations import MIGRATION_LOCK_KEY, MIGRATIONS
 from .pg import PgPool
@@ -376,13 +381,113 @@ class PostgresStore:
     async def audit(
         self, action: str, subject: str, details: dict[str, Any], *, actor: str | None = None
     ) -> None:
-        await self._run(
+        await self._run(_insert_audit, actor, action, subject, details)
+
+    # -- commands ------------------------------------------------------------------------
+
+    async def create_command(self, command: CommandRecord) -> None:
+        check_command_state(command.state)
+        await self._run(_insert_command, command)
+
+    async def get_command(self, command_id: uuid.UUID) -> CommandRecord | None:
+        row = await self._run(
             lambda conn: conn.execute(
-                "INSERT INTO audit_events (actor, action, subject, details)"
-                " VALUES (%s, %s, %s, %s)",
-                (actor, action, subject, _jsonb(details)),
-            )
+                f"SELECT {_COMMAND} FROM commands WHERE id = %s", (command_id,)
+            ).fetchone()
         )
+        return None if row is None else _command(row)
+
+    async def open_commands(self, agent_id: uuid.UUID | None = None) -> list[CommandRecord]:
+        rows = await self._run(
+            lambda conn: conn.execute(
+                f"SELECT {_COMMAND} FROM commands WHERE state IN ('pending', 'dispatched')"
+                " AND (%(agent)s::uuid IS NULL OR agent_id = %(agent)s)"
+                " ORDER BY created_at, id",
+                {"agent": agent_id},
+            ).fetchall()
+        )
+        return [_command(row) for row in rows]
+
+    async def list_commands(
+        self, *, agent_id: uuid.UUID | None = None, limit: int = 100
+    ) -> list[CommandRecord]:
+        rows = await self._run(
+            lambda conn: conn.execute(
+                f"SELECT {_COMMAND} FROM commands"
+                " WHERE %(agent)s::uuid IS NULL OR agent_id = %(agent)s"
+                " ORDER BY created_at DESC, id DESC LIMIT %(limit)s",
+                {"agent": agent_id, "limit": limit},
+            ).fetchall()
+        )
+        return [_command(row) for row in rows]
+
+    async def transition_command(
+        self,
+        command_id: uuid.UUID,
+        *,
+        from_states: Collection[str],
+        to_state: str,
+        at: float,
+        actor: str | None = None,
+        worker_id: str | None = None,
+        delivery_claim_token: str | None = None,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> CommandRecord | None:
+        check_command_state(to_state)
+        when = _ts(at)
+
+        def run(conn: psycopg.Connection[Any]) -> CommandRecord | None:
+            # The row lock serialises racing transitions: the loser waits, then
+            # reads the winner's state and misses.
+            row = conn.execute(
+                "SELECT state FROM commands WHERE id = %s FOR UPDATE", (command_id,)
+            ).fetchone()
+            if row is None or row[0] not in from_states:
+                return None
+            updated = conn.execute(
+                "UPDATE commands SET state = %s,"
+                " worker_id = COALESCE(%s, worker_id),"
+                " delivery_claim_token = COALESCE(%s, delivery_claim_token),"
+                " dispatched_at = COALESCE(%s, dispatched_at),"
+                " finished_at = COALESCE(%s, finished_at),"
+                " result = COALESCE(%s, result),"
+                " error = COALESCE(%s, error)"
+                f" WHERE id = %s RETURNING {_COMMAND}",
+                (
+                    to_state,
+                    worker_id,
+                    delivery_claim_token,
+                    when if to_state == "dispatched" else None,
+                    when if to_state in FINAL_COMMAND_STATES else None,
+                    None if result is None else _jsonb(result),
+                    error,
+                    command_id,
+                ),
+            ).fetchone()
+            assert updated is not None  # the row is locked
+            _insert_audit(
+                conn,
+                actor,
+                f"command.{to_state}",
+                f"command:{command_id}",
+                transition_details(row[0], worker_id, error),
+            )
+            return _command(updated)
+
+        record: CommandRecord | None = await self._run(run)
+        return record
+
+    async def overdue_commands(self, *, now: float) -> list[CommandRecord]:
+        rows = await self._run(
+            lambda conn: conn.execute(
+                f"SELECT {_COMMAND} FROM commands WHERE state IN ('pending', 'dispatched')"
+                " AND created_at + timeout_seconds * interval '1 second' < %s"
+                " ORDER BY created_at, id",
+                (_ts(now),),
+            ).fetchall()
+        )
+        return [_command(row) for row in rows]
 
 
 def _migrate(conn: psycopg.Connection[Any]) -> list[int]:
@@ -531,3 +636,106 @@ def _find_agent(
             (project_id, ref),
         ).fetchone()
     return None if row is None else Agent(*row)
+
+
+def _insert_audit(
+    conn: psycopg.Connection[Any],
+    actor: str | None,
+    action: str,
+    subject: str,
+    details: dict[str, Any],
+) -> None:
+    conn.execute(
+        "INSERT INTO audit_events (actor, action, subject, details) VALUES (%s, %s, %s, %s)",
+        (actor, action, subject, _jsonb(details)),
+    )
+
+
+# -- commands ----------------------------------------------------------------------------
+
+_COMMAND = (
+    "id, project_id, agent_id, action, target, parameters, timeout_seconds, issued_by,"
+    " state, worker_id, delivery_claim_token, created_at, dispatched_at, finished_at,"
+    " result, error"
+)
+
+
+def _epoch(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+def _command(row: tuple[Any, ...]) -> CommandRecord:
+    (
+        id,
+        project_id,
+        agent_id,
+        action,
+        target,
+        parameters,
+        timeout_seconds,
+        issued_by,
+        state,
+        worker_id,
+        delivery_claim_token,
+        created_at,
+        dispatched_at,
+        finished_at,
+        result,
+        error,
+    ) = row
+    return CommandRecord(
+        id=id,
+        project_id=project_id,
+        agent_id=agent_id,
+        action=action,
+        target=target,
+        parameters=parameters,
+        timeout_seconds=timeout_seconds,
+        issued_by=issued_by,
+        state=state,
+        worker_id=worker_id,
+        delivery_claim_token=delivery_claim_token,
+        created_at=created_at.timestamp(),
+        dispatched_at=_epoch(dispatched_at),
+        finished_at=_epoch(finished_at),
+        result=result,
+        error=error,
+    )
+
+
+def _insert_command(conn: psycopg.Connection[Any], command: CommandRecord) -> None:
+    found = conn.execute(
+        "SELECT 1 FROM agents WHERE id = %s AND project_id = %s",
+        (command.agent_id, command.project_id),
+    ).fetchone()
+    if found is None:
+        raise LookupError(f"no agent {command.agent_id} in project {command.project_id}")
+    conn.execute(
+        f"INSERT INTO commands ({_COMMAND})"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (
+            command.id,
+            command.project_id,
+            command.agent_id,
+            command.action,
+            _jsonb(command.target),
+            _jsonb(command.parameters),
+            command.timeout_seconds,
+            command.issued_by,
+            command.state,
+            command.worker_id,
+            command.delivery_claim_token,
+            _ts(command.created_at),
+            None if command.dispatched_at is None else _ts(command.dispatched_at),
+            None if command.finished_at is None else _ts(command.finished_at),
+            None if command.result is None else _jsonb(command.result),
+            command.error,
+        ),
+    )
+    _insert_audit(
+        conn,
+        command.issued_by,
+        "command.created",
+        f"command:{command.id}",
+        created_details(command),
+    )

@@ -11,7 +11,7 @@ import logging
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -21,13 +21,18 @@ import trio
 from ..buffer import ClaimedRow
 from ..events import event_rows
 from .base import (
+    FINAL_COMMAND_STATES,
     Agent,
+    CommandRecord,
     DirectoryConflict,
     InstanceInfo,
     Project,
     StoreUnavailable,
     UnstorableRows,
     apply_registry_delta,
+    check_command_state,
+    created_details,
+    transition_details,
 )
 from .migrations import MIGRATIONS
 
@@ -239,10 +244,106 @@ class SqliteStore:
         self, action: str, subject: str, details: dict[str, Any], *, actor: str | None = None
     ) -> None:
         await self._run(
-            _execute,
-            "INSERT INTO audit_events (at, actor, action, subject, details) VALUES (?, ?, ?, ?, ?)",
-            (time.time(), actor, action, subject, _json(details)),
+            lambda db: _transaction(db, lambda: _insert_audit(db, actor, action, subject, details))
         )
+
+    # -- commands ------------------------------------------------------------------------
+
+    async def create_command(self, command: CommandRecord) -> None:
+        check_command_state(command.state)
+        await self._run(_insert_command, command)
+
+    async def get_command(self, command_id: uuid.UUID) -> CommandRecord | None:
+        rows = await self._run(
+            _fetch_all, f"SELECT {_COMMAND} FROM commands WHERE id = ?", (str(command_id),)
+        )
+        return _command(rows[0]) if rows else None
+
+    async def open_commands(self, agent_id: uuid.UUID | None = None) -> list[CommandRecord]:
+        agent = None if agent_id is None else str(agent_id)
+        rows = await self._run(
+            _fetch_all,
+            f"SELECT {_COMMAND} FROM commands WHERE state IN ('pending', 'dispatched')"
+            " AND (?1 IS NULL OR agent_id = ?1) ORDER BY created_at, id",
+            (agent,),
+        )
+        return [_command(row) for row in rows]
+
+    async def list_commands(
+        self, *, agent_id: uuid.UUID | None = None, limit: int = 100
+    ) -> list[CommandRecord]:
+        agent = None if agent_id is None else str(agent_id)
+        rows = await self._run(
+            _fetch_all,
+            f"SELECT {_COMMAND} FROM commands WHERE ?1 IS NULL OR agent_id = ?1"
+            " ORDER BY created_at DESC, id DESC LIMIT ?2",
+            (agent, limit),
+        )
+        return [_command(row) for row in rows]
+
+    async def transition_command(
+        self,
+        command_id: uuid.UUID,
+        *,
+        from_states: Collection[str],
+        to_state: str,
+        at: float,
+        actor: str | None = None,
+        worker_id: str | None = None,
+        delivery_claim_token: str | None = None,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> CommandRecord | None:
+        check_command_state(to_state)
+        key = str(command_id)
+
+        def run(db: sqlite3.Connection) -> CommandRecord | None:
+            def change() -> CommandRecord | None:
+                row = db.execute("SELECT state FROM commands WHERE id = ?", (key,)).fetchone()
+                if row is None or row[0] not in from_states:
+                    return None
+                updated = db.execute(
+                    "UPDATE commands SET state = ?,"
+                    " worker_id = COALESCE(?, worker_id),"
+                    " delivery_claim_token = COALESCE(?, delivery_claim_token),"
+                    " dispatched_at = COALESCE(?, dispatched_at),"
+                    " finished_at = COALESCE(?, finished_at),"
+                    " result = COALESCE(?, result),"
+                    " error = COALESCE(?, error)"
+                    f" WHERE id = ? RETURNING {_COMMAND}",
+                    (
+                        to_state,
+                        worker_id,
+                        delivery_claim_token,
+                        at if to_state == "dispatched" else None,
+                        at if to_state in FINAL_COMMAND_STATES else None,
+                        None if result is None else _json(result),
+                        error,
+                        key,
+                    ),
+                ).fetchone()
+                _insert_audit(
+                    db,
+                    actor,
+                    f"command.{to_state}",
+                    f"command:{command_id}",
+                    transition_details(row[0], worker_id, error),
+                )
+                return _command(updated)
+
+            # BEGIN IMMEDIATE: the read and the write hold the write lock together.
+            return _transaction(db, change)
+
+        return await self._run(run)
+
+    async def overdue_commands(self, *, now: float) -> list[CommandRecord]:
+        rows = await self._run(
+            _fetch_all,
+            f"SELECT {_COMMAND} FROM commands WHERE state IN ('pending', 'dispatched')"
+            " AND created_at + timeout_seconds < ? ORDER BY created_at, id",
+            (now,),
+        )
+        return [_command(row) for row in rows]
 
 
 def _transaction(db: sqlite3.Connection, fn: Callable[[], T]) -> T:
@@ -419,3 +520,105 @@ def _find_agent(db: sqlite3.Connection, ref: str, project_id: uuid.UUID | None) 
             (project, ref),
         ).fetchone()
     return None if row is None else _agent(row)
+
+
+def _insert_audit(
+    db: sqlite3.Connection,
+    actor: str | None,
+    action: str,
+    subject: str,
+    details: dict[str, Any],
+) -> None:
+    db.execute(
+        "INSERT INTO audit_events (at, actor, action, subject, details) VALUES (?, ?, ?, ?, ?)",
+        (time.time(), actor, action, subject, _json(details)),
+    )
+
+
+# -- commands ----------------------------------------------------------------------------
+
+_COMMAND = (
+    "id, project_id, agent_id, action, target, parameters, timeout_seconds, issued_by,"
+    " state, worker_id, delivery_claim_token, created_at, dispatched_at, finished_at,"
+    " result, error"
+)
+
+
+def _command(row: tuple[Any, ...]) -> CommandRecord:
+    (
+        id,
+        project_id,
+        agent_id,
+        action,
+        target,
+        parameters,
+        timeout_seconds,
+        issued_by,
+        state,
+        worker_id,
+        delivery_claim_token,
+        created_at,
+        dispatched_at,
+        finished_at,
+        result,
+        error,
+    ) = row
+    return CommandRecord(
+        id=uuid.UUID(id),
+        project_id=uuid.UUID(project_id),
+        agent_id=uuid.UUID(agent_id),
+        action=action,
+        target=orjson.loads(target),
+        parameters=orjson.loads(parameters),
+        timeout_seconds=timeout_seconds,
+        issued_by=issued_by,
+        state=state,
+        worker_id=worker_id,
+        delivery_claim_token=delivery_claim_token,
+        created_at=created_at,
+        dispatched_at=dispatched_at,
+        finished_at=finished_at,
+        result=None if result is None else orjson.loads(result),
+        error=error,
+    )
+
+
+def _insert_command(db: sqlite3.Connection, command: CommandRecord) -> None:
+    def run() -> None:
+        found = db.execute(
+            "SELECT 1 FROM agents WHERE id = ? AND project_id = ?",
+            (str(command.agent_id), str(command.project_id)),
+        ).fetchone()
+        if found is None:
+            raise LookupError(f"no agent {command.agent_id} in project {command.project_id}")
+        db.execute(
+            f"INSERT INTO commands ({_COMMAND})"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                str(command.id),
+                str(command.project_id),
+                str(command.agent_id),
+                command.action,
+                _json(command.target),
+                _json(command.parameters),
+                command.timeout_seconds,
+                command.issued_by,
+                command.state,
+                command.worker_id,
+                command.delivery_claim_token,
+                command.created_at,
+                command.dispatched_at,
+                command.finished_at,
+                None if command.result is None else _json(command.result),
+                command.error,
+            ),
+        )
+        _insert_audit(
+            db,
+            command.issued_by,
+            "command.created",
+            f"command:{command.id}",
+            created_details(command),
+        )
+
+    _transaction(db, run)
