@@ -28,7 +28,7 @@ async def main() -> None:
         },
     )
     async with trio.open_nursery() as nursery:
-        addresses = await nursery.start(z4j.serve_brain, config)
+        addresses = await nursery.start(z4j.serve_brain, config)  # a z4j.Brain
         print(f"brain ready: ingest {addresses.ingest}, http {addresses.http_url}")
 
         async with await z4j.ingest.open_trio(*addresses.ingest) as client:

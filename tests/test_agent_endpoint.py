@@ -84,3 +84,147 @@ async def test_unknown_token_is_refused_with_4401(tmp_path: Path, config: Config
                 await trio.to_thread.run_sync(agent.wait, 20)
             assert brain.stats.agent_sessions_open == 0
     assert [e for e in read_events(config) if e["source"] == "agent"] == []
+
+
+def audit_actions(config: Config, command_id: uuid.UUID) -> list[str]:
+    subject = f"command:{command_id}"
+    if config.database_url:
+        import psycopg
+
+        with psycopg.connect(config.database_url) as conn:
+            rows = conn.execute(
+                "SELECT action FROM audit_events WHERE subject = %s ORDER BY id", (subject,)
+            ).fetchall()
+    else:
+        import sqlite3
+
+        db = sqlite3.connect(config.sqlite_store_path)
+        try:
+            rows = db.execute(
+                "SELECT action FROM audit_events WHERE subject = ? ORDER BY id", (subject,)
+            ).fetchall()
+        finally:
+            db.close()
+    return [r[0] for r in rows]
+
+
+async def test_command_to_real_z4j_bare_agent_completes(tmp_path: Path, config: Config) -> None:
+    token, secret, agent_id = await provision(config)
+    with trio.fail_after(90):
+        async with running_brain(config) as brain:
+            commands = brain.addresses.commands
+            # Minted before any worker is connected: it waits as pending.
+            early = await commands.send(agent_id, "schedule.resync", issued_by="test")
+            assert early.state == "pending"
+            agent = start_bare_agent(
+                brain.addresses.http_url, token, secret, 0, 30, tmp_path / "agent"
+            )
+            try:
+                done = await commands.wait(early.id, within=60)
+                assert done is not None and done.state == "completed", done
+                assert done.result == {"schedulers_drained": 0}
+                assert done.worker_id is not None and done.dispatched_at is not None
+                # And one sent while the worker is live; then one it cannot do.
+                live = await commands.send(agent_id, "schedule.resync")
+                assert (await commands.wait(live.id, within=30)).state == "completed"  # type: ignore[union-attr]
+                bogus = await commands.send(agent_id, "bogus.action")
+                failed = await commands.wait(bogus.id, within=30)
+                assert failed is not None and failed.state == "failed"
+                assert "bogus.action" in (failed.error or "")
+            finally:
+                agent.terminate()
+                await trio.to_thread.run_sync(agent.wait, 20)
+    assert audit_actions(config, early.id) == [
+        "command.created",
+        "command.dispatched",
+        "command.completed",
+    ]
+
+
+async def test_command_for_an_agent_never_connected_times_out(config: Config) -> None:
+    _, _, agent_id = await provision(config)
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            record = await brain.addresses.commands.send(
+                agent_id, "schedule.resync", timeout_seconds=1
+            )
+            done = await brain.addresses.commands.wait(record.id, within=10)
+    assert done is not None and done.state == "timeout"
+    assert audit_actions(config, record.id) == ["command.created", "command.timeout"]
+
+
+async def test_our_agent_library_streams_events_and_answers_commands(config: Config) -> None:
+    import z4j.agent
+
+    token, secret, agent_id = await provision(config)
+    with trio.fail_after(60):
+        async with running_brain(config) as brain:
+            agent = z4j.agent.Agent(
+                brain.addresses.http_url, token=token, secret=secret, worker_id="w-ours"
+            )
+
+            @agent.command("ping")
+            async def ping(
+                target: dict[str, object], parameters: dict[str, object]
+            ) -> dict[str, object]:
+                return {"pong": parameters.get("n")}
+
+            async with trio.open_nursery() as nursery:
+                await nursery.start(agent.run)
+                for n in range(5):
+                    agent.emit({"kind": "job.done", "n": n})
+                record = await brain.addresses.commands.send(agent_id, "ping", parameters={"n": 7})
+                done = await brain.addresses.commands.wait(record.id, within=20)
+                assert done is not None and done.state == "completed" and done.result == {"pong": 7}
+
+                def ours() -> list[dict[str, object]]:
+                    return [e for e in read_events(config) if e["source"] == "agent"]
+
+                await wait_until(lambda: len(ours()) == 5, timeout=30)
+                await agent.aclose()
+    assert sorted(e["body"]["n"] for e in ours()) == [0, 1, 2, 3, 4]  # type: ignore[index]
+
+
+async def test_z4j_command_send_from_another_process(tmp_path: Path, config: Config) -> None:
+    """The CLI mints into the store; the running brain's sweep delivers it."""
+    import orjson
+
+    token, secret, agent_id = await provision(config)
+    flags = ["--data-dir", str(config.data_dir)]
+    if config.database_url:
+        flags += ["--database-url", config.database_url]
+    with trio.fail_after(90):
+        async with running_brain(config) as brain:
+            agent = start_bare_agent(
+                brain.addresses.http_url, token, secret, 0, 40, tmp_path / "agent"
+            )
+            try:
+                await wait_until(lambda: brain.stats.agent_sessions_open == 1, timeout=30)
+                env = {k: v for k, v in os.environ.items() if not k.startswith("Z4J_")}
+                result = await trio.run_process(
+                    [
+                        sys.executable,
+                        "-m",
+                        "z4j",
+                        "command",
+                        "send",
+                        "--agent",
+                        str(agent_id),
+                        "schedule.resync",
+                        "--wait",
+                        "30",
+                        *flags,
+                    ],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                    env=env,
+                )
+            finally:
+                agent.terminate()
+                await trio.to_thread.run_sync(agent.wait, 20)
+    assert result.returncode == 0, result.stderr.decode()
+    shown = orjson.loads(result.stdout)
+    assert shown["state"] == "completed"
+    assert shown["result"] == {"schedulers_drained": 0}
+    assert shown["issued_by"].startswith("cli")

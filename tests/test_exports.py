@@ -5,7 +5,7 @@ import z4j.ingest
 
 PUBLIC = {
     "__version__",
-    "BrainAddresses",
+    "Brain",
     "BrainStats",
     "Config",
     "ConfigError",

@@ -2,11 +2,12 @@
 
 Run a brain inside a Trio program::
 
-    addresses = await nursery.start(z4j.serve_brain, z4j.Config())
+    brain = await nursery.start(z4j.serve_brain, z4j.Config())
+    await brain.commands.send(agent_id, "schedule.resync")
 """
 
 from ._version import __version__ as __version__
-from .brain import BrainAddresses as BrainAddresses
+from .brain import Brain as Brain
 from .brain import serve_brain as serve_brain
 from .config import Config as Config
 from .config import ConfigError as ConfigError

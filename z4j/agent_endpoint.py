@@ -34,6 +34,7 @@ import trio
 from . import keys
 from ._version import __version__
 from .buffer import Buffer, NewRow
+from .commands import Commands
 from .config import Config
 from .protocol.agent import frames as f
 from .protocol.agent.connection import AgentProtocol, Role
@@ -65,6 +66,7 @@ class Session:
 
     agent: Agent
     worker_id: str
+    role: str | None
     protocol: AgentProtocol
     send_message: Send
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
@@ -102,6 +104,7 @@ class AgentEndpoint:
         self._store_ready = store_ready
         self._master = keys.master_secret(config)
         self.sessions: dict[tuple[uuid.UUID, str], Session] = {}
+        self.commands: Commands | None = None
         self._log = ThrottledLog(log)
 
     def sessions_of(self, agent_id: uuid.UUID) -> list[Session]:
@@ -158,7 +161,13 @@ class AgentEndpoint:
             return
         if old is not None:
             old.kick(CLOSE_REPLACED)
-        session = Session(agent=agent, worker_id=worker_id, protocol=protocol, send_message=send)
+        session = Session(
+            agent=agent,
+            worker_id=worker_id,
+            role=hello.worker_role,
+            protocol=protocol,
+            send_message=send,
+        )
         self.sessions[key] = session
         self._stats.agent_sessions_open += 1
         try:
@@ -196,6 +205,8 @@ class AgentEndpoint:
             instance_id=self._instance_id,
             at=time.time(),
         )
+        if self.commands is not None:
+            await self.commands.session_opened(agent.id)
         code = 1000
         with session.scope:
             try:
@@ -235,6 +246,12 @@ class AgentEndpoint:
                 removed=list(payload.removed),
                 updated=list(payload.updated),
             )
+        elif isinstance(payload, f.CommandAck):
+            if self.commands is not None:
+                await self.commands.acknowledged(frame.id, session.worker_id, payload)
+        elif isinstance(payload, f.CommandResult):
+            if self.commands is not None:
+                await self.commands.answered(frame.id, session.worker_id, payload)
         elif isinstance(payload, f.Error):
             log.info(
                 "agent %s worker %s reports %s: %s",
@@ -243,8 +260,6 @@ class AgentEndpoint:
                 payload.code,
                 payload.message,
             )
-        else:  # command_ack / command_result: commands are not routed yet
-            log.debug("ignoring %s from agent %s", frame.type, agent.id)
 
     async def _event_batch(self, session: Session, batch_id: str, batch: f.EventBatch) -> None:
         count = len(batch.events)

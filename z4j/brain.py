@@ -34,6 +34,7 @@ import trio
 
 from .agent_endpoint import AgentEndpoint
 from .buffer import Buffer
+from .commands import Commands
 from .config import Config
 from .drain import Drainer
 from .heartbeat import Heartbeat
@@ -44,7 +45,7 @@ from .stats import BrainStats
 from .store import Store, StoreUnavailable, store_for
 from .store.base import InstanceInfo
 
-__all__ = ["BrainAddresses", "serve_brain"]
+__all__ = ["Brain", "serve_brain"]
 
 log = logging.getLogger("z4j.brain")
 
@@ -52,12 +53,14 @@ MIGRATE_RETRY_SECONDS = 2.0
 
 
 @attrs.frozen(kw_only=True)
-class BrainAddresses:
-    """Where a running brain listens (the real ports, when 0 was asked for)."""
+class Brain:
+    """A running brain: where it listens (the real ports, when 0 was asked
+    for), its instance id, and its command service."""
 
     ingest: tuple[str, int]
     http: tuple[str, int]
     instance_id: uuid.UUID
+    commands: Commands = attrs.field(repr=False)
 
     @property
     def http_url(self) -> str:
@@ -109,13 +112,13 @@ async def serve_brain(
     *,
     shutdown: trio.Event | None = None,
     stats: BrainStats | None = None,
-    task_status: trio.TaskStatus[BrainAddresses] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Brain] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a brain until cancelled, or until ``shutdown`` is set (graceful).
 
-    Reports a `BrainAddresses` when every service is ready::
+    Reports a `Brain` (addresses, command service) when every service is ready::
 
-        addresses = await nursery.start(z4j.serve_brain, config)
+        brain = await nursery.start(z4j.serve_brain, config)
     """
     stats = stats if stats is not None else BrainStats()
     instance_id = uuid.uuid4()
@@ -163,6 +166,10 @@ async def serve_brain(
             agents = AgentEndpoint(
                 config, store, buffer, stats, instance_id=instance_id, store_ready=store_ready
             )
+            commands = Commands(store)
+            commands.sessions = agents
+            agents.commands = commands
+            await nursery.start(commands.run_sweeper, store_ready)
             http_done = trio.Event()
 
             async def run_http(task_status: trio.TaskStatus[tuple[str, int]]) -> None:
@@ -207,8 +214,8 @@ async def serve_brain(
             )
             await nursery.start(maintenance.run)
 
-            addresses = BrainAddresses(
-                ingest=ingest_address, http=http_address, instance_id=instance_id
+            brain = Brain(
+                ingest=ingest_address, http=http_address, instance_id=instance_id, commands=commands
             )
             log.info(
                 "brain %s ready: ingest %s:%d, http %s:%d, store %s, buffer %s",
@@ -218,7 +225,7 @@ async def serve_brain(
                 store.kind,
                 config.resolved_buffer_path,
             )
-            task_status.started(addresses)
+            task_status.started(brain)
 
             if shutdown is None:
                 return  # run until cancelled; the children keep the nursery open

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import orjson
 import trio
 
@@ -31,7 +32,7 @@ from .config import (
 from .logs import configure_logging
 
 if TYPE_CHECKING:
-    from .store import Agent, Project, Store
+    from .store import Agent, CommandRecord, Project, Store
 
 __all__ = ["main"]
 
@@ -128,9 +129,54 @@ def _parser() -> argparse.ArgumentParser:
     agent_revoke.add_argument("agent", help="agent id, or name (with --project if ambiguous)")
     agent_revoke.add_argument("--project", default=None, help="project name or id")
 
-    for leaf in (project_create, project_list, agent_create, agent_list, agent_revoke):
+    command = sub.add_parser("command", help="send commands to agents and follow them")
+    command_sub = command.add_subparsers(dest="action", required=True)
+    command_send = command_sub.add_parser(
+        "send",
+        help="mint a command for an agent",
+        description="Mint a command. A running brain with a live worker of the agent "
+        "delivers it within a second; it waits as pending until one connects or its "
+        "timeout passes.",
+    )
+    command_send.add_argument("--agent", required=True, help="agent id, or name")
+    command_send.add_argument("--project", default=None, help="project name or id")
+    command_send.add_argument("name", metavar="ACTION", help="the action, e.g. schedule.resync")
+    command_send.add_argument("--target", type=_json_object, default={}, help="JSON object")
+    command_send.add_argument("--params", type=_json_object, default={}, help="JSON object")
+    command_send.add_argument(
+        "--timeout", type=_positive_int, default=60, help="seconds until it times out (default 60)"
+    )
+    command_send.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to SECONDS for a final state and print it (exit 1 unless completed)",
+    )
+    command_show = command_sub.add_parser("show", help="print a command and its state")
+    command_show.add_argument("id", type=uuid.UUID, help="the command id")
+
+    for leaf in (
+        project_create,
+        project_list,
+        agent_create,
+        agent_list,
+        agent_revoke,
+        command_send,
+        command_show,
+    ):
         _add_config_flags(leaf)
     return parser
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def _directory_name(text: str) -> str:
@@ -164,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 value = "********"
             print(f"{env_name(name)}={'' if value is None else value}")
         return 0
-    if args.command in ("project", "agent"):
+    if args.command in ("project", "agent", "command"):
         # Only warnings and errors: stdout is for the answer, stderr for trouble.
         configure_logging("WARNING" if config.log_level == "INFO" else config.log_level, "text")
         return trio.run(_directory, args, config)
@@ -374,6 +420,47 @@ async def _agent_of(store: Store, ref: str, project_ref: str | None) -> Agent:
     return named[0]
 
 
+def _print_command(record: CommandRecord) -> None:
+    print(
+        orjson.dumps(
+            attrs.asdict(record), default=str, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
+        ).decode()
+    )
+
+
+async def _command_send(args: argparse.Namespace, config: Config, store: Store) -> None:
+    from .commands import CommandError, Commands
+
+    agent = await _agent_of(store, args.agent, args.project)
+    commands = Commands(store)  # no live sessions here: a running brain delivers it
+    try:
+        record = await commands.send(
+            agent.id,
+            args.name,
+            target=args.target,
+            parameters=args.params,
+            timeout_seconds=args.timeout,
+            issued_by=_actor(),
+        )
+    except CommandError as exc:
+        raise _DirectoryError(str(exc)) from None
+    if args.wait <= 0:
+        print(record.id)
+        return
+    final = await commands.wait(record.id, within=args.wait)
+    assert final is not None
+    _print_command(final)
+    if final.state != "completed":
+        raise _DirectoryError(f"command {final.id} is {final.state}")
+
+
+async def _command_show(args: argparse.Namespace, config: Config, store: Store) -> None:
+    record = await store.get_command(args.id)
+    if record is None:
+        raise _DirectoryError(f"no command {args.id}")
+    _print_command(record)
+
+
 _DIRECTORY_COMMANDS: dict[
     tuple[str, str], Callable[[argparse.Namespace, Config, Store], Awaitable[None]]
 ] = {
@@ -382,6 +469,8 @@ _DIRECTORY_COMMANDS: dict[
     ("agent", "create"): _agent_create,
     ("agent", "list"): _agent_list,
     ("agent", "revoke"): _agent_revoke,
+    ("command", "send"): _command_send,
+    ("command", "show"): _command_show,
 }
 
 

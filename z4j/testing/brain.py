@@ -19,7 +19,7 @@ import orjson
 import psycopg
 import trio
 
-from ..brain import BrainAddresses, serve_brain
+from ..brain import Brain, serve_brain
 from ..config import Config, load_config
 from ..stats import BrainStats
 
@@ -50,7 +50,7 @@ def make_config(data_dir: Path, database_url: str | None = None, **overrides: An
 
 @attrs.define
 class RunningBrain:
-    addresses: BrainAddresses
+    addresses: Brain
     stats: BrainStats
     config: Config
     shutdown: trio.Event

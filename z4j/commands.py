@@ -1,0 +1,265 @@
+"""Commands: minted by operators, delivered to an agent's worker, tracked to an end.
+
+States: ``pending → dispatched → completed | failed | timeout | cancelled``.
+Every transition is a compare-and-set in the store, with its audit row, so
+a late result cannot revive a timed-out command and two deliveries cannot
+both dispatch one.
+
+Delivery is by the frame id = the command id; agents ignore a repeated id,
+so delivering again (after a reconnect, or from the sweep) is safe. A
+command for an agent with no live worker waits as pending until one
+connects, or until its timeout. The sweep (every second) times out overdue
+commands and delivers pending ones that now have a worker here, which also
+picks up commands minted by another process (``z4j command send``).
+
+This registry is local to one brain process; routing across replicas is
+the multi-replica work.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from .protocol.agent import frames as f
+from .stats import ThrottledLog
+from .store.base import FINAL_COMMAND_STATES, CommandRecord, Store
+
+__all__ = ["SWEEP_SECONDS", "CommandError", "Commands"]
+
+log = logging.getLogger("z4j.commands")
+
+SWEEP_SECONDS = 1.0
+
+
+class CommandError(Exception):
+    """The command cannot be minted: unknown agent, bad arguments."""
+
+
+class Commands:
+    """Mint, deliver and follow commands; ``await brain.commands.send(...)``."""
+
+    def __init__(self, store: Store, *, clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._clock = clock
+        self.sessions: Any = None  # the AgentEndpoint: live sessions by (agent, worker)
+        self._sent: dict[uuid.UUID, Any] = {}  # command id -> session it went to
+        self._finished: dict[uuid.UUID, trio.Event] = {}
+        self._log = ThrottledLog(log)
+
+    # -- minting -------------------------------------------------------------------
+
+    async def send(
+        self,
+        agent: uuid.UUID | str,
+        action: str,
+        *,
+        project: str | None = None,
+        target: dict[str, Any] | None = None,
+        parameters: dict[str, Any] | None = None,
+        timeout_seconds: int = 60,
+        issued_by: str | None = None,
+    ) -> CommandRecord:
+        """Mint a command for ``agent`` (id, or name with ``project``); deliver it if we can."""
+        found = await self._find_agent(agent, project)
+        try:
+            f.Command(
+                action=action,
+                target=target or {},
+                parameters=parameters or {},
+                timeout_seconds=timeout_seconds,
+                issued_by=issued_by,
+            )
+        except (TypeError, ValueError) as exc:
+            raise CommandError(f"bad command: {exc}") from None
+        record = CommandRecord(
+            id=uuid.uuid4(),
+            project_id=found.project_id,
+            agent_id=found.id,
+            action=action,
+            target=target or {},
+            parameters=parameters or {},
+            timeout_seconds=timeout_seconds,
+            issued_by=issued_by,
+            state="pending",
+            worker_id=None,
+            delivery_claim_token=None,
+            created_at=self._clock(),
+            dispatched_at=None,
+            finished_at=None,
+            result=None,
+            error=None,
+        )
+        await self._store.create_command(record)
+        await self.deliver(record)
+        return record
+
+    async def _find_agent(self, agent: uuid.UUID | str, project: str | None) -> Any:
+        project_id = None
+        if project is not None:
+            found_project = await self._store.find_project(project)
+            if found_project is None:
+                raise CommandError(f"no project {project!r}")
+            project_id = found_project.id
+        found = await self._store.find_agent(str(agent), project_id)
+        if found is None:
+            raise CommandError(
+                f"no agent {agent!r}" + (f" in project {project!r}" if project else "")
+            )
+        if found.revoked:
+            raise CommandError(f"agent {agent!r} is revoked")
+        return found
+
+    async def cancel(
+        self, command_id: uuid.UUID, *, actor: str | None = None
+    ) -> CommandRecord | None:
+        record = await self._store.transition_command(
+            command_id,
+            from_states=("pending", "dispatched"),
+            to_state="cancelled",
+            at=self._clock(),
+            actor=actor,
+        )
+        if record is not None:
+            self._finish(command_id)
+        return record
+
+    async def wait(self, command_id: uuid.UUID, *, within: float) -> CommandRecord | None:
+        """The command once it reached a final state, or as it is after ``within`` s."""
+        event = self._finished.setdefault(command_id, trio.Event())
+        with trio.move_on_after(within):
+            while True:
+                record = await self._store.get_command(command_id)
+                if record is None or record.state in FINAL_COMMAND_STATES:
+                    break
+                with trio.move_on_after(SWEEP_SECONDS):  # a result may land in another process
+                    await event.wait()
+        self._finished.pop(command_id, None)
+        return await self._store.get_command(command_id)
+
+    def _finish(self, command_id: uuid.UUID) -> None:
+        self._sent.pop(command_id, None)
+        event = self._finished.get(command_id)
+        if event is not None:
+            event.set()
+
+    # -- delivery --------------------------------------------------------------------
+
+    def _pick_session(self, record: CommandRecord) -> Any:
+        if self.sessions is None:
+            return None
+        live = self.sessions.sessions_of(record.agent_id)
+        worker = record.target.get("worker_id")
+        role = record.target.get("role") or record.target.get("worker_role")
+        for session in live:
+            if worker is not None and session.worker_id != worker:
+                continue
+            if role is not None and session.role != role:
+                continue
+            return session
+        return None
+
+    async def deliver(self, record: CommandRecord) -> bool:
+        """Send a pending command to a live worker of its agent, if there is one."""
+        if record.state != "pending":
+            return False
+        session = self._pick_session(record)
+        if session is None or self._sent.get(record.id) is session:
+            return False
+        command = f.Command(
+            action=record.action,
+            target=record.target,
+            parameters=record.parameters,
+            timeout_seconds=record.timeout_seconds,
+            issued_by=record.issued_by,
+            delivery_claim_token=secrets.token_hex(16),
+        )
+        try:
+            await session.send(command, frame_id=str(record.id))
+        except Exception as exc:  # the socket is going away; the sweep retries
+            self._log.warning("deliver", "delivering command %s failed: %s", record.id, exc)
+            return False
+        self._sent[record.id] = session
+        return True
+
+    async def session_opened(self, agent_id: uuid.UUID) -> None:
+        """A worker of ``agent_id`` connected: send it what waits."""
+        for record in await self._store.open_commands(agent_id):
+            await self.deliver(record)
+
+    async def acknowledged(self, command_id: str, worker_id: str, payload: f.CommandAck) -> None:
+        parsed = _uuid(command_id)
+        if parsed is None:
+            return
+        await self._store.transition_command(
+            parsed,
+            from_states=("pending",),
+            to_state="dispatched",
+            at=self._clock(),
+            worker_id=worker_id,
+            delivery_claim_token=payload.delivery_claim_token,
+        )
+
+    async def answered(self, command_id: str, worker_id: str, payload: f.CommandResult) -> None:
+        parsed = _uuid(command_id)
+        if parsed is None:
+            return
+        record = await self._store.transition_command(
+            parsed,
+            from_states=("pending", "dispatched"),
+            to_state="completed" if payload.status == "success" else "failed",
+            at=self._clock(),
+            worker_id=worker_id,
+            result=payload.result,
+            error=payload.error,
+        )
+        if record is None:
+            log.info("late or unknown result for command %s ignored", command_id)
+        self._finish(parsed)
+
+    # -- the sweep ----------------------------------------------------------------------
+
+    async def sweep_once(self) -> None:
+        now = self._clock()
+        for record in await self._store.overdue_commands(now=now):
+            done = await self._store.transition_command(
+                record.id,
+                from_states=("pending", "dispatched"),
+                to_state="timeout",
+                at=now,
+                actor="sweeper",
+                error=f"no result within {record.timeout_seconds} s",
+            )
+            if done is not None:
+                self._finish(record.id)
+        if self.sessions is not None and self.sessions.sessions:
+            for record in await self._store.open_commands(None):
+                await self.deliver(record)
+
+    async def run_sweeper(
+        self,
+        store_ready: trio.Event,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        task_status.started()
+        await store_ready.wait()
+        while True:
+            try:
+                await self.sweep_once()
+            except Exception as exc:
+                self._log.warning("sweep", "command sweep failed, will retry: %s", exc)
+            await trio.sleep(SWEEP_SECONDS)
+
+
+def _uuid(text: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        return None
