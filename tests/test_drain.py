@@ -5,10 +5,12 @@ from __future__ import annotations
 import sqlite3
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import attrs
 import orjson
+import pytest
 import trio
 
 from z4j.buffer import Buffer, BufferFile, BufferInUse, NewRow
@@ -109,14 +111,22 @@ async def test_unstorable_rows_go_to_dead_letter_and_the_rest_lands(config: Conf
     assert all(error for _, _, error in dead)
 
 
-async def test_agent_batches_sent_twice_land_once(config: Config) -> None:
-    """A re-sent agent batch is a new buffer row with the same events: one copy lands."""
+@pytest.mark.parametrize("occurred", ["recent", "absent", "years ago"])
+async def test_agent_batches_sent_twice_land_once(config: Config, occurred: str) -> None:
+    """A re-sent agent batch is a new buffer row with the same events: one copy lands.
+
+    Whatever the event's own timestamp: without a sane one, each copy is
+    filed at its own receipt time, and still only one lands.
+    """
     project, agent = uuid.uuid4(), uuid.uuid4()
     origin = orjson.dumps({"project_id": str(project), "agent_id": str(agent), "worker_id": "w-1"})
-    occurred = "2026-11-20T10:00:00.250000+00:00"
+    stamp = {
+        "recent": {"occurred_at": datetime.now(UTC).isoformat()},
+        "absent": {},
+        "years ago": {"occurred_at": "2001-01-01T00:00:00+00:00"},
+    }[occurred]
     events = [
-        {"id": f"e-{n}", "kind": "task.succeeded", "occurred_at": occurred, "data": {"n": n}}
-        for n in range(3)
+        {"id": f"e-{n}", "kind": "task.succeeded", **stamp, "data": {"n": n}} for n in range(3)
     ]
     batch = NewRow(
         received_at=time.time(), source="agent", body=orjson.dumps(events), origin=origin
@@ -124,6 +134,14 @@ async def test_agent_batches_sent_twice_land_once(config: Config) -> None:
     resent = attrs.evolve(batch, received_at=time.time() + 5)
     buffer = await Buffer.open(config.resolved_buffer_path, max_rows=1000)
     await trio.to_thread.run_sync(buffer.file.append, [batch, resent])
+    await buffer.aclose()
+    with trio.fail_after(60):
+        async with running_brain(config):
+            await wait_until(lambda: buffer_rows(config) == 0)
+    # Once more in a later drain, received a day later (another partition).
+    buffer = await Buffer.open(config.resolved_buffer_path, max_rows=1000)
+    later = attrs.evolve(batch, received_at=batch.received_at + 86400)
+    await trio.to_thread.run_sync(buffer.file.append, [later])
     await buffer.aclose()
     with trio.fail_after(60):
         async with running_brain(config):

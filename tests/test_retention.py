@@ -46,6 +46,14 @@ async def test_retention_keeps_exactly_the_recent_events(config: Config) -> None
         try:
             await store.migrate()
             await store.write_events(uuid.uuid4(), _rows(now, [0, 1, 6.9, 7.6, 9, 40]))
+            if config.database_url:
+                # Agent event keys go with the partitions they were filed in.
+                with psycopg.connect(config.database_url) as conn:
+                    for age in (1, 9):
+                        conn.execute(
+                            "INSERT INTO agent_event_keys VALUES (%s, %s)",
+                            (uuid.uuid4(), datetime.fromtimestamp(now - age * 86400, UTC)),
+                        )
             maintenance = Maintenance(store, retention_days=7, store_ready=ready, clock=lambda: now)
             removed = await maintenance.run_once()
             again = await maintenance.run_once()
@@ -63,6 +71,9 @@ async def test_retention_keeps_exactly_the_recent_events(config: Config) -> None
         assert ahead <= names, "partitions for today and the next two days exist"
         gone = f"events_p{today - timedelta(days=9):%Y%m%d}"
         assert gone not in names
+        with psycopg.connect(config.database_url) as conn:
+            (keys_left,) = conn.execute("SELECT count(*) FROM agent_event_keys").fetchone() or (0,)
+        assert keys_left == 1, "the key filed 9 days ago went, the one of yesterday stayed"
     else:
         assert kept == [0, 1, 6.9]
         assert removed == 3 and again == 0

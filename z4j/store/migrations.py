@@ -227,4 +227,21 @@ CREATE TABLE audit_events (
 );
 """,
     ),
+    Migration(
+        version=3,
+        name="agent event keys",
+        # On Postgres the events key is unique only per filing time (the
+        # partition key must be in every unique constraint). An agent event
+        # re-sent after a reconnect can be filed at another time, so agent
+        # event keys also go in a table of their own, unique on the key.
+        postgres="""
+CREATE TABLE agent_event_keys (
+    idempotency_key uuid PRIMARY KEY,
+    received_at     timestamptz NOT NULL
+);
+CREATE INDEX agent_event_keys_received ON agent_event_keys (received_at);
+""",
+        # SQLite's events.idempotency_key is unique on its own already.
+        sqlite="SELECT 1",
+    ),
 )

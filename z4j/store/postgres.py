@@ -7,7 +7,9 @@ The drain path per batch, all in one transaction on one pooled connection:
 2. binary COPY them into a temporary staging table (``ON COMMIT DELETE
    ROWS``: emptied by the commit, no TRUNCATE);
 3. ``INSERT INTO events SELECT … ON CONFLICT DO NOTHING``: a batch drained
-   twice (crash between commit and buffer delete) lands once.
+   twice (crash between commit and buffer delete) lands once. Agent events
+   also claim their key in ``agent_event_keys``, unique on the key alone,
+   so one re-sent by its agent lands once whenever it is filed.
 
 ``events`` is range-partitioned by day on ``received_at``; a batch that
 touches a day with no partition yet creates it first, under an advisory lock
@@ -60,6 +62,28 @@ _STAGING = "z4j_events_staging"
 _COLUMNS = (
     "received_at, idempotency_key, source, kind, buffer_id, body, project_id, agent_id, worker_id"
 )
+_INSERT_EVENTS = (
+    f"INSERT INTO events ({_COLUMNS}) SELECT {_COLUMNS} FROM {_STAGING} ON CONFLICT DO NOTHING"
+)
+# Agent events are deduplicated by key alone through agent_event_keys: a
+# re-sent event may be filed at another time than its first copy (see
+# migration 3). Only the keys this statement claims let their event in.
+_INSERT_WITH_AGENT_KEYS = f"""
+WITH claimed AS (
+    INSERT INTO agent_event_keys (idempotency_key, received_at)
+    SELECT idempotency_key, min(received_at) FROM {_STAGING}
+    WHERE source = 'agent' GROUP BY idempotency_key
+    ON CONFLICT DO NOTHING
+    RETURNING idempotency_key, received_at
+)
+INSERT INTO events ({_COLUMNS})
+SELECT {_COLUMNS} FROM {_STAGING} WHERE source <> 'agent'
+UNION ALL
+SELECT DISTINCT ON (s.idempotency_key) {", ".join("s." + c.strip() for c in _COLUMNS.split(","))}
+FROM {_STAGING} s JOIN claimed c
+  ON c.idempotency_key = s.idempotency_key AND c.received_at = s.received_at
+ON CONFLICT DO NOTHING
+"""
 
 
 class JsonText(bytes):
@@ -208,12 +232,11 @@ class PostgresStore:
             )
             write_row = copy.write_row
             buffer_key = buffer_id.bytes
+            agent_rows = False
             for at, key, source, kind, body, project, agent, worker in event_rows(buffer_id, rows):
                 write_row((at, key, source, kind, buffer_key, body, project, agent, worker))
-        cur.execute(
-            f"INSERT INTO events ({_COLUMNS}) SELECT {_COLUMNS} FROM {_STAGING} "
-            "ON CONFLICT DO NOTHING"
-        )
+                agent_rows = agent_rows or agent is not None
+        cur.execute(_INSERT_WITH_AGENT_KEYS if agent_rows else _INSERT_EVENTS)
         return cur.rowcount
 
     # -- instances and health --------------------------------------------------------
@@ -540,6 +563,7 @@ def _create_partitions(conn: psycopg.Connection[Any], days: list[date]) -> None:
 
 def _drop_partitions_before(conn: psycopg.Connection[Any], cutoff: datetime) -> list[date]:
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK_KEY,))
+    conn.execute("DELETE FROM agent_event_keys WHERE received_at < %s", (cutoff,))
     dropped = []
     for day in sorted(_existing_partitions(conn)):
         end = datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(days=1)
