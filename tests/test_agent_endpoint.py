@@ -10,26 +10,11 @@ from pathlib import Path
 
 import trio
 
-from z4j import keys
 from z4j.config import Config
-from z4j.store import store_for
+from z4j.testing.agents import provision
 from z4j.testing.brain import read_events, running_brain, wait_until
 
 BARE_AGENT = Path(__file__).parent / "agents" / "bare_agent.py"
-
-
-async def provision(config: Config) -> tuple[str, str, uuid.UUID]:
-    """A project and an agent in the store: (token, project secret, agent id)."""
-    master = keys.master_secret(config)
-    store = store_for(config)
-    try:
-        await store.migrate()
-        project = await store.create_project("demo")
-        token = keys.new_agent_token()
-        agent = await store.create_agent(project.id, "bare", keys.token_hash(master, token))
-    finally:
-        await store.aclose()
-    return token, keys.project_secret_text(master, project.id), agent.id
 
 
 def start_bare_agent(

@@ -40,16 +40,25 @@ from .protocol.agent import frames as f
 from .protocol.agent.connection import AgentProtocol, Role
 from .protocol.errors import RemoteProtocolError
 from .stats import BrainStats, ThrottledLog
-from .store.base import Agent, Store
+from .store.base import Agent, Store, StoreUnavailable
 
-__all__ = ["CLOSE_BAD_TOKEN", "CLOSE_CAP", "CLOSE_IDLE", "CLOSE_REPLACED", "AgentEndpoint"]
+__all__ = [
+    "CLOSE_BAD_TOKEN",
+    "CLOSE_CAP",
+    "CLOSE_IDLE",
+    "CLOSE_REPLACED",
+    "CLOSE_REVOKED",
+    "AgentEndpoint",
+]
 
 log = logging.getLogger("z4j.agents")
 
 CLOSE_BAD_TOKEN = 4401
+CLOSE_REVOKED = 4003  # z4j agents back off as for bad credentials
 CLOSE_REPLACED = 4002
 CLOSE_IDLE = 4408
 CLOSE_CAP = 4429
+CLOSE_TRY_LATER = 1013  # the store is not reachable: reconnect later
 HELLO_TIMEOUT_SECONDS = 10.0
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -110,6 +119,23 @@ class AgentEndpoint:
     def sessions_of(self, agent_id: uuid.UUID) -> list[Session]:
         return [s for (a, _), s in self.sessions.items() if a == agent_id]
 
+    async def close_revoked(self) -> int:
+        """Close the sessions of agents revoked since they connected (4003).
+
+        Revocation may happen in another process (``z4j agent revoke``), so
+        the command sweep calls this every second; returns sessions closed.
+        """
+        closed = 0
+        for agent_id in {a for a, _ in self.sessions}:
+            agent = await self._store.find_agent(str(agent_id))
+            if agent is None or agent.revoked:
+                for session in self.sessions_of(agent_id):
+                    session.kick(CLOSE_REVOKED)
+                    closed += 1
+        if closed:
+            log.info("closed %d sessions of revoked agents", closed)
+        return closed
+
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         """The ASGI app for ``/ws/agent``."""
         message = await receive()
@@ -117,12 +143,19 @@ class AgentEndpoint:
             return
         token = _bearer(scope)
         agent = None
-        if token is not None and self._store_ready.is_set():
+        if token is not None:
+            # Just after start the store may not be migrated yet: a moment's
+            # wait, then "try again later" (1013), never "bad token".
+            with trio.move_on_after(HELLO_TIMEOUT_SECONDS):
+                await self._store_ready.wait()
             try:
+                if not self._store_ready.is_set():
+                    raise StoreUnavailable("store not ready")
                 agent = await self._store.agent_by_token(keys.token_hash(self._master, token))
             except Exception as exc:
+                self._reject("store_unavailable")
                 self._log.warning("lookup", "agent lookup failed: %s", exc)
-                await send({"type": "websocket.close", "code": 1011})
+                await send({"type": "websocket.close", "code": CLOSE_TRY_LATER})
                 return
         await send({"type": "websocket.accept"})
         if agent is None:

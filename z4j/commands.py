@@ -10,7 +10,8 @@ so delivering again (after a reconnect, or from the sweep) is safe. A
 command for an agent with no live worker waits as pending until one
 connects, or until its timeout. The sweep (every second) times out overdue
 commands and delivers pending ones that now have a worker here, which also
-picks up commands minted by another process (``z4j command send``).
+picks up commands minted by another process (``z4j command send``); it also
+closes the sessions of agents revoked meanwhile (``z4j agent revoke``).
 
 This registry is local to one brain process; routing across replicas is
 the multi-replica work.
@@ -239,6 +240,7 @@ class Commands:
             if done is not None:
                 self._finish(record.id)
         if self.sessions is not None and self.sessions.sessions:
+            await self.sessions.close_revoked()
             for record in await self._store.open_commands(None):
                 await self.deliver(record)
 

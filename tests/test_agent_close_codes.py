@@ -1,0 +1,239 @@
+"""/ws/agent over real sockets: every close code the brain sends, and restarts.
+
+A raw client drives the AGENT role of our sans-IO core over trio-websocket,
+so each test can misbehave exactly as it needs to.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+import trio_websocket
+
+from z4j.agent_endpoint import CLOSE_CAP, CLOSE_IDLE, CLOSE_REPLACED, CLOSE_REVOKED
+from z4j.config import Config
+from z4j.protocol.agent import frames as f
+from z4j.protocol.agent.connection import AgentProtocol, Role
+from z4j.protocol.agent.signing import decode_secret
+from z4j.store import store_for
+from z4j.testing.agents import provision
+from z4j.testing.brain import buffer_rows, make_config, read_events, running_brain, wait_until
+
+
+@attrs.define
+class RawAgent:
+    ws: trio_websocket.WebSocketConnection
+    protocol: AgentProtocol
+
+    async def send(self, payload: f.Payload, frame_id: str | None = None) -> None:
+        await self.ws.send_message(self.protocol.send(payload, frame_id=frame_id))
+
+    async def receive(self) -> f.Frame:
+        return self.protocol.receive_message(await self.ws.get_message())
+
+    async def closed_with(self) -> int | None:
+        """Read until the brain closes; its close code."""
+        try:
+            while True:
+                await self.ws.get_message()
+        except trio_websocket.ConnectionClosed as exc:
+            return exc.reason.code
+
+
+@asynccontextmanager
+async def raw_agent(
+    http: tuple[str, int],
+    token: str,
+    secret: str,
+    *,
+    worker_id: str = "w-1",
+    hello: bool = True,
+    protocol_version: str = "2",
+) -> AsyncIterator[RawAgent]:
+    host, port = http
+    # We own the stream: trio-websocket 0.12 leaves a client's socket open
+    # when the server closes first.
+    stream = await trio.open_tcp_stream(host, port)
+    try:
+        async with trio.open_nursery() as nursery:
+            ws = await trio_websocket.wrap_client_stream(
+                nursery,
+                stream,
+                f"{host}:{port}",
+                "/ws/agent",
+                extra_headers=[(b"Authorization", f"Bearer {token}".encode())],
+            )
+            agent = RawAgent(ws, AgentProtocol(Role.AGENT, key=decode_secret(secret)))
+            if hello:
+                await ws.send_message(
+                    agent.protocol.hello_message(
+                        f.Hello(protocol_version="2", worker_id=worker_id, framework="test")
+                    )
+                )
+                if protocol_version == "2":
+                    ack = await agent.receive()
+                    assert isinstance(ack.payload, f.HelloAck)
+            try:
+                yield agent
+            finally:
+                with trio.move_on_after(2):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+def events(n: int, prefix: str = "e") -> f.EventBatch:
+    return f.EventBatch(
+        events=tuple(
+            f.AgentEvent(
+                id=f"{prefix}-{i}", kind="k", raw={"id": f"{prefix}-{i}", "kind": "k", "n": i}
+            )
+            for i in range(n)
+        )
+    )
+
+
+async def test_replacement_closes_the_older_connection_with_4002(config: Config) -> None:
+    token, secret, _ = await provision(config)
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            async with raw_agent(brain.addresses.http, token, secret, worker_id="same") as old:
+                async with raw_agent(brain.addresses.http, token, secret, worker_id="same") as new:
+                    assert await old.closed_with() == CLOSE_REPLACED
+                    await new.send(events(1), frame_id="b-1")
+                    ack = await new.receive()
+                    assert ack.payload == f.EventBatchAck(
+                        acked_id="b-1", received=1, accepted=1, rejected=0
+                    )
+                    assert brain.stats.agent_sessions_open == 1
+
+
+async def test_worker_cap_closes_with_4429(tmp_path: Path, database_url: str | None) -> None:
+    config = make_config(tmp_path / "data", database_url, ws_per_agent_concurrency_cap=2)
+    token, secret, _ = await provision(config)
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            async with raw_agent(brain.addresses.http, token, secret, worker_id="a"):
+                async with raw_agent(brain.addresses.http, token, secret, worker_id="b"):
+                    async with raw_agent(
+                        brain.addresses.http, token, secret, worker_id="c", protocol_version="none"
+                    ) as third:
+                        assert await third.closed_with() == CLOSE_CAP
+            assert brain.stats.agent_rejected["worker_cap"] == 1
+
+
+async def test_idle_connection_closes_with_4408(tmp_path: Path, database_url: str | None) -> None:
+    config = make_config(tmp_path / "data", database_url, ws_heartbeat_interval_seconds=1)
+    token, secret, _ = await provision(config)
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            async with raw_agent(brain.addresses.http, token, secret) as agent:
+                started = trio.current_time()
+                assert await agent.closed_with() == CLOSE_IDLE
+                assert 2.5 <= trio.current_time() - started < 10
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        ("tampered", 4403),
+        ("oversize", 1009),
+        ("not json", 1007),
+        ("wrong direction", 1002),
+    ],
+)
+async def test_protocol_violations_close_with_their_code(
+    config: Config, message: str, code: int
+) -> None:
+    token, secret, _ = await provision(config)
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            async with raw_agent(brain.addresses.http, token, secret) as agent:
+                if message == "tampered":
+                    frame = json.loads(agent.protocol.send(events(1)))
+                    frame["payload"]["events"][0]["n"] = 99
+                    await agent.ws.send_message(json.dumps(frame).encode())
+                elif message == "oversize":
+                    await agent.ws.send_message(b"x" * (config.ws_max_frame_bytes + 1))
+                elif message == "not json":
+                    await agent.ws.send_message(b"{not json")
+                else:
+                    frame = json.loads(agent.protocol.send(events(1)))
+                    frame["type"] = "command"
+                    await agent.ws.send_message(json.dumps(frame).encode())
+                assert await agent.closed_with() == code
+
+
+async def test_wrong_protocol_version_closes_with_4426(config: Config) -> None:
+    token, secret, _ = await provision(config)
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            async with raw_agent(brain.addresses.http, token, secret, hello=False) as agent:
+                hello = {
+                    "v": 2,
+                    "id": "h",
+                    "ts": None,
+                    "type": "hello",
+                    "payload": {"protocol_version": "1"},
+                }
+                await agent.ws.send_message(json.dumps(hello).encode())
+                assert await agent.closed_with() == 4426
+
+
+async def test_revocation_closes_live_sockets_with_4003(config: Config) -> None:
+    token, secret, agent_id = await provision(config)
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            async with raw_agent(brain.addresses.http, token, secret) as agent:
+                store = store_for(config)
+                try:
+                    assert await store.revoke_agent(agent_id)
+                finally:
+                    await store.aclose()
+                assert await agent.closed_with() == CLOSE_REVOKED
+            # And the token no longer opens a session.
+            async with raw_agent(
+                brain.addresses.http, token, secret, protocol_version="none"
+            ) as again:
+                assert await again.closed_with() == 4401
+
+
+async def test_brain_restart_mid_stream_loses_nothing_and_duplicates_nothing(
+    config: Config,
+) -> None:
+    """Batches acked before a hard stop stay; unacked ones re-sent after it land once."""
+    token, secret, _ = await provision(config)
+    acked: set[str] = set()
+    with trio.fail_after(60):
+        async with running_brain(config) as brain:
+            async with raw_agent(brain.addresses.http, token, secret) as agent:
+                for b in range(10):
+                    await agent.send(events(5, prefix=f"b{b}"), frame_id=f"b{b}")
+                for _ in range(10):
+                    frame = await agent.receive()
+                    assert isinstance(frame.payload, f.EventBatchAck)
+                    acked.add(frame.payload.acked_id)
+                # Two more sent, then the brain is cancelled before it answers.
+                await agent.send(events(5, prefix="b10"), frame_id="b10")
+                await agent.send(events(5, prefix="b11"), frame_id="b11")
+                brain.cancel_scope.cancel()
+        # A new brain on the same data; the agent re-sends everything not acked,
+        # and (to be sure of dedupe) one batch that was acked.
+        async with running_brain(config) as brain:
+            async with raw_agent(brain.addresses.http, token, secret) as agent:
+                for b in (10, 11, 3):
+                    await agent.send(events(5, prefix=f"b{b}"), frame_id=f"b{b}")
+                    frame = await agent.receive()
+                    assert isinstance(frame.payload, f.EventBatchAck)
+            await wait_until(lambda: buffer_rows(config) == 0)
+            await wait_until(lambda: len(read_events(config)) >= 60)
+    ids = [e["body"]["id"] for e in read_events(config)]
+    assert sorted(ids) == sorted(f"b{b}-{i}" for b in range(12) for i in range(5))
+    assert acked == {f"b{b}" for b in range(10)}
