@@ -140,6 +140,37 @@ async def test_idle_connection_closes_with_4408(tmp_path: Path, database_url: st
                 assert 2.5 <= trio.current_time() - started < 10
 
 
+@pytest.mark.parametrize("limit", ["frames", "events"])
+async def test_rate_limits_close_with_an_error_and_4429(
+    tmp_path: Path, database_url: str | None, limit: str
+) -> None:
+    config = make_config(
+        tmp_path / "data",
+        database_url,
+        ws_rate_limit_frames_per_second=5 if limit == "frames" else 1000,
+        ws_rate_limit_events_per_second=10 if limit == "events" else 1000,
+    )
+    token, secret, _ = await provision(config)
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            async with raw_agent(brain.addresses.http, token, secret) as agent:
+                # Within the budget: acknowledged.
+                await agent.send(events(4), frame_id="ok")
+                assert (await agent.receive()).payload == f.EventBatchAck(
+                    acked_id="ok", received=4, accepted=4, rejected=0
+                )
+                if limit == "frames":
+                    for _ in range(10):
+                        await agent.send(f.Heartbeat(buffer_size=0))
+                else:
+                    await agent.send(events(7), frame_id="too-many")
+                error = await agent.receive()
+                assert isinstance(error.payload, f.Error)
+                assert error.payload.code == "rate_limited" and error.payload.fatal
+                assert await agent.closed_with() == CLOSE_CAP
+            assert brain.stats.agent_rejected["rate_limit"] == 1
+
+
 @pytest.mark.parametrize(
     ("message", "code"),
     [

@@ -34,6 +34,8 @@ POSITIVE_FIELDS = [
     "ws_max_frame_bytes",
     "ws_per_agent_concurrency_cap",
     "ws_heartbeat_interval_seconds",
+    "ws_rate_limit_frames_per_second",
+    "ws_rate_limit_events_per_second",
 ]
 NON_NEGATIVE_FIELDS = ["db_statement_timeout_ms", "shutdown_grace_seconds"]
 OPTIONAL_FIELDS = ["database_url", "ingest_token", "buffer_path", "instance_name", "secret"]

@@ -39,6 +39,7 @@ from .config import Config
 from .protocol.agent import frames as f
 from .protocol.agent.connection import AgentProtocol, Role
 from .protocol.errors import RemoteProtocolError
+from .ratelimit import TokenBucket
 from .stats import BrainStats, ThrottledLog
 from .store.base import Agent, Store, StoreUnavailable
 
@@ -60,6 +61,9 @@ CLOSE_IDLE = 4408
 CLOSE_CAP = 4429
 CLOSE_TRY_LATER = 1013  # the store is not reachable: reconnect later
 HELLO_TIMEOUT_SECONDS = 10.0
+# Batches one connection may have waiting for durability; beyond it we stop
+# reading, and TCP pushes back on the agent.
+MAX_BATCHES_IN_FLIGHT = 64
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -240,31 +244,76 @@ class AgentEndpoint:
         )
         if self.commands is not None:
             await self.commands.session_opened(agent.id)
-        code = 1000
+        code: int | None = 1000
         with session.scope:
-            try:
-                while True:
-                    with trio.move_on_after(3 * interval) as idle:
-                        message = await _next_message(receive)
-                    if idle.cancelled_caught:
-                        code = CLOSE_IDLE
-                        break
-                    frame = session.protocol.receive_message(message)
-                    await self._handle(session, frame)
-            except RemoteProtocolError as exc:
-                self._reject(exc.reason)
-                code = exc.close_code or 1002
+            # Event batches are buffered concurrently (the buffer commits
+            # them in groups) and acknowledged as each becomes durable, so
+            # one connection is not held to one batch per fsync.
+            async with trio.open_nursery() as batches:
+                code = await self._read_frames(session, receive, batches)
         if session.close_code is not None:
             code = session.close_code
+        if code is None:
+            raise _Closed
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             await send({"type": "websocket.close", "code": code})
+
+    async def _read_frames(
+        self, session: Session, receive: Receive, batches: trio.Nursery
+    ) -> int | None:
+        """Handle frames until the connection should close: the close code, None if gone."""
+        interval = self._config.ws_heartbeat_interval_seconds
+        frames = TokenBucket(self._config.ws_rate_limit_frames_per_second)
+        events = TokenBucket(self._config.ws_rate_limit_events_per_second)
+        in_flight = trio.Semaphore(MAX_BATCHES_IN_FLIGHT)
+        try:
+            while True:
+                with trio.move_on_after(3 * interval) as idle:
+                    message = await _next_message(receive)
+                if idle.cancelled_caught:
+                    return CLOSE_IDLE
+                frame = session.protocol.receive_message(message)
+                now = trio.current_time()
+                count = len(frame.payload.events) if isinstance(frame.payload, f.EventBatch) else 0
+                if not (frames.take(1, now) and events.take(count, now)):
+                    self._reject("rate_limit")
+                    self._log.warning(
+                        "rate",
+                        "agent %s worker %s over its rate limit: closing (4429)",
+                        session.agent.id,
+                        session.worker_id,
+                    )
+                    with contextlib.suppress(Exception):
+                        await session.send(
+                            f.Error(code="rate_limited", message="rate limit exceeded", fatal=True)
+                        )
+                    return CLOSE_CAP
+                if isinstance(frame.payload, f.EventBatch):
+                    await in_flight.acquire()
+                    batches.start_soon(
+                        self._event_batch, session, frame.id, frame.payload, in_flight
+                    )
+                else:
+                    try:
+                        await self._handle(session, frame)
+                    except Exception as exc:
+                        # The store is down, say: the frame's effect is lost
+                        # (state frames come again; a command times out),
+                        # but the connection and its events carry on.
+                        self._reject("store_error")
+                        self._log.warning(
+                            "store", "handling a %s frame failed: %s", frame.type, exc
+                        )
+        except RemoteProtocolError as exc:
+            self._reject(exc.reason)
+            return exc.close_code or 1002
+        except _Closed:
+            return None
 
     async def _handle(self, session: Session, frame: f.Frame) -> None:
         payload = frame.payload
         agent = session.agent
-        if isinstance(payload, f.EventBatch):
-            await self._event_batch(session, frame.id, payload)
-        elif isinstance(payload, f.Heartbeat):
+        if isinstance(payload, f.Heartbeat):
             await self._store.worker_seen(agent.id, session.worker_id, at=time.time())
         elif isinstance(payload, f.AgentStatus):
             await self._store.worker_seen(
@@ -294,7 +343,17 @@ class AgentEndpoint:
                 payload.message,
             )
 
-    async def _event_batch(self, session: Session, batch_id: str, batch: f.EventBatch) -> None:
+    async def _event_batch(
+        self, session: Session, batch_id: str, batch: f.EventBatch, in_flight: trio.Semaphore
+    ) -> None:
+        try:
+            await self._buffer_batch(session, batch_id, batch)
+        except Exception as exc:  # the connection went away under the ack
+            self._log.warning("ack", "acknowledging batch %s failed: %s", batch_id, exc)
+        finally:
+            in_flight.release()
+
+    async def _buffer_batch(self, session: Session, batch_id: str, batch: f.EventBatch) -> None:
         count = len(batch.events)
         if count == 0:
             await session.send(

@@ -96,6 +96,8 @@ class Config:
     ws_max_frame_bytes: int = attrs.field(default=1024 * 1024, validator=_positive)
     ws_per_agent_concurrency_cap: int = attrs.field(default=64, validator=_positive)
     ws_heartbeat_interval_seconds: int = attrs.field(default=10, validator=_positive)
+    ws_rate_limit_frames_per_second: int = attrs.field(default=20_000, validator=_positive)
+    ws_rate_limit_events_per_second: int = attrs.field(default=200_000, validator=_positive)
     secret: str | None = attrs.field(
         default=None, validator=attrs.validators.optional(_long_secret)
     )
@@ -143,6 +145,8 @@ HELP: dict[str, str] = {
     "ws_max_frame_bytes": "Largest agent WebSocket message; larger ones close the connection (1009).",
     "ws_per_agent_concurrency_cap": "Live workers (connections) one agent may hold; more are closed 4429.",
     "ws_heartbeat_interval_seconds": "Heartbeat interval told to agents; 3 missed intervals close (4408).",
+    "ws_rate_limit_frames_per_second": "Frames one agent connection may send per second, in bursts of up to a second's worth; more close it (4429).",
+    "ws_rate_limit_events_per_second": "Events one agent connection may send per second, in bursts of up to a second's worth; more close it (4429).",
     "secret": "Master secret (32+ characters) that agent signing keys derive from. Unset: generated once into DATA_DIR/secret; replicas must share one.",
     "log_level": "DEBUG, INFO, WARNING or ERROR.",
     "log_format": "text or json (one object per line).",
