@@ -1,92 +1,24 @@
 """/ws/agent over real sockets: every close code the brain sends, and restarts.
 
-A raw client drives the AGENT role of our sans-IO core over trio-websocket,
-so each test can misbehave exactly as it needs to.
+A raw client (`z4j.testing.agents.raw_agent`) drives the AGENT role of our
+sans-IO core over trio-websocket, so each test can misbehave exactly as it
+needs to.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-import attrs
 import pytest
 import trio
-import trio_websocket
 
 from z4j.agent_endpoint import CLOSE_CAP, CLOSE_IDLE, CLOSE_REPLACED, CLOSE_REVOKED
 from z4j.config import Config
 from z4j.protocol.agent import frames as f
-from z4j.protocol.agent.connection import AgentProtocol, Role
-from z4j.protocol.agent.signing import decode_secret
 from z4j.store import store_for
-from z4j.testing.agents import provision
+from z4j.testing.agents import provision, raw_agent
 from z4j.testing.brain import buffer_rows, make_config, read_events, running_brain, wait_until
-
-
-@attrs.define
-class RawAgent:
-    ws: trio_websocket.WebSocketConnection
-    protocol: AgentProtocol
-
-    async def send(self, payload: f.Payload, frame_id: str | None = None) -> None:
-        await self.ws.send_message(self.protocol.send(payload, frame_id=frame_id))
-
-    async def receive(self) -> f.Frame:
-        return self.protocol.receive_message(await self.ws.get_message())
-
-    async def closed_with(self) -> int | None:
-        """Read until the brain closes; its close code."""
-        try:
-            while True:
-                await self.ws.get_message()
-        except trio_websocket.ConnectionClosed as exc:
-            return exc.reason.code
-
-
-@asynccontextmanager
-async def raw_agent(
-    http: tuple[str, int],
-    token: str,
-    secret: str,
-    *,
-    worker_id: str = "w-1",
-    hello: bool = True,
-    protocol_version: str = "2",
-) -> AsyncIterator[RawAgent]:
-    host, port = http
-    # We own the stream: trio-websocket 0.12 leaves a client's socket open
-    # when the server closes first.
-    stream = await trio.open_tcp_stream(host, port)
-    try:
-        async with trio.open_nursery() as nursery:
-            ws = await trio_websocket.wrap_client_stream(
-                nursery,
-                stream,
-                f"{host}:{port}",
-                "/ws/agent",
-                extra_headers=[(b"Authorization", f"Bearer {token}".encode())],
-            )
-            agent = RawAgent(ws, AgentProtocol(Role.AGENT, key=decode_secret(secret)))
-            if hello:
-                await ws.send_message(
-                    agent.protocol.hello_message(
-                        f.Hello(protocol_version="2", worker_id=worker_id, framework="test")
-                    )
-                )
-                if protocol_version == "2":
-                    ack = await agent.receive()
-                    assert isinstance(ack.payload, f.HelloAck)
-            try:
-                yield agent
-            finally:
-                with trio.move_on_after(2):
-                    await ws.aclose()
-                nursery.cancel_scope.cancel()
-    finally:
-        await trio.aclose_forcefully(stream)
 
 
 def events(n: int, prefix: str = "e") -> f.EventBatch:

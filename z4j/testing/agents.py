@@ -1,14 +1,28 @@
-"""Provisioning for tests and benchmarks: a project and an agent in a store."""
+"""Agents for tests and benchmarks: provisioning, and a raw protocol client.
+
+`raw_agent` speaks the AGENT role of the sans-IO core over trio-websocket
+with no policy of its own (no spool, no retries), so a test can misbehave
+exactly as it needs to.
+"""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+import trio_websocket
 
 from .. import keys
 from ..config import Config
+from ..protocol.agent import frames as f
+from ..protocol.agent.connection import AgentProtocol, Role
+from ..protocol.agent.signing import decode_secret
 from ..store import store_for
 
-__all__ = ["provision"]
+__all__ = ["RawAgent", "provision", "raw_agent"]
 
 
 async def provision(
@@ -27,3 +41,66 @@ async def provision(
     finally:
         await store.aclose()
     return token, keys.project_secret_text(master, created_project.id), created.id
+
+
+@attrs.define
+class RawAgent:
+    ws: trio_websocket.WebSocketConnection
+    protocol: AgentProtocol
+
+    async def send(self, payload: f.Payload, frame_id: str | None = None) -> None:
+        await self.ws.send_message(self.protocol.send(payload, frame_id=frame_id))
+
+    async def receive(self) -> f.Frame:
+        return self.protocol.receive_message(await self.ws.get_message())
+
+    async def closed_with(self) -> int | None:
+        """Read until the brain closes; its close code."""
+        try:
+            while True:
+                await self.ws.get_message()
+        except trio_websocket.ConnectionClosed as exc:
+            return None if exc.reason is None else exc.reason.code
+
+
+@asynccontextmanager
+async def raw_agent(
+    http: tuple[str, int],
+    token: str,
+    secret: str,
+    *,
+    worker_id: str = "w-1",
+    hello: bool = True,
+    protocol_version: str = "2",
+) -> AsyncIterator[RawAgent]:
+    host, port = http
+    # We own the stream: trio-websocket 0.12 leaves a client's socket open
+    # when the server closes first.
+    stream = await trio.open_tcp_stream(host, port)
+    try:
+        async with trio.open_nursery() as nursery:
+            ws = await trio_websocket.wrap_client_stream(
+                nursery,
+                stream,
+                f"{host}:{port}",
+                "/ws/agent",
+                extra_headers=[(b"Authorization", f"Bearer {token}".encode())],
+            )
+            agent = RawAgent(ws, AgentProtocol(Role.AGENT, key=decode_secret(secret)))
+            if hello:
+                await ws.send_message(
+                    agent.protocol.hello_message(
+                        f.Hello(protocol_version="2", worker_id=worker_id, framework="test")
+                    )
+                )
+                if protocol_version == "2":
+                    ack = await agent.receive()
+                    assert isinstance(ack.payload, f.HelloAck)
+            try:
+                yield agent
+            finally:
+                with trio.move_on_after(2):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+    finally:
+        await trio.aclose_forcefully(stream)
