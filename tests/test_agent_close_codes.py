@@ -162,9 +162,7 @@ async def test_revocation_closes_live_sockets_with_4003(config: Config) -> None:
                     await store.aclose()
                 assert await agent.closed_with() == CLOSE_REVOKED
             # And the token no longer opens a session.
-            async with raw_agent(
-                brain.addresses.http, token, secret, protocol_version="none"
-            ) as again:
+            async with raw_agent(brain.addresses.http, token, secret, hello=False) as again:
                 assert await again.closed_with() == 4401
 
 

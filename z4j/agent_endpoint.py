@@ -37,7 +37,7 @@ from .buffer import Buffer, NewRow
 from .commands import Commands
 from .config import Config
 from .protocol.agent import frames as f
-from .protocol.agent.connection import AgentProtocol, Role
+from .protocol.agent.connection import CLOSE_TOO_LARGE, AgentProtocol, Role
 from .protocol.errors import RemoteProtocolError
 from .ratelimit import TokenBucket
 from .stats import BrainStats, ThrottledLog
@@ -64,18 +64,30 @@ HELLO_TIMEOUT_SECONDS = 10.0
 # Batches one connection may have waiting for durability; beyond it we stop
 # reading, and TCP pushes back on the agent.
 MAX_BATCHES_IN_FLIGHT = 64
+CLOSE_GOING_AWAY = 1001  # the brain is shutting down
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class _Closed(Exception):
-    """The peer went away (websocket.disconnect)."""
+    """The peer went away, or the server closed it (websocket.disconnect)."""
+
+    def __init__(self, code: int | None = None) -> None:
+        super().__init__(code)
+        self.code = code
 
 
 @attrs.define(eq=False)
 class Session:
-    """One live agent connection (one worker)."""
+    """One live agent connection (one worker).
+
+    Kept small: thousands sit idle in one brain. No timer and no nursery of
+    its own (the endpoint's idle sweep and task nursery serve them all),
+    and no send lock: `send` signs and queues without a checkpoint between,
+    and the connection writes in FIFO order, so seq reaches the agent in
+    order.
+    """
 
     agent: Agent
     worker_id: str
@@ -84,18 +96,30 @@ class Session:
     send_message: Send
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     close_code: int | None = None
-    send_lock: trio.Lock = attrs.field(factory=trio.Lock)
+    last_frame: float = attrs.field(factory=trio.current_time)
+    in_flight: int = 0  # event batches waiting to be durable
+    drained: trio.Event | None = None  # set when in_flight drops, if awaited
 
     async def send(self, payload: f.Payload, *, frame_id: str | None = None) -> None:
-        # Sign and send under one lock: seq must reach the agent in order.
-        async with self.send_lock:
-            message = self.protocol.send(payload, frame_id=frame_id)
-            await self.send_message({"type": "websocket.send", "bytes": message})
+        message = self.protocol.send(payload, frame_id=frame_id)
+        await self.send_message({"type": "websocket.send", "bytes": message})
 
     def kick(self, code: int) -> None:
-        """Close this session from outside (replaced, revoked)."""
-        self.close_code = code
+        """Close this session from outside (replaced, revoked, idle, shutdown)."""
+        if self.close_code is None:
+            self.close_code = code
         self.scope.cancel()
+
+    async def wait_in_flight(self, at_most: int) -> None:
+        while self.in_flight > at_most:
+            self.drained = trio.Event()
+            await self.drained.wait()
+
+    def batch_done(self) -> None:
+        self.in_flight -= 1
+        if self.drained is not None:
+            self.drained.set()
+            self.drained = None
 
 
 class AgentEndpoint:
@@ -119,6 +143,33 @@ class AgentEndpoint:
         self.sessions: dict[tuple[uuid.UUID, str], Session] = {}
         self.commands: Commands | None = None
         self._log = ThrottledLog(log)
+        self._tasks: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The endpoint's own tasks: buffering event batches, and the idle sweep."""
+        async with trio.open_nursery() as nursery:
+            self._tasks = nursery
+            nursery.start_soon(self._sweep_idle)
+            task_status.started()
+
+    async def _sweep_idle(self) -> None:
+        """Close sessions with no frame for three heartbeat intervals (4408).
+
+        One task for all sessions instead of a timer per connection; checked
+        every half interval, so a silent agent goes after 3 to 3.5 intervals.
+        """
+        interval = self._config.ws_heartbeat_interval_seconds
+        while True:
+            await trio.sleep(interval / 2)
+            cutoff = trio.current_time() - 3 * interval
+            for session in list(self.sessions.values()):
+                if session.last_frame < cutoff:
+                    session.kick(CLOSE_IDLE)
+
+    def close_all(self, code: int = CLOSE_GOING_AWAY) -> None:
+        """Close every session (at shutdown: agents reconnect elsewhere)."""
+        for session in list(self.sessions.values()):
+            session.kick(code)
 
     def sessions_of(self, agent_id: uuid.UUID) -> list[Session]:
         return [s for (a, _), s in self.sessions.items() if a == agent_id]
@@ -141,11 +192,12 @@ class AgentEndpoint:
         return closed
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        """The ASGI app for ``/ws/agent``."""
+        """The ASGI-style handler for ``/ws/agent``."""
         message = await receive()
         if message["type"] != "websocket.connect":
             return
         token = _bearer(scope)
+        del scope, message  # an idle connection keeps only what it needs
         agent = None
         if token is not None:
             # Just after start the store may not be migrated yet: a moment's
@@ -166,13 +218,36 @@ class AgentEndpoint:
             self._reject("bad_token")
             await send({"type": "websocket.close", "code": CLOSE_BAD_TOKEN})
             return
-        with contextlib.suppress(_Closed):
-            await self._serve(agent, receive, send)
+        try:
+            session = await self._open_session(agent, receive, send)
+        except _Closed:
+            return
+        if session is None:
+            return
+        key = (agent.id, session.worker_id)
+        try:
+            code = await self._serve(session, receive)
+        finally:
+            self._stats.agent_sessions_open -= 1
+            # A replaced session must not mark its successor's worker gone.
+            if self.sessions.get(key) is session:
+                del self.sessions[key]
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    try:
+                        await self._store.worker_disconnected(
+                            agent.id, session.worker_id, at=time.time()
+                        )
+                    except Exception as exc:
+                        self._log.warning("disconnect", "recording a disconnect failed: %s", exc)
+        if code is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await send({"type": "websocket.close", "code": code})
 
     def _reject(self, reason: str) -> None:
         self._stats.agent_rejected[reason] += 1
 
-    async def _serve(self, agent: Agent, receive: Receive, send: Send) -> None:
+    async def _open_session(self, agent: Agent, receive: Receive, send: Send) -> Session | None:
+        """hello → checks → registered session → hello_ack; None if refused (and closed)."""
         config = self._config
         protocol = AgentProtocol(Role.BRAIN, max_frame_size=config.ws_max_frame_bytes)
         try:
@@ -181,13 +256,14 @@ class AgentEndpoint:
         except trio.TooSlowError:
             self._reject("no_hello")
             await send({"type": "websocket.close", "code": CLOSE_IDLE})
-            return
+            return None
         except RemoteProtocolError as exc:
             self._reject(exc.reason)
             await send({"type": "websocket.close", "code": exc.close_code or 1002})
-            return
+            return None
         hello = hello_frame.payload
         assert isinstance(hello, f.Hello)
+        protocol.hello = None  # stored below; not kept per connection
         worker_id = hello.worker_id or f"conn-{uuid.uuid4().hex[:12]}"
         key = (agent.id, worker_id)
 
@@ -195,7 +271,7 @@ class AgentEndpoint:
         if old is None and len(self.sessions_of(agent.id)) >= config.ws_per_agent_concurrency_cap:
             self._reject("worker_cap")
             await send({"type": "websocket.close", "code": CLOSE_CAP})
-            return
+            return None
         if old is not None:
             old.kick(CLOSE_REPLACED)
         session = Session(
@@ -208,107 +284,113 @@ class AgentEndpoint:
         self.sessions[key] = session
         self._stats.agent_sessions_open += 1
         try:
-            await self._run_session(session, hello, send, receive)
-        finally:
+            await send(
+                {
+                    "type": "websocket.send",
+                    "bytes": protocol.accept(
+                        key=keys.project_key(self._master, agent.project_id),
+                        agent_id=str(agent.id),
+                        project_id=str(agent.project_id),
+                        brain_version=__version__,
+                        heartbeat_interval_seconds=config.ws_heartbeat_interval_seconds,
+                        max_frame_size_bytes=config.ws_max_frame_bytes,
+                    ),
+                }
+            )
+            await self._store.worker_connected(
+                agent.id,
+                worker_id,
+                role=hello.worker_role,
+                hello=f.unstructure_payload(hello),
+                instance_id=self._instance_id,
+                at=time.time(),
+            )
+            if self.commands is not None:
+                await self.commands.session_opened(agent.id)
+        except BaseException:
             self._stats.agent_sessions_open -= 1
-            # A replaced session must not mark its successor's worker gone.
             if self.sessions.get(key) is session:
                 del self.sessions[key]
-                with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    try:
-                        await self._store.worker_disconnected(agent.id, worker_id, at=time.time())
-                    except Exception as exc:
-                        self._log.warning("disconnect", "recording a disconnect failed: %s", exc)
+            raise
+        return session
 
-    async def _run_session(
-        self, session: Session, hello: f.Hello, send: Send, receive: Receive
-    ) -> None:
-        agent = session.agent
-        interval = self._config.ws_heartbeat_interval_seconds
-        ack = session.protocol.accept(
-            key=keys.project_key(self._master, agent.project_id),
-            agent_id=str(agent.id),
-            project_id=str(agent.project_id),
-            brain_version=__version__,
-            heartbeat_interval_seconds=interval,
-            max_frame_size_bytes=self._config.ws_max_frame_bytes,
-        )
-        await send({"type": "websocket.send", "bytes": ack})
-        await self._store.worker_connected(
-            agent.id,
-            session.worker_id,
-            role=hello.worker_role,
-            hello=f.unstructure_payload(hello),
-            instance_id=self._instance_id,
-            at=time.time(),
-        )
-        if self.commands is not None:
-            await self.commands.session_opened(agent.id)
-        code: int | None = 1000
-        with session.scope:
-            # Event batches are buffered concurrently (the buffer commits
-            # them in groups) and acknowledged as each becomes durable, so
-            # one connection is not held to one batch per fsync.
-            async with trio.open_nursery() as batches:
-                code = await self._read_frames(session, receive, batches)
-        if session.close_code is not None:
-            code = session.close_code
-        if code is None:
-            raise _Closed
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
-            await send({"type": "websocket.close", "code": code})
+    async def _serve(self, session: Session, receive: Receive) -> int | None:
+        """Handle frames until the session ends: the close code to send, None if gone.
 
-    async def _read_frames(
-        self, session: Session, receive: Receive, batches: trio.Nursery
-    ) -> int | None:
-        """Handle frames until the connection should close: the close code, None if gone."""
-        interval = self._config.ws_heartbeat_interval_seconds
+        Event batches are buffered on the endpoint's task nursery (the
+        buffer commits them in groups) and acknowledged as each becomes
+        durable, so one connection is not held to one batch per fsync; past
+        MAX_BATCHES_IN_FLIGHT we stop reading and TCP pushes back.
+        """
+        assert self._tasks is not None, "AgentEndpoint.run is not running"
+        tasks = self._tasks
         frames = TokenBucket(self._config.ws_rate_limit_frames_per_second)
         events = TokenBucket(self._config.ws_rate_limit_events_per_second)
-        in_flight = trio.Semaphore(MAX_BATCHES_IN_FLIGHT)
+        code: int | None = 1000
+        with session.scope:
+            try:
+                while True:
+                    message = await receive()
+                    kind = message["type"]
+                    if kind == "websocket.disconnect":
+                        if message.get("code") == CLOSE_TOO_LARGE:  # closed under us
+                            self._reject("too_large")
+                        code = None
+                        break
+                    if kind != "websocket.receive":
+                        continue
+                    data = message.get("bytes")
+                    frame = session.protocol.receive_message(
+                        data if data is not None else message.get("text") or ""
+                    )
+                    del message, data
+                    now = session.last_frame = trio.current_time()
+                    payload = frame.payload
+                    count = len(payload.events) if isinstance(payload, f.EventBatch) else 0
+                    if not (frames.take(1, now) and events.take(count, now)):
+                        code = await self._over_rate_limit(session)
+                        break
+                    if isinstance(payload, f.EventBatch):
+                        await session.wait_in_flight(MAX_BATCHES_IN_FLIGHT - 1)
+                        session.in_flight += 1
+                        tasks.start_soon(self._event_batch, session, frame.id, payload)
+                    else:
+                        await self._handle_safely(session, frame)
+                    del frame, payload
+            except RemoteProtocolError as exc:
+                self._reject(exc.reason)
+                code = exc.close_code or 1002
+            if code is not None:
+                # Let the batches read so far be acked before the close.
+                with trio.move_on_after(5):
+                    await session.wait_in_flight(0)
+        if session.close_code is not None:
+            code = session.close_code
+        return code
+
+    async def _over_rate_limit(self, session: Session) -> int:
+        self._reject("rate_limit")
+        self._log.warning(
+            "rate",
+            "agent %s worker %s over its rate limit: closing (4429)",
+            session.agent.id,
+            session.worker_id,
+        )
+        with contextlib.suppress(Exception):
+            await session.send(
+                f.Error(code="rate_limited", message="rate limit exceeded", fatal=True)
+            )
+        return CLOSE_CAP
+
+    async def _handle_safely(self, session: Session, frame: f.Frame) -> None:
         try:
-            while True:
-                with trio.move_on_after(3 * interval) as idle:
-                    message = await _next_message(receive)
-                if idle.cancelled_caught:
-                    return CLOSE_IDLE
-                frame = session.protocol.receive_message(message)
-                now = trio.current_time()
-                count = len(frame.payload.events) if isinstance(frame.payload, f.EventBatch) else 0
-                if not (frames.take(1, now) and events.take(count, now)):
-                    self._reject("rate_limit")
-                    self._log.warning(
-                        "rate",
-                        "agent %s worker %s over its rate limit: closing (4429)",
-                        session.agent.id,
-                        session.worker_id,
-                    )
-                    with contextlib.suppress(Exception):
-                        await session.send(
-                            f.Error(code="rate_limited", message="rate limit exceeded", fatal=True)
-                        )
-                    return CLOSE_CAP
-                if isinstance(frame.payload, f.EventBatch):
-                    await in_flight.acquire()
-                    batches.start_soon(
-                        self._event_batch, session, frame.id, frame.payload, in_flight
-                    )
-                else:
-                    try:
-                        await self._handle(session, frame)
-                    except Exception as exc:
-                        # The store is down, say: the frame's effect is lost
-                        # (state frames come again; a command times out),
-                        # but the connection and its events carry on.
-                        self._reject("store_error")
-                        self._log.warning(
-                            "store", "handling a %s frame failed: %s", frame.type, exc
-                        )
-        except RemoteProtocolError as exc:
-            self._reject(exc.reason)
-            return exc.close_code or 1002
-        except _Closed:
-            return None
+            await self._handle(session, frame)
+        except Exception as exc:
+            # The store is down, say: the frame's effect is lost (state
+            # frames come again; a command times out), but the connection
+            # and its events carry on.
+            self._reject("store_error")
+            self._log.warning("store", "handling a %s frame failed: %s", frame.type, exc)
 
     async def _handle(self, session: Session, frame: f.Frame) -> None:
         payload = frame.payload
@@ -343,15 +425,13 @@ class AgentEndpoint:
                 payload.message,
             )
 
-    async def _event_batch(
-        self, session: Session, batch_id: str, batch: f.EventBatch, in_flight: trio.Semaphore
-    ) -> None:
+    async def _event_batch(self, session: Session, batch_id: str, batch: f.EventBatch) -> None:
         try:
             await self._buffer_batch(session, batch_id, batch)
         except Exception as exc:  # the connection went away under the ack
-            self._log.warning("ack", "acknowledging batch %s failed: %s", batch_id, exc)
+            log.debug("acknowledging batch %s failed: %s", batch_id, exc)
         finally:
-            in_flight.release()
+            session.batch_done()
 
     async def _buffer_batch(self, session: Session, batch_id: str, batch: f.EventBatch) -> None:
         count = len(batch.events)
@@ -390,7 +470,7 @@ async def _next_message(receive: Receive) -> bytes | str:
     while True:
         message = await receive()
         if message["type"] == "websocket.disconnect":
-            raise _Closed
+            raise _Closed(message.get("code"))
         if message["type"] == "websocket.receive":
             data: bytes | str | None = message.get("bytes")
             if data is None:

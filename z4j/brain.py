@@ -166,6 +166,7 @@ async def serve_brain(
             agents = AgentEndpoint(
                 config, store, buffer, stats, instance_id=instance_id, store_ready=store_ready
             )
+            await nursery.start(agents.run)
             commands = Commands(store)
             commands.sessions = agents
             agents.commands = commands
@@ -176,8 +177,9 @@ async def serve_brain(
                 try:
                     await serve_http(
                         config,
-                        build_app(health, websockets={"/ws/agent": agents}),
+                        build_app(health),
                         shutdown=http_shutdown,
+                        websockets={"/ws/agent": agents},
                         task_status=task_status,
                     )
                 finally:
@@ -232,8 +234,13 @@ async def serve_brain(
             await shutdown.wait()
             log.info("graceful shutdown: %g s to finish", config.shutdown_grace_seconds)
             with trio.move_on_after(config.shutdown_grace_seconds) as deadline:
+                # Producers first (agents get 1001, HTTP requests in flight
+                # finish), so the buffer's last commits are theirs.
                 ingest.stop_accepting()
+                agents.close_all()  # 1001: agents reconnect to another brain
+                http_shutdown.set()
                 await ingest_done.wait()
+                await http_done.wait()
                 buffer.close_writer()
                 await writer_done.wait()
                 drainer.stop()
@@ -241,8 +248,6 @@ async def serve_brain(
                 heartbeat_scope.cancel()
                 if store_ready.is_set():
                     await heartbeat.beat(stopped=True)
-                http_shutdown.set()  # hypercorn finishes requests in flight
-                await http_done.wait()
             if deadline.cancelled_caught:
                 log.warning("graceful shutdown ran past its deadline; cancelling the rest")
             nursery.cancel_scope.cancel()

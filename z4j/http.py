@@ -7,23 +7,30 @@ they land.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
 import orjson
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.config import Sockets
-from hypercorn.trio.run import worker_serve
+from hypercorn.trio.statsd import StatsdLogger
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
 from .config import Config
 from .ingest_server import open_tcp_socket
+from .websocket import Handler, serve_websocket
 
 __all__ = ["HealthChecks", "build_app", "serve_http"]
 
 log = logging.getLogger("z4j.http")
+
+HEAD_TIMEOUT_SECONDS = 10.0
+MAX_HEAD_BYTES = 16384
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -78,11 +85,8 @@ async def _json(send: Send, status: int, body: object) -> None:
 Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-def build_app(
-    health: HealthChecks, *, websockets: dict[str, Asgi] | None = None
-) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
-    """The brain's ASGI app; ``websockets`` maps a path to its WebSocket handler."""
-    websockets = websockets or {}
+def build_app(health: HealthChecks) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """The brain's ASGI app for plain HTTP (WebSockets are `serve_http`'s)."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -94,11 +98,9 @@ def build_app(
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         if scope["type"] == "websocket":
-            handler = websockets.get(scope["path"])
-            if handler is None:
-                await send({"type": "websocket.close", "code": 1008})
-                return
-            await handler(scope, receive, send)
+            # Only a WebSocket upgrade on a reused keep-alive connection gets
+            # here; agents open a fresh connection, served by z4j.websocket.
+            await send({"type": "websocket.close", "code": 1008})
             return
         if scope["type"] != "http":
             return
@@ -126,9 +128,19 @@ async def serve_http(
     app: Callable[[Scope, Receive, Send], Awaitable[None]],
     *,
     shutdown: trio.Event,
+    websockets: Mapping[str, Handler] | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` on Z4J_HTTP_BIND until ``shutdown`` is set."""
+    """Serve Z4J_HTTP_BIND until ``shutdown`` is set.
+
+    Each new connection's request head is read here first: a WebSocket
+    upgrade to a path in ``websockets`` is served by the lean wsproto
+    connection of `z4j.websocket`; everything else goes to hypercorn
+    (replaying the bytes read) and ``app``. At shutdown, WebSocket peers
+    get 1001 at once (agents reconnect elsewhere) and HTTP requests in
+    flight get half the grace period to finish.
+    """
+    websockets = dict(websockets or {})
     sock = open_tcp_socket(config.http_bind, reuse_port=config.so_reuseport)
     address: tuple[str, int] = sock.getsockname()[:2]
     hc = HypercornConfig()
@@ -136,20 +148,99 @@ async def serve_http(
     hc.accesslog = None
     hc.websocket_max_message_size = config.ws_max_frame_bytes
     hc.errorlog = logging.getLogger("z4j.http.server")
-    sockets = Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[])
+    hc.set_statsd_logger_class(StatsdLogger)
+    asgi = wrap_app(cast(Any, app), hc.wsgi_max_body_size, "asgi")
+    context = WorkerContext(None)
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
-    log.info("http listening on %s:%d", *address)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(
-                lambda task_status: worker_serve(
-                    wrap_app(cast(Any, app), hc.wsgi_max_body_size, "asgi"),
-                    hc,
-                    sockets=sockets,
-                    shutdown_trigger=shutdown.wait,
-                    task_status=task_status,
+    ws_scopes: set[trio.CancelScope] = set()  # cancelled at once at shutdown
+
+    async def connection(stream: trio.SocketStream) -> None:
+        # trio.serve_listeners closes the stream when this returns.
+        head = await _read_head(stream)
+        path = _websocket_path(head) if head else None
+        handler = websockets.get(path) if path else None
+        if handler is not None:
+            with trio.CancelScope() as scope:
+                ws_scopes.add(scope)
+                try:
+                    await serve_websocket(
+                        stream, head, handler, max_message=config.ws_max_frame_bytes
+                    )
+                finally:
+                    ws_scopes.discard(scope)
+        elif head:
+            replay = cast(Any, _Replay(stream, head))
+            await TCPServer(asgi, hc, context, ConnectionState({}), replay).run()
+
+    async with trio.open_nursery() as handlers:
+        log.info("http listening on %s:%d", *address)
+        async with trio.open_nursery() as accepting:
+            accepting.start_soon(
+                functools.partial(
+                    trio.serve_listeners, connection, [listener], handler_nursery=handlers
                 )
             )
             task_status.started(address)
-    finally:
-        sock.close()
+            await shutdown.wait()
+            accepting.cancel_scope.cancel()
+        for scope in list(ws_scopes):
+            scope.cancel()
+        await context.terminated.set()  # idle keep-alive connections close
+        handlers.cancel_scope.deadline = trio.current_time() + hc.graceful_timeout
+
+
+async def _read_head(stream: trio.SocketStream) -> bytes:
+    """The bytes up to the end of the first request head (b"" if none comes in time)."""
+    data = b""
+    with trio.move_on_after(HEAD_TIMEOUT_SECONDS):
+        while b"\r\n\r\n" not in data and len(data) <= MAX_HEAD_BYTES:
+            try:
+                chunk = await stream.receive_some(MAX_HEAD_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return b""
+            if not chunk:
+                return data  # hypercorn answers what it can of a truncated request
+            data += chunk
+        return data
+    return b""
+
+
+def _websocket_path(head: bytes) -> str | None:
+    """The path of a ``GET`` that asks to upgrade to WebSocket, else None."""
+    lines = head.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[0] != b"GET":
+        return None
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"upgrade" and value.strip().lower() == b"websocket":
+            return parts[1].split(b"?", 1)[0].decode("latin-1")
+    return None
+
+
+class _Replay(trio.abc.HalfCloseableStream):
+    """A socket stream that first gives back bytes already read from it."""
+
+    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
+        self._stream = stream
+        self._prefix = prefix
+        self.socket = stream.socket  # hypercorn reads the addresses from it
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            data, self._prefix = self._prefix, b""
+            return data
+        return bytes(await self._stream.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
