@@ -198,3 +198,14 @@ async def test_brain_restart_mid_stream_loses_nothing_and_duplicates_nothing(
     ids = [e["body"]["id"] for e in read_events(config)]
     assert sorted(ids) == sorted(f"b{b}-{i}" for b in range(12) for i in range(5))
     assert acked == {f"b{b}" for b in range(10)}
+
+
+async def test_graceful_shutdown_closes_agents_with_1001(config: Config) -> None:
+    token, secret, _ = await provision(config)
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            async with raw_agent(brain.addresses.http, token, secret) as agent:
+                await agent.send(events(2), frame_id="before")
+                assert isinstance((await agent.receive()).payload, f.EventBatchAck)
+                brain.shutdown.set()
+                assert await agent.closed_with() == 1001

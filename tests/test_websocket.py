@@ -1,0 +1,248 @@
+"""The HTTP port's own WebSocket layer (z4j.websocket) and its routing, over real sockets.
+
+A wsproto client sends exactly the bytes each case needs: fragmented
+messages, pings, oversize and malformed frames. Plain HTTP on the same port
+still goes to hypercorn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Pong,
+    RejectConnection,
+    Request,
+    TextMessage,
+)
+
+from z4j import http
+from z4j.http import HealthChecks, build_app, serve_http
+from z4j.testing.brain import make_config, wait_until
+
+Scope = dict[str, Any]
+
+
+class Recorder:
+    """Handlers for the test server; records what each connection's handler saw."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+
+    async def echo(self, scope: Scope, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        while True:
+            message = await receive()
+            self.seen.append(message)
+            if message["type"] == "websocket.disconnect":
+                return
+            await send({**message, "type": "websocket.send"})
+
+    async def fail(self, scope: Scope, receive: Any, send: Any) -> None:
+        await send({"type": "websocket.accept"})
+        raise RuntimeError("boom")
+
+    async def refuse(self, scope: Scope, receive: Any, send: Any) -> None:
+        await send({"type": "websocket.close", "code": 1013})
+
+    async def headers(self, scope: Scope, receive: Any, send: Any) -> None:
+        await send({"type": "websocket.accept"})
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        await send({"type": "websocket.send", "bytes": auth})
+
+
+@asynccontextmanager
+async def server(
+    tmp_path: Path, **overrides: Any
+) -> AsyncIterator[tuple[int, Recorder, trio.Event]]:
+    config = make_config(tmp_path / "data", **overrides)
+    recorder = Recorder()
+    shutdown = trio.Event()
+    handlers = {
+        "/echo": recorder.echo,
+        "/fail": recorder.fail,
+        "/refuse": recorder.refuse,
+        "/headers": recorder.headers,
+    }
+    async with trio.open_nursery() as nursery:
+        _, port = await nursery.start(
+            lambda task_status: serve_http(
+                config,
+                build_app(HealthChecks()),
+                shutdown=shutdown,
+                websockets=handlers,
+                task_status=task_status,
+            )
+        )
+        yield port, recorder, shutdown
+        shutdown.set()
+
+
+class Client:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.CLIENT)
+
+    async def send(self, event: Any) -> None:
+        await self.stream.send_all(self.ws.send(event))
+
+    async def next_event(self) -> Any:
+        while True:
+            for event in self.ws.events():
+                return event
+            data = await self.stream.receive_some(65536)
+            self.ws.receive_data(data or None)
+
+
+@asynccontextmanager
+async def client(
+    port: int, path: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> AsyncIterator[Client]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        c = Client(stream)
+        await c.send(Request(host="localhost", target=path, extra_headers=headers or []))
+        yield c
+
+
+async def accepted(c: Client) -> None:
+    assert isinstance(await c.next_event(), AcceptConnection)
+
+
+async def test_messages_whole_and_fragmented_are_echoed_and_pings_answered(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async with server(tmp_path) as (port, recorder, _):
+            async with client(port, "/echo") as c:
+                await accepted(c)
+                await c.send(BytesMessage(b"one"))
+                assert (await c.next_event()).data == b"one"
+                await c.send(TextMessage("two"))
+                assert (await c.next_event()).data == "two"
+                await c.send(BytesMessage(b"thr", message_finished=False))
+                await c.send(BytesMessage(b"ee", message_finished=True))
+                assert (await c.next_event()).data == b"three"
+                await c.send(Ping(b"p"))
+                pong = await c.next_event()
+                assert isinstance(pong, Pong) and pong.payload == b"p"
+                await c.send(CloseConnection(code=1000))
+                closed = await c.next_event()
+                assert isinstance(closed, CloseConnection) and closed.code == 1000
+            assert [m.get("bytes", m.get("text")) for m in recorder.seen[:3]] == [
+                b"one",
+                "two",
+                b"three",
+            ]
+            assert recorder.seen[-1] == {"type": "websocket.disconnect", "code": 1000}
+
+
+async def test_an_oversize_message_is_closed_1009_even_in_fragments(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async with server(tmp_path, ws_max_frame_bytes=1000) as (port, recorder, _):
+            async with client(port, "/echo") as c:
+                await accepted(c)
+                await c.send(BytesMessage(b"x" * 600, message_finished=False))
+                await c.send(BytesMessage(b"x" * 600, message_finished=True))
+                closed = await c.next_event()
+                assert isinstance(closed, CloseConnection) and closed.code == 1009
+            await wait_until(lambda: recorder.seen)
+            assert recorder.seen == [{"type": "websocket.disconnect", "code": 1009}]
+
+
+async def test_a_malformed_frame_is_closed_1002(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async with server(tmp_path) as (port, recorder, _):
+            async with client(port, "/echo") as c:
+                await accepted(c)
+                await c.stream.send_all(b"\x82\x03abc")  # unmasked: clients must mask
+                closed = await c.next_event()
+                assert isinstance(closed, CloseConnection) and closed.code == 1002
+            await wait_until(lambda: recorder.seen)
+            assert recorder.seen[-1]["code"] == 1002
+
+
+@pytest.mark.parametrize(("path", "code"), [("/fail", 1011), ("/refuse", 1013)])
+async def test_handler_failure_and_refusal_reach_the_peer_as_close_codes(
+    tmp_path: Path, path: str, code: int
+) -> None:
+    with trio.fail_after(10):
+        async with server(tmp_path) as (port, _, _):
+            async with client(port, path) as c:
+                await accepted(c)
+                closed = await c.next_event()
+                assert isinstance(closed, CloseConnection) and closed.code == code
+
+
+async def test_shutdown_closes_websockets_1001(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async with server(tmp_path) as (port, _, shutdown):
+            async with client(port, "/echo") as c:
+                await accepted(c)
+                shutdown.set()
+                closed = await c.next_event()
+                assert isinstance(closed, CloseConnection) and closed.code == 1001
+
+
+async def test_handlers_see_the_request_headers(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async with server(tmp_path) as (port, _, _):
+            async with client(port, "/headers", [(b"Authorization", b"Bearer t")]) as c:
+                await accepted(c)
+                assert (await c.next_event()).data == b"Bearer t"
+
+
+async def test_a_bad_handshake_gets_an_http_error(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async with server(tmp_path) as (port, _, _):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(
+                    b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\n\r\n"  # no key, no version
+                )
+                reply = await read_until_closed(stream)
+            assert reply.startswith(b"HTTP/1.1 400") or reply.startswith(b"HTTP/1.1 426")
+
+
+async def test_plain_http_and_unknown_websocket_paths_go_to_the_asgi_app(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async with server(tmp_path) as (port, _, _):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                # Two requests on one keep-alive connection: hypercorn serves both.
+                request = b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+                await stream.send_all(request + request)
+                replies = b""
+                while replies.count(b'{"status":"live"}') < 2:
+                    replies += await stream.receive_some(65536)
+                assert replies.startswith(b"HTTP/1.1 200")
+            async with client(port, "/nowhere") as c:
+                assert isinstance(await c.next_event(), RejectConnection)
+
+
+async def test_a_silent_connection_is_dropped_after_the_head_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http, "HEAD_TIMEOUT_SECONDS", 0.3)
+    with trio.fail_after(10):
+        async with server(tmp_path) as (port, _, _):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                assert await read_until_closed(stream) == b""
+
+
+async def read_until_closed(stream: trio.SocketStream) -> bytes:
+    data = b""
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    return data
