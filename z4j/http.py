@@ -1,8 +1,12 @@
-"""The brain's HTTP port, served by hypercorn's Trio worker.
+"""The brain's HTTP port: hypercorn for HTTP, z4j.websocket for WebSockets.
 
-For now: ``/health/live`` and ``/health/ready``. The dashboard, REST API,
-``/metrics`` and the WebSocket endpoints mount on the same ASGI app as
-they land.
+`serve_http` accepts connections itself and reads each one's request head:
+WebSocket upgrades to a known path (``/ws/agent``) are served by the lean
+wsproto connection of `z4j.websocket`, one task each, because thousands of
+idle agents sit on them; everything else is handed, bytes replayed, to
+hypercorn's Trio connection class and the ASGI app of `build_app`
+(``/health/live``, ``/health/ready``; the dashboard, REST API and
+``/metrics`` mount there as they land).
 """
 
 from __future__ import annotations
