@@ -20,7 +20,7 @@ import trio
 import z4j.ingest
 from z4j.config import Config
 from z4j.protocol.ingest import ERROR, OK, encode_frame, token_hash
-from z4j.testing.brain import make_config, read_events, running_brain, wait_until
+from z4j.testing.brain import http_get, make_config, read_events, running_brain, wait_until
 
 
 def records(batch: int, count: int, kind: str = "log") -> list[dict[str, object]]:
@@ -200,7 +200,7 @@ async def test_full_buffer_answers_error_and_keeps_what_it_has(
                 await client.ping()  # a full buffer still answers pings
             assert brain.stats.ingest_rejected["buffer_full"] == 1
             assert brain.buffer_depth() == 5
-            reply = await _get(brain.addresses.http, "/health/ready")
+            reply = await http_get(brain.addresses.http, "/health/ready")
             assert reply[0] == 503 and "buffer full" in reply[1]
         # Same buffer file, now with a store that answers: all 10 records land.
         if lock is not None:
@@ -215,35 +215,25 @@ async def test_full_buffer_answers_error_and_keeps_what_it_has(
     ]
 
 
-async def _get(address: tuple[str, int], path: str) -> tuple[int, str]:
-    stream = await trio.open_tcp_stream(*address)
-    async with stream:
-        await stream.send_all(
-            f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
-        )
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body.decode()
-
-
 async def test_health_endpoints(config: Config) -> None:
     with trio.fail_after(30):
         async with running_brain(config) as brain:
-            assert await _get(brain.addresses.http, "/health/live") == (200, '{"status":"live"}')
+            assert await http_get(brain.addresses.http, "/health/live") == (
+                200,
+                '{"status":"live"}',
+            )
             await wait_until(lambda: brain.stats is not None)
 
             async def ready() -> bool:
-                return (await _get(brain.addresses.http, "/health/ready"))[0] == 200
+                return (await http_get(brain.addresses.http, "/health/ready"))[0] == 200
 
             await wait_until(ready)
-            status, body = await _get(brain.addresses.http, "/health/ready")
-            assert orjson.loads(body) == {
-                "status": "ready",
-                "checks": {"buffer": "ok", "store": "ok"},
-            }
-            status, body = await _get(brain.addresses.http, "/nope")
+            status, body = await http_get(brain.addresses.http, "/health/ready")
+            checks = {"buffer": "ok", "store": "ok"}
+            if config.database_url:
+                checks["pool"] = "ok"
+            assert orjson.loads(body) == {"status": "ready", "checks": checks}
+            status, body = await http_get(brain.addresses.http, "/nope")
             assert status == 404 and orjson.loads(body)["error"] == "not_found"
 
 

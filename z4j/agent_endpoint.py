@@ -263,6 +263,7 @@ class AgentEndpoint:
             return None
         hello = hello_frame.payload
         assert isinstance(hello, f.Hello)
+        self._stats.agent_frames["hello"] += 1
         protocol.hello = None  # stored below; not kept per connection
         worker_id = hello.worker_id or f"conn-{uuid.uuid4().hex[:12]}"
         key = (agent.id, worker_id)
@@ -346,6 +347,7 @@ class AgentEndpoint:
                     del message, data
                     now = session.last_frame = trio.current_time()
                     payload = frame.payload
+                    self._stats.agent_frames[frame.type] += 1
                     count = len(payload.events) if isinstance(payload, f.EventBatch) else 0
                     if not (frames.take(1, now) and events.take(count, now)):
                         code = await self._over_rate_limit(session)

@@ -23,6 +23,7 @@ buffer file, and rows leave that file only after the store has them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -41,9 +42,11 @@ from .heartbeat import Heartbeat
 from .http import HealthChecks, build_app, serve_http
 from .ingest_server import IngestServer
 from .maintenance import Maintenance
+from .metrics import brain_registry, render
 from .stats import BrainStats
 from .store import Store, StoreUnavailable, store_for
 from .store.base import InstanceInfo
+from .store.postgres import PostgresStore
 
 __all__ = ["Brain", "serve_brain"]
 
@@ -123,6 +126,7 @@ async def serve_brain(
     stats = stats if stats is not None else BrainStats()
     instance_id = uuid.uuid4()
     store = store_for(config, application_name=f"z4j-{instance_id.hex[:8]}")
+    store.observe_query = stats.db_query_seconds.observe
     buffer = await Buffer.open(config.resolved_buffer_path, max_rows=config.buffer_max_rows)
     try:
         async with trio.open_nursery() as nursery:
@@ -163,11 +167,17 @@ async def serve_brain(
             ingest_address = await nursery.start(run_ingest)
 
             health = _health_checks(store, store_ready, buffer)
+            registry = brain_registry(
+                stats,
+                buffer,
+                instance_id=str(instance_id),
+                pool_statistics=store.pool.statistics if isinstance(store, PostgresStore) else None,
+            )
             agents = AgentEndpoint(
                 config, store, buffer, stats, instance_id=instance_id, store_ready=store_ready
             )
             await nursery.start(agents.run)
-            commands = Commands(store)
+            commands = Commands(store, stats=stats)
             commands.sessions = agents
             agents.commands = commands
             await nursery.start(commands.run_sweeper, store_ready)
@@ -177,7 +187,7 @@ async def serve_brain(
                 try:
                     await serve_http(
                         config,
-                        build_app(health),
+                        build_app(health, metrics=functools.partial(render, registry)),
                         shutdown=http_shutdown,
                         websockets={"/ws/agent": agents},
                         task_status=task_status,
@@ -275,4 +285,14 @@ def _health_checks(store: Store, store_ready: trio.Event, buffer: Buffer) -> Hea
 
     health.add("store", store_check)
     health.add("buffer", buffer_check)
+    if isinstance(store, PostgresStore):
+        pool = store.pool
+
+        async def pool_check() -> str | None:
+            stats = pool.statistics()
+            if stats.in_use >= stats.size and stats.waiting:
+                return f"pool exhausted: {stats.in_use} of {stats.size} in use, {stats.waiting} waiting"
+            return None
+
+        health.add("pool", pool_check)
     return health

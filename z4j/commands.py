@@ -29,7 +29,7 @@ from typing import Any
 import trio
 
 from .protocol.agent import frames as f
-from .stats import ThrottledLog
+from .stats import BrainStats, ThrottledLog
 from .store.base import FINAL_COMMAND_STATES, CommandRecord, Store
 
 __all__ = ["SWEEP_SECONDS", "CommandError", "Commands"]
@@ -46,8 +46,15 @@ class CommandError(Exception):
 class Commands:
     """Mint, deliver and follow commands; ``await brain.commands.send(...)``."""
 
-    def __init__(self, store: Store, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        stats: BrainStats | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._store = store
+        self._stats = stats if stats is not None else BrainStats()
         self._clock = clock
         self.sessions: Any = None  # the AgentEndpoint: live sessions by (agent, worker)
         self._sent: dict[uuid.UUID, Any] = {}  # command id -> session it went to
@@ -98,7 +105,8 @@ class Commands:
             error=None,
         )
         await self._store.create_command(record)
-        await self.deliver(record)
+        if not await self.deliver(record):
+            self._stats.command_dispatch["no_session"] += 1
         return record
 
     async def _find_agent(self, agent: uuid.UUID | str, project: str | None) -> Any:
@@ -187,6 +195,7 @@ class Commands:
             self._log.warning("deliver", "delivering command %s failed: %s", record.id, exc)
             return False
         self._sent[record.id] = session
+        self._stats.command_dispatch["local"] += 1
         return True
 
     async def session_opened(self, agent_id: uuid.UUID) -> None:

@@ -229,7 +229,9 @@ class Drainer:
         stats.drain_batches += 1
         stats.drain_rows += len(done.claim.rows)
         stats.drain_records_stored += done.records
-        stats.drain_seconds_total += done.seconds + time.monotonic() - started
+        seconds = done.seconds + time.monotonic() - started
+        stats.drain_seconds_total += seconds
+        stats.drain_batch_seconds.observe(seconds)
 
     async def _write_or_isolate(self, worker: int, claim: Claim, rows: Sequence[ClaimedRow]) -> int:
         """Write ``rows``; if the store rejects their data, bisect to the culprits.

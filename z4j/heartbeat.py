@@ -40,17 +40,23 @@ class Heartbeat:
         self.info = info
         self._interval = interval
         self._store_ready = store_ready
-        self._ingest = RateMeter(stats.ingest_records_ok)
+        self._ingest = RateMeter(self._received())
         self._drain = RateMeter(stats.drain_records_stored)
         self._log = ThrottledLog(log, interval=60.0)
 
+    def _received(self) -> int:
+        """Records taken in: TCP records and agent events."""
+        return self._stats.ingest_records_ok + self._stats.agent_events_ok
+
     def snapshot(self, *, stopped: bool = False) -> InstanceInfo:
         now = time.time()
+        self._stats.ingest_rate = self._ingest.rate(self._received())
+        self._stats.drain_rate = self._drain.rate(self._stats.drain_records_stored)
         self.info = attrs.evolve(
             self.info,
             last_seen=now,
-            ingest_rate=self._ingest.rate(self._stats.ingest_records_ok),
-            drain_rate=self._drain.rate(self._stats.drain_records_stored),
+            ingest_rate=self._stats.ingest_rate,
+            drain_rate=self._stats.drain_rate,
             buffer_depth=self._buffer.statistics().depth,
             stopped_at=now if stopped else None,
         )

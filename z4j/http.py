@@ -33,6 +33,7 @@ __all__ = ["HealthChecks", "build_app", "serve_http"]
 
 log = logging.getLogger("z4j.http")
 
+METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 HEAD_TIMEOUT_SECONDS = 10.0
 MAX_HEAD_BYTES = 16384
 
@@ -89,8 +90,13 @@ async def _json(send: Send, status: int, body: object) -> None:
 Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-def build_app(health: HealthChecks) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
-    """The brain's ASGI app for plain HTTP (WebSockets are `serve_http`'s)."""
+def build_app(
+    health: HealthChecks, *, metrics: Callable[[], bytes] | None = None
+) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """The brain's ASGI app for plain HTTP (WebSockets are `serve_http`'s).
+
+    ``metrics`` renders the Prometheus text served at ``/metrics``.
+    """
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -111,6 +117,20 @@ def build_app(health: HealthChecks) -> Callable[[Scope, Receive, Send], Awaitabl
         path = scope["path"]
         if scope["method"] not in ("GET", "HEAD"):
             await _json(send, 405, {"error": "method_not_allowed", "message": "use GET"})
+        elif path == "/metrics" and metrics is not None:
+            body = metrics()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", METRICS_CONTENT_TYPE),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"cache-control", b"no-store"),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
         elif path == "/health/live":
             await _json(send, 200, {"status": "live"})
         elif path == "/health/ready":

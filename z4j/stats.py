@@ -1,19 +1,49 @@
 """Counters the brain keeps about itself.
 
 Plain integers on one object, bumped on the Trio thread: cheap enough for
-the per-payload hot path. The heartbeat turns them into rates, the health
-endpoint and (later) /metrics read them.
+the per-payload hot path. The heartbeat turns them into rates; /metrics
+(z4j/metrics.py) reads them at scrape time, so the hot path never touches
+the Prometheus client.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections import Counter
 
 import attrs
 
-__all__ = ["BrainStats", "RateMeter", "ThrottledLog"]
+__all__ = ["BrainStats", "Histogram", "RateMeter", "ThrottledLog"]
+
+# Seconds: from a fast SQLite read to a store write that waits on a lock.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@attrs.define
+class Histogram:
+    """Counts of observations per bucket (upper bounds), their sum and count."""
+
+    bounds: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = attrs.field(
+        default=attrs.Factory(lambda self: [0] * (len(self.bounds) + 1), takes_self=True)
+    )
+    sum: float = 0.0
+    count: int = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, observations ≤ it) per bucket, ending with +Inf."""
+        total, out = 0, []
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += n
+            out.append((bound, total))
+        return out
 
 
 @attrs.define
@@ -30,9 +60,16 @@ class BrainStats:
     drain_failures: int = 0
     drain_quarantined: int = 0
     drain_seconds_total: float = 0.0
+    drain_batch_seconds: Histogram = attrs.field(factory=Histogram)
     agent_sessions_open: int = 0
     agent_events_ok: int = 0
+    agent_frames: Counter[str] = attrs.field(factory=Counter)  # by frame type
     agent_rejected: Counter[str] = attrs.field(factory=Counter)
+    command_dispatch: Counter[str] = attrs.field(factory=Counter)  # local, no_session
+    db_query_seconds: Histogram = attrs.field(factory=Histogram)
+    # Set by the heartbeat: records/s over its last interval.
+    ingest_rate: float = 0.0
+    drain_rate: float = 0.0
 
 
 class RateMeter:

@@ -8,7 +8,7 @@ so tests and future stores slot in without touching the drain or heartbeat.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Literal, Protocol
 
 import attrs
@@ -105,6 +105,9 @@ class InstanceInfo:
 class Store(Protocol):
     @property
     def kind(self) -> Literal["postgres", "sqlite"]: ...
+
+    # Called with the seconds each query took (for the query histogram).
+    observe_query: Callable[[float], None]
 
     async def migrate(self) -> list[int]:
         """Apply pending migrations; return the versions applied now."""

@@ -19,9 +19,10 @@ so that replicas do not race.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 import weakref
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
@@ -133,6 +134,8 @@ class PostgresStore:
 
     def __init__(self, pool: PgPool) -> None:
         self.pool = pool
+        # Called with each query's seconds; the brain points it at its stats.
+        self.observe_query: Callable[[float], None] = _ignore
         self._partitions: set[date] = set()
         self._staged: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
 
@@ -153,10 +156,13 @@ class PostgresStore:
         await self.pool.aclose()
 
     async def _run(self, fn: Any, *args: Any, autocommit: bool = False) -> Any:
+        started = time.perf_counter()
         try:
             return await self.pool.run(fn, *args, autocommit=autocommit)
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(f"postgres: {exc}".strip()) from exc
+        finally:
+            self.observe_query(time.perf_counter() - started)
 
     # -- schema ------------------------------------------------------------------
 
@@ -763,3 +769,7 @@ def _insert_command(conn: psycopg.Connection[Any], command: CommandRecord) -> No
         f"command:{command.id}",
         created_details(command),
     )
+
+
+def _ignore(seconds: float) -> None:
+    pass

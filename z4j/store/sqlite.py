@@ -49,6 +49,8 @@ class SqliteStore:
         self.path = path
         self._db: sqlite3.Connection | None = None
         self._limiter = trio.CapacityLimiter(1)
+        # Called with each query's seconds; the brain points it at its stats.
+        self.observe_query: Callable[[float], None] = _ignore
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         def call() -> T:
@@ -61,10 +63,13 @@ class SqliteStore:
                 self._db = db
             return fn(self._db, *args)
 
+        started = time.perf_counter()
         try:
             return await trio.to_thread.run_sync(call, limiter=self._limiter)
         except sqlite3.OperationalError as exc:
             raise StoreUnavailable(f"sqlite store {self.path}: {exc}") from exc
+        finally:
+            self.observe_query(time.perf_counter() - started)
 
     async def aclose(self) -> None:
         def close() -> None:
@@ -622,3 +627,7 @@ def _insert_command(db: sqlite3.Connection, command: CommandRecord) -> None:
         )
 
     _transaction(db, run)
+
+
+def _ignore(seconds: float) -> None:
+    pass

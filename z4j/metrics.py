@@ -1,0 +1,202 @@
+"""``/metrics``: the brain's counters in the Prometheus text format.
+
+Nothing here runs on the hot path. The ingest, agent and drain code bump
+plain integers on `BrainStats`; at scrape time `BrainCollector` reads them,
+with the buffer's and the pool's state, and renders metric families. Each
+brain has its own registry, so several brains in one process (tests, an
+embedding program) do not mix.
+
+Every metric is listed, with its type and meaning, in docs/operations.md;
+``tests/test_metrics.py`` checks the two agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+from ._version import __version__
+from .buffer import Buffer
+from .stats import BrainStats, Histogram
+
+__all__ = ["CONTENT_TYPE_LATEST", "BrainCollector", "brain_registry", "render"]
+
+
+def brain_registry(
+    stats: BrainStats,
+    buffer: Buffer,
+    *,
+    instance_id: str,
+    pool_statistics: Callable[[], Any] | None = None,
+) -> CollectorRegistry:
+    """A registry with this brain's metrics and the process's (``z4j_process_*``)."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(BrainCollector(stats, buffer, instance_id, pool_statistics))
+    ProcessCollector(namespace="z4j", registry=registry)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
+
+
+class BrainCollector(Collector):
+    def __init__(
+        self,
+        stats: BrainStats,
+        buffer: Buffer,
+        instance_id: str,
+        pool_statistics: Callable[[], Any] | None,
+    ) -> None:
+        self._stats = stats
+        self._buffer = buffer
+        self._instance_id = instance_id
+        self._pool_statistics = pool_statistics
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats
+        info = GaugeMetricFamily(
+            "z4j_brain_info", "This brain: version and instance id", labels=["version", "instance"]
+        )
+        info.add_metric([__version__, self._instance_id], 1)
+        yield info
+
+        # -- ingest (TCP) ----------------------------------------------------------
+        yield _gauge(
+            "z4j_ingest_connections_open", "Open ingest connections", s.ingest_connections_open
+        )
+        yield _counter(
+            "z4j_ingest_connections", "Ingest connections accepted", s.ingest_connections_total
+        )
+        payloads = CounterMetricFamily(
+            "z4j_ingest_payloads",
+            "Ingest payloads answered, by outcome (ok, or the rejection reason)",
+            labels=["outcome"],
+        )
+        payloads.add_metric(["ok"], s.ingest_payloads_ok)
+        for reason, n in sorted(s.ingest_rejected.items()):
+            payloads.add_metric([reason], n)
+        yield payloads
+        records = CounterMetricFamily(
+            "z4j_ingest_records", "Records in payloads answered 2:OK", labels=["outcome"]
+        )
+        records.add_metric(["ok"], s.ingest_records_ok)
+        yield records
+        yield _counter("z4j_ingest_pings", "Ingest pings answered", s.ingest_pings)
+        yield _gauge(
+            "z4j_ingest_records_per_second",
+            "Records taken in (TCP records and agent events) per second, last heartbeat interval",
+            s.ingest_rate,
+        )
+
+        # -- agents ----------------------------------------------------------------
+        yield _gauge(
+            "z4j_agent_sessions",
+            "Live agent sessions (workers) on this brain",
+            s.agent_sessions_open,
+        )
+        frames = CounterMetricFamily(
+            "z4j_agent_frames_received", "Agent frames accepted, by frame type", labels=["type"]
+        )
+        for kind, n in sorted(s.agent_frames.items()):
+            frames.add_metric([kind], n)
+        yield frames
+        rejected = CounterMetricFamily(
+            "z4j_agent_rejections",
+            "Agent connections, frames and batches refused, by reason",
+            labels=["reason"],
+        )
+        for reason, n in sorted(s.agent_rejected.items()):
+            rejected.add_metric([reason], n)
+        yield rejected
+        yield _counter(
+            "z4j_agent_events",
+            "Agent events acknowledged (durable in the buffer)",
+            s.agent_events_ok,
+        )
+        dispatch = CounterMetricFamily(
+            "z4j_command_dispatch",
+            "Commands sent to a worker on this brain (local), or minted with none live (no_session)",
+            labels=["route"],
+        )
+        for route in ("local", "no_session"):
+            dispatch.add_metric([route], s.command_dispatch[route])
+        yield dispatch
+
+        # -- buffer ----------------------------------------------------------------
+        buffer = self._buffer.statistics()
+        yield _gauge("z4j_buffer_depth_rows", "Payloads in the buffer file", buffer.depth)
+        yield _gauge("z4j_buffer_capacity_rows", "Z4J_BUFFER_MAX_ROWS", buffer.max_rows)
+        yield _gauge(
+            "z4j_buffer_utilisation_ratio",
+            "Buffer depth (and admitted, uncommitted rows) over capacity",
+            (buffer.depth + buffer.reserved) / buffer.max_rows,
+        )
+        yield _counter("z4j_buffer_commits", "Buffer group commits", buffer.commits_total)
+
+        # -- drain -----------------------------------------------------------------
+        yield _counter("z4j_drain_batches", "Batches drained into the store", s.drain_batches)
+        yield _counter("z4j_drain_records", "Records stored by the drains", s.drain_records_stored)
+        yield _counter(
+            "z4j_drain_failures", "Drain batches that failed (retried)", s.drain_failures
+        )
+        yield _counter(
+            "z4j_drain_quarantined_rows",
+            "Buffered payloads the store refused, moved to dead_letter",
+            s.drain_quarantined,
+        )
+        yield _gauge(
+            "z4j_drain_records_per_second",
+            "Records stored per second, last heartbeat interval",
+            s.drain_rate,
+        )
+        yield _histogram(
+            "z4j_drain_batch_duration_seconds",
+            "Time to store one drained batch",
+            s.drain_batch_seconds,
+        )
+
+        # -- store -----------------------------------------------------------------
+        yield _histogram(
+            "z4j_db_query_duration_seconds",
+            "Store calls, from the Trio side (waiting for a connection included)",
+            s.db_query_seconds,
+        )
+        if self._pool_statistics is not None:
+            pool = self._pool_statistics()
+            connections = GaugeMetricFamily(
+                "z4j_db_pool_connections", "Postgres pool connections by state", labels=["state"]
+            )
+            connections.add_metric(["in_use"], pool.in_use)
+            connections.add_metric(["idle"], pool.idle)
+            yield connections
+            yield _gauge("z4j_db_pool_size", "Z4J_DB_POOL_SIZE", pool.size)
+            yield _gauge(
+                "z4j_db_pool_waiting", "Tasks waiting for a pooled connection", pool.waiting
+            )
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)
+
+
+def _histogram(name: str, documentation: str, histogram: Histogram) -> HistogramMetricFamily:
+    buckets = [
+        ("+Inf" if bound == float("inf") else repr(bound), count)
+        for bound, count in histogram.cumulative()
+    ]
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=histogram.sum)
