@@ -386,3 +386,16 @@ def test_every_variable_is_in_the_configuration_page() -> None:
     text = DOC.read_text(encoding="utf-8")
     missing = [env_name(name) for name in FIELDS if f"`{env_name(name)}`" not in text]
     assert missing == [], f"docs/configuration.md does not mention {missing}"
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "message"),
+    [
+        ("Z4J_WS_HEARTBEAT_INTERVAL_SECONDS", "4000", "must be between 1 and 3600"),
+        ("Z4J_WS_MAX_FRAME_BYTES", "100", "must be between 1024 and 67108864"),
+    ],
+)
+def test_agent_settings_stay_within_what_hello_ack_can_carry(
+    var: str, value: str, message: str
+) -> None:
+    assert config_error(env={var: value}).startswith(f"{var}: {message}")

@@ -1,6 +1,6 @@
-"""``/ws/agent``: the brain's side of agent protocol v2, over ASGI WebSockets.
+"""``/ws/agent``: the brain's side of agent protocol v2.
 
-One task per connection (hypercorn's), driving the sans-IO `AgentProtocol`:
+One task per connection (z4j.websocket's), driving the sans-IO `AgentProtocol`:
 
 1. the bearer token is looked up by its keyed hash; unknown or revoked:
    accept, then close 4401 (what z4j agents treat as "bad credentials");
@@ -61,6 +61,9 @@ CLOSE_IDLE = 4408
 CLOSE_CAP = 4429
 CLOSE_TRY_LATER = 1013  # the store is not reachable: reconnect later
 HELLO_TIMEOUT_SECONDS = 10.0
+# How long a new connection waits for the store before 1013: well inside
+# the 10 s agents give the upgrade, so they see the code, not a timeout.
+STORE_WAIT_SECONDS = 3.0
 # Batches one connection may have waiting for durability; beyond it we stop
 # reading, and TCP pushes back on the agent.
 MAX_BATCHES_IN_FLIGHT = 64
@@ -202,7 +205,7 @@ class AgentEndpoint:
         if token is not None:
             # Just after start the store may not be migrated yet: a moment's
             # wait, then "try again later" (1013), never "bad token".
-            with trio.move_on_after(HELLO_TIMEOUT_SECONDS):
+            with trio.move_on_after(STORE_WAIT_SECONDS):
                 await self._store_ready.wait()
             try:
                 if not self._store_ready.is_set():
@@ -298,16 +301,22 @@ class AgentEndpoint:
                     ),
                 }
             )
-            await self._store.worker_connected(
-                agent.id,
-                worker_id,
-                role=hello.worker_role,
-                hello=f.unstructure_payload(hello),
-                instance_id=self._instance_id,
-                at=time.time(),
-            )
-            if self.commands is not None:
-                await self.commands.session_opened(agent.id)
+            try:
+                await self._store.worker_connected(
+                    agent.id,
+                    worker_id,
+                    role=hello.worker_role,
+                    hello=f.unstructure_payload(hello),
+                    instance_id=self._instance_id,
+                    at=time.time(),
+                )
+                if self.commands is not None:
+                    await self.commands.session_opened(agent.id)
+            except Exception as exc:
+                # The store failed under us: the worker row and waiting
+                # commands catch up later (the sweep); events flow now.
+                self._reject("store_error")
+                self._log.warning("store", "recording a new worker failed: %s", exc)
         except BaseException:
             self._stats.agent_sessions_open -= 1
             if self.sessions.get(key) is session:

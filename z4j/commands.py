@@ -119,10 +119,10 @@ class Commands:
         found = await self._store.find_agent(str(agent), project_id)
         if found is None:
             raise CommandError(
-                f"no agent {agent!r}" + (f" in project {project!r}" if project else "")
+                f"no agent {str(agent)!r}" + (f" in project {project!r}" if project else "")
             )
         if found.revoked:
-            raise CommandError(f"agent {agent!r} is revoked")
+            raise CommandError(f"agent {str(agent)!r} is revoked")
         return found
 
     async def cancel(

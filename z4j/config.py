@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +36,18 @@ class ConfigError(ValueError):
 def _positive(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if value <= 0:
         raise ValueError(f"must be greater than 0, got {value!r}")
+
+
+def _between(low: float, high: float) -> Callable[[object, attrs.Attribute[Any], float], None]:
+    """A range check; the agent protocol's limits, so hello_ack can carry the value."""
+
+    def check(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
+        if value <= 0:
+            raise ValueError(f"must be greater than 0, got {value!r}")
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low!r} and {high!r}, got {value!r}")
+
+    return check
 
 
 def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -93,9 +105,9 @@ class Config:
     shutdown_grace_seconds: float = attrs.field(default=10.0, validator=_non_negative)
     heartbeat_seconds: float = attrs.field(default=5.0, validator=_positive)
     instance_name: str | None = None
-    ws_max_frame_bytes: int = attrs.field(default=1024 * 1024, validator=_positive)
+    ws_max_frame_bytes: int = attrs.field(default=1024 * 1024, validator=_between(1024, 64 * MiB))
     ws_per_agent_concurrency_cap: int = attrs.field(default=64, validator=_positive)
-    ws_heartbeat_interval_seconds: int = attrs.field(default=10, validator=_positive)
+    ws_heartbeat_interval_seconds: int = attrs.field(default=10, validator=_between(1, 3600))
     ws_rate_limit_frames_per_second: int = attrs.field(default=20_000, validator=_positive)
     ws_rate_limit_events_per_second: int = attrs.field(default=200_000, validator=_positive)
     secret: str | None = attrs.field(
@@ -142,9 +154,9 @@ HELP: dict[str, str] = {
     "shutdown_grace_seconds": "Time a graceful stop (SIGTERM/SIGINT) may take.",
     "heartbeat_seconds": "Interval of this instance's row update in `instances`.",
     "instance_name": "Name shown for this instance. Default: HOST:PID.",
-    "ws_max_frame_bytes": "Largest agent WebSocket message; larger ones close the connection (1009).",
+    "ws_max_frame_bytes": "Largest agent WebSocket message, 1 KiB to 64 MiB; larger ones close the connection (1009).",
     "ws_per_agent_concurrency_cap": "Live workers (connections) one agent may hold; more are closed 4429.",
-    "ws_heartbeat_interval_seconds": "Heartbeat interval told to agents; 3 missed intervals close (4408).",
+    "ws_heartbeat_interval_seconds": "Heartbeat interval told to agents, 1 to 3600; 3 missed intervals close (4408).",
     "ws_rate_limit_frames_per_second": "Frames one agent connection may send per second, in bursts of up to a second's worth; more close it (4429).",
     "ws_rate_limit_events_per_second": "Events one agent connection may send per second, in bursts of up to a second's worth; more close it (4429).",
     "secret": "Master secret (32+ characters) that agent signing keys derive from. Unset: generated once into DATA_DIR/secret; replicas must share one.",

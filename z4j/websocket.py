@@ -2,9 +2,10 @@
 
 Thousands of agents hold idle connections to one brain, so what each costs
 matters. hypercorn runs several tasks, channels and locks per WebSocket;
-here a connection is one Trio task, its socket, a wsproto state machine and
-a send lock (~10 KiB less per connection, measured with
-``benchmarks/agents.py``).
+here a connection is one Trio task, its socket and wsproto's frame-level
+state machine; writes are serialised by a flag, with a queue only while two
+writers meet. Measured as brain RSS over 1,000 idle agents: 31.6 KiB per
+connection through hypercorn, 13 to 15 KiB with this and the lean agent session.
 
 Handlers keep the ASGI WebSocket interface (``scope``, ``receive``,
 ``send``), so the same handler also runs under hypercorn. Two differences,

@@ -2,7 +2,7 @@
 
 usage: bare_agent.py BRAIN_URL TOKEN SECRET EVENTS SECONDS
 
-Emits EVENTS task events with ids evt-0.. (stable, so a test can count
+Emits EVENTS task events with ids UUID(int=1).. (stable, so a test can count
 them), answers commands until SECONDS pass, then stops. z4j-bare needs an
 engine adapter; a minimal fake one is enough (it ships none of its own).
 """
