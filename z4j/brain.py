@@ -24,6 +24,7 @@ buffer file, and rows leave that file only after the store has them.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import os
 import socket
@@ -33,13 +34,16 @@ import uuid
 import attrs
 import trio
 
+from . import keys
 from .agent_endpoint import AgentEndpoint
+from .api import Api
+from .auth import Auth
 from .buffer import Buffer
 from .commands import Commands
-from .config import Config
+from .config import Config, ConfigError
 from .drain import Drainer
 from .heartbeat import Heartbeat
-from .http import HealthChecks, build_app, serve_http
+from .http import HealthChecks, Pages, build_app, serve_http
 from .ingest_server import IngestServer
 from .maintenance import Maintenance
 from .metrics import brain_registry, render
@@ -123,6 +127,7 @@ async def serve_brain(
 
         brain = await nursery.start(z4j.serve_brain, config)
     """
+    check_bind_is_safe(config)
     stats = stats if stats is not None else BrainStats()
     instance_id = uuid.uuid4()
     store = store_for(config, application_name=f"z4j-{instance_id.hex[:8]}")
@@ -181,13 +186,22 @@ async def serve_brain(
             commands.sessions = agents
             agents.commands = commands
             await nursery.start(commands.run_sweeper, store_ready)
+            auth = Auth(store, keys.master_secret(config))
+            nursery.start_soon(_announce_admin_token, auth, store_ready, config)
+            api = Api(store, commands, auth)
             http_done = trio.Event()
 
             async def run_http(task_status: trio.TaskStatus[tuple[str, int]]) -> None:
                 try:
                     await serve_http(
                         config,
-                        build_app(health, metrics=functools.partial(render, registry)),
+                        build_app(
+                            health,
+                            metrics=functools.partial(render, registry),
+                            api=api,
+                            auth=auth,
+                            pages=_dashboard_pages(),
+                        ),
                         shutdown=http_shutdown,
                         websockets={"/ws/agent": agents},
                         task_status=task_status,
@@ -266,6 +280,51 @@ async def serve_brain(
             await buffer.aclose()
             await store.aclose()
         log.info("brain %s stopped", instance_id)
+
+
+async def _announce_admin_token(auth: Auth, store_ready: trio.Event, config: Config) -> None:
+    """On a store with no admin token yet, make one and show it, once."""
+    await store_ready.wait()
+    try:
+        token = await auth.ensure_admin_token()
+    except Exception as exc:
+        log.warning("could not check for an admin token: %s", exc)
+        return
+    if token is not None:
+        host, _, port = config.http_bind.rpartition(":")
+        log.warning(
+            "first start: the admin token is %s (shown once; `z4j admin token` makes another). "
+            "Sign in at http://%s:%s/login",
+            token,
+            host,
+            port,
+        )
+
+
+def _dashboard_pages() -> Pages | None:
+    """The dashboard's static files, when this install has them."""
+    try:
+        from .dashboard_page import serve_static
+    except ImportError:
+        return None
+    return serve_static
+
+
+def check_bind_is_safe(config: Config) -> None:
+    """Refuse to serve beyond loopback with a master secret nobody chose."""
+    host = config.http_bind.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False  # a host name: it may resolve anywhere
+    if not loopback and config.secret is None:
+        raise ConfigError(
+            f"Z4J_HTTP_BIND={config.http_bind} is reachable beyond this machine: set Z4J_SECRET "
+            "(the master secret that admin tokens, sessions and agent tokens are keyed with) "
+            "before serving on it"
+        )
 
 
 def _health_checks(store: Store, store_ready: trio.Event, buffer: Buffer) -> HealthChecks:

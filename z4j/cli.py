@@ -129,6 +129,16 @@ def _parser() -> argparse.ArgumentParser:
     agent_revoke.add_argument("agent", help="agent id, or name (with --project if ambiguous)")
     agent_revoke.add_argument("--project", default=None, help="project name or id")
 
+    admin = sub.add_parser("admin", help="admin tokens for the API and the dashboard")
+    admin_sub = admin.add_subparsers(dest="action", required=True)
+    admin_token = admin_sub.add_parser(
+        "token",
+        help="make a new admin token and print it (shown only now)",
+        description="Make an admin token for the REST API and the dashboard sign-in. "
+        "It is shown only now: the store keeps its keyed hash.",
+    )
+    admin_token.add_argument("--name", default="admin", help="a label for it (default admin)")
+
     command = sub.add_parser("command", help="send commands to agents and follow them")
     command_sub = command.add_subparsers(dest="action", required=True)
     command_send = command_sub.add_parser(
@@ -164,6 +174,7 @@ def _parser() -> argparse.ArgumentParser:
         agent_revoke,
         command_send,
         command_show,
+        admin_token,
     ):
         _add_config_flags(leaf)
     return parser
@@ -210,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 value = "********"
             print(f"{env_name(name)}={'' if value is None else value}")
         return 0
-    if args.command in ("project", "agent", "command"):
+    if args.command in ("project", "agent", "command", "admin"):
         # Only warnings and errors: stdout is for the answer, stderr for trouble.
         configure_logging("WARNING" if config.log_level == "INFO" else config.log_level, "text")
         return trio.run(_directory, args, config)
@@ -461,10 +472,20 @@ async def _command_show(args: argparse.Namespace, config: Config, store: Store) 
     _print_command(record)
 
 
+async def _admin_token(args: argparse.Namespace, config: Config, store: Store) -> None:
+    from . import keys
+    from .auth import Auth
+
+    token = await Auth(store, keys.master_secret(config)).new_token(args.name)
+    await store.audit("admin.token", f"api-token:{args.name}", {}, actor=_actor())
+    print(token)
+
+
 _DIRECTORY_COMMANDS: dict[
     tuple[str, str], Callable[[argparse.Namespace, Config, Store], Awaitable[None]]
 ] = {
     ("project", "create"): _project_create,
+    ("admin", "token"): _admin_token,
     ("project", "list"): _project_list,
     ("agent", "create"): _agent_create,
     ("agent", "list"): _agent_list,

@@ -25,6 +25,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
+from .auth import Auth
 from .config import Config
 from .ingest_server import open_tcp_socket
 from .websocket import Handler, serve_websocket
@@ -71,6 +72,17 @@ class HealthChecks:
         return dict(sorted(results.items()))
 
 
+async def _redirect(send: Send, location: str) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 303,
+            "headers": [(b"location", location.encode()), (b"content-length", b"0")],
+        }
+    )
+    await send({"type": "http.response.body", "body": b""})
+
+
 async def _json(send: Send, status: int, body: object) -> None:
     payload = orjson.dumps(body)
     await send(
@@ -88,14 +100,24 @@ async def _json(send: Send, status: int, body: object) -> None:
 
 
 Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
+# Serves a dashboard file for ``path``; False if there is none.
+Pages = Callable[[Scope, Receive, Send, str], Awaitable[bool]]
 
 
 def build_app(
-    health: HealthChecks, *, metrics: Callable[[], bytes] | None = None
+    health: HealthChecks,
+    *,
+    metrics: Callable[[], bytes] | None = None,
+    api: Asgi | None = None,
+    auth: Auth | None = None,
+    pages: Pages | None = None,
 ) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """The brain's ASGI app for plain HTTP (WebSockets are `serve_http`'s).
 
-    ``metrics`` renders the Prometheus text served at ``/metrics``.
+    ``metrics`` renders the Prometheus text served at ``/metrics``; ``api``
+    serves ``/api/v1/``; ``pages`` serves the dashboard's files, which need
+    a signed-in session (else a redirect to ``/login``). Health and
+    metrics are open, for probes and scrapers.
     """
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -112,6 +134,25 @@ def build_app(
             # here; agents open a fresh connection, served by z4j.websocket.
             await send({"type": "websocket.close", "code": 1008})
             return
+        if scope["type"] == "http" and api is not None and scope["path"].startswith("/api/v1/"):
+            await api(scope, receive, send)
+            return
+        if (
+            scope["type"] == "http"
+            and pages is not None
+            and scope["method"] in ("GET", "HEAD")
+            and scope["path"] not in ("/metrics", "/health/live", "/health/ready")
+        ):
+            path = scope["path"]
+            if (
+                path in ("/", "/index.html")
+                and auth is not None
+                and not await auth.signed_in(scope["headers"])
+            ):
+                await _redirect(send, "/login")
+                return
+            if await pages(scope, receive, send, path):
+                return
         if scope["type"] != "http":
             return
         path = scope["path"]

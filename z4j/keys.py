@@ -7,6 +7,8 @@
   connections are matched by that hash, never by the plain token.
 - A project's signing key is derived from the master secret and the project
   id (agent protocol v2), so it need not be stored either.
+- Admin API tokens and dashboard sessions are kept the same way as agent
+  tokens: keyed hashes only, each kind under its own label.
 """
 
 from __future__ import annotations
@@ -23,8 +25,12 @@ from .config import Config
 from .protocol.agent.signing import derive_project_secret, encode_secret
 
 __all__ = [
+    "api_session_hash",
+    "api_token_hash",
     "master_secret",
     "new_agent_token",
+    "new_api_session",
+    "new_api_token",
     "project_key",
     "project_secret_text",
     "token_hash",
@@ -33,7 +39,10 @@ __all__ = [
 log = logging.getLogger("z4j.keys")
 
 _TOKEN_LABEL = b"z4j-agent-token-v1:"
+_API_TOKEN_LABEL = b"z4j-api-token-v1:"
+_API_SESSION_LABEL = b"z4j-api-session-v1:"
 TOKEN_PREFIX = "z4j_"
+API_TOKEN_PREFIX = "z4j_admin_"
 
 
 def master_secret(config: Config) -> bytes:
@@ -75,3 +84,19 @@ def project_key(master: bytes, project_id: uuid.UUID) -> bytes:
 def project_secret_text(master: bytes, project_id: uuid.UUID) -> str:
     """The project key as agents are given it (Z4J_HMAC_SECRET for z4j-bare)."""
     return encode_secret(project_key(master, project_id))
+
+
+def new_api_token() -> str:
+    return API_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def api_token_hash(master: bytes, token: str) -> bytes:
+    return hmac.new(master, _API_TOKEN_LABEL + token.encode(), hashlib.sha256).digest()
+
+
+def new_api_session() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def api_session_hash(master: bytes, session: str) -> bytes:
+    return hmac.new(master, _API_SESSION_LABEL + session.encode(), hashlib.sha256).digest()

@@ -102,6 +102,57 @@ class InstanceInfo:
     stopped_at: float | None = None
 
 
+@attrs.frozen(kw_only=True)
+class WorkerInfo:
+    """One row of ``workers``: a worker (connection identity) of an agent."""
+
+    agent_id: uuid.UUID
+    worker_id: str
+    role: str | None
+    instance_id: uuid.UUID | None
+    connected_at: float
+    last_seen: float
+    disconnected_at: float | None
+    status: dict[str, Any] | None
+
+
+@attrs.frozen(kw_only=True)
+class EventRecord:
+    """One stored event; ``body`` is parsed JSON."""
+
+    id: int
+    received_at: float
+    source: str
+    kind: str
+    project_id: uuid.UUID | None
+    agent_id: uuid.UUID | None
+    worker_id: str | None
+    body: Any
+
+
+@attrs.frozen(kw_only=True)
+class AuditRecord:
+    id: int
+    at: float
+    actor: str | None
+    action: str
+    subject: str
+    details: dict[str, Any]
+
+
+@attrs.frozen(kw_only=True)
+class EventFilter:
+    """Which events to list: all given conditions hold; newest first."""
+
+    kind: str | None = None
+    agent_id: uuid.UUID | None = None
+    since: float | None = None  # received_at >= since
+    until: float | None = None  # received_at < until
+    # Keyset cursor: events strictly older than (received_at, id).
+    before: tuple[float, int] | None = None
+    limit: int = 50
+
+
 class Store(Protocol):
     @property
     def kind(self) -> Literal["postgres", "sqlite"]: ...
@@ -240,9 +291,15 @@ class Store(Protocol):
         ...
 
     async def list_commands(
-        self, *, agent_id: uuid.UUID | None = None, limit: int = 100
+        self,
+        *,
+        agent_id: uuid.UUID | None = None,
+        state: str | None = None,
+        before: tuple[float, uuid.UUID] | None = None,
+        limit: int = 100,
     ) -> list[CommandRecord]:
-        """The latest ``limit`` commands, of one agent or all; newest first."""
+        """The latest ``limit`` commands, of one agent or all, in one state or any;
+        newest first. ``before`` (created_at, id) continues a page."""
         ...
 
     async def transition_command(
@@ -273,6 +330,42 @@ class Store(Protocol):
     async def overdue_commands(self, *, now: float) -> list[CommandRecord]:
         """Open commands whose ``created_at + timeout_seconds`` is before ``now``; oldest first."""
         ...
+
+    # -- read models for the API -------------------------------------------------------
+
+    async def list_instances(self) -> list[InstanceInfo]:
+        """Every instance row, the most recently seen first."""
+        ...
+
+    async def list_workers(self, agent_id: uuid.UUID | None = None) -> list[WorkerInfo]:
+        """Workers of one agent or all, by agent then worker id."""
+        ...
+
+    async def list_events(self, query: EventFilter) -> list[EventRecord]:
+        """Events matching ``query``, newest first (by received_at, then id)."""
+        ...
+
+    async def list_audit(
+        self, *, before_id: int | None = None, limit: int = 50
+    ) -> list[AuditRecord]:
+        """Audit events, newest first; ``before_id`` continues a page."""
+        ...
+
+    # -- API credentials (only keyed hashes are stored) -------------------------------
+
+    async def add_api_token(self, token_hash: bytes, name: str) -> None: ...
+
+    async def api_token_count(self) -> int: ...
+
+    async def api_token_known(self, token_hash: bytes) -> bool: ...
+
+    async def add_api_session(self, session_hash: bytes, *, expires_at: float) -> None: ...
+
+    async def api_session_valid(self, session_hash: bytes, *, now: float) -> bool:
+        """True if the session exists and has not expired (expired ones are deleted)."""
+        ...
+
+    async def drop_api_session(self, session_hash: bytes) -> None: ...
 
     async def aclose(self) -> None: ...
 

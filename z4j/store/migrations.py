@@ -244,4 +244,34 @@ CREATE INDEX agent_event_keys_received ON agent_event_keys (received_at);
         # SQLite's events.idempotency_key is unique on its own already.
         sqlite="SELECT 1",
     ),
+    Migration(
+        version=4,
+        name="api credentials, event listing",
+        postgres="""
+CREATE TABLE api_tokens (
+    token_hash bytea PRIMARY KEY,
+    name       text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE api_sessions (
+    session_hash bytea PRIMARY KEY,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    expires_at   timestamptz NOT NULL
+);
+CREATE INDEX events_received_id ON events (received_at, id);
+""",
+        sqlite="""
+CREATE TABLE api_tokens (
+    token_hash BLOB PRIMARY KEY,
+    name       TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE api_sessions (
+    session_hash BLOB PRIMARY KEY,
+    created_at   REAL NOT NULL,
+    expires_at   REAL NOT NULL
+);
+""",
+        # (SQLite's index on received_at already orders by (received_at, rowid).)
+    ),
 )

@@ -39,12 +39,16 @@ from ..events import event_rows
 from .base import (
     FINAL_COMMAND_STATES,
     Agent,
+    AuditRecord,
     CommandRecord,
     DirectoryConflict,
+    EventFilter,
+    EventRecord,
     InstanceInfo,
     Project,
     StoreUnavailable,
     UnstorableRows,
+    WorkerInfo,
     apply_registry_delta,
     check_command_state,
     created_details,
@@ -438,14 +442,27 @@ class PostgresStore:
         return [_command(row) for row in rows]
 
     async def list_commands(
-        self, *, agent_id: uuid.UUID | None = None, limit: int = 100
+        self,
+        *,
+        agent_id: uuid.UUID | None = None,
+        state: str | None = None,
+        before: tuple[float, uuid.UUID] | None = None,
+        limit: int = 100,
     ) -> list[CommandRecord]:
         rows = await self._run(
             lambda conn: conn.execute(
                 f"SELECT {_COMMAND} FROM commands"
-                " WHERE %(agent)s::uuid IS NULL OR agent_id = %(agent)s"
+                " WHERE (%(agent)s::uuid IS NULL OR agent_id = %(agent)s)"
+                " AND (%(state)s::text IS NULL OR state = %(state)s)"
+                " AND (%(at)s::timestamptz IS NULL OR (created_at, id) < (%(at)s, %(id)s::uuid))"
                 " ORDER BY created_at DESC, id DESC LIMIT %(limit)s",
-                {"agent": agent_id, "limit": limit},
+                {
+                    "agent": agent_id,
+                    "state": state,
+                    "at": None if before is None else _ts(before[0]),
+                    "id": None if before is None else before[1],
+                    "limit": limit,
+                },
             ).fetchall()
         )
         return [_command(row) for row in rows]
@@ -517,6 +534,166 @@ class PostgresStore:
             ).fetchall()
         )
         return [_command(row) for row in rows]
+
+    # -- read models for the API -------------------------------------------------------
+
+    async def list_instances(self) -> list[InstanceInfo]:
+        rows = await self._run(
+            lambda conn: conn.execute(
+                "SELECT id, name, host, pid, buffer_id, started_at, last_seen, ingest_rate,"
+                " drain_rate, buffer_depth, stopped_at FROM instances ORDER BY last_seen DESC"
+            ).fetchall()
+        )
+        return [
+            InstanceInfo(
+                id=id,
+                name=name,
+                host=host,
+                pid=pid,
+                buffer_id=buffer_id,
+                started_at=started_at.timestamp(),
+                last_seen=last_seen.timestamp(),
+                ingest_rate=ingest_rate,
+                drain_rate=drain_rate,
+                buffer_depth=buffer_depth,
+                stopped_at=_epoch(stopped_at),
+            )
+            for id, name, host, pid, buffer_id, started_at, last_seen, ingest_rate, drain_rate, buffer_depth, stopped_at in rows
+        ]
+
+    async def list_workers(self, agent_id: uuid.UUID | None = None) -> list[WorkerInfo]:
+        rows = await self._run(
+            lambda conn: conn.execute(
+                "SELECT agent_id, worker_id, role, instance_id, connected_at, last_seen,"
+                " disconnected_at, status FROM workers"
+                " WHERE %(agent)s::uuid IS NULL OR agent_id = %(agent)s"
+                " ORDER BY agent_id, worker_id",
+                {"agent": agent_id},
+            ).fetchall()
+        )
+        return [
+            WorkerInfo(
+                agent_id=agent,
+                worker_id=worker,
+                role=role,
+                instance_id=instance,
+                connected_at=connected_at.timestamp(),
+                last_seen=last_seen.timestamp(),
+                disconnected_at=_epoch(disconnected_at),
+                status=status,
+            )
+            for agent, worker, role, instance, connected_at, last_seen, disconnected_at, status in rows
+        ]
+
+    async def list_events(self, query: EventFilter) -> list[EventRecord]:
+        where: list[str] = ["true"]
+        params: list[Any] = []
+        if query.kind is not None:
+            where.append("kind = %s")
+            params.append(query.kind)
+        if query.agent_id is not None:
+            where.append("agent_id = %s")
+            params.append(query.agent_id)
+        if query.since is not None:
+            where.append("received_at >= %s")
+            params.append(_ts(query.since))
+        if query.until is not None:
+            where.append("received_at < %s")
+            params.append(_ts(query.until))
+        if query.before is not None:
+            where.append("(received_at, id) < (%s, %s)")
+            params += [_ts(query.before[0]), query.before[1]]
+        sql = (
+            "SELECT id, received_at, source, kind, project_id, agent_id, worker_id, body"
+            f" FROM events WHERE {' AND '.join(where)}"
+            " ORDER BY received_at DESC, id DESC LIMIT %s"
+        )
+        rows = await self._run(lambda conn: conn.execute(sql, (*params, query.limit)).fetchall())
+        return [
+            EventRecord(
+                id=id,
+                received_at=received_at.timestamp(),
+                source=source,
+                kind=kind,
+                project_id=project,
+                agent_id=agent,
+                worker_id=worker,
+                body=body,
+            )
+            for id, received_at, source, kind, project, agent, worker, body in rows
+        ]
+
+    async def list_audit(
+        self, *, before_id: int | None = None, limit: int = 50
+    ) -> list[AuditRecord]:
+        rows = await self._run(
+            lambda conn: conn.execute(
+                "SELECT id, at, actor, action, subject, details FROM audit_events"
+                " WHERE %(before)s::bigint IS NULL OR id < %(before)s ORDER BY id DESC LIMIT %(limit)s",
+                {"before": before_id, "limit": limit},
+            ).fetchall()
+        )
+        return [
+            AuditRecord(
+                id=id,
+                at=at.timestamp(),
+                actor=actor,
+                action=action,
+                subject=subject,
+                details=details,
+            )
+            for id, at, actor, action, subject, details in rows
+        ]
+
+    # -- API credentials ---------------------------------------------------------------
+
+    async def add_api_token(self, token_hash: bytes, name: str) -> None:
+        await self._run(
+            lambda conn: conn.execute(
+                "INSERT INTO api_tokens (token_hash, name) VALUES (%s, %s)", (token_hash, name)
+            )
+        )
+
+    async def api_token_count(self) -> int:
+        row = await self._run(
+            lambda conn: conn.execute("SELECT count(*) FROM api_tokens").fetchone()
+        )
+        return int(row[0])
+
+    async def api_token_known(self, token_hash: bytes) -> bool:
+        row = await self._run(
+            lambda conn: conn.execute(
+                "SELECT 1 FROM api_tokens WHERE token_hash = %s", (token_hash,)
+            ).fetchone()
+        )
+        return row is not None
+
+    async def add_api_session(self, session_hash: bytes, *, expires_at: float) -> None:
+        await self._run(
+            lambda conn: conn.execute(
+                "INSERT INTO api_sessions (session_hash, expires_at) VALUES (%s, %s)",
+                (session_hash, _ts(expires_at)),
+            )
+        )
+
+    async def api_session_valid(self, session_hash: bytes, *, now: float) -> bool:
+        row = await self._run(
+            lambda conn: conn.execute(
+                "SELECT expires_at FROM api_sessions WHERE session_hash = %s", (session_hash,)
+            ).fetchone()
+        )
+        if row is not None and row[0].timestamp() > now:
+            return True
+        if row is not None:
+            await self.drop_api_session(session_hash)
+        return False
+
+    async def drop_api_session(self, session_hash: bytes) -> None:
+        await self._run(
+            lambda conn: conn.execute(
+                "DELETE FROM api_sessions WHERE session_hash = %s", (session_hash,)
+            )
+        )
 
 
 def _migrate(conn: psycopg.Connection[Any]) -> list[int]:

@@ -23,12 +23,16 @@ from ..events import event_rows
 from .base import (
     FINAL_COMMAND_STATES,
     Agent,
+    AuditRecord,
     CommandRecord,
     DirectoryConflict,
+    EventFilter,
+    EventRecord,
     InstanceInfo,
     Project,
     StoreUnavailable,
     UnstorableRows,
+    WorkerInfo,
     apply_registry_delta,
     check_command_state,
     created_details,
@@ -275,14 +279,22 @@ class SqliteStore:
         return [_command(row) for row in rows]
 
     async def list_commands(
-        self, *, agent_id: uuid.UUID | None = None, limit: int = 100
+        self,
+        *,
+        agent_id: uuid.UUID | None = None,
+        state: str | None = None,
+        before: tuple[float, uuid.UUID] | None = None,
+        limit: int = 100,
     ) -> list[CommandRecord]:
         agent = None if agent_id is None else str(agent_id)
+        at, last = (None, None) if before is None else (before[0], str(before[1]))
         rows = await self._run(
             _fetch_all,
-            f"SELECT {_COMMAND} FROM commands WHERE ?1 IS NULL OR agent_id = ?1"
-            " ORDER BY created_at DESC, id DESC LIMIT ?2",
-            (agent, limit),
+            f"SELECT {_COMMAND} FROM commands WHERE (?1 IS NULL OR agent_id = ?1)"
+            " AND (?2 IS NULL OR state = ?2)"
+            " AND (?3 IS NULL OR created_at < ?3 OR (created_at = ?3 AND id < ?4))"
+            " ORDER BY created_at DESC, id DESC LIMIT ?5",
+            (agent, state, at, last, limit),
         )
         return [_command(row) for row in rows]
 
@@ -349,6 +361,157 @@ class SqliteStore:
             (now,),
         )
         return [_command(row) for row in rows]
+
+    # -- read models for the API -------------------------------------------------------
+
+    async def list_instances(self) -> list[InstanceInfo]:
+        rows = await self._run(
+            _fetch_all,
+            "SELECT id, name, host, pid, buffer_id, started_at, last_seen, ingest_rate,"
+            " drain_rate, buffer_depth, stopped_at FROM instances ORDER BY last_seen DESC",
+            (),
+        )
+        return [
+            InstanceInfo(
+                id=uuid.UUID(id),
+                name=name,
+                host=host,
+                pid=pid,
+                buffer_id=uuid.UUID(buffer_id),
+                started_at=started_at,
+                last_seen=last_seen,
+                ingest_rate=ingest_rate,
+                drain_rate=drain_rate,
+                buffer_depth=buffer_depth,
+                stopped_at=stopped_at,
+            )
+            for id, name, host, pid, buffer_id, started_at, last_seen, ingest_rate, drain_rate, buffer_depth, stopped_at in rows
+        ]
+
+    async def list_workers(self, agent_id: uuid.UUID | None = None) -> list[WorkerInfo]:
+        rows = await self._run(
+            _fetch_all,
+            "SELECT agent_id, worker_id, role, instance_id, connected_at, last_seen,"
+            " disconnected_at, status FROM workers WHERE ?1 IS NULL OR agent_id = ?1"
+            " ORDER BY agent_id, worker_id",
+            (None if agent_id is None else str(agent_id),),
+        )
+        return [
+            WorkerInfo(
+                agent_id=uuid.UUID(agent),
+                worker_id=worker,
+                role=role,
+                instance_id=None if instance is None else uuid.UUID(instance),
+                connected_at=connected_at,
+                last_seen=last_seen,
+                disconnected_at=disconnected_at,
+                status=None if status is None else orjson.loads(status),
+            )
+            for agent, worker, role, instance, connected_at, last_seen, disconnected_at, status in rows
+        ]
+
+    async def list_events(self, query: EventFilter) -> list[EventRecord]:
+        where: list[str] = ["1"]
+        params: list[Any] = []
+        if query.kind is not None:
+            where.append("kind = ?")
+            params.append(query.kind)
+        if query.agent_id is not None:
+            where.append("agent_id = ?")
+            params.append(str(query.agent_id))
+        if query.since is not None:
+            where.append("received_at >= ?")
+            params.append(query.since)
+        if query.until is not None:
+            where.append("received_at < ?")
+            params.append(query.until)
+        if query.before is not None:
+            where.append("(received_at < ? OR (received_at = ? AND id < ?))")
+            params += [query.before[0], query.before[0], query.before[1]]
+        rows = await self._run(
+            _fetch_all,
+            "SELECT id, received_at, source, kind, project_id, agent_id, worker_id, body"
+            f" FROM events WHERE {' AND '.join(where)}"
+            " ORDER BY received_at DESC, id DESC LIMIT ?",
+            (*params, query.limit),
+        )
+        return [
+            EventRecord(
+                id=id,
+                received_at=received_at,
+                source=source,
+                kind=kind,
+                project_id=None if project is None else uuid.UUID(project),
+                agent_id=None if agent is None else uuid.UUID(agent),
+                worker_id=worker,
+                body=orjson.loads(body),
+            )
+            for id, received_at, source, kind, project, agent, worker, body in rows
+        ]
+
+    async def list_audit(
+        self, *, before_id: int | None = None, limit: int = 50
+    ) -> list[AuditRecord]:
+        rows = await self._run(
+            _fetch_all,
+            "SELECT id, at, actor, action, subject, details FROM audit_events"
+            " WHERE ?1 IS NULL OR id < ?1 ORDER BY id DESC LIMIT ?2",
+            (before_id, limit),
+        )
+        return [
+            AuditRecord(
+                id=id,
+                at=at,
+                actor=actor,
+                action=action,
+                subject=subject,
+                details=orjson.loads(details),
+            )
+            for id, at, actor, action, subject, details in rows
+        ]
+
+    # -- API credentials ---------------------------------------------------------------
+
+    async def add_api_token(self, token_hash: bytes, name: str) -> None:
+        await self._run(
+            _execute,
+            "INSERT INTO api_tokens (token_hash, name, created_at) VALUES (?, ?, ?)",
+            (token_hash, name, time.time()),
+        )
+
+    async def api_token_count(self) -> int:
+        rows = await self._run(_fetch_all, "SELECT count(*) FROM api_tokens", ())
+        return int(rows[0][0])
+
+    async def api_token_known(self, token_hash: bytes) -> bool:
+        rows = await self._run(
+            _fetch_all, "SELECT 1 FROM api_tokens WHERE token_hash = ?", (token_hash,)
+        )
+        return bool(rows)
+
+    async def add_api_session(self, session_hash: bytes, *, expires_at: float) -> None:
+        await self._run(
+            _execute,
+            "INSERT INTO api_sessions (session_hash, created_at, expires_at) VALUES (?, ?, ?)",
+            (session_hash, time.time(), expires_at),
+        )
+
+    async def api_session_valid(self, session_hash: bytes, *, now: float) -> bool:
+        rows = await self._run(
+            _fetch_all,
+            "SELECT expires_at FROM api_sessions WHERE session_hash = ?",
+            (session_hash,),
+        )
+        if rows and rows[0][0] > now:
+            return True
+        if rows:
+            await self.drop_api_session(session_hash)
+        return False
+
+    async def drop_api_session(self, session_hash: bytes) -> None:
+        await self._run(
+            _execute, "DELETE FROM api_sessions WHERE session_hash = ?", (session_hash,)
+        )
 
 
 def _transaction(db: sqlite3.Connection, fn: Callable[[], T]) -> T:

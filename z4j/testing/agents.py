@@ -22,7 +22,7 @@ from ..protocol.agent.connection import AgentProtocol, Role
 from ..protocol.agent.signing import decode_secret
 from ..store import store_for
 
-__all__ = ["RawAgent", "provision", "raw_agent"]
+__all__ = ["RawAgent", "admin_token", "provision", "raw_agent"]
 
 
 async def provision(
@@ -41,6 +41,18 @@ async def provision(
     finally:
         await store.aclose()
     return token, keys.project_secret_text(master, created_project.id), created.id
+
+
+async def admin_token(config: Config, name: str = "test") -> str:
+    """A new admin token for the API and the dashboard, made in the store directly."""
+    from ..auth import Auth
+
+    store = store_for(config)
+    try:
+        await store.migrate()
+        return await Auth(store, keys.master_secret(config)).new_token(name)
+    finally:
+        await store.aclose()
 
 
 @attrs.define

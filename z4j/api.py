@@ -1,0 +1,501 @@
+"""The REST API under ``/api/v1/``: JSON in, JSON out, an OpenAPI document.
+
+Each route is a small async function from a parsed `Request` to a status
+and a JSON-ready value; `ApiError` carries every refusal as a status, a
+stable code and a message, so bad input gets a 4xx and never a 500. Lists
+are newest first, ``{"items": [...], "next_cursor": ...}``; pass the
+cursor back to continue. Times are ISO-8601 UTC strings. The document at
+``/api/v1/openapi.json`` (z4j/openapi.py) describes exactly this.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+import orjson
+
+from .auth import SESSION_COOKIE, SESSION_SECONDS, Auth, credentials
+from .commands import CommandError, Commands
+from .openapi import OPENAPI
+from .store.base import (
+    COMMAND_STATES,
+    AuditRecord,
+    CommandRecord,
+    EventFilter,
+    EventRecord,
+    InstanceInfo,
+    Store,
+    StoreUnavailable,
+    WorkerInfo,
+)
+
+__all__ = ["Api", "ApiError"]
+
+MAX_BODY_BYTES = 1024 * 1024
+MAX_LIMIT = 500
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@attrs.frozen
+class Request:
+    method: str
+    query: dict[str, str]
+    params: dict[str, str]
+    body: bytes
+    headers: list[tuple[bytes, bytes]]
+
+    def json_object(self) -> dict[str, Any]:
+        try:
+            value = orjson.loads(self.body or b"null")
+        except orjson.JSONDecodeError:
+            raise ApiError(400, "bad_json", "the body is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise ApiError(400, "bad_request", "the body must be a JSON object")
+        _check_text(value)
+        return value
+
+
+Response = tuple[int, Any]
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class Api:
+    """The ASGI app for paths under ``/api/v1/``."""
+
+    def __init__(self, store: Store, commands: Commands, auth: Auth) -> None:
+        self._store = store
+        self._commands = commands
+        self._auth = auth
+        # (method, path pattern, handler, needs sign-in)
+        self._routes: list[tuple[str, re.Pattern[str], Handler, bool]] = []
+        route = self._route
+        route("GET", "/openapi.json", self._openapi, public=True)
+        route("POST", "/session", self._sign_in, public=True)
+        route("DELETE", "/session", self._sign_out, public=True)
+        route("GET", "/projects", self._projects)
+        route("GET", "/agents", self._agents)
+        route("GET", "/agents/{id}", self._agent)
+        route("GET", "/instances", self._instances)
+        route("GET", "/events", self._events)
+        route("GET", "/commands", self._list_commands)
+        route("POST", "/commands", self._create_command)
+        route("GET", "/commands/{id}", self._get_command)
+        route("POST", "/commands/{id}/cancel", self._cancel_command)
+        route("GET", "/audit", self._audit)
+
+    def _route(self, method: str, path: str, handler: Handler, *, public: bool = False) -> None:
+        pattern = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
+        self._routes.append((method, pattern, handler, not public))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        extra_headers: list[tuple[bytes, bytes]] = []
+        try:
+            status, body = await self._dispatch(scope, receive, extra_headers)
+        except ApiError as exc:
+            status, body = exc.status, {"error": exc.code, "message": exc.message}
+        except StoreUnavailable as exc:
+            status, body = 503, {"error": "store_unavailable", "message": str(exc)}
+        payload = b"" if body is None else orjson.dumps(body)
+        headers = [(b"cache-control", b"no-store"), *extra_headers]
+        if body is not None:
+            headers.append((b"content-type", b"application/json"))
+        headers.append((b"content-length", str(len(payload)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+    async def _dispatch(
+        self, scope: Scope, receive: Receive, extra_headers: list[tuple[bytes, bytes]]
+    ) -> Response:
+        path = scope["path"].removeprefix("/api/v1")
+        method = scope["method"]
+        allowed = []
+        for route_method, pattern, handler, private in self._routes:
+            match = pattern.match(path)
+            if match is None:
+                continue
+            allowed.append(route_method)
+            if route_method != method:
+                continue
+            if private and not await self._auth.signed_in(scope["headers"]):
+                raise ApiError(401, "unauthorized", "sign in: a bearer token or a session")
+            request = Request(
+                method=method,
+                query=_query(scope.get("query_string", b"")),
+                params=match.groupdict(),
+                body=await _body(receive),
+                headers=scope["headers"],
+            )
+            status, body = await handler(request)
+            if handler == self._sign_in and status == 204:
+                extra_headers.append((b"set-cookie", _cookie(body)))
+                body = None
+            elif handler == self._sign_out:
+                extra_headers.append((b"set-cookie", _cookie("", max_age=0)))
+            return status, body
+        if allowed:
+            raise ApiError(405, "method_not_allowed", f"use {' or '.join(sorted(set(allowed)))}")
+        raise ApiError(404, "not_found", f"no route for {scope['path']}")
+
+    # -- routes ------------------------------------------------------------------------
+
+    async def _openapi(self, request: Request) -> Response:
+        return 200, OPENAPI
+
+    async def _sign_in(self, request: Request) -> Response:
+        token = request.json_object().get("token")
+        if not isinstance(token, str) or not token:
+            raise ApiError(400, "bad_request", 'give the admin token as {"token": ...}')
+        session = await self._auth.open_session(token)
+        if session is None:
+            raise ApiError(401, "unauthorized", "unknown token")
+        return 204, session
+
+    async def _sign_out(self, request: Request) -> Response:
+        _, session = credentials(request.headers)
+        if session is not None:
+            await self._auth.close_session(session)
+        return 204, None
+
+    async def _projects(self, request: Request) -> Response:
+        projects = await self._store.list_projects()
+        return 200, _page([{"id": str(p.id), "name": p.name} for p in projects], None)
+
+    async def _agents(self, request: Request) -> Response:
+        project_id = None
+        if "project" in request.query:
+            _check_text(request.query["project"])
+            project = await self._store.find_project(request.query["project"])
+            if project is None:
+                raise ApiError(404, "not_found", f"no project {request.query['project']!r}")
+            project_id = project.id
+        projects = {p.id: p.name for p in await self._store.list_projects()}
+        workers: dict[uuid.UUID, list[dict[str, Any]]] = {}
+        for worker in await self._store.list_workers():
+            workers.setdefault(worker.agent_id, []).append(_worker(worker))
+        items = [
+            {
+                "id": str(a.id),
+                "project_id": str(a.project_id),
+                "project": projects.get(a.project_id),
+                "name": a.name,
+                "revoked": a.revoked,
+                "workers": workers.get(a.id, []),
+            }
+            for a in await self._store.list_agents(project_id)
+        ]
+        return 200, _page(items, None)
+
+    async def _agent(self, request: Request) -> Response:
+        agent_id = _uuid(request.params["id"], "id")
+        agent = await self._store.find_agent(str(agent_id))
+        if agent is None:
+            raise ApiError(404, "not_found", f"no agent {agent_id}")
+        project = await self._store.find_project(str(agent.project_id))
+        return 200, {
+            "id": str(agent.id),
+            "project_id": str(agent.project_id),
+            "project": None if project is None else project.name,
+            "name": agent.name,
+            "revoked": agent.revoked,
+            "workers": [_worker(w) for w in await self._store.list_workers(agent.id)],
+        }
+
+    async def _instances(self, request: Request) -> Response:
+        return 200, _page([_instance(i) for i in await self._store.list_instances()], None)
+
+    async def _events(self, request: Request) -> Response:
+        q = request.query
+        limit = _limit(q)
+        _check_text(q.get("kind"))
+        query = EventFilter(
+            kind=q.get("kind"),
+            agent_id=_uuid(q["agent_id"], "agent_id") if "agent_id" in q else None,
+            since=_time(q["since"], "since") if "since" in q else None,
+            until=_time(q["until"], "until") if "until" in q else None,
+            before=_event_cursor(q["cursor"]) if "cursor" in q else None,
+            limit=limit,
+        )
+        events = await self._store.list_events(query)
+        cursor = None
+        if len(events) == limit:
+            last = events[-1]
+            cursor = f"{last.received_at!r}_{last.id}"
+        return 200, _page([_event(e) for e in events], cursor)
+
+    async def _list_commands(self, request: Request) -> Response:
+        q = request.query
+        limit = _limit(q)
+        state = q.get("state")
+        if state is not None and state not in COMMAND_STATES:
+            raise ApiError(400, "bad_request", f"state must be one of {', '.join(COMMAND_STATES)}")
+        records = await self._store.list_commands(
+            agent_id=_uuid(q["agent_id"], "agent_id") if "agent_id" in q else None,
+            state=state,
+            before=_command_cursor(q["cursor"]) if "cursor" in q else None,
+            limit=limit,
+        )
+        cursor = None
+        if len(records) == limit:
+            cursor = f"{records[-1].created_at!r}_{records[-1].id}"
+        return 200, _page([_command(c) for c in records], cursor)
+
+    async def _create_command(self, request: Request) -> Response:
+        body = request.json_object()
+        agent, action = body.get("agent"), body.get("action")
+        if not isinstance(agent, str) or not agent:
+            raise ApiError(400, "bad_request", "agent: an agent id (or name, with project)")
+        if not isinstance(action, str) or not 0 < len(action) <= 200:
+            raise ApiError(400, "bad_request", "action: a string of 1 to 200 characters")
+        project = body.get("project")
+        target = body.get("target", {})
+        parameters = body.get("parameters", {})
+        timeout = body.get("timeout_seconds", 60)
+        if project is not None and not isinstance(project, str):
+            raise ApiError(400, "bad_request", "project: a project name or id")
+        if not isinstance(target, dict) or not isinstance(parameters, dict):
+            raise ApiError(400, "bad_request", "target and parameters must be JSON objects")
+        if not isinstance(timeout, int) or isinstance(timeout, bool) or not 1 <= timeout <= 3600:
+            raise ApiError(400, "bad_request", "timeout_seconds: an integer from 1 to 3600")
+        try:
+            record = await self._commands.send(
+                agent,
+                action,
+                project=project,
+                target=target,
+                parameters=parameters,
+                timeout_seconds=timeout,
+                issued_by="api",
+            )
+        except CommandError as exc:
+            message = str(exc)
+            if message.startswith(("no agent", "no project")):
+                raise ApiError(404, "not_found", message) from None
+            if "revoked" in message:
+                raise ApiError(409, "agent_revoked", message) from None
+            raise ApiError(400, "bad_request", message) from None
+        return 201, _command(record)
+
+    async def _get_command(self, request: Request) -> Response:
+        command_id = _uuid(request.params["id"], "id")
+        record = await self._store.get_command(command_id)
+        if record is None:
+            raise ApiError(404, "not_found", f"no command {command_id}")
+        return 200, _command(record)
+
+    async def _cancel_command(self, request: Request) -> Response:
+        command_id = _uuid(request.params["id"], "id")
+        record = await self._commands.cancel(command_id, actor="api")
+        if record is not None:
+            return 200, _command(record)
+        current = await self._store.get_command(command_id)
+        if current is None:
+            raise ApiError(404, "not_found", f"no command {command_id}")
+        raise ApiError(409, "already_final", f"command {command_id} is {current.state}")
+
+    async def _audit(self, request: Request) -> Response:
+        q = request.query
+        limit = _limit(q)
+        before = None
+        if "cursor" in q:
+            try:
+                before = int(q["cursor"])
+            except ValueError:
+                raise ApiError(400, "bad_request", "cursor: as given by the last page") from None
+        records = await self._store.list_audit(before_id=before, limit=limit)
+        cursor = str(records[-1].id) if len(records) == limit else None
+        return 200, _page([_audit(a) for a in records], cursor)
+
+
+# -- input ---------------------------------------------------------------------------------
+
+
+async def _body(receive: Receive) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, "too_large", f"bodies are limited to {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+def _query(raw: bytes) -> dict[str, str]:
+    from urllib.parse import parse_qsl
+
+    try:
+        query = dict(parse_qsl(raw.decode("utf-8"), errors="strict"))
+    except (UnicodeDecodeError, ValueError):
+        raise ApiError(400, "bad_request", "the query string is not valid UTF-8") from None
+    return query  # unknown parameters are ignored; known ones are checked where used
+
+
+def _check_text(value: Any) -> None:
+    """Refuse text the stores cannot keep: NUL characters and lone surrogates."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ApiError(400, "bad_request", "text must not contain NUL characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "bad_request", "text must be valid Unicode") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key)
+            _check_text(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_text(item)
+
+
+def _limit(query: dict[str, str]) -> int:
+    raw = query.get("limit", "50")
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise ApiError(400, "bad_request", f"limit: an integer from 1 to {MAX_LIMIT}")
+    return int(raw)
+
+
+def _uuid(raw: str, name: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise ApiError(400, "bad_request", f"{name}: not a UUID") from None
+
+
+def _time(raw: str, name: str) -> float:
+    """ISO-8601 (naive means UTC) or epoch seconds."""
+    try:
+        return float(raw) if re.fullmatch(r"\d+(\.\d+)?", raw) else _parse_iso(raw)
+    except (ValueError, OverflowError):
+        raise ApiError(400, "bad_request", f"{name}: ISO-8601 or epoch seconds") from None
+
+
+def _parse_iso(raw: str) -> float:
+    when = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def _event_cursor(raw: str) -> tuple[float, int]:
+    at, _, last = raw.partition("_")
+    try:
+        return float(at), int(last)
+    except ValueError:
+        raise ApiError(400, "bad_request", "cursor: as given by the last page") from None
+
+
+def _command_cursor(raw: str) -> tuple[float, uuid.UUID]:
+    at, _, last = raw.partition("_")
+    try:
+        return float(at), uuid.UUID(last)
+    except ValueError:
+        raise ApiError(400, "bad_request", "cursor: as given by the last page") from None
+
+
+def _cookie(session: str, *, max_age: int = SESSION_SECONDS) -> bytes:
+    # Plain HTTP on loopback by default: no Secure flag (put TLS in front and
+    # the browser still keeps it to this origin via SameSite=Strict).
+    return (
+        f"{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}"
+    ).encode()
+
+
+# -- output --------------------------------------------------------------------------------
+
+
+def iso(value: float | None) -> str | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC).isoformat()
+
+
+def _page(items: list[Any], cursor: str | None) -> dict[str, Any]:
+    return {"items": items, "next_cursor": cursor}
+
+
+def _worker(w: WorkerInfo) -> dict[str, Any]:
+    return {
+        "worker_id": w.worker_id,
+        "role": w.role,
+        "connected": w.disconnected_at is None,
+        "instance_id": None if w.instance_id is None else str(w.instance_id),
+        "connected_at": iso(w.connected_at),
+        "last_seen": iso(w.last_seen),
+        "disconnected_at": iso(w.disconnected_at),
+        "status": w.status,
+    }
+
+
+def _instance(i: InstanceInfo) -> dict[str, Any]:
+    return {
+        "id": str(i.id),
+        "name": i.name,
+        "host": i.host,
+        "pid": i.pid,
+        "started_at": iso(i.started_at),
+        "last_seen": iso(i.last_seen),
+        "ingest_rate": i.ingest_rate,
+        "drain_rate": i.drain_rate,
+        "buffer_depth": i.buffer_depth,
+        "stopped_at": iso(i.stopped_at),
+    }
+
+
+def _event(e: EventRecord) -> dict[str, Any]:
+    return {
+        "id": e.id,
+        "received_at": iso(e.received_at),
+        "source": e.source,
+        "kind": e.kind,
+        "project_id": None if e.project_id is None else str(e.project_id),
+        "agent_id": None if e.agent_id is None else str(e.agent_id),
+        "worker_id": e.worker_id,
+        "body": e.body,
+    }
+
+
+def _command(c: CommandRecord) -> dict[str, Any]:
+    return {
+        "id": str(c.id),
+        "project_id": str(c.project_id),
+        "agent_id": str(c.agent_id),
+        "action": c.action,
+        "target": c.target,
+        "parameters": c.parameters,
+        "timeout_seconds": c.timeout_seconds,
+        "issued_by": c.issued_by,
+        "state": c.state,
+        "worker_id": c.worker_id,
+        "created_at": iso(c.created_at),
+        "dispatched_at": iso(c.dispatched_at),
+        "finished_at": iso(c.finished_at),
+        "result": c.result,
+        "error": c.error,
+    }
+
+
+def _audit(a: AuditRecord) -> dict[str, Any]:
+    return {
+        "id": a.id,
+        "at": iso(a.at),
+        "actor": a.actor,
+        "action": a.action,
+        "subject": a.subject,
+        "details": a.details,
+    }

@@ -1,0 +1,354 @@
+"""The OpenAPI 3.0 document of the REST API (z4j/api.py), served at /api/v1/openapi.json.
+
+Written by hand next to the routes it describes; tests/test_api.py runs
+schemathesis against it, so a route that answers off this document fails.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._version import __version__
+
+__all__ = ["OPENAPI"]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {**schema, "nullable": True}
+
+
+STRING = {"type": "string"}
+TIME = {"type": "string", "format": "date-time"}
+UUID = {"type": "string", "format": "uuid"}
+OBJECT = {"type": "object", "additionalProperties": True}
+ANY: dict[str, Any] = {}
+
+
+def _object(properties: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+    }
+
+
+def _page(item: str) -> dict[str, Any]:
+    return _object(
+        {"items": {"type": "array", "items": _ref(item)}, "next_cursor": _nullable(STRING)}
+    )
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    meaning = {
+        400: "Bad input",
+        401: "Not signed in",
+        404: "Not found",
+        405: "Method not allowed",
+        409: "Conflict with the current state",
+        413: "Body too large",
+        503: "The store is not reachable; try again",
+    }
+    return {str(s): {"description": meaning[s], **_json(_ref("Error"))} for s in statuses}
+
+
+def _operation(
+    operation_id: str,
+    summary: str,
+    ok: tuple[int, dict[str, Any] | None],
+    *,
+    errors: tuple[int, ...] = (401,),
+    parameters: list[dict[str, Any]] | None = None,
+    body: dict[str, Any] | None = None,
+    public: bool = False,
+    links: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    status, schema = ok
+    success: dict[str, Any] = {"description": "OK", **(_json(schema) if schema else {})}
+    if links:
+        success["links"] = links
+    operation: dict[str, Any] = {
+        "operationId": operation_id,
+        "summary": summary,
+        "responses": {str(status): success, **_errors(*errors, *(() if public else (503,)))},
+    }
+    if parameters:
+        operation["parameters"] = parameters
+    if body is not None:
+        operation["requestBody"] = {"required": True, **_json(body)}
+    if public:
+        operation["security"] = []
+    return operation
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+def _path(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": UUID}
+
+
+def _link(operation_id: str, pointer: str) -> dict[str, Any]:
+    return {"operationId": operation_id, "parameters": {"id": f"$response.body#{pointer}"}}
+
+
+FIRST_AGENT = {"getAgent": _link("getAgent", "/items/0/id")}
+FIRST_COMMAND = {
+    "getCommand": _link("getCommand", "/items/0/id"),
+    "cancelCommand": _link("cancelCommand", "/items/0/id"),
+}
+NEW_COMMAND = {
+    "getCommand": _link("getCommand", "/id"),
+    "cancelCommand": _link("cancelCommand", "/id"),
+}
+
+LIMIT = _query(
+    "limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}, "page size"
+)
+CURSOR = _query("cursor", STRING, "next_cursor of the previous page")
+COMMAND_STATE = {
+    "type": "string",
+    "enum": ["pending", "dispatched", "completed", "failed", "timeout", "cancelled"],
+}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": _object({"error": STRING, "message": STRING}),
+    "Project": _object({"id": UUID, "name": STRING}),
+    "Worker": _object(
+        {
+            "worker_id": STRING,
+            "role": _nullable(STRING),
+            "connected": {"type": "boolean"},
+            "instance_id": _nullable(UUID),
+            "connected_at": TIME,
+            "last_seen": TIME,
+            "disconnected_at": _nullable(TIME),
+            "status": _nullable(OBJECT),
+        }
+    ),
+    "Agent": _object(
+        {
+            "id": UUID,
+            "project_id": UUID,
+            "project": _nullable(STRING),
+            "name": STRING,
+            "revoked": {"type": "boolean"},
+            "workers": {"type": "array", "items": _ref("Worker")},
+        }
+    ),
+    "Instance": _object(
+        {
+            "id": UUID,
+            "name": STRING,
+            "host": STRING,
+            "pid": {"type": "integer"},
+            "started_at": TIME,
+            "last_seen": TIME,
+            "ingest_rate": {"type": "number"},
+            "drain_rate": {"type": "number"},
+            "buffer_depth": {"type": "integer"},
+            "stopped_at": _nullable(TIME),
+        }
+    ),
+    "Event": _object(
+        {
+            "id": {"type": "integer"},
+            "received_at": TIME,
+            "source": {"type": "string", "enum": ["tcp", "agent"]},
+            "kind": STRING,
+            "project_id": _nullable(UUID),
+            "agent_id": _nullable(UUID),
+            "worker_id": _nullable(STRING),
+            "body": ANY,
+        }
+    ),
+    "Command": _object(
+        {
+            "id": UUID,
+            "project_id": UUID,
+            "agent_id": UUID,
+            "action": STRING,
+            "target": OBJECT,
+            "parameters": OBJECT,
+            "timeout_seconds": {"type": "integer"},
+            "issued_by": _nullable(STRING),
+            "state": COMMAND_STATE,
+            "worker_id": _nullable(STRING),
+            "created_at": TIME,
+            "dispatched_at": _nullable(TIME),
+            "finished_at": _nullable(TIME),
+            "result": _nullable(OBJECT),
+            "error": _nullable(STRING),
+        }
+    ),
+    "NewCommand": {
+        "type": "object",
+        "properties": {
+            "agent": {
+                "type": "string",
+                "minLength": 1,
+                "description": "agent id, or name with project",
+            },
+            "project": STRING,
+            "action": {"type": "string", "minLength": 1, "maxLength": 200},
+            "target": OBJECT,
+            "parameters": OBJECT,
+            "timeout_seconds": {"type": "integer", "minimum": 1, "maximum": 3600, "default": 60},
+        },
+        "required": ["agent", "action"],
+    },
+    "Audit": _object(
+        {
+            "id": {"type": "integer"},
+            "at": TIME,
+            "actor": _nullable(STRING),
+            "action": STRING,
+            "subject": STRING,
+            "details": OBJECT,
+        }
+    ),
+    "SignIn": {
+        "type": "object",
+        "properties": {"token": {"type": "string", "minLength": 1}},
+        "required": ["token"],
+    },
+}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {
+        "title": "z4j brain API",
+        "version": __version__,
+        "description": "Read the brain's state and send commands. Sign in with an admin "
+        "token as a bearer token, or POST it to /session for a cookie.",
+    },
+    "servers": [{"url": "/api/v1"}],
+    "security": [{"bearer": []}, {"session": []}],
+    "components": {
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "session": {"type": "apiKey", "in": "cookie", "name": "z4j_session"},
+        },
+        "schemas": SCHEMAS,
+    },
+    "paths": {
+        "/openapi.json": {
+            "get": _operation("openapi", "This document", (200, OBJECT), errors=(), public=True)
+        },
+        "/session": {
+            "post": _operation(
+                "signIn",
+                "Sign in: a session cookie for an admin token",
+                (204, None),
+                errors=(400, 401, 413, 503),
+                body=_ref("SignIn"),
+                public=True,
+            ),
+            "delete": _operation("signOut", "Sign out", (204, None), errors=(), public=True),
+        },
+        "/projects": {"get": _operation("listProjects", "Projects", (200, _page("Project")))},
+        "/agents": {
+            "get": _operation(
+                "listAgents",
+                "Agents and their workers",
+                (200, _page("Agent")),
+                errors=(400, 401, 404),
+                links=FIRST_AGENT,
+                parameters=[_query("project", STRING, "project name or id")],
+            )
+        },
+        "/agents/{id}": {
+            "get": _operation(
+                "getAgent",
+                "One agent",
+                (200, _ref("Agent")),
+                errors=(400, 401, 404),
+                parameters=[_path("id")],
+            )
+        },
+        "/instances": {
+            "get": _operation("listInstances", "Brain instances", (200, _page("Instance")))
+        },
+        "/events": {
+            "get": _operation(
+                "listEvents",
+                "Stored events, newest first",
+                (200, _page("Event")),
+                errors=(400, 401),
+                parameters=[
+                    _query("kind", STRING, "only this kind"),
+                    _query("agent_id", UUID, "only this agent's events"),
+                    _query("since", STRING, "received at or after (ISO-8601 or epoch seconds)"),
+                    _query("until", STRING, "received before (ISO-8601 or epoch seconds)"),
+                    CURSOR,
+                    LIMIT,
+                ],
+            )
+        },
+        "/commands": {
+            "get": _operation(
+                "listCommands",
+                "Commands, newest first",
+                (200, _page("Command")),
+                errors=(400, 401),
+                links=FIRST_COMMAND,
+                parameters=[
+                    _query("agent_id", UUID, "only this agent's commands"),
+                    _query("state", COMMAND_STATE, "only commands in this state"),
+                    CURSOR,
+                    LIMIT,
+                ],
+            ),
+            "post": _operation(
+                "createCommand",
+                "Send a command to an agent",
+                (201, _ref("Command")),
+                errors=(400, 401, 404, 409, 413),
+                links=NEW_COMMAND,
+                body=_ref("NewCommand"),
+            ),
+        },
+        "/commands/{id}": {
+            "get": _operation(
+                "getCommand",
+                "One command",
+                (200, _ref("Command")),
+                errors=(400, 401, 404),
+                parameters=[_path("id")],
+            )
+        },
+        "/commands/{id}/cancel": {
+            "post": _operation(
+                "cancelCommand",
+                "Cancel a pending or dispatched command",
+                (200, _ref("Command")),
+                errors=(400, 401, 404, 409),
+                parameters=[_path("id")],
+            )
+        },
+        "/audit": {
+            "get": _operation(
+                "listAudit",
+                "Audit events, newest first",
+                (200, _page("Audit")),
+                errors=(400, 401),
+                parameters=[CURSOR, LIMIT],
+            )
+        },
+    },
+}
