@@ -147,6 +147,8 @@ class AgentEndpoint:
         self.commands: Commands | None = None
         self._log = ThrottledLog(log)
         self._tasks: trio.Nursery | None = None
+        # Called with (agent id, worker id, "connected" | "disconnected").
+        self.on_worker: Callable[[uuid.UUID, str, str], None] | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The endpoint's own tasks: buffering event batches, and the idle sweep."""
@@ -235,6 +237,8 @@ class AgentEndpoint:
             # A replaced session must not mark its successor's worker gone.
             if self.sessions.get(key) is session:
                 del self.sessions[key]
+                if self.on_worker is not None:
+                    self.on_worker(agent.id, session.worker_id, "disconnected")
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
                     try:
                         await self._store.worker_disconnected(
@@ -287,6 +291,8 @@ class AgentEndpoint:
         )
         self.sessions[key] = session
         self._stats.agent_sessions_open += 1
+        if self.on_worker is not None:
+            self.on_worker(agent.id, worker_id, "connected")
         try:
             await send(
                 {

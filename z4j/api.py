@@ -185,7 +185,7 @@ class Api:
         projects = {p.id: p.name for p in await self._store.list_projects()}
         workers: dict[uuid.UUID, list[dict[str, Any]]] = {}
         for worker in await self._store.list_workers():
-            workers.setdefault(worker.agent_id, []).append(_worker(worker))
+            workers.setdefault(worker.agent_id, []).append(worker_json(worker))
         items = [
             {
                 "id": str(a.id),
@@ -211,11 +211,11 @@ class Api:
             "project": None if project is None else project.name,
             "name": agent.name,
             "revoked": agent.revoked,
-            "workers": [_worker(w) for w in await self._store.list_workers(agent.id)],
+            "workers": [worker_json(w) for w in await self._store.list_workers(agent.id)],
         }
 
     async def _instances(self, request: Request) -> Response:
-        return 200, _page([_instance(i) for i in await self._store.list_instances()], None)
+        return 200, _page([instance_json(i) for i in await self._store.list_instances()], None)
 
     async def _events(self, request: Request) -> Response:
         q = request.query
@@ -234,7 +234,7 @@ class Api:
         if len(events) == limit:
             last = events[-1]
             cursor = f"{last.received_at!r}_{last.id}"
-        return 200, _page([_event(e) for e in events], cursor)
+        return 200, _page([event_json(e) for e in events], cursor)
 
     async def _list_commands(self, request: Request) -> Response:
         q = request.query
@@ -251,7 +251,7 @@ class Api:
         cursor = None
         if len(records) == limit:
             cursor = f"{records[-1].created_at!r}_{records[-1].id}"
-        return 200, _page([_command(c) for c in records], cursor)
+        return 200, _page([command_json(c) for c in records], cursor)
 
     async def _create_command(self, request: Request) -> Response:
         body = request.json_object()
@@ -287,20 +287,20 @@ class Api:
             if "revoked" in message:
                 raise ApiError(409, "agent_revoked", message) from None
             raise ApiError(400, "bad_request", message) from None
-        return 201, _command(record)
+        return 201, command_json(record)
 
     async def _get_command(self, request: Request) -> Response:
         command_id = _uuid(request.params["id"], "id")
         record = await self._store.get_command(command_id)
         if record is None:
             raise ApiError(404, "not_found", f"no command {command_id}")
-        return 200, _command(record)
+        return 200, command_json(record)
 
     async def _cancel_command(self, request: Request) -> Response:
         command_id = _uuid(request.params["id"], "id")
         record = await self._commands.cancel(command_id, actor="api")
         if record is not None:
-            return 200, _command(record)
+            return 200, command_json(record)
         current = await self._store.get_command(command_id)
         if current is None:
             raise ApiError(404, "not_found", f"no command {command_id}")
@@ -317,7 +317,7 @@ class Api:
                 raise ApiError(400, "bad_request", "cursor: as given by the last page") from None
         records = await self._store.list_audit(before_id=before, limit=limit)
         cursor = str(records[-1].id) if len(records) == limit else None
-        return 200, _page([_audit(a) for a in records], cursor)
+        return 200, _page([audit_json(a) for a in records], cursor)
 
 
 # -- input ---------------------------------------------------------------------------------
@@ -429,7 +429,7 @@ def _page(items: list[Any], cursor: str | None) -> dict[str, Any]:
     return {"items": items, "next_cursor": cursor}
 
 
-def _worker(w: WorkerInfo) -> dict[str, Any]:
+def worker_json(w: WorkerInfo) -> dict[str, Any]:
     return {
         "worker_id": w.worker_id,
         "role": w.role,
@@ -442,7 +442,7 @@ def _worker(w: WorkerInfo) -> dict[str, Any]:
     }
 
 
-def _instance(i: InstanceInfo) -> dict[str, Any]:
+def instance_json(i: InstanceInfo) -> dict[str, Any]:
     return {
         "id": str(i.id),
         "name": i.name,
@@ -457,7 +457,7 @@ def _instance(i: InstanceInfo) -> dict[str, Any]:
     }
 
 
-def _event(e: EventRecord) -> dict[str, Any]:
+def event_json(e: EventRecord) -> dict[str, Any]:
     return {
         "id": e.id,
         "received_at": iso(e.received_at),
@@ -470,7 +470,7 @@ def _event(e: EventRecord) -> dict[str, Any]:
     }
 
 
-def _command(c: CommandRecord) -> dict[str, Any]:
+def command_json(c: CommandRecord) -> dict[str, Any]:
     return {
         "id": str(c.id),
         "project_id": str(c.project_id),
@@ -490,7 +490,7 @@ def _command(c: CommandRecord) -> dict[str, Any]:
     }
 
 
-def _audit(a: AuditRecord) -> dict[str, Any]:
+def audit_json(a: AuditRecord) -> dict[str, Any]:
     return {
         "id": a.id,
         "at": iso(a.at),

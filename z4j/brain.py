@@ -30,18 +30,24 @@ import os
 import socket
 import time
 import uuid
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
 
 import attrs
+import orjson
 import trio
 
 from . import keys
 from .agent_endpoint import AgentEndpoint
-from .api import Api
+from .api import Api, command_json, instance_json
 from .auth import Auth
-from .buffer import Buffer
+from .buffer import Buffer, ClaimedRow
 from .commands import Commands
 from .config import Config, ConfigError
+from .dashboard_hub import SAMPLE_SIZE, DashboardHub
 from .drain import Drainer
+from .events import event_rows
 from .heartbeat import Heartbeat
 from .http import HealthChecks, Pages, build_app, serve_http
 from .ingest_server import IngestServer
@@ -189,6 +195,8 @@ async def serve_brain(
             auth = Auth(store, keys.master_secret(config))
             nursery.start_soon(_announce_admin_token, auth, store_ready, config)
             api = Api(store, commands, auth)
+            hub = DashboardHub(stats, auth, instance_id=str(instance_id))
+            _feed_dashboard(hub, buffer.buffer_id, drainer, commands, agents)
             http_done = trio.Event()
 
             async def run_http(task_status: trio.TaskStatus[tuple[str, int]]) -> None:
@@ -203,7 +211,7 @@ async def serve_brain(
                             pages=_dashboard_pages(),
                         ),
                         shutdown=http_shutdown,
-                        websockets={"/ws/agent": agents},
+                        websockets={"/ws/agent": agents, "/ws/dashboard": hub},
                         task_status=task_status,
                     )
                 finally:
@@ -234,6 +242,9 @@ async def serve_brain(
                 with heartbeat_scope:
                     await heartbeat.run(task_status=task_status)
 
+            heartbeat.on_beat = lambda info: hub.publish(
+                {"type": "instance", "instance": instance_json(info)}
+            )
             await nursery.start(run_heartbeat)
             maintenance = Maintenance(
                 store, retention_days=config.event_retention_days, store_ready=store_ready
@@ -280,6 +291,47 @@ async def serve_brain(
             await buffer.aclose()
             await store.aclose()
         log.info("brain %s stopped", instance_id)
+
+
+def _feed_dashboard(
+    hub: DashboardHub,
+    buffer_id: uuid.UUID,
+    drainer: Drainer,
+    commands: Commands,
+    agents: AgentEndpoint,
+) -> None:
+    """Point the producers' hooks at the dashboard hub (each a no-op unwatched)."""
+
+    def stored(rows: Sequence[ClaimedRow]) -> None:
+        if not hub.has_subscribers:
+            return
+        kinds: Counter[str] = Counter()
+        sample: list[dict[str, Any]] = []
+        for at, _, source, kind, body, _, agent, worker in event_rows(buffer_id, rows):
+            kinds[kind] += 1
+            if len(sample) < SAMPLE_SIZE:
+                sample.append(
+                    {
+                        "received_at": at.isoformat(),
+                        "source": source,
+                        "kind": kind,
+                        "agent_id": None if agent is None else str(uuid.UUID(bytes=agent)),
+                        "worker_id": worker,
+                        "body": orjson.loads(body),
+                    }
+                )
+        sample.reverse()  # newest first
+        hub.publish(
+            {"type": "events", "count": sum(kinds.values()), "kinds": dict(kinds), "sample": sample}
+        )
+
+    drainer.on_stored = stored
+    commands.on_change = lambda record: hub.publish(
+        {"type": "command", "command": command_json(record)}
+    )
+    agents.on_worker = lambda agent_id, worker_id, state: hub.publish(
+        {"type": "agent", "agent_id": str(agent_id), "worker_id": worker_id, "state": state}
+    )
 
 
 async def _announce_admin_token(auth: Auth, store_ready: trio.Event, config: Config) -> None:

@@ -60,6 +60,8 @@ class Commands:
         self._sent: dict[uuid.UUID, Any] = {}  # command id -> session it went to
         self._finished: dict[uuid.UUID, trio.Event] = {}
         self._log = ThrottledLog(log)
+        # Called with the record after it is created and after every transition.
+        self.on_change: Callable[[CommandRecord], None] | None = None
 
     # -- minting -------------------------------------------------------------------
 
@@ -105,6 +107,7 @@ class Commands:
             error=None,
         )
         await self._store.create_command(record)
+        self._changed(record)
         if not await self.deliver(record):
             self._stats.command_dispatch["no_session"] += 1
         return record
@@ -128,7 +131,7 @@ class Commands:
     async def cancel(
         self, command_id: uuid.UUID, *, actor: str | None = None
     ) -> CommandRecord | None:
-        record = await self._store.transition_command(
+        record = await self._transition(
             command_id,
             from_states=("pending", "dispatched"),
             to_state="cancelled",
@@ -207,7 +210,7 @@ class Commands:
         parsed = _uuid(command_id)
         if parsed is None:
             return
-        await self._store.transition_command(
+        await self._transition(
             parsed,
             from_states=("pending",),
             to_state="dispatched",
@@ -220,7 +223,7 @@ class Commands:
         parsed = _uuid(command_id)
         if parsed is None:
             return
-        record = await self._store.transition_command(
+        record = await self._transition(
             parsed,
             from_states=("pending", "dispatched"),
             to_state="completed" if payload.status == "success" else "failed",
@@ -233,12 +236,23 @@ class Commands:
             log.info("late or unknown result for command %s ignored", command_id)
         self._finish(parsed)
 
+    async def _transition(self, command_id: uuid.UUID, **change: Any) -> CommandRecord | None:
+        """The store's compare-and-set transition; the new record if it moved."""
+        record = await self._store.transition_command(command_id, **change)
+        if record is not None:
+            self._changed(record)
+        return record
+
+    def _changed(self, record: CommandRecord) -> None:
+        if self.on_change is not None:
+            self.on_change(record)
+
     # -- the sweep ----------------------------------------------------------------------
 
     async def sweep_once(self) -> None:
         now = self._clock()
         for record in await self._store.overdue_commands(now=now):
-            done = await self._store.transition_command(
+            done = await self._transition(
                 record.id,
                 from_states=("pending", "dispatched"),
                 to_state="timeout",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import trio
@@ -64,6 +64,8 @@ class Drainer:
         self._batch_rows = batch_rows
         self._lease = lease_seconds
         self._store_ready = store_ready
+        # Called with each batch's rows once stored (the dashboard's feed).
+        self.on_stored: Callable[[Sequence[ClaimedRow]], None] | None = None
         self._stopping = False
         self._idle_scopes: set[trio.CancelScope] = set()
         self._running = 0
@@ -232,6 +234,8 @@ class Drainer:
         seconds = done.seconds + time.monotonic() - started
         stats.drain_seconds_total += seconds
         stats.drain_batch_seconds.observe(seconds)
+        if self.on_stored is not None:
+            self.on_stored(done.claim.rows)
 
     async def _write_or_isolate(self, worker: int, claim: Claim, rows: Sequence[ClaimedRow]) -> int:
         """Write ``rows``; if the store rejects their data, bisect to the culprits.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -37,6 +38,8 @@ class Heartbeat:
         self._store = store
         self._buffer = buffer
         self._stats = stats
+        # Called with each beat's row once written (the dashboard's instances).
+        self.on_beat: Callable[[InstanceInfo], None] | None = None
         self.info = info
         self._interval = interval
         self._store_ready = store_ready
@@ -63,10 +66,14 @@ class Heartbeat:
         return self.info
 
     async def beat(self, *, stopped: bool = False) -> None:
+        info = self.snapshot(stopped=stopped)
         try:
-            await self._store.upsert_instance(self.snapshot(stopped=stopped))
+            await self._store.upsert_instance(info)
         except Exception as exc:
             self._log.warning("beat", "heartbeat write failed: %s", exc)
+            return
+        if self.on_beat is not None:
+            self.on_beat(info)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

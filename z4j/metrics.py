@@ -133,6 +133,24 @@ class BrainCollector(Collector):
             dispatch.add_metric([route], s.command_dispatch[route])
         yield dispatch
 
+        # -- dashboard ---------------------------------------------------------------
+        yield _gauge(
+            "z4j_dashboard_subscribers", "Live /ws/dashboard subscribers", s.dashboard_subscribers
+        )
+        yield _counter(
+            "z4j_dashboard_messages", "Dashboard messages published", s.dashboard_messages
+        )
+        yield _counter(
+            "z4j_dashboard_coalesced",
+            "Dashboard event messages merged into one already queued",
+            s.dashboard_coalesced,
+        )
+        yield _counter(
+            "z4j_dashboard_drops",
+            "Dashboard subscribers dropped for falling behind",
+            s.dashboard_drops,
+        )
+
         # -- buffer ----------------------------------------------------------------
         buffer = self._buffer.statistics()
         yield _gauge("z4j_buffer_depth_rows", "Payloads in the buffer file", buffer.depth)

@@ -67,6 +67,10 @@ class BrainStats:
     agent_rejected: Counter[str] = attrs.field(factory=Counter)
     command_dispatch: Counter[str] = attrs.field(factory=Counter)  # local, no_session
     db_query_seconds: Histogram = attrs.field(factory=Histogram)
+    dashboard_subscribers: int = 0
+    dashboard_messages: int = 0  # published while someone was subscribed
+    dashboard_coalesced: int = 0
+    dashboard_drops: int = 0  # subscribers dropped for falling behind
     # Set by the heartbeat: records/s over its last interval.
     ingest_rate: float = 0.0
     drain_rate: float = 0.0

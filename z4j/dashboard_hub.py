@@ -1,0 +1,137 @@
+"""``/ws/dashboard``: live changes fanned out to dashboard subscribers.
+
+Producers (drains, commands, the heartbeat, the agent endpoint) call
+`DashboardHub.publish` synchronously; it never blocks them and costs
+nothing without subscribers. Each subscriber has a bounded queue: a burst
+of ``events`` messages is coalesced into one (counts summed, a capped
+sample kept), and a subscriber whose queue still overflows is dropped
+(closed 1008, counted) rather than slowing anyone else.
+
+Messages are JSON text frames, each with a ``type``: ``hello``, ``events``
+(records stored, with a small sample), ``command`` (every transition),
+``instance`` (every heartbeat of this instance), ``agent`` (a worker
+connected or disconnected). This hub is local to one brain process; the
+cross-replica bus is the registry's work.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import trio
+
+from .auth import Auth
+from .stats import BrainStats
+
+__all__ = ["DashboardHub"]
+
+log = logging.getLogger("z4j.dashboard")
+
+QUEUE_SIZE = 256
+SAMPLE_SIZE = 20
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_TOO_SLOW = 1008
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class _Subscriber:
+    __slots__ = ("dropped", "queue", "ready")
+
+    def __init__(self) -> None:
+        self.queue: deque[dict[str, Any]] = deque()
+        self.ready = trio.Event()
+        self.dropped = False
+
+
+class DashboardHub:
+    def __init__(self, stats: BrainStats, auth: Auth | None, *, instance_id: str) -> None:
+        self._stats = stats
+        self._auth = auth
+        self._instance_id = instance_id
+        self._subscribers: set[_Subscriber] = set()
+
+    @property
+    def has_subscribers(self) -> bool:
+        return bool(self._subscribers)
+
+    def publish(self, message: dict[str, Any]) -> None:
+        """Queue ``message`` for every subscriber (coalescing, or dropping the slow)."""
+        if not self._subscribers:
+            return
+        self._stats.dashboard_messages += 1
+        for sub in list(self._subscribers):
+            queue = sub.queue
+            if message["type"] == "events" and queue and queue[-1]["type"] == "events":
+                queue[-1] = _merge_events(queue[-1], message)
+                self._stats.dashboard_coalesced += 1
+            elif len(queue) >= QUEUE_SIZE:
+                self._drop(sub)
+                continue
+            else:
+                queue.append(message)
+            sub.ready.set()
+
+    def _drop(self, sub: _Subscriber) -> None:
+        sub.dropped = True
+        sub.queue.clear()
+        sub.ready.set()
+        self._subscribers.discard(sub)
+        self._stats.dashboard_drops += 1
+        log.warning("dropped a dashboard subscriber that fell %d messages behind", QUEUE_SIZE)
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        """The WebSocket handler: sign-in check, then the stream until either side goes."""
+        if (await receive())["type"] != "websocket.connect":
+            return
+        await send({"type": "websocket.accept"})
+        if self._auth is not None and not await self._auth.signed_in(scope["headers"]):
+            await send({"type": "websocket.close", "code": CLOSE_UNAUTHORIZED})
+            return
+        sub = _Subscriber()
+        self._subscribers.add(sub)
+        self._stats.dashboard_subscribers += 1
+        try:
+            await self._send(send, {"type": "hello", "instance_id": self._instance_id})
+            async with trio.open_nursery() as nursery:
+
+                async def until_peer_leaves() -> None:
+                    while (await receive())["type"] != "websocket.disconnect":
+                        pass  # subscribers have nothing to say
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(until_peer_leaves)
+                while True:
+                    await sub.ready.wait()
+                    sub.ready = trio.Event()
+                    if sub.dropped:
+                        await send({"type": "websocket.close", "code": CLOSE_TOO_SLOW})
+                        nursery.cancel_scope.cancel()
+                        return
+                    while sub.queue:
+                        await self._send(send, sub.queue.popleft())
+        finally:
+            self._subscribers.discard(sub)
+            self._stats.dashboard_subscribers -= 1
+
+    @staticmethod
+    async def _send(send: Send, message: dict[str, Any]) -> None:
+        await send({"type": "websocket.send", "text": orjson.dumps(message).decode()})
+
+
+def _merge_events(queued: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    kinds = dict(queued["kinds"])
+    for kind, n in new["kinds"].items():
+        kinds[kind] = kinds.get(kind, 0) + n
+    sample = (new["sample"] + queued["sample"])[:SAMPLE_SIZE]  # newest first
+    return {
+        "type": "events",
+        "count": queued["count"] + new["count"],
+        "kinds": kinds,
+        "sample": sample,
+    }
