@@ -148,7 +148,7 @@ async def test_messages_whole_and_fragmented_are_echoed_and_pings_answered(tmp_p
 
 async def test_an_oversize_message_is_closed_1009_even_in_fragments(tmp_path: Path) -> None:
     with trio.fail_after(10):
-        async with server(tmp_path, ws_max_frame_bytes=1000) as (port, recorder, _):
+        async with server(tmp_path, ws_max_frame_bytes=1024) as (port, recorder, _):
             async with client(port, "/echo") as c:
                 await accepted(c)
                 await c.send(BytesMessage(b"x" * 600, message_finished=False))
