@@ -28,6 +28,7 @@ POSITIVE_FIELDS = [
     "drain_workers",
     "drain_batch_rows",
     "drain_lease_seconds",
+    "instances",
     "db_pool_size",
     "event_retention_days",
     "heartbeat_seconds",
@@ -36,6 +37,8 @@ POSITIVE_FIELDS = [
     "ws_heartbeat_interval_seconds",
     "ws_rate_limit_frames_per_second",
     "ws_rate_limit_events_per_second",
+    "ownership_ttl_seconds",
+    "leader_lease_seconds",
 ]
 NON_NEGATIVE_FIELDS = ["db_statement_timeout_ms", "shutdown_grace_seconds"]
 OPTIONAL_FIELDS = ["database_url", "ingest_token", "buffer_path", "instance_name", "secret"]

@@ -231,7 +231,7 @@ async def test_health_endpoints(config: Config) -> None:
             status, body = await http_get(brain.addresses.http, "/health/ready")
             checks = {"buffer": "ok", "store": "ok"}
             if config.database_url:
-                checks["pool"] = "ok"
+                checks["pool"] = checks["listener"] = "ok"
             assert orjson.loads(body) == {"status": "ready", "checks": checks}
             status, body = await http_get(brain.addresses.http, "/nope")
             assert status == 404 and orjson.loads(body)["error"] == "not_found"

@@ -40,6 +40,7 @@ from .protocol.agent import frames as f
 from .protocol.agent.connection import CLOSE_TOO_LARGE, AgentProtocol, Role
 from .protocol.errors import RemoteProtocolError
 from .ratelimit import TokenBucket
+from .registry import Registry
 from .stats import BrainStats, ThrottledLog
 from .store.base import Agent, Store, StoreUnavailable
 
@@ -102,6 +103,7 @@ class Session:
     last_frame: float = attrs.field(factory=trio.current_time)
     in_flight: int = 0  # event batches waiting to be durable
     drained: trio.Event | None = None  # set when in_flight drops, if awaited
+    fencing_token: int | None = None  # this replica's claim on the session (registry)
 
     async def send(self, payload: f.Payload, *, frame_id: str | None = None) -> None:
         message = self.protocol.send(payload, frame_id=frame_id)
@@ -149,6 +151,13 @@ class AgentEndpoint:
         self._tasks: trio.Nursery | None = None
         # Called with (agent id, worker id, "connected" | "disconnected").
         self.on_worker: Callable[[uuid.UUID, str, str], None] | None = None
+        self.registry: Registry = Registry(stats)
+
+    def lost(self, agent_id: uuid.UUID, worker_id: str) -> None:
+        """Another replica owns this worker's session now: close ours (4002)."""
+        session = self.sessions.get((agent_id, worker_id))
+        if session is not None:
+            session.kick(CLOSE_REPLACED)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The endpoint's own tasks: buffering event batches, and the idle sweep."""
@@ -241,6 +250,10 @@ class AgentEndpoint:
                     self.on_worker(agent.id, session.worker_id, "disconnected")
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
                     try:
+                        if session.fencing_token is not None:
+                            await self.registry.release(
+                                agent.id, session.worker_id, session.fencing_token
+                            )
                         await self._store.worker_disconnected(
                             agent.id, session.worker_id, at=time.time()
                         )
@@ -308,6 +321,7 @@ class AgentEndpoint:
                 }
             )
             try:
+                session.fencing_token = await self.registry.acquire(agent.id, worker_id)
                 await self._store.worker_connected(
                     agent.id,
                     worker_id,

@@ -31,7 +31,7 @@ import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -47,12 +47,13 @@ from .commands import Commands
 from .config import Config, ConfigError
 from .dashboard_hub import SAMPLE_SIZE, DashboardHub
 from .drain import Drainer
-from .events import event_rows
+from .events import EventRow, event_rows
 from .heartbeat import Heartbeat
 from .http import HealthChecks, Pages, build_app, serve_http
 from .ingest_server import IngestServer
 from .maintenance import Maintenance
 from .metrics import brain_registry, render
+from .registry import Registry, registry_for
 from .stats import BrainStats
 from .store import Store, StoreUnavailable, store_for
 from .store.base import InstanceInfo
@@ -178,7 +179,7 @@ async def serve_brain(
             ingest_address = await nursery.start(run_ingest)
 
             health = _health_checks(store, store_ready, buffer)
-            registry = brain_registry(
+            metrics_registry = brain_registry(
                 stats,
                 buffer,
                 instance_id=str(instance_id),
@@ -197,6 +198,15 @@ async def serve_brain(
             api = Api(store, commands, auth)
             hub = DashboardHub(stats, auth, instance_id=str(instance_id))
             _feed_dashboard(hub, buffer.buffer_id, drainer, commands, agents)
+            registry = registry_for(
+                config,
+                store.pool if isinstance(store, PostgresStore) else None,
+                stats,
+                instance_id=instance_id,
+                store_ready=store_ready,
+            )
+            _join_registry(registry, agents, commands, hub, health)
+            await nursery.start(registry.run)
             http_done = trio.Event()
 
             async def run_http(task_status: trio.TaskStatus[tuple[str, int]]) -> None:
@@ -205,7 +215,7 @@ async def serve_brain(
                         config,
                         build_app(
                             health,
-                            metrics=functools.partial(render, registry),
+                            metrics=functools.partial(render, metrics_registry),
                             api=api,
                             auth=auth,
                             pages=_dashboard_pages(),
@@ -247,7 +257,10 @@ async def serve_brain(
             )
             await nursery.start(run_heartbeat)
             maintenance = Maintenance(
-                store, retention_days=config.event_retention_days, store_ready=store_ready
+                store,
+                retention_days=config.event_retention_days,
+                store_ready=store_ready,
+                is_leader=lambda: registry.is_leader,
             )
             await nursery.start(maintenance.run)
 
@@ -293,6 +306,42 @@ async def serve_brain(
         log.info("brain %s stopped", instance_id)
 
 
+def _join_registry(
+    registry: Registry,
+    agents: AgentEndpoint,
+    commands: Commands,
+    hub: DashboardHub,
+    health: HealthChecks,
+) -> None:
+    """Connect the services that cross replicas to the registry (no-ops when local)."""
+    agents.registry = commands.registry = registry
+    registry.on_lost = agents.lost
+    registry.on_command = commands.deliver_soon
+    registry.on_finished = commands.finished_elsewhere
+    registry.on_dashboard = hub.publish_local
+    if registry.backend == "local":
+        return
+    hub.relay = registry.relay
+
+    async def listener_check() -> str | None:
+        return None if registry.listening else "not listening for notifications (reconnecting)"
+
+    health.add("listener", listener_check)
+    log.info("registry: %s (sessions, commands and the dashboard cross replicas)", registry.backend)
+
+
+SAMPLED_ROWS = 50  # buffered payloads per drained batch looked into for the feed
+
+
+def _sample_rows(buffer_id: uuid.UUID, rows: Sequence[ClaimedRow]) -> Iterator[EventRow]:
+    """The event rows of ``rows``, skipping payloads the drain quarantined."""
+    for row in rows:
+        try:
+            yield from list(event_rows(buffer_id, [row]))
+        except ValueError:  # unparseable: it went to dead_letter, not the store
+            continue
+
+
 def _feed_dashboard(
     hub: DashboardHub,
     buffer_id: uuid.UUID,
@@ -302,12 +351,16 @@ def _feed_dashboard(
 ) -> None:
     """Point the producers' hooks at the dashboard hub (each a no-op unwatched)."""
 
-    def stored(rows: Sequence[ClaimedRow]) -> None:
+    def stored(rows: Sequence[ClaimedRow], records: int) -> None:
         if not hub.has_subscribers:
             return
+        # Kinds and the sample come from the batch's first rows only: the
+        # Trio thread must not parse every stored record a second time.
         kinds: Counter[str] = Counter()
         sample: list[dict[str, Any]] = []
-        for at, _, source, kind, body, _, agent, worker in event_rows(buffer_id, rows):
+        for at, _, source, kind, body, _, agent, worker in _sample_rows(
+            buffer_id, rows[:SAMPLED_ROWS]
+        ):
             kinds[kind] += 1
             if len(sample) < SAMPLE_SIZE:
                 sample.append(
@@ -321,9 +374,7 @@ def _feed_dashboard(
                     }
                 )
         sample.reverse()  # newest first
-        hub.publish(
-            {"type": "events", "count": sum(kinds.values()), "kinds": dict(kinds), "sample": sample}
-        )
+        hub.publish({"type": "events", "count": records, "kinds": dict(kinds), "sample": sample})
 
     drainer.on_stored = stored
     commands.on_change = lambda record: hub.publish(

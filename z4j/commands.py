@@ -29,6 +29,7 @@ from typing import Any
 import trio
 
 from .protocol.agent import frames as f
+from .registry import Registry
 from .stats import BrainStats, ThrottledLog
 from .store.base import FINAL_COMMAND_STATES, CommandRecord, Store
 
@@ -62,6 +63,9 @@ class Commands:
         self._log = ThrottledLog(log)
         # Called with the record after it is created and after every transition.
         self.on_change: Callable[[CommandRecord], None] | None = None
+        self.registry: Registry = Registry(self._stats)
+        self._wanted: set[uuid.UUID] = set()  # agents to deliver to at once
+        self._wake = trio.Event()
 
     # -- minting -------------------------------------------------------------------
 
@@ -109,8 +113,25 @@ class Commands:
         await self._store.create_command(record)
         self._changed(record)
         if not await self.deliver(record):
-            self._stats.command_dispatch["no_session"] += 1
+            # Another replica may hold a worker of this agent: tell them all.
+            if await self.registry.owned_elsewhere(record.agent_id):
+                self._stats.command_dispatch["forwarded"] += 1
+            else:
+                self._stats.command_dispatch["no_session"] += 1
+            await self.registry.command_minted(record.agent_id)
         return record
+
+    def deliver_soon(self, agent_id: uuid.UUID) -> None:
+        """Deliver ``agent_id``'s waiting commands to its workers here, soon (from a
+        notification; the nil UUID means every agent's)."""
+        self._wanted.add(agent_id)
+        self._wake.set()
+
+    def finished_elsewhere(self, command_id: uuid.UUID) -> None:
+        """Another replica recorded a final state: wake our waiters."""
+        event = self._finished.get(command_id)
+        if event is not None:
+            event.set()
 
     async def _find_agent(self, agent: uuid.UUID | str, project: str | None) -> Any:
         project_id = None
@@ -241,6 +262,8 @@ class Commands:
         record = await self._store.transition_command(command_id, **change)
         if record is not None:
             self._changed(record)
+            if record.state in FINAL_COMMAND_STATES:
+                await self.registry.command_finished(record.id)
         return record
 
     def _changed(self, record: CommandRecord) -> None:
@@ -251,7 +274,9 @@ class Commands:
 
     async def sweep_once(self) -> None:
         now = self._clock()
-        for record in await self._store.overdue_commands(now=now):
+        # Timeouts are the leader's (every replica would race for them).
+        overdue = await self._store.overdue_commands(now=now) if self.registry.is_leader else []
+        for record in overdue:
             done = await self._transition(
                 record.id,
                 from_states=("pending", "dispatched"),
@@ -265,7 +290,8 @@ class Commands:
         if self.sessions is not None and self.sessions.sessions:
             await self.sessions.close_revoked()
             for record in await self._store.open_commands(None):
-                await self.deliver(record)
+                if await self.deliver(record):
+                    self._stats.sweep_deliveries += 1
 
     async def run_sweeper(
         self,
@@ -275,12 +301,29 @@ class Commands:
     ) -> None:
         task_status.started()
         await store_ready.wait()
+        next_sweep = trio.current_time()
         while True:
+            with trio.move_on_at(next_sweep):
+                await self._wake.wait()
             try:
-                await self.sweep_once()
+                if self._wake.is_set():  # a notification: just those agents
+                    self._wake = trio.Event()
+                    await self._deliver_wanted()
+                if trio.current_time() >= next_sweep:
+                    next_sweep = trio.current_time() + SWEEP_SECONDS
+                    await self.sweep_once()
             except Exception as exc:
                 self._log.warning("sweep", "command sweep failed, will retry: %s", exc)
-            await trio.sleep(SWEEP_SECONDS)
+
+    async def _deliver_wanted(self) -> None:
+        wanted, self._wanted = self._wanted, set()
+        if self.sessions is None:
+            return
+        everyone = uuid.UUID(int=0) in wanted
+        for agent_id in {a for a, _ in self.sessions.sessions}:
+            if everyone or agent_id in wanted:
+                for record in await self._store.open_commands(agent_id):
+                    await self.deliver(record)
 
 
 def _uuid(text: str) -> uuid.UUID | None:

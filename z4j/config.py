@@ -26,6 +26,7 @@ ENV_PREFIX = "Z4J_"
 MiB = 1024 * 1024
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+RegistryBackend = Literal["postgres_notify", "local"]
 LogFormat = Literal["text", "json"]
 
 
@@ -99,6 +100,7 @@ class Config:
     drain_batch_rows: int = attrs.field(default=2_000, validator=_positive)
     drain_lease_seconds: float = attrs.field(default=30.0, validator=_positive)
     so_reuseport: bool = False
+    instances: int = attrs.field(default=1, validator=_positive)
     db_pool_size: int = attrs.field(default=8, validator=_positive)
     db_statement_timeout_ms: int = attrs.field(default=30_000, validator=_non_negative)
     event_retention_days: int = attrs.field(default=30, validator=_positive)
@@ -110,6 +112,9 @@ class Config:
     ws_heartbeat_interval_seconds: int = attrs.field(default=10, validator=_between(1, 3600))
     ws_rate_limit_frames_per_second: int = attrs.field(default=20_000, validator=_positive)
     ws_rate_limit_events_per_second: int = attrs.field(default=200_000, validator=_positive)
+    registry_backend: RegistryBackend | None = None
+    ownership_ttl_seconds: float = attrs.field(default=60.0, validator=_positive)
+    leader_lease_seconds: float = attrs.field(default=30.0, validator=_positive)
     secret: str | None = attrs.field(
         default=None, validator=attrs.validators.optional(_long_secret)
     )
@@ -130,6 +135,13 @@ class Config:
     def uses_postgres(self) -> bool:
         return self.database_url is not None
 
+    @property
+    def resolved_registry_backend(self) -> RegistryBackend:
+        """postgres_notify on Postgres unless set to local; always local on SQLite."""
+        if not self.uses_postgres:
+            return "local"
+        return self.registry_backend or "postgres_notify"
+
 
 HELP: dict[str, str] = {
     "data_dir": "Directory for the buffer file and the embedded SQLite store.",
@@ -148,6 +160,7 @@ HELP: dict[str, str] = {
     "drain_batch_rows": "Buffer rows (payloads) a drain claims per batch.",
     "drain_lease_seconds": "How long a drain's claim holds before others may take it.",
     "so_reuseport": "Set SO_REUSEPORT so several processes share the ingest and HTTP ports.",
+    "instances": "Brain processes `z4j brain` runs on these settings, sharing the ports (needs Postgres and fixed ports); more than 1 starts a supervisor.",
     "db_pool_size": "Most Postgres connections this process opens.",
     "db_statement_timeout_ms": "statement_timeout on every Postgres connection (0: none).",
     "event_retention_days": "Days of events kept before partitions are dropped.",
@@ -162,6 +175,9 @@ HELP: dict[str, str] = {
     "secret": "Master secret (32+ characters) that agent signing keys derive from. Unset: generated once into DATA_DIR/secret; replicas must share one.",
     "log_level": "DEBUG, INFO, WARNING or ERROR.",
     "log_format": "text or json (one object per line).",
+    "registry_backend": "postgres_notify (default on Postgres: replicas share sessions, commands and the dashboard through LISTEN/NOTIFY) or local (one process; forced on SQLite).",
+    "ownership_ttl_seconds": "How long a replica's claim on an agent session lasts unless renewed (renewed every third of it while the socket lives).",
+    "leader_lease_seconds": "How long the maintenance leader's lease lasts unless renewed; another replica takes over within it after the leader dies.",
 }
 
 # Never printed in full: `z4j config` masks them (a URL keeps all but its password).
@@ -334,6 +350,25 @@ def load_config(
 _NOT_SETTINGS = frozenset(
     {"Z4J_CONFIG", "Z4J_TEST_DATABASE_URL", "Z4J_PG_BIN", "Z4J_HYPOTHESIS_PROFILE"}
 )
+
+
+def config_env(config: Config) -> dict[str, str]:
+    """Every setting of ``config`` as a ``Z4J_*`` variable; `load_config` reads it back equal.
+
+    How ``z4j brain --instances N`` hands its children the configuration it
+    checked, whatever mix of file, environment and flags it came from.
+    """
+    env: dict[str, str] = {}
+    for name in FIELDS:
+        value = getattr(config, name)
+        if value is None:
+            text = ""  # "unset" for an optional setting
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        else:
+            text = str(value)
+        env[env_name(name)] = text
+    return env
 
 
 def _default_text(field: attrs.Attribute[Any]) -> str:

@@ -10,8 +10,9 @@ sample kept), and a subscriber whose queue still overflows is dropped
 Messages are JSON text frames, each with a ``type``: ``hello``, ``events``
 (records stored, with a small sample), ``command`` (every transition),
 ``instance`` (every heartbeat of this instance), ``agent`` (a worker
-connected or disconnected). This hub is local to one brain process; the
-cross-replica bus is the registry's work.
+connected or disconnected). On replicas (``postgres_notify``) messages made
+here are also relayed to the others through the registry, and theirs
+arrive through `publish_local`.
 """
 
 from __future__ import annotations
@@ -55,13 +56,22 @@ class DashboardHub:
         self._auth = auth
         self._instance_id = instance_id
         self._subscribers: set[_Subscriber] = set()
+        # Set by the brain on replicas: hands our messages to the registry.
+        self.relay: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def has_subscribers(self) -> bool:
-        return bool(self._subscribers)
+        """Does anyone want messages: a subscriber here, or other replicas?"""
+        return bool(self._subscribers) or self.relay is not None
 
     def publish(self, message: dict[str, Any]) -> None:
-        """Queue ``message`` for every subscriber (coalescing, or dropping the slow)."""
+        """A change made here: to other replicas (if relayed) and to our subscribers."""
+        if self.relay is not None:
+            self.relay(message)
+        self.publish_local(message)
+
+    def publish_local(self, message: dict[str, Any]) -> None:
+        """Queue ``message`` for every subscriber here (coalescing, or dropping the slow)."""
         if not self._subscribers:
             return
         self._stats.dashboard_messages += 1

@@ -65,7 +65,7 @@ class Drainer:
         self._lease = lease_seconds
         self._store_ready = store_ready
         # Called with each batch's rows once stored (the dashboard's feed).
-        self.on_stored: Callable[[Sequence[ClaimedRow]], None] | None = None
+        self.on_stored: Callable[[Sequence[ClaimedRow], int], None] | None = None
         self._stopping = False
         self._idle_scopes: set[trio.CancelScope] = set()
         self._running = 0
@@ -235,7 +235,10 @@ class Drainer:
         stats.drain_seconds_total += seconds
         stats.drain_batch_seconds.observe(seconds)
         if self.on_stored is not None:
-            self.on_stored(done.claim.rows)
+            try:
+                self.on_stored(done.claim.rows, done.records)
+            except Exception:  # the dashboard's feed must never stop a drain
+                log.exception("the stored-batch hook failed")
 
     async def _write_or_isolate(self, worker: int, claim: Claim, rows: Sequence[ClaimedRow]) -> int:
         """Write ``rows``; if the store rejects their data, bisect to the culprits.

@@ -2,8 +2,7 @@
 
 Runs once the store is migrated, then every MAINTENANCE_INTERVAL_SECONDS.
 Every step is idempotent and serialised in the store (advisory lock on
-Postgres), so several replicas running it at once do no harm; the leader
-lease of the multi-replica work narrows it to one replica.
+Postgres); with replicas, only the holder of the leader lease runs it.
 """
 
 from __future__ import annotations
@@ -33,12 +32,14 @@ class Maintenance:
         store_ready: trio.Event,
         clock: Callable[[], float] = time.time,
         interval: float = MAINTENANCE_INTERVAL_SECONDS,
+        is_leader: Callable[[], bool] = lambda: True,
     ) -> None:
         self._store = store
         self._retention_days = retention_days
         self._store_ready = store_ready
         self._clock = clock
         self._interval = interval
+        self._is_leader = is_leader
         self._log = ThrottledLog(log, interval=interval)
 
     async def run_once(self) -> int:
@@ -58,6 +59,9 @@ class Maintenance:
         task_status.started()
         await self._store_ready.wait()
         while True:
+            if not self._is_leader():  # one replica at a time does upkeep
+                await trio.sleep(1.0)
+                continue
             try:
                 await self.run_once()
             except Exception as exc:

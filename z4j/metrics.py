@@ -129,9 +129,43 @@ class BrainCollector(Collector):
             "Commands sent to a worker on this brain (local), or minted with none live (no_session)",
             labels=["route"],
         )
-        for route in ("local", "no_session"):
+        for route in ("local", "forwarded", "no_session"):
             dispatch.add_metric([route], s.command_dispatch[route])
         yield dispatch
+        yield _counter(
+            "z4j_command_sweep_deliveries",
+            "Commands the one-second sweep delivered (a notification was missed or late)",
+            s.sweep_deliveries,
+        )
+
+        # -- replica registry --------------------------------------------------------
+        ownership = CounterMetricFamily(
+            "z4j_registry_ownership",
+            "Agent session ownership changes: new, renewed, takeover (from another replica), lost",
+            labels=["outcome"],
+        )
+        for outcome in ("new", "renewed", "takeover", "lost"):
+            ownership.add_metric([outcome], s.ownership[outcome])
+        yield ownership
+        notifications = CounterMetricFamily(
+            "z4j_registry_notifications", "NOTIFY messages received, by channel", labels=["channel"]
+        )
+        for channel, n in sorted(s.notifications.items()):
+            notifications.add_metric([channel], n)
+        yield notifications
+        yield _counter(
+            "z4j_registry_listener_reconnects",
+            "Times the LISTEN connection was lost and opened again",
+            s.listener_reconnects,
+        )
+        yield _counter(
+            "z4j_registry_lease_acquisitions",
+            "Times this replica took the leader lease",
+            s.lease_acquisitions,
+        )
+        yield _gauge(
+            "z4j_registry_leader", "1 while this replica holds the leader lease", float(s.leader)
+        )
 
         # -- dashboard ---------------------------------------------------------------
         yield _gauge(

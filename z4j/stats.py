@@ -65,12 +65,19 @@ class BrainStats:
     agent_events_ok: int = 0
     agent_frames: Counter[str] = attrs.field(factory=Counter)  # by frame type
     agent_rejected: Counter[str] = attrs.field(factory=Counter)
-    command_dispatch: Counter[str] = attrs.field(factory=Counter)  # local, no_session
+    command_dispatch: Counter[str] = attrs.field(factory=Counter)  # local, forwarded, no_session
     db_query_seconds: Histogram = attrs.field(factory=Histogram)
     dashboard_subscribers: int = 0
     dashboard_messages: int = 0  # published while someone was subscribed
     dashboard_coalesced: int = 0
     dashboard_drops: int = 0  # subscribers dropped for falling behind
+    # The replica registry (z4j/registry.py).
+    ownership: Counter[str] = attrs.field(factory=Counter)  # new, renewed, takeover, lost
+    notifications: Counter[str] = attrs.field(factory=Counter)  # by channel
+    listener_reconnects: int = 0
+    lease_acquisitions: int = 0
+    leader: bool = False  # holds the leader lease (always, with the local registry)
+    sweep_deliveries: int = 0  # commands the sweep delivered (a notification missed)
     # Set by the heartbeat: records/s over its last interval.
     ingest_rate: float = 0.0
     drain_rate: float = 0.0

@@ -274,4 +274,29 @@ CREATE TABLE api_sessions (
 """,
         # (SQLite's index on received_at already orders by (received_at, rowid).)
     ),
+    Migration(
+        version=5,
+        name="replica registry: session ownership, leader lease",
+        postgres="""
+CREATE SEQUENCE z4j_fencing_tokens;
+CREATE TABLE agent_sessions (
+    agent_id      uuid NOT NULL,
+    worker_id     text NOT NULL,
+    instance_id   uuid NOT NULL,
+    fencing_token bigint NOT NULL,
+    acquired_at   timestamptz NOT NULL DEFAULT now(),
+    expires_at    timestamptz NOT NULL,
+    PRIMARY KEY (agent_id, worker_id)
+);
+CREATE INDEX agent_sessions_instance ON agent_sessions (instance_id);
+CREATE TABLE leader_lease (
+    name          text PRIMARY KEY,
+    holder        uuid NOT NULL,
+    fencing_token bigint NOT NULL,
+    expires_at    timestamptz NOT NULL
+);
+""",
+        # One process on SQLite: the local registry needs no tables.
+        sqlite="SELECT 1",
+    ),
 )

@@ -1,0 +1,473 @@
+"""Where agent sessions live, and how work crosses replicas (Z4J_REGISTRY_BACKEND).
+
+``local`` (forced on SQLite): one process; every session is ours, this
+process is always the leader, nothing crosses.
+
+``postgres_notify`` (default on Postgres), for replicas sharing one
+database:
+
+- **Ownership.** A connecting worker's row in ``agent_sessions`` names the
+  replica holding its socket and a fencing token from a sequence; the
+  newest connection wins. The owner renews its rows every third of
+  Z4J_OWNERSHIP_TTL_SECONDS; a row it can no longer renew under its own
+  token was taken over (or cleaned up), and its local session is closed
+  (4002): a replica never acts on ownership it has lost.
+- **Routing.** A command minted with no local worker is announced on
+  ``z4j_commands`` (the agent id only: rows are read from tables, payloads
+  stay far below NOTIFY's 8000 bytes); the owner delivers it. A final
+  state is announced too, so waiters on other replicas wake at once. The
+  command sweep (every second, on every replica) delivers whatever a lost
+  notification missed.
+- **Dashboard.** Hub messages are relayed on ``z4j_dashboard`` (batched
+  every 100 ms, bursts of event messages coalesced), so a subscriber on
+  any replica sees every replica's changes.
+- **Listener.** One dedicated connection LISTENs, waited on with Trio
+  (``wait_readable`` on its socket, never a blocking call on the loop). A
+  self-notify every 2 s is its watchdog: no echo within 6 s, or any error,
+  and it reconnects (capped backoff) and LISTENs again.
+- **Leader lease.** One row in ``leader_lease``; the holder renews it every
+  third of Z4J_LEADER_LEASE_SECONDS, and only the holder runs maintenance,
+  command timeouts, expired-ownership cleanup and marking dead instances.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import psycopg
+import trio
+
+from .config import Config
+from .stats import BrainStats, ThrottledLog
+from .store.pg import PgPool
+
+__all__ = ["LocalRegistry", "PostgresRegistry", "Registry", "registry_for"]
+
+log = logging.getLogger("z4j.registry")
+
+COMMANDS_CHANNEL = "z4j_commands"
+DASHBOARD_CHANNEL = "z4j_dashboard"
+PING_CHANNEL = "z4j_ping"
+PING_SECONDS = 2.0
+WATCHDOG_SECONDS = 6.0
+RELAY_SECONDS = 0.1
+MAX_NOTIFY_BYTES = 7900  # Postgres refuses payloads of 8000 bytes or more
+LEASE_NAME = "maintenance"
+
+Key = tuple[uuid.UUID, str]
+
+
+class Registry:
+    """The interface, and the ``local`` backend: one process, always the leader."""
+
+    backend = "local"
+
+    def __init__(self, stats: BrainStats) -> None:
+        self._stats = stats
+        stats.leader = self.is_leader
+        self._tokens = 0
+        # Set by the brain: close a session we no longer own; deliver an
+        # agent's waiting commands here; wake waiters of a command; show a
+        # dashboard message from another replica.
+        self.on_lost: Callable[[uuid.UUID, str], None] = lambda agent, worker: None
+        self.on_command: Callable[[uuid.UUID], None] = lambda agent: None
+        self.on_finished: Callable[[uuid.UUID], None] = lambda command: None
+        self.on_dashboard: Callable[[dict[str, Any]], None] = lambda message: None
+
+    @property
+    def is_leader(self) -> bool:
+        return True
+
+    @property
+    def listening(self) -> bool:
+        return True
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+
+    async def acquire(self, agent_id: uuid.UUID, worker_id: str) -> int:
+        """Claim this worker's session for this replica; its fencing token."""
+        self._tokens += 1
+        self._stats.ownership["new"] += 1
+        return self._tokens
+
+    async def release(self, agent_id: uuid.UUID, worker_id: str, token: int) -> None:
+        pass
+
+    async def owned_elsewhere(self, agent_id: uuid.UUID) -> bool:
+        """Does another replica hold a live session of this agent?"""
+        return False
+
+    async def command_minted(self, agent_id: uuid.UUID) -> None:
+        pass
+
+    async def command_finished(self, command_id: uuid.UUID) -> None:
+        pass
+
+    def relay(self, message: dict[str, Any]) -> None:
+        pass
+
+
+LocalRegistry = Registry
+
+
+def registry_for(
+    config: Config,
+    pool: PgPool | None,
+    stats: BrainStats,
+    *,
+    instance_id: uuid.UUID,
+    store_ready: trio.Event,
+) -> Registry:
+    backend = config.resolved_registry_backend
+    if config.registry_backend == "postgres_notify" and backend == "local":
+        log.warning("Z4J_REGISTRY_BACKEND=postgres_notify needs Postgres; using local on SQLite")
+    if backend == "local" or pool is None:
+        return Registry(stats)
+    return PostgresRegistry(config, pool, stats, instance_id=instance_id, store_ready=store_ready)
+
+
+class PostgresRegistry(Registry):
+    backend = "postgres_notify"
+
+    def __init__(
+        self,
+        config: Config,
+        pool: PgPool,
+        stats: BrainStats,
+        *,
+        instance_id: uuid.UUID,
+        store_ready: trio.Event,
+    ) -> None:
+        self._leader = False
+        super().__init__(stats)
+        self._pool = pool
+        self._me = instance_id
+        self._me_text = str(instance_id)
+        self._ttl = config.ownership_ttl_seconds
+        self._lease = config.leader_lease_seconds
+        self._heartbeat = config.heartbeat_seconds
+        self._store_ready = store_ready
+        self._owned: dict[Key, int] = {}
+        self._listening = False
+        self._last_echo = 0.0
+        self._outbox: list[dict[str, Any]] = []
+        self._outbox_ready = trio.Event()
+        self._renew_now = trio.Event()
+        self._log = ThrottledLog(log)
+
+    @property
+    def is_leader(self) -> bool:
+        return self._leader
+
+    @property
+    def listening(self) -> bool:
+        return self._listening
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await self._store_ready.wait()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._listen_forever)
+            nursery.start_soon(self._ping_forever)
+            nursery.start_soon(self._renew_forever)
+            nursery.start_soon(self._lead_forever)
+            nursery.start_soon(self._relay_forever)
+
+    # -- ownership ---------------------------------------------------------------------
+
+    async def acquire(self, agent_id: uuid.UUID, worker_id: str) -> int:
+        token, previous = await self._pool.run(_acquire, agent_id, worker_id, self._me, self._ttl)
+        self._owned[agent_id, worker_id] = token
+        outcome = "new" if previous is None else "renewed" if previous == self._me else "takeover"
+        self._stats.ownership[outcome] += 1
+        if outcome == "takeover":
+            # The old owner learns at its next renewal at the latest; tell it now.
+            await self._notify(COMMANDS_CHANNEL, f"lost:{agent_id}:{worker_id}")
+        return token
+
+    async def release(self, agent_id: uuid.UUID, worker_id: str, token: int) -> None:
+        if self._owned.get((agent_id, worker_id)) == token:
+            del self._owned[agent_id, worker_id]
+        await self._pool.run(_release, agent_id, worker_id, token)
+
+    async def owned_elsewhere(self, agent_id: uuid.UUID) -> bool:
+        owners: list[uuid.UUID] = await self._pool.run(_owners, agent_id)
+        return any(owner != self._me for owner in owners)
+
+    async def _renew_forever(self) -> None:
+        while True:
+            with trio.move_on_after(self._ttl / 3):
+                await self._renew_now.wait()
+            self._renew_now = trio.Event()
+            if not self._owned:
+                continue
+            claims = list(self._owned.items())
+            try:
+                kept: set[Key] = await self._pool.run(_renew, self._me, claims, self._ttl)
+            except Exception as exc:
+                self._log.warning("renew", "renewing session ownership failed: %s", exc)
+                continue
+            for key, token in claims:
+                if key not in kept and self._owned.get(key) == token:
+                    del self._owned[key]
+                    self._stats.ownership["lost"] += 1
+                    log.info("lost the session of agent %s worker %s: closing it", *key)
+                    self.on_lost(*key)
+
+    # -- routing -------------------------------------------------------------------------
+
+    async def command_minted(self, agent_id: uuid.UUID) -> None:
+        await self._notify(COMMANDS_CHANNEL, f"minted:{agent_id}")
+
+    async def command_finished(self, command_id: uuid.UUID) -> None:
+        await self._notify(COMMANDS_CHANNEL, f"finished:{command_id}")
+
+    def relay(self, message: dict[str, Any]) -> None:
+        self._outbox.append(message)
+        self._outbox_ready.set()
+
+    async def _relay_forever(self) -> None:
+        while True:
+            await self._outbox_ready.wait()
+            await trio.sleep(RELAY_SECONDS)  # gather a burst
+            self._outbox_ready = trio.Event()
+            messages, self._outbox = _coalesce(self._outbox), []
+            for message in messages:
+                payload = _dashboard_payload(self._me_text, message)
+                if payload is None:
+                    self._log.warning("relay", "a dashboard message too large to relay was dropped")
+                    continue
+                await self._notify(DASHBOARD_CHANNEL, payload)
+
+    async def _notify(self, channel: str, payload: str) -> None:
+        try:
+            await self._pool.run(_notify, channel, payload, autocommit=True)
+        except Exception as exc:  # the sweep still delivers; the feed may miss one
+            self._log.warning("notify", "NOTIFY %s failed: %s", channel, exc)
+
+    # -- the listener --------------------------------------------------------------------
+
+    async def _ping_forever(self) -> None:
+        while True:
+            await self._notify(PING_CHANNEL, self._me_text)
+            await trio.sleep(PING_SECONDS)
+
+    async def _listen_forever(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                await self._listen_once()
+            except (psycopg.Error, OSError, _DeadListener) as exc:
+                self._log.warning("listen", "listener connection lost, reconnecting: %s", exc)
+            self._listening = False
+            self._stats.listener_reconnects += 1
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+
+    async def _listen_once(self) -> None:
+        conn = await trio.to_thread.run_sync(lambda: self._pool.connect_sync(autocommit=True))
+        try:
+            await trio.to_thread.run_sync(_listen_on, conn)
+            self._listening = True
+            self._last_echo = trio.current_time()
+            log.info("listening on %s, %s", COMMANDS_CHANNEL, DASHBOARD_CHANNEL)
+            # Catch up on what was announced while we were not listening.
+            self.on_command(uuid.UUID(int=0))
+            pgconn = conn.pgconn
+            while True:
+                with trio.move_on_after(1.0):
+                    await trio.lowlevel.wait_readable(pgconn.socket)
+                pgconn.consume_input()  # non-blocking: reads what the socket has
+                if pgconn.status != psycopg.pq.ConnStatus.OK:
+                    raise _DeadListener("connection closed")
+                while (note := pgconn.notifies()) is not None:
+                    self._received(note.relname.decode(), note.extra.decode())
+                if trio.current_time() - self._last_echo > WATCHDOG_SECONDS:
+                    raise _DeadListener(f"no echo of our own ping in {WATCHDOG_SECONDS:g} s")
+        finally:
+            self._listening = False
+            conn.close()  # no round trip: sends Terminate and closes the socket
+
+    def _received(self, channel: str, payload: str) -> None:
+        self._stats.notifications[channel] += 1
+        if channel == PING_CHANNEL:
+            if payload == self._me_text:
+                self._last_echo = trio.current_time()
+            return
+        if channel == DASHBOARD_CHANNEL:
+            origin, _, message = payload.partition(":")
+            if origin != self._me_text:
+                self.on_dashboard(orjson.loads(message))
+            return
+        what, _, rest = payload.partition(":")
+        try:
+            if what == "minted":
+                self.on_command(uuid.UUID(rest))
+            elif what == "finished":
+                self.on_finished(uuid.UUID(rest))
+            elif what == "lost":
+                agent, _, worker = rest.partition(":")
+                if (uuid.UUID(agent), worker) in self._owned:
+                    # Another replica took it over: renew now, and the
+                    # renewal (under our token) tells us what we lost.
+                    self._renew_now.set()
+        except ValueError:
+            log.warning("ignored a malformed %s notification: %.80s", channel, payload)
+
+    # -- the leader ----------------------------------------------------------------------
+
+    async def _lead_forever(self) -> None:
+        while True:
+            try:
+                leader = await self._pool.run(_take_lease, self._me, self._lease)
+            except Exception as exc:
+                self._log.warning("lease", "leader lease check failed: %s", exc)
+                leader = False
+            if leader and not self._leader:
+                self._stats.lease_acquisitions += 1
+                log.info("this replica now holds the leader lease")
+            elif self._leader and not leader:
+                log.info("this replica lost the leader lease")
+            self._leader = self._stats.leader = leader
+            if leader:
+                try:
+                    await self._pool.run(_leader_upkeep, 3 * self._heartbeat)
+                except Exception as exc:
+                    self._log.warning("upkeep", "leader upkeep failed: %s", exc)
+            await trio.sleep(self._lease / 3)
+
+
+class _DeadListener(Exception):
+    pass
+
+
+def _coalesce(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge runs of ``events`` messages (counts summed, newest sample kept)."""
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        if message["type"] == "events" and out and out[-1]["type"] == "events":
+            last = out[-1]
+            kinds = dict(last["kinds"])
+            for kind, n in message["kinds"].items():
+                kinds[kind] = kinds.get(kind, 0) + n
+            out[-1] = {
+                "type": "events",
+                "count": last["count"] + message["count"],
+                "kinds": kinds,
+                "sample": (message["sample"] + last["sample"])[:20],
+            }
+        else:
+            out.append(message)
+    return out
+
+
+def _dashboard_payload(origin: str, message: dict[str, Any]) -> str | None:
+    """``origin:json``, shrunk (sample trimmed) to fit NOTIFY; None if it cannot."""
+    while True:
+        payload = f"{origin}:{orjson.dumps(message).decode()}"
+        if len(payload.encode()) <= MAX_NOTIFY_BYTES:
+            return payload
+        sample = message.get("sample")
+        if not sample:
+            return None
+        message = {**message, "sample": sample[: len(sample) // 2]}
+
+
+# -- SQL, run on pooled connections (worker threads) -----------------------------------------
+
+
+def _acquire(
+    conn: psycopg.Connection[Any], agent_id: uuid.UUID, worker_id: str, me: uuid.UUID, ttl: float
+) -> tuple[int, uuid.UUID | None]:
+    previous = conn.execute(
+        "SELECT instance_id FROM agent_sessions WHERE agent_id = %s AND worker_id = %s"
+        " AND expires_at > now() FOR UPDATE",
+        (agent_id, worker_id),
+    ).fetchone()
+    row = conn.execute(
+        "INSERT INTO agent_sessions (agent_id, worker_id, instance_id, fencing_token, expires_at)"
+        " VALUES (%s, %s, %s, nextval('z4j_fencing_tokens'), now() + %s * interval '1 second')"
+        " ON CONFLICT (agent_id, worker_id) DO UPDATE SET instance_id = EXCLUDED.instance_id,"
+        " fencing_token = EXCLUDED.fencing_token, acquired_at = now(),"
+        " expires_at = EXCLUDED.expires_at RETURNING fencing_token",
+        (agent_id, worker_id, me, ttl),
+    ).fetchone()
+    assert row is not None
+    return int(row[0]), None if previous is None else previous[0]
+
+
+def _release(
+    conn: psycopg.Connection[Any], agent_id: uuid.UUID, worker_id: str, token: int
+) -> None:
+    conn.execute(
+        "DELETE FROM agent_sessions WHERE agent_id = %s AND worker_id = %s AND fencing_token = %s",
+        (agent_id, worker_id, token),
+    )
+
+
+def _owners(conn: psycopg.Connection[Any], agent_id: uuid.UUID) -> list[uuid.UUID]:
+    rows = conn.execute(
+        "SELECT instance_id FROM agent_sessions WHERE agent_id = %s AND expires_at > now()",
+        (agent_id,),
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def _renew(
+    conn: psycopg.Connection[Any], me: uuid.UUID, claims: list[tuple[Key, int]], ttl: float
+) -> set[Key]:
+    """Extend the rows still ours under our tokens; the keys kept."""
+    rows = conn.execute(
+        "UPDATE agent_sessions s SET expires_at = now() + %s * interval '1 second'"
+        " FROM unnest(%s::uuid[], %s::text[], %s::bigint[]) AS c(agent_id, worker_id, token)"
+        " WHERE s.agent_id = c.agent_id AND s.worker_id = c.worker_id"
+        " AND s.fencing_token = c.token AND s.instance_id = %s"
+        " RETURNING s.agent_id, s.worker_id",
+        (
+            ttl,
+            [key[0] for key, _ in claims],
+            [key[1] for key, _ in claims],
+            [token for _, token in claims],
+            me,
+        ),
+    ).fetchall()
+    return {(agent, worker) for agent, worker in rows}
+
+
+def _notify(conn: psycopg.Connection[Any], channel: str, payload: str) -> None:
+    conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
+
+def _listen_on(conn: psycopg.Connection[Any]) -> None:
+    for channel in (COMMANDS_CHANNEL, DASHBOARD_CHANNEL, PING_CHANNEL):
+        conn.execute(f"LISTEN {channel}")
+
+
+def _take_lease(conn: psycopg.Connection[Any], me: uuid.UUID, seconds: float) -> bool:
+    """Take the lease if it is free or expired, or renew it if ours: do we hold it now?"""
+    row = conn.execute(
+        "INSERT INTO leader_lease (name, holder, fencing_token, expires_at)"
+        " VALUES (%s, %s, nextval('z4j_fencing_tokens'), now() + %s * interval '1 second')"
+        " ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder,"
+        " fencing_token = CASE WHEN leader_lease.holder = EXCLUDED.holder"
+        "   THEN leader_lease.fencing_token ELSE EXCLUDED.fencing_token END,"
+        " expires_at = EXCLUDED.expires_at"
+        " WHERE leader_lease.holder = EXCLUDED.holder OR leader_lease.expires_at < now()"
+        " RETURNING holder",
+        (LEASE_NAME, me, seconds),
+    ).fetchone()
+    return row is not None and row[0] == me
+
+
+def _leader_upkeep(conn: psycopg.Connection[Any], dead_after: float) -> None:
+    conn.execute("DELETE FROM agent_sessions WHERE expires_at < now()")
+    conn.execute(
+        "UPDATE instances SET stopped_at = last_seen WHERE stopped_at IS NULL"
+        " AND last_seen < now() - %s * interval '1 second'",
+        (dead_after,),
+    )
