@@ -460,6 +460,7 @@ def instance_json(i: InstanceInfo) -> dict[str, Any]:
 def event_json(e: EventRecord) -> dict[str, Any]:
     return {
         "id": e.id,
+        "key": e.key,
         "received_at": iso(e.received_at),
         "source": e.source,
         "kind": e.kind,

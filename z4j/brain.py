@@ -358,13 +358,14 @@ def _feed_dashboard(
         # Trio thread must not parse every stored record a second time.
         kinds: Counter[str] = Counter()
         sample: list[dict[str, Any]] = []
-        for at, _, source, kind, body, _, agent, worker in _sample_rows(
+        for at, key, source, kind, body, _, agent, worker in _sample_rows(
             buffer_id, rows[:SAMPLED_ROWS]
         ):
             kinds[kind] += 1
             if len(sample) < SAMPLE_SIZE:
                 sample.append(
                     {
+                        "key": key.hex(),
                         "received_at": at.isoformat(),
                         "source": source,
                         "kind": kind,

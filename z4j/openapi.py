@@ -168,6 +168,7 @@ SCHEMAS: dict[str, Any] = {
     "Event": _object(
         {
             "id": {"type": "integer"},
+            "key": {"type": "string", "description": "idempotency key (hex)"},
             "received_at": TIME,
             "source": {"type": "string", "enum": ["tcp", "agent"]},
             "kind": STRING,

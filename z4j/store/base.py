@@ -121,6 +121,7 @@ class EventRecord:
     """One stored event; ``body`` is parsed JSON."""
 
     id: int
+    key: str  # the idempotency key, hex: the same event always has the same one
     received_at: float
     source: str
     kind: str

@@ -604,14 +604,15 @@ class PostgresStore:
             where.append("(received_at, id) < (%s, %s)")
             params += [_ts(query.before[0]), query.before[1]]
         sql = (
-            "SELECT id, received_at, source, kind, project_id, agent_id, worker_id, body"
-            f" FROM events WHERE {' AND '.join(where)}"
+            "SELECT id, idempotency_key, received_at, source, kind, project_id, agent_id,"
+            f" worker_id, body FROM events WHERE {' AND '.join(where)}"
             " ORDER BY received_at DESC, id DESC LIMIT %s"
         )
         rows = await self._run(lambda conn: conn.execute(sql, (*params, query.limit)).fetchall())
         return [
             EventRecord(
                 id=id,
+                key=key.hex,
                 received_at=received_at.timestamp(),
                 source=source,
                 kind=kind,
@@ -620,7 +621,7 @@ class PostgresStore:
                 worker_id=worker,
                 body=body,
             )
-            for id, received_at, source, kind, project, agent, worker, body in rows
+            for id, key, received_at, source, kind, project, agent, worker, body in rows
         ]
 
     async def list_audit(

@@ -430,14 +430,15 @@ class SqliteStore:
             params += [query.before[0], query.before[0], query.before[1]]
         rows = await self._run(
             _fetch_all,
-            "SELECT id, received_at, source, kind, project_id, agent_id, worker_id, body"
-            f" FROM events WHERE {' AND '.join(where)}"
+            "SELECT id, idempotency_key, received_at, source, kind, project_id, agent_id,"
+            f" worker_id, body FROM events WHERE {' AND '.join(where)}"
             " ORDER BY received_at DESC, id DESC LIMIT ?",
             (*params, query.limit),
         )
         return [
             EventRecord(
                 id=id,
+                key=bytes(key).hex(),
                 received_at=received_at,
                 source=source,
                 kind=kind,
@@ -446,7 +447,7 @@ class SqliteStore:
                 worker_id=worker,
                 body=orjson.loads(body),
             )
-            for id, received_at, source, kind, project, agent, worker, body in rows
+            for id, key, received_at, source, kind, project, agent, worker, body in rows
         ]
 
     async def list_audit(
