@@ -18,8 +18,8 @@ database:
   state is announced too, so waiters on other replicas wake at once. The
   command sweep (every second, on every replica) delivers whatever a lost
   notification missed.
-- **Dashboard.** Hub messages are relayed on ``z4j_dashboard`` (batched
-  every 100 ms, bursts of event messages coalesced), so a subscriber on
+- **Dashboard.** Hub messages are relayed on ``z4j_dashboard`` (gathered
+  for 20 ms, bursts of event messages coalesced), so a subscriber on
   any replica sees every replica's changes.
 - **Listener.** One dedicated connection LISTENs, waited on with Trio
   (``wait_readable`` on its socket, never a blocking call on the loop). A
@@ -54,7 +54,7 @@ DASHBOARD_CHANNEL = "z4j_dashboard"
 PING_CHANNEL = "z4j_ping"
 PING_SECONDS = 2.0
 WATCHDOG_SECONDS = 6.0
-RELAY_SECONDS = 0.1
+RELAY_SECONDS = 0.02
 MAX_NOTIFY_BYTES = 7900  # Postgres refuses payloads of 8000 bytes or more
 LEASE_NAME = "maintenance"
 
