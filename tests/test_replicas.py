@@ -141,6 +141,8 @@ async def test_commands_results_and_the_dashboard_cross_replicas(
                 )
                 assert status == 201
                 await wait_until(lambda: commands == [command["id"]], timeout=10)
+                _, metrics = await http_status(c, "/metrics")
+                assert b'z4j_command_dispatch_total{route="forwarded"} 1.0' in metrics
 
                 async def completed_on_b() -> bool:
                     _, now = await api(b, "GET", f"/commands/{command['id']}", token)

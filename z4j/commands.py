@@ -114,11 +114,8 @@ class Commands:
         self._changed(record)
         if not await self.deliver(record):
             # Another replica may hold a worker of this agent: tell them all.
-            if await self.registry.owned_elsewhere(record.agent_id):
-                self._stats.command_dispatch["forwarded"] += 1
-            else:
-                self._stats.command_dispatch["no_session"] += 1
-            await self.registry.command_minted(record.agent_id)
+            forwarded = await self.registry.command_minted(record.agent_id)
+            self._stats.command_dispatch["forwarded" if forwarded else "no_session"] += 1
         return record
 
     def deliver_soon(self, agent_id: uuid.UUID) -> None:

@@ -98,12 +98,10 @@ class Registry:
     async def release(self, agent_id: uuid.UUID, worker_id: str, token: int) -> None:
         pass
 
-    async def owned_elsewhere(self, agent_id: uuid.UUID) -> bool:
-        """Does another replica hold a live session of this agent?"""
+    async def command_minted(self, agent_id: uuid.UUID) -> bool:
+        """Announce a command no worker here could take: does another replica
+        hold a live session of its agent (so that it was forwarded)?"""
         return False
-
-    async def command_minted(self, agent_id: uuid.UUID) -> None:
-        pass
 
     async def command_finished(self, command_id: uuid.UUID) -> None:
         pass
@@ -195,10 +193,6 @@ class PostgresRegistry(Registry):
             del self._owned[agent_id, worker_id]
         await self._pool.run(_release, agent_id, worker_id, token)
 
-    async def owned_elsewhere(self, agent_id: uuid.UUID) -> bool:
-        owners: list[uuid.UUID] = await self._pool.run(_owners, agent_id)
-        return any(owner != self._me for owner in owners)
-
     async def _renew_forever(self) -> None:
         while True:
             with trio.move_on_after(self._ttl / 3):
@@ -221,8 +215,15 @@ class PostgresRegistry(Registry):
 
     # -- routing -------------------------------------------------------------------------
 
-    async def command_minted(self, agent_id: uuid.UUID) -> None:
-        await self._notify(COMMANDS_CHANNEL, f"minted:{agent_id}")
+    async def command_minted(self, agent_id: uuid.UUID) -> bool:
+        try:
+            elsewhere: bool = await self._pool.run(
+                _announce_command, agent_id, self._me, autocommit=True
+            )
+        except Exception as exc:  # the sweep still delivers it
+            self._log.warning("notify", "announcing a command failed: %s", exc)
+            return False
+        return elsewhere
 
     async def command_finished(self, command_id: uuid.UUID) -> None:
         await self._notify(COMMANDS_CHANNEL, f"finished:{command_id}")
@@ -410,12 +411,14 @@ def _release(
     )
 
 
-def _owners(conn: psycopg.Connection[Any], agent_id: uuid.UUID) -> list[uuid.UUID]:
-    rows = conn.execute(
-        "SELECT instance_id FROM agent_sessions WHERE agent_id = %s AND expires_at > now()",
-        (agent_id,),
-    ).fetchall()
-    return [row[0] for row in rows]
+def _announce_command(conn: psycopg.Connection[Any], agent_id: uuid.UUID, me: uuid.UUID) -> bool:
+    """NOTIFY the replicas, and tell whether one of them holds the agent: one round trip."""
+    row = conn.execute(
+        "SELECT pg_notify(%s, 'minted:' || %s::text), EXISTS (SELECT 1 FROM agent_sessions"
+        " WHERE agent_id = %s AND instance_id <> %s AND expires_at > now())",
+        (COMMANDS_CHANNEL, agent_id, agent_id, me),
+    ).fetchone()
+    return bool(row and row[1])
 
 
 def _renew(
