@@ -68,6 +68,10 @@ STORE_WAIT_SECONDS = 3.0
 # Batches one connection may have waiting for durability; beyond it we stop
 # reading, and TCP pushes back on the agent.
 MAX_BATCHES_IN_FLIGHT = 64
+# ... and the bytes they may hold, per connection and over all of them, so
+# that memory stays bounded however many agents push at once.
+MAX_SESSION_BYTES_IN_FLIGHT = 4 * 1024 * 1024
+MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
 CLOSE_GOING_AWAY = 1001  # the brain is shutting down
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -102,6 +106,7 @@ class Session:
     close_code: int | None = None
     last_frame: float = attrs.field(factory=trio.current_time)
     in_flight: int = 0  # event batches waiting to be durable
+    in_flight_bytes: int = 0  # their size as received
     drained: trio.Event | None = None  # set when in_flight drops, if awaited
     fencing_token: int | None = None  # this replica's claim on the session (registry)
 
@@ -117,11 +122,23 @@ class Session:
 
     async def wait_in_flight(self, at_most: int) -> None:
         while self.in_flight > at_most:
-            self.drained = trio.Event()
-            await self.drained.wait()
+            await self.wait_batch_done()
 
-    def batch_done(self) -> None:
+    async def wait_room(self, size: int) -> None:
+        """Until one more batch of ``size`` bytes fits this session's window."""
+        while self.in_flight and (
+            self.in_flight >= MAX_BATCHES_IN_FLIGHT
+            or self.in_flight_bytes + size > MAX_SESSION_BYTES_IN_FLIGHT
+        ):
+            await self.wait_batch_done()
+
+    async def wait_batch_done(self) -> None:
+        self.drained = trio.Event()
+        await self.drained.wait()
+
+    def batch_done(self, size: int) -> None:
         self.in_flight -= 1
+        self.in_flight_bytes -= size
         if self.drained is not None:
             self.drained.set()
             self.drained = None
@@ -149,6 +166,8 @@ class AgentEndpoint:
         self.commands: Commands | None = None
         self._log = ThrottledLog(log)
         self._tasks: trio.Nursery | None = None
+        self._in_flight_bytes = 0  # over all sessions
+        self._room = trio.Event()  # set (and replaced) whenever some is freed
         # Called with (agent id, worker id, "connected" | "disconnected").
         self.on_worker: Callable[[uuid.UUID, str, str], None] | None = None
         self.registry: Registry = Registry(stats)
@@ -350,7 +369,9 @@ class AgentEndpoint:
         Event batches are buffered on the endpoint's task nursery (the
         buffer commits them in groups) and acknowledged as each becomes
         durable, so one connection is not held to one batch per fsync; past
-        MAX_BATCHES_IN_FLIGHT we stop reading and TCP pushes back.
+        MAX_BATCHES_IN_FLIGHT batches or MAX_SESSION_BYTES_IN_FLIGHT bytes on
+        this connection, or MAX_BYTES_IN_FLIGHT on all, we stop reading and
+        TCP pushes back.
         """
         assert self._tasks is not None, "AgentEndpoint.run is not running"
         tasks = self._tasks
@@ -370,9 +391,10 @@ class AgentEndpoint:
                     if kind != "websocket.receive":
                         continue
                     data = message.get("bytes")
-                    frame = session.protocol.receive_message(
-                        data if data is not None else message.get("text") or ""
-                    )
+                    if data is None:
+                        data = message.get("text") or ""
+                    size = len(data)
+                    frame = session.protocol.receive_message(data)
                     del message, data
                     now = session.last_frame = trio.current_time()
                     payload = frame.payload
@@ -382,9 +404,11 @@ class AgentEndpoint:
                         code = await self._over_rate_limit(session)
                         break
                     if isinstance(payload, f.EventBatch):
-                        await session.wait_in_flight(MAX_BATCHES_IN_FLIGHT - 1)
+                        await self._wait_room(session, size)
                         session.in_flight += 1
-                        tasks.start_soon(self._event_batch, session, frame.id, payload)
+                        session.in_flight_bytes += size
+                        self._in_flight_bytes += size
+                        tasks.start_soon(self._event_batch, session, frame.id, payload, size)
                     else:
                         await self._handle_safely(session, frame)
                     del frame, payload
@@ -456,13 +480,24 @@ class AgentEndpoint:
                 payload.message,
             )
 
-    async def _event_batch(self, session: Session, batch_id: str, batch: f.EventBatch) -> None:
+    async def _wait_room(self, session: Session, size: int) -> None:
+        """Backpressure: wait until this batch fits the session's and the brain's window."""
+        await session.wait_room(size)
+        while self._in_flight_bytes and self._in_flight_bytes + size > MAX_BYTES_IN_FLIGHT:
+            await self._room.wait()
+
+    async def _event_batch(
+        self, session: Session, batch_id: str, batch: f.EventBatch, size: int
+    ) -> None:
         try:
             await self._buffer_batch(session, batch_id, batch)
         except Exception as exc:  # the connection went away under the ack
             log.debug("acknowledging batch %s failed: %s", batch_id, exc)
         finally:
-            session.batch_done()
+            session.batch_done(size)
+            self._in_flight_bytes -= size
+            self._room.set()
+            self._room = trio.Event()
 
     async def _buffer_batch(self, session: Session, batch_id: str, batch: f.EventBatch) -> None:
         count = len(batch.events)
