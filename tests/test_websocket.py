@@ -246,3 +246,26 @@ async def read_until_closed(stream: trio.SocketStream) -> bytes:
     while chunk := await stream.receive_some(65536):
         data += chunk
     return data
+
+
+async def test_a_peer_resetting_mid_handshake_ends_only_its_connection(tmp_path: Path) -> None:
+    import socket
+    import struct
+
+    with trio.fail_after(10):
+        async with server(tmp_path) as (port, _, _):
+            for _ in range(30):
+                sock = socket.create_connection(("127.0.0.1", port))
+                sock.sendall(
+                    b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    b"Sec-WebSocket-Version: 13\r\n\r\n"
+                )
+                # SO_LINGER 0: close sends a reset, not a goodbye.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+            await trio.sleep(0.2)
+            async with client(port, "/echo") as c:  # the server still serves
+                await accepted(c)
+                await c.send(BytesMessage(b"still here"))
+                assert (await c.next_event()).data == b"still here"

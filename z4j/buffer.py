@@ -403,6 +403,13 @@ class Buffer:
         async with trio.open_nursery() as nursery:
             async for request in self._receive:
                 queue.append(request)
+                # Take everything else already waiting now, not one append per
+                # scheduler pass: on a busy loop a pass can take a while.
+                while True:
+                    try:
+                        queue.append(self._receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
                 more.set()
                 if not running:
                     running = True

@@ -221,7 +221,17 @@ async def serve_http(
     ws_scopes: set[trio.CancelScope] = set()  # cancelled at once at shutdown
 
     async def connection(stream: trio.SocketStream) -> None:
-        # trio.serve_listeners closes the stream when this returns.
+        # trio.serve_listeners closes the stream when this returns. What goes
+        # wrong on one connection (a peer resetting it, say) ends that
+        # connection, never the server.
+        try:
+            await route(stream)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("http connection ended: %s", exc)
+        except Exception:
+            log.exception("http connection failed")
+
+    async def route(stream: trio.SocketStream) -> None:
         head = await _read_head(stream)
         path = _websocket_path(head) if head else None
         handler = websockets.get(path) if path else None
