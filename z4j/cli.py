@@ -30,8 +30,10 @@ from .config import (
     reference_markdown,
 )
 from .logs import configure_logging
+from .supervisor import SupervisorLink, check_instances, stranded_buffers, supervise
 
 if TYPE_CHECKING:
+    from .brain import Brain
     from .store import Agent, CommandRecord, Project, Store
 
 __all__ = ["main"]
@@ -81,8 +83,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"z4j {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    brain = sub.add_parser("brain", help="run a brain (SQLite in ./.z4j unless configured)")
+    brain = sub.add_parser(
+        "brain",
+        help="run a brain (SQLite in ./.z4j unless configured)",
+        description="Run a brain until SIGINT or SIGTERM (graceful: it answers what it "
+        "holds and exits 0 within --shutdown-grace-seconds). With --instances N > 1, "
+        "run N brain processes on one host under a supervisor: they share "
+        "--ingest-bind and --http-bind through SO_REUSEPORT (fixed ports, not 0), each "
+        "has its own buffer file (instance 1 the usual one, instance i "
+        "buffer-i.sqlite3 beside it) and its own row in instances, and they need the "
+        "Postgres store (--database-url). The supervisor restarts an instance that "
+        "dies (after 0.5 s, doubling up to 30 s), forwards signals, and exits 0 once "
+        "all stopped; instances stop by themselves if it is killed. See "
+        "docs/scaling.md.",
+    )
     _add_config_flags(brain)
+    # Internal: how `z4j brain --instances N` talks to the brains it starts.
+    brain.add_argument("--supervisor-fd", type=int, default=None, help=argparse.SUPPRESS)
+    brain.add_argument("--supervised-instance", type=int, default=None, help=argparse.SUPPRESS)
 
     migrate = sub.add_parser("migrate", help="apply the schema to the configured store")
     _add_config_flags(migrate)
@@ -207,8 +225,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config" and args.reference:
         print(reference_markdown(), end="")
         return 0
+    supervised = args.command == "brain" and args.supervisor_fd is not None
     try:
         config = _config_from(args)
+        if args.command == "brain" and not supervised:
+            check_instances(config)
     except ConfigError as exc:
         print(f"z4j: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -225,28 +246,61 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Only warnings and errors: stdout is for the answer, stderr for trouble.
         configure_logging("WARNING" if config.log_level == "INFO" else config.log_level, "text")
         return trio.run(_directory, args, config)
+    if args.command == "brain" and supervised:
+        configure_logging(config.log_level, config.log_format, instance=args.supervised_instance)
+        return trio.run(_run_brain, config, args.supervisor_fd)
     configure_logging(config.log_level, config.log_format)
     if args.command == "brain":
+        for path, rows in stranded_buffers(config):
+            log.warning(
+                "%s holds %d payloads no instance drains now (a buffer of an earlier run with "
+                "more instances): start once with enough --instances, or with "
+                "Z4J_BUFFER_PATH=%s, to drain it",
+                path,
+                rows,
+                path,
+            )
+        if config.instances > 1:
+            return trio.run(supervise, config)
         return trio.run(_run_brain, config)
     return trio.run(_migrate, config)
 
 
-async def _run_brain(config: Config) -> int:
+async def _run_brain(config: Config, supervisor_fd: int | None = None) -> int:
     from .brain import serve_brain
 
     shutdown = trio.Event()
     failed = False
+    # Under `z4j brain --instances N`: stop when the supervisor is gone.
+    link = None if supervisor_fd is None else SupervisorLink(supervisor_fd)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, shutdown, nursery.cancel_scope)
-            await serve_brain(config, shutdown=shutdown)
-            # A graceful stop returned; stop watching signals too.
-            nursery.cancel_scope.cancel()
+            if link is not None:
+                nursery.start_soon(link.watch, shutdown)
+
+            async def run(task_status: trio.TaskStatus[Brain]) -> None:
+                await serve_brain(config, shutdown=shutdown, task_status=task_status)
+                # A graceful stop returned; stop watching signals too.
+                nursery.cancel_scope.cancel()
+
+            brain = await nursery.start(run)
+            if link is not None:
+                await link.ready(brain.instance_id)
     except* (OSError, BufferInUse) as group:  # a port in use, a buffer in use, ...
-        for exc in group.exceptions:
+        for exc in _leaves(group):
             log.error("%s", exc)
         failed = True
     return 1 if failed else 0
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    """The exceptions in a group, however deep the nurseries nested them."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
 
 
 async def _watch_signals(shutdown: trio.Event, scope: trio.CancelScope) -> None:
