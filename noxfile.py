@@ -1,4 +1,4 @@
-"""Developer sessions: ``nox -s tests lint types property bench``."""
+"""Developer sessions: ``nox -s tests lint types property conformance bench``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,18 @@ def property(session: nox.Session) -> None:
     session.install("-e", ".[test]")
     profile = session.posargs[0] if session.posargs else "ci"
     session.run("pytest", "property_tests", env={"Z4J_HYPOTHESIS_PROFILE": profile})
+
+
+@nox.session
+def conformance(session: nox.Session) -> None:
+    """The protocol conformance suite against ``z4j brain`` processes (``ci``; ``-- deep``).
+
+    Starts a brain and a brain whose store is down, provisions an agent, and
+    runs ``python -m property_tests`` against them; see docs/conformance.md.
+    """
+    session.install("-e", ".[test]")
+    profile = session.posargs[0] if session.posargs else "ci"
+    session.run("python", "-m", "property_tests.conformance.against_z4j", "--profile", profile)
 
 
 @nox.session

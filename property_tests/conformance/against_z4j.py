@@ -1,0 +1,101 @@
+"""Start our brain as a process and run ``python -m property_tests`` against it.
+
+This is what ``nox -s conformance`` runs, and what a person would do by
+hand (docs/conformance.md): two ``z4j brain`` processes, one normal and one
+whose store is down (its buffer only fills, for the backpressure rule), an
+agent provisioned in the first one's store, and the suite's command line
+with every hook pointed at that store.
+
+    python -m property_tests.conformance.against_z4j [--profile ci] [--database-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from z4j.config import load_config
+from z4j.testing.agents import provision
+from z4j.testing.brain import BrainProcess
+
+from .profiles import PROFILES
+from .z4j_brain import BACKPRESSURE_CAPACITY, DOWN_STORE_URL, LIMITS
+
+__all__ = ["main"]
+
+REPO = Path(__file__).resolve().parents[2]
+# The test brains' limits (the CLI is told the same), on ports of their own.
+BRAIN_SETTINGS = {
+    "Z4J_INGEST_BIND": "127.0.0.1:0",
+    "Z4J_HTTP_BIND": "127.0.0.1:0",
+    **{f"Z4J_{name.upper()}": str(value) for name, value in LIMITS.items()},
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m property_tests.conformance.against_z4j")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="fast")
+    parser.add_argument("--max-examples", type=int, help="examples per state machine")
+    parser.add_argument("--database-url", help="a Postgres database for the brain's store")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="z4j-conformance-") as tmp:
+        env = {
+            **BRAIN_SETTINGS,
+            "Z4J_DATA_DIR": f"{tmp}/data",
+            "Z4J_SECRET": secrets.token_urlsafe(48),
+        }
+        if args.database_url:
+            env["Z4J_DATABASE_URL"] = args.database_url
+        full_env = {
+            **BRAIN_SETTINGS,
+            "Z4J_DATA_DIR": f"{tmp}/full",
+            "Z4J_DATABASE_URL": DOWN_STORE_URL,
+            "Z4J_BUFFER_MAX_ROWS": str(BACKPRESSURE_CAPACITY),
+        }
+        brain = BrainProcess(env, log_path=Path(tmp) / "brain.log")
+        full = BrainProcess(full_env, log_path=Path(tmp) / "full.log")
+        try:
+            token, secret, _ = trio.run(
+                functools.partial(provision, load_config(env=env), project="conformance")
+            )
+            command = [
+                *(sys.executable, "-m", "property_tests"),
+                *("--agent-url", "ws://{}:{}/ws/agent".format(*brain.http)),
+                *("--token", token, "--secret", secret),
+                *("--ingest", "{}:{}".format(*brain.ingest)),
+                *("--worker-cap", env["Z4J_WS_PER_AGENT_CONCURRENCY_CAP"]),
+                *("--frames-per-second", env["Z4J_WS_RATE_LIMIT_FRAMES_PER_SECOND"]),
+                *("--events-per-second", env["Z4J_WS_RATE_LIMIT_EVENTS_PER_SECOND"]),
+                *("--max-inflated-bytes", env["Z4J_INGEST_MAX_INFLATED_BYTES"]),
+                *("--backpressure-ingest", "{}:{}".format(*full.ingest)),
+                *("--backpressure-capacity", str(BACKPRESSURE_CAPACITY)),
+                *("--z4j-store", "--check-revocation", "--profile", args.profile),
+            ]
+            if args.max_examples is not None:
+                command += ["--max-examples", str(args.max_examples)]
+            print("$", " ".join(command), flush=True)
+            suite_env = {k: v for k, v in os.environ.items() if not k.startswith("Z4J_")}
+            suite_env.update(env)  # --z4j-store reads the brain's own settings
+            return subprocess.run(command, cwd=REPO, env=suite_env, check=False).returncode
+        finally:
+            for process in (brain, full):
+                process.signal(signal.SIGTERM)
+                try:
+                    process.wait(15)
+                finally:
+                    process.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

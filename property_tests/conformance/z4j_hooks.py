@@ -1,0 +1,130 @@
+"""Hooks for a z4j brain, through its store: what ``z4j command send`` does.
+
+An operator mints commands and revokes agents through the store, from any
+process; the brain holding the socket picks them up with its sweep (within
+about a second). These hooks do the same from the suite's process, given
+the brain's own settings (data dir, database URL), and read the stored
+events and the buffer file to see where acknowledged records landed.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import orjson
+import psycopg
+import trio
+
+from z4j.commands import Commands
+from z4j.config import Config
+from z4j.store import store_for
+from z4j.store.base import Store
+from z4j.testing.brain import buffer_rows
+
+from .target import Hooks
+
+__all__ = ["COMMAND_TIMEOUT_SECONDS", "store_hooks"]
+
+T = TypeVar("T")
+# Long enough that no command times out while an example holds it.
+COMMAND_TIMEOUT_SECONDS = 600
+
+
+def _with_store(config: Config, use: Callable[[Store], Awaitable[T]]) -> T:
+    """Run ``use(store)`` in a Trio run of its own (blocking), then close the store."""
+
+    async def main() -> T:
+        store = store_for(config, application_name="z4j-conformance")
+        try:
+            return await use(store)
+        finally:
+            await store.aclose()
+
+    return trio.run(main)
+
+
+class _StoredEvents:
+    """Reads every stored event's body; parses each row once (checks read often)."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._parsed: dict[int, dict[str, Any]] = {}
+
+    def _rows(self) -> list[tuple[int, Any]]:
+        config = self._config
+        if config.database_url is not None:
+            with psycopg.connect(config.database_url) as conn:
+                try:
+                    return conn.execute("SELECT id, body::text FROM events").fetchall()
+                except psycopg.errors.UndefinedTable:
+                    return []
+        if not config.sqlite_store_path.exists():
+            return []
+        db = sqlite3.connect(config.sqlite_store_path)
+        try:
+            return db.execute("SELECT id, body FROM events").fetchall()
+        except sqlite3.OperationalError:
+            return []
+        finally:
+            db.close()
+
+    def __call__(self) -> list[dict[str, Any]]:
+        bodies = []
+        for row_id, body in self._rows():
+            parsed = self._parsed.get(row_id)
+            if parsed is None:
+                parsed = self._parsed[row_id] = orjson.loads(body)
+            bodies.append(parsed)
+        return bodies
+
+
+def store_hooks(config: Config) -> Hooks:
+    """Every hook, for the z4j brain that runs with ``config``'s store and buffer."""
+    stored_events = _StoredEvents(config)
+
+    def drained() -> bool:
+        return buffer_rows(config) == 0
+
+    def mint_command(agent_id: str, action: str, parameters: dict[str, Any]) -> str:
+        async def mint(store: Store) -> str:
+            record = await Commands(store).send(
+                uuid.UUID(agent_id),
+                action,
+                parameters=parameters,
+                timeout_seconds=COMMAND_TIMEOUT_SECONDS,
+                issued_by="conformance",
+            )
+            return str(record.id)
+
+        return _with_store(config, mint)
+
+    def command_state(command_id: str) -> str | None:
+        async def state(store: Store) -> str | None:
+            record = await store.get_command(uuid.UUID(command_id))
+            return None if record is None else record.state
+
+        return _with_store(config, state)
+
+    def cancel_command(command_id: str) -> None:
+        async def cancel(store: Store) -> None:
+            await Commands(store).cancel(uuid.UUID(command_id), actor="conformance")
+
+        _with_store(config, cancel)
+
+    def revoke_agent(agent_id: str) -> None:
+        async def revoke(store: Store) -> None:
+            await store.revoke_agent(uuid.UUID(agent_id))
+
+        _with_store(config, revoke)
+
+    return Hooks(
+        stored_events=stored_events,
+        drained=drained if config.resolved_buffer_path.exists() else None,
+        mint_command=mint_command,
+        command_state=command_state,
+        cancel_command=cancel_command,
+        revoke_agent=revoke_agent,
+    )

@@ -1,0 +1,144 @@
+"""The conformance suite against our own brain, as part of every test run.
+
+The brain runs in this process, on a thread of its own; the suite talks to
+it only over its sockets (its hooks read the store, and mint commands
+through ``brain.commands.send``). The Hypothesis profile from conftest.py
+sets the size: ``fast`` by default, ``ci`` and ``deep`` for longer runs.
+One more test runs the command line (``python -m property_tests``) against
+``z4j brain`` processes, as a person would.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+
+from property_tests.conformance.agent_machine import agent_machine
+from property_tests.conformance.agent_wire import Binding, Signer, canonical_json, decode_key
+from property_tests.conformance.checks import CHECKS
+from property_tests.conformance.ingest_machine import ingest_machine
+from property_tests.conformance.portal import TrioPortal
+from property_tests.conformance.profiles import machine_settings
+from property_tests.conformance.runner import run_machine
+from property_tests.conformance.target import Hooks, Timeouts
+from property_tests.conformance.transcript import Transcript
+from property_tests.conformance.z4j_brain import LIMITS, ServedBrain
+from z4j.testing.brain import make_config
+
+_databases = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[TrioPortal]:
+    """The suite's own Trio thread."""
+    portal = TrioPortal("suite")
+    yield portal
+    portal.close()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def brain(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServedBrain]:
+    data = tmp_path_factory.mktemp("conformance")
+    database_url = None
+    if request.param == "postgres":
+        postgres = request.getfixturevalue("postgres")
+        database_url = postgres.create_database(f"z4j_conformance_{next(_databases)}")
+    portal = TrioPortal("brain")
+    served = ServedBrain(make_config(data / "data", database_url, **LIMITS), portal)
+    served.new_agent()
+    try:
+        yield served
+    finally:
+        served.close()
+        portal.close()
+
+
+def test_agent_protocol_v2(brain: ServedBrain, client: TrioPortal) -> None:
+    machine = agent_machine(brain.agent_target(), brain.hooks(), client)
+    run_machine(machine, machine_settings("agent"))
+    assert machine.exercised["resent-events-land-once"] > 0
+
+
+def test_ingest_protocol_v1(brain: ServedBrain, client: TrioPortal) -> None:
+    machine = ingest_machine(brain.ingest_target(), brain.hooks(), client)
+    run_machine(machine, machine_settings("ingest"))
+    assert machine.exercised["ingest-acked-land-once"] > 0
+
+
+@pytest.mark.parametrize("check", ["idle-4408", "worker-cap-4429", "revoked-4003"])
+def test_one_off_checks(brain: ServedBrain, client: TrioPortal, check: str) -> None:
+    if check == "revoked-4003":
+        brain.new_agent()  # revocation uses the agent up
+    run = functools.partial(CHECKS[check], brain.agent_target(), brain.hooks(), Timeouts())
+    assert client.run(run, Transcript()) is None
+
+
+def test_ingest_backpressure(client: TrioPortal, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A new brain per example whose store is down: its buffer fills, and stays full."""
+    portal = TrioPortal("stalled brains")
+    try:
+        factory = ServedBrain.stalled_factory(portal, tmp_path_factory.mktemp("stalled"))
+        machine = ingest_machine(factory, Hooks(), client)
+        run_machine(machine, machine_settings("backpressure"))
+        assert machine.exercised["ingest-backpressure"] > 0
+    finally:
+        portal.close()
+
+
+def test_the_suite_signs_as_the_protocol_page_says() -> None:
+    """The worked example of docs/agent-protocol.md, with the suite's own signer."""
+    binding = Binding(
+        agent_id="aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee",
+        project_id="11111111-2222-3333-4444-555555555555",
+        session_id="sess-0001",
+    )
+    frame = {
+        "v": 2,
+        "id": "hb_0001",
+        "ts": "2026-05-01T12:00:00Z",
+        "nonce": "n-0001",
+        "seq": 1,
+        "type": "heartbeat",
+        "payload": {"buffer_size": 0, "dropped_events": 0},
+    }
+    assert canonical_json({**frame, **attrs.asdict(binding)}) == (
+        b'{"agent_id":"aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee","id":"hb_0001","nonce":"n-0001",'
+        b'"payload":{"buffer_size":0,"dropped_events":0},'
+        b'"project_id":"11111111-2222-3333-4444-555555555555","seq":1,"session_id":"sess-0001",'
+        b'"ts":"2026-05-01T12:00:00Z","type":"heartbeat","v":2}'
+    )
+    signer = Signer(key=decode_key("ItsGfph9us4RL7qPzx0aM4NOtt8mxAqiyQcFRooY5Lk="), binding=binding)
+    signed = signer.resign(frame)
+    assert signed["hmac"] == "b5cef9122ee1ddf38c30e9bc5833e254ce07bb000e99dff10ca5cffb95aafbda"
+
+
+@pytest.mark.slow
+def test_the_command_line_against_brain_processes() -> None:
+    """``python -m property_tests`` against two ``z4j brain`` processes (what nox runs)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "property_tests.conformance.against_z4j", "--max-examples", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "no rule failed" in done.stdout
+    results = {
+        line.split()[0]: line.split()[1]
+        for line in done.stdout.splitlines()
+        if line.startswith("  ")
+    }
+    assert results["revoked-4003"] == "passed", done.stdout
+    assert results["ingest-backpressure"] == "passed", done.stdout
+    assert results["handshake"] == "passed", done.stdout

@@ -1,0 +1,501 @@
+"""Every rule of the conformance suite bites.
+
+Each test breaks one behaviour of our brain, by patching it inside the
+test (nothing in the product can switch it), runs the suite against that
+brain, and expects the failure to name that behaviour's rule and to carry
+the transcript of a shrunk example.
+
+The brain is shared by the module (each test gets a fresh agent); the
+suite waits less than usual for what a broken brain never does, so a
+failing example costs about a second.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+import pytest
+from hypothesis import Phase
+from hypothesis.internal.conjecture import engine
+from hypothesis.stateful import RuleBasedStateMachine
+
+import z4j.agent_endpoint
+import z4j.protocol.agent.connection as connection
+import z4j.protocol.agent.signing as signing
+import z4j.store.sqlite
+from property_tests.conformance.agent_machine import agent_machine
+from property_tests.conformance.checks import CHECKS
+from property_tests.conformance.ingest_machine import ingest_machine
+from property_tests.conformance.portal import TrioPortal
+from property_tests.conformance.profiles import machine_settings
+from property_tests.conformance.runner import all_violations, run_machine
+from property_tests.conformance.target import Hooks, Timeouts
+from property_tests.conformance.transcript import Transcript, Violation
+from property_tests.conformance.z4j_brain import LIMITS, ServedBrain
+from z4j.agent_endpoint import AgentEndpoint, Session
+from z4j.buffer import Buffer
+from z4j.commands import Commands
+from z4j.ingest_server import IngestServer
+from z4j.protocol import ingest as ingest_protocol
+from z4j.protocol.agent import frames
+from z4j.protocol.agent.connection import AgentProtocol
+from z4j.protocol.agent.replay import ReplayGuard
+from z4j.protocol.errors import RemoteProtocolError
+from z4j.ratelimit import TokenBucket
+from z4j.store.sqlite import SqliteStore
+from z4j.testing.brain import make_config
+
+# A broken brain may never do what the suite waits for. Closes are probed
+# (no waiting), but a command's state is polled: poll it briefly, since our
+# brain has stored it before it answers the suite's next frame.
+QUICK = Timeouts(reply=5.0, close=2.0, delivery=2.5, state=0.1, stored=10.0, quiet=0.1)
+STEPS = 10  # shorter examples than the suite's own: quicker to find and to shrink
+# Shrinking stops after this long (Hypothesis' own limit is 5 minutes); the
+# failure is then shown as far as it got: smaller than found, if not minimal.
+SHRINK_SECONDS = 4
+COMMAND_TIMEOUT = 2  # seconds; an example lasts well under one
+
+
+@pytest.fixture(autouse=True)
+def quick_shrinking(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine, "MAX_SHRINKING_SECONDS", SHRINK_SECONDS)
+
+
+@pytest.fixture(scope="module")
+def portals() -> Iterator[tuple[TrioPortal, TrioPortal]]:
+    brain, suite = TrioPortal("brain"), TrioPortal("suite")
+    yield brain, suite
+    suite.close()
+    brain.close()
+
+
+@pytest.fixture(scope="module")
+def shared_brain(
+    portals: tuple[TrioPortal, TrioPortal], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServedBrain]:
+    data = tmp_path_factory.mktemp("bites")
+    served = ServedBrain(make_config(data / "data", None, **LIMITS), portals[0])
+    yield served
+    served.close()
+
+
+@pytest.fixture
+def brain(shared_brain: ServedBrain) -> ServedBrain:
+    shared_brain.new_agent()  # nothing one test did to its agent reaches the next
+    return shared_brain
+
+
+@pytest.fixture
+def suite(portals: tuple[TrioPortal, TrioPortal]) -> TrioPortal:
+    return portals[1]
+
+
+def expect_bite(machine: type[RuleBasedStateMachine], kind: str, rule: str) -> Violation:
+    """Run ``machine`` until it fails; the failure must be ``rule``'s, shrunk."""
+    settings = machine_settings(
+        kind,
+        max_examples=200,  # stops at the first failure
+        stateful_step_count=STEPS,
+        database=None,
+        derandomize=True,  # the same examples every run: a bite that passed keeps passing
+        phases=[Phase.generate, Phase.shrink],
+        print_blob=False,
+    )
+    with pytest.raises(Exception) as caught:
+        run_machine(machine, settings)
+    found = all_violations(caught.value)
+    matching = [v for v in found if v.rule == rule]
+    assert matching, f"expected {rule} to fail, got {[v.rule for v in found]}: {caught.value!r}"
+    violation = matching[0]
+    # Shrunk: Hypothesis ran smaller variants that failed too (beyond the
+    # first failure and the final replay), and shows one no longer than the first.
+    failures: list[tuple[int, int]] = machine.failures  # type: ignore[attr-defined]
+    assert len(failures) > 2, f"no shrinking: {failures}"
+    assert violation.steps <= failures[0][0], f"longer than {failures[0]}:\n{violation}"
+    return violation
+
+
+def only(hooks: Hooks, *names: str) -> Hooks:
+    """The suite with just the hooks a rule needs: no other rule's work slows it down."""
+    return Hooks(**{name: getattr(hooks, name) for name in names})
+
+
+STORE = ("stored_events", "drained")
+COMMANDS = ("mint_command", "command_state", "cancel_command")
+
+
+def bite_agent(
+    brain: ServedBrain, suite: TrioPortal, rule: str, hooks: tuple[str, ...] = ()
+) -> Violation:
+    # Commands time out soon: a broken brain may leave them pending, and
+    # pending ones would reach every later example's workers.
+    available = brain.hooks(command_timeout=COMMAND_TIMEOUT)
+    machine = agent_machine(brain.agent_target(), only(available, *hooks), suite, QUICK)
+    return expect_bite(machine, "agent", rule)
+
+
+def bite_ingest(
+    brain: ServedBrain, suite: TrioPortal, rule: str, hooks: tuple[str, ...] = ()
+) -> Violation:
+    machine = ingest_machine(brain.ingest_target(), only(brain.hooks(), *hooks), suite, QUICK)
+    return expect_bite(machine, "ingest", rule)
+
+
+def bite_check(brain: ServedBrain, suite: TrioPortal, check: str) -> Violation:
+    run = functools.partial(CHECKS[check], brain.agent_target(), brain.hooks(), QUICK)
+    with pytest.raises(Violation) as caught:
+        suite.run(run, Transcript())
+    assert caught.value.rule == check
+    assert caught.value.transcript
+    return caught.value
+
+
+def wrap(
+    owner: Any, name: str, make: Callable[[Any], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replace ``owner.name`` by ``make(original)`` for this test only."""
+    monkeypatch.setattr(owner, name, make(getattr(owner, name)))
+
+
+# -- agent protocol v2 ---------------------------------------------------------------
+
+
+def test_handshake_bites(
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken: every session gets the same session_id."""
+    wrap(
+        AgentProtocol,
+        "accept",
+        lambda accept: lambda self, **kw: accept(self, **{**kw, "session_id": "always-this-one"}),
+        monkeypatch,
+    )
+    bite_agent(brain, suite, "handshake")
+
+
+def test_brain_frames_signed_bites(
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken: the brain signs its frames with a key of zeros."""
+    monkeypatch.setattr(
+        connection, "sign", lambda frame, key, binding: signing.sign(frame, bytes(32), binding)
+    )
+    bite_agent(brain, suite, "brain-frames-signed")
+
+
+def test_seq_monotonicity_bites_on_the_brains_seq(
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken: the brain numbers every frame 1."""
+
+    def make(send: Any) -> Any:
+        def send_seq_1(self: AgentProtocol, payload: Any, *, frame_id: str | None = None) -> bytes:
+            self._send_seq = 0
+            return send(self, payload, frame_id=frame_id)  # type: ignore[no-any-return]
+
+        return send_seq_1
+
+    wrap(AgentProtocol, "send", make, monkeypatch)
+    bite_agent(brain, suite, "seq-monotonicity")
+
+
+def test_seq_monotonicity_bites_on_gaps(
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken: the brain refuses a gap in the agent's seq (gaps are allowed)."""
+
+    def make(check: Any) -> Any:
+        def no_gaps(
+            self: ReplayGuard, *, seq: object, nonce: object, ts: object, now: float
+        ) -> None:
+            if isinstance(seq, int) and seq > self.last_seq + 1:
+                raise RemoteProtocolError("gap", reason="seq_not_increasing", close_code=4403)
+            check(self, seq=seq, nonce=nonce, ts=ts, now=now)
+
+        return no_gaps
+
+    wrap(ReplayGuard, "check", make, monkeypatch)
+    bite_agent(brain, suite, "seq-monotonicity")
+
+
+def test_signature_rejection_bites(
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken: signatures are not checked."""
+    monkeypatch.setattr(connection, "verify", lambda frame, key, binding: None)
+    bite_agent(brain, suite, "signature-rejection")
+
+
+def test_replay_rejection_bites(
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken: no replay guard."""
+    monkeypatch.setattr(ReplayGuard, "check", lambda self, **kw: None)
+    bite_agent(brain, suite, "replay-rejection")
+
+
+def test_batch_acked_once_bites(
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken: every batch is acknowledged twice."""
+
+    def make(buffer_batch: Any) -> Any:
+        async def ack_twice(
+            self: AgentEndpoint, session: Session, batch_id: str, batch: Any
+        ) -> None:
+            await buffer_batch(self, session, batch_id, batch)
+            n = len(batch.events)
+            ack = frames.EventBatchAck(acked_id=batch_id, received=n, accepted=n, rejected=0)
+            await session.send(ack)
+
+        return ack_twice
+
+    wrap(AgentEndpoint, "_buffer_batch", make, monkeypatch)
+    bite_agent(brain, suite, "batch-acked-once")
+
+
+def test_resent_events_land_once_bites(
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken: agent events get a random idempotency key, so a re-sent event lands again."""
+
+    def make(event_rows: Any) -> Any:
+        def random_keys(buffer_id: uuid.UUID, rows: Any) -> Iterator[Any]:
+            for row in event_rows(buffer_id, rows):
+                if row.source == "agent":
+                    row = row._replace(idempotency_key=uuid.uuid4().bytes)
+                yield row
+
+        return random_keys
+
+    wrap(z4j.store.sqlite, "event_rows", make, monkeypatch)
+    bite_agent(brain, suite, "resent-events-land-once", STORE)
+
+
+def test_oversize_1009_bites(
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken: hello_ack promises a 4 KiB limit the brain does not enforce."""
+    wrap(
+        AgentProtocol,
+        "accept",
+        lambda accept: lambda self, **kw: accept(self, **{**kw, "max_frame_size_bytes": 4096}),
+        monkeypatch,
+    )
+    bite_agent(brain, suite, "oversize-1009")
+
+
+def test_unknown_fields_ignored_bites(
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken: payloads with a field the brain does not know are refused (1007)."""
+
+    def make(structure: Any) -> Any:
+        def strict(frame_type: str, payload: object) -> Any:
+            known = {field.name for field in attrs.fields(frames.PAYLOADS[frame_type])}
+            if isinstance(payload, dict) and frame_type != "agent_status" and set(payload) - known:
+                raise ValueError(f"unknown fields {sorted(set(payload) - known)}")
+            return structure(frame_type, payload)
+
+        return strict
+
+    wrap(frames, "structure_payload", make, monkeypatch)
+    bite_agent(brain, suite, "unknown-fields-ignored")
+
+
+@pytest.mark.parametrize(
+    ("rule", "constant"),
+    [
+        ("unexpected-frame-1002", "CLOSE_PROTOCOL_ERROR"),
+        ("bad-frame-1007", "CLOSE_INVALID_DATA"),
+        ("version-4426", "CLOSE_VERSION"),
+    ],
+)
+def test_close_codes_of_the_protocol_core_bite(
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch, rule: str, constant: str
+) -> None:
+    """Broken: the core closes with 1011 where the page names another code."""
+    monkeypatch.setattr(connection, constant, 1011)
+    bite_agent(brain, suite, rule)
+
+
+def test_bad_token_refused_bites(
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken: an unknown token opens a session as the last agent provisioned."""
+    agent_id = brain.agent_id
+
+    def make(agent_by_token: Any) -> Any:
+        async def anyone(self: SqliteStore, token_hash: bytes) -> Any:
+            return await agent_by_token(self, token_hash) or await self.find_agent(agent_id)
+
+        return anyone
+
+    wrap(SqliteStore, "agent_by_token", make, monkeypatch)
+    bite_agent(brain, suite, "bad-token-refused")
+
+
+def test_replaced_4002_bites(
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken: a replaced connection is closed with 1000."""
+    monkeypatch.setattr(z4j.agent_endpoint, "CLOSE_REPLACED", 1000)
+    bite_agent(brain, suite, "replaced-4002")
+
+
+def test_worker_cap_4429_bites(
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken: the cap is not enforced (the brain allows 100 workers; it says 3)."""
+    endpoint = brain.brain.addresses.commands.sessions
+    assert isinstance(endpoint, AgentEndpoint)
+    config = attrs.evolve(endpoint._config, ws_per_agent_concurrency_cap=100)
+    monkeypatch.setattr(endpoint, "_config", config)
+    bite_check(brain, suite, "worker-cap-4429")
+
+
+def test_rate_limit_4429_bites(
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken: rate limits are not enforced."""
+    monkeypatch.setattr(TokenBucket, "take", lambda self, count, now: True)
+    bite_agent(brain, suite, "rate-limit-4429")
+
+
+def test_idle_4408_bites(
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken: an idle connection is closed with 1000."""
+    monkeypatch.setattr(z4j.agent_endpoint, "CLOSE_IDLE", 1000)
+    bite_check(brain, suite, "idle-4408")
+
+
+def test_revoked_4003_bites(
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken: live sessions of a revoked agent are left open."""
+
+    async def keep_them(self: AgentEndpoint) -> int:
+        return 0
+
+    monkeypatch.setattr(AgentEndpoint, "close_revoked", keep_them)
+    bite_check(brain, suite, "revoked-4003")
+
+
+def test_command_delivered_once_bites(
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken: every command frame is sent twice."""
+
+    def make(send: Any) -> Any:
+        async def twice(self: Session, payload: Any, *, frame_id: str | None = None) -> None:
+            await send(self, payload, frame_id=frame_id)
+            if isinstance(payload, frames.Command):
+                await send(self, payload, frame_id=frame_id)
+
+        return twice
+
+    wrap(Session, "send", make, monkeypatch)
+    bite_agent(brain, suite, "command-delivered-once", COMMANDS)
+
+
+def test_command_final_state_bites(
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken: command results are dropped, so commands never end."""
+
+    async def drop(self: Commands, command_id: str, worker_id: str, payload: Any) -> None:
+        return None
+
+    monkeypatch.setattr(Commands, "answered", drop)
+    bite_agent(brain, suite, "command-final-state", COMMANDS)
+
+
+# -- ingest protocol v1 -------------------------------------------------------------------
+
+
+def test_ingest_replies_in_order_bites(
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken: an empty array ``[]`` is refused."""
+
+    def make(next_event: Any) -> Any:
+        def refuse_empty(self: ingest_protocol.IngestConnection) -> Any:
+            event = next_event(self)
+            if isinstance(event, ingest_protocol.Payload) and event.records == 0:
+                return ingest_protocol.Rejected(reason="bad_json", detail="broken on purpose")
+            return event
+
+        return refuse_empty
+
+    wrap(ingest_protocol.IngestConnection, "next_event", make, monkeypatch)
+    bite_ingest(brain, suite, "ingest-replies-in-order")
+
+
+def test_ingest_content_error_bites(
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken: a content error is treated as a framing error (the connection closes)."""
+
+    def make(next_event: Any) -> Any:
+        def close_on_content_errors(self: ingest_protocol.IngestConnection) -> Any:
+            event = next_event(self)
+            if isinstance(event, ingest_protocol.Rejected):
+                raise RemoteProtocolError("broken on purpose", reason=event.reason)
+            return event
+
+        return close_on_content_errors
+
+    wrap(ingest_protocol.IngestConnection, "next_event", make, monkeypatch)
+    bite_ingest(brain, suite, "ingest-content-error")
+
+
+def test_ingest_framing_error_bites(
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken: a framing error closes the connection without its 5:ERROR."""
+
+    def make(answer: Any) -> Any:
+        async def no_last_error(self: IngestServer, conn: Any, peer: str) -> Any:
+            replies, close = await answer(self, conn, peer)
+            if close and replies and replies[-1] == ingest_protocol.ERROR:
+                replies = replies[:-1]
+            return replies, close
+
+        return no_last_error
+
+    wrap(IngestServer, "_answer", make, monkeypatch)
+    bite_ingest(brain, suite, "ingest-framing-error")
+
+
+def test_ingest_acked_land_once_bites(
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken: the drain loses records of kind ``log``."""
+
+    def make(event_rows: Any) -> Any:
+        def lose_logs(buffer_id: uuid.UUID, rows: Any) -> Iterator[Any]:
+            return (r for r in event_rows(buffer_id, rows) if (r.source, r.kind) != ("tcp", "log"))
+
+        return lose_logs
+
+    wrap(z4j.store.sqlite, "event_rows", make, monkeypatch)
+    bite_ingest(brain, suite, "ingest-acked-land-once", STORE)
+
+
+def test_ingest_backpressure_bites(
+    suite: TrioPortal, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Broken: the buffer admits payloads past its capacity."""
+    monkeypatch.setattr(Buffer, "admit", lambda self, n: True)
+    portal = TrioPortal("stalled brains")
+    try:
+        factory = ServedBrain.stalled_factory(portal, tmp_path_factory.mktemp("stalled"))
+        machine = ingest_machine(factory, Hooks(), suite, QUICK)
+        expect_bite(machine, "backpressure", "ingest-backpressure")
+    finally:
+        portal.close()
