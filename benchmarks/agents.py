@@ -222,14 +222,7 @@ class BrainServer:
         self.pid = self.process.proc.pid
 
     def stop(self) -> None:
-        if self.process.proc.poll() is None:
-            self.process.signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        else:
-            self.process.kill()
+        self.process.stop()
 
     def durable_events(self) -> int | None:
         """Distinct agent event ids in the buffer file or the SQLite store (after stop)."""

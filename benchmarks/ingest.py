@@ -154,14 +154,7 @@ class Brain:
         self.pid = self.process.proc.pid
 
     def stop(self) -> None:
-        if self.process.proc.poll() is None:
-            self.process.signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        else:
-            self.process.kill()
+        self.process.stop()
 
     def durable_payloads(self) -> int:
         """Payloads in the buffer file plus payloads already in the store."""

@@ -187,6 +187,17 @@ class BrainProcess:
             if self.proc.returncode is not None:
                 self._log.close()
 
+    def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM and wait for a graceful exit; SIGKILL after ``grace`` seconds."""
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.wait(grace)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
