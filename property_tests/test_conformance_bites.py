@@ -5,9 +5,9 @@ test (nothing in the product can switch it), runs the suite against that
 brain, and expects the failure to name that behaviour's rule and to carry
 the transcript of a shrunk example.
 
-The brain is shared by the module (each test gets a fresh agent); the
-suite waits less than usual for what a broken brain never does, so a
-failing example costs about a second.
+The brain is shared by the module (each test gets a fresh agent). To keep
+them quick, the bites run short examples, the same ones every time, give
+the suite just the hooks the rule needs, and shrink for a few seconds.
 """
 
 from __future__ import annotations
@@ -52,10 +52,10 @@ from z4j.testing.brain import make_config
 # A broken brain may never do what the suite waits for. Closes are probed
 # (no waiting), but a command's state is polled: poll it briefly, since our
 # brain has stored it before it answers the suite's next frame.
-QUICK = Timeouts(reply=5.0, close=2.0, delivery=2.5, state=0.1, stored=10.0, quiet=0.1)
+QUICK = Timeouts(reply=5.0, close=2.0, delivery=5.0, state=0.1, stored=10.0, quiet=0.1)
 STEPS = 10  # shorter examples than the suite's own: quicker to find and to shrink
 # Shrinking stops after this long (Hypothesis' own limit is 5 minutes); the
-# failure is then shown as far as it got: smaller than found, if not minimal.
+# failure is then shown as far as it got: no longer than first found.
 SHRINK_SECONDS = 4
 COMMAND_TIMEOUT = 2  # seconds; an example lasts well under one
 

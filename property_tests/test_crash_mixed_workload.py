@@ -224,9 +224,5 @@ def _after_restart(tmp: Path, config: Config, token: str, secret: str, ledger: L
 
         trio.run(recover)
     finally:
-        brain.signal(signal.SIGTERM)
-        try:
-            brain.wait(15)
-        finally:
-            brain.kill()
+        brain.stop(15)
     _check(config, ledger)

@@ -15,11 +15,11 @@ import argparse
 import functools
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import trio
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--database-url", help="a Postgres database for the brain's store")
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory(prefix="z4j-conformance-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="z4j-conformance-") as tmp, ExitStack() as stack:
         env = {
             **BRAIN_SETTINGS,
             "Z4J_DATA_DIR": f"{tmp}/data",
@@ -64,37 +64,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             "Z4J_BUFFER_MAX_ROWS": str(BACKPRESSURE_CAPACITY),
         }
         brain = BrainProcess(env, log_path=Path(tmp) / "brain.log")
+        stack.callback(brain.stop, 15)
         full = BrainProcess(full_env, log_path=Path(tmp) / "full.log")
-        try:
-            token, secret, _ = trio.run(
-                functools.partial(provision, load_config(env=env), project="conformance")
-            )
-            command = [
-                *(sys.executable, "-m", "property_tests"),
-                *("--agent-url", "ws://{}:{}/ws/agent".format(*brain.http)),
-                *("--token", token, "--secret", secret),
-                *("--ingest", "{}:{}".format(*brain.ingest)),
-                *("--worker-cap", env["Z4J_WS_PER_AGENT_CONCURRENCY_CAP"]),
-                *("--frames-per-second", env["Z4J_WS_RATE_LIMIT_FRAMES_PER_SECOND"]),
-                *("--events-per-second", env["Z4J_WS_RATE_LIMIT_EVENTS_PER_SECOND"]),
-                *("--max-inflated-bytes", env["Z4J_INGEST_MAX_INFLATED_BYTES"]),
-                *("--backpressure-ingest", "{}:{}".format(*full.ingest)),
-                *("--backpressure-capacity", str(BACKPRESSURE_CAPACITY)),
-                *("--z4j-store", "--check-revocation", "--profile", args.profile),
-            ]
-            if args.max_examples is not None:
-                command += ["--max-examples", str(args.max_examples)]
-            print("$", " ".join(command), flush=True)
-            suite_env = {k: v for k, v in os.environ.items() if not k.startswith("Z4J_")}
-            suite_env.update(env)  # --z4j-store reads the brain's own settings
-            return subprocess.run(command, cwd=REPO, env=suite_env, check=False).returncode
-        finally:
-            for process in (brain, full):
-                process.signal(signal.SIGTERM)
-                try:
-                    process.wait(15)
-                finally:
-                    process.kill()
+        stack.callback(full.stop, 15)
+        token, secret, _ = trio.run(
+            functools.partial(provision, load_config(env=env), project="conformance")
+        )
+        command = [
+            *(sys.executable, "-m", "property_tests"),
+            *("--agent-url", "ws://{}:{}/ws/agent".format(*brain.http)),
+            *("--token", token, "--secret", secret),
+            *("--ingest", "{}:{}".format(*brain.ingest)),
+            *("--worker-cap", env["Z4J_WS_PER_AGENT_CONCURRENCY_CAP"]),
+            *("--frames-per-second", env["Z4J_WS_RATE_LIMIT_FRAMES_PER_SECOND"]),
+            *("--events-per-second", env["Z4J_WS_RATE_LIMIT_EVENTS_PER_SECOND"]),
+            *("--max-inflated-bytes", env["Z4J_INGEST_MAX_INFLATED_BYTES"]),
+            *("--backpressure-ingest", "{}:{}".format(*full.ingest)),
+            *("--backpressure-capacity", str(BACKPRESSURE_CAPACITY)),
+            *("--z4j-store", "--check-revocation", "--profile", args.profile),
+        ]
+        if args.max_examples is not None:
+            command += ["--max-examples", str(args.max_examples)]
+        print("$", " ".join(command), flush=True)
+        suite_env = {k: v for k, v in os.environ.items() if not k.startswith("Z4J_")}
+        suite_env.update(env)  # --z4j-store reads the brain's own settings
+        return subprocess.run(command, cwd=REPO, env=suite_env, check=False).returncode
 
 
 if __name__ == "__main__":

@@ -201,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = [name for name, result, _ in results if result == "FAILED"]
     crashed = [o for o in outcomes if o.failure is not None and find_violation(o.failure) is None]
     if failed or crashed:
-        print(f"\n{len(failed)} rules failed" + (", and the suite crashed" if crashed else ""))
+        rules = "rule" if len(failed) == 1 else "rules"
+        print(f"\n{len(failed)} {rules} failed" + (", and the suite crashed" if crashed else ""))
         return 1
     print("\nno rule failed")
     return 0
