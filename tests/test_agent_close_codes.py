@@ -209,3 +209,21 @@ async def test_graceful_shutdown_closes_agents_with_1001(config: Config) -> None
                 assert isinstance((await agent.receive()).payload, f.EventBatchAck)
                 brain.shutdown.set()
                 assert await agent.closed_with() == 1001
+
+
+async def test_events_no_store_can_keep_are_rejected_in_the_ack(config: Config) -> None:
+    token, secret, _ = await provision(config)
+    bad = [
+        f.AgentEvent(id="big", kind="k", raw={"id": "big", "kind": "k", "n": 2**64}),
+        f.AgentEvent(id="nul", kind="k", raw={"id": "nul", "kind": "k", "msg": "a\x00b"}),
+        f.AgentEvent(id="ok", kind="k", raw={"id": "ok", "kind": "k", "msg": "a\\u0000b"}),
+    ]
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            async with raw_agent(brain.addresses.http, token, secret) as agent:
+                await agent.send(f.EventBatch(events=tuple(bad)), frame_id="b-1")
+                ack = (await agent.receive()).payload
+                assert ack == f.EventBatchAck(acked_id="b-1", received=3, accepted=1, rejected=2)
+            await wait_until(lambda: buffer_rows(config) == 0)
+            assert brain.stats.agent_rejected["bad_event"] == 2
+    assert [e["body"]["id"] for e in read_events(config)] == ["ok"]

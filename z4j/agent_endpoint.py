@@ -501,9 +501,15 @@ class AgentEndpoint:
 
     async def _buffer_batch(self, session: Session, batch_id: str, batch: f.EventBatch) -> None:
         count = len(batch.events)
-        if count == 0:
+        # Events no store can keep (integers beyond 64 bits, NUL in text) are
+        # refused here, in the ack's `rejected`, never acked and then lost.
+        bodies = [body for body in map(_storable, batch.events) if body is not None]
+        rejected = count - len(bodies)
+        if rejected:
+            self._stats.agent_rejected["bad_event"] += rejected
+        if not bodies:
             await session.send(
-                f.EventBatchAck(acked_id=batch_id, received=0, accepted=0, rejected=0)
+                f.EventBatchAck(acked_id=batch_id, received=count, accepted=0, rejected=rejected)
             )
             return
         if not self._buffer.admit(1):
@@ -517,7 +523,7 @@ class AgentEndpoint:
                 "worker_id": session.worker_id,
             }
         )
-        body = orjson.dumps([event.raw for event in batch.events])
+        body = b"[" + b",".join(bodies) + b"]"
         try:
             await self._buffer.append(
                 [NewRow(received_at=time.time(), source="agent", body=body, origin=origin)]
@@ -526,9 +532,11 @@ class AgentEndpoint:
             self._reject("storage_error")
             self._log.warning("buffer", "buffering an agent batch failed: %s", exc)
             return
-        self._stats.agent_events_ok += count
+        self._stats.agent_events_ok += len(bodies)
         await session.send(
-            f.EventBatchAck(acked_id=batch_id, received=count, accepted=count, rejected=0)
+            f.EventBatchAck(
+                acked_id=batch_id, received=count, accepted=len(bodies), rejected=rejected
+            )
         )
 
 
@@ -542,6 +550,27 @@ async def _next_message(receive: Receive) -> bytes | str:
             if data is None:
                 data = message.get("text") or ""
             return data
+
+
+def _storable(event: f.AgentEvent) -> bytes | None:
+    """The event as JSON, or None if a store would refuse it."""
+    try:
+        data = orjson.dumps(event.raw)
+    except (orjson.JSONEncodeError, TypeError):
+        return None  # e.g. an integer beyond 64 bits
+    if b"\\u0000" in data and _has_nul(event.raw):
+        return None  # Postgres text and jsonb cannot hold NUL
+    return data
+
+
+def _has_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def _bearer(scope: dict[str, Any]) -> str | None:
