@@ -28,7 +28,7 @@ import trio
 from .auth import Auth
 from .stats import BrainStats
 
-__all__ = ["DashboardHub"]
+__all__ = ["DashboardHub", "merge_events"]
 
 log = logging.getLogger("z4j.dashboard")
 
@@ -78,7 +78,7 @@ class DashboardHub:
         for sub in list(self._subscribers):
             queue = sub.queue
             if message["type"] == "events" and queue and queue[-1]["type"] == "events":
-                queue[-1] = _merge_events(queue[-1], message)
+                queue[-1] = merge_events(queue[-1], message)
                 self._stats.dashboard_coalesced += 1
             elif len(queue) >= QUEUE_SIZE:
                 self._drop(sub)
@@ -134,7 +134,7 @@ class DashboardHub:
         await send({"type": "websocket.send", "text": orjson.dumps(message).decode()})
 
 
-def _merge_events(queued: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+def merge_events(queued: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     kinds = dict(queued["kinds"])
     for kind, n in new["kinds"].items():
         kinds[kind] = kinds.get(kind, 0) + n

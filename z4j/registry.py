@@ -42,6 +42,7 @@ import psycopg
 import trio
 
 from .config import Config
+from .dashboard_hub import merge_events
 from .stats import BrainStats, ThrottledLog
 from .store.pg import PgPool
 
@@ -348,20 +349,11 @@ class _DeadListener(Exception):
 
 
 def _coalesce(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Merge runs of ``events`` messages (counts summed, newest sample kept)."""
+    """Merge runs of ``events`` messages, as a subscriber's queue does."""
     out: list[dict[str, Any]] = []
     for message in messages:
         if message["type"] == "events" and out and out[-1]["type"] == "events":
-            last = out[-1]
-            kinds = dict(last["kinds"])
-            for kind, n in message["kinds"].items():
-                kinds[kind] = kinds.get(kind, 0) + n
-            out[-1] = {
-                "type": "events",
-                "count": last["count"] + message["count"],
-                "kinds": kinds,
-                "sample": (message["sample"] + last["sample"])[:20],
-            }
+            out[-1] = merge_events(out[-1], message)
         else:
             out.append(message)
     return out
