@@ -9,7 +9,9 @@ WebSocket there instead, for comparison.
 
 (a) events/s through 1 and 100 connections, with one event per frame (what
     z4j-bare sends) and with 100 events per batch. Each connection keeps a
-    window of unacknowledged frames in flight, as a real agent does, and
+    window of unacknowledged frames in flight, as a real agent does (256 by
+    default: z4j-bare 1.13's cap, ``_MAX_IN_FLIGHT_BATCHES`` in
+    z4j_bare/runtime.py; ``--window 64`` shows a shallower agent), and
     counts the events of the ``event_batch_ack`` frames it receives; the
     brain sends one only after the batch is committed to its SQLite buffer.
     Counting starts ``--warmup`` seconds after every connection has had its
@@ -966,7 +968,12 @@ def main() -> int:
         default=2.0,
         help="seconds from every connection's first ack to the start of counting",
     )
-    parser.add_argument("--window", type=int, default=64, help="unacked frames per connection")
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=256,
+        help="unacked frames per connection (z4j-bare's _MAX_IN_FLIGHT_BATCHES)",
+    )
     parser.add_argument(
         "--prime-timeout",
         type=float,

@@ -42,7 +42,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from z4j.agent_endpoint import AgentEndpoint, Session
+from z4j.agent_endpoint import AgentEndpoint, Session, _Batch
 from z4j.config import Config
 from z4j.protocol.agent import frames as f
 from z4j.testing.agents import RawAgent, provision, raw_agent
@@ -225,7 +225,7 @@ test_durable_acks = DurableAcks.TestCase
 
 
 def _fails(monkeypatch: pytest.MonkeyPatch, broken: Any) -> None:
-    monkeypatch.setattr(AgentEndpoint, "_buffer_batch", broken)
+    monkeypatch.setattr(AgentEndpoint, "_buffer_batches", broken)
     # When a broken brain shows itself depends on timing, so Hypothesis may
     # see one prefix fail at different steps and call it Flaky: still a
     # failure the machine caught (a brain that passes raises nothing).
@@ -243,39 +243,45 @@ def _fails(monkeypatch: pytest.MonkeyPatch, broken: Any) -> None:
         )
 
 
+def _acks(batches: list[_Batch]) -> list[f.Payload]:
+    return [
+        f.EventBatchAck(
+            acked_id=b.id,
+            received=len(b.payload.events),
+            accepted=len(b.payload.events),
+            rejected=0,
+        )
+        for b in batches
+    ]
+
+
 def test_an_ack_sent_before_the_batch_is_durable_is_caught(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    buffer_batch = AgentEndpoint._buffer_batch
+    buffer_batches = AgentEndpoint._buffer_batches
 
-    async def ack_then_buffer(
-        self: AgentEndpoint, session: Session, batch_id: str, events: f.EventBatch
-    ) -> None:
-        n = len(events.events)
-        await session.send(f.EventBatchAck(acked_id=batch_id, received=n, accepted=n, rejected=0))
+    async def ack_then_buffer(self: AgentEndpoint, session: Session, batches: list[_Batch]) -> None:
+        await session.send_all(_acks(batches))
         await trio.sleep(0.01)
-        real_send = session.send
-        session.send = _drop_acks  # type: ignore[method-assign]
+        real_send_all = session.send_all
+        session.send_all = _drop_acks  # type: ignore[method-assign]
         try:
-            await buffer_batch(self, session, batch_id, events)
+            await buffer_batches(self, session, batches)
         finally:
-            session.send = real_send  # type: ignore[method-assign]
+            session.send_all = real_send_all  # type: ignore[method-assign]
 
     _fails(monkeypatch, ack_then_buffer)
 
 
 def test_a_second_ack_for_one_send_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
-    buffer_batch = AgentEndpoint._buffer_batch
+    buffer_batches = AgentEndpoint._buffer_batches
 
-    async def ack_twice(
-        self: AgentEndpoint, session: Session, batch_id: str, events: f.EventBatch
-    ) -> None:
-        await buffer_batch(self, session, batch_id, events)
-        n = len(events.events)
-        await session.send(f.EventBatchAck(acked_id=batch_id, received=n, accepted=n, rejected=0))
+    async def ack_twice(self: AgentEndpoint, session: Session, batches: list[_Batch]) -> None:
+        await buffer_batches(self, session, batches)
+        await session.send_all(_acks(batches))
 
     _fails(monkeypatch, ack_twice)
 
 
-async def _drop_acks(payload: f.Payload, *, frame_id: str | None = None) -> None:
-    """Stands in for Session.send while the broken brain buffers after its early ack."""
+async def _drop_acks(payloads: list[f.Payload]) -> None:
+    """Stands in for Session.send_all while the broken brain buffers after its early acks."""

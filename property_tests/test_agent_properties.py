@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import uuid
 from typing import Any
@@ -18,7 +20,14 @@ from hypothesis import strategies as st
 
 from z4j.protocol.agent import frames as f
 from z4j.protocol.agent.connection import AgentProtocol, Role, State
-from z4j.protocol.agent.signing import derive_project_secret
+from z4j.protocol.agent.signing import (
+    SessionBinding,
+    canonical_json,
+    derive_project_secret,
+    fast_canonical_json,
+    sign,
+    verify,
+)
 from z4j.protocol.errors import RemoteProtocolError
 
 KEY = derive_project_secret(b"k" * 32, uuid.UUID(int=7))
@@ -224,3 +233,72 @@ def test_arbitrary_json_frames_in_any_state(obj: dict[str, Any]) -> None:
     _only_frames_or_protocol_errors(AgentProtocol(Role.BRAIN), message)
     _only_frames_or_protocol_errors(session()[0], message)
     _only_frames_or_protocol_errors(session()[1], message)
+
+
+# -- the fast canonical form ------------------------------------------------------------
+
+float_free_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.text()  # any code point but lone surrogates, control characters included
+)
+float_free_values = st.recursive(
+    float_free_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=16,
+)
+
+
+@given(float_free_values)
+def test_orjson_writes_the_reference_canonical_form_without_floats(value: Any) -> None:
+    """What lets `sign` and `verify` take orjson's path: byte-equal output."""
+    assert fast_canonical_json(value) == canonical_json(value)
+
+
+# Where orjson and the standard library part ways: floats with a one-digit
+# negative exponent (1e-07 against 1e-7) and integers beyond 64 bits (which
+# orjson writes not at all and reads as floats).
+tricky_numbers = st.sampled_from(
+    [1e-07, 2.5e-08, 1e-05, 1e16, 1.5e300, 5e-324, 2**64, 2**70, -(2**65), 10**30]
+) | st.floats(allow_nan=False, allow_infinity=False)
+tricky_payloads = st.builds(
+    lambda base, key, number: {**base, key: number},
+    json_objects,
+    st.text(max_size=4),
+    tricky_numbers,
+)
+
+
+@given(tricky_payloads)
+def test_sign_always_matches_the_reference_signature(payload: dict[str, Any]) -> None:
+    """Floats and integers beyond 64 bits included: a peer checking with the
+    standard library's form (as z4j-core does) accepts what we sign."""
+    binding = SessionBinding(agent_id="a1", project_id="p1", session_id="s1")
+    frame = {"v": 2, "id": "x", "type": "agent_status", "payload": payload}
+    body = {**frame, "agent_id": "a1", "project_id": "p1", "session_id": "s1"}
+    expected = hmac.new(KEY, canonical_json(body), hashlib.sha256).hexdigest()
+    assert sign(frame, KEY, binding) == expected
+    verify({**frame, "hmac": expected}, KEY, binding)  # raises if refused
+
+
+@given(tricky_payloads)
+def test_frames_signed_by_the_reference_form_are_received(payload: dict[str, Any]) -> None:
+    """A frame serialised and signed the standard library's way (z4j-core's),
+    floats and big integers included, is received with the payload it sent."""
+    brain, _agent = session()
+    frame: dict[str, Any] = {
+        "v": 2,
+        "id": "st_1",
+        "ts": "2027-01-15T08:00:00Z",
+        "nonce": "n1",
+        "seq": 1,
+        "type": "agent_status",
+        "payload": payload,
+    }
+    body = {**frame, "agent_id": "a1", "project_id": "p1", "session_id": "s1"}
+    frame["hmac"] = hmac.new(KEY, canonical_json(body), hashlib.sha256).hexdigest()
+    wire = json.dumps(frame, ensure_ascii=False, allow_nan=False).encode()
+    received = brain.receive_message(wire)
+    assert isinstance(received.payload, f.AgentStatus)
+    assert received.payload.raw == payload

@@ -243,18 +243,17 @@ def test_batch_acked_once_bites(
 ) -> None:
     """Broken: every batch is acknowledged twice."""
 
-    def make(buffer_batch: Any) -> Any:
-        async def ack_twice(
-            self: AgentEndpoint, session: Session, batch_id: str, batch: Any
-        ) -> None:
-            await buffer_batch(self, session, batch_id, batch)
-            n = len(batch.events)
-            ack = frames.EventBatchAck(acked_id=batch_id, received=n, accepted=n, rejected=0)
-            await session.send(ack)
+    def make(buffer_batches: Any) -> Any:
+        async def ack_twice(self: AgentEndpoint, session: Session, batches: Any) -> None:
+            await buffer_batches(self, session, batches)
+            for batch in batches:
+                n = len(batch.payload.events)
+                ack = frames.EventBatchAck(acked_id=batch.id, received=n, accepted=n, rejected=0)
+                await session.send(ack)
 
         return ack_twice
 
-    wrap(AgentEndpoint, "_buffer_batch", make, monkeypatch)
+    wrap(AgentEndpoint, "_buffer_batches", make, monkeypatch)
     bite_agent(brain, suite, "batch-acked-once")
 
 

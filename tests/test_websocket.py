@@ -7,6 +7,8 @@ still goes to hypercorn.
 
 from __future__ import annotations
 
+import socket
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -26,9 +29,10 @@ from wsproto.events import (
     TextMessage,
 )
 
-from z4j import http
+from z4j import http, websocket
 from z4j.http import HealthChecks, build_app, serve_http
 from z4j.testing.brain import make_config, wait_until
+from z4j.websocket import SEND_BATCH
 
 Scope = dict[str, Any]
 
@@ -56,6 +60,29 @@ class Recorder:
     async def refuse(self, scope: Scope, receive: Any, send: Any) -> None:
         await send({"type": "websocket.close", "code": 1013})
 
+    async def burst(self, scope: Scope, receive: Any, send: Any) -> None:
+        """Many writers at once, then one batch; record how each write ended."""
+        assert SEND_BATCH in scope["extensions"]
+        await send({"type": "websocket.accept"})
+        await receive()  # the client's go
+
+        async def one(i: int) -> None:
+            try:
+                await send({"type": "websocket.send", "bytes": b"m%d" % i})
+                self.seen.append({"sent": i})
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.seen.append({"failed": i, "error": type(exc).__name__})
+
+        async with trio.open_nursery() as nursery:
+            for i in range(50):
+                nursery.start_soon(one, i)
+        try:
+            await send({"type": SEND_BATCH, "messages": [b"b0", b"b1", b"b2"]})
+            self.seen.append({"batch": "sent"})
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.seen.append({"batch": "failed"})
+        await receive()
+
     async def headers(self, scope: Scope, receive: Any, send: Any) -> None:
         await send({"type": "websocket.accept"})
         auth = dict(scope["headers"]).get(b"authorization", b"")
@@ -74,6 +101,7 @@ async def server(
         "/fail": recorder.fail,
         "/refuse": recorder.refuse,
         "/headers": recorder.headers,
+        "/burst": recorder.burst,
     }
     async with trio.open_nursery() as nursery:
         _, port = await nursery.start(
@@ -269,3 +297,82 @@ async def test_a_peer_resetting_mid_handshake_ends_only_its_connection(tmp_path:
                 await accepted(c)
                 await c.send(BytesMessage(b"still here"))
                 assert (await c.next_event()).data == b"still here"
+
+
+async def test_writers_that_meet_go_out_together_whole_and_once(tmp_path: Path) -> None:
+    """Concurrent sends share writes (z4j.websocket._write) without losing,
+    repeating or splitting a message; a batch arrives whole and in order."""
+    with trio.fail_after(10):
+        async with server(tmp_path) as (port, recorder, _):
+            async with client(port, "/burst") as c:
+                await accepted(c)
+                await c.send(BytesMessage(b"go"))
+                got = [(await c.next_event()).data for _ in range(53)]
+                await c.send(BytesMessage(b"done"))
+            assert sorted(got[:50]) == sorted(b"m%d" % i for i in range(50))
+            assert got[50:] == [b"b0", b"b1", b"b2"]
+            assert sorted(r["sent"] for r in recorder.seen if "sent" in r) == list(range(50))
+            assert recorder.seen[-1] == {"batch": "sent"}
+
+
+async def test_writers_waiting_on_a_broken_connection_get_an_error(tmp_path: Path) -> None:
+    """The peer is gone: every waiting writer raises, none hangs or claims success
+    for bytes that could not go out."""
+    with trio.fail_after(10):
+        async with server(tmp_path) as (port, recorder, _):
+            async with client(port, "/burst") as c:
+                await accepted(c)
+                c.stream.socket.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                await c.send(BytesMessage(b"go"))
+            # Closed with a reset: the server's writes fail. Every writer
+            # returns (waiting ones included), each with success or an error.
+            await wait_until(lambda: len(recorder.seen) == 51, timeout=5)
+            writers = recorder.seen[:50]
+            assert sorted(r.get("sent", r.get("failed")) for r in writers) == list(range(50))
+            failed = [r for r in writers if "failed" in r]
+            assert failed, "no write noticed the reset"
+            assert {r["error"] for r in failed} <= {"BrokenResourceError", "ClosedResourceError"}
+            assert recorder.seen[50] == {"batch": "failed"}
+
+
+class _SlowStream:
+    """Stands in for the socket: each write waits for ``release``, then ends as told."""
+
+    def __init__(self, fail: bool) -> None:
+        self.fail = fail
+        self.release = trio.Event()
+        self.writes: list[bytes] = []
+
+    async def send_all(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        await self.release.wait()
+        if self.fail:
+            raise trio.BrokenResourceError("connection reset")
+
+
+@pytest.mark.parametrize("fail", [False, True])
+async def test_writers_that_wait_share_one_write_and_its_outcome(fail: bool) -> None:
+    stream = _SlowStream(fail)
+    ws = websocket._WebSocket(stream, None, 1024)  # type: ignore[arg-type]
+    outcomes: list[tuple[str, int]] = []
+
+    async def write(i: int) -> None:
+        try:
+            await ws._write(b"%d" % i)
+            outcomes.append(("sent", i))
+        except trio.BrokenResourceError:
+            outcomes.append(("failed", i))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(5):
+            nursery.start_soon(write, i)
+            await trio.testing.wait_all_tasks_blocked()
+        stream.release.set()
+    if fail:  # the owner's write failed: the others' bytes never went out
+        assert stream.writes == [b"0"]
+        assert sorted(outcomes) == [("failed", i) for i in range(5)]
+    else:  # the four that waited went out together, in order
+        assert stream.writes == [b"0", b"1234"]
+        assert sorted(outcomes) == [("sent", i) for i in range(5)]

@@ -43,6 +43,7 @@ from .ratelimit import TokenBucket
 from .registry import Registry
 from .stats import BrainStats, ThrottledLog
 from .store.base import Agent, Store, StoreUnavailable
+from .websocket import SEND_BATCH
 
 __all__ = [
     "CLOSE_BAD_TOKEN",
@@ -67,15 +68,29 @@ HELLO_TIMEOUT_SECONDS = 10.0
 STORE_WAIT_SECONDS = 3.0
 # Batches one connection may have waiting for durability; beyond it we stop
 # reading, and TCP pushes back on the agent.
-MAX_BATCHES_IN_FLIGHT = 64
+MAX_BATCHES_IN_FLIGHT = 256
 # ... and the bytes they may hold, per connection and over all of them, so
 # that memory stays bounded however many agents push at once.
 MAX_SESSION_BYTES_IN_FLIGHT = 4 * 1024 * 1024
 MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
 CLOSE_GOING_AWAY = 1001  # the brain is shutting down
+# Batches read back to back go to the buffer as one group (one append, one
+# write of acks), closed at this many batches or about this many events so
+# that the buffer commits one group while the next is read.
+GROUP_BATCHES = 16
+GROUP_EVENTS = 400
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@attrs.frozen
+class _Batch:
+    """An event batch as read: its frame id, payload and size on the wire."""
+
+    id: str
+    payload: f.EventBatch
+    size: int
 
 
 class _Closed(Exception):
@@ -109,10 +124,22 @@ class Session:
     in_flight_bytes: int = 0  # their size as received
     drained: trio.Event | None = None  # set when in_flight drops, if awaited
     fencing_token: int | None = None  # this replica's claim on the session (registry)
+    # Event batches read but not yet taken by a task to buffer (see _serve).
+    pending: list[_Batch] | None = None
+    send_batch: bool = False  # the connection takes z4j.websocket.send_batch
 
     async def send(self, payload: f.Payload, *, frame_id: str | None = None) -> None:
         message = self.protocol.send(payload, frame_id=frame_id)
         await self.send_message({"type": "websocket.send", "bytes": message})
+
+    async def send_all(self, payloads: list[f.Payload]) -> None:
+        """Send several frames, in one write where the connection allows."""
+        messages = [self.protocol.send(payload) for payload in payloads]
+        if self.send_batch:
+            await self.send_message({"type": SEND_BATCH, "messages": messages})
+        else:
+            for message in messages:
+                await self.send_message({"type": "websocket.send", "bytes": message})
 
     def kick(self, code: int) -> None:
         """Close this session from outside (replaced, revoked, idle, shutdown)."""
@@ -230,6 +257,7 @@ class AgentEndpoint:
         if message["type"] != "websocket.connect":
             return
         token = _bearer(scope)
+        send_batch = SEND_BATCH in scope.get("extensions", {})
         del scope, message  # an idle connection keeps only what it needs
         agent = None
         if token is not None:
@@ -257,6 +285,7 @@ class AgentEndpoint:
             return
         if session is None:
             return
+        session.send_batch = send_batch
         key = (agent.id, session.worker_id)
         try:
             code = await self._serve(session, receive)
@@ -366,9 +395,11 @@ class AgentEndpoint:
     async def _serve(self, session: Session, receive: Receive) -> int | None:
         """Handle frames until the session ends: the close code to send, None if gone.
 
-        Event batches are buffered on the endpoint's task nursery (the
-        buffer commits them in groups) and acknowledged as each becomes
-        durable, so one connection is not held to one batch per fsync; past
+        Event batches are buffered on the endpoint's task nursery and
+        acknowledged once durable, so one connection is not held to one
+        batch per fsync. The batches read in one go (until this loop waits
+        for the socket) go to one task: one buffer append, and their acks
+        in one write, whatever their number. Past
         MAX_BATCHES_IN_FLIGHT batches or MAX_SESSION_BYTES_IN_FLIGHT bytes on
         this connection, or MAX_BYTES_IN_FLIGHT on all, we stop reading and
         TCP pushes back.
@@ -408,7 +439,16 @@ class AgentEndpoint:
                         session.in_flight += 1
                         session.in_flight_bytes += size
                         self._in_flight_bytes += size
-                        tasks.start_soon(self._event_batch, session, frame.id, payload, size)
+                        group = session.pending
+                        if group is None:
+                            group = session.pending = []
+                            tasks.start_soon(self._event_batches, session, group)
+                        group.append(_Batch(frame.id, payload, size))
+                        if len(group) >= GROUP_BATCHES or count * len(group) >= GROUP_EVENTS:
+                            # Enough for one append: let it go to the buffer
+                            # now, and read on while that commits.
+                            session.pending = None
+                            await trio.lowlevel.checkpoint()
                     else:
                         await self._handle_safely(session, frame)
                     del frame, payload
@@ -486,58 +526,74 @@ class AgentEndpoint:
         while self._in_flight_bytes and self._in_flight_bytes + size > MAX_BYTES_IN_FLIGHT:
             await self._room.wait()
 
-    async def _event_batch(
-        self, session: Session, batch_id: str, batch: f.EventBatch, size: int
-    ) -> None:
+    async def _event_batches(self, session: Session, batches: list[_Batch]) -> None:
+        """Buffer one group of a session's batches together, then ack each."""
+        if session.pending is batches:  # the serve loop starts a new group
+            session.pending = None
         try:
-            await self._buffer_batch(session, batch_id, batch)
-        except Exception as exc:  # the connection went away under the ack
-            log.debug("acknowledging batch %s failed: %s", batch_id, exc)
+            await self._buffer_batches(session, batches)
+        except Exception as exc:  # the connection went away under the acks
+            log.debug("acknowledging %d batches failed: %s", len(batches), exc)
         finally:
-            session.batch_done(size)
-            self._in_flight_bytes -= size
+            for batch in batches:
+                session.batch_done(batch.size)
+                self._in_flight_bytes -= batch.size
             self._room.set()
             self._room = trio.Event()
 
-    async def _buffer_batch(self, session: Session, batch_id: str, batch: f.EventBatch) -> None:
-        count = len(batch.events)
-        # Events no store can keep (integers beyond 64 bits, NUL in text) are
-        # refused here, in the ack's `rejected`, never acked and then lost.
-        bodies = [body for body in map(_storable, batch.events) if body is not None]
-        rejected = count - len(bodies)
-        if rejected:
-            self._stats.agent_rejected["bad_event"] += rejected
-        if not bodies:
-            await session.send(
-                f.EventBatchAck(acked_id=batch_id, received=count, accepted=0, rejected=rejected)
+    async def _buffer_batches(self, session: Session, batches: list[_Batch]) -> None:
+        """One buffer row per batch, all in one append; acks once they are durable.
+
+        A batch gets no ack if the buffer is full (the agent keeps it and
+        sends it again later) or the append failed.
+        """
+        acks: list[f.Payload] = []
+        rows: list[NewRow] = []
+        now = time.time()
+        origin: bytes | None = None
+        for batch in batches:
+            count = len(batch.payload.events)
+            # Events no store can keep (integers beyond 64 bits, NUL in text)
+            # are refused here, in the ack's `rejected`, never acked and lost.
+            bodies = [body for body in map(_storable, batch.payload.events) if body is not None]
+            rejected = count - len(bodies)
+            if rejected:
+                self._stats.agent_rejected["bad_event"] += rejected
+            ack = f.EventBatchAck(
+                acked_id=batch.id, received=count, accepted=len(bodies), rejected=rejected
             )
-            return
-        if not self._buffer.admit(1):
-            # No ack: the agent keeps the batch and sends it again later.
-            self._reject("buffer_full")
-            return
-        origin = orjson.dumps(
-            {
-                "project_id": str(session.agent.project_id),
-                "agent_id": str(session.agent.id),
-                "worker_id": session.worker_id,
-            }
-        )
-        body = b"[" + b",".join(bodies) + b"]"
-        try:
-            await self._buffer.append(
-                [NewRow(received_at=time.time(), source="agent", body=body, origin=origin)]
-            )
-        except Exception as exc:
-            self._reject("storage_error")
-            self._log.warning("buffer", "buffering an agent batch failed: %s", exc)
-            return
-        self._stats.agent_events_ok += len(bodies)
-        await session.send(
-            f.EventBatchAck(
-                acked_id=batch_id, received=count, accepted=len(bodies), rejected=rejected
-            )
-        )
+            if not bodies:
+                acks.append(ack)
+                continue
+            if not self._buffer.admit(1):
+                self._reject("buffer_full")
+                continue
+            if origin is None:
+                origin = orjson.dumps(
+                    {
+                        "project_id": str(session.agent.project_id),
+                        "agent_id": str(session.agent.id),
+                        "worker_id": session.worker_id,
+                    }
+                )
+            body = b"[" + b",".join(bodies) + b"]"
+            rows.append(NewRow(received_at=now, source="agent", body=body, origin=origin))
+            acks.append(ack)
+        if rows:
+            try:
+                await self._buffer.append(rows)
+            except Exception as exc:
+                self._reject("storage_error")
+                self._log.warning("buffer", "buffering agent batches failed: %s", exc)
+                acks = [
+                    ack for ack in acks if isinstance(ack, f.EventBatchAck) and not ack.accepted
+                ]
+            else:
+                self._stats.agent_events_ok += sum(
+                    ack.accepted for ack in acks if isinstance(ack, f.EventBatchAck)
+                )
+        if acks:
+            await session.send_all(acks)
 
 
 async def _next_message(receive: Receive) -> bytes | str:

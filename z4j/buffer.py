@@ -11,19 +11,21 @@ How it stays correct:
   reused after a delete; together with the buffer's own id (a UUID kept in
   the file) they give every record a stable idempotency key, so a batch that
   reaches the store twice lands once.
-- Drains *claim* rows with a lease (token and expiry) in one UPDATE, write
-  them to the store, and only then delete them. A drain that dies leaves a
-  claim that expires and is taken again. At open, every claim is released:
-  the file is locked to one process, so old claims belong to the dead.
+- Drains *claim* rows with a lease (token and expiry), write them to the
+  store, and only then delete them. A drain that gives up or dies releases
+  its claim, or the lease expires and the rows are taken again.
+- Leases live in memory, not in the file: the file is locked to one
+  process, so after a restart every row is unclaimed anyway. Claiming is
+  then a read, on a connection of its own (WAL readers never wait for the
+  writer), and ingest's commits never queue behind a drain's claim.
 - The depth (rows stored, claimed or not, plus rows admitted but not yet
   committed) is kept in memory and checked before admitting a payload, so a
   full buffer answers at once and nothing stored is ever dropped.
 - A payload the store rejects as data (not as an outage) is moved to the
   ``dead_letter`` table of the same file: kept, counted, and out of the
   drain's way.
-- All SQLite work runs on worker threads through one capacity limiter, one
-  statement at a time on one connection: SQLite has one writer anyway, and
-  this avoids its sleeping busy-handler.
+- SQLite work runs on worker threads: writes (appends, deletes) one at a
+  time on the write connection, claims one at a time on the read one.
 """
 
 from __future__ import annotations
@@ -120,10 +122,17 @@ CREATE TABLE IF NOT EXISTS payloads (
     source      TEXT NOT NULL,
     origin      BLOB,
     body        BLOB NOT NULL,
-    claim_token TEXT,
+    claim_token TEXT,  -- unused since leases moved to memory; kept for old files
     claim_until REAL
 );
 """
+
+
+@attrs.define
+class _Lease:
+    first: int
+    last: int
+    until: float
 
 
 # Rows per INSERT statement in `BufferFile.append` (4 parameters each, far
@@ -164,10 +173,19 @@ class BufferFile:
                 f"buffer file {path} is in use by another process; give each instance "
                 "its own Z4J_BUFFER_PATH (or Z4J_DATA_DIR)"
             ) from None
+        # Leases (claims) in memory: token -> rows first..last, and ranges
+        # once claimed and now free again (released or expired). Claims take
+        # ranges back first, then rows past `_cursor`, the last id claimed.
+        self._leases: dict[str, _Lease] = {}
+        self._free: list[tuple[int, int]] = []
+        self._cursor = 0
+        self._leases_lock = threading.Lock()  # leases are touched from several threads
+        self._claim_lock = threading.Lock()  # one claim at a time
+        self._reader: sqlite3.Connection | None = None
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
             self._db.executescript(_SCHEMA)
             row = self._db.execute("SELECT value FROM meta WHERE key = 'buffer_id'").fetchone()
             if row is None:
@@ -177,27 +195,30 @@ class BufferFile:
                 )
             else:
                 self.buffer_id = uuid.UUID(row[0])
-            # Only this process can hold the file, so any claim in it is stale.
+            # Files from before leases moved to memory may carry stale claims.
             self._db.execute(
                 "UPDATE payloads SET claim_token = NULL, claim_until = NULL "
                 "WHERE claim_token IS NOT NULL"
             )
             self.depth: int = self._db.execute("SELECT count(*) FROM payloads").fetchone()[0]
+            self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._reader.execute("PRAGMA query_only=ON")
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
-        db = getattr(self, "_db", None)
-        if db is not None:
-            db.close()
-            self._db = None  # type: ignore[assignment]
+        for name in ("_reader", "_db"):
+            db = getattr(self, name, None)
+            if db is not None:
+                db.close()
+                setattr(self, name, None)
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # closing the descriptor drops the flock
             self._lock_fd = -1
 
     def append(self, rows: Sequence[NewRow]) -> None:
-        """Insert ``rows`` in one transaction (one fsync).
+        """Insert ``rows`` in one transaction, durable (fsynced) when this returns.
 
         Up to `_ROWS_PER_STATEMENT` rows go in one multi-row INSERT, which is
         a transaction by itself; more go in such statements inside BEGIN
@@ -220,19 +241,40 @@ class BufferFile:
         self.depth += len(rows)
 
     def claim(self, limit: int, lease_seconds: float) -> Claim | None:
-        """Lease up to ``limit`` unclaimed (or expired) rows, oldest first."""
-        now = time.time()
-        token = uuid.uuid4().hex
-        rows = self._db.execute(
-            "UPDATE payloads SET claim_token = ?, claim_until = ? WHERE id IN ("
-            "  SELECT id FROM payloads WHERE claim_until IS NULL OR claim_until < ?"
-            "  ORDER BY id LIMIT ?"
-            ") RETURNING id, received_at, source, body, origin",
-            (token, now + lease_seconds, now, limit),
-        ).fetchall()
-        if not rows:
-            return None
-        rows.sort()
+        """Lease up to ``limit`` unclaimed rows, oldest first (a freed range whole).
+
+        Reads only, on the read connection: safe beside a running append.
+        """
+        assert self._reader is not None
+        with self._claim_lock:
+            now = time.time()
+            with self._leases_lock:
+                for token, lease in list(self._leases.items()):
+                    if lease.until < now:
+                        del self._leases[token]
+                        self._free.append((lease.first, lease.last))
+                self._free.sort()
+                freed = self._free.pop(0) if self._free else None
+                cursor = self._cursor
+            rows = []
+            if freed is not None:
+                rows = self._reader.execute(
+                    "SELECT id, received_at, source, body, origin FROM payloads"
+                    " WHERE id BETWEEN ? AND ? ORDER BY id",
+                    freed,
+                ).fetchall()
+            if not rows:  # no range to take back (or its rows are gone): new rows
+                rows = self._reader.execute(
+                    "SELECT id, received_at, source, body, origin FROM payloads"
+                    " WHERE id > ? ORDER BY id LIMIT ?",
+                    (cursor, limit),
+                ).fetchall()
+            if not rows:
+                return None
+            token = uuid.uuid4().hex
+            with self._leases_lock:
+                self._leases[token] = _Lease(rows[0][0], rows[-1][0], now + lease_seconds)
+                self._cursor = max(self._cursor, rows[-1][0])
         return Claim(
             token=token,
             rows=tuple(
@@ -241,18 +283,41 @@ class BufferFile:
             ),
         )
 
+    def _take(self, claim: Claim) -> bool:
+        """End ``claim``'s lease; False if its rows moved on to another claim.
+
+        A lease that expired but whose rows nobody took yet still counts.
+        """
+        with self._leases_lock:
+            if self._leases.pop(claim.token, None) is not None:
+                return True
+            span = (claim.first, claim.last)
+            if span in self._free:
+                self._free.remove(span)
+                return True
+            return False
+
     def complete(self, claim: Claim) -> int:
         """Delete a claim's rows once the store holds them; returns rows deleted.
 
         Rows whose lease expired and were claimed again by another drain are
         left to that drain.
         """
-        cur = self._db.execute(
-            "DELETE FROM payloads WHERE id BETWEEN ? AND ? AND claim_token = ?",
-            (claim.first, claim.last, claim.token),
-        )
+        if not self._take(claim):
+            return 0
+        try:
+            cur = self._db.execute(
+                "DELETE FROM payloads WHERE id BETWEEN ? AND ?", (claim.first, claim.last)
+            )
+        except BaseException:
+            self._give_back(claim)
+            raise
         self.depth -= cur.rowcount
         return cur.rowcount
+
+    def _give_back(self, claim: Claim) -> None:
+        with self._leases_lock:
+            self._free.append((claim.first, claim.last))
 
     def quarantine(self, claim: Claim, row_id: int, error: str) -> int:
         """Move one claimed row the store cannot take to ``dead_letter``.
@@ -260,18 +325,18 @@ class BufferFile:
         The payload is kept (for an operator to inspect, fix and re-send),
         and stops blocking the drain. Returns rows moved (0 or 1).
         """
+        with self._leases_lock:
+            if claim.token not in self._leases:
+                return 0  # the lease expired: the row is someone else's now
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
             db.execute(
                 "INSERT INTO dead_letter (id, received_at, source, origin, body, error, failed_at)"
-                " SELECT id, received_at, source, origin, body, ?, ? FROM payloads"
-                " WHERE id = ? AND claim_token = ?",
-                (error, time.time(), row_id, claim.token),
+                " SELECT id, received_at, source, origin, body, ?, ? FROM payloads WHERE id = ?",
+                (error, time.time(), row_id),
             )
-            moved = db.execute(
-                "DELETE FROM payloads WHERE id = ? AND claim_token = ?", (row_id, claim.token)
-            ).rowcount
+            moved = db.execute("DELETE FROM payloads WHERE id = ?", (row_id,)).rowcount
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -284,17 +349,14 @@ class BufferFile:
 
     def release(self, claim: Claim) -> None:
         """Give a claim's rows back without storing them (store failure, shutdown)."""
-        self._db.execute(
-            "UPDATE payloads SET claim_token = NULL, claim_until = NULL "
-            "WHERE id BETWEEN ? AND ? AND claim_token = ?",
-            (claim.first, claim.last, claim.token),
-        )
+        if self._take(claim):
+            self._give_back(claim)
 
     def extend(self, claim: Claim, lease_seconds: float) -> None:
-        self._db.execute(
-            "UPDATE payloads SET claim_until = ? WHERE id BETWEEN ? AND ? AND claim_token = ?",
-            (time.time() + lease_seconds, claim.first, claim.last, claim.token),
-        )
+        with self._leases_lock:
+            lease = self._leases.get(claim.token)
+            if lease is not None:
+                lease.until = time.time() + lease_seconds
 
     def count(self) -> int:
         """Rows in the file, counted by SQLite (for tests and checks)."""
@@ -338,7 +400,8 @@ class Buffer:
         self.max_rows = max_rows
         self.buffer_id = file.buffer_id
         self._reserved = 0
-        self._limiter = trio.CapacityLimiter(1)
+        self._limiter = trio.CapacityLimiter(1)  # the write connection
+        self._read_limiter = trio.CapacityLimiter(1)  # the read connection (claims)
         send, receive = trio.open_memory_channel[_AppendRequest](math.inf)
         self._send, self._receive = send, receive
         self._rows_arrived = trio.lowlevel.ParkingLot()
@@ -463,7 +526,9 @@ class Buffer:
     # -- drain side --------------------------------------------------------------
 
     async def claim(self, limit: int, lease_seconds: float) -> Claim | None:
-        result: Claim | None = await self._run(self.file.claim, limit, lease_seconds)
+        result: Claim | None = await trio.to_thread.run_sync(
+            self.file.claim, limit, lease_seconds, limiter=self._read_limiter
+        )
         return result
 
     async def complete(self, claim: Claim) -> None:
@@ -471,13 +536,15 @@ class Buffer:
         self._completed_total += deleted
 
     async def release(self, claim: Claim) -> None:
-        await self._run(self.file.release, claim)
+        self.file.release(claim)  # leases are in memory: nothing to wait for
+        await trio.lowlevel.checkpoint()
 
     async def quarantine(self, claim: Claim, row_id: int, error: str) -> None:
         await self._run(self.file.quarantine, claim, row_id, error)
 
     async def extend(self, claim: Claim, lease_seconds: float) -> None:
-        await self._run(self.file.extend, claim, lease_seconds)
+        self.file.extend(claim, lease_seconds)
+        await trio.lowlevel.checkpoint()
 
     async def wait_for_rows(self, at_most: float) -> None:
         """Return when new rows were committed, or after ``at_most`` seconds."""

@@ -31,6 +31,11 @@ __all__ = ["Drainer"]
 log = logging.getLogger("z4j.drain")
 
 IDLE_POLL_SECONDS = 1.0
+# After a batch smaller than a full one, a drain waits this long before its
+# next claim, so that rows trickling in are stored in tens of batches per
+# second, not one tiny batch (and buffer transaction) per ingest commit.
+# Full batches go straight on.
+GATHER_SECONDS = 0.02
 RETRY_FIRST_SECONDS = 0.2
 RETRY_MAX_SECONDS = 10.0
 RELEASE_TIMEOUT_SECONDS = 5.0
@@ -122,6 +127,8 @@ class Drainer:
                     continue
                 if await self._pipelined(worker, claim, ahead, stored):
                     failures = 0
+                    if len(claim.rows) < self._batch_rows and not ahead:
+                        await self._sleep(GATHER_SECONDS)
                 else:
                     failures += 1
                     while ahead:  # give it back for the backoff's duration

@@ -26,8 +26,10 @@ raises `LocalProtocolError` at once.
 
 from __future__ import annotations
 
+import base64
 import enum
 import json
+import os
 import secrets
 import time
 import uuid
@@ -36,6 +38,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import cattrs
+import orjson
 
 from ..errors import LocalProtocolError, RemoteProtocolError
 from . import frames as f
@@ -95,6 +98,34 @@ def _now_iso(now: float) -> str:
     return (
         datetime.fromtimestamp(now, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
     )
+
+
+class _RandomPool:
+    """Random bytes from os.urandom, drawn 64 KiB at a time.
+
+    Every frame we send takes 28 fresh bytes (its id and nonce); a system
+    call per frame would also let go of the GIL each time, and getting it
+    back while other threads run costs more than the call.
+    """
+
+    def __init__(self, size: int = 65536) -> None:
+        self._size = size
+        self._pool = b""
+        self._at = 0
+
+    def reset(self) -> None:
+        self._pool, self._at = b"", 0
+
+    def take(self, n: int) -> bytes:
+        if self._at + n > len(self._pool):
+            self._pool, self._at = os.urandom(self._size), 0
+        chunk = self._pool[self._at : self._at + n]
+        self._at += n
+        return chunk
+
+
+_random = _RandomPool()
+os.register_at_fork(after_in_child=_random.reset)  # a child draws its own
 
 
 def _reject_constant(name: str) -> Any:
@@ -161,20 +192,33 @@ class AgentProtocol:
                 "too_large",
                 CLOSE_TOO_LARGE,
             )
+        # orjson first (several times faster); the standard library for
+        # what orjson refuses (its messages, and inputs it reads otherwise).
+        exact = False
         try:
-            obj = json.loads(data, parse_constant=_reject_constant)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise self._fail(f"frame is not JSON: {exc}", "bad_json", CLOSE_INVALID_DATA) from None
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            obj = self._loads_exact(data)
+            exact = True
         if not isinstance(obj, dict):
             raise self._fail("frame must be a JSON object", "bad_frame", CLOSE_INVALID_DATA)
         frame_type = obj.get("type")
         if not isinstance(frame_type, str):
             raise self._fail("frame has no type", "bad_frame", CLOSE_INVALID_DATA)
         if self.state in (State.AWAIT_HELLO, State.AWAIT_HELLO_ACK):
+            if not exact:  # unsigned, so nothing checks the fast parse: re-read
+                obj = self._loads_exact(data)
             return self._receive_handshake(frame_type, obj)
         if frame_type not in self._may_receive:
             self._move(f"recv {frame_type}", remote=True)  # raises: not in the table
-        return self._receive_signed(frame_type, obj)
+        return self._receive_signed(frame_type, obj, data if not exact else None)
+
+    def _loads_exact(self, data: bytes | str) -> Any:
+        """The reference parse (the standard library, as z4j-core's)."""
+        try:
+            return json.loads(data, parse_constant=_reject_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise self._fail(f"frame is not JSON: {exc}", "bad_json", CLOSE_INVALID_DATA) from None
 
     def _receive_handshake(self, frame_type: str, obj: dict[str, Any]) -> f.Frame:
         expected = "hello" if self.role is Role.BRAIN else "hello_ack"
@@ -203,14 +247,26 @@ class AgentProtocol:
             )
         return frame
 
-    def _receive_signed(self, frame_type: str, obj: dict[str, Any]) -> f.Frame:
+    def _receive_signed(
+        self, frame_type: str, obj: dict[str, Any], fast_parsed: bytes | str | None
+    ) -> f.Frame:
+        """Verify, guard, structure. ``fast_parsed``: the message, if orjson read it."""
         assert self._key is not None and self.binding is not None
         if obj.get("v") != 2:
             raise self._fail(
                 f"frame version {obj.get('v')!r} is not 2", "bad_version", CLOSE_VERSION
             )
         try:
-            verify(obj, self._key, self.binding)
+            try:
+                verify(obj, self._key, self.binding)
+            except RemoteProtocolError as exc:
+                # orjson reads integers beyond 64 bits as floats: the agent
+                # signed what the standard library reads, so check that too.
+                if fast_parsed is None or exc.reason != "bad_signature":
+                    raise
+                exact = self._loads_exact(fast_parsed)
+                verify(exact, self._key, self.binding)
+                obj = exact
             self._guard.check(
                 seq=obj.get("seq"), nonce=obj.get("nonce"), ts=obj.get("ts"), now=self._clock()
             )
@@ -302,17 +358,18 @@ class AgentProtocol:
         self._send_seq += 1
         frame: dict[str, Any] = {
             "v": 2,
-            "id": frame_id or f"{frame_type[:3]}_{secrets.token_hex(12)}",
+            "id": frame_id or f"{frame_type[:3]}_{_random.take(12).hex()}",
             "ts": _now_iso(self._clock()),
-            "nonce": secrets.token_urlsafe(16),
+            "nonce": base64.urlsafe_b64encode(_random.take(16)).rstrip(b"=").decode(),
             "seq": self._send_seq,
             "type": frame_type,
             "payload": f.unstructure_payload(payload),
         }
-        frame["hmac"] = sign(frame, self._key, self.binding)
-        return json.dumps(
-            frame, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        ).encode()
+        frame["hmac"] = sign(frame, self._key, self.binding)  # refuses NaN
+        try:
+            return orjson.dumps(frame)
+        except TypeError:  # an integer beyond 64 bits
+            return json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _describe(exc: BaseException) -> str:
