@@ -7,6 +7,8 @@ still goes to hypercorn.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -376,3 +378,93 @@ async def test_writers_that_wait_share_one_write_and_its_outcome(fail: bool) -> 
     else:  # the four that waited went out together, in order
         assert stream.writes == [b"0", b"1234"]
         assert sorted(outcomes) == [("sent", i) for i in range(5)]
+
+
+def _masked(first_byte: int, payload: bytes, mask: bytes = b"\x01\x02\x03\x04") -> bytes:
+    """A client frame built by hand (length < 126), for cases wsproto will not write."""
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes((first_byte, 0x80 | len(payload))) + mask + body
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (_masked(0x81, b"\xff\xfe"), 1007),  # text that is not UTF-8
+        (bytes((0x89, 0x80 | 126)) + (200).to_bytes(2, "big"), 1002),  # ping over 125 bytes
+        (_masked(0xC2, b"x"), 1002),  # a reserved bit, no extension agreed
+        (_masked(0x83, b"x"), 1002),  # an unknown opcode
+        (_masked(0x01, b"a") + _masked(0x82, b"b"), 1002),  # a new message inside a fragmented one
+    ],
+)
+async def test_frames_the_fast_path_passes_on_are_refused_by_wsproto(
+    tmp_path: Path, frame: bytes, code: int
+) -> None:
+    with trio.fail_after(10):
+        async with server(tmp_path) as (port, _recorder, _):
+            async with client(port, "/echo") as c:
+                await accepted(c)
+                await c.stream.send_all(frame)
+                closed = await c.next_event()
+                assert isinstance(closed, CloseConnection) and closed.code == code
+
+
+async def test_frames_in_any_chunking_and_pipelined_with_the_request_arrive_in_order(
+    tmp_path: Path,
+) -> None:
+    """Data, text, ping and a fragmented message, sent one byte at a time after
+    the request (whose packet already carries the first frame)."""
+    ws = WSConnection(ConnectionType.CLIENT)
+    head = ws.send(Request(host="localhost", target="/echo"))
+    # The handshake answer is not read yet, so frames are built by a second
+    # client connection object that we move to OPEN by hand.
+    builder = WSConnection(ConnectionType.CLIENT)
+    builder_head = builder.send(Request(host="localhost", target="/echo"))
+    builder.receive_data(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + _accept_key(builder_head) + b"\r\n\r\n"
+    )
+    assert isinstance(next(builder.events()), AcceptConnection)
+    frames = [
+        builder.send(BytesMessage(b"first")),
+        builder.send(TextMessage("zwei \u00fc")),
+        builder.send(Ping(b"p")),
+        builder.send(BytesMessage(b"fra", message_finished=False)),
+        builder.send(Ping(b"q")),
+        builder.send(BytesMessage(b"gment", message_finished=True)),
+        builder.send(BytesMessage(b"x" * 70_000)),  # a 64-bit length field
+    ]
+    with trio.fail_after(10):
+        async with server(tmp_path) as (port, _recorder, _):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(head + frames[0])
+                for byte in b"".join(frames[1:]):
+                    await stream.send_all(bytes([byte]))
+                c = Client(stream)
+                c.ws = ws
+                assert isinstance(await c.next_event(), AcceptConnection)
+                got = [await c.next_event() for _ in range(5)]
+                big = await c.next_event()
+                data = big.data
+                while not big.message_finished:  # wsproto hands a long one over in parts
+                    big = await c.next_event()
+                    data += big.data
+            assert [type(e).__name__ for e in got] == [
+                "BytesMessage",
+                "TextMessage",
+                "Pong",
+                "Pong",
+                "BytesMessage",
+            ]
+            assert got[0].data == b"first" and got[1].data == "zwei \u00fc"
+            assert got[4].data == b"fragment" and data == b"x" * 70_000
+
+
+def _accept_key(request: bytes) -> bytes:
+    key = next(
+        line.split(b":", 1)[1].strip()
+        for line in request.split(b"\r\n")
+        if line.lower().startswith(b"sec-websocket-key")
+    )
+    digest = hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+    return base64.b64encode(digest)

@@ -98,26 +98,26 @@ def _agent_event_rows(row: ClaimedRow) -> Iterator[EventRow]:
     origin = orjson.loads(row.origin or b"null")
     if not isinstance(origin, dict):
         raise ValueError(f"buffer row {row.id}: agent payload without its origin")
-    project = uuid.UUID(origin["project_id"])
-    agent = uuid.UUID(origin["agent_id"])
+    project = uuid.UUID(origin["project_id"]).bytes
+    agent = uuid.UUID(origin["agent_id"]).bytes
     worker = origin.get("worker_id")
+    if not isinstance(worker, str):
+        worker = None
     for event in orjson.loads(row.body):
         event_id = event.get("id") if isinstance(event, dict) else None
         kind = event.get("kind") if isinstance(event, dict) else None
         if not isinstance(event_id, str) or not isinstance(kind, str):
             raise ValueError(f"buffer row {row.id}: an agent event without string id and kind")
-        key = hashlib.blake2b(
-            _AGENT_KEY_LABEL + agent.bytes + event_id.encode(), digest_size=16
-        ).digest()
+        key = hashlib.blake2b(_AGENT_KEY_LABEL + agent + event_id.encode(), digest_size=16).digest()
         yield EventRow(
             _filing_time(event.get("occurred_at"), row.received_at),
             key,
             "agent",
             kind,
             orjson.dumps(event),
-            project.bytes,
-            agent.bytes,
-            worker if isinstance(worker, str) else None,
+            project,
+            agent,
+            worker,
         )
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -56,6 +57,32 @@ CLOSE_WAIT_SECONDS = 2.0
 CLOSE_TOO_BIG = 1009
 
 
+class _TooBig:
+    """`_next_frame`'s answer for a data frame over the size limit."""
+
+
+_TOO_BIG = _TooBig()
+
+
+def _unmask(mask: bytes, data: bytes) -> bytes:
+    """A client frame's payload, unmasked (XOR with the repeated 4-byte key)."""
+    n = len(data)
+    if not n:
+        return b""
+    key = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+
+
+def _frame(opcode: int, payload: bytes) -> bytes:
+    """One whole, unmasked server frame (what wsproto writes for a message)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x80 | opcode, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x80 | opcode, 126, n) + payload
+    return struct.pack("!BBQ", 0x80 | opcode, 127, n) + payload
+
+
 class _Waiting:
     """Writes waiting for the stream (see `_WebSocket._write`)."""
 
@@ -75,7 +102,17 @@ class _WebSocket:
     idle connection needs.
     """
 
-    __slots__ = ("_closed", "_conn", "_handshake", "_max", "_stream", "_waiting", "_writing")
+    __slots__ = (
+        "_buf",
+        "_closed",
+        "_conn",
+        "_fragmented",
+        "_handshake",
+        "_max",
+        "_stream",
+        "_waiting",
+        "_writing",
+    )
 
     def __init__(
         self, stream: trio.SocketStream, handshake: H11Handshake, max_message: int
@@ -90,6 +127,15 @@ class _WebSocket:
         # carries none of it.
         self._writing = False
         self._waiting: _Waiting | None = None
+        # Received bytes not yet parsed (see `_next_frame`); None when empty,
+        # as on an idle connection.
+        self._buf: bytearray | None = None
+        self._fragmented = False  # wsproto is assembling a fragmented message
+
+    def take_initial(self, data: bytes) -> None:
+        """Bytes that came in with the handshake's request, after its head."""
+        if data:
+            self._buf = bytearray(data)
 
     @property
     def accepted(self) -> bool:
@@ -144,7 +190,13 @@ class _WebSocket:
         await self._write(data)
 
     async def receive(self) -> dict[str, Any]:
-        """The next ASGI event: connect first, then whole messages, then disconnect."""
+        """The next ASGI event: connect first, then whole messages, then disconnect.
+
+        Whole, unfragmented data frames (nearly all an agent sends) are read
+        here directly; every other frame (control frames, fragments, and
+        anything malformed) is handed whole to wsproto, which answers pings,
+        assembles fragments and closes with the right code.
+        """
         conn = self._conn
         if conn is None:
             return {"type": "websocket.connect"}
@@ -170,6 +222,15 @@ class _WebSocket:
                     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                         await self._write(conn.send(event.response()))
                     return {"type": "websocket.disconnect", "code": event.code}
+            frame = self._next_frame()
+            if isinstance(frame, _TooBig):
+                await self.close(CLOSE_TOO_BIG, "message too big")
+                return {"type": "websocket.disconnect", "code": CLOSE_TOO_BIG}
+            if isinstance(frame, dict):
+                return frame
+            if frame is not None:
+                conn.receive_data(frame)  # wsproto's to handle; its events come next
+                continue
             try:
                 data = await self._stream.receive_some(RECEIVE_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -177,8 +238,60 @@ class _WebSocket:
             if not data:
                 self._closed = True
                 break
-            conn.receive_data(data)
+            if self._buf is None:
+                self._buf = bytearray(data)
+            else:
+                self._buf += data
         return {"type": "websocket.disconnect", "code": 1006}
+
+    def _next_frame(self) -> dict[str, Any] | bytes | _TooBig | None:
+        """Take the next whole frame off the receive buffer.
+
+        Returns the message of a plain data frame, the raw bytes of any
+        other frame (for wsproto), `_TOO_BIG` for a data frame over the
+        limit (never buffered whole), or None until a whole frame is in.
+        """
+        buf = self._buf
+        if buf is None or len(buf) < 2:
+            return None
+        b0, b1 = buf[0], buf[1]
+        length = b1 & 0x7F
+        at = 2
+        if length == 126:
+            if len(buf) < 4:
+                return None
+            length, at = int.from_bytes(buf[2:4], "big"), 4
+        elif length == 127:
+            if len(buf) < 10:
+                return None
+            length, at = int.from_bytes(buf[2:10], "big"), 10
+        opcode = b0 & 0x0F
+        if length > self._max and opcode < 8:
+            return _TOO_BIG
+        masked = b1 & 0x80
+        # An over-long control frame is invalid: its header is enough for
+        # wsproto to refuse it (1002), and we never wait for its payload.
+        end = at if opcode >= 8 and length > 125 else at + (4 if masked else 0) + length
+        if len(buf) < end:
+            return None
+        raw = bytes(buf[:end])
+        if end == len(buf):
+            self._buf = None
+        else:
+            del buf[:end]
+        if b0 & 0xF0 == 0x80 and opcode in (1, 2) and masked and not self._fragmented:
+            payload = _unmask(raw[at : at + 4], raw[at + 4 :])
+            if opcode == 2:
+                return {"type": "websocket.receive", "bytes": payload}
+            try:
+                return {"type": "websocket.receive", "text": payload.decode("utf-8")}
+            except UnicodeDecodeError:
+                pass  # wsproto closes it with 1007
+        elif opcode in (0, 1, 2):
+            # A fragment (or the end of one): wsproto assembles them, so it
+            # gets every frame until the message ends.
+            self._fragmented = not b0 & 0x80
+        return raw
 
     async def send(self, message: dict[str, Any]) -> None:
         kind = message["type"]
@@ -189,13 +302,14 @@ class _WebSocket:
             if self._closed or self._conn is None:
                 raise trio.ClosedResourceError("websocket not open")
             data = message.get("bytes")
-            event = BytesMessage(data) if data is not None else TextMessage(message.get("text", ""))
-            await self._write(self._conn.send(event))
+            if data is not None:
+                await self._write(_frame(2, data))
+            else:
+                await self._write(_frame(1, message.get("text", "").encode()))
         elif kind == SEND_BATCH:
             if self._closed or self._conn is None:
                 raise trio.ClosedResourceError("websocket not open")
-            conn = self._conn
-            await self._write(b"".join([conn.send(BytesMessage(m)) for m in message["messages"]]))
+            await self._write(b"".join([_frame(2, m) for m in message["messages"]]))
         elif kind == "websocket.close":
             if self._conn is None:
                 await self._accept()
@@ -228,8 +342,9 @@ async def serve_websocket(
 ) -> None:
     """Complete the handshake begun in ``head`` and run ``handler`` on the connection."""
     handshake = H11Handshake(ConnectionType.SERVER)
+    request_head, sep, early = head.partition(b"\r\n\r\n")
     try:
-        handshake.receive_data(head)
+        handshake.receive_data(request_head + sep)
         request = next((e for e in handshake.events() if isinstance(e, Request)), None)
     except WsRemoteProtocolError as exc:
         if isinstance(exc.event_hint, RejectConnection):
@@ -238,6 +353,7 @@ async def serve_websocket(
     if request is None:
         return
     connection = _WebSocket(stream, handshake, max_message)
+    connection.take_initial(early)  # frames sent before our answer (pipelined)
     target = request.target
     running = handler(_scope(request, stream), connection.receive, connection.send)
     del handshake, head, request  # an idle connection keeps only what it needs

@@ -553,6 +553,13 @@ def _migrate(db: sqlite3.Connection) -> list[int]:
 
 def _write_events(db: sqlite3.Connection, buffer_id: uuid.UUID, rows: Sequence[ClaimedRow]) -> int:
     buffer_text = str(buffer_id)
+    ids: dict[bytes | None, str | None] = {None: None}  # the few agents of a batch, as text
+
+    def text(raw: bytes | None) -> str | None:
+        if raw not in ids:
+            ids[raw] = str(uuid.UUID(bytes=raw))
+        return ids[raw]
+
     params = [
         (
             e.received_at.timestamp(),
@@ -561,8 +568,8 @@ def _write_events(db: sqlite3.Connection, buffer_id: uuid.UUID, rows: Sequence[C
             e.kind,
             buffer_text,
             e.body.decode(),
-            None if e.project_id is None else str(uuid.UUID(bytes=e.project_id)),
-            None if e.agent_id is None else str(uuid.UUID(bytes=e.agent_id)),
+            text(e.project_id),
+            text(e.agent_id),
             e.worker_id,
         )
         for e in event_rows(buffer_id, rows)

@@ -45,11 +45,21 @@ JsonObject = dict[str, Any]
 
 
 def _str_max(n: int) -> Any:
-    return [v.instance_of(str), v.max_len(n)]
+    return _str_between(0, n)
 
 
 def _str_between(lo: int, hi: int) -> Any:
-    return [v.instance_of(str), v.min_len(lo), v.max_len(hi)]
+    """One validator for type and length (every event runs it: kept to one call)."""
+
+    def check(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"'{attribute.name}' must be a string, not {type(value).__name__}")
+        if not lo <= len(value) <= hi:
+            raise ValueError(
+                f"'{attribute.name}' must be {lo} to {hi} characters long, not {len(value)}"
+            )
+
+    return check
 
 
 def _opt_str_max(n: int) -> Any:
@@ -262,7 +272,20 @@ def _make_converter() -> cattrs.Converter:
             raise TypeError("agent_status payload must be an object")
         return AgentStatus(raw=value)
 
+    def event_batch(value: object, _: type) -> EventBatch:
+        # The hot path (every event of every batch): one comprehension
+        # rather than cattrs' generic tuple handling.
+        if not isinstance(value, dict):
+            raise TypeError("event_batch payload must be an object")
+        if "events" not in value:
+            raise KeyError("event_batch payload has no 'events'")
+        events = value["events"]
+        if not isinstance(events, list | tuple):
+            raise TypeError(f"'events' must be a list, not {type(events).__name__}")
+        return EventBatch(events=tuple([event(e, AgentEvent) for e in events]))
+
     conv.register_structure_hook(AgentEvent, event)
+    conv.register_structure_hook(EventBatch, event_batch)
     conv.register_structure_hook(AgentStatus, status)
     conv.register_unstructure_hook(AgentEvent, lambda e: e.raw)
     conv.register_unstructure_hook(AgentStatus, lambda s: s.raw)
