@@ -76,9 +76,13 @@ def event_rows(buffer_id: uuid.UUID, rows: Iterable[ClaimedRow]) -> Iterator[Eve
     """
     prefix = key_prefix(buffer_id) << 64
     loads, dumps = orjson.loads, orjson.dumps
+    origins: dict[bytes | None, _Origin] = {}  # one per agent session, read once
     for row in rows:
         if row.source == "agent":
-            yield from _agent_event_rows(row)
+            origin = origins.get(row.origin)
+            if origin is None:
+                origin = origins[row.origin] = _origin(row)
+            yield from _agent_event_rows(row, origin)
             continue
         if row.id >= _ROW_LIMIT:
             raise ValueError(f"buffer row id {row.id} is out of the key's range")
@@ -94,15 +98,28 @@ def event_rows(buffer_id: uuid.UUID, rows: Iterable[ClaimedRow]) -> Iterator[Eve
             )
 
 
-def _agent_event_rows(row: ClaimedRow) -> Iterator[EventRow]:
+class _Origin(NamedTuple):
+    """Who sent an agent payload: project and agent ids (16 bytes each), worker."""
+
+    project: bytes
+    agent: bytes
+    worker: str | None
+
+
+def _origin(row: ClaimedRow) -> _Origin:
     origin = orjson.loads(row.origin or b"null")
     if not isinstance(origin, dict):
         raise ValueError(f"buffer row {row.id}: agent payload without its origin")
-    project = uuid.UUID(origin["project_id"]).bytes
-    agent = uuid.UUID(origin["agent_id"]).bytes
     worker = origin.get("worker_id")
-    if not isinstance(worker, str):
-        worker = None
+    return _Origin(
+        uuid.UUID(origin["project_id"]).bytes,
+        uuid.UUID(origin["agent_id"]).bytes,
+        worker if isinstance(worker, str) else None,
+    )
+
+
+def _agent_event_rows(row: ClaimedRow, origin: _Origin) -> Iterator[EventRow]:
+    project, agent, worker = origin
     for event in orjson.loads(row.body):
         event_id = event.get("id") if isinstance(event, dict) else None
         kind = event.get("kind") if isinstance(event, dict) else None
