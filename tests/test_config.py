@@ -40,7 +40,7 @@ POSITIVE_FIELDS = [
     "ownership_ttl_seconds",
     "leader_lease_seconds",
 ]
-NON_NEGATIVE_FIELDS = ["db_statement_timeout_ms", "shutdown_grace_seconds"]
+NON_NEGATIVE_FIELDS = ["db_statement_timeout_ms", "shutdown_grace_seconds", "drain_linger_ms"]
 OPTIONAL_FIELDS = ["database_url", "ingest_token", "buffer_path", "instance_name", "secret"]
 
 

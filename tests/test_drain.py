@@ -7,6 +7,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import attrs
 import orjson
@@ -15,6 +16,8 @@ import trio
 
 from z4j.buffer import Buffer, BufferFile, BufferInUse, NewRow
 from z4j.config import Config
+from z4j.drain import Drainer
+from z4j.stats import BrainStats
 from z4j.testing.brain import buffer_rows, read_events, running_brain, wait_until
 
 
@@ -151,3 +154,51 @@ async def test_agent_batches_sent_twice_land_once(config: Config, occurred: str)
     assert {e["source"] for e in stored} == {"agent"}
     assert {e["kind"] for e in stored} == {"task.succeeded"}
     assert stored[0]["body"]["id"].startswith("e-")  # type: ignore[index]
+
+
+class _CountingStore:
+    """A store that keeps what it is given and when (the drain's only view of a store)."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[float, int]] = []
+
+    async def write_events(self, buffer_id: uuid.UUID, rows: Any) -> int:
+        self.writes.append((trio.current_time(), len(rows)))
+        await trio.lowlevel.checkpoint()
+        return len(rows)
+
+
+async def test_a_drain_lingers_after_a_partial_batch_not_after_a_full_one(tmp_path: Path) -> None:
+    """Z4J_DRAIN_LINGER_MS: a batch short of full makes the drain wait before its next
+    claim (the store lags by up to that much); full batches go straight on."""
+    buffer = await Buffer.open(tmp_path / "b.sqlite3", max_rows=10_000)
+    store = _CountingStore()
+    ready = trio.Event()
+    ready.set()
+    drainer = Drainer(
+        buffer,
+        store,
+        BrainStats(),
+        batch_rows=10,
+        lease_seconds=60,
+        store_ready=ready,  # type: ignore[arg-type]
+        linger_seconds=0.5,
+    )
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(buffer.run_writer)
+                nursery.start_soon(drainer.run, 0)
+                assert buffer.admit(25)
+                await buffer.append([_row(n) for n in range(25)])  # two full batches and 5
+                await wait_until(lambda: sum(n for _, n in store.writes) == 25)
+                assert [n for _, n in store.writes] == [10, 10, 5]
+                started = store.writes[-1][0]
+                assert buffer.admit(1)
+                await buffer.append([_row(99)])  # arrives during the linger
+                await wait_until(lambda: len(store.writes) == 4)
+                assert store.writes[-1][0] - started >= 0.45
+                drainer.stop()
+                buffer.close_writer()
+    finally:
+        await buffer.aclose()

@@ -163,6 +163,7 @@ async def serve_brain(
                 batch_rows=config.drain_batch_rows,
                 lease_seconds=config.drain_lease_seconds,
                 store_ready=store_ready,
+                linger_seconds=config.drain_linger_ms / 1000,
             )
             for worker in range(config.drain_workers):
                 await nursery.start(drainer.run, worker)

@@ -99,6 +99,7 @@ class Config:
     drain_workers: int = attrs.field(default=2, validator=_positive)
     drain_batch_rows: int = attrs.field(default=2_000, validator=_positive)
     drain_lease_seconds: float = attrs.field(default=30.0, validator=_positive)
+    drain_linger_ms: int = attrs.field(default=500, validator=_non_negative)
     so_reuseport: bool = False
     instances: int = attrs.field(default=1, validator=_positive)
     db_pool_size: int = attrs.field(default=8, validator=_positive)
@@ -159,6 +160,9 @@ HELP: dict[str, str] = {
     "drain_workers": "Concurrent drain tasks moving the buffer into the store.",
     "drain_batch_rows": "Buffer rows (payloads) a drain claims per batch.",
     "drain_lease_seconds": "How long a drain's claim holds before others may take it.",
+    "drain_linger_ms": "After a batch smaller than Z4J_DRAIN_BATCH_ROWS, how long a drain waits "
+    "before its next claim: the store lags ingest by up to this much, in fewer, larger "
+    "transactions that leave the disk and the GIL to ingest. 0: claim at once.",
     "so_reuseport": "Set SO_REUSEPORT so several processes share the ingest and HTTP ports.",
     "instances": "Brain processes `z4j brain` runs on these settings, sharing the ports (needs Postgres and fixed ports); more than 1 starts a supervisor.",
     "db_pool_size": "Most Postgres connections this process opens.",

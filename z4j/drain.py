@@ -31,11 +31,6 @@ __all__ = ["Drainer"]
 log = logging.getLogger("z4j.drain")
 
 IDLE_POLL_SECONDS = 1.0
-# After a batch smaller than a full one, a drain waits this long before its
-# next claim, so that rows trickling in are stored in tens of batches per
-# second, not one tiny batch (and buffer transaction) per ingest commit.
-# Full batches go straight on.
-GATHER_SECONDS = 0.02
 RETRY_FIRST_SECONDS = 0.2
 RETRY_MAX_SECONDS = 10.0
 RELEASE_TIMEOUT_SECONDS = 5.0
@@ -62,12 +57,19 @@ class Drainer:
         batch_rows: int,
         lease_seconds: float,
         store_ready: trio.Event,
+        linger_seconds: float = 0.0,
     ) -> None:
         self._buffer = buffer
         self._store = store
         self._stats = stats
         self._batch_rows = batch_rows
         self._lease = lease_seconds
+        # After a batch smaller than a full one, wait this long before the
+        # next claim (Z4J_DRAIN_LINGER_MS): under a steady stream of small
+        # ingest commits, a few large store transactions a second instead of
+        # one small one per commit, each competing with ingest for the disk
+        # and the GIL. Full batches go straight on.
+        self._linger = linger_seconds
         self._store_ready = store_ready
         # Called with each batch's rows once stored (the dashboard's feed).
         self.on_stored: Callable[[Sequence[ClaimedRow], int], None] | None = None
@@ -127,8 +129,8 @@ class Drainer:
                     continue
                 if await self._pipelined(worker, claim, ahead, stored):
                     failures = 0
-                    if len(claim.rows) < self._batch_rows and not ahead:
-                        await self._sleep(GATHER_SECONDS)
+                    if self._linger and len(claim.rows) < self._batch_rows and not ahead:
+                        await self._sleep(self._linger)
                 else:
                     failures += 1
                     while ahead:  # give it back for the backoff's duration
