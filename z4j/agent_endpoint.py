@@ -553,16 +553,14 @@ class AgentEndpoint:
         origin: bytes | None = None
         for batch in batches:
             count = len(batch.payload.events)
-            # Events no store can keep (integers beyond 64 bits, NUL in text)
-            # are refused here, in the ack's `rejected`, never acked and lost.
-            bodies = [body for body in map(_storable, batch.payload.events) if body is not None]
-            rejected = count - len(bodies)
+            body, accepted = _storable_body(batch.payload.events)
+            rejected = count - accepted
             if rejected:
                 self._stats.agent_rejected["bad_event"] += rejected
             ack = f.EventBatchAck(
-                acked_id=batch.id, received=count, accepted=len(bodies), rejected=rejected
+                acked_id=batch.id, received=count, accepted=accepted, rejected=rejected
             )
-            if not bodies:
+            if not accepted:
                 acks.append(ack)
                 continue
             if not self._buffer.admit(1):
@@ -576,7 +574,6 @@ class AgentEndpoint:
                         "worker_id": session.worker_id,
                     }
                 )
-            body = b"[" + b",".join(bodies) + b"]"
             rows.append(NewRow(received_at=now, source="agent", body=body, origin=origin))
             acks.append(ack)
         if rows:
@@ -606,6 +603,25 @@ async def _next_message(receive: Receive) -> bytes | str:
             if data is None:
                 data = message.get("text") or ""
             return data
+
+
+def _storable_body(events: tuple[f.AgentEvent, ...]) -> tuple[bytes, int]:
+    """The events a store can keep, as one JSON array, and how many they are.
+
+    Events no store can keep (integers beyond 64 bits, NUL in text) are
+    left out: the ack's ``rejected`` counts them, so they are never acked and
+    then lost. The whole batch is encoded in one go when it is clean (nearly
+    always), event by event otherwise.
+    """
+    try:
+        body = orjson.dumps([event.raw for event in events])
+    except (orjson.JSONEncodeError, TypeError):
+        pass
+    else:
+        if b"\\u0000" not in body:
+            return body, len(events)
+    bodies = [body for body in map(_storable, events) if body is not None]
+    return b"[" + b",".join(bodies) + b"]", len(bodies)
 
 
 def _storable(event: f.AgentEvent) -> bytes | None:

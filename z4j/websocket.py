@@ -64,13 +64,27 @@ class _TooBig:
 _TOO_BIG = _TooBig()
 
 
+_XOR = [bytes(a ^ b for a in range(256)) for b in range(256)]
+
+
 def _unmask(mask: bytes, data: bytes) -> bytes:
-    """A client frame's payload, unmasked (XOR with the repeated 4-byte key)."""
+    """A client frame's payload, unmasked (XOR with the repeated 4-byte key).
+
+    Short payloads as one big-integer XOR; long ones a quarter at a time
+    through a translation table (faster past a few KiB).
+    """
     n = len(data)
-    if not n:
-        return b""
-    key = (mask * (n // 4 + 1))[:n]
-    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+    if n < 2048:
+        if not n:
+            return b""
+        key = (mask * (n // 4 + 1))[:n]
+        return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
+            n, "little"
+        )
+    buf = bytearray(data)
+    for i in range(4):
+        buf[i::4] = buf[i::4].translate(_XOR[mask[i]])
+    return bytes(buf)
 
 
 def _frame(opcode: int, payload: bytes) -> bytes:
