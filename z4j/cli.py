@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import re
 import signal
@@ -248,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return trio.run(_directory, args, config)
     if args.command == "brain" and supervised:
         configure_logging(config.log_level, config.log_format, instance=args.supervised_instance)
+        tune_gc()
         return trio.run(_run_brain, config, args.supervisor_fd)
     configure_logging(config.log_level, config.log_format)
     if args.command == "brain":
@@ -262,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if config.instances > 1:
             return trio.run(supervise, config)
+        tune_gc()
         return trio.run(_run_brain, config)
     return trio.run(_migrate, config)
 
@@ -428,6 +431,19 @@ async def _agent_create(args: argparse.Namespace, config: Config, store: Store) 
         f"z4j-bare agent: Z4J_BRAIN_URL={_brain_url(config)} Z4J_TOKEN={token} "
         f"Z4J_PROJECT_ID={project.id} Z4J_HMAC_SECRET={secret}"
     )
+
+
+def tune_gc() -> None:
+    """Collect the young generation every 10,000 allocations, not every 700.
+
+    A brain allocates a few dicts per event and keeps few of them: at the
+    default threshold the cyclic collector ran several times per 100-event
+    batch, and agent frames per second rose by about 15 % with this
+    (benchmarks/agents.py, one connection, one event per frame, A/B runs).
+    Done for the `z4j brain` process only; a program that embeds the brain
+    owns its interpreter and may do the same.
+    """
+    gc.set_threshold(10_000, 20, 100)
 
 
 def _brain_url(config: Config) -> str:
