@@ -13,13 +13,14 @@ import hashlib
 import hmac
 import json
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from z4j.protocol.agent import frames as f
-from z4j.protocol.agent.connection import AgentProtocol, Role, State
+from z4j.protocol.agent.connection import AgentProtocol, Role, State, _now_iso
 from z4j.protocol.agent.signing import (
     SessionBinding,
     canonical_json,
@@ -302,3 +303,12 @@ def test_frames_signed_by_the_reference_form_are_received(payload: dict[str, Any
     received = brain.receive_message(wire)
     assert isinstance(received.payload, f.AgentStatus)
     assert received.payload.raw == payload
+
+
+@given(st.floats(min_value=0, max_value=4e9))
+def test_frame_timestamps_read_as_the_standard_library_writes_them(now: float) -> None:
+    """`_now_iso` caches the whole second's text; the result must not change."""
+    expected = (
+        datetime.fromtimestamp(now, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    )
+    assert _now_iso(now) == expected

@@ -94,10 +94,23 @@ TRANSITIONS: Final[dict[tuple[Role, State, str], State]] = {
 _INITIAL: Final = {Role.BRAIN: State.AWAIT_HELLO, Role.AGENT: State.START}
 
 
+# Payloads made only of strings, integers and booleans (the envelope is too):
+# signing them needs no look for floats.
+_FLOAT_FREE: Final = frozenset({f.EventBatchAck, f.CommandAck, f.Error})
+
+_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+
+
 def _now_iso(now: float) -> str:
-    return (
-        datetime.fromtimestamp(now, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-    )
+    """``now`` as ISO 8601 UTC with microseconds and a Z (every sent frame's ts)."""
+    second = int(now)
+    micro = round((now - second) * 1_000_000)
+    if micro == 1_000_000:  # rounded up into the next second
+        second, micro = second + 1, 0
+    if _second[0] != second:
+        _second[0] = second
+        _second[1] = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_second[1]}.{micro:06d}Z"
 
 
 class _RandomPool:
@@ -365,7 +378,9 @@ class AgentProtocol:
             "type": frame_type,
             "payload": f.unstructure_payload(payload),
         }
-        frame["hmac"] = sign(frame, self._key, self.binding)  # refuses NaN
+        frame["hmac"] = sign(  # refuses NaN
+            frame, self._key, self.binding, float_free=type(payload) in _FLOAT_FREE
+        )
         try:
             return orjson.dumps(frame)
         except TypeError:  # an integer beyond 64 bits

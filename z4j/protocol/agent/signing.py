@@ -140,10 +140,16 @@ def _hmac_hex(key: bytes, data: bytes) -> str:
     return mac.hexdigest()
 
 
-def sign(frame: Mapping[str, Any], key: bytes, binding: SessionBinding) -> str:
-    """The lowercase hex HMAC of ``frame`` (its ``hmac`` key, if any, is left out)."""
+def sign(
+    frame: Mapping[str, Any], key: bytes, binding: SessionBinding, *, float_free: bool = False
+) -> str:
+    """The lowercase hex HMAC of ``frame`` (its ``hmac`` key, if any, is left out).
+
+    ``float_free``: the caller knows the frame holds no float (our own acks),
+    so the check for one is skipped.
+    """
     body = _signed_body(frame, binding)
-    if not has_float(body):
+    if float_free or not has_float(body):
         try:
             return _hmac_hex(key, fast_canonical_json(body))
         except TypeError:  # an integer beyond 64 bits: the reference form below
