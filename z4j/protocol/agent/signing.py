@@ -14,8 +14,8 @@ Speed: the canonical form is the standard library's ``json.dumps`` (what
 z4j-core signs with), but orjson is several times faster. orjson writes the
 same bytes for every JSON value except floats (``1e-07`` against ``1e-7``)
 and integers beyond 64 bits (which it refuses); the property tests pin that.
-So we sign with orjson when the frame holds no float, and verify with orjson
-first, falling back to the standard form when that does not match: a frame
+So we sign with orjson unless the frame holds a float orjson writes otherwise,
+and verify with orjson first, falling back to the standard form when that does not match: a frame
 the agent signed always verifies, and the common frame costs the fast path.
 """
 
@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import math
 import re
 import uuid
 from collections.abc import Mapping
@@ -45,7 +46,7 @@ __all__ = [
     "derive_project_secret",
     "encode_secret",
     "fast_canonical_json",
-    "has_float",
+    "needs_reference_form",
     "sign",
     "verify",
 ]
@@ -78,16 +79,25 @@ def fast_canonical_json(obj: Any) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
 
 
-def has_float(value: object) -> bool:
-    """Whether a JSON value holds a float anywhere (orjson may write it otherwise)."""
+def needs_reference_form(value: object) -> bool:
+    """Whether a JSON value holds a float orjson writes otherwise than the standard
+    library (``1e-07`` against ``1e-7``), or one that is not finite (which the
+    reference form refuses). Most floats, ``12.345`` say, read the same."""
     if isinstance(value, dict):
         value = value.values()
     elif not isinstance(value, list | tuple):
-        return isinstance(value, float)
+        return isinstance(value, float) and _float_differs(value)
     for item in value:
-        if isinstance(item, float) or (isinstance(item, dict | list | tuple) and has_float(item)):
+        if isinstance(item, float):
+            if _float_differs(item):
+                return True
+        elif isinstance(item, dict | list | tuple) and needs_reference_form(item):
             return True
     return False
+
+
+def _float_differs(value: float) -> bool:
+    return not math.isfinite(value) or orjson.dumps(value) != repr(value).encode()
 
 
 def derive_project_secret(master: bytes, project_id: uuid.UUID) -> bytes:
@@ -149,7 +159,7 @@ def sign(
     so the check for one is skipped.
     """
     body = _signed_body(frame, binding)
-    if float_free or not has_float(body):
+    if float_free or not needs_reference_form(body):
         try:
             return _hmac_hex(key, fast_canonical_json(body))
         except TypeError:  # an integer beyond 64 bits: the reference form below
