@@ -182,7 +182,9 @@ def test_brain_frames_signed_bites(
 ) -> None:
     """Broken: the brain signs its frames with a key of zeros."""
     monkeypatch.setattr(
-        connection, "sign", lambda frame, key, binding: signing.sign(frame, bytes(32), binding)
+        connection,
+        "sign",
+        lambda frame, key, binding, **kw: signing.sign(frame, bytes(32), binding, **kw),
     )
     bite_agent(brain, suite, "brain-frames-signed")
 

@@ -18,6 +18,7 @@ import trio_websocket
 from z4j.agent_endpoint import CLOSE_CAP, CLOSE_IDLE, CLOSE_REPLACED, CLOSE_REVOKED
 from z4j.config import Config
 from z4j.protocol.agent import frames as f
+from z4j.protocol.agent.connection import AgentProtocol
 from z4j.store import store_for
 from z4j.testing.agents import provision, raw_agent
 from z4j.testing.brain import buffer_rows, make_config, read_events, running_brain, wait_until
@@ -232,3 +233,33 @@ async def test_events_no_store_can_keep_are_rejected_in_the_ack(config: Config) 
             await wait_until(lambda: buffer_rows(config) == 0)
             assert brain.stats.agent_rejected["bad_event"] == 2
     assert [e["body"]["id"] for e in read_events(config)] == ["ok"]
+
+
+async def test_a_failure_to_build_acks_closes_1011_and_the_batch_comes_again(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our bug, not the agent's: rather than leave batches unacknowledged on an
+    open connection, the brain closes 1011; re-sent, the batch lands once."""
+    token, secret, _ = await provision(config)
+    real_send = AgentProtocol.send
+    broken = {"on": True}
+
+    def send(self: AgentProtocol, payload: f.Payload, *, frame_id: str | None = None) -> bytes:
+        if broken["on"] and isinstance(payload, f.EventBatchAck):
+            raise RuntimeError("ack encoder broke")
+        return real_send(self, payload, frame_id=frame_id)
+
+    monkeypatch.setattr(AgentProtocol, "send", send)
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            async with raw_agent(brain.addresses.http, token, secret) as agent:
+                await agent.send(events(3, "once"), frame_id="b1")
+                assert await agent.closed_with() == 1011
+            assert brain.stats.agent_rejected["internal_error"] == 1
+            broken["on"] = False
+            async with raw_agent(brain.addresses.http, token, secret) as agent:
+                await agent.send(events(3, "once"), frame_id="b1")
+                ack = await agent.receive()
+                assert isinstance(ack.payload, f.EventBatchAck) and ack.payload.accepted == 3
+            await wait_until(lambda: buffer_rows(config) == 0)
+    assert sorted(e["body"]["id"] for e in read_events(config)) == ["once-0", "once-1", "once-2"]  # type: ignore[index]

@@ -74,6 +74,7 @@ MAX_BATCHES_IN_FLIGHT = 256
 MAX_SESSION_BYTES_IN_FLIGHT = 4 * 1024 * 1024
 MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
 CLOSE_GOING_AWAY = 1001  # the brain is shutting down
+CLOSE_INTERNAL_ERROR = 1011
 # Batches read back to back go to the buffer as one group (one append, one
 # write of acks), closed at this many batches or about this many events so
 # that the buffer commits one group while the next is read.
@@ -397,9 +398,10 @@ class AgentEndpoint:
 
         Event batches are buffered on the endpoint's task nursery and
         acknowledged once durable, so one connection is not held to one
-        batch per fsync. The batches read in one go (until this loop waits
-        for the socket) go to one task: one buffer append, and their acks
-        in one write, whatever their number. Past
+        batch per fsync. Batches read back to back form a group (closed at
+        GROUP_BATCHES batches or about GROUP_EVENTS events, or when this
+        loop waits for the socket) that one task buffers: one append, and
+        its acks in one write; the loop reads on meanwhile. Past
         MAX_BATCHES_IN_FLIGHT batches or MAX_SESSION_BYTES_IN_FLIGHT bytes on
         this connection, or MAX_BYTES_IN_FLIGHT on all, we stop reading and
         TCP pushes back.
@@ -532,8 +534,15 @@ class AgentEndpoint:
             session.pending = None
         try:
             await self._buffer_batches(session, batches)
-        except Exception as exc:  # the connection went away under the acks
-            log.debug("acknowledging %d batches failed: %s", len(batches), exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("the connection went away under %d acks: %s", len(batches), exc)
+        except Exception:
+            # Our bug, not the agent's: close (1011) so that it reconnects and
+            # sends its unacknowledged batches again, rather than wait on acks
+            # that will not come.
+            log.exception("acknowledging %d batches failed", len(batches))
+            self._reject("internal_error")
+            session.kick(CLOSE_INTERNAL_ERROR)
         finally:
             for batch in batches:
                 session.batch_done(batch.size)
