@@ -23,6 +23,7 @@ import shutil
 import sqlite3
 import tempfile
 import threading
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -43,6 +44,7 @@ from hypothesis.stateful import (
 )
 
 from z4j.agent_endpoint import AgentEndpoint, Session, _Batch
+from z4j.buffer import NewRow
 from z4j.config import Config
 from z4j.protocol.agent import frames as f
 from z4j.testing.agents import RawAgent, provision, raw_agent
@@ -258,17 +260,28 @@ def _acks(batches: list[_Batch]) -> list[f.Payload]:
 def test_an_ack_sent_before_the_batch_is_durable_is_caught(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    buffer_batches = AgentEndpoint._buffer_batches
-
     async def ack_then_buffer(self: AgentEndpoint, session: Session, batches: list[_Batch]) -> None:
+        """Broken: acks first, then the rows go to the buffer (durable later)."""
         await session.send_all(_acks(batches))
         await trio.sleep(0.01)
-        real_send_all = session.send_all
-        session.send_all = _drop_acks  # type: ignore[method-assign]
-        try:
-            await buffer_batches(self, session, batches)
-        finally:
-            session.send_all = real_send_all  # type: ignore[method-assign]
+        origin = orjson.dumps(
+            {
+                "project_id": str(session.agent.project_id),
+                "agent_id": str(session.agent.id),
+                "worker_id": session.worker_id,
+            }
+        )
+        rows = [
+            NewRow(
+                received_at=time.time(),
+                source="agent",
+                body=orjson.dumps([e.raw for e in b.payload.events]),
+                origin=origin,
+            )
+            for b in batches
+        ]
+        if self._buffer.admit(len(rows)):
+            await self._buffer.append(rows)
 
     _fails(monkeypatch, ack_then_buffer)
 
@@ -281,7 +294,3 @@ def test_a_second_ack_for_one_send_is_caught(monkeypatch: pytest.MonkeyPatch) ->
         await session.send_all(_acks(batches))
 
     _fails(monkeypatch, ack_twice)
-
-
-async def _drop_acks(payloads: list[f.Payload]) -> None:
-    """Stands in for Session.send_all while the broken brain buffers after its early acks."""
