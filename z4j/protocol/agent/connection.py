@@ -98,7 +98,7 @@ _INITIAL: Final = {Role.BRAIN: State.AWAIT_HELLO, Role.AGENT: State.START}
 # signing them needs no look for floats.
 _FLOAT_FREE: Final = frozenset({f.EventBatchAck, f.CommandAck, f.Error})
 
-_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+_second_text: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
 
 
 def _now_iso(now: float) -> str:
@@ -107,10 +107,14 @@ def _now_iso(now: float) -> str:
     micro = round((now - second) * 1_000_000)
     if micro == 1_000_000:  # rounded up into the next second
         second, micro = second + 1, 0
-    if _second[0] != second:
-        _second[0] = second
-        _second[1] = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{_second[1]}.{micro:06d}Z"
+    global _second_text  # replaced whole, so threads never see half of it
+    cached = _second_text
+    if cached[0] != second:
+        cached = _second_text = (
+            second,
+            datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"),
+        )
+    return f"{cached[1]}.{micro:06d}Z"
 
 
 class _RandomPool:

@@ -15,8 +15,9 @@ z4j-core signs with), but orjson is several times faster. orjson writes the
 same bytes for every JSON value except floats (``1e-07`` against ``1e-7``)
 and integers beyond 64 bits (which it refuses); the property tests pin that.
 So we sign with orjson unless the frame holds a float orjson writes otherwise,
-and verify with orjson first, falling back to the standard form when that does not match: a frame
-the agent signed always verifies, and the common frame costs the fast path.
+and verify with orjson first, falling back to the standard form when that
+does not match: a frame the agent signed always verifies, and the common
+frame costs the fast path.
 """
 
 from __future__ import annotations
