@@ -43,7 +43,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from z4j.agent_endpoint import AgentEndpoint, Session, _Batch
+from z4j.agent_endpoint import AgentEndpoint, Session, _Batch, origin_json
 from z4j.buffer import NewRow
 from z4j.config import Config
 from z4j.protocol.agent import frames as f
@@ -264,13 +264,7 @@ def test_an_ack_sent_before_the_batch_is_durable_is_caught(
         """Broken: acks first, then the rows go to the buffer (durable later)."""
         await session.send_all(_acks(batches))
         await trio.sleep(0.01)
-        origin = orjson.dumps(
-            {
-                "project_id": str(session.agent.project_id),
-                "agent_id": str(session.agent.id),
-                "worker_id": session.worker_id,
-            }
-        )
+        origin = origin_json(session)
         rows = [
             NewRow(
                 received_at=time.time(),

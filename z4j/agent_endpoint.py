@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
@@ -133,7 +133,7 @@ class Session:
         message = self.protocol.send(payload, frame_id=frame_id)
         await self.send_message({"type": "websocket.send", "bytes": message})
 
-    async def send_all(self, payloads: list[f.Payload]) -> None:
+    async def send_all(self, payloads: Sequence[f.Payload]) -> None:
         """Send several frames, in one write where the connection allows."""
         messages = [self.protocol.send(payload) for payload in payloads]
         if self.send_batch:
@@ -556,7 +556,7 @@ class AgentEndpoint:
         A batch gets no ack if the buffer is full (the agent keeps it and
         sends it again later) or the append failed.
         """
-        acks: list[f.Payload] = []
+        acks: list[f.EventBatchAck] = []
         rows: list[NewRow] = []
         now = time.time()
         origin: bytes | None = None
@@ -576,13 +576,7 @@ class AgentEndpoint:
                 self._reject("buffer_full")
                 continue
             if origin is None:
-                origin = orjson.dumps(
-                    {
-                        "project_id": str(session.agent.project_id),
-                        "agent_id": str(session.agent.id),
-                        "worker_id": session.worker_id,
-                    }
-                )
+                origin = origin_json(session)
             rows.append(NewRow(received_at=now, source="agent", body=body, origin=origin))
             acks.append(ack)
         if rows:
@@ -591,15 +585,22 @@ class AgentEndpoint:
             except Exception as exc:
                 self._reject("storage_error")
                 self._log.warning("buffer", "buffering agent batches failed: %s", exc)
-                acks = [
-                    ack for ack in acks if isinstance(ack, f.EventBatchAck) and not ack.accepted
-                ]
+                acks = [ack for ack in acks if not ack.accepted]
             else:
-                self._stats.agent_events_ok += sum(
-                    ack.accepted for ack in acks if isinstance(ack, f.EventBatchAck)
-                )
+                self._stats.agent_events_ok += sum(ack.accepted for ack in acks)
         if acks:
             await session.send_all(acks)
+
+
+def origin_json(session: Session) -> bytes:
+    """Who sent a buffered agent batch: the buffer row's ``origin`` (see z4j.events)."""
+    return orjson.dumps(
+        {
+            "project_id": str(session.agent.project_id),
+            "agent_id": str(session.agent.id),
+            "worker_id": session.worker_id,
+        }
+    )
 
 
 async def _next_message(receive: Receive) -> bytes | str:
