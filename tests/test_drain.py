@@ -87,6 +87,31 @@ def test_open_releases_stale_claims_and_locks_the_file(tmp_path: Path) -> None:
         buf.close()
 
 
+def test_new_files_get_big_pages_and_old_files_keep_theirs(tmp_path: Path) -> None:
+    # A file from before the page size changed: 4 KiB pages, rows in it.
+    old = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(old)
+    db.execute("PRAGMA page_size=4096")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.close()
+    buf = BufferFile(old)
+    buf.append([_row(1)])
+    buf.close()
+
+    for path, page_size in ((tmp_path / "new.sqlite3", 16384), (old, 4096)):
+        buf = BufferFile(path)
+        try:
+            buf.append([_row(n) for n in range(100)])
+            db = buf._db
+            assert db.execute("PRAGMA page_size").fetchone()[0] == page_size
+            # The WAL is checkpointed at 4 MiB whatever the page size.
+            pages = db.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+            assert pages * page_size == 4 * 1024 * 1024
+            assert buf.count() == buf.depth == (101 if path == old else 100)
+        finally:
+            buf.close()
+
+
 async def test_unstorable_rows_go_to_dead_letter_and_the_rest_lands(config: Config) -> None:
     # Rows that passed ingest once but cannot be stored (here: not JSON),
     # planted straight into the buffer among good ones.

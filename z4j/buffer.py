@@ -135,6 +135,16 @@ class _Lease:
     until: float
 
 
+# Pages of new buffer files. A payload row is ~3 KB: on SQLite's default 4 KiB
+# pages each row takes a page of its own, written to the WAL as one frame
+# (two writes) per row. 16 KiB pages hold five such rows: a group commit of
+# 175 rows went from ~16 to ~9 us per row, and small commits cost the same.
+_PAGE_SIZE = 16384
+# The WAL is checkpointed into the file once it holds this much (SQLite's
+# default of 1,000 pages is 4 MiB on 4 KiB pages; bigger checkpoints make
+# longer stalls for the commit that runs them).
+_WAL_CHECKPOINT_BYTES = 4 * 1024 * 1024
+
 # Rows per INSERT statement in `BufferFile.append` (4 parameters each, far
 # under SQLite's parameter limit); one prepared statement per size is cached.
 _ROWS_PER_STATEMENT = 64
@@ -184,8 +194,12 @@ class BufferFile:
         self._reader: sqlite3.Connection | None = None
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            # Takes effect only when the file is created (then fixed by WAL).
+            self._db.execute(f"PRAGMA page_size={_PAGE_SIZE}")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
+            page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
+            self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_CHECKPOINT_BYTES // page_size}")
             self._db.executescript(_SCHEMA)
             row = self._db.execute("SELECT value FROM meta WHERE key = 'buffer_id'").fetchone()
             if row is None:
