@@ -33,7 +33,6 @@ from __future__ import annotations
 import collections
 import fcntl
 import functools
-import math
 import os
 import sqlite3
 import threading
@@ -416,8 +415,14 @@ class Buffer:
         self._reserved = 0
         self._limiter = trio.CapacityLimiter(1)  # the write connection
         self._read_limiter = trio.CapacityLimiter(1)  # the read connection (claims)
-        send, receive = trio.open_memory_channel[_AppendRequest](math.inf)
-        self._send, self._receive = send, receive
+        # Appends wait here for the writer thread, which pops them (a deque's
+        # append and popleft are safe across threads); `_more` wakes the
+        # thread when it lingers, `_work` the writer task when no turn runs.
+        self._queue: collections.deque[_AppendRequest] = collections.deque()
+        self._more = threading.Event()
+        self._work = trio.Event()
+        self._turn_running = False
+        self._closed = False
         self._rows_arrived = trio.lowlevel.ParkingLot()
         self._appended_total = 0
         self._commits_total = 0
@@ -445,9 +450,18 @@ class Buffer:
         return True
 
     async def append(self, rows: Sequence[NewRow]) -> None:
-        """Wait until admitted ``rows`` are durable; raises if the commit failed."""
+        """Wait until admitted ``rows`` are durable; raises if the commit failed.
+
+        No task hop on the way: the request goes straight to the writer
+        thread's queue (this runs once per payload or agent batch group).
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("the buffer writer is closed")
         request = _AppendRequest(rows)
-        self._send.send_nowait(request)
+        self._queue.append(request)
+        self._more.set()
+        if not self._turn_running:
+            self._work.set()
         await request.done.wait()
         if request.error is not None:
             raise request.error
@@ -455,7 +469,7 @@ class Buffer:
     async def run_writer(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Commit appends in groups until the channel closes or we are cancelled.
+        """Commit appends in groups until `close_writer` (then what is queued) or cancel.
 
         The commits run on one worker thread that stays for a while (one
         thread hop per many commits, not one per commit): it takes every
@@ -463,42 +477,24 @@ class Buffer:
         back to the loop, and goes straight on with what queued meanwhile.
         It lets go of the file between turns so drains get their claims in.
         """
-        queue: collections.deque[_AppendRequest] = collections.deque()
-        more = threading.Event()
         token = trio.lowlevel.current_trio_token()
-        running = False
-
-        async def writer() -> None:
-            nonlocal running
-            try:
-                while queue:
-                    await self._run(self._commit_queued, queue, more, token)
-            finally:
-                running = False
-
         task_status.started()
-        async with trio.open_nursery() as nursery:
-            async for request in self._receive:
-                queue.append(request)
-                # Take everything else already waiting now, not one append per
-                # scheduler pass: on a busy loop a pass can take a while.
-                while True:
-                    try:
-                        queue.append(self._receive.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                more.set()
-                if not running:
-                    running = True
-                    nursery.start_soon(writer)
+        while True:
+            if not self._queue:
+                if self._closed:
+                    return
+                await self._work.wait()
+                self._work = trio.Event()
+                continue
+            self._turn_running = True
+            try:
+                await self._run(self._commit_queued, token)
+            finally:
+                self._turn_running = False
 
-    def _commit_queued(
-        self,
-        queue: collections.deque[_AppendRequest],
-        more: threading.Event,
-        token: trio.lowlevel.TrioToken,
-    ) -> None:
+    def _commit_queued(self, token: trio.lowlevel.TrioToken) -> None:
         """Writer thread: commit what is queued, in groups, for one turn."""
+        queue, more = self._queue, self._more
         started = time.monotonic()
         for _ in range(_WRITER_COMMITS_PER_TURN):
             if not queue:
@@ -535,7 +531,8 @@ class Buffer:
 
     def close_writer(self) -> None:
         """No more appends: the writer finishes what is queued, then returns."""
-        self._send.close()
+        self._closed = True
+        self._work.set()
 
     # -- drain side --------------------------------------------------------------
 
