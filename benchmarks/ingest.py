@@ -16,6 +16,12 @@ its embedded SQLite store, answering ``2:OK`` only after the buffer commit
 own process. Everything runs on loopback; temporary directories and every
 process started here are removed at the end.
 
+For (a) it also runs a reference that is not the target's yardstick: the
+same bare server, replying only after the frames are appended to a file and
+fdatasync'd (group commit on one thread). It shows what a durable reply
+costs by itself under this load, so the brain's figure can be read against
+both.
+
 After each brain phase the script checks that every payload acknowledged is
 in the buffer file or already drained to the store (nothing acknowledged was
 lost).
@@ -49,9 +55,70 @@ ERROR = b"5:ERROR"
 # -- the ceiling: a bare Trio accept-read-reply server ---------------------------
 
 
-def bare_server_main() -> None:
-    """Run the ceiling server; print its port, serve until SIGTERM."""
+class _GroupCommitFile:
+    """The least a durable reply needs: frames appended to a file, one
+    fdatasync per group, on one thread that lives as long as the server.
+
+    Connections queue their bytes and wait; the thread takes everything
+    queued, writes it, syncs, and wakes that group's waiters on the loop.
+    The file is reused from the start past 64 MiB (as SQLite reuses its WAL).
+    """
+
+    WRAP = 64 * 1024 * 1024
+
+    def __init__(self, path: str) -> None:
+        import collections
+        import threading
+
+        import trio
+
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._offset = 0
+        self._queue: collections.deque[tuple[bytes, Any]] = collections.deque()
+        self._more = threading.Event()
+        self._token = trio.lowlevel.current_trio_token()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    async def append(self, data: bytes) -> None:
+        import trio
+
+        done = trio.Event()
+        self._queue.append((data, done))
+        self._more.set()
+        await done.wait()
+
+    def _run(self) -> None:
+        while True:
+            self._more.wait()
+            self._more.clear()
+            group = []
+            while self._queue:
+                group.append(self._queue.popleft())
+            if not group:
+                continue
+            data = b"".join(d for d, _ in group)
+            if self._offset + len(data) > self.WRAP:
+                self._offset = 0
+            os.pwrite(self._fd, data, self._offset)
+            self._offset += len(data)
+            os.fdatasync(self._fd)
+            self._token.run_sync_soon(_set_all, [done for _, done in group])
+
+
+def _set_all(events: list[Any]) -> None:
+    for event in events:
+        event.set()
+
+
+def bare_server_main(durable: bool = False) -> None:
+    """Run the ceiling server; print its port, serve until SIGTERM.
+
+    ``durable``: the same server, replying only once the frames are synced
+    to a file (`_GroupCommitFile`): the floor of any durable reply here.
+    """
     import trio
+
+    journal: _GroupCommitFile | None = None
 
     async def handle(stream: trio.SocketStream) -> None:
         buf = bytearray()
@@ -72,6 +139,8 @@ def bare_server_main() -> None:
                             break
                         pos = end
                         frames += 1
+                    if frames and journal is not None:
+                        await journal.append(bytes(buf[:pos]))
                     del buf[:pos]
                     if frames:
                         await stream.send_all(OK * frames)
@@ -79,6 +148,10 @@ def bare_server_main() -> None:
             pass
 
     async def main() -> None:
+        nonlocal journal
+        if durable:
+            directory = tempfile.mkdtemp(prefix="z4j-bench-journal-")
+            journal = _GroupCommitFile(os.path.join(directory, "journal"))
         # Same listening socket as the brain's: SO_REUSEADDR, backlog 1024.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -93,14 +166,17 @@ def bare_server_main() -> None:
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
                     break
+        if durable:
+            shutil.rmtree(directory, ignore_errors=True)
 
     trio.run(main)
 
 
 class BareServer:
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        mode = "--bare-durable-server" if durable else "--bare-server"
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--bare-server"], stdout=subprocess.PIPE, text=True
+            [sys.executable, __file__, mode], stdout=subprocess.PIPE, text=True
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -370,9 +446,10 @@ def main() -> int:
     )
     parser.add_argument("--only", choices=["a", "b"], help="run one load only")
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bare-durable-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.bare_server:
-        bare_server_main()
+    if args.bare_server or args.bare_durable_server:
+        bare_server_main(durable=args.bare_durable_server)
         return 0
 
     payloads = make_payloads(256)
@@ -440,10 +517,20 @@ def main() -> int:
             return (new_connection_client, (port, frames, t0, t1, t2, out))
 
         bare = phase("bare Trio accept-read-reply server", BareServer, nc, args.clients)
+        floor = phase(
+            "same, replying after an fdatasync'd append",
+            lambda: BareServer(durable=True),
+            nc,
+            args.clients,
+        )
         z4j = phase("z4j brain, durable 2:OK", brain, nc, args.clients)
         ratio = z4j["rate"] / bare["rate"]
         verdict = "PASS" if ratio >= 0.8 else "FAIL"
         print(f"    ratio brain / bare: {ratio:.2f}   (target >= 0.80: {verdict})")
+        print(
+            f"    for reference: durable bare / bare {floor['rate'] / bare['rate']:.2f}, "
+            f"brain / durable bare {z4j['rate'] / floor['rate']:.2f}"
+        )
         if ratio < 0.8:
             failures.append(f"(a) ratio {ratio:.2f} < 0.80")
 
