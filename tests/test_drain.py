@@ -13,6 +13,7 @@ import attrs
 import orjson
 import pytest
 import trio
+import trio.testing
 
 from z4j.buffer import Buffer, BufferFile, BufferInUse, NewRow
 from z4j.config import Config
@@ -225,5 +226,45 @@ async def test_a_drain_lingers_after_a_partial_batch_not_after_a_full_one(tmp_pa
                 assert store.writes[-1][0] - started >= 0.45
                 drainer.stop()
                 buffer.close_writer()
+    finally:
+        await buffer.aclose()
+
+
+async def test_the_writer_groups_appends_finishes_the_queue_on_close_then_refuses(
+    tmp_path: Path,
+) -> None:
+    buffer = await Buffer.open(tmp_path / "b.sqlite3", max_rows=10_000)
+
+    async def one(n: int) -> None:
+        assert buffer.admit(1)
+        await buffer.append([_row(n)])
+
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(buffer.run_writer)
+                # 50 appends made at once: all durable when they return, in
+                # fewer commits than appends (the thread takes what waits).
+                async with trio.open_nursery() as appenders:
+                    for n in range(50):
+                        appenders.start_soon(one, n)
+                stats = buffer.statistics()
+                assert stats.appended_total == 50 == buffer.file.count()
+                assert stats.commits_total < 50
+                nursery.cancel_scope.cancel()  # the writer stops between turns
+
+            # Appends waiting when the writer is closed are committed, not
+            # dropped: queue three with no writer running, close, run it.
+            async with trio.open_nursery() as nursery:
+                for n in range(100, 103):
+                    nursery.start_soon(one, n)
+                await trio.testing.wait_all_tasks_blocked()
+                assert buffer.file.count() == 50
+                buffer.close_writer()
+                await buffer.run_writer()  # returns once the queue is empty
+            assert buffer.file.count() == 53
+        with pytest.raises(trio.ClosedResourceError):  # later appends: refused at once
+            await buffer.append([_row(200)])
+        assert buffer.file.count() == 53
     finally:
         await buffer.aclose()
