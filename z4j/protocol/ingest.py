@@ -279,7 +279,8 @@ def _validate_records(payload: bytes) -> Payload | Rejected:
         records = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         return Rejected(reason="bad_json", detail=str(exc))
-    if b"\\u0000" in payload and _NUL_ESCAPE.search(payload):
+    # A lone backslash is one memchr; most payloads have none and stop there.
+    if b"\\" in payload and b"\\u0000" in payload and _NUL_ESCAPE.search(payload):
         # Postgres jsonb cannot hold NUL in text; refuse it here rather than
         # accept a payload that can never be drained.
         return Rejected(reason="bad_json", detail="\\u0000 in a string cannot be stored")
