@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio_websocket
 
 from z4j.agent_endpoint import CLOSE_CAP, CLOSE_IDLE, CLOSE_REPLACED, CLOSE_REVOKED
+from z4j.buffer import BufferFile
 from z4j.config import Config
 from z4j.protocol.agent import frames as f
 from z4j.protocol.agent.connection import AgentProtocol
@@ -263,3 +266,36 @@ async def test_a_failure_to_build_acks_closes_1011_and_the_batch_comes_again(
                 assert isinstance(ack.payload, f.EventBatchAck) and ack.payload.accepted == 3
             await wait_until(lambda: buffer_rows(config) == 0)
     assert sorted(e["body"]["id"] for e in read_events(config)) == ["once-0", "once-1", "once-2"]  # type: ignore[index]
+
+
+async def test_a_protocol_error_behind_a_batch_in_flight_closes_with_its_own_code(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch waits for its commit while a later frame breaks the protocol:
+    the session closes with the protocol's code (no ack can follow its close,
+    and that is no internal error); re-sent, the batch lands once."""
+    token, secret, _ = await provision(config)
+    gate = threading.Event()
+    real_append = BufferFile.append
+
+    def held_append(self: BufferFile, rows: Any) -> None:
+        gate.wait(10)  # on the writer thread: the commit waits for the test
+        real_append(self, rows)
+
+    monkeypatch.setattr(BufferFile, "append", held_append)
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            async with raw_agent(brain.addresses.http, token, secret) as agent:
+                await agent.send(events(2, "held"), frame_id="b1")
+                await wait_until(lambda: brain.stats.agent_frames["event_batch"] >= 1)
+                await agent.ws.send_message(b"{not json")
+                await trio.sleep(0.2)  # the bad frame is read while b1 waits
+                gate.set()
+                assert await agent.closed_with() == 1007
+            assert brain.stats.agent_rejected["internal_error"] == 0
+            async with raw_agent(brain.addresses.http, token, secret) as agent:
+                await agent.send(events(2, "held"), frame_id="b1")
+                ack = await agent.receive()
+                assert isinstance(ack.payload, f.EventBatchAck) and ack.payload.accepted == 2
+            await wait_until(lambda: buffer_rows(config) == 0)
+    assert sorted(e["body"]["id"] for e in read_events(config)) == ["held-0", "held-1"]  # type: ignore[index]

@@ -37,7 +37,7 @@ from .buffer import Buffer, NewRow
 from .commands import Commands
 from .config import Config
 from .protocol.agent import frames as f
-from .protocol.agent.connection import CLOSE_TOO_LARGE, AgentProtocol, Role
+from .protocol.agent.connection import CLOSE_TOO_LARGE, AgentProtocol, Role, State
 from .protocol.errors import RemoteProtocolError
 from .ratelimit import TokenBucket
 from .registry import Registry
@@ -588,7 +588,12 @@ class AgentEndpoint:
                 acks = [ack for ack in acks if not ack.accepted]
             else:
                 self._stats.agent_events_ok += sum(ack.accepted for ack in acks)
-        if acks:
+        if acks and session.protocol.state is State.CLOSED:
+            # The session ended while we waited (a protocol error on a later
+            # frame, or the agent's close): no acks can follow its close.
+            # The rows are durable; the agent sends them again, and they land once.
+            log.debug("session closed under %d acks", len(acks))
+        elif acks:
             await session.send_all(acks)
 
 
