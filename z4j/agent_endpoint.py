@@ -458,7 +458,9 @@ class AgentEndpoint:
                 self._reject(exc.reason)
                 code = exc.close_code or 1002
             if code is not None:
-                # Let the batches read so far be acked before the close.
+                # Let the batches read so far finish first: acked before the
+                # close, unless the protocol itself closed (an error from the
+                # agent); then they are durable and come again unacked.
                 with trio.move_on_after(5):
                     await session.wait_in_flight(0)
         if session.close_code is not None:
