@@ -15,8 +15,10 @@ import pytest
 import trio
 
 import z4j.ingest
+from z4j.auth import Auth
 from z4j.brain import check_bind_is_safe
 from z4j.config import Config, ConfigError
+from z4j.store import store_for
 from z4j.testing.agents import admin_token, provision, raw_agent
 from z4j.testing.brain import make_config, running_brain, wait_until
 
@@ -215,3 +217,28 @@ async def test_schemathesis_finds_no_500_and_no_response_off_the_document(
     output = result.stdout.decode() + result.stderr.decode()
     assert result.returncode == 0, output[-6000:]
     assert " passed" in output and "failed" not in output.split("SUMMARY")[-1], output[-3000:]
+
+
+async def test_brains_starting_together_on_a_fresh_store_make_one_admin_token(
+    config: Config,
+) -> None:
+    """Each brain checks for an admin token at start and makes the first one:
+    started together (`--instances`, replicas), exactly one of them does."""
+    stores = [store_for(config) for _ in range(4)]  # a connection each, as processes
+    with trio.fail_after(30):
+        try:
+            await stores[0].migrate()
+            made: list[str | None] = []
+
+            async def start(store: Any) -> None:
+                made.append(await Auth(store, b"m" * 32).ensure_admin_token())
+
+            async with trio.open_nursery() as nursery:
+                for store in stores:
+                    nursery.start_soon(start, store)
+            assert len([t for t in made if t is not None]) == 1
+            assert await stores[0].api_token_count() == 1
+            assert await Auth(stores[1], b"m" * 32).ensure_admin_token() is None
+        finally:
+            for store in stores:
+                await store.aclose()

@@ -30,10 +30,16 @@ class Auth:
         self._clock = clock
 
     async def ensure_admin_token(self) -> str | None:
-        """A new admin token if the store has none yet (first start), else None."""
+        """A new admin token if the store has none yet (first start), else None.
+
+        Of several brains starting on one fresh store, one gets it.
+        """
         if await self._store.api_token_count():
             return None
-        return await self.new_token("admin")
+        token = keys.new_api_token()
+        if await self._store.add_first_api_token(keys.api_token_hash(self._master, token), "admin"):
+            return token
+        return None
 
     async def new_token(self, name: str) -> str:
         token = keys.new_api_token()

@@ -356,6 +356,14 @@ class Store(Protocol):
 
     async def add_api_token(self, token_hash: bytes, name: str) -> None: ...
 
+    async def add_first_api_token(self, token_hash: bytes, name: str) -> bool:
+        """Add the token only if the store has none; whether it did.
+
+        Atomic across processes: of brains starting together on a fresh
+        store, exactly one makes (and shows) the first admin token.
+        """
+        ...
+
     async def api_token_count(self) -> int: ...
 
     async def api_token_known(self, token_hash: bytes) -> bool: ...

@@ -63,6 +63,7 @@ log = logging.getLogger("z4j.store.postgres")
 
 PARTITIONS_AHEAD = 3  # today and the next two days always exist
 PARTITION_LOCK_KEY = int.from_bytes(b"z4j-part", "big", signed=True)
+FIRST_TOKEN_LOCK_KEY = int.from_bytes(b"z4j-tokn", "big", signed=True)
 _STAGING = "z4j_events_staging"
 _COLUMNS = (
     "received_at, idempotency_key, source, kind, buffer_id, body, project_id, agent_id, worker_id"
@@ -655,6 +656,10 @@ class PostgresStore:
             )
         )
 
+    async def add_first_api_token(self, token_hash: bytes, name: str) -> bool:
+        added: bool = await self._run(_add_first_api_token, token_hash, name)
+        return added
+
     async def api_token_count(self) -> int:
         row = await self._run(
             lambda conn: conn.execute("SELECT count(*) FROM api_tokens").fetchone()
@@ -717,6 +722,17 @@ def _migrate(conn: psycopg.Connection[Any]) -> list[int]:
         )
         applied.append(migration.version)
     return applied
+
+
+def _add_first_api_token(conn: psycopg.Connection[Any], token_hash: bytes, name: str) -> bool:
+    # Under READ COMMITTED two NOT EXISTS checks can both pass: serialise them.
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (FIRST_TOKEN_LOCK_KEY,))
+    cur = conn.execute(
+        "INSERT INTO api_tokens (token_hash, name) SELECT %s, %s"
+        " WHERE NOT EXISTS (SELECT 1 FROM api_tokens)",
+        (token_hash, name),
+    )
+    return cur.rowcount == 1
 
 
 def _event_days(buffer_id: uuid.UUID, rows: Sequence[ClaimedRow]) -> set[date]:

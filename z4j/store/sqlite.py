@@ -480,6 +480,16 @@ class SqliteStore:
             (token_hash, name, time.time()),
         )
 
+    async def add_first_api_token(self, token_hash: bytes, name: str) -> bool:
+        # One statement: SQLite runs one write at a time, across processes too.
+        added = await self._run(
+            _execute,
+            "INSERT INTO api_tokens (token_hash, name, created_at) SELECT ?, ?, ?"
+            " WHERE NOT EXISTS (SELECT 1 FROM api_tokens)",
+            (token_hash, name, time.time()),
+        )
+        return added == 1
+
     async def api_token_count(self) -> int:
         rows = await self._run(_fetch_all, "SELECT count(*) FROM api_tokens", ())
         return int(rows[0][0])
