@@ -289,7 +289,8 @@ async def test_a_protocol_error_behind_a_batch_in_flight_closes_with_its_own_cod
                 await agent.send(events(2, "held"), frame_id="b1")
                 await wait_until(lambda: brain.stats.agent_frames["event_batch"] >= 1)
                 await agent.ws.send_message(b"{not json")
-                await trio.sleep(0.2)  # the bad frame is read while b1 waits
+                # The bad frame is read (and refused) while b1 still waits.
+                await wait_until(lambda: sum(brain.stats.agent_rejected.values()) >= 1)
                 gate.set()
                 assert await agent.closed_with() == 1007
             assert brain.stats.agent_rejected["internal_error"] == 0
