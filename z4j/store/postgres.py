@@ -660,12 +660,6 @@ class PostgresStore:
         added: bool = await self._run(_add_first_api_token, token_hash, name)
         return added
 
-    async def api_token_count(self) -> int:
-        row = await self._run(
-            lambda conn: conn.execute("SELECT count(*) FROM api_tokens").fetchone()
-        )
-        return int(row[0])
-
     async def api_token_known(self, token_hash: bytes) -> bool:
         row = await self._run(
             lambda conn: conn.execute(

@@ -490,10 +490,6 @@ class SqliteStore:
         )
         return added == 1
 
-    async def api_token_count(self) -> int:
-        rows = await self._run(_fetch_all, "SELECT count(*) FROM api_tokens", ())
-        return int(rows[0][0])
-
     async def api_token_known(self, token_hash: bytes) -> bool:
         rows = await self._run(
             _fetch_all, "SELECT 1 FROM api_tokens WHERE token_hash = ?", (token_hash,)
