@@ -20,9 +20,11 @@ from pathlib import Path
 import attrs
 import pytest
 
+from property_tests.conformance.against_z4j import suite_command
 from property_tests.conformance.agent_machine import agent_machine
 from property_tests.conformance.agent_wire import Binding, Signer, canonical_json, decode_key
 from property_tests.conformance.checks import CHECKS
+from property_tests.conformance.cli import _parser as suite_parser
 from property_tests.conformance.ingest_machine import ingest_machine
 from property_tests.conformance.portal import TrioPortal
 from property_tests.conformance.profiles import machine_settings
@@ -119,6 +121,30 @@ def test_the_suite_signs_as_the_protocol_page_says() -> None:
     signer = Signer(key=decode_key("ItsGfph9us4RL7qPzx0aM4NOtt8mxAqiyQcFRooY5Lk="), binding=binding)
     signed = signer.resign(frame)
     assert signed["hmac"] == "b5cef9122ee1ddf38c30e9bc5833e254ce07bb000e99dff10ca5cffb95aafbda"
+
+
+def test_the_command_line_keeps_a_secret_that_starts_with_a_dash() -> None:
+    """A base64url secret may begin with "-"; the suite's parser must still read it as a value."""
+    secret = "-Wnfz0xD91hFqUWgoa6wECJHtJi6sV6wub0aJogRZEE="
+    command = suite_command(
+        agent_url="ws://127.0.0.1:7700/ws/agent",
+        token="-z4j_token",
+        secret=secret,
+        ingest="127.0.0.1:2407",
+        backpressure_ingest="127.0.0.1:2408",
+        env={
+            "Z4J_WS_PER_AGENT_CONCURRENCY_CAP": "3",
+            "Z4J_WS_RATE_LIMIT_FRAMES_PER_SECOND": "300",
+            "Z4J_WS_RATE_LIMIT_EVENTS_PER_SECOND": "1000",
+            "Z4J_INGEST_MAX_INFLATED_BYTES": "65536",
+        },
+        profile="fast",
+        max_examples=3,
+    )
+    assert command[1:3] == ["-m", "property_tests"]
+    args = suite_parser().parse_args(command[3:])
+    assert (args.secret, args.token, args.max_examples) == (secret, "-z4j_token", 3)
+    assert args.backpressure_ingest == ("127.0.0.1", 2408)
 
 
 @pytest.mark.slow

@@ -176,7 +176,7 @@ HELP: dict[str, str] = {
     "ws_heartbeat_interval_seconds": "Heartbeat interval told to agents, 1 to 3600; 3 missed intervals close (4408).",
     "ws_rate_limit_frames_per_second": "Frames one agent connection may send per second, in bursts of up to a second's worth; more close it (4429).",
     "ws_rate_limit_events_per_second": "Events one agent connection may send per second, in bursts of up to a second's worth; more close it (4429).",
-    "secret": "Master secret (32+ characters) that agent signing keys derive from. Unset: generated once into DATA_DIR/secret; replicas must share one.",
+    "secret": "Master secret (32+ characters) that agent signing keys derive from. Unset: generated once into DATA_DIR/secret; replicas must share one. On the command line write `--secret=VALUE`: a value may begin with `-`.",
     "log_level": "DEBUG, INFO, WARNING or ERROR.",
     "log_format": "text or json (one object per line).",
     "registry_backend": "postgres_notify (default on Postgres: replicas share sessions, commands and the dashboard through LISTEN/NOTIFY) or local (one process; forced on SQLite).",

@@ -31,7 +31,7 @@ from z4j.testing.brain import BrainProcess
 from .profiles import PROFILES
 from .z4j_brain import BACKPRESSURE_CAPACITY, DOWN_STORE_URL, LIMITS
 
-__all__ = ["main"]
+__all__ = ["main", "suite_command"]
 
 REPO = Path(__file__).resolve().parents[2]
 # The test brains' limits (the CLI is told the same), on ports of their own.
@@ -40,6 +40,38 @@ BRAIN_SETTINGS = {
     "Z4J_HTTP_BIND": "127.0.0.1:0",
     **{f"Z4J_{name.upper()}": str(value) for name, value in LIMITS.items()},
 }
+
+
+def suite_command(
+    *,
+    agent_url: str,
+    token: str,
+    secret: str,
+    ingest: str,
+    backpressure_ingest: str,
+    env: dict[str, str],
+    profile: str,
+    max_examples: int | None,
+) -> list[str]:
+    """The ``python -m property_tests`` command line for brains started with ``env``."""
+    command = [
+        *(sys.executable, "-m", "property_tests"),
+        f"--agent-url={agent_url}",
+        # "=" keeps a value that starts with "-" (base64url can) from reading as an option.
+        f"--token={token}",
+        f"--secret={secret}",
+        f"--ingest={ingest}",
+        f"--worker-cap={env['Z4J_WS_PER_AGENT_CONCURRENCY_CAP']}",
+        f"--frames-per-second={env['Z4J_WS_RATE_LIMIT_FRAMES_PER_SECOND']}",
+        f"--events-per-second={env['Z4J_WS_RATE_LIMIT_EVENTS_PER_SECOND']}",
+        f"--max-inflated-bytes={env['Z4J_INGEST_MAX_INFLATED_BYTES']}",
+        f"--backpressure-ingest={backpressure_ingest}",
+        f"--backpressure-capacity={BACKPRESSURE_CAPACITY}",
+        *("--z4j-store", "--check-revocation", f"--profile={profile}"),
+    ]
+    if max_examples is not None:
+        command.append(f"--max-examples={max_examples}")
+    return command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,21 +102,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         token, secret, _ = trio.run(
             functools.partial(provision, load_config(env=env), project="conformance")
         )
-        command = [
-            *(sys.executable, "-m", "property_tests"),
-            *("--agent-url", "ws://{}:{}/ws/agent".format(*brain.http)),
-            *("--token", token, "--secret", secret),
-            *("--ingest", "{}:{}".format(*brain.ingest)),
-            *("--worker-cap", env["Z4J_WS_PER_AGENT_CONCURRENCY_CAP"]),
-            *("--frames-per-second", env["Z4J_WS_RATE_LIMIT_FRAMES_PER_SECOND"]),
-            *("--events-per-second", env["Z4J_WS_RATE_LIMIT_EVENTS_PER_SECOND"]),
-            *("--max-inflated-bytes", env["Z4J_INGEST_MAX_INFLATED_BYTES"]),
-            *("--backpressure-ingest", "{}:{}".format(*full.ingest)),
-            *("--backpressure-capacity", str(BACKPRESSURE_CAPACITY)),
-            *("--z4j-store", "--check-revocation", "--profile", args.profile),
-        ]
-        if args.max_examples is not None:
-            command += ["--max-examples", str(args.max_examples)]
+        command = suite_command(
+            agent_url="ws://{}:{}/ws/agent".format(*brain.http),
+            token=token,
+            secret=secret,
+            ingest="{}:{}".format(*brain.ingest),
+            backpressure_ingest="{}:{}".format(*full.ingest),
+            env=env,
+            profile=args.profile,
+            max_examples=args.max_examples,
+        )
         print("$", " ".join(command), flush=True)
         suite_env = {k: v for k, v in os.environ.items() if not k.startswith("Z4J_")}
         suite_env.update(env)  # --z4j-store reads the brain's own settings

@@ -1,7 +1,7 @@
 """``python -m property_tests``: run the conformance suite against a running brain.
 
     python -m property_tests --agent-url ws://127.0.0.1:7700/ws/agent \\
-        --token z4j_… --secret … --ingest 127.0.0.1:2407 [--profile ci]
+        --token z4j_… --secret=… --ingest 127.0.0.1:2407 [--profile ci]
 
 Exit status: 0 when every rule that could be checked held, 1 when one
 failed, 2 for a usage error. See docs/conformance.md.
