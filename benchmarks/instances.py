@@ -11,6 +11,13 @@ each), against:
    processes sharing the ingest port through SO_REUSEPORT, each with its
    own buffer file.
 
+Each round also runs ingest.py's durable bare server under the same load
+(frames appended to a file, one fdatasync per group, no parsing, no
+SQLite): with a fixed number of closed-loop clients every reply waits for
+a sync on top of the round trip, so its rate is about the most any number
+of brains can reach (a sync's wait does not shrink with more processes);
+it is printed beside the CPU ceiling.
+
 Both on the same settings: fixed loopback ports, the buffer with
 ``synchronous=FULL`` (``2:OK`` only after the commit), and by default the
 store held unreachable so drains wait, as in ingest.py (``--database-url``
@@ -44,7 +51,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RECORDS_PER_PAYLOAD, make_payloads, process_cpu_seconds
-from ingest import new_connection_client
+from ingest import BareServer, new_connection_client
 
 from z4j.protocol.ingest import encode_frame
 from z4j.testing.brain import BrainProcess
@@ -178,56 +185,72 @@ class Brains:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def _drive(
+    port: int, pids: list[int], args: argparse.Namespace, frames: list[bytes], ctx: Any
+) -> dict[str, Any]:
+    """Run the client processes against ``port``; measure ``pids`` and the clients."""
+    out: Any = ctx.Queue()
+    t0 = time.monotonic() + 0.5  # every client starts together
+    t1, t2 = t0 + args.warmup, t0 + args.warmup + args.duration
+    clients = [
+        ctx.Process(target=new_connection_client, args=(port, frames, t0, t1, t2, out), daemon=True)
+        for _ in range(args.clients)
+    ]
+    for c in clients:
+        c.start()
+    try:
+        while time.monotonic() < t1:
+            time.sleep(0.005)
+        server_meter = Meter(pids)
+        client_meter = Meter([c.pid for c in clients if c.pid is not None])
+        while time.monotonic() < t2:
+            time.sleep(0.005)
+        server_cpu, machine = server_meter.read()
+        client_cpu, _ = client_meter.read()
+        results = [out.get(timeout=60) for _ in clients]
+    finally:
+        for c in clients:
+            c.join(10)
+            if c.is_alive():
+                c.kill()
+                c.join()
+    return {
+        "rate": sum(r[0] for r in results) / args.duration,
+        "errors": sum(r[1] for r in results),
+        "acked": sum(r[2] for r in results),
+        "brain_cpu": server_cpu,
+        "client_cpu": client_cpu,
+        "machine": machine,
+    }
+
+
 def run_phase(
     instances: int, args: argparse.Namespace, frames: list[bytes], ctx: Any
 ) -> dict[str, Any]:
     brains = Brains(instances, args)
     try:
-        out: Any = ctx.Queue()
-        t0 = time.monotonic() + 0.5  # every client starts together
-        t1, t2 = t0 + args.warmup, t0 + args.warmup + args.duration
-        clients = [
-            ctx.Process(
-                target=new_connection_client,
-                args=(brains.port, frames, t0, t1, t2, out),
-                daemon=True,
-            )
-            for _ in range(args.clients)
-        ]
-        for c in clients:
-            c.start()
-        try:
-            while time.monotonic() < t1:
-                time.sleep(0.005)
-            brain_meter = Meter(brains.pids)
-            client_meter = Meter([c.pid for c in clients if c.pid is not None])
-            while time.monotonic() < t2:
-                time.sleep(0.005)
-            brain_cpu, machine = brain_meter.read()
-            client_cpu, _ = client_meter.read()
-            results = [out.get(timeout=60) for _ in clients]
-        finally:
-            for c in clients:
-                c.join(10)
-                if c.is_alive():
-                    c.kill()
-                    c.join()
+        result = _drive(brains.port, brains.pids, args, frames, ctx)
         brains.stop()
-        acked = sum(r[2] for r in results)
-        durable = brains.durable_payloads()
-        shares = brains.buffered() if args.database_url is None else []
+        result["durable"] = brains.durable_payloads()
+        result["shares"] = brains.buffered() if args.database_url is None else []
     finally:
         brains.cleanup()
-    return {
-        "rate": sum(r[0] for r in results) / args.duration,
-        "errors": sum(r[1] for r in results),
-        "acked": acked,
-        "durable": durable,
-        "brain_cpu": brain_cpu,
-        "client_cpu": client_cpu,
-        "machine": machine,
-        "shares": shares,
-    }
+    return result
+
+
+def durable_floor(args: argparse.Namespace, frames: list[bytes], ctx: Any) -> float:
+    """payloads/s of ingest.py's durable bare server under the same load.
+
+    One process that only appends the frames to a file and fdatasyncs each
+    group before replying: with a fixed number of closed-loop clients every
+    reply waits for a sync, so more brains can shorten only the CPU part of
+    a round, not the sync's wait.
+    """
+    server = BareServer(durable=True)
+    try:
+        return float(_drive(server.port, [server.pid], args, frames, ctx)["rate"])
+    finally:
+        server.stop()
 
 
 def main() -> int:
@@ -276,8 +299,15 @@ def main() -> int:
     )
     rates: dict[int, list[float]] = {1: [], args.instances: []}
     costs: list[float] = []  # CPU seconds per payload (brain + clients), one process
+    floors: list[float] = []
     failures = []
     for round_ in range(1, args.rounds + 1):
+        floors.append(durable_floor(args, frames, ctx))
+        print(
+            f"  round {round_}  durable bare    {floors[-1]:>8,.0f} payloads/s  "
+            "(reference: frames appended and fdatasync'd per group, nothing else)",
+            flush=True,
+        )
         for n in (1, args.instances):
             r = run_phase(n, args, frames, ctx)
             rates[n].append(r["rate"])
@@ -316,6 +346,12 @@ def main() -> int:
             f"(brain + clients, 1 process) = {cores / cost:,.0f} payloads/s, "
             f"{cores / cost / one:.2f}x one process"
         )
+    floor = statistics.median(floors)
+    print(
+        f"latency ceiling under this load: the durable bare server's {floor:,.0f} payloads/s, "
+        f"{floor / one:.2f}x one process ({args.clients} closed-loop clients: each reply "
+        "waits for a sync, however many brains; approximate)"
+    )
     if ratio < TARGET:
         failures.append(f"ratio {ratio:.2f} < {TARGET:.2f}")
     for failure in failures:
