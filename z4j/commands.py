@@ -13,8 +13,9 @@ commands and delivers pending ones that now have a worker here, which also
 picks up commands minted by another process (``z4j command send``); it also
 closes the sessions of agents revoked meanwhile (``z4j agent revoke``).
 
-This registry is local to one brain process; routing across replicas is
-the multi-replica work.
+Across replicas, a command minted where no worker of its agent is connected
+is announced through the registry (`Registry.command_minted`); the replica
+holding one delivers it.
 """
 
 from __future__ import annotations
@@ -195,27 +196,54 @@ class Commands:
             return session
         return None
 
+    def _with_live_worker(self, record: CommandRecord) -> bool:
+        """Whether we sent (or are sending) ``record`` to a worker still connected here.
+
+        Such a command waits for that worker's answer (or its timeout); a
+        worker that reconnected is a new session and gets it again.
+        """
+        previous = self._sent.get(record.id)
+        if previous is None or self.sessions is None:
+            return False
+        return bool(self.sessions.sessions.get((record.agent_id, previous.worker_id)) is previous)
+
     async def deliver(self, record: CommandRecord) -> bool:
-        """Send a pending command to a live worker of its agent, if there is one."""
-        if record.state != "pending":
+        """Send a pending command to a live worker of its agent, if there is one.
+
+        ``record`` may be stale: the sweep, a notification and a worker's
+        connect each read pending commands and then deliver, and the command
+        may have been delivered and answered in between (its ``_sent`` entry
+        is gone once it is final). So the delivery is claimed here before any
+        await, and the state is read again from the store before sending. A
+        command already with a live worker here goes to no other one.
+        """
+        if record.state != "pending" or self._with_live_worker(record):
             return False
         session = self._pick_session(record)
-        if session is None or self._sent.get(record.id) is session:
+        if session is None:
             return False
-        command = f.Command(
-            action=record.action,
-            target=record.target,
-            parameters=record.parameters,
-            timeout_seconds=record.timeout_seconds,
-            issued_by=record.issued_by,
-            delivery_claim_token=secrets.token_hex(16),
-        )
+        self._sent[record.id] = session  # before any await: a second deliver stops above
+        sent = False
         try:
+            fresh = await self._store.get_command(record.id)
+            if fresh is None or fresh.state != "pending":
+                return False
+            command = f.Command(
+                action=fresh.action,
+                target=fresh.target,
+                parameters=fresh.parameters,
+                timeout_seconds=fresh.timeout_seconds,
+                issued_by=fresh.issued_by,
+                delivery_claim_token=secrets.token_hex(16),
+            )
             await session.send(command, frame_id=str(record.id))
+            sent = True
         except Exception as exc:  # the socket is going away; the sweep retries
             self._log.warning("deliver", "delivering command %s failed: %s", record.id, exc)
             return False
-        self._sent[record.id] = session
+        finally:
+            if not sent and self._sent.get(record.id) is session:
+                del self._sent[record.id]  # not sent (or cancelled): free for the next try
         self._stats.command_dispatch["local"] += 1
         return True
 

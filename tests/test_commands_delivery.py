@@ -1,0 +1,138 @@
+"""Delivering a command to a worker: once per live worker, never after it is final.
+
+The sweep, a notification and a worker's connect each read pending commands
+and then deliver them, so a record in hand may be stale by the time it is
+sent. These tests drive `Commands.deliver` on a real store (SQLite and
+Postgres) with stand-in sessions that record what they are sent.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+import trio.testing
+
+from z4j.commands import Commands
+from z4j.config import Config
+from z4j.protocol.agent import frames as f
+from z4j.store import CommandRecord, Store, store_for
+
+
+@attrs.define(eq=False)
+class StandInSession:
+    """What `Commands` uses of a live agent session; keeps what it is sent."""
+
+    worker_id: str
+    role: str | None = None
+    sent: list[str] = attrs.Factory(list)
+    hold: trio.Event | None = None  # set: sends wait for it
+    broken: bool = False  # the next send fails, as on a closing socket
+
+    async def send(self, payload: Any, *, frame_id: str) -> None:
+        assert isinstance(payload, f.Command)
+        if self.broken:
+            self.broken = False
+            raise trio.BrokenResourceError("socket closed")
+        self.sent.append(frame_id)
+        if self.hold is not None:
+            await self.hold.wait()
+
+
+@attrs.define
+class StandInEndpoint:
+    sessions: dict[tuple[uuid.UUID, str], StandInSession] = attrs.Factory(dict)
+
+    def sessions_of(self, agent_id: uuid.UUID) -> list[StandInSession]:
+        return [s for (a, _), s in self.sessions.items() if a == agent_id]
+
+
+@asynccontextmanager
+async def commands_on(config: Config) -> AsyncIterator[tuple[Commands, Store, StandInEndpoint]]:
+    store = store_for(config)
+    with trio.fail_after(30):
+        try:
+            await store.migrate()
+            commands = Commands(store)
+            commands.sessions = endpoint = StandInEndpoint()
+            yield commands, store, endpoint
+        finally:
+            await store.aclose()
+
+
+async def pending_command(commands: Commands, store: Store) -> CommandRecord:
+    project = await store.create_project(f"p-{uuid.uuid4().hex[:8]}")
+    agent = await store.create_agent(project.id, "web", uuid.uuid4().bytes * 2)
+    # No session yet: minted, it stays pending.
+    return await commands.send(agent.id, "ping")
+
+
+def connect(endpoint: StandInEndpoint, record: CommandRecord, worker: str) -> StandInSession:
+    session = StandInSession(worker_id=worker)
+    endpoint.sessions[(record.agent_id, worker)] = session
+    return session
+
+
+async def test_a_stale_pending_record_is_not_sent_after_the_answer(config: Config) -> None:
+    async with commands_on(config) as (commands, store, endpoint):
+        record = await pending_command(commands, store)
+        worker = connect(endpoint, record, "w-1")
+        assert await commands.deliver(record)
+        await commands.answered(str(record.id), "w-1", f.CommandResult(status="success"))
+        final = await store.get_command(record.id)
+        assert final is not None and final.state == "completed"
+
+        # The sweep read the command as pending before the answer landed.
+        assert record.state == "pending"
+        assert not await commands.deliver(record)
+        assert worker.sent == [str(record.id)]
+
+
+async def test_racing_deliveries_send_once(config: Config) -> None:
+    async with commands_on(config) as (commands, store, endpoint):
+        record = await pending_command(commands, store)
+        worker = connect(endpoint, record, "w-1")
+        worker.hold = trio.Event()
+        results: list[bool] = []
+
+        async def deliver() -> None:
+            results.append(await commands.deliver(record))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(deliver)  # the worker's connect
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(deliver)  # a notification, while the first still sends
+            await trio.testing.wait_all_tasks_blocked()
+            worker.hold.set()
+        assert sorted(results) == [False, True]
+        assert worker.sent == [str(record.id)]
+
+
+async def test_a_second_worker_gets_it_only_once_the_first_is_gone(config: Config) -> None:
+    async with commands_on(config) as (commands, store, endpoint):
+        record = await pending_command(commands, store)
+        first = connect(endpoint, record, "w-1")
+        assert await commands.deliver(record)
+        second = connect(endpoint, record, "w-2")
+        del endpoint.sessions[(record.agent_id, "w-1")]
+        endpoint.sessions[(record.agent_id, "w-1")] = first  # still connected (now listed last)
+        assert not await commands.deliver(record)
+        assert (first.sent, second.sent) == ([str(record.id)], [])
+
+        del endpoint.sessions[(record.agent_id, "w-1")]  # it went away without answering
+        assert await commands.deliver(record)
+        assert second.sent == [str(record.id)]
+
+
+async def test_a_failed_send_is_tried_again(config: Config) -> None:
+    async with commands_on(config) as (commands, store, endpoint):
+        record = await pending_command(commands, store)
+        worker = connect(endpoint, record, "w-1")
+        worker.broken = True
+        assert not await commands.deliver(record)
+        assert await commands.deliver(record)
+        assert worker.sent == [str(record.id)]
