@@ -24,6 +24,10 @@ POSITIVE_FIELDS = [
     "ingest_idle_timeout_seconds",
     "ingest_frame_timeout_seconds",
     "ingest_max_connections",
+    "ingest_max_records_per_payload",
+    "ingest_max_buffered_bytes",
+    "http_max_connections",
+    "http_read_timeout_seconds",
     "buffer_max_rows",
     "drain_workers",
     "drain_batch_rows",
@@ -41,7 +45,15 @@ POSITIVE_FIELDS = [
     "leader_lease_seconds",
 ]
 NON_NEGATIVE_FIELDS = ["db_statement_timeout_ms", "shutdown_grace_seconds", "drain_linger_ms"]
-OPTIONAL_FIELDS = ["database_url", "ingest_token", "buffer_path", "instance_name", "secret"]
+OPTIONAL_FIELDS = [
+    "database_url",
+    "ingest_token",
+    "buffer_path",
+    "instance_name",
+    "secret",
+    "tls_cert_file",
+    "tls_key_file",
+]
 
 
 def write_toml(tmp_path: Path, text: str) -> Path:

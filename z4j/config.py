@@ -88,12 +88,20 @@ class Config:
     database_url: str | None = None
     http_bind: str = attrs.field(default="127.0.0.1:7700", validator=_bind)
     ingest_bind: str = attrs.field(default="127.0.0.1:2407", validator=_bind)
+    http_max_connections: int = attrs.field(default=10_000, validator=_positive)
+    http_read_timeout_seconds: float = attrs.field(default=30.0, validator=_positive)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     ingest_token: str | None = None
     ingest_max_frame_bytes: int = attrs.field(default=10 * MiB, validator=_positive)
     ingest_max_inflated_bytes: int = attrs.field(default=64 * MiB, validator=_positive)
     ingest_idle_timeout_seconds: float = attrs.field(default=10.0, validator=_positive)
     ingest_frame_timeout_seconds: float = attrs.field(default=30.0, validator=_positive)
     ingest_max_connections: int = attrs.field(default=10_000, validator=_positive)
+    ingest_max_records_per_payload: int = attrs.field(default=100_000, validator=_positive)
+    ingest_max_buffered_bytes: int = attrs.field(default=256 * MiB, validator=_positive)
+    ingest_allow_no_token: bool = False
+    ingest_strict_token: bool = False
     buffer_path: Path | None = None
     buffer_max_rows: int = attrs.field(default=100_000, validator=_positive)
     drain_workers: int = attrs.field(default=2, validator=_positive)
@@ -149,12 +157,20 @@ HELP: dict[str, str] = {
     "database_url": "Postgres URL (postgresql://...). Unset: SQLite store in the data dir.",
     "http_bind": "HOST:PORT for the dashboard, API, health and metrics.",
     "ingest_bind": "HOST:PORT for the TCP ingest server (NightOwl v1 framing).",
+    "http_max_connections": "Open HTTP connections (agents' WebSockets included); more are refused with 503.",
+    "http_read_timeout_seconds": "An HTTP request's head and body must each keep arriving: a read waiting longer closes the connection.",
+    "tls_cert_file": "PEM certificate chain: with Z4J_TLS_KEY_FILE the HTTP port serves HTTPS and WSS.",
+    "tls_key_file": "PEM private key for Z4J_TLS_CERT_FILE.",
     "ingest_token": "When set, ingest frames must carry the first 7 hex of xxh128(token).",
     "ingest_max_frame_bytes": "Largest accepted ingest frame, in bytes.",
     "ingest_max_inflated_bytes": "Largest size a gzip payload may inflate to, in bytes.",
     "ingest_idle_timeout_seconds": "Close an ingest connection idle this long.",
     "ingest_frame_timeout_seconds": "A frame must arrive whole within this time of its first byte.",
     "ingest_max_connections": "Open ingest connections; more get 5:ERROR and are closed.",
+    "ingest_max_records_per_payload": "Most records one ingest payload may hold; more get 5:ERROR.",
+    "ingest_max_buffered_bytes": "Bytes of partly received ingest frames all connections together may hold; past it, new large frames are refused with 5:ERROR.",
+    "ingest_allow_no_token": "Allow ingest on a non-loopback address without Z4J_INGEST_TOKEN (refused otherwise).",
+    "ingest_strict_token": "Accept only the full 32-hex-character xxh128 token hash on ingest frames, not NightOwl's 7-character form.",
     "buffer_path": "The local buffer file; one per instance (it is locked while in use).",
     "buffer_max_rows": "Buffer capacity in payloads; when full, ingest answers 5:ERROR.",
     "drain_workers": "Concurrent drain tasks moving the buffer into the store.",
