@@ -368,7 +368,13 @@ def load_config(
 
 # Variables that share the prefix but are not brain settings.
 _NOT_SETTINGS = frozenset(
-    {"Z4J_CONFIG", "Z4J_TEST_DATABASE_URL", "Z4J_PG_BIN", "Z4J_HYPOTHESIS_PROFILE"}
+    {
+        "Z4J_CONFIG",
+        "Z4J_TEST_DATABASE_URL",
+        "Z4J_PG_BIN",
+        "Z4J_HYPOTHESIS_PROFILE",
+        "Z4J_WRITE_SCREENSHOT",
+    }
 )
 
 

@@ -196,7 +196,8 @@ def test_sign_out_returns_to_login(page: Page, dashboard: Dashboard) -> None:
 def test_rates_update_live_and_screenshot(
     page: Page, dashboard: Dashboard, screenshot_path: Path
 ) -> None:
-    """Steady traffic, a second agent, a few commands; then docs/img/dashboard.png."""
+    """Steady traffic, a second agent, a few commands; then the screenshot
+    (docs/img/dashboard.png with Z4J_WRITE_SCREENSHOT=1, else a temporary file)."""
     dashboard.add_agent(project="ops", agent="billing", workers=["billing-1", "billing-2"])
     dashboard.stop_worker("billing-2")  # shows as disconnected
     sign_in(page, dashboard)
