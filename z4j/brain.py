@@ -39,6 +39,7 @@ import orjson
 import trio
 
 from . import keys
+from ._datadir import SqliteBrainLock, check_single_brain
 from .agent_endpoint import AgentEndpoint
 from .api import Api, command_json, instance_json
 from .auth import Auth
@@ -135,11 +136,18 @@ async def serve_brain(
         brain = await nursery.start(z4j.serve_brain, config)
     """
     check_bind_is_safe(config)
+    check_single_brain(config)
     stats = stats if stats is not None else BrainStats()
     instance_id = uuid.uuid4()
+    brain_lock = None if config.uses_postgres else SqliteBrainLock(config.data_dir)
+    try:
+        buffer = await Buffer.open(config.resolved_buffer_path, max_rows=config.buffer_max_rows)
+    except BaseException:
+        if brain_lock is not None:
+            brain_lock.release()
+        raise
     store = store_for(config, application_name=f"z4j-{instance_id.hex[:8]}")
     store.observe_query = stats.db_query_seconds.observe
-    buffer = await Buffer.open(config.resolved_buffer_path, max_rows=config.buffer_max_rows)
     try:
         async with trio.open_nursery() as nursery:
             store_ready = trio.Event()
@@ -304,6 +312,8 @@ async def serve_brain(
         with trio.CancelScope(shield=True):
             await buffer.aclose()
             await store.aclose()
+        if brain_lock is not None:
+            brain_lock.release()
         log.info("brain %s stopped", instance_id)
 
 

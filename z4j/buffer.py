@@ -45,6 +45,8 @@ from typing import Any
 import attrs
 import trio
 
+from ._datadir import private_dir, private_file
+
 __all__ = ["Buffer", "BufferFile", "BufferFull", "BufferInUse", "Claim", "ClaimedRow", "NewRow"]
 
 
@@ -173,7 +175,7 @@ class BufferFile:
     """
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         self.path = path
         self._lock_fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -194,6 +196,7 @@ class BufferFile:
         self._claim_lock = threading.Lock()  # one claim at a time
         self._reader: sqlite3.Connection | None = None
         try:
+            private_file(path)  # before SQLite creates it: 0600, and its -wal/-shm alike
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             # Takes effect only when the file is created (then fixed by WAL).
             self._db.execute(f"PRAGMA page_size={_PAGE_SIZE}")

@@ -17,6 +17,7 @@ import attrs
 import orjson
 import trio
 
+from ._datadir import BrainAlreadyRunning
 from ._version import __version__
 from .buffer import BufferInUse
 from .config import (
@@ -290,7 +291,7 @@ async def _run_brain(config: Config, supervisor_fd: int | None = None) -> int:
             brain = await nursery.start(run)
             if link is not None:
                 await link.ready(brain.instance_id)
-    except* (OSError, BufferInUse) as group:  # a port in use, a buffer in use, ...
+    except* (OSError, BufferInUse, BrainAlreadyRunning) as group:  # a port in use, ...
         for exc in _leaves(group):
             log.error("%s", exc)
         failed = True

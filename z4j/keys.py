@@ -21,6 +21,7 @@ import secrets
 import uuid
 from pathlib import Path
 
+from ._datadir import private_dir
 from .config import Config
 from .protocol.agent.signing import derive_project_secret, encode_secret
 
@@ -54,7 +55,7 @@ def master_secret(config: Config) -> bytes:
         return path.read_bytes().strip()
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     value = secrets.token_urlsafe(48).encode()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:

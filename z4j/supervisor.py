@@ -85,11 +85,17 @@ REPEAT_WINDOW = 1.0  # a repeat within this is the same signal delivered twice
 
 
 def check_instances(config: Config) -> None:
-    """Refuse settings several processes cannot share, saying what to change."""
+    """Refuse, before anything starts, settings the brain(s) would refuse, saying what to change.
+
+    Runs the brain's own start-up checks too, so `z4j brain` answers a bad
+    setting with one line and exit status 2, not a traceback from inside
+    the task tree.
+    """
+    from ._datadir import check_single_brain
+    from .brain import check_bind_is_safe
+
     n = config.instances
-    if n == 1:
-        return
-    if not config.uses_postgres:
+    if n > 1 and not config.uses_postgres:
         raise ConfigError(
             f"{n} instances need the Postgres store (set Z4J_DATABASE_URL): the embedded "
             "SQLite store serves one process"
@@ -98,13 +104,12 @@ def check_instances(config: Config) -> None:
         ("Z4J_INGEST_BIND", config.ingest_bind),
         ("Z4J_HTTP_BIND", config.http_bind),
     ):
-        if parse_bind(bind)[1] == 0:
+        if n > 1 and parse_bind(bind)[1] == 0:
             raise ConfigError(
                 f"{n} instances need fixed ports: {name}={bind} asks for a free port, which "
                 "each process would pick on its own; give a port number to share"
             )
-    from .brain import check_bind_is_safe
-
+    check_single_brain(config)
     check_bind_is_safe(config)
 
 

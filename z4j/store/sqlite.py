@@ -18,11 +18,13 @@ from typing import Any, Literal, TypeVar
 import orjson
 import trio
 
+from .._datadir import private_file
 from ..buffer import ClaimedRow
 from ..events import event_rows
 from .base import (
     FINAL_COMMAND_STATES,
     Agent,
+    ApiToken,
     AuditRecord,
     CommandRecord,
     DirectoryConflict,
@@ -59,7 +61,7 @@ class SqliteStore:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         def call() -> T:
             if self._db is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                private_file(self.path)  # 0600, and SQLite gives -wal/-shm the same mode
                 db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")
@@ -496,24 +498,60 @@ class SqliteStore:
         )
         return bool(rows)
 
-    async def add_api_session(self, session_hash: bytes, *, expires_at: float) -> None:
-        await self._run(
-            _execute,
-            "INSERT INTO api_sessions (session_hash, created_at, expires_at) VALUES (?, ?, ?)",
-            (session_hash, time.time(), expires_at),
-        )
-
-    async def api_session_valid(self, session_hash: bytes, *, now: float) -> bool:
+    async def list_api_tokens(self) -> list[ApiToken]:
         rows = await self._run(
             _fetch_all,
-            "SELECT expires_at FROM api_sessions WHERE session_hash = ?",
+            "SELECT token_hash, name, created_at, last_used_at FROM api_tokens"
+            " ORDER BY created_at, token_hash",
+            (),
+        )
+        return [
+            ApiToken(token_hash=bytes(h), name=n, created_at=c, last_used_at=u)
+            for h, n, c, u in rows
+        ]
+
+    async def api_token_used(self, token_hash: bytes, *, now: float) -> None:
+        await self._run(
+            _execute,
+            "UPDATE api_tokens SET last_used_at = ? WHERE token_hash = ?",
+            (now, token_hash),
+        )
+
+    async def revoke_api_token(self, token_hash: bytes) -> bool:
+        def revoke(db: sqlite3.Connection) -> bool:
+            def run() -> bool:
+                db.execute("DELETE FROM api_sessions WHERE token_hash = ?", (token_hash,))
+                cur = db.execute("DELETE FROM api_tokens WHERE token_hash = ?", (token_hash,))
+                return cur.rowcount == 1
+
+            return _transaction(db, run)
+
+        return await self._run(revoke)
+
+    async def add_api_session(
+        self, session_hash: bytes, *, token_hash: bytes, expires_at: float
+    ) -> None:
+        await self._run(
+            _execute,
+            "INSERT INTO api_sessions (session_hash, token_hash, created_at, expires_at)"
+            " VALUES (?, ?, ?, ?)",
+            (session_hash, token_hash, time.time(), expires_at),
+        )
+
+    async def api_session_token(self, session_hash: bytes, *, now: float) -> bytes | None:
+        # The join ends a session with its token, on the next request.
+        rows = await self._run(
+            _fetch_all,
+            "SELECT s.expires_at, t.token_hash FROM api_sessions s"
+            " LEFT JOIN api_tokens t ON t.token_hash = s.token_hash"
+            " WHERE s.session_hash = ?",
             (session_hash,),
         )
-        if rows and rows[0][0] > now:
-            return True
+        if rows and rows[0][0] > now and rows[0][1] is not None:
+            return bytes(rows[0][1])
         if rows:
             await self.drop_api_session(session_hash)
-        return False
+        return None
 
     async def drop_api_session(self, session_hash: bytes) -> None:
         await self._run(
