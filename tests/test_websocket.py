@@ -31,7 +31,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from z4j import http, websocket
+from z4j import websocket
 from z4j.http import HealthChecks, build_app, serve_http
 from z4j.testing.brain import make_config, wait_until
 from z4j.websocket import SEND_BATCH
@@ -260,12 +260,9 @@ async def test_plain_http_and_unknown_websocket_paths_go_to_the_asgi_app(tmp_pat
                 assert isinstance(await c.next_event(), RejectConnection)
 
 
-async def test_a_silent_connection_is_dropped_after_the_head_timeout(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(http, "HEAD_TIMEOUT_SECONDS", 0.3)
+async def test_a_silent_connection_is_dropped_after_the_read_timeout(tmp_path: Path) -> None:
     with trio.fail_after(10):
-        async with server(tmp_path) as (port, _, _):
+        async with server(tmp_path, http_read_timeout_seconds=0.3) as (port, _, _):
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             async with stream:
                 assert await read_until_closed(stream) == b""

@@ -40,6 +40,7 @@ import trio
 
 from . import keys
 from ._datadir import SqliteBrainLock, check_single_brain
+from ._fds import with_descriptor_caps
 from .agent_endpoint import AgentEndpoint
 from .api import Api, command_json, instance_json
 from .auth import Auth
@@ -50,7 +51,7 @@ from .dashboard_hub import SAMPLE_SIZE, DashboardHub
 from .drain import Drainer
 from .events import EventRow, event_rows
 from .heartbeat import Heartbeat
-from .http import HealthChecks, Pages, build_app, serve_http
+from .http import HealthChecks, HttpStats, Pages, build_app, serve_http
 from .ingest_server import IngestServer
 from .maintenance import Maintenance
 from .metrics import brain_registry, render
@@ -136,6 +137,8 @@ async def serve_brain(
         brain = await nursery.start(z4j.serve_brain, config)
     """
     check_bind_is_safe(config)
+    # Services get caps that fit the descriptor limit (see z4j._fds).
+    config = with_descriptor_caps(config)
     check_single_brain(config)
     stats = stats if stats is not None else BrainStats()
     instance_id = uuid.uuid4()
@@ -188,11 +191,13 @@ async def serve_brain(
             ingest_address = await nursery.start(run_ingest)
 
             health = _health_checks(store, store_ready, buffer)
+            http_stats = HttpStats()
             metrics_registry = brain_registry(
                 stats,
                 buffer,
                 instance_id=str(instance_id),
                 pool_statistics=store.pool.statistics if isinstance(store, PostgresStore) else None,
+                http_stats=http_stats,
             )
             agents = AgentEndpoint(
                 config, store, buffer, stats, instance_id=instance_id, store_ready=store_ready
@@ -230,6 +235,7 @@ async def serve_brain(
                             pages=_dashboard_pages(),
                         ),
                         shutdown=http_shutdown,
+                        stats=http_stats,
                         websockets={"/ws/agent": agents, "/ws/dashboard": hub},
                         task_status=task_status,
                     )

@@ -7,15 +7,24 @@ idle agents sit on them; everything else is handed, bytes replayed, to
 hypercorn's Trio connection class and the ASGI app of `build_app`
 (``/health/live``, ``/health/ready``; the dashboard, REST API and
 ``/metrics`` mount there as they land).
+
+Every connection holds a descriptor and a slot under
+Z4J_HTTP_MAX_CONNECTIONS (agents' WebSockets too); past it a connection is
+answered 503 at once. Heads (and a TLS handshake) must arrive whole within
+Z4J_HTTP_READ_TIMEOUT_SECONDS, and each read of a body within it again, so
+a client that stops sending gives its slot back. With Z4J_TLS_CERT_FILE and
+Z4J_TLS_KEY_FILE the port speaks only TLS, and scopes say ``https``/``wss``.
 """
 
 from __future__ import annotations
 
-import functools
+import ipaddress
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
+import attrs
 import orjson
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -25,18 +34,27 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
+from ._net import REFUSAL_SLOTS, serve_listener
 from .auth import Auth
-from .config import Config
+from .config import Config, ConfigError, parse_bind
 from .ingest_server import open_tcp_socket
+from .stats import ThrottledLog
 from .websocket import Handler, serve_websocket
 
-__all__ = ["HealthChecks", "build_app", "serve_http"]
+__all__ = ["HealthChecks", "HttpStats", "build_app", "serve_http"]
 
 log = logging.getLogger("z4j.http")
 
 METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
-HEAD_TIMEOUT_SECONDS = 10.0
 MAX_HEAD_BYTES = 16384
+# A refusal (503) gets this long, TLS handshake included, to go out and
+# let the peer hang up.
+REFUSE_SECONDS = 1.0
+REFUSAL = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n"
+    b"content-length: 32\r\nretry-after: 5\r\nconnection: close\r\n\r\n"
+    b"too many connections, try later\n"
+)
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -44,10 +62,17 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class HealthChecks:
-    """What readiness means: each check returns None when fine, else why not."""
+    """What readiness means: each check returns None when fine, else why not.
+
+    /health/ready is open to anyone who reaches the port, so a check
+    returns a reason of its own wording; an exception it raises (a store
+    error with file paths, or libpq's host and user) is logged, throttled,
+    and the caller reads only ``"unavailable"``.
+    """
 
     def __init__(self) -> None:
         self._checks: dict[str, Callable[[], Awaitable[str | None]]] = {}
+        self._log = ThrottledLog(log)
 
     def add(self, name: str, check: Callable[[], Awaitable[str | None]]) -> None:
         self._checks[name] = check
@@ -61,7 +86,10 @@ class HealthChecks:
                 try:
                     problem = await check()
                 except Exception as exc:
-                    problem = f"{type(exc).__name__}: {exc}"
+                    self._log.warning(
+                        name, "readiness check %s failed: %s: %s", name, type(exc).__name__, exc
+                    )
+                    problem = "unavailable"
             if scope.cancelled_caught:
                 problem = f"no answer within {per_check_seconds:g} s"
             results[name] = problem or "ok"
@@ -188,12 +216,48 @@ def build_app(
     return app
 
 
+@attrs.define
+class HttpStats:
+    """Counters of the HTTP port, read by /metrics."""
+
+    connections_total: int = 0
+    connections_open: int = 0
+    connections_refused: int = 0
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """The server's TLS context from Z4J_TLS_CERT_FILE/Z4J_TLS_KEY_FILE; None without them."""
+    if config.tls_cert_file is None or config.tls_key_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])  # hypercorn's h2 is not routed here
+    try:
+        context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"Z4J_TLS_CERT_FILE={config.tls_cert_file}, Z4J_TLS_KEY_FILE={config.tls_key_file}: "
+            f"cannot load the certificate and key: {exc}"
+        ) from None
+    return context
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
+
+
 async def serve_http(
     config: Config,
     app: Callable[[Scope, Receive, Send], Awaitable[None]],
     *,
     shutdown: trio.Event,
     websockets: Mapping[str, Handler] | None = None,
+    stats: HttpStats | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve Z4J_HTTP_BIND until ``shutdown`` is set.
@@ -206,10 +270,25 @@ async def serve_http(
     flight get half the grace period to finish.
     """
     websockets = dict(websockets or {})
+    stats = stats if stats is not None else HttpStats()
+    tls = tls_context(config)
+    if tls is None and not _is_loopback(parse_bind(config.http_bind)[0]):
+        log.warning(
+            "Z4J_HTTP_BIND=%s is reachable beyond this machine WITHOUT TLS: admin tokens, "
+            "session cookies and agent traffic cross the network in clear text. Set "
+            "Z4J_TLS_CERT_FILE and Z4J_TLS_KEY_FILE, or serve behind a TLS-terminating proxy",
+            config.http_bind,
+        )
+    timeout = config.http_read_timeout_seconds
+    cap = config.http_max_connections
+    refusals = ThrottledLog(log)
     sock = open_tcp_socket(config.http_bind, reuse_port=config.so_reuseport)
     address: tuple[str, int] = sock.getsockname()[:2]
     hc = HypercornConfig()
     hc.graceful_timeout = max(0.1, config.shutdown_grace_seconds / 2)
+    # Per read: a body that stops coming frees its connection. (Typed int
+    # in hypercorn; any number works, it goes to trio.fail_after.)
+    hc.read_timeout = timeout  # type: ignore[assignment]
     hc.accesslog = None
     hc.websocket_max_message_size = config.ws_max_frame_bytes
     hc.errorlog = logging.getLogger("z4j.http.server")
@@ -221,39 +300,72 @@ async def serve_http(
     ws_scopes: set[trio.CancelScope] = set()  # cancelled at once at shutdown
 
     async def connection(stream: trio.SocketStream) -> None:
-        # trio.serve_listeners closes the stream when this returns. What goes
+        # serve_listener closes the stream when this returns. What goes
         # wrong on one connection (a peer resetting it, say) ends that
         # connection, never the server.
+        stats.connections_total += 1
         try:
-            await route(stream)
+            if stats.connections_open >= cap:
+                stats.connections_refused += 1
+                refusals.warning(
+                    "refused",
+                    "http: refused a connection with 503: %d open (Z4J_HTTP_MAX_CONNECTIONS)",
+                    stats.connections_open,
+                )
+                await _refuse(stream, tls)
+                return
+            stats.connections_open += 1
+            try:
+                await route(stream)
+            finally:
+                stats.connections_open -= 1
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("http connection ended: %s", exc)
         except Exception:
             log.exception("http connection failed")
 
-    async def route(stream: trio.SocketStream) -> None:
-        head = await _read_head(stream)
-        path = _websocket_path(head) if head else None
+    async def route(raw: trio.SocketStream) -> None:
+        secure = None if tls is None else trio.SSLStream(raw, tls, server_side=True)
+        stream: trio.abc.Stream = raw if secure is None else secure
+        head = b""
+        # The handshake and the whole head within one read timeout: a
+        # client that trickles them cannot keep its slot any longer.
+        with trio.move_on_after(timeout):
+            if secure is not None:
+                await secure.do_handshake()
+            head = await _read_head(stream)
+        if not head:
+            return
+        path = _websocket_path(head)
         handler = websockets.get(path) if path else None
         if handler is not None:
             with trio.CancelScope() as scope:
                 ws_scopes.add(scope)
                 try:
                     await serve_websocket(
-                        stream, head, handler, max_message=config.ws_max_frame_bytes
+                        stream,
+                        head,
+                        handler,
+                        max_message=config.ws_max_frame_bytes,
+                        client=raw.socket.getpeername()[:2],
+                        secure=secure is not None,
                     )
                 finally:
                     ws_scopes.discard(scope)
-        elif head:
-            replay = cast(Any, _Replay(stream, head))
-            await TCPServer(asgi, hc, context, ConnectionState({}), replay).run()
+        else:
+            replay = _Replay(raw, head) if secure is None else _TlsReplay(raw, secure, head)
+            await TCPServer(asgi, hc, context, ConnectionState({}), cast(Any, replay)).run()
 
     async with trio.open_nursery() as handlers:
         log.info("http listening on %s:%d", *address)
         async with trio.open_nursery() as accepting:
             accepting.start_soon(
-                functools.partial(
-                    trio.serve_listeners, connection, [listener], handler_nursery=handlers
+                lambda: serve_listener(
+                    listener,
+                    connection,
+                    handler_nursery=handlers,
+                    name="http",
+                    max_active=cap + REFUSAL_SLOTS,
                 )
             )
             task_status.started(address)
@@ -265,20 +377,37 @@ async def serve_http(
         handlers.cancel_scope.deadline = trio.current_time() + hc.graceful_timeout
 
 
-async def _read_head(stream: trio.SocketStream) -> bytes:
-    """The bytes up to the end of the first request head (b"" if none comes in time)."""
+async def _refuse(stream: trio.SocketStream, tls: ssl.SSLContext | None) -> None:
+    """Answer 503 and hang up, within `REFUSE_SECONDS` whatever the peer does."""
+    with trio.move_on_after(REFUSE_SECONDS):
+        if tls is None:
+            await stream.send_all(REFUSAL)
+            # Half-close, then read what the peer sent until it hangs up:
+            # closing on unread bytes would reset the connection, and a
+            # reset can destroy the answer before the peer reads it.
+            await stream.send_eof()
+            while await stream.receive_some(MAX_HEAD_BYTES):
+                pass
+        else:
+            secure = trio.SSLStream(stream, tls, server_side=True)
+            await secure.do_handshake()
+            await secure.send_all(REFUSAL)
+            while await secure.receive_some(MAX_HEAD_BYTES):
+                pass
+
+
+async def _read_head(stream: trio.abc.ReceiveStream) -> bytes:
+    """The bytes up to the end of the first request head (b"" if the peer hung up)."""
     data = b""
-    with trio.move_on_after(HEAD_TIMEOUT_SECONDS):
-        while b"\r\n\r\n" not in data and len(data) <= MAX_HEAD_BYTES:
-            try:
-                chunk = await stream.receive_some(MAX_HEAD_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return b""
-            if not chunk:
-                return data  # hypercorn answers what it can of a truncated request
-            data += chunk
-        return data
-    return b""
+    while b"\r\n\r\n" not in data and len(data) <= MAX_HEAD_BYTES:
+        try:
+            chunk = await stream.receive_some(MAX_HEAD_BYTES)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+        if not chunk:
+            return data  # hypercorn answers what it can of a truncated request
+        data += chunk
+    return data
 
 
 def _websocket_path(head: bytes) -> str | None:
@@ -298,7 +427,7 @@ class _Replay(trio.abc.HalfCloseableStream):
     """A socket stream that first gives back bytes already read from it."""
 
     def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
-        self._stream = stream
+        self._stream: trio.abc.HalfCloseableStream = stream
         self._prefix = prefix
         self.socket = stream.socket  # hypercorn reads the addresses from it
 
@@ -319,3 +448,27 @@ class _Replay(trio.abc.HalfCloseableStream):
 
     async def aclose(self) -> None:
         await self._stream.aclose()
+
+
+class _TlsReplay(_Replay):
+    """`_Replay` over a TLS stream whose handshake is done.
+
+    hypercorn recognises TLS by ``do_handshake``, ``selected_alpn_protocol``
+    and ``transport_stream`` and then gives its scopes ``https``/``wss``.
+    """
+
+    def __init__(
+        self, raw: trio.SocketStream, secure: trio.SSLStream[trio.SocketStream], prefix: bytes
+    ) -> None:
+        super().__init__(raw, prefix)
+        self._stream = cast(Any, secure)
+        self.transport_stream = raw
+
+    async def do_handshake(self) -> None:
+        """Done before the head was read."""
+
+    def selected_alpn_protocol(self) -> str:
+        return "http/1.1"
+
+    async def send_eof(self) -> None:
+        """TLS has no half-close; hypercorn closes the stream next."""

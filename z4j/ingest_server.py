@@ -73,6 +73,8 @@ class IngestServer:
     async def serve(
         self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        from ._net import REFUSAL_SLOTS, serve_listener
+
         sock = open_tcp_socket(self._config.ingest_bind, reuse_port=self._config.so_reuseport)
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         address: tuple[str, int] = sock.getsockname()[:2]
@@ -80,7 +82,15 @@ class IngestServer:
             with self._accept_scope:
                 log.info("ingest listening on %s:%d", *address)
                 task_status.started(address)
-                await trio.serve_listeners(self._handle, [listener], handler_nursery=connections)
+                # Past the cap `_handle` answers 5:ERROR and closes; beyond
+                # that, clients wait in the backlog (no descriptor spent).
+                await serve_listener(
+                    listener,
+                    self._handle,
+                    handler_nursery=connections,
+                    name="ingest",
+                    max_active=self._config.ingest_max_connections + REFUSAL_SLOTS,
+                )
             # Listener closed; the nursery waits for connections to wind down.
 
     def stop_accepting(self) -> None:

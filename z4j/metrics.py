@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 
 from ._version import __version__
 from .buffer import Buffer
+from .http import HttpStats
 from .stats import BrainStats, Histogram
 
 __all__ = ["CONTENT_TYPE_LATEST", "BrainCollector", "brain_registry", "render"]
@@ -38,10 +39,13 @@ def brain_registry(
     *,
     instance_id: str,
     pool_statistics: Callable[[], Any] | None = None,
+    http_stats: HttpStats | None = None,
 ) -> CollectorRegistry:
     """A registry with this brain's metrics and the process's (``z4j_process_*``)."""
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(BrainCollector(stats, buffer, instance_id, pool_statistics))
+    registry.register(
+        BrainCollector(stats, buffer, instance_id, pool_statistics, http_stats or HttpStats())
+    )
     ProcessCollector(namespace="z4j", registry=registry)
     return registry
 
@@ -57,8 +61,10 @@ class BrainCollector(Collector):
         buffer: Buffer,
         instance_id: str,
         pool_statistics: Callable[[], Any] | None,
+        http_stats: HttpStats,
     ) -> None:
         self._stats = stats
+        self._http = http_stats
         self._buffer = buffer
         self._instance_id = instance_id
         self._pool_statistics = pool_statistics
@@ -97,6 +103,20 @@ class BrainCollector(Collector):
             "z4j_ingest_records_per_second",
             "Records taken in (TCP records and agent events) per second, last heartbeat interval",
             s.ingest_rate,
+        )
+
+        # -- HTTP port ---------------------------------------------------------------
+        http = self._http
+        yield _gauge(
+            "z4j_http_connections_open",
+            "Open HTTP connections (agent and dashboard WebSockets included)",
+            http.connections_open,
+        )
+        yield _counter("z4j_http_connections", "HTTP connections accepted", http.connections_total)
+        yield _counter(
+            "z4j_http_connections_refused",
+            "HTTP connections answered 503 at Z4J_HTTP_MAX_CONNECTIONS",
+            http.connections_refused,
         )
 
         # -- agents ----------------------------------------------------------------

@@ -128,9 +128,7 @@ class _WebSocket:
         "_writing",
     )
 
-    def __init__(
-        self, stream: trio.SocketStream, handshake: H11Handshake, max_message: int
-    ) -> None:
+    def __init__(self, stream: trio.abc.Stream, handshake: H11Handshake, max_message: int) -> None:
         self._stream = stream
         self._handshake: H11Handshake | None = handshake
         self._conn: Connection | None = None
@@ -339,7 +337,7 @@ class _WebSocket:
             await self._write(conn.send(CloseConnection(code=code, reason=reason)))
             with trio.move_on_after(CLOSE_WAIT_SECONDS):
                 while data := await self._stream.receive_some(RECEIVE_BYTES):
-                    conn.receive_data(data)
+                    conn.receive_data(bytes(data))
                     if any(isinstance(e, CloseConnection) for e in conn.events()):
                         break
         except (
@@ -352,9 +350,19 @@ class _WebSocket:
 
 
 async def serve_websocket(
-    stream: trio.SocketStream, head: bytes, handler: Handler, *, max_message: int
+    stream: trio.abc.Stream,
+    head: bytes,
+    handler: Handler,
+    *,
+    max_message: int,
+    client: tuple[str, int] | None = None,
+    secure: bool = False,
 ) -> None:
-    """Complete the handshake begun in ``head`` and run ``handler`` on the connection."""
+    """Complete the handshake begun in ``head`` and run ``handler`` on the connection.
+
+    ``client`` is the peer's address and ``secure`` whether ``stream`` is
+    TLS, for the scope (``"scheme": "wss"``).
+    """
     handshake = H11Handshake(ConnectionType.SERVER)
     request_head, sep, early = head.partition(b"\r\n\r\n")
     try:
@@ -369,7 +377,7 @@ async def serve_websocket(
     connection = _WebSocket(stream, handshake, max_message)
     connection.take_initial(early)  # frames sent before our answer (pipelined)
     target = request.target
-    running = handler(_scope(request, stream), connection.receive, connection.send)
+    running = handler(_scope(request, client, secure), connection.receive, connection.send)
     del handshake, head, request  # an idle connection keeps only what it needs
     code = 1000
     try:
@@ -386,13 +394,14 @@ async def serve_websocket(
                 await connection.close(code)
 
 
-def _scope(request: Request, stream: trio.SocketStream) -> Scope:
+def _scope(request: Request, client: tuple[str, int] | None, secure: bool) -> Scope:
     path, _, query = request.target.partition("?")
     return {
         "type": "websocket",
+        "scheme": "wss" if secure else "ws",
         "path": path,
         "query_string": query.encode(),
         "headers": [(name.lower(), value) for name, value in request.extra_headers],
-        "client": stream.socket.getpeername()[:2],
+        "client": client,
         "extensions": {SEND_BATCH: {}},
     }

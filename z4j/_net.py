@@ -1,0 +1,92 @@
+"""Accepting connections: within a budget, and quietly when descriptors run out.
+
+`trio.serve_listeners` logs every failed accept with its traceback and
+retries after 0.1 s: when the process is out of descriptors (EMFILE) that is
+ten tracebacks a second, burying the log just when an operator reads it.
+`serve_listener` backs off instead (doubling up to a second) and logs one
+line at most every `LOG_INTERVAL_SECONDS`, with how many failures it folded
+in. It also stops accepting while ``max_active`` connections are being
+handled: later clients wait in the kernel's backlog, holding no descriptor
+of ours, until one ends.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import NoReturn
+
+import trio
+
+__all__ = ["ACCEPT_CAPACITY_ERRNOS", "REFUSAL_SLOTS", "serve_listener"]
+
+log = logging.getLogger("z4j.net")
+
+# accept(2) failures that mean "overloaded now", not "broken": retry later.
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+BACKOFF_FIRST_SECONDS = 0.05
+BACKOFF_MAX_SECONDS = 1.0
+LOG_INTERVAL_SECONDS = 5.0
+# Connections a server may hold past its cap while it refuses them (a short
+# answer, then close): the caller's ``max_active`` is its cap plus these.
+REFUSAL_SLOTS = 16
+
+
+async def serve_listener(
+    listener: trio.abc.Listener[trio.SocketStream],
+    handler: Callable[[trio.SocketStream], Awaitable[object]],
+    *,
+    handler_nursery: trio.Nursery,
+    name: str,
+    max_active: int,
+) -> NoReturn:
+    """Accept on ``listener`` forever, one ``handler`` task per connection.
+
+    At most ``max_active`` handlers run at once; each stream is closed when
+    its handler returns. Closes ``listener`` when cancelled.
+    """
+    slots = trio.Semaphore(max_active)
+    failures = 0
+    next_log = -float("inf")
+    backoff = BACKOFF_FIRST_SECONDS
+
+    async def run(stream: trio.SocketStream) -> None:
+        try:
+            await handler(stream)
+        finally:
+            await trio.aclose_forcefully(stream)  # the descriptor first, then the slot
+            slots.release()
+
+    async with listener:
+        while True:
+            await slots.acquire()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                slots.release()
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                failures += 1
+                now = trio.current_time()
+                if now >= next_log:
+                    next_log = now + LOG_INTERVAL_SECONDS
+                    log.error(
+                        "%s: accept failed %d time(s) with %s (%s); backing off, "
+                        "at most one such line every %g s",
+                        name,
+                        failures,
+                        errno.errorcode.get(exc.errno, exc.errno),
+                        os.strerror(exc.errno),
+                        LOG_INTERVAL_SECONDS,
+                    )
+                    failures = 0
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_SECONDS)
+            except BaseException:
+                slots.release()
+                raise
+            else:
+                backoff = BACKOFF_FIRST_SECONDS
+                handler_nursery.start_soon(run, stream)
