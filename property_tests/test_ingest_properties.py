@@ -30,6 +30,7 @@ from z4j.protocol.ingest import (
     NEED_DATA,
     OK,
     REJECT_REASONS,
+    SEPARATORS_PER_RECORD,
     ConnectionClosed,
     IngestConnection,
     Payload,
@@ -81,14 +82,13 @@ ENCODERS: list[Encoder] = [
 
 # Whole frames whose content is bad: the stream stays in sync after each.
 INVALID_CONTENT_FRAMES = [
-    encode_frame(b"["),
-    encode_frame(b'{"t":"x"}'),
-    encode_frame(b"[1]"),
-    encode_frame(b'[{"t":""}]'),
-    encode_frame(b'[{"t":"x\\u0000"}]'),
-    encode_frame(b"\x1f\x8bnot gzip"),
-    encode_frame(gzip.compress(b'[{"t":"x"}]')[:-4]),
-    encode_frame(b"[]", token="wrong"),
+    encode_frame(b"[", token=TOKEN),
+    encode_frame(b'{"t":"x"}', token=TOKEN),
+    encode_frame(b"[1]", token=TOKEN),
+    encode_frame(b'[{"t":""}]', token=TOKEN),
+    encode_frame(b'[{"t":"x\\u0000"}]', token=TOKEN),
+    encode_frame(b"\x1f\x8bnot gzip", token=TOKEN),
+    encode_frame(gzip.compress(b'[{"t":"x"}]')[:-4], token=TOKEN),
     b"13:v2:0000000:[]",
     b"10:v1:0000000",
 ]
@@ -110,7 +110,18 @@ frames = st.one_of(
 
 # Tails that break the framing for good, to check the error is cut-independent too.
 broken_tails = st.sampled_from(
-    [b"", b"", b"x", b"12", b"abc:", b"0123:", b"999999999:", b"GET / HTTP/1.1\r\n", b"20:v1:"]
+    [
+        b"",
+        b"",
+        b"x",
+        b"12",
+        b"abc:",
+        b"0123:",
+        b"999999999:",
+        b"GET / HTTP/1.1\r\n",
+        b"20:v1:",
+        encode_frame(b"[]", token="wrong"),  # a wrong token ends the connection
+    ]
 )
 
 
@@ -229,6 +240,37 @@ def test_arbitrary_bytes_give_events_or_remote_protocol_error(
     outcome = run(split(data, stream), max_frame_bytes=limit, token=token)
     # And the outcome does not depend on the cuts.
     assert outcome == run([stream] if stream else [], max_frame_bytes=limit, token=token)
+
+
+def json_values_in(value: object) -> int:
+    """Values and keys in a parsed document: what its parse costs, roughly."""
+    if isinstance(value, list):
+        return 1 + sum(json_values_in(v) for v in value)
+    if isinstance(value, dict):
+        return 1 + sum(1 + json_values_in(v) for v in value.values())
+    return 1
+
+
+@given(
+    records=records_st,
+    encode=st.sampled_from(ENCODERS),
+    max_records=st.integers(1, 12),
+)
+def test_accepted_payloads_are_within_the_cost_bound(
+    records: list[dict[str, Any]], encode: Encoder, max_records: int
+) -> None:
+    # What the drain will parse again is bounded by the record cap: at most
+    # max_records containers and SEPARATORS_PER_RECORD times as many values.
+    body = encode(records)
+    events, error = run([encode_frame(body)], max_records=max_records)
+    assert error is None
+    if isinstance(events[0], Payload):
+        parsed = json.loads(body)
+        assert len(parsed) <= max_records
+        assert json_values_in(parsed) <= 1 + (2 + SEPARATORS_PER_RECORD) * max_records
+    else:
+        assert isinstance(events[0], Rejected) and events[0].reason == "too_many_records"
+        assert len(records) > max_records or json_values_in(records) > 1 + max_records
 
 
 @given(replies=st.lists(st.booleans(), max_size=30), data=st.data())

@@ -29,6 +29,7 @@ from z4j.protocol.ingest import (
     ReplyParser,
     encode_frame,
     token_hash,
+    token_hash_full,
 )
 
 Event = Payload | Ping | Rejected | ConnectionClosed
@@ -113,12 +114,15 @@ def test_encode_frame_length_counts_everything_after_the_first_colon() -> None:
         frame = encode_frame(payload, token="s3cret")
         prefix, rest = frame.split(b":", 1)
         assert int(prefix) == len(rest)
-        assert rest == b"v1:" + token_hash("s3cret") + b":" + payload
+        assert rest == b"v1:" + token_hash_full("s3cret") + b":" + payload
 
 
-def test_encode_frame_with_token_carries_its_hash() -> None:
-    expected_hash = xxhash.xxh128_hexdigest(b"s3cret")[:7].encode()
-    assert encode_frame(b"PING", token="s3cret") == b"15:v1:" + expected_hash + b":PING"
+def test_encode_frame_with_token_carries_its_full_hash_or_the_short_one_on_request() -> None:
+    full = xxhash.xxh128_hexdigest(b"s3cret").encode()
+    assert len(full) == 32 and token_hash_full("s3cret") == full
+    assert encode_frame(b"PING", token="s3cret") == b"40:v1:" + full + b":PING"
+    short = encode_frame(b"PING", token="s3cret", short_hash=True)
+    assert short == b"15:v1:" + full[:7] + b":PING"
 
 
 def test_token_hash_is_first_7_hex_of_xxh128() -> None:
@@ -185,8 +189,9 @@ def test_ping_is_checked_for_token_like_any_frame() -> None:
     assert one_event(b"PING", token="s3cret") == Ping()
     conn = IngestConnection(token="s3cret")
     conn.receive_data(encode_frame(b"PING", token="wrong"))
-    [event] = pull(conn)
-    assert_rejected(event, "bad_token")
+    with pytest.raises(RemoteProtocolError) as info:
+        conn.next_event()
+    assert info.value.reason == "bad_token"
 
 
 def test_kind_of_128_characters_is_accepted_129_is_not() -> None:
@@ -249,8 +254,6 @@ def test_connection_keeps_working_after_a_rejection() -> None:
         assert isinstance(event, Rejected)
         conn.receive_data(encode_frame(THREE, token="s3cret"))
         assert pull(conn) == [Payload(body=THREE, records=3)]
-    conn.receive_data(encode_frame(THREE, token="wrong"))
-    assert_rejected(pull(conn)[0], "bad_token")
     conn.receive_data(encode_frame(b"PING", token="s3cret"))
     assert pull(conn) == [Ping()]
 
@@ -336,15 +339,40 @@ def test_bad_version_or_header_is_rejected_and_stream_goes_on(
     assert rest == [Payload(body=b"[]", records=0), ConnectionClosed()]
 
 
-def test_bad_token_is_rejected_when_a_token_is_configured() -> None:
-    right = token_hash("s3cret")
-    for th in (b"0000000", right[:6], right + b"0", right.upper(), b""):
-        assert th != right
-        data = b"v1:" + th + b":[]"
-        [event, closed] = events_of(b"%d:%s" % (len(data), data), token="s3cret")
-        assert_rejected(event, "bad_token")
-        assert closed == ConnectionClosed()
-    assert one_event(b"[]", token="s3cret") == Payload(body=b"[]", records=0)
+def frame_with_hash(th: bytes, payload: bytes = b"[]") -> bytes:
+    data = b"v1:" + th + b":" + payload
+    return b"%d:%s" % (len(data), data)
+
+
+def test_wrong_token_kills_the_connection_so_each_guess_costs_a_connection() -> None:
+    right, full = token_hash("s3cret"), token_hash_full("s3cret")
+    wrong = (b"0000000", right[:6], right + b"0", right.upper(), b"", full[:31], full + b"0")
+    for th in wrong:
+        conn = IngestConnection(token="s3cret")
+        # A good frame, a guess, then what would be a right guess: the
+        # connection answers the first and is dead from the guess on.
+        conn.receive_data(encode_frame(b"[]", token="s3cret"))
+        conn.receive_data(frame_with_hash(th))
+        conn.receive_data(frame_with_hash(right))
+        assert conn.next_event() == Payload(body=b"[]", records=0)
+        with pytest.raises(RemoteProtocolError) as info:
+            conn.next_event()
+        assert info.value.reason == "bad_token"
+        assert_dead(conn, "bad_token")
+
+
+def test_either_hash_form_is_accepted_unless_strict() -> None:
+    short, full = token_hash("s3cret"), token_hash_full("s3cret")
+    for th in (short, full):
+        [event, _] = events_of(frame_with_hash(th, THREE), token="s3cret")
+        assert event == Payload(body=THREE, records=3)
+    [event, _] = events_of(frame_with_hash(full, THREE), token="s3cret", strict_token=True)
+    assert event == Payload(body=THREE, records=3)
+    conn = IngestConnection(token="s3cret", strict_token=True)
+    conn.receive_data(frame_with_hash(short, THREE))
+    with pytest.raises(RemoteProtocolError) as info:
+        conn.next_event()
+    assert info.value.reason == "bad_token"
 
 
 def test_any_token_hash_is_accepted_when_none_is_configured() -> None:
@@ -588,4 +616,87 @@ def test_too_many_records_in_one_payload(monkeypatch: pytest.MonkeyPatch) -> Non
     conn.receive_data(encode_frame(b'[{"t":"a"},{"t":"b"},{"t":"c"},{"t":"d"}]'))
     assert isinstance(conn.next_event(), Payload)
     rejected = conn.next_event()
-    assert isinstance(rejected, Rejected) and rejected.reason == "too_large"
+    assert isinstance(rejected, Rejected) and rejected.reason == "too_many_records"
+
+
+# -- the record cap and the cost bound -------------------------------------------------
+
+
+def flat(n: int) -> bytes:
+    return orjson.dumps([{"t": "x"}] * n)
+
+
+def test_record_cap_counts_records_exactly_when_they_are_flat() -> None:
+    assert one_event(flat(50), max_records=50) == Payload(body=flat(50), records=50)
+    assert_rejected(one_event(flat(51), max_records=50), "too_many_records")
+    assert "records" in str(one_event(flat(51), max_records=50))
+
+
+def test_record_cap_applies_to_gzip_payloads_after_inflating() -> None:
+    packed = gzip.compress(flat(51))
+    assert_rejected(one_event(packed, max_records=50), "too_many_records")
+    assert one_event(gzip.compress(flat(50)), max_records=50) == Payload(body=flat(50), records=50)
+
+
+def test_nested_containers_count_against_the_cap_before_any_parse(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One record, but more objects and arrays than the cap allows: refused
+    # without orjson.loads ever running (the parse is what stalls the loop).
+    def no_parse(data: bytes) -> object:
+        raise AssertionError("parsed a payload the counts rule out")
+
+    one_record_many_lists = b'[{"t":"x","a":[' + b",".join([b"[]"] * 100) + b"]}]"
+    many_values = b'[{"t":"x","a":[' + b",".join([b"0"] * 1000) + b"]}]"
+    monkeypatch.setattr(orjson, "loads", no_parse)
+    assert_rejected(one_event(one_record_many_lists, max_records=50), "too_many_records")
+    assert_rejected(one_event(many_values, max_records=50), "too_many_records")
+    assert_rejected(one_event(gzip.compress(many_values), max_records=50), "too_many_records")
+
+
+def test_values_within_the_cost_bound_are_accepted() -> None:
+    # 25 records with a nested array each: 50 containers, 9 separators a record.
+    body = orjson.dumps([{"t": "x", "a": 1, "b": 2, "c": [1, 2]} for _ in range(25)])
+    assert one_event(body, max_records=50) == Payload(body=body, records=25)
+    # 50 records of 8 separators each: exactly on the bound.
+    body = orjson.dumps([{"t": "x", "a": 1, "b": 2, "c": 3} for _ in range(50)])
+    assert body.count(b",") + body.count(b":") == 8 * 50 - 1
+    assert one_event(body, max_records=50) == Payload(body=body, records=50)
+
+
+def test_braces_inside_strings_count_too_as_documented() -> None:
+    # The over-estimate the docs warn about: refused although it is one record.
+    body = orjson.dumps([{"t": "x", "msg": "{" * 60}])
+    assert_rejected(one_event(body, max_records=50), "too_many_records")
+
+
+def test_next_is_heavy_for_large_or_gzip_frames_only() -> None:
+    conn = IngestConnection()
+    assert not conn.next_is_heavy()
+    small = encode_frame(THREE)
+    conn.receive_data(small)
+    assert not conn.next_is_heavy()
+    assert conn.next_event() == Payload(body=THREE, records=3)
+    big = encode_frame(orjson.dumps([{"t": "x", "p": "a" * ingest_module.HEAVY_FRAME_BYTES}]))
+    conn.receive_data(big[:-1])
+    assert not conn.next_is_heavy()  # not whole yet: nothing to do
+    conn.receive_data(big[-1:])
+    assert conn.next_is_heavy()
+    assert isinstance(conn.next_event(), Payload)
+    conn.receive_data(encode_frame(gzip.compress(THREE)))
+    assert conn.next_is_heavy()
+
+
+def test_head_frame_bytes_is_the_announced_size_once_the_prefix_arrives() -> None:
+    conn = IngestConnection()
+    assert conn.head_frame_bytes == 0
+    conn.receive_data(b"100")
+    assert conn.head_frame_bytes == 3  # no colon yet: what is buffered
+    conn.receive_data(b"0:v1:")
+    assert conn.head_frame_bytes == len(b"1000:") + 1000
+    frame = encode_frame(THREE)
+    conn = IngestConnection()
+    conn.receive_data(frame + frame[:5])
+    assert conn.head_frame_bytes == len(frame)
+    conn.next_event()
+    assert conn.head_frame_bytes == len(frame)  # the next one, announced in its first 5 bytes

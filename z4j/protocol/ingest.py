@@ -14,16 +14,46 @@ reading replies; replies keep the order of frames.
 - `Payload`: a well-formed frame with a JSON array of records; the server
   answers it after the payload is durable.
 - `Ping`: answer OK at once.
-- `Rejected`: the frame was whole but its content is bad (version, token,
-  JSON, records, inflated size). The stream is still in sync, so the
-  connection goes on after the ``5:ERROR``.
+- `Rejected`: the frame was whole but its content is bad (version, JSON,
+  records, inflated size, too many records). The stream is still in sync,
+  so the connection goes on after the ``5:ERROR``.
 - `ConnectionClosed`: the peer ended the stream at a frame boundary.
 
 When the framing itself is broken (a length that is not a number, a frame
 over the size cap, end of stream inside a frame) the stream cannot be
 re-synchronised: `next_event` raises `RemoteProtocolError`, the server replies
 ``5:ERROR`` and closes. After that the connection is dead and every call
-raises again.
+raises again. A wrong token does the same (reason ``bad_token``): a guesser
+gets one try per connection, not one per frame.
+
+Token hash: the field may carry the 7 hex characters NightOwl sends (28
+bits: guessable) or all 32 of xxh128(token); ``strict_token`` accepts only
+the full form. Both are compared in constant time.
+
+Cost bound
+----------
+A payload is checked by parsing it whole (orjson), and that one C call
+holds the GIL throughout: on a worker thread it still stalls the event
+loop, and so does the drain's parse of every stored payload later. Parse
+time grows with the number of JSON values (and containers cost most: a
+million empty lists take ~170 ms, a garbage collection pass included), not
+with bytes (16 MiB of long strings parse in ~16 ms). So before parsing, a
+cheap count bounds the values: every value or key but the outermost array
+follows a ``{``, ``[``, ``,`` or ``:``. A payload may hold at most
+``max_records`` objects and arrays inside its outer array (``{`` and ``[``
+bytes) and at most ``SEPARATORS_PER_RECORD`` times that many ``,`` and
+``:`` bytes; else it is rejected ``too_many_records`` unparsed. The counts
+include those bytes inside strings, so they over-estimate: a payload near
+the cap with many braces or commas in its text may be refused although it
+holds fewer records (documented; split the batch). The record count itself
+is checked exactly after the parse. With the default cap (100,000) the
+worst payload that passes parses in tens of milliseconds. The counting runs
+over windows of `_COUNT_WINDOW` bytes, so on a worker thread it lets the
+event loop in between.
+
+`next_is_heavy` tells the adapter which frames may take long to check
+(large or gzip) so it can run those `next_event` calls on a worker thread
+and the rest, the common small frame, on its loop.
 
 `encode_frame` and `ReplyParser` are the client side of the same wire.
 """
@@ -43,6 +73,7 @@ from .errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "ERROR",
+    "HEAVY_FRAME_BYTES",
     "NEED_DATA",
     "OK",
     "REJECT_REASONS",
@@ -54,6 +85,7 @@ __all__ = [
     "ReplyParser",
     "encode_frame",
     "token_hash",
+    "token_hash_full",
 ]
 
 OK: Final = b"2:OK"
@@ -64,6 +96,12 @@ GZIP_MAGIC: Final = b"\x1f\x8b"
 MAX_KIND_LENGTH: Final = 128
 # Records per payload: the idempotency key keeps 24 bits for a record's index.
 MAX_RECORDS_PER_PAYLOAD: Final = 1 << 24
+# Commas and colons a payload may hold, per record it may hold (see Cost bound).
+SEPARATORS_PER_RECORD: Final = 8
+# Frames larger than this (or gzip) are worth a worker thread to check.
+HEAVY_FRAME_BYTES: Final = 64 * 1024
+# Bytes counted per bytes.count call: each holds the GIL ~0.5 ms.
+_COUNT_WINDOW: Final = 1 << 20
 # Longest token-hash field we look through before calling the frame bad.
 _MAX_TOKENHASH_FIELD: Final = 64
 # An escape for NUL: ``\\u0000`` preceded by an even number of backslashes
@@ -82,11 +120,14 @@ REJECT_REASONS: Final = (
     "bad_json",
     "not_array",
     "bad_record",
+    "too_many_records",
     "buffer_full",
     "storage_error",
     # Decided by the server around the protocol, not by this module:
     "too_slow",
     "too_many_connections",
+    "over_budget",
+    "throttled",
 )
 
 
@@ -128,13 +169,21 @@ Event = Payload | Ping | Rejected | ConnectionClosed
 
 
 def token_hash(token: str) -> bytes:
-    """The 7 hex characters of xxh128(token) that frames carry."""
-    return xxhash.xxh128_hexdigest(token.encode()).encode()[:7]
+    """The 7 hex characters of xxh128(token) that NightOwl's frames carry."""
+    return token_hash_full(token)[:7]
 
 
-def encode_frame(payload: bytes, *, token: str | None = None) -> bytes:
-    """Frame ``payload`` (JSON array bytes, gzip bytes, or ``PING``)."""
-    th = token_hash(token) if token else b"0000000"
+def token_hash_full(token: str) -> bytes:
+    """All 32 hex characters of xxh128(token): the form z4j's clients send."""
+    return xxhash.xxh128_hexdigest(token.encode()).encode()
+
+
+def encode_frame(payload: bytes, *, token: str | None = None, short_hash: bool = False) -> bytes:
+    """Frame ``payload`` (JSON array bytes, gzip bytes, or ``PING``).
+
+    The token goes as its full hash unless ``short_hash`` (NightOwl's form).
+    """
+    th = b"0000000" if not token else token_hash(token) if short_hash else token_hash_full(token)
     body_len = len(VERSION) + 1 + len(th) + 1 + len(payload)
     return b"%d:%s:%s:%s" % (body_len, VERSION, th, payload)
 
@@ -147,11 +196,15 @@ class IngestConnection:
         *,
         token: str | None = None,
         max_frame_bytes: int = 10 * 1024 * 1024,
-        max_inflated_bytes: int = 64 * 1024 * 1024,
+        max_inflated_bytes: int = 16 * 1024 * 1024,
+        max_records: int = 100_000,
+        strict_token: bool = False,
     ) -> None:
-        self._expected_hash = token_hash(token) if token else None
+        self._full_hash = token_hash_full(token) if token else None
+        self._short_hash = None if strict_token or not token else token_hash(token)
         self._max_frame = max_frame_bytes
         self._max_inflated = max_inflated_bytes
+        self._max_records = min(max_records, MAX_RECORDS_PER_PAYLOAD)
         self._max_len_digits = len(str(max_frame_bytes))
         self._buf = bytearray()
         self._pos = 0
@@ -162,6 +215,39 @@ class IngestConnection:
     def buffered(self) -> int:
         """Bytes received but not yet consumed as frames."""
         return len(self._buf) - self._pos
+
+    @property
+    def head_frame_bytes(self) -> int:
+        """Bytes the frame at the head will occupy once whole (length prefix
+        included), as soon as its prefix has arrived; until then, `buffered`.
+
+        Lets the server reserve room for a frame before its bytes arrive.
+        """
+        bounds = self._peek_bounds()
+        return self.buffered if bounds is None else bounds[1] - self._pos
+
+    def next_is_heavy(self) -> bool:
+        """Whether the next `next_event` may take long: a whole frame over
+        `HEAVY_FRAME_BYTES`, or a gzip one (it may inflate a thousandfold).
+        """
+        bounds = self._peek_bounds()
+        if bounds is None or bounds[1] > len(self._buf):
+            return False
+        start, end = bounds
+        return end - start > HEAVY_FRAME_BYTES or self._buf.find(GZIP_MAGIC, start, end) >= 0
+
+    def _peek_bounds(self) -> tuple[int, int] | None:
+        """(body start, end) of the head frame when its prefix is valid and known."""
+        if self._dead is not None:
+            return None
+        buf, pos = self._buf, self._pos
+        colon = buf.find(b":", pos, pos + self._max_len_digits + 1)
+        if colon <= pos:
+            return None
+        prefix = bytes(buf[pos:colon])
+        if not prefix.isdigit() or int(prefix) > self._max_frame:
+            return None  # next_event says why
+        return colon + 1, colon + 1 + int(prefix)
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the peer; ``b""`` means the peer closed its side."""
@@ -181,6 +267,8 @@ class IngestConnection:
             raise self._dead
         try:
             frame = self._next_frame()
+            if frame is not None:
+                self._check_token(frame)
         except RemoteProtocolError as exc:
             self._dead = exc
             raise
@@ -233,6 +321,20 @@ class IngestConnection:
 
     # -- content -------------------------------------------------------------
 
+    def _check_token(self, frame: bytes) -> None:
+        """Raise (the connection dies) when a token is configured and the frame's is wrong."""
+        if self._full_hash is None or not frame.startswith(b"v1:"):
+            return  # a bad version is answered as such, token or not
+        sep = frame.find(b":", 3, 3 + _MAX_TOKENHASH_FIELD + 1)
+        if sep < 0:
+            return
+        field = frame[3:sep]
+        # Both comparisons always run: the time does not say which form matched.
+        full = hmac.compare_digest(field, self._full_hash)
+        short = self._short_hash is not None and hmac.compare_digest(field, self._short_hash)
+        if not (full or short):
+            raise RemoteProtocolError("token hash does not match", reason="bad_token")
+
     def _parse_frame(self, frame: bytes) -> Event:
         if not frame.startswith(b"v1:"):
             version = frame.split(b":", 1)[0][:16]
@@ -240,10 +342,6 @@ class IngestConnection:
         sep = frame.find(b":", 3, 3 + _MAX_TOKENHASH_FIELD + 1)
         if sep < 0:
             return Rejected(reason="bad_framing", detail="no ':' after the token hash")
-        if self._expected_hash is not None and not hmac.compare_digest(
-            frame[3:sep], self._expected_hash
-        ):
-            return Rejected(reason="bad_token", detail="token hash does not match")
         payload = frame[sep + 1 :]
         if payload == PING:
             return Ping()
@@ -252,14 +350,28 @@ class IngestConnection:
             if isinstance(inflated, Rejected):
                 return inflated
             payload = inflated
-        return _validate_records(payload)
+        too_many = _over_count(payload, self._max_records)
+        if too_many:
+            return Rejected(reason="too_many_records", detail=too_many)
+        return _validate_records(payload, self._max_records)
 
     def _inflate(self, data: bytes) -> bytes | Rejected:
         inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        chunks: list[bytes] = []
+        size = 0
         try:
-            out = inflater.decompress(data, self._max_inflated + 1)
+            # In steps of one window, so that on a worker thread the event
+            # loop gets the GIL in between.
+            chunk = inflater.decompress(data, _COUNT_WINDOW)
+            while True:
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > self._max_inflated or inflater.eof or not inflater.unconsumed_tail:
+                    break
+                chunk = inflater.decompress(inflater.unconsumed_tail, _COUNT_WINDOW)
         except zlib.error as exc:
             return Rejected(reason="bad_gzip", detail=str(exc))
+        out = b"".join(chunks)
         if len(out) > self._max_inflated:
             return Rejected(
                 reason="inflate_too_large",
@@ -274,7 +386,41 @@ class IngestConnection:
         return out
 
 
-def _validate_records(payload: bytes) -> Payload | Rejected:
+def _count(data: bytes, chars: bytes, limit: int) -> int:
+    """Occurrences of the bytes in ``chars``, stopping once past ``limit``."""
+    total = 0
+    for start in range(0, len(data), _COUNT_WINDOW):
+        end = start + _COUNT_WINDOW
+        for char in chars:
+            total += data.count(char, start, end)
+        if total > limit:
+            break
+    return total
+
+
+def _over_count(payload: bytes, max_records: int) -> str:
+    """Why ``payload`` cannot be within the cost bound (module docstring), or ""."""
+    # Every '{' or '[' is one byte: a payload this short cannot be over.
+    if len(payload) <= max_records + 1:
+        return ""
+    containers = _count(payload, b"{[", max_records + 1) - 1  # not the outer array
+    if containers > max_records:
+        return (
+            f"over {max_records} objects and arrays ('{{' and '[' bytes, in strings too); "
+            f"at most {max_records} records per payload"
+        )
+    max_separators = SEPARATORS_PER_RECORD * max_records
+    if len(payload) > max_separators and _count(payload, b",:", max_separators) > max_separators:
+        return (
+            f"over {max_separators} values (',' and ':' bytes, in strings too) for "
+            f"a payload of at most {max_records} records"
+        )
+    return ""
+
+
+def _validate_records(
+    payload: bytes, max_records: int = MAX_RECORDS_PER_PAYLOAD
+) -> Payload | Rejected:
     try:
         records = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
@@ -286,11 +432,12 @@ def _validate_records(payload: bytes) -> Payload | Rejected:
         return Rejected(reason="bad_json", detail="\\u0000 in a string cannot be stored")
     if not isinstance(records, list):
         return Rejected(reason="not_array", detail="payload must be a JSON array of records")
-    if len(records) > MAX_RECORDS_PER_PAYLOAD:
-        # Each record's idempotency key has room for this many per payload.
+    # Each record's idempotency key has room for MAX_RECORDS_PER_PAYLOAD.
+    max_records = min(max_records, MAX_RECORDS_PER_PAYLOAD)
+    if len(records) > max_records:
         return Rejected(
-            reason="too_large",
-            detail=f"{len(records)} records; at most {MAX_RECORDS_PER_PAYLOAD} per payload",
+            reason="too_many_records",
+            detail=f"{len(records)} records; at most {max_records} per payload",
         )
     for index, record in enumerate(records):
         kind = record.get("t") if isinstance(record, dict) else None
