@@ -43,6 +43,7 @@ import trio
 
 from .config import Config
 from .dashboard_hub import merge_events
+from .protocol.agent.untrusted import loggable
 from .stats import BrainStats, ThrottledLog
 from .store.pg import PgPool
 
@@ -211,7 +212,11 @@ class PostgresRegistry(Registry):
                 if key not in kept and self._owned.get(key) == token:
                     del self._owned[key]
                     self._stats.ownership["lost"] += 1
-                    log.info("lost the session of agent %s worker %s: closing it", *key)
+                    log.info(
+                        "lost the session of agent %s worker %s: closing it",
+                        key[0],
+                        loggable(key[1]),
+                    )
                     self.on_lost(*key)
 
     # -- routing -------------------------------------------------------------------------

@@ -18,6 +18,11 @@ carries ``v, type, id, ts, nonce, seq, hmac, payload``; received frames are
 verified over the decoded JSON object as received, then pass the replay
 guard, then are structured into typed payloads (unknown fields ignored).
 
+The hello carries no signature, so it proves nothing but the bearer token:
+`peer_proven` turns true with the first signed frame that verifies, the
+earliest point at which the peer has shown it holds the signing key. The
+brain gives a connection its worker's slot (and its commands) only then.
+
 Every violation raises `RemoteProtocolError` carrying the WebSocket close
 code to send, and moves the connection to CLOSED; later calls raise
 `LocalProtocolError`. Calling a method in the wrong state is our bug and
@@ -167,6 +172,7 @@ class AgentProtocol:
         self._clock = clock
         self.binding: SessionBinding | None = None
         self.hello: f.Hello | None = None
+        self.peer_proven = False  # a signed frame from the peer verified
         self._send_seq = 0
         self._guard = ReplayGuard()
         self._may_receive = f.BRAIN_TO_AGENT if role is Role.AGENT else f.AGENT_TO_BRAIN
@@ -292,6 +298,7 @@ class AgentProtocol:
             raise
         frame = self._structure(frame_type, obj)
         self._move("recv signed", remote=True)
+        self.peer_proven = True
         return frame
 
     def _structure(self, frame_type: str, obj: dict[str, Any]) -> f.Frame:
