@@ -203,7 +203,7 @@ async def serve_brain(
                 config, store, buffer, stats, instance_id=instance_id, store_ready=store_ready
             )
             await nursery.start(agents.run)
-            commands = Commands(store, stats=stats)
+            commands = Commands(store, stats=stats, master_secret=keys.master_secret(config))
             commands.sessions = agents
             agents.commands = commands
             await nursery.start(commands.run_sweeper, store_ready)
