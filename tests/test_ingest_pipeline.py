@@ -90,10 +90,11 @@ async def test_gzip_payload_and_token(tmp_path: Path, database_url: str | None) 
             client = await z4j.ingest.open_trio(*brain.ingest, token="s3cret", compress=True)
             async with client:
                 await client.send(records(1, 5))
-            # The same payload with a wrong token is refused.
+            # The same payload with a wrong token is refused, and the
+            # connection closed: one guess per connection.
             bad = encode_frame(orjson.dumps(records(2, 1)), token="wrong")
             reply, closed = await exchange(brain.ingest, bad)
-            assert reply == ERROR and not closed
+            assert reply == ERROR and closed
             assert brain.stats.ingest_rejected["bad_token"] == 1
             events = await drained(config, 5)
     assert sorted(e["body"]["i"] for e in events) == [0, 1, 2, 3, 4]  # type: ignore[index]

@@ -6,6 +6,26 @@ that makes them durable, and answer every frame of that read in one write,
 in order. A pipelining client therefore costs one commit wait per read, not
 per frame, and a closed-loop client still gets its answer after one commit.
 
+Keeping the loop free (one client must not stall the others):
+
+- Frames the core calls heavy (over 64 KiB, or gzip) are checked on a
+  worker thread behind one limiter for the whole server; small frames, the
+  common case, stay on the loop (a thread hop costs ~130 µs). A thread
+  alone is not enough: orjson holds the GIL for a whole parse, so the core
+  refuses, by a cheap count before parsing, payloads whose parse could take
+  long (see `protocol.ingest`, "Cost bound"), and that same bound keeps the
+  drain's second parse short.
+- Partly received frames are held against one byte budget for all
+  connections (`FrameBudget`): a frame's announced size is reserved as soon
+  as its length prefix arrives, and the connection reads no further than
+  that. Past the budget a connection waits briefly for room, then gets
+  ``5:ERROR`` and is closed (``over_budget``); a part of the budget is kept
+  for small frames, so a flood of large partial frames does not keep a
+  well-behaved client out.
+- A wrong token ends the connection (the core says so), and a source that
+  guesses wrong `TokenThrottle.STRIKES` times within a window has its new
+  connections refused for a while (``throttled``).
+
 Graceful stop (`stop_accepting`): the listener closes, connections waiting
 for data are woken and closed, connections with payloads in flight finish
 them and answer first.
@@ -14,11 +34,13 @@ them and answer first.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import socket as stdlib_socket
 import time
-from typing import Any
+from typing import Any, Final
 
+import attrs
 import trio
 
 from .buffer import Buffer, NewRow
@@ -27,10 +49,122 @@ from .protocol import ingest as proto
 from .protocol.errors import RemoteProtocolError
 from .stats import BrainStats, ThrottledLog
 
-__all__ = ["IngestServer", "open_tcp_socket"]
+__all__ = [
+    "FrameBudget",
+    "IngestServer",
+    "IngestStatistics",
+    "TokenThrottle",
+    "open_tcp_socket",
+]
 
 log = logging.getLogger("z4j.ingest")
 RECEIVE_SIZE = 256 * 1024
+# Worker threads checking heavy frames at once, over all connections.
+HEAVY_WORKERS: Final = 2
+# How long a frame waits for room in the budget before it is refused.
+BUDGET_PATIENCE_SECONDS: Final = 1.0
+
+
+class FrameBudget:
+    """Bytes of partly received frames all connections together may hold.
+
+    Connections reserve and release with `resize`; frames of at most
+    `small` bytes may fill the whole budget, larger ones all but `reserve`.
+    """
+
+    def __init__(self, limit: int, *, small: int = proto.HEAVY_FRAME_BYTES) -> None:
+        self.limit = limit
+        self.small = small
+        self.reserve = limit // 8
+        self.held = 0
+        self.peak = 0
+        self._room = trio.Event()  # set (and replaced) whenever some is freed
+
+    def _fits(self, extra: int, size: int) -> bool:
+        cap = self.limit if size <= self.small else self.limit - self.reserve
+        return self.held + extra <= cap
+
+    def release(self, size: int) -> None:
+        if size:
+            self.held -= size
+            self._room.set()
+            self._room = trio.Event()
+
+    async def resize(self, old: int, new: int, *, patience: float) -> bool:
+        """Turn a reservation of ``old`` bytes into ``new``; False if no room came in time."""
+        if new <= old:
+            self.release(old - new)
+            return True
+        extra = new - old
+        with trio.move_on_after(patience):
+            while not self._fits(extra, new):
+                await self._room.wait()
+            self.held += extra
+            self.peak = max(self.peak, self.held)
+            return True
+        return False
+
+
+class TokenThrottle:
+    """Wrong tokens per source: past `STRIKES` within `WINDOW_SECONDS`, the
+    source's new connections are refused for `BLOCK_SECONDS`.
+
+    Sources are addresses, IPv6 ones by /64 (one host holds a whole one).
+    The table keeps the `MAX_SOURCES` most recently seen; beyond, the
+    oldest are forgotten, so memory stays bounded.
+    """
+
+    STRIKES: Final = 5
+    WINDOW_SECONDS: Final = 60.0
+    BLOCK_SECONDS: Final = 60.0
+    MAX_SOURCES: Final = 4096
+
+    def __init__(self) -> None:
+        # source -> (wrong tokens in this window, window start, blocked until)
+        self._sources: dict[str, tuple[int, float, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def blocked(self, source: str, now: float) -> bool:
+        entry = self._sources.get(source)
+        return entry is not None and now < entry[2]
+
+    def strike(self, source: str, now: float) -> None:
+        count, since, until = self._sources.pop(source, (0, now, 0.0))
+        if now - since > self.WINDOW_SECONDS:
+            count, since = 0, now
+        count += 1
+        if count >= self.STRIKES:
+            until = now + self.BLOCK_SECONDS
+            count, since = 0, now
+        self._sources[source] = (count, since, until)  # now the most recent
+        while len(self._sources) > self.MAX_SOURCES:
+            del self._sources[next(iter(self._sources))]
+
+
+def source_of(host: str) -> str:
+    """The throttle's key for a peer address."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+@attrs.frozen(kw_only=True)
+class IngestStatistics:
+    """Partly received frames held (reserved bytes), the peak, the budget, and
+    how many sources the token throttle tracks."""
+
+    buffered_bytes: int
+    buffered_peak: int
+    buffered_limit: int
+    throttle_sources: int
 
 
 def open_tcp_socket(bind: str, *, reuse_port: bool, backlog: int = 1024) -> stdlib_socket.socket:
@@ -69,6 +203,17 @@ class IngestServer:
         self._waiting_for_data: set[trio.CancelScope] = set()
         self._stopping = False
         self._log = ThrottledLog(log)
+        self._budget = FrameBudget(config.ingest_max_buffered_bytes)
+        self._throttle = TokenThrottle()
+        self._heavy = trio.CapacityLimiter(HEAVY_WORKERS)
+
+    def statistics(self) -> IngestStatistics:
+        return IngestStatistics(
+            buffered_bytes=self._budget.held,
+            buffered_peak=self._budget.peak,
+            buffered_limit=self._budget.limit,
+            throttle_sources=len(self._throttle),
+        )
 
     async def serve(
         self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
@@ -104,17 +249,25 @@ class IngestServer:
         stats = self._stats
         stats.ingest_connections_total += 1
         stats.ingest_connections_open += 1
-        conn = proto.IngestConnection(
-            token=self._config.ingest_token,
-            max_frame_bytes=self._config.ingest_max_frame_bytes,
-            max_inflated_bytes=self._config.ingest_max_inflated_bytes,
-        )
-        peer = _peer(stream)
         config = self._config
+        conn = proto.IngestConnection(
+            token=config.ingest_token,
+            max_frame_bytes=config.ingest_max_frame_bytes,
+            max_inflated_bytes=config.ingest_max_inflated_bytes,
+            max_records=config.ingest_max_records_per_payload,
+            strict_token=config.ingest_strict_token,
+        )
+        host, peer = _peer(stream)
+        source = source_of(host)
+        reserved = 0  # bytes of the budget this connection holds
         try:
             async with stream:
                 if stats.ingest_connections_open > config.ingest_max_connections:
                     self._reject("too_many_connections", "connection limit reached", peer)
+                    await stream.send_all(proto.ERROR)
+                    return
+                if self._throttle.blocked(source, trio.current_time()):
+                    self._reject("throttled", "too many wrong tokens from this source", peer)
                     await stream.send_all(proto.ERROR)
                     return
                 frame_deadline: float | None = None  # for the frame partly received
@@ -128,10 +281,14 @@ class IngestServer:
                         wait = min(wait, frame_deadline - trio.current_time())
                     else:
                         frame_deadline = None
+                    # A large frame reads no further than the room reserved for it.
+                    size = RECEIVE_SIZE
+                    if reserved > self._budget.small:
+                        size = max(1, min(size, reserved - conn.buffered))
                     with trio.move_on_after(wait) as scope:
                         self._waiting_for_data.add(scope)
                         try:
-                            data = await stream.receive_some(RECEIVE_SIZE)
+                            data = await stream.receive_some(size)
                         finally:
                             self._waiting_for_data.discard(scope)
                     if scope.cancelled_caught:
@@ -142,17 +299,34 @@ class IngestServer:
                             await stream.send_all(proto.ERROR)
                         break  # idle, too slow, or the server is stopping
                     conn.receive_data(data)
-                    replies, close = await self._answer(conn, peer)
+                    replies, close = await self._answer(conn, peer, source)
                     if replies:
                         await stream.send_all(b"".join(replies))
                     if close:
                         break
+                    want = conn.head_frame_bytes
+                    if want != reserved:
+                        if not await self._budget.resize(
+                            reserved, want, patience=BUDGET_PATIENCE_SECONDS
+                        ):
+                            self._reject(
+                                "over_budget",
+                                f"no room for a {want}-byte frame: partly received frames "
+                                f"hold {self._budget.held} of {self._budget.limit} bytes",
+                                peer,
+                            )
+                            await stream.send_all(proto.ERROR)
+                            break
+                        reserved = want
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away; nothing it sent was acknowledged unanswered
         finally:
+            self._budget.release(reserved)
             stats.ingest_connections_open -= 1
 
-    async def _answer(self, conn: proto.IngestConnection, peer: str) -> tuple[list[bytes], bool]:
+    async def _answer(
+        self, conn: proto.IngestConnection, peer: str, source: str
+    ) -> tuple[list[bytes], bool]:
         """Every reply owed for what ``conn`` holds now, and whether to close."""
         stats = self._stats
         replies: list[bytes] = []
@@ -163,8 +337,14 @@ class IngestServer:
         now = time.time()
         while True:
             try:
-                event = conn.next_event()
+                if conn.next_is_heavy():
+                    # Only this task touches `conn`, and it waits here.
+                    event = await trio.to_thread.run_sync(conn.next_event, limiter=self._heavy)
+                else:
+                    event = conn.next_event()
             except RemoteProtocolError as exc:
+                if exc.reason == "bad_token":
+                    self._throttle.strike(source, trio.current_time())
                 self._reject(exc.reason, str(exc), peer)
                 replies.append(proto.ERROR)
                 close = True
@@ -209,9 +389,10 @@ class IngestServer:
         self._log.warning(reason, "ingest: rejected a frame from %s: %s (%s)", peer, reason, detail)
 
 
-def _peer(stream: Any) -> str:
+def _peer(stream: Any) -> tuple[str, str]:
+    """The peer's host, and host:port for log lines."""
     try:
         host, port = stream.socket.getpeername()[:2]
     except (OSError, AttributeError):
-        return "?"
-    return f"{host}:{port}"
+        return "?", "?"
+    return str(host), f"{host}:{port}"
