@@ -42,8 +42,13 @@ async def test_replacement_closes_the_older_connection_with_4002(config: Config)
     token, secret, _ = await provision(config)
     with trio.fail_after(30):
         async with running_brain(config) as brain:
-            async with raw_agent(brain.addresses.http, token, secret, worker_id="same") as old:
-                async with raw_agent(brain.addresses.http, token, secret, worker_id="same") as new:
+            async with raw_agent(
+                brain.addresses.http, token, secret, worker_id="same", prove=True
+            ) as old:
+                # The new connection takes the slot with its first signed frame.
+                async with raw_agent(
+                    brain.addresses.http, token, secret, worker_id="same", prove=True
+                ) as new:
                     assert await old.closed_with() == CLOSE_REPLACED
                     await new.send(events(1), frame_id="b-1")
                     ack = await new.receive()

@@ -30,6 +30,7 @@ class StandInSession:
     worker_id: str
     role: str | None = None
     sent: list[str] = attrs.Factory(list)
+    claims: list[str | None] = attrs.Factory(list)  # the delivery_claim_token of each
     hold: trio.Event | None = None  # set: sends wait for it
     broken: bool = False  # the next send fails, as on a closing socket
 
@@ -39,6 +40,7 @@ class StandInSession:
             self.broken = False
             raise trio.BrokenResourceError("socket closed")
         self.sent.append(frame_id)
+        self.claims.append(payload.delivery_claim_token)
         if self.hold is not None:
             await self.hold.wait()
 
@@ -50,14 +52,19 @@ class StandInEndpoint:
     def sessions_of(self, agent_id: uuid.UUID) -> list[StandInSession]:
         return [s for (a, _), s in self.sessions.items() if a == agent_id]
 
+    def every_session(self) -> list[StandInSession]:
+        return list(self.sessions.values())
+
 
 @asynccontextmanager
-async def commands_on(config: Config) -> AsyncIterator[tuple[Commands, Store, StandInEndpoint]]:
+async def commands_on(
+    config: Config, master_secret: bytes | None = None
+) -> AsyncIterator[tuple[Commands, Store, StandInEndpoint]]:
     store = store_for(config)
     with trio.fail_after(30):
         try:
             await store.migrate()
-            commands = Commands(store)
+            commands = Commands(store, master_secret=master_secret)
             commands.sessions = endpoint = StandInEndpoint()
             yield commands, store, endpoint
         finally:
@@ -82,7 +89,8 @@ async def test_a_stale_pending_record_is_not_sent_after_the_answer(config: Confi
         record = await pending_command(commands, store)
         worker = connect(endpoint, record, "w-1")
         assert await commands.deliver(record)
-        await commands.answered(str(record.id), "w-1", f.CommandResult(status="success"))
+        result = f.CommandResult(status="success", delivery_claim_token=worker.claims[0])
+        assert await commands.answered(str(record.id), record.agent_id, "w-1", result)
         final = await store.get_command(record.id)
         assert final is not None and final.state == "completed"
 
@@ -136,3 +144,76 @@ async def test_a_failed_send_is_tried_again(config: Config) -> None:
         assert not await commands.deliver(record)
         assert await commands.deliver(record)
         assert worker.sent == [str(record.id)]
+
+
+# -- only the worker a command went to may answer it ---------------------------------------
+
+
+async def test_only_the_holder_may_ack_or_answer(config: Config) -> None:
+    async with commands_on(config) as (commands, store, endpoint):
+        record = await pending_command(commands, store)
+        holder = connect(endpoint, record, "w-1")
+        assert await commands.deliver(record)
+        claim = holder.claims[0]
+        stranger = await pending_command(commands, store)  # another project's agent
+        cid = str(record.id)
+        forged = [
+            (stranger.agent_id, "w-1", claim),  # another agent, the right token
+            (record.agent_id, "w-2", claim),  # another worker of the same agent
+            (record.agent_id, "w-1", None),  # the holder's name, no token
+            (record.agent_id, "w-1", "0" * 32),  # a guessed token
+        ]
+        for agent_id, worker, token in forged:
+            ack = f.CommandAck(delivery_claim_token=token)
+            assert not await commands.acknowledged(cid, agent_id, worker, ack)
+            result = f.CommandResult(status="failed", error="x", delivery_claim_token=token)
+            assert not await commands.answered(cid, agent_id, worker, result)
+        now = await store.get_command(record.id)
+        assert now is not None and (now.state, now.error) == ("pending", None)
+        assert commands._stats.agent_rejected["foreign_command"] == 2 * len(forged)
+
+        # The holder's own ack and result still land.
+        assert await commands.acknowledged(
+            cid, record.agent_id, "w-1", f.CommandAck(delivery_claim_token=claim)
+        )
+        result = f.CommandResult(status="success", result={"ok": 1}, delivery_claim_token=claim)
+        assert await commands.answered(cid, record.agent_id, "w-1", result)
+        done = await store.get_command(record.id)
+        assert done is not None and (done.state, done.result) == ("completed", {"ok": 1})
+
+
+async def test_a_claim_is_checked_by_any_replica_sharing_the_secret(config: Config) -> None:
+    """On Postgres the answer may come through another replica (the worker
+    reconnected there): the token checks out there with no shared state
+    but the brain secret and the stored command."""
+    secret = uuid.uuid4().bytes * 2
+    async with (
+        commands_on(config, secret) as (here, store, endpoint),
+        commands_on(config, secret) as (there, _, _),
+        commands_on(config, uuid.uuid4().bytes * 2) as (foreign_brain, _, _),
+    ):
+        record = await pending_command(here, store)
+        holder = connect(endpoint, record, "w-1")
+        assert await here.deliver(record)
+        claim = holder.claims[0]
+        result = f.CommandResult(status="success", delivery_claim_token=claim)
+        # A brain with another secret cannot tell the token is good: refused.
+        assert not await foreign_brain.answered(str(record.id), record.agent_id, "w-1", result)
+        assert await there.answered(str(record.id), record.agent_id, "w-1", result)
+        done = await store.get_command(record.id)
+        assert done is not None and done.state == "completed"
+
+
+async def test_a_redelivery_to_the_same_worker_keeps_its_claim(config: Config) -> None:
+    """A worker that reconnects gets the command again with the same token, so
+    the result it buffered on the first connection still lands."""
+    async with commands_on(config) as (commands, store, endpoint):
+        record = await pending_command(commands, store)
+        first = connect(endpoint, record, "w-1")
+        assert await commands.deliver(record)
+        del endpoint.sessions[(record.agent_id, "w-1")]
+        second = connect(endpoint, record, "w-1")  # the same worker, a new session
+        assert await commands.deliver(record)
+        assert first.claims == second.claims
+        result = f.CommandResult(status="success", delivery_claim_token=first.claims[0])
+        assert await commands.answered(str(record.id), record.agent_id, "w-1", result)

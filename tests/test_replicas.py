@@ -130,7 +130,7 @@ async def test_commands_results_and_the_dashboard_cross_replicas(
         a, b, c = brains["A"], brains["B"], brains["C"]
         async with (
             dashboard(b, token) as seen_on_b,
-            raw_agent(a.http, agent_token, project_secret) as agent,
+            raw_agent(a.http, agent_token, project_secret, prove=True) as agent,
         ):
             commands: list[str] = []
             async with trio.open_nursery() as nursery:
@@ -196,7 +196,7 @@ async def test_killing_the_socket_holder_moves_ownership_and_delivers_once(
 
     with replicas(tmp_path, pg_url, "AB") as brains, trio.fail_after(60):
         a, b = brains["A"], brains["B"]
-        async with raw_agent(a.http, agent_token, project_secret, worker_id="w-1"):
+        async with raw_agent(a.http, agent_token, project_secret, worker_id="w-1", prove=True):
             await wait_until(lambda: owner() is not None)
             first = owner()
             assert first is not None
@@ -208,7 +208,9 @@ async def test_killing_the_socket_holder_moves_ownership_and_delivers_once(
         assert status == 201 and command["state"] == "pending"
         # The agent reconnects, to B.
         commands: list[str] = []
-        async with raw_agent(b.http, agent_token, project_secret, worker_id="w-1") as agent:
+        async with raw_agent(
+            b.http, agent_token, project_secret, worker_id="w-1", prove=True
+        ) as agent:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(answer_commands, agent, commands)
                 await wait_until(lambda: commands == [command["id"]], timeout=10)
@@ -241,7 +243,7 @@ async def test_postgres_restart_listeners_recover_and_nothing_is_lost(
         await wait_until(lambda: listening(a), timeout=20)
         await wait_until(lambda: listening(b), timeout=20)
         commands: list[str] = []
-        async with raw_agent(a.http, agent_token, project_secret) as agent:
+        async with raw_agent(a.http, agent_token, project_secret, prove=True) as agent:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(answer_commands, agent, commands)
                 await trio.to_thread.run_sync(own_postgres.stop, "immediate")

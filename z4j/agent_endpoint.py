@@ -4,11 +4,16 @@ One task per connection (z4j.websocket's), driving the sans-IO `AgentProtocol`:
 
 1. the bearer token is looked up by its keyed hash; unknown or revoked:
    accept, then close 4401 (what z4j agents treat as "bad credentials");
-2. the first frame must be ``hello``; the worker it names replaces an older
-   connection of the same (agent, worker) (closed 4002); more than
+2. the first frame must be ``hello``; more than
    Z4J_WS_PER_AGENT_CONCURRENCY_CAP workers of one agent: 4429;
 3. ``hello_ack`` carries the session's identity and the project's binding;
-4. then every frame is verified and handled in order. An ``event_batch`` is
+4. the hello is unsigned, so it proves only the bearer token: the connection
+   takes its worker's slot (replacing an older connection of the same
+   (agent, worker), closed 4002), is recorded and gets the worker's commands
+   only with its first signed frame that verifies (z4j agents send a
+   heartbeat at once). Until then the older connection keeps the slot and
+   its commands, and a connection that never proves the key goes idle (4408);
+5. then every frame is verified and handled in order. An ``event_batch`` is
    acknowledged only once it is durable in the buffer (it goes through the
    same buffer and drain as TCP payloads; its events' keys come from their
    own ids, so a re-sent batch lands once); a full buffer gets no ack, and
@@ -38,6 +43,7 @@ from .commands import Commands
 from .config import Config
 from .protocol.agent import frames as f
 from .protocol.agent.connection import CLOSE_TOO_LARGE, AgentProtocol, Role, State
+from .protocol.agent.untrusted import loggable
 from .protocol.errors import RemoteProtocolError
 from .ratelimit import TokenBucket
 from .registry import Registry
@@ -79,6 +85,9 @@ CLOSE_INTERNAL_ERROR = 1011
 # write of acks), closed at this many batches or about this many events so
 # that the buffer commits one group while the next is read.
 GROUP_BATCHES = 16
+# The error frame's code for an ack or result of a command not delivered to
+# the worker sending it (refused, not applied).
+COMMAND_REFUSED = "command_not_delivered_to_you"
 GROUP_EVENTS = 400
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -128,6 +137,8 @@ class Session:
     # Event batches read but not yet taken by a task to buffer (see _serve).
     pending: list[_Batch] | None = None
     send_batch: bool = False  # the connection takes z4j.websocket.send_batch
+    # The hello, kept until the first signed frame proves the key; None after.
+    hello: f.Hello | None = None
 
     async def send(self, payload: f.Payload, *, frame_id: str | None = None) -> None:
         message = self.protocol.send(payload, frame_id=frame_id)
@@ -190,7 +201,10 @@ class AgentEndpoint:
         self._instance_id = instance_id
         self._store_ready = store_ready
         self._master = keys.master_secret(config)
+        # Sessions that proved the signing key, by (agent, worker): the only
+        # ones commands go to. Those that have not yet wait in `unproven`.
         self.sessions: dict[tuple[uuid.UUID, str], Session] = {}
+        self.unproven: set[Session] = set()
         self.commands: Commands | None = None
         self._log = ThrottledLog(log)
         self._tasks: trio.Nursery | None = None
@@ -223,13 +237,17 @@ class AgentEndpoint:
         while True:
             await trio.sleep(interval / 2)
             cutoff = trio.current_time() - 3 * interval
-            for session in list(self.sessions.values()):
+            for session in self.every_session():
                 if session.last_frame < cutoff:
                     session.kick(CLOSE_IDLE)
 
+    def every_session(self) -> list[Session]:
+        """The open sessions, proven or not."""
+        return [*self.sessions.values(), *self.unproven]
+
     def close_all(self, code: int = CLOSE_GOING_AWAY) -> None:
         """Close every session (at shutdown: agents reconnect elsewhere)."""
-        for session in list(self.sessions.values()):
+        for session in self.every_session():
             session.kick(code)
 
     def sessions_of(self, agent_id: uuid.UUID) -> list[Session]:
@@ -242,12 +260,13 @@ class AgentEndpoint:
         the command sweep calls this every second; returns sessions closed.
         """
         closed = 0
-        for agent_id in {a for a, _ in self.sessions}:
+        for agent_id in {s.agent.id for s in self.every_session()}:
             agent = await self._store.find_agent(str(agent_id))
             if agent is None or agent.revoked:
-                for session in self.sessions_of(agent_id):
-                    session.kick(CLOSE_REVOKED)
-                    closed += 1
+                for session in self.every_session():
+                    if session.agent.id == agent_id:
+                        session.kick(CLOSE_REVOKED)
+                        closed += 1
         if closed:
             log.info("closed %d sessions of revoked agents", closed)
         return closed
@@ -292,6 +311,7 @@ class AgentEndpoint:
             code = await self._serve(session, receive)
         finally:
             self._stats.agent_sessions_open -= 1
+            self.unproven.discard(session)
             # A replaced session must not mark its successor's worker gone.
             if self.sessions.get(key) is session:
                 del self.sessions[key]
@@ -316,7 +336,7 @@ class AgentEndpoint:
         self._stats.agent_rejected[reason] += 1
 
     async def _open_session(self, agent: Agent, receive: Receive, send: Send) -> Session | None:
-        """hello → checks → registered session → hello_ack; None if refused (and closed)."""
+        """hello → checks → unproven session → hello_ack; None if refused (and closed)."""
         config = self._config
         protocol = AgentProtocol(Role.BRAIN, max_frame_size=config.ws_max_frame_bytes)
         try:
@@ -335,26 +355,26 @@ class AgentEndpoint:
         self._stats.agent_frames["hello"] += 1
         protocol.hello = None  # stored below; not kept per connection
         worker_id = hello.worker_id or f"conn-{uuid.uuid4().hex[:12]}"
-        key = (agent.id, worker_id)
-
-        old = self.sessions.get(key)
-        if old is None and len(self.sessions_of(agent.id)) >= config.ws_per_agent_concurrency_cap:
+        waiting = [s for s in self.unproven if s.agent.id == agent.id]
+        slots = {s.worker_id for s in self.sessions_of(agent.id)} | {s.worker_id for s in waiting}
+        # Unproven connections count against the cap as well, so that the
+        # token alone cannot open unbounded ones; one that replaces a worker
+        # already holding a slot is still allowed.
+        cap = config.ws_per_agent_concurrency_cap
+        if (worker_id not in slots and len(slots) >= cap) or len(waiting) >= cap:
             self._reject("worker_cap")
             await send({"type": "websocket.close", "code": CLOSE_CAP})
             return None
-        if old is not None:
-            old.kick(CLOSE_REPLACED)
         session = Session(
             agent=agent,
             worker_id=worker_id,
             role=hello.worker_role,
             protocol=protocol,
             send_message=send,
+            hello=hello,
         )
-        self.sessions[key] = session
+        self.unproven.add(session)
         self._stats.agent_sessions_open += 1
-        if self.on_worker is not None:
-            self.on_worker(agent.id, worker_id, "connected")
         try:
             await send(
                 {
@@ -369,29 +389,49 @@ class AgentEndpoint:
                     ),
                 }
             )
-            try:
-                session.fencing_token = await self.registry.acquire(agent.id, worker_id)
-                await self._store.worker_connected(
-                    agent.id,
-                    worker_id,
-                    role=hello.worker_role,
-                    hello=f.unstructure_payload(hello),
-                    instance_id=self._instance_id,
-                    at=time.time(),
-                )
-                if self.commands is not None:
-                    await self.commands.session_opened(agent.id)
-            except Exception as exc:
-                # The store failed under us: the worker row and waiting
-                # commands catch up later (the sweep); events flow now.
-                self._reject("store_error")
-                self._log.warning("store", "recording a new worker failed: %s", exc)
         except BaseException:
             self._stats.agent_sessions_open -= 1
-            if self.sessions.get(key) is session:
-                del self.sessions[key]
+            self.unproven.discard(session)
             raise
         return session
+
+    async def _take_slot(self, session: Session) -> bool:
+        """The session proved the signing key: it becomes its worker's (replacing
+        an older connection, closed 4002), is recorded and gets what waits.
+        False if the agent's cap is full meanwhile (close 4429)."""
+        agent, worker_id, hello = session.agent, session.worker_id, session.hello
+        assert hello is not None and session.protocol.peer_proven
+        self.unproven.discard(session)
+        key = (agent.id, worker_id)
+        old = self.sessions.get(key)
+        cap = self._config.ws_per_agent_concurrency_cap
+        if old is None and len(self.sessions_of(agent.id)) >= cap:
+            self._reject("worker_cap")
+            return False
+        if old is not None:
+            old.kick(CLOSE_REPLACED)
+        session.hello = None
+        self.sessions[key] = session
+        if self.on_worker is not None:
+            self.on_worker(agent.id, worker_id, "connected")
+        try:
+            session.fencing_token = await self.registry.acquire(agent.id, worker_id)
+            await self._store.worker_connected(
+                agent.id,
+                worker_id,
+                role=hello.worker_role,
+                hello=f.unstructure_payload(hello),
+                instance_id=self._instance_id,
+                at=time.time(),
+            )
+            if self.commands is not None:
+                await self.commands.session_opened(agent.id)
+        except Exception as exc:
+            # The store failed under us: the worker row and waiting
+            # commands catch up later (the sweep); events flow now.
+            self._reject("store_error")
+            self._log.warning("store", "recording a new worker failed: %s", loggable(exc, 500))
+        return True
 
     async def _serve(self, session: Session, receive: Receive) -> int | None:
         """Handle frames until the session ends: the close code to send, None if gone.
@@ -429,6 +469,9 @@ class AgentEndpoint:
                     size = len(data)
                     frame = session.protocol.receive_message(data)
                     del message, data
+                    if session.hello is not None and not await self._take_slot(session):
+                        code = CLOSE_CAP
+                        break
                     now = session.last_frame = trio.current_time()
                     payload = frame.payload
                     self._stats.agent_frames[frame.type] += 1
@@ -473,7 +516,7 @@ class AgentEndpoint:
             "rate",
             "agent %s worker %s over its rate limit: closing (4429)",
             session.agent.id,
-            session.worker_id,
+            loggable(session.worker_id),
         )
         with contextlib.suppress(Exception):
             await session.send(
@@ -489,7 +532,9 @@ class AgentEndpoint:
             # frames come again; a command times out), but the connection
             # and its events carry on.
             self._reject("store_error")
-            self._log.warning("store", "handling a %s frame failed: %s", frame.type, exc)
+            self._log.warning(
+                "store", "handling a %s frame failed: %s", frame.type, loggable(exc, 500)
+            )
 
     async def _handle(self, session: Session, frame: f.Frame) -> None:
         payload = frame.payload
@@ -509,19 +554,31 @@ class AgentEndpoint:
                 removed=list(payload.removed),
                 updated=list(payload.updated),
             )
-        elif isinstance(payload, f.CommandAck):
-            if self.commands is not None:
-                await self.commands.acknowledged(frame.id, session.worker_id, payload)
-        elif isinstance(payload, f.CommandResult):
-            if self.commands is not None:
-                await self.commands.answered(frame.id, session.worker_id, payload)
+        elif isinstance(payload, f.CommandAck | f.CommandResult):
+            if self.commands is None:
+                return
+            if isinstance(payload, f.CommandAck):
+                taken = await self.commands.acknowledged(
+                    frame.id, agent.id, session.worker_id, payload
+                )
+            else:
+                taken = await self.commands.answered(frame.id, agent.id, session.worker_id, payload)
+            if not taken:
+                # Not fatal: the agent's own commands on this connection go on.
+                await session.send(
+                    f.Error(
+                        code=COMMAND_REFUSED,
+                        message=f"command {frame.id} was not delivered to this worker",
+                        fatal=False,
+                    )
+                )
         elif isinstance(payload, f.Error):
             log.info(
                 "agent %s worker %s reports %s: %s",
                 agent.id,
-                session.worker_id,
-                payload.code,
-                payload.message,
+                loggable(session.worker_id),
+                loggable(payload.code),
+                loggable(payload.message),
             )
 
     async def _wait_room(self, session: Session, size: int) -> None:

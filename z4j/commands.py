@@ -16,29 +16,52 @@ closes the sessions of agents revoked meanwhile (``z4j agent revoke``).
 Across replicas, a command minted where no worker of its agent is connected
 is announced through the registry (`Registry.command_minted`); the replica
 holding one delivers it.
+
+Only the worker a command was delivered to may acknowledge or answer it. The
+delivery's ``delivery_claim_token`` is an HMAC, under a key derived from the
+brain secret, of (command, agent, worker): every replica can check it with
+no state of its own, it survives a reconnect of that worker (z4j agents keep
+an answer in their buffer and send it on the next connection), and no other
+agent or worker can make it. An ack or result from anyone else is refused
+and changes nothing; the holder's own answer still lands.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import secrets
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
 from .protocol.agent import frames as f
+from .protocol.agent.untrusted import loggable
 from .registry import Registry
 from .stats import BrainStats, ThrottledLog
 from .store.base import FINAL_COMMAND_STATES, CommandRecord, Store
 
-__all__ = ["SWEEP_SECONDS", "CommandError", "Commands"]
+__all__ = ["SWEEP_SECONDS", "CommandError", "Commands", "claim_token"]
 
 log = logging.getLogger("z4j.commands")
 
 SWEEP_SECONDS = 1.0
+REFUSED = "foreign_command"  # the rejection reason of an ack or result not ours to give
+
+
+def claim_key(master: bytes) -> bytes:
+    """The key of delivery claim tokens, derived from the brain's master secret."""
+    return hmac.new(master, b"z4j-delivery-claim-v1", hashlib.sha256).digest()
+
+
+def claim_token(key: bytes, command_id: uuid.UUID, agent_id: uuid.UUID, worker_id: str) -> str:
+    """The ``delivery_claim_token`` of ``command_id`` delivered to that worker (32 hex)."""
+    message = b"\0".join((command_id.bytes, agent_id.bytes, worker_id.encode()))
+    return hmac.new(key, message, hashlib.sha256).hexdigest()[:32]
 
 
 class CommandError(Exception):
@@ -54,8 +77,12 @@ class Commands:
         *,
         stats: BrainStats | None = None,
         clock: Callable[[], float] = time.time,
+        master_secret: bytes | None = None,
     ) -> None:
+        """``master_secret``: the brain's (replicas share it, so any of them can
+        check a claim token); a random one when not given (one process only)."""
         self._store = store
+        self._claim_key = claim_key(master_secret or secrets.token_bytes(32))
         self._stats = stats if stats is not None else BrainStats()
         self._clock = clock
         self.sessions: Any = None  # the AgentEndpoint: live sessions by (agent, worker)
@@ -234,7 +261,9 @@ class Commands:
                 parameters=fresh.parameters,
                 timeout_seconds=fresh.timeout_seconds,
                 issued_by=fresh.issued_by,
-                delivery_claim_token=secrets.token_hex(16),
+                delivery_claim_token=claim_token(
+                    self._claim_key, fresh.id, fresh.agent_id, session.worker_id
+                ),
             )
             await session.send(command, frame_id=str(record.id))
             sent = True
@@ -252,25 +281,32 @@ class Commands:
         for record in await self._store.open_commands(agent_id):
             await self.deliver(record)
 
-    async def acknowledged(self, command_id: str, worker_id: str, payload: f.CommandAck) -> None:
-        parsed = _uuid(command_id)
-        if parsed is None:
-            return
+    async def acknowledged(
+        self, command_id: str, agent_id: uuid.UUID, worker_id: str, payload: f.CommandAck
+    ) -> bool:
+        """A worker's ack: pending to dispatched. False if refused (not its command)."""
+        record = await self._claimed(command_id, agent_id, worker_id, payload.delivery_claim_token)
+        if record is None or record is False:
+            return record is None  # unknown ids are ignored, not refused
         await self._transition(
-            parsed,
+            record.id,
             from_states=("pending",),
             to_state="dispatched",
             at=self._clock(),
             worker_id=worker_id,
             delivery_claim_token=payload.delivery_claim_token,
         )
+        return True
 
-    async def answered(self, command_id: str, worker_id: str, payload: f.CommandResult) -> None:
-        parsed = _uuid(command_id)
-        if parsed is None:
-            return
-        record = await self._transition(
-            parsed,
+    async def answered(
+        self, command_id: str, agent_id: uuid.UUID, worker_id: str, payload: f.CommandResult
+    ) -> bool:
+        """A worker's result ends its command. False if refused (not its command)."""
+        record = await self._claimed(command_id, agent_id, worker_id, payload.delivery_claim_token)
+        if record is None or record is False:
+            return record is None  # unknown ids are ignored, not refused
+        done = await self._transition(
+            record.id,
             from_states=("pending", "dispatched"),
             to_state="completed" if payload.status == "success" else "failed",
             at=self._clock(),
@@ -278,9 +314,36 @@ class Commands:
             result=payload.result,
             error=payload.error,
         )
+        if done is None:
+            log.info("late result for command %s ignored", record.id)
+        self._finish(record.id)
+        return True
+
+    async def _claimed(
+        self, command_id: str, agent_id: uuid.UUID, worker_id: str, token: str | None
+    ) -> CommandRecord | Literal[False] | None:
+        """The command, if this worker may act on it; None if there is no such
+        command (ignored), False if it is another's (refused, counted, logged)."""
+        parsed = _uuid(command_id)
+        record = None if parsed is None else await self._store.get_command(parsed)
         if record is None:
-            log.info("late or unknown result for command %s ignored", command_id)
-        self._finish(parsed)
+            log.debug("ack or result for unknown command %s ignored", loggable(command_id))
+            return None
+        expected = claim_token(self._claim_key, record.id, agent_id, worker_id)
+        if record.agent_id == agent_id and hmac.compare_digest(
+            (token or "").encode(), expected.encode()
+        ):
+            return record
+        self._stats.agent_rejected[REFUSED] += 1
+        self._log.warning(
+            "foreign",
+            "refused an ack or result for command %s from agent %s worker %s:"
+            " it was not delivered to that worker",
+            record.id,
+            agent_id,
+            loggable(worker_id),
+        )
+        return False
 
     async def _transition(self, command_id: uuid.UUID, **change: Any) -> CommandRecord | None:
         """The store's compare-and-set transition; the new record if it moved."""
@@ -312,7 +375,7 @@ class Commands:
             )
             if done is not None:
                 self._finish(record.id)
-        if self.sessions is not None and self.sessions.sessions:
+        if self.sessions is not None and self.sessions.every_session():
             await self.sessions.close_revoked()
             for record in await self._store.open_commands(None):
                 if await self.deliver(record):

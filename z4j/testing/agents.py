@@ -84,7 +84,11 @@ async def raw_agent(
     worker_id: str = "w-1",
     hello: bool = True,
     protocol_version: str = "2",
+    prove: bool = False,
 ) -> AsyncIterator[RawAgent]:
+    """A connected agent (after hello_ack, if ``hello``). With ``prove`` it then
+    sends a heartbeat, as z4j agents do at once: the brain gives a connection
+    its worker's slot and commands only after a signed frame proves the key."""
     host, port = http
     # We own the stream: trio-websocket 0.12 leaves a client's socket open
     # when the server closes first.
@@ -108,6 +112,8 @@ async def raw_agent(
                 if protocol_version == "2":
                     ack = await agent.receive()
                     assert isinstance(ack.payload, f.HelloAck)
+                    if prove:
+                        await agent.send(f.Heartbeat())
             try:
                 yield agent
             finally:
