@@ -19,7 +19,7 @@ import trio
 import trustme
 from websockets.sync.client import connect
 
-from z4j.config import ConfigError, load_config
+from z4j.config import ConfigError
 from z4j.http import HttpStats, serve_http, tls_context
 from z4j.testing.brain import make_config, running_brain, wait_until
 
@@ -140,11 +140,13 @@ async def test_a_client_that_never_handshakes_is_closed_at_the_read_timeout(
                 assert await stream.receive_some(100) == b""
 
 
-def test_one_tls_file_without_the_other_is_refused_naming_both(tmp_path: Path) -> None:
+@pytest.mark.parametrize("only", ["tls_cert_file", "tls_key_file"])
+def test_one_tls_file_without_the_other_is_refused_naming_both(
+    tmp_path: Path, tls_files: dict[str, Any], only: str
+) -> None:
+    config = make_config(tmp_path / "data", **{only: tls_files[only]})
     with pytest.raises(ConfigError, match="Z4J_TLS_CERT_FILE and Z4J_TLS_KEY_FILE"):
-        load_config(env={"Z4J_TLS_CERT_FILE": str(tmp_path / "cert.pem")})
-    with pytest.raises(ConfigError, match="Z4J_TLS_CERT_FILE and Z4J_TLS_KEY_FILE"):
-        load_config(env={"Z4J_TLS_KEY_FILE": str(tmp_path / "key.pem")})
+        tls_context(config)
 
 
 def test_unreadable_tls_files_are_a_config_error_naming_them(tmp_path: Path) -> None:

@@ -130,13 +130,6 @@ class Config:
     log_level: LogLevel = "INFO"
     log_format: LogFormat = "text"
 
-    def __attrs_post_init__(self) -> None:
-        if (self.tls_cert_file is None) != (self.tls_key_file is None):
-            raise ConfigError(
-                "Z4J_TLS_CERT_FILE and Z4J_TLS_KEY_FILE go together: set both (HTTPS and WSS "
-                "on the HTTP port) or neither"
-            )
-
     @property
     def resolved_buffer_path(self) -> Path:
         return (

@@ -227,8 +227,13 @@ class HttpStats:
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
     """The server's TLS context from Z4J_TLS_CERT_FILE/Z4J_TLS_KEY_FILE; None without them."""
-    if config.tls_cert_file is None or config.tls_key_file is None:
+    if config.tls_cert_file is None and config.tls_key_file is None:
         return None
+    if config.tls_cert_file is None or config.tls_key_file is None:
+        raise ConfigError(
+            "Z4J_TLS_CERT_FILE and Z4J_TLS_KEY_FILE go together: set both (HTTPS and WSS "
+            "on the HTTP port) or neither"
+        )
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])  # hypercorn's h2 is not routed here
