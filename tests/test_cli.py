@@ -258,3 +258,31 @@ def test_provisioning_without_a_reachable_store_is_one_line(tmp_path: Path) -> N
     url = f"postgresql://z4j@127.0.0.1:{_closed_port()}/z4j"
     line = _fails("project", "list", "--data-dir", str(tmp_path), "--database-url", url)
     assert line.startswith("z4j project list: postgres: ")
+
+
+def test_admin_tokens_are_listed_without_secrets_and_revoked_by_name_or_id(
+    tmp_path: Path,
+) -> None:
+    env = {"Z4J_DATA_DIR": str(tmp_path)}
+    first = z4j("admin", "token", "--name", "ci", env=env).stdout.strip()
+    second = z4j("admin", "token", "--name", "laptop", env=env).stdout.strip()
+    z4j("admin", "token", "--name", "laptop", env=env)
+    listed = z4j("admin", "token", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert first not in listed.stdout and second not in listed.stdout
+    assert first.split("_")[-1][:8] not in listed.stdout
+    lines = listed.stdout.splitlines()
+    assert lines[0].split() == ["ID", "NAME", "CREATED", "LAST", "USED"]
+    rows = [line.split() for line in lines[1:]]
+    assert [r[1] for r in rows] == ["ci", "laptop", "laptop"] and all(
+        r[-1] == "never" for r in rows
+    )
+
+    ambiguous = z4j("admin", "token", "revoke", "laptop", env=env)
+    assert ambiguous.returncode == 1 and "give an id" in ambiguous.stderr
+    assert z4j("admin", "token", "revoke", "ci", env=env).returncode == 0
+    assert z4j("admin", "token", "revoke", rows[1][0], env=env).returncode == 0
+    gone = z4j("admin", "token", "revoke", "ci", env=env)
+    assert gone.returncode == 1 and "no admin token" in gone.stderr
+    left = z4j("admin", "token", "list", env=env).stdout.splitlines()[1:]
+    assert [r.split()[0] for r in left] == [rows[2][0]]

@@ -1,24 +1,67 @@
 """Who may read the dashboard and call the API: admin tokens and sessions.
 
-On a store with no admin token, the brain makes one at start and prints it
-once (`ensure_admin_token`); ``z4j admin token`` makes more. A request is
-signed in by ``Authorization: Bearer <token>`` or by the session cookie
-that ``POST /api/v1/session`` sets after checking a token. The store keeps
+On a store with no admin token, the brain makes one at start and shows it
+once (`ensure_admin_token`); ``z4j admin token`` makes more, ``z4j admin
+token list`` and ``revoke`` manage them. A request is signed in by
+``Authorization: Bearer <token>`` or by the session cookie that
+``POST /api/v1/session`` sets after checking a token. The store keeps
 keyed hashes of both (z4j/keys.py), never the values.
+
+A session carries the hash of the token that opened it, and every request
+looks both up (one query): revoking a token ends its sessions on their next
+request, on every replica. A browser sends the cookie with any request to
+our origin, even one another site makes it send, so state-changing
+cookie requests also carry a CSRF token (`csrf_token`) that only our own
+pages can read; see z4j/api.py.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from urllib.parse import urlsplit
+
+import attrs
 
 from . import keys
+from .ratelimit import TokenBucket
 from .store.base import Store
 
-__all__ = ["SESSION_COOKIE", "SESSION_SECONDS", "Auth"]
+__all__ = [
+    "CSRF_COOKIE",
+    "SESSION_COOKIE",
+    "SESSION_SECONDS",
+    "Auth",
+    "Principal",
+    "SignInThrottle",
+    "credentials",
+]
+
+log = logging.getLogger("z4j.auth")
 
 SESSION_COOKIE = "z4j_session"
+CSRF_COOKIE = "z4j_csrf"
 SESSION_SECONDS = 12 * 3600
+# How often a token's last use is written back (a write per request is not cheap).
+LAST_USED_EVERY_SECONDS = 60.0
+_CSRF_LABEL = b"z4j csrf v1\x00"
+
+
+@attrs.frozen(kw_only=True)
+class Principal:
+    """A signed-in caller: which admin token, and the session if by cookie."""
+
+    token_hash: bytes
+    session: str | None = None
+
+    @property
+    def by_cookie(self) -> bool:
+        return self.session is not None
 
 
 class Auth:
@@ -28,6 +71,7 @@ class Auth:
         self._store = store
         self._master = master
         self._clock = clock
+        self._last_used: dict[bytes, float] = {}
 
     async def ensure_admin_token(self) -> str | None:
         """A new admin token if the store has none yet (first start), else None.
@@ -45,15 +89,32 @@ class Auth:
         return token
 
     async def token_valid(self, token: str) -> bool:
-        return await self._store.api_token_known(keys.api_token_hash(self._master, token))
+        return await self._token(token) is not None
+
+    async def _token(self, token: str) -> bytes | None:
+        token_hash = keys.api_token_hash(self._master, token)
+        if not await self._store.api_token_known(token_hash):
+            return None
+        now = self._clock()
+        if (
+            now - self._last_used.get(token_hash, -LAST_USED_EVERY_SECONDS)
+            >= LAST_USED_EVERY_SECONDS
+        ):
+            if len(self._last_used) > 1024:
+                self._last_used.clear()
+            self._last_used[token_hash] = now
+            await self._store.api_token_used(token_hash, now=now)
+        return token_hash
 
     async def open_session(self, token: str) -> str | None:
         """A new session id for a valid token, else None."""
-        if not await self.token_valid(token):
+        token_hash = await self._token(token)
+        if token_hash is None:
             return None
         session = keys.new_api_session()
         await self._store.add_api_session(
             keys.api_session_hash(self._master, session),
+            token_hash=token_hash,
             expires_at=self._clock() + SESSION_SECONDS,
         )
         return session
@@ -61,16 +122,106 @@ class Auth:
     async def close_session(self, session: str) -> None:
         await self._store.drop_api_session(keys.api_session_hash(self._master, session))
 
-    async def signed_in(self, headers: Iterable[tuple[bytes, bytes]]) -> bool:
-        """True if the request carries a valid bearer token or session cookie."""
+    def csrf_token(self, session: str) -> str:
+        """The CSRF token bound to ``session`` (derived, so nothing more is stored)."""
+        digest = hmac.new(self._master, _CSRF_LABEL + session.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+    def csrf_matches(self, session: str, presented: str | None) -> bool:
+        if not presented:
+            return False
+        return hmac.compare_digest(self.csrf_token(session).encode(), presented.encode())
+
+    async def principal(self, headers: Iterable[tuple[bytes, bytes]]) -> Principal | None:
+        """Who the request is signed in as: a valid bearer token wins over a
+        session cookie; None if neither is valid."""
         token, session = credentials(headers)
-        if token is not None and await self.token_valid(token):
-            return True
+        if token is not None:
+            token_hash = await self._token(token)
+            if token_hash is not None:
+                return Principal(token_hash=token_hash)
         if session is not None:
-            return await self._store.api_session_valid(
+            token_hash = await self._store.api_session_token(
                 keys.api_session_hash(self._master, session), now=self._clock()
             )
-        return False
+            if token_hash is not None:
+                return Principal(token_hash=token_hash, session=session)
+        return None
+
+    async def signed_in(self, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+        """True if the request carries a valid bearer token or session cookie."""
+        return await self.principal(headers) is not None
+
+    async def still_valid(self, principal: Principal) -> bool:
+        """Is this caller still signed in (its token not revoked, its session open)?"""
+        if principal.session is None:
+            return await self._store.api_token_known(principal.token_hash)
+        token_hash = await self._store.api_session_token(
+            keys.api_session_hash(self._master, principal.session), now=self._clock()
+        )
+        return token_hash == principal.token_hash
+
+
+class SignInThrottle:
+    """Failed sign-ins per source address, to slow guessing and say who guesses.
+
+    After ``max_failures`` failures within ``window`` seconds a source is
+    refused (429) until that window has passed. At most ``max_sources``
+    addresses are tracked (the oldest forgotten first), so a flood from many
+    addresses costs bounded memory. Failures are logged with the address,
+    the first of each window and the lock-out, at most a few lines a second.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_failures: int = 10,
+        window: float = 60.0,
+        max_sources: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_failures = max_failures
+        self.window = window
+        self.max_sources = max_sources
+        self._clock = clock
+        # source -> (window start, failures in it)
+        self._sources: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._log_budget = TokenBucket(rate=5.0)
+
+    def retry_after(self, source: str) -> int | None:
+        """Seconds until ``source`` may try again, or None if it may now."""
+        entry = self._sources.get(source)
+        if entry is None:
+            return None
+        started, failures = entry
+        left = started + self.window - self._clock()
+        if left <= 0:
+            del self._sources[source]
+            return None
+        return max(1, int(left + 0.999)) if failures >= self.max_failures else None
+
+    def failed(self, source: str) -> None:
+        now = self._clock()
+        started, failures = self._sources.pop(source, (now, 0))
+        if now - started >= self.window:
+            started, failures = now, 0
+        failures += 1
+        self._sources[source] = (started, failures)
+        while len(self._sources) > self.max_sources:
+            self._sources.popitem(last=False)
+        if failures in (1, self.max_failures) and self._log_budget.take(1, now):
+            if failures == 1:
+                log.warning("sign-in with an unknown admin token from %s", source)
+            else:
+                log.warning(
+                    "%d failed sign-ins from %s within %g s: refusing it for the rest of that time",
+                    failures,
+                    source,
+                    self.window,
+                )
+
+    def succeeded(self, source: str) -> None:
+        self._sources.pop(source, None)
 
 
 def credentials(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str | None, str | None]:
@@ -88,3 +239,30 @@ def credentials(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str | None, str
                 if key == SESSION_COOKIE and val:
                     session = val
     return token, session
+
+
+def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """The first value of header ``name`` (lower case), as text."""
+    for key, value in headers:
+        if bytes(key).lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def same_origin(origin: str, host: str | None) -> bool:
+    """Does the ``Origin`` header name the host the request was sent to (``Host``)?
+
+    The scheme is not compared: behind a TLS proxy the page is https while
+    the request reaching us is http. A port left out means the scheme's default.
+    """
+    if host is None:
+        return False
+    try:
+        parts = urlsplit(origin.strip())
+        here = urlsplit("//" + host.strip())
+        default = {"http": 80, "https": 443}.get(parts.scheme)
+        if default is None or parts.hostname is None or here.hostname is None:
+            return False
+        return (parts.hostname, parts.port or default) == (here.hostname, here.port or default)
+    except ValueError:  # a malformed port
+        return False

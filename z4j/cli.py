@@ -153,11 +153,21 @@ def _parser() -> argparse.ArgumentParser:
     admin_sub = admin.add_subparsers(dest="action", required=True)
     admin_token = admin_sub.add_parser(
         "token",
-        help="make a new admin token and print it (shown only now)",
+        help="make a new admin token and print it (shown only now); list; revoke",
         description="Make an admin token for the REST API and the dashboard sign-in. "
-        "It is shown only now: the store keeps its keyed hash.",
+        "It is shown only now: the store keeps its keyed hash. `list` shows the tokens "
+        "(never their secrets), `revoke` ends one and every session it opened.",
     )
     admin_token.add_argument("--name", default="admin", help="a label for it (default admin)")
+    token_sub = admin_token.add_subparsers(dest="token_action", required=False)
+    token_sub.add_parser(
+        "list", help="list admin tokens: id, name, created, last used (never the secret)"
+    )
+    token_revoke = token_sub.add_parser(
+        "revoke",
+        help="revoke an admin token: it and its dashboard sessions stop working at once",
+    )
+    token_revoke.add_argument("ref", metavar="NAME_OR_ID", help="the token's name or id")
 
     command = sub.add_parser("command", help="send commands to agents and follow them")
     command_sub = command.add_subparsers(dest="action", required=True)
@@ -357,6 +367,8 @@ async def _directory(args: argparse.Namespace, config: Config) -> int:
     from .store import DirectoryConflict, StoreUnavailable, store_for
 
     command = _DIRECTORY_COMMANDS[args.command, args.action]
+    if args.command == "admin" and args.token_action is not None:
+        command = _ADMIN_TOKEN_COMMANDS[args.token_action]
     store = store_for(config, application_name="z4j-cli")
     try:
         await store.migrate()
@@ -550,6 +562,49 @@ async def _admin_token(args: argparse.Namespace, config: Config, store: Store) -
     token = await Auth(store, keys.master_secret(config)).new_token(args.name)
     await store.audit("admin.token", f"api-token:{args.name}", {}, actor=_actor())
     print(token)
+
+
+async def _admin_token_list(args: argparse.Namespace, config: Config, store: Store) -> None:
+    tokens = await store.list_api_tokens()
+    rows = [(t.id, t.name, _when(t.created_at), _when(t.last_used_at) or "never") for t in tokens]
+    width = max([len(name) for _, name, _, _ in rows] + [4])
+    print(f"{'ID':<16}  {'NAME':<{width}}  {'CREATED':<20}  LAST USED")
+    for token_id, name, created, used in rows:
+        print(f"{token_id:<16}  {name:<{width}}  {created:<20}  {used}")
+
+
+async def _admin_token_revoke(args: argparse.Namespace, config: Config, store: Store) -> None:
+    tokens = await store.list_api_tokens()
+    matches = [t for t in tokens if t.id == args.ref.lower()] or [
+        t for t in tokens if t.name == args.ref
+    ]
+    if not matches:
+        raise _DirectoryError(f"no admin token with id or name {args.ref!r}")
+    if len(matches) > 1:
+        ids = ", ".join(t.id for t in matches)
+        raise _DirectoryError(
+            f"{len(matches)} admin tokens are named {args.ref!r}: give an id ({ids})"
+        )
+    [token] = matches
+    await store.revoke_api_token(token.token_hash)
+    await store.audit(
+        "admin.token.revoked", f"api-token:{token.name}", {"id": token.id}, actor=_actor()
+    )
+    print(f"revoked admin token {token.id} ({token.name}); its sessions have ended")
+
+
+def _when(at: float | None) -> str:
+    from datetime import UTC, datetime
+
+    if at is None:
+        return ""
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+_ADMIN_TOKEN_COMMANDS: dict[str, Callable[[argparse.Namespace, Config, Store], Awaitable[None]]] = {
+    "list": _admin_token_list,
+    "revoke": _admin_token_revoke,
+}
 
 
 _DIRECTORY_COMMANDS: dict[

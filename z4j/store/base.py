@@ -19,6 +19,7 @@ __all__ = [
     "COMMAND_STATES",
     "FINAL_COMMAND_STATES",
     "Agent",
+    "ApiToken",
     "CommandRecord",
     "DirectoryConflict",
     "InstanceInfo",
@@ -129,6 +130,21 @@ class EventRecord:
     agent_id: uuid.UUID | None
     worker_id: str | None
     body: Any
+
+
+@attrs.frozen(kw_only=True)
+class ApiToken:
+    """An admin token as the store knows it: its keyed hash, never the secret."""
+
+    token_hash: bytes
+    name: str
+    created_at: float
+    last_used_at: float | None
+
+    @property
+    def id(self) -> str:
+        """A short handle to name the token by (a prefix of its keyed hash)."""
+        return self.token_hash[:8].hex()
 
 
 @attrs.frozen(kw_only=True)
@@ -366,10 +382,25 @@ class Store(Protocol):
 
     async def api_token_known(self, token_hash: bytes) -> bool: ...
 
-    async def add_api_session(self, session_hash: bytes, *, expires_at: float) -> None: ...
+    async def list_api_tokens(self) -> list[ApiToken]:
+        """Every admin token, oldest first."""
+        ...
 
-    async def api_session_valid(self, session_hash: bytes, *, now: float) -> bool:
-        """True if the session exists and has not expired (expired ones are deleted)."""
+    async def api_token_used(self, token_hash: bytes, *, now: float) -> None:
+        """Record that the token signed something in (``last_used_at``)."""
+        ...
+
+    async def revoke_api_token(self, token_hash: bytes) -> bool:
+        """Delete the token and every session it opened; whether it existed."""
+        ...
+
+    async def add_api_session(
+        self, session_hash: bytes, *, token_hash: bytes, expires_at: float
+    ) -> None: ...
+
+    async def api_session_token(self, session_hash: bytes, *, now: float) -> bytes | None:
+        """The hash of the token that opened the session, if the session has not
+        expired and that token still exists (expired sessions are deleted)."""
         ...
 
     async def drop_api_session(self, session_hash: bytes) -> None: ...

@@ -299,4 +299,23 @@ CREATE TABLE leader_lease (
         # One process on SQLite: the local registry needs no tables.
         sqlite="SELECT 1",
     ),
+    Migration(
+        version=6,
+        name="api sessions name their token; tokens record their last use",
+        # A session must end with the token that opened it (revocation), so
+        # it carries the token's hash. Older sessions cannot say which token
+        # opened them: they end here (their users sign in again).
+        postgres="""
+DELETE FROM api_sessions;
+ALTER TABLE api_sessions ADD COLUMN token_hash bytea NOT NULL;
+CREATE INDEX api_sessions_token ON api_sessions (token_hash);
+ALTER TABLE api_tokens ADD COLUMN last_used_at timestamptz;
+""",
+        sqlite="""
+DELETE FROM api_sessions;
+ALTER TABLE api_sessions ADD COLUMN token_hash BLOB NOT NULL DEFAULT x'';
+CREATE INDEX api_sessions_token ON api_sessions (token_hash);
+ALTER TABLE api_tokens ADD COLUMN last_used_at REAL;
+""",
+    ),
 )

@@ -39,6 +39,7 @@ from ..events import event_rows
 from .base import (
     FINAL_COMMAND_STATES,
     Agent,
+    ApiToken,
     AuditRecord,
     CommandRecord,
     DirectoryConflict,
@@ -668,25 +669,66 @@ class PostgresStore:
         )
         return row is not None
 
-    async def add_api_session(self, session_hash: bytes, *, expires_at: float) -> None:
+    async def list_api_tokens(self) -> list[ApiToken]:
+        rows = await self._run(
+            lambda conn: conn.execute(
+                "SELECT token_hash, name, created_at, last_used_at FROM api_tokens"
+                " ORDER BY created_at, token_hash"
+            ).fetchall()
+        )
+        return [
+            ApiToken(
+                token_hash=bytes(h),
+                name=n,
+                created_at=c.timestamp(),
+                last_used_at=None if u is None else u.timestamp(),
+            )
+            for h, n, c, u in rows
+        ]
+
+    async def api_token_used(self, token_hash: bytes, *, now: float) -> None:
         await self._run(
             lambda conn: conn.execute(
-                "INSERT INTO api_sessions (session_hash, expires_at) VALUES (%s, %s)",
-                (session_hash, _ts(expires_at)),
+                "UPDATE api_tokens SET last_used_at = %s WHERE token_hash = %s",
+                (_ts(now), token_hash),
             )
         )
 
-    async def api_session_valid(self, session_hash: bytes, *, now: float) -> bool:
+    async def revoke_api_token(self, token_hash: bytes) -> bool:
+        def revoke(conn: psycopg.Connection[Any]) -> bool:
+            conn.execute("DELETE FROM api_sessions WHERE token_hash = %s", (token_hash,))
+            cur = conn.execute("DELETE FROM api_tokens WHERE token_hash = %s", (token_hash,))
+            return cur.rowcount == 1
+
+        revoked: bool = await self._run(revoke)
+        return revoked
+
+    async def add_api_session(
+        self, session_hash: bytes, *, token_hash: bytes, expires_at: float
+    ) -> None:
+        await self._run(
+            lambda conn: conn.execute(
+                "INSERT INTO api_sessions (session_hash, token_hash, expires_at)"
+                " VALUES (%s, %s, %s)",
+                (session_hash, token_hash, _ts(expires_at)),
+            )
+        )
+
+    async def api_session_token(self, session_hash: bytes, *, now: float) -> bytes | None:
+        # The join ends a session with its token, on the next request.
         row = await self._run(
             lambda conn: conn.execute(
-                "SELECT expires_at FROM api_sessions WHERE session_hash = %s", (session_hash,)
+                "SELECT s.expires_at, t.token_hash FROM api_sessions s"
+                " LEFT JOIN api_tokens t ON t.token_hash = s.token_hash"
+                " WHERE s.session_hash = %s",
+                (session_hash,),
             ).fetchone()
         )
-        if row is not None and row[0].timestamp() > now:
-            return True
+        if row is not None and row[0].timestamp() > now and row[1] is not None:
+            return bytes(row[1])
         if row is not None:
             await self.drop_api_session(session_hash)
-        return False
+        return None
 
     async def drop_api_session(self, session_hash: bytes) -> None:
         await self._run(
