@@ -31,7 +31,7 @@ from property_tests.conformance.profiles import machine_settings
 from property_tests.conformance.runner import run_machine
 from property_tests.conformance.target import Hooks, Timeouts
 from property_tests.conformance.transcript import Transcript
-from property_tests.conformance.z4j_brain import LIMITS, ServedBrain
+from property_tests.conformance.z4j_brain import LIMITS, RATE_LIMITS, ServedBrain
 from z4j.testing.brain import make_config
 
 _databases = itertools.count()
@@ -84,6 +84,23 @@ def test_one_off_checks(brain: ServedBrain, client: TrioPortal, check: str) -> N
     assert client.run(run, Transcript()) is None
 
 
+def test_frame_rate_check(client: TrioPortal, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A brain of its own, with a frame rate limit no load can hide a burst from."""
+    portal = TrioPortal("rate brain")
+    served = ServedBrain(
+        make_config(tmp_path_factory.mktemp("rate") / "data", **RATE_LIMITS), portal
+    )
+    try:
+        served.new_agent()
+        run = functools.partial(
+            CHECKS["rate-limit-4429"], served.agent_target(), served.hooks(), Timeouts()
+        )
+        assert client.run(run, Transcript()) is None
+    finally:
+        served.close()
+        portal.close()
+
+
 def test_ingest_backpressure(client: TrioPortal, tmp_path_factory: pytest.TempPathFactory) -> None:
     """A new brain per example whose store is down: its buffer fills, and stays full."""
     portal = TrioPortal("stalled brains")
@@ -132,6 +149,7 @@ def test_the_command_line_keeps_a_secret_that_starts_with_a_dash() -> None:
         secret=secret,
         ingest="127.0.0.1:2407",
         backpressure_ingest="127.0.0.1:2408",
+        rate=("ws://127.0.0.1:7701/ws/agent", "-z4j_rate", "-rate" + secret),
         env={
             "Z4J_WS_PER_AGENT_CONCURRENCY_CAP": "3",
             "Z4J_WS_RATE_LIMIT_FRAMES_PER_SECOND": "300",
@@ -145,11 +163,12 @@ def test_the_command_line_keeps_a_secret_that_starts_with_a_dash() -> None:
     args = suite_parser().parse_args(command[3:])
     assert (args.secret, args.token, args.max_examples) == (secret, "-z4j_token", 3)
     assert args.backpressure_ingest == ("127.0.0.1", 2408)
+    assert (args.rate_token, args.rate_secret) == ("-z4j_rate", "-rate" + secret)
 
 
 @pytest.mark.slow
 def test_the_command_line_against_brain_processes() -> None:
-    """``python -m property_tests`` against two ``z4j brain`` processes (what nox runs)."""
+    """``python -m property_tests`` against ``z4j brain`` processes (what nox runs)."""
     done = subprocess.run(
         [sys.executable, "-m", "property_tests.conformance.against_z4j", "--max-examples", "3"],
         capture_output=True,
@@ -168,3 +187,4 @@ def test_the_command_line_against_brain_processes() -> None:
     assert results["revoked-4003"] == "passed", done.stdout
     assert results["ingest-backpressure"] == "passed", done.stdout
     assert results["handshake"] == "passed", done.stdout
+    assert results["rate-limit-4429"] == "passed", done.stdout

@@ -1,10 +1,11 @@
 """Start our brain as a process and run ``python -m property_tests`` against it.
 
 This is what ``nox -s conformance`` runs, and what a person would do by
-hand (docs/conformance.md): two ``z4j brain`` processes, one normal and one
-whose store is down (its buffer only fills, for the backpressure rule), an
-agent provisioned in the first one's store, and the suite's command line
-with every hook pointed at that store.
+hand (docs/conformance.md): three ``z4j brain`` processes, one normal, one
+whose store is down (its buffer only fills, for the backpressure rule) and
+one whose frame rate limit is low (for the frame rate check), an agent
+provisioned in the first and the third one's stores, and the suite's
+command line with every hook pointed at the first one's store.
 
     python -m property_tests.conformance.against_z4j [--profile ci] [--database-url URL]
 """
@@ -29,7 +30,7 @@ from z4j.testing.agents import provision
 from z4j.testing.brain import BrainProcess
 
 from .profiles import PROFILES
-from .z4j_brain import BACKPRESSURE_CAPACITY, DOWN_STORE_URL, LIMITS
+from .z4j_brain import BACKPRESSURE_CAPACITY, DOWN_STORE_URL, LIMITS, RATE_LIMITS
 
 __all__ = ["main", "suite_command"]
 
@@ -40,6 +41,10 @@ BRAIN_SETTINGS = {
     "Z4J_HTTP_BIND": "127.0.0.1:0",
     **{f"Z4J_{name.upper()}": str(value) for name, value in LIMITS.items()},
 }
+RATE_SETTINGS = {
+    **BRAIN_SETTINGS,
+    **{f"Z4J_{name.upper()}": str(value) for name, value in RATE_LIMITS.items()},
+}
 
 
 def suite_command(
@@ -49,11 +54,17 @@ def suite_command(
     secret: str,
     ingest: str,
     backpressure_ingest: str,
+    rate: tuple[str, str, str],
     env: dict[str, str],
     profile: str,
     max_examples: int | None,
 ) -> list[str]:
-    """The ``python -m property_tests`` command line for brains started with ``env``."""
+    """The ``python -m property_tests`` command line for brains started with ``env``.
+
+    ``rate`` is the frame rate brain's agent URL, token and secret; it runs
+    with `RATE_SETTINGS`.
+    """
+    rate_url, rate_token, rate_secret = rate
     command = [
         *(sys.executable, "-m", "property_tests"),
         f"--agent-url={agent_url}",
@@ -62,7 +73,10 @@ def suite_command(
         f"--secret={secret}",
         f"--ingest={ingest}",
         f"--worker-cap={env['Z4J_WS_PER_AGENT_CONCURRENCY_CAP']}",
-        f"--frames-per-second={env['Z4J_WS_RATE_LIMIT_FRAMES_PER_SECOND']}",
+        f"--rate-agent-url={rate_url}",
+        f"--rate-token={rate_token}",
+        f"--rate-secret={rate_secret}",
+        f"--frames-per-second={RATE_SETTINGS['Z4J_WS_RATE_LIMIT_FRAMES_PER_SECOND']}",
         f"--events-per-second={env['Z4J_WS_RATE_LIMIT_EVENTS_PER_SECOND']}",
         f"--max-inflated-bytes={env['Z4J_INGEST_MAX_INFLATED_BYTES']}",
         f"--backpressure-ingest={backpressure_ingest}",
@@ -99,8 +113,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         stack.callback(brain.stop, 15)
         full = BrainProcess(full_env, log_path=Path(tmp) / "full.log")
         stack.callback(full.stop, 15)
+        rate_env = {
+            **RATE_SETTINGS,
+            "Z4J_DATA_DIR": f"{tmp}/rate",
+            "Z4J_SECRET": secrets.token_urlsafe(48),
+        }
+        rate_brain = BrainProcess(rate_env, log_path=Path(tmp) / "rate.log")
+        stack.callback(rate_brain.stop, 15)
         token, secret, _ = trio.run(
             functools.partial(provision, load_config(env=env), project="conformance")
+        )
+        rate_token, rate_secret, _ = trio.run(
+            functools.partial(provision, load_config(env=rate_env), project="conformance")
         )
         command = suite_command(
             agent_url="ws://{}:{}/ws/agent".format(*brain.http),
@@ -108,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             secret=secret,
             ingest="{}:{}".format(*brain.ingest),
             backpressure_ingest="{}:{}".format(*full.ingest),
+            rate=("ws://{}:{}/ws/agent".format(*rate_brain.http), rate_token, rate_secret),
             env=env,
             profile=args.profile,
             max_examples=args.max_examples,

@@ -167,35 +167,33 @@ def _entries() -> list[Violating]:
 ON_OPEN: Final = {f"{v.rule}: {v.how}": v for v in _entries()}
 
 
-def _over_rate(kind: str, rate: int) -> Build:
-    """Twice a second's worth of frames at once, or one batch over the events rate."""
+def _over_events_rate(rate: int) -> Build:
+    """One batch over the events rate.
+
+    Judged on arrival, whatever the brain's speed: no bucket that holds a
+    second's worth (``rate`` events) has room for ``rate + 1`` at once. The
+    frame rate, which a slowed brain can spread out, is checked apart
+    (`checks.check_frame_rate`), against a brain with a low limit.
+    """
 
     def build(signer: Signer, _: int) -> list[dict[str, Any]]:
-        if kind == "events":
-            events = [
-                {"id": f"rate-{secrets.token_hex(4)}-{i}", "kind": "k"} for i in range(rate + 1)
-            ]
-            return [signer.frame("event_batch", {"events": events})]
-        return [_heartbeat(signer) for _ in range(2 * rate + 10)]
+        events = [{"id": f"rate-{secrets.token_hex(4)}-{i}", "kind": "k"} for i in range(rate + 1)]
+        return [signer.frame("event_batch", {"events": events})]
 
     return build
 
 
 @functools.cache
 def violations_for(target: AgentTarget) -> dict[str, Violating]:
-    """`ON_OPEN`, plus the rate limits when the target told us rates we can exceed."""
+    """`ON_OPEN`, plus the events rate limit when the target told us one we can exceed."""
     found = dict(ON_OPEN)
-    rates = [("frames", target.frames_per_second), ("events", target.events_per_second)]
-    for kind, rate in rates:
-        # One batch holds at most 5000 events; a higher rate is out of reach here.
-        if rate is not None and (kind == "frames" or rate < 5000):
-            entry = Violating(
-                "rate-limit-4429",
-                f"over the {kind} rate",
-                frozenset({4429}),
-                _over_rate(kind, rate),
-            )
-            found[f"{entry.rule}: {entry.how}"] = entry
+    rate = target.events_per_second
+    # One batch holds at most 5000 events; a higher rate is out of reach here.
+    if rate is not None and rate < 5000:
+        entry = Violating(
+            "rate-limit-4429", "over the events rate", frozenset({4429}), _over_events_rate(rate)
+        )
+        found[f"{entry.rule}: {entry.how}"] = entry
     return found
 
 

@@ -3,7 +3,8 @@
 Each needs something a random sequence of steps should not be made to pay
 for every time: waiting out three heartbeat intervals (idle-4408), opening
 cap + 1 connections (worker-cap-4429, when the cap is too large for the
-machine's worker pool), revoking the agent (revoked-4003, which ends the
+machine's worker pool), a brain whose frame rate limit is low (the frames
+half of rate-limit-4429), revoking the agent (revoked-4003, which ends the
 agent's usefulness, so it runs last). Each returns None when the rule held,
 or why it was skipped; a broken rule raises `Violation` with the transcript.
 """
@@ -14,18 +15,27 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import trio
 
 from .agent_client import AgentConnection
 from .agent_violations import hello_message
+from .agent_wire import Signer
 from .target import AgentTarget, Hooks, Timeouts
 from .transcript import Transcript, Violation
 
-__all__ = ["CHECKS", "check_idle", "check_revocation", "check_worker_cap"]
+__all__ = ["CHECKS", "check_frame_rate", "check_idle", "check_revocation", "check_worker_cap"]
 
 Check = Callable[[AgentTarget, Hooks, Timeouts, Transcript], Awaitable[str | None]]
 MAX_CAP_CHECKED = 256
+# A brain judges the frame rate as it reads, so a slowed brain spreads a
+# burst out and may never see it. The burst is this many seconds' worth of
+# frames: a brain that stays under its limit must take that long to read it,
+# which no load makes plausible. It also caps the limits checked (we send
+# rate * RATE_BURST_SECONDS frames).
+RATE_BURST_SECONDS = 100
+MAX_FRAME_RATE_CHECKED = 10
 
 
 async def _connect(
@@ -154,6 +164,67 @@ async def check_worker_cap(
                 await conn.close(timeout=1.0)
 
 
+async def check_frame_rate(
+    target: AgentTarget, hooks: Hooks, timeouts: Timeouts, transcript: Transcript
+) -> str | None:
+    """A hundred seconds' worth of frames at once closes the connection with 4429."""
+    rate = target.frames_per_second
+    if rate is None:
+        return "the frame rate limit is not known (--frames-per-second)"
+    if rate > MAX_FRAME_RATE_CHECKED:
+        return (
+            f"a limit of {rate} frames/s is too high to exceed for certain; give a brain "
+            f"whose limit is at most {MAX_FRAME_RATE_CHECKED} (--rate-agent-url)"
+        )
+    burst = max(RATE_BURST_SECONDS * rate, 2 * rate + 10)
+    async with _connections() as nursery:
+        conn = await _connect(target, transcript, nursery, "rate", timeouts)
+        try:
+            if not conn.opened():
+                raise Violation(
+                    "handshake", f"hello was answered with {_outcome(conn)}", transcript
+                )
+            transcript.step(f"rate-limit-4429({burst} frames at once, {rate} frames/s allowed)")
+            probe = f"rate-probe-{secrets.token_hex(3)}"
+
+            def build(signer: Signer) -> list[dict[str, Any]]:
+                beat = {"buffer_size": 0, "dropped_events": 0}
+                frames = [signer.frame("heartbeat", beat) for _ in range(burst)]
+                return [*frames, signer.frame("event_batch", {"events": []}, frame_id=probe)]
+
+            await conn.send_built(build, note="a valid frame behind them: closed, or answered?")
+            # A brain that enforces the limit closes within a few frames; one
+            # that does not answers the probe. Either comes once the burst is read.
+            await conn.wait(
+                lambda: conn.closed.is_set() or _acked(conn, probe),
+                timeouts.reply + timeouts.close,
+            )
+            if conn.close_code != 4429:
+                what = (
+                    "stayed open (it answered a batch sent after them)"
+                    if _acked(conn, probe)
+                    else _outcome(conn)
+                )
+                raise Violation(
+                    "rate-limit-4429",
+                    f"{burst} frames at once ({rate} frames/s allowed): {what}; "
+                    "expected close 4429",
+                    transcript,
+                )
+            return None
+        finally:
+            await conn.abort()
+
+
+def _acked(conn: AgentConnection, batch: str) -> bool:
+    return any(
+        frame.get("type") == "event_batch_ack"
+        and isinstance(frame.get("payload"), dict)
+        and frame["payload"].get("acked_id") == batch
+        for frame in conn.received
+    )
+
+
 async def check_revocation(
     target: AgentTarget, hooks: Hooks, timeouts: Timeouts, transcript: Transcript
 ) -> str | None:
@@ -199,5 +270,6 @@ async def check_revocation(
 CHECKS: dict[str, Check] = {
     "idle-4408": check_idle,
     "worker-cap-4429": check_worker_cap,
+    "rate-limit-4429": check_frame_rate,
     "revoked-4003": check_revocation,
 }

@@ -48,13 +48,23 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--ingest-token", help="the ingest token, if the brain has one")
     limits = parser.add_argument_group("what the target's limits are (to check them)")
     limits.add_argument("--worker-cap", type=int, default=64, help="workers per agent (0: unknown)")
-    limits.add_argument("--frames-per-second", type=int, help="agent frame rate limit")
+    limits.add_argument(
+        "--frames-per-second",
+        type=int,
+        help="agent frame rate limit (of the --rate-agent-url brain, if given); at most 10",
+    )
     limits.add_argument("--events-per-second", type=int, help="agent event rate limit")
     limits.add_argument("--max-frame-bytes", type=int, default=10 * 1024 * 1024, help="ingest")
     limits.add_argument("--max-inflated-bytes", type=int, help="ingest gzip inflate limit")
     limits.add_argument(
         "--max-idle-wait", type=float, default=40.0, help="longest wait for the 4408 check (s)"
     )
+    rate = parser.add_argument_group(
+        "frame rate: a brain whose limit is low (the suite's own traffic would exceed it)"
+    )
+    rate.add_argument("--rate-agent-url", help="its ws://HOST:PORT/ws/agent")
+    rate.add_argument("--rate-token", help="an agent's token there")
+    rate.add_argument("--rate-secret", help="that agent's project signing secret")
     full = parser.add_argument_group("backpressure: a second brain whose drains do not run")
     full.add_argument("--backpressure-ingest", type=_address, help="its ingest port, HOST:PORT")
     full.add_argument("--backpressure-capacity", type=int, help="its Z4J_BUFFER_MAX_ROWS")
@@ -115,7 +125,19 @@ def _hooks(args: argparse.Namespace) -> Hooks:
 
 
 def _suite(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Suite:
-    agent = ingest = backpressure = None
+    agent = rate_agent = ingest = backpressure = None
+    if args.rate_agent_url:
+        if not (args.rate_token and args.rate_secret):
+            parser.error("--rate-agent-url needs --rate-token and --rate-secret")
+        try:
+            rate_agent = AgentTarget.from_url(
+                args.rate_agent_url,
+                token=args.rate_token,
+                secret=args.rate_secret,
+                frames_per_second=args.frames_per_second,
+            )
+        except ValueError as exc:
+            parser.error(str(exc))
     if args.agent_url:
         if not (args.token and args.secret):
             parser.error("--agent-url needs --token and --secret")
@@ -125,7 +147,7 @@ def _suite(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Suite:
                 token=args.token,
                 secret=args.secret,
                 worker_cap=args.worker_cap or None,
-                frames_per_second=args.frames_per_second,
+                frames_per_second=None if rate_agent else args.frames_per_second,
                 events_per_second=args.events_per_second,
                 max_idle_wait=args.max_idle_wait,
             )
@@ -153,11 +175,16 @@ def _suite(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Suite:
         )
     if agent is None and ingest is None and backpressure is None:
         parser.error("give at least one target: --agent-url, --ingest, --backpressure-ingest")
-    checks: tuple[str, ...] = ("idle-4408", "worker-cap-4429")
+    checks: tuple[str, ...] = ("idle-4408", "worker-cap-4429", "rate-limit-4429")
     if args.check_revocation:
         checks += ("revoked-4003",)
     return Suite(
-        agent=agent, ingest=ingest, backpressure=backpressure, hooks=_hooks(args), checks=checks
+        agent=agent,
+        rate_agent=rate_agent,
+        ingest=ingest,
+        backpressure=backpressure,
+        hooks=_hooks(args),
+        checks=checks,
     )
 
 

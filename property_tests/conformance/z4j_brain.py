@@ -35,6 +35,7 @@ __all__ = [
     "BACKPRESSURE_CAPACITY",
     "DOWN_STORE_URL",
     "LIMITS",
+    "RATE_LIMITS",
     "ServedBrain",
     "stalled_ingest",
 ]
@@ -50,6 +51,9 @@ LIMITS: dict[str, Any] = {
     "ws_rate_limit_events_per_second": 1000,
     "ingest_max_inflated_bytes": 65536,
 }
+# For the frame rate check, a brain of its own: a limit this low is exceeded
+# by any burst however slowly the brain reads it, and by the suite's own traffic.
+RATE_LIMITS: dict[str, Any] = {**LIMITS, "ws_rate_limit_frames_per_second": 2}
 BACKPRESSURE_CAPACITY = 4
 
 
