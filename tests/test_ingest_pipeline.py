@@ -18,8 +18,13 @@ import pytest
 import trio
 
 import z4j.ingest
-from z4j.config import Config
+from z4j.brain import check_bind_is_safe, serve_brain
+from z4j.buffer import Buffer
+from z4j.config import Config, ConfigError
+from z4j.ingest_server import IngestServer, TokenThrottle, source_of
+from z4j.protocol import ingest as proto
 from z4j.protocol.ingest import ERROR, OK, encode_frame, token_hash
+from z4j.stats import BrainStats
 from z4j.testing.brain import http_get, make_config, read_events, running_brain, wait_until
 
 
@@ -335,3 +340,167 @@ async def test_connections_over_the_cap_are_refused(tmp_path: Path) -> None:
                 await stream.send_all(encode_frame(b"PING"))
                 assert await stream.receive_some(100) == OK
                 await stream.aclose()
+
+
+# -- guard-rails: token, throttle, budget, heavy frames -----------------------------------
+
+
+def test_ingest_beyond_loopback_needs_a_token_or_the_override(tmp_path: Path) -> None:
+    for bind in ("0.0.0.0:2407", "[::]:2407", "10.1.2.3:2407", "ingest.example.com:2407"):
+        with pytest.raises(ConfigError) as info:
+            check_bind_is_safe(make_config(tmp_path, ingest_bind=bind))
+        assert "Z4J_INGEST_TOKEN" in str(info.value)
+        assert "Z4J_INGEST_ALLOW_NO_TOKEN=true" in str(info.value)
+        check_bind_is_safe(make_config(tmp_path, ingest_bind=bind, ingest_token="t"))
+        check_bind_is_safe(make_config(tmp_path, ingest_bind=bind, ingest_allow_no_token=True))
+    for bind in ("127.0.0.1:0", "[::1]:0", "localhost:0"):
+        check_bind_is_safe(make_config(tmp_path, ingest_bind=bind))
+
+
+async def test_a_brain_will_not_start_ingest_beyond_loopback_without_a_token(
+    tmp_path: Path,
+) -> None:
+    config = make_config(tmp_path / "data", ingest_bind="0.0.0.0:0")
+    with trio.fail_after(30), pytest.raises(ConfigError, match="Z4J_INGEST_TOKEN"):
+        await serve_brain(config)  # refuses before it binds or opens anything
+
+
+async def one_reply(address: tuple[str, int], data: bytes) -> tuple[bytes, bool]:
+    """Send ``data`` on a new connection: the first reply, and whether it then closed."""
+    stream = await trio.open_tcp_stream(*address)
+    async with stream:
+        with trio.move_on_after(5):
+            await stream.send_all(data)
+        reply = await stream.receive_some(100)
+        try:
+            closed = await stream.receive_some(100) == b"" if reply.endswith(ERROR) else False
+        except trio.BrokenResourceError:
+            closed = True  # closed with our bytes unread: a reset
+        return reply, closed
+
+
+async def test_wrong_tokens_from_one_source_get_its_connections_refused(tmp_path: Path) -> None:
+    config = make_config(tmp_path / "data", ingest_token="s3cret")
+    right = encode_frame(b"PING", token="s3cret")
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            for _ in range(TokenThrottle.STRIKES - 1):
+                assert await one_reply(brain.ingest, encode_frame(b"PING", token="x")) == (
+                    ERROR,
+                    True,
+                )
+            assert await one_reply(brain.ingest, right) == (OK, False)  # not blocked yet
+            assert await one_reply(brain.ingest, encode_frame(b"PING", token="x")) == (ERROR, True)
+            # Now even the right token is refused from this source, at once.
+            assert await one_reply(brain.ingest, right) == (ERROR, True)
+            assert brain.stats.ingest_rejected["bad_token"] == TokenThrottle.STRIKES
+            assert brain.stats.ingest_rejected["throttled"] == 1
+
+
+def test_token_throttle_forgets_after_its_window_and_block_and_stays_bounded() -> None:
+    throttle = TokenThrottle()
+    for i in range(TokenThrottle.STRIKES - 1):
+        throttle.strike("a", float(i))
+    # Strikes spread wider than the window never add up to a block.
+    throttle.strike("a", TokenThrottle.WINDOW_SECONDS + 10)
+    assert not throttle.blocked("a", TokenThrottle.WINDOW_SECONDS + 10)
+    now = 1000.0
+    for _ in range(TokenThrottle.STRIKES):
+        throttle.strike("b", now)
+    assert throttle.blocked("b", now + TokenThrottle.BLOCK_SECONDS - 1)
+    assert not throttle.blocked("b", now + TokenThrottle.BLOCK_SECONDS)
+    for i in range(TokenThrottle.MAX_SOURCES * 2):
+        throttle.strike(f"10.0.{i // 256}.{i % 256}", now)
+    assert len(throttle) == TokenThrottle.MAX_SOURCES
+
+
+def test_throttle_sources_group_ipv6_by_64() -> None:
+    assert source_of("2001:db8::1") == source_of("2001:db8::ffff:1") == "2001:db8::/64"
+    assert source_of("2001:db8:0:1::1") != source_of("2001:db8::1")
+    assert source_of("::ffff:10.0.0.1") == "10.0.0.1" == source_of("10.0.0.1")
+
+
+async def test_strict_token_takes_our_clients_full_hash_only(tmp_path: Path) -> None:
+    config = make_config(tmp_path / "data", ingest_token="s3cret", ingest_strict_token=True)
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            client = await z4j.ingest.open_trio(*brain.ingest, token="s3cret")
+            async with client:
+                await client.send(records(1, 2))
+                await client.ping()
+            short = encode_frame(b"PING", token="s3cret", short_hash=True)
+            assert await one_reply(brain.ingest, short) == (ERROR, True)
+            assert brain.stats.ingest_rejected["bad_token"] == 1
+
+
+async def test_too_many_records_get_5_error_and_the_connection_goes_on(tmp_path: Path) -> None:
+    config = make_config(tmp_path / "data", ingest_max_records_per_payload=10)
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            client = await z4j.ingest.open_trio(*brain.ingest)
+            async with client:
+                assert await client.send_many([records(1, 11), records(2, 10)]) == [False, True]
+            assert brain.stats.ingest_rejected["too_many_records"] == 1
+
+
+async def test_heavy_frames_are_checked_off_the_loop_and_small_ones_on_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    seen: list[tuple[bool, bool]] = []  # (heavy, on the loop's thread)
+    original = proto.IngestConnection.next_event
+
+    def spy(self: proto.IngestConnection) -> object:
+        seen.append((self.next_is_heavy(), threading.current_thread() is loop_thread))
+        return original(self)
+
+    loop_thread = threading.current_thread()
+    monkeypatch.setattr(proto.IngestConnection, "next_event", spy)
+    config = make_config(tmp_path / "data")
+    big = orjson.dumps([{"t": "x", "pad": "a" * proto.HEAVY_FRAME_BYTES}])
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            client = await z4j.ingest.open_trio(*brain.ingest)
+            async with client:
+                await client.send(records(1, 3))
+                await client.send(big)
+                await client.send(gzip.compress(orjson.dumps(records(2, 3))))
+    heavy_calls = [on_loop for heavy, on_loop in seen if heavy]
+    light_calls = [on_loop for heavy, on_loop in seen if not heavy]
+    assert len(heavy_calls) == 2 and not any(heavy_calls)
+    assert light_calls and all(light_calls)
+
+
+async def test_partial_frames_are_held_within_the_budget(tmp_path: Path) -> None:
+    # 4 MiB budget, 1/8 kept for small frames: 3 partial 1 MiB frames fit, the
+    # 4th waits BUDGET_PATIENCE_SECONDS, then is refused; a small frame still fits.
+    mib = 1024 * 1024
+    config = make_config(tmp_path / "data", ingest_max_buffered_bytes=4 * mib)
+    head = b"%d:v1:0000000:[" % mib
+    stats = BrainStats()
+    buffer = await Buffer.open(tmp_path / "buffer.sqlite", max_rows=10)
+    server = IngestServer(config, buffer, stats)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(server.serve)
+            held = []
+            for _ in range(3):
+                stream = await trio.open_tcp_stream(*address)
+                await stream.send_all(head + b" " * 1000)
+                held.append(stream)
+            await wait_until(lambda: server.statistics().buffered_bytes >= 3 * mib)
+            assert await one_reply(address, head + b" " * 1000) == (ERROR, True)
+            assert stats.ingest_rejected["over_budget"] == 1
+            assert await one_reply(address, encode_frame(b"PING")) == (OK, False)
+            stat = server.statistics()
+            assert stat.buffered_peak <= stat.buffered_limit == 4 * mib
+            # A frame that completes gives its room back.
+            await held[0].send_all(b" " * (mib - len(b"v1:0000000:[") - 1000 - 1) + b"]")
+            assert await held[0].receive_some(100) == OK
+            await wait_until(lambda: server.statistics().buffered_bytes < 3 * mib)
+            for stream in held:
+                await stream.aclose()
+            await wait_until(lambda: server.statistics().buffered_bytes == 0)
+            nursery.cancel_scope.cancel()
+    await buffer.aclose()

@@ -432,20 +432,34 @@ def _dashboard_pages() -> Pages | None:
 
 
 def check_bind_is_safe(config: Config) -> None:
-    """Refuse to serve beyond loopback with a master secret nobody chose."""
-    host = config.http_bind.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False  # a host name: it may resolve anywhere
-    if not loopback and config.secret is None:
+    """Refuse to serve beyond loopback with a master secret nobody chose, or
+    ingest there without a token (anyone could write events)."""
+    if not _is_loopback(config.http_bind) and config.secret is None:
         raise ConfigError(
             f"Z4J_HTTP_BIND={config.http_bind} is reachable beyond this machine: set Z4J_SECRET "
             "(the master secret that admin tokens, sessions and agent tokens are keyed with) "
             "before serving on it"
         )
+    if (
+        not _is_loopback(config.ingest_bind)
+        and config.ingest_token is None
+        and not config.ingest_allow_no_token
+    ):
+        raise ConfigError(
+            f"Z4J_INGEST_BIND={config.ingest_bind} is reachable beyond this machine: set "
+            "Z4J_INGEST_TOKEN (clients send its hash on every frame) before serving on it, "
+            "or Z4J_INGEST_ALLOW_NO_TOKEN=true to accept events from anyone who can connect"
+        )
+
+
+def _is_loopback(bind: str) -> bool:
+    host = bind.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
 
 
 def _health_checks(store: Store, store_ready: trio.Event, buffer: Buffer) -> HealthChecks:
