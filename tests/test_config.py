@@ -81,7 +81,7 @@ def test_defaults() -> None:
     assert config.ingest_bind == "127.0.0.1:2407"
     assert config.ingest_token is None
     assert config.ingest_max_frame_bytes == 10 * 1024 * 1024
-    assert config.ingest_max_inflated_bytes == 64 * 1024 * 1024
+    assert config.ingest_max_inflated_bytes == 16 * 1024 * 1024
     assert config.ingest_idle_timeout_seconds == 10.0
     assert config.buffer_max_rows == 100_000
     assert config.so_reuseport is False

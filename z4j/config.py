@@ -94,7 +94,7 @@ class Config:
     tls_key_file: Path | None = None
     ingest_token: str | None = None
     ingest_max_frame_bytes: int = attrs.field(default=10 * MiB, validator=_positive)
-    ingest_max_inflated_bytes: int = attrs.field(default=64 * MiB, validator=_positive)
+    ingest_max_inflated_bytes: int = attrs.field(default=16 * MiB, validator=_positive)
     ingest_idle_timeout_seconds: float = attrs.field(default=10.0, validator=_positive)
     ingest_frame_timeout_seconds: float = attrs.field(default=30.0, validator=_positive)
     ingest_max_connections: int = attrs.field(default=10_000, validator=_positive)
@@ -161,14 +161,14 @@ HELP: dict[str, str] = {
     "http_read_timeout_seconds": "A request head (and a TLS handshake) must arrive whole within this, and each read of a body within it again; else the connection closes.",
     "tls_cert_file": "PEM certificate chain: with Z4J_TLS_KEY_FILE the HTTP port serves HTTPS and WSS.",
     "tls_key_file": "PEM private key for Z4J_TLS_CERT_FILE.",
-    "ingest_token": "When set, ingest frames must carry the first 7 hex of xxh128(token).",
+    "ingest_token": "When set, ingest frames must carry xxh128(token) in hex (all 32 characters, or NightOwl's first 7); a wrong one closes the connection.",
     "ingest_max_frame_bytes": "Largest accepted ingest frame, in bytes.",
-    "ingest_max_inflated_bytes": "Largest size a gzip payload may inflate to, in bytes.",
+    "ingest_max_inflated_bytes": "Largest size a gzip payload may inflate to, in bytes; more get 5:ERROR.",
     "ingest_idle_timeout_seconds": "Close an ingest connection idle this long.",
     "ingest_frame_timeout_seconds": "A frame must arrive whole within this time of its first byte.",
     "ingest_max_connections": "Open ingest connections; more get 5:ERROR and are closed.",
-    "ingest_max_records_per_payload": "Most records one ingest payload may hold; more get 5:ERROR.",
-    "ingest_max_buffered_bytes": "Bytes of partly received ingest frames all connections together may hold; past it, new large frames are refused with 5:ERROR.",
+    "ingest_max_records_per_payload": "Most records one ingest payload may hold; more get 5:ERROR. Also bounds its objects and arrays (this many) and its ',' and ':' bytes (8 times this), counted before parsing.",
+    "ingest_max_buffered_bytes": "Bytes of partly received ingest frames all connections together may hold (reserved at their announced size); past it, a frame waits up to 1 s for room, then gets 5:ERROR and its connection is closed.",
     "ingest_allow_no_token": "Allow ingest on a non-loopback address without Z4J_INGEST_TOKEN (refused otherwise).",
     "ingest_strict_token": "Accept only the full 32-hex-character xxh128 token hash on ingest frames, not NightOwl's 7-character form.",
     "buffer_path": "The local buffer file; one per instance (it is locked while in use).",
