@@ -12,9 +12,12 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
 import z4j.ingest
+from z4j import keys
+from z4j.auth import SESSION_COOKIE, Auth
 from z4j.config import Config
-from z4j.dashboard_hub import QUEUE_SIZE, DashboardHub, _Subscriber
+from z4j.dashboard_hub import QUEUE_SIZE, RECHECK_SECONDS, DashboardHub, _Subscriber
 from z4j.stats import BrainStats
+from z4j.store import store_for
 from z4j.testing.agents import admin_token, provision, raw_agent
 from z4j.testing.brain import running_brain
 
@@ -41,14 +44,27 @@ class Viewer:
 
 
 @asynccontextmanager
-async def viewer(http: tuple[str, int], token: str | None) -> AsyncIterator[Viewer]:
+async def viewer(
+    http: tuple[str, int],
+    token: str | None,
+    *,
+    origin: str | None = None,
+    session: str | None = None,
+    csrf: str | None = None,
+) -> AsyncIterator[Viewer]:
+    """A dashboard socket signed in by a bearer ``token`` and/or a ``session``
+    cookie (with its ``csrf`` token), sending ``origin`` as a browser would
+    (Host is ``x``)."""
     stream = await trio.open_tcp_stream(*http)
     async with stream:
         v = Viewer(stream)
         headers = [(b"Authorization", f"Bearer {token}".encode())] if token else []
-        await stream.send_all(
-            v.ws.send(Request(host="x", target="/ws/dashboard", extra_headers=headers))
-        )
+        if origin is not None:
+            headers.append((b"Origin", origin.encode()))
+        if session is not None:
+            headers.append((b"Cookie", f"{SESSION_COOKIE}={session}".encode()))
+        target = "/ws/dashboard" if csrf is None else f"/ws/dashboard?csrf={csrf}"
+        await stream.send_all(v.ws.send(Request(host="x", target=target, extra_headers=headers)))
         assert isinstance(await v.next_event(), AcceptConnection)
         yield v
 
@@ -70,7 +86,7 @@ async def test_a_signed_in_viewer_sees_events_commands_agents_and_instances(conf
                 assert events["count"] == 2 and events["kinds"] == {"deploy": 1, "log": 1}
                 assert {e["kind"] for e in events["sample"]} == {"deploy", "log"}
 
-                async with raw_agent(http, agent_token, secret, worker_id="w-1"):
+                async with raw_agent(http, agent_token, secret, worker_id="w-1", prove=True):
                     agent = await v.next_message("agent")
                     assert agent == {
                         "type": "agent",
@@ -93,9 +109,101 @@ async def test_a_signed_in_viewer_sees_events_commands_agents_and_instances(conf
 async def test_a_viewer_without_a_session_is_closed_4401(config: Config) -> None:
     with trio.fail_after(30):
         async with running_brain(config) as brain:
-            async with viewer(brain.addresses.http, None) as v:
+            async with viewer(brain.addresses.http, None, origin="http://x") as v:
                 closed = await v.next_event()
                 assert isinstance(closed, CloseConnection) and closed.code == 4401
+
+
+async def _session(config: Config, token: str) -> tuple[str, str]:
+    """A session opened with ``token``, and its CSRF token."""
+    store = store_for(config)
+    try:
+        auth = Auth(store, keys.master_secret(config))
+        session = await auth.open_session(token)
+    finally:
+        await store.aclose()
+    assert session is not None
+    return session, auth.csrf_token(session)
+
+
+async def test_a_cookie_socket_needs_its_csrf_token_and_an_origin(config: Config) -> None:
+    """WebSockets have no CORS and browsers send the cookie with any handshake:
+    a foreign page (which cannot read the CSRF token) must not read the feed,
+    and a client without Origin (not a browser) must bring a bearer token."""
+    token = await admin_token(config)
+    session, csrf = await _session(config, token)
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            http = brain.addresses.http
+            for origin, given in [
+                ("http://evil.example", None),
+                ("http://evil.example", csrf[:-2] + "AA"),
+                ("http://x", None),
+                (None, csrf),  # the cookie with no Origin: not how browsers connect
+            ]:
+                async with viewer(http, None, origin=origin, session=session, csrf=given) as v:
+                    closed = await v.next_event()
+                    assert isinstance(closed, CloseConnection), (origin, closed)
+                    assert closed.code == 4403, origin
+            assert brain.stats.dashboard_subscribers == 0
+            async with viewer(http, None, origin="http://x", session=session, csrf=csrf) as v:
+                assert (await v.next_message("hello"))["type"] == "hello"
+            async with viewer(http, token) as v:  # not a browser: no Origin, a bearer token
+                assert (await v.next_message("hello"))["type"] == "hello"
+
+
+async def test_a_socket_whose_origin_is_not_its_host_is_closed_4403() -> None:
+    """Checked on the ASGI scope, where the Host header is."""
+
+    async def opened(origin: str) -> list[dict[str, Any]]:
+        hub = DashboardHub(BrainStats(), None, instance_id="i")
+        sent: list[dict[str, Any]] = []
+        incoming = [{"type": "websocket.connect"}, {"type": "websocket.disconnect"}]
+
+        async def receive() -> dict[str, Any]:
+            return incoming.pop(0) if incoming else {"type": "websocket.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        headers = [(b"host", b"brain.example:7700"), (b"origin", origin.encode())]
+        with trio.fail_after(5):
+            await hub({"type": "websocket", "headers": headers}, receive, send)
+        return sent
+
+    for foreign in ("http://evil.example", "http://brain.example", "null", "https://x:7700"):
+        assert (await opened(foreign))[-1] == {"type": "websocket.close", "code": 4403}
+    for same in ("http://brain.example:7700", "https://brain.example:7700"):
+        assert [m["type"] for m in await opened(same)][:2] == ["websocket.accept", "websocket.send"]
+
+
+async def test_revoking_a_token_closes_its_sockets_within_seconds(config: Config) -> None:
+    token = await admin_token(config)
+    other = await admin_token(config, name="other")
+    session, csrf = await _session(config, token)
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            http = brain.addresses.http
+            async with (
+                viewer(http, None, origin="http://x", session=session, csrf=csrf) as by_cookie,
+                viewer(http, token) as by_bearer,
+                viewer(http, other) as unrelated,
+            ):
+                for v in (by_cookie, by_bearer, unrelated):
+                    await v.next_message("hello")
+                store = store_for(config)
+                try:
+                    master = keys.master_secret(config)
+                    assert await store.revoke_api_token(keys.api_token_hash(master, token))
+                finally:
+                    await store.aclose()
+                with trio.fail_after(3 * RECHECK_SECONDS + 1):
+                    for v in (by_cookie, by_bearer):
+                        while not isinstance(event := await v.next_event(), CloseConnection):
+                            pass
+                        assert event.code == 4401
+                await trio.sleep(RECHECK_SECONDS * 1.5)
+                assert brain.stats.dashboard_subscribers == 1  # the other token's socket
 
 
 def test_bursts_of_events_coalesce_and_a_slow_subscriber_is_dropped() -> None:

@@ -7,11 +7,23 @@ from typing import Any
 
 import pytest
 
-from z4j.dashboard_page import resolve, serve_static, static_files
+from z4j.dashboard_page import dashboard_pages, resolve, serve_static, static_files
+
+
+async def _yes(headers: Any) -> bool:
+    return True
+
+
+async def _no(headers: Any) -> bool:
+    return False
 
 
 async def get(
-    path: str, *, method: str = "GET", headers: dict[str, str] | None = None
+    path: str,
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    signed_in: Any = _yes,
 ) -> tuple[bool, int | None, dict[bytes, bytes], bytes]:
     scope = {
         "type": "http",
@@ -27,7 +39,7 @@ async def get(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    served = await serve_static(scope, receive, send, path)
+    served = await serve_static(scope, receive, send, path, signed_in=signed_in)
     if not served:
         assert sent == []
         return False, None, {}, b""
@@ -61,6 +73,43 @@ async def test_paths_and_content_types(path: str, name: str, content_type: bytes
     assert headers[b"content-length"] == str(len(body)).encode()
     assert headers[b"cache-control"] == b"no-cache"
     assert headers[b"x-content-type-options"] == b"nosniff"
+
+
+@pytest.mark.parametrize(
+    "path", ["/", "/index.html", "/static/index.html", "//index.html", "///static/index.html"]
+)
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize("signed_in", [_no, None])
+async def test_the_dashboard_html_needs_a_session_by_any_path(
+    path: str, method: str, signed_in: Any
+) -> None:
+    """The check is on the file, not the path's spelling (no check given: never served)."""
+    served, status, headers, body = await get(path, method=method, signed_in=signed_in)
+    assert served and status == 303 and headers[b"location"] == b"/login" and body == b""
+    served, status, _, _ = await get("/login", method=method, signed_in=signed_in)
+    assert served and status == 200
+
+
+async def test_dashboard_pages_asks_the_given_check() -> None:
+    asked: list[Any] = []
+
+    async def check(headers: Any) -> bool:
+        asked.append(headers)
+        return True
+
+    pages = dashboard_pages(check)
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": [(b"cookie", b"c")]}
+    assert await pages(scope, _never, send, "/static/index.html")
+    assert asked == [[(b"cookie", b"c")]] and sent[0]["status"] == 200
+
+
+async def _never() -> dict[str, Any]:
+    raise AssertionError("a GET has no body to read")
 
 
 async def test_html_gets_a_content_security_policy() -> None:

@@ -6,11 +6,21 @@ stable code and a message, so bad input gets a 4xx and never a 500. Lists
 are newest first, ``{"items": [...], "next_cursor": ...}``; pass the
 cursor back to continue. Times are ISO-8601 UTC strings. The document at
 ``/api/v1/openapi.json`` (z4j/openapi.py) describes exactly this.
+
+A browser sends the session cookie with any request to us, even one a
+foreign page makes it send, and SameSite is not the whole answer (sibling
+subdomains are same-site). So a state-changing request signed in by the
+cookie must also have a JSON content type (a foreign form cannot send one
+without a preflight we never grant), no foreign ``Origin``, and the
+``X-CSRF-Token`` of its session, which only our own pages can read.
+Bearer-token callers are not browsers riding a cookie: none of this applies.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -19,7 +29,17 @@ from typing import Any
 import attrs
 import orjson
 
-from .auth import SESSION_COOKIE, SESSION_SECONDS, Auth, credentials
+from .auth import (
+    CSRF_COOKIE,
+    SESSION_COOKIE,
+    SESSION_SECONDS,
+    Auth,
+    Principal,
+    SignInThrottle,
+    credentials,
+    header,
+    same_origin,
+)
 from .commands import CommandError, Commands
 from .openapi import OPENAPI
 from .store.base import (
@@ -36,8 +56,20 @@ from .store.base import (
 
 __all__ = ["Api", "ApiError"]
 
+log = logging.getLogger("z4j.api")
+
 MAX_BODY_BYTES = 1024 * 1024
 MAX_LIMIT = 500
+# Event listings: a body larger than this (as JSON) is left out of its item
+# unless the caller asks for more, up to the second figure; and a page stops
+# growing past the byte budget (with a cursor for the rest), so no listing
+# builds hundreds of MiB however large the stored records are.
+EVENT_BODY_BYTES = 64 * 1024
+MAX_EVENT_BODY_BYTES = 16 * 1024 * 1024
+EVENTS_PAGE_BYTES = 4 * 1024 * 1024
+# A store failure is logged at most this often (callers see a generic 503).
+STORE_ERROR_LOG_SECONDS = 10.0
+CSRF_HEADER = b"x-csrf-token"
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -45,9 +77,17 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.headers = headers
 
 
 @attrs.frozen
@@ -57,6 +97,7 @@ class Request:
     params: dict[str, str]
     body: bytes
     headers: list[tuple[bytes, bytes]]
+    source: str = "unknown"  # the peer's address
 
     def json_object(self) -> dict[str, Any]:
         try:
@@ -76,10 +117,19 @@ Handler = Callable[[Request], Awaitable[Response]]
 class Api:
     """The ASGI app for paths under ``/api/v1/``."""
 
-    def __init__(self, store: Store, commands: Commands, auth: Auth) -> None:
+    def __init__(
+        self,
+        store: Store,
+        commands: Commands,
+        auth: Auth,
+        *,
+        sign_in_throttle: SignInThrottle | None = None,
+    ) -> None:
         self._store = store
         self._commands = commands
         self._auth = auth
+        self._throttle = sign_in_throttle if sign_in_throttle is not None else SignInThrottle()
+        self._store_error_logged = -STORE_ERROR_LOG_SECONDS
         # (method, path pattern, handler, needs sign-in)
         self._routes: list[tuple[str, re.Pattern[str], Handler, bool]] = []
         route = self._route
@@ -107,8 +157,12 @@ class Api:
             status, body = await self._dispatch(scope, receive, extra_headers)
         except ApiError as exc:
             status, body = exc.status, {"error": exc.code, "message": exc.message}
+            extra_headers.extend(exc.headers)
         except StoreUnavailable as exc:
-            status, body = 503, {"error": "store_unavailable", "message": str(exc)}
+            # The detail names files, hosts and users: for the log, not the caller.
+            self._log_store_error(exc)
+            status = 503
+            body = {"error": "store_unavailable", "message": "the store is unavailable; try again"}
         payload = b"" if body is None else orjson.dumps(body)
         headers = [(b"cache-control", b"no-store"), *extra_headers]
         if body is not None:
@@ -116,6 +170,12 @@ class Api:
         headers.append((b"content-length", str(len(payload)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+
+    def _log_store_error(self, exc: StoreUnavailable) -> None:
+        now = time.monotonic()
+        if now - self._store_error_logged >= STORE_ERROR_LOG_SECONDS:
+            self._store_error_logged = now
+            log.warning("API request failed, store unavailable: %s", exc)
 
     async def _dispatch(
         self, scope: Scope, receive: Receive, extra_headers: list[tuple[bytes, bytes]]
@@ -130,21 +190,40 @@ class Api:
             allowed.append(route_method)
             if route_method != method:
                 continue
-            if private and not await self._auth.signed_in(scope["headers"]):
-                raise ApiError(401, "unauthorized", "sign in: a bearer token or a session")
+            principal: Principal | None = None
+            if private:
+                principal = await self._auth.principal(scope["headers"])
+                if principal is None:
+                    raise ApiError(401, "unauthorized", "sign in: a bearer token or a session")
+            if method not in ("GET", "HEAD"):
+                if handler == self._sign_in:
+                    _check_browser_write(scope)
+                elif handler == self._sign_out:
+                    token, session = credentials(scope["headers"])
+                    if session is not None and token is None:
+                        self._check_cookie_write(scope, session)
+                elif principal is not None and principal.session is not None:
+                    self._check_cookie_write(scope, principal.session)
+            client = scope.get("client")
             request = Request(
                 method=method,
                 query=_query(scope.get("query_string", b"")),
                 params=match.groupdict(),
                 body=await _body(receive),
                 headers=scope["headers"],
+                source=str(client[0]) if client else "unknown",
             )
             status, body = await handler(request)
-            if handler == self._sign_in and status == 204:
-                extra_headers.append((b"set-cookie", _cookie(body)))
-                body = None
+            if handler == self._sign_in:
+                secure = scope.get("scheme") == "https"
+                extra_headers.append((b"set-cookie", _cookie(body.pop("session"), secure=secure)))
+                extra_headers.append(
+                    (b"set-cookie", _csrf_cookie(body["csrf_token"], secure=secure))
+                )
             elif handler == self._sign_out:
-                extra_headers.append((b"set-cookie", _cookie("", max_age=0)))
+                secure = scope.get("scheme") == "https"
+                extra_headers.append((b"set-cookie", _cookie("", max_age=0, secure=secure)))
+                extra_headers.append((b"set-cookie", _csrf_cookie("", max_age=0, secure=secure)))
             return status, body
         if allowed:
             raise ApiError(405, "method_not_allowed", f"use {' or '.join(sorted(set(allowed)))}")
@@ -155,14 +234,37 @@ class Api:
     async def _openapi(self, request: Request) -> Response:
         return 200, OPENAPI
 
+    def _check_cookie_write(self, scope: Scope, session: str) -> None:
+        _check_browser_write(scope)
+        if not self._auth.csrf_matches(session, header(scope["headers"], CSRF_HEADER)):
+            raise ApiError(
+                403,
+                "csrf",
+                "a request signed in by the session cookie needs the session's "
+                "X-CSRF-Token header (see the z4j_csrf cookie)",
+            )
+
     async def _sign_in(self, request: Request) -> Response:
+        source = request.source
+        wait = self._throttle.retry_after(source)
+        if wait is not None:
+            raise ApiError(
+                429,
+                "too_many_attempts",
+                f"too many failed sign-ins: wait {wait} s",
+                headers=((b"retry-after", str(wait).encode()),),
+            )
         token = request.json_object().get("token")
         if not isinstance(token, str) or not token:
             raise ApiError(400, "bad_request", 'give the admin token as {"token": ...}')
         session = await self._auth.open_session(token)
         if session is None:
+            self._throttle.failed(source)
             raise ApiError(401, "unauthorized", "unknown token")
-        return 204, session
+        self._throttle.succeeded(source)
+        # "session" goes into the cookie (HttpOnly), not the body.
+        csrf = self._auth.csrf_token(session)
+        return 200, {"session": session, "csrf_token": csrf, "expires_in": SESSION_SECONDS}
 
     async def _sign_out(self, request: Request) -> Response:
         _, session = credentials(request.headers)
@@ -220,6 +322,16 @@ class Api:
     async def _events(self, request: Request) -> Response:
         q = request.query
         limit = _limit(q)
+        body_max = EVENT_BODY_BYTES
+        if "body_max_bytes" in q:
+            raw = q["body_max_bytes"]
+            if not raw.isdigit() or int(raw) > MAX_EVENT_BODY_BYTES:
+                raise ApiError(
+                    400,
+                    "bad_request",
+                    f"body_max_bytes: an integer from 0 to {MAX_EVENT_BODY_BYTES}",
+                )
+            body_max = int(raw)
         _check_text(q.get("kind"))
         query = EventFilter(
             kind=q.get("kind"),
@@ -230,11 +342,19 @@ class Api:
             limit=limit,
         )
         events = await self._store.list_events(query)
+        items: list[dict[str, Any]] = []
+        size = 0
+        for event in events:
+            item = event_json(event, body_max_bytes=body_max)
+            size += len(orjson.dumps(item))
+            if items and size > EVENTS_PAGE_BYTES:
+                break  # the page is full: the cursor continues after the last item kept
+            items.append(item)
         cursor = None
-        if len(events) == limit:
-            last = events[-1]
+        if len(items) < len(events) or len(events) == limit:
+            last = events[len(items) - 1]
             cursor = f"{last.received_at!r}_{last.id}"
-        return 200, _page([event_json(e) for e in events], cursor)
+        return 200, _page(items, cursor)
 
     async def _list_commands(self, request: Request) -> Response:
         q = request.query
@@ -410,12 +530,33 @@ def _command_cursor(raw: str) -> tuple[float, uuid.UUID]:
         raise ApiError(400, "bad_request", "cursor: as given by the last page") from None
 
 
-def _cookie(session: str, *, max_age: int = SESSION_SECONDS) -> bytes:
-    # Plain HTTP on loopback by default: no Secure flag (put TLS in front and
-    # the browser still keeps it to this origin via SameSite=Strict).
+def _check_browser_write(scope: Scope) -> None:
+    """A state-changing request a browser may have been made to send: it must
+    have a JSON content type (a foreign form cannot send that without a CORS
+    preflight, which we never answer) and no foreign ``Origin``."""
+    headers = scope["headers"]
+    content_type = header(headers, b"content-type") or ""
+    if content_type.partition(";")[0].strip().lower() != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send Content-Type: application/json")
+    origin = header(headers, b"origin")
+    if origin is not None and not same_origin(origin, header(headers, b"host")):
+        raise ApiError(403, "foreign_origin", "requests from another origin are refused")
+
+
+def _cookie(session: str, *, max_age: int = SESSION_SECONDS, secure: bool = False) -> bytes:
+    # Served over TLS, the cookie is Secure: never sent back over plain HTTP.
+    # Plain HTTP (loopback by default) cannot set Secure cookies at all.
+    flags = "; Secure" if secure else ""
     return (
-        f"{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}"
+        f"{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{flags}"
     ).encode()
+
+
+def _csrf_cookie(csrf: str, *, max_age: int = SESSION_SECONDS, secure: bool = False) -> bytes:
+    # Not HttpOnly: the dashboard's script reads it to send X-CSRF-Token.
+    # Other origins cannot read it; it is useless without the session cookie.
+    flags = "; Secure" if secure else ""
+    return (f"{CSRF_COOKIE}={csrf}; Path=/; SameSite=Strict; Max-Age={max_age}{flags}").encode()
 
 
 # -- output --------------------------------------------------------------------------------
@@ -457,7 +598,11 @@ def instance_json(i: InstanceInfo) -> dict[str, Any]:
     }
 
 
-def event_json(e: EventRecord) -> dict[str, Any]:
+def event_json(e: EventRecord, *, body_max_bytes: int | None = None) -> dict[str, Any]:
+    """An event as the API shows it; a body over ``body_max_bytes`` (as JSON)
+    is left out (``body`` null, ``body_truncated`` true, its size in ``body_bytes``)."""
+    body_bytes = len(orjson.dumps(e.body))
+    truncated = body_max_bytes is not None and body_bytes > body_max_bytes
     return {
         "id": e.id,
         "key": e.key,
@@ -467,7 +612,9 @@ def event_json(e: EventRecord) -> dict[str, Any]:
         "project_id": None if e.project_id is None else str(e.project_id),
         "agent_id": None if e.agent_id is None else str(e.agent_id),
         "worker_id": e.worker_id,
-        "body": e.body,
+        "body": None if truncated else e.body,
+        "body_bytes": body_bytes,
+        "body_truncated": truncated,
     }
 
 

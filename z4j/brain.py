@@ -28,10 +28,12 @@ import ipaddress
 import logging
 import os
 import socket
+import sys
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -232,7 +234,7 @@ async def serve_brain(
                             metrics=functools.partial(render, metrics_registry),
                             api=api,
                             auth=auth,
-                            pages=_dashboard_pages(),
+                            pages=_dashboard_pages(auth),
                         ),
                         shutdown=http_shutdown,
                         stats=http_stats,
@@ -413,22 +415,49 @@ async def _announce_admin_token(auth: Auth, store_ready: trio.Event, config: Con
         return
     if token is not None:
         host, _, port = config.http_bind.rpartition(":")
-        log.warning(
-            "first start: the admin token is %s (shown once; `z4j admin token` makes another). "
-            "Sign in at http://%s:%s/login",
-            token,
-            host,
-            port,
-        )
+        # Logs are kept, shipped and shared: they get the file's path, never the token.
+        try:
+            path = write_first_admin_token(config, token)
+        except OSError as exc:
+            log.warning(
+                "could not save the first admin token (`z4j admin token` makes one): %s", exc
+            )
+        else:
+            log.warning(
+                "first start: an admin token was made and written to %s (readable by this "
+                "user only; delete it once you have signed in). Sign in at http://%s:%s/login",
+                path,
+                host,
+                port,
+            )
+        if sys.stderr.isatty():
+            print(f"z4j: the first admin token is {token}", file=sys.stderr, flush=True)
 
 
-def _dashboard_pages() -> Pages | None:
-    """The dashboard's static files, when this install has them."""
+FIRST_ADMIN_TOKEN_FILE = "first-admin-token"
+
+
+def write_first_admin_token(config: Config, token: str) -> Path:
+    """Write the first admin token to a file only this user can read (0600)."""
+    config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = config.data_dir / FIRST_ADMIN_TOKEN_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        from .dashboard_page import serve_static
+        os.fchmod(fd, 0o600)  # an older file may have been made with another mode
+        os.write(fd, (token + "\n").encode())
+    finally:
+        os.close(fd)
+    return path
+
+
+def _dashboard_pages(auth: Auth) -> Pages | None:
+    """The dashboard's static files, when this install has them (the page
+    itself only to a signed-in session, whatever path names it)."""
+    try:
+        from .dashboard_page import dashboard_pages
     except ImportError:
         return None
-    return serve_static
+    return dashboard_pages(auth.signed_in)
 
 
 def check_bind_is_safe(config: Config) -> None:

@@ -13,6 +13,17 @@ Messages are JSON text frames, each with a ``type``: ``hello``, ``events``
 connected or disconnected). On replicas (``postgres_notify``) messages made
 here are also relayed to the others through the registry, and theirs
 arrive through `publish_local`.
+
+Browsers send the session cookie with any WebSocket handshake, whatever
+page opens it, and WebSockets have no CORS. So a socket signed in by the
+cookie must also give the session's CSRF token (``?csrf=``, read by our
+page from the ``z4j_csrf`` cookie, which no other origin can read); a
+handshake whose ``Origin`` is not the ``Host`` it was sent to is refused
+(when the scope carries the Host); and one without ``Origin`` (not a
+browser) must sign in with a bearer token. All refusals close 4403. Each socket re-checks
+its credentials every `RECHECK_SECONDS` against the store, so a revoked
+token or a closed session ends its sockets within about a second, on every
+replica (SQLite or Postgres alike: the store is the one truth).
 """
 
 from __future__ import annotations
@@ -21,12 +32,14 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qs
 
 import orjson
 import trio
 
-from .auth import Auth
+from .auth import Auth, Principal, credentials, header, same_origin
 from .stats import BrainStats
+from .store.base import StoreUnavailable
 
 __all__ = ["DashboardHub", "merge_events"]
 
@@ -35,6 +48,8 @@ log = logging.getLogger("z4j.dashboard")
 QUEUE_SIZE = 256
 SAMPLE_SIZE = 20
 CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN_ORIGIN = 4403
+RECHECK_SECONDS = 1.0
 CLOSE_TOO_SLOW = 1008
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -42,18 +57,27 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class _Subscriber:
-    __slots__ = ("dropped", "queue", "ready")
+    __slots__ = ("dropped", "queue", "ready", "signed_out")
 
     def __init__(self) -> None:
         self.queue: deque[dict[str, Any]] = deque()
         self.ready = trio.Event()
         self.dropped = False
+        self.signed_out = False
 
 
 class DashboardHub:
-    def __init__(self, stats: BrainStats, auth: Auth | None, *, instance_id: str) -> None:
+    def __init__(
+        self,
+        stats: BrainStats,
+        auth: Auth | None,
+        *,
+        instance_id: str,
+        recheck_seconds: float = RECHECK_SECONDS,
+    ) -> None:
         self._stats = stats
         self._auth = auth
+        self._recheck_seconds = recheck_seconds
         self._instance_id = instance_id
         self._subscribers: set[_Subscriber] = set()
         # Set by the brain on replicas: hands our messages to the registry.
@@ -100,9 +124,28 @@ class DashboardHub:
         if (await receive())["type"] != "websocket.connect":
             return
         await send({"type": "websocket.accept"})
-        if self._auth is not None and not await self._auth.signed_in(scope["headers"]):
-            await send({"type": "websocket.close", "code": CLOSE_UNAUTHORIZED})
+        headers = scope["headers"]
+        origin, host = header(headers, b"origin"), header(headers, b"host")
+        if origin is not None and host is not None and not same_origin(origin, host):
+            log.warning("refused a dashboard socket from origin %r", origin[:200])
+            await send({"type": "websocket.close", "code": CLOSE_FORBIDDEN_ORIGIN})
             return
+        principal: Principal | None = None
+        if self._auth is not None:
+            if origin is None and credentials(headers)[0] is None:
+                # Not a browser (they always send Origin): sign in with a bearer token.
+                await send({"type": "websocket.close", "code": CLOSE_FORBIDDEN_ORIGIN})
+                return
+            principal = await self._auth.principal(headers)
+            if principal is None:
+                await send({"type": "websocket.close", "code": CLOSE_UNAUTHORIZED})
+                return
+            if principal.session is not None:
+                query = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
+                csrf = query.get("csrf", [None])[0]
+                if not self._auth.csrf_matches(principal.session, csrf):
+                    await send({"type": "websocket.close", "code": CLOSE_FORBIDDEN_ORIGIN})
+                    return
         sub = _Subscriber()
         self._subscribers.add(sub)
         self._stats.dashboard_subscribers += 1
@@ -116,9 +159,15 @@ class DashboardHub:
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(until_peer_leaves)
+                if principal is not None:
+                    nursery.start_soon(self._while_signed_in, principal, sub)
                 while True:
                     await sub.ready.wait()
                     sub.ready = trio.Event()
+                    if sub.signed_out:
+                        await send({"type": "websocket.close", "code": CLOSE_UNAUTHORIZED})
+                        nursery.cancel_scope.cancel()
+                        return
                     if sub.dropped:
                         await send({"type": "websocket.close", "code": CLOSE_TOO_SLOW})
                         nursery.cancel_scope.cancel()
@@ -128,6 +177,20 @@ class DashboardHub:
         finally:
             self._subscribers.discard(sub)
             self._stats.dashboard_subscribers -= 1
+
+    async def _while_signed_in(self, principal: Principal, sub: _Subscriber) -> None:
+        """Mark the subscriber signed out once its token or session is gone."""
+        assert self._auth is not None
+        while True:
+            await trio.sleep(self._recheck_seconds)
+            try:
+                valid = await self._auth.still_valid(principal)
+            except StoreUnavailable:
+                continue  # keep the socket through a store outage; check again
+            if not valid:
+                sub.signed_out = True
+                sub.ready.set()
+                return
 
     @staticmethod
     async def _send(send: Send, message: dict[str, Any]) -> None:

@@ -10,23 +10,41 @@ round trip and no body.
 
 Only names present in the package are served (a fixed table, built from the
 directory listing), so a request path can never reach outside it.
+
+The dashboard's HTML needs a signed-in session whatever path names it
+(``/``, ``/index.html``, ``/static/index.html``, ``//index.html``...): the
+check is made here, on the file resolved, not on the path's spelling. The
+sign-in page and the scripts, styles and images are public.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import importlib.resources
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
 
-__all__ = ["StaticFile", "resolve", "serve_static", "static_files"]
+__all__ = [
+    "PRIVATE_FILES",
+    "StaticFile",
+    "dashboard_pages",
+    "resolve",
+    "serve_static",
+    "static_files",
+]
 
 Scope = Mapping[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+SignedIn = Callable[[Iterable[tuple[bytes, bytes]]], Awaitable[bool]]
+Pages = Callable[[Scope, Receive, Send, str], Awaitable[bool]]
+
+# Files served only to a signed-in session (else a redirect to /login).
+PRIVATE_FILES = frozenset({"index.html"})
 
 _CONTENT_TYPES = {
     ".html": b"text/html; charset=utf-8",
@@ -135,16 +153,38 @@ def resolve(path: str) -> StaticFile | None:
     return static_files().get(name)
 
 
-async def serve_static(scope: Scope, receive: Receive, send: Send, path: str) -> bool:
+def dashboard_pages(signed_in: SignedIn) -> Pages:
+    """`serve_static` with the sign-in check the dashboard's HTML needs."""
+    return functools.partial(serve_static, signed_in=signed_in)
+
+
+async def serve_static(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    path: str,
+    *,
+    signed_in: SignedIn | None = None,
+) -> bool:
     """Answer a GET or HEAD for ``path``: ``/`` (the dashboard), ``/login``, or
     ``/static/<file>`` (a file of ``z4j/static``). False, having sent
     nothing, when there is no such file or the method is neither GET nor
-    HEAD. Whether the caller may see the dashboard is the caller's check."""
+    HEAD. A file of `PRIVATE_FILES` is sent only when ``signed_in`` says
+    the request's headers are signed in (none given: never), else a
+    redirect to ``/login``."""
     if scope.get("type") != "http" or scope.get("method") not in ("GET", "HEAD"):
         return False
     file = resolve(path)
     if file is None:
         return False
+    if file.name in PRIVATE_FILES and (
+        signed_in is None or not await signed_in(scope.get("headers", ()))
+    ):
+        headers = [(b"location", b"/login"), (b"content-length", b"0")]
+        headers.append((b"cache-control", b"no-store"))
+        await send({"type": "http.response.start", "status": 303, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+        return True
     headers = [
         (b"content-type", file.content_type),
         (b"cache-control", b"no-cache"),

@@ -2,6 +2,8 @@
 
 Written by hand next to the routes it describes; tests/test_api.py runs
 schemathesis against it, so a route that answers off this document fails.
+The rules for cookie-signed writes (CSRF) and the caps on event listings
+are told here too: API users read this document, not z4j/api.py.
 """
 
 from __future__ import annotations
@@ -51,13 +53,23 @@ def _errors(*statuses: int) -> dict[str, Any]:
     meaning = {
         400: "Bad input",
         401: "Not signed in",
+        403: "Refused: a foreign Origin, or a cookie-signed write without its X-CSRF-Token",
         404: "Not found",
         405: "Method not allowed",
         409: "Conflict with the current state",
         413: "Body too large",
+        415: "Not JSON: a browser-style write needs Content-Type: application/json",
+        429: "Too many failed sign-ins from this address: wait the Retry-After seconds",
         503: "The store is not reachable; try again",
     }
-    return {str(s): {"description": meaning[s], **_json(_ref("Error"))} for s in statuses}
+    responses: dict[str, Any] = {
+        str(s): {"description": meaning[s], **_json(_ref("Error"))} for s in statuses
+    }
+    if 429 in statuses:
+        responses["429"]["headers"] = {
+            "Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}
+        }
+    return responses
 
 
 def _operation(
@@ -70,6 +82,7 @@ def _operation(
     body: dict[str, Any] | None = None,
     public: bool = False,
     links: dict[str, Any] | None = None,
+    description: str | None = None,
 ) -> dict[str, Any]:
     status, schema = ok
     success: dict[str, Any] = {"description": "OK", **(_json(schema) if schema else {})}
@@ -80,6 +93,8 @@ def _operation(
         "summary": summary,
         "responses": {str(status): success, **_errors(*errors, *(() if public else (503,)))},
     }
+    if description:
+        operation["description"] = description
     if parameters:
         operation["parameters"] = parameters
     if body is not None:
@@ -97,6 +112,17 @@ def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
         "schema": schema,
         "description": description,
     }
+
+
+CSRF_HEADER = {
+    "name": "X-CSRF-Token",
+    "in": "header",
+    "required": False,
+    "schema": STRING,
+    "description": "Required when signed in by the session cookie (not by a bearer token): "
+    "the csrf_token from POST /session (also in the z4j_csrf cookie). Such requests also "
+    "need Content-Type: application/json and no foreign Origin (else 403 or 415).",
+}
 
 
 def _path(name: str) -> dict[str, Any]:
@@ -175,7 +201,17 @@ SCHEMAS: dict[str, Any] = {
             "project_id": _nullable(UUID),
             "agent_id": _nullable(UUID),
             "worker_id": _nullable(STRING),
-            "body": ANY,
+            "body": {
+                "description": "the record; null when it is over body_max_bytes "
+                "(body_truncated is then true)",
+                "nullable": True,
+            },
+            "body_bytes": {"type": "integer", "description": "the body's size as JSON"},
+            "body_truncated": {
+                "type": "boolean",
+                "description": "the body was left out for its size: list again from this "
+                "event with a larger body_max_bytes to read it",
+            },
         }
     ),
     "Command": _object(
@@ -228,7 +264,23 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"token": {"type": "string", "minLength": 1}},
         "required": ["token"],
     },
+    "SignedIn": _object(
+        {
+            "csrf_token": {
+                "type": "string",
+                "description": "send as X-CSRF-Token on writes signed in by the session cookie",
+            },
+            "expires_in": {"type": "integer", "description": "seconds the session lasts"},
+        }
+    ),
 }
+
+EVENTS_DESCRIPTION = (
+    "Each item's body is left out (null, body_truncated true) when it is larger than "
+    "body_max_bytes as JSON (default 65536). A page stops growing past 4 MiB of items, "
+    "so it may hold fewer than limit items: continue with next_cursor, which is non-null "
+    "whenever more may follow."
+)
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
@@ -236,7 +288,9 @@ OPENAPI: dict[str, Any] = {
         "title": "z4j brain API",
         "version": __version__,
         "description": "Read the brain's state and send commands. Sign in with an admin "
-        "token as a bearer token, or POST it to /session for a cookie.",
+        "token as a bearer token, or POST it to /session for a cookie. Writes signed in by "
+        "the cookie must send Content-Type: application/json, the session's X-CSRF-Token, "
+        "and no foreign Origin; failed sign-ins are limited per address (429).",
     },
     "servers": [{"url": "/api/v1"}],
     "security": [{"bearer": []}, {"session": []}],
@@ -254,13 +308,20 @@ OPENAPI: dict[str, Any] = {
         "/session": {
             "post": _operation(
                 "signIn",
-                "Sign in: a session cookie for an admin token",
-                (204, None),
-                errors=(400, 401, 413, 503),
+                "Sign in: a session cookie (and its CSRF token) for an admin token",
+                (200, _ref("SignedIn")),
+                errors=(400, 401, 403, 413, 415, 429, 503),
                 body=_ref("SignIn"),
                 public=True,
             ),
-            "delete": _operation("signOut", "Sign out", (204, None), errors=(), public=True),
+            "delete": _operation(
+                "signOut",
+                "Sign out",
+                (204, None),
+                errors=(403, 415),
+                parameters=[CSRF_HEADER],
+                public=True,
+            ),
         },
         "/projects": {"get": _operation("listProjects", "Projects", (200, _page("Project")))},
         "/agents": {
@@ -291,7 +352,13 @@ OPENAPI: dict[str, Any] = {
                 "Stored events, newest first",
                 (200, _page("Event")),
                 errors=(400, 401),
+                description=EVENTS_DESCRIPTION,
                 parameters=[
+                    _query(
+                        "body_max_bytes",
+                        {"type": "integer", "minimum": 0, "maximum": 16777216, "default": 65536},
+                        "leave out bodies larger than this (bytes of JSON)",
+                    ),
                     _query("kind", STRING, "only this kind"),
                     _query("agent_id", UUID, "only this agent's events"),
                     _query("since", STRING, "received at or after (ISO-8601 or epoch seconds)"),
@@ -319,8 +386,9 @@ OPENAPI: dict[str, Any] = {
                 "createCommand",
                 "Send a command to an agent",
                 (201, _ref("Command")),
-                errors=(400, 401, 404, 409, 413),
+                errors=(400, 401, 403, 404, 409, 413, 415),
                 links=NEW_COMMAND,
+                parameters=[CSRF_HEADER],
                 body=_ref("NewCommand"),
             ),
         },
@@ -338,8 +406,8 @@ OPENAPI: dict[str, Any] = {
                 "cancelCommand",
                 "Cancel a pending or dispatched command",
                 (200, _ref("Command")),
-                errors=(400, 401, 404, 409),
-                parameters=[_path("id")],
+                errors=(400, 401, 403, 404, 409, 415),
+                parameters=[_path("id"), CSRF_HEADER],
             )
         },
         "/audit": {

@@ -195,16 +195,27 @@
     }
   }
 
+  // The session's CSRF token, from the cookie the sign-in set (readable by
+  // this origin's scripts only): every state-changing request carries it.
+  function csrfToken() {
+    for (const part of document.cookie.split(";")) {
+      const [key, ...rest] = part.trim().split("=");
+      if (key === "z4j_csrf") return rest.join("=");
+    }
+    return "";
+  }
+
   async function api(method, path, body) {
     const init = {
       method,
       credentials: "same-origin",
       headers: { accept: "application/json" },
     };
-    if (body !== undefined) {
+    if (method !== "GET" && method !== "HEAD") {
       init.headers["content-type"] = "application/json";
-      init.body = JSON.stringify(body);
+      init.headers["x-csrf-token"] = csrfToken();
     }
+    if (body !== undefined) init.body = JSON.stringify(body);
     const response = await fetch(path, init);
     if (response.status === 401) {
       toLogin();
@@ -1155,7 +1166,9 @@
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     let ws;
     try {
-      ws = new WebSocket(`${scheme}//${location.host}/ws/dashboard`);
+      // The CSRF token shows the brain that this page, not another site, opens it.
+      const csrf = encodeURIComponent(csrfToken());
+      ws = new WebSocket(`${scheme}//${location.host}/ws/dashboard?csrf=${csrf}`);
     } catch {
       scheduleReconnect(false);
       return;

@@ -36,6 +36,10 @@
       try {
         const body = await response.json();
         if (response.status === 401) message = "This token was not accepted.";
+        else if (response.status === 429) {
+          const wait = response.headers.get("retry-after");
+          message = `Too many failed sign-ins: try again ${wait ? `in ${wait} s` : "later"}.`;
+        }
         else if (body && body.message) message = body.message;
       } catch {
         /* not JSON: keep the status line */
