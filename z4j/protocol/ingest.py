@@ -210,6 +210,9 @@ class IngestConnection:
         self._pos = 0
         self._eof = False
         self._dead: RemoteProtocolError | None = None
+        # The head frame's (body start, end), once its prefix is read, for `_pos`.
+        self._head_pos = -1
+        self._head: tuple[int, int] | None = None
 
     @property
     def buffered(self) -> int:
@@ -234,10 +237,16 @@ class IngestConnection:
         if bounds is None or bounds[1] > len(self._buf):
             return False
         start, end = bounds
-        return end - start > HEAVY_FRAME_BYTES or self._buf.find(GZIP_MAGIC, start, end) >= 0
+        if end - start > HEAVY_FRAME_BYTES:
+            return True
+        # The payload starts after "v1:<tokenhash>:"; gzip shows in its first bytes.
+        sep = self._buf.find(b":", start + 3, min(end, start + 4 + _MAX_TOKENHASH_FIELD))
+        return sep >= 0 and self._buf.startswith(GZIP_MAGIC, sep + 1)
 
     def _peek_bounds(self) -> tuple[int, int] | None:
         """(body start, end) of the head frame when its prefix is valid and known."""
+        if self._head_pos == self._pos:
+            return self._head
         if self._dead is not None:
             return None
         buf, pos = self._buf, self._pos
@@ -245,9 +254,13 @@ class IngestConnection:
         if colon <= pos:
             return None
         prefix = bytes(buf[pos:colon])
-        if not prefix.isdigit() or int(prefix) > self._max_frame:
+        if not prefix.isdigit() or (len(prefix) > 1 and prefix[0] == 0x30):
             return None  # next_event says why
-        return colon + 1, colon + 1 + int(prefix)
+        length = int(prefix)
+        if length > self._max_frame:
+            return None
+        self._head_pos, self._head = pos, (colon + 1, colon + 1 + length)
+        return self._head
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the peer; ``b""`` means the peer closed its side."""
@@ -257,6 +270,7 @@ class IngestConnection:
             if self._pos and self._pos * 2 >= len(self._buf):
                 del self._buf[: self._pos]
                 self._pos = 0
+                self._head_pos = -1
             self._buf += data
         else:
             self._eof = True
@@ -287,6 +301,12 @@ class IngestConnection:
 
     def _next_frame(self) -> bytes | None:
         buf, pos = self._buf, self._pos
+        if self._head_pos == pos and self._head is not None:
+            start, end = self._head
+            if end > len(buf):
+                return None
+            self._pos = end
+            return bytes(buf[start:end])
         colon = buf.find(b":", pos, pos + self._max_len_digits + 1)
         if colon < 0:
             if len(buf) - pos > self._max_len_digits:
