@@ -177,6 +177,18 @@ async def test_a_socket_whose_origin_is_not_its_host_is_closed_4403() -> None:
         assert [m["type"] for m in await opened(same)][:2] == ["websocket.accept", "websocket.send"]
 
 
+async def test_a_foreign_origin_is_refused_on_the_real_socket(config: Config) -> None:
+    """Over the brain's own WebSocket layer, where Host comes from the request line."""
+    token = await admin_token(config)
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            async with viewer(brain.addresses.http, token, origin="http://evil.example") as v:
+                closed = await v.next_event()
+                assert isinstance(closed, CloseConnection) and closed.code == 4403
+            async with viewer(brain.addresses.http, token, origin="http://x") as v:
+                assert (await v.next_message("hello"))["type"] == "hello"
+
+
 async def test_revoking_a_token_closes_its_sockets_within_seconds(config: Config) -> None:
     token = await admin_token(config)
     other = await admin_token(config, name="other")

@@ -126,7 +126,7 @@ class DashboardHub:
         await send({"type": "websocket.accept"})
         headers = scope["headers"]
         origin, host = header(headers, b"origin"), header(headers, b"host")
-        if origin is not None and host is not None and not same_origin(origin, host):
+        if origin is not None and (host is None or not same_origin(origin, host)):
             log.warning("refused a dashboard socket from origin %r", origin[:200])
             await send({"type": "websocket.close", "code": CLOSE_FORBIDDEN_ORIGIN})
             return

@@ -401,7 +401,12 @@ def _scope(request: Request, client: tuple[str, int] | None, secure: bool) -> Sc
         "scheme": "wss" if secure else "ws",
         "path": path,
         "query_string": query.encode(),
-        "headers": [(name.lower(), value) for name, value in request.extra_headers],
+        # wsproto keeps Host out of extra_headers; ASGI apps (the dashboard
+        # socket's Origin check) expect it among the headers.
+        "headers": [
+            (b"host", request.host.encode()),
+            *((name.lower(), value) for name, value in request.extra_headers),
+        ],
         "client": client,
         "extensions": {SEND_BATCH: {}},
     }
