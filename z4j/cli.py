@@ -284,7 +284,7 @@ async def _run_brain(config: Config, supervisor_fd: int | None = None) -> int:
     from .brain import serve_brain
 
     shutdown = trio.Event()
-    failed = False
+    status = 0
     # Under `z4j brain --instances N`: stop when the supervisor is gone.
     link = None if supervisor_fd is None else SupervisorLink(supervisor_fd)
     try:
@@ -304,8 +304,12 @@ async def _run_brain(config: Config, supervisor_fd: int | None = None) -> int:
     except* (OSError, BufferInUse, BrainAlreadyRunning) as group:  # a port in use, ...
         for exc in _leaves(group):
             log.error("%s", exc)
-        failed = True
-    return 1 if failed else 0
+        status = 1
+    except* ConfigError as group:  # found only as a service starts (a TLS file, say)
+        for exc in _leaves(group):
+            print(f"z4j: configuration error: {exc}", file=sys.stderr)
+        status = 2
+    return status
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
