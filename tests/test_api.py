@@ -599,11 +599,12 @@ async def test_the_first_admin_token_goes_to_a_private_file_not_the_log(
         ready = trio.Event()
         ready.set()
         with caplog.at_level(logging.INFO):
-            await _announce_admin_token(auth, ready, config)
+            await _announce_admin_token(auth, ready, config, "http://brain.test:7700/login")
         path = config.data_dir / FIRST_ADMIN_TOKEN_FILE
         token = path.read_text().strip()
         assert await auth.token_valid(token)
         assert path.stat().st_mode & 0o777 == 0o600
         assert token not in caplog.text and str(path) in caplog.text
+        assert "http://brain.test:7700/login" in caplog.text
     finally:
         await store.aclose()

@@ -6,6 +6,7 @@ Issue 13, items 8 (modes) and 10 (operator traps).
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import trio
 from z4j._datadir import BrainAlreadyRunning
 from z4j.brain import serve_brain
 from z4j.config import ConfigError
-from z4j.testing.brain import make_config, running_brain
+from z4j.testing.brain import make_config, running_brain, wait_until
 
 
 def mode(path: Path) -> int:
@@ -42,8 +43,7 @@ async def test_a_new_data_dir_and_every_file_in_it_are_private(tmp_path: Path) -
     with trio.fail_after(30):
         async with running_brain(make_config(data)):
             # The store exists once migrations ran; the buffer from the start.
-            while not (data / "store.sqlite3").exists():
-                await trio.sleep(0.05)
+            await wait_until((data / "store.sqlite3").exists)
     assert mode(data) == 0o700
     files = sorted(p.name for p in data.iterdir())
     assert {"buffer.sqlite3", "store.sqlite3", "secret", "brain.lock"} <= set(files)
@@ -55,8 +55,7 @@ async def test_files_an_older_brain_left_world_readable_are_tightened(tmp_path: 
     data = tmp_path / "data"
     with trio.fail_after(30):
         async with running_brain(make_config(data)):
-            while not (data / "store.sqlite3").exists():
-                await trio.sleep(0.05)
+            await wait_until((data / "store.sqlite3").exists)
     for name in ("store.sqlite3", "buffer.sqlite3"):
         os.chmod(data / name, 0o644)
     os.chmod(data, 0o755)
@@ -111,3 +110,18 @@ def test_the_command_line_says_why_in_one_line_without_a_traceback(tmp_path: Pat
     assert "Z4J_SECRET" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "data").exists()
+
+
+async def test_a_port_in_use_is_refused_before_anything_is_created(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        config = make_config(tmp_path / "data", http_bind=f"127.0.0.1:{port}")
+        with trio.fail_after(10), pytest.raises(OSError, match="address in use") as refused:
+            await serve_brain(config)
+    # On SQLite the hint must not be the SO_REUSEPORT one (see the test above).
+    assert "Z4J_SO_REUSEPORT" not in str(refused.value)
+    assert not (tmp_path / "data").exists(), (
+        "no data dir, buffer or store for a brain that cannot serve"
+    )

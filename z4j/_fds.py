@@ -27,6 +27,8 @@ RESERVE_FRACTION = 0.10
 # log files, the CLI's standard streams, and a margin; plus one per pooled
 # Postgres connection.
 RESERVE_MIN = 64
+# A cap below this after fitting is worth a warning.
+LOW_CAP = 1000
 
 
 def raise_nofile_limit() -> int | None:
@@ -64,7 +66,11 @@ def with_descriptor_caps(config: Config) -> Config:
         return config
     fitted = fit_connection_caps(config, limit)
     if fitted != config:
-        log.warning(
+        # Common limits (20,000; 65,536) lower the 10,000-each defaults a
+        # little: worth a line, not an alarm. A low limit is one.
+        low = min(fitted.http_max_connections, fitted.ingest_max_connections) < LOW_CAP
+        log.log(
+            logging.WARNING if low else logging.INFO,
             "descriptor limit %d: connection caps lowered to fit it with a reserve: "
             "http %d (Z4J_HTTP_MAX_CONNECTIONS=%d), ingest %d (Z4J_INGEST_MAX_CONNECTIONS=%d); "
             "raise the hard limit (ulimit -Hn, LimitNOFILE=) to serve more",

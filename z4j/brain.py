@@ -53,8 +53,8 @@ from .dashboard_hub import SAMPLE_SIZE, DashboardHub
 from .drain import Drainer
 from .events import EventRow, event_rows
 from .heartbeat import Heartbeat
-from .http import HealthChecks, HttpStats, Pages, build_app, serve_http
-from .ingest_server import IngestServer
+from .http import HealthChecks, HttpStats, Pages, build_app, serve_http, tls_context
+from .ingest_server import IngestServer, open_tcp_socket
 from .maintenance import Maintenance
 from .metrics import brain_registry, render
 from .registry import Registry, registry_for
@@ -138,16 +138,23 @@ async def serve_brain(
 
         brain = await nursery.start(z4j.serve_brain, config)
     """
+    # Refusals first, then the ports: a brain that cannot serve creates,
+    # locks and migrates nothing.
     check_bind_is_safe(config)
+    check_single_brain(config)
+    tls_context(config)  # a lone or unreadable TLS file
     # Services get caps that fit the descriptor limit (see z4j._fds).
     config = with_descriptor_caps(config)
-    check_single_brain(config)
     stats = stats if stats is not None else BrainStats()
     instance_id = uuid.uuid4()
-    brain_lock = None if config.uses_postgres else SqliteBrainLock(config.data_dir)
+    ingest_sock, http_sock = _bind_ports(config)
+    brain_lock = None
     try:
+        brain_lock = None if config.uses_postgres else SqliteBrainLock(config.data_dir)
         buffer = await Buffer.open(config.resolved_buffer_path, max_rows=config.buffer_max_rows)
     except BaseException:
+        ingest_sock.close()
+        http_sock.close()
         if brain_lock is not None:
             brain_lock.release()
         raise
@@ -186,7 +193,7 @@ async def serve_brain(
 
             async def run_ingest(task_status: trio.TaskStatus[tuple[str, int]]) -> None:
                 try:
-                    await ingest.serve(task_status=task_status)
+                    await ingest.serve(ingest_sock, task_status=task_status)
                 finally:
                     ingest_done.set()
 
@@ -210,7 +217,6 @@ async def serve_brain(
             agents.commands = commands
             await nursery.start(commands.run_sweeper, store_ready)
             auth = Auth(store, keys.master_secret(config))
-            nursery.start_soon(_announce_admin_token, auth, store_ready, config)
             api = Api(store, commands, auth)
             hub = DashboardHub(stats, auth, instance_id=str(instance_id))
             _feed_dashboard(hub, buffer.buffer_id, drainer, commands, agents)
@@ -239,12 +245,16 @@ async def serve_brain(
                         shutdown=http_shutdown,
                         stats=http_stats,
                         websockets={"/ws/agent": agents, "/ws/dashboard": hub},
+                        sock=http_sock,
                         task_status=task_status,
                     )
                 finally:
                     http_done.set()
 
             http_address = await nursery.start(run_http)
+            scheme = "http" if config.tls_cert_file is None else "https"
+            sign_in_url = f"{scheme}://{_url_host(config.http_bind, http_address)}/login"
+            nursery.start_soon(_announce_admin_token, auth, store_ready, config, sign_in_url)
 
             info = InstanceInfo(
                 id=instance_id,
@@ -317,6 +327,9 @@ async def serve_brain(
                 log.warning("graceful shutdown ran past its deadline; cancelling the rest")
             nursery.cancel_scope.cancel()
     finally:
+        # Closed by their servers once handed over; these cover a start cut short.
+        ingest_sock.close()
+        http_sock.close()
         with trio.CancelScope(shield=True):
             await buffer.aclose()
             await store.aclose()
@@ -405,7 +418,17 @@ def _feed_dashboard(
     )
 
 
-async def _announce_admin_token(auth: Auth, store_ready: trio.Event, config: Config) -> None:
+def _url_host(bind: str, address: tuple[str, int]) -> str:
+    """HOST:PORT for a URL to this brain: the bound port, the host as configured."""
+    host = bind.rpartition(":")[0].strip("[]")
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+
+
+async def _announce_admin_token(
+    auth: Auth, store_ready: trio.Event, config: Config, sign_in_url: str
+) -> None:
     """On a store with no admin token yet, make one and show it, once."""
     await store_ready.wait()
     try:
@@ -414,7 +437,6 @@ async def _announce_admin_token(auth: Auth, store_ready: trio.Event, config: Con
         log.warning("could not check for an admin token: %s", exc)
         return
     if token is not None:
-        host, _, port = config.http_bind.rpartition(":")
         # Logs are kept, shipped and shared: they get the file's path, never the token.
         try:
             path = write_first_admin_token(config, token)
@@ -425,10 +447,9 @@ async def _announce_admin_token(auth: Auth, store_ready: trio.Event, config: Con
         else:
             log.warning(
                 "first start: an admin token was made and written to %s (readable by this "
-                "user only; delete it once you have signed in). Sign in at http://%s:%s/login",
+                "user only; delete it once you have signed in). Sign in at %s",
                 path,
-                host,
-                port,
+                sign_in_url,
             )
         if sys.stderr.isatty():
             print(f"z4j: the first admin token is {token}", file=sys.stderr, flush=True)
@@ -458,6 +479,27 @@ def _dashboard_pages(auth: Auth) -> Pages | None:
     except ImportError:
         return None
     return dashboard_pages(auth.signed_in)
+
+
+def _bind_ports(config: Config) -> tuple[socket.socket, socket.socket]:
+    """The ingest and HTTP listening sockets, bound before anything is created."""
+    if config.uses_postgres:
+        hint = (
+            " (another brain? to share a port, set Z4J_SO_REUSEPORT=true on every instance, "
+            "or run `z4j brain --instances N`)"
+        )
+    else:
+        hint = (
+            " (another brain or program holds it: stop it, or choose another port; several "
+            "brains can share a port only on a shared Postgres store)"
+        )
+    ingest = open_tcp_socket(config.ingest_bind, reuse_port=config.so_reuseport, in_use_hint=hint)
+    try:
+        http = open_tcp_socket(config.http_bind, reuse_port=config.so_reuseport, in_use_hint=hint)
+    except BaseException:
+        ingest.close()
+        raise
+    return ingest, http
 
 
 def check_bind_is_safe(config: Config) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
@@ -263,9 +264,10 @@ async def serve_http(
     shutdown: trio.Event,
     websockets: Mapping[str, Handler] | None = None,
     stats: HttpStats | None = None,
+    sock: socket.socket | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve Z4J_HTTP_BIND until ``shutdown`` is set.
+    """Serve Z4J_HTTP_BIND (or ``sock``, a listening socket this closes) until ``shutdown`` is set.
 
     Each new connection's request head is read here first: a WebSocket
     upgrade to a path in ``websockets`` is served by the lean wsproto
@@ -287,7 +289,8 @@ async def serve_http(
     timeout = config.http_read_timeout_seconds
     cap = config.http_max_connections
     refusals = ThrottledLog(log)
-    sock = open_tcp_socket(config.http_bind, reuse_port=config.so_reuseport)
+    if sock is None:
+        sock = open_tcp_socket(config.http_bind, reuse_port=config.so_reuseport)
     address: tuple[str, int] = sock.getsockname()[:2]
     hc = HypercornConfig()
     hc.graceful_timeout = max(0.1, config.shutdown_grace_seconds / 2)

@@ -167,8 +167,15 @@ class IngestStatistics:
     throttle_sources: int
 
 
-def open_tcp_socket(bind: str, *, reuse_port: bool, backlog: int = 1024) -> stdlib_socket.socket:
-    """A listening socket; with ``reuse_port`` several processes may share the port."""
+def open_tcp_socket(
+    bind: str, *, reuse_port: bool, backlog: int = 1024, in_use_hint: str = ""
+) -> stdlib_socket.socket:
+    """A listening socket; with ``reuse_port`` several processes may share the port.
+
+    ``in_use_hint`` ends the message when the address is taken: what to do
+    depends on the store (on SQLite, sharing a port would split clients
+    over two stores).
+    """
     host, port = parse_bind(bind)
     family = stdlib_socket.AF_INET6 if ":" in host else stdlib_socket.AF_INET
     sock = stdlib_socket.socket(family, stdlib_socket.SOCK_STREAM)
@@ -181,9 +188,7 @@ def open_tcp_socket(bind: str, *, reuse_port: bool, backlog: int = 1024) -> stdl
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise OSError(
-                    exc.errno,
-                    f"cannot bind {bind}: address in use (another brain? set "
-                    "Z4J_SO_REUSEPORT=true on every instance to share a port)",
+                    exc.errno, f"cannot bind {bind}: address in use{in_use_hint}"
                 ) from None
             raise
         sock.listen(backlog)
@@ -216,11 +221,16 @@ class IngestServer:
         )
 
     async def serve(
-        self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+        self,
+        sock: stdlib_socket.socket | None = None,
+        *,
+        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        """Serve on ``sock`` (a listening socket, which this closes), or bind Z4J_INGEST_BIND."""
         from ._net import REFUSAL_SLOTS, serve_listener
 
-        sock = open_tcp_socket(self._config.ingest_bind, reuse_port=self._config.so_reuseport)
+        if sock is None:
+            sock = open_tcp_socket(self._config.ingest_bind, reuse_port=self._config.so_reuseport)
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         address: tuple[str, int] = sock.getsockname()[:2]
         async with trio.open_nursery() as connections, listener:
