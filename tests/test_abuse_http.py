@@ -4,8 +4,8 @@ Slow bodies and trickling heads are closed by the read timeout; past
 Z4J_HTTP_MAX_CONNECTIONS a connection gets 503; a flood of connections in a
 brain with few descriptors leaves ingest and health working; running out of
 descriptors logs a line now and then, not a traceback storm; readiness
-failures name the check, never the raw error. Throughout, `watch` times a
-well-behaved client against a 100 ms budget.
+failures name the check, never the raw error. Throughout, the watcher of
+`z4j.testing.abuse` times a well-behaved client against a 100 ms budget.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -31,57 +31,10 @@ import trio
 from z4j import _net
 from z4j._fds import fit_connection_caps
 from z4j.http import HealthChecks, HttpStats, build_app, serve_http
-from z4j.protocol.ingest import OK, encode_frame
+from z4j.testing.abuse import assert_served, health_live, ingest_ping, watch, watching
 from z4j.testing.brain import http_get, make_config, running_brain, wait_until
 
-BUDGET = 0.1  # seconds a well-behaved client may wait for an answer
-
-
-# -- the watcher ------------------------------------------------------------------
-
-
-async def watch(
-    probes: Mapping[str, Callable[[], Awaitable[object]]],
-    *,
-    stop: trio.Event,
-    interval: float = 0.02,
-) -> dict[str, list[float]]:
-    """Run every probe in turn until ``stop`` is set; each one's latencies, in seconds.
-
-    A probe is a well-behaved client's whole exchange; one that raises fails
-    the watch. Judging the latencies (against a budget) is the caller's.
-    """
-    latencies: dict[str, list[float]] = {name: [] for name in probes}
-    while True:
-        for name, probe in probes.items():
-            started = trio.current_time()
-            await probe()
-            latencies[name].append(trio.current_time() - started)
-        if stop.is_set():
-            return latencies
-        await trio.sleep(interval)
-
-
-def ingest_ping(address: tuple[str, int]) -> Callable[[], Awaitable[None]]:
-    """A probe: a new ingest connection, one PING, its 2:OK."""
-
-    async def probe() -> None:
-        stream = await trio.open_tcp_stream(*address)
-        async with stream:
-            await stream.send_all(encode_frame(b"PING"))
-            assert await stream.receive_some(100) == OK
-
-    return probe
-
-
-def health_live(address: tuple[str, int]) -> Callable[[], Awaitable[None]]:
-    """A probe: GET /health/live on a new connection, answered 200."""
-
-    async def probe() -> None:
-        status, _ = await http_get(address, "/health/live")
-        assert status == 200
-
-    return probe
+# -- helpers --------------------------------------------------------------------
 
 
 class KeepAlive:
@@ -127,10 +80,9 @@ async def test_bodies_that_never_come_are_closed_and_others_served(tmp_path: Pat
     config = make_config(tmp_path / "data", http_read_timeout_seconds=0.5)
     with trio.fail_after(30):
         async with running_brain(config) as brain:
-            http, stop = brain.addresses.http, trio.Event()
+            http = brain.addresses.http
             await started(http)
             closed = 0
-            latencies: dict[str, list[float]] = {}
 
             async def slow_body() -> None:
                 nonlocal closed
@@ -143,22 +95,12 @@ async def test_bodies_that_never_come_are_closed_and_others_served(tmp_path: Pat
                     await read_until_closed(stream)  # never sending the rest
                 closed += 1
 
-            async def watcher() -> None:
-                latencies.update(
-                    await watch(
-                        {"live": health_live(http), "ping": ingest_ping(brain.ingest)}, stop=stop
-                    )
-                )
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(watcher)
-                async with trio.open_nursery() as slow:
-                    for _ in range(50):
-                        slow.start_soon(slow_body)
-                stop.set()
+            probes = {"live": health_live(http), "ping": ingest_ping(brain.ingest)}
+            async with watching(probes) as latencies, trio.open_nursery() as slow:
+                for _ in range(50):
+                    slow.start_soon(slow_body)
     assert closed == 50
-    assert all(latencies[name] for name in ("live", "ping"))
-    assert max(latencies["live"] + latencies["ping"]) < BUDGET, latencies
+    assert_served(latencies)
 
 
 async def test_a_trickling_head_is_closed_at_the_read_timeout(tmp_path: Path) -> None:
@@ -345,7 +287,7 @@ async def test_a_connection_flood_on_http_leaves_ingest_and_health_working(
         await trio.to_thread.run_sync(_stop, proc)
     text = (tmp_path / "brain.log").read_text()
     assert refused >= flood - NOFILE, (refused, text[-3000:])
-    assert max(latencies["live"] + latencies["ping"]) < BUDGET, latencies
+    assert_served(latencies)
     assert "Traceback" not in text, text[-3000:]
     assert len(text.splitlines()) < 40, text[-3000:]  # no storm of any kind
     assert "connection caps lowered" in text

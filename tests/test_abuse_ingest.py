@@ -1,10 +1,10 @@
 """Availability under abuse of the ingest port, at small scale, on loopback.
 
 An attacker sends what stalled or swelled the brain before (gzip bombs, a
-flood of large partial frames) while `serve_times` probes it as a
-well-behaved client would: a ``/health/live`` GET and an ingest PING on its
-own connection, each of which must be answered within 100 ms throughout
-(the issue's bar). Everything else is judged in frames and counters, never
+flood of large partial frames) while `z4j.testing.abuse.watching` probes it
+as a well-behaved client would: a ``/health/live`` GET and an ingest PING,
+each on a new connection, each of which must be answered within 100 ms
+throughout (the issue's bar). Everything else is judged in frames and counters, never
 in how long the attack took.
 """
 
@@ -17,63 +17,15 @@ from pathlib import Path
 import trio
 
 import z4j.ingest
-from z4j.protocol.ingest import ERROR, OK, encode_frame
-from z4j.testing.brain import http_get, make_config, running_brain, wait_until
+from z4j.protocol.ingest import ERROR, encode_frame
+from z4j.testing.abuse import Probe, assert_served, health_live, ingest_ping, watching
+from z4j.testing.brain import RunningBrain, make_config, running_brain, wait_until
 
 MIB = 1024 * 1024
-SERVED_WITHIN = 0.1  # seconds: the issue's bar for a well-behaved client
 
 
-async def serve_times(
-    http: tuple[str, int],
-    ingest: tuple[str, int],
-    done: trio.Event,
-    *,
-    interval: float = 0.01,
-) -> dict[str, list[float]]:
-    """Probe the brain until ``done``: how long each ``/health/live`` GET and
-    each ingest PING (on one persistent connection) took to be answered."""
-    times: dict[str, list[float]] = {"health": [], "ping": []}
-    ping = await trio.open_tcp_stream(*ingest)
-    async with ping:
-        while not done.is_set():
-            start = trio.current_time()
-            status, _ = await http_get(http, "/health/live")
-            assert status == 200
-            times["health"].append(trio.current_time() - start)
-            start = trio.current_time()
-            await ping.send_all(encode_frame(b"PING"))
-            assert await ping.receive_some(16) == OK
-            times["ping"].append(trio.current_time() - start)
-            await trio.sleep(interval)
-    return times
-
-
-async def watched(
-    http: tuple[str, int], ingest: tuple[str, int], attack: object
-) -> dict[str, list[float]]:
-    """Run ``attack()`` (an async callable) with `serve_times` watching throughout."""
-    done = trio.Event()
-    result: dict[str, list[float]] = {}
-
-    async def watch() -> None:
-        result.update(await serve_times(http, ingest, done))
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch)
-        await trio.sleep(0.05)  # the watcher is probing before the attack starts
-        await attack()  # type: ignore[operator]
-        done.set()
-    return result
-
-
-def assert_served(times: dict[str, list[float]]) -> None:
-    for probe, took in times.items():
-        assert took, f"no {probe} probe ran"
-        assert max(took) <= SERVED_WITHIN, (
-            f"{probe}: slowest answer {max(took) * 1000:.0f} ms "
-            f"(of {len(took)}; median {sorted(took)[len(took) // 2] * 1000:.1f} ms)"
-        )
+def probes(brain: RunningBrain) -> dict[str, Probe]:
+    return {"health": health_live(brain.addresses.http), "ping": ingest_ping(brain.ingest)}
 
 
 def gzip_bomb(inflated: int) -> bytes:
@@ -104,7 +56,8 @@ async def test_gzip_bombs_do_not_stall_other_clients(tmp_path: Path) -> None:
                     for _ in range(attackers):
                         nursery.start_soon(attacker)
 
-            times = await watched(brain.addresses.http, brain.ingest, attack)
+            async with watching(probes(brain)) as times:
+                await attack()
             rejected = brain.stats.ingest_rejected
             assert rejected["inflate_too_large"] + rejected["too_many_records"] == (
                 attackers * frames_each
@@ -148,7 +101,8 @@ async def test_partial_frame_flood_stays_within_the_budget(tmp_path: Path) -> No
                 async with client:
                     await client.send([{"t": "log", "msg": "still here"}])
 
-            times = await watched(brain.addresses.http, brain.ingest, attack)
+            async with watching(probes(brain)) as times:
+                await attack()
             assert brain.stats.ingest_rejected["over_budget"] == attackers - fit
             assert brain.stats.ingest_payloads_ok == 1
             for stream in held:
