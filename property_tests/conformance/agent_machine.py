@@ -34,15 +34,17 @@ from .agent_violations import ON_HELLO, hello_message, violations_for
 from .agent_wire import Signer, iso_now
 from .portal import TaskGroup, TrioPortal
 from .stored import landing_problem
-from .strategies import extras
+from .strategies import ChoiceCount, extras
 from .target import AgentTarget, Hooks, Timeouts, wait_for
 from .transcript import Transcript, Violation
 
 __all__ = ["AgentMachine", "agent_machine"]
 
 # A connection closed this recently may still count toward the worker cap:
-# the brain forgets it a moment after the close handshake.
-LINGER_SECONDS = 2.0
+# the brain forgets it a moment after the close handshake (a long moment on
+# a busy machine; a 4429 is only retried within it, so this costs a correct
+# brain nothing).
+LINGER_SECONDS = 10.0
 # Commands one example mints: each may cost a sweep's wait on brains that
 # deliver out-of-band commands late, and two already interleave.
 MAX_COMMANDS = 3
@@ -87,10 +89,11 @@ class AgentMachine(RuleBasedStateMachine):
     portal: ClassVar[TrioPortal]
     exercised: ClassVar[Counter[str]]  # rule -> checks passed, over the whole run
     # (steps, transcript lines) of each failing example run (the bite tests read it).
-    failures: ClassVar[list[tuple[int, int]]]
+    failures: ClassVar[list[tuple[str, int, int | None]]]
 
     def __init__(self) -> None:
         super().__init__()
+        self.choices = ChoiceCount()  # recorded with each failure, for the bite tests
         self.transcript = Transcript()
         self.prefix = secrets.token_hex(4)  # ids unique across examples and runs
         self.names = itertools.count()
@@ -112,8 +115,10 @@ class AgentMachine(RuleBasedStateMachine):
 
     def fail(self, rule: str, message: str) -> Violation:
         self.transcript.add("", "!", f"[{rule}] {message}")
-        self.failures.append((self.transcript.steps, len(self.transcript.lines)))
-        return Violation(rule, message, self.transcript)
+        violation = Violation(rule, message, self.transcript)
+        violation.choices = self.choices()
+        self.failures.append((rule, violation.steps, violation.choices))
+        return violation
 
     def step(self, what: str) -> None:
         self.transcript.step(what)

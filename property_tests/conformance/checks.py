@@ -29,6 +29,7 @@ __all__ = ["CHECKS", "check_frame_rate", "check_idle", "check_revocation", "chec
 
 Check = Callable[[AgentTarget, Hooks, Timeouts, Transcript], Awaitable[str | None]]
 MAX_CAP_CHECKED = 256
+LINGER_SECONDS = 10.0  # as in agent_machine: how long a closed connection may still count
 # A brain judges the frame rate as it reads, so a slowed brain spreads a
 # burst out and may never see it. The burst is this many seconds' worth of
 # frames: a brain that stays under its limit must take that long to read it,
@@ -126,7 +127,7 @@ async def check_worker_cap(
             for i in range(cap):
                 name = f"cap{tag}-{i}"
                 conn = await _connect(target, transcript, nursery, name, timeouts, keepalive=True)
-                deadline = time.monotonic() + 2.0
+                deadline = time.monotonic() + LINGER_SECONDS
                 while conn.close_code == 4429 and time.monotonic() < deadline:
                     # Connections closed just before (by an earlier run) may still count.
                     await trio.sleep(0.2)

@@ -40,7 +40,7 @@ from .ingest_wire import (
 )
 from .portal import TrioPortal
 from .stored import landing_problem
-from .strategies import extras
+from .strategies import ChoiceCount, extras
 from .target import Hooks, IngestTarget, Timeouts
 from .transcript import Transcript, Violation
 
@@ -83,7 +83,7 @@ class IngestMachine(RuleBasedStateMachine):
     portal: ClassVar[TrioPortal]
     exercised: ClassVar[Counter[str]]  # rule -> checks passed, over the whole run
     # (steps, transcript lines) of each failing example run (the bite tests read it).
-    failures: ClassVar[list[tuple[int, int]]]
+    failures: ClassVar[list[tuple[str, int, int | None]]]
 
     @staticmethod
     def targets() -> AbstractContextManager[IngestTarget]:
@@ -92,6 +92,7 @@ class IngestMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
+        self.choices = ChoiceCount()  # recorded with each failure, for the bite tests
         self.transcript = Transcript()
         self.prefix = secrets.token_hex(4)
         self.counter = 0
@@ -113,8 +114,10 @@ class IngestMachine(RuleBasedStateMachine):
 
     def fail(self, rule: str, message: str) -> Violation:
         self.transcript.add("", "!", f"[{rule}] {message}")
-        self.failures.append((self.transcript.steps, len(self.transcript.lines)))
-        return Violation(rule, message, self.transcript)
+        violation = Violation(rule, message, self.transcript)
+        violation.choices = self.choices()
+        self.failures.append((rule, violation.steps, violation.choices))
+        return violation
 
     # -- building frames ---------------------------------------------------------------
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from hypothesis import strategies as st
+from hypothesis.control import current_build_context
+from hypothesis.errors import InvalidArgument
 
-__all__ = ["extras", "json_values", "text"]
+__all__ = ["ChoiceCount", "extras", "json_values", "text"]
 
 text = st.text(
     st.characters(codec="utf-8", exclude_characters="\x00"), max_size=12
@@ -37,3 +39,20 @@ extra_names = st.from_regex(r"x_[a-z]{1,8}", fullmatch=True)
 def extras(min_size: int = 1) -> st.SearchStrategy[dict[str, Any]]:
     """Unknown fields to add to a frame, a payload or an event."""
     return st.dictionaries(extra_names, json_values, min_size=min_size, max_size=2)
+
+
+class ChoiceCount:
+    """How many choices the Hypothesis example running when this was made has drawn.
+
+    Made on the example's own thread (Hypothesis keeps its context per thread),
+    read from any: the machines' steps run on a portal's thread.
+    """
+
+    def __init__(self) -> None:
+        try:
+            self._data: Any = current_build_context().data
+        except InvalidArgument:  # not inside a Hypothesis test
+            self._data = None
+
+    def __call__(self) -> int | None:
+        return None if self._data is None else len(self._data.choices)

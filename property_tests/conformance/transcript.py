@@ -62,6 +62,9 @@ class Violation(AssertionError):
         self.message = message
         self.transcript = transcript.render() if transcript is not None else ""
         self.steps = transcript.steps if transcript is not None else 0
+        # How many choices the Hypothesis example had drawn when it failed
+        # (set by the state machines; None outside one): what shrinking reduces.
+        self.choices: int | None = None
         text = f"[{rule}] {message}"
         if self.transcript:
             text += (
