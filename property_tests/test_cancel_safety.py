@@ -61,8 +61,9 @@ def _busy_threads() -> list[str]:
     ]
 
 
-def _settle(check: Any, timeout: float = 10.0) -> Any:
-    """Abandoned queries finish on their own threads; give them a moment."""
+def _settle(check: Any, timeout: float = 60.0) -> Any:
+    """Abandoned queries finish on their own threads; give them a moment (a long
+    one on a busy machine: it returns as soon as the check passes)."""
     deadline = time.monotonic() + timeout
     while (result := check()) and time.monotonic() < deadline:
         time.sleep(0.05)

