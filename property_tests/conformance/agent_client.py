@@ -252,6 +252,13 @@ class AgentConnection:
         with contextlib.suppress(Closed):  # the reader reports the close code
             await self.ws.send(data)
 
+    async def prove(self) -> None:
+        """Send the first signed frame, a heartbeat: it proves the signing key,
+        and only then does the brain give the connection its worker's slot."""
+        await self.send_signed(
+            "heartbeat", {"buffer_size": 0, "dropped_events": 0}, note="proves the key"
+        )
+
     async def keep_alive(self) -> None:
         """Send a heartbeat whenever half an interval passed with nothing sent."""
         if not self.keepalive or not self.hello_ack:

@@ -76,6 +76,7 @@ class Command:
     parameters: dict[str, Any]
     delivered_to: list[Worker] = attrs.field(factory=list)
     claim: Any = None  # the delivery_claim_token to echo
+    holder: str | None = None  # the worker that acked it: only it may answer
     acked: bool = False  # our command_ack was sent and the brain has read it
     answered: str | None = None  # the status of our command_result
 
@@ -298,6 +299,10 @@ class AgentMachine(RuleBasedStateMachine):
         if not conn.opened():
             raise self.fail(rule, f"hello from {name} was answered with {_outcome(conn)}")
         self._check_hello_ack(name, conn)
+        # The hello proves only the token: a connection takes its worker's
+        # slot (replacing an older one, getting commands) with its first
+        # signed frame, which agents send at once.
+        await conn.prove()
         self.group.nursery.start_soon(conn.keep_alive)
         worker = Worker(name=name, conn=conn)
         if old is not None:
@@ -697,6 +702,7 @@ class AgentMachine(RuleBasedStateMachine):
             await worker.conn.send_signed("command_ack", payload, frame_id=command.id)
             await self._fence(worker)
             command.acked = True
+            command.holder = worker.name
 
         self.portal.run(ack)
 
@@ -711,11 +717,18 @@ class AgentMachine(RuleBasedStateMachine):
         """Send the result from the worker holding the command (any, once it was acked)."""
         if not command.acked:
             await self._await_delivery()
-        worker = (
-            command.delivered_to[0]
-            if command.delivered_to
-            else min(self.workers.values(), key=lambda w: w.name)
-        )
+        if command.delivered_to:
+            worker = command.delivered_to[0]
+        else:  # acked on a connection since closed: only the same worker may answer
+            assert command.holder is not None
+            if command.holder not in self.workers:
+                cap = self.target.worker_cap
+                if cap is not None and len(self.workers) >= cap:
+                    self.step(f"answer_command({command.id}): {command.holder} gone, cap full")
+                    return  # cancelled at the end of the example
+                self.step(f"connect({command.holder}) to answer {command.id}")
+                await self._connect(command.holder, {})
+            worker = self.workers[command.holder]
         self.step(f"answer_command({command.id} on {worker.name}: {status})")
         worker.exercising = "command-final-state"
         payload = {

@@ -141,6 +141,7 @@ async def check_worker_cap(
                         f"worker {i + 1} of {cap} was answered with {_outcome(conn)}",
                         transcript,
                     )
+                await conn.prove()  # takes the worker's slot
                 nursery.start_soon(conn.keep_alive)
             extra = await _connect(target, transcript, nursery, f"cap{tag}-{cap}", timeouts)
             conns.append(extra)
@@ -152,6 +153,7 @@ async def check_worker_cap(
                 )
             again = await _connect(target, transcript, nursery, f"cap{tag}-0", timeouts)
             conns.append(again)
+            await again.prove()  # replaces the older connection once proven
             replaced = await conns[0].wait_closed(timeouts.close)
             if not again.opened() or replaced != 4002:
                 raise Violation(
@@ -241,6 +243,7 @@ async def check_revocation(
                 raise Violation(
                     "handshake", f"hello was answered with {_outcome(conn)}", transcript
                 )
+            await conn.prove()
             nursery.start_soon(conn.keep_alive)
             agent_id = str(conn.hello_ack["agent_id"])
             transcript.step(f"revoked-4003(revoking agent {agent_id})")
