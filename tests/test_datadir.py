@@ -8,8 +8,6 @@ from __future__ import annotations
 import os
 import socket
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,24 +16,11 @@ import trio
 from z4j._datadir import BrainAlreadyRunning
 from z4j.brain import serve_brain
 from z4j.config import ConfigError
-from z4j.testing.brain import make_config, running_brain, wait_until
+from z4j.testing.brain import make_config, run_z4j, running_brain, wait_until
 
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
-
-
-def run_z4j(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("Z4J_")}
-    clean.update(env)
-    return subprocess.run(
-        [sys.executable, "-m", "z4j", *args],
-        capture_output=True,
-        text=True,
-        env=clean,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 async def test_a_new_data_dir_and_every_file_in_it_are_private(tmp_path: Path) -> None:

@@ -12,8 +12,6 @@ import re
 import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,7 +25,7 @@ import z4j.ingest
 from z4j.config import Config, config_env, load_config
 from z4j.supervisor import buffer_path_for, restart_delay, stranded_buffers
 from z4j.testing.agents import admin_token
-from z4j.testing.brain import BrainProcess, make_config, wait_until
+from z4j.testing.brain import BrainProcess, make_config, run_z4j, wait_until
 
 GRACE = 5.0
 READY = re.compile(r"z4j\.supervisor: instance (\d+) ready \(pid (\d+)")
@@ -274,21 +272,6 @@ async def test_a_child_that_cannot_start_stops_the_supervisor(tmp_path: Path) ->
 
 
 # -- refusals and pieces -------------------------------------------------------------------
-
-
-def run_z4j(
-    *args: str, env: dict[str, str], timeout: float = 30
-) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("Z4J_")}
-    clean.update(env)
-    return subprocess.run(
-        [sys.executable, "-m", "z4j", *args],
-        capture_output=True,
-        text=True,
-        env=clean,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def test_port_zero_is_refused(tmp_path: Path) -> None:

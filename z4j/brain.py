@@ -24,7 +24,6 @@ buffer file, and rows leave that file only after the store has them.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import logging
 import os
 import socket
@@ -48,7 +47,7 @@ from .api import Api, command_json, instance_json
 from .auth import Auth
 from .buffer import Buffer, ClaimedRow
 from .commands import Commands
-from .config import Config, ConfigError
+from .config import Config, ConfigError, is_loopback_bind
 from .dashboard_hub import SAMPLE_SIZE, DashboardHub
 from .drain import Drainer
 from .events import EventRow, event_rows
@@ -505,14 +504,14 @@ def _bind_ports(config: Config) -> tuple[socket.socket, socket.socket]:
 def check_bind_is_safe(config: Config) -> None:
     """Refuse to serve beyond loopback with a master secret nobody chose, or
     ingest there without a token (anyone could write events)."""
-    if not _is_loopback(config.http_bind) and config.secret is None:
+    if not is_loopback_bind(config.http_bind) and config.secret is None:
         raise ConfigError(
             f"Z4J_HTTP_BIND={config.http_bind} is reachable beyond this machine: set Z4J_SECRET "
             "(the master secret that admin tokens, sessions and agent tokens are keyed with) "
             "before serving on it"
         )
     if (
-        not _is_loopback(config.ingest_bind)
+        not is_loopback_bind(config.ingest_bind)
         and config.ingest_token is None
         and not config.ingest_allow_no_token
     ):
@@ -521,16 +520,6 @@ def check_bind_is_safe(config: Config) -> None:
             "Z4J_INGEST_TOKEN (clients send its hash on every frame) before serving on it, "
             "or Z4J_INGEST_ALLOW_NO_TOKEN=true to accept events from anyone who can connect"
         )
-
-
-def _is_loopback(bind: str) -> bool:
-    host = bind.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve anywhere
 
 
 def _health_checks(store: Store, store_ready: trio.Event, buffer: Buffer) -> HealthChecks:

@@ -9,6 +9,7 @@ carried it and what it accepts, instead of surfacing later as a stack trace.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
@@ -75,6 +76,17 @@ def parse_bind(value: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, int(port_text)
+
+
+def is_loopback_bind(bind: str) -> bool:
+    """Whether ``HOST:PORT`` listens on this machine only (a host name may resolve anywhere)."""
+    host = parse_bind(bind)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @attrs.frozen(kw_only=True)

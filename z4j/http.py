@@ -18,7 +18,6 @@ Z4J_TLS_KEY_FILE the port speaks only TLS, and scopes say ``https``/``wss``.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import ssl
@@ -37,7 +36,7 @@ from hypercorn.utils import wrap_app
 
 from ._net import REFUSAL_SLOTS, serve_listener
 from .auth import Auth
-from .config import Config, ConfigError, parse_bind
+from .config import Config, ConfigError, is_loopback_bind
 from .ingest_server import open_tcp_socket
 from .stats import ThrottledLog
 from .websocket import Handler, serve_websocket
@@ -248,15 +247,6 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve anywhere
-
-
 async def serve_http(
     config: Config,
     app: Callable[[Scope, Receive, Send], Awaitable[None]],
@@ -279,7 +269,7 @@ async def serve_http(
     websockets = dict(websockets or {})
     stats = stats if stats is not None else HttpStats()
     tls = tls_context(config)
-    if tls is None and not _is_loopback(parse_bind(config.http_bind)[0]):
+    if tls is None and not is_loopback_bind(config.http_bind):
         log.warning(
             "Z4J_HTTP_BIND=%s is reachable beyond this machine WITHOUT TLS: admin tokens, "
             "session cookies and agent traffic cross the network in clear text. Set "

@@ -30,6 +30,7 @@ __all__ = [
     "http_get",
     "make_config",
     "read_events",
+    "run_z4j",
     "running_brain",
     "wait_until",
 ]
@@ -206,3 +207,19 @@ class BrainProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def run_z4j(
+    *args: str, env: Mapping[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``python -m z4j ARGS`` to its end, with ``env`` as its only Z4J_* variables."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("Z4J_")}
+    clean.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "z4j", *args],
+        capture_output=True,
+        text=True,
+        env=clean,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
