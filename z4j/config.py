@@ -386,6 +386,8 @@ _NOT_SETTINGS = frozenset(
         "Z4J_PG_BIN",
         "Z4J_HYPOTHESIS_PROFILE",
         "Z4J_WRITE_SCREENSHOT",
+        "Z4J_ALLOW_NO_BROWSER",
+        "Z4J_CHROMIUM",
     }
 )
 
