@@ -32,15 +32,13 @@ from typing import Any, TypeVar
 import orjson
 import pytest
 import trio
-from hypothesis import Phase, settings
+from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.errors import Flaky
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     invariant,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
 
 from z4j.agent_endpoint import AgentEndpoint, Session, _Batch, origin_json
@@ -81,7 +79,7 @@ class TrioThread:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
         self._thread.start()
-        self._ready.wait(10)
+        assert self._ready.wait(60), "the Trio thread did not start"
 
     async def _main(self) -> None:
         self.token = trio.lowlevel.current_trio_token()
@@ -161,7 +159,7 @@ class DurableAcks(RuleBasedStateMachine):
         await self.stopped.wait()
 
     async def _settle(self) -> None:
-        await wait_until(lambda: self.acks == self.sends or self.problems, timeout=15)
+        await wait_until(lambda: self.acks == self.sends or self.problems, timeout=60)
 
     # -- rules ---------------------------------------------------------------------------
 
@@ -180,6 +178,7 @@ class DurableAcks(RuleBasedStateMachine):
     @rule()
     def wait_for_acks(self) -> None:
         self.trio.run(self._settle)
+        assert not self.problems, self.problems
         assert self.acks == self.sends
 
     @rule()
@@ -224,25 +223,38 @@ test_durable_acks = DurableAcks.TestCase
 
 
 # -- the machine bites: brains broken on purpose, inside the test only ---------------------
+#
+# Each bite drives the machine through a fixed list of its own rules (no
+# random draws, no example database) against a brain whose fault shows on
+# the wire in an order the machine cannot miss, whatever the machine's
+# speed: a fault that only shows if a check happens to run inside some
+# window would make the bite pass or fail by luck.
+
+Step = Callable[[DurableAcks], None]
 
 
-def _fails(monkeypatch: pytest.MonkeyPatch, broken: Any) -> None:
-    monkeypatch.setattr(AgentEndpoint, "_buffer_batches", broken)
-    # When a broken brain shows itself depends on timing, so Hypothesis may
-    # see one prefix fail at different steps and call it Flaky: still a
-    # failure the machine caught (a brain that passes raises nothing).
-    with pytest.raises((AssertionError, ExceptionGroup, Flaky)):
-        run_state_machine_as_test(
-            DurableAcks,
-            settings=settings(
-                max_examples=20,
-                stateful_step_count=12,
-                deadline=None,
-                print_blob=False,
-                database=None,
-                phases=[Phase.generate],  # the failure is enough; no shrinking
-            ),
-        )
+def run_steps(steps: list[Step]) -> None:
+    """One run of the machine, as Hypothesis runs it: invariants after each step, then teardown."""
+    machine = DurableAcks()
+    try:
+        machine.no_ack_is_wrong()
+        for step in steps:
+            step(machine)
+            machine.no_ack_is_wrong()
+    finally:
+        machine.teardown()
+
+
+def send(size: int) -> Step:
+    return lambda machine: machine.send_new_batch(size)
+
+
+def wait_for_acks(machine: DurableAcks) -> None:
+    machine.wait_for_acks()
+
+
+# b0 is acked; then b1 is sent and acked (each ack waited for).
+TWO_BATCHES: list[Step] = [send(2), wait_for_acks, send(1), wait_for_acks]
 
 
 def _acks(batches: list[_Batch]) -> list[f.Payload]:
@@ -257,13 +269,23 @@ def _acks(batches: list[_Batch]) -> list[f.Payload]:
     ]
 
 
+def test_the_bite_steps_pass_against_the_real_brain() -> None:
+    """The control: what the bites below catch comes from the broken brains."""
+    run_steps(TWO_BATCHES)
+
+
 def test_an_ack_sent_before_the_batch_is_durable_is_caught(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    held = trio.Event()  # never set: the run's end cancels the wait
+
     async def ack_then_buffer(self: AgentEndpoint, session: Session, batches: list[_Batch]) -> None:
-        """Broken: acks first, then the rows go to the buffer (durable later)."""
+        """Broken: acks first; the rows go to the buffer only once ``held`` is set.
+
+        So every ack arrives while its events are in neither the buffer nor the store.
+        """
         await session.send_all(_acks(batches))
-        await trio.sleep(0.01)
+        await held.wait()
         origin = origin_json(session)
         rows = [
             NewRow(
@@ -277,14 +299,26 @@ def test_an_ack_sent_before_the_batch_is_durable_is_caught(
         if self._buffer.admit(len(rows)):
             await self._buffer.append(rows)
 
-    _fails(monkeypatch, ack_then_buffer)
+    monkeypatch.setattr(AgentEndpoint, "_buffer_batches", ack_then_buffer)
+    with pytest.raises(AssertionError, match="b0 acked before durable"):
+        run_steps(TWO_BATCHES)
 
 
 def test_a_second_ack_for_one_send_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     buffer_batches = AgentEndpoint._buffer_batches
+    earlier: list[f.Payload] = []
 
-    async def ack_twice(self: AgentEndpoint, session: Session, batches: list[_Batch]) -> None:
+    async def ack_again(self: AgentEndpoint, session: Session, batches: list[_Batch]) -> None:
+        """Broken: acks each group again, durable by then, just before the next group's acks.
+
+        One connection keeps frames in order, so the machine reads b0's
+        second ack before b1's ack, which it waits for.
+        """
+        if earlier:
+            await session.send_all(earlier)
+        earlier[:] = _acks(batches)
         await buffer_batches(self, session, batches)
-        await session.send_all(_acks(batches))
 
-    _fails(monkeypatch, ack_twice)
+    monkeypatch.setattr(AgentEndpoint, "_buffer_batches", ack_again)
+    with pytest.raises(AssertionError, match="b0: more acks than sends"):
+        run_steps(TWO_BATCHES)
