@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import subprocess
 import sys
 import uuid
@@ -47,6 +48,7 @@ class BrainSession:
     hello: f.Hello
     lock: trio.Lock = attrs.field(factory=trio.Lock)
     close_code: int | None = None
+    heartbeats: int = 0
 
     async def send(self, payload: f.Payload, frame_id: str | None = None) -> None:
         async with self.lock:
@@ -64,6 +66,8 @@ class FakeBrain:
         self.max_frame: int | None = None  # advertised in hello_ack
         self.ack_batches = True
         self.drop_after: Callable[[int], float | None] = lambda n: None
+        # Close session n (1012) when its k-th heartbeat arrives: k = drop_at_heartbeat(n).
+        self.drop_at_heartbeat: Callable[[int], int | None] = lambda n: None
         self.refused_tokens: list[str] = []
         self.sessions: list[BrainSession] = []
         self.batches: list[tuple[int, str, tuple[str, ...]]] = []  # (session, frame id, event ids)
@@ -173,6 +177,9 @@ class FakeBrain:
             self.results.append((frame.id, payload))
         elif isinstance(payload, f.Heartbeat):
             self.heartbeats.append(payload)
+            session.heartbeats += 1
+            if session.heartbeats == self.drop_at_heartbeat(number):
+                await session.ws.aclose(1012)
 
     async def command(
         self,
@@ -202,7 +209,7 @@ class FakeBrain:
 def make_agent(brain: FakeBrain, **kwargs: Any) -> Agent:
     kwargs.setdefault("token", TOKEN)
     kwargs.setdefault("secret", SECRET)
-    kwargs.setdefault("close_timeout", 2.0)
+    kwargs.setdefault("close_timeout", 30.0)  # bounds a close that hangs, nothing more
     kwargs.setdefault("random", lambda: 0.0)  # reconnect at once unless a test says otherwise
     return Agent(brain.url, **kwargs)
 
@@ -242,7 +249,7 @@ class RecordingSleep:
 
 
 async def test_events_are_delivered_acked_and_leave_the_spool() -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(60):
         async with brain_running() as (brain, nursery):
             agent = make_agent(brain, batch_max_events=100, worker_role="web")
             mine: dict[str, Any] = {"kind": "task.succeeded", "id": "my-id", "data": {"n": [1, 2]}}
@@ -268,7 +275,7 @@ async def test_events_are_delivered_acked_and_leave_the_spool() -> None:
 
 
 async def test_an_unacked_batch_is_resent_after_reconnect_with_the_same_ids() -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(60):
         async with brain_running() as (brain, nursery):
             agent = make_agent(brain, batch_max_events=2)
             brain.ack_batches = False
@@ -294,22 +301,26 @@ async def test_an_unacked_batch_is_resent_after_reconnect_with_the_same_ids() ->
 
 
 async def test_a_batch_not_acked_in_time_is_resent_in_the_same_session() -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(60):
         async with brain_running() as (brain, nursery):
             agent = make_agent(brain, ack_timeout=0.2)
             brain.ack_batches = False
             await nursery.start(agent.run)
             event_id = agent.emit({"kind": "k"})
-            await until(lambda: len(brain.batches) == 1)
+            await until(lambda: len(brain.batches) >= 2)  # sent again, unacked
             brain.ack_batches = True
             await until(lambda: agent.statistics().spooled_events == 0)
-            assert [(n, ids) for n, _, ids in brain.batches] == [(0, (event_id,))] * 2
-            assert brain.batches[0][1] == brain.batches[1][1]
+            # However often it went (a slow ack may be overtaken by one more
+            # re-send): one session, the same frame id, the same event.
+            assert {(n, fid, ids) for n, fid, ids in brain.batches} == {
+                (0, brain.batches[0][1], (event_id,))
+            }
+            assert set(brain.acked_event_ids) == {event_id}
             await agent.aclose()
 
 
 async def test_a_full_spool_refuses_events_until_it_drains() -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(60):
         async with brain_running() as (brain, nursery):
             agent = make_agent(brain, max_spool=3)
             for i in range(3):
@@ -361,7 +372,7 @@ def test_constructor_checks() -> None:
 
 
 async def test_command_round_trips() -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(60):
         async with brain_running() as (brain, nursery):
             agent = make_agent(brain)
 
@@ -402,7 +413,7 @@ async def test_command_round_trips() -> None:
 
 
 async def test_a_repeated_command_id_runs_once() -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(60):
         async with brain_running() as (brain, nursery):
             agent = make_agent(brain)
             calls = 0
@@ -435,7 +446,7 @@ async def test_a_repeated_command_id_runs_once() -> None:
 
 
 async def test_a_result_outlives_the_connection_it_was_asked_on() -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(60):
         async with brain_running() as (brain, nursery):
             agent = make_agent(brain)
             release = trio.Event()
@@ -462,7 +473,7 @@ async def test_a_result_outlives_the_connection_it_was_asked_on() -> None:
 
 
 async def test_backoff_grows_and_is_capped() -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(60):
         async with brain_running() as (brain, _):
             brain.close_before_ack = 1011
             sleep = RecordingSleep(9)
@@ -474,7 +485,7 @@ async def test_backoff_grows_and_is_capped() -> None:
 
 
 async def test_backoff_uses_full_jitter() -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(60):
         async with brain_running() as (brain, _):
             brain.reject_http = 503
             sleep = RecordingSleep(4)
@@ -490,9 +501,13 @@ async def test_backoff_uses_full_jitter() -> None:
 
 
 async def test_backoff_resets_after_a_session_that_lasted_a_heartbeat() -> None:
-    with trio.fail_after(10):
-        async with brain_running(heartbeat=1) as (brain, _):
-            brain.drop_after = lambda n: 1.2 if n == 3 else 0.0
+    with trio.fail_after(60):
+        async with brain_running(heartbeat=2) as (brain, _):
+            # Sessions 0-2 end at once; session 3 when its second heartbeat
+            # arrives, which the agent sends a heartbeat interval after the
+            # hello_ack: it lasted a heartbeat however slow the machine is.
+            brain.drop_after = lambda n: 0.0 if n < 3 else None
+            brain.drop_at_heartbeat = lambda n: 2 if n == 3 else None
             sleep = RecordingSleep(4)
             agent = make_agent(brain, random=lambda: 1.0, sleep=sleep)
             sleep.agent = agent
@@ -504,7 +519,7 @@ async def test_backoff_resets_after_a_session_that_lasted_a_heartbeat() -> None:
 async def test_a_wrong_token_backs_off_as_an_auth_failure(
     how: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(60):
         async with brain_running() as (brain, _):
             if how == "HTTP 401":
                 brain.reject_http = 401
@@ -522,7 +537,7 @@ async def test_a_wrong_token_backs_off_as_an_auth_failure(
 
 
 async def test_a_wrong_protocol_version_backs_off_as_incompatible() -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(60):
         async with brain_running() as (brain, _):
             brain.close_before_ack = 4426
             sleep = RecordingSleep(2)
@@ -533,7 +548,7 @@ async def test_a_wrong_protocol_version_backs_off_as_incompatible() -> None:
 
 
 async def test_a_forged_frame_from_the_brain_closes_the_session_and_reconnects() -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(60):
         async with brain_running() as (brain, nursery):
             agent = make_agent(brain)
             await nursery.start(agent.run)
@@ -548,7 +563,7 @@ async def test_a_forged_frame_from_the_brain_closes_the_session_and_reconnects()
 
 
 async def test_an_unreachable_brain_is_a_transient_failure() -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(60):
         listener = trio.socket.socket()
         await listener.bind(("127.0.0.1", 0))  # bound, not listening: refused
         port = listener.getsockname()[1]
@@ -564,7 +579,7 @@ async def test_an_unreachable_brain_is_a_transient_failure() -> None:
 
 
 async def test_no_hello_ack_in_time_closes_and_retries() -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(60):
         async with brain_running() as (brain, _):
             brain.silent = True
             sleep = RecordingSleep(1)
@@ -577,7 +592,7 @@ async def test_no_hello_ack_in_time_closes_and_retries() -> None:
 
 
 async def test_a_fatal_error_frame_ends_the_session() -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(60):
         async with brain_running() as (brain, nursery):
             agent = make_agent(brain)
             await nursery.start(agent.run)
@@ -592,7 +607,7 @@ async def test_a_fatal_error_frame_ends_the_session() -> None:
 
 
 async def test_batches_fit_the_brains_frame_limit() -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(60):
         async with brain_running() as (brain, nursery):
             brain.max_frame = 4096
             agent = make_agent(brain)
@@ -610,9 +625,9 @@ async def test_batches_fit_the_brains_frame_limit() -> None:
 
 
 async def test_aclose_flushes_then_closes_with_1000() -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(60):
         async with brain_running() as (brain, nursery):
-            agent = make_agent(brain)
+            agent = make_agent(brain, shutdown_grace=30)  # bounds a flush that hangs
             await nursery.start(agent.run)
             ids = [agent.emit({"kind": "k", "i": i}) for i in range(10)]
             await agent.aclose()
@@ -623,7 +638,7 @@ async def test_aclose_flushes_then_closes_with_1000() -> None:
 
 
 async def test_cancelling_run_leaves_nothing_behind_and_closes_with_1000() -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(60):
         async with brain_running() as (brain, _):
             agent = make_agent(brain)
             release = trio.Event()
@@ -632,13 +647,14 @@ async def test_cancelling_run_leaves_nothing_behind_and_closes_with_1000() -> No
             async def hang(target: dict[str, Any], parameters: dict[str, Any]) -> None:
                 await release.wait()
 
-            start = trio.current_time()
             async with trio.open_nursery() as agent_nursery:
                 await agent_nursery.start(agent.run)
                 await brain.command("hang")
                 await until(lambda: agent.statistics().running_commands == 1)
+                start = trio.current_time()
                 agent_nursery.cancel_scope.cancel()
-            assert trio.current_time() - start < 2  # no waiting for a close timeout
+            # No waiting for the hung command or a close timeout (30 s here).
+            assert trio.current_time() - start < 15
             assert agent.statistics().running_commands == 0
             await until(lambda: brain.sessions[0].close_code is not None)
             assert brain.sessions[0].close_code == 1000
@@ -649,36 +665,44 @@ async def test_cancelling_run_leaves_nothing_behind_and_closes_with_1000() -> No
 
 
 async def test_stopping_while_backing_off_returns_at_once() -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(60):
         async with brain_running() as (brain, nursery):
             brain.reject_http = 503
-            agent = make_agent(brain, random=lambda: 1.0, backoff=Backoff(base=60, cap=60))
+            agent = make_agent(brain, random=lambda: 1.0, backoff=Backoff(base=3600, cap=3600))
             nursery.start_soon(agent.run)
             await until(lambda: agent.statistics().last_disconnect is not None)
-            await agent.aclose()  # does not wait out the 60 s
+            await agent.aclose()  # does not wait out the hour
 
 
 # -- the example ------------------------------------------------------------------------------
 
 
 async def test_the_worker_example_streams_events_and_answers_ping() -> None:
-    with trio.fail_after(15):
+    with trio.fail_after(60):
         async with brain_running() as (brain, nursery):
-
-            async def ping_when_connected() -> None:
-                await until(lambda: len(brain.sessions) == 1)
-                await brain.command("ping", command_id="p-1")
-
-            nursery.start_soon(ping_when_connected)
             script = str(ROOT / "examples" / "agent_worker.py")
-            done = await trio.run_process(
-                [sys.executable, script, brain.url, "--events", "3", "--duration", "1"],
-                env={"Z4J_TOKEN": TOKEN, "Z4J_HMAC_SECRET": SECRET, "PATH": ""},
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-            )
-            assert done.returncode == 0, done.stderr.decode()
+            done: list[subprocess.CompletedProcess[bytes]] = []
+
+            async def example(task_status: trio.TaskStatus[trio.Process]) -> None:
+                done.append(
+                    await trio.run_process(
+                        [sys.executable, script, brain.url, "--events", "3"],
+                        env={"Z4J_TOKEN": TOKEN, "Z4J_HMAC_SECRET": SECRET, "PATH": ""},
+                        capture_stdout=True,
+                        capture_stderr=True,
+                        check=False,
+                        task_status=task_status,
+                    )
+                )
+
+            process: trio.Process = await nursery.start(example)
+            await until(lambda: len(brain.sessions) == 1)
+            await brain.command("ping", command_id="p-1")
+            await until(lambda: len(brain.acked_event_ids) == 3 and bool(brain.results))
+            # Stopped once it has done its work, not after a time it may need more of.
+            process.send_signal(signal.SIGTERM)
+            await until(lambda: bool(done))
+            assert done[0].returncode == 0, done[0].stderr.decode()
             assert len(brain.acked_event_ids) == 3
             (result,) = brain.results_for("p-1")
             assert result.status == "success" and result.result is not None
