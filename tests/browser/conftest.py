@@ -146,7 +146,7 @@ class TrioThread:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name="trio-loop", daemon=True)
         self._thread.start()
-        if not self._ready.wait(10):
+        if not self._ready.wait(60):
             raise RuntimeError("the Trio thread did not start")
 
     def _main(self) -> None:
@@ -239,7 +239,7 @@ class Dashboard:
                 f"{self.url}/api/v1/agents",
                 headers={"Authorization": f"Bearer {self.admin_token}"},
             )
-            with urllib.request.urlopen(request, timeout=10) as response:
+            with urllib.request.urlopen(request, timeout=60) as response:
                 agents = json.load(response)["items"]
             return any(
                 w["worker_id"] == worker_id and not w["connected"]
@@ -247,9 +247,9 @@ class Dashboard:
                 for w in a["workers"]
             )
 
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while not disconnected():
-            assert time.monotonic() < deadline, f"{worker_id} still connected after 10 s"
+            assert time.monotonic() < deadline, f"{worker_id} still connected after 60 s"
             time.sleep(0.05)
 
     @contextmanager
@@ -330,7 +330,7 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
         async def hold(target: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
             name = str(parameters.get("gate", ""))
             gate = gates.setdefault(name, trio.Event())
-            with trio.fail_after(30):
+            with trio.fail_after(300):  # a test that forgets to release
                 await gate.wait()
             return {"released": name}
 
@@ -355,7 +355,7 @@ def page(browser: Any, dashboard: Dashboard) -> Iterator[Any]:
     network messages (a 401 the test asked for, a refused socket) are not
     errors of the page, and what they break is asserted on directly."""
     context = browser.new_context(viewport={"width": 1440, "height": 900}, color_scheme="dark")
-    context.set_default_timeout(10_000)
+    context.set_default_timeout(60_000)  # bounds failures only
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
