@@ -204,7 +204,11 @@ class RawAgent:
         *,
         worker_id: str,
         query: dict[str, Any] | None = None,
+        prove: bool = False,
     ) -> RawAgent:
+        """Connect and say hello; with ``prove``, send a heartbeat at once, as z4j
+        agents do: the brain sends commands only to a connection whose signed
+        frame proved the project key."""
         target = "/ws/agent" + ("?" + urllib.parse.urlencode(query) if query else "")
         ws = await WsClient.connect(*address, target, token)
         try:
@@ -220,6 +224,8 @@ class RawAgent:
             (message, *_) = await ws.receive()
             frame = protocol.receive_message(message)
             assert isinstance(frame.payload, f.HelloAck)
+            if prove:
+                await ws.send([protocol.send(f.Heartbeat())])
             return cls(ws, protocol, frame.payload)
         except BaseException:
             await trio.aclose_forcefully(ws.stream)

@@ -471,6 +471,7 @@ async def _command_client(pipe: Connection, spec: dict[str, Any]) -> None:
         spec["secret"],
         worker_id="commands-0",
         query=spec.get("query"),
+        prove=True,
     )
     canned = None
     if spec["ceiling"]:
