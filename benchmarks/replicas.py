@@ -174,7 +174,9 @@ async def run(args: argparse.Namespace, url: str, tmp: Path) -> dict[str, Any]:
             brain_c = await nursery.start(
                 lambda task_status: serve_brain(config_c, task_status=task_status)
             )
-            async with raw_agent(a.http, agent_token, project_secret, worker_id="bench") as agent:
+            async with raw_agent(
+                a.http, agent_token, project_secret, worker_id="bench", prove=True
+            ) as agent:
                 nursery.start_soon(answer_commands, agent)
                 await trio.sleep(1.0)  # the listeners LISTEN; ownership is recorded
 
