@@ -284,7 +284,7 @@ async def test_a_protocol_error_behind_a_batch_in_flight_closes_with_its_own_cod
     real_append = BufferFile.append
 
     def held_append(self: BufferFile, rows: Any) -> None:
-        gate.wait(10)  # on the writer thread: the commit waits for the test
+        gate.wait(60)  # on the writer thread: the commit waits for the test
         real_append(self, rows)
 
     monkeypatch.setattr(BufferFile, "append", held_append)

@@ -72,7 +72,7 @@ async def test_a_second_brain_on_one_sqlite_store_is_refused(tmp_path: Path) -> 
 
 async def test_so_reuseport_on_sqlite_is_refused(tmp_path: Path) -> None:
     config = make_config(tmp_path / "data", so_reuseport=True)
-    with trio.fail_after(10), pytest.raises(ConfigError, match="Z4J_DATABASE_URL"):
+    with trio.fail_after(60), pytest.raises(ConfigError, match="Z4J_DATABASE_URL"):
         await serve_brain(config)
     assert not (tmp_path / "data").exists(), "refused before creating anything"
 
@@ -103,7 +103,7 @@ async def test_a_port_in_use_is_refused_before_anything_is_created(tmp_path: Pat
         holder.listen()
         port = holder.getsockname()[1]
         config = make_config(tmp_path / "data", http_bind=f"127.0.0.1:{port}")
-        with trio.fail_after(10), pytest.raises(OSError, match="address in use") as refused:
+        with trio.fail_after(60), pytest.raises(OSError, match="address in use") as refused:
             await serve_brain(config)
     # On SQLite the hint must not be the SO_REUSEPORT one (see the test above).
     assert "Z4J_SO_REUSEPORT" not in str(refused.value)

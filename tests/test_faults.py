@@ -80,7 +80,7 @@ class Sender(threading.Thread):
 
     def run(self) -> None:
         try:
-            with z4j.ingest.connect(*self.address, timeout=10) as client:
+            with z4j.ingest.connect(*self.address, timeout=60) as client:
                 while not self.stop.is_set():
                     window = list(range(self.batch, self.batch + 20))
                     self.batch += 20
@@ -124,10 +124,10 @@ async def test_sigkill_then_restart(tmp_path: Path, database_url: str | None) ->
     try:
         await trio.to_thread.run_sync(lambda: wait_for(lambda: len(sender.acked) >= 2000))
         brain.signal(signal.SIGKILL)
-        assert brain.wait(10) == -signal.SIGKILL
+        assert brain.wait(60) == -signal.SIGKILL
     finally:
         sender.stop.set()
-        await trio.to_thread.run_sync(sender.join, 10)
+        await trio.to_thread.run_sync(sender.join, 60)
         brain.kill()
     # Restart on the same data: the buffer's survivors drain, nothing twice.
     await _restart_and_check(env, config, set(sender.acked), tmp_path / "brain.log")
@@ -180,7 +180,7 @@ async def _restart_and_check(
         await trio.to_thread.run_sync(assert_exactly_once, config, acked)
     finally:
         brain.signal(signal.SIGTERM)
-        assert brain.wait(15) == 0
+        assert brain.wait(60) == 0
 
 
 def wait_for(predicate: object, timeout: float = 30.0) -> None:

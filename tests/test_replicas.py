@@ -140,7 +140,7 @@ async def test_commands_results_and_the_dashboard_cross_replicas(
                     c, "POST", "/commands", token, {"agent": str(agent_id), "action": "ping"}
                 )
                 assert status == 201
-                await wait_until(lambda: commands == [command["id"]], timeout=10)
+                await wait_until(lambda: commands == [command["id"]], timeout=30)
                 _, metrics = await http_status(c, "/metrics")
                 assert b'z4j_command_dispatch_total{route="forwarded"} 1.0' in metrics
 
@@ -148,7 +148,7 @@ async def test_commands_results_and_the_dashboard_cross_replicas(
                     _, now = await api(b, "GET", f"/commands/{command['id']}", token)
                     return bool(now["state"] == "completed")
 
-                await wait_until(completed_on_b, timeout=10)
+                await wait_until(completed_on_b, timeout=30)
                 _, final = await api(b, "GET", f"/commands/{command['id']}", token)
                 assert final["result"] == {"pong": True}
 
@@ -167,7 +167,7 @@ async def test_commands_results_and_the_dashboard_cross_replicas(
                         m["type"] == "events" and m["kinds"].get("job.done") for m in seen_on_b
                     )
 
-                await wait_until(events_seen, timeout=10)
+                await wait_until(events_seen, timeout=30)
                 # And the command's transitions made on A showed up on B too.
                 states = [
                     m["command"]["state"]
@@ -213,7 +213,7 @@ async def test_killing_the_socket_holder_moves_ownership_and_delivers_once(
         ) as agent:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(answer_commands, agent, commands)
-                await wait_until(lambda: commands == [command["id"]], timeout=10)
+                await wait_until(lambda: commands == [command["id"]], timeout=30)
                 second = owner()
                 assert second is not None and second[1] > first[1], "a new fencing token"
                 # The dead replica's claim, renewed under its old token, is refused.
@@ -261,7 +261,7 @@ async def test_postgres_restart_listeners_recover_and_nothing_is_lost(
 
                 minted: list[str] = []
                 await wait_until(mint, timeout=30, interval=0.2)
-                await wait_until(lambda: commands == minted, timeout=15)
+                await wait_until(lambda: commands == minted, timeout=30)
                 # Both listeners are back (the readiness check includes them).
                 await wait_until(lambda: listening(a), timeout=20)
                 await wait_until(lambda: listening(b), timeout=20)
@@ -290,8 +290,9 @@ async def test_a_killed_leader_is_replaced_within_the_lease(tmp_path: Path, pg_u
         leader = next(name for name, i in ids.items() if i == holder())
         brains[leader].proc.send_signal(signal.SIGKILL)
         killed_at = trio.current_time()
-        await wait_until(lambda: holder() not in (None, ids[leader]), timeout=10)
-        assert trio.current_time() - killed_at <= 3 + 1 + 1  # lease + one renewal period + slack
+        await wait_until(lambda: holder() not in (None, ids[leader]), timeout=30)
+        # lease + one renewal period + slack for a busy machine (the queries and wakeups lag)
+        assert trio.current_time() - killed_at <= 3 + 1 + 6
         # The dead leader's instance row is marked stopped by the new leader.
         with psycopg.connect(pg_url) as conn:
 
@@ -301,7 +302,7 @@ async def test_a_killed_leader_is_replaced_within_the_lease(tmp_path: Path, pg_u
                 ).fetchone()
                 return row is not None and row[0] is not None
 
-            await wait_until(marked, timeout=10)
+            await wait_until(marked, timeout=30)
 
 
 async def http_status(brain: BrainProcess, path: str) -> tuple[int, bytes]:

@@ -98,7 +98,7 @@ async def test_https_and_wss_are_served_and_scopes_say_so(
 
     def wss(port: int) -> str:
         with connect(f"wss://127.0.0.1:{port}/ws/echo", ssl=context) as ws:
-            return str(ws.recv(timeout=5))
+            return str(ws.recv(timeout=60))
 
     with trio.fail_after(20):
         async with server(tmp_path, **tls_files) as port:
@@ -133,7 +133,7 @@ async def test_a_brain_serves_health_over_tls(
 async def test_a_client_that_never_handshakes_is_closed_at_the_read_timeout(
     tmp_path: Path, tls_files: dict[str, Any]
 ) -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(60):
         async with server(tmp_path, http_read_timeout_seconds=0.3, **tls_files) as port:
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             async with stream:
@@ -170,7 +170,7 @@ async def test_a_public_bind_without_tls_warns_loudly(
     warned: bool,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="z4j.http")
-    with trio.fail_after(10):
+    with trio.fail_after(60):
         async with server(tmp_path, http_bind=bind, **(tls_files if tls else {})):
             pass
     warnings = [r for r in caplog.records if "WITHOUT TLS" in r.getMessage()]
