@@ -11,6 +11,23 @@ import orjson
 __all__ = ["configure_logging"]
 
 
+# Control characters (C0, DEL, C1) and Unicode line breaks, as escapes: a
+# message quoting what a peer sent (a worker id, a token field, a path)
+# must stay one line, never forge the next one or drive the terminal.
+_ESCAPES = {
+    c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+    for c in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
+}
+
+
+class TextFormatter(logging.Formatter):
+    """The text format, each message kept on its line (tracebacks still follow)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(_ESCAPES)
+        return super().formatMessage(record)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: easy to ship to a log pipeline."""
 
@@ -44,7 +61,7 @@ def configure_logging(
     else:
         tag = "" if instance is None else f"[instance {instance}] "
         handler.setFormatter(
-            logging.Formatter(f"%(asctime)s %(levelname)-7s {tag}%(name)s: %(message)s")
+            TextFormatter(f"%(asctime)s %(levelname)-7s {tag}%(name)s: %(message)s")
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]
