@@ -22,6 +22,7 @@ import trio
 from ..brain import Brain, serve_brain
 from ..config import Config, load_config
 from ..stats import BrainStats
+from .http import http_get as http_get  # its old home; it lives in .http
 
 __all__ = [
     "BrainProcess",
@@ -90,20 +91,6 @@ async def running_brain(config: Config) -> AsyncIterator[RunningBrain]:
             yield RunningBrain(addresses, stats, config, shutdown, nursery.cancel_scope)
         finally:
             nursery.cancel_scope.cancel()
-
-
-async def http_get(address: tuple[str, int], path: str) -> tuple[int, str]:
-    """GET ``path`` on a fresh connection: (status, body)."""
-    stream = await trio.open_tcp_stream(*address)
-    async with stream:
-        await stream.send_all(
-            f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
-        )
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body.decode()
 
 
 async def wait_until(predicate: Any, *, timeout: float = 20.0, interval: float = 0.05) -> None:
