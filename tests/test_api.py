@@ -6,17 +6,14 @@ checks that none gets a 500 and every response matches the document.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
-import sqlite3
 import sys
 from pathlib import Path
 from typing import Any, cast
 
 import orjson
-import psycopg
 import pytest
 import trio
 
@@ -32,6 +29,7 @@ from z4j.store import Store, StoreUnavailable, store_for
 from z4j.testing.agents import admin_token, provision, raw_agent
 from z4j.testing.brain import make_config, running_brain, wait_until
 from z4j.testing.http import http_request
+from z4j.testing.store import query
 
 
 async def call(
@@ -257,14 +255,8 @@ async def test_brains_starting_together_on_a_fresh_store_make_one_admin_token(
 
 def _api_token_rows(config: Config) -> int:
     """Rows in api_tokens, counted on a connection outside the stores under test."""
-    if config.database_url is not None:
-        with psycopg.connect(config.database_url) as conn:
-            row = conn.execute("SELECT count(*) FROM api_tokens").fetchone()
-    else:
-        with contextlib.closing(sqlite3.connect(config.sqlite_store_path)) as db:
-            row = db.execute("SELECT count(*) FROM api_tokens").fetchone()
-    assert row is not None
-    return int(row[0])
+    ((count,),) = query(config, "SELECT count(*) FROM api_tokens")
+    return int(count)
 
 
 # -- browser-facing hardening: CSRF, cookies, revocation, sign-in throttle -------------------
