@@ -197,9 +197,12 @@ class BrainProcess:
 
 
 def run_z4j(
-    *args: str, env: Mapping[str, str], timeout: float = 60
+    *args: str, env: Mapping[str, str], timeout: float = 60, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m z4j ARGS`` to its end, with ``env`` as its only Z4J_* variables."""
+    """``python -m z4j ARGS`` to its end, with ``env`` as its only Z4J_* variables.
+
+    ``stdin`` is written to its standard input; without it, that is /dev/null.
+    """
     clean = {k: v for k, v in os.environ.items() if not k.startswith("Z4J_")}
     clean.update(env)
     return subprocess.run(
@@ -208,5 +211,6 @@ def run_z4j(
         text=True,
         env=clean,
         timeout=timeout,
-        stdin=subprocess.DEVNULL,
+        input=stdin,
+        stdin=subprocess.DEVNULL if stdin is None else None,
     )
