@@ -50,10 +50,9 @@ from _common import RECORDS_PER_PAYLOAD, CpuMeter, make_payloads
 
 from z4j.buffer import Buffer, BufferFile, ClaimedRow, NewRow
 from z4j.config import Config
-from z4j.drain import Drainer
 from z4j.events import event_rows
-from z4j.stats import BrainStats
 from z4j.store.postgres import PostgresStore
+from z4j.testing.drain import draining
 from z4j.testing.postgres import PostgresCluster, find_pg_bin
 
 COLUMNS = "received_at, idempotency_key, source, kind, buffer_id, body"
@@ -165,27 +164,20 @@ async def drain_once(
     )
     try:
         await store.migrate()
-        ready = trio.Event()
-        ready.set()
-        drainer = Drainer(
-            buffer,
-            store,
-            BrainStats(),
-            batch_rows=args.batch_rows,
-            lease_seconds=DEFAULTS.drain_lease_seconds,
-            store_ready=ready,
-        )
         cpu = CpuMeter(os.getpid())
         started = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for worker in range(workers):
-                await nursery.start(drainer.run, worker)
+        async with draining(
+            buffer,
+            store,
+            batch_rows=args.batch_rows,
+            lease_seconds=DEFAULTS.drain_lease_seconds,
+            workers=workers,
+        ):
             with trio.fail_after(args.timeout):
                 while buffer.file.depth > 0:  # noqa: ASYNC110 - polls a counter a thread updates
                     await trio.sleep(0.002)
             seconds = time.perf_counter() - started
             share = cpu.read()
-            drainer.stop()
         return seconds, share
     finally:
         await buffer.aclose()

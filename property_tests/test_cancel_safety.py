@@ -29,23 +29,10 @@ from hypothesis import strategies as st
 import z4j.ingest
 from z4j.config import Config
 from z4j.testing.brain import buffer_rows, make_config, read_events, running_brain, wait_until
+from z4j.testing.cancel import CancelAtStep
 
 # Each example runs two brains in well under a second.
 EXAMPLES = max(5, settings.default.max_examples)
-
-
-class CancelAtStep(trio.abc.Instrument):
-    """Cancels ``scope`` just before the ``step``-th task step of the run."""
-
-    def __init__(self, step: int, scope: trio.CancelScope) -> None:
-        self.step = step
-        self.scope = scope
-        self.count = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        self.count += 1
-        if self.count == self.step:
-            self.scope.cancel()
 
 
 def _open_fds() -> set[str]:

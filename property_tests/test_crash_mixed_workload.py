@@ -40,22 +40,9 @@ from z4j.testing.brain import (
     running_brain,
     wait_until,
 )
+from z4j.testing.cancel import CancelAtStep
 
 EXAMPLES = max(3, settings().max_examples // 10)
-
-
-class CancelAtStep(trio.abc.Instrument):
-    """Cancels ``scope`` just before the ``step``-th task step of the run."""
-
-    def __init__(self, step: int, scope: trio.CancelScope) -> None:
-        self.step = step
-        self.scope = scope
-        self.count = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        self.count += 1
-        if self.count == self.step:
-            self.scope.cancel()
 
 
 def _agent(http: tuple[str, int], token: str, secret: str) -> AgentTarget:

@@ -13,6 +13,7 @@ import trio
 from z4j.config import Config
 from z4j.testing.agents import provision
 from z4j.testing.brain import read_events, running_brain, wait_until
+from z4j.testing.store import query
 
 BARE_AGENT = Path(__file__).parent / "agents" / "bare_agent.py"
 
@@ -72,24 +73,11 @@ async def test_unknown_token_is_refused_with_4401(tmp_path: Path, config: Config
 
 
 def audit_actions(config: Config, command_id: uuid.UUID) -> list[str]:
-    subject = f"command:{command_id}"
-    if config.database_url:
-        import psycopg
-
-        with psycopg.connect(config.database_url) as conn:
-            rows = conn.execute(
-                "SELECT action FROM audit_events WHERE subject = %s ORDER BY id", (subject,)
-            ).fetchall()
-    else:
-        import sqlite3
-
-        db = sqlite3.connect(config.sqlite_store_path)
-        try:
-            rows = db.execute(
-                "SELECT action FROM audit_events WHERE subject = ? ORDER BY id", (subject,)
-            ).fetchall()
-        finally:
-            db.close()
+    rows = query(
+        config,
+        "SELECT action FROM audit_events WHERE subject = ? ORDER BY id",
+        f"command:{command_id}",
+    )
     return [r[0] for r in rows]
 
 

@@ -6,17 +6,14 @@ checks that none gets a 500 and every response matches the document.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
-import sqlite3
 import sys
 from pathlib import Path
 from typing import Any, cast
 
 import orjson
-import psycopg
 import pytest
 import trio
 
@@ -31,6 +28,8 @@ from z4j.config import Config, ConfigError
 from z4j.store import Store, StoreUnavailable, store_for
 from z4j.testing.agents import admin_token, provision, raw_agent
 from z4j.testing.brain import make_config, running_brain, wait_until
+from z4j.testing.http import http_request
+from z4j.testing.store import query
 
 
 async def call(
@@ -51,27 +50,12 @@ async def call(
     extra = dict(headers or {})
     if body is not None and not any(k.lower() == "content-type" for k in extra):
         extra["Content-Type"] = "application/json"
-    head = [f"{method} {path} HTTP/1.1", f"Host: {extra.pop('Host', 'x')}", "Connection: close"]
-    head.append(f"Content-Length: {len(payload)}")
-    head += [f"{k}: {v}" for k, v in extra.items()]
     if token:
-        head.append(f"Authorization: Bearer {token}")
+        extra["Authorization"] = f"Bearer {token}"
     if cookie:
-        head.append(f"Cookie: {cookie}")
-    stream = await trio.open_tcp_stream(*address)
-    async with stream:
-        await stream.send_all(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    raw_head, _, raw_body = data.partition(b"\r\n\r\n")
-    lines = raw_head.decode().split("\r\n")
-    got: dict[str, str] = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        key = name.strip().lower()
-        got[key] = f"{got[key]}\n{value.strip()}" if key in got else value.strip()
-    return int(lines[0].split()[1]), got, orjson.loads(raw_body) if raw_body else None
+        extra["Cookie"] = cookie
+    reply = await http_request(address, method, path, body=payload, headers=extra)
+    return reply.status, dict(reply.headers), reply.json()
 
 
 async def test_sign_in_with_a_token_or_a_session_and_out_again(config: Config) -> None:
@@ -271,14 +255,8 @@ async def test_brains_starting_together_on_a_fresh_store_make_one_admin_token(
 
 def _api_token_rows(config: Config) -> int:
     """Rows in api_tokens, counted on a connection outside the stores under test."""
-    if config.database_url is not None:
-        with psycopg.connect(config.database_url) as conn:
-            row = conn.execute("SELECT count(*) FROM api_tokens").fetchone()
-    else:
-        with contextlib.closing(sqlite3.connect(config.sqlite_store_path)) as db:
-            row = db.execute("SELECT count(*) FROM api_tokens").fetchone()
-    assert row is not None
-    return int(row[0])
+    ((count,),) = query(config, "SELECT count(*) FROM api_tokens")
+    return int(count)
 
 
 # -- browser-facing hardening: CSRF, cookies, revocation, sign-in throttle -------------------
@@ -570,22 +548,8 @@ async def test_the_dashboard_html_needs_a_session_whatever_the_path(
 async def _raw(
     address: tuple[str, int], method: str, path: str, *, cookie: str | None = None
 ) -> tuple[int, dict[str, str], bytes]:
-    head = [f"{method} {path} HTTP/1.1", "Host: x", "Connection: close"]
-    if cookie:
-        head.append(f"Cookie: {cookie}")
-    stream = await trio.open_tcp_stream(*address)
-    async with stream:
-        await stream.send_all(("\r\n".join(head) + "\r\n\r\n").encode())
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    raw_head, _, raw_body = data.partition(b"\r\n\r\n")
-    lines = raw_head.decode().split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(lines[0].split()[1]), headers, raw_body
+    reply = await http_request(address, method, path, headers={"Cookie": cookie} if cookie else {})
+    return reply.status, dict(reply.headers), reply.body
 
 
 async def test_the_first_admin_token_goes_to_a_private_file_not_the_log(

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import sqlite3
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -16,21 +14,13 @@ import pytest
 from z4j import keys
 from z4j.config import load_config
 from z4j.protocol.agent.signing import decode_secret
+from z4j.testing.brain import run_z4j
 
 
 def z4j(
     *args: str, env: dict[str, str] | None = None, stdin: str = ""
 ) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("Z4J_")}
-    clean.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "z4j", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=clean,
-        timeout=60,
-    )
+    return run_z4j(*args, env=env or {}, stdin=stdin)
 
 
 def _closed_port() -> int:

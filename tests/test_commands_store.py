@@ -11,11 +11,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
 from typing import Any
 
 import attrs
-import orjson
 import psycopg
 import pytest
 import trio
@@ -27,50 +25,8 @@ from z4j.store import (
     Agent,
     CommandRecord,
     Store,
-    store_for,
 )
-
-
-@asynccontextmanager
-async def open_store(config: Config) -> AsyncIterator[Store]:
-    store = store_for(config)
-    with trio.fail_after(30):
-        try:
-            await store.migrate()
-            yield store
-        finally:
-            await store.aclose()
-
-
-def query(config: Config, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    """Rows of ``sql`` (written with ``?``), read outside the store under test.
-
-    uuids come back as text and timestamps as epoch floats on both stores.
-    """
-    if config.database_url is not None:
-        with psycopg.connect(config.database_url) as conn:
-            rows = conn.execute(sql.replace("?", "%s"), params).fetchall()
-        return [tuple(_plain(v) for v in row) for row in rows]
-    db = sqlite3.connect(config.sqlite_store_path)
-    try:
-        return db.execute(sql, params).fetchall()
-    finally:
-        db.close()
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, datetime):
-        return value.timestamp()
-    return value
-
-
-def json_of(config: Config, value: Any) -> Any:
-    """A JSON column as stored: jsonb arrives parsed, SQLite TEXT is parsed here."""
-    if config.database_url is None and isinstance(value, str):
-        return orjson.loads(value)
-    return value
+from z4j.testing.store import json_of, open_store, query
 
 
 def json_types(config: Config, column: str, table: str) -> list[tuple[Any, ...]]:

@@ -7,66 +7,17 @@ reading back its own mistakes cannot pass.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from datetime import datetime
+from collections.abc import Callable
 from typing import Any
 
-import orjson
-import psycopg
 import pytest
 import trio
 
 from z4j.config import Config
-from z4j.store import Agent, DirectoryConflict, Project, Store, store_for
-
-
-@asynccontextmanager
-async def open_store(config: Config) -> AsyncIterator[Store]:
-    store = store_for(config)
-    with trio.fail_after(30):
-        try:
-            await store.migrate()
-            yield store
-        finally:
-            await store.aclose()
-
-
-def query(config: Config, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    """Rows of ``sql`` (written with ``?``), read outside the store under test.
-
-    uuids come back as text and timestamps as epoch floats on both stores;
-    JSON as parsed objects.
-    """
-    if config.database_url is not None:
-        with psycopg.connect(config.database_url) as conn:
-            rows = conn.execute(sql.replace("?", "%s"), params).fetchall()
-        return [tuple(_plain(v) for v in row) for row in rows]
-    db = sqlite3.connect(config.sqlite_store_path)
-    try:
-        return db.execute(sql, params).fetchall()
-    finally:
-        db.close()
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, datetime):
-        return value.timestamp()
-    if isinstance(value, memoryview):
-        return bytes(value)
-    return value
-
-
-def json_of(config: Config, value: Any) -> Any:
-    """A JSON column as stored: jsonb arrives parsed, SQLite TEXT is parsed here."""
-    if config.database_url is None and isinstance(value, str):
-        return orjson.loads(value)
-    return value
+from z4j.store import Agent, DirectoryConflict, Project, Store
+from z4j.testing.store import json_of, open_store, query
 
 
 def json_type(config: Config, column: str, table: str) -> str:

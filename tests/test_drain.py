@@ -17,9 +17,8 @@ import trio.testing
 
 from z4j.buffer import Buffer, BufferFile, BufferInUse, NewRow
 from z4j.config import Config
-from z4j.drain import Drainer
-from z4j.stats import BrainStats
 from z4j.testing.brain import buffer_rows, read_events, running_brain, wait_until
+from z4j.testing.drain import draining
 
 
 def _row(n: int, body: bytes | None = None) -> NewRow:
@@ -199,32 +198,27 @@ async def test_a_drain_lingers_after_a_partial_batch_not_after_a_full_one(tmp_pa
     claim (the store lags by up to that much); full batches go straight on."""
     buffer = await Buffer.open(tmp_path / "b.sqlite3", max_rows=10_000)
     store = _CountingStore()
-    ready = trio.Event()
-    ready.set()
-    drainer = Drainer(
-        buffer,
-        store,
-        BrainStats(),
-        batch_rows=10,
-        lease_seconds=60,
-        store_ready=ready,  # type: ignore[arg-type]
-        linger_seconds=0.5,
-    )
     try:
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(buffer.run_writer)
-                nursery.start_soon(drainer.run, 0)
-                assert buffer.admit(25)
-                await buffer.append([_row(n) for n in range(25)])  # two full batches and 5
-                await wait_until(lambda: sum(n for _, n in store.writes) == 25)
-                assert [n for _, n in store.writes] == [10, 10, 5]
-                started = store.writes[-1][0]
-                assert buffer.admit(1)
-                await buffer.append([_row(99)])  # arrives during the linger
-                await wait_until(lambda: len(store.writes) == 4)
-                assert store.writes[-1][0] - started >= 0.45
-                drainer.stop()
+                async with draining(
+                    buffer,
+                    store,  # type: ignore[arg-type]
+                    batch_rows=10,
+                    lease_seconds=60,
+                    linger_seconds=0.5,
+                ) as drainer:
+                    assert buffer.admit(25)
+                    await buffer.append([_row(n) for n in range(25)])  # two full batches and 5
+                    await wait_until(lambda: sum(n for _, n in store.writes) == 25)
+                    assert [n for _, n in store.writes] == [10, 10, 5]
+                    started = store.writes[-1][0]
+                    assert buffer.admit(1)
+                    await buffer.append([_row(99)])  # arrives during the linger
+                    await wait_until(lambda: len(store.writes) == 4)
+                    assert store.writes[-1][0] - started >= 0.45
+                    drainer.stop()
                 buffer.close_writer()
     finally:
         await buffer.aclose()

@@ -26,6 +26,7 @@ from z4j.protocol import ingest as proto
 from z4j.protocol.ingest import ERROR, OK, encode_frame, token_hash
 from z4j.stats import BrainStats
 from z4j.testing.brain import http_get, make_config, read_events, running_brain, wait_until
+from z4j.testing.store import query
 
 
 def records(batch: int, count: int, kind: str = "log") -> list[dict[str, object]]:
@@ -274,22 +275,10 @@ async def test_instance_heartbeat_row(config: Config) -> None:
 
 
 def _instance_row(config: Config, instance_id: object) -> tuple[object, ...] | None:
-    if config.database_url:
-        import psycopg
-
-        with psycopg.connect(config.database_url) as conn:
-            return conn.execute(
-                "SELECT pid, name, buffer_depth FROM instances WHERE id = %s", (instance_id,)
-            ).fetchone()
-    import sqlite3
-
-    db = sqlite3.connect(config.sqlite_store_path)
-    try:
-        return db.execute(
-            "SELECT pid, name, buffer_depth FROM instances WHERE id = ?", (str(instance_id),)
-        ).fetchone()
-    finally:
-        db.close()
+    rows = query(
+        config, "SELECT pid, name, buffer_depth FROM instances WHERE id = ?", str(instance_id)
+    )
+    return rows[0] if rows else None
 
 
 async def test_pipelining_any_number_of_frames_does_not_deadlock(tmp_path: Path) -> None:

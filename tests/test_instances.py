@@ -26,6 +26,7 @@ from z4j.config import Config, config_env, load_config
 from z4j.supervisor import buffer_path_for, restart_delay, stranded_buffers
 from z4j.testing.agents import admin_token
 from z4j.testing.brain import BrainProcess, make_config, run_z4j, wait_until
+from z4j.testing.http import http_request
 
 GRACE = 5.0
 READY = re.compile(r"z4j\.supervisor: instance (\d+) ready \(pid (\d+)")
@@ -110,17 +111,11 @@ async def wait_stored(database_url: str, batches: int) -> Counter[tuple[int, int
 
 async def live_instances(config: Config, address: tuple[str, int], token: str) -> set[int]:
     """Pids of the instance rows not stopped, from /api/v1/instances (any child answers)."""
-    stream = await trio.open_tcp_stream(*address)
-    async with stream:
-        await stream.send_all(
-            b"GET /api/v1/instances HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-            + f"Authorization: Bearer {token}\r\n\r\n".encode()
-        )
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    assert head.split()[1] == b"200", data[:500]
+    reply = await http_request(
+        address, "GET", "/api/v1/instances", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert reply.status == 200, (reply.status, reply.body[:500])
+    body = reply.body
     items = orjson.loads(body)["items"]
     # A row counts as live while its heartbeat is fresh: a SIGKILLed child
     # never writes `stopped_at`.

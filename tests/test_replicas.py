@@ -24,6 +24,7 @@ from z4j.protocol.agent import frames as f
 from z4j.registry import _renew
 from z4j.testing.agents import RawAgent, admin_token, provision, raw_agent
 from z4j.testing.brain import BrainProcess, make_config, wait_until
+from z4j.testing.http import http_request
 from z4j.testing.postgres import PostgresCluster
 
 SECRET = "replicas-share-this-master-secret-0123456789"
@@ -64,20 +65,14 @@ async def api(
     brain: BrainProcess, method: str, path: str, token: str, body: Any = None
 ) -> tuple[int, Any]:
     payload = b"" if body is None else orjson.dumps(body)
-    stream = await trio.open_tcp_stream(*brain.http)
-    async with stream:
-        await stream.send_all(
-            (
-                f"{method} /api/v1{path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                f"Authorization: Bearer {token}\r\nContent-Length: {len(payload)}\r\n\r\n"
-            ).encode()
-            + payload
-        )
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    head, _, raw = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), orjson.loads(raw) if raw else None
+    reply = await http_request(
+        brain.http,
+        method,
+        f"/api/v1{path}",
+        body=payload,
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    return reply.status, reply.json()
 
 
 async def answer_commands(agent: RawAgent, seen: list[str]) -> None:
@@ -306,13 +301,5 @@ async def test_a_killed_leader_is_replaced_within_the_lease(tmp_path: Path, pg_u
 
 
 async def http_status(brain: BrainProcess, path: str) -> tuple[int, bytes]:
-    stream = await trio.open_tcp_stream(*brain.http)
-    async with stream:
-        await stream.send_all(
-            f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
-        )
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
+    reply = await http_request(brain.http, "GET", path)
+    return reply.status, reply.body

@@ -34,6 +34,7 @@ from wsproto.events import (
 from z4j import websocket
 from z4j.http import HealthChecks, build_app, serve_http
 from z4j.testing.brain import make_config, wait_until
+from z4j.testing.http import read_until_closed
 from z4j.websocket import SEND_BATCH
 
 Scope = dict[str, Any]
@@ -266,13 +267,6 @@ async def test_a_silent_connection_is_dropped_after_the_read_timeout(tmp_path: P
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             async with stream:
                 assert await read_until_closed(stream) == b""
-
-
-async def read_until_closed(stream: trio.SocketStream) -> bytes:
-    data = b""
-    while chunk := await stream.receive_some(65536):
-        data += chunk
-    return data
 
 
 async def test_a_peer_resetting_mid_handshake_ends_only_its_connection(tmp_path: Path) -> None:

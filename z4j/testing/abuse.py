@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from ..protocol.ingest import OK, encode_frame
-from .brain import http_get
+from .http import http_get
 
 __all__ = [
     "SERVED_WITHIN",

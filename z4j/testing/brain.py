@@ -22,6 +22,7 @@ import trio
 from ..brain import Brain, serve_brain
 from ..config import Config, load_config
 from ..stats import BrainStats
+from .http import http_get as http_get  # its old home; it lives in .http
 
 __all__ = [
     "BrainProcess",
@@ -90,20 +91,6 @@ async def running_brain(config: Config) -> AsyncIterator[RunningBrain]:
             yield RunningBrain(addresses, stats, config, shutdown, nursery.cancel_scope)
         finally:
             nursery.cancel_scope.cancel()
-
-
-async def http_get(address: tuple[str, int], path: str) -> tuple[int, str]:
-    """GET ``path`` on a fresh connection: (status, body)."""
-    stream = await trio.open_tcp_stream(*address)
-    async with stream:
-        await stream.send_all(
-            f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
-        )
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body.decode()
 
 
 async def wait_until(predicate: Any, *, timeout: float = 20.0, interval: float = 0.05) -> None:
@@ -210,9 +197,12 @@ class BrainProcess:
 
 
 def run_z4j(
-    *args: str, env: Mapping[str, str], timeout: float = 60
+    *args: str, env: Mapping[str, str], timeout: float = 60, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m z4j ARGS`` to its end, with ``env`` as its only Z4J_* variables."""
+    """``python -m z4j ARGS`` to its end, with ``env`` as its only Z4J_* variables.
+
+    ``stdin`` is written to its standard input; without it, that is /dev/null.
+    """
     clean = {k: v for k, v in os.environ.items() if not k.startswith("Z4J_")}
     clean.update(env)
     return subprocess.run(
@@ -221,5 +211,6 @@ def run_z4j(
         text=True,
         env=clean,
         timeout=timeout,
-        stdin=subprocess.DEVNULL,
+        input=stdin,
+        stdin=subprocess.DEVNULL if stdin is None else None,
     )
