@@ -38,6 +38,8 @@ from wsproto.handshake import H11Handshake
 from wsproto.utilities import LocalProtocolError
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
+from .protocol.close import CloseCode
+
 __all__ = ["SEND_BATCH", "Handler", "serve_websocket"]
 
 log = logging.getLogger("z4j.http.ws")
@@ -54,7 +56,6 @@ SEND_BATCH = "z4j.websocket.send_batch"
 
 RECEIVE_BYTES = 65536
 CLOSE_WAIT_SECONDS = 2.0
-CLOSE_TOO_BIG = 1009
 
 
 class _TooBig:
@@ -220,8 +221,8 @@ class _WebSocket:
                     parts.append(event.data)
                     size += len(event.data)
                     if size > self._max:
-                        await self.close(CLOSE_TOO_BIG, "message too big")
-                        return {"type": "websocket.disconnect", "code": CLOSE_TOO_BIG}
+                        await self.close(CloseCode.TOO_LARGE, "message too big")
+                        return {"type": "websocket.disconnect", "code": CloseCode.TOO_LARGE}
                     if event.message_finished:
                         if isinstance(event, TextMessage):
                             return {"type": "websocket.receive", "text": "".join(parts)}
@@ -236,8 +237,8 @@ class _WebSocket:
                     return {"type": "websocket.disconnect", "code": event.code}
             frame = self._next_frame()
             if isinstance(frame, _TooBig):
-                await self.close(CLOSE_TOO_BIG, "message too big")
-                return {"type": "websocket.disconnect", "code": CLOSE_TOO_BIG}
+                await self.close(CloseCode.TOO_LARGE, "message too big")
+                return {"type": "websocket.disconnect", "code": CloseCode.TOO_LARGE}
             if isinstance(frame, dict):
                 return frame
             if frame is not None:
@@ -254,7 +255,7 @@ class _WebSocket:
                 self._buf = bytearray(data)
             else:
                 self._buf += data
-        return {"type": "websocket.disconnect", "code": 1006}
+        return {"type": "websocket.disconnect", "code": CloseCode.ABNORMAL}
 
     def _next_frame(self) -> dict[str, Any] | bytes | _TooBig | None:
         """Take the next whole frame off the receive buffer.
@@ -325,7 +326,7 @@ class _WebSocket:
         elif kind == "websocket.close":
             if self._conn is None:
                 await self._accept()
-            await self.close(message.get("code", 1000), message.get("reason") or "")
+            await self.close(message.get("code", CloseCode.NORMAL), message.get("reason") or "")
 
     async def close(self, code: int, reason: str = "") -> None:
         """Send our close frame, give the peer a moment to answer, then hang up."""
@@ -379,14 +380,14 @@ async def serve_websocket(
     target = request.target
     running = handler(_scope(request, client, secure), connection.receive, connection.send)
     del handshake, head, request  # an idle connection keeps only what it needs
-    code = 1000
+    code: int = CloseCode.NORMAL
     try:
         await running
     except trio.Cancelled:
-        code = 1001  # the brain is going away
+        code = CloseCode.GOING_AWAY
         raise
     except Exception:
-        code = 1011
+        code = CloseCode.INTERNAL_ERROR
         log.exception("websocket handler for %s failed", target)
     finally:
         if connection.accepted:
