@@ -188,7 +188,7 @@ class AgentProtocol:
             )
         self.state = nxt
 
-    def _fail(self, message: str, reason: str, close_code: int) -> RemoteProtocolError:
+    def _fail(self, message: str, reason: str, close_code: CloseCode) -> RemoteProtocolError:
         self.state = State.CLOSED
         return RemoteProtocolError(message, reason=reason, close_code=close_code)
 
