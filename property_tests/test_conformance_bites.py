@@ -15,6 +15,7 @@ bite slower, not different.
 from __future__ import annotations
 
 import functools
+import types
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -46,6 +47,7 @@ from z4j.protocol import ingest as ingest_protocol
 from z4j.protocol.agent import frames
 from z4j.protocol.agent.connection import AgentProtocol
 from z4j.protocol.agent.replay import ReplayGuard
+from z4j.protocol.close import CloseCode
 from z4j.protocol.errors import RemoteProtocolError
 from z4j.ratelimit import TokenBucket
 from z4j.store.sqlite import SqliteStore
@@ -170,6 +172,13 @@ def wrap(
 ) -> None:
     """Replace ``owner.name`` by ``make(original)`` for this test only."""
     monkeypatch.setattr(owner, name, make(getattr(owner, name)))
+
+
+def recode(module: Any, name: str, value: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``module`` send ``value`` where it names ``CloseCode.<name>``, for this test only."""
+    codes = types.SimpleNamespace(**{code.name: code for code in CloseCode})
+    setattr(codes, name, value)
+    monkeypatch.setattr(module, "CloseCode", codes)
 
 
 # -- agent protocol v2 ---------------------------------------------------------------
@@ -320,18 +329,18 @@ def test_unknown_fields_ignored_bites(
 
 
 @pytest.mark.parametrize(
-    ("rule", "constant"),
+    ("rule", "name"),
     [
-        ("unexpected-frame-1002", "CLOSE_PROTOCOL_ERROR"),
-        ("bad-frame-1007", "CLOSE_INVALID_DATA"),
-        ("version-4426", "CLOSE_VERSION"),
+        ("unexpected-frame-1002", "PROTOCOL_ERROR"),
+        ("bad-frame-1007", "INVALID_DATA"),
+        ("version-4426", "VERSION"),
     ],
 )
 def test_close_codes_of_the_protocol_core_bite(
-    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch, rule: str, constant: str
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch, rule: str, name: str
 ) -> None:
     """Broken: the core closes with 1011 where the page names another code."""
-    monkeypatch.setattr(connection, constant, 1011)
+    recode(connection, name, CloseCode.INTERNAL_ERROR, monkeypatch)
     bite_agent(brain, suite, rule)
 
 
@@ -355,7 +364,7 @@ def test_replaced_4002_bites(
     brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Broken: a replaced connection is closed with 1000."""
-    monkeypatch.setattr(z4j.agent_endpoint, "CLOSE_REPLACED", 1000)
+    recode(z4j.agent_endpoint, "REPLACED", CloseCode.NORMAL, monkeypatch)
     bite_agent(brain, suite, "replaced-4002")
 
 
@@ -402,7 +411,7 @@ def test_idle_4408_bites(
     brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Broken: an idle connection is closed with 1000."""
-    monkeypatch.setattr(z4j.agent_endpoint, "CLOSE_IDLE", 1000)
+    recode(z4j.agent_endpoint, "IDLE", CloseCode.NORMAL, monkeypatch)
     bite_check(brain, suite, "idle-4408")
 
 

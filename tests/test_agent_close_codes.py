@@ -17,11 +17,11 @@ import pytest
 import trio
 import trio_websocket
 
-from z4j.agent_endpoint import CLOSE_CAP, CLOSE_IDLE, CLOSE_REPLACED, CLOSE_REVOKED
 from z4j.buffer import BufferFile
 from z4j.config import Config
 from z4j.protocol.agent import frames as f
 from z4j.protocol.agent.connection import AgentProtocol
+from z4j.protocol.close import CloseCode
 from z4j.store import store_for
 from z4j.testing.agents import provision, raw_agent
 from z4j.testing.brain import buffer_rows, make_config, read_events, running_brain, wait_until
@@ -49,7 +49,7 @@ async def test_replacement_closes_the_older_connection_with_4002(config: Config)
                 async with raw_agent(
                     brain.addresses.http, token, secret, worker_id="same", prove=True
                 ) as new:
-                    assert await old.closed_with() == CLOSE_REPLACED
+                    assert await old.closed_with() == CloseCode.REPLACED
                     await new.send(events(1), frame_id="b-1")
                     ack = await new.receive()
                     assert ack.payload == f.EventBatchAck(
@@ -68,7 +68,7 @@ async def test_worker_cap_closes_with_4429(tmp_path: Path, database_url: str | N
                     async with raw_agent(
                         brain.addresses.http, token, secret, worker_id="c", protocol_version="none"
                     ) as third:
-                        assert await third.closed_with() == CLOSE_CAP
+                        assert await third.closed_with() == CloseCode.RATE_LIMITED
             assert brain.stats.agent_rejected["worker_cap"] == 1
 
 
@@ -79,7 +79,7 @@ async def test_idle_connection_closes_with_4408(tmp_path: Path, database_url: st
         async with running_brain(config) as brain:
             async with raw_agent(brain.addresses.http, token, secret) as agent:
                 started = trio.current_time()
-                assert await agent.closed_with() == CLOSE_IDLE
+                assert await agent.closed_with() == CloseCode.IDLE
                 assert 2.5 <= trio.current_time() - started < 10
 
 
@@ -110,7 +110,7 @@ async def test_rate_limits_close_with_an_error_and_4429(
                 error = await agent.receive()
                 assert isinstance(error.payload, f.Error)
                 assert error.payload.code == "rate_limited" and error.payload.fatal
-                assert await agent.closed_with() == CLOSE_CAP
+                assert await agent.closed_with() == CloseCode.RATE_LIMITED
             assert brain.stats.agent_rejected["rate_limit"] == 1
 
 
@@ -174,7 +174,7 @@ async def test_revocation_closes_live_sockets_with_4003(config: Config) -> None:
                     assert await store.revoke_agent(agent_id)
                 finally:
                     await store.aclose()
-                assert await agent.closed_with() == CLOSE_REVOKED
+                assert await agent.closed_with() == CloseCode.REVOKED
             # And the token no longer opens a session.
             async with raw_agent(brain.addresses.http, token, secret, hello=False) as again:
                 assert await again.closed_with() == 4401

@@ -17,11 +17,12 @@ import uuid
 import pytest
 import trio
 
-from z4j.agent_endpoint import CLOSE_REPLACED, COMMAND_REFUSED
+from z4j.agent_endpoint import COMMAND_REFUSED
 from z4j.config import Config
 from z4j.protocol.agent import frames as f
 from z4j.protocol.agent.connection import AgentProtocol, Role
 from z4j.protocol.agent.signing import encode_secret
+from z4j.protocol.close import CloseCode
 from z4j.testing.agents import RawAgent, provision, raw_agent
 from z4j.testing.brain import running_brain, wait_until
 
@@ -111,7 +112,7 @@ async def test_a_hello_with_only_the_token_displaces_nothing_and_gets_no_command
                 async with raw_agent(brain.addresses.http, token, secret) as successor:
                     assert await nothing_within(live, 0.3)
                     await successor.send(f.Heartbeat())
-                    assert await live.closed_with() == CLOSE_REPLACED
+                    assert await live.closed_with() == CloseCode.REPLACED
 
 
 async def test_queued_commands_wait_for_a_proven_connection(config: Config) -> None:

@@ -90,6 +90,7 @@ from ._version import __version__
 from .protocol.agent import frames as f
 from .protocol.agent.connection import AgentProtocol, Role
 from .protocol.agent.signing import decode_secret
+from .protocol.close import CloseCode, Retry, retry_after
 from .protocol.errors import RemoteProtocolError
 
 __all__ = ["Agent", "AgentStatistics", "Backoff", "CommandHandler", "SpoolFull"]
@@ -277,12 +278,15 @@ def _failed(error: str) -> f.CommandResult:
     return f.CommandResult(status="failed", error=_truncate(error))
 
 
+_KIND_OF: Final = {
+    Retry.TRANSIENT: _Kind.TRANSIENT,
+    Retry.AUTH: _Kind.AUTH,
+    Retry.INCOMPATIBLE: _Kind.INCOMPATIBLE,
+}
+
+
 def _classify_close(code: int, *, handshake: bool) -> _Kind:
-    if code in (4426, 4427):
-        return _Kind.INCOMPATIBLE
-    if code in (4401, 4003) or (code == 4403 and handshake):
-        return _Kind.AUTH
-    return _Kind.TRANSIENT
+    return _KIND_OF[retry_after(code, handshake=handshake)]
 
 
 class Agent:
@@ -650,20 +654,20 @@ class Agent:
             await task(s)
         except trio_websocket.ConnectionClosed:
             reason = s.ws.closed
-            code = reason.code if reason is not None else 1006
+            code = reason.code if reason is not None else CloseCode.ABNORMAL
             kind = _classify_close(code, handshake=s.ack is None)
             detail = f"brain closed {code}" + (
                 f" {reason.reason}" if reason and reason.reason else ""
             )
-            if code == 4403 and s.ack is not None:
+            if code == CloseCode.FORBIDDEN and s.ack is not None:
                 logger.error(
                     "the brain refused a signed frame (4403): is the project secret right?"
                 )
             s.finish(_End(kind=kind, detail=detail))
         except RemoteProtocolError as exc:
-            code = exc.close_code or 1002
+            code = exc.close_code or CloseCode.PROTOCOL_ERROR
             logger.error("protocol error from the brain: %s (closing with %d)", exc, code)
-            kind = _Kind.INCOMPATIBLE if code == 4426 else _Kind.TRANSIENT
+            kind = _classify_close(code, handshake=False)
             await self._finish_cleanly(
                 s, _End(kind=kind, detail=f"{exc.reason}: {exc}", close_code=code)
             )
@@ -682,7 +686,7 @@ class Agent:
                 while stop.graceful and not self._drained(s):
                     await self._changed.wait()
         await self._finish_cleanly(
-            s, _End(kind=_Kind.STOPPED, detail="agent stopped", close_code=1000)
+            s, _End(kind=_Kind.STOPPED, detail="agent stopped", close_code=CloseCode.NORMAL)
         )
 
     def _drained(self, s: _Session) -> bool:
@@ -715,7 +719,7 @@ class Agent:
         if message is None:
             detail = f"no hello_ack within {self._hello_timeout:g}s"
             await self._finish_cleanly(
-                s, _End(kind=_Kind.TRANSIENT, detail=detail, close_code=1000)
+                s, _End(kind=_Kind.TRANSIENT, detail=detail, close_code=CloseCode.NORMAL)
             )
             return
         frame = proto.receive_message(message)
@@ -738,7 +742,9 @@ class Agent:
                     _Kind.INCOMPATIBLE if payload.code in _INCOMPATIBLE_ERRORS else _Kind.TRANSIENT
                 )
                 detail = f"fatal error from the brain: {payload.code}: {payload.message}"
-                await self._finish_cleanly(s, _End(kind=kind, detail=detail, close_code=1000))
+                await self._finish_cleanly(
+                    s, _End(kind=kind, detail=detail, close_code=CloseCode.NORMAL)
+                )
                 return
 
     def _opened_session(self, s: _Session, ack: f.HelloAck) -> None:

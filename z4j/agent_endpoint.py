@@ -42,8 +42,9 @@ from .buffer import Buffer, NewRow
 from .commands import Commands
 from .config import Config
 from .protocol.agent import frames as f
-from .protocol.agent.connection import CLOSE_TOO_LARGE, AgentProtocol, Role, State
+from .protocol.agent.connection import AgentProtocol, Role, State
 from .protocol.agent.untrusted import loggable
+from .protocol.close import CloseCode
 from .protocol.errors import RemoteProtocolError
 from .ratelimit import TokenBucket
 from .registry import Registry
@@ -51,23 +52,10 @@ from .stats import BrainStats, ThrottledLog
 from .store.base import Agent, Store, StoreUnavailable
 from .websocket import SEND_BATCH
 
-__all__ = [
-    "CLOSE_BAD_TOKEN",
-    "CLOSE_CAP",
-    "CLOSE_IDLE",
-    "CLOSE_REPLACED",
-    "CLOSE_REVOKED",
-    "AgentEndpoint",
-]
+__all__ = ["AgentEndpoint"]
 
 log = logging.getLogger("z4j.agents")
 
-CLOSE_BAD_TOKEN = 4401
-CLOSE_REVOKED = 4003  # z4j agents back off as for bad credentials
-CLOSE_REPLACED = 4002
-CLOSE_IDLE = 4408
-CLOSE_CAP = 4429
-CLOSE_TRY_LATER = 1013  # the store is not reachable: reconnect later
 HELLO_TIMEOUT_SECONDS = 10.0
 # How long a new connection waits for the store before 1013: well inside
 # the 10 s agents give the upgrade, so they see the code, not a timeout.
@@ -79,8 +67,6 @@ MAX_BATCHES_IN_FLIGHT = 256
 # that memory stays bounded however many agents push at once.
 MAX_SESSION_BYTES_IN_FLIGHT = 4 * 1024 * 1024
 MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
-CLOSE_GOING_AWAY = 1001  # the brain is shutting down
-CLOSE_INTERNAL_ERROR = 1011
 # Batches read back to back go to the buffer as one group (one append, one
 # write of acks), closed at this many batches or about this many events so
 # that the buffer commits one group while the next is read.
@@ -218,7 +204,7 @@ class AgentEndpoint:
         """Another replica owns this worker's session now: close ours (4002)."""
         session = self.sessions.get((agent_id, worker_id))
         if session is not None:
-            session.kick(CLOSE_REPLACED)
+            session.kick(CloseCode.REPLACED)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The endpoint's own tasks: buffering event batches, and the idle sweep."""
@@ -239,13 +225,13 @@ class AgentEndpoint:
             cutoff = trio.current_time() - 3 * interval
             for session in self.every_session():
                 if session.last_frame < cutoff:
-                    session.kick(CLOSE_IDLE)
+                    session.kick(CloseCode.IDLE)
 
     def every_session(self) -> list[Session]:
         """The open sessions, proven or not."""
         return [*self.sessions.values(), *self.unproven]
 
-    def close_all(self, code: int = CLOSE_GOING_AWAY) -> None:
+    def close_all(self, code: int = CloseCode.GOING_AWAY) -> None:
         """Close every session (at shutdown: agents reconnect elsewhere)."""
         for session in self.every_session():
             session.kick(code)
@@ -265,7 +251,7 @@ class AgentEndpoint:
             if agent is None or agent.revoked:
                 for session in self.every_session():
                     if session.agent.id == agent_id:
-                        session.kick(CLOSE_REVOKED)
+                        session.kick(CloseCode.REVOKED)
                         closed += 1
         if closed:
             log.info("closed %d sessions of revoked agents", closed)
@@ -292,12 +278,12 @@ class AgentEndpoint:
             except Exception as exc:
                 self._reject("store_unavailable")
                 self._log.warning("lookup", "agent lookup failed: %s", exc)
-                await send({"type": "websocket.close", "code": CLOSE_TRY_LATER})
+                await send({"type": "websocket.close", "code": CloseCode.TRY_AGAIN_LATER})
                 return
         await send({"type": "websocket.accept"})
         if agent is None:
             self._reject("bad_token")
-            await send({"type": "websocket.close", "code": CLOSE_BAD_TOKEN})
+            await send({"type": "websocket.close", "code": CloseCode.UNAUTHORIZED})
             return
         try:
             session = await self._open_session(agent, receive, send)
@@ -344,11 +330,13 @@ class AgentEndpoint:
                 hello_frame = protocol.receive_message(await _next_message(receive))
         except trio.TooSlowError:
             self._reject("no_hello")
-            await send({"type": "websocket.close", "code": CLOSE_IDLE})
+            await send({"type": "websocket.close", "code": CloseCode.IDLE})
             return None
         except RemoteProtocolError as exc:
             self._reject(exc.reason)
-            await send({"type": "websocket.close", "code": exc.close_code or 1002})
+            await send(
+                {"type": "websocket.close", "code": exc.close_code or CloseCode.PROTOCOL_ERROR}
+            )
             return None
         hello = hello_frame.payload
         assert isinstance(hello, f.Hello)
@@ -363,7 +351,7 @@ class AgentEndpoint:
         cap = config.ws_per_agent_concurrency_cap
         if (worker_id not in slots and len(slots) >= cap) or len(waiting) >= cap:
             self._reject("worker_cap")
-            await send({"type": "websocket.close", "code": CLOSE_CAP})
+            await send({"type": "websocket.close", "code": CloseCode.RATE_LIMITED})
             return None
         session = Session(
             agent=agent,
@@ -409,7 +397,7 @@ class AgentEndpoint:
             self._reject("worker_cap")
             return False
         if old is not None:
-            old.kick(CLOSE_REPLACED)
+            old.kick(CloseCode.REPLACED)
         session.hello = None
         self.sessions[key] = session
         if self.on_worker is not None:
@@ -450,14 +438,14 @@ class AgentEndpoint:
         tasks = self._tasks
         frames = TokenBucket(self._config.ws_rate_limit_frames_per_second)
         events = TokenBucket(self._config.ws_rate_limit_events_per_second)
-        code: int | None = 1000
+        code: int | None = CloseCode.NORMAL
         with session.scope:
             try:
                 while True:
                     message = await receive()
                     kind = message["type"]
                     if kind == "websocket.disconnect":
-                        if message.get("code") == CLOSE_TOO_LARGE:  # closed under us
+                        if message.get("code") == CloseCode.TOO_LARGE:  # closed under us
                             self._reject("too_large")
                         code = None
                         break
@@ -470,7 +458,7 @@ class AgentEndpoint:
                     frame = session.protocol.receive_message(data)
                     del message, data
                     if session.hello is not None and not await self._take_slot(session):
-                        code = CLOSE_CAP
+                        code = CloseCode.RATE_LIMITED
                         break
                     now = session.last_frame = trio.current_time()
                     payload = frame.payload
@@ -499,7 +487,7 @@ class AgentEndpoint:
                     del frame, payload
             except RemoteProtocolError as exc:
                 self._reject(exc.reason)
-                code = exc.close_code or 1002
+                code = exc.close_code or CloseCode.PROTOCOL_ERROR
             if code is not None:
                 # Let the batches read so far finish first: acked before the
                 # close, unless the protocol itself closed (an error from the
@@ -522,7 +510,7 @@ class AgentEndpoint:
             await session.send(
                 f.Error(code="rate_limited", message="rate limit exceeded", fatal=True)
             )
-        return CLOSE_CAP
+        return CloseCode.RATE_LIMITED
 
     async def _handle_safely(self, session: Session, frame: f.Frame) -> None:
         try:
@@ -601,7 +589,7 @@ class AgentEndpoint:
             # that will not come.
             log.exception("acknowledging %d batches failed", len(batches))
             self._reject("internal_error")
-            session.kick(CLOSE_INTERNAL_ERROR)
+            session.kick(CloseCode.INTERNAL_ERROR)
         finally:
             for batch in batches:
                 session.batch_done(batch.size)

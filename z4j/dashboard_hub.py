@@ -38,6 +38,7 @@ import orjson
 import trio
 
 from .auth import Auth, Principal, credentials, header, same_origin
+from .protocol.close import CloseCode
 from .stats import BrainStats
 from .store.base import StoreUnavailable
 
@@ -47,10 +48,7 @@ log = logging.getLogger("z4j.dashboard")
 
 QUEUE_SIZE = 256
 SAMPLE_SIZE = 20
-CLOSE_UNAUTHORIZED = 4401
-CLOSE_FORBIDDEN_ORIGIN = 4403
 RECHECK_SECONDS = 1.0
-CLOSE_TOO_SLOW = 1008
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -128,23 +126,23 @@ class DashboardHub:
         origin, host = header(headers, b"origin"), header(headers, b"host")
         if origin is not None and (host is None or not same_origin(origin, host)):
             log.warning("refused a dashboard socket from origin %r", origin[:200])
-            await send({"type": "websocket.close", "code": CLOSE_FORBIDDEN_ORIGIN})
+            await send({"type": "websocket.close", "code": CloseCode.FORBIDDEN})
             return
         principal: Principal | None = None
         if self._auth is not None:
             if origin is None and credentials(headers)[0] is None:
                 # Not a browser (they always send Origin): sign in with a bearer token.
-                await send({"type": "websocket.close", "code": CLOSE_FORBIDDEN_ORIGIN})
+                await send({"type": "websocket.close", "code": CloseCode.FORBIDDEN})
                 return
             principal = await self._auth.principal(headers)
             if principal is None:
-                await send({"type": "websocket.close", "code": CLOSE_UNAUTHORIZED})
+                await send({"type": "websocket.close", "code": CloseCode.UNAUTHORIZED})
                 return
             if principal.session is not None:
                 query = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
                 csrf = query.get("csrf", [None])[0]
                 if not self._auth.csrf_matches(principal.session, csrf):
-                    await send({"type": "websocket.close", "code": CLOSE_FORBIDDEN_ORIGIN})
+                    await send({"type": "websocket.close", "code": CloseCode.FORBIDDEN})
                     return
         sub = _Subscriber()
         self._subscribers.add(sub)
@@ -165,11 +163,11 @@ class DashboardHub:
                     await sub.ready.wait()
                     sub.ready = trio.Event()
                     if sub.signed_out:
-                        await send({"type": "websocket.close", "code": CLOSE_UNAUTHORIZED})
+                        await send({"type": "websocket.close", "code": CloseCode.UNAUTHORIZED})
                         nursery.cancel_scope.cancel()
                         return
                     if sub.dropped:
-                        await send({"type": "websocket.close", "code": CLOSE_TOO_SLOW})
+                        await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
                         nursery.cancel_scope.cancel()
                         return
                     while sub.queue:

@@ -38,6 +38,7 @@ from ._net import REFUSAL_SLOTS, serve_listener
 from .auth import Auth
 from .config import Config, ConfigError, is_loopback_bind
 from .ingest_server import open_tcp_socket
+from .protocol.close import CloseCode
 from .stats import ThrottledLog
 from .websocket import Handler, serve_websocket
 
@@ -160,7 +161,7 @@ def build_app(
         if scope["type"] == "websocket":
             # Only a WebSocket upgrade on a reused keep-alive connection gets
             # here; agents open a fresh connection, served by z4j.websocket.
-            await send({"type": "websocket.close", "code": 1008})
+            await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
             return
         if scope["type"] == "http" and api is not None and scope["path"].startswith("/api/v1/"):
             await api(scope, receive, send)

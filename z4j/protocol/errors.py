@@ -9,6 +9,8 @@ label for the ingest protocol, a WebSocket close code for the agent protocol.
 
 from __future__ import annotations
 
+from .close import CloseCode
+
 __all__ = ["LocalProtocolError", "ProtocolError", "RemoteProtocolError"]
 
 
@@ -19,7 +21,7 @@ class ProtocolError(Exception):
     ``close_code`` is the WebSocket close code to send, where one applies.
     """
 
-    def __init__(self, message: str, *, reason: str, close_code: int | None = None) -> None:
+    def __init__(self, message: str, *, reason: str, close_code: CloseCode | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.close_code = close_code

@@ -45,26 +45,19 @@ from typing import Any, Final
 import cattrs
 import orjson
 
+from ..close import CloseCode
 from ..errors import LocalProtocolError, RemoteProtocolError
 from . import frames as f
 from .replay import ReplayGuard
 from .signing import SessionBinding, sign, verify
 
 __all__ = [
-    "CLOSE_INVALID_DATA",
-    "CLOSE_PROTOCOL_ERROR",
-    "CLOSE_TOO_LARGE",
-    "CLOSE_VERSION",
     "TRANSITIONS",
     "AgentProtocol",
     "Role",
     "State",
 ]
 
-CLOSE_PROTOCOL_ERROR: Final = 1002
-CLOSE_INVALID_DATA: Final = 1007
-CLOSE_TOO_LARGE: Final = 1009
-CLOSE_VERSION: Final = 4426
 DEFAULT_MAX_FRAME: Final = 1024 * 1024
 
 
@@ -191,11 +184,11 @@ class AgentProtocol:
             raise self._fail(
                 f"unexpected {what.removeprefix('recv ')} in state {self.state.value}",
                 "unexpected_frame",
-                CLOSE_PROTOCOL_ERROR,
+                CloseCode.PROTOCOL_ERROR,
             )
         self.state = nxt
 
-    def _fail(self, message: str, reason: str, close_code: int) -> RemoteProtocolError:
+    def _fail(self, message: str, reason: str, close_code: CloseCode) -> RemoteProtocolError:
         self.state = State.CLOSED
         return RemoteProtocolError(message, reason=reason, close_code=close_code)
 
@@ -213,7 +206,7 @@ class AgentProtocol:
             raise self._fail(
                 f"frame of {size} bytes is over the {self.max_frame_size}-byte limit",
                 "too_large",
-                CLOSE_TOO_LARGE,
+                CloseCode.TOO_LARGE,
             )
         # orjson first (several times faster); the standard library for
         # what orjson refuses (its messages, and inputs it reads otherwise).
@@ -224,10 +217,10 @@ class AgentProtocol:
             obj = self._loads_exact(data)
             exact = True
         if not isinstance(obj, dict):
-            raise self._fail("frame must be a JSON object", "bad_frame", CLOSE_INVALID_DATA)
+            raise self._fail("frame must be a JSON object", "bad_frame", CloseCode.INVALID_DATA)
         frame_type = obj.get("type")
         if not isinstance(frame_type, str):
-            raise self._fail("frame has no type", "bad_frame", CLOSE_INVALID_DATA)
+            raise self._fail("frame has no type", "bad_frame", CloseCode.INVALID_DATA)
         if self.state in (State.AWAIT_HELLO, State.AWAIT_HELLO_ACK):
             if not exact:  # unsigned, so nothing checks the fast parse: re-read
                 obj = self._loads_exact(data)
@@ -241,7 +234,9 @@ class AgentProtocol:
         try:
             return json.loads(data, parse_constant=_reject_constant)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise self._fail(f"frame is not JSON: {exc}", "bad_json", CLOSE_INVALID_DATA) from None
+            raise self._fail(
+                f"frame is not JSON: {exc}", "bad_json", CloseCode.INVALID_DATA
+            ) from None
 
     def _receive_handshake(self, frame_type: str, obj: dict[str, Any]) -> f.Frame:
         expected = "hello" if self.role is Role.BRAIN else "hello_ack"
@@ -249,7 +244,7 @@ class AgentProtocol:
             raise self._fail(
                 f"first frame must be {expected}, got {frame_type[:40]!r}",
                 "unexpected_frame",
-                CLOSE_PROTOCOL_ERROR,
+                CloseCode.PROTOCOL_ERROR,
             )
         payload = obj.get("payload")
         version = payload.get("protocol_version") if isinstance(payload, dict) else None
@@ -257,7 +252,7 @@ class AgentProtocol:
             raise self._fail(
                 f"protocol version {version!r} is not {f.PROTOCOL_VERSION!r}",
                 "bad_version",
-                CLOSE_VERSION,
+                CloseCode.VERSION,
             )
         frame = self._structure(frame_type, obj)
         self._move(f"recv {frame_type}", remote=True)
@@ -277,7 +272,7 @@ class AgentProtocol:
         assert self._key is not None and self.binding is not None
         if obj.get("v") != 2:
             raise self._fail(
-                f"frame version {obj.get('v')!r} is not 2", "bad_version", CLOSE_VERSION
+                f"frame version {obj.get('v')!r} is not 2", "bad_version", CloseCode.VERSION
             )
         try:
             try:
@@ -313,7 +308,7 @@ class AgentProtocol:
             )
         except (TypeError, ValueError, KeyError, cattrs.BaseValidationError) as exc:
             raise self._fail(
-                f"bad {frame_type} frame: {_describe(exc)}", "bad_payload", CLOSE_INVALID_DATA
+                f"bad {frame_type} frame: {_describe(exc)}", "bad_payload", CloseCode.INVALID_DATA
             ) from None
 
     # -- sending -----------------------------------------------------------------------

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from datetime import datetime
 
+from ..close import CloseCode
 from ..errors import RemoteProtocolError
-from .signing import CLOSE_AUTH
 
 __all__ = ["ReplayGuard", "parse_ts"]
 
@@ -23,7 +23,7 @@ MAX_NONCE_LENGTH = 32
 
 
 def _reject(message: str, reason: str) -> RemoteProtocolError:
-    return RemoteProtocolError(message, reason=reason, close_code=CLOSE_AUTH)
+    return RemoteProtocolError(message, reason=reason, close_code=CloseCode.FORBIDDEN)
 
 
 def parse_ts(value: object) -> float:

@@ -37,10 +37,10 @@ from typing import Any
 import attrs
 import orjson
 
+from ..close import CloseCode
 from ..errors import RemoteProtocolError
 
 __all__ = [
-    "CLOSE_AUTH",
     "SessionBinding",
     "canonical_json",
     "decode_secret",
@@ -52,7 +52,6 @@ __all__ = [
     "verify",
 ]
 
-CLOSE_AUTH = 4403
 _DERIVATION_LABEL = b"z4j-project-secret-v1:"
 _MIN_SECRET = 32
 _URLSAFE = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
@@ -172,7 +171,9 @@ def verify(frame: Mapping[str, Any], key: bytes, binding: SessionBinding) -> Non
     """Check ``frame["hmac"]``; raise `RemoteProtocolError` (4403) if it is wrong."""
     provided = frame.get("hmac")
     if not isinstance(provided, str) or not provided:
-        raise RemoteProtocolError("frame is not signed", reason="unsigned", close_code=CLOSE_AUTH)
+        raise RemoteProtocolError(
+            "frame is not signed", reason="unsigned", close_code=CloseCode.FORBIDDEN
+        )
     body = _signed_body(frame, binding)
     with contextlib.suppress(TypeError):
         if _matches(provided, _hmac_hex(key, fast_canonical_json(body))):
@@ -181,11 +182,13 @@ def verify(frame: Mapping[str, Any], key: bytes, binding: SessionBinding) -> Non
         expected = _hmac_hex(key, canonical_json(body))
     except (TypeError, ValueError) as exc:  # NaN, unserialisable values
         raise RemoteProtocolError(
-            f"frame cannot be canonicalised: {exc}", reason="bad_signature", close_code=CLOSE_AUTH
+            f"frame cannot be canonicalised: {exc}",
+            reason="bad_signature",
+            close_code=CloseCode.FORBIDDEN,
         ) from None
     if not _matches(provided, expected):
         raise RemoteProtocolError(
-            "frame signature does not match", reason="bad_signature", close_code=CLOSE_AUTH
+            "frame signature does not match", reason="bad_signature", close_code=CloseCode.FORBIDDEN
         )
 
 
