@@ -14,6 +14,11 @@ The drain path per batch, all in one transaction on one pooled connection:
 ``events`` is range-partitioned by day on ``received_at``; a batch that
 touches a day with no partition yet creates it first, under an advisory lock
 so that replicas do not race.
+
+Its length is one concern: the Postgres side of the `Store` protocol (the
+COPY drain, partitions, the pool). Mappers, filters and the command
+transaction bodies it shares with SQLite live in `_rows`, `_filters` and
+`_transactions`.
 """
 
 from __future__ import annotations
