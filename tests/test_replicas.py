@@ -21,7 +21,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
 from z4j.protocol.agent import frames as f
-from z4j.registry import _renew
+from z4j.store.leases import renew as _renew
 from z4j.testing.agents import RawAgent, admin_token, provision, raw_agent
 from z4j.testing.brain import BrainProcess, make_config, wait_until
 from z4j.testing.http import http_request

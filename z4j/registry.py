@@ -45,6 +45,8 @@ from .config import Config
 from .dashboard_hub import merge_events
 from .protocol.agent.untrusted import loggable
 from .stats import BrainStats, ThrottledLog
+from .store import leases
+from .store.leases import Key
 from .store.pg import PgPool
 
 __all__ = ["LocalRegistry", "PostgresRegistry", "Registry", "registry_for"]
@@ -58,9 +60,7 @@ PING_SECONDS = 2.0
 WATCHDOG_SECONDS = 6.0
 RELAY_SECONDS = 0.02
 MAX_NOTIFY_BYTES = 7900  # Postgres refuses payloads of 8000 bytes or more
-LEASE_NAME = "maintenance"
-
-Key = tuple[uuid.UUID, str]
+_CHANNELS = (COMMANDS_CHANNEL, DASHBOARD_CHANNEL, PING_CHANNEL)
 
 
 class Registry:
@@ -181,7 +181,9 @@ class PostgresRegistry(Registry):
     # -- ownership ---------------------------------------------------------------------
 
     async def acquire(self, agent_id: uuid.UUID, worker_id: str) -> int:
-        token, previous = await self._pool.run(_acquire, agent_id, worker_id, self._me, self._ttl)
+        token, previous = await self._pool.run(
+            leases.acquire, agent_id, worker_id, self._me, self._ttl
+        )
         self._owned[agent_id, worker_id] = token
         outcome = "new" if previous is None else "renewed" if previous == self._me else "takeover"
         self._stats.ownership[outcome] += 1
@@ -193,7 +195,7 @@ class PostgresRegistry(Registry):
     async def release(self, agent_id: uuid.UUID, worker_id: str, token: int) -> None:
         if self._owned.get((agent_id, worker_id)) == token:
             del self._owned[agent_id, worker_id]
-        await self._pool.run(_release, agent_id, worker_id, token)
+        await self._pool.run(leases.release, agent_id, worker_id, token)
 
     async def _renew_forever(self) -> None:
         while True:
@@ -204,7 +206,7 @@ class PostgresRegistry(Registry):
                 continue
             claims = list(self._owned.items())
             try:
-                kept: set[Key] = await self._pool.run(_renew, self._me, claims, self._ttl)
+                kept: set[Key] = await self._pool.run(leases.renew, self._me, claims, self._ttl)
             except Exception as exc:
                 self._log.warning("renew", "renewing session ownership failed: %s", exc)
                 continue
@@ -224,7 +226,7 @@ class PostgresRegistry(Registry):
     async def command_minted(self, agent_id: uuid.UUID) -> bool:
         try:
             elsewhere: bool = await self._pool.run(
-                _announce_command, agent_id, self._me, autocommit=True
+                leases.announce_command, COMMANDS_CHANNEL, agent_id, self._me, autocommit=True
             )
         except Exception as exc:  # the sweep still delivers it
             self._log.warning("notify", "announcing a command failed: %s", exc)
@@ -253,7 +255,7 @@ class PostgresRegistry(Registry):
 
     async def _notify(self, channel: str, payload: str) -> None:
         try:
-            await self._pool.run(_notify, channel, payload, autocommit=True)
+            await self._pool.run(leases.notify, channel, payload, autocommit=True)
         except Exception as exc:  # the sweep still delivers; the feed may miss one
             self._log.warning("notify", "NOTIFY %s failed: %s", channel, exc)
 
@@ -279,7 +281,7 @@ class PostgresRegistry(Registry):
     async def _listen_once(self) -> None:
         conn = await trio.to_thread.run_sync(lambda: self._pool.connect_sync(autocommit=True))
         try:
-            await trio.to_thread.run_sync(_listen_on, conn)
+            await trio.to_thread.run_sync(leases.listen_on, conn, _CHANNELS)
             self._listening = True
             self._last_echo = trio.current_time()
             log.info("listening on %s, %s", COMMANDS_CHANNEL, DASHBOARD_CHANNEL)
@@ -331,7 +333,7 @@ class PostgresRegistry(Registry):
     async def _lead_forever(self) -> None:
         while True:
             try:
-                leader = await self._pool.run(_take_lease, self._me, self._lease)
+                leader = await self._pool.run(leases.take_lease, self._me, self._lease)
             except Exception as exc:
                 self._log.warning("lease", "leader lease check failed: %s", exc)
                 leader = False
@@ -343,7 +345,7 @@ class PostgresRegistry(Registry):
             self._leader = self._stats.leader = leader
             if leader:
                 try:
-                    await self._pool.run(_leader_upkeep, 3 * self._heartbeat)
+                    await self._pool.run(leases.leader_upkeep, 3 * self._heartbeat)
                 except Exception as exc:
                     self._log.warning("upkeep", "leader upkeep failed: %s", exc)
             await trio.sleep(self._lease / 3)
@@ -374,100 +376,3 @@ def _dashboard_payload(origin: str, message: dict[str, Any]) -> str | None:
         if not sample:
             return None
         message = {**message, "sample": sample[: len(sample) // 2]}
-
-
-# -- SQL, run on pooled connections (worker threads) -----------------------------------------
-
-
-def _acquire(
-    conn: psycopg.Connection[Any], agent_id: uuid.UUID, worker_id: str, me: uuid.UUID, ttl: float
-) -> tuple[int, uuid.UUID | None]:
-    previous = conn.execute(
-        "SELECT instance_id FROM agent_sessions WHERE agent_id = %s AND worker_id = %s"
-        " AND expires_at > now() FOR UPDATE",
-        (agent_id, worker_id),
-    ).fetchone()
-    row = conn.execute(
-        "INSERT INTO agent_sessions (agent_id, worker_id, instance_id, fencing_token, expires_at)"
-        " VALUES (%s, %s, %s, nextval('z4j_fencing_tokens'), now() + %s * interval '1 second')"
-        " ON CONFLICT (agent_id, worker_id) DO UPDATE SET instance_id = EXCLUDED.instance_id,"
-        " fencing_token = EXCLUDED.fencing_token, acquired_at = now(),"
-        " expires_at = EXCLUDED.expires_at RETURNING fencing_token",
-        (agent_id, worker_id, me, ttl),
-    ).fetchone()
-    assert row is not None
-    return int(row[0]), None if previous is None else previous[0]
-
-
-def _release(
-    conn: psycopg.Connection[Any], agent_id: uuid.UUID, worker_id: str, token: int
-) -> None:
-    conn.execute(
-        "DELETE FROM agent_sessions WHERE agent_id = %s AND worker_id = %s AND fencing_token = %s",
-        (agent_id, worker_id, token),
-    )
-
-
-def _announce_command(conn: psycopg.Connection[Any], agent_id: uuid.UUID, me: uuid.UUID) -> bool:
-    """NOTIFY the replicas, and tell whether one of them holds the agent: one round trip."""
-    row = conn.execute(
-        "SELECT pg_notify(%s, 'minted:' || %s::text), EXISTS (SELECT 1 FROM agent_sessions"
-        " WHERE agent_id = %s AND instance_id <> %s AND expires_at > now())",
-        (COMMANDS_CHANNEL, agent_id, agent_id, me),
-    ).fetchone()
-    return bool(row and row[1])
-
-
-def _renew(
-    conn: psycopg.Connection[Any], me: uuid.UUID, claims: list[tuple[Key, int]], ttl: float
-) -> set[Key]:
-    """Extend the rows still ours under our tokens; the keys kept."""
-    rows = conn.execute(
-        "UPDATE agent_sessions s SET expires_at = now() + %s * interval '1 second'"
-        " FROM unnest(%s::uuid[], %s::text[], %s::bigint[]) AS c(agent_id, worker_id, token)"
-        " WHERE s.agent_id = c.agent_id AND s.worker_id = c.worker_id"
-        " AND s.fencing_token = c.token AND s.instance_id = %s"
-        " RETURNING s.agent_id, s.worker_id",
-        (
-            ttl,
-            [key[0] for key, _ in claims],
-            [key[1] for key, _ in claims],
-            [token for _, token in claims],
-            me,
-        ),
-    ).fetchall()
-    return {(agent, worker) for agent, worker in rows}
-
-
-def _notify(conn: psycopg.Connection[Any], channel: str, payload: str) -> None:
-    conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
-
-
-def _listen_on(conn: psycopg.Connection[Any]) -> None:
-    for channel in (COMMANDS_CHANNEL, DASHBOARD_CHANNEL, PING_CHANNEL):
-        conn.execute(f"LISTEN {channel}")
-
-
-def _take_lease(conn: psycopg.Connection[Any], me: uuid.UUID, seconds: float) -> bool:
-    """Take the lease if it is free or expired, or renew it if ours: do we hold it now?"""
-    row = conn.execute(
-        "INSERT INTO leader_lease (name, holder, fencing_token, expires_at)"
-        " VALUES (%s, %s, nextval('z4j_fencing_tokens'), now() + %s * interval '1 second')"
-        " ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder,"
-        " fencing_token = CASE WHEN leader_lease.holder = EXCLUDED.holder"
-        "   THEN leader_lease.fencing_token ELSE EXCLUDED.fencing_token END,"
-        " expires_at = EXCLUDED.expires_at"
-        " WHERE leader_lease.holder = EXCLUDED.holder OR leader_lease.expires_at < now()"
-        " RETURNING holder",
-        (LEASE_NAME, me, seconds),
-    ).fetchone()
-    return row is not None and row[0] == me
-
-
-def _leader_upkeep(conn: psycopg.Connection[Any], dead_after: float) -> None:
-    conn.execute("DELETE FROM agent_sessions WHERE expires_at < now()")
-    conn.execute(
-        "UPDATE instances SET stopped_at = last_seen WHERE stopped_at IS NULL"
-        " AND last_seen < now() - %s * interval '1 second'",
-        (dead_after,),
-    )

@@ -14,6 +14,11 @@ The drain path per batch, all in one transaction on one pooled connection:
 ``events`` is range-partitioned by day on ``received_at``; a batch that
 touches a day with no partition yet creates it first, under an advisory lock
 so that replicas do not race.
+
+Its length is one concern: the Postgres side of the `Store` protocol (the
+COPY drain, partitions, the pool). Mappers, filters and the command
+transaction bodies it shares with SQLite live in `_rows`, `_filters` and
+`_transactions`.
 """
 
 from __future__ import annotations
@@ -36,8 +41,26 @@ from psycopg.types.json import Jsonb
 
 from ..buffer import ClaimedRow
 from ..events import event_rows
+from . import _rows
+from ._filters import Where, commands_where, events_where
+from ._rows import (
+    AGENT_COLUMNS,
+    AUDIT_COLUMNS,
+    COMMAND_COLUMNS,
+    EVENT_COLUMNS,
+    INSTANCE_COLUMNS,
+    TOKEN_COLUMNS,
+    WORKER_COLUMNS,
+    Dialect,
+)
+from ._transactions import (
+    find_agent,
+    find_project,
+    insert_command,
+    transition_command,
+    update_registry,
+)
 from .base import (
-    FINAL_COMMAND_STATES,
     Agent,
     ApiToken,
     AuditRecord,
@@ -50,10 +73,7 @@ from .base import (
     StoreUnavailable,
     UnstorableRows,
     WorkerInfo,
-    apply_registry_delta,
     check_command_state,
-    created_details,
-    transition_details,
 )
 from .migrations import MIGRATION_LOCK_KEY, MIGRATIONS
 from .pg import PgPool
@@ -285,14 +305,14 @@ class PostgresStore:
         return project
 
     async def find_project(self, ref: str) -> Project | None:
-        result: Project | None = await self._run(_find_project, ref)
+        result: Project | None = await self._run(lambda conn: find_project(PG, conn, ref))
         return result
 
     async def list_projects(self) -> list[Project]:
         rows = await self._run(
             lambda conn: conn.execute("SELECT id, name FROM projects ORDER BY name").fetchall()
         )
-        return [Project(id, name) for id, name in rows]
+        return [_rows.project(PG, row) for row in rows]
 
     async def create_agent(self, project_id: uuid.UUID, name: str, token_hash: bytes) -> Agent:
         agent = Agent(uuid.uuid4(), project_id, name, revoked=False)
@@ -307,27 +327,27 @@ class PostgresStore:
     async def agent_by_token(self, token_hash: bytes) -> Agent | None:
         row = await self._run(
             lambda conn: conn.execute(
-                f"SELECT {_AGENT} FROM agent_tokens t JOIN agents a ON a.id = t.agent_id"
+                f"SELECT {AGENT_COLUMNS} FROM agent_tokens t JOIN agents a ON a.id = t.agent_id"
                 " WHERE t.token_hash = %s AND a.revoked_at IS NULL",
                 (token_hash,),
             ).fetchone()
         )
-        return None if row is None else Agent(*row)
+        return None if row is None else _rows.agent(PG, row)
 
     async def find_agent(self, ref: str, project_id: uuid.UUID | None = None) -> Agent | None:
-        result: Agent | None = await self._run(_find_agent, ref, project_id)
+        result: Agent | None = await self._run(lambda conn: find_agent(PG, conn, ref, project_id))
         return result
 
     async def list_agents(self, project_id: uuid.UUID | None = None) -> list[Agent]:
-        rows = await self._run(
-            lambda conn: conn.execute(
-                f"SELECT {_AGENT} FROM agents a JOIN projects p ON p.id = a.project_id"
-                " WHERE %(project)s::uuid IS NULL OR a.project_id = %(project)s"
-                " ORDER BY p.name, a.name",
-                {"project": project_id},
-            ).fetchall()
+        where = Where(PG)
+        if project_id is not None:
+            where.add("a.project_id = ?", project_id)
+        sql = (
+            f"SELECT {AGENT_COLUMNS} FROM agents a JOIN projects p ON p.id = a.project_id{where}"
+            " ORDER BY p.name, a.name"
         )
-        return [Agent(*row) for row in rows]
+        rows = await self._run(lambda conn: conn.execute(sql, where.params).fetchall())
+        return [_rows.agent(PG, row) for row in rows]
 
     async def revoke_agent(self, agent_id: uuid.UUID) -> bool:
         count: int = await self._run(
@@ -390,20 +410,11 @@ class PostgresStore:
         removed: list[str],
         updated: list[dict[str, Any]],
     ) -> None:
-        def run(conn: psycopg.Connection[Any]) -> None:
-            row = conn.execute(
-                "SELECT registry FROM workers WHERE agent_id = %s AND worker_id = %s FOR UPDATE",
-                (agent_id, worker_id),
-            ).fetchone()
-            if row is None:
-                return
-            registry = apply_registry_delta(row[0], engine, added, removed, updated)
-            conn.execute(
-                "UPDATE workers SET registry = %s WHERE agent_id = %s AND worker_id = %s",
-                (_jsonb(registry), agent_id, worker_id),
+        await self._run(
+            lambda conn: update_registry(
+                PG, conn, (agent_id, worker_id), engine, added, removed, updated
             )
-
-        await self._run(run)
+        )
 
     async def worker_disconnected(self, agent_id: uuid.UUID, worker_id: str, *, at: float) -> None:
         await self._run(
@@ -422,26 +433,23 @@ class PostgresStore:
 
     async def create_command(self, command: CommandRecord) -> None:
         check_command_state(command.state)
-        await self._run(_insert_command, command)
+        await self._run(lambda conn: insert_command(PG, conn, command, _insert_audit))
 
     async def get_command(self, command_id: uuid.UUID) -> CommandRecord | None:
         row = await self._run(
             lambda conn: conn.execute(
-                f"SELECT {_COMMAND} FROM commands WHERE id = %s", (command_id,)
+                f"SELECT {COMMAND_COLUMNS} FROM commands WHERE id = %s", (command_id,)
             ).fetchone()
         )
-        return None if row is None else _command(row)
+        return None if row is None else _rows.command(PG, row)
 
     async def open_commands(self, agent_id: uuid.UUID | None = None) -> list[CommandRecord]:
-        rows = await self._run(
-            lambda conn: conn.execute(
-                f"SELECT {_COMMAND} FROM commands WHERE state IN ('pending', 'dispatched')"
-                " AND (%(agent)s::uuid IS NULL OR agent_id = %(agent)s)"
-                " ORDER BY created_at, id",
-                {"agent": agent_id},
-            ).fetchall()
-        )
-        return [_command(row) for row in rows]
+        where = Where(PG).add("state IN ('pending', 'dispatched')")
+        if agent_id is not None:
+            where.add("agent_id = ?", agent_id)
+        sql = f"SELECT {COMMAND_COLUMNS} FROM commands{where} ORDER BY created_at, id"
+        rows = await self._run(lambda conn: conn.execute(sql, where.params).fetchall())
+        return [_rows.command(PG, row) for row in rows]
 
     async def list_commands(
         self,
@@ -451,23 +459,13 @@ class PostgresStore:
         before: tuple[float, uuid.UUID] | None = None,
         limit: int = 100,
     ) -> list[CommandRecord]:
-        rows = await self._run(
-            lambda conn: conn.execute(
-                f"SELECT {_COMMAND} FROM commands"
-                " WHERE (%(agent)s::uuid IS NULL OR agent_id = %(agent)s)"
-                " AND (%(state)s::text IS NULL OR state = %(state)s)"
-                " AND (%(at)s::timestamptz IS NULL OR (created_at, id) < (%(at)s, %(id)s::uuid))"
-                " ORDER BY created_at DESC, id DESC LIMIT %(limit)s",
-                {
-                    "agent": agent_id,
-                    "state": state,
-                    "at": None if before is None else _ts(before[0]),
-                    "id": None if before is None else before[1],
-                    "limit": limit,
-                },
-            ).fetchall()
+        where = commands_where(PG, agent_id=agent_id, state=state, before=before)
+        sql = (
+            f"SELECT {COMMAND_COLUMNS} FROM commands{where}"
+            " ORDER BY created_at DESC, id DESC LIMIT %s"
         )
-        return [_command(row) for row in rows]
+        rows = await self._run(lambda conn: conn.execute(sql, (*where.params, limit)).fetchall())
+        return [_rows.command(PG, row) for row in rows]
 
     async def transition_command(
         self,
@@ -483,170 +481,71 @@ class PostgresStore:
         error: str | None = None,
     ) -> CommandRecord | None:
         check_command_state(to_state)
-        when = _ts(at)
-
-        def run(conn: psycopg.Connection[Any]) -> CommandRecord | None:
-            # The row lock serialises racing transitions: the loser waits, then
-            # reads the winner's state and misses.
-            row = conn.execute(
-                "SELECT state FROM commands WHERE id = %s FOR UPDATE", (command_id,)
-            ).fetchone()
-            if row is None or row[0] not in from_states:
-                return None
-            updated = conn.execute(
-                "UPDATE commands SET state = %s,"
-                " worker_id = COALESCE(%s, worker_id),"
-                " delivery_claim_token = COALESCE(%s, delivery_claim_token),"
-                " dispatched_at = COALESCE(%s, dispatched_at),"
-                " finished_at = COALESCE(%s, finished_at),"
-                " result = COALESCE(%s, result),"
-                " error = COALESCE(%s, error)"
-                f" WHERE id = %s RETURNING {_COMMAND}",
-                (
-                    to_state,
-                    worker_id,
-                    delivery_claim_token,
-                    when if to_state == "dispatched" else None,
-                    when if to_state in FINAL_COMMAND_STATES else None,
-                    None if result is None else _jsonb(result),
-                    error,
-                    command_id,
-                ),
-            ).fetchone()
-            assert updated is not None  # the row is locked
-            _insert_audit(
+        record: CommandRecord | None = await self._run(
+            lambda conn: transition_command(
+                PG,
                 conn,
-                actor,
-                f"command.{to_state}",
-                f"command:{command_id}",
-                transition_details(row[0], worker_id, error),
+                _insert_audit,
+                command_id,
+                from_states=from_states,
+                to_state=to_state,
+                at=at,
+                actor=actor,
+                worker_id=worker_id,
+                delivery_claim_token=delivery_claim_token,
+                result=result,
+                error=error,
             )
-            return _command(updated)
-
-        record: CommandRecord | None = await self._run(run)
+        )
         return record
 
     async def overdue_commands(self, *, now: float) -> list[CommandRecord]:
         rows = await self._run(
             lambda conn: conn.execute(
-                f"SELECT {_COMMAND} FROM commands WHERE state IN ('pending', 'dispatched')"
+                f"SELECT {COMMAND_COLUMNS} FROM commands WHERE state IN ('pending', 'dispatched')"
                 " AND created_at + timeout_seconds * interval '1 second' < %s"
                 " ORDER BY created_at, id",
                 (_ts(now),),
             ).fetchall()
         )
-        return [_command(row) for row in rows]
+        return [_rows.command(PG, row) for row in rows]
 
     # -- read models for the API -------------------------------------------------------
 
     async def list_instances(self) -> list[InstanceInfo]:
         rows = await self._run(
             lambda conn: conn.execute(
-                "SELECT id, name, host, pid, buffer_id, started_at, last_seen, ingest_rate,"
-                " drain_rate, buffer_depth, stopped_at FROM instances ORDER BY last_seen DESC"
+                f"SELECT {INSTANCE_COLUMNS} FROM instances ORDER BY last_seen DESC"
             ).fetchall()
         )
-        return [
-            InstanceInfo(
-                id=id,
-                name=name,
-                host=host,
-                pid=pid,
-                buffer_id=buffer_id,
-                started_at=started_at.timestamp(),
-                last_seen=last_seen.timestamp(),
-                ingest_rate=ingest_rate,
-                drain_rate=drain_rate,
-                buffer_depth=buffer_depth,
-                stopped_at=_epoch(stopped_at),
-            )
-            for id, name, host, pid, buffer_id, started_at, last_seen, ingest_rate, drain_rate, buffer_depth, stopped_at in rows
-        ]
+        return [_rows.instance(PG, row) for row in rows]
 
     async def list_workers(self, agent_id: uuid.UUID | None = None) -> list[WorkerInfo]:
-        rows = await self._run(
-            lambda conn: conn.execute(
-                "SELECT agent_id, worker_id, role, instance_id, connected_at, last_seen,"
-                " disconnected_at, status FROM workers"
-                " WHERE %(agent)s::uuid IS NULL OR agent_id = %(agent)s"
-                " ORDER BY agent_id, worker_id",
-                {"agent": agent_id},
-            ).fetchall()
-        )
-        return [
-            WorkerInfo(
-                agent_id=agent,
-                worker_id=worker,
-                role=role,
-                instance_id=instance,
-                connected_at=connected_at.timestamp(),
-                last_seen=last_seen.timestamp(),
-                disconnected_at=_epoch(disconnected_at),
-                status=status,
-            )
-            for agent, worker, role, instance, connected_at, last_seen, disconnected_at, status in rows
-        ]
+        where = Where(PG)
+        if agent_id is not None:
+            where.add("agent_id = ?", agent_id)
+        sql = f"SELECT {WORKER_COLUMNS} FROM workers{where} ORDER BY agent_id, worker_id"
+        rows = await self._run(lambda conn: conn.execute(sql, where.params).fetchall())
+        return [_rows.worker(PG, row) for row in rows]
 
     async def list_events(self, query: EventFilter) -> list[EventRecord]:
-        where: list[str] = ["true"]
-        params: list[Any] = []
-        if query.kind is not None:
-            where.append("kind = %s")
-            params.append(query.kind)
-        if query.agent_id is not None:
-            where.append("agent_id = %s")
-            params.append(query.agent_id)
-        if query.since is not None:
-            where.append("received_at >= %s")
-            params.append(_ts(query.since))
-        if query.until is not None:
-            where.append("received_at < %s")
-            params.append(_ts(query.until))
-        if query.before is not None:
-            where.append("(received_at, id) < (%s, %s)")
-            params += [_ts(query.before[0]), query.before[1]]
+        where = events_where(PG, query)
         sql = (
-            "SELECT id, idempotency_key, received_at, source, kind, project_id, agent_id,"
-            f" worker_id, body FROM events WHERE {' AND '.join(where)}"
-            " ORDER BY received_at DESC, id DESC LIMIT %s"
+            f"SELECT {EVENT_COLUMNS} FROM events{where} ORDER BY received_at DESC, id DESC LIMIT %s"
         )
-        rows = await self._run(lambda conn: conn.execute(sql, (*params, query.limit)).fetchall())
-        return [
-            EventRecord(
-                id=id,
-                key=key.hex,
-                received_at=received_at.timestamp(),
-                source=source,
-                kind=kind,
-                project_id=project,
-                agent_id=agent,
-                worker_id=worker,
-                body=body,
-            )
-            for id, key, received_at, source, kind, project, agent, worker, body in rows
-        ]
+        params = (*where.params, query.limit)
+        rows = await self._run(lambda conn: conn.execute(sql, params).fetchall())
+        return [_rows.event(PG, row) for row in rows]
 
     async def list_audit(
         self, *, before_id: int | None = None, limit: int = 50
     ) -> list[AuditRecord]:
-        rows = await self._run(
-            lambda conn: conn.execute(
-                "SELECT id, at, actor, action, subject, details FROM audit_events"
-                " WHERE %(before)s::bigint IS NULL OR id < %(before)s ORDER BY id DESC LIMIT %(limit)s",
-                {"before": before_id, "limit": limit},
-            ).fetchall()
-        )
-        return [
-            AuditRecord(
-                id=id,
-                at=at.timestamp(),
-                actor=actor,
-                action=action,
-                subject=subject,
-                details=details,
-            )
-            for id, at, actor, action, subject, details in rows
-        ]
+        where = Where(PG)
+        if before_id is not None:
+            where.add("id < ?", before_id)
+        sql = f"SELECT {AUDIT_COLUMNS} FROM audit_events{where} ORDER BY id DESC LIMIT %s"
+        rows = await self._run(lambda conn: conn.execute(sql, (*where.params, limit)).fetchall())
+        return [_rows.audit(PG, row) for row in rows]
 
     # -- API credentials ---------------------------------------------------------------
 
@@ -672,19 +571,10 @@ class PostgresStore:
     async def list_api_tokens(self) -> list[ApiToken]:
         rows = await self._run(
             lambda conn: conn.execute(
-                "SELECT token_hash, name, created_at, last_used_at FROM api_tokens"
-                " ORDER BY created_at, token_hash"
+                f"SELECT {TOKEN_COLUMNS} FROM api_tokens ORDER BY created_at, token_hash"
             ).fetchall()
         )
-        return [
-            ApiToken(
-                token_hash=bytes(h),
-                name=n,
-                created_at=c.timestamp(),
-                last_used_at=None if u is None else u.timestamp(),
-            )
-            for h, n, c, u in rows
-        ]
+        return [_rows.api_token(PG, row) for row in rows]
 
     async def api_token_used(self, token_hash: bytes, *, now: float) -> None:
         await self._run(
@@ -838,8 +728,6 @@ def _upsert_instance(conn: psycopg.Connection[Any], info: InstanceInfo) -> None:
 
 # -- the agent directory ---------------------------------------------------------------
 
-_AGENT = "a.id, a.project_id, a.name, a.revoked_at IS NOT NULL"
-
 
 def _ts(at: float) -> datetime:
     return datetime.fromtimestamp(at, UTC)
@@ -850,21 +738,23 @@ def _jsonb(obj: dict[str, Any]) -> Jsonb:
     return Jsonb(obj, dumps=orjson.dumps)
 
 
-def _as_uuid(ref: str) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(ref)
-    except ValueError:
-        return None
+def _same(value: Any) -> Any:
+    return value
 
 
-def _find_project(conn: psycopg.Connection[Any], ref: str) -> Project | None:
-    by_id = _as_uuid(ref)
-    row = None
-    if by_id is not None:
-        row = conn.execute("SELECT id, name FROM projects WHERE id = %s", (by_id,)).fetchone()
-    if row is None:
-        row = conn.execute("SELECT id, name FROM projects WHERE name = %s", (ref,)).fetchone()
-    return None if row is None else Project(*row)
+# psycopg adapts uuid, timestamptz and jsonb itself: only times and JSON need help.
+PG = Dialect(
+    param="%s",
+    lock=" FOR UPDATE",
+    row_values=True,
+    ts_in=_ts,
+    ts_out=datetime.timestamp,
+    uuid_in=_same,
+    uuid_out=_same,
+    json_in=_jsonb,
+    json_out=_same,
+    key_hex=lambda key: key.hex,
+)
 
 
 def _insert_agent(conn: psycopg.Connection[Any], agent: Agent, token_hash: bytes) -> None:
@@ -877,25 +767,6 @@ def _insert_agent(conn: psycopg.Connection[Any], agent: Agent, token_hash: bytes
     conn.execute(
         "INSERT INTO agent_tokens (token_hash, agent_id) VALUES (%s, %s)", (token_hash, agent.id)
     )
-
-
-def _find_agent(
-    conn: psycopg.Connection[Any], ref: str, project_id: uuid.UUID | None
-) -> Agent | None:
-    by_id = _as_uuid(ref)
-    row = None
-    if by_id is not None:
-        row = conn.execute(
-            f"SELECT {_AGENT} FROM agents a"
-            " WHERE a.id = %(id)s AND (%(project)s::uuid IS NULL OR a.project_id = %(project)s)",
-            {"id": by_id, "project": project_id},
-        ).fetchone()
-    if row is None and project_id is not None:
-        row = conn.execute(
-            f"SELECT {_AGENT} FROM agents a WHERE a.project_id = %s AND a.name = %s",
-            (project_id, ref),
-        ).fetchone()
-    return None if row is None else Agent(*row)
 
 
 def _insert_audit(
@@ -912,93 +783,6 @@ def _insert_audit(
 
 
 # -- commands ----------------------------------------------------------------------------
-
-_COMMAND = (
-    "id, project_id, agent_id, action, target, parameters, timeout_seconds, issued_by,"
-    " state, worker_id, delivery_claim_token, created_at, dispatched_at, finished_at,"
-    " result, error"
-)
-
-
-def _epoch(value: datetime | None) -> float | None:
-    return None if value is None else value.timestamp()
-
-
-def _command(row: tuple[Any, ...]) -> CommandRecord:
-    (
-        id,
-        project_id,
-        agent_id,
-        action,
-        target,
-        parameters,
-        timeout_seconds,
-        issued_by,
-        state,
-        worker_id,
-        delivery_claim_token,
-        created_at,
-        dispatched_at,
-        finished_at,
-        result,
-        error,
-    ) = row
-    return CommandRecord(
-        id=id,
-        project_id=project_id,
-        agent_id=agent_id,
-        action=action,
-        target=target,
-        parameters=parameters,
-        timeout_seconds=timeout_seconds,
-        issued_by=issued_by,
-        state=state,
-        worker_id=worker_id,
-        delivery_claim_token=delivery_claim_token,
-        created_at=created_at.timestamp(),
-        dispatched_at=_epoch(dispatched_at),
-        finished_at=_epoch(finished_at),
-        result=result,
-        error=error,
-    )
-
-
-def _insert_command(conn: psycopg.Connection[Any], command: CommandRecord) -> None:
-    found = conn.execute(
-        "SELECT 1 FROM agents WHERE id = %s AND project_id = %s",
-        (command.agent_id, command.project_id),
-    ).fetchone()
-    if found is None:
-        raise LookupError(f"no agent {command.agent_id} in project {command.project_id}")
-    conn.execute(
-        f"INSERT INTO commands ({_COMMAND})"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (
-            command.id,
-            command.project_id,
-            command.agent_id,
-            command.action,
-            _jsonb(command.target),
-            _jsonb(command.parameters),
-            command.timeout_seconds,
-            command.issued_by,
-            command.state,
-            command.worker_id,
-            command.delivery_claim_token,
-            _ts(command.created_at),
-            None if command.dispatched_at is None else _ts(command.dispatched_at),
-            None if command.finished_at is None else _ts(command.finished_at),
-            None if command.result is None else _jsonb(command.result),
-            command.error,
-        ),
-    )
-    _insert_audit(
-        conn,
-        command.issued_by,
-        "command.created",
-        f"command:{command.id}",
-        created_details(command),
-    )
 
 
 def _ignore(seconds: float) -> None:

@@ -21,8 +21,26 @@ import trio
 from .._datadir import private_file
 from ..buffer import ClaimedRow
 from ..events import event_rows
+from . import _rows
+from ._filters import Where, commands_where, events_where
+from ._rows import (
+    AGENT_COLUMNS,
+    AUDIT_COLUMNS,
+    COMMAND_COLUMNS,
+    EVENT_COLUMNS,
+    INSTANCE_COLUMNS,
+    TOKEN_COLUMNS,
+    WORKER_COLUMNS,
+    Dialect,
+)
+from ._transactions import (
+    find_agent,
+    find_project,
+    insert_command,
+    transition_command,
+    update_registry,
+)
 from .base import (
-    FINAL_COMMAND_STATES,
     Agent,
     ApiToken,
     AuditRecord,
@@ -35,10 +53,7 @@ from .base import (
     StoreUnavailable,
     UnstorableRows,
     WorkerInfo,
-    apply_registry_delta,
     check_command_state,
-    created_details,
-    transition_details,
 )
 from .migrations import MIGRATIONS
 
@@ -130,11 +145,11 @@ class SqliteStore:
         return project
 
     async def find_project(self, ref: str) -> Project | None:
-        return await self._run(_find_project, ref)
+        return await self._run(lambda db: find_project(SQ, db, ref))
 
     async def list_projects(self) -> list[Project]:
         rows = await self._run(_fetch_all, "SELECT id, name FROM projects ORDER BY name", ())
-        return [Project(uuid.UUID(id), name) for id, name in rows]
+        return [_rows.project(SQ, row) for row in rows]
 
     async def create_agent(self, project_id: uuid.UUID, name: str, token_hash: bytes) -> Agent:
         agent = Agent(uuid.uuid4(), project_id, name, revoked=False)
@@ -149,24 +164,26 @@ class SqliteStore:
     async def agent_by_token(self, token_hash: bytes) -> Agent | None:
         rows = await self._run(
             _fetch_all,
-            f"SELECT {_AGENT} FROM agent_tokens t JOIN agents a ON a.id = t.agent_id"
+            f"SELECT {AGENT_COLUMNS} FROM agent_tokens t JOIN agents a ON a.id = t.agent_id"
             " WHERE t.token_hash = ? AND a.revoked_at IS NULL",
             (token_hash,),
         )
-        return _agent(rows[0]) if rows else None
+        return _rows.agent(SQ, rows[0]) if rows else None
 
     async def find_agent(self, ref: str, project_id: uuid.UUID | None = None) -> Agent | None:
-        return await self._run(_find_agent, ref, project_id)
+        return await self._run(lambda db: find_agent(SQ, db, ref, project_id))
 
     async def list_agents(self, project_id: uuid.UUID | None = None) -> list[Agent]:
-        project = None if project_id is None else str(project_id)
+        where = Where(SQ)
+        if project_id is not None:
+            where.add("a.project_id = ?", str(project_id))
         rows = await self._run(
             _fetch_all,
-            f"SELECT {_AGENT} FROM agents a JOIN projects p ON p.id = a.project_id"
-            " WHERE ?1 IS NULL OR a.project_id = ?1 ORDER BY p.name, a.name",
-            (project,),
+            f"SELECT {AGENT_COLUMNS} FROM agents a JOIN projects p ON p.id = a.project_id{where}"
+            " ORDER BY p.name, a.name",
+            tuple(where.params),
         )
-        return [_agent(row) for row in rows]
+        return [_rows.agent(SQ, row) for row in rows]
 
     async def revoke_agent(self, agent_id: uuid.UUID) -> bool:
         count = await self._run(
@@ -223,26 +240,12 @@ class SqliteStore:
         removed: list[str],
         updated: list[dict[str, Any]],
     ) -> None:
-        key = (str(agent_id), worker_id)
-
-        def run(db: sqlite3.Connection) -> None:
-            def change() -> None:
-                row = db.execute(
-                    "SELECT registry FROM workers WHERE agent_id = ? AND worker_id = ?", key
-                ).fetchone()
-                if row is None:
-                    return
-                registry = apply_registry_delta(
-                    orjson.loads(row[0]), engine, added, removed, updated
-                )
-                db.execute(
-                    "UPDATE workers SET registry = ? WHERE agent_id = ? AND worker_id = ?",
-                    (_json(registry), *key),
-                )
-
-            _transaction(db, change)
-
-        await self._run(run)
+        key = (agent_id, worker_id)
+        await self._run(
+            lambda db: _transaction(
+                db, lambda: update_registry(SQ, db, key, engine, added, removed, updated)
+            )
+        )
 
     async def worker_disconnected(self, agent_id: uuid.UUID, worker_id: str, *, at: float) -> None:
         await self._run(
@@ -262,23 +265,26 @@ class SqliteStore:
 
     async def create_command(self, command: CommandRecord) -> None:
         check_command_state(command.state)
-        await self._run(_insert_command, command)
+        await self._run(
+            lambda db: _transaction(db, lambda: insert_command(SQ, db, command, _insert_audit))
+        )
 
     async def get_command(self, command_id: uuid.UUID) -> CommandRecord | None:
         rows = await self._run(
-            _fetch_all, f"SELECT {_COMMAND} FROM commands WHERE id = ?", (str(command_id),)
+            _fetch_all, f"SELECT {COMMAND_COLUMNS} FROM commands WHERE id = ?", (str(command_id),)
         )
-        return _command(rows[0]) if rows else None
+        return _rows.command(SQ, rows[0]) if rows else None
 
     async def open_commands(self, agent_id: uuid.UUID | None = None) -> list[CommandRecord]:
-        agent = None if agent_id is None else str(agent_id)
+        where = Where(SQ).add("state IN ('pending', 'dispatched')")
+        if agent_id is not None:
+            where.add("agent_id = ?", str(agent_id))
         rows = await self._run(
             _fetch_all,
-            f"SELECT {_COMMAND} FROM commands WHERE state IN ('pending', 'dispatched')"
-            " AND (?1 IS NULL OR agent_id = ?1) ORDER BY created_at, id",
-            (agent,),
+            f"SELECT {COMMAND_COLUMNS} FROM commands{where} ORDER BY created_at, id",
+            tuple(where.params),
         )
-        return [_command(row) for row in rows]
+        return [_rows.command(SQ, row) for row in rows]
 
     async def list_commands(
         self,
@@ -288,17 +294,14 @@ class SqliteStore:
         before: tuple[float, uuid.UUID] | None = None,
         limit: int = 100,
     ) -> list[CommandRecord]:
-        agent = None if agent_id is None else str(agent_id)
-        at, last = (None, None) if before is None else (before[0], str(before[1]))
+        where = commands_where(SQ, agent_id=agent_id, state=state, before=before)
         rows = await self._run(
             _fetch_all,
-            f"SELECT {_COMMAND} FROM commands WHERE (?1 IS NULL OR agent_id = ?1)"
-            " AND (?2 IS NULL OR state = ?2)"
-            " AND (?3 IS NULL OR created_at < ?3 OR (created_at = ?3 AND id < ?4))"
-            " ORDER BY created_at DESC, id DESC LIMIT ?5",
-            (agent, state, at, last, limit),
+            f"SELECT {COMMAND_COLUMNS} FROM commands{where}"
+            " ORDER BY created_at DESC, id DESC LIMIT ?",
+            (*where.params, limit),
         )
-        return [_command(row) for row in rows]
+        return [_rows.command(SQ, row) for row in rows]
 
     async def transition_command(
         self,
@@ -314,164 +317,75 @@ class SqliteStore:
         error: str | None = None,
     ) -> CommandRecord | None:
         check_command_state(to_state)
-        key = str(command_id)
 
-        def run(db: sqlite3.Connection) -> CommandRecord | None:
-            def change() -> CommandRecord | None:
-                row = db.execute("SELECT state FROM commands WHERE id = ?", (key,)).fetchone()
-                if row is None or row[0] not in from_states:
-                    return None
-                updated = db.execute(
-                    "UPDATE commands SET state = ?,"
-                    " worker_id = COALESCE(?, worker_id),"
-                    " delivery_claim_token = COALESCE(?, delivery_claim_token),"
-                    " dispatched_at = COALESCE(?, dispatched_at),"
-                    " finished_at = COALESCE(?, finished_at),"
-                    " result = COALESCE(?, result),"
-                    " error = COALESCE(?, error)"
-                    f" WHERE id = ? RETURNING {_COMMAND}",
-                    (
-                        to_state,
-                        worker_id,
-                        delivery_claim_token,
-                        at if to_state == "dispatched" else None,
-                        at if to_state in FINAL_COMMAND_STATES else None,
-                        None if result is None else _json(result),
-                        error,
-                        key,
-                    ),
-                ).fetchone()
-                _insert_audit(
-                    db,
-                    actor,
-                    f"command.{to_state}",
-                    f"command:{command_id}",
-                    transition_details(row[0], worker_id, error),
-                )
-                return _command(updated)
+        def change(db: sqlite3.Connection) -> CommandRecord | None:
+            return transition_command(
+                SQ,
+                db,
+                _insert_audit,
+                command_id,
+                from_states=from_states,
+                to_state=to_state,
+                at=at,
+                actor=actor,
+                worker_id=worker_id,
+                delivery_claim_token=delivery_claim_token,
+                result=result,
+                error=error,
+            )
 
-            # BEGIN IMMEDIATE: the read and the write hold the write lock together.
-            return _transaction(db, change)
-
-        return await self._run(run)
+        # BEGIN IMMEDIATE: the read and the write hold the write lock together.
+        return await self._run(lambda db: _transaction(db, lambda: change(db)))
 
     async def overdue_commands(self, *, now: float) -> list[CommandRecord]:
         rows = await self._run(
             _fetch_all,
-            f"SELECT {_COMMAND} FROM commands WHERE state IN ('pending', 'dispatched')"
+            f"SELECT {COMMAND_COLUMNS} FROM commands WHERE state IN ('pending', 'dispatched')"
             " AND created_at + timeout_seconds < ? ORDER BY created_at, id",
             (now,),
         )
-        return [_command(row) for row in rows]
+        return [_rows.command(SQ, row) for row in rows]
 
     # -- read models for the API -------------------------------------------------------
 
     async def list_instances(self) -> list[InstanceInfo]:
         rows = await self._run(
-            _fetch_all,
-            "SELECT id, name, host, pid, buffer_id, started_at, last_seen, ingest_rate,"
-            " drain_rate, buffer_depth, stopped_at FROM instances ORDER BY last_seen DESC",
-            (),
+            _fetch_all, f"SELECT {INSTANCE_COLUMNS} FROM instances ORDER BY last_seen DESC", ()
         )
-        return [
-            InstanceInfo(
-                id=uuid.UUID(id),
-                name=name,
-                host=host,
-                pid=pid,
-                buffer_id=uuid.UUID(buffer_id),
-                started_at=started_at,
-                last_seen=last_seen,
-                ingest_rate=ingest_rate,
-                drain_rate=drain_rate,
-                buffer_depth=buffer_depth,
-                stopped_at=stopped_at,
-            )
-            for id, name, host, pid, buffer_id, started_at, last_seen, ingest_rate, drain_rate, buffer_depth, stopped_at in rows
-        ]
+        return [_rows.instance(SQ, row) for row in rows]
 
     async def list_workers(self, agent_id: uuid.UUID | None = None) -> list[WorkerInfo]:
+        where = Where(SQ)
+        if agent_id is not None:
+            where.add("agent_id = ?", str(agent_id))
         rows = await self._run(
             _fetch_all,
-            "SELECT agent_id, worker_id, role, instance_id, connected_at, last_seen,"
-            " disconnected_at, status FROM workers WHERE ?1 IS NULL OR agent_id = ?1"
-            " ORDER BY agent_id, worker_id",
-            (None if agent_id is None else str(agent_id),),
+            f"SELECT {WORKER_COLUMNS} FROM workers{where} ORDER BY agent_id, worker_id",
+            tuple(where.params),
         )
-        return [
-            WorkerInfo(
-                agent_id=uuid.UUID(agent),
-                worker_id=worker,
-                role=role,
-                instance_id=None if instance is None else uuid.UUID(instance),
-                connected_at=connected_at,
-                last_seen=last_seen,
-                disconnected_at=disconnected_at,
-                status=None if status is None else orjson.loads(status),
-            )
-            for agent, worker, role, instance, connected_at, last_seen, disconnected_at, status in rows
-        ]
+        return [_rows.worker(SQ, row) for row in rows]
 
     async def list_events(self, query: EventFilter) -> list[EventRecord]:
-        where: list[str] = ["1"]
-        params: list[Any] = []
-        if query.kind is not None:
-            where.append("kind = ?")
-            params.append(query.kind)
-        if query.agent_id is not None:
-            where.append("agent_id = ?")
-            params.append(str(query.agent_id))
-        if query.since is not None:
-            where.append("received_at >= ?")
-            params.append(query.since)
-        if query.until is not None:
-            where.append("received_at < ?")
-            params.append(query.until)
-        if query.before is not None:
-            where.append("(received_at < ? OR (received_at = ? AND id < ?))")
-            params += [query.before[0], query.before[0], query.before[1]]
+        where = events_where(SQ, query)
         rows = await self._run(
             _fetch_all,
-            "SELECT id, idempotency_key, received_at, source, kind, project_id, agent_id,"
-            f" worker_id, body FROM events WHERE {' AND '.join(where)}"
-            " ORDER BY received_at DESC, id DESC LIMIT ?",
-            (*params, query.limit),
+            f"SELECT {EVENT_COLUMNS} FROM events{where} ORDER BY received_at DESC, id DESC LIMIT ?",
+            (*where.params, query.limit),
         )
-        return [
-            EventRecord(
-                id=id,
-                key=bytes(key).hex(),
-                received_at=received_at,
-                source=source,
-                kind=kind,
-                project_id=None if project is None else uuid.UUID(project),
-                agent_id=None if agent is None else uuid.UUID(agent),
-                worker_id=worker,
-                body=orjson.loads(body),
-            )
-            for id, key, received_at, source, kind, project, agent, worker, body in rows
-        ]
+        return [_rows.event(SQ, row) for row in rows]
 
     async def list_audit(
         self, *, before_id: int | None = None, limit: int = 50
     ) -> list[AuditRecord]:
+        where = Where(SQ)
+        if before_id is not None:
+            where.add("id < ?", before_id)
         rows = await self._run(
             _fetch_all,
-            "SELECT id, at, actor, action, subject, details FROM audit_events"
-            " WHERE ?1 IS NULL OR id < ?1 ORDER BY id DESC LIMIT ?2",
-            (before_id, limit),
+            f"SELECT {AUDIT_COLUMNS} FROM audit_events{where} ORDER BY id DESC LIMIT ?",
+            (*where.params, limit),
         )
-        return [
-            AuditRecord(
-                id=id,
-                at=at,
-                actor=actor,
-                action=action,
-                subject=subject,
-                details=orjson.loads(details),
-            )
-            for id, at, actor, action, subject, details in rows
-        ]
+        return [_rows.audit(SQ, row) for row in rows]
 
     # -- API credentials ---------------------------------------------------------------
 
@@ -501,14 +415,10 @@ class SqliteStore:
     async def list_api_tokens(self) -> list[ApiToken]:
         rows = await self._run(
             _fetch_all,
-            "SELECT token_hash, name, created_at, last_used_at FROM api_tokens"
-            " ORDER BY created_at, token_hash",
+            f"SELECT {TOKEN_COLUMNS} FROM api_tokens ORDER BY created_at, token_hash",
             (),
         )
-        return [
-            ApiToken(token_hash=bytes(h), name=n, created_at=c, last_used_at=u)
-            for h, n, c, u in rows
-        ]
+        return [_rows.api_token(SQ, row) for row in rows]
 
     async def api_token_used(self, token_hash: bytes, *, now: float) -> None:
         await self._run(
@@ -669,23 +579,28 @@ def _upsert_instance(db: sqlite3.Connection, info: InstanceInfo) -> None:
 
 # -- the agent directory ---------------------------------------------------------------
 
-_AGENT = "a.id, a.project_id, a.name, a.revoked_at IS NOT NULL"
-
-
-def _agent(row: tuple[Any, ...]) -> Agent:
-    id, project_id, name, revoked = row
-    return Agent(uuid.UUID(id), uuid.UUID(project_id), name, bool(revoked))
-
 
 def _json(obj: dict[str, Any]) -> str:
     return orjson.dumps(obj).decode()
 
 
-def _as_uuid(ref: str) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(ref)
-    except ValueError:
-        return None
+def _same(value: Any) -> Any:
+    return value
+
+
+# Ids are stored as text, times as epoch REAL, JSON as text, event keys as blobs.
+SQ = Dialect(
+    param="?",
+    lock="",
+    row_values=False,
+    ts_in=_same,
+    ts_out=_same,
+    uuid_in=str,
+    uuid_out=uuid.UUID,
+    json_in=_json,
+    json_out=orjson.loads,
+    key_hex=lambda key: bytes(key).hex(),
+)
 
 
 def _execute(db: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> int:
@@ -695,16 +610,6 @@ def _execute(db: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> int:
 
 def _fetch_all(db: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> list[Any]:
     return db.execute(sql, params).fetchall()
-
-
-def _find_project(db: sqlite3.Connection, ref: str) -> Project | None:
-    by_id = _as_uuid(ref)
-    row = None
-    if by_id is not None:
-        row = db.execute("SELECT id, name FROM projects WHERE id = ?", (str(by_id),)).fetchone()
-    if row is None:
-        row = db.execute("SELECT id, name FROM projects WHERE name = ?", (ref,)).fetchone()
-    return None if row is None else Project(uuid.UUID(row[0]), row[1])
 
 
 def _insert_agent(db: sqlite3.Connection, agent: Agent, token_hash: bytes) -> None:
@@ -725,23 +630,6 @@ def _insert_agent(db: sqlite3.Connection, agent: Agent, token_hash: bytes) -> No
     _transaction(db, run)
 
 
-def _find_agent(db: sqlite3.Connection, ref: str, project_id: uuid.UUID | None) -> Agent | None:
-    project = None if project_id is None else str(project_id)
-    by_id = _as_uuid(ref)
-    row = None
-    if by_id is not None:
-        row = db.execute(
-            f"SELECT {_AGENT} FROM agents a WHERE a.id = ?1 AND (?2 IS NULL OR a.project_id = ?2)",
-            (str(by_id), project),
-        ).fetchone()
-    if row is None and project is not None:
-        row = db.execute(
-            f"SELECT {_AGENT} FROM agents a WHERE a.project_id = ? AND a.name = ?",
-            (project, ref),
-        ).fetchone()
-    return None if row is None else _agent(row)
-
-
 def _insert_audit(
     db: sqlite3.Connection,
     actor: str | None,
@@ -756,92 +644,6 @@ def _insert_audit(
 
 
 # -- commands ----------------------------------------------------------------------------
-
-_COMMAND = (
-    "id, project_id, agent_id, action, target, parameters, timeout_seconds, issued_by,"
-    " state, worker_id, delivery_claim_token, created_at, dispatched_at, finished_at,"
-    " result, error"
-)
-
-
-def _command(row: tuple[Any, ...]) -> CommandRecord:
-    (
-        id,
-        project_id,
-        agent_id,
-        action,
-        target,
-        parameters,
-        timeout_seconds,
-        issued_by,
-        state,
-        worker_id,
-        delivery_claim_token,
-        created_at,
-        dispatched_at,
-        finished_at,
-        result,
-        error,
-    ) = row
-    return CommandRecord(
-        id=uuid.UUID(id),
-        project_id=uuid.UUID(project_id),
-        agent_id=uuid.UUID(agent_id),
-        action=action,
-        target=orjson.loads(target),
-        parameters=orjson.loads(parameters),
-        timeout_seconds=timeout_seconds,
-        issued_by=issued_by,
-        state=state,
-        worker_id=worker_id,
-        delivery_claim_token=delivery_claim_token,
-        created_at=created_at,
-        dispatched_at=dispatched_at,
-        finished_at=finished_at,
-        result=None if result is None else orjson.loads(result),
-        error=error,
-    )
-
-
-def _insert_command(db: sqlite3.Connection, command: CommandRecord) -> None:
-    def run() -> None:
-        found = db.execute(
-            "SELECT 1 FROM agents WHERE id = ? AND project_id = ?",
-            (str(command.agent_id), str(command.project_id)),
-        ).fetchone()
-        if found is None:
-            raise LookupError(f"no agent {command.agent_id} in project {command.project_id}")
-        db.execute(
-            f"INSERT INTO commands ({_COMMAND})"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                str(command.id),
-                str(command.project_id),
-                str(command.agent_id),
-                command.action,
-                _json(command.target),
-                _json(command.parameters),
-                command.timeout_seconds,
-                command.issued_by,
-                command.state,
-                command.worker_id,
-                command.delivery_claim_token,
-                command.created_at,
-                command.dispatched_at,
-                command.finished_at,
-                None if command.result is None else _json(command.result),
-                command.error,
-            ),
-        )
-        _insert_audit(
-            db,
-            command.issued_by,
-            "command.created",
-            f"command:{command.id}",
-            created_details(command),
-        )
-
-    _transaction(db, run)
 
 
 def _ignore(seconds: float) -> None:

@@ -1,0 +1,73 @@
+"""WHERE clauses for the list queries, built once for both stores.
+
+Only the conditions asked for are written (no ``%s IS NULL OR …``), so
+Postgres needs no casts to type a NULL parameter and both planners see
+plain predicates. Values are converted with the store's `Dialect`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from ._rows import Dialect
+from .base import EventFilter
+
+__all__ = ["Where", "commands_where", "events_where"]
+
+
+class Where:
+    """An AND of conditions and their parameters, in the order written."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self._d = dialect
+        self._terms: list[str] = []
+        self.params: list[Any] = []
+
+    def add(self, condition: str, *values: Any) -> Where:
+        """``condition`` written with ``?`` placeholders, one per value."""
+        self._terms.append(self._d.sql(condition))
+        self.params += values
+        return self
+
+    def before(self, first: str, second: str, values: tuple[Any, Any]) -> Where:
+        """Rows strictly before ``values`` in (``first``, ``second``) order: a keyset page."""
+        if self._d.row_values:
+            return self.add(f"({first}, {second}) < (?, ?)", *values)
+        a, b = values
+        return self.add(f"({first} < ? OR ({first} = ? AND {second} < ?))", a, a, b)
+
+    def __str__(self) -> str:
+        return f" WHERE {' AND '.join(self._terms)}" if self._terms else ""
+
+
+def events_where(d: Dialect, query: EventFilter) -> Where:
+    where = Where(d)
+    if query.kind is not None:
+        where.add("kind = ?", query.kind)
+    if query.agent_id is not None:
+        where.add("agent_id = ?", d.uuid_in(query.agent_id))
+    if query.since is not None:
+        where.add("received_at >= ?", d.ts_in(query.since))
+    if query.until is not None:
+        where.add("received_at < ?", d.ts_in(query.until))
+    if query.before is not None:
+        where.before("received_at", "id", (d.ts_in(query.before[0]), query.before[1]))
+    return where
+
+
+def commands_where(
+    d: Dialect,
+    *,
+    agent_id: uuid.UUID | None,
+    state: str | None,
+    before: tuple[float, uuid.UUID] | None,
+) -> Where:
+    where = Where(d)
+    if agent_id is not None:
+        where.add("agent_id = ?", d.uuid_in(agent_id))
+    if state is not None:
+        where.add("state = ?", state)
+    if before is not None:
+        where.before("created_at", "id", (d.ts_in(before[0]), d.uuid_in(before[1])))
+    return where
