@@ -86,12 +86,12 @@ import attrs
 import trio
 import trio_websocket
 
-from ._version import __version__
-from .protocol.agent import frames as f
-from .protocol.agent.connection import AgentProtocol, Role
-from .protocol.agent.signing import decode_secret
-from .protocol.close import CloseCode, Retry, retry_after
-from .protocol.errors import RemoteProtocolError
+from .._version import __version__
+from ..protocol.agent import frames as f
+from ..protocol.agent.connection import AgentProtocol, Role
+from ..protocol.agent.signing import decode_secret
+from ..protocol.close import CloseCode, Retry, retry_after
+from ..protocol.errors import RemoteProtocolError
 
 __all__ = ["Agent", "AgentStatistics", "Backoff", "CommandHandler", "SpoolFull"]
 
