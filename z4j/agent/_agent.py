@@ -70,7 +70,6 @@ import copy
 import enum
 import json
 import logging
-import math
 import os
 import random as _random
 import ssl
@@ -92,6 +91,7 @@ from ..protocol.agent.connection import AgentProtocol, Role
 from ..protocol.agent.signing import decode_secret
 from ..protocol.close import CloseCode, Retry, retry_after
 from ..protocol.errors import RemoteProtocolError
+from ._spool import Batch, Spool, SpoolFull
 
 __all__ = ["Agent", "AgentStatistics", "Backoff", "CommandHandler", "SpoolFull"]
 
@@ -110,10 +110,6 @@ _LOOPBACK: Final = frozenset({"localhost", "127.0.0.1", "::1"})
 _INCOMPATIBLE_ERRORS: Final = frozenset(
     {"agent_incompatible", "protocol_incompatible", "scheduler_upgrade_required"}
 )
-
-
-class SpoolFull(Exception):
-    """`Agent.emit` refused an event: the spool holds `max_spool` events already."""
 
 
 @attrs.frozen(kw_only=True)
@@ -167,13 +163,6 @@ class _End:
     healthy: bool = False  # stayed open for a heartbeat interval: reset the backoff
 
 
-@attrs.frozen(kw_only=True)
-class _Batch:
-    id: str
-    payload: f.EventBatch
-    items: tuple[tuple[dict[str, Any], int], ...]  # (event, encoded size)
-
-
 @attrs.define
 class _CommandRecord:
     claim_token: str | None
@@ -197,8 +186,6 @@ class _Session:
         self.ack: f.HelloAck | None = None
         self.opened_at: float | None = None
         self.control: deque[tuple[f.Payload, str | None]] = deque()
-        self.in_flight: OrderedDict[str, float] = OrderedDict()  # batch id -> sent at
-        self.resend: deque[str] = deque()
         self.send_lock = trio.Lock()
         self.end: _End | None = None
 
@@ -349,9 +336,6 @@ class Agent:
             .replace("+00:00", "Z")
         )
         self._host = {"name": agent_name} if agent_name else {}
-        self._max_spool = max_spool
-        self._batch_max_events = batch_max_events
-        self._max_in_flight = max_in_flight_batches
         self._ack_timeout = ack_timeout
         self._connect_timeout = connect_timeout
         self._hello_timeout = hello_timeout
@@ -366,10 +350,12 @@ class Agent:
         self._sleep = sleep
         self._handlers: dict[str, CommandHandler] = {}
 
-        # The spool: events not yet batched, then batches not yet acked.
-        self._pending: deque[tuple[dict[str, Any], int]] = deque()
-        self._batches: OrderedDict[str, _Batch] = OrderedDict()
-        self._spooled = 0
+        self._spool = Spool(
+            max_spool=max_spool,
+            batch_max_events=batch_max_events,
+            max_in_flight=max_in_flight_batches,
+            ack_timeout=ack_timeout,
+        )
         # Commands: recent ids (dedupe) and results not yet sent.
         self._commands: OrderedDict[str, _CommandRecord] = OrderedDict()
         self._results: OrderedDict[str, f.CommandResult] = OrderedDict()
@@ -385,9 +371,6 @@ class Agent:
         self._command_nursery: trio.Nursery | None = None
         self._connected = False
         self._sessions_opened = 0
-        self._acked_events = 0
-        self._refused = 0
-        self._dropped = 0
         self._last_flush_at: str | None = None
         self._last_disconnect: str | None = None
 
@@ -423,11 +406,7 @@ class Agent:
         size = len(encoded.encode())
         if size > MAX_EVENT_BYTES:
             raise ValueError(f"event of {size} bytes is over the {MAX_EVENT_BYTES}-byte limit")
-        if self._spooled >= self._max_spool:
-            self._refused += 1
-            raise SpoolFull(f"the agent's spool holds {self._max_spool} events; event refused")
-        self._pending.append((json.loads(encoded), size))
-        self._spooled += 1
+        self._spool.add(json.loads(encoded), size)
         self._notify()
         return event_id
 
@@ -456,12 +435,12 @@ class Agent:
         return AgentStatistics(
             connected=self._connected,
             sessions_opened=self._sessions_opened,
-            spooled_events=self._spooled,
-            pending_events=len(self._pending),
-            unacked_batches=len(self._batches),
-            acked_events=self._acked_events,
-            refused_events=self._refused,
-            dropped_events=self._dropped,
+            spooled_events=self._spool.spooled,
+            pending_events=len(self._spool.pending),
+            unacked_batches=len(self._spool.batches),
+            acked_events=self._spool.acked_events,
+            refused_events=self._spool.refused,
+            dropped_events=self._spool.dropped,
             running_commands=self._running_commands,
             last_disconnect=self._last_disconnect,
         )
@@ -690,9 +669,7 @@ class Agent:
         )
 
     def _drained(self, s: _Session) -> bool:
-        return not (
-            self._pending or self._batches or self._results or self._running_commands or s.control
-        )
+        return self._spool.empty and not (self._results or self._running_commands or s.control)
 
     # -- receiving ----------------------------------------------------------------------
 
@@ -750,29 +727,25 @@ class Agent:
     def _opened_session(self, s: _Session, ack: f.HelloAck) -> None:
         s.ack = ack
         s.opened_at = trio.current_time()
-        s.resend.extend(self._batches)  # every un-acked batch goes again, in order
+        resend = self._spool.open_session()
         self._connected = True
         self._sessions_opened += 1
         logger.info(
             "agent session open: agent %s, session %s (%d batches to re-send)",
             ack.agent_id,
             ack.session_id,
-            len(s.resend),
+            resend,
         )
         if self._first_ack is None:
             self._first_ack = ack
             self._opened.set()
 
     def _on_batch_ack(self, s: _Session, ack: f.EventBatchAck) -> None:
-        s.in_flight.pop(ack.acked_id, None)
-        batch = self._batches.pop(ack.acked_id, None)
+        batch = self._spool.ack(ack.acked_id)
         if batch is None:
             return  # an ack for a batch acked before (it was sent twice)
-        count = len(batch.items)
         if ack.rejected:
-            logger.warning("the brain rejected %d of %d events", ack.rejected, count)
-        self._spooled -= count
-        self._acked_events += count
+            logger.warning("the brain rejected %d of %d events", ack.rejected, len(batch.items))
         self._last_flush_at = _now_iso()
         self._notify()
 
@@ -840,9 +813,9 @@ class Agent:
         assert s.ack is not None
         while True:
             heartbeat = f.Heartbeat(
-                buffer_size=self._spooled,
+                buffer_size=self._spool.spooled,
                 last_flush_at=self._last_flush_at,
-                dropped_events=self._refused + self._dropped,
+                dropped_events=self._spool.refused + self._spool.dropped,
             )
             s.control.append((heartbeat, None))
             self._notify()
@@ -869,8 +842,7 @@ class Agent:
                 await self._send_batch(s, batch)
             else:
                 # Idle until there is news, or the oldest batch in flight is overdue.
-                oldest = next(iter(s.in_flight.values()), math.inf)
-                with trio.move_on_at(oldest + self._ack_timeout):
+                with trio.move_on_at(self._spool.deadline()):
                     await changed.wait()
 
     async def _send(self, s: _Session, payload: f.Payload, frame_id: str | None) -> bool:
@@ -883,57 +855,23 @@ class Agent:
             await s.ws.send_message(data)
         return True
 
-    def _next_batch(self, s: _Session) -> _Batch | None:
-        if s.in_flight:
-            batch_id, sent_at = next(iter(s.in_flight.items()))
-            if trio.current_time() - sent_at >= self._ack_timeout:
-                logger.info(
-                    "batch %s not acked in %gs; sending it again", batch_id, self._ack_timeout
-                )
-                return self._batches[batch_id]
-        if len(s.in_flight) >= self._max_in_flight:
-            return None
-        while s.resend:
-            batch = self._batches.get(s.resend.popleft())
-            if batch is not None and batch.id not in s.in_flight:
-                return batch
-        return self._form_batch(s.max_frame - _FRAME_OVERHEAD)
+    def _next_batch(self, s: _Session) -> Batch | None:
+        batch = self._spool.overdue(trio.current_time())
+        if batch is not None:
+            logger.info("batch %s not acked in %gs; sending it again", batch.id, self._ack_timeout)
+            return batch
+        return self._spool.next_batch(s.max_frame - _FRAME_OVERHEAD)
 
-    def _form_batch(self, max_bytes: int) -> _Batch | None:
-        if not self._pending:
-            return None
-        items: list[tuple[dict[str, Any], int]] = []
-        total = 0
-        while self._pending and len(items) < self._batch_max_events:
-            size = self._pending[0][1] + 1
-            if items and total + size > max_bytes:
-                break
-            items.append(self._pending.popleft())
-            total += size
-        payload = f.EventBatch(
-            events=tuple(f.AgentEvent(id=e["id"], kind=e["kind"], raw=e) for e, _ in items)
-        )
-        batch = _Batch(id=f"ev_{uuid.uuid4().hex}", payload=payload, items=tuple(items))
-        self._batches[batch.id] = batch
-        return batch
-
-    async def _send_batch(self, s: _Session, batch: _Batch) -> None:
-        s.in_flight[batch.id] = trio.current_time()
-        s.in_flight.move_to_end(batch.id)
+    async def _send_batch(self, s: _Session, batch: Batch) -> None:
+        self._spool.sending(batch, trio.current_time())
         if await self._send(s, batch.payload, batch.id):
             return
         # Over the brain's frame limit (it advertised a smaller one than the
         # batch was formed for): re-batch its events, or drop a lone event.
-        del s.in_flight[batch.id]
-        del self._batches[batch.id]
-        if len(batch.items) > 1:
-            self._pending.extendleft(reversed(batch.items))
+        dropped = self._spool.too_large(batch)
+        if dropped is None:
             return
-        self._spooled -= 1
-        self._dropped += 1
         logger.error(
-            "dropped event %s: over the brain's %d-byte frame limit",
-            batch.items[0][0]["id"],
-            s.max_frame,
+            "dropped event %s: over the brain's %d-byte frame limit", dropped["id"], s.max_frame
         )
         self._notify()
