@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import enum
 import json
 import logging
 import os
@@ -89,8 +88,19 @@ from .._version import __version__
 from ..protocol.agent import frames as f
 from ..protocol.agent.connection import AgentProtocol, Role
 from ..protocol.agent.signing import decode_secret
-from ..protocol.close import CloseCode, Retry, retry_after
+from ..protocol.close import CloseCode
 from ..protocol.errors import RemoteProtocolError
+from ._backoff import (
+    AUTH_BACKOFF,
+    INCOMPATIBLE_BACKOFF,
+    INCOMPATIBLE_ERRORS,
+    TRANSIENT_BACKOFF,
+    Backoff,
+    End,
+    Kind,
+    Reconnects,
+    classify_close,
+)
 from ._spool import Batch, Spool, SpoolFull
 
 __all__ = ["Agent", "AgentStatistics", "Backoff", "CommandHandler", "SpoolFull"]
@@ -107,27 +117,6 @@ _FRAME_OVERHEAD: Final = 1024
 _INBOUND_MAX: Final = 1024 * 1024  # what z4j-bare accepts from a brain, too
 _REMEMBERED_COMMANDS: Final = 1024
 _LOOPBACK: Final = frozenset({"localhost", "127.0.0.1", "::1"})
-_INCOMPATIBLE_ERRORS: Final = frozenset(
-    {"agent_incompatible", "protocol_incompatible", "scheduler_upgrade_required"}
-)
-
-
-@attrs.frozen(kw_only=True)
-class Backoff:
-    """Capped exponential backoff with full jitter.
-
-    The wait before retry number ``attempt`` (0 for the first) is
-    ``rand * min(cap, base * 2**attempt)``, ``rand`` uniform in [0, 1).
-    """
-
-    base: float = attrs.field(default=0.5, validator=attrs.validators.gt(0))
-    cap: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
-
-    def ceiling(self, attempt: int) -> float:
-        return min(self.cap, self.base * 2.0 ** min(attempt, 64))
-
-    def delay(self, attempt: int, rand: float) -> float:
-        return rand * self.ceiling(attempt)
 
 
 @attrs.frozen(kw_only=True)
@@ -144,23 +133,6 @@ class AgentStatistics:
     dropped_events: int  #: too large for the brain's frame limit
     running_commands: int
     last_disconnect: str | None
-
-
-class _Kind(enum.Enum):
-    TRANSIENT = "transient"
-    AUTH = "auth"
-    INCOMPATIBLE = "incompatible"
-    STOPPED = "stopped"
-
-
-@attrs.frozen(kw_only=True)
-class _End:
-    """Why a session ended, and the close code to send (None: nothing to send)."""
-
-    kind: _Kind
-    detail: str
-    close_code: int | None = None
-    healthy: bool = False  # stayed open for a heartbeat interval: reset the backoff
 
 
 @attrs.define
@@ -187,13 +159,13 @@ class _Session:
         self.opened_at: float | None = None
         self.control: deque[tuple[f.Payload, str | None]] = deque()
         self.send_lock = trio.Lock()
-        self.end: _End | None = None
+        self.end: End | None = None
 
     @property
     def max_frame(self) -> int:
         return self.ack.max_frame_size_bytes if self.ack else _INBOUND_MAX
 
-    def finish(self, end: _End) -> None:
+    def finish(self, end: End) -> None:
         if self.end is None:
             self.end = end
         self.nursery.cancel_scope.cancel()
@@ -265,17 +237,6 @@ def _failed(error: str) -> f.CommandResult:
     return f.CommandResult(status="failed", error=_truncate(error))
 
 
-_KIND_OF: Final = {
-    Retry.TRANSIENT: _Kind.TRANSIENT,
-    Retry.AUTH: _Kind.AUTH,
-    Retry.INCOMPATIBLE: _Kind.INCOMPATIBLE,
-}
-
-
-def _classify_close(code: int, *, handshake: bool) -> _Kind:
-    return _KIND_OF[retry_after(code, handshake=handshake)]
-
-
 class Agent:
     """An agent connection to a z4j brain; see the module docstring.
 
@@ -305,9 +266,9 @@ class Agent:
         hello_timeout: float = 10.0,
         close_timeout: float = 5.0,
         shutdown_grace: float = 2.0,
-        backoff: Backoff = Backoff(),
-        auth_backoff: Backoff = Backoff(base=10.0, cap=600.0),
-        incompatible_backoff: Backoff = Backoff(base=120.0, cap=3600.0),
+        backoff: Backoff = TRANSIENT_BACKOFF,
+        auth_backoff: Backoff = AUTH_BACKOFF,
+        incompatible_backoff: Backoff = INCOMPATIBLE_BACKOFF,
         allow_insecure: bool = False,
         ssl_context: ssl.SSLContext | None = None,
         random: Callable[[], float] = _random.random,
@@ -342,9 +303,9 @@ class Agent:
         self._close_timeout = close_timeout
         self._shutdown_grace = shutdown_grace
         self._backoffs = {
-            _Kind.TRANSIENT: backoff,
-            _Kind.AUTH: auth_backoff,
-            _Kind.INCOMPATIBLE: incompatible_backoff,
+            Kind.TRANSIENT: backoff,
+            Kind.AUTH: auth_backoff,
+            Kind.INCOMPATIBLE: incompatible_backoff,
         }
         self._random = random
         self._sleep = sleep
@@ -540,24 +501,21 @@ class Agent:
             self._done.set()
 
     async def _supervise(self) -> None:
-        attempt = 0
+        reconnects = Reconnects(self._backoffs, self._random)
         while not self._stop.requested:
             end = await self._session()
             self._connected = False
-            if self._stop.requested or end.kind is _Kind.STOPPED:
+            if self._stop.requested or end.kind is Kind.STOPPED:
                 return
-            if end.healthy:
-                attempt = 0
-            delay = self._backoffs[end.kind].delay(attempt, self._random())
-            attempt += 1
+            delay = reconnects.delay(end)
             self._last_disconnect = f"{end.kind.value}: {end.detail}"
-            if end.kind is _Kind.AUTH:
+            if end.kind is Kind.AUTH:
                 logger.error(
                     "the brain refused this agent's credentials (%s); retrying in %.1fs",
                     end.detail,
                     delay,
                 )
-            elif end.kind is _Kind.INCOMPATIBLE:
+            elif end.kind is Kind.INCOMPATIBLE:
                 logger.error(
                     "the brain does not speak this agent's protocol (%s); retrying in %.1fs",
                     end.detail,
@@ -568,22 +526,22 @@ class Agent:
             with self._interruptible():
                 await self._sleep(delay)
 
-    async def _session(self) -> _End:
-        end: _End | None = None
+    async def _session(self) -> End:
+        end: End | None = None
         try:
             with self._interruptible():
                 end = await self._connect_and_converse()
         except* trio_websocket.ConnectionRejected as group:
             status = _first(group).status_code
-            kind = _Kind.AUTH if status in (401, 403) else _Kind.TRANSIENT
-            end = _End(kind=kind, detail=f"HTTP {status} on the upgrade")
+            kind = Kind.AUTH if status in (401, 403) else Kind.TRANSIENT
+            end = End(kind=kind, detail=f"HTTP {status} on the upgrade")
         except* trio.TooSlowError:
-            end = _End(kind=_Kind.TRANSIENT, detail="timed out connecting")
+            end = End(kind=Kind.TRANSIENT, detail="timed out connecting")
         except* (OSError, trio.BrokenResourceError) as group:
-            end = _End(kind=_Kind.TRANSIENT, detail=f"cannot connect: {_error_text(_first(group))}")
-        return end or _End(kind=_Kind.STOPPED, detail="stopped while connecting")
+            end = End(kind=Kind.TRANSIENT, detail=f"cannot connect: {_error_text(_first(group))}")
+        return end or End(kind=Kind.STOPPED, detail="stopped while connecting")
 
-    async def _connect_and_converse(self) -> _End:
+    async def _connect_and_converse(self) -> End:
         # We own the stream (rather than open_websocket_url): trio-websocket
         # 0.12 leaves a client's socket open when the server starts the close.
         target = self._target
@@ -616,25 +574,25 @@ class Agent:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _converse(self, ws: trio_websocket.WebSocketConnection) -> _End:
+    async def _converse(self, ws: trio_websocket.WebSocketConnection) -> End:
         async with trio.open_nursery() as nursery:
             s = _Session(ws, nursery)
             nursery.start_soon(self._guarded, s, self._watch_stop)
             nursery.start_soon(self._guarded, s, self._receive)
-        end = s.end or _End(kind=_Kind.TRANSIENT, detail="session ended")
+        end = s.end or End(kind=Kind.TRANSIENT, detail="session ended")
         if s.opened_at is not None and s.ack is not None:
             up = trio.current_time() - s.opened_at
             end = attrs.evolve(end, healthy=up >= s.ack.heartbeat_interval_seconds)
         return end
 
     async def _guarded(self, s: _Session, task: Callable[[_Session], Awaitable[None]]) -> None:
-        """Run one session task; turn the ways a session ends into `_End`s."""
+        """Run one session task; turn the ways a session ends into `End`s."""
         try:
             await task(s)
         except trio_websocket.ConnectionClosed:
             reason = s.ws.closed
             code = reason.code if reason is not None else CloseCode.ABNORMAL
-            kind = _classify_close(code, handshake=s.ack is None)
+            kind = classify_close(code, handshake=s.ack is None)
             detail = f"brain closed {code}" + (
                 f" {reason.reason}" if reason and reason.reason else ""
             )
@@ -642,16 +600,16 @@ class Agent:
                 logger.error(
                     "the brain refused a signed frame (4403): is the project secret right?"
                 )
-            s.finish(_End(kind=kind, detail=detail))
+            s.finish(End(kind=kind, detail=detail))
         except RemoteProtocolError as exc:
             code = exc.close_code or CloseCode.PROTOCOL_ERROR
             logger.error("protocol error from the brain: %s (closing with %d)", exc, code)
-            kind = _classify_close(code, handshake=False)
+            kind = classify_close(code, handshake=False)
             await self._finish_cleanly(
-                s, _End(kind=kind, detail=f"{exc.reason}: {exc}", close_code=code)
+                s, End(kind=kind, detail=f"{exc.reason}: {exc}", close_code=code)
             )
 
-    async def _finish_cleanly(self, s: _Session, end: _End) -> None:
+    async def _finish_cleanly(self, s: _Session, end: End) -> None:
         # Wait for a send in progress: cancelling it mid-frame would corrupt the stream.
         with trio.move_on_after(self._close_timeout):
             await s.send_lock.acquire()
@@ -665,7 +623,7 @@ class Agent:
                 while stop.graceful and not self._drained(s):
                     await self._changed.wait()
         await self._finish_cleanly(
-            s, _End(kind=_Kind.STOPPED, detail="agent stopped", close_code=CloseCode.NORMAL)
+            s, End(kind=Kind.STOPPED, detail="agent stopped", close_code=CloseCode.NORMAL)
         )
 
     def _drained(self, s: _Session) -> bool:
@@ -696,7 +654,7 @@ class Agent:
         if message is None:
             detail = f"no hello_ack within {self._hello_timeout:g}s"
             await self._finish_cleanly(
-                s, _End(kind=_Kind.TRANSIENT, detail=detail, close_code=CloseCode.NORMAL)
+                s, End(kind=Kind.TRANSIENT, detail=detail, close_code=CloseCode.NORMAL)
             )
             return
         frame = proto.receive_message(message)
@@ -715,12 +673,10 @@ class Agent:
                 if not payload.fatal:
                     logger.warning("brain error %s: %s", payload.code, payload.message)
                     continue
-                kind = (
-                    _Kind.INCOMPATIBLE if payload.code in _INCOMPATIBLE_ERRORS else _Kind.TRANSIENT
-                )
+                kind = Kind.INCOMPATIBLE if payload.code in INCOMPATIBLE_ERRORS else Kind.TRANSIENT
                 detail = f"fatal error from the brain: {payload.code}: {payload.message}"
                 await self._finish_cleanly(
-                    s, _End(kind=kind, detail=detail, close_code=CloseCode.NORMAL)
+                    s, End(kind=kind, detail=detail, close_code=CloseCode.NORMAL)
                 )
                 return
 
