@@ -1,8 +1,10 @@
 """A Trio agent for z4j brains: stream events, answer commands.
 
-The public face is `Agent`; see its module, `z4j.agent._agent`, for the
+The public face is `Agent`; its module, `z4j.agent._agent`, documents the
 delivery guarantees and the reconnect policy. The underscore modules are
-internal and may change without notice.
+internal and may change without notice: `_spool` (events until acked,
+sans-IO), `_backoff` (when to reconnect, sans-IO), `_commands` (handlers,
+dedupe, results), `_session` (one connection's nursery and tasks).
 """
 
 from ._agent import MAX_EVENT_BYTES as MAX_EVENT_BYTES
