@@ -16,8 +16,10 @@ every step that:
 
 from __future__ import annotations
 
+import ast
 import itertools
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,6 +32,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+import z4j.agent
 from z4j.agent import SpoolFull
 from z4j.agent._spool import Batch, Spool
 
@@ -262,3 +265,18 @@ def test_a_batch_is_resent_until_acked() -> None:
     assert spool.open_session() == 0 and spool.next_batch(1000) is None
     stats: dict[str, Any] = {"spooled": spool.spooled, "acked": spool.acked_events}
     assert stats == {"spooled": 0, "acked": 1}
+
+
+@pytest.mark.parametrize("module", ["_spool.py", "_backoff.py"])
+def test_the_spool_and_the_backoff_are_sans_io(module: str) -> None:
+    """They import no trio, no websocket, no socket: only the stdlib, attrs and protocol/."""
+    tree = ast.parse((Path(z4j.agent.__file__).parent / module).read_text())
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            imported.add(node.module.split(".")[0])
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 2 and (node.module or "").startswith("protocol"), ast.dump(node)
+    assert not imported & {"trio", "trio_websocket", "socket", "ssl", "wsproto"}, imported
