@@ -3,6 +3,7 @@
 import importlib
 
 import z4j
+import z4j.agent
 import z4j.ingest
 import z4j.testing
 import z4j.testing.brain
@@ -38,6 +39,22 @@ def test_ingest_client_exports() -> None:
     }
     for name in z4j.ingest.__all__:
         assert hasattr(z4j.ingest, name)
+
+
+def test_agent_library_exports() -> None:
+    assert set(z4j.agent.__all__) == {
+        "Agent",
+        "AgentStatistics",
+        "Backoff",
+        "CommandHandler",
+        "SpoolFull",
+    }
+    for name in z4j.agent.__all__:
+        assert hasattr(z4j.agent, name)
+    # Documented in Agent.emit, importable though not in __all__.
+    assert z4j.agent.MAX_EVENT_BYTES == 512 * 1024
+    # The classes read as z4j.agent's, not as the internal module's.
+    assert z4j.agent.SpoolFull.__module__ == "z4j.agent"
 
 
 TESTING = {
