@@ -15,10 +15,11 @@ import orjson
 import pytest
 
 from z4j import resources
-from z4j.api import event_json
+from z4j.api import _agent_json, event_json
 from z4j.openapi import OPENAPI
 from z4j.resources import RESOURCES, Resource, component, to_json
 from z4j.store.base import (
+    Agent,
     AuditRecord,
     CommandRecord,
     EventRecord,
@@ -50,6 +51,7 @@ PENDING = CommandRecord(
 )
 SAMPLES: dict[type, list[Any]] = {
     Project: [Project(ID, "p")],
+    Agent: [Agent(ID, ID, "a", False)],
     WorkerInfo: [
         WorkerInfo(
             agent_id=ID,
@@ -154,6 +156,19 @@ def test_times_uuids_and_hidden_fields_on_the_wire() -> None:
     instance = to_json(SAMPLES[InstanceInfo][0])
     assert instance["ingest_rate"] == 0.0  # a rate stays a number, not a time
     assert "buffer_id" not in instance
+
+
+def test_an_agent_as_the_route_sends_it_matches_its_component() -> None:
+    """The route fills in the project's name and the workers after the record."""
+    validator_module = pytest.importorskip("openapi_schema_validator")
+    item = _agent_json(SAMPLES[Agent][0], "p", [to_json(w) for w in SAMPLES[WorkerInfo]])
+    assert list(item) == ["id", "project_id", "project", "name", "revoked", "workers"]
+    validator_module.validate(
+        item,
+        {**OPENAPI["components"]["schemas"]["Agent"], "components": OPENAPI["components"]},
+        cls=validator_module.OAS30Validator,
+        format_checker=validator_module.oas30_format_checker,
+    )
 
 
 def test_a_large_event_body_is_left_out() -> None:

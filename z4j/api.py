@@ -45,6 +45,7 @@ from .openapi import OPENAPI
 from .resources import to_json
 from .store.base import (
     COMMAND_STATES,
+    Agent,
     EventFilter,
     EventRecord,
     Store,
@@ -286,14 +287,7 @@ class Api:
         for worker in await self._store.list_workers():
             workers.setdefault(worker.agent_id, []).append(to_json(worker))
         items = [
-            {
-                "id": str(a.id),
-                "project_id": str(a.project_id),
-                "project": projects.get(a.project_id),
-                "name": a.name,
-                "revoked": a.revoked,
-                "workers": workers.get(a.id, []),
-            }
+            _agent_json(a, projects.get(a.project_id), workers.get(a.id, []))
             for a in await self._store.list_agents(project_id)
         ]
         return 200, _page(items, None)
@@ -304,14 +298,8 @@ class Api:
         if agent is None:
             raise ApiError(404, "not_found", f"no agent {agent_id}")
         project = await self._store.find_project(str(agent.project_id))
-        return 200, {
-            "id": str(agent.id),
-            "project_id": str(agent.project_id),
-            "project": None if project is None else project.name,
-            "name": agent.name,
-            "revoked": agent.revoked,
-            "workers": [to_json(w) for w in await self._store.list_workers(agent.id)],
-        }
+        workers = [to_json(w) for w in await self._store.list_workers(agent.id)]
+        return 200, _agent_json(agent, None if project is None else project.name, workers)
 
     async def _instances(self, request: Request) -> Response:
         return 200, _page([to_json(i) for i in await self._store.list_instances()], None)
@@ -561,6 +549,14 @@ def _csrf_cookie(csrf: str, *, max_age: int = SESSION_SECONDS, secure: bool = Fa
 
 def _page(items: list[Any], cursor: str | None) -> dict[str, Any]:
     return {"items": items, "next_cursor": cursor}
+
+
+def _agent_json(a: Agent, project: str | None, workers: list[dict[str, Any]]) -> dict[str, Any]:
+    """An agent as the API shows it, with its project's name and its workers."""
+    item = to_json(a)
+    item["project"] = project
+    item["workers"] = workers
+    return item
 
 
 def event_json(e: EventRecord, *, body_max_bytes: int | None = None) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 The operations, parameters and wording are written here by hand, next to
 the routes they describe; the schemas of the stored resources (Project,
-Worker, Instance, Event, Command, Audit) are derived from their records by
+Agent, Worker, Instance, Event, Command, Audit) are derived from their records by
 z4j/resources.py, so they cannot drift from the JSON the routes send.
 tests/test_api.py runs schemathesis against it, so a route that answers
 off this document fails.
@@ -157,18 +157,8 @@ COMMAND_STATE = {"type": "string", "enum": list(COMMAND_STATES)}
 
 SCHEMAS: dict[str, Any] = {
     "Error": _object({"error": STRING, "message": STRING}),
-    # Project, Worker, Instance, Event, Command, Audit: derived from their records.
+    # Project, Agent, Worker, Instance, Event, Command, Audit: derived from their records.
     **{r.name: component(r) for r in RESOURCES.values()},
-    "Agent": _object(
-        {
-            "id": UUID,
-            "project_id": UUID,
-            "project": _nullable(STRING),
-            "name": STRING,
-            "revoked": {"type": "boolean"},
-            "workers": {"type": "array", "items": _ref("Worker")},
-        }
-    ),
     "NewCommand": {
         "type": "object",
         "properties": {

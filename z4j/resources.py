@@ -1,8 +1,9 @@
 """The API shape of each stored record, derived from its attrs class.
 
-Why: Command, Worker, Instance, Event and Audit were each written out three
-times (the record in store/base.py, a ``*_json`` function, an OpenAPI
-component), and the copies could drift. Here the record is the one source:
+Why: Command, Worker, Instance, Event, Audit, Agent and Project were each
+written out three times (the record in store/base.py, a ``*_json`` function
+also feeding the dashboard's messages, an OpenAPI component), and the copies
+could drift. Here the record is the one source:
 one cattrs converter turns a record into its JSON, and `component` turns the
 same class into its OpenAPI schema, so a field added to a record shows up in
 both (tests/test_resources.py holds the three together).
@@ -31,6 +32,7 @@ from cattrs.gen import make_dict_unstructure_fn, override
 
 from .store.base import (
     COMMAND_STATES,
+    Agent,
     AuditRecord,
     CommandRecord,
     EventRecord,
@@ -90,6 +92,24 @@ RESOURCES: dict[type, Resource] = {
     r.cls: r
     for r in (
         Resource(name="Project", cls=Project),
+        Resource(
+            name="Agent",
+            cls=Agent,
+            # Both filled in by the route, which looks them up: placeholders here.
+            extra=(
+                Extra(
+                    name="project",
+                    schema={"type": "string", "nullable": True},
+                    value=lambda a: None,
+                    after="project_id",
+                ),
+                Extra(
+                    name="workers",
+                    schema={"type": "array", "items": {"$ref": "#/components/schemas/Worker"}},
+                    value=lambda a: [],
+                ),
+            ),
+        ),
         Resource(
             name="Worker",
             cls=WorkerInfo,
