@@ -42,16 +42,14 @@ from .auth import (
 )
 from .commands import CommandError, Commands
 from .openapi import OPENAPI
+from .resources import to_json
 from .store.base import (
     COMMAND_STATES,
-    AuditRecord,
-    CommandRecord,
+    Agent,
     EventFilter,
     EventRecord,
-    InstanceInfo,
     Store,
     StoreUnavailable,
-    WorkerInfo,
 )
 
 __all__ = ["Api", "ApiError"]
@@ -274,7 +272,7 @@ class Api:
 
     async def _projects(self, request: Request) -> Response:
         projects = await self._store.list_projects()
-        return 200, _page([{"id": str(p.id), "name": p.name} for p in projects], None)
+        return 200, _page([to_json(p) for p in projects], None)
 
     async def _agents(self, request: Request) -> Response:
         project_id = None
@@ -287,16 +285,9 @@ class Api:
         projects = {p.id: p.name for p in await self._store.list_projects()}
         workers: dict[uuid.UUID, list[dict[str, Any]]] = {}
         for worker in await self._store.list_workers():
-            workers.setdefault(worker.agent_id, []).append(worker_json(worker))
+            workers.setdefault(worker.agent_id, []).append(to_json(worker))
         items = [
-            {
-                "id": str(a.id),
-                "project_id": str(a.project_id),
-                "project": projects.get(a.project_id),
-                "name": a.name,
-                "revoked": a.revoked,
-                "workers": workers.get(a.id, []),
-            }
+            _agent_json(a, projects.get(a.project_id), workers.get(a.id, []))
             for a in await self._store.list_agents(project_id)
         ]
         return 200, _page(items, None)
@@ -307,17 +298,11 @@ class Api:
         if agent is None:
             raise ApiError(404, "not_found", f"no agent {agent_id}")
         project = await self._store.find_project(str(agent.project_id))
-        return 200, {
-            "id": str(agent.id),
-            "project_id": str(agent.project_id),
-            "project": None if project is None else project.name,
-            "name": agent.name,
-            "revoked": agent.revoked,
-            "workers": [worker_json(w) for w in await self._store.list_workers(agent.id)],
-        }
+        workers = [to_json(w) for w in await self._store.list_workers(agent.id)]
+        return 200, _agent_json(agent, None if project is None else project.name, workers)
 
     async def _instances(self, request: Request) -> Response:
-        return 200, _page([instance_json(i) for i in await self._store.list_instances()], None)
+        return 200, _page([to_json(i) for i in await self._store.list_instances()], None)
 
     async def _events(self, request: Request) -> Response:
         q = request.query
@@ -371,7 +356,7 @@ class Api:
         cursor = None
         if len(records) == limit:
             cursor = f"{records[-1].created_at!r}_{records[-1].id}"
-        return 200, _page([command_json(c) for c in records], cursor)
+        return 200, _page([to_json(c) for c in records], cursor)
 
     async def _create_command(self, request: Request) -> Response:
         body = request.json_object()
@@ -407,20 +392,20 @@ class Api:
             if "revoked" in message:
                 raise ApiError(409, "agent_revoked", message) from None
             raise ApiError(400, "bad_request", message) from None
-        return 201, command_json(record)
+        return 201, to_json(record)
 
     async def _get_command(self, request: Request) -> Response:
         command_id = _uuid(request.params["id"], "id")
         record = await self._store.get_command(command_id)
         if record is None:
             raise ApiError(404, "not_found", f"no command {command_id}")
-        return 200, command_json(record)
+        return 200, to_json(record)
 
     async def _cancel_command(self, request: Request) -> Response:
         command_id = _uuid(request.params["id"], "id")
         record = await self._commands.cancel(command_id, actor="api")
         if record is not None:
-            return 200, command_json(record)
+            return 200, to_json(record)
         current = await self._store.get_command(command_id)
         if current is None:
             raise ApiError(404, "not_found", f"no command {command_id}")
@@ -437,7 +422,7 @@ class Api:
                 raise ApiError(400, "bad_request", "cursor: as given by the last page") from None
         records = await self._store.list_audit(before_id=before, limit=limit)
         cursor = str(records[-1].id) if len(records) == limit else None
-        return 200, _page([audit_json(a) for a in records], cursor)
+        return 200, _page([to_json(a) for a in records], cursor)
 
 
 # -- input ---------------------------------------------------------------------------------
@@ -562,88 +547,23 @@ def _csrf_cookie(csrf: str, *, max_age: int = SESSION_SECONDS, secure: bool = Fa
 # -- output --------------------------------------------------------------------------------
 
 
-def iso(value: float | None) -> str | None:
-    return None if value is None else datetime.fromtimestamp(value, UTC).isoformat()
-
-
 def _page(items: list[Any], cursor: str | None) -> dict[str, Any]:
     return {"items": items, "next_cursor": cursor}
 
 
-def worker_json(w: WorkerInfo) -> dict[str, Any]:
-    return {
-        "worker_id": w.worker_id,
-        "role": w.role,
-        "connected": w.disconnected_at is None,
-        "instance_id": None if w.instance_id is None else str(w.instance_id),
-        "connected_at": iso(w.connected_at),
-        "last_seen": iso(w.last_seen),
-        "disconnected_at": iso(w.disconnected_at),
-        "status": w.status,
-    }
-
-
-def instance_json(i: InstanceInfo) -> dict[str, Any]:
-    return {
-        "id": str(i.id),
-        "name": i.name,
-        "host": i.host,
-        "pid": i.pid,
-        "started_at": iso(i.started_at),
-        "last_seen": iso(i.last_seen),
-        "ingest_rate": i.ingest_rate,
-        "drain_rate": i.drain_rate,
-        "buffer_depth": i.buffer_depth,
-        "stopped_at": iso(i.stopped_at),
-    }
+def _agent_json(a: Agent, project: str | None, workers: list[dict[str, Any]]) -> dict[str, Any]:
+    """An agent as the API shows it, with its project's name and its workers."""
+    item = to_json(a)
+    item["project"] = project
+    item["workers"] = workers
+    return item
 
 
 def event_json(e: EventRecord, *, body_max_bytes: int | None = None) -> dict[str, Any]:
     """An event as the API shows it; a body over ``body_max_bytes`` (as JSON)
     is left out (``body`` null, ``body_truncated`` true, its size in ``body_bytes``)."""
-    body_bytes = len(orjson.dumps(e.body))
-    truncated = body_max_bytes is not None and body_bytes > body_max_bytes
-    return {
-        "id": e.id,
-        "key": e.key,
-        "received_at": iso(e.received_at),
-        "source": e.source,
-        "kind": e.kind,
-        "project_id": None if e.project_id is None else str(e.project_id),
-        "agent_id": None if e.agent_id is None else str(e.agent_id),
-        "worker_id": e.worker_id,
-        "body": None if truncated else e.body,
-        "body_bytes": body_bytes,
-        "body_truncated": truncated,
-    }
-
-
-def command_json(c: CommandRecord) -> dict[str, Any]:
-    return {
-        "id": str(c.id),
-        "project_id": str(c.project_id),
-        "agent_id": str(c.agent_id),
-        "action": c.action,
-        "target": c.target,
-        "parameters": c.parameters,
-        "timeout_seconds": c.timeout_seconds,
-        "issued_by": c.issued_by,
-        "state": c.state,
-        "worker_id": c.worker_id,
-        "created_at": iso(c.created_at),
-        "dispatched_at": iso(c.dispatched_at),
-        "finished_at": iso(c.finished_at),
-        "result": c.result,
-        "error": c.error,
-    }
-
-
-def audit_json(a: AuditRecord) -> dict[str, Any]:
-    return {
-        "id": a.id,
-        "at": iso(a.at),
-        "actor": a.actor,
-        "action": a.action,
-        "subject": a.subject,
-        "details": a.details,
-    }
+    item = to_json(e)
+    if body_max_bytes is not None and item["body_bytes"] > body_max_bytes:
+        item["body"] = None
+        item["body_truncated"] = True
+    return item

@@ -43,7 +43,7 @@ from . import keys
 from ._datadir import SqliteBrainLock, check_single_brain
 from ._fds import with_descriptor_caps
 from .agent_endpoint import AgentEndpoint
-from .api import Api, command_json, instance_json
+from .api import Api
 from .auth import Auth
 from .buffer import Buffer, ClaimedRow
 from .commands import Commands
@@ -57,6 +57,7 @@ from .ingest_server import IngestServer, open_tcp_socket
 from .maintenance import Maintenance
 from .metrics import brain_registry, render
 from .registry import Registry, registry_for
+from .resources import to_json
 from .stats import BrainStats
 from .store import Store, StoreUnavailable, store_for
 from .store.base import InstanceInfo
@@ -279,7 +280,7 @@ async def serve_brain(
                     await heartbeat.run(task_status=task_status)
 
             heartbeat.on_beat = lambda info: hub.publish(
-                {"type": "instance", "instance": instance_json(info)}
+                {"type": "instance", "instance": to_json(info)}
             )
             await nursery.start(run_heartbeat)
             maintenance = Maintenance(
@@ -409,9 +410,7 @@ def _feed_dashboard(
         hub.publish({"type": "events", "count": records, "kinds": dict(kinds), "sample": sample})
 
     drainer.on_stored = stored
-    commands.on_change = lambda record: hub.publish(
-        {"type": "command", "command": command_json(record)}
-    )
+    commands.on_change = lambda record: hub.publish({"type": "command", "command": to_json(record)})
     agents.on_worker = lambda agent_id, worker_id, state: hub.publish(
         {"type": "agent", "agent_id": str(agent_id), "worker_id": worker_id, "state": state}
     )

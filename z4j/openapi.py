@@ -1,7 +1,11 @@
 """The OpenAPI 3.0 document of the REST API (z4j/api.py), served at /api/v1/openapi.json.
 
-Written by hand next to the routes it describes; tests/test_api.py runs
-schemathesis against it, so a route that answers off this document fails.
+The operations, parameters and wording are written here by hand, next to
+the routes they describe; the schemas of the stored resources (Project,
+Agent, Worker, Instance, Event, Command, Audit) are derived from their records by
+z4j/resources.py, so they cannot drift from the JSON the routes send.
+tests/test_api.py runs schemathesis against it, so a route that answers
+off this document fails.
 The rules for cookie-signed writes (CSRF) and the caps on event listings
 are told here too: API users read this document, not z4j/api.py.
 """
@@ -11,6 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from ._version import __version__
+from .resources import RESOURCES, component
+from .store.base import COMMAND_STATES
 
 __all__ = ["OPENAPI"]
 
@@ -147,92 +153,12 @@ LIMIT = _query(
     "limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}, "page size"
 )
 CURSOR = _query("cursor", STRING, "next_cursor of the previous page")
-COMMAND_STATE = {
-    "type": "string",
-    "enum": ["pending", "dispatched", "completed", "failed", "timeout", "cancelled"],
-}
+COMMAND_STATE = {"type": "string", "enum": list(COMMAND_STATES)}
 
 SCHEMAS: dict[str, Any] = {
     "Error": _object({"error": STRING, "message": STRING}),
-    "Project": _object({"id": UUID, "name": STRING}),
-    "Worker": _object(
-        {
-            "worker_id": STRING,
-            "role": _nullable(STRING),
-            "connected": {"type": "boolean"},
-            "instance_id": _nullable(UUID),
-            "connected_at": TIME,
-            "last_seen": TIME,
-            "disconnected_at": _nullable(TIME),
-            "status": _nullable(OBJECT),
-        }
-    ),
-    "Agent": _object(
-        {
-            "id": UUID,
-            "project_id": UUID,
-            "project": _nullable(STRING),
-            "name": STRING,
-            "revoked": {"type": "boolean"},
-            "workers": {"type": "array", "items": _ref("Worker")},
-        }
-    ),
-    "Instance": _object(
-        {
-            "id": UUID,
-            "name": STRING,
-            "host": STRING,
-            "pid": {"type": "integer"},
-            "started_at": TIME,
-            "last_seen": TIME,
-            "ingest_rate": {"type": "number"},
-            "drain_rate": {"type": "number"},
-            "buffer_depth": {"type": "integer"},
-            "stopped_at": _nullable(TIME),
-        }
-    ),
-    "Event": _object(
-        {
-            "id": {"type": "integer"},
-            "key": {"type": "string", "description": "idempotency key (hex)"},
-            "received_at": TIME,
-            "source": {"type": "string", "enum": ["tcp", "agent"]},
-            "kind": STRING,
-            "project_id": _nullable(UUID),
-            "agent_id": _nullable(UUID),
-            "worker_id": _nullable(STRING),
-            "body": {
-                "description": "the record; null when it is over body_max_bytes "
-                "(body_truncated is then true)",
-                "nullable": True,
-            },
-            "body_bytes": {"type": "integer", "description": "the body's size as JSON"},
-            "body_truncated": {
-                "type": "boolean",
-                "description": "the body was left out for its size: list again from this "
-                "event with a larger body_max_bytes to read it",
-            },
-        }
-    ),
-    "Command": _object(
-        {
-            "id": UUID,
-            "project_id": UUID,
-            "agent_id": UUID,
-            "action": STRING,
-            "target": OBJECT,
-            "parameters": OBJECT,
-            "timeout_seconds": {"type": "integer"},
-            "issued_by": _nullable(STRING),
-            "state": COMMAND_STATE,
-            "worker_id": _nullable(STRING),
-            "created_at": TIME,
-            "dispatched_at": _nullable(TIME),
-            "finished_at": _nullable(TIME),
-            "result": _nullable(OBJECT),
-            "error": _nullable(STRING),
-        }
-    ),
+    # Project, Agent, Worker, Instance, Event, Command, Audit: derived from their records.
+    **{r.name: component(r) for r in RESOURCES.values()},
     "NewCommand": {
         "type": "object",
         "properties": {
@@ -249,16 +175,6 @@ SCHEMAS: dict[str, Any] = {
         },
         "required": ["agent", "action"],
     },
-    "Audit": _object(
-        {
-            "id": {"type": "integer"},
-            "at": TIME,
-            "actor": _nullable(STRING),
-            "action": STRING,
-            "subject": STRING,
-            "details": OBJECT,
-        }
-    ),
     "SignIn": {
         "type": "object",
         "properties": {"token": {"type": "string", "minLength": 1}},

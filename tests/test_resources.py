@@ -1,0 +1,201 @@
+"""The API JSON and the OpenAPI components follow the attrs records (z4j/resources.py).
+
+A record is the one source of its resource's shape: these tests fail if
+the served document's component, the JSON a route sends, and the record's
+fields disagree, and show that a field added to a record reaches both.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import attrs
+import orjson
+import pytest
+
+from z4j import resources
+from z4j.api import _agent_json, event_json
+from z4j.openapi import OPENAPI
+from z4j.resources import RESOURCES, Resource, component, to_json
+from z4j.store.base import (
+    Agent,
+    AuditRecord,
+    CommandRecord,
+    EventRecord,
+    InstanceInfo,
+    Project,
+    WorkerInfo,
+)
+
+T = 1_765_000_000.25
+ID = uuid.UUID("12345678-1234-5678-1234-567812345678")
+
+PENDING = CommandRecord(
+    id=ID,
+    project_id=ID,
+    agent_id=ID,
+    action="restart",
+    target={"a": 1},
+    parameters={},
+    timeout_seconds=60,
+    issued_by=None,
+    state="pending",
+    worker_id=None,
+    delivery_claim_token="lease",
+    created_at=T,
+    dispatched_at=None,
+    finished_at=None,
+    result=None,
+    error=None,
+)
+SAMPLES: dict[type, list[Any]] = {
+    Project: [Project(ID, "p")],
+    Agent: [Agent(ID, ID, "a", False)],
+    WorkerInfo: [
+        WorkerInfo(
+            agent_id=ID,
+            worker_id="w1",
+            role=None,
+            instance_id=ID,
+            connected_at=T,
+            last_seen=T,
+            disconnected_at=None,
+            status={"load": [1, 2]},
+        ),
+        WorkerInfo(
+            agent_id=ID,
+            worker_id="w2",
+            role="web",
+            instance_id=None,
+            connected_at=T,
+            last_seen=T,
+            disconnected_at=T + 1,
+            status=None,
+        ),
+    ],
+    InstanceInfo: [
+        InstanceInfo(id=ID, name="a", host="h", pid=7, buffer_id=ID, started_at=T, last_seen=T),
+    ],
+    EventRecord: [
+        EventRecord(
+            id=3,
+            key="ab" * 16,
+            received_at=T,
+            source="agent",
+            kind="task.done",
+            project_id=ID,
+            agent_id=None,
+            worker_id=None,
+            body={"x": [1, "y", None]},
+        ),
+    ],
+    CommandRecord: [
+        PENDING,
+        attrs.evolve(
+            PENDING,
+            parameters={"p": 2},
+            timeout_seconds=5,
+            issued_by="admin",
+            state="failed",
+            worker_id="w1",
+            delivery_claim_token=None,
+            dispatched_at=T + 1,
+            finished_at=T + 2,
+            result={"ok": False},
+            error="boom",
+        ),
+    ],
+    AuditRecord: [
+        AuditRecord(id=1, at=T, actor=None, action="command.created", subject="x", details={}),
+    ],
+}
+
+
+def test_every_resource_has_samples() -> None:
+    assert set(SAMPLES) == set(RESOURCES)
+
+
+@pytest.mark.parametrize("resource", RESOURCES.values(), ids=lambda r: r.name)
+def test_the_served_component_is_the_record(resource: Resource) -> None:
+    schema = OPENAPI["components"]["schemas"][resource.name]
+    assert schema == component(resource)
+    fields = [a.name for a in attrs.fields(resource.cls) if a.name not in resource.hidden]
+    extras = [x.name for x in resource.extra]
+    assert sorted(schema["properties"]) == sorted(fields + extras)
+    assert schema["required"] == list(schema["properties"])
+
+
+@pytest.mark.parametrize("resource", RESOURCES.values(), ids=lambda r: r.name)
+def test_the_json_matches_the_component(resource: Resource) -> None:
+    validator_module = pytest.importorskip("openapi_schema_validator")
+    schema = OPENAPI["components"]["schemas"][resource.name]
+    for record in SAMPLES[resource.cls]:
+        item = orjson.loads(orjson.dumps(to_json(record)))
+        assert list(item) == list(schema["properties"])  # the same keys, in the same order
+        validator_module.validate(
+            item,
+            schema,
+            cls=validator_module.OAS30Validator,
+            format_checker=validator_module.oas30_format_checker,
+        )
+
+
+def test_times_uuids_and_hidden_fields_on_the_wire() -> None:
+    command = to_json(SAMPLES[CommandRecord][1])
+    assert command["id"] == str(ID)
+    assert command["created_at"] == "2025-12-06T05:46:40.250000+00:00"
+    assert command["dispatched_at"] == "2025-12-06T05:46:41.250000+00:00"
+    assert command["timeout_seconds"] == 5
+    assert "delivery_claim_token" not in command
+    worker = to_json(SAMPLES[WorkerInfo][0])
+    assert worker["connected"] is True
+    assert worker["instance_id"] == str(ID)
+    assert "agent_id" not in worker
+    assert to_json(SAMPLES[WorkerInfo][1])["connected"] is False
+    instance = to_json(SAMPLES[InstanceInfo][0])
+    assert instance["ingest_rate"] == 0.0  # a rate stays a number, not a time
+    assert "buffer_id" not in instance
+
+
+def test_an_agent_as_the_route_sends_it_matches_its_component() -> None:
+    """The route fills in the project's name and the workers after the record."""
+    validator_module = pytest.importorskip("openapi_schema_validator")
+    item = _agent_json(SAMPLES[Agent][0], "p", [to_json(w) for w in SAMPLES[WorkerInfo]])
+    assert list(item) == ["id", "project_id", "project", "name", "revoked", "workers"]
+    validator_module.validate(
+        item,
+        {**OPENAPI["components"]["schemas"]["Agent"], "components": OPENAPI["components"]},
+        cls=validator_module.OAS30Validator,
+        format_checker=validator_module.oas30_format_checker,
+    )
+
+
+def test_a_large_event_body_is_left_out() -> None:
+    event = SAMPLES[EventRecord][0]
+    size = len(orjson.dumps(event.body))
+    assert event_json(event)["body"] == event.body
+    small = event_json(event, body_max_bytes=size - 1)
+    assert (small["body"], small["body_bytes"], small["body_truncated"]) == (None, size, True)
+    kept = event_json(event, body_max_bytes=size)
+    assert (kept["body"], kept["body_truncated"]) == (event.body, False)
+
+
+def test_a_field_added_to_the_record_reaches_json_and_openapi(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The one edit: a new field on Command (here a subclass standing in for it)."""
+
+    @attrs.frozen
+    class Command(CommandRecord):
+        priority: int | None = None
+        deadline_at: float | None = None
+
+    monkeypatch.setitem(RESOURCES, Command, attrs.evolve(RESOURCES[CommandRecord], cls=Command))
+    record = Command(*attrs.astuple(SAMPLES[CommandRecord][0], recurse=False), 3, T)
+    item = resources.to_json(record)
+    assert (item["priority"], item["deadline_at"]) == (3, "2025-12-06T05:46:40.250000+00:00")
+    properties = component(RESOURCES[Command])["properties"]
+    assert properties["priority"] == {"type": "integer", "nullable": True}
+    assert properties["deadline_at"] == {"type": "string", "format": "date-time", "nullable": True}
+    assert list(item) == list(properties)

@@ -1,0 +1,283 @@
+"""The API shape of each stored record, derived from its attrs class.
+
+Why: Command, Worker, Instance, Event, Audit, Agent and Project were each
+written out three times (the record in store/base.py, a ``*_json`` function
+also feeding the dashboard's messages, an OpenAPI component), and the copies
+could drift. Here the record is the one source:
+one cattrs converter turns a record into its JSON, and `component` turns the
+same class into its OpenAPI schema, so a field added to a record shows up in
+both (tests/test_resources.py holds the three together).
+
+What is written here by hand is only what the record cannot say: which
+fields stay internal (`Resource.hidden`), fields the API adds
+(`Resource.extra`), and the enums and descriptions API readers need
+(`Resource.refine`). Times are epoch-second floats in the records and
+ISO-8601 strings on the wire; a float field is a time when its name says so
+(`at`, ``*_at``, `last_seen`).
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+import cattrs
+import orjson
+from cattrs.gen import make_dict_unstructure_fn, override
+
+from .store.base import (
+    COMMAND_STATES,
+    Agent,
+    AuditRecord,
+    CommandRecord,
+    EventRecord,
+    InstanceInfo,
+    Project,
+    WorkerInfo,
+)
+
+__all__ = [
+    "RESOURCES",
+    "Extra",
+    "Resource",
+    "component",
+    "converter",
+    "is_time",
+    "iso",
+    "to_json",
+]
+
+
+def iso(value: float | None) -> str | None:
+    """Epoch seconds as the API writes times (ISO-8601, UTC offset), None kept."""
+    return None if value is None else datetime.fromtimestamp(value, UTC).isoformat()
+
+
+def is_time(name: str) -> bool:
+    """Whether a float field named ``name`` holds epoch seconds (shown as a time)."""
+    return name == "at" or name.endswith("_at") or name == "last_seen"
+
+
+@attrs.frozen(kw_only=True)
+class Extra:
+    """A field the API adds to a record: its schema, and how to compute it."""
+
+    name: str
+    schema: dict[str, Any]
+    value: Callable[[Any], Any]
+    after: str | None = None  # place it after this key (None: at the end)
+
+
+@attrs.frozen(kw_only=True)
+class Resource:
+    """How one record class is shown by the API, beyond its own fields."""
+
+    name: str  # the OpenAPI component
+    cls: type
+    hidden: frozenset[str] = frozenset()
+    extra: tuple[Extra, ...] = ()
+    refine: Mapping[str, dict[str, Any]] = attrs.field(factory=dict)
+
+
+def _body_bytes(e: EventRecord) -> int:
+    return len(orjson.dumps(e.body))
+
+
+RESOURCES: dict[type, Resource] = {
+    r.cls: r
+    for r in (
+        Resource(name="Project", cls=Project),
+        Resource(
+            name="Agent",
+            cls=Agent,
+            # Both filled in by the route, which looks them up: placeholders here.
+            extra=(
+                Extra(
+                    name="project",
+                    schema={"type": "string", "nullable": True},
+                    value=lambda a: None,
+                    after="project_id",
+                ),
+                Extra(
+                    name="workers",
+                    schema={"type": "array", "items": {"$ref": "#/components/schemas/Worker"}},
+                    value=lambda a: [],
+                ),
+            ),
+        ),
+        Resource(
+            name="Worker",
+            cls=WorkerInfo,
+            hidden=frozenset({"agent_id"}),  # listed under its agent
+            extra=(
+                Extra(
+                    name="connected",
+                    schema={"type": "boolean"},
+                    value=lambda w: w.disconnected_at is None,
+                    after="role",
+                ),
+            ),
+        ),
+        Resource(name="Instance", cls=InstanceInfo, hidden=frozenset({"buffer_id"})),
+        Resource(
+            name="Event",
+            cls=EventRecord,
+            # event_json in api.py drops a body over the caller's limit.
+            extra=(
+                Extra(
+                    name="body_bytes",
+                    schema={"type": "integer", "description": "the body's size as JSON"},
+                    value=_body_bytes,
+                ),
+                Extra(
+                    name="body_truncated",
+                    schema={
+                        "type": "boolean",
+                        "description": "the body was left out for its size: list again from "
+                        "this event with a larger body_max_bytes to read it",
+                    },
+                    value=lambda e: False,
+                ),
+            ),
+            refine={
+                "key": {"description": "idempotency key (hex)"},
+                "source": {"enum": ["tcp", "agent"]},
+                "body": {
+                    "description": "the record; null when it is over body_max_bytes "
+                    "(body_truncated is then true)",
+                    "nullable": True,
+                },
+            },
+        ),
+        Resource(
+            name="Command",
+            cls=CommandRecord,
+            hidden=frozenset({"delivery_claim_token"}),  # the delivery lease, internal
+            refine={"state": {"enum": list(COMMAND_STATES)}},
+        ),
+        Resource(name="Audit", cls=AuditRecord),
+    )
+}
+
+
+# -- JSON ------------------------------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """The fields of ``cls`` and their resolved types, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    return {a.name: hints[a.name] for a in attrs.fields(cls)}
+
+
+def _split_optional(tp: Any) -> tuple[Any, bool]:
+    """``X | None`` as ``(X, True)``; any other type as ``(type, False)``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _is_json(tp: Any) -> bool:
+    """Fields already holding parsed JSON: passed through, never copied."""
+    return tp is Any or typing.get_origin(tp) is dict
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _unstructure_fn(cls: type, conv: cattrs.Converter) -> Callable[[Any], dict[str, Any]]:
+    resource = RESOURCES[cls]
+    overrides: dict[str, Any] = {}
+    for name, tp in _field_types(cls).items():
+        inner, _ = _split_optional(tp)
+        if name in resource.hidden:
+            overrides[name] = override(omit=True)
+        elif inner is float and is_time(name):
+            overrides[name] = override(unstruct_hook=iso)
+        elif _is_json(inner):
+            overrides[name] = override(unstruct_hook=_same)
+    base: Callable[[Any], dict[str, Any]] = make_dict_unstructure_fn(cls, conv, **overrides)
+    if not resource.extra:
+        return base
+    after = {x.after: x for x in resource.extra if x.after is not None}
+    at_end = [x for x in resource.extra if x.after is None]
+
+    def unstructure(obj: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in base(obj).items():
+            out[key] = value
+            if key in after:
+                out[after[key].name] = after[key].value(obj)
+        for x in at_end:
+            out[x.name] = x.value(obj)
+        return out
+
+    return unstructure
+
+
+converter = cattrs.Converter()
+"""The one converter from records to API JSON: UUIDs as text, times as ISO-8601."""
+converter.register_unstructure_hook(uuid.UUID, str)
+converter.register_unstructure_hook_factory(
+    lambda cls: cls in RESOURCES, lambda cls: _unstructure_fn(cls, converter)
+)
+
+
+def to_json(record: Any) -> dict[str, Any]:
+    """``record`` (one of `RESOURCES`) as the API shows it."""
+    out: dict[str, Any] = converter.unstructure(record)
+    return out
+
+
+# -- OpenAPI ---------------------------------------------------------------------------------
+
+_SCALARS: dict[Any, dict[str, Any]] = {
+    str: {"type": "string"},
+    int: {"type": "integer"},
+    float: {"type": "number"},
+    bool: {"type": "boolean"},
+    uuid.UUID: {"type": "string", "format": "uuid"},
+}
+
+
+def _schema(name: str, tp: Any) -> dict[str, Any]:
+    inner, nullable = _split_optional(tp)
+    if inner is float and is_time(name):
+        schema: dict[str, Any] = {"type": "string", "format": "date-time"}
+    elif inner is Any:
+        schema = {}
+    elif typing.get_origin(inner) is dict:
+        schema = {"type": "object", "additionalProperties": True}
+    elif inner in _SCALARS:
+        schema = dict(_SCALARS[inner])
+    else:
+        raise TypeError(f"no API schema for {name}: {tp!r}")
+    return {**schema, "nullable": True} if nullable else schema
+
+
+def component(resource: Resource) -> dict[str, Any]:
+    """The OpenAPI 3.0 schema of ``resource``: the JSON `to_json` gives, property for property."""
+    properties: dict[str, Any] = {}
+    after = {x.after: x for x in resource.extra if x.after is not None}
+    for name, tp in _field_types(resource.cls).items():
+        if name in resource.hidden:
+            continue
+        properties[name] = {**_schema(name, tp), **resource.refine.get(name, {})}
+        if name in after:
+            properties[after[name].name] = after[name].schema
+    for x in resource.extra:
+        if x.after is None:
+            properties[x.name] = x.schema
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+    }
