@@ -30,38 +30,34 @@ import socket
 import sys
 import time
 import uuid
-from collections import Counter
-from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import attrs
-import orjson
 import trio
 
 from . import keys
 from ._datadir import SqliteBrainLock, check_single_brain
 from ._fds import with_descriptor_caps
-from .agent_endpoint import AgentEndpoint
+from ._net import open_tcp_socket
+from .agent_endpoint import AgentEndpoint, Session
 from .api import Api
 from .auth import Auth
-from .buffer import Buffer, ClaimedRow
+from .buffer import Buffer
 from .commands import Commands
 from .config import Config, ConfigError, is_loopback_bind
-from .dashboard_hub import SAMPLE_SIZE, DashboardHub
+from .dashboard_hub import DashboardHub
 from .drain import Drainer
-from .events import EventRow, event_rows
 from .heartbeat import Heartbeat
 from .http import HealthChecks, HttpStats, Pages, build_app, serve_http, tls_context
-from .ingest_server import IngestServer, open_tcp_socket
+from .ingest_server import IngestServer
+from .links import CommandSignals, DashboardOutbox, SessionTable
 from .maintenance import Maintenance
 from .metrics import brain_registry, render
-from .registry import Registry, registry_for
+from .registry import Registry, registry_for, replicated
 from .resources import to_json
 from .stats import BrainStats
 from .store import Store, StoreUnavailable, store_for
 from .store.base import InstanceInfo
-from .store.postgres import PostgresStore
 
 __all__ = ["Brain", "serve_brain"]
 
@@ -158,8 +154,11 @@ async def serve_brain(
         if brain_lock is not None:
             brain_lock.release()
         raise
-    store = store_for(config, application_name=f"z4j-{instance_id.hex[:8]}")
-    store.observe_query = stats.db_query_seconds.observe
+    store = store_for(
+        config,
+        application_name=f"z4j-{instance_id.hex[:8]}",
+        observe_query=stats.db_query_seconds.observe,
+    )
     try:
         async with trio.open_nursery() as nursery:
             store_ready = trio.Event()
@@ -176,6 +175,29 @@ async def serve_brain(
             await nursery.start(run_writer)
             nursery.start_soon(_migrate_until_ready, store, store_ready)
 
+            # The links first: each is handed to both sides of a meeting
+            # that would otherwise make two services hold each other.
+            sessions: SessionTable[Session] = SessionTable()
+            signals = CommandSignals()
+            outbox = DashboardOutbox() if replicated(config, store.pool) else None
+            auth = Auth(store, keys.master_secret(config))
+            hub = DashboardHub(
+                stats,
+                auth,
+                instance_id=str(instance_id),
+                relay=None if outbox is None else outbox.put,
+            )
+            registry = registry_for(
+                config,
+                store.pool,
+                stats,
+                instance_id=instance_id,
+                store_ready=store_ready,
+                sessions=sessions,
+                signals=signals,
+                on_dashboard=hub.publish_local,
+                outbox=outbox,
+            )
             drainer = Drainer(
                 buffer,
                 store,
@@ -184,6 +206,7 @@ async def serve_brain(
                 lease_seconds=config.drain_lease_seconds,
                 store_ready=store_ready,
                 linger_seconds=config.drain_linger_ms / 1000,
+                on_stored=functools.partial(hub.publish_stored, buffer.buffer_id),
             )
             for worker in range(config.drain_workers):
                 await nursery.start(drainer.run, worker)
@@ -199,35 +222,53 @@ async def serve_brain(
 
             ingest_address = await nursery.start(run_ingest)
 
-            health = _health_checks(store, store_ready, buffer)
+            health = _health_checks(store, store_ready, buffer, registry)
             http_stats = HttpStats()
             metrics_registry = brain_registry(
                 stats,
                 buffer,
                 instance_id=str(instance_id),
-                pool_statistics=store.pool.statistics if isinstance(store, PostgresStore) else None,
+                pool_statistics=None if store.pool is None else store.pool.statistics,
                 http_stats=http_stats,
             )
-            agents = AgentEndpoint(
-                config, store, buffer, stats, instance_id=instance_id, store_ready=store_ready
+            commands = Commands(
+                store,
+                stats=stats,
+                master_secret=keys.master_secret(config),
+                sessions=sessions,
+                signals=signals,
+                replicas=registry,
+                on_change=lambda record: hub.publish(
+                    {"type": "command", "command": to_json(record)}
+                ),
             )
-            await nursery.start(agents.run)
-            commands = Commands(store, stats=stats, master_secret=keys.master_secret(config))
-            commands.sessions = agents
-            agents.commands = commands
-            await nursery.start(commands.run_sweeper, store_ready)
-            auth = Auth(store, keys.master_secret(config))
-            api = Api(store, commands, auth)
-            hub = DashboardHub(stats, auth, instance_id=str(instance_id))
-            _feed_dashboard(hub, buffer.buffer_id, drainer, commands, agents)
-            registry = registry_for(
+            agents = AgentEndpoint(
                 config,
-                store.pool if isinstance(store, PostgresStore) else None,
+                store,
+                buffer,
                 stats,
                 instance_id=instance_id,
                 store_ready=store_ready,
+                sessions=sessions,
+                commands=commands,
+                ownership=registry,
+                on_worker=lambda agent_id, worker_id, state: hub.publish(
+                    {
+                        "type": "agent",
+                        "agent_id": str(agent_id),
+                        "worker_id": worker_id,
+                        "state": state,
+                    }
+                ),
             )
-            _join_registry(registry, agents, commands, hub, health)
+            await nursery.start(agents.run)
+            await nursery.start(commands.run_sweeper, store_ready)
+            api = Api(store, commands, auth)
+            if registry.backend != "local":
+                log.info(
+                    "registry: %s (sessions, commands and the dashboard cross replicas)",
+                    registry.backend,
+                )
             await nursery.start(registry.run)
             http_done = trio.Event()
 
@@ -272,6 +313,7 @@ async def serve_brain(
                 info,
                 interval=config.heartbeat_seconds,
                 store_ready=store_ready,
+                on_beat=lambda info: hub.publish({"type": "instance", "instance": to_json(info)}),
             )
             heartbeat_scope = trio.CancelScope()
 
@@ -279,9 +321,6 @@ async def serve_brain(
                 with heartbeat_scope:
                     await heartbeat.run(task_status=task_status)
 
-            heartbeat.on_beat = lambda info: hub.publish(
-                {"type": "instance", "instance": to_json(info)}
-            )
             await nursery.start(run_heartbeat)
             maintenance = Maintenance(
                 store,
@@ -336,84 +375,6 @@ async def serve_brain(
         if brain_lock is not None:
             brain_lock.release()
         log.info("brain %s stopped", instance_id)
-
-
-def _join_registry(
-    registry: Registry,
-    agents: AgentEndpoint,
-    commands: Commands,
-    hub: DashboardHub,
-    health: HealthChecks,
-) -> None:
-    """Connect the services that cross replicas to the registry (no-ops when local)."""
-    agents.registry = commands.registry = registry
-    registry.on_lost = agents.lost
-    registry.on_command = commands.deliver_soon
-    registry.on_finished = commands.finished_elsewhere
-    registry.on_dashboard = hub.publish_local
-    if registry.backend == "local":
-        return
-    hub.relay = registry.relay
-
-    async def listener_check() -> str | None:
-        return None if registry.listening else "not listening for notifications (reconnecting)"
-
-    health.add("listener", listener_check)
-    log.info("registry: %s (sessions, commands and the dashboard cross replicas)", registry.backend)
-
-
-SAMPLED_ROWS = 50  # buffered payloads per drained batch looked into for the feed
-
-
-def _sample_rows(buffer_id: uuid.UUID, rows: Sequence[ClaimedRow]) -> Iterator[EventRow]:
-    """The event rows of ``rows``, skipping payloads the drain quarantined."""
-    for row in rows:
-        try:
-            yield from list(event_rows(buffer_id, [row]))
-        except ValueError:  # unparseable: it went to dead_letter, not the store
-            continue
-
-
-def _feed_dashboard(
-    hub: DashboardHub,
-    buffer_id: uuid.UUID,
-    drainer: Drainer,
-    commands: Commands,
-    agents: AgentEndpoint,
-) -> None:
-    """Point the producers' hooks at the dashboard hub (each a no-op unwatched)."""
-
-    def stored(rows: Sequence[ClaimedRow], records: int) -> None:
-        if not hub.has_subscribers:
-            return
-        # Kinds and the sample come from the batch's first rows only: the
-        # Trio thread must not parse every stored record a second time.
-        kinds: Counter[str] = Counter()
-        sample: list[dict[str, Any]] = []
-        for at, key, source, kind, body, _, agent, worker in _sample_rows(
-            buffer_id, rows[:SAMPLED_ROWS]
-        ):
-            kinds[kind] += 1
-            if len(sample) < SAMPLE_SIZE:
-                sample.append(
-                    {
-                        "key": key.hex(),
-                        "received_at": at.isoformat(),
-                        "source": source,
-                        "kind": kind,
-                        "agent_id": None if agent is None else str(uuid.UUID(bytes=agent)),
-                        "worker_id": worker,
-                        "body": orjson.loads(body),
-                    }
-                )
-        sample.reverse()  # newest first
-        hub.publish({"type": "events", "count": records, "kinds": dict(kinds), "sample": sample})
-
-    drainer.on_stored = stored
-    commands.on_change = lambda record: hub.publish({"type": "command", "command": to_json(record)})
-    agents.on_worker = lambda agent_id, worker_id, state: hub.publish(
-        {"type": "agent", "agent_id": str(agent_id), "worker_id": worker_id, "state": state}
-    )
 
 
 def _url_host(bind: str, address: tuple[str, int]) -> str:
@@ -521,7 +482,9 @@ def check_bind_is_safe(config: Config) -> None:
         )
 
 
-def _health_checks(store: Store, store_ready: trio.Event, buffer: Buffer) -> HealthChecks:
+def _health_checks(
+    store: Store, store_ready: trio.Event, buffer: Buffer, registry: Registry
+) -> HealthChecks:
     health = HealthChecks()
 
     async def store_check() -> str | None:
@@ -538,7 +501,7 @@ def _health_checks(store: Store, store_ready: trio.Event, buffer: Buffer) -> Hea
 
     health.add("store", store_check)
     health.add("buffer", buffer_check)
-    if isinstance(store, PostgresStore):
+    if store.pool is not None:
         pool = store.pool
 
         async def pool_check() -> str | None:
@@ -548,4 +511,10 @@ def _health_checks(store: Store, store_ready: trio.Event, buffer: Buffer) -> Hea
             return None
 
         health.add("pool", pool_check)
+    if registry.backend != "local":
+
+        async def listener_check() -> str | None:
+            return None if registry.listening else "not listening for notifications (reconnecting)"
+
+        health.add("listener", listener_check)
     return health

@@ -58,7 +58,9 @@ class Drainer:
         lease_seconds: float,
         store_ready: trio.Event,
         linger_seconds: float = 0.0,
+        on_stored: Callable[[Sequence[ClaimedRow], int], None] | None = None,
     ) -> None:
+        """``on_stored``: called with each batch's rows once stored (the dashboard's feed)."""
         self._buffer = buffer
         self._store = store
         self._stats = stats
@@ -71,8 +73,7 @@ class Drainer:
         # and the GIL. Full batches go straight on.
         self._linger = linger_seconds
         self._store_ready = store_ready
-        # Called with each batch's rows once stored (the dashboard's feed).
-        self.on_stored: Callable[[Sequence[ClaimedRow], int], None] | None = None
+        self._on_stored = on_stored
         self._stopping = False
         self._idle_scopes: set[trio.CancelScope] = set()
         self._running = 0
@@ -243,9 +244,9 @@ class Drainer:
         seconds = done.seconds + time.monotonic() - started
         stats.drain_seconds_total += seconds
         stats.drain_batch_seconds.observe(seconds)
-        if self.on_stored is not None:
+        if self._on_stored is not None:
             try:
-                self.on_stored(done.claim.rows, done.records)
+                self._on_stored(done.claim.rows, done.records)
             except Exception:  # the dashboard's feed must never stop a drain
                 log.exception("the stored-batch hook failed")
 

@@ -33,7 +33,6 @@ them and answer first.
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 import socket as stdlib_socket
@@ -43,8 +42,9 @@ from typing import Any, Final
 import attrs
 import trio
 
+from ._net import open_tcp_socket as open_tcp_socket
 from .buffer import Buffer, NewRow
-from .config import Config, parse_bind
+from .config import Config
 from .protocol import ingest as proto
 from .protocol.errors import RemoteProtocolError
 from .stats import BrainStats, ThrottledLog
@@ -165,38 +165,6 @@ class IngestStatistics:
     buffered_peak: int
     buffered_limit: int
     throttle_sources: int
-
-
-def open_tcp_socket(
-    bind: str, *, reuse_port: bool, backlog: int = 1024, in_use_hint: str = ""
-) -> stdlib_socket.socket:
-    """A listening socket; with ``reuse_port`` several processes may share the port.
-
-    ``in_use_hint`` ends the message when the address is taken: what to do
-    depends on the store (on SQLite, sharing a port would split clients
-    over two stores).
-    """
-    host, port = parse_bind(bind)
-    family = stdlib_socket.AF_INET6 if ":" in host else stdlib_socket.AF_INET
-    sock = stdlib_socket.socket(family, stdlib_socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise OSError(
-                    exc.errno, f"cannot bind {bind}: address in use{in_use_hint}"
-                ) from None
-            raise
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 class IngestServer:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..config import Config
 from .base import (
     COMMAND_STATES,
@@ -35,7 +37,12 @@ __all__ = [
 ]
 
 
-def store_for(config: Config, *, application_name: str = "z4j") -> Store:
+def store_for(
+    config: Config,
+    *,
+    application_name: str = "z4j",
+    observe_query: Callable[[float], None] | None = None,
+) -> Store:
     """The store the configuration asks for (not yet connected)."""
     if config.database_url is not None:
         return PostgresStore.from_url(
@@ -43,5 +50,6 @@ def store_for(config: Config, *, application_name: str = "z4j") -> Store:
             pool_size=config.db_pool_size,
             statement_timeout_ms=config.db_statement_timeout_ms,
             application_name=application_name,
+            observe_query=observe_query,
         )
-    return SqliteStore(config.sqlite_store_path)
+    return SqliteStore(config.sqlite_store_path, observe_query=observe_query)
