@@ -56,6 +56,7 @@ __all__ = ["AgentEndpoint"]
 log = logging.getLogger("z4j.agents")
 
 HELLO_TIMEOUT_SECONDS = 10.0
+SESSIONS_GONE_POLL_SECONDS = 0.05  # at shutdown, how often to look for sessions still open
 # How long a new connection waits for the store before 1013: well inside
 # the 10 s agents give the upgrade, so they see the code, not a timeout.
 STORE_WAIT_SECONDS = 3.0
@@ -222,26 +223,47 @@ class AgentEndpoint:
         self._in_flight_bytes = 0  # over all sessions
         self._room = trio.Event()  # set (and replaced) whenever some is freed
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The endpoint's own tasks: buffering event batches, and the idle sweep."""
+    async def run(
+        self,
+        *,
+        shutdown: trio.Event | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The endpoint's own tasks: buffering event batches, and the idle sweep.
+
+        Once ``shutdown`` is set, every session is closed 1001 (agents
+        reconnect to another brain) and this returns when they are gone and
+        the batches they sent are in the buffer or refused.
+        """
         async with trio.open_nursery() as nursery:
             self._tasks = nursery
-            nursery.start_soon(self._sweep_idle)
+            sweep = trio.CancelScope()
+            nursery.start_soon(self._sweep_idle, sweep)
             task_status.started()
+            if shutdown is None:
+                return
+            await shutdown.wait()
+            # Their connections end on HTTP's tasks; one still in its
+            # handshake joins the table later, and is closed on the next look.
+            while self._table.every_session():
+                self._table.close_all(CloseCode.GOING_AWAY)
+                await trio.sleep(SESSIONS_GONE_POLL_SECONDS)
+            sweep.cancel()
 
-    async def _sweep_idle(self) -> None:
+    async def _sweep_idle(self, scope: trio.CancelScope) -> None:
         """Close sessions with no frame for three heartbeat intervals (4408).
 
         One task for all sessions instead of a timer per connection; checked
         every half interval, so a silent agent goes after 3 to 3.5 intervals.
         """
         interval = self._config.ws_heartbeat_interval_seconds
-        while True:
-            await trio.sleep(interval / 2)
-            cutoff = trio.current_time() - 3 * interval
-            for session in self.every_session():
-                if session.last_frame < cutoff:
-                    session.kick(CloseCode.IDLE)
+        with scope:
+            while True:
+                await trio.sleep(interval / 2)
+                cutoff = trio.current_time() - 3 * interval
+                for session in self.every_session():
+                    if session.last_frame < cutoff:
+                        session.kick(CloseCode.IDLE)
 
     @property
     def sessions(self) -> dict[tuple[uuid.UUID, str], Session]:
@@ -256,10 +278,6 @@ class AgentEndpoint:
     def every_session(self) -> list[Session]:
         """The open sessions, proven or not."""
         return self._table.every_session()
-
-    def close_all(self, code: int = CloseCode.GOING_AWAY) -> None:
-        """Close every session (at shutdown: agents reconnect elsewhere)."""
-        self._table.close_all(code)
 
     def sessions_of(self, agent_id: uuid.UUID) -> list[Session]:
         return self._table.sessions_of(agent_id)

@@ -1,20 +1,31 @@
-"""The supervisor: one root nursery that runs a whole brain.
+"""The composition root: build every service, nest their nurseries, report.
+
+It only assembles. Each service is finished when its constructor returns:
+hooks are constructor arguments, and where two services would need each
+other they are both handed one small object from `z4j.links` built first
+(tests/test_wiring.py holds the rules).
 
 Start order follows dependencies, each step through ``nursery.start`` so
 that it returns only once the service can serve:
 
-    buffer (opened) → group-commit writer → store migrations (retried in
-    the background until the store answers) → drains → ingest server →
-    HTTP → heartbeat → maintenance (partitions, retention) → report
+    store migrations (retried in the background until the store answers)
+    → group-commit writer → drains → ingest server → agent endpoint →
+    command sweep → registry → HTTP → heartbeat → maintenance → report
     addresses.
 
 Any child failing cancels the tree. A graceful stop (``shutdown`` set) runs
-in reverse, under a deadline of Z4J_SHUTDOWN_GRACE_SECONDS:
+from the inside out, because that is how the nurseries nest (as hypercorn
+nests lifespan ⊃ server ⊃ accept), under a deadline of
+Z4J_SHUTDOWN_GRACE_SECONDS:
 
-    stop accepting ingest, let connections answer what they hold → the
-    writer commits what is queued → drains finish the batch in hand (rows
-    not drained stay in the buffer file for the next start) → last
-    heartbeat → HTTP stops → cancel whatever is left.
+    heartbeat layer ⊃ drain layer ⊃ writer layer ⊃ producers
+
+    producers stop on ``shutdown``: ingest stops accepting and connections
+    answer what they hold, agents get 1001, HTTP requests in flight finish
+    → the writer commits what they queued → drains finish the batch in hand
+    (rows not drained stay in the buffer file for the next start) → last
+    heartbeat (``stopped_at``) → the rest (sweep, registry, maintenance) is
+    cancelled.
 
 Nothing acknowledged can be lost on any of these paths, graceful or not:
 an acknowledgement is only ever sent after its rows are committed in the
@@ -23,6 +34,7 @@ buffer file, and rows leave that file only after the store has them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -30,6 +42,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import attrs
@@ -159,21 +172,14 @@ async def serve_brain(
         application_name=f"z4j-{instance_id.hex[:8]}",
         observe_query=stats.db_query_seconds.observe,
     )
+    shutdown = shutdown if shutdown is not None else trio.Event()  # None: until cancelled
     try:
-        async with trio.open_nursery() as nursery:
+        # Tasks with nothing to hand over (migrations, the command sweep, the
+        # registry, maintenance) run here and are cancelled last.
+        async with trio.open_nursery() as support:
             store_ready = trio.Event()
-            http_shutdown = trio.Event()
-
-            writer_done = trio.Event()
-
-            async def run_writer(task_status: trio.TaskStatus[None]) -> None:
-                try:
-                    await buffer.run_writer(task_status=task_status)
-                finally:
-                    writer_done.set()
-
-            await nursery.start(run_writer)
-            nursery.start_soon(_migrate_until_ready, store, store_ready)
+            support.start_soon(_migrate_until_ready, store, store_ready)
+            support.start_soon(_grace_deadline, shutdown, config, support.cancel_scope)
 
             # The links first: each is handed to both sides of a meeting
             # that would otherwise make two services hold each other.
@@ -208,29 +214,7 @@ async def serve_brain(
                 linger_seconds=config.drain_linger_ms / 1000,
                 on_stored=functools.partial(hub.publish_stored, buffer.buffer_id),
             )
-            for worker in range(config.drain_workers):
-                await nursery.start(drainer.run, worker)
-
             ingest = IngestServer(config, buffer, stats)
-            ingest_done = trio.Event()
-
-            async def run_ingest(task_status: trio.TaskStatus[tuple[str, int]]) -> None:
-                try:
-                    await ingest.serve(ingest_sock, task_status=task_status)
-                finally:
-                    ingest_done.set()
-
-            ingest_address = await nursery.start(run_ingest)
-
-            health = _health_checks(store, store_ready, buffer, registry)
-            http_stats = HttpStats()
-            metrics_registry = brain_registry(
-                stats,
-                buffer,
-                instance_id=str(instance_id),
-                pool_statistics=None if store.pool is None else store.pool.statistics,
-                http_stats=http_stats,
-            )
             commands = Commands(
                 store,
                 stats=stats,
@@ -261,110 +245,104 @@ async def serve_brain(
                     }
                 ),
             )
-            await nursery.start(agents.run)
-            await nursery.start(commands.run_sweeper, store_ready)
-            api = Api(store, commands, auth)
-            if registry.backend != "local":
-                log.info(
-                    "registry: %s (sessions, commands and the dashboard cross replicas)",
-                    registry.backend,
-                )
-            await nursery.start(registry.run)
-            http_done = trio.Event()
-
-            async def run_http(task_status: trio.TaskStatus[tuple[str, int]]) -> None:
-                try:
-                    await serve_http(
-                        config,
-                        build_app(
-                            health,
-                            metrics=functools.partial(render, metrics_registry),
-                            api=api,
-                            auth=auth,
-                            pages=_dashboard_pages(auth),
-                        ),
-                        shutdown=http_shutdown,
-                        stats=http_stats,
-                        websockets={"/ws/agent": agents, "/ws/dashboard": hub},
-                        sock=http_sock,
-                        task_status=task_status,
-                    )
-                finally:
-                    http_done.set()
-
-            http_address = await nursery.start(run_http)
-            scheme = "http" if config.tls_cert_file is None else "https"
-            sign_in_url = f"{scheme}://{_url_host(config.http_bind, http_address)}/login"
-            nursery.start_soon(_announce_admin_token, auth, store_ready, config, sign_in_url)
-
-            info = InstanceInfo(
-                id=instance_id,
-                name=config.instance_name or f"{socket.gethostname()}:{os.getpid()}",
-                host=socket.gethostname(),
-                pid=os.getpid(),
-                buffer_id=buffer.buffer_id,
-                started_at=time.time(),
-                last_seen=time.time(),
+            health = _health_checks(store, store_ready, buffer, registry)
+            http_stats = HttpStats()
+            app = build_app(
+                health,
+                metrics=functools.partial(
+                    render,
+                    brain_registry(
+                        stats,
+                        buffer,
+                        instance_id=str(instance_id),
+                        pool_statistics=None if store.pool is None else store.pool.statistics,
+                        http_stats=http_stats,
+                    ),
+                ),
+                api=Api(store, commands, auth),
+                auth=auth,
+                pages=_dashboard_pages(auth),
             )
             heartbeat = Heartbeat(
                 store,
                 buffer,
                 stats,
-                info,
+                _instance_info(config, instance_id, buffer),
                 interval=config.heartbeat_seconds,
                 store_ready=store_ready,
                 on_beat=lambda info: hub.publish({"type": "instance", "instance": to_json(info)}),
             )
-            heartbeat_scope = trio.CancelScope()
-
-            async def run_heartbeat(task_status: trio.TaskStatus[None]) -> None:
-                with heartbeat_scope:
-                    await heartbeat.run(task_status=task_status)
-
-            await nursery.start(run_heartbeat)
             maintenance = Maintenance(
                 store,
                 retention_days=config.event_retention_days,
                 store_ready=store_ready,
                 is_leader=lambda: registry.is_leader,
             )
-            await nursery.start(maintenance.run)
+            if registry.backend != "local":
+                log.info(
+                    "registry: %s (sessions, commands and the dashboard cross replicas)",
+                    registry.backend,
+                )
 
-            brain = Brain(
-                ingest=ingest_address, http=http_address, instance_id=instance_id, commands=commands
-            )
-            log.info(
-                "brain %s ready: ingest %s:%d, http %s:%d, store %s, buffer %s",
-                instance_id,
-                *ingest_address,
-                *http_address,
-                store.kind,
-                config.resolved_buffer_path,
-            )
-            task_status.started(brain)
-
-            if shutdown is None:
-                return  # run until cancelled; the children keep the nursery open
-            await shutdown.wait()
-            log.info("graceful shutdown: %g s to finish", config.shutdown_grace_seconds)
-            with trio.move_on_after(config.shutdown_grace_seconds) as deadline:
-                # Producers first (agents get 1001, HTTP requests in flight
-                # finish), so the buffer's last commits are theirs.
-                ingest.stop_accepting()
-                agents.close_all()  # 1001: agents reconnect to another brain
-                http_shutdown.set()
-                await ingest_done.wait()
-                await http_done.wait()
-                buffer.close_writer()
-                await writer_done.wait()
-                drainer.stop()
-                await drainer.all_stopped.wait()
-                heartbeat_scope.cancel()
-                if store_ready.is_set():
-                    await heartbeat.beat(stopped=True)
-            if deadline.cancelled_caught:
-                log.warning("graceful shutdown ran past its deadline; cancelling the rest")
-            nursery.cancel_scope.cancel()
+            # The nesting is the graceful order: each layer is told to stop
+            # when the block inside it has ended. Producers stop on
+            # `shutdown` (ingest answers what it holds, agents get 1001, HTTP
+            # requests in flight finish) -> the writer commits what they
+            # queued -> drains finish the batch in hand -> the last heartbeat.
+            async with (
+                _layer() as (beating, heartbeat_stop),  # stops last
+                _layer() as (draining, drain_stop),
+                _layer() as (writing, writer_stop),
+                trio.open_nursery() as producers,  # stops first, on `shutdown`
+            ):
+                # Started in dependency order, each once it can serve.
+                await writing.start(functools.partial(buffer.serve_writer, shutdown=writer_stop))
+                await draining.start(
+                    functools.partial(drainer.serve, config.drain_workers, shutdown=drain_stop)
+                )
+                ingest_address = await producers.start(
+                    functools.partial(ingest.serve, ingest_sock, shutdown=shutdown)
+                )
+                await producers.start(functools.partial(agents.run, shutdown=shutdown))
+                await support.start(commands.run_sweeper, store_ready)
+                await support.start(registry.run)
+                http_address = await producers.start(
+                    functools.partial(
+                        serve_http,
+                        config,
+                        app,
+                        shutdown=shutdown,
+                        stats=http_stats,
+                        websockets={"/ws/agent": agents, "/ws/dashboard": hub},
+                        sock=http_sock,
+                    )
+                )
+                support.start_soon(
+                    _announce_admin_token,
+                    auth,
+                    store_ready,
+                    config,
+                    _sign_in_url(config, http_address),
+                )
+                await beating.start(functools.partial(heartbeat.serve, shutdown=heartbeat_stop))
+                await support.start(maintenance.run)
+                log.info(
+                    "brain %s ready: ingest %s:%d, http %s:%d, store %s, buffer %s",
+                    instance_id,
+                    *ingest_address,
+                    *http_address,
+                    store.kind,
+                    config.resolved_buffer_path,
+                )
+                task_status.started(
+                    Brain(
+                        ingest=ingest_address,
+                        http=http_address,
+                        instance_id=instance_id,
+                        commands=commands,
+                    )
+                )
+            support.cancel_scope.cancel()
     finally:
         # Closed by their servers once handed over; these cover a start cut short.
         ingest_sock.close()
@@ -375,6 +353,50 @@ async def serve_brain(
         if brain_lock is not None:
             brain_lock.release()
         log.info("brain %s stopped", instance_id)
+
+
+@contextlib.asynccontextmanager
+async def _layer() -> AsyncIterator[tuple[trio.Nursery, trio.Event]]:
+    """A nursery whose services are told to stop (the event) once the block
+    inside it has ended, and which then waits for them to hand over: layers
+    nested in one another stop from the inside out."""
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        try:
+            yield nursery, stop
+        finally:
+            stop.set()
+
+
+async def _grace_deadline(
+    shutdown: trio.Event, config: Config, everything: trio.CancelScope
+) -> None:
+    """Once ``shutdown`` is set, give the graceful stop its deadline
+    (Z4J_SHUTDOWN_GRACE_SECONDS), then cancel whatever is left."""
+    await shutdown.wait()
+    log.info("graceful shutdown: %g s to finish", config.shutdown_grace_seconds)
+    await trio.sleep(config.shutdown_grace_seconds)
+    log.warning("graceful shutdown ran past its deadline; cancelling the rest")
+    everything.cancel()
+
+
+def _instance_info(config: Config, instance_id: uuid.UUID, buffer: Buffer) -> InstanceInfo:
+    """This process's row in ``instances``."""
+    now = time.time()
+    return InstanceInfo(
+        id=instance_id,
+        name=config.instance_name or f"{socket.gethostname()}:{os.getpid()}",
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        buffer_id=buffer.buffer_id,
+        started_at=now,
+        last_seen=now,
+    )
+
+
+def _sign_in_url(config: Config, http_address: tuple[str, int]) -> str:
+    scheme = "http" if config.tls_cert_file is None else "https"
+    return f"{scheme}://{_url_host(config.http_bind, http_address)}/login"
 
 
 def _url_host(bind: str, address: tuple[str, int]) -> str:

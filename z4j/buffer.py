@@ -534,6 +534,17 @@ class Buffer:
             request.error = error
             request.done.set()
 
+    async def serve_writer(
+        self, *, shutdown: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The writer as a service: once ``shutdown`` is set, commit what is
+        queued and return (appends after that are refused)."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.run_writer)
+            task_status.started()
+            await shutdown.wait()
+            self.close_writer()
+
     def close_writer(self) -> None:
         """No more appends: the writer finishes what is queued, then returns."""
         self._closed = True

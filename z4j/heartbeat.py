@@ -76,6 +76,19 @@ class Heartbeat:
         if self._on_beat is not None:
             self._on_beat(info)
 
+    async def serve(
+        self, *, shutdown: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Beat every interval; once ``shutdown`` is set, write the last beat
+        (``stopped_at``, so others see this instance gone at once) and return."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.run)
+            task_status.started()
+            await shutdown.wait()
+            nursery.cancel_scope.cancel()
+        if self._store_ready.is_set():
+            await self.beat(stopped=True)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         await self._store_ready.wait()

@@ -26,7 +26,7 @@ Keeping the loop free (one client must not stall the others):
   guesses wrong `TokenThrottle.STRIKES` times within a window has its new
   connections refused for a while (``throttled``).
 
-Graceful stop (`stop_accepting`): the listener closes, connections waiting
+Graceful stop (``serve``'s ``shutdown`` set): the listener closes, connections waiting
 for data are woken and closed, connections with payloads in flight finish
 them and answer first.
 """
@@ -192,9 +192,12 @@ class IngestServer:
         self,
         sock: stdlib_socket.socket | None = None,
         *,
+        shutdown: trio.Event | None = None,
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve on ``sock`` (a listening socket, which this closes), or bind Z4J_INGEST_BIND."""
+        """Serve on ``sock`` (a listening socket, which this closes), or bind
+        Z4J_INGEST_BIND. Once ``shutdown`` is set: stop accepting, let open
+        connections answer the frames they hold, and return."""
         from ._net import REFUSAL_SLOTS, serve_listener
 
         if sock is None:
@@ -202,6 +205,8 @@ class IngestServer:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         address: tuple[str, int] = sock.getsockname()[:2]
         async with trio.open_nursery() as connections, listener:
+            if shutdown is not None:
+                connections.start_soon(self._stop_on, shutdown)
             with self._accept_scope:
                 log.info("ingest listening on %s:%d", *address)
                 task_status.started(address)
@@ -216,8 +221,9 @@ class IngestServer:
                 )
             # Listener closed; the nursery waits for connections to wind down.
 
-    def stop_accepting(self) -> None:
+    async def _stop_on(self, shutdown: trio.Event) -> None:
         """Close the listener and let open connections finish their frames."""
+        await shutdown.wait()
         self._stopping = True
         self._accept_scope.cancel()
         for scope in self._waiting_for_data:
