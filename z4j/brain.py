@@ -66,10 +66,11 @@ from .ingest_server import IngestServer
 from .links import CommandSignals, DashboardOutbox, SessionTable
 from .maintenance import Maintenance
 from .metrics import brain_registry, render
-from .registry import Registry, registry_for, replicated
+from .registry import registry_for, replicated
 from .resources import to_json
 from .stats import BrainStats
 from .store import Store, StoreUnavailable, store_for
+from .store import health_checks as store_health_checks
 from .store.base import InstanceInfo
 
 __all__ = ["Brain", "serve_brain"]
@@ -245,7 +246,13 @@ async def serve_brain(
                     }
                 ),
             )
-            health = _health_checks(store, store_ready, buffer, registry)
+            health = HealthChecks(
+                {
+                    **store_health_checks(store, store_ready),
+                    **buffer.health_checks(),
+                    **registry.health_checks(),
+                }
+            )
             http_stats = HttpStats()
             app = build_app(
                 health,
@@ -502,41 +509,3 @@ def check_bind_is_safe(config: Config) -> None:
             "Z4J_INGEST_TOKEN (clients send its hash on every frame) before serving on it, "
             "or Z4J_INGEST_ALLOW_NO_TOKEN=true to accept events from anyone who can connect"
         )
-
-
-def _health_checks(
-    store: Store, store_ready: trio.Event, buffer: Buffer, registry: Registry
-) -> HealthChecks:
-    health = HealthChecks()
-
-    async def store_check() -> str | None:
-        if not store_ready.is_set():
-            return "store not reachable yet (migrations pending)"
-        await store.check()
-        return None
-
-    async def buffer_check() -> str | None:
-        stats = buffer.statistics()
-        if buffer.full:
-            return f"buffer full ({stats.depth} of {stats.max_rows} rows)"
-        return None
-
-    health.add("store", store_check)
-    health.add("buffer", buffer_check)
-    if store.pool is not None:
-        pool = store.pool
-
-        async def pool_check() -> str | None:
-            stats = pool.statistics()
-            if stats.in_use >= stats.size and stats.waiting:
-                return f"pool exhausted: {stats.in_use} of {stats.size} in use, {stats.waiting} waiting"
-            return None
-
-        health.add("pool", pool_check)
-    if registry.backend != "local":
-
-        async def listener_check() -> str | None:
-            return None if registry.listening else "not listening for notifications (reconnecting)"
-
-        health.add("listener", listener_check)
-    return health

@@ -38,7 +38,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -579,6 +579,17 @@ class Buffer:
             await self._rows_arrived.park()
 
     # -- observation --------------------------------------------------------------
+
+    def health_checks(self) -> dict[str, Callable[[], Awaitable[str | None]]]:
+        """For /health/ready: a full buffer refuses ingest."""
+
+        async def buffer_check() -> str | None:
+            if self.full:
+                stats = self.statistics()
+                return f"buffer full ({stats.depth} of {stats.max_rows} rows)"
+            return None
+
+        return {"buffer": buffer_check}
 
     def statistics(self) -> BufferStatistics:
         return BufferStatistics(

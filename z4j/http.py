@@ -70,8 +70,11 @@ class HealthChecks:
     and the caller reads only ``"unavailable"``.
     """
 
-    def __init__(self) -> None:
-        self._checks: dict[str, Callable[[], Awaitable[str | None]]] = {}
+    def __init__(
+        self, checks: Mapping[str, Callable[[], Awaitable[str | None]]] | None = None
+    ) -> None:
+        """``checks``: by name, each from the module that owns what it checks."""
+        self._checks: dict[str, Callable[[], Awaitable[str | None]]] = dict(checks or {})
         self._log = ThrottledLog(log)
 
     def add(self, name: str, check: Callable[[], Awaitable[str | None]]) -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -106,6 +106,16 @@ class Registry:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+
+    def health_checks(self) -> dict[str, Callable[[], Awaitable[str | None]]]:
+        """For /health/ready: on replicas, whether notifications reach us."""
+        if self.backend == "local":
+            return {}
+
+        async def listener_check() -> str | None:
+            return None if self.listening else "not listening for notifications (reconnecting)"
+
+        return {"listener": listener_check}
 
     async def acquire(self, agent_id: uuid.UUID, worker_id: str) -> int:
         """Claim this worker's session for this replica; its fencing token."""

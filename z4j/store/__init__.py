@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+
+import trio
 
 from ..config import Config
 from .base import (
@@ -33,6 +35,7 @@ __all__ = [
     "Store",
     "StoreUnavailable",
     "UnstorableRows",
+    "health_checks",
     "store_for",
 ]
 
@@ -53,3 +56,29 @@ def store_for(
             observe_query=observe_query,
         )
     return SqliteStore(config.sqlite_store_path, observe_query=observe_query)
+
+
+def health_checks(
+    store: Store, store_ready: trio.Event
+) -> dict[str, Callable[[], Awaitable[str | None]]]:
+    """For /health/ready: the store answers (once migrated), and its pool,
+    if it has one, is not exhausted."""
+
+    async def store_check() -> str | None:
+        if not store_ready.is_set():
+            return "store not reachable yet (migrations pending)"
+        await store.check()
+        return None
+
+    checks: dict[str, Callable[[], Awaitable[str | None]]] = {"store": store_check}
+    pool = store.pool
+    if pool is not None:
+
+        async def pool_check() -> str | None:
+            stats = pool.statistics()
+            if stats.in_use >= stats.size and stats.waiting:
+                return f"pool exhausted: {stats.in_use} of {stats.size} in use, {stats.waiting} waiting"
+            return None
+
+        checks["pool"] = pool_check
+    return checks
