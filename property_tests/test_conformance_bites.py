@@ -15,6 +15,7 @@ bite slower, not different.
 from __future__ import annotations
 
 import functools
+import gc
 import types
 import uuid
 from collections.abc import Callable, Iterator
@@ -43,6 +44,7 @@ from z4j.agent_endpoint import AgentEndpoint, Session
 from z4j.buffer import Buffer
 from z4j.commands import Commands
 from z4j.ingest_server import IngestServer
+from z4j.links import SessionTable
 from z4j.protocol import ingest as ingest_protocol
 from z4j.protocol.agent import frames
 from z4j.protocol.agent.connection import AgentProtocol
@@ -372,8 +374,9 @@ def test_worker_cap_4429_bites(
     brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Broken: the cap is not enforced (the brain allows 100 workers; it says 3)."""
-    endpoint = brain.brain.addresses.commands.sessions
-    assert isinstance(endpoint, AgentEndpoint)
+    # The endpoint is wired inside serve_brain, reachable from nothing public:
+    # find the served brain's one instance to break it.
+    (endpoint,) = [o for o in gc.get_objects() if isinstance(o, AgentEndpoint)]
     config = attrs.evolve(endpoint._config, ws_per_agent_concurrency_cap=100)
     monkeypatch.setattr(endpoint, "_config", config)
     bite_check(brain, suite, "worker-cap-4429")
@@ -420,10 +423,10 @@ def test_revoked_4003_bites(
 ) -> None:
     """Broken: live sessions of a revoked agent are left open."""
 
-    async def keep_them(self: AgentEndpoint) -> int:
+    async def keep_them(self: SessionTable[Any], is_revoked: object, code: int) -> int:
         return 0
 
-    monkeypatch.setattr(AgentEndpoint, "close_revoked", keep_them)
+    monkeypatch.setattr(SessionTable, "close_revoked", keep_them)
     bite_check(brain, suite, "revoked-4003")
 
 

@@ -19,6 +19,7 @@ import trio.testing
 
 from z4j.commands import Commands
 from z4j.config import Config
+from z4j.links import SessionTable
 from z4j.protocol.agent import frames as f
 from z4j.store import CommandRecord, Store, store_for
 
@@ -28,13 +29,18 @@ class StandInSession:
     """What `Commands` uses of a live agent session; keeps what it is sent."""
 
     worker_id: str
+    agent_id: uuid.UUID
     role: str | None = None
+    kicked: int | None = None  # the close code, once closed
     sent: list[str] = attrs.Factory(list)
     claims: list[str | None] = attrs.Factory(list)  # the delivery_claim_token of each
     hold: trio.Event | None = None  # set: sends wait for it
     broken: bool = False  # the next send fails, as on a closing socket
 
-    async def send(self, payload: Any, *, frame_id: str) -> None:
+    def kick(self, code: int) -> None:
+        self.kicked = code
+
+    async def send(self, payload: Any, *, frame_id: str | None = None) -> None:
         assert isinstance(payload, f.Command)
         if self.broken:
             self.broken = False
@@ -45,15 +51,7 @@ class StandInSession:
             await self.hold.wait()
 
 
-@attrs.define
-class StandInEndpoint:
-    sessions: dict[tuple[uuid.UUID, str], StandInSession] = attrs.Factory(dict)
-
-    def sessions_of(self, agent_id: uuid.UUID) -> list[StandInSession]:
-        return [s for (a, _), s in self.sessions.items() if a == agent_id]
-
-    def every_session(self) -> list[StandInSession]:
-        return list(self.sessions.values())
+StandInEndpoint = SessionTable[StandInSession]
 
 
 @asynccontextmanager
@@ -64,8 +62,8 @@ async def commands_on(
     with trio.fail_after(30):
         try:
             await store.migrate()
-            commands = Commands(store, master_secret=master_secret)
-            commands.sessions = endpoint = StandInEndpoint()
+            endpoint = StandInEndpoint()
+            commands = Commands(store, master_secret=master_secret, sessions=endpoint)
             yield commands, store, endpoint
         finally:
             await store.aclose()
@@ -79,7 +77,7 @@ async def pending_command(commands: Commands, store: Store) -> CommandRecord:
 
 
 def connect(endpoint: StandInEndpoint, record: CommandRecord, worker: str) -> StandInSession:
-    session = StandInSession(worker_id=worker)
+    session = StandInSession(worker_id=worker, agent_id=record.agent_id)
     endpoint.sessions[(record.agent_id, worker)] = session
     return session
 

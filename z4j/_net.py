@@ -15,12 +15,15 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket as stdlib_socket
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
 import trio
 
-__all__ = ["ACCEPT_CAPACITY_ERRNOS", "REFUSAL_SLOTS", "serve_listener"]
+from .config import parse_bind
+
+__all__ = ["ACCEPT_CAPACITY_ERRNOS", "REFUSAL_SLOTS", "open_tcp_socket", "serve_listener"]
 
 log = logging.getLogger("z4j.net")
 
@@ -90,3 +93,35 @@ async def serve_listener(
             else:
                 backoff = BACKOFF_FIRST_SECONDS
                 handler_nursery.start_soon(run, stream)
+
+
+def open_tcp_socket(
+    bind: str, *, reuse_port: bool, backlog: int = 1024, in_use_hint: str = ""
+) -> stdlib_socket.socket:
+    """A listening socket; with ``reuse_port`` several processes may share the port.
+
+    ``in_use_hint`` ends the message when the address is taken: what to do
+    depends on the store (on SQLite, sharing a port would split clients
+    over two stores).
+    """
+    host, port = parse_bind(bind)
+    family = stdlib_socket.AF_INET6 if ":" in host else stdlib_socket.AF_INET
+    sock = stdlib_socket.socket(family, stdlib_socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(
+                    exc.errno, f"cannot bind {bind}: address in use{in_use_hint}"
+                ) from None
+            raise
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

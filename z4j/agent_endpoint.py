@@ -30,7 +30,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import orjson
@@ -39,15 +39,14 @@ import trio
 from . import keys
 from ._version import __version__
 from .buffer import Buffer, NewRow
-from .commands import Commands
 from .config import Config
+from .links import AlonePeers, Ownership, SessionTable
 from .protocol.agent import frames as f
 from .protocol.agent.connection import AgentProtocol, Role, State
 from .protocol.agent.untrusted import loggable
 from .protocol.close import CloseCode
 from .protocol.errors import RemoteProtocolError
 from .ratelimit import TokenBucket
-from .registry import Registry
 from .stats import BrainStats, ThrottledLog
 from .store.base import Agent, Store, StoreUnavailable
 from .websocket import SEND_BATCH
@@ -57,6 +56,7 @@ __all__ = ["AgentEndpoint"]
 log = logging.getLogger("z4j.agents")
 
 HELLO_TIMEOUT_SECONDS = 10.0
+SESSIONS_GONE_POLL_SECONDS = 0.05  # at shutdown, how often to look for sessions still open
 # How long a new connection waits for the store before 1013: well inside
 # the 10 s agents give the upgrade, so they see the code, not a timeout.
 STORE_WAIT_SECONDS = 3.0
@@ -75,6 +75,20 @@ GROUP_BATCHES = 16
 # the worker sending it (refused, not applied).
 COMMAND_REFUSED = "command_not_delivered_to_you"
 GROUP_EVENTS = 400
+
+
+class CommandAnswers(Protocol):
+    """What the endpoint needs of the command service: a worker is ready for
+    its commands; a worker acknowledged or answered one (False: refused)."""
+
+    async def session_opened(self, agent_id: uuid.UUID) -> None: ...
+    async def acknowledged(
+        self, command_id: str, agent_id: uuid.UUID, worker_id: str, payload: f.CommandAck
+    ) -> bool: ...
+    async def answered(
+        self, command_id: str, agent_id: uuid.UUID, worker_id: str, payload: f.CommandResult
+    ) -> bool: ...
+
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -125,6 +139,10 @@ class Session:
     send_batch: bool = False  # the connection takes z4j.websocket.send_batch
     # The hello, kept until the first signed frame proves the key; None after.
     hello: f.Hello | None = None
+
+    @property
+    def agent_id(self) -> uuid.UUID:
+        return self.agent.id
 
     async def send(self, payload: f.Payload, *, frame_id: str | None = None) -> None:
         message = self.protocol.send(payload, frame_id=frame_id)
@@ -179,7 +197,16 @@ class AgentEndpoint:
         *,
         instance_id: uuid.UUID,
         store_ready: trio.Event,
+        sessions: SessionTable[Session] | None = None,
+        commands: CommandAnswers | None = None,
+        ownership: Ownership | None = None,
+        on_worker: Callable[[uuid.UUID, str, str], None] | None = None,
     ) -> None:
+        """``sessions``: filled here, read by commands and the registry.
+        ``commands``: told of workers and their answers (None: answers are
+        ignored). ``ownership``: claims sessions across replicas.
+        ``on_worker``: called with (agent id, worker id, "connected" |
+        "disconnected") (the dashboard's feed)."""
         self._config = config
         self._store = store
         self._buffer = buffer
@@ -187,75 +214,73 @@ class AgentEndpoint:
         self._instance_id = instance_id
         self._store_ready = store_ready
         self._master = keys.master_secret(config)
-        # Sessions that proved the signing key, by (agent, worker): the only
-        # ones commands go to. Those that have not yet wait in `unproven`.
-        self.sessions: dict[tuple[uuid.UUID, str], Session] = {}
-        self.unproven: set[Session] = set()
-        self.commands: Commands | None = None
+        self._table: SessionTable[Session] = sessions if sessions is not None else SessionTable()
+        self._commands = commands
+        self._ownership: Ownership = ownership if ownership is not None else AlonePeers()
+        self._on_worker = on_worker
         self._log = ThrottledLog(log)
         self._tasks: trio.Nursery | None = None
         self._in_flight_bytes = 0  # over all sessions
         self._room = trio.Event()  # set (and replaced) whenever some is freed
-        # Called with (agent id, worker id, "connected" | "disconnected").
-        self.on_worker: Callable[[uuid.UUID, str, str], None] | None = None
-        self.registry: Registry = Registry(stats)
 
-    def lost(self, agent_id: uuid.UUID, worker_id: str) -> None:
-        """Another replica owns this worker's session now: close ours (4002)."""
-        session = self.sessions.get((agent_id, worker_id))
-        if session is not None:
-            session.kick(CloseCode.REPLACED)
+    async def run(
+        self,
+        *,
+        shutdown: trio.Event | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The endpoint's own tasks: buffering event batches, and the idle sweep.
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The endpoint's own tasks: buffering event batches, and the idle sweep."""
+        Once ``shutdown`` is set, every session is closed 1001 (agents
+        reconnect to another brain) and this returns when they are gone and
+        the batches they sent are in the buffer or refused.
+        """
         async with trio.open_nursery() as nursery:
             self._tasks = nursery
-            nursery.start_soon(self._sweep_idle)
+            sweep = trio.CancelScope()
+            nursery.start_soon(self._sweep_idle, sweep)
             task_status.started()
+            if shutdown is None:
+                return
+            await shutdown.wait()
+            # Their connections end on HTTP's tasks; one still in its
+            # handshake joins the table later, and is closed on the next look.
+            while self._table.every_session():
+                self._table.close_all(CloseCode.GOING_AWAY)
+                await trio.sleep(SESSIONS_GONE_POLL_SECONDS)
+            sweep.cancel()
 
-    async def _sweep_idle(self) -> None:
+    async def _sweep_idle(self, scope: trio.CancelScope) -> None:
         """Close sessions with no frame for three heartbeat intervals (4408).
 
         One task for all sessions instead of a timer per connection; checked
         every half interval, so a silent agent goes after 3 to 3.5 intervals.
         """
         interval = self._config.ws_heartbeat_interval_seconds
-        while True:
-            await trio.sleep(interval / 2)
-            cutoff = trio.current_time() - 3 * interval
-            for session in self.every_session():
-                if session.last_frame < cutoff:
-                    session.kick(CloseCode.IDLE)
+        with scope:
+            while True:
+                await trio.sleep(interval / 2)
+                cutoff = trio.current_time() - 3 * interval
+                for session in self.every_session():
+                    if session.last_frame < cutoff:
+                        session.kick(CloseCode.IDLE)
+
+    @property
+    def sessions(self) -> dict[tuple[uuid.UUID, str], Session]:
+        """Sessions that proved the signing key, by (agent, worker): the only
+        ones commands go to. Those that have not yet wait in ``unproven``."""
+        return self._table.sessions
+
+    @property
+    def unproven(self) -> set[Session]:
+        return self._table.unproven
 
     def every_session(self) -> list[Session]:
         """The open sessions, proven or not."""
-        return [*self.sessions.values(), *self.unproven]
-
-    def close_all(self, code: int = CloseCode.GOING_AWAY) -> None:
-        """Close every session (at shutdown: agents reconnect elsewhere)."""
-        for session in self.every_session():
-            session.kick(code)
+        return self._table.every_session()
 
     def sessions_of(self, agent_id: uuid.UUID) -> list[Session]:
-        return [s for (a, _), s in self.sessions.items() if a == agent_id]
-
-    async def close_revoked(self) -> int:
-        """Close the sessions of agents revoked since they connected (4003).
-
-        Revocation may happen in another process (``z4j agent revoke``), so
-        the command sweep calls this every second; returns sessions closed.
-        """
-        closed = 0
-        for agent_id in {s.agent.id for s in self.every_session()}:
-            agent = await self._store.find_agent(str(agent_id))
-            if agent is None or agent.revoked:
-                for session in self.every_session():
-                    if session.agent.id == agent_id:
-                        session.kick(CloseCode.REVOKED)
-                        closed += 1
-        if closed:
-            log.info("closed %d sessions of revoked agents", closed)
-        return closed
+        return self._table.sessions_of(agent_id)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         """The ASGI-style handler for ``/ws/agent``."""
@@ -301,12 +326,12 @@ class AgentEndpoint:
             # A replaced session must not mark its successor's worker gone.
             if self.sessions.get(key) is session:
                 del self.sessions[key]
-                if self.on_worker is not None:
-                    self.on_worker(agent.id, session.worker_id, "disconnected")
+                if self._on_worker is not None:
+                    self._on_worker(agent.id, session.worker_id, "disconnected")
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
                     try:
                         if session.fencing_token is not None:
-                            await self.registry.release(
+                            await self._ownership.release(
                                 agent.id, session.worker_id, session.fencing_token
                             )
                         await self._store.worker_disconnected(
@@ -400,10 +425,10 @@ class AgentEndpoint:
             old.kick(CloseCode.REPLACED)
         session.hello = None
         self.sessions[key] = session
-        if self.on_worker is not None:
-            self.on_worker(agent.id, worker_id, "connected")
+        if self._on_worker is not None:
+            self._on_worker(agent.id, worker_id, "connected")
         try:
-            session.fencing_token = await self.registry.acquire(agent.id, worker_id)
+            session.fencing_token = await self._ownership.acquire(agent.id, worker_id)
             await self._store.worker_connected(
                 agent.id,
                 worker_id,
@@ -412,8 +437,8 @@ class AgentEndpoint:
                 instance_id=self._instance_id,
                 at=time.time(),
             )
-            if self.commands is not None:
-                await self.commands.session_opened(agent.id)
+            if self._commands is not None:
+                await self._commands.session_opened(agent.id)
         except Exception as exc:
             # The store failed under us: the worker row and waiting
             # commands catch up later (the sweep); events flow now.
@@ -543,14 +568,16 @@ class AgentEndpoint:
                 updated=list(payload.updated),
             )
         elif isinstance(payload, f.CommandAck | f.CommandResult):
-            if self.commands is None:
+            if self._commands is None:
                 return
             if isinstance(payload, f.CommandAck):
-                taken = await self.commands.acknowledged(
+                taken = await self._commands.acknowledged(
                     frame.id, agent.id, session.worker_id, payload
                 )
             else:
-                taken = await self.commands.answered(frame.id, agent.id, session.worker_id, payload)
+                taken = await self._commands.answered(
+                    frame.id, agent.id, session.worker_id, payload
+                )
             if not taken:
                 # Not fatal: the agent's own commands on this connection go on.
                 await session.send(

@@ -1,20 +1,31 @@
-"""The supervisor: one root nursery that runs a whole brain.
+"""The composition root: build every service, nest their nurseries, report.
+
+It only assembles. Each service is finished when its constructor returns:
+hooks are constructor arguments, and where two services would need each
+other they are both handed one small object from `z4j.links` built first
+(tests/test_wiring.py holds the rules).
 
 Start order follows dependencies, each step through ``nursery.start`` so
 that it returns only once the service can serve:
 
-    buffer (opened) → group-commit writer → store migrations (retried in
-    the background until the store answers) → drains → ingest server →
-    HTTP → heartbeat → maintenance (partitions, retention) → report
+    store migrations (retried in the background until the store answers)
+    → group-commit writer → drains → ingest server → agent endpoint →
+    command sweep → registry → HTTP → heartbeat → maintenance → report
     addresses.
 
 Any child failing cancels the tree. A graceful stop (``shutdown`` set) runs
-in reverse, under a deadline of Z4J_SHUTDOWN_GRACE_SECONDS:
+from the inside out, because that is how the nurseries nest (as hypercorn
+nests lifespan ⊃ server ⊃ accept), under a deadline of
+Z4J_SHUTDOWN_GRACE_SECONDS:
 
-    stop accepting ingest, let connections answer what they hold → the
-    writer commits what is queued → drains finish the batch in hand (rows
-    not drained stay in the buffer file for the next start) → last
-    heartbeat → HTTP stops → cancel whatever is left.
+    heartbeat layer ⊃ drain layer ⊃ writer layer ⊃ producers
+
+    producers stop on ``shutdown``: ingest stops accepting and connections
+    answer what they hold, agents get 1001, HTTP requests in flight finish
+    → the writer commits what they queued → drains finish the batch in hand
+    (rows not drained stay in the buffer file for the next start) → last
+    heartbeat (``stopped_at``) → the rest (sweep, registry, maintenance) is
+    cancelled.
 
 Nothing acknowledged can be lost on any of these paths, graceful or not:
 an acknowledgement is only ever sent after its rows are committed in the
@@ -23,6 +34,7 @@ buffer file, and rows leave that file only after the store has them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -30,38 +42,36 @@ import socket
 import sys
 import time
 import uuid
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import attrs
-import orjson
 import trio
 
 from . import keys
 from ._datadir import SqliteBrainLock, check_single_brain
 from ._fds import with_descriptor_caps
-from .agent_endpoint import AgentEndpoint
+from ._net import open_tcp_socket
+from .agent_endpoint import AgentEndpoint, Session
 from .api import Api
 from .auth import Auth
-from .buffer import Buffer, ClaimedRow
+from .buffer import Buffer
 from .commands import Commands
 from .config import Config, ConfigError, is_loopback_bind
-from .dashboard_hub import SAMPLE_SIZE, DashboardHub
+from .dashboard_hub import DashboardHub
 from .drain import Drainer
-from .events import EventRow, event_rows
 from .heartbeat import Heartbeat
 from .http import HealthChecks, HttpStats, Pages, build_app, serve_http, tls_context
-from .ingest_server import IngestServer, open_tcp_socket
+from .ingest_server import IngestServer
+from .links import CommandSignals, DashboardOutbox, SessionTable
 from .maintenance import Maintenance
 from .metrics import brain_registry, render
-from .registry import Registry, registry_for
+from .registry import registry_for, replicated
 from .resources import to_json
 from .stats import BrainStats
 from .store import Store, StoreUnavailable, store_for
+from .store import health_checks as store_health_checks
 from .store.base import InstanceInfo
-from .store.postgres import PostgresStore
 
 __all__ = ["Brain", "serve_brain"]
 
@@ -158,24 +168,43 @@ async def serve_brain(
         if brain_lock is not None:
             brain_lock.release()
         raise
-    store = store_for(config, application_name=f"z4j-{instance_id.hex[:8]}")
-    store.observe_query = stats.db_query_seconds.observe
+    store = store_for(
+        config,
+        application_name=f"z4j-{instance_id.hex[:8]}",
+        observe_query=stats.db_query_seconds.observe,
+    )
+    shutdown = shutdown if shutdown is not None else trio.Event()  # None: until cancelled
     try:
-        async with trio.open_nursery() as nursery:
+        # Tasks with nothing to hand over (migrations, the command sweep, the
+        # registry, maintenance) run here and are cancelled last.
+        async with trio.open_nursery() as support:
             store_ready = trio.Event()
-            http_shutdown = trio.Event()
+            support.start_soon(_migrate_until_ready, store, store_ready)
+            support.start_soon(_grace_deadline, shutdown, config, support.cancel_scope)
 
-            writer_done = trio.Event()
-
-            async def run_writer(task_status: trio.TaskStatus[None]) -> None:
-                try:
-                    await buffer.run_writer(task_status=task_status)
-                finally:
-                    writer_done.set()
-
-            await nursery.start(run_writer)
-            nursery.start_soon(_migrate_until_ready, store, store_ready)
-
+            # The links first: each is handed to both sides of a meeting
+            # that would otherwise make two services hold each other.
+            sessions: SessionTable[Session] = SessionTable()
+            signals = CommandSignals()
+            outbox = DashboardOutbox() if replicated(config, store.pool) else None
+            auth = Auth(store, keys.master_secret(config))
+            hub = DashboardHub(
+                stats,
+                auth,
+                instance_id=str(instance_id),
+                relay=None if outbox is None else outbox.put,
+            )
+            registry = registry_for(
+                config,
+                store.pool,
+                stats,
+                instance_id=instance_id,
+                store_ready=store_ready,
+                sessions=sessions,
+                signals=signals,
+                on_dashboard=hub.publish_local,
+                outbox=outbox,
+            )
             drainer = Drainer(
                 buffer,
                 store,
@@ -184,148 +213,143 @@ async def serve_brain(
                 lease_seconds=config.drain_lease_seconds,
                 store_ready=store_ready,
                 linger_seconds=config.drain_linger_ms / 1000,
+                on_stored=functools.partial(hub.publish_stored, buffer.buffer_id),
             )
-            for worker in range(config.drain_workers):
-                await nursery.start(drainer.run, worker)
-
             ingest = IngestServer(config, buffer, stats)
-            ingest_done = trio.Event()
-
-            async def run_ingest(task_status: trio.TaskStatus[tuple[str, int]]) -> None:
-                try:
-                    await ingest.serve(ingest_sock, task_status=task_status)
-                finally:
-                    ingest_done.set()
-
-            ingest_address = await nursery.start(run_ingest)
-
-            health = _health_checks(store, store_ready, buffer)
-            http_stats = HttpStats()
-            metrics_registry = brain_registry(
-                stats,
-                buffer,
-                instance_id=str(instance_id),
-                pool_statistics=store.pool.statistics if isinstance(store, PostgresStore) else None,
-                http_stats=http_stats,
+            commands = Commands(
+                store,
+                stats=stats,
+                master_secret=keys.master_secret(config),
+                sessions=sessions,
+                signals=signals,
+                replicas=registry,
+                on_change=lambda record: hub.publish(
+                    {"type": "command", "command": to_json(record)}
+                ),
             )
             agents = AgentEndpoint(
-                config, store, buffer, stats, instance_id=instance_id, store_ready=store_ready
-            )
-            await nursery.start(agents.run)
-            commands = Commands(store, stats=stats, master_secret=keys.master_secret(config))
-            commands.sessions = agents
-            agents.commands = commands
-            await nursery.start(commands.run_sweeper, store_ready)
-            auth = Auth(store, keys.master_secret(config))
-            api = Api(store, commands, auth)
-            hub = DashboardHub(stats, auth, instance_id=str(instance_id))
-            _feed_dashboard(hub, buffer.buffer_id, drainer, commands, agents)
-            registry = registry_for(
                 config,
-                store.pool if isinstance(store, PostgresStore) else None,
+                store,
+                buffer,
                 stats,
                 instance_id=instance_id,
                 store_ready=store_ready,
+                sessions=sessions,
+                commands=commands,
+                ownership=registry,
+                on_worker=lambda agent_id, worker_id, state: hub.publish(
+                    {
+                        "type": "agent",
+                        "agent_id": str(agent_id),
+                        "worker_id": worker_id,
+                        "state": state,
+                    }
+                ),
             )
-            _join_registry(registry, agents, commands, hub, health)
-            await nursery.start(registry.run)
-            http_done = trio.Event()
-
-            async def run_http(task_status: trio.TaskStatus[tuple[str, int]]) -> None:
-                try:
-                    await serve_http(
-                        config,
-                        build_app(
-                            health,
-                            metrics=functools.partial(render, metrics_registry),
-                            api=api,
-                            auth=auth,
-                            pages=_dashboard_pages(auth),
-                        ),
-                        shutdown=http_shutdown,
-                        stats=http_stats,
-                        websockets={"/ws/agent": agents, "/ws/dashboard": hub},
-                        sock=http_sock,
-                        task_status=task_status,
-                    )
-                finally:
-                    http_done.set()
-
-            http_address = await nursery.start(run_http)
-            scheme = "http" if config.tls_cert_file is None else "https"
-            sign_in_url = f"{scheme}://{_url_host(config.http_bind, http_address)}/login"
-            nursery.start_soon(_announce_admin_token, auth, store_ready, config, sign_in_url)
-
-            info = InstanceInfo(
-                id=instance_id,
-                name=config.instance_name or f"{socket.gethostname()}:{os.getpid()}",
-                host=socket.gethostname(),
-                pid=os.getpid(),
-                buffer_id=buffer.buffer_id,
-                started_at=time.time(),
-                last_seen=time.time(),
+            health = HealthChecks(
+                {
+                    **store_health_checks(store, store_ready),
+                    **buffer.health_checks(),
+                    **registry.health_checks(),
+                }
+            )
+            http_stats = HttpStats()
+            app = build_app(
+                health,
+                metrics=functools.partial(
+                    render,
+                    brain_registry(
+                        stats,
+                        buffer,
+                        instance_id=str(instance_id),
+                        pool_statistics=None if store.pool is None else store.pool.statistics,
+                        http_stats=http_stats,
+                    ),
+                ),
+                api=Api(store, commands, auth),
+                auth=auth,
+                pages=_dashboard_pages(auth),
             )
             heartbeat = Heartbeat(
                 store,
                 buffer,
                 stats,
-                info,
+                _instance_info(config, instance_id, buffer),
                 interval=config.heartbeat_seconds,
                 store_ready=store_ready,
+                on_beat=lambda info: hub.publish({"type": "instance", "instance": to_json(info)}),
             )
-            heartbeat_scope = trio.CancelScope()
-
-            async def run_heartbeat(task_status: trio.TaskStatus[None]) -> None:
-                with heartbeat_scope:
-                    await heartbeat.run(task_status=task_status)
-
-            heartbeat.on_beat = lambda info: hub.publish(
-                {"type": "instance", "instance": to_json(info)}
-            )
-            await nursery.start(run_heartbeat)
             maintenance = Maintenance(
                 store,
                 retention_days=config.event_retention_days,
                 store_ready=store_ready,
                 is_leader=lambda: registry.is_leader,
             )
-            await nursery.start(maintenance.run)
+            if registry.backend != "local":
+                log.info(
+                    "registry: %s (sessions, commands and the dashboard cross replicas)",
+                    registry.backend,
+                )
 
-            brain = Brain(
-                ingest=ingest_address, http=http_address, instance_id=instance_id, commands=commands
-            )
-            log.info(
-                "brain %s ready: ingest %s:%d, http %s:%d, store %s, buffer %s",
-                instance_id,
-                *ingest_address,
-                *http_address,
-                store.kind,
-                config.resolved_buffer_path,
-            )
-            task_status.started(brain)
-
-            if shutdown is None:
-                return  # run until cancelled; the children keep the nursery open
-            await shutdown.wait()
-            log.info("graceful shutdown: %g s to finish", config.shutdown_grace_seconds)
-            with trio.move_on_after(config.shutdown_grace_seconds) as deadline:
-                # Producers first (agents get 1001, HTTP requests in flight
-                # finish), so the buffer's last commits are theirs.
-                ingest.stop_accepting()
-                agents.close_all()  # 1001: agents reconnect to another brain
-                http_shutdown.set()
-                await ingest_done.wait()
-                await http_done.wait()
-                buffer.close_writer()
-                await writer_done.wait()
-                drainer.stop()
-                await drainer.all_stopped.wait()
-                heartbeat_scope.cancel()
-                if store_ready.is_set():
-                    await heartbeat.beat(stopped=True)
-            if deadline.cancelled_caught:
-                log.warning("graceful shutdown ran past its deadline; cancelling the rest")
-            nursery.cancel_scope.cancel()
+            # The nesting is the graceful order: each layer is told to stop
+            # when the block inside it has ended. Producers stop on
+            # `shutdown` (ingest answers what it holds, agents get 1001, HTTP
+            # requests in flight finish) -> the writer commits what they
+            # queued -> drains finish the batch in hand -> the last heartbeat.
+            async with (
+                _layer() as (beating, heartbeat_stop),  # stops last
+                _layer() as (draining, drain_stop),
+                _layer() as (writing, writer_stop),
+                trio.open_nursery() as producers,  # stops first, on `shutdown`
+            ):
+                # Started in dependency order, each once it can serve.
+                await writing.start(functools.partial(buffer.serve_writer, shutdown=writer_stop))
+                await draining.start(
+                    functools.partial(drainer.serve, config.drain_workers, shutdown=drain_stop)
+                )
+                ingest_address = await producers.start(
+                    functools.partial(ingest.serve, ingest_sock, shutdown=shutdown)
+                )
+                await producers.start(functools.partial(agents.run, shutdown=shutdown))
+                await support.start(commands.run_sweeper, store_ready)
+                await support.start(registry.run)
+                http_address = await producers.start(
+                    functools.partial(
+                        serve_http,
+                        config,
+                        app,
+                        shutdown=shutdown,
+                        stats=http_stats,
+                        websockets={"/ws/agent": agents, "/ws/dashboard": hub},
+                        sock=http_sock,
+                    )
+                )
+                support.start_soon(
+                    _announce_admin_token,
+                    auth,
+                    store_ready,
+                    config,
+                    _sign_in_url(config, http_address),
+                )
+                await beating.start(functools.partial(heartbeat.serve, shutdown=heartbeat_stop))
+                await support.start(maintenance.run)
+                log.info(
+                    "brain %s ready: ingest %s:%d, http %s:%d, store %s, buffer %s",
+                    instance_id,
+                    *ingest_address,
+                    *http_address,
+                    store.kind,
+                    config.resolved_buffer_path,
+                )
+                task_status.started(
+                    Brain(
+                        ingest=ingest_address,
+                        http=http_address,
+                        instance_id=instance_id,
+                        commands=commands,
+                    )
+                )
+            support.cancel_scope.cancel()
     finally:
         # Closed by their servers once handed over; these cover a start cut short.
         ingest_sock.close()
@@ -338,82 +362,48 @@ async def serve_brain(
         log.info("brain %s stopped", instance_id)
 
 
-def _join_registry(
-    registry: Registry,
-    agents: AgentEndpoint,
-    commands: Commands,
-    hub: DashboardHub,
-    health: HealthChecks,
-) -> None:
-    """Connect the services that cross replicas to the registry (no-ops when local)."""
-    agents.registry = commands.registry = registry
-    registry.on_lost = agents.lost
-    registry.on_command = commands.deliver_soon
-    registry.on_finished = commands.finished_elsewhere
-    registry.on_dashboard = hub.publish_local
-    if registry.backend == "local":
-        return
-    hub.relay = registry.relay
-
-    async def listener_check() -> str | None:
-        return None if registry.listening else "not listening for notifications (reconnecting)"
-
-    health.add("listener", listener_check)
-    log.info("registry: %s (sessions, commands and the dashboard cross replicas)", registry.backend)
-
-
-SAMPLED_ROWS = 50  # buffered payloads per drained batch looked into for the feed
-
-
-def _sample_rows(buffer_id: uuid.UUID, rows: Sequence[ClaimedRow]) -> Iterator[EventRow]:
-    """The event rows of ``rows``, skipping payloads the drain quarantined."""
-    for row in rows:
+@contextlib.asynccontextmanager
+async def _layer() -> AsyncIterator[tuple[trio.Nursery, trio.Event]]:
+    """A nursery whose services are told to stop (the event) once the block
+    inside it has ended, and which then waits for them to hand over: layers
+    nested in one another stop from the inside out."""
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
         try:
-            yield from list(event_rows(buffer_id, [row]))
-        except ValueError:  # unparseable: it went to dead_letter, not the store
-            continue
+            yield nursery, stop
+        finally:
+            stop.set()
 
 
-def _feed_dashboard(
-    hub: DashboardHub,
-    buffer_id: uuid.UUID,
-    drainer: Drainer,
-    commands: Commands,
-    agents: AgentEndpoint,
+async def _grace_deadline(
+    shutdown: trio.Event, config: Config, everything: trio.CancelScope
 ) -> None:
-    """Point the producers' hooks at the dashboard hub (each a no-op unwatched)."""
+    """Once ``shutdown`` is set, give the graceful stop its deadline
+    (Z4J_SHUTDOWN_GRACE_SECONDS), then cancel whatever is left."""
+    await shutdown.wait()
+    log.info("graceful shutdown: %g s to finish", config.shutdown_grace_seconds)
+    await trio.sleep(config.shutdown_grace_seconds)
+    log.warning("graceful shutdown ran past its deadline; cancelling the rest")
+    everything.cancel()
 
-    def stored(rows: Sequence[ClaimedRow], records: int) -> None:
-        if not hub.has_subscribers:
-            return
-        # Kinds and the sample come from the batch's first rows only: the
-        # Trio thread must not parse every stored record a second time.
-        kinds: Counter[str] = Counter()
-        sample: list[dict[str, Any]] = []
-        for at, key, source, kind, body, _, agent, worker in _sample_rows(
-            buffer_id, rows[:SAMPLED_ROWS]
-        ):
-            kinds[kind] += 1
-            if len(sample) < SAMPLE_SIZE:
-                sample.append(
-                    {
-                        "key": key.hex(),
-                        "received_at": at.isoformat(),
-                        "source": source,
-                        "kind": kind,
-                        "agent_id": None if agent is None else str(uuid.UUID(bytes=agent)),
-                        "worker_id": worker,
-                        "body": orjson.loads(body),
-                    }
-                )
-        sample.reverse()  # newest first
-        hub.publish({"type": "events", "count": records, "kinds": dict(kinds), "sample": sample})
 
-    drainer.on_stored = stored
-    commands.on_change = lambda record: hub.publish({"type": "command", "command": to_json(record)})
-    agents.on_worker = lambda agent_id, worker_id, state: hub.publish(
-        {"type": "agent", "agent_id": str(agent_id), "worker_id": worker_id, "state": state}
+def _instance_info(config: Config, instance_id: uuid.UUID, buffer: Buffer) -> InstanceInfo:
+    """This process's row in ``instances``."""
+    now = time.time()
+    return InstanceInfo(
+        id=instance_id,
+        name=config.instance_name or f"{socket.gethostname()}:{os.getpid()}",
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        buffer_id=buffer.buffer_id,
+        started_at=now,
+        last_seen=now,
     )
+
+
+def _sign_in_url(config: Config, http_address: tuple[str, int]) -> str:
+    scheme = "http" if config.tls_cert_file is None else "https"
+    return f"{scheme}://{_url_host(config.http_bind, http_address)}/login"
 
 
 def _url_host(bind: str, address: tuple[str, int]) -> str:
@@ -519,33 +509,3 @@ def check_bind_is_safe(config: Config) -> None:
             "Z4J_INGEST_TOKEN (clients send its hash on every frame) before serving on it, "
             "or Z4J_INGEST_ALLOW_NO_TOKEN=true to accept events from anyone who can connect"
         )
-
-
-def _health_checks(store: Store, store_ready: trio.Event, buffer: Buffer) -> HealthChecks:
-    health = HealthChecks()
-
-    async def store_check() -> str | None:
-        if not store_ready.is_set():
-            return "store not reachable yet (migrations pending)"
-        await store.check()
-        return None
-
-    async def buffer_check() -> str | None:
-        stats = buffer.statistics()
-        if buffer.full:
-            return f"buffer full ({stats.depth} of {stats.max_rows} rows)"
-        return None
-
-    health.add("store", store_check)
-    health.add("buffer", buffer_check)
-    if isinstance(store, PostgresStore):
-        pool = store.pool
-
-        async def pool_check() -> str | None:
-            stats = pool.statistics()
-            if stats.in_use >= stats.size and stats.waiting:
-                return f"pool exhausted: {stats.in_use} of {stats.size} in use, {stats.waiting} waiting"
-            return None
-
-        health.add("pool", pool_check)
-    return health

@@ -38,7 +38,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -534,6 +534,17 @@ class Buffer:
             request.error = error
             request.done.set()
 
+    async def serve_writer(
+        self, *, shutdown: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The writer as a service: once ``shutdown`` is set, commit what is
+        queued and return (appends after that are refused)."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.run_writer)
+            task_status.started()
+            await shutdown.wait()
+            self.close_writer()
+
     def close_writer(self) -> None:
         """No more appends: the writer finishes what is queued, then returns."""
         self._closed = True
@@ -568,6 +579,17 @@ class Buffer:
             await self._rows_arrived.park()
 
     # -- observation --------------------------------------------------------------
+
+    def health_checks(self) -> dict[str, Callable[[], Awaitable[str | None]]]:
+        """For /health/ready: a full buffer refuses ingest."""
+
+        async def buffer_check() -> str | None:
+            if self.full:
+                stats = self.statistics()
+                return f"buffer full ({stats.depth} of {stats.max_rows} rows)"
+            return None
+
+        return {"buffer": buffer_check}
 
     def statistics(self) -> BufferStatistics:
         return BufferStatistics(

@@ -39,11 +39,12 @@ from typing import Any, Literal
 
 import trio
 
+from .links import AlonePeers, CommandSignals, LiveSession, LiveSessions, Replicas, SessionTable
 from .protocol.agent import frames as f
 from .protocol.agent.untrusted import loggable
-from .registry import Registry
+from .protocol.close import CloseCode
 from .stats import BrainStats, ThrottledLog
-from .store.base import FINAL_COMMAND_STATES, CommandRecord, Store
+from .store.base import FINAL_COMMAND_STATES, Agent, CommandRecord, Store
 
 __all__ = ["SWEEP_SECONDS", "CommandError", "Commands", "claim_token"]
 
@@ -78,22 +79,30 @@ class Commands:
         stats: BrainStats | None = None,
         clock: Callable[[], float] = time.time,
         master_secret: bytes | None = None,
+        sessions: LiveSessions | None = None,
+        signals: CommandSignals | None = None,
+        replicas: Replicas | None = None,
+        on_change: Callable[[CommandRecord], None] | None = None,
     ) -> None:
         """``master_secret``: the brain's (replicas share it, so any of them can
-        check a claim token); a random one when not given (one process only)."""
+        check a claim token); a random one when not given (one process only).
+        ``sessions``: the live agent sessions commands go to (none: a tool
+        that only mints). ``signals``: wake-ups from other replicas.
+        ``on_change``: called with the record after it is created and after
+        every transition (the dashboard's feed)."""
         self._store = store
         self._claim_key = claim_key(master_secret or secrets.token_bytes(32))
         self._stats = stats if stats is not None else BrainStats()
         self._clock = clock
-        self.sessions: Any = None  # the AgentEndpoint: live sessions by (agent, worker)
-        self._sent: dict[uuid.UUID, Any] = {}  # command id -> session it went to
-        self._finished: dict[uuid.UUID, trio.Event] = {}
+        self.sessions: LiveSessions = (
+            sessions if sessions is not None else SessionTable[LiveSession]()
+        )
+        self._signals = signals if signals is not None else CommandSignals()
+        self._replicas: Replicas = replicas if replicas is not None else AlonePeers()
+        self._on_change = on_change
+        self._sent: dict[uuid.UUID, LiveSession] = {}  # command id -> session it went to
+        self._finished = self._signals.finished
         self._log = ThrottledLog(log)
-        # Called with the record after it is created and after every transition.
-        self.on_change: Callable[[CommandRecord], None] | None = None
-        self.registry: Registry = Registry(self._stats)
-        self._wanted: set[uuid.UUID] = set()  # agents to deliver to at once
-        self._wake = trio.Event()
 
     # -- minting -------------------------------------------------------------------
 
@@ -142,23 +151,11 @@ class Commands:
         self._changed(record)
         if not await self.deliver(record):
             # Another replica may hold a worker of this agent: tell them all.
-            forwarded = await self.registry.command_minted(record.agent_id)
+            forwarded = await self._replicas.command_minted(record.agent_id)
             self._stats.command_dispatch["forwarded" if forwarded else "no_session"] += 1
         return record
 
-    def deliver_soon(self, agent_id: uuid.UUID) -> None:
-        """Deliver ``agent_id``'s waiting commands to its workers here, soon (from a
-        notification; the nil UUID means every agent's)."""
-        self._wanted.add(agent_id)
-        self._wake.set()
-
-    def finished_elsewhere(self, command_id: uuid.UUID) -> None:
-        """Another replica recorded a final state: wake our waiters."""
-        event = self._finished.get(command_id)
-        if event is not None:
-            event.set()
-
-    async def _find_agent(self, agent: uuid.UUID | str, project: str | None) -> Any:
+    async def _find_agent(self, agent: uuid.UUID | str, project: str | None) -> Agent:
         project_id = None
         if project is not None:
             found_project = await self._store.find_project(project)
@@ -209,9 +206,7 @@ class Commands:
 
     # -- delivery --------------------------------------------------------------------
 
-    def _pick_session(self, record: CommandRecord) -> Any:
-        if self.sessions is None:
-            return None
+    def _pick_session(self, record: CommandRecord) -> LiveSession | None:
         live = self.sessions.sessions_of(record.agent_id)
         worker = record.target.get("worker_id")
         role = record.target.get("role") or record.target.get("worker_role")
@@ -230,9 +225,9 @@ class Commands:
         worker that reconnected is a new session and gets it again.
         """
         previous = self._sent.get(record.id)
-        if previous is None or self.sessions is None:
+        if previous is None:
             return False
-        return bool(self.sessions.sessions.get((record.agent_id, previous.worker_id)) is previous)
+        return self.sessions.sessions.get((record.agent_id, previous.worker_id)) is previous
 
     async def deliver(self, record: CommandRecord) -> bool:
         """Send a pending command to a live worker of its agent, if there is one.
@@ -351,19 +346,19 @@ class Commands:
         if record is not None:
             self._changed(record)
             if record.state in FINAL_COMMAND_STATES:
-                await self.registry.command_finished(record.id)
+                await self._replicas.command_finished(record.id)
         return record
 
     def _changed(self, record: CommandRecord) -> None:
-        if self.on_change is not None:
-            self.on_change(record)
+        if self._on_change is not None:
+            self._on_change(record)
 
     # -- the sweep ----------------------------------------------------------------------
 
     async def sweep_once(self) -> None:
         now = self._clock()
         # Timeouts are the leader's (every replica would race for them).
-        overdue = await self._store.overdue_commands(now=now) if self.registry.is_leader else []
+        overdue = await self._store.overdue_commands(now=now) if self._replicas.is_leader else []
         for record in overdue:
             done = await self._transition(
                 record.id,
@@ -375,11 +370,19 @@ class Commands:
             )
             if done is not None:
                 self._finish(record.id)
-        if self.sessions is not None and self.sessions.every_session():
-            await self.sessions.close_revoked()
+        if self.sessions.every_session():
+            closed = await self.sessions.close_revoked(self._is_revoked, CloseCode.REVOKED)
+            if closed:
+                log.info("closed %d sessions of revoked agents", closed)
             for record in await self._store.open_commands(None):
                 if await self.deliver(record):
                     self._stats.sweep_deliveries += 1
+
+    async def _is_revoked(self, agent_id: uuid.UUID) -> bool:
+        """Revocation may happen in another process (``z4j agent revoke``),
+        so the sweep asks the store every second."""
+        agent = await self._store.find_agent(str(agent_id))
+        return agent is None or agent.revoked
 
     async def run_sweeper(
         self,
@@ -391,11 +394,12 @@ class Commands:
         await store_ready.wait()
         next_sweep = trio.current_time()
         while True:
+            signals = self._signals
             with trio.move_on_at(next_sweep):
-                await self._wake.wait()
+                await signals.wake.wait()
             try:
-                if self._wake.is_set():  # a notification: just those agents
-                    self._wake = trio.Event()
+                if signals.wake.is_set():  # a notification: just those agents
+                    signals.wake = trio.Event()
                     await self._deliver_wanted()
                 if trio.current_time() >= next_sweep:
                     next_sweep = trio.current_time() + SWEEP_SECONDS
@@ -404,9 +408,7 @@ class Commands:
                 self._log.warning("sweep", "command sweep failed, will retry: %s", exc)
 
     async def _deliver_wanted(self) -> None:
-        wanted, self._wanted = self._wanted, set()
-        if self.sessions is None:
-            return
+        wanted, self._signals.wanted = self._signals.wanted, set()
         everyone = uuid.UUID(int=0) in wanted
         for agent_id in {a for a, _ in self.sessions.sessions}:
             if everyone or agent_id in wanted:

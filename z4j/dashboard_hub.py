@@ -29,8 +29,9 @@ replica (SQLite or Postgres alike: the store is the one truth).
 from __future__ import annotations
 
 import logging
-from collections import deque
-from collections.abc import Awaitable, Callable
+import uuid
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -38,6 +39,9 @@ import orjson
 import trio
 
 from .auth import Auth, Principal, credentials, header, same_origin
+from .buffer import ClaimedRow
+from .events import EventRow, event_rows
+from .links import SAMPLE_SIZE, merge_events
 from .protocol.close import CloseCode
 from .stats import BrainStats
 from .store.base import StoreUnavailable
@@ -47,7 +51,7 @@ __all__ = ["DashboardHub", "merge_events"]
 log = logging.getLogger("z4j.dashboard")
 
 QUEUE_SIZE = 256
-SAMPLE_SIZE = 20
+SAMPLED_ROWS = 50  # buffered payloads per drained batch looked into for the feed
 RECHECK_SECONDS = 1.0
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -72,25 +76,55 @@ class DashboardHub:
         *,
         instance_id: str,
         recheck_seconds: float = RECHECK_SECONDS,
+        relay: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
+        """``relay``: hands messages made here to other replicas (None: alone)."""
         self._stats = stats
         self._auth = auth
         self._recheck_seconds = recheck_seconds
         self._instance_id = instance_id
         self._subscribers: set[_Subscriber] = set()
-        # Set by the brain on replicas: hands our messages to the registry.
-        self.relay: Callable[[dict[str, Any]], None] | None = None
+        self._relay = relay
 
     @property
     def has_subscribers(self) -> bool:
         """Does anyone want messages: a subscriber here, or other replicas?"""
-        return bool(self._subscribers) or self.relay is not None
+        return bool(self._subscribers) or self._relay is not None
 
     def publish(self, message: dict[str, Any]) -> None:
         """A change made here: to other replicas (if relayed) and to our subscribers."""
-        if self.relay is not None:
-            self.relay(message)
+        if self._relay is not None:
+            self._relay(message)
         self.publish_local(message)
+
+    def publish_stored(
+        self, buffer_id: uuid.UUID, rows: Sequence[ClaimedRow], records: int
+    ) -> None:
+        """A drained batch: its count, kinds and a small sample (the drain's hook)."""
+        if not self.has_subscribers:
+            return
+        # Kinds and the sample come from the batch's first rows only: the
+        # Trio thread must not parse every stored record a second time.
+        kinds: Counter[str] = Counter()
+        sample: list[dict[str, Any]] = []
+        for at, key, source, kind, body, _, agent, worker in _sample_rows(
+            buffer_id, rows[:SAMPLED_ROWS]
+        ):
+            kinds[kind] += 1
+            if len(sample) < SAMPLE_SIZE:
+                sample.append(
+                    {
+                        "key": key.hex(),
+                        "received_at": at.isoformat(),
+                        "source": source,
+                        "kind": kind,
+                        "agent_id": None if agent is None else str(uuid.UUID(bytes=agent)),
+                        "worker_id": worker,
+                        "body": orjson.loads(body),
+                    }
+                )
+        sample.reverse()  # newest first
+        self.publish({"type": "events", "count": records, "kinds": dict(kinds), "sample": sample})
 
     def publish_local(self, message: dict[str, Any]) -> None:
         """Queue ``message`` for every subscriber here (coalescing, or dropping the slow)."""
@@ -195,14 +229,10 @@ class DashboardHub:
         await send({"type": "websocket.send", "text": orjson.dumps(message).decode()})
 
 
-def merge_events(queued: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    kinds = dict(queued["kinds"])
-    for kind, n in new["kinds"].items():
-        kinds[kind] = kinds.get(kind, 0) + n
-    sample = (new["sample"] + queued["sample"])[:SAMPLE_SIZE]  # newest first
-    return {
-        "type": "events",
-        "count": queued["count"] + new["count"],
-        "kinds": kinds,
-        "sample": sample,
-    }
+def _sample_rows(buffer_id: uuid.UUID, rows: Sequence[ClaimedRow]) -> Iterator[EventRow]:
+    """The event rows of ``rows``, skipping payloads the drain quarantined."""
+    for row in rows:
+        try:
+            yield from list(event_rows(buffer_id, [row]))
+        except ValueError:  # unparseable: it went to dead_letter, not the store
+            continue

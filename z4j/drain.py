@@ -58,7 +58,9 @@ class Drainer:
         lease_seconds: float,
         store_ready: trio.Event,
         linger_seconds: float = 0.0,
+        on_stored: Callable[[Sequence[ClaimedRow], int], None] | None = None,
     ) -> None:
+        """``on_stored``: called with each batch's rows once stored (the dashboard's feed)."""
         self._buffer = buffer
         self._store = store
         self._stats = stats
@@ -71,12 +73,9 @@ class Drainer:
         # and the GIL. Full batches go straight on.
         self._linger = linger_seconds
         self._store_ready = store_ready
-        # Called with each batch's rows once stored (the dashboard's feed).
-        self.on_stored: Callable[[Sequence[ClaimedRow], int], None] | None = None
+        self._on_stored = on_stored
         self._stopping = False
         self._idle_scopes: set[trio.CancelScope] = set()
-        self._running = 0
-        self.all_stopped = trio.Event()
         self._log = ThrottledLog(log)
 
     def stop(self) -> None:
@@ -103,10 +102,26 @@ class Drainer:
             finally:
                 self._idle_scopes.discard(scope)
 
+    async def serve(
+        self,
+        workers: int,
+        *,
+        shutdown: trio.Event,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """``workers`` drains; once ``shutdown`` is set each finishes the batch
+        in hand (rows not drained stay in the buffer for the next start) and
+        this returns when all have."""
+        async with trio.open_nursery() as nursery:
+            for worker in range(workers):
+                await nursery.start(self.run, worker)
+            task_status.started()
+            await shutdown.wait()
+            self.stop()
+
     async def run(
         self, worker: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        self._running += 1
         task_status.started()
         # While a batch is written to the store, the buffer side of the
         # neighbouring batches runs too: the next claim (`ahead`) and the
@@ -148,9 +163,6 @@ class Drainer:
                             log.warning("drain %d: buffer delete failed: %s", worker, exc)
                 while ahead:
                     await self._release(ahead.pop())
-            self._running -= 1
-            if self._running == 0:
-                self.all_stopped.set()
 
     async def _pipelined(
         self, worker: int, claim: Claim, ahead: list[Claim], stored: list[_Stored]
@@ -243,9 +255,9 @@ class Drainer:
         seconds = done.seconds + time.monotonic() - started
         stats.drain_seconds_total += seconds
         stats.drain_batch_seconds.observe(seconds)
-        if self.on_stored is not None:
+        if self._on_stored is not None:
             try:
-                self.on_stored(done.claim.rows, done.records)
+                self._on_stored(done.claim.rows, done.records)
             except Exception:  # the dashboard's feed must never stop a drain
                 log.exception("the stored-batch hook failed")
 

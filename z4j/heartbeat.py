@@ -34,12 +34,13 @@ class Heartbeat:
         *,
         interval: float,
         store_ready: trio.Event,
+        on_beat: Callable[[InstanceInfo], None] | None = None,
     ) -> None:
+        """``on_beat``: called with each beat's row once written (the dashboard's instances)."""
         self._store = store
         self._buffer = buffer
         self._stats = stats
-        # Called with each beat's row once written (the dashboard's instances).
-        self.on_beat: Callable[[InstanceInfo], None] | None = None
+        self._on_beat = on_beat
         self.info = info
         self._interval = interval
         self._store_ready = store_ready
@@ -72,8 +73,21 @@ class Heartbeat:
         except Exception as exc:
             self._log.warning("beat", "heartbeat write failed: %s", exc)
             return
-        if self.on_beat is not None:
-            self.on_beat(info)
+        if self._on_beat is not None:
+            self._on_beat(info)
+
+    async def serve(
+        self, *, shutdown: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Beat every interval; once ``shutdown`` is set, write the last beat
+        (``stopped_at``, so others see this instance gone at once) and return."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.run)
+            task_status.started()
+            await shutdown.wait()
+            nursery.cancel_scope.cancel()
+        if self._store_ready.is_set():
+            await self.beat(stopped=True)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

@@ -34,10 +34,9 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
-from ._net import REFUSAL_SLOTS, serve_listener
+from ._net import REFUSAL_SLOTS, open_tcp_socket, serve_listener
 from .auth import Auth
 from .config import Config, ConfigError, is_loopback_bind
-from .ingest_server import open_tcp_socket
 from .protocol.close import CloseCode
 from .stats import ThrottledLog
 from .websocket import Handler, serve_websocket
@@ -71,8 +70,11 @@ class HealthChecks:
     and the caller reads only ``"unavailable"``.
     """
 
-    def __init__(self) -> None:
-        self._checks: dict[str, Callable[[], Awaitable[str | None]]] = {}
+    def __init__(
+        self, checks: Mapping[str, Callable[[], Awaitable[str | None]]] | None = None
+    ) -> None:
+        """``checks``: by name, each from the module that owns what it checks."""
+        self._checks: dict[str, Callable[[], Awaitable[str | None]]] = dict(checks or {})
         self._log = ThrottledLog(log)
 
     def add(self, name: str, check: Callable[[], Awaitable[str | None]]) -> None:

@@ -26,14 +26,13 @@ Keeping the loop free (one client must not stall the others):
   guesses wrong `TokenThrottle.STRIKES` times within a window has its new
   connections refused for a while (``throttled``).
 
-Graceful stop (`stop_accepting`): the listener closes, connections waiting
+Graceful stop (``serve``'s ``shutdown`` set): the listener closes, connections waiting
 for data are woken and closed, connections with payloads in flight finish
 them and answer first.
 """
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 import socket as stdlib_socket
@@ -43,8 +42,9 @@ from typing import Any, Final
 import attrs
 import trio
 
+from ._net import open_tcp_socket as open_tcp_socket
 from .buffer import Buffer, NewRow
-from .config import Config, parse_bind
+from .config import Config
 from .protocol import ingest as proto
 from .protocol.errors import RemoteProtocolError
 from .stats import BrainStats, ThrottledLog
@@ -167,38 +167,6 @@ class IngestStatistics:
     throttle_sources: int
 
 
-def open_tcp_socket(
-    bind: str, *, reuse_port: bool, backlog: int = 1024, in_use_hint: str = ""
-) -> stdlib_socket.socket:
-    """A listening socket; with ``reuse_port`` several processes may share the port.
-
-    ``in_use_hint`` ends the message when the address is taken: what to do
-    depends on the store (on SQLite, sharing a port would split clients
-    over two stores).
-    """
-    host, port = parse_bind(bind)
-    family = stdlib_socket.AF_INET6 if ":" in host else stdlib_socket.AF_INET
-    sock = stdlib_socket.socket(family, stdlib_socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise OSError(
-                    exc.errno, f"cannot bind {bind}: address in use{in_use_hint}"
-                ) from None
-            raise
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 class IngestServer:
     def __init__(self, config: Config, buffer: Buffer, stats: BrainStats) -> None:
         self._config = config
@@ -224,9 +192,12 @@ class IngestServer:
         self,
         sock: stdlib_socket.socket | None = None,
         *,
+        shutdown: trio.Event | None = None,
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve on ``sock`` (a listening socket, which this closes), or bind Z4J_INGEST_BIND."""
+        """Serve on ``sock`` (a listening socket, which this closes), or bind
+        Z4J_INGEST_BIND. Once ``shutdown`` is set: stop accepting, let open
+        connections answer the frames they hold, and return."""
         from ._net import REFUSAL_SLOTS, serve_listener
 
         if sock is None:
@@ -234,6 +205,8 @@ class IngestServer:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         address: tuple[str, int] = sock.getsockname()[:2]
         async with trio.open_nursery() as connections, listener:
+            if shutdown is not None:
+                connections.start_soon(self._stop_on, shutdown)
             with self._accept_scope:
                 log.info("ingest listening on %s:%d", *address)
                 task_status.started(address)
@@ -248,8 +221,9 @@ class IngestServer:
                 )
             # Listener closed; the nursery waits for connections to wind down.
 
-    def stop_accepting(self) -> None:
+    async def _stop_on(self, shutdown: trio.Event) -> None:
         """Close the listener and let open connections finish their frames."""
+        await shutdown.wait()
         self._stopping = True
         self._accept_scope.cancel()
         for scope in self._waiting_for_data:

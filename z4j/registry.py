@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -42,14 +42,22 @@ import psycopg
 import trio
 
 from .config import Config
-from .dashboard_hub import merge_events
+from .links import (
+    CommandSignals,
+    DashboardOutbox,
+    LiveSession,
+    LiveSessions,
+    SessionTable,
+    merge_events,
+)
 from .protocol.agent.untrusted import loggable
+from .protocol.close import CloseCode
 from .stats import BrainStats, ThrottledLog
 from .store import leases
 from .store.leases import Key
 from .store.pg import PgPool
 
-__all__ = ["LocalRegistry", "PostgresRegistry", "Registry", "registry_for"]
+__all__ = ["LocalRegistry", "PostgresRegistry", "Registry", "registry_for", "replicated"]
 
 log = logging.getLogger("z4j.registry")
 
@@ -68,17 +76,25 @@ class Registry:
 
     backend = "local"
 
-    def __init__(self, stats: BrainStats) -> None:
+    def __init__(
+        self,
+        stats: BrainStats,
+        *,
+        sessions: LiveSessions | None = None,
+        signals: CommandSignals | None = None,
+        on_dashboard: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        """What other replicas tell us lands in ``sessions`` (close one we no
+        longer own), ``signals`` (deliver an agent's waiting commands here;
+        wake waiters of a command) and ``on_dashboard`` (show their message)."""
         self._stats = stats
         stats.leader = self.is_leader
         self._tokens = 0
-        # Set by the brain: close a session we no longer own; deliver an
-        # agent's waiting commands here; wake waiters of a command; show a
-        # dashboard message from another replica.
-        self.on_lost: Callable[[uuid.UUID, str], None] = lambda agent, worker: None
-        self.on_command: Callable[[uuid.UUID], None] = lambda agent: None
-        self.on_finished: Callable[[uuid.UUID], None] = lambda command: None
-        self.on_dashboard: Callable[[dict[str, Any]], None] = lambda message: None
+        self._sessions: LiveSessions = (
+            sessions if sessions is not None else SessionTable[LiveSession]()
+        )
+        self._signals = signals if signals is not None else CommandSignals()
+        self._on_dashboard = on_dashboard if on_dashboard is not None else _ignore
 
     @property
     def is_leader(self) -> bool:
@@ -90,6 +106,16 @@ class Registry:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+
+    def health_checks(self) -> dict[str, Callable[[], Awaitable[str | None]]]:
+        """For /health/ready: on replicas, whether notifications reach us."""
+        if self.backend == "local":
+            return {}
+
+        async def listener_check() -> str | None:
+            return None if self.listening else "not listening for notifications (reconnecting)"
+
+        return {"listener": listener_check}
 
     async def acquire(self, agent_id: uuid.UUID, worker_id: str) -> int:
         """Claim this worker's session for this replica; its fencing token."""
@@ -108,11 +134,13 @@ class Registry:
     async def command_finished(self, command_id: uuid.UUID) -> None:
         pass
 
-    def relay(self, message: dict[str, Any]) -> None:
-        pass
-
 
 LocalRegistry = Registry
+
+
+def replicated(config: Config, pool: PgPool | None) -> bool:
+    """Whether this brain shares sessions, commands and the dashboard with replicas."""
+    return config.resolved_registry_backend != "local" and pool is not None
 
 
 def registry_for(
@@ -122,13 +150,32 @@ def registry_for(
     *,
     instance_id: uuid.UUID,
     store_ready: trio.Event,
+    sessions: LiveSessions,
+    signals: CommandSignals,
+    on_dashboard: Callable[[dict[str, Any]], None],
+    outbox: DashboardOutbox | None,
 ) -> Registry:
-    backend = config.resolved_registry_backend
-    if config.registry_backend == "postgres_notify" and backend == "local":
+    """The registry the configuration asks for; ``outbox`` is given exactly
+    when `replicated` (what the hub relays, this registry sends)."""
+    if config.registry_backend == "postgres_notify" and config.resolved_registry_backend == "local":
         log.warning("Z4J_REGISTRY_BACKEND=postgres_notify needs Postgres; using local on SQLite")
-    if backend == "local" or pool is None:
-        return Registry(stats)
-    return PostgresRegistry(config, pool, stats, instance_id=instance_id, store_ready=store_ready)
+    if pool is None or outbox is None or not replicated(config, pool):
+        return Registry(stats, sessions=sessions, signals=signals, on_dashboard=on_dashboard)
+    return PostgresRegistry(
+        config,
+        pool,
+        stats,
+        instance_id=instance_id,
+        store_ready=store_ready,
+        sessions=sessions,
+        signals=signals,
+        on_dashboard=on_dashboard,
+        outbox=outbox,
+    )
+
+
+def _ignore(message: dict[str, Any]) -> None:
+    pass
 
 
 class PostgresRegistry(Registry):
@@ -142,9 +189,13 @@ class PostgresRegistry(Registry):
         *,
         instance_id: uuid.UUID,
         store_ready: trio.Event,
+        sessions: LiveSessions,
+        signals: CommandSignals,
+        on_dashboard: Callable[[dict[str, Any]], None],
+        outbox: DashboardOutbox,
     ) -> None:
         self._leader = False
-        super().__init__(stats)
+        super().__init__(stats, sessions=sessions, signals=signals, on_dashboard=on_dashboard)
         self._pool = pool
         self._me = instance_id
         self._me_text = str(instance_id)
@@ -155,8 +206,7 @@ class PostgresRegistry(Registry):
         self._owned: dict[Key, int] = {}
         self._listening = False
         self._last_echo = 0.0
-        self._outbox: list[dict[str, Any]] = []
-        self._outbox_ready = trio.Event()
+        self._outbox = outbox
         self._renew_now = trio.Event()
         self._log = ThrottledLog(log)
 
@@ -219,7 +269,7 @@ class PostgresRegistry(Registry):
                         key[0],
                         loggable(key[1]),
                     )
-                    self.on_lost(*key)
+                    self._sessions.lost(*key, CloseCode.REPLACED)
 
     # -- routing -------------------------------------------------------------------------
 
@@ -236,16 +286,11 @@ class PostgresRegistry(Registry):
     async def command_finished(self, command_id: uuid.UUID) -> None:
         await self._notify(COMMANDS_CHANNEL, f"finished:{command_id}")
 
-    def relay(self, message: dict[str, Any]) -> None:
-        self._outbox.append(message)
-        self._outbox_ready.set()
-
     async def _relay_forever(self) -> None:
         while True:
-            await self._outbox_ready.wait()
+            await self._outbox.ready.wait()
             await trio.sleep(RELAY_SECONDS)  # gather a burst
-            self._outbox_ready = trio.Event()
-            messages, self._outbox = _coalesce(self._outbox), []
+            messages = _coalesce(self._outbox.take_all())
             for message in messages:
                 payload = _dashboard_payload(self._me_text, message)
                 if payload is None:
@@ -286,7 +331,7 @@ class PostgresRegistry(Registry):
             self._last_echo = trio.current_time()
             log.info("listening on %s, %s", COMMANDS_CHANNEL, DASHBOARD_CHANNEL)
             # Catch up on what was announced while we were not listening.
-            self.on_command(uuid.UUID(int=0))
+            self._signals.deliver_soon(uuid.UUID(int=0))
             pgconn = conn.pgconn
             while True:
                 with trio.move_on_after(1.0):
@@ -311,14 +356,14 @@ class PostgresRegistry(Registry):
         if channel == DASHBOARD_CHANNEL:
             origin, _, message = payload.partition(":")
             if origin != self._me_text:
-                self.on_dashboard(orjson.loads(message))
+                self._on_dashboard(orjson.loads(message))
             return
         what, _, rest = payload.partition(":")
         try:
             if what == "minted":
-                self.on_command(uuid.UUID(rest))
+                self._signals.deliver_soon(uuid.UUID(rest))
             elif what == "finished":
-                self.on_finished(uuid.UUID(rest))
+                self._signals.finished_elsewhere(uuid.UUID(rest))
             elif what == "lost":
                 agent, _, worker = rest.partition(":")
                 if (uuid.UUID(agent), worker) in self._owned:

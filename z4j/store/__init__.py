@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
+import trio
+
 from ..config import Config
 from .base import (
     COMMAND_STATES,
@@ -31,11 +35,17 @@ __all__ = [
     "Store",
     "StoreUnavailable",
     "UnstorableRows",
+    "health_checks",
     "store_for",
 ]
 
 
-def store_for(config: Config, *, application_name: str = "z4j") -> Store:
+def store_for(
+    config: Config,
+    *,
+    application_name: str = "z4j",
+    observe_query: Callable[[float], None] | None = None,
+) -> Store:
     """The store the configuration asks for (not yet connected)."""
     if config.database_url is not None:
         return PostgresStore.from_url(
@@ -43,5 +53,32 @@ def store_for(config: Config, *, application_name: str = "z4j") -> Store:
             pool_size=config.db_pool_size,
             statement_timeout_ms=config.db_statement_timeout_ms,
             application_name=application_name,
+            observe_query=observe_query,
         )
-    return SqliteStore(config.sqlite_store_path)
+    return SqliteStore(config.sqlite_store_path, observe_query=observe_query)
+
+
+def health_checks(
+    store: Store, store_ready: trio.Event
+) -> dict[str, Callable[[], Awaitable[str | None]]]:
+    """For /health/ready: the store answers (once migrated), and its pool,
+    if it has one, is not exhausted."""
+
+    async def store_check() -> str | None:
+        if not store_ready.is_set():
+            return "store not reachable yet (migrations pending)"
+        await store.check()
+        return None
+
+    checks: dict[str, Callable[[], Awaitable[str | None]]] = {"store": store_check}
+    pool = store.pool
+    if pool is not None:
+
+        async def pool_check() -> str | None:
+            stats = pool.statistics()
+            if stats.in_use >= stats.size and stats.waiting:
+                return f"pool exhausted: {stats.in_use} of {stats.size} in use, {stats.waiting} waiting"
+            return None
+
+        checks["pool"] = pool_check
+    return checks

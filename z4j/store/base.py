@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Collection, Sequence
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import attrs
 
 from ..buffer import ClaimedRow
+
+if TYPE_CHECKING:
+    from .pg import PgPool
 
 __all__ = [
     "COMMAND_STATES",
@@ -176,6 +179,11 @@ class Store(Protocol):
 
     # Called with the seconds each query took (for the query histogram).
     observe_query: Callable[[float], None]
+
+    @property
+    def pool(self) -> PgPool | None:
+        """The connection pool, on Postgres (the registry and pool metrics use it)."""
+        ...
 
     async def migrate(self) -> list[int]:
         """Apply pending migrations; return the versions applied now."""

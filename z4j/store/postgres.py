@@ -158,16 +158,24 @@ def partition_name(day: date) -> str:
 class PostgresStore:
     kind: Literal["postgres"] = "postgres"
 
-    def __init__(self, pool: PgPool) -> None:
+    def __init__(
+        self, pool: PgPool, *, observe_query: Callable[[float], None] | None = None
+    ) -> None:
+        """``observe_query``: called with each query's seconds (the query histogram)."""
         self.pool = pool
-        # Called with each query's seconds; the brain points it at its stats.
-        self.observe_query: Callable[[float], None] = _ignore
+        self.observe_query = observe_query or _ignore
         self._partitions: set[date] = set()
         self._staged: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
 
     @classmethod
     def from_url(
-        cls, url: str, *, pool_size: int, statement_timeout_ms: int, application_name: str = "z4j"
+        cls,
+        url: str,
+        *,
+        pool_size: int,
+        statement_timeout_ms: int,
+        application_name: str = "z4j",
+        observe_query: Callable[[float], None] | None = None,
     ) -> PostgresStore:
         pool = PgPool(
             url,
@@ -176,7 +184,7 @@ class PostgresStore:
             application_name=application_name,
             configure=_configure,
         )
-        return cls(pool)
+        return cls(pool, observe_query=observe_query)
 
     async def aclose(self) -> None:
         await self.pool.aclose()

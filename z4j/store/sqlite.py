@@ -65,13 +65,14 @@ T = TypeVar("T")
 
 class SqliteStore:
     kind: Literal["sqlite"] = "sqlite"
+    pool: None = None  # one connection, on a worker thread
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, observe_query: Callable[[float], None] | None = None) -> None:
+        """``observe_query``: called with each query's seconds (the query histogram)."""
         self.path = path
         self._db: sqlite3.Connection | None = None
         self._limiter = trio.CapacityLimiter(1)
-        # Called with each query's seconds; the brain points it at its stats.
-        self.observe_query: Callable[[float], None] = _ignore
+        self.observe_query = observe_query or _ignore
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         def call() -> T:
