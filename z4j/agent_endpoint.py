@@ -21,6 +21,10 @@ One task per connection (z4j.websocket's), driving the sans-IO `AgentProtocol`:
 
 Protocol violations close with the code the core names; no frame for three
 heartbeat intervals closes 4408.
+
+One concern justifies the length (past 700 lines): the life of an agent
+connection, from token to close, whose steps share the session state above;
+the wire rules themselves live in `protocol/agent`.
 """
 
 from __future__ import annotations
