@@ -49,7 +49,7 @@ import attrs
 import trio
 
 from . import keys
-from ._datadir import SqliteBrainLock, check_single_brain
+from ._datadir import SqliteBrainLock, check_single_brain, private_dir
 from ._fds import with_descriptor_caps
 from ._net import open_tcp_socket
 from .agent_endpoint import AgentEndpoint, Session
@@ -187,7 +187,8 @@ async def serve_brain(
             sessions: SessionTable[Session] = SessionTable()
             signals = CommandSignals()
             outbox = DashboardOutbox() if replicated(config, store.pool) else None
-            auth = Auth(store, keys.master_secret(config))
+            master = keys.master_secret(config)  # read once: a file on first use
+            auth = Auth(store, master)
             hub = DashboardHub(
                 stats,
                 auth,
@@ -219,7 +220,7 @@ async def serve_brain(
             commands = Commands(
                 store,
                 stats=stats,
-                master_secret=keys.master_secret(config),
+                master_secret=master,
                 sessions=sessions,
                 signals=signals,
                 replicas=registry,
@@ -448,7 +449,7 @@ FIRST_ADMIN_TOKEN_FILE = "first-admin-token"
 
 def write_first_admin_token(config: Config, token: str) -> Path:
     """Write the first admin token to a file only this user can read (0600)."""
-    config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dir(config.data_dir)
     path = config.data_dir / FIRST_ADMIN_TOKEN_FILE
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

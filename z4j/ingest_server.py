@@ -42,6 +42,7 @@ from typing import Any, Final
 import attrs
 import trio
 
+from ._net import REFUSAL_SLOTS, serve_listener
 from ._net import open_tcp_socket as open_tcp_socket
 from .buffer import Buffer, NewRow
 from .config import Config
@@ -198,8 +199,6 @@ class IngestServer:
         """Serve on ``sock`` (a listening socket, which this closes), or bind
         Z4J_INGEST_BIND. Once ``shutdown`` is set: stop accepting, let open
         connections answer the frames they hold, and return."""
-        from ._net import REFUSAL_SLOTS, serve_listener
-
         if sock is None:
             sock = open_tcp_socket(self._config.ingest_bind, reuse_port=self._config.so_reuseport)
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
