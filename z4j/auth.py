@@ -22,14 +22,13 @@ import hashlib
 import hmac
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
 import attrs
 
 from . import keys
-from .ratelimit import TokenBucket
+from .ratelimit import FailureThrottle, TokenBucket
 from .store.base import Store
 
 __all__ = [
@@ -162,14 +161,14 @@ class Auth:
         return token_hash == principal.token_hash
 
 
-class SignInThrottle:
+class SignInThrottle(FailureThrottle):
     """Failed sign-ins per source address, to slow guessing and say who guesses.
 
     After ``max_failures`` failures within ``window`` seconds a source is
-    refused (429) until that window has passed. At most ``max_sources``
-    addresses are tracked (the oldest forgotten first), so a flood from many
-    addresses costs bounded memory. Failures are logged with the address,
-    the first of each window and the lock-out, at most a few lines a second.
+    refused (429) until that window has passed; at most ``max_sources``
+    addresses are tracked (see `FailureThrottle`). Failures are logged with
+    the address, the first of each window and the lock-out, at most a few
+    lines a second.
     """
 
     def __init__(
@@ -180,35 +179,18 @@ class SignInThrottle:
         max_sources: int = 4096,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.max_failures = max_failures
-        self.window = window
-        self.max_sources = max_sources
+        super().__init__(max_failures=max_failures, window=window, max_sources=max_sources)
         self._clock = clock
-        # source -> (window start, failures in it)
-        self._sources: OrderedDict[str, tuple[float, int]] = OrderedDict()
         self._log_budget = TokenBucket(rate=5.0)
 
     def retry_after(self, source: str) -> int | None:
-        """Seconds until ``source`` may try again, or None if it may now."""
-        entry = self._sources.get(source)
-        if entry is None:
-            return None
-        started, failures = entry
-        left = started + self.window - self._clock()
-        if left <= 0:
-            del self._sources[source]
-            return None
-        return max(1, int(left + 0.999)) if failures >= self.max_failures else None
+        """Whole seconds until ``source`` may try again, or None if it may now."""
+        left = self.refused_for(source, self._clock())
+        return max(1, int(left + 0.999)) if left > 0 else None
 
-    def failed(self, source: str) -> None:
-        now = self._clock()
-        started, failures = self._sources.pop(source, (now, 0))
-        if now - started >= self.window:
-            started, failures = now, 0
-        failures += 1
-        self._sources[source] = (started, failures)
-        while len(self._sources) > self.max_sources:
-            self._sources.popitem(last=False)
+    def failed(self, source: str, now: float | None = None) -> int:
+        now = self._clock() if now is None else now
+        failures = super().failed(source, now)
         if failures in (1, self.max_failures) and self._log_budget.take(1, now):
             if failures == 1:
                 log.warning("sign-in with an unknown admin token from %s", source)
@@ -219,9 +201,10 @@ class SignInThrottle:
                     source,
                     self.window,
                 )
+        return failures
 
     def succeeded(self, source: str) -> None:
-        self._sources.pop(source, None)
+        self.forgive(source)
 
 
 def credentials(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str | None, str | None]:

@@ -48,6 +48,7 @@ from .buffer import Buffer, NewRow
 from .config import Config
 from .protocol import ingest as proto
 from .protocol.errors import RemoteProtocolError
+from .ratelimit import FailureThrottle
 from .stats import BrainStats, ThrottledLog
 
 __all__ = [
@@ -106,13 +107,12 @@ class FrameBudget:
         return False
 
 
-class TokenThrottle:
+class TokenThrottle(FailureThrottle):
     """Wrong tokens per source: past `STRIKES` within `WINDOW_SECONDS`, the
     source's new connections are refused for `BLOCK_SECONDS`.
 
-    Sources are addresses, IPv6 ones by /64 (one host holds a whole one).
-    The table keeps the `MAX_SOURCES` most recently seen; beyond, the
-    oldest are forgotten, so memory stays bounded.
+    Sources are addresses, IPv6 ones by /64 (one host holds a whole one);
+    at most `MAX_SOURCES` are tracked (see `FailureThrottle`).
     """
 
     STRIKES: Final = 5
@@ -121,27 +121,18 @@ class TokenThrottle:
     MAX_SOURCES: Final = 4096
 
     def __init__(self) -> None:
-        # source -> (wrong tokens in this window, window start, blocked until)
-        self._sources: dict[str, tuple[int, float, float]] = {}
-
-    def __len__(self) -> int:
-        return len(self._sources)
+        super().__init__(
+            max_failures=self.STRIKES,
+            window=self.WINDOW_SECONDS,
+            block=self.BLOCK_SECONDS,
+            max_sources=self.MAX_SOURCES,
+        )
 
     def blocked(self, source: str, now: float) -> bool:
-        entry = self._sources.get(source)
-        return entry is not None and now < entry[2]
+        return self.refused_for(source, now) > 0
 
     def strike(self, source: str, now: float) -> None:
-        count, since, until = self._sources.pop(source, (0, now, 0.0))
-        if now - since > self.WINDOW_SECONDS:
-            count, since = 0, now
-        count += 1
-        if count >= self.STRIKES:
-            until = now + self.BLOCK_SECONDS
-            count, since = 0, now
-        self._sources[source] = (count, since, until)  # now the most recent
-        while len(self._sources) > self.MAX_SOURCES:
-            del self._sources[next(iter(self._sources))]
+        self.failed(source, now)
 
 
 def source_of(host: str) -> str:
