@@ -280,11 +280,11 @@ class Commands:
         self, command_id: str, agent_id: uuid.UUID, worker_id: str, payload: f.CommandAck
     ) -> bool:
         """A worker's ack: pending to dispatched. False if refused (not its command)."""
-        record = await self._claimed(command_id, agent_id, worker_id, payload.delivery_claim_token)
-        if record is None or record is False:
-            return record is None  # unknown ids are ignored, not refused
+        claimed = await self._claimed(command_id, agent_id, worker_id, payload.delivery_claim_token)
+        if claimed is None or claimed is False:
+            return claimed is None  # unknown ids are ignored, not refused
         await self._transition(
-            record.id,
+            claimed,
             from_states=("pending",),
             to_state="dispatched",
             at=self._clock(),
@@ -297,11 +297,11 @@ class Commands:
         self, command_id: str, agent_id: uuid.UUID, worker_id: str, payload: f.CommandResult
     ) -> bool:
         """A worker's result ends its command. False if refused (not its command)."""
-        record = await self._claimed(command_id, agent_id, worker_id, payload.delivery_claim_token)
-        if record is None or record is False:
-            return record is None  # unknown ids are ignored, not refused
+        claimed = await self._claimed(command_id, agent_id, worker_id, payload.delivery_claim_token)
+        if claimed is None or claimed is False:
+            return claimed is None  # unknown ids are ignored, not refused
         done = await self._transition(
-            record.id,
+            claimed,
             from_states=("pending", "dispatched"),
             to_state="completed" if payload.status == "success" else "failed",
             at=self._clock(),
@@ -310,25 +310,29 @@ class Commands:
             error=payload.error,
         )
         if done is None:
-            log.info("late result for command %s ignored", record.id)
-        self._finish(record.id)
+            log.info("late result for command %s ignored", claimed)
+        self._finish(claimed)
         return True
 
     async def _claimed(
         self, command_id: str, agent_id: uuid.UUID, worker_id: str, token: str | None
-    ) -> CommandRecord | Literal[False] | None:
-        """The command, if this worker may act on it; None if there is no such
-        command (ignored), False if it is another's (refused, counted, logged)."""
+    ) -> uuid.UUID | Literal[False] | None:
+        """The command's id, if this worker may act on it; None if there is no
+        such command (ignored), False if it is another's (refused, counted, logged).
+
+        A token that matches proves it on its own: the brain makes one only
+        in `deliver`, for the command's own agent and the worker it sent it
+        to, so the store is read only to tell an unknown id from a foreign one.
+        """
         parsed = _uuid(command_id)
+        if parsed is not None and token is not None:
+            expected = claim_token(self._claim_key, parsed, agent_id, worker_id)
+            if hmac.compare_digest(token.encode(), expected.encode()):
+                return parsed
         record = None if parsed is None else await self._store.get_command(parsed)
         if record is None:
             log.debug("ack or result for unknown command %s ignored", loggable(command_id))
             return None
-        expected = claim_token(self._claim_key, record.id, agent_id, worker_id)
-        if record.agent_id == agent_id and hmac.compare_digest(
-            (token or "").encode(), expected.encode()
-        ):
-            return record
         self._stats.agent_rejected[REFUSED] += 1
         self._log.warning(
             "foreign",
