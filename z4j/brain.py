@@ -268,7 +268,6 @@ async def serve_brain(
                     ),
                 ),
                 api=Api(store, commands, auth),
-                auth=auth,
                 pages=_dashboard_pages(auth),
             )
             heartbeat = Heartbeat(

@@ -35,7 +35,6 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
 from ._net import REFUSAL_SLOTS, open_tcp_socket, serve_listener
-from .auth import Auth
 from .config import Config, ConfigError, is_loopback_bind
 from .protocol.close import CloseCode
 from .stats import ThrottledLog
@@ -103,17 +102,6 @@ class HealthChecks:
         return dict(sorted(results.items()))
 
 
-async def _redirect(send: Send, location: str) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 303,
-            "headers": [(b"location", location.encode()), (b"content-length", b"0")],
-        }
-    )
-    await send({"type": "http.response.body", "body": b""})
-
-
 async def _json(send: Send, status: int, body: object) -> None:
     payload = orjson.dumps(body)
     await send(
@@ -140,15 +128,15 @@ def build_app(
     *,
     metrics: Callable[[], bytes] | None = None,
     api: Asgi | None = None,
-    auth: Auth | None = None,
     pages: Pages | None = None,
 ) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """The brain's ASGI app for plain HTTP (WebSockets are `serve_http`'s).
 
     ``metrics`` renders the Prometheus text served at ``/metrics``; ``api``
-    serves ``/api/v1/``; ``pages`` serves the dashboard's files, which need
-    a signed-in session (else a redirect to ``/login``). Health and
-    metrics are open, for probes and scrapers.
+    serves ``/api/v1/``; ``pages`` serves the dashboard's files (the page
+    itself only to a signed-in session: `dashboard_page` checks the file it
+    resolved, whatever path named it). Health and metrics are open, for
+    probes and scrapers.
     """
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -173,17 +161,9 @@ def build_app(
             and pages is not None
             and scope["method"] in ("GET", "HEAD")
             and scope["path"] not in ("/metrics", "/health/live", "/health/ready")
+            and await pages(scope, receive, send, scope["path"])
         ):
-            path = scope["path"]
-            if (
-                path in ("/", "/index.html")
-                and auth is not None
-                and not await auth.signed_in(scope["headers"])
-            ):
-                await _redirect(send, "/login")
-                return
-            if await pages(scope, receive, send, path):
-                return
+            return
         if scope["type"] != "http":
             return
         path = scope["path"]
