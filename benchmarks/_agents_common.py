@@ -370,7 +370,7 @@ async def _drive_commands(receive: Any, send: Any, *, count: int, rate: float, w
 
 
 STACKS = {
-    "z4j": "z4j.http.serve_http with z4j.websocket (wsproto on the connection's own task)",
+    "z4j": "z4j.brain.http.server.serve_http with z4j.brain.http.websocket (wsproto on the connection's own task)",
     "hypercorn": "hypercorn's Trio worker and ASGI WebSocket (the brain's stack before 436eb84)",
 }
 
@@ -384,9 +384,9 @@ async def serve_echo(
     the brain's WebSocket server. ``hypercorn``: hypercorn's own WebSocket
     handling, for comparison.
     """
+    from z4j.brain.http.server import HealthChecks, build_app, serve_http
+    from z4j.brain.ingest import open_tcp_socket
     from z4j.config import load_config
-    from z4j.http import HealthChecks, build_app, serve_http
-    from z4j.ingest_server import open_tcp_socket
 
     config = load_config(env={}, overrides={"http_bind": "127.0.0.1:0"})
     async with trio.open_nursery() as nursery:

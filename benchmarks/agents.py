@@ -2,7 +2,7 @@
 
 Run ``python benchmarks/agents.py`` (``--help`` for the knobs). Every figure
 of the brain is printed next to a ceiling measured in the same run: the
-brain's own WebSocket stack (`z4j.http.serve_http`, started as the brain
+brain's own WebSocket stack (`z4j.brain.http.server.serve_http`, started as the brain
 starts it) serving ``/ws/agent`` with an app that answers without z4j's
 work (see `_agents_common`); ``--ceiling hypercorn`` puts hypercorn's ASGI
 WebSocket there instead, for comparison.

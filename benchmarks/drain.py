@@ -7,7 +7,7 @@ with a nested JSON object per record) into a buffer file with
 `BufferFile.append`, then for 1 and more drain workers:
 
 - copies that buffer file, opens it as the brain does, and runs the real
-  drain path (`z4j.drain.Drainer` + `z4j.store.postgres.PostgresStore`, the
+  drain path (`z4j.brain.drain.Drainer` + `z4j.store.postgres.PostgresStore`, the
   brain's default batch size, lease and pool size) into a fresh database
   that has the brain's schema; the clock runs from the start of the drains
   until the buffer is empty, and the run counts only if ``events`` then

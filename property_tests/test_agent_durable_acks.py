@@ -41,7 +41,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from z4j.agent_endpoint import AgentEndpoint, Session, _Batch, origin_json
+from z4j.brain.agents import AgentEndpoint, Session, _Batch, origin_json
 from z4j.buffer import NewRow
 from z4j.config import Config
 from z4j.protocol.agent import frames as f

@@ -27,7 +27,7 @@ from hypothesis import Phase
 from hypothesis.internal.conjecture import engine
 from hypothesis.stateful import RuleBasedStateMachine
 
-import z4j.agent_endpoint
+import z4j.brain.agents
 import z4j.protocol.agent.connection as connection
 import z4j.protocol.agent.signing as signing
 import z4j.store.sqlite
@@ -40,18 +40,18 @@ from property_tests.conformance.runner import all_violations, run_machine
 from property_tests.conformance.target import Hooks, Timeouts
 from property_tests.conformance.transcript import Transcript, Violation
 from property_tests.conformance.z4j_brain import LIMITS, RATE_LIMITS, ServedBrain
-from z4j.agent_endpoint import AgentEndpoint, Session
+from z4j.brain.agents import AgentEndpoint, Session
+from z4j.brain.commands import Commands
+from z4j.brain.ingest import IngestServer
+from z4j.brain.links import SessionTable
+from z4j.brain.ratelimit import TokenBucket
 from z4j.buffer import Buffer
-from z4j.commands import Commands
-from z4j.ingest_server import IngestServer
-from z4j.links import SessionTable
 from z4j.protocol import ingest as ingest_protocol
 from z4j.protocol.agent import frames
 from z4j.protocol.agent.connection import AgentProtocol
 from z4j.protocol.agent.replay import ReplayGuard
 from z4j.protocol.close import CloseCode
 from z4j.protocol.errors import RemoteProtocolError
-from z4j.ratelimit import TokenBucket
 from z4j.store.sqlite import SqliteStore
 from z4j.testing.brain import make_config
 
@@ -366,7 +366,7 @@ def test_replaced_4002_bites(
     brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Broken: a replaced connection is closed with 1000."""
-    recode(z4j.agent_endpoint, "REPLACED", CloseCode.NORMAL, monkeypatch)
+    recode(z4j.brain.agents, "REPLACED", CloseCode.NORMAL, monkeypatch)
     bite_agent(brain, suite, "replaced-4002")
 
 
@@ -414,7 +414,7 @@ def test_idle_4408_bites(
     brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Broken: an idle connection is closed with 1000."""
-    recode(z4j.agent_endpoint, "IDLE", CloseCode.NORMAL, monkeypatch)
+    recode(z4j.brain.agents, "IDLE", CloseCode.NORMAL, monkeypatch)
     bite_check(brain, suite, "idle-4408")
 
 

@@ -30,7 +30,8 @@ import trio
 
 from z4j import _net
 from z4j._fds import fit_connection_caps
-from z4j.http import HealthChecks, HttpStats, build_app, serve_http
+from z4j.brain.http.server import HealthChecks, build_app, serve_http
+from z4j.stats import HttpStats
 from z4j.testing.abuse import assert_served, health_live, ingest_ping, watch, watching
 from z4j.testing.brain import http_get, make_config, running_brain, wait_until
 

@@ -17,7 +17,7 @@ import uuid
 import pytest
 import trio
 
-from z4j.agent_endpoint import COMMAND_REFUSED
+from z4j.brain.agents import COMMAND_REFUSED
 from z4j.config import Config
 from z4j.protocol.agent import frames as f
 from z4j.protocol.agent.connection import AgentProtocol, Role
@@ -156,7 +156,10 @@ async def test_agent_text_reaches_the_log_on_one_line(
 ) -> None:
     token, secret, agent_id = await provision(config)
     other_token, other_secret, _ = await provision(config, project="other", agent="mallory")
-    forged = "boom\n2030-01-01 00:00:00 CRITICAL z4j.auth admin token leaked\x1b[2J" + "x" * 5000
+    forged = (
+        "boom\n2030-01-01 00:00:00 CRITICAL z4j.brain.http.auth admin token leaked\x1b[2J"
+        + "x" * 5000
+    )
     caplog.set_level(logging.DEBUG, logger="z4j")
     with trio.fail_after(30):
         async with running_brain(config) as brain:

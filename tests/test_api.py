@@ -17,14 +17,13 @@ import orjson
 import pytest
 import trio
 
-import z4j.api
+import z4j.brain.http.api
 import z4j.ingest
 from z4j import keys
-from z4j.api import Api
-from z4j.auth import Auth, SignInThrottle
-from z4j.brain import FIRST_ADMIN_TOKEN_FILE, _announce_admin_token, check_bind_is_safe
-from z4j.commands import Commands
-from z4j.config import Config, ConfigError
+from z4j.brain.commands import Commands
+from z4j.brain.http.api import Api
+from z4j.brain.http.auth import FIRST_ADMIN_TOKEN_FILE, Auth, SignInThrottle, announce_admin_token
+from z4j.config import Config, ConfigError, check_bind_is_safe
 from z4j.store import Store, StoreUnavailable, store_for
 from z4j.testing.agents import admin_token, provision, raw_agent
 from z4j.testing.brain import make_config, running_brain, wait_until
@@ -484,8 +483,8 @@ async def test_event_listings_cap_each_body_and_the_page(
 ) -> None:
     """Stored records can be large: a listing leaves big bodies out (unless asked
     for) and stops a page at a byte budget, with a cursor that loses nothing."""
-    monkeypatch.setattr(z4j.api, "EVENT_BODY_BYTES", 1800)
-    monkeypatch.setattr(z4j.api, "EVENTS_PAGE_BYTES", 5000)
+    monkeypatch.setattr(z4j.brain.http.api, "EVENT_BODY_BYTES", 1800)
+    monkeypatch.setattr(z4j.brain.http.api, "EVENTS_PAGE_BYTES", 5000)
     token = await admin_token(config)
     with trio.fail_after(30):
         async with running_brain(config) as brain:
@@ -564,7 +563,7 @@ async def test_the_first_admin_token_goes_to_a_private_file_not_the_log(
         ready = trio.Event()
         ready.set()
         with caplog.at_level(logging.INFO):
-            await _announce_admin_token(auth, ready, config, "http://brain.test:7700/login")
+            await announce_admin_token(auth, ready, config, "http://brain.test:7700/login")
         path = config.data_dir / FIRST_ADMIN_TOKEN_FILE
         token = path.read_text().strip()
         assert await auth.token_valid(token)

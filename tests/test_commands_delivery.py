@@ -17,9 +17,9 @@ import attrs
 import trio
 import trio.testing
 
-from z4j.commands import Commands
+from z4j.brain.commands import Commands
+from z4j.brain.links import SessionTable
 from z4j.config import Config
-from z4j.links import SessionTable
 from z4j.protocol.agent import frames as f
 from z4j.store import CommandRecord, Store, store_for
 

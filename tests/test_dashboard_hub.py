@@ -13,9 +13,9 @@ from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessa
 
 import z4j.ingest
 from z4j import keys
-from z4j.auth import SESSION_COOKIE, Auth
+from z4j.brain.dashboard_hub import QUEUE_SIZE, RECHECK_SECONDS, DashboardHub, _Subscriber
+from z4j.brain.http.auth import SESSION_COOKIE, Auth
 from z4j.config import Config
-from z4j.dashboard_hub import QUEUE_SIZE, RECHECK_SECONDS, DashboardHub, _Subscriber
 from z4j.stats import BrainStats
 from z4j.store import store_for
 from z4j.testing.agents import admin_token, provision, raw_agent

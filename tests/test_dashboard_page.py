@@ -1,4 +1,4 @@
-"""z4j.dashboard_page: the dashboard's files, their types, caching and compression."""
+"""z4j.brain.http.dashboard_page: the dashboard's files, their types, caching and compression."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from z4j.dashboard_page import dashboard_pages, resolve, serve_static, static_files
+from z4j.brain.http.dashboard_page import dashboard_pages, resolve, serve_static, static_files
 
 
 async def _yes(headers: Any) -> bool:

@@ -13,6 +13,7 @@ PUBLIC = {
     "__version__",
     "Brain",
     "BrainStats",
+    "CommandError",
     "Config",
     "ConfigError",
     "load_config",

@@ -18,10 +18,10 @@ import pytest
 import trio
 
 import z4j.ingest
-from z4j.brain import check_bind_is_safe, serve_brain
+from z4j.brain import serve_brain
+from z4j.brain.ingest import IngestServer, TokenThrottle, source_of
 from z4j.buffer import Buffer
-from z4j.config import Config, ConfigError
-from z4j.ingest_server import IngestServer, TokenThrottle, source_of
+from z4j.config import Config, ConfigError, check_bind_is_safe
 from z4j.protocol import ingest as proto
 from z4j.protocol.ingest import ERROR, OK, encode_frame, token_hash
 from z4j.stats import BrainStats

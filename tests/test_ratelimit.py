@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from z4j.ratelimit import FailureThrottle
+from z4j.brain.ratelimit import FailureThrottle
 
 
 def test_a_block_runs_from_the_failure_that_fills_the_window_or_to_the_windows_end() -> None:

@@ -15,10 +15,10 @@ import openapi_schema_validator
 import orjson
 import pytest
 
-from z4j import resources
-from z4j.api import _agent_json, event_json
-from z4j.openapi import OPENAPI
-from z4j.resources import RESOURCES, Resource, component, to_json
+from z4j.brain.http import resources
+from z4j.brain.http.api import _agent_json, event_json
+from z4j.brain.http.openapi import OPENAPI
+from z4j.brain.http.resources import RESOURCES, Resource, component, to_json
 from z4j.store.base import (
     Agent,
     AuditRecord,

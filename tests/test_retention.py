@@ -14,9 +14,9 @@ import orjson
 import psycopg
 import trio
 
+from z4j.brain.maintenance import Maintenance
 from z4j.buffer import ClaimedRow
 from z4j.config import Config
-from z4j.maintenance import Maintenance
 from z4j.store import store_for
 from z4j.testing.brain import read_events
 

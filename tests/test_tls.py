@@ -19,8 +19,9 @@ import trio
 import trustme
 from websockets.sync.client import connect
 
+from z4j.brain.http.server import serve_http, tls_context
 from z4j.config import ConfigError
-from z4j.http import HttpStats, serve_http, tls_context
+from z4j.stats import HttpStats
 from z4j.testing.brain import make_config, running_brain, wait_until
 
 Scope = dict[str, Any]

@@ -1,4 +1,4 @@
-"""The HTTP port's own WebSocket layer (z4j.websocket) and its routing, over real sockets.
+"""The HTTP port's own WebSocket layer (z4j.brain.http.websocket) and its routing, over real sockets.
 
 A wsproto client sends exactly the bytes each case needs: fragmented
 messages, pings, oversize and malformed frames. Plain HTTP on the same port
@@ -31,11 +31,11 @@ from wsproto.events import (
     TextMessage,
 )
 
-from z4j import websocket
-from z4j.http import HealthChecks, build_app, serve_http
+from z4j.brain.http import websocket
+from z4j.brain.http.server import HealthChecks, build_app, serve_http
+from z4j.brain.http.websocket import SEND_BATCH
 from z4j.testing.brain import make_config, wait_until
 from z4j.testing.http import read_until_closed
-from z4j.websocket import SEND_BATCH
 
 Scope = dict[str, Any]
 
@@ -293,7 +293,7 @@ async def test_a_peer_resetting_mid_handshake_ends_only_its_connection(tmp_path:
 
 
 async def test_writers_that_meet_go_out_together_whole_and_once(tmp_path: Path) -> None:
-    """Concurrent sends share writes (z4j.websocket._write) without losing,
+    """Concurrent sends share writes (z4j.brain.http.websocket._write) without losing,
     repeating or splitting a message; a batch arrives whole and in order."""
     with trio.fail_after(60):
         async with server(tmp_path) as (port, recorder, _):

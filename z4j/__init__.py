@@ -9,6 +9,7 @@ Run a brain inside a Trio program::
 from ._version import __version__ as __version__
 from .brain import Brain as Brain
 from .brain import serve_brain as serve_brain
+from .brain.links import CommandError as CommandError
 from .config import Config as Config
 from .config import ConfigError as ConfigError
 from .config import load_config as load_config

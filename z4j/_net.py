@@ -21,7 +21,7 @@ from typing import NoReturn
 
 import trio
 
-from .config import parse_bind
+from .config import Config, parse_bind
 
 __all__ = ["ACCEPT_CAPACITY_ERRNOS", "REFUSAL_SLOTS", "open_tcp_socket", "serve_listener"]
 
@@ -125,3 +125,24 @@ def open_tcp_socket(
         sock.close()
         raise
     return sock
+
+
+def bind_ports(config: Config) -> tuple[stdlib_socket.socket, stdlib_socket.socket]:
+    """The ingest and HTTP listening sockets, bound before anything is created."""
+    if config.uses_postgres:
+        hint = (
+            " (another brain? to share a port, set Z4J_SO_REUSEPORT=true on every instance, "
+            "or run `z4j brain --instances N`)"
+        )
+    else:
+        hint = (
+            " (another brain or program holds it: stop it, or choose another port; several "
+            "brains can share a port only on a shared Postgres store)"
+        )
+    ingest = open_tcp_socket(config.ingest_bind, reuse_port=config.so_reuseport, in_use_hint=hint)
+    try:
+        http = open_tcp_socket(config.http_bind, reuse_port=config.so_reuseport, in_use_hint=hint)
+    except BaseException:
+        ingest.close()
+        raise
+    return ingest, http

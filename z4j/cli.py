@@ -527,7 +527,7 @@ def _print_command(record: CommandRecord) -> None:
 
 
 async def _command_send(args: argparse.Namespace, config: Config, store: Store) -> None:
-    from .commands import CommandError, Commands
+    from .brain.commands import CommandError, Commands
 
     agent = await _agent_of(store, args.agent, args.project)
     commands = Commands(store)  # no live sessions here: a running brain delivers it
@@ -561,7 +561,7 @@ async def _command_show(args: argparse.Namespace, config: Config, store: Store) 
 
 async def _admin_token(args: argparse.Namespace, config: Config, store: Store) -> None:
     from . import keys
-    from .auth import Auth
+    from .brain.http.auth import Auth
 
     token = await Auth(store, keys.master_secret(config)).new_token(args.name)
     await store.audit("admin.token", f"api-token:{args.name}", {}, actor=_actor())

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import attrs
 import cattrs
 
-__all__ = ["ENV_PREFIX", "Config", "ConfigError", "load_config"]
+__all__ = ["ENV_PREFIX", "Config", "ConfigError", "check_bind_is_safe", "load_config"]
 
 ENV_PREFIX = "Z4J_"
 MiB = 1024 * 1024
@@ -434,3 +434,24 @@ def reference_markdown() -> str:
         flag = "--" + name.replace("_", "-")
         lines.append(f"| `{env_name(name)}` | `{flag}` | {_default_text(field)} | {HELP[name]} |")
     return "\n".join(lines) + "\n"
+
+
+def check_bind_is_safe(config: Config) -> None:
+    """Refuse to serve beyond loopback with a master secret nobody chose, or
+    ingest there without a token (anyone could write events)."""
+    if not is_loopback_bind(config.http_bind) and config.secret is None:
+        raise ConfigError(
+            f"Z4J_HTTP_BIND={config.http_bind} is reachable beyond this machine: set Z4J_SECRET "
+            "(the master secret that admin tokens, sessions and agent tokens are keyed with) "
+            "before serving on it"
+        )
+    if (
+        not is_loopback_bind(config.ingest_bind)
+        and config.ingest_token is None
+        and not config.ingest_allow_no_token
+    ):
+        raise ConfigError(
+            f"Z4J_INGEST_BIND={config.ingest_bind} is reachable beyond this machine: set "
+            "Z4J_INGEST_TOKEN (clients send its hash on every frame) before serving on it, "
+            "or Z4J_INGEST_ALLOW_NO_TOKEN=true to accept events from anyone who can connect"
+        )

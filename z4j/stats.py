@@ -15,10 +15,19 @@ from collections import Counter
 
 import attrs
 
-__all__ = ["BrainStats", "Histogram", "RateMeter", "ThrottledLog"]
+__all__ = ["BrainStats", "Histogram", "HttpStats", "RateMeter", "ThrottledLog"]
 
 # Seconds: from a fast SQLite read to a store write that waits on a lock.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@attrs.define
+class HttpStats:
+    """Counters of the HTTP port, read by /metrics."""
+
+    connections_total: int = 0
+    connections_open: int = 0
+    connections_refused: int = 0
 
 
 @attrs.define

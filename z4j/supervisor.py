@@ -64,7 +64,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from .config import Config, ConfigError, config_env, parse_bind
+from .config import Config, ConfigError, check_bind_is_safe, config_env, parse_bind
 
 __all__ = [
     "SupervisorLink",
@@ -92,7 +92,6 @@ def check_instances(config: Config) -> None:
     the task tree.
     """
     from ._datadir import check_single_brain
-    from .brain import check_bind_is_safe
 
     n = config.instances
     if n > 1 and not config.uses_postgres:

@@ -18,7 +18,7 @@ import orjson
 import psycopg
 import trio
 
-from z4j.commands import Commands
+from z4j.brain.commands import Commands
 from z4j.config import Config
 from z4j.store import store_for
 from z4j.store.base import Store

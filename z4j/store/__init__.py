@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -36,6 +37,7 @@ __all__ = [
     "StoreUnavailable",
     "UnstorableRows",
     "health_checks",
+    "migrate_until_ready",
     "store_for",
 ]
 
@@ -82,3 +84,47 @@ def health_checks(
 
         checks["pool"] = pool_check
     return checks
+
+
+log = logging.getLogger("z4j.store")
+
+MIGRATE_RETRY_SECONDS = 2.0
+
+
+async def migrate_until_ready(store: Store, ready: trio.Event) -> None:
+    """Apply migrations, retrying while the store is unreachable.
+
+    The buffer takes ingest meanwhile; drains and the heartbeat wait on
+    ``ready``.
+    """
+    attempt = 0
+    while True:
+        try:
+            applied = await store.migrate()
+        except Exception as exc:
+            attempt += 1
+            if attempt == 1 or attempt % 30 == 0:
+                first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                if isinstance(exc, StoreUnavailable):
+                    log.warning(
+                        "store not available (%s); ingest goes on into the buffer, "
+                        "retrying every %gs",
+                        first_line,
+                        MIGRATE_RETRY_SECONDS,
+                    )
+                else:
+                    # Reachable but refusing (permissions, a broken schema):
+                    # an operator must act; keep trying so the fix is picked up.
+                    log.error(
+                        "migrating the store failed (%s: %s); ingest goes on into the "
+                        "buffer, retrying every %gs",
+                        type(exc).__name__,
+                        first_line,
+                        MIGRATE_RETRY_SECONDS,
+                    )
+            await trio.sleep(MIGRATE_RETRY_SECONDS)
+            continue
+        if applied:
+            log.info("schema migrated to version %d", applied[-1])
+        ready.set()
+        return

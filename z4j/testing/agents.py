@@ -45,7 +45,7 @@ async def provision(
 
 async def admin_token(config: Config, name: str = "test") -> str:
     """A new admin token for the API and the dashboard, made in the store directly."""
-    from ..auth import Auth
+    from ..brain.http.auth import Auth
 
     store = store_for(config)
     try:

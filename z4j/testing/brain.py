@@ -19,7 +19,7 @@ import orjson
 import psycopg
 import trio
 
-from ..brain import Brain, serve_brain
+from ..brain._root import Brain, serve_brain
 from ..config import Config, load_config
 from ..stats import BrainStats
 from .http import http_get as http_get  # its old home; it lives in .http

@@ -12,8 +12,8 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from ..brain.drain import Drainer
 from ..buffer import Buffer
-from ..drain import Drainer
 from ..stats import BrainStats
 from ..store import Store
 

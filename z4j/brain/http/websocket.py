@@ -39,9 +39,9 @@ from wsproto.handshake import H11Handshake
 from wsproto.utilities import LocalProtocolError
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
-from .protocol.close import CloseCode
-from .protocol.errors import RemoteProtocolError
-from .protocol.websocket import (
+from ...protocol.close import CloseCode
+from ...protocol.errors import RemoteProtocolError
+from ...protocol.websocket import (
     NEED_DATA,
     OPCODE_BINARY,
     OPCODE_TEXT,

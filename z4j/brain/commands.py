@@ -39,12 +39,21 @@ from typing import Any, Literal
 
 import trio
 
-from .links import AlonePeers, CommandSignals, LiveSession, LiveSessions, Replicas, SessionTable
-from .protocol.agent import frames as f
-from .protocol.agent.untrusted import loggable
-from .protocol.close import CloseCode
-from .stats import BrainStats, ThrottledLog
-from .store.base import FINAL_COMMAND_STATES, Agent, CommandRecord, Store
+from ..protocol.agent import frames as f
+from ..protocol.agent.untrusted import loggable
+from ..protocol.close import CloseCode
+from ..stats import BrainStats, ThrottledLog
+from ..store.base import FINAL_COMMAND_STATES, Agent, CommandRecord, Store
+from .lifetime import until
+from .links import (
+    AlonePeers,
+    CommandError,
+    CommandSignals,
+    LiveSession,
+    LiveSessions,
+    Replicas,
+    SessionTable,
+)
 
 __all__ = ["SWEEP_SECONDS", "CommandError", "Commands", "claim_token"]
 
@@ -65,10 +74,6 @@ def claim_token(key: bytes, command_id: uuid.UUID, agent_id: uuid.UUID, worker_i
     return hmac.new(key, message, hashlib.sha256).hexdigest()[:32]
 
 
-class CommandError(Exception):
-    """The command cannot be minted: unknown agent, bad arguments."""
-
-
 class Commands:
     """Mint, deliver and follow commands; ``await brain.commands.send(...)``."""
 
@@ -83,13 +88,15 @@ class Commands:
         signals: CommandSignals | None = None,
         replicas: Replicas | None = None,
         on_change: Callable[[CommandRecord], None] | None = None,
+        store_ready: trio.Event | None = None,
     ) -> None:
         """``master_secret``: the brain's (replicas share it, so any of them can
         check a claim token); a random one when not given (one process only).
         ``sessions``: the live agent sessions commands go to (none: a tool
         that only mints). ``signals``: wake-ups from other replicas.
         ``on_change``: called with the record after it is created and after
-        every transition (the dashboard's feed)."""
+        every transition (the dashboard's feed). ``store_ready``: `serve`
+        sweeps only once it is set (none: the store answers already)."""
         self._store = store
         self._claim_key = claim_key(master_secret or secrets.token_bytes(32))
         self._stats = stats if stats is not None else BrainStats()
@@ -103,6 +110,7 @@ class Commands:
         self._sent: dict[uuid.UUID, LiveSession] = {}  # command id -> session it went to
         self._finished = self._signals.finished
         self._log = ThrottledLog(log)
+        self._store_ready = store_ready
 
     # -- minting -------------------------------------------------------------------
 
@@ -388,14 +396,19 @@ class Commands:
         agent = await self._store.find_agent(str(agent_id))
         return agent is None or agent.revoked
 
-    async def run_sweeper(
-        self,
-        store_ready: trio.Event,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    async def serve(
+        self, *, shutdown: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        task_status.started()
-        await store_ready.wait()
+        """Deliver what waits (woken by `CommandSignals`) and sweep timeouts
+        every SWEEP_SECONDS, until ``shutdown``: nothing to hand over, since
+        every state lives in the store."""
+        async with until(shutdown):
+            task_status.started()
+            if self._store_ready is not None:
+                await self._store_ready.wait()
+            await self._sweep_forever()
+
+    async def _sweep_forever(self) -> None:
         next_sweep = trio.current_time()
         while True:
             signals = self._signals

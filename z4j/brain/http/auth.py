@@ -21,24 +21,35 @@ import base64
 import hashlib
 import hmac
 import logging
+import os
+import socket
+import sys
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import attrs
+import trio
 
-from . import keys
-from .ratelimit import FailureThrottle, TokenBucket
-from .store.base import Store
+from ... import keys
+from ..._datadir import private_dir
+from ...config import Config
+from ...store.base import Store
+from ..ratelimit import FailureThrottle, TokenBucket
 
 __all__ = [
     "CSRF_COOKIE",
+    "FIRST_ADMIN_TOKEN_FILE",
     "SESSION_COOKIE",
     "SESSION_SECONDS",
     "Auth",
     "Principal",
     "SignInThrottle",
+    "announce_admin_token",
     "credentials",
+    "sign_in_url",
+    "write_first_admin_token",
 ]
 
 log = logging.getLogger("z4j.auth")
@@ -249,3 +260,62 @@ def same_origin(origin: str, host: str | None) -> bool:
         return (parts.hostname, parts.port or default) == (here.hostname, here.port or default)
     except ValueError:  # a malformed port
         return False
+
+
+def sign_in_url(config: Config, http_address: tuple[str, int]) -> str:
+    """Where an operator signs in: this brain's bound port, its host as configured."""
+    scheme = "http" if config.tls_cert_file is None else "https"
+    return f"{scheme}://{_url_host(config.http_bind, http_address)}/login"
+
+
+def _url_host(bind: str, address: tuple[str, int]) -> str:
+    """HOST:PORT for a URL to this brain: the bound port, the host as configured."""
+    host = bind.rpartition(":")[0].strip("[]")
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+
+
+async def announce_admin_token(
+    auth: Auth, store_ready: trio.Event, config: Config, url: str
+) -> None:
+    """On a store with no admin token yet, make one and show it, once."""
+    await store_ready.wait()
+    try:
+        token = await auth.ensure_admin_token()
+    except Exception as exc:
+        log.warning("could not check for an admin token: %s", exc)
+        return
+    if token is not None:
+        # Logs are kept, shipped and shared: they get the file's path, never the token.
+        try:
+            path = write_first_admin_token(config, token)
+        except OSError as exc:
+            log.warning(
+                "could not save the first admin token (`z4j admin token` makes one): %s", exc
+            )
+        else:
+            log.warning(
+                "first start: an admin token was made and written to %s (readable by this "
+                "user only; delete it once you have signed in). Sign in at %s",
+                path,
+                url,
+            )
+        if sys.stderr.isatty():
+            print(f"z4j: the first admin token is {token}", file=sys.stderr, flush=True)
+
+
+FIRST_ADMIN_TOKEN_FILE = "first-admin-token"
+
+
+def write_first_admin_token(config: Config, token: str) -> Path:
+    """Write the first admin token to a file only this user can read (0600)."""
+    private_dir(config.data_dir)
+    path = config.data_dir / FIRST_ADMIN_TOKEN_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an older file may have been made with another mode
+        os.write(fd, (token + "\n").encode())
+    finally:
+        os.close(fd)
+    return path

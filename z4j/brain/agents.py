@@ -40,20 +40,20 @@ import attrs
 import orjson
 import trio
 
-from . import keys
-from ._version import __version__
-from .buffer import Buffer, NewRow
-from .config import Config
+from .. import keys
+from .._version import __version__
+from ..buffer import Buffer, NewRow
+from ..config import Config
+from ..protocol.agent import frames as f
+from ..protocol.agent.connection import AgentProtocol, Role, State
+from ..protocol.agent.untrusted import loggable
+from ..protocol.close import CloseCode
+from ..protocol.errors import RemoteProtocolError
+from ..stats import BrainStats, ThrottledLog
+from ..store.base import Agent, Store, StoreUnavailable
+from .http.websocket import SEND_BATCH
 from .links import AlonePeers, Ownership, SessionTable
-from .protocol.agent import frames as f
-from .protocol.agent.connection import AgentProtocol, Role, State
-from .protocol.agent.untrusted import loggable
-from .protocol.close import CloseCode
-from .protocol.errors import RemoteProtocolError
 from .ratelimit import TokenBucket
-from .stats import BrainStats, ThrottledLog
-from .store.base import Agent, Store, StoreUnavailable
-from .websocket import SEND_BATCH
 
 __all__ = ["AgentEndpoint"]
 
@@ -227,7 +227,7 @@ class AgentEndpoint:
         self._in_flight_bytes = 0  # over all sessions
         self._room = trio.Event()  # set (and replaced) whenever some is freed
 
-    async def run(
+    async def serve(
         self,
         *,
         shutdown: trio.Event | None = None,

@@ -29,6 +29,15 @@ from typing import Any
 import attrs
 import orjson
 
+from ...store.base import (
+    COMMAND_STATES,
+    Agent,
+    EventFilter,
+    EventRecord,
+    Store,
+    StoreUnavailable,
+)
+from ..links import CommandDesk, CommandError
 from .auth import (
     CSRF_COOKIE,
     SESSION_COOKIE,
@@ -40,17 +49,8 @@ from .auth import (
     header,
     same_origin,
 )
-from .commands import CommandError, Commands
 from .openapi import OPENAPI
 from .resources import to_json
-from .store.base import (
-    COMMAND_STATES,
-    Agent,
-    EventFilter,
-    EventRecord,
-    Store,
-    StoreUnavailable,
-)
 
 __all__ = ["Api", "ApiError"]
 
@@ -118,7 +118,7 @@ class Api:
     def __init__(
         self,
         store: Store,
-        commands: Commands,
+        commands: CommandDesk,
         auth: Auth,
         *,
         sign_in_throttle: SignInThrottle | None = None,

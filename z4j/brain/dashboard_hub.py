@@ -38,13 +38,13 @@ from urllib.parse import parse_qs
 import orjson
 import trio
 
-from .auth import Auth, Principal, credentials, header, same_origin
-from .buffer import ClaimedRow
-from .events import EventRow, event_rows
+from ..buffer import ClaimedRow
+from ..events import EventRow, event_rows
+from ..protocol.close import CloseCode
+from ..stats import BrainStats
+from ..store.base import StoreUnavailable
+from .http.auth import Auth, Principal, credentials, header, same_origin
 from .links import SAMPLE_SIZE, merge_events
-from .protocol.close import CloseCode
-from .stats import BrainStats
-from .store.base import StoreUnavailable
 
 __all__ = ["DashboardHub", "merge_events"]
 

@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 import attrs
 import trio
 
-from .buffer import Buffer, Claim, ClaimedRow
-from .stats import BrainStats, ThrottledLog
-from .store.base import Store, UnstorableRows
+from ..buffer import Buffer, Claim, ClaimedRow
+from ..stats import BrainStats, ThrottledLog
+from ..store.base import Store, UnstorableRows
 
 __all__ = ["Drainer"]
 

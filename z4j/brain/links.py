@@ -17,13 +17,16 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 
-from .protocol.agent import frames as f
+from ..protocol.agent import frames as f
+from ..store.base import CommandRecord
 
 SAMPLE_SIZE = 20  # events kept in one dashboard ``events`` message
 
 __all__ = [
     "SAMPLE_SIZE",
     "AlonePeers",
+    "CommandDesk",
+    "CommandError",
     "CommandSignals",
     "DashboardOutbox",
     "LiveSession",
@@ -33,6 +36,29 @@ __all__ = [
     "SessionTable",
     "merge_events",
 ]
+
+
+class CommandError(Exception):
+    """The command cannot be minted: unknown agent, bad arguments."""
+
+
+class CommandDesk(Protocol):
+    """What the API and the CLI use of the command service: mint and cancel."""
+
+    async def send(
+        self,
+        agent: uuid.UUID | str,
+        action: str,
+        *,
+        project: str | None = None,
+        target: dict[str, Any] | None = None,
+        parameters: dict[str, Any] | None = None,
+        timeout_seconds: int = 60,
+        issued_by: str | None = None,
+    ) -> CommandRecord: ...
+    async def cancel(
+        self, command_id: uuid.UUID, *, actor: str | None = None
+    ) -> CommandRecord | None: ...
 
 
 class LiveSession(Protocol):

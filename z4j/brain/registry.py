@@ -41,7 +41,14 @@ import orjson
 import psycopg
 import trio
 
-from .config import Config
+from ..config import Config
+from ..protocol.agent.untrusted import loggable
+from ..protocol.close import CloseCode
+from ..stats import BrainStats, ThrottledLog
+from ..store import leases
+from ..store.leases import Key
+from ..store.pg import PgPool
+from .lifetime import until
 from .links import (
     CommandSignals,
     DashboardOutbox,
@@ -50,12 +57,6 @@ from .links import (
     SessionTable,
     merge_events,
 )
-from .protocol.agent.untrusted import loggable
-from .protocol.close import CloseCode
-from .stats import BrainStats, ThrottledLog
-from .store import leases
-from .store.leases import Key
-from .store.pg import PgPool
 
 __all__ = ["LocalRegistry", "PostgresRegistry", "Registry", "registry_for", "replicated"]
 
@@ -104,7 +105,10 @@ class Registry:
     def listening(self) -> bool:
         return True
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, shutdown: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """One process has nobody to listen to: ready at once, nothing to run."""
         task_status.started()
 
     def health_checks(self) -> dict[str, Callable[[], Awaitable[str | None]]]:
@@ -218,10 +222,15 @@ class PostgresRegistry(Registry):
     def listening(self) -> bool:
         return self._listening
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        await self._store_ready.wait()
-        async with trio.open_nursery() as nursery:
+    async def serve(
+        self, *, shutdown: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen, ping, renew leases, lead and relay until ``shutdown``
+        (leases of sessions still open lapse by their TTL, or are released
+        as their sessions end)."""
+        async with until(shutdown) as nursery:
+            task_status.started()
+            await self._store_ready.wait()
             nursery.start_soon(self._listen_forever)
             nursery.start_soon(self._ping_forever)
             nursery.start_soon(self._renew_forever)

@@ -25,10 +25,9 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from ._version import __version__
-from .buffer import Buffer
-from .http import HttpStats
-from .stats import BrainStats, Histogram
+from .._version import __version__
+from ..buffer import Buffer
+from ..stats import BrainStats, Histogram, HttpStats
 
 __all__ = ["CONTENT_TYPE_LATEST", "BrainCollector", "brain_registry", "render"]
 

@@ -30,7 +30,7 @@ import cattrs
 import orjson
 from cattrs.gen import make_dict_unstructure_fn, override
 
-from .store.base import (
+from ...store.base import (
     COMMAND_STATES,
     Agent,
     AuditRecord,

@@ -42,14 +42,14 @@ from typing import Any, Final
 import attrs
 import trio
 
-from ._net import REFUSAL_SLOTS, serve_listener
-from ._net import open_tcp_socket as open_tcp_socket
-from .buffer import Buffer, NewRow
-from .config import Config
-from .protocol import ingest as proto
-from .protocol.errors import RemoteProtocolError
+from .._net import REFUSAL_SLOTS, serve_listener
+from .._net import open_tcp_socket as open_tcp_socket
+from ..buffer import Buffer, NewRow
+from ..config import Config
+from ..protocol import ingest as proto
+from ..protocol.errors import RemoteProtocolError
+from ..stats import BrainStats, ThrottledLog
 from .ratelimit import FailureThrottle
-from .stats import BrainStats, ThrottledLog
 
 __all__ = [
     "FrameBudget",

@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 import trio
 
-from .stats import ThrottledLog
-from .store.base import Store
+from ..stats import ThrottledLog
+from ..store.base import Store
+from .lifetime import until
 
 __all__ = ["MAINTENANCE_INTERVAL_SECONDS", "Maintenance"]
 
@@ -55,9 +56,16 @@ class Maintenance:
             )
         return removed
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        await self._store_ready.wait()
+    async def serve(
+        self, *, shutdown: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Upkeep every interval while this replica leads, until ``shutdown``."""
+        async with until(shutdown):
+            task_status.started()
+            await self._store_ready.wait()
+            await self._upkeep_forever()
+
+    async def _upkeep_forever(self) -> None:
         while True:
             if not self._is_leader():  # one replica at a time does upkeep
                 await trio.sleep(1.0)

@@ -9,17 +9,21 @@ retried at the next beat: the heartbeat never takes the brain down.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import Callable
 
 import attrs
 import trio
 
-from .buffer import Buffer
-from .stats import BrainStats, RateMeter, ThrottledLog
-from .store.base import InstanceInfo, Store
+from ..buffer import Buffer
+from ..config import Config
+from ..stats import BrainStats, RateMeter, ThrottledLog
+from ..store.base import InstanceInfo, Store
 
-__all__ = ["Heartbeat"]
+__all__ = ["Heartbeat", "instance_info"]
 
 log = logging.getLogger("z4j.heartbeat")
 
@@ -82,16 +86,32 @@ class Heartbeat:
         """Beat every interval; once ``shutdown`` is set, write the last beat
         (``stopped_at``, so others see this instance gone at once) and return."""
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.run)
+            await nursery.start(self._beat_forever)
             task_status.started()
             await shutdown.wait()
             nursery.cancel_scope.cancel()
         if self._store_ready.is_set():
             await self.beat(stopped=True)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _beat_forever(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         task_status.started()
         await self._store_ready.wait()
         while True:
             await self.beat()
             await trio.sleep(self._interval)
+
+
+def instance_info(config: Config, instance_id: uuid.UUID, buffer: Buffer) -> InstanceInfo:
+    """This process's row in ``instances``."""
+    now = time.time()
+    return InstanceInfo(
+        id=instance_id,
+        name=config.instance_name or f"{socket.gethostname()}:{os.getpid()}",
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        buffer_id=buffer.buffer_id,
+        started_at=now,
+        last_seen=now,
+    )

@@ -24,7 +24,6 @@ import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
-import attrs
 import orjson
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -34,13 +33,13 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
-from ._net import REFUSAL_SLOTS, open_tcp_socket, serve_listener
-from .config import Config, ConfigError, is_loopback_bind
-from .protocol.close import CloseCode
-from .stats import ThrottledLog
+from ..._net import REFUSAL_SLOTS, open_tcp_socket, serve_listener
+from ...config import Config, ConfigError, is_loopback_bind
+from ...protocol.close import CloseCode
+from ...stats import HttpStats, ThrottledLog
 from .websocket import Handler, serve_websocket
 
-__all__ = ["HealthChecks", "HttpStats", "build_app", "serve_http"]
+__all__ = ["HealthChecks", "build_app", "serve_http"]
 
 log = logging.getLogger("z4j.http")
 
@@ -197,15 +196,6 @@ def build_app(
             await _json(send, 404, {"error": "not_found", "message": f"no route for {path}"})
 
     return app
-
-
-@attrs.define
-class HttpStats:
-    """Counters of the HTTP port, read by /metrics."""
-
-    connections_total: int = 0
-    connections_open: int = 0
-    connections_refused: int = 0
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:

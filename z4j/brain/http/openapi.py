@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._version import __version__
+from ..._version import __version__
+from ...store.base import COMMAND_STATES
 from .resources import RESOURCES, component
-from .store.base import COMMAND_STATES
 
 __all__ = ["OPENAPI"]
 
