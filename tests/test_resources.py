@@ -1,4 +1,4 @@
-"""The API JSON and the OpenAPI components follow the attrs records (z4j/resources.py).
+"""The API JSON and the OpenAPI components follow the attrs records (z4j/brain/http/resources.py).
 
 A record is the one source of its resource's shape: these tests fail if
 the served document's component, the JSON a route sends, and the record's

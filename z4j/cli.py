@@ -1,4 +1,4 @@
-"""The ``z4j`` command: ``brain``, ``migrate``, ``config``, ``send``, ``project``, ``agent``."""
+"""The ``z4j`` command: ``brain``, ``migrate``, ``config``, ``send``, ``project``, ``agent``, ``admin``, ``command``."""
 
 from __future__ import annotations
 

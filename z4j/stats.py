@@ -2,7 +2,7 @@
 
 Plain integers on one object, bumped on the Trio thread: cheap enough for
 the per-payload hot path. The heartbeat turns them into rates; /metrics
-(z4j/metrics.py) reads them at scrape time, so the hot path never touches
+(z4j/brain/metrics.py) reads them at scrape time, so the hot path never touches
 the Prometheus client.
 """
 
@@ -80,7 +80,7 @@ class BrainStats:
     dashboard_messages: int = 0  # published while someone was subscribed
     dashboard_coalesced: int = 0
     dashboard_drops: int = 0  # subscribers dropped for falling behind
-    # The replica registry (z4j/registry.py).
+    # The replica registry (z4j/brain/registry.py).
     ownership: Counter[str] = attrs.field(factory=Counter)  # new, renewed, takeover, lost
     notifications: Counter[str] = attrs.field(factory=Counter)  # by channel
     listener_reconnects: int = 0

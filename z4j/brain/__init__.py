@@ -12,8 +12,9 @@ What lives where (docs/architecture.md draws it):
 - ``links``: the small objects services share, so no service holds another.
 - one module per service, each with ``serve(..., *, shutdown, task_status)``:
   ``ingest`` (TCP ingest port), ``agents`` (``/ws/agent``), ``commands``,
-  ``registry`` (sessions across replicas), ``dashboard_hub``
-  (``/ws/dashboard``), ``drain``, ``heartbeat``, ``maintenance``.
+  ``registry`` (sessions across replicas), ``drain``, ``heartbeat``,
+  ``maintenance``; and ``dashboard_hub`` (``/ws/dashboard``), an endpoint
+  the HTTP server hands connections to, with no tasks of its own.
 - ``http/``: the HTTP port (``server``, ``websocket``) and the application it
   serves (``api``, ``auth``, ``openapi``, ``resources``, ``dashboard_page``).
 - ``metrics`` and ``ratelimit``: what the services count and how they throttle.

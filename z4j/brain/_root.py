@@ -2,7 +2,7 @@
 
 It only assembles. Each service is finished when its constructor returns:
 hooks are constructor arguments, and where two services would need each
-other they are both handed one small object from `z4j.links` built first
+other they are both handed one small object from `z4j.brain.links` built first
 (tests/test_wiring.py holds the rules).
 
 Start order follows dependencies, each step through ``nursery.start`` so
@@ -18,14 +18,15 @@ from the inside out, because that is how the nurseries nest (as hypercorn
 nests lifespan ⊃ server ⊃ accept), under a deadline of
 Z4J_SHUTDOWN_GRACE_SECONDS:
 
-    heartbeat layer ⊃ drain layer ⊃ writer layer ⊃ producers
+    supporting layer ⊃ heartbeat layer ⊃ drain layer ⊃ writer layer ⊃ producers
 
     producers stop on ``shutdown``: ingest stops accepting and connections
     answer what they hold, agents get 1001, HTTP requests in flight finish
     → the writer commits what they queued → drains finish the batch in hand
     (rows not drained stay in the buffer file for the next start) → last
-    heartbeat (``stopped_at``) → the rest (sweep, registry, maintenance) is
-    cancelled.
+    heartbeat (``stopped_at``) → the command sweep, the registry and
+    maintenance return → what is left around them (migrations, the
+    deadline, the first admin token) is cancelled.
 
 Nothing acknowledged can be lost on any of these paths, graceful or not:
 an acknowledgement is only ever sent after its rows are committed in the
@@ -128,8 +129,8 @@ async def serve_brain(
     )
     shutdown = shutdown if shutdown is not None else trio.Event()  # None: until cancelled
     try:
-        # Tasks with nothing to hand over (migrations, the command sweep, the
-        # registry, maintenance) run here and are cancelled last.
+        # Tasks that are not services (migrations, the grace deadline, the
+        # first admin token) run here and are cancelled last.
         async with trio.open_nursery() as support:
             store_ready = trio.Event()
             support.start_soon(migrate_until_ready, store, store_ready)

@@ -1,6 +1,6 @@
 """``/ws/agent``: the brain's side of agent protocol v2.
 
-One task per connection (z4j.websocket's), driving the sans-IO `AgentProtocol`:
+One task per connection (z4j.brain.http.websocket's), driving the sans-IO `AgentProtocol`:
 
 1. the bearer token is looked up by its keyed hash; unknown or revoked:
    accept, then close 4401 (what z4j agents treat as "bad credentials");

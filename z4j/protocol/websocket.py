@@ -6,7 +6,7 @@ Nearly everything an agent sends is a whole, unfragmented, masked text or
 binary frame, one message each. wsproto handles those too, but through
 several layers per frame; `FrameParser` takes them apart itself (a header,
 an XOR, a decode) and passes every other frame on whole and raw, for a full
-implementation (wsproto, driven by `z4j.websocket`) to answer pings,
+implementation (wsproto, driven by `z4j.brain.http.websocket`) to answer pings,
 assemble fragments and refuse what is malformed with the right close code.
 
 Feed it bytes with `FrameParser.receive_data` in any chunking; each

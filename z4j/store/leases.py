@@ -1,6 +1,6 @@
 """The SQL of replica coordination: session ownership, the leader lease, NOTIFY.
 
-`z4j.registry` decides when to run these (its docstring has the theory of
+`z4j.brain.registry` decides when to run these (its docstring has the theory of
 operation); they live here because all SQL lives in `z4j.store`. Each is a
 plain function run on a pooled connection by `PgPool.run` (a worker thread),
 so the registry keeps no SQL and this module keeps no Trio.

@@ -5,7 +5,7 @@ and a JSON-ready value; `ApiError` carries every refusal as a status, a
 stable code and a message, so bad input gets a 4xx and never a 500. Lists
 are newest first, ``{"items": [...], "next_cursor": ...}``; pass the
 cursor back to continue. Times are ISO-8601 UTC strings. The document at
-``/api/v1/openapi.json`` (z4j/openapi.py) describes exactly this.
+``/api/v1/openapi.json`` (openapi.py) describes exactly this.
 
 A browser sends the session cookie with any request to us, even one a
 foreign page makes it send, and SameSite is not the whole answer (sibling

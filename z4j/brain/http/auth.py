@@ -12,7 +12,7 @@ looks both up (one query): revoking a token ends its sessions on their next
 request, on every replica. A browser sends the cookie with any request to
 our origin, even one another site makes it send, so state-changing
 cookie requests also carry a CSRF token (`csrf_token`) that only our own
-pages can read; see z4j/api.py.
+pages can read; see api.py.
 """
 
 from __future__ import annotations

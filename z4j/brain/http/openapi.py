@@ -1,13 +1,13 @@
-"""The OpenAPI 3.0 document of the REST API (z4j/api.py), served at /api/v1/openapi.json.
+"""The OpenAPI 3.0 document of the REST API (api.py), served at /api/v1/openapi.json.
 
 The operations, parameters and wording are written here by hand, next to
 the routes they describe; the schemas of the stored resources (Project,
 Agent, Worker, Instance, Event, Command, Audit) are derived from their records by
-z4j/resources.py, so they cannot drift from the JSON the routes send.
+resources.py, so they cannot drift from the JSON the routes send.
 tests/test_api.py runs schemathesis against it, so a route that answers
 off this document fails.
 The rules for cookie-signed writes (CSRF) and the caps on event listings
-are told here too: API users read this document, not z4j/api.py.
+are told here too: API users read this document, not api.py.
 """
 
 from __future__ import annotations

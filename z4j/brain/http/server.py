@@ -1,8 +1,8 @@
-"""The brain's HTTP port: hypercorn for HTTP, z4j.websocket for WebSockets.
+"""The brain's HTTP port: hypercorn for HTTP, z4j.brain.http.websocket for WebSockets.
 
 `serve_http` accepts connections itself and reads each one's request head:
 WebSocket upgrades to a known path (``/ws/agent``) are served by the lean
-wsproto connection of `z4j.websocket`, one task each, because thousands of
+wsproto connection of `z4j.brain.http.websocket`, one task each, because thousands of
 idle agents sit on them; everything else is handed, bytes replayed, to
 hypercorn's Trio connection class and the ASGI app of `build_app`
 (``/health/live``, ``/health/ready``; the dashboard, REST API and
@@ -149,7 +149,7 @@ def build_app(
                     return
         if scope["type"] == "websocket":
             # Only a WebSocket upgrade on a reused keep-alive connection gets
-            # here; agents open a fresh connection, served by z4j.websocket.
+            # here; agents open a fresh connection, served by z4j.brain.http.websocket.
             await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
             return
         if scope["type"] == "http" and api is not None and scope["path"].startswith("/api/v1/"):
@@ -234,7 +234,7 @@ async def serve_http(
 
     Each new connection's request head is read here first: a WebSocket
     upgrade to a path in ``websockets`` is served by the lean wsproto
-    connection of `z4j.websocket`; everything else goes to hypercorn
+    connection of `z4j.brain.http.websocket`; everything else goes to hypercorn
     (replaying the bytes read) and ``app``. At shutdown, WebSocket peers
     get 1001 at once (agents reconnect elsewhere) and HTTP requests in
     flight get half the grace period to finish.
