@@ -1,0 +1,504 @@
+"""The real z4j engine adapters (z4j-celery, -dramatiq, -huey, -taskiq 1.13.0) against a brain.
+
+Each engine runs, unchanged, in its own process (tests/agents/engine_agent.py)
+on an in-memory broker, with z4j-bare's agent runtime beside it, connected to
+a real brain (SQLite store) over /ws/agent. What is checked is what the
+brain shows through its REST API (and, where the API does not show it, its
+store), one check function each, in `CHECKS` order:
+
+- `worker_connects`: the agent's worker appears under GET /api/v1/agents,
+  connected, with the agent_status it sent; the hello it sent (stored, not
+  shown by the API) names the engine and the capabilities the adapter
+  advertises.
+- `lifecycle_events_land`: the ``ok``, ``boom`` and ``flaky`` tasks'
+  events reach GET /api/v1/events, exactly the kinds and counts each engine
+  sends (the retries included). Celery's events come both from its signal
+  hooks and from its broker-events monitor; `celery_doubles_are_distinct`
+  checks that both copies land as distinct events.
+- `retry_failed_task`: POST /api/v1/commands ``retry_task`` for the failed
+  ``boom`` task, with what that engine needs (celery: the name, by
+  reference; the others: name and both overrides), completes with a result
+  naming a new task id, and that task's events arrive.
+- `cancel_task`: completes where the adapter advertises it (celery, huey) on a
+  task scheduled for later; elsewhere the agent refuses it (failed).
+- `purge_queue` (celery): a wrong confirm token fails, the right one
+  (HMAC-SHA256 under the project secret of ``purge|queue|depth``) purges.
+- `nothing_rejected`: the brain refused no frame of the agent's.
+And, as the session ends, the agent stops cleanly on SIGTERM.
+
+Every wait polls the API until the expected state appears, up to DEADLINE
+seconds, so a slow machine is slower, not failing. A new check is one more
+``async def check(s: Session) -> None`` added to `CHECKS`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import attrs
+import orjson
+import pytest
+import trio
+
+from z4j import keys
+from z4j.config import Config
+from z4j.protocol.agent.signing import decode_secret
+from z4j.testing.agents import admin_token, provision
+from z4j.testing.brain import RunningBrain, make_config, running_brain
+from z4j.testing.http import http_request
+from z4j.testing.store import json_of, query
+
+pytestmark = pytest.mark.slow
+
+ENGINE_AGENT = Path(__file__).parent / "agents" / "engine_agent.py"
+DEADLINE = 60.0  # seconds: the most any one wait may take
+POLL = 0.1
+AGENT_SECONDS = 300  # the agent's own limit; a test stops it (SIGTERM) when done
+
+# -- what each engine does ----------------------------------------------------------------
+
+
+def kinds(**counts: int) -> Counter[str]:
+    """``received=1`` -> Counter({"task.received": 1})."""
+    return Counter({f"task.{kind}": n for kind, n in counts.items()})
+
+
+@attrs.frozen(kw_only=True)
+class Engine:
+    name: str
+    capabilities: frozenset[str]
+    """hello.capabilities[name], as the adapter advertises them."""
+    events: dict[str, Counter[str]]
+    """Event kinds and counts per task (ok, boom, flaky)."""
+    retry_parameters: Callable[[str], dict[str, Any]]
+    """retry_task's parameters for the failed task of this name."""
+    retry_result_key: str
+    """Where retry_task's result names the new task."""
+
+    @property
+    def cancels(self) -> bool:
+        return "cancel_task" in self.capabilities
+
+
+def by_reference(name: str) -> dict[str, Any]:
+    return {"task_name": name}
+
+
+def with_overrides(name: str) -> dict[str, Any]:
+    return {"task_name": name, "override_args": [], "override_kwargs": {}}
+
+
+# Celery (solo pool): started, succeeded, failed and retried come twice
+# (signal hooks and broker-events monitor); received once. A retry is
+# received again. Dramatiq reports a retry's re-enqueue twice (to the delay
+# queue, then back). Taskiq sends no new received on a retry.
+ENGINES = {
+    e.name: e
+    for e in [
+        Engine(
+            name="celery",
+            capabilities=frozenset(
+                {
+                    "add_consumer",
+                    "bulk_retry",
+                    "cancel_consumer",
+                    "cancel_task",
+                    "pool_grow",
+                    "pool_shrink",
+                    "purge_queue",
+                    "rate_limit",
+                    "restart_worker",
+                    "retry_by_reference_v1",
+                    "retry_task",
+                    "submit_task",
+                }
+            ),
+            events={
+                "ok": kinds(received=1, started=2, succeeded=2),
+                "boom": kinds(received=1, started=2, failed=2),
+                "flaky": kinds(received=3, started=6, retried=4, failed=2),
+            },
+            retry_parameters=by_reference,
+            retry_result_key="new_task_id",
+        ),
+        Engine(
+            name="dramatiq",
+            capabilities=frozenset(
+                {
+                    "list_dead_letters",
+                    "purge_queue",
+                    "retry_by_reference_v1",
+                    "retry_task",
+                    "submit_task",
+                }
+            ),
+            events={
+                "ok": kinds(received=1, started=1, succeeded=1),
+                "boom": kinds(received=1, started=1, failed=1),
+                "flaky": kinds(received=5, started=3, retried=2, failed=1),
+            },
+            retry_parameters=with_overrides,
+            retry_result_key="task_id",
+        ),
+        Engine(
+            name="huey",
+            capabilities=frozenset(
+                {"cancel_task", "retry_by_reference_v1", "retry_task", "submit_task"}
+            ),
+            events={
+                "ok": kinds(received=1, started=1, succeeded=1),
+                "boom": kinds(received=1, started=1, failed=1),
+                "flaky": kinds(received=3, started=3, retried=2, failed=1),
+            },
+            retry_parameters=with_overrides,
+            retry_result_key="new_task_id",
+        ),
+        Engine(
+            name="taskiq",
+            capabilities=frozenset({"submit_task"}),
+            events={
+                "ok": kinds(received=1, started=1, succeeded=1),
+                "boom": kinds(received=1, started=1, failed=1),
+                "flaky": kinds(received=1, started=3, retried=2, failed=1),
+            },
+            retry_parameters=with_overrides,  # lowered to submit_task by the agent
+            retry_result_key="task_id",
+        ),
+    ]
+}
+
+# -- a session: a brain, and one engine's agent connected to it ---------------------------
+
+
+@attrs.define
+class Session:
+    engine: Engine
+    brain: RunningBrain
+    config: Config
+    admin: str
+    agent_id: uuid.UUID
+    secret: str
+    home: Path
+    proc: subprocess.Popen[bytes]
+    tasks: dict[str, dict[str, str]] = attrs.field(factory=dict)
+    """From the agent's "enqueued" milestone: {"ok": {"id", "name"}, ...}."""
+    queued: dict[str, int] = attrs.field(factory=dict)
+
+    def agent_log(self) -> str:
+        return (self.home / "agent.log").read_text(errors="replace")[-4000:]
+
+    def milestones(self) -> list[dict[str, Any]]:
+        # Whole lines only: the last piece may be a line still being written.
+        lines = (self.home / "milestones.jsonl").read_bytes().split(b"\n")[:-1]
+        return [orjson.loads(line) for line in lines if line.startswith(b"{")]
+
+    async def eventually(
+        self,
+        probe: Callable[[], Awaitable[Any]],
+        what: str,
+        until: Callable[[Any], bool] = bool,
+    ) -> Any:
+        """Poll ``probe`` until ``until`` holds for what it returns (by default:
+        until that is truthy) and return that; fail after DEADLINE seconds, or at
+        once if the agent has exited, saying ``what`` and the last value seen."""
+        last: Any = None
+        with trio.move_on_after(DEADLINE):
+            while True:
+                last = await probe()
+                if until(last):
+                    return last
+                if self.proc.poll() is not None:
+                    pytest.fail(
+                        f"{self.engine.name} agent exited ({self.proc.returncode}) waiting for"
+                        f" {what}; last: {last!r}\n{self.agent_log()}"
+                    )
+                await trio.sleep(POLL)
+        pytest.fail(
+            f"{self.engine.name}: no {what} within {DEADLINE}s; last: {last!r}\n"
+            f"agent log (tail):\n{self.agent_log()[-2000:]}"
+        )
+
+    async def milestone(self, key: str) -> dict[str, Any]:
+        async def probe() -> dict[str, Any] | None:
+            return next((m for m in self.milestones() if key in m), None)
+
+        found: dict[str, Any] = await self.eventually(probe, f"milestone {key!r}")
+        return found
+
+    async def api(self, method: str, path: str, body: Any = None) -> Any:
+        headers = {"Authorization": f"Bearer {self.admin}"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        reply = await http_request(
+            self.brain.addresses.http,
+            method,
+            path,
+            body=None if body is None else orjson.dumps(body),
+            headers=headers,
+        )
+        assert 200 <= reply.status < 300, (method, path, reply.status, reply.body)
+        return reply.json()
+
+    async def events(self) -> list[dict[str, Any]]:
+        """Every event of this agent, oldest first, through GET /api/v1/events."""
+        items: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            path = f"/api/v1/events?agent_id={self.agent_id}&limit=500"
+            if cursor is not None:
+                path += f"&cursor={quote(cursor)}"
+            page = await self.api("GET", path)
+            items += page["items"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return items[::-1]
+
+    async def task_events(self, task_id: str) -> list[dict[str, Any]]:
+        return [e for e in await self.events() if e["body"]["task_id"] == task_id]
+
+    async def command(
+        self, action: str, target: dict[str, Any], parameters: dict[str, Any]
+    ) -> dict[str, Any]:
+        """POST /api/v1/commands, then poll it until it is final: its record."""
+        created = await self.api(
+            "POST",
+            "/api/v1/commands",
+            {
+                "agent": str(self.agent_id),
+                "action": action,
+                "target": target,
+                "parameters": parameters,
+                "timeout_seconds": int(DEADLINE),
+            },
+        )
+
+        async def final() -> dict[str, Any] | None:
+            record: dict[str, Any] = await self.api("GET", f"/api/v1/commands/{created['id']}")
+            return record if record["state"] in ("completed", "failed", "timeout") else None
+
+        done: dict[str, Any] = await self.eventually(final, f"end of command {action}")
+        return done
+
+
+def start_engine_agent(
+    engine: str, url: str, token: str, secret: str, project: str, home: Path
+) -> subprocess.Popen[bytes]:
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("Z4J_")}
+    env.update(
+        {
+            "Z4J_HOME": str(home),
+            "Z4J_HMAC_SECRET": secret,  # purge_queue reads it from here
+            "NO_PROXY": "127.0.0.1,localhost",
+        }
+    )
+    args = [engine, url, token, secret, project, str(AGENT_SECONDS), "lifecycle"]
+    with open(home / "milestones.jsonl", "wb") as out, open(home / "agent.log", "wb") as log:
+        return subprocess.Popen(  # the child keeps its own copies of the files
+            [sys.executable, str(ENGINE_AGENT), *args], env=env, stdout=out, stderr=log
+        )
+
+
+async def stop_agent(proc: subprocess.Popen[bytes]) -> int:
+    """SIGTERM; SIGKILL if it has not exited in 30 s. Its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return await trio.to_thread.run_sync(proc.wait, 30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        await trio.to_thread.run_sync(proc.wait, 10)
+        raise
+
+
+@asynccontextmanager
+async def engine_session(engine: Engine, tmp_path: Path) -> AsyncIterator[Session]:
+    config = make_config(tmp_path / "data")
+    admin = await admin_token(config)
+    token, secret, agent_id = await provision(config, agent=f"matrix-{engine.name}")
+    async with running_brain(config) as brain:
+        home = tmp_path / "agent"
+        proc = start_engine_agent(
+            engine.name, brain.addresses.http_url, token, secret, "demo", home
+        )
+        s = Session(engine, brain, config, admin, agent_id, secret, home, proc)
+        try:
+            enqueued = await s.milestone("enqueued")
+            s.tasks, s.queued = enqueued["enqueued"], enqueued.get("queued", {})
+            yield s
+        except BaseException:
+            await stop_agent(proc)
+            raise
+        code = await stop_agent(proc)
+        assert code == 0, f"agent exit {code}\n{s.agent_log()}"
+        assert {"stopped": True} in s.milestones(), s.agent_log()
+
+
+# -- the checks ---------------------------------------------------------------------------
+
+
+async def worker_connects(s: Session) -> None:
+    async def connected() -> dict[str, Any] | None:
+        agents = (await s.api("GET", "/api/v1/agents"))["items"]
+        [agent] = [a for a in agents if a["id"] == str(s.agent_id)]
+        assert agent["project"] == "demo" and agent["name"] == f"matrix-{s.engine.name}"
+        live = [w for w in agent["workers"] if w["connected"] and w["status"]]
+        return live[0] if len(live) == 1 else None
+
+    worker = await s.eventually(connected, "connected worker with its agent_status")
+    assert worker["status"]["engines"] == [s.engine.name]
+    assert worker["status"]["protocol_version"] == "2"
+    [(raw,)] = query(
+        s.config,
+        "SELECT hello FROM workers WHERE agent_id = ? AND worker_id = ?",
+        str(s.agent_id),
+        worker["worker_id"],
+    )
+    hello = json_of(s.config, raw)
+    assert hello["framework"] == "bare" and hello["engines"] == [s.engine.name]
+    assert set(hello["capabilities"]) == {s.engine.name}
+    assert set(hello["capabilities"][s.engine.name]) == s.engine.capabilities
+
+
+def kinds_by_task(events: list[dict[str, Any]], ids: dict[str, str]) -> dict[str, Counter[str]]:
+    got: dict[str, Counter[str]] = {key: Counter() for key in ids}
+    for event in events:
+        for key, task_id in ids.items():
+            if event["body"]["task_id"] == task_id:
+                got[key][event["kind"]] += 1
+    return got
+
+
+async def lifecycle_events_land(s: Session) -> None:
+    ids = {key: s.tasks[key]["id"] for key in s.engine.events}
+    expected = s.engine.events
+
+    async def counts() -> dict[str, Counter[str]]:
+        return kinds_by_task(await s.events(), ids)
+
+    await s.eventually(
+        counts,
+        "task lifecycle events",
+        until=lambda got: all(got[k] >= expected[k] for k in expected),
+    )
+    events = await s.events()
+    assert kinds_by_task(events, ids) == expected  # and nothing more
+    mine = [e for e in events if e["body"]["task_id"] in ids.values()]
+    assert len({e["body"]["id"] for e in mine}) == len(mine)  # each event its own id
+    assert {e["body"]["engine"] for e in mine} == {s.engine.name}
+    assert all(e["source"] == "agent" for e in mine)
+    for event in mine:
+        if event["kind"] == "task.failed" and event["body"]["task_id"] == ids["boom"]:
+            assert "ValueError" in event["body"]["data"]["exception"]
+
+
+async def celery_doubles_are_distinct(s: Session) -> None:
+    if s.engine.name != "celery":
+        return
+    ok = s.tasks["ok"]
+    succeeded = [e for e in await s.task_events(ok["id"]) if e["kind"] == "task.succeeded"]
+    signal_copy, monitor_copy = sorted(
+        succeeded, key=lambda e: e["body"]["data"]["task_name"] != ok["name"]
+    )
+    assert signal_copy["body"]["id"] != monitor_copy["body"]["id"]
+    assert signal_copy["key"] != monitor_copy["key"]
+    assert signal_copy["body"]["data"]["task_name"] == ok["name"]
+    assert signal_copy["body"]["data"]["result"] == 42
+    assert monitor_copy["body"]["data"]["task_name"].startswith("<unknown:")
+    assert monitor_copy["body"]["data"]["worker"] == "matrix@localhost"
+    assert monitor_copy["body"]["data"]["result"] == "42"
+
+
+async def retry_failed_task(s: Session) -> None:
+    boom = s.tasks["boom"]
+    done = await s.command(
+        "retry_task", {"task_id": boom["id"]}, s.engine.retry_parameters(boom["name"])
+    )
+    assert done["state"] == "completed", done
+    new_id = done["result"][s.engine.retry_result_key]
+    assert isinstance(new_id, str) and new_id and new_id != boom["id"], done["result"]
+
+    async def arrived() -> list[dict[str, Any]]:
+        return [e for e in await s.task_events(new_id) if e["kind"] == "task.failed"]
+
+    await s.eventually(arrived, f"task.failed of the retried task {new_id}")
+
+
+async def cancel_task(s: Session) -> None:
+    if not s.engine.cancels:
+        done = await s.command("cancel_task", {"task_id": s.tasks["boom"]["id"]}, {})
+        assert done["state"] == "failed", done
+        assert "does not support action 'cancel_task'" in done["error"]
+        return
+    later = s.tasks["later"]["id"]
+    done = await s.command("cancel_task", {"task_id": later}, {})
+    assert done["state"] == "completed", done
+    assert done["result"]["task_id"] == later
+    flag = {"celery": "terminated", "huey": "revoked"}[s.engine.name]
+    assert done["result"][flag] is True, done["result"]
+
+
+def purge_token(project_key: bytes, queue: str, depth: int) -> str:
+    """purge_queue's confirm token: HMAC-SHA256 under the project's 32-byte key."""
+    message = f"purge|{queue}|{depth}".encode()
+    return hmac.new(project_key, message, hashlib.sha256).hexdigest()
+
+
+async def purge_queue(s: Session) -> None:
+    if s.engine.name != "celery":
+        return
+    [(queue, depth)] = s.queued.items()
+    # The key the brain derives for the project (and signs its frames with);
+    # the agent holds it as Z4J_HMAC_SECRET.
+    agent = await s.api("GET", f"/api/v1/agents/{s.agent_id}")
+    key = keys.project_key(keys.master_secret(s.config), uuid.UUID(agent["project_id"]))
+    assert key == decode_secret(s.secret)
+    wrong = await s.command(
+        "purge_queue", {"queue": queue}, {"confirm_token": purge_token(key, queue, depth + 1)}
+    )
+    assert wrong["state"] == "failed" and "mismatch" in wrong["error"], wrong
+    right = await s.command(
+        "purge_queue", {"queue": queue}, {"confirm_token": purge_token(key, queue, depth)}
+    )
+    assert right["state"] == "completed", right
+    assert right["result"] == {
+        "queue": queue,
+        "depth_before": depth,
+        "purged": depth,
+        "force": False,
+    }
+
+
+async def nothing_rejected(s: Session) -> None:
+    assert s.brain.stats.agent_rejected == {}
+
+
+CHECKS: list[Callable[[Session], Awaitable[None]]] = [
+    worker_connects,
+    lifecycle_events_land,
+    celery_doubles_are_distinct,
+    retry_failed_task,
+    cancel_task,
+    purge_queue,
+    nothing_rejected,
+]
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+async def test_engine_adapter_against_brain(engine: str, tmp_path: Path) -> None:
+    with trio.fail_after(8 * DEADLINE):  # a backstop only: each wait has its own deadline
+        async with engine_session(ENGINES[engine], tmp_path) as session:
+            for check in CHECKS:
+                await check(session)
