@@ -1,0 +1,625 @@
+"""The task projection's core: a task's agent events folded into one `tasks` row.
+
+The drain writes a task's row in the same transaction as its events, batch
+by batch, and agents re-send, reorder and (Celery) double their events. So
+the fold must not care how events arrive: `merge` keeps a *doc* that is a
+join of what it has seen, and derives the row from the doc alone. Any
+permutation, duplication and batching of the same events gives the same doc
+and row.
+
+The doc (stored with the row; plain JSON)::
+
+    {"v": 1, "project": hex, "engine": str, "task_id": str,
+     "first_seen": t, "last_event_at": t, "received_at": t | null,
+     "agents": [hex, ...],                  # sorted; "a" below indexes it
+     "obs": [{"at", "id", "a", "k", "s"?, "w"?, "rt"?, "ex"?, "msg"?}, ...],
+     "reg": {field: [value, quality, at], ...},
+     "truncated": true}                     # only once observations were dropped
+
+- ``obs``: one small observation per event, keyed by (event id, agent):
+  kind ``k`` without ``task.``, ``s`` for Celery's broker-monitor copy,
+  worker, runtime_ms, exception, message; sorted by (at, id, agent). Two
+  versions of one key (a re-send filed at its receipt time) keep the later
+  ``at``. At most `OBSERVATION_CAP`: past it the earliest go, as the latest
+  decide the state; attempts then count only the retries kept.
+- ``reg``: name, queue, args, kwargs, result, traceback, parent_id, root_id,
+  tags and priority each hold their best candidate's value, best by
+  (quality, at), then canonical JSON. Quality puts a real name before a
+  Celery placeholder (``<unknown:…>``), a primary copy before a broker
+  copy, a queue before Dramatiq's ``.DQ`` delay queue. Null or "" is never
+  a candidate, except a primary success's null result (the task returned
+  None); a parent equal to the task itself (Celery's re-receipt) is none.
+  So large values sit in the doc once, and nothing empty overwrites them.
+- ``first_seen``/``last_event_at``: the earliest/latest ``at``;
+  ``received_at``: the earliest received (when the task was first queued).
+
+Attempts and state, from the observations:
+
+- Attempts are separated by primary ``task.retried`` events; when there
+  are none, by the broker copies of the one agent that sent the most
+  (ties: the smaller agent id), as prefork Celery sends nothing else.
+- A primary event belongs to the attempt of the first boundary at or after
+  its time (at the same time: the attempt that boundary ends). A broker
+  copy belongs to the attempt numbered by the retries its own agent's
+  monitor reported before it: its clock runs late, but in order. A
+  broker-copy retry that is not a boundary only adds a worker or runtime.
+- An attempt's state is its highest event, ranked as in `TASK_STATES`
+  (failed above succeeded); the task's is its last attempt's, or
+  ``retried`` while that attempt has seen nothing. So a received, which
+  ranks lowest and never opens an attempt, cannot move a task back.
+- An attempt's times (received, started, the end that set its state)
+  prefer primary copies, then the earliest; its worker, runtime_ms and
+  exception prefer primary copies, then the latest, and for the exception
+  the highest kind first. runtime_ms falls back to finished - started.
+- The row takes times, worker and runtime from the last attempt (worker:
+  the last one known, between attempts), the exception from the attempt
+  that set the state, and agent_id from the latest primary observation
+  (else the latest).
+
+Known limits: Dramatiq files every re-enqueue under the first enqueue time,
+so its later attempts have no received_at; in prefork Celery the receipts
+are placed against the monitor's late retry times; a broker event the
+monitor maps twice (redelivery) is a second copy we cannot tell apart.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+from bisect import bisect_left
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+
+import attrs
+import orjson
+
+from .events import _filing_time
+
+__all__ = [
+    "OBSERVATION_CAP",
+    "TASK_STATES",
+    "TaskEvent",
+    "TaskRow",
+    "merge",
+    "task_event",
+    "task_row",
+]
+
+TASK_STATES = ("received", "started", "retried", "succeeded", "failed", "revoked")
+OBSERVATION_CAP = 256
+DOC_VERSION = 1
+
+_RANK = {state: rank for rank, state in enumerate(TASK_STATES)}
+_KINDS = {"task." + state: state for state in TASK_STATES}
+_ENDS = frozenset(("retried", "succeeded", "failed", "revoked"))
+# Registers whose candidates are any value but null and "", by (primary copy, at).
+_PLAIN_REGISTERS = (
+    ("args", "args"),
+    ("kwargs", "kwargs"),
+    ("traceback", "traceback"),
+    ("root_id", "root_task_id"),
+    ("tags", "tags"),
+    ("priority", "priority"),
+)
+_REGISTERS = (
+    "name",
+    "queue",
+    "args",
+    "kwargs",
+    "result",
+    "traceback",
+    "parent_id",
+    "root_id",
+    "tags",
+    "priority",
+)
+
+
+@attrs.frozen
+class TaskEvent:
+    """One agent event about a task, as the projection reads it."""
+
+    project_id: bytes  # 16-byte UUID
+    agent_id: bytes  # 16-byte UUID
+    worker_id: str | None  # the WebSocket worker (session) that sent it
+    event_id: str
+    kind: str  # "task.received" ...
+    engine: str
+    task_id: str
+    at: float  # occurred_at when sane, else receipt (events._filing_time)
+    data: Mapping[str, Any]
+
+    @property
+    def broker_copy(self) -> bool:
+        """Celery's second feed (its broker monitor): it names the worker host, or
+        knows no task name. Signal copies do neither (z4j-celery 1.13)."""
+        if self.engine != "celery":
+            return False
+        worker, name = self.data.get("worker"), self.data.get("task_name")
+        return (type(worker) is str and worker != "") or (type(name) is str and _placeholder(name))
+
+
+@attrs.frozen
+class TaskRow:
+    """The columns of one `tasks` row, all derived from the doc."""
+
+    project_id: bytes
+    engine: str
+    task_id: str
+    name: str | None
+    queue: str | None
+    state: str
+    attempts: int
+    agent_id: bytes
+    worker: str | None  # the engine's worker name (celery hostname, dramatiq host@pid)
+    args: Any
+    kwargs: Any
+    result: Any
+    exception: str | None
+    message: str | None
+    traceback: str | None
+    runtime_ms: float | None
+    parent_id: str | None
+    root_id: str | None
+    tags: Any
+    priority: Any
+    first_seen: float
+    received_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    last_event_at: float
+    timeline: list[dict[str, Any]]
+
+
+def task_event(
+    project_id: bytes,
+    agent_id: bytes,
+    worker_id: str | None,
+    event: Mapping[str, Any],
+    received_at: float,
+) -> TaskEvent | None:
+    """None unless a task lifecycle event (kind in task.received/started/succeeded/
+    failed/retried/revoked) with non-empty string engine and task_id."""
+    kind, engine, task_id = event.get("kind"), event.get("engine"), event.get("task_id")
+    event_id, data = event.get("id"), event.get("data")
+    if not (type(kind) is str and kind in _KINDS and type(event_id) is str):
+        return None
+    if not (type(engine) is str and engine and type(task_id) is str and task_id):
+        return None
+    at = _filing_time(event.get("occurred_at"), received_at).timestamp()
+    return TaskEvent(
+        project_id,
+        agent_id,
+        worker_id,
+        event_id,
+        kind,
+        engine,
+        task_id,
+        at,
+        data if isinstance(data, Mapping) else {},
+    )
+
+
+def merge(
+    doc: Mapping[str, Any] | None, events: Iterable[TaskEvent]
+) -> tuple[dict[str, Any], TaskRow]:
+    """Fold events (all of ONE key: same project/engine/task_id; raise ValueError
+    otherwise) into the stored doc (None: a new task); return the new doc
+    (JSON-serialisable with orjson, stored in the row) and the derived row."""
+    task = _Task.load(doc) if doc is not None else None
+    for event in events:
+        if task is None:
+            task = _Task((event.project_id, event.engine, event.task_id))
+        task.add(event)
+    if task is None:
+        raise ValueError("merge needs a doc or at least one event")
+    task.trim()
+    obs = task.sorted_obs()
+    return task.dump(obs), task.row(obs)
+
+
+def task_row(doc: Mapping[str, Any]) -> TaskRow:
+    """The row a doc stands for (what `merge` returned with it)."""
+    task = _Task.load(doc)
+    return task.row(task.sorted_obs())
+
+
+# -- observations and registers ----------------------------------------------------------
+
+
+class _Obs(NamedTuple):
+    """What an event leaves in the doc besides its registers' candidates."""
+
+    at: float
+    id: str
+    agent: str  # hex
+    kind: str  # a TASK_STATES member
+    secondary: bool  # Celery's broker-monitor copy
+    worker: str | None
+    runtime_ms: float | None
+    exception: str | None
+    message: str | None
+
+
+_Key = tuple[bytes, str, str]
+
+
+class _Task:
+    """A doc being folded: the observations and registers of one task."""
+
+    __slots__ = ("first_seen", "key", "last_event_at", "obs", "received_at", "reg", "truncated")
+
+    def __init__(self, key: _Key) -> None:
+        self.key = key
+        self.obs: dict[tuple[str, str], _Obs] = {}
+        self.reg: dict[str, list[Any]] = {}
+        self.first_seen = math.inf
+        self.last_event_at = -math.inf
+        self.received_at: float | None = None
+        self.truncated = False
+
+    @classmethod
+    def load(cls, doc: Mapping[str, Any]) -> _Task:
+        if doc.get("v") != DOC_VERSION:
+            raise ValueError(f"task doc version {doc.get('v')!r}, expected {DOC_VERSION}")
+        task = cls((bytes.fromhex(doc["project"]), doc["engine"], doc["task_id"]))
+        agents = doc["agents"]
+        for o in doc["obs"]:
+            ob = _Obs(
+                o["at"],
+                o["id"],
+                agents[o["a"]],
+                o["k"],
+                "s" in o,
+                o.get("w"),
+                o.get("rt"),
+                o.get("ex"),
+                o.get("msg"),
+            )
+            task.obs[ob.id, ob.agent] = ob
+        task.reg = {name: list(value) for name, value in doc["reg"].items()}
+        task.first_seen, task.last_event_at = doc["first_seen"], doc["last_event_at"]
+        task.received_at = doc["received_at"]
+        task.truncated = bool(doc.get("truncated"))
+        return task
+
+    def add(self, event: TaskEvent) -> None:
+        if (event.project_id, event.engine, event.task_id) != self.key:
+            raise ValueError(
+                f"event {event.event_id!r} is about {event.engine}/{event.task_id}, "
+                f"not {self.key[1]}/{self.key[2]} of this project"
+            )
+        at, eid, data = event.at, event.event_id, event.data
+        kind = _KINDS[event.kind]
+        secondary = event.broker_copy
+        agent = event.agent_id.hex()
+        exception, message = _failure(data) if kind in _ENDS else (None, None)
+        worker, runtime = data.get("worker"), data.get("runtime_ms")
+        if not _number(runtime):
+            runtime = None
+        ob = _Obs(
+            at,
+            eid,
+            agent,
+            kind,
+            secondary,
+            worker if type(worker) is str and worker else None,
+            runtime,
+            exception,
+            message,
+        )
+        old = self.obs.get((eid, agent))
+        if old is None or _later_version(ob, old):
+            self.obs[eid, agent] = ob
+
+        if at < self.first_seen:
+            self.first_seen = at
+        if at > self.last_event_at:
+            self.last_event_at = at
+        if kind == "received" and (self.received_at is None or at < self.received_at):
+            self.received_at = at
+
+        primary = 0 if secondary else 1
+        offer, get = self._offer, data.get
+        name = get("task_name")
+        if type(name) is str and name:
+            offer("name", name, primary + (0 if _placeholder(name) else 2), at)
+        queue = get("queue")
+        if type(queue) is str and queue:
+            delayed = event.engine == "dramatiq" and queue.endswith(".DQ")
+            offer("queue", queue, 2 * primary + (0 if delayed else 1), at)
+        for field, source in _PLAIN_REGISTERS:
+            value = get(source)
+            if value is not None and value != "":
+                offer(field, value, primary, at)
+        if kind == "succeeded" and "result" in data:
+            result = data["result"]
+            if primary or result is not None:
+                offer("result", result, primary, at)
+        parent = get("parent_task_id")
+        # Celery's re-receipt of a retry names the task as its own parent.
+        if type(parent) is str and parent and parent != event.task_id:
+            offer("parent_id", parent, primary, at)
+
+    def _offer(self, field: str, value: Any, quality: int, at: float) -> None:
+        held = self.reg.get(field)
+        if (
+            held is None
+            or quality > held[1]
+            or (quality == held[1] and at > held[2])
+            or (quality == held[1] and at == held[2] and _canonical(value) > _canonical(held[0]))
+        ):
+            self.reg[field] = [value, quality, at]
+
+    def trim(self) -> None:
+        """Keep the `OBSERVATION_CAP` latest observations by (at, id, agent)."""
+        if len(self.obs) > OBSERVATION_CAP:
+            kept = sorted(self.obs.values())[-OBSERVATION_CAP:]
+            self.obs = {(o.id, o.agent): o for o in kept}
+            self.truncated = True
+
+    def sorted_obs(self) -> list[_Obs]:
+        # (at, id, agent) is unique, so the tuples never compare further.
+        return sorted(self.obs.values())
+
+    def dump(self, obs: list[_Obs]) -> dict[str, Any]:
+        agents = sorted({o.agent for o in obs})
+        index = {agent: i for i, agent in enumerate(agents)}
+        doc: dict[str, Any] = {
+            "v": DOC_VERSION,
+            "project": self.key[0].hex(),
+            "engine": self.key[1],
+            "task_id": self.key[2],
+            "first_seen": self.first_seen,
+            "last_event_at": self.last_event_at,
+            "received_at": self.received_at,
+            "agents": agents,
+            "obs": [_dump_obs(o, index[o.agent]) for o in obs],
+            "reg": {name: list(self.reg[name]) for name in _REGISTERS if name in self.reg},
+        }
+        if self.truncated:
+            doc["truncated"] = True
+        return doc
+
+    def row(self, obs: list[_Obs]) -> TaskRow:
+        timeline = _timeline(obs)
+        last = timeline[-1]
+        state = last["state"] or "retried"
+        # Why the task is where it is: a retried task's reason is its previous attempt's.
+        cause = last if last["state"] is not None or len(timeline) == 1 else timeline[-2]
+        # The agent that reported last, and (between attempts) the worker that ran
+        # the task last: primary copies first.
+        latest = _preferred(obs)
+        worker = last["worker"]
+        if worker is None:
+            ran = _preferred([o for o in obs if o.worker is not None])
+            worker = ran.worker if ran else None
+        reg = self.reg
+
+        def value(field: str) -> Any:
+            held = reg.get(field)
+            return None if held is None else held[0]
+
+        project, engine, task_id = self.key
+        return TaskRow(
+            project_id=project,
+            engine=engine,
+            task_id=task_id,
+            name=value("name"),
+            queue=value("queue"),
+            state=state,
+            attempts=len(timeline),
+            agent_id=bytes.fromhex(latest.agent) if latest else b"",
+            worker=worker,
+            args=value("args"),
+            kwargs=value("kwargs"),
+            result=value("result"),
+            exception=cause["exception"],
+            message=cause["message"],
+            traceback=value("traceback"),
+            runtime_ms=last["runtime_ms"],
+            parent_id=value("parent_id"),
+            root_id=value("root_id"),
+            tags=value("tags"),
+            priority=value("priority"),
+            first_seen=self.first_seen,
+            received_at=self.received_at,
+            started_at=last["started_at"],
+            finished_at=last["finished_at"],
+            last_event_at=self.last_event_at,
+            timeline=timeline,
+        )
+
+
+def _later_version(new: _Obs, old: _Obs) -> bool:
+    """Two versions of one (event id, agent): e.g. a re-send filed at its receipt time.
+    Pick by the order `trim` keeps by, so the choice and the cap commute."""
+    if new.at != old.at:
+        return new.at > old.at
+    return orjson.dumps(tuple(new)) > orjson.dumps(tuple(old))
+
+
+def _canonical(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+def _dump_obs(o: _Obs, agent: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"at": o.at, "id": o.id, "a": agent, "k": o.kind}
+    if o.secondary:
+        out["s"] = 1
+    if o.worker is not None:
+        out["w"] = o.worker
+    if o.runtime_ms is not None:
+        out["rt"] = o.runtime_ms
+    if o.exception is not None:
+        out["ex"] = o.exception
+    if o.message is not None:
+        out["msg"] = o.message
+    return out
+
+
+def _number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _placeholder(name: str) -> bool:
+    """Celery's stand-in when it does not know the name: ``<unknown:…>``."""
+    return name.startswith("<unknown") and name.endswith(">")
+
+
+# -- attempts -----------------------------------------------------------------------------
+#
+# Observations arrive here sorted by (at, id, agent), so "the latest" is the last
+# one met and "the earliest" the first: the loops below pick without sort keys.
+
+
+def _timeline(obs: list[_Obs]) -> list[dict[str, Any]]:
+    """The attempts, from observations sorted by (at, id, agent)."""
+    retried = [o for o in obs if o.kind == "retried"]
+    if not retried:
+        return [_attempt(1, [(o, True) for o in obs])]
+    bounds = [o for o in retried if not o.secondary]
+    if not bounds:
+        streams: dict[str, list[_Obs]] = {}
+        for o in retried:
+            streams.setdefault(o.agent, []).append(o)
+        bounds = min(streams.items(), key=lambda s: (-len(s[1]), s[0]))[1]
+    last = len(bounds)
+    bound_ats = [b.at for b in bounds]
+    position = {(b.id, b.agent): i for i, b in enumerate(bounds)}
+    attempts: list[list[tuple[_Obs, bool]]] = [[] for _ in range(last + 1)]
+    retries_seen: dict[str, int] = {}  # per agent, its broker copies of task.retried so far
+    for o in obs:
+        where = position.get((o.id, o.agent)) if o.kind == "retried" else None
+        counts = True
+        if o.secondary:
+            seen = retries_seen.get(o.agent, 0)
+            if o.kind == "retried":
+                retries_seen[o.agent] = seen + 1
+                counts = where is not None
+            if where is None:
+                where = min(seen, last)
+        elif where is None:
+            where = bisect_left(bound_ats, o.at)
+        attempts[where].append((o, counts))
+    return [_attempt(n, items) for n, items in enumerate(attempts, 1)]
+
+
+def _preferred(obs: list[_Obs]) -> _Obs | None:
+    """Primary copies first, then the latest."""
+    for o in reversed(obs):
+        if not o.secondary:
+            return o
+    return obs[-1] if obs else None
+
+
+def _explains_better(o: _Obs, held: _Obs | None) -> bool:
+    """The highest kind (a failure over a retry), then primary copies, then the latest."""
+    if held is None or _RANK[o.kind] > _RANK[held.kind]:
+        return True
+    return o.kind == held.kind and (held.secondary or not o.secondary)
+
+
+def _attempt(number: int, items: list[tuple[_Obs, bool]]) -> dict[str, Any]:
+    firsts: dict[str, _Obs] = {}  # per kind: primary copies first, then the earliest
+    worker = timed = failure = None  # primary copies first, then the latest
+    for o, counts in items:
+        if counts:
+            first = firsts.get(o.kind)
+            if first is None or (first.secondary and not o.secondary):
+                firsts[o.kind] = o
+            if (o.exception is not None or o.message is not None) and _explains_better(o, failure):
+                failure = o
+        if o.worker is not None and (worker is None or worker.secondary or not o.secondary):
+            worker = o
+        if o.runtime_ms is not None and (timed is None or timed.secondary or not o.secondary):
+            timed = o
+    state = max(firsts, key=_RANK.__getitem__, default=None)
+    received, started = firsts.get("received"), firsts.get("started")
+    ended = firsts[state] if state in _ENDS else None
+    started_at = started.at if started else None
+    finished_at = ended.at if ended else None
+    if timed is not None:
+        runtime_ms = timed.runtime_ms
+    elif started_at is not None and finished_at is not None and finished_at >= started_at:
+        runtime_ms = round((finished_at - started_at) * 1000, 3)
+    else:
+        runtime_ms = None
+    return {
+        "attempt": number,
+        "state": state,
+        "received_at": received.at if received else None,
+        "started_at": started_at,
+        "finished_at": finished_at,
+        "worker": worker.worker if worker else None,
+        "runtime_ms": runtime_ms,
+        "exception": failure.exception if failure else None,
+        "message": failure.message if failure else None,
+    }
+
+
+# -- exceptions ---------------------------------------------------------------------------
+
+_DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
+_TYPE_COLON = re.compile(rf"({_DOTTED}): (.*)", re.S)  # "ValueError: boom"
+_REPR = re.compile(rf"({_DOTTED})\((.*)\)", re.S)  # "ValueError('boom')"
+_TYPE = re.compile(_DOTTED)
+_CELERY_RETRY = re.compile(r"Retry (?:in|at) .+?: (.+)", re.S)  # celery's Retry.__str__
+_LITERAL_LIMIT = 8192
+
+
+def _failure(data: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """(exception type, message) from a failed or retried event's data.
+
+    Celery sends the class and a message (its broker copy: the exception's
+    repr); the other engines send "Type: message"; a retry may only have a
+    reason. Text that does not parse is kept as sent.
+    """
+    exception, text = data.get("exception"), data.get("exception_message")
+    if type(exception) is str and exception:
+        if type(text) is str:
+            found = _REPR.fullmatch(text)
+            if found and found[1].rsplit(".", 1)[-1] == exception:
+                inner = _unquote(found[2])
+                if inner is not None:
+                    return exception, inner or None
+            return exception, text or None
+        return _parse(exception) or (exception, None)
+    reason = data.get("reason")
+    if type(reason) is str and reason:
+        # Celery's "Retry in 0s: RuntimeError('flaky')", its broker copy's bare
+        # repr; huey's words ("timeout") are no type.
+        retry = _CELERY_RETRY.fullmatch(reason)
+        return _parse(retry[1] if retry else reason, words=False) or (None, reason)
+    return None, None
+
+
+def _parse(text: str, *, words: bool = True) -> tuple[str, str | None] | None:
+    """(type, message) from "Type", "Type: message" or "Type('message')"; with
+    ``words=False`` only from the last (a reason's words are not a type)."""
+    if words:
+        if _TYPE.fullmatch(text):
+            return text, None
+        found = _TYPE_COLON.fullmatch(text)
+        if found:
+            return found[1], found[2] or None
+    found = _REPR.fullmatch(text)
+    if found:
+        inner = _unquote(found[2])
+        if inner is not None:
+            return found[1], inner or None
+    return None
+
+
+def _unquote(text: str) -> str | None:
+    """The string a repr'd single argument stands for ("" for none), else None."""
+    if text == "":
+        return ""
+    if len(text) > _LITERAL_LIMIT or len(text) < 2 or text[0] != text[-1] or text[0] not in "'\"":
+        return None
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+        return None
+    return value if isinstance(value, str) else None
