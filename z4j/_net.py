@@ -23,7 +23,13 @@ import trio
 
 from .config import Config, parse_bind
 
-__all__ = ["ACCEPT_CAPACITY_ERRNOS", "REFUSAL_SLOTS", "bind_ports", "open_tcp_socket", "serve_listener"]
+__all__ = [
+    "ACCEPT_CAPACITY_ERRNOS",
+    "REFUSAL_SLOTS",
+    "bind_ports",
+    "open_tcp_socket",
+    "serve_listener",
+]
 
 log = logging.getLogger("z4j.net")
 

@@ -29,7 +29,9 @@ from typing import NamedTuple
 
 import orjson
 
+from ._filing import filing_time
 from .buffer import ClaimedRow
+from .tasks import TaskEvent, task_event
 
 __all__ = ["MAX_RECORDS_PER_PAYLOAD", "EventRow", "event_rows", "key_prefix"]
 
@@ -50,9 +52,6 @@ class EventRow(NamedTuple):
     worker_id: str | None = None
 
 
-# An agent event's occurred_at further than this from its receipt is not
-# trusted for filing; the receipt time is used instead.
-_MAX_CLOCK_SKEW_SECONDS = 7 * 86400
 _AGENT_KEY_LABEL = b"z4j-agent-event-v1:"
 
 
@@ -68,11 +67,17 @@ def _kind(record: object, row_id: int) -> str:
     return kind
 
 
-def event_rows(buffer_id: uuid.UUID, rows: Iterable[ClaimedRow]) -> Iterator[EventRow]:
+def event_rows(
+    buffer_id: uuid.UUID,
+    rows: Iterable[ClaimedRow],
+    tasks: list[TaskEvent] | None = None,
+) -> Iterator[EventRow]:
     """Expand claimed payloads into event rows (CPU work: run it off the loop).
 
     The hot loop of the drain: it builds no UUID objects, and checks a
-    record's kind with exact type tests first.
+    record's kind with exact type tests first. With ``tasks``, the agent
+    events about a task are also appended there, parsed once, for the task
+    projection written in the same transaction (store/tasks.py).
     """
     prefix = key_prefix(buffer_id) << 64
     loads, dumps = orjson.loads, orjson.dumps
@@ -82,7 +87,7 @@ def event_rows(buffer_id: uuid.UUID, rows: Iterable[ClaimedRow]) -> Iterator[Eve
             origin = origins.get(row.origin)
             if origin is None:
                 origin = origins[row.origin] = _origin(row)
-            yield from _agent_event_rows(row, origin)
+            yield from _agent_event_rows(row, origin, tasks)
             continue
         if row.id >= _ROW_LIMIT:
             raise ValueError(f"buffer row id {row.id} is out of the key's range")
@@ -118,16 +123,23 @@ def _origin(row: ClaimedRow) -> _Origin:
     )
 
 
-def _agent_event_rows(row: ClaimedRow, origin: _Origin) -> Iterator[EventRow]:
+def _agent_event_rows(
+    row: ClaimedRow, origin: _Origin, tasks: list[TaskEvent] | None
+) -> Iterator[EventRow]:
     project, agent, worker = origin
     for event in orjson.loads(row.body):
         event_id = event.get("id") if isinstance(event, dict) else None
         kind = event.get("kind") if isinstance(event, dict) else None
         if not isinstance(event_id, str) or not isinstance(kind, str):
             raise ValueError(f"buffer row {row.id}: an agent event without string id and kind")
+        filed = filing_time(event.get("occurred_at"), row.received_at)
+        if tasks is not None and kind.startswith("task."):
+            about = task_event(project, agent, worker, event, row.received_at)
+            if about is not None:
+                tasks.append(about)
         key = hashlib.blake2b(_AGENT_KEY_LABEL + agent + event_id.encode(), digest_size=16).digest()
         yield EventRow(
-            _filing_time(event.get("occurred_at"), row.received_at),
+            filed,
             key,
             "agent",
             kind,
@@ -136,18 +148,3 @@ def _agent_event_rows(row: ClaimedRow, origin: _Origin) -> Iterator[EventRow]:
             agent,
             worker,
         )
-
-
-def _filing_time(occurred_at: object, received_at: float) -> datetime:
-    """occurred_at when it is a sane timestamp (naive means UTC), else receipt time."""
-    if isinstance(occurred_at, str):
-        try:
-            when = datetime.fromisoformat(occurred_at.replace("Z", "+00:00"))
-        except ValueError:
-            pass
-        else:
-            if when.tzinfo is None:
-                when = when.replace(tzinfo=UTC)
-            if abs(when.timestamp() - received_at) <= _MAX_CLOCK_SKEW_SECONDS:
-                return when
-    return datetime.fromtimestamp(received_at, UTC)

@@ -12,10 +12,12 @@ import bisect
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterable
+from typing import Protocol
 
 import attrs
 
-__all__ = ["BrainStats", "Histogram", "HttpStats", "RateMeter", "ThrottledLog"]
+__all__ = ["BrainStats", "Histogram", "HttpStats", "RateMeter", "TaskStats", "ThrottledLog"]
 
 # Seconds: from a fast SQLite read to a store write that waits on a lock.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -55,6 +57,62 @@ class Histogram:
         return out
 
 
+# Task runtimes, seconds: from a quick job to an hour's batch.
+RUNTIME_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+# Task names become metric labels; past this many (engine, name) pairs, the
+# rest count under "other", so no engine can grow /metrics without bound.
+MAX_TASK_LABELS = 200
+
+
+class FinishedTask(Protocol):
+    """What the metrics read of a task the drain finished (z4j.tasks.TaskRow)."""
+
+    @property
+    def engine(self) -> str: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def runtime_ms(self) -> float | None: ...
+
+
+@attrs.define
+class TaskStats:
+    """Task outcomes and runtimes by engine and task name (a bounded label set),
+    and what the reconciler last counted: stuck tasks, queue depths."""
+
+    finished: Counter[tuple[str, str, str]] = attrs.field(factory=Counter)  # engine, name, state
+    runtime: dict[tuple[str, str], Histogram] = attrs.field(factory=dict)
+    stuck: dict[str, int] = attrs.field(factory=dict)  # by engine
+    queue_depth: dict[tuple[str, str], int] = attrs.field(factory=dict)  # engine, queue
+    _labels: set[tuple[str, str]] = attrs.field(factory=set)
+
+    def label(self, engine: str, name: str | None) -> str:
+        """The task label of ``name``: itself while there is room, else "other"."""
+        key = (engine, name or "")
+        if key in self._labels:
+            return key[1]
+        if len(self._labels) < MAX_TASK_LABELS:
+            self._labels.add(key)
+            return key[1]
+        return "other"
+
+    def observe_finished(self, tasks: Iterable[FinishedTask]) -> None:
+        """Count tasks the drain just finished (the store's ``on_tasks``)."""
+        for task in tasks:
+            self.observe(task.engine, task.name, task.state, task.runtime_ms)
+
+    def observe(self, engine: str, name: str | None, state: str, runtime_ms: float | None) -> None:
+        label = self.label(engine, name)
+        self.finished[engine, label, state] += 1
+        if runtime_ms is not None and runtime_ms >= 0:
+            histogram = self.runtime.get((engine, label))
+            if histogram is None:
+                histogram = self.runtime[engine, label] = Histogram(RUNTIME_BUCKETS)
+            histogram.observe(runtime_ms / 1000)
+
+
 @attrs.define
 class BrainStats:
     ingest_connections_total: int = 0
@@ -87,6 +145,7 @@ class BrainStats:
     lease_acquisitions: int = 0
     leader: bool = False  # holds the leader lease (always, with the local registry)
     sweep_deliveries: int = 0  # commands the sweep delivered (a notification missed)
+    tasks: TaskStats = attrs.field(factory=TaskStats)
     # Set by the heartbeat: records/s over its last interval.
     ingest_rate: float = 0.0
     drain_rate: float = 0.0

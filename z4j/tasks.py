@@ -74,7 +74,7 @@ from typing import Any, NamedTuple
 import attrs
 import orjson
 
-from .events import _filing_time
+from ._filing import filing_time
 
 __all__ = [
     "OBSERVATION_CAP",
@@ -127,7 +127,7 @@ class TaskEvent:
     kind: str  # "task.received" ...
     engine: str
     task_id: str
-    at: float  # occurred_at when sane, else receipt (events._filing_time)
+    at: float  # occurred_at when sane, else receipt (z4j._filing)
     data: Mapping[str, Any]
 
     @property
@@ -187,7 +187,7 @@ def task_event(
         return None
     if not (type(engine) is str and engine and type(task_id) is str and task_id):
         return None
-    at = _filing_time(event.get("occurred_at"), received_at).timestamp()
+    at = filing_time(event.get("occurred_at"), received_at).timestamp()
     return TaskEvent(
         project_id,
         agent_id,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
 from ..config import Config
+from ..tasks import TaskRow
 from .base import (
     COMMAND_STATES,
     FINAL_COMMAND_STATES,
@@ -47,6 +48,7 @@ def store_for(
     *,
     application_name: str = "z4j",
     observe_query: Callable[[float], None] | None = None,
+    on_tasks: Callable[[Sequence[TaskRow]], None] | None = None,
 ) -> Store:
     """The store the configuration asks for (not yet connected)."""
     if config.database_url is not None:
@@ -56,8 +58,15 @@ def store_for(
             statement_timeout_ms=config.db_statement_timeout_ms,
             application_name=application_name,
             observe_query=observe_query,
+            project_tasks=config.task_projection,
+            on_tasks=on_tasks,
         )
-    return SqliteStore(config.sqlite_store_path, observe_query=observe_query)
+    return SqliteStore(
+        config.sqlite_store_path,
+        observe_query=observe_query,
+        project_tasks=config.task_projection,
+        on_tasks=on_tasks,
+    )
 
 
 def health_checks(

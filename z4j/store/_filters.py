@@ -47,6 +47,12 @@ def events_where(d: Dialect, query: EventFilter) -> Where:
         where.add("kind = ?", query.kind)
     if query.agent_id is not None:
         where.add("agent_id = ?", d.uuid_in(query.agent_id))
+    if query.task_id is not None:
+        where.add(f"{d.json_text('body', 'task_id')} = ?", query.task_id)
+    if query.engine is not None:
+        where.add(f"{d.json_text('body', 'engine')} = ?", query.engine)
+    if query.task_name is not None:
+        where.add(f"{d.json_text('body', 'data.task_name')} = ?", query.task_name)
     if query.since is not None:
         where.add("received_at >= ?", d.ts_in(query.since))
     if query.until is not None:

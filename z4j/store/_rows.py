@@ -51,6 +51,7 @@ class Conn(Protocol):
     """What shared SQL needs of a connection: psycopg's and sqlite3's both fit."""
 
     def execute(self, sql: Any, params: Any = ..., /) -> Any: ...
+    def cursor(self) -> Any: ...
 
 
 @attrs.frozen(kw_only=True)
@@ -67,6 +68,7 @@ class Dialect:
     json_in: Callable[[Any], Any]
     json_out: Callable[[Any], Any]
     key_hex: Callable[[Any], str]  # an event's idempotency key, as hex
+    json_text: Callable[[str, str], str]  # SQL for a JSON column's field at a dotted path, as text
 
     def sql(self, text: str) -> str:
         """``text`` written with ``?`` placeholders, in this dialect's."""
@@ -102,7 +104,8 @@ INSTANCE_COLUMNS = (
     " drain_rate, buffer_depth, stopped_at"
 )
 WORKER_COLUMNS = (
-    "agent_id, worker_id, role, instance_id, connected_at, last_seen, disconnected_at, status"
+    "agent_id, worker_id, role, instance_id, connected_at, last_seen, disconnected_at, status,"
+    " hello, health"
 )
 EVENT_COLUMNS = (
     "id, idempotency_key, received_at, source, kind, project_id, agent_id, worker_id, body"
@@ -190,7 +193,18 @@ def instance(d: Dialect, row: Any) -> InstanceInfo:
 
 
 def worker(d: Dialect, row: Any) -> WorkerInfo:
-    agent_id, worker_id, role, instance_id, connected_at, last_seen, disconnected_at, status = row
+    (
+        agent_id,
+        worker_id,
+        role,
+        instance_id,
+        connected_at,
+        last_seen,
+        disconnected_at,
+        status,
+        hello,
+        health,
+    ) = row
     return WorkerInfo(
         agent_id=d.uuid_out(agent_id),
         worker_id=worker_id,
@@ -200,7 +214,22 @@ def worker(d: Dialect, row: Any) -> WorkerInfo:
         last_seen=d.ts_out(last_seen),
         disconnected_at=d.opt_ts_out(disconnected_at),
         status=d.opt_json_out(status),
+        capabilities=capabilities(d.opt_json_out(hello)),
+        health=d.opt_json_out(health),
     )
+
+
+def capabilities(hello: Any) -> dict[str, list[str]]:
+    """What a worker's hello advertises, per engine: ``{engine: [action, ...]}``
+    (anything else in that field is not a capability and is left out)."""
+    advertised = hello.get("capabilities") if isinstance(hello, dict) else None
+    if not isinstance(advertised, dict):
+        return {}
+    return {
+        str(engine): sorted(str(a) for a in actions if isinstance(a, str))
+        for engine, actions in advertised.items()
+        if isinstance(actions, list)
+    }
 
 
 def event(d: Dialect, row: Any) -> EventRecord:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import attrs
 
 from ..buffer import ClaimedRow
+from ..tasks import TaskEvent
 
 if TYPE_CHECKING:
     from .pg import PgPool
@@ -29,6 +30,8 @@ __all__ = [
     "Project",
     "Store",
     "StoreUnavailable",
+    "TaskFilter",
+    "TaskRecord",
     "UnstorableRows",
 ]
 
@@ -118,6 +121,11 @@ class WorkerInfo:
     last_seen: float
     disconnected_at: float | None
     status: dict[str, Any] | None
+    # From its hello: the actions each engine of the worker takes.
+    capabilities: dict[str, list[str]] = attrs.field(factory=dict)
+    # Its last heartbeat's adapter_health: "<engine>.<key>": text (JSON for
+    # dicts, e.g. "celery.queue_depths"), as the adapters send it.
+    health: dict[str, Any] | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -133,6 +141,60 @@ class EventRecord:
     agent_id: uuid.UUID | None
     worker_id: str | None
     body: Any
+
+
+@attrs.frozen(kw_only=True)
+class TaskRecord:
+    """One row of ``tasks``: what the projection knows of one task (z4j.tasks).
+
+    A list shows the summary; the inputs, result, traceback, lineage and
+    the attempts' timeline (None in a list) come with the task itself.
+    """
+
+    project_id: uuid.UUID
+    engine: str
+    task_id: str
+    name: str | None
+    queue: str | None
+    state: str
+    attempts: int
+    agent_id: uuid.UUID | None
+    worker: str | None
+    exception: str | None
+    message: str | None
+    runtime_ms: float | None
+    first_seen: float
+    received_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    last_event_at: float
+    args: Any = None
+    kwargs: Any = None
+    result: Any = None
+    traceback: str | None = None
+    parent_id: str | None = None
+    root_id: str | None = None
+    tags: Any = None
+    priority: Any = None
+    timeline: list[dict[str, Any]] | None = None
+
+
+@attrs.frozen(kw_only=True)
+class TaskFilter:
+    """Which tasks to list: all given conditions hold; newest first."""
+
+    state: str | None = None
+    engine: str | None = None
+    queue: str | None = None
+    name: str | None = None
+    agent_id: uuid.UUID | None = None
+    project_id: uuid.UUID | None = None
+    since: float | None = None  # last_event_at >= since
+    until: float | None = None  # last_event_at < until
+    text: str | None = None  # a substring of the name, id, exception or message
+    # Keyset cursor: tasks strictly older than (last_event_at, engine, task_id).
+    before: tuple[float, str, str] | None = None
+    limit: int = 50
 
 
 @attrs.frozen(kw_only=True)
@@ -166,6 +228,10 @@ class EventFilter:
 
     kind: str | None = None
     agent_id: uuid.UUID | None = None
+    # Agent events about one task, one engine, one task name (fields of the body).
+    task_id: str | None = None
+    engine: str | None = None
+    task_name: str | None = None
     since: float | None = None  # received_at >= since
     until: float | None = None  # received_at < until
     # Keyset cursor: events strictly older than (received_at, id).
@@ -270,8 +336,10 @@ class Store(Protocol):
         *,
         at: float,
         status: dict[str, Any] | None = None,
+        health: dict[str, Any] | None = None,
     ) -> None:
-        """Record activity at ``at``, and the worker's status when given."""
+        """Record activity at ``at``, and the worker's status (agent_status)
+        and adapters' health (a heartbeat's adapter_health) when given."""
         ...
 
     async def worker_registry(
@@ -368,6 +436,45 @@ class Store(Protocol):
 
     async def list_events(self, query: EventFilter) -> list[EventRecord]:
         """Events matching ``query``, newest first (by received_at, then id)."""
+        ...
+
+    async def list_tasks(self, query: TaskFilter) -> list[TaskRecord]:
+        """Tasks matching ``query``, newest first (by last_event_at, engine, task_id)."""
+        ...
+
+    async def count_tasks(self, query: TaskFilter) -> dict[str, int]:
+        """How many tasks match ``query`` (its state aside), per state."""
+        ...
+
+    async def get_tasks(
+        self, engine: str, task_id: str, project_id: uuid.UUID | None = None
+    ) -> list[TaskRecord]:
+        """The task(s) of this engine and id with their details: one per project."""
+        ...
+
+    async def task_outcomes(
+        self, *, since: float, by: Literal["queue", "name"] = "queue"
+    ) -> list[tuple[str, str | None, str, int]]:
+        """(engine, queue or name, state, tasks) for tasks last heard of at or after ``since``."""
+        ...
+
+    async def recent_runtimes(
+        self, *, since: float, limit: int
+    ) -> list[tuple[str, str | None, float]]:
+        """(engine, name, runtime_ms) of the newest ``limit`` tasks with a runtime."""
+        ...
+
+    async def commands_for_task(self, task_id: str) -> list[CommandRecord]:
+        """Commands that named this task (target, parameters or result), newest first."""
+        ...
+
+    async def stuck_counts(self, *, before: float) -> dict[str, int]:
+        """Per engine: tasks still received or started, last heard of before ``before``."""
+        ...
+
+    async def fold_task_events(self, events: Sequence[TaskEvent]) -> None:
+        """Fold events the brain learnt otherwise (a reconcile answer) into
+        their tasks, as the drain folds the agents' own (idempotent by id)."""
         ...
 
     async def list_audit(

@@ -318,4 +318,94 @@ CREATE INDEX api_sessions_token ON api_sessions (token_hash);
 ALTER TABLE api_tokens ADD COLUMN last_used_at REAL;
 """,
     ),
+    Migration(
+        version=7,
+        name="the task projection",
+        # One row per (project, engine, task id), written by the drain in
+        # the transaction of the events it is derived from (z4j.tasks,
+        # store/tasks.py). `doc` is the projection's own state (its
+        # observations and chosen values); the other columns are derived
+        # from it, for the API's filters. Every list is newest first by
+        # last_event_at, paged by (last_event_at, engine, task_id).
+        # workers.health keeps each worker's latest heartbeat adapter_health
+        # (broker connected, broker type, queue depths).
+        postgres="""
+CREATE TABLE tasks (
+    project_id    uuid NOT NULL,
+    engine        text NOT NULL,
+    task_id       text NOT NULL,
+    name          text,
+    queue         text,
+    state         text NOT NULL,
+    attempts      integer NOT NULL,
+    agent_id      uuid,
+    worker        text,
+    args          jsonb,
+    kwargs        jsonb,
+    result        jsonb,
+    exception     text,
+    message       text,
+    traceback     text,
+    runtime_ms    double precision,
+    parent_id     text,
+    root_id       text,
+    tags          jsonb,
+    priority      jsonb,
+    first_seen    timestamptz NOT NULL,
+    received_at   timestamptz,
+    started_at    timestamptz,
+    finished_at   timestamptz,
+    last_event_at timestamptz NOT NULL,
+    timeline      jsonb NOT NULL DEFAULT '[]',
+    doc           jsonb NOT NULL DEFAULT '{}',
+    PRIMARY KEY (project_id, engine, task_id)
+);
+CREATE INDEX tasks_recent ON tasks (last_event_at DESC, engine DESC, task_id DESC);
+CREATE INDEX tasks_by_state ON tasks (state, last_event_at DESC, engine DESC, task_id DESC);
+CREATE INDEX tasks_by_name ON tasks (name, last_event_at DESC, engine DESC, task_id DESC);
+CREATE INDEX tasks_by_queue ON tasks (queue, last_event_at DESC, engine DESC, task_id DESC);
+CREATE INDEX tasks_by_agent ON tasks (agent_id, last_event_at DESC, engine DESC, task_id DESC);
+CREATE INDEX tasks_by_task_id ON tasks (task_id);
+ALTER TABLE workers ADD COLUMN health jsonb;
+""",
+        sqlite="""
+CREATE TABLE tasks (
+    project_id    TEXT NOT NULL,
+    engine        TEXT NOT NULL,
+    task_id       TEXT NOT NULL,
+    name          TEXT,
+    queue         TEXT,
+    state         TEXT NOT NULL,
+    attempts      INTEGER NOT NULL,
+    agent_id      TEXT,
+    worker        TEXT,
+    args          TEXT,
+    kwargs        TEXT,
+    result        TEXT,
+    exception     TEXT,
+    message       TEXT,
+    traceback     TEXT,
+    runtime_ms    REAL,
+    parent_id     TEXT,
+    root_id       TEXT,
+    tags          TEXT,
+    priority      TEXT,
+    first_seen    REAL NOT NULL,
+    received_at   REAL,
+    started_at    REAL,
+    finished_at   REAL,
+    last_event_at REAL NOT NULL,
+    timeline      TEXT NOT NULL DEFAULT '[]',
+    doc           TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (project_id, engine, task_id)
+);
+CREATE INDEX tasks_recent ON tasks (last_event_at DESC, engine DESC, task_id DESC);
+CREATE INDEX tasks_by_state ON tasks (state, last_event_at DESC, engine DESC, task_id DESC);
+CREATE INDEX tasks_by_name ON tasks (name, last_event_at DESC, engine DESC, task_id DESC);
+CREATE INDEX tasks_by_queue ON tasks (queue, last_event_at DESC, engine DESC, task_id DESC);
+CREATE INDEX tasks_by_agent ON tasks (agent_id, last_event_at DESC, engine DESC, task_id DESC);
+CREATE INDEX tasks_by_task_id ON tasks (task_id);
+ALTER TABLE workers ADD COLUMN health TEXT;
+""",
+    ),
 )

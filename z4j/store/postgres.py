@@ -15,10 +15,11 @@ The drain path per batch, all in one transaction on one pooled connection:
 touches a day with no partition yet creates it first, under an advisory lock
 so that replicas do not race.
 
-Its length is one concern: the Postgres side of the `Store` protocol (the
-COPY drain, partitions, the pool). Mappers, filters and the command
-transaction bodies it shares with SQLite live in `_rows`, `_filters` and
-`_transactions`.
+One concern justifies the length (past 700 lines): the Postgres side of
+the `Store` protocol (the COPY drain, partitions, the pool). Mappers,
+filters, the command transaction bodies and the task projection's SQL it
+shares with SQLite live in `_rows`, `_filters`, `_transactions` and
+`tasks`.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from psycopg.types.json import Jsonb
 
 from ..buffer import ClaimedRow
 from ..events import event_rows
-from . import _rows
+from ..tasks import TaskEvent, TaskRow
+from . import _rows, tasks
 from ._filters import Where, commands_where, events_where
 from ._rows import (
     AGENT_COLUMNS,
@@ -71,12 +73,17 @@ from .base import (
     InstanceInfo,
     Project,
     StoreUnavailable,
+    TaskFilter,
+    TaskRecord,
     UnstorableRows,
     WorkerInfo,
     check_command_state,
 )
 from .migrations import MIGRATION_LOCK_KEY, MIGRATIONS
 from .pg import PgPool
+
+# What one drain write did: events inserted, and the tasks it finished.
+Written = tuple[int, list[TaskRow]]
 
 __all__ = ["PostgresStore", "partition_name"]
 
@@ -159,10 +166,19 @@ class PostgresStore:
     kind: Literal["postgres"] = "postgres"
 
     def __init__(
-        self, pool: PgPool, *, observe_query: Callable[[float], None] | None = None
+        self,
+        pool: PgPool,
+        *,
+        observe_query: Callable[[float], None] | None = None,
+        project_tasks: bool = True,
+        on_tasks: Callable[[Sequence[TaskRow]], None] | None = None,
     ) -> None:
-        """``observe_query``: called with each query's seconds (the query histogram)."""
+        """``observe_query``: called with each query's seconds (the query histogram).
+        ``project_tasks``: keep the ``tasks`` table as events are written;
+        ``on_tasks`` is then called with the tasks each write finished."""
         self.pool = pool
+        self._project_tasks = project_tasks
+        self._on_tasks = on_tasks
         self.observe_query = observe_query or _ignore
         self._partitions: set[date] = set()
         self._staged: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
@@ -176,6 +192,8 @@ class PostgresStore:
         statement_timeout_ms: int,
         application_name: str = "z4j",
         observe_query: Callable[[float], None] | None = None,
+        project_tasks: bool = True,
+        on_tasks: Callable[[Sequence[TaskRow]], None] | None = None,
     ) -> PostgresStore:
         pool = PgPool(
             url,
@@ -184,7 +202,9 @@ class PostgresStore:
             application_name=application_name,
             configure=_configure,
         )
-        return cls(pool, observe_query=observe_query)
+        return cls(
+            pool, observe_query=observe_query, project_tasks=project_tasks, on_tasks=on_tasks
+        )
 
     async def aclose(self) -> None:
         await self.pool.aclose()
@@ -220,7 +240,7 @@ class PostgresStore:
         await self.ensure_partitions(days)
         try:
             try:
-                inserted: int = await self._run(self._copy_events, buffer_id, rows)
+                written: Written = await self._run(self._copy_events, buffer_id, rows)
             except psycopg.errors.CheckViolation:
                 # "no partition found for row": another replica's retention run
                 # dropped a partition our cache still lists, or agent events
@@ -230,7 +250,7 @@ class PostgresStore:
                 await self.ensure_partitions(
                     await trio.to_thread.run_sync(_event_days, buffer_id, rows)
                 )
-                inserted = await self._run(self._copy_events, buffer_id, rows)
+                written = await self._run(self._copy_events, buffer_id, rows)
         except (
             psycopg.DataError,
             psycopg.IntegrityError,
@@ -238,11 +258,14 @@ class PostgresStore:
             orjson.JSONEncodeError,
         ) as exc:
             raise UnstorableRows(str(exc).strip()) from exc
+        inserted, finished = written
+        if finished and self._on_tasks is not None:
+            self._on_tasks(finished)
         return inserted
 
     def _copy_events(
         self, conn: psycopg.Connection[Any], buffer_id: uuid.UUID, rows: Sequence[ClaimedRow]
-    ) -> int:
+    ) -> Written:
         try:
             return self._copy_events_once(conn, buffer_id, rows)
         except BaseException:
@@ -253,7 +276,7 @@ class PostgresStore:
 
     def _copy_events_once(
         self, conn: psycopg.Connection[Any], buffer_id: uuid.UUID, rows: Sequence[ClaimedRow]
-    ) -> int:
+    ) -> Written:
         cur = conn.cursor()
         if conn not in self._staged:
             cur.execute(
@@ -273,11 +296,16 @@ class PostgresStore:
             write_row = copy.write_row
             buffer_key = buffer_id.bytes
             agent_rows = False
-            for at, key, source, kind, body, project, agent, worker in event_rows(buffer_id, rows):
+            about_tasks: list[TaskEvent] | None = [] if self._project_tasks else None
+            for at, key, source, kind, body, project, agent, worker in event_rows(
+                buffer_id, rows, about_tasks
+            ):
                 write_row((at, key, source, kind, buffer_key, body, project, agent, worker))
                 agent_rows = agent_rows or agent is not None
         cur.execute(_INSERT_WITH_AGENT_KEYS if agent_rows else _INSERT_EVENTS)
-        return cur.rowcount
+        inserted: int = cur.rowcount
+        finished = tasks.write_tasks(PG, conn, about_tasks) if about_tasks else []
+        return inserted, finished
 
     # -- instances and health --------------------------------------------------------
 
@@ -399,12 +427,19 @@ class PostgresStore:
         *,
         at: float,
         status: dict[str, Any] | None = None,
+        health: dict[str, Any] | None = None,
     ) -> None:
         await self._run(
             lambda conn: conn.execute(
-                "UPDATE workers SET last_seen = %s, status = COALESCE(%s, status)"
-                " WHERE agent_id = %s AND worker_id = %s",
-                (_ts(at), None if status is None else _jsonb(status), agent_id, worker_id),
+                "UPDATE workers SET last_seen = %s, status = COALESCE(%s, status),"
+                " health = COALESCE(%s, health) WHERE agent_id = %s AND worker_id = %s",
+                (
+                    _ts(at),
+                    None if status is None else _jsonb(status),
+                    None if health is None else _jsonb(health),
+                    agent_id,
+                    worker_id,
+                ),
             )
         )
 
@@ -544,6 +579,53 @@ class PostgresStore:
         params = (*where.params, query.limit)
         rows = await self._run(lambda conn: conn.execute(sql, params).fetchall())
         return [_rows.event(PG, row) for row in rows]
+
+    async def list_tasks(self, query: TaskFilter) -> list[TaskRecord]:
+        result: list[TaskRecord] = await self._run(lambda conn: tasks.list_tasks(PG, conn, query))
+        return result
+
+    async def count_tasks(self, query: TaskFilter) -> dict[str, int]:
+        result: dict[str, int] = await self._run(lambda conn: tasks.count_by_state(PG, conn, query))
+        return result
+
+    async def get_tasks(
+        self, engine: str, task_id: str, project_id: uuid.UUID | None = None
+    ) -> list[TaskRecord]:
+        result: list[TaskRecord] = await self._run(
+            lambda conn: tasks.get_tasks(PG, conn, engine, task_id, project_id)
+        )
+        return result
+
+    async def task_outcomes(
+        self, *, since: float, by: Literal["queue", "name"] = "queue"
+    ) -> list[tuple[str, str | None, str, int]]:
+        result: list[tuple[str, str | None, str, int]] = await self._run(
+            lambda conn: tasks.task_outcomes(PG, conn, since, by)
+        )
+        return result
+
+    async def recent_runtimes(
+        self, *, since: float, limit: int
+    ) -> list[tuple[str, str | None, float]]:
+        result: list[tuple[str, str | None, float]] = await self._run(
+            lambda conn: tasks.recent_runtimes(PG, conn, since, limit)
+        )
+        return result
+
+    async def stuck_counts(self, *, before: float) -> dict[str, int]:
+        result: dict[str, int] = await self._run(lambda conn: tasks.stuck_counts(PG, conn, before))
+        return result
+
+    async def fold_task_events(self, events: Sequence[TaskEvent]) -> None:
+        finished: list[TaskRow] = await self._run(lambda conn: tasks.write_tasks(PG, conn, events))
+        if finished and self._on_tasks is not None:
+            self._on_tasks(finished)
+
+    async def commands_for_task(self, task_id: str) -> list[CommandRecord]:
+        result: list[CommandRecord] = await self._run(
+            lambda conn: tasks.commands_for_task(PG, conn, task_id)
+        )
+        return result
 
     async def list_audit(
         self, *, before_id: int | None = None, limit: int = 50
@@ -762,6 +844,7 @@ PG = Dialect(
     json_in=_jsonb,
     json_out=_same,
     key_hex=lambda key: key.hex,
+    json_text=lambda column, path: f"{column} #>> '{{{path.replace('.', ',')}}}'",
 )
 
 

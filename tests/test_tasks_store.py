@@ -1,0 +1,236 @@
+"""The tasks table, kept by the drain on both stores, and read back by the API's queries.
+
+The projection's rules are tested without a store (tests/test_task_projection.py,
+property_tests/test_task_projection.py); here: that the drain writes it in
+the events' transaction, that a batch drained twice changes nothing, that
+concurrent drains of one task lose nothing (Postgres), and the filters,
+counts, pages and command links the API serves.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+import pytest
+import trio
+
+from z4j.buffer import ClaimedRow
+from z4j.config import Config
+from z4j.store.base import CommandRecord, Store, TaskFilter
+from z4j.testing.store import open_store
+
+T0 = 1_800_000_000.0
+
+
+def _event(
+    kind: str, task_id: str, n: int, *, engine: str = "celery", **data: Any
+) -> dict[str, Any]:
+    return {
+        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{engine}/{task_id}/{kind}/{n}")),
+        "kind": kind,
+        "engine": engine,
+        "task_id": task_id,
+        "occurred_at": f"2027-01-15T08:00:{n:02d}+00:00",
+        "data": {"task_name": "app.add", "queue": "celery", **data},
+    }
+
+
+class Ids:
+    """The project and agent the rows come from (made by `_seed`)."""
+
+    project = uuid.UUID(int=0)
+    agent = uuid.UUID(int=0)
+
+
+def _row(row_id: int, events: list[dict[str, Any]]) -> ClaimedRow:
+    origin = {"project_id": str(Ids.project), "agent_id": str(Ids.agent), "worker_id": "w-1"}
+    return ClaimedRow(
+        id=row_id,
+        received_at=T0,
+        source="agent",
+        body=orjson.dumps(events),
+        origin=orjson.dumps(origin),
+    )
+
+
+def _lifecycle(task_id: str, *, fail: bool = False) -> list[dict[str, Any]]:
+    end = (
+        _event("task.failed", task_id, 3, exception="ValueError", exception_message="boom")
+        if fail
+        else _event("task.succeeded", task_id, 3, result=42)
+    )
+    return [
+        _event("task.received", task_id, 1, args=[1, 2], kwargs={}),
+        _event("task.started", task_id, 2),
+        end,
+    ]
+
+
+async def _seed(store: Store) -> None:
+    await store.migrate()
+    project = await store.create_project("tasks")
+    agent = await store.create_agent(project.id, "a", b"h" * 32)
+    Ids.project, Ids.agent = project.id, agent.id
+
+
+async def test_the_drain_keeps_one_task_row_per_task(config: Config) -> None:
+    buffer_id = uuid.uuid4()
+    async with open_store(config) as store:
+        await _seed(store)
+        events = _lifecycle("t-ok") + _lifecycle("t-bad", fail=True)
+        await store.write_events(buffer_id, [_row(1, events)])
+        tasks = {t.task_id: t for t in await store.list_tasks(TaskFilter())}
+        assert set(tasks) == {"t-ok", "t-bad"}
+        assert (tasks["t-ok"].state, tasks["t-ok"].name, tasks["t-ok"].queue) == (
+            "succeeded",
+            "app.add",
+            "celery",
+        )
+        assert (tasks["t-bad"].state, tasks["t-bad"].exception, tasks["t-bad"].message) == (
+            "failed",
+            "ValueError",
+            "boom",
+        )
+        assert tasks["t-ok"].agent_id == Ids.agent and tasks["t-ok"].project_id == Ids.project
+        [detail] = await store.get_tasks("celery", "t-ok")
+        assert (detail.args, detail.kwargs, detail.result) == ([1, 2], {}, 42)
+        assert detail.timeline is not None and len(detail.timeline) == 1
+
+
+async def test_draining_a_batch_twice_changes_nothing(config: Config) -> None:
+    buffer_id = uuid.uuid4()
+    async with open_store(config) as store:
+        await _seed(store)
+        batch = [_row(1, _lifecycle("t-1"))]
+        await store.write_events(buffer_id, batch)
+        first = await store.get_tasks("celery", "t-1")
+        await store.write_events(buffer_id, batch)  # a crash between commit and delete
+        await store.write_events(uuid.uuid4(), [_row(9, _lifecycle("t-1"))])  # an agent's resend
+        assert await store.get_tasks("celery", "t-1") == first
+
+
+async def test_events_in_any_order_across_batches_give_one_answer(config: Config) -> None:
+    async with open_store(config) as store:
+        await _seed(store)
+        received, started, succeeded = _lifecycle("t-late")
+        # The end first, the start last: a late `received` moves nothing back.
+        await store.write_events(uuid.uuid4(), [_row(1, [succeeded])])
+        await store.write_events(uuid.uuid4(), [_row(2, [started])])
+        await store.write_events(uuid.uuid4(), [_row(3, [received])])
+        [late] = await store.get_tasks("celery", "t-late")
+        await store.write_events(uuid.uuid4(), [_row(4, _lifecycle("t-ordered"))])
+        [ordered] = await store.get_tasks("celery", "t-ordered")
+        assert late.state == ordered.state == "succeeded"
+        assert (late.args, late.result, late.attempts) == (ordered.args, ordered.result, 1)
+
+
+async def test_filters_counts_and_pages(config: Config) -> None:
+    async with open_store(config) as store:
+        await _seed(store)
+        events = []
+        for n in range(7):
+            events += _lifecycle(f"ok-{n}")
+        for n in range(3):
+            events += _lifecycle(f"bad-{n}", fail=True)
+        events.append(_event("task.received", "other-1", 1, engine="huey"))
+        await store.write_events(uuid.uuid4(), [_row(1, events)])
+
+        counts = await store.count_tasks(TaskFilter())
+        assert counts == {"succeeded": 7, "failed": 3, "received": 1}
+        assert await store.count_tasks(TaskFilter(engine="celery", state="failed")) == {
+            "succeeded": 7,
+            "failed": 3,
+        }
+        failed = await store.list_tasks(TaskFilter(state="failed"))
+        assert sorted(t.task_id for t in failed) == ["bad-0", "bad-1", "bad-2"]
+        assert [t.task_id for t in await store.list_tasks(TaskFilter(engine="huey"))] == ["other-1"]
+        assert {t.task_id for t in await store.list_tasks(TaskFilter(text="BOOM"))} == {
+            "bad-0",
+            "bad-1",
+            "bad-2",
+        }
+        assert [t.task_id for t in await store.list_tasks(TaskFilter(text="ok-3"))] == ["ok-3"]
+        assert await store.list_tasks(TaskFilter(text="%")) == []  # a wildcard is a character
+
+        seen: list[str] = []
+        before = None
+        while True:
+            page = await store.list_tasks(TaskFilter(limit=4, before=before))
+            seen += [t.task_id for t in page]
+            if len(page) < 4:
+                break
+            last = page[-1]
+            before = (last.last_event_at, last.engine, last.task_id)
+        assert len(seen) == len(set(seen)) == 11
+        stamps = [
+            (t.last_event_at, t.engine, t.task_id)
+            for t in await store.list_tasks(TaskFilter(limit=50))
+        ]
+        assert stamps == sorted(stamps, reverse=True)
+
+
+async def test_commands_that_name_a_task_link_old_and_new(config: Config) -> None:
+    async with open_store(config) as store:
+        await _seed(store)
+        command = CommandRecord(
+            id=uuid.uuid4(),
+            project_id=Ids.project,
+            agent_id=Ids.agent,
+            action="retry_task",
+            target={"engine": "celery", "task_id": "t-old"},
+            parameters={"task_id": "t-old", "task_name": "app.add"},
+            timeout_seconds=60,
+            issued_by="api",
+            state="pending",
+            worker_id=None,
+            delivery_claim_token=None,
+            created_at=T0,
+            dispatched_at=None,
+            finished_at=None,
+            result=None,
+            error=None,
+        )
+        await store.create_command(command)
+        await store.transition_command(
+            command.id,
+            from_states=("pending",),
+            to_state="completed",
+            at=T0 + 1,
+            result={"new_task_id": "t-new", "task_name": "app.add"},
+        )
+        assert [c.id for c in await store.commands_for_task("t-old")] == [command.id]
+        assert [c.id for c in await store.commands_for_task("t-new")] == [command.id]
+        assert await store.commands_for_task("t-unrelated") == []
+
+
+async def test_without_the_projection_no_task_is_kept(config: Config) -> None:
+    import attrs
+
+    async with open_store(attrs.evolve(config, task_projection=False)) as store:
+        await _seed(store)
+        assert await store.write_events(uuid.uuid4(), [_row(1, _lifecycle("t-1"))]) == 3
+        assert await store.list_tasks(TaskFilter()) == []
+
+
+@pytest.mark.postgres
+async def test_concurrent_drains_of_one_task_lose_nothing(config: Config) -> None:
+    """Two drains folding events of the same new task at once: the second
+    waits for the first's row, and the row holds both drains' events."""
+    if config.database_url is None:
+        pytest.skip("one writer at a time on SQLite")
+    async with open_store(config) as store:
+        await _seed(store)
+        for round_ in range(5):
+            task_id = f"t-race-{round_}"
+            parts = [
+                [_event("task.received", task_id, 1, args=[round_], kwargs={})],
+                [_event("task.started", task_id, 2)],
+                [_event("task.succeeded", task_id, 3, result=round_)],
+            ]
+            async with trio.open_nursery() as nursery:
+                for n, part in enumerate(parts):
+                    nursery.start_soon(store.write_events, uuid.uuid4(), [_row(n + 1, part)])
+            [task] = await store.get_tasks("celery", task_id)
+            assert (task.state, task.args, task.result) == ("succeeded", [round_], round_)
