@@ -15,14 +15,23 @@ store), one check function each, in `CHECKS` order:
   sends (the retries included). Celery's events come both from its signal
   hooks and from its broker-events monitor; `celery_doubles_are_distinct`
   checks that both copies land as distinct events.
-- `retry_failed_task`: POST /api/v1/commands ``retry_task`` for the failed
-  ``boom`` task, with what that engine needs (celery: the name, by
-  reference; the others: name and both overrides), completes with a result
-  naming a new task id, and that task's events arrive.
-- `cancel_task`: completes where the adapter advertises it (celery, huey) on a
-  task scheduled for later; elsewhere the agent refuses it (failed).
-- `purge_queue` (celery): a wrong confirm token fails, the right one
-  (HMAC-SHA256 under the project secret of ``purge|queue|depth``) purges.
+- `tasks_appear_with_their_states`: the task projection (GET /api/v1/tasks)
+  holds one task per task id, ``ok`` succeeded, ``boom`` failed, ``flaky``
+  failed after 3 attempts, each with its real name.
+- `celery_doubles_merge_into_one_task`: celery's two copies make one task:
+  the real name and native result of the signal copy, the worker hostname
+  and runtime of the monitor's.
+- `retry_in_one_click`: POST /api/v1/tasks/{engine}/{boom}/retry with no
+  body completes with a result naming a new task id (dramatiq reports no
+  inputs, so there the brain asks for them: 409 inputs_unknown, then the
+  inputs given); the new task appears, and each task lists the command.
+- `cancel_where_offered`: POST .../cancel completes where the adapter
+  advertises it (celery, huey) on a task scheduled for later; elsewhere
+  the brain does not offer it (409 not_offered).
+- `purge_after_confirming` (celery): POST /api/v1/queues/.../purge first
+  asks for the depth (409 confirm), then a wrong depth fails at the agent
+  and the right one purges; the token the brain sent is the adapters' rule
+  (HMAC-SHA256 under the project key of ``purge|queue|depth``).
 - `nothing_rejected`: the brain refused no frame of the agent's.
 And, as the session ends, the agent stops cleanly on SIGTERM.
 
@@ -82,22 +91,12 @@ class Engine:
     """hello.capabilities[name], as the adapter advertises them."""
     events: dict[str, Counter[str]]
     """Event kinds and counts per task (ok, boom, flaky)."""
-    retry_parameters: Callable[[str], dict[str, Any]]
-    """retry_task's parameters for the failed task of this name."""
     retry_result_key: str
     """Where retry_task's result names the new task."""
 
     @property
     def cancels(self) -> bool:
         return "cancel_task" in self.capabilities
-
-
-def by_reference(name: str) -> dict[str, Any]:
-    return {"task_name": name}
-
-
-def with_overrides(name: str) -> dict[str, Any]:
-    return {"task_name": name, "override_args": [], "override_kwargs": {}}
 
 
 # Celery (solo pool): started, succeeded, failed and retried come twice
@@ -130,7 +129,6 @@ ENGINES = {
                 "boom": kinds(received=1, started=2, failed=2),
                 "flaky": kinds(received=3, started=6, retried=4, failed=2),
             },
-            retry_parameters=by_reference,
             retry_result_key="new_task_id",
         ),
         Engine(
@@ -149,7 +147,6 @@ ENGINES = {
                 "boom": kinds(received=1, started=1, failed=1),
                 "flaky": kinds(received=5, started=3, retried=2, failed=1),
             },
-            retry_parameters=with_overrides,
             retry_result_key="task_id",
         ),
         Engine(
@@ -162,7 +159,6 @@ ENGINES = {
                 "boom": kinds(received=1, started=1, failed=1),
                 "flaky": kinds(received=3, started=3, retried=2, failed=1),
             },
-            retry_parameters=with_overrides,
             retry_result_key="new_task_id",
         ),
         Engine(
@@ -173,7 +169,6 @@ ENGINES = {
                 "boom": kinds(received=1, started=1, failed=1),
                 "flaky": kinds(received=1, started=3, retried=2, failed=1),
             },
-            retry_parameters=with_overrides,  # lowered to submit_task by the agent
             retry_result_key="task_id",
         ),
     ]
@@ -238,8 +233,15 @@ class Session:
         return found
 
     async def api(self, method: str, path: str, body: Any = None) -> Any:
+        """A call that must succeed: its parsed body."""
+        status, parsed = await self.api_status(method, path, body)
+        assert 200 <= status < 300, (method, path, status, parsed)
+        return parsed
+
+    async def api_status(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """Like `api`, for calls that may be refused: (status, parsed body)."""
         headers = {"Authorization": f"Bearer {self.admin}"}
-        if body is not None:
+        if body is not None or method == "POST":
             headers["Content-Type"] = "application/json"
         reply = await http_request(
             self.brain.addresses.http,
@@ -248,8 +250,17 @@ class Session:
             body=None if body is None else orjson.dumps(body),
             headers=headers,
         )
-        assert 200 <= reply.status < 300, (method, path, reply.status, reply.body)
-        return reply.json()
+        return reply.status, reply.json()
+
+    async def finished(self, command_id: str) -> dict[str, Any]:
+        """Poll a command until it is final: its record."""
+
+        async def final() -> dict[str, Any] | None:
+            record: dict[str, Any] = await self.api("GET", f"/api/v1/commands/{command_id}")
+            return record if record["state"] in ("completed", "failed", "timeout") else None
+
+        done: dict[str, Any] = await self.eventually(final, f"end of command {command_id}")
+        return done
 
     async def events(self) -> list[dict[str, Any]]:
         """Every event of this agent, oldest first, through GET /api/v1/events."""
@@ -267,29 +278,6 @@ class Session:
 
     async def task_events(self, task_id: str) -> list[dict[str, Any]]:
         return [e for e in await self.events() if e["body"]["task_id"] == task_id]
-
-    async def command(
-        self, action: str, target: dict[str, Any], parameters: dict[str, Any]
-    ) -> dict[str, Any]:
-        """POST /api/v1/commands, then poll it until it is final: its record."""
-        created = await self.api(
-            "POST",
-            "/api/v1/commands",
-            {
-                "agent": str(self.agent_id),
-                "action": action,
-                "target": target,
-                "parameters": parameters,
-                "timeout_seconds": int(DEADLINE),
-            },
-        )
-
-        async def final() -> dict[str, Any] | None:
-            record: dict[str, Any] = await self.api("GET", f"/api/v1/commands/{created['id']}")
-            return record if record["state"] in ("completed", "failed", "timeout") else None
-
-        done: dict[str, Any] = await self.eventually(final, f"end of command {action}")
-        return done
 
 
 def start_engine_agent(
@@ -421,29 +409,97 @@ async def celery_doubles_are_distinct(s: Session) -> None:
     assert monitor_copy["body"]["data"]["result"] == "42"
 
 
-async def retry_failed_task(s: Session) -> None:
-    boom = s.tasks["boom"]
-    done = await s.command(
-        "retry_task", {"task_id": boom["id"]}, s.engine.retry_parameters(boom["name"])
+async def tasks_appear_with_their_states(s: Session) -> None:
+    """The projection: one task per task id, in its final state, with its name."""
+    expected = {"ok": ("succeeded", 1), "boom": ("failed", 1), "flaky": ("failed", 3)}
+    ids = {s.tasks[key]["id"]: key for key in expected}
+
+    async def projected() -> dict[str, dict[str, Any]]:
+        body = await s.api("GET", f"/api/v1/tasks?engine={s.engine.name}&limit=500")
+        return {t["task_id"]: t for t in body["items"] if t["task_id"] in ids}
+
+    def settled(got: dict[str, dict[str, Any]]) -> bool:
+        return all(
+            task_id in got and (got[task_id]["state"], got[task_id]["attempts"]) == expected[key]
+            for task_id, key in ids.items()
+        )
+
+    got = await s.eventually(projected, "tasks in their final states", until=settled)
+    for task in got.values():
+        assert task["name"] and not task["name"].startswith("<unknown"), task
+        assert task["agent_id"] == str(s.agent_id)
+    boom = got[s.tasks["boom"]["id"]]
+    assert boom["exception"] and "ValueError" in boom["exception"], boom
+    body = await s.api("GET", f"/api/v1/tasks?engine={s.engine.name}&limit=500")
+    listed = [t["task_id"] for t in body["items"] if t["task_id"] in ids]
+    assert sorted(listed) == sorted(ids)  # one row each, whatever the engine sent twice
+
+
+async def celery_doubles_merge_into_one_task(s: Session) -> None:
+    """Signal and broker-monitor copies: the real name and native result from
+    the first, the worker's hostname and the runtime from the second."""
+    if s.engine.name != "celery":
+        return
+    ok = s.tasks["ok"]
+
+    async def merged() -> dict[str, Any]:
+        task: dict[str, Any] = await s.api("GET", f"/api/v1/tasks/celery/{ok['id']}")
+        return task
+
+    task = await s.eventually(
+        merged, "the broker copy's worker on the task", until=lambda t: t["worker"] is not None
     )
+    assert task["name"] == ok["name"]
+    assert task["result"] == 42  # not the monitor's repr "42"
+    assert task["worker"] == "matrix@localhost"
+    assert task["runtime_ms"] is not None
+    assert len(task["timeline"]) == 1
+
+
+async def retry_in_one_click(s: Session) -> None:
+    """POST /tasks/{engine}/{id}/retry with nothing typed: the brain fills in
+    what the engine needs; the result's new task links back to the old one."""
+    boom = s.tasks["boom"]
+    path = f"/api/v1/tasks/{s.engine.name}/{boom['id']}"
+    detail = await s.api("GET", path)
+    assert "retry" in detail["actions"], detail["actions"]
+    created = await s.api_status("POST", f"{path}/retry")
+    if s.engine.name == "dramatiq":
+        # Dramatiq's events carry no inputs: the operator confirms them.
+        assert created[0] == 409 and created[1]["error"] == "inputs_unknown", created
+        created = await s.api_status("POST", f"{path}/retry", {"args": [], "kwargs": {}})
+    assert created[0] == 201, created
+    done = await s.finished(created[1]["id"])
     assert done["state"] == "completed", done
     new_id = done["result"][s.engine.retry_result_key]
     assert isinstance(new_id, str) and new_id and new_id != boom["id"], done["result"]
 
-    async def arrived() -> list[dict[str, Any]]:
-        return [e for e in await s.task_events(new_id) if e["kind"] == "task.failed"]
+    async def new_task() -> dict[str, Any] | None:
+        status, task = await s.api_status("GET", f"/api/v1/tasks/{s.engine.name}/{new_id}")
+        return task if status == 200 and task["state"] == "failed" else None
 
-    await s.eventually(arrived, f"task.failed of the retried task {new_id}")
+    task = await s.eventually(new_task, f"the retried task {new_id}, failed")
+    assert [c["id"] for c in task["commands"]] == [done["id"]]  # new -> old
+    old = await s.api("GET", path)
+    assert done["id"] in [c["id"] for c in old["commands"]]  # old -> new
 
 
-async def cancel_task(s: Session) -> None:
+async def cancel_where_offered(s: Session) -> None:
     if not s.engine.cancels:
-        done = await s.command("cancel_task", {"task_id": s.tasks["boom"]["id"]}, {})
-        assert done["state"] == "failed", done
-        assert "does not support action 'cancel_task'" in done["error"]
+        boom = s.tasks["boom"]["id"]
+        status, refused = await s.api_status("POST", f"/api/v1/tasks/{s.engine.name}/{boom}/cancel")
+        assert (status, refused["error"]) == (409, "not_offered")
         return
     later = s.tasks["later"]["id"]
-    done = await s.command("cancel_task", {"task_id": later}, {})
+
+    async def known() -> bool:
+        status, _ = await s.api_status("GET", f"/api/v1/tasks/{s.engine.name}/{later}")
+        return status == 200
+
+    await s.eventually(known, f"the task {later} scheduled for later")
+    status, created = await s.api_status("POST", f"/api/v1/tasks/{s.engine.name}/{later}/cancel")
+    assert status == 201, created
+    done = await s.finished(created["id"])
     assert done["state"] == "completed", done
     assert done["result"]["task_id"] == later
     flag = {"celery": "terminated", "huey": "revoked"}[s.engine.name]
@@ -451,27 +507,35 @@ async def cancel_task(s: Session) -> None:
 
 
 def purge_token(project_key: bytes, queue: str, depth: int) -> str:
-    """purge_queue's confirm token: HMAC-SHA256 under the project's 32-byte key."""
+    """purge_queue's confirm token, computed here from the adapters' rule, not
+    the brain's: HMAC-SHA256 under the project's 32-byte key."""
     message = f"purge|{queue}|{depth}".encode()
     return hmac.new(project_key, message, hashlib.sha256).hexdigest()
 
 
-async def purge_queue(s: Session) -> None:
+async def purge_after_confirming(s: Session) -> None:
     if s.engine.name != "celery":
         return
     [(queue, depth)] = s.queued.items()
-    # The key the brain derives for the project (and signs its frames with);
-    # the agent holds it as Z4J_HMAC_SECRET.
+    path = f"/api/v1/queues/celery/{queue}/purge"
+    status, asked = await s.api_status("POST", path, {"agent_id": str(s.agent_id)})
+    # The in-memory broker reports no depths: the brain does not know it.
+    assert (status, asked["error"], asked["depth"]) == (409, "confirm", None), asked
+    status, created = await s.api_status(
+        "POST", path, {"agent_id": str(s.agent_id), "confirm_depth": depth + 1}
+    )
+    wrong = await s.finished(created["id"])
+    assert wrong["state"] == "failed" and "mismatch" in wrong["error"], wrong
+    status, created = await s.api_status(
+        "POST", path, {"agent_id": str(s.agent_id), "confirm_depth": depth}
+    )
+    assert status == 201
+    # The token the brain sent is the adapters' own rule, under the project key.
     agent = await s.api("GET", f"/api/v1/agents/{s.agent_id}")
     key = keys.project_key(keys.master_secret(s.config), uuid.UUID(agent["project_id"]))
     assert key == decode_secret(s.secret)
-    wrong = await s.command(
-        "purge_queue", {"queue": queue}, {"confirm_token": purge_token(key, queue, depth + 1)}
-    )
-    assert wrong["state"] == "failed" and "mismatch" in wrong["error"], wrong
-    right = await s.command(
-        "purge_queue", {"queue": queue}, {"confirm_token": purge_token(key, queue, depth)}
-    )
+    assert created["parameters"]["confirm_token"] == purge_token(key, queue, depth)
+    right = await s.finished(created["id"])
     assert right["state"] == "completed", right
     assert right["result"] == {
         "queue": queue,
@@ -489,9 +553,11 @@ CHECKS: list[Callable[[Session], Awaitable[None]]] = [
     worker_connects,
     lifecycle_events_land,
     celery_doubles_are_distinct,
-    retry_failed_task,
-    cancel_task,
-    purge_queue,
+    tasks_appear_with_their_states,
+    celery_doubles_merge_into_one_task,
+    retry_in_one_click,
+    cancel_where_offered,
+    purge_after_confirming,
     nothing_rejected,
 ]
 

@@ -84,9 +84,7 @@ def test_a_long_module_says_which_concern_justifies_it(path: Path) -> None:
 SANS_IO = ("trio", "socket", "sqlite3", "psycopg", "hypercorn", "ssl", "asyncio")
 
 
-@pytest.mark.parametrize(
-    "path", sorted((PACKAGE / "protocol").rglob("*.py")), ids=lambda p: p.name
-)
+@pytest.mark.parametrize("path", sorted((PACKAGE / "protocol").rglob("*.py")), ids=lambda p: p.name)
 def test_protocol_modules_do_no_io(path: Path) -> None:
     """`z4j.protocol` is sans-IO: bytes in, events out; no loop, sockets or SQL."""
     banned = {m for m in _imports(ast.parse(path.read_text())) if m.split(".")[0] in SANS_IO}

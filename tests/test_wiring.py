@@ -32,6 +32,7 @@ SERVICES = frozenset(
         "http.server",
         "ingest",
         "maintenance",
+        "reconciler",
         "registry",
     }
 )

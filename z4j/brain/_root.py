@@ -66,6 +66,7 @@ from .lifetime import grace_deadline, layer
 from .links import CommandSignals, DashboardOutbox, SessionTable
 from .maintenance import Maintenance
 from .metrics import brain_registry, render
+from .reconciler import Reconciler
 from .registry import registry_for, replicated
 
 __all__ = ["Brain", "serve_brain"]
@@ -126,6 +127,7 @@ async def serve_brain(
         config,
         application_name=f"z4j-{instance_id.hex[:8]}",
         observe_query=stats.db_query_seconds.observe,
+        on_tasks=stats.tasks.observe_finished,
     )
     shutdown = shutdown if shutdown is not None else trio.Event()  # None: until cancelled
     try:
@@ -224,7 +226,9 @@ async def serve_brain(
                         http_stats=http_stats,
                     ),
                 ),
-                api=Api(store, commands, auth),
+                api=Api(
+                    store, commands, auth, project_key=functools.partial(keys.project_key, master)
+                ),
                 pages=dashboard_pages(auth.signed_in),
             )
             heartbeat = Heartbeat(
@@ -235,6 +239,15 @@ async def serve_brain(
                 interval=config.heartbeat_seconds,
                 store_ready=store_ready,
                 on_beat=lambda info: hub.publish({"type": "instance", "instance": to_json(info)}),
+            )
+            reconciler = Reconciler(
+                store,
+                commands,
+                stats,
+                store_ready=store_ready,
+                stuck_seconds=config.task_stuck_seconds,
+                interval=config.task_reconcile_seconds,
+                is_leader=lambda: registry.is_leader,
             )
             maintenance = Maintenance(
                 store,
@@ -292,6 +305,7 @@ async def serve_brain(
                 )
                 await beating.start(functools.partial(heartbeat.serve, shutdown=heartbeat_stop))
                 await supporting.start(functools.partial(maintenance.serve, shutdown=support_stop))
+                await supporting.start(functools.partial(reconciler.serve, shutdown=support_stop))
                 log.info(
                     "brain %s ready: ingest %s:%d, http %s:%d, store %s, buffer %s",
                     instance_id,

@@ -557,7 +557,12 @@ class AgentEndpoint:
         payload = frame.payload
         agent = session.agent
         if isinstance(payload, f.Heartbeat):
-            await self._store.worker_seen(agent.id, session.worker_id, at=time.time())
+            await self._store.worker_seen(
+                agent.id,
+                session.worker_id,
+                at=time.time(),
+                health=dict(payload.adapter_health) if payload.adapter_health else None,
+            )
         elif isinstance(payload, f.AgentStatus):
             await self._store.worker_seen(
                 agent.id, session.worker_id, at=time.time(), status=payload.raw

@@ -237,6 +237,42 @@ class BrainCollector(Collector):
             s.drain_batch_seconds,
         )
 
+        # -- tasks (the projection; names past MAX_TASK_LABELS count as "other") ------
+        t = s.tasks
+        finished = CounterMetricFamily(
+            "z4j_tasks_finished",
+            "Task runs the projection saw end, by engine, task name and state",
+            labels=["engine", "task", "state"],
+        )
+        for (engine, name, state), n in sorted(t.finished.items()):
+            finished.add_metric([engine, name, state], n)
+        yield finished
+        runtime = HistogramMetricFamily(
+            "z4j_task_runtime_seconds",
+            "Runtime of finished tasks (last attempt), by engine and task name",
+            labels=["engine", "task"],
+        )
+        for (engine, name), histogram in sorted(t.runtime.items()):
+            runtime.add_metric([engine, name], buckets=_buckets(histogram), sum_value=histogram.sum)
+        yield runtime
+        stuck = GaugeMetricFamily(
+            "z4j_tasks_stuck",
+            "Tasks received or started longer ago than Z4J_TASK_STUCK_SECONDS, "
+            "by engine (counted by the reconciler)",
+            labels=["engine"],
+        )
+        for engine, n in sorted(t.stuck.items()):
+            stuck.add_metric([engine], n)
+        yield stuck
+        depth = GaugeMetricFamily(
+            "z4j_queue_depth",
+            "Messages waiting, from the workers' last heartbeats (read by the reconciler)",
+            labels=["engine", "queue"],
+        )
+        for (engine, queue), n in sorted(t.queue_depth.items()):
+            depth.add_metric([engine, queue], n)
+        yield depth
+
         # -- store -----------------------------------------------------------------
         yield _histogram(
             "z4j_db_query_duration_seconds",
@@ -266,8 +302,14 @@ def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily
 
 
 def _histogram(name: str, documentation: str, histogram: Histogram) -> HistogramMetricFamily:
-    buckets = [
+    return HistogramMetricFamily(
+        name, documentation, buckets=_buckets(histogram), sum_value=histogram.sum
+    )
+
+
+def _buckets(histogram: Histogram) -> list[tuple[str, float]]:
+    """Cumulative buckets as the exposition writes them: "le" text, count."""
+    return [
         ("+Inf" if bound == float("inf") else repr(bound), count)
         for bound, count in histogram.cumulative()
     ]
-    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=histogram.sum)

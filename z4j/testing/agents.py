@@ -85,10 +85,12 @@ async def raw_agent(
     hello: bool = True,
     protocol_version: str = "2",
     prove: bool = False,
+    capabilities: dict[str, list[str]] | None = None,
 ) -> AsyncIterator[RawAgent]:
     """A connected agent (after hello_ack, if ``hello``). With ``prove`` it then
     sends a heartbeat, as z4j agents do at once: the brain gives a connection
-    its worker's slot and commands only after a signed frame proves the key."""
+    its worker's slot and commands only after a signed frame proves the key.
+    ``capabilities``: what its hello advertises, per engine."""
     host, port = http
     # We own the stream: trio-websocket 0.12 leaves a client's socket open
     # when the server closes first.
@@ -106,7 +108,12 @@ async def raw_agent(
             if hello:
                 await ws.send_message(
                     agent.protocol.hello_message(
-                        f.Hello(protocol_version="2", worker_id=worker_id, framework="test")
+                        f.Hello(
+                            protocol_version="2",
+                            worker_id=worker_id,
+                            framework="test",
+                            capabilities=dict(capabilities or {}),
+                        )
                     )
                 )
                 if protocol_version == "2":

@@ -22,11 +22,9 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from collections.abc import Callable
 from typing import Any
 
-import attrs
 import orjson
 
 from ...store.base import (
@@ -38,6 +36,23 @@ from ...store.base import (
     StoreUnavailable,
 )
 from ..links import CommandDesk, CommandError
+from ._request import (
+    ApiError,
+    Handler,
+    Receive,
+    Request,
+    Response,
+    Scope,
+    Send,
+    check_text,
+    epoch,
+    limit_param,
+    page,
+    parse_query,
+    read_body,
+    time_param,
+    uuid_param,
+)
 from .auth import (
     CSRF_COOKIE,
     SESSION_COOKIE,
@@ -50,14 +65,14 @@ from .auth import (
     same_origin,
 )
 from .openapi import OPENAPI
+from .queues_api import QueueRoutes
 from .resources import to_json
+from .tasks_api import TaskRoutes
 
 __all__ = ["Api", "ApiError"]
 
 log = logging.getLogger("z4j.api")
 
-MAX_BODY_BYTES = 1024 * 1024
-MAX_LIMIT = 500
 # Event listings: a body larger than this (as JSON) is left out of its item
 # unless the caller asks for more, up to the second figure; and a page stops
 # growing past the byte budget (with a cursor for the rest), so no listing
@@ -68,48 +83,6 @@ EVENTS_PAGE_BYTES = 4 * 1024 * 1024
 # A store failure is logged at most this often (callers see a generic 503).
 STORE_ERROR_LOG_SECONDS = 10.0
 CSRF_HEADER = b"x-csrf-token"
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        headers: tuple[tuple[bytes, bytes], ...] = (),
-    ) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.headers = headers
-
-
-@attrs.frozen
-class Request:
-    method: str
-    query: dict[str, str]
-    params: dict[str, str]
-    body: bytes
-    headers: list[tuple[bytes, bytes]]
-    source: str = "unknown"  # the peer's address
-
-    def json_object(self) -> dict[str, Any]:
-        try:
-            value = orjson.loads(self.body or b"null")
-        except orjson.JSONDecodeError:
-            raise ApiError(400, "bad_json", "the body is not valid JSON") from None
-        if not isinstance(value, dict):
-            raise ApiError(400, "bad_request", "the body must be a JSON object")
-        _check_text(value)
-        return value
-
-
-Response = tuple[int, Any]
-Handler = Callable[[Request], Awaitable[Response]]
 
 
 class Api:
@@ -122,7 +95,9 @@ class Api:
         auth: Auth,
         *,
         sign_in_throttle: SignInThrottle | None = None,
+        project_key: Callable[[uuid.UUID], bytes] | None = None,
     ) -> None:
+        """``project_key``: a project's signing key, for purge tokens (None: no purges)."""
         self._store = store
         self._commands = commands
         self._auth = auth
@@ -144,6 +119,11 @@ class Api:
         route("GET", "/commands/{id}", self._get_command)
         route("POST", "/commands/{id}/cancel", self._cancel_command)
         route("GET", "/audit", self._audit)
+        for method, path, handler in [
+            *TaskRoutes(store, commands).routes(),
+            *QueueRoutes(store, commands, project_key).routes(),
+        ]:
+            route(method, path, handler)
 
     def _route(self, method: str, path: str, handler: Handler, *, public: bool = False) -> None:
         pattern = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
@@ -154,7 +134,7 @@ class Api:
         try:
             status, body = await self._dispatch(scope, receive, extra_headers)
         except ApiError as exc:
-            status, body = exc.status, {"error": exc.code, "message": exc.message}
+            status, body = exc.status, {"error": exc.code, "message": exc.message, **exc.detail}
             extra_headers.extend(exc.headers)
         except StoreUnavailable as exc:
             # The detail names files, hosts and users: for the log, not the caller.
@@ -205,9 +185,9 @@ class Api:
             client = scope.get("client")
             request = Request(
                 method=method,
-                query=_query(scope.get("query_string", b"")),
+                query=parse_query(scope.get("query_string", b"")),
                 params=match.groupdict(),
-                body=await _body(receive),
+                body=await read_body(receive),
                 headers=scope["headers"],
                 source=str(client[0]) if client else "unknown",
             )
@@ -272,12 +252,12 @@ class Api:
 
     async def _projects(self, request: Request) -> Response:
         projects = await self._store.list_projects()
-        return 200, _page([to_json(p) for p in projects], None)
+        return 200, page([to_json(p) for p in projects], None)
 
     async def _agents(self, request: Request) -> Response:
         project_id = None
         if "project" in request.query:
-            _check_text(request.query["project"])
+            check_text(request.query["project"])
             project = await self._store.find_project(request.query["project"])
             if project is None:
                 raise ApiError(404, "not_found", f"no project {request.query['project']!r}")
@@ -290,10 +270,10 @@ class Api:
             _agent_json(a, projects.get(a.project_id), workers.get(a.id, []))
             for a in await self._store.list_agents(project_id)
         ]
-        return 200, _page(items, None)
+        return 200, page(items, None)
 
     async def _agent(self, request: Request) -> Response:
-        agent_id = _uuid(request.params["id"], "id")
+        agent_id = uuid_param(request.params["id"], "id")
         agent = await self._store.find_agent(str(agent_id))
         if agent is None:
             raise ApiError(404, "not_found", f"no agent {agent_id}")
@@ -302,11 +282,11 @@ class Api:
         return 200, _agent_json(agent, None if project is None else project.name, workers)
 
     async def _instances(self, request: Request) -> Response:
-        return 200, _page([to_json(i) for i in await self._store.list_instances()], None)
+        return 200, page([to_json(i) for i in await self._store.list_instances()], None)
 
     async def _events(self, request: Request) -> Response:
         q = request.query
-        limit = _limit(q)
+        limit = limit_param(q)
         body_max = EVENT_BODY_BYTES
         if "body_max_bytes" in q:
             raw = q["body_max_bytes"]
@@ -317,12 +297,16 @@ class Api:
                     f"body_max_bytes: an integer from 0 to {MAX_EVENT_BODY_BYTES}",
                 )
             body_max = int(raw)
-        _check_text(q.get("kind"))
+        for name in ("kind", "task_id", "engine", "task_name"):
+            check_text(q.get(name))
         query = EventFilter(
             kind=q.get("kind"),
-            agent_id=_uuid(q["agent_id"], "agent_id") if "agent_id" in q else None,
-            since=_time(q["since"], "since") if "since" in q else None,
-            until=_time(q["until"], "until") if "until" in q else None,
+            agent_id=uuid_param(q["agent_id"], "agent_id") if "agent_id" in q else None,
+            task_id=q.get("task_id"),
+            engine=q.get("engine"),
+            task_name=q.get("task_name"),
+            since=time_param(q["since"], "since") if "since" in q else None,
+            until=time_param(q["until"], "until") if "until" in q else None,
             before=_event_cursor(q["cursor"]) if "cursor" in q else None,
             limit=limit,
         )
@@ -339,16 +323,16 @@ class Api:
         if len(items) < len(events) or len(events) == limit:
             last = events[len(items) - 1]
             cursor = f"{last.received_at!r}_{last.id}"
-        return 200, _page(items, cursor)
+        return 200, page(items, cursor)
 
     async def _list_commands(self, request: Request) -> Response:
         q = request.query
-        limit = _limit(q)
+        limit = limit_param(q)
         state = q.get("state")
         if state is not None and state not in COMMAND_STATES:
             raise ApiError(400, "bad_request", f"state must be one of {', '.join(COMMAND_STATES)}")
         records = await self._store.list_commands(
-            agent_id=_uuid(q["agent_id"], "agent_id") if "agent_id" in q else None,
+            agent_id=uuid_param(q["agent_id"], "agent_id") if "agent_id" in q else None,
             state=state,
             before=_command_cursor(q["cursor"]) if "cursor" in q else None,
             limit=limit,
@@ -356,7 +340,7 @@ class Api:
         cursor = None
         if len(records) == limit:
             cursor = f"{records[-1].created_at!r}_{records[-1].id}"
-        return 200, _page([to_json(c) for c in records], cursor)
+        return 200, page([to_json(c) for c in records], cursor)
 
     async def _create_command(self, request: Request) -> Response:
         body = request.json_object()
@@ -395,14 +379,14 @@ class Api:
         return 201, to_json(record)
 
     async def _get_command(self, request: Request) -> Response:
-        command_id = _uuid(request.params["id"], "id")
+        command_id = uuid_param(request.params["id"], "id")
         record = await self._store.get_command(command_id)
         if record is None:
             raise ApiError(404, "not_found", f"no command {command_id}")
         return 200, to_json(record)
 
     async def _cancel_command(self, request: Request) -> Response:
-        command_id = _uuid(request.params["id"], "id")
+        command_id = uuid_param(request.params["id"], "id")
         record = await self._commands.cancel(command_id, actor="api")
         if record is not None:
             return 200, to_json(record)
@@ -413,104 +397,36 @@ class Api:
 
     async def _audit(self, request: Request) -> Response:
         q = request.query
-        limit = _limit(q)
+        limit = limit_param(q)
         before = None
         if "cursor" in q:
-            try:
-                before = int(q["cursor"])
-            except ValueError:
-                raise ApiError(400, "bad_request", "cursor: as given by the last page") from None
+            raw = q["cursor"]
+            if not raw.isdigit() or int(raw) >= 2**63:  # SQLite's and Postgres's bigint
+                raise ApiError(400, "bad_request", "cursor: as given by the last page")
+            before = int(raw)
         records = await self._store.list_audit(before_id=before, limit=limit)
         cursor = str(records[-1].id) if len(records) == limit else None
-        return 200, _page([to_json(a) for a in records], cursor)
+        return 200, page([to_json(a) for a in records], cursor)
 
 
 # -- input ---------------------------------------------------------------------------------
 
 
-async def _body(receive: Receive) -> bytes:
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ApiError(413, "too_large", f"bodies are limited to {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            break
-    return b"".join(chunks)
-
-
-def _query(raw: bytes) -> dict[str, str]:
-    from urllib.parse import parse_qsl
-
-    try:
-        query = dict(parse_qsl(raw.decode("utf-8"), errors="strict"))
-    except (UnicodeDecodeError, ValueError):
-        raise ApiError(400, "bad_request", "the query string is not valid UTF-8") from None
-    return query  # unknown parameters are ignored; known ones are checked where used
-
-
-def _check_text(value: Any) -> None:
-    """Refuse text the stores cannot keep: NUL characters and lone surrogates."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise ApiError(400, "bad_request", "text must not contain NUL characters")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ApiError(400, "bad_request", "text must be valid Unicode") from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_text(key)
-            _check_text(item)
-    elif isinstance(value, list):
-        for item in value:
-            _check_text(item)
-
-
-def _limit(query: dict[str, str]) -> int:
-    raw = query.get("limit", "50")
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
-        raise ApiError(400, "bad_request", f"limit: an integer from 1 to {MAX_LIMIT}")
-    return int(raw)
-
-
-def _uuid(raw: str, name: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        raise ApiError(400, "bad_request", f"{name}: not a UUID") from None
-
-
-def _time(raw: str, name: str) -> float:
-    """ISO-8601 (naive means UTC) or epoch seconds."""
-    try:
-        return float(raw) if re.fullmatch(r"\d+(\.\d+)?", raw) else _parse_iso(raw)
-    except (ValueError, OverflowError):
-        raise ApiError(400, "bad_request", f"{name}: ISO-8601 or epoch seconds") from None
-
-
-def _parse_iso(raw: str) -> float:
-    when = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
-
-
 def _event_cursor(raw: str) -> tuple[float, int]:
     at, _, last = raw.partition("_")
     try:
-        return float(at), int(last)
+        when, event_id = float(at), int(last)
     except ValueError:
         raise ApiError(400, "bad_request", "cursor: as given by the last page") from None
+    if not 0 <= event_id < 2**63:  # a bigint, in both stores
+        raise ApiError(400, "bad_request", "cursor: as given by the last page")
+    return epoch(when, "cursor"), event_id
 
 
 def _command_cursor(raw: str) -> tuple[float, uuid.UUID]:
     at, _, last = raw.partition("_")
     try:
-        return float(at), uuid.UUID(last)
+        return epoch(float(at), "cursor"), uuid.UUID(last)
     except ValueError:
         raise ApiError(400, "bad_request", "cursor: as given by the last page") from None
 
@@ -545,10 +461,6 @@ def _csrf_cookie(csrf: str, *, max_age: int = SESSION_SECONDS, secure: bool = Fa
 
 
 # -- output --------------------------------------------------------------------------------
-
-
-def _page(items: list[Any], cursor: str | None) -> dict[str, Any]:
-    return {"items": items, "next_cursor": cursor}
 
 
 def _agent_json(a: Agent, project: str | None, workers: list[dict[str, Any]]) -> dict[str, Any]:

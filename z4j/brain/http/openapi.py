@@ -16,6 +16,7 @@ from typing import Any
 
 from ..._version import __version__
 from ...store.base import COMMAND_STATES
+from ...tasks import TASK_STATES
 from .resources import RESOURCES, component
 
 __all__ = ["OPENAPI"]
@@ -154,9 +155,28 @@ LIMIT = _query(
 )
 CURSOR = _query("cursor", STRING, "next_cursor of the previous page")
 COMMAND_STATE = {"type": "string", "enum": list(COMMAND_STATES)}
+TASK_STATE = {"type": "string", "enum": list(TASK_STATES)}
+TASK_PATH = [
+    _path("engine"),
+    _path("task_id"),
+    _query("project_id", UUID, "when two projects have the id"),
+]
 
 SCHEMAS: dict[str, Any] = {
-    "Error": _object({"error": STRING, "message": STRING}),
+    "Error": {
+        **_object({"error": STRING, "message": STRING}),
+        "properties": {
+            "error": STRING,
+            "message": STRING,
+            # A two-step action's first answer (409 confirm) says what to confirm.
+            "count": {"type": "integer", "description": "bulk retry: the tasks it would retry"},
+            "depth": {
+                "type": "integer",
+                "nullable": True,
+                "description": "purge: the queue's last seen depth (null: unknown)",
+            },
+        },
+    },
     # Project, Agent, Worker, Instance, Event, Command, Audit: derived from their records.
     **{r.name: component(r) for r in RESOURCES.values()},
     "NewCommand": {
@@ -175,6 +195,136 @@ SCHEMAS: dict[str, Any] = {
         },
         "required": ["agent", "action"],
     },
+    "TaskPage": {
+        "type": "object",
+        "properties": {
+            "items": {"type": "array", "items": _ref("Task")},
+            "next_cursor": {"type": "string", "nullable": True},
+            "counts": {
+                "type": "object",
+                "description": "tasks matching the filters (state aside), per state",
+                "properties": {state: {"type": "integer"} for state in TASK_STATES},
+            },
+        },
+    },
+    "TaskDetail": {
+        "allOf": [
+            _ref("Task"),
+            _object(
+                {
+                    "commands": {
+                        "type": "array",
+                        "items": _ref("Command"),
+                        "description": "commands that named this task: as target, or as the "
+                        "new task their result reports (a retry links old and new)",
+                    },
+                    "actions": {
+                        "type": "array",
+                        "items": {"type": "string", "enum": ["retry", "cancel"]},
+                        "description": "what the task's agent advertises for its engine",
+                    },
+                }
+            ),
+        ]
+    },
+    "QueuePage": _object(
+        {
+            "items": {
+                "type": "array",
+                "items": _object(
+                    {
+                        "engine": STRING,
+                        "queue": STRING,
+                        "depths": {
+                            "type": "array",
+                            "description": "per connected worker reporting it",
+                            "items": _object(
+                                {
+                                    "agent_id": UUID,
+                                    "worker_id": STRING,
+                                    "depth": {"type": "integer"},
+                                    "seen_at": TIME,
+                                    "broker_connected": {"type": "boolean", "nullable": True},
+                                    "broker_type": {"type": "string", "nullable": True},
+                                }
+                            ),
+                        },
+                        "outcomes": {
+                            "type": "object",
+                            "additionalProperties": {"type": "integer"},
+                            "description": "tasks per state, last event within the window",
+                        },
+                        "finished_per_minute": {"type": "number"},
+                        "failure_rate": {"type": "number", "nullable": True},
+                    }
+                ),
+            },
+            "next_cursor": {"type": "string", "nullable": True},
+            "window_seconds": {"type": "number"},
+        }
+    ),
+    "PurgeQueue": {
+        "type": "object",
+        "properties": {
+            "agent_id": UUID,
+            "confirm_depth": {"type": "integer", "minimum": 0},
+        },
+        "required": ["agent_id"],
+    },
+    "TaskNamePage": _object(
+        {
+            "items": {
+                "type": "array",
+                "items": _object(
+                    {
+                        "engine": STRING,
+                        "name": {"type": "string", "nullable": True},
+                        "states": {"type": "object", "additionalProperties": {"type": "integer"}},
+                        "tasks": {"type": "integer"},
+                        "failure_rate": {"type": "number", "nullable": True},
+                        "runtime_ms": {
+                            "type": "object",
+                            "nullable": True,
+                            "properties": {
+                                "p50": {"type": "number"},
+                                "p95": {"type": "number"},
+                                "p99": {"type": "number"},
+                            },
+                        },
+                    }
+                ),
+            },
+            "next_cursor": {"type": "string", "nullable": True},
+            "since": TIME,
+        }
+    ),
+    "BulkRetry": {
+        "type": "object",
+        "properties": {
+            "filter": {
+                "type": "object",
+                "additionalProperties": {"type": "string"},
+                "description": "the query parameters of GET /tasks (state, engine, queue, ...)",
+            },
+            "max": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+            "confirm_count": {"type": "integer", "minimum": 0},
+        },
+    },
+    "BulkRetried": _object(
+        {
+            "commands": {"type": "array", "items": _ref("Command")},
+            "skipped": {
+                "type": "array",
+                "items": _object({"task_id": STRING, "reason": STRING}),
+            },
+        }
+    ),
+    "RetryInputs": _object(
+        {
+            "args": {"type": "array", "items": {}},
+            "kwargs": OBJECT,
+        }
+    ),
     "SignIn": {
         "type": "object",
         "properties": {"token": {"type": "string", "minLength": 1}},
@@ -277,11 +427,115 @@ OPENAPI: dict[str, Any] = {
                     ),
                     _query("kind", STRING, "only this kind"),
                     _query("agent_id", UUID, "only this agent's events"),
+                    _query("task_id", STRING, "only agent events about this task id"),
+                    _query("engine", STRING, "only agent events of this engine"),
+                    _query("task_name", STRING, "only agent events about tasks of this name"),
                     _query("since", STRING, "received at or after (ISO-8601 or epoch seconds)"),
                     _query("until", STRING, "received before (ISO-8601 or epoch seconds)"),
                     CURSOR,
                     LIMIT,
                 ],
+            )
+        },
+        "/tasks": {
+            "get": _operation(
+                "listTasks",
+                "Tasks, newest first by their last event, with counts by state",
+                (200, _ref("TaskPage")),
+                errors=(400, 401),
+                parameters=[
+                    _query("state", TASK_STATE, "only tasks in this state"),
+                    _query("engine", STRING, "only this engine's tasks"),
+                    _query("queue", STRING, "only this queue's tasks"),
+                    _query("name", STRING, "only tasks of this name"),
+                    _query("agent_id", UUID, "only tasks this agent acts on"),
+                    _query("project_id", UUID, "only this project's tasks"),
+                    _query("since", STRING, "last event at or after (ISO-8601 or epoch seconds)"),
+                    _query("until", STRING, "last event before (ISO-8601 or epoch seconds)"),
+                    _query("q", STRING, "a substring of the name, task id, exception or message"),
+                    CURSOR,
+                    LIMIT,
+                ],
+            )
+        },
+        "/tasks/names": {
+            "get": _operation(
+                "listTaskNames",
+                "The task names seen per engine: tasks by state, failure rate, runtime percentiles",
+                (200, _ref("TaskNamePage")),
+                errors=(400, 401),
+                parameters=[
+                    _query("since", STRING, "the window's start (default: a day ago)"),
+                ],
+            )
+        },
+        "/tasks/retry": {
+            "post": _operation(
+                "retryTasks",
+                "Retry every task a filter matches (capped), in two steps",
+                (201, _ref("BulkRetried")),
+                errors=(400, 401, 403, 409, 415),
+                description="Without confirm_count the brain answers 409 confirm with the "
+                "number of tasks it would retry (count); send that number as confirm_count. "
+                "Per agent and engine it sends one bulk_retry where the workers advertise it "
+                "(celery), else one retry_task per task; tasks it cannot retry are listed "
+                "in skipped.",
+                parameters=[CSRF_HEADER],
+                body=_ref("BulkRetry"),
+            )
+        },
+        "/tasks/{engine}/{task_id}": {
+            "get": _operation(
+                "getTask",
+                "One task: its attempts, inputs, result, traceback and the commands that named it",
+                (200, _ref("TaskDetail")),
+                errors=(400, 401, 404, 409),
+                parameters=TASK_PATH,
+            )
+        },
+        "/tasks/{engine}/{task_id}/retry": {
+            "post": _operation(
+                "retryTask",
+                "Retry a task: a retry_task command to its agent, filled from the projection",
+                (201, _ref("Command")),
+                errors=(400, 401, 403, 404, 409, 415),
+                description="Without a body the task runs again as it ran (celery by reference; "
+                "other engines with the inputs they reported: 409 inputs_unknown when they "
+                "reported none). With args and kwargs, it runs with those instead.",
+                parameters=[*TASK_PATH, CSRF_HEADER],
+                body=_ref("RetryInputs"),
+            )
+        },
+        "/tasks/{engine}/{task_id}/cancel": {
+            "post": _operation(
+                "cancelTask",
+                "Cancel a task: a cancel_task command to its agent",
+                (201, _ref("Command")),
+                errors=(400, 401, 403, 404, 409, 415),
+                parameters=[*TASK_PATH, CSRF_HEADER],
+            )
+        },
+        "/queues": {
+            "get": _operation(
+                "listQueues",
+                "Queues: depths from the workers' heartbeats, outcomes of the last hour",
+                (200, _ref("QueuePage")),
+                errors=(401,),
+            )
+        },
+        "/queues/{engine}/{queue}/purge": {
+            "post": _operation(
+                "purgeQueue",
+                "Purge a queue, in two steps: 409 confirm with the last seen depth, then "
+                "again with confirm_depth",
+                (201, _ref("Command")),
+                errors=(400, 401, 403, 404, 409, 415),
+                description="The brain sends purge_queue with the confirm token the z4j "
+                "adapters verify (HMAC-SHA256 under the project's key of "
+                "purge|queue|depth); the agent measures the depth again and refuses a "
+                "mismatch.",
+                parameters=[_path("engine"), _path("queue"), CSRF_HEADER],
+                body=_ref("PurgeQueue"),
             )
         },
         "/commands": {

@@ -38,8 +38,10 @@ from ...store.base import (
     EventRecord,
     InstanceInfo,
     Project,
+    TaskRecord,
     WorkerInfo,
 )
+from ...tasks import TASK_STATES
 
 __all__ = [
     "RESOURCES",
@@ -60,7 +62,7 @@ def iso(value: float | None) -> str | None:
 
 def is_time(name: str) -> bool:
     """Whether a float field named ``name`` holds epoch seconds (shown as a time)."""
-    return name == "at" or name.endswith("_at") or name == "last_seen"
+    return name == "at" or name.endswith("_at") or name in ("last_seen", "first_seen")
 
 
 @attrs.frozen(kw_only=True)
@@ -161,6 +163,20 @@ RESOURCES: dict[type, Resource] = {
             refine={"state": {"enum": list(COMMAND_STATES)}},
         ),
         Resource(name="Audit", cls=AuditRecord),
+        Resource(
+            name="Task",
+            cls=TaskRecord,
+            refine={
+                "state": {"enum": list(TASK_STATES)},
+                "attempts": {"description": "runs of the task: 1 plus its retries"},
+                "worker": {"description": "the engine's worker name, when the engine sends it"},
+                "runtime_ms": {"description": "of the last attempt"},
+                "timeline": {
+                    "description": "its attempts, oldest first (null in a list)",
+                    "nullable": True,
+                },
+            },
+        ),
     )
 }
 
@@ -255,6 +271,8 @@ def _schema(name: str, tp: Any) -> dict[str, Any]:
         schema = {}
     elif typing.get_origin(inner) is dict:
         schema = {"type": "object", "additionalProperties": True}
+    elif typing.get_origin(inner) is list:
+        schema = {"type": "array", "items": _schema(name, typing.get_args(inner)[0])}
     elif inner in _SCALARS:
         schema = dict(_SCALARS[inner])
     else:

@@ -1,0 +1,187 @@
+"""``/api/v1/queues``: what the engines' queues hold and how their tasks fare, and purge.
+
+Depths come from each worker's last heartbeat (``adapter_health``, keys
+``<engine>.queue_depths`` — a JSON text — ``<engine>.broker_connected`` and
+``<engine>.broker_type``, as the z4j adapters send them; huey and taskiq
+send none); outcomes come from the task projection.
+
+Purge is two steps, because it destroys work: the first call answers
+``409 confirm`` with the depth the brain last saw; the second names that
+depth (``confirm_depth``), and the brain sends ``purge_queue`` with the
+confirm token the adapters verify: HMAC-SHA256 under the project's key of
+``purge|<queue>|<depth>``. The agent measures the depth again when it
+purges and refuses a mismatch, so a queue that grew in between is not
+emptied of work nobody confirmed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from ...store.base import Store, WorkerInfo
+from ..links import CommandDesk, CommandError
+from ._request import ApiError, Handler, Request, Response, check_text, uuid_param
+from .resources import iso, to_json
+
+__all__ = ["QueueRoutes", "purge_token", "queue_health"]
+
+WINDOW_SECONDS = 3600.0  # outcomes are counted over the last hour
+
+
+class QueueRoutes:
+    def __init__(
+        self,
+        store: Store,
+        commands: CommandDesk,
+        project_key: Callable[[uuid.UUID], bytes] | None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``project_key``: the project's signing key, which purge tokens are
+        keyed with (None: this API cannot purge)."""
+        self._store = store
+        self._commands = commands
+        self._project_key = project_key
+        self._clock = clock
+
+    def routes(self) -> list[tuple[str, str, Handler]]:
+        return [
+            ("GET", "/queues", self.list_queues),
+            ("POST", "/queues/{engine}/{queue}/purge", self.purge),
+        ]
+
+    async def list_queues(self, request: Request) -> Response:
+        now = self._clock()
+        queues: dict[tuple[str, str], dict[str, Any]] = {}
+
+        def entry(engine: str, queue: str) -> dict[str, Any]:
+            return queues.setdefault(
+                (engine, queue),
+                {"engine": engine, "queue": queue, "depths": [], "outcomes": {}},
+            )
+
+        for worker in await self._store.list_workers():
+            if worker.disconnected_at is not None:
+                continue
+            for engine, health in queue_health(worker).items():
+                for queue, depth in health["depths"].items():
+                    entry(engine, queue)["depths"].append(
+                        {
+                            "agent_id": str(worker.agent_id),
+                            "worker_id": worker.worker_id,
+                            "depth": depth,
+                            "seen_at": iso(worker.last_seen),
+                            "broker_connected": health["broker_connected"],
+                            "broker_type": health["broker_type"],
+                        }
+                    )
+        for engine, queue, state, n in await self._store.task_outcomes(since=now - WINDOW_SECONDS):
+            entry(engine, queue or "")["outcomes"][state] = n
+        items = []
+        for item in queues.values():
+            outcomes = item["outcomes"]
+            finished = outcomes.get("succeeded", 0) + outcomes.get("failed", 0)
+            item["finished_per_minute"] = round(finished / (WINDOW_SECONDS / 60), 3)
+            item["failure_rate"] = None if not finished else outcomes.get("failed", 0) / finished
+            items.append(item)
+        items.sort(key=lambda i: (i["engine"], i["queue"]))
+        return 200, {"items": items, "next_cursor": None, "window_seconds": WINDOW_SECONDS}
+
+    async def purge(self, request: Request) -> Response:
+        engine, queue = request.params["engine"], request.params["queue"]
+        check_text(engine)
+        check_text(queue)
+        body = request.json_object()
+        if not isinstance(body.get("agent_id"), str):
+            raise ApiError(400, "bad_request", "agent_id: the agent whose broker holds the queue")
+        agent_id = uuid_param(body["agent_id"], "agent_id")
+        agent = await self._store.find_agent(str(agent_id))
+        if agent is None:
+            raise ApiError(404, "not_found", f"no agent {agent_id}")
+        workers = await self._store.list_workers(agent_id)
+        if not any("purge_queue" in w.capabilities.get(engine, ()) for w in workers):
+            raise ApiError(
+                409, "not_offered", f"no worker of agent {agent_id} advertises purge for {engine}"
+            )
+        if self._project_key is None:
+            raise ApiError(409, "not_offered", "this API has no project keys to sign purges with")
+        confirmed = body.get("confirm_depth")
+        if confirmed is None:
+            seen = _last_depth(workers, engine, queue)
+            raise ApiError(
+                409,
+                "confirm",
+                f"purge {engine} queue {queue!r}: last seen depth "
+                + ("unknown (the adapter reports none)" if seen is None else str(seen))
+                + "; send confirm_depth with the depth you confirm",
+                detail={"depth": seen},
+            )
+        if not isinstance(confirmed, int) or isinstance(confirmed, bool) or confirmed < 0:
+            raise ApiError(400, "bad_request", "confirm_depth: a whole number of messages")
+        token = purge_token(self._project_key(agent.project_id), queue, confirmed)
+        try:
+            record = await self._commands.send(
+                agent_id,
+                "purge_queue",
+                target={"engine": engine, "queue": queue},
+                parameters={"engine": engine, "queue": queue, "confirm_token": token},
+                issued_by="api",
+            )
+        except CommandError as exc:
+            raise ApiError(409, "command_refused", str(exc)) from None
+        return 201, to_json(record)
+
+
+def purge_token(project_key: bytes, queue: str, depth: int) -> str:
+    """The confirm token z4j adapters check before a purge (z4j-core's purge_token)."""
+    return hmac.new(project_key, f"purge|{queue}|{depth}".encode(), hashlib.sha256).hexdigest()
+
+
+def queue_health(worker: WorkerInfo) -> dict[str, dict[str, Any]]:
+    """Per engine, what a worker's last heartbeat said of its broker and queues."""
+    health = worker.health or {}
+    found: dict[str, dict[str, Any]] = {}
+    for key, value in health.items():
+        engine, _, name = str(key).partition(".")
+        if name not in ("queue_depths", "broker_connected", "broker_type"):
+            continue
+        entry = found.setdefault(
+            engine, {"depths": {}, "broker_connected": None, "broker_type": None}
+        )
+        if name == "queue_depths":
+            entry["depths"] = _depths(value)
+        elif name == "broker_connected":
+            entry["broker_connected"] = {"True": True, "False": False}.get(str(value))
+        else:
+            entry["broker_type"] = str(value)
+    return found
+
+
+def _depths(value: Any) -> dict[str, int]:
+    try:
+        depths = orjson.loads(value) if isinstance(value, str) else value
+    except orjson.JSONDecodeError:
+        return {}
+    if not isinstance(depths, dict):
+        return {}
+    return {
+        str(q): int(d)
+        for q, d in depths.items()
+        if isinstance(d, int | float) and not isinstance(d, bool) and d >= 0
+    }
+
+
+def _last_depth(workers: list[WorkerInfo], engine: str, queue: str) -> int | None:
+    seen = [
+        (w.last_seen, health["depths"][queue])
+        for w in workers
+        if (health := queue_health(w).get(engine)) is not None and queue in health["depths"]
+    ]
+    return max(seen)[1] if seen else None
