@@ -33,12 +33,15 @@ from typing import Any, TypeVar
 import attrs
 import pytest
 import trio
+import trio_websocket
 
 from z4j.agent import Agent
 from z4j.config import Config
 from z4j.ingest import connect as ingest_connect
 from z4j.ingest import open_trio
-from z4j.testing.agents import admin_token, provision
+from z4j.protocol.agent import frames as f
+from z4j.protocol.agent.signing import decode_secret
+from z4j.testing.agents import admin_token, provision, raw_agent
 from z4j.testing.brain import RunningBrain, make_config, running_brain
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -372,3 +375,113 @@ def page(browser: Any, dashboard: Dashboard) -> Iterator[Any]:
     finally:
         context.close()
     assert not errors, f"the page logged errors: {errors}"
+
+
+@attrs.define
+class TaskAgent:
+    """An agent ("jobs / runner", worker "runner-1") that reports the tasks of
+    engine ``trio`` and takes ``retry_task`` and ``cancel_task`` for them
+    (its hello advertises both, so the API offers both actions).
+
+    A retry is answered as an engine's adapter would: the task is sent again
+    under a new id (``<id>.r<n>``, in the result's ``new_task_id``), which it
+    reports as received with the inputs it was sent with."""
+
+    dashboard: Dashboard
+    agent: Agent
+    agent_id: str
+    commands: list[tuple[str, dict[str, Any], dict[str, Any]]]  # (action, target, parameters)
+
+    def emit(self, kind: str, task_id: str, **data: Any) -> None:
+        """A ``task.<kind>`` event of the task; ``data`` as the engines send it
+        (task_name, queue, args, kwargs, result, exception, exception_message,
+        traceback, worker, runtime_ms, parent_task_id...)."""
+        event = {"kind": f"task.{kind}", "engine": "trio", "task_id": task_id, "data": data}
+        self.dashboard.loop.run_sync(self.agent.emit, event)
+
+
+@pytest.fixture(scope="module")
+def task_agent(dashboard: Dashboard) -> TaskAgent:
+    token, secret, agent_id = dashboard.loop.run(
+        functools.partial(provision, dashboard.config, project="jobs", agent="runner")
+    )
+    agent = Agent(
+        dashboard.url, token=token, secret=secret, worker_id="runner-1", worker_role="worker"
+    )
+    helper = TaskAgent(dashboard=dashboard, agent=agent, agent_id=str(agent_id), commands=[])
+
+    @agent.command("retry_task")
+    async def retry(target: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
+        helper.commands.append(("retry_task", target, parameters))
+        new_id = f"{parameters['task_id']}.r{len(helper.commands)}"
+        data = {"task_name": parameters.get("task_name")}
+        if "override_args" in parameters:
+            data["args"] = parameters["override_args"]
+            data["kwargs"] = parameters["override_kwargs"]
+        agent.emit({"kind": "task.received", "engine": "trio", "task_id": new_id, "data": data})
+        return {"new_task_id": new_id}
+
+    @agent.command("cancel_task")
+    async def cancel(target: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
+        helper.commands.append(("cancel_task", target, parameters))
+        return {"cancelled": parameters.get("task_id")}
+
+    dashboard.loop.run(dashboard.loop.nursery.start, agent.run)
+    return helper
+
+
+@attrs.define
+class QueueAgent:
+    """A raw agent ("mail / broker", worker "broker-1") whose heartbeats
+    report a celery broker's queue depths, as z4j-celery's do, and whose
+    hello advertises ``purge_queue``. It reads and drops what the brain
+    sends: a purge command is created and delivered, never answered."""
+
+    agent_id: str
+    project_key: bytes  # what the brain signs purge confirmations with
+    depths: dict[str, int]
+
+
+@pytest.fixture(scope="module")
+def queue_agent(dashboard: Dashboard) -> QueueAgent:
+    token, secret, agent_id = dashboard.loop.run(
+        functools.partial(provision, dashboard.config, project="mail", agent="broker")
+    )
+    depths = {"emails": 7, "reports": 0}
+    health = {
+        "celery.queue_depths": json.dumps(depths),
+        "celery.broker_connected": "True",
+        "celery.broker_type": "redis",
+    }
+
+    async def run(task_status: trio.TaskStatus[None]) -> None:
+        async with raw_agent(
+            dashboard.brain.addresses.http,
+            token,
+            secret,
+            worker_id="broker-1",
+            capabilities={"celery": ["purge_queue"]},
+        ) as agent:
+            await agent.send(f.Heartbeat(adapter_health=health))  # proves the key, too
+            task_status.started()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_drain, agent.ws, nursery.cancel_scope)
+                try:
+                    while True:  # the brain closes a session silent for 3 intervals
+                        await trio.sleep(2)
+                        await agent.send(f.Heartbeat(adapter_health=health))
+                except trio_websocket.ConnectionClosed:
+                    nursery.cancel_scope.cancel()  # the brain stopped first
+
+    dashboard.loop.run(dashboard.loop.nursery.start, run)
+    return QueueAgent(agent_id=str(agent_id), project_key=decode_secret(secret), depths=depths)
+
+
+async def _drain(ws: trio_websocket.WebSocketConnection, scope: trio.CancelScope) -> None:
+    """Read and drop a socket's messages until it closes; then cancel ``scope``."""
+    try:
+        while True:
+            await ws.get_message()
+    except trio_websocket.ConnectionClosed:
+        scope.cancel()

@@ -7,6 +7,12 @@
 // capped exponential backoff (full jitter) and reloads the tables from the
 // API once it is back, so nothing missed while away stays missing.
 //
+// Three more pages hang off the address's hash: #/tasks (the task
+// projection, /api/v1/tasks, reloaded at most once a second while task
+// events are being stored), #/tasks/<engine>/<id> (one task, and the retry
+// and cancel its agent offers) and #/queues (depths, outcomes and a
+// two-step purge).
+//
 // Everything from the server is put in the page with textContent, never as
 // HTML. Any 401 means the session is gone: back to /login.
 "use strict";
@@ -50,7 +56,7 @@
         else node.setAttribute(key, value === true ? "" : String(value));
       }
     }
-    for (const child of children.flat()) {
+    for (const child of children.flat(Infinity)) {
       if (child == null || child === false) continue;
       node.append(child instanceof Node ? child : String(child));
     }
@@ -180,10 +186,11 @@
   // -- the REST API ------------------------------------------------------------
 
   class ApiError extends Error {
-    constructor(status, code, message) {
+    constructor(status, code, message, data) {
       super(message);
       this.status = status;
       this.code = code;
+      this.data = data || {}; // the whole JSON refusal (purge's "depth", say)
     }
   }
 
@@ -233,6 +240,7 @@
         response.status,
         (data && data.error) || `http_${response.status}`,
         (data && data.message) || `The brain answered ${response.status}.`,
+        data,
       );
     }
     return data;
@@ -526,6 +534,7 @@
     $("kpi-workers").textContent = fmtInt(connected);
     $("kpi-workers-of").textContent = `of ${fmtInt(workersTotal)}`;
     renderAgentOptions();
+    renderTaskAgentOptions();
   }
 
   function renderAgentOptions() {
@@ -585,9 +594,12 @@
     for (const key of [...freshIds]) if (key.startsWith("e:")) freshIds.delete(key);
     $("feed-empty").hidden = feed.length > 0;
     const held = pendingFeed.length;
-    $("feed-hint").textContent = feedPaused
-      ? `paused${held ? `, ${held} waiting` : ""}`
-      : "newest first";
+    const filtered = Object.entries(feedFilter)
+      .filter(([, v]) => v)
+      .map(([k, v]) => `${k.replace("_", " ")} ${v}`);
+    $("feed-hint").textContent =
+      (feedPaused ? `paused${held ? `, ${held} waiting` : ""}` : "newest first") +
+      (filtered.length ? ` · only ${filtered.join(", ")}` : "");
   }
 
   function renderKinds() {
@@ -993,6 +1005,7 @@
     const fresh = [];
     for (const item of items) {
       if (!item || typeof item !== "object") continue;
+      if (live && !matchesFeedFilter(item)) continue; // the API filtered the others
       const key = eventKey(item);
       if (feedIds.has(key)) {
         if (item.id != null) {
@@ -1099,10 +1112,12 @@
         }
         addEvents(Array.isArray(msg.sample) ? msg.sample : [], { live: true });
         mark("kinds");
+        onStoredEvents(msg);
         break;
       }
       case "command":
         upsertCommand(msg.command, { flash: true });
+        onCommandChange(msg.command);
         break;
       case "agent":
         onAgentMessage(msg);
@@ -1124,9 +1139,7 @@
         mark("instances", "kpis");
       }),
       api("GET", "/api/v1/agents").then((data) => setAgents(data.items || [])),
-      api("GET", "/api/v1/events?limit=50").then((data) =>
-        addEvents(data.items || [], { live: false }),
-      ),
+      loadFeed(),
       api("GET", "/api/v1/commands?limit=50").then((data) => {
         for (const rec of data.items || []) upsertCommand(rec, { flash: false });
       }),
@@ -1177,6 +1190,7 @@
     ws.addEventListener("open", () => {
       openedAt = Date.now(); // "live" once the brain says hello (it may refuse us first)
       refreshAll();
+      refreshView(); // what changed while the socket was away
     });
     ws.addEventListener("message", (event) => {
       let msg;
@@ -1317,6 +1331,1187 @@
   });
   window.addEventListener("resize", () => mark("charts"));
 
+  // -- the events list's filters: one task, an engine, a task name -----------------------------
+
+  const feedFilter = { task_id: "", engine: "", task_name: "" };
+  const FEED_FILTER_INPUTS = { task_id: "ff-task", engine: "ff-engine", task_name: "ff-name" };
+  let feedGen = 0; // bumped when the filter changes: older answers are dropped
+
+  function feedFiltered() {
+    return Object.values(feedFilter).some(Boolean);
+  }
+
+  // The API's own test (api.py's /events filters), for live samples.
+  function matchesFeedFilter(event) {
+    if (!feedFiltered()) return true;
+    let body = event.body;
+    if (typeof body === "string") {
+      try {
+        body = JSON.parse(body);
+      } catch {
+        return false;
+      }
+    }
+    if (!body || typeof body !== "object") return false;
+    if (feedFilter.task_id && body.task_id !== feedFilter.task_id) return false;
+    if (feedFilter.engine && body.engine !== feedFilter.engine) return false;
+    const name = body.data && typeof body.data === "object" ? body.data.task_name : undefined;
+    if (feedFilter.task_name && name !== feedFilter.task_name) return false;
+    return true;
+  }
+
+  function loadFeed() {
+    const gen = feedGen;
+    const params = new URLSearchParams({ limit: "50" });
+    for (const [key, value] of Object.entries(feedFilter)) if (value) params.set(key, value);
+    return api("GET", `/api/v1/events?${params}`).then((data) => {
+      if (gen === feedGen) addEvents(data.items || [], { live: false });
+    });
+  }
+
+  function applyFeedFilter() {
+    const next = {};
+    for (const [key, id] of Object.entries(FEED_FILTER_INPUTS)) next[key] = $(id).value.trim();
+    if (Object.keys(next).every((key) => next[key] === feedFilter[key])) return;
+    Object.assign(feedFilter, next);
+    feedGen += 1;
+    feed.length = 0;
+    feedIds.clear();
+    pendingFeed.length = 0;
+    mark("feed");
+    loadFeed().catch(() => {});
+  }
+
+  // A live message carries a sample of what was stored: under a filter, the
+  // list is read again (at most once a second) so that nothing is missed.
+  const reloadFilteredFeed = throttle(() => {
+    if (feedFiltered() && !feedPaused) loadFeed().catch(() => {});
+  }, 1000);
+
+  let feedFilterTimer = 0;
+  $("feed-filters").addEventListener("input", () => {
+    clearTimeout(feedFilterTimer);
+    feedFilterTimer = setTimeout(applyFeedFilter, 300);
+  });
+  $("feed-filters").addEventListener("submit", (event) => {
+    event.preventDefault();
+    clearTimeout(feedFilterTimer);
+    applyFeedFilter();
+  });
+  $("ff-clear").addEventListener("click", () => {
+    for (const id of Object.values(FEED_FILTER_INPUTS)) $(id).value = "";
+    clearTimeout(feedFilterTimer);
+    applyFeedFilter();
+  });
+
+  // -- pages: #/ (overview), #/tasks, #/tasks/<engine>/<task id>, #/queues ---------------------
+
+  const VIEWS = ["overview", "tasks", "task", "queues"];
+  let route = { view: "overview" };
+
+  function parseRoute() {
+    const raw = location.hash.replace(/^#\/?/, "");
+    const [pathPart, queryPart = ""] = raw.split("?");
+    let parts;
+    try {
+      parts = pathPart.split("/").filter(Boolean).map(decodeURIComponent);
+    } catch {
+      parts = [];
+    }
+    if (parts[0] === "tasks" && parts.length >= 3) {
+      const project = new URLSearchParams(queryPart).get("project");
+      return { view: "task", engine: parts[1], taskId: parts.slice(2).join("/"), project };
+    }
+    if (parts[0] === "tasks") return { view: "tasks" };
+    if (parts[0] === "queues") return { view: "queues" };
+    return { view: "overview" };
+  }
+
+  function taskHref(engine, taskId, project) {
+    const base = `#/tasks/${encodeURIComponent(engine)}/${encodeURIComponent(taskId)}`;
+    return project ? `${base}?project=${encodeURIComponent(project)}` : base;
+  }
+
+  function taskPath(engine, taskId, action, project) {
+    let path = `/api/v1/tasks/${encodeURIComponent(engine)}/${encodeURIComponent(taskId)}`;
+    if (action) path += `/${action}`;
+    if (project) path += `?project_id=${encodeURIComponent(project)}`;
+    return path;
+  }
+
+  function showRoute() {
+    const previous = route;
+    route = parseRoute();
+    for (const name of VIEWS) $(`view-${name}`).hidden = name !== route.view;
+    const section = route.view === "task" ? "tasks" : route.view;
+    for (const link of document.querySelectorAll("#nav a")) {
+      if (link.dataset.view === section) link.setAttribute("aria-current", "page");
+      else link.removeAttribute("aria-current");
+    }
+    if (route.view === "tasks") loadTasks();
+    else if (route.view === "task") {
+      const same =
+        previous.view === "task" &&
+        previous.engine === route.engine &&
+        previous.taskId === route.taskId &&
+        previous.project === route.project;
+      if (!same) openTask();
+    } else if (route.view === "queues") loadQueues();
+    else mark("instances", "agents", "feed", "kinds", "commands", "kpis", "charts");
+    if (previous.view !== route.view || route.view === "task") window.scrollTo(0, 0);
+  }
+
+  window.addEventListener("hashchange", showRoute);
+
+  // The page shown, read again from the API (after a reconnect, and slowly under the socket).
+  function refreshView() {
+    if (route.view === "tasks") loadTasks();
+    else if (route.view === "task") loadTask();
+    else if (route.view === "queues") loadQueues();
+  }
+
+  // fn at most once per `ms`, the last call never lost.
+  function throttle(fn, ms) {
+    let last = 0;
+    let timer = 0;
+    return () => {
+      if (timer) return;
+      timer = setTimeout(
+        () => {
+          timer = 0;
+          last = Date.now();
+          fn();
+        },
+        Math.max(0, last + ms - Date.now()),
+      );
+    };
+  }
+
+  const refreshTasksSoon = throttle(() => route.view === "tasks" && loadTasks(), 1000);
+  const refreshTaskSoon = throttle(() => route.view === "task" && loadTask(), 1000);
+
+  // An ``events`` message: task events change the projection the pages show.
+  function onStoredEvents(msg) {
+    if (feedFiltered()) reloadFilteredFeed();
+    const seen = Object.keys(msg.kinds || {});
+    if (!msg.kinds && Array.isArray(msg.sample)) seen.push(...msg.sample.map((e) => e.kind));
+    if (!seen.some((kind) => String(kind).startsWith("task."))) return;
+    if (route.view === "tasks") refreshTasksSoon();
+    else if (route.view === "task") refreshTaskSoon();
+  }
+
+  const newTaskOf = (rec) => {
+    const result = rec && rec.result && typeof rec.result === "object" ? rec.result : {};
+    const id = result.new_task_id ?? result.task_id;
+    return typeof id === "string" && id ? id : null;
+  };
+
+  function onCommandChange(rec) {
+    if (route.view !== "task" || !rec) return;
+    const id = route.taskId;
+    const named = [rec.target && rec.target.task_id, rec.parameters && rec.parameters.task_id];
+    if (named.includes(id) || newTaskOf(rec) === id) refreshTaskSoon();
+  }
+
+  function showText(id, text) {
+    const box = $(id);
+    box.replaceChildren(text || "");
+    box.hidden = !text;
+  }
+
+  const TASK_STATES = ["received", "started", "retried", "succeeded", "failed", "revoked"];
+  const TASK_STATE_CLASS = {
+    received: "",
+    started: "info live",
+    retried: "warn",
+    succeeded: "ok",
+    failed: "bad",
+    revoked: "",
+  };
+
+  function statePill(state) {
+    return el("span", {
+      class: `pill ${TASK_STATE_CLASS[state] ?? ""}`,
+      dataset: { state: state ?? "" },
+      text: state || "unknown",
+    });
+  }
+
+  // -- the tasks page -----------------------------------------------------------------------------
+
+  const TASKS_PAGE = 50;
+  const TASKS_MAX_PAGE = 500; // the API's largest page
+  const BULK_MAX = 100; // tasks one bulk retry sends, at most
+  const BULK_PARALLEL = 3; // retries in flight at once
+  const TASK_FILTER_INPUTS = {
+    engine: "tf-engine",
+    queue: "tf-queue",
+    name: "tf-name",
+    agent_id: "tf-agent",
+    q: "tf-q",
+  };
+  // query: the filter the rows were read with (a change of it starts over at one page)
+  const taskList = { state: "", items: [], cursor: null, counts: null, gen: 0, query: null };
+  const enginesSeen = new Set();
+
+  function taskQuery() {
+    const params = new URLSearchParams();
+    if (taskList.state) params.set("state", taskList.state);
+    for (const [name, id] of Object.entries(TASK_FILTER_INPUTS)) {
+      const value = $(id).value.trim();
+      if (value) params.set(name, value);
+    }
+    return params;
+  }
+
+  const taskKey = (t) => `${t.project_id}|${t.engine}|${t.task_id}`;
+
+  function matching(counts, state) {
+    if (!counts) return null;
+    if (state) return Number(counts[state]) || 0;
+    return TASK_STATES.reduce((sum, s) => sum + (Number(counts[s]) || 0), 0);
+  }
+
+  // The list again, as filtered now; `fresh` starts over at one page, else
+  // as many rows as are shown are read again (a live refresh keeps "more").
+  async function loadTasks({ fresh = false } = {}) {
+    const gen = ++taskList.gen;
+    const params = taskQuery();
+    const query = params.toString();
+    if (query !== taskList.query) fresh = true;
+    taskList.query = query;
+    const rows = fresh ? TASKS_PAGE : Math.max(TASKS_PAGE, taskList.items.length);
+    params.set("limit", String(Math.min(TASKS_MAX_PAGE, rows)));
+    try {
+      const data = await api("GET", `/api/v1/tasks?${params}`);
+      if (gen !== taskList.gen) return;
+      taskList.items = data.items || [];
+      taskList.cursor = data.next_cursor ?? null;
+      taskList.counts = data.counts || null;
+      showText("tasks-error", "");
+    } catch (error) {
+      if (gen !== taskList.gen || error.status === 401) return;
+      showText("tasks-error", error.message);
+    }
+    renderTasks();
+  }
+
+  async function moreTasks() {
+    if (!taskList.cursor) return;
+    const gen = taskList.gen;
+    const params = taskQuery();
+    params.set("limit", String(TASKS_PAGE));
+    params.set("cursor", taskList.cursor);
+    const button = $("tasks-more");
+    button.disabled = true;
+    try {
+      const data = await api("GET", `/api/v1/tasks?${params}`);
+      if (gen !== taskList.gen) return; // the filter changed meanwhile
+      const known = new Set(taskList.items.map(taskKey));
+      for (const t of data.items || []) if (!known.has(taskKey(t))) taskList.items.push(t);
+      taskList.cursor = data.next_cursor ?? null;
+      taskList.counts = data.counts || taskList.counts;
+    } catch (error) {
+      if (error.status !== 401) showText("tasks-error", error.message);
+    } finally {
+      button.disabled = false;
+    }
+    renderTasks();
+  }
+
+  function renderTaskTabs() {
+    const counts = taskList.counts;
+    $("state-tabs").replaceChildren(
+      ...["", ...TASK_STATES].map((state) =>
+        el(
+          "button",
+          {
+            type: "button",
+            role: "tab",
+            class: "tab",
+            dataset: { state },
+            "aria-selected": String(taskList.state === state),
+            onclick: () => {
+              if (taskList.state === state) return;
+              taskList.state = state;
+              hideBulk();
+              renderTaskTabs();
+              loadTasks({ fresh: true });
+            },
+          },
+          state || "all",
+          el("span", { class: "count", text: counts ? fmtInt(matching(counts, state)) : "–" }),
+        ),
+      ),
+    );
+  }
+
+  function renderTasks() {
+    renderTaskTabs();
+    const now = serverNow();
+    const body = $("tasks-table").tBodies[0];
+    body.replaceChildren(
+      ...taskList.items.map((t) => {
+        enginesSeen.add(t.engine);
+        const last = parseTime(t.last_event_at);
+        const href = taskHref(t.engine, t.task_id, t.project_id);
+        return el(
+          "tr",
+          {
+            class: "clickable",
+            dataset: { engine: t.engine, taskId: t.task_id, state: t.state },
+            onclick: (event) => {
+              if (!event.target.closest("a")) location.hash = href;
+            },
+          },
+          el("td", null, statePill(t.state)),
+          el(
+            "td",
+            { class: "trunc", title: t.name || "" },
+            el("a", { class: "task-link", href, text: t.name || "(no name reported)" }),
+          ),
+          el("td", null, el("span", { class: "tag", text: t.engine })),
+          el("td", { class: "mono trunc", title: t.task_id, text: t.task_id }),
+          el("td", { text: t.queue || "–" }),
+          el("td", { class: "num", text: fmtInt(t.attempts) }),
+          el("td", { class: "mono secondary trunc", title: t.worker || "", text: t.worker || "–" }),
+          el("td", {
+            class: "num",
+            title: t.last_event_at ? `${fmtWhen(last)} (${t.last_event_at})` : "",
+            dataset: { ago: last ?? "" },
+            text: ago(last, now),
+          }),
+          el("td", { class: "num", text: span(t.runtime_ms) }),
+        );
+      }),
+    );
+    $("tasks-empty").hidden = taskList.items.length > 0;
+    $("tasks-more").hidden = !taskList.cursor;
+    const total = matching(taskList.counts, taskList.state);
+    $("tasks-hint").textContent =
+      total == null
+        ? "newest first"
+        : `${fmtInt(taskList.items.length)} of ${fmtInt(total)} shown, newest first`;
+    renderEngineOptions();
+  }
+
+  function renderEngineOptions() {
+    const list = $("tf-engines");
+    const engines = [...enginesSeen].sort();
+    if (list.children.length === engines.length) return;
+    list.replaceChildren(...engines.map((engine) => el("option", { value: engine })));
+  }
+
+  function renderTaskAgentOptions() {
+    const select = $("tf-agent");
+    const previous = select.value;
+    const list = [...agents.values()].sort((a, b) =>
+      agentLabel(a.id).localeCompare(agentLabel(b.id)),
+    );
+    select.replaceChildren(
+      el("option", { value: "", text: "any agent" }),
+      ...list.map((agent) => el("option", { value: agent.id, text: agentLabel(agent.id) })),
+    );
+    if (previous && agents.has(previous)) select.value = previous;
+    else if (previous) {
+      select.append(el("option", { value: previous, text: shortId(previous) }));
+      select.value = previous;
+    }
+  }
+
+  // Typing reloads the list once it pauses, and only when the filter changed
+  // (a field's "change" as it loses focus is no change).
+  let taskFilterTimer = 0;
+  function taskFiltersChanged() {
+    clearTimeout(taskFilterTimer);
+    taskFilterTimer = setTimeout(() => {
+      if (taskQuery().toString() === taskList.query) return;
+      hideBulk();
+      loadTasks({ fresh: true });
+    }, 250);
+  }
+  $("task-filters").addEventListener("input", taskFiltersChanged);
+  $("task-filters").addEventListener("change", taskFiltersChanged);
+  $("task-filters").addEventListener("submit", (event) => {
+    event.preventDefault();
+    clearTimeout(taskFilterTimer);
+    hideBulk();
+    loadTasks({ fresh: true });
+  });
+  $("tf-clear").addEventListener("click", () => {
+    for (const id of Object.values(TASK_FILTER_INPUTS)) $(id).value = "";
+    taskFiltersChanged();
+  });
+  $("tasks-more").addEventListener("click", moreTasks);
+
+  // -- bulk retry: the tasks the filter matches, newest first, at most BULK_MAX ------------------
+  //
+  // The brain retries one task per request, so the page sends one request per
+  // task, a few at a time, and says which failed and why.
+
+  let bulkItems = null;
+
+  function hideBulk() {
+    bulkItems = null;
+    $("bulk-panel").hidden = true;
+  }
+
+  $("bulk-retry").addEventListener("click", async (event) => {
+    const button = event.currentTarget;
+    showText("bulk-result", "");
+    showText("tasks-error", "");
+    button.disabled = true;
+    try {
+      const params = taskQuery();
+      params.set("limit", String(BULK_MAX));
+      const data = await api("GET", `/api/v1/tasks?${params}`);
+      const items = data.items || [];
+      if (!items.length) {
+        hideBulk();
+        showText("bulk-result", "No task matches this filter: there is nothing to retry.");
+        return;
+      }
+      const total = Math.max(matching(data.counts, taskList.state) ?? 0, items.length);
+      const n = items.length;
+      const tasks = `task${n === 1 ? "" : "s"}`;
+      bulkItems = items;
+      $("bulk-panel").dataset.count = String(n);
+      $("bulk-text").replaceChildren(
+        el("b", { text: `Retry ${fmtInt(n)} ${tasks}?` }),
+        " ",
+        total > n
+          ? `${fmtInt(total)} tasks match this filter; one bulk retry sends at most ${BULK_MAX}, ` +
+              `so only the newest ${fmtInt(n)} will be retried.`
+          : `${n === 1 ? "This is the task" : `These are the ${fmtInt(n)} tasks`} that match this filter.`,
+        " Each is sent again, as a retry_task command to its agent.",
+      );
+      $("bulk-confirm").textContent = `Retry ${fmtInt(n)} ${tasks}`;
+      $("bulk-panel").hidden = false;
+      $("bulk-confirm").focus();
+    } catch (error) {
+      if (error.status !== 401) showText("tasks-error", error.message);
+    } finally {
+      button.disabled = false;
+    }
+  });
+
+  $("bulk-cancel").addEventListener("click", hideBulk);
+
+  $("bulk-confirm").addEventListener("click", async () => {
+    const items = bulkItems;
+    hideBulk();
+    if (!items) return;
+    const box = $("bulk-result");
+    const button = $("bulk-retry");
+    button.disabled = true;
+    box.dataset.state = "running";
+    let sent = 0;
+    let next = 0;
+    const failures = [];
+    const progress = () =>
+      showText("bulk-result", `Retrying… ${sent + failures.length} of ${items.length} done.`);
+    progress();
+    async function sender() {
+      while (next < items.length) {
+        const t = items[next++];
+        try {
+          const rec = await api("POST", taskPath(t.engine, t.task_id, "retry", t.project_id));
+          upsertCommand(rec, { flash: true });
+          sent += 1;
+        } catch (error) {
+          if (error.status === 401) return;
+          failures.push({ task: t, error });
+        }
+        progress();
+      }
+    }
+    await Promise.all(Array.from({ length: Math.min(BULK_PARALLEL, items.length) }, sender));
+    box.replaceChildren(
+      el("b", {
+        text: `Retry sent for ${sent} of ${items.length} task${items.length === 1 ? "" : "s"}`,
+      }),
+      failures.length ? `; ${failures.length} failed:` : ".",
+    );
+    if (failures.length) {
+      box.append(
+        el(
+          "ul",
+          { class: "failures" },
+          failures.map(({ task, error }) =>
+            el(
+              "li",
+              null,
+              el("a", {
+                class: "mono",
+                href: taskHref(task.engine, task.task_id, task.project_id),
+                text: task.task_id,
+              }),
+              ` (${task.name || task.engine}): `,
+              error.code === "inputs_unknown"
+                ? "its inputs were never reported; retry it from its page with inputs"
+                : error.message,
+            ),
+          ),
+        ),
+      );
+    }
+    box.dataset.state = "done";
+    box.dataset.sent = String(sent);
+    box.dataset.failed = String(failures.length);
+    box.hidden = false;
+    button.disabled = false;
+    loadTasks();
+  });
+
+  // -- one task -------------------------------------------------------------------------------
+
+  const taskDetail = { task: null, gen: 0, busy: false };
+
+  function fmtWhen(ms) {
+    if (ms == null) return "–";
+    const d = new Date(ms);
+    const date = [d.getFullYear(), d.getMonth() + 1, d.getDate()]
+      .map((n, i) => String(n).padStart(i ? 2 : 4, "0"))
+      .join("-");
+    return `${date} ${clock(ms)}`;
+  }
+
+  // Times in a task are ISO text; inside its timeline they are epoch seconds.
+  function anyTime(value) {
+    if (typeof value === "number" && Number.isFinite(value)) return value * 1000;
+    return parseTime(value);
+  }
+
+  function when(value) {
+    const ms = anyTime(value);
+    if (ms == null) return el("span", { class: "muted", text: "–" });
+    return el("span", { title: typeof value === "string" ? value : "", text: fmtWhen(ms) });
+  }
+
+  const json = (value) => JSON.stringify(value, null, 2);
+
+  function openTask() {
+    taskDetail.task = null;
+    taskDetail.gen += 1;
+    $("retry-form").hidden = true;
+    showText("task-action-result", "");
+    showText("task-action-error", "");
+    $("task-title").textContent = route.taskId;
+    $("task-state").replaceChildren();
+    $("task-actions").replaceChildren();
+    $("task-body").replaceChildren(el("div", { class: "empty", text: "Loading…" }));
+    loadTask();
+  }
+
+  async function loadTask() {
+    const { engine, taskId, project } = route;
+    const gen = ++taskDetail.gen;
+    try {
+      const task = await api("GET", taskPath(engine, taskId, "", project));
+      if (gen !== taskDetail.gen || route.view !== "task") return;
+      taskDetail.task = task;
+      enginesSeen.add(task.engine);
+      renderTask();
+    } catch (error) {
+      if (gen !== taskDetail.gen || error.status === 401) return;
+      if (taskDetail.task) {
+        showText("task-action-error", error.message);
+        return;
+      }
+      $("task-body").replaceChildren(
+        el("div", {
+          class: "empty",
+          text: error.status === 404 ? `No ${engine} task ${taskId} is known here.` : error.message,
+        }),
+      );
+    }
+  }
+
+  // replaceChildren, skipping what is absent (the DOM's would write "null").
+  function fill(node, ...children) {
+    node.replaceChildren(...children.flat(Infinity).filter((c) => c != null && c !== false));
+  }
+
+  function block(title, id, ...children) {
+    return el("section", { class: "block", id }, el("h3", { text: title }), ...children);
+  }
+
+  function pre(value, id, cls) {
+    return el("pre", { id, class: `code ${cls ?? ""}`, text: value });
+  }
+
+  function taskLink(engine, taskId, project, cls) {
+    return el("a", {
+      class: `mono ${cls ?? ""}`,
+      href: taskHref(engine, taskId, project),
+      text: taskId,
+    });
+  }
+
+  function renderTask() {
+    const t = taskDetail.task;
+    const project = t.project_id;
+    $("task-title").textContent = t.name || "(no name reported)";
+    $("task-state").replaceChildren(statePill(t.state));
+    const actions = new Set(t.actions || []);
+    fill(
+      $("task-actions"),
+      actions.has("retry")
+        ? el("button", {
+            id: "task-retry",
+            class: "btn primary",
+            type: "button",
+            text: "Retry",
+            title: "Send the task again, as it was",
+            disabled: taskDetail.busy,
+            onclick: () => taskAction("retry"),
+          })
+        : null,
+      actions.has("retry")
+        ? el("button", {
+            id: "task-retry-inputs",
+            class: "btn",
+            type: "button",
+            text: "Retry with different inputs",
+            disabled: taskDetail.busy,
+            onclick: () => openRetryForm(),
+          })
+        : null,
+      actions.has("cancel")
+        ? el("button", {
+            id: "task-cancel",
+            class: "btn danger",
+            type: "button",
+            text: "Cancel",
+            title: "Revoke the task",
+            disabled: taskDetail.busy,
+            onclick: () => taskAction("cancel"),
+          })
+        : null,
+      actions.size
+        ? null
+        : el("span", { class: "muted", text: "no worker of its agent offers retry or cancel" }),
+      el("button", {
+        id: "task-events",
+        class: "btn",
+        type: "button",
+        text: "Events",
+        title: "The stored events of this task, on the overview",
+        onclick: () => showTaskEvents(t),
+      }),
+    );
+
+    const facts = [
+      ["engine", "Engine", el("span", { class: "tag", text: t.engine })],
+      ["task_id", "Task id", el("span", { class: "mono", text: t.task_id })],
+      ["queue", "Queue", t.queue || "–"],
+      ["state", "State", t.state],
+      ["attempts", "Attempts", fmtInt(t.attempts)],
+      ["worker", "Worker", el("span", { class: "mono", text: t.worker || "–" })],
+      ["agent", "Agent", t.agent_id ? agentLabel(t.agent_id) : "–"],
+      ["received_at", "Received", when(t.received_at)],
+      ["started_at", "Started", when(t.started_at)],
+      ["finished_at", "Finished", when(t.finished_at)],
+      ["last_event_at", "Last event", when(t.last_event_at)],
+      ["runtime", "Runtime", span(t.runtime_ms)],
+    ];
+    if (t.priority != null) facts.push(["priority", "Priority", preview(t.priority)]);
+    if (t.tags != null) facts.push(["tags", "Tags", preview(t.tags)]);
+    const summary = el(
+      "dl",
+      { class: "facts", id: "task-summary" },
+      facts.map(([key, label, value]) => [
+        el("dt", { text: label }),
+        el("dd", { dataset: { field: key } }, value),
+      ]),
+    );
+
+    const timeline = el(
+      "table",
+      { id: "task-timeline" },
+      el(
+        "thead",
+        null,
+        el(
+          "tr",
+          null,
+          ["#", "State", "Received", "Started", "Finished", "Worker", "Runtime", "Error"].map(
+            (h, i) => el("th", { class: i === 0 || i === 6 ? "num" : null, text: h }),
+          ),
+        ),
+      ),
+      el(
+        "tbody",
+        null,
+        (t.timeline || []).map((a) =>
+          el(
+            "tr",
+            { dataset: { attempt: a.attempt, state: a.state ?? "" } },
+            el("td", { class: "num", text: a.attempt }),
+            el("td", null, a.state ? statePill(a.state) : "–"),
+            el("td", null, when(a.received_at)),
+            el("td", null, when(a.started_at)),
+            el("td", null, when(a.finished_at)),
+            el("td", { class: "mono secondary", text: a.worker || "–" }),
+            el("td", { class: "num", text: span(a.runtime_ms) }),
+            el("td", {
+              class: "trunc",
+              title: [a.exception, a.message].filter(Boolean).join(": "),
+              text: [a.exception, a.message].filter(Boolean).join(": ") || "",
+            }),
+          ),
+        ),
+      ),
+    );
+
+    const inputsKnown = t.args != null || t.kwargs != null;
+    const inputs = inputsKnown
+      ? el(
+          "div",
+          { class: "two" },
+          el(
+            "div",
+            null,
+            el("div", { class: "sub", text: "args" }),
+            pre(json(t.args ?? []), "task-args"),
+          ),
+          el(
+            "div",
+            null,
+            el("div", { class: "sub", text: "kwargs" }),
+            pre(json(t.kwargs ?? {}), "task-kwargs"),
+          ),
+        )
+      : el("p", { class: "muted", id: "task-args", text: "The engine did not report its inputs." });
+
+    const failed = t.exception || t.message || t.traceback;
+    const exception = failed
+      ? el(
+          "div",
+          { id: "task-exception" },
+          el(
+            "p",
+            { class: "exc" },
+            el("b", { class: "exc-type", text: t.exception || "Error" }),
+            t.message ? [": ", el("span", { class: "exc-message", text: t.message })] : null,
+          ),
+          t.traceback ? pre(t.traceback, "task-traceback", "traceback") : null,
+        )
+      : null;
+
+    const commands = t.commands || [];
+    const retryOf = commands
+      .filter(
+        (c) => newTaskOf(c) === t.task_id && c.parameters && c.parameters.task_id !== t.task_id,
+      )
+      .map((c) => c.parameters.task_id);
+    const retriedAs = commands
+      .filter((c) => c.action === "retry_task" && newTaskOf(c) && newTaskOf(c) !== t.task_id)
+      .map(newTaskOf);
+    const lineage = [
+      ["parent", "Parent", t.parent_id ? [taskLink(t.engine, t.parent_id, project)] : []],
+      [
+        "root",
+        "Root",
+        t.root_id && t.root_id !== t.task_id ? [taskLink(t.engine, t.root_id, project)] : [],
+      ],
+      ["retry_of", "Retry of", retryOf.map((id) => taskLink(t.engine, id, project))],
+      ["retried_as", "Retried as", retriedAs.map((id) => taskLink(t.engine, id, project))],
+    ].filter(([, , links]) => links.length);
+
+    const commandRows = commands.map((c) => {
+      const created = parseTime(c.created_at);
+      const newId = newTaskOf(c);
+      const engine =
+        (c.parameters && c.parameters.engine) || (c.target && c.target.engine) || t.engine;
+      const params = { ...(c.parameters || {}) };
+      delete params.engine;
+      delete params.task_id;
+      delete params.task_name;
+      let outcome;
+      if (c.error) outcome = el("span", { class: "mono bad-text", text: preview(c.error, 160) });
+      else if (newId && newId !== t.task_id)
+        outcome = el(
+          "span",
+          null,
+          "new task ",
+          el("a", {
+            class: "mono new-task-link",
+            href: taskHref(engine, newId, project),
+            text: newId,
+          }),
+        );
+      else if (c.result != null)
+        outcome = el("span", {
+          class: "mono",
+          title: preview(c.result, 2000),
+          text: preview(c.result, 120),
+        });
+      return el(
+        "tr",
+        { dataset: { id: c.id, action: c.action, state: c.state } },
+        el("td", { class: "mono", title: c.id, text: shortId(c.id) }),
+        el("td", { class: "mono", text: c.action }),
+        el(
+          "td",
+          null,
+          el("span", {
+            class: `pill ${STATE_CLASS[c.state] ?? ""}`,
+            dataset: { state: c.state },
+            text: c.state,
+          }),
+        ),
+        el("td", {
+          class: "num",
+          title: c.created_at || "",
+          dataset: { ago: created ?? "" },
+          text: ago(created),
+        }),
+        el("td", {
+          class: "mono trunc params",
+          title: preview(params, 2000),
+          text: Object.keys(params).length ? preview(params, 160) : "",
+        }),
+        el("td", { class: "trunc" }, outcome),
+      );
+    });
+
+    fill(
+      $("task-body"),
+      block("Summary", "task-summary-block", summary),
+      block(
+        "Attempts",
+        "task-attempts",
+        (t.timeline || []).length ? timeline : el("p", { class: "muted", text: "No attempt yet." }),
+      ),
+      block("Inputs", "task-inputs", inputs),
+      t.result !== null && t.result !== undefined
+        ? block("Result", "task-result-block", pre(json(t.result), "task-result"))
+        : null,
+      exception ? block("Exception", "task-exception-block", exception) : null,
+      lineage.length
+        ? block(
+            "Lineage",
+            "task-lineage",
+            el(
+              "dl",
+              { class: "facts" },
+              lineage.map(([key, label, links]) => [
+                el("dt", { text: label }),
+                el(
+                  "dd",
+                  { dataset: { field: key } },
+                  links.flatMap((a, i) => (i ? [", ", a] : [a])),
+                ),
+              ]),
+            ),
+          )
+        : null,
+      block(
+        "Commands",
+        "task-commands-block",
+        commands.length
+          ? el(
+              "table",
+              { id: "task-commands" },
+              el(
+                "thead",
+                null,
+                el(
+                  "tr",
+                  null,
+                  ["Command", "Action", "State", "Created", "Parameters", "Result"].map((h) =>
+                    el("th", { class: h === "Created" ? "num" : null, text: h }),
+                  ),
+                ),
+              ),
+              el("tbody", null, commandRows),
+            )
+          : el("p", {
+              class: "muted",
+              id: "task-commands",
+              text: "No command has named this task.",
+            }),
+      ),
+    );
+  }
+
+  function setTaskBusy(busy) {
+    taskDetail.busy = busy;
+    for (const id of ["task-retry", "task-retry-inputs", "task-cancel", "retry-form-send"]) {
+      const button = $(id);
+      if (button) button.disabled = busy;
+    }
+  }
+
+  // Retry (body undefined: as it was; {args, kwargs}: with these inputs) or cancel.
+  async function taskAction(action, body) {
+    const t = taskDetail.task;
+    if (!t || taskDetail.busy) return null;
+    showText("task-action-result", "");
+    showText("task-action-error", "");
+    setTaskBusy(true);
+    try {
+      const rec = await api("POST", taskPath(t.engine, t.task_id, action, t.project_id), body);
+      upsertCommand(rec, { flash: true });
+      const what = action === "cancel" ? "Cancel" : body ? "Retry with new inputs" : "Retry";
+      showText("task-action-result", `${what} sent as command ${shortId(rec.id)} (${rec.state}).`);
+      $("task-action-result").dataset.command = rec.id;
+      loadTask();
+      return rec;
+    } catch (error) {
+      if (error.status === 401) return null;
+      if (action === "retry" && body === undefined && error.code === "inputs_unknown") {
+        openRetryForm({
+          args: [],
+          kwargs: {},
+          why:
+            `Retry needs this task's inputs: ${t.engine} sends a task again with its args and ` +
+            "kwargs, and this one's were never reported. Give them here to retry it.",
+        });
+        return null;
+      }
+      showText("task-action-error", error.message);
+      return null;
+    } finally {
+      setTaskBusy(false);
+    }
+  }
+
+  function openRetryForm({ args, kwargs, why } = {}) {
+    const t = taskDetail.task;
+    if (!t) return;
+    const known = t.args != null || t.kwargs != null;
+    const plain = (v) => v && typeof v === "object" && !Array.isArray(v);
+    $("retry-args").value = json(args ?? (Array.isArray(t.args) ? t.args : []));
+    $("retry-kwargs").value = json(kwargs ?? (plain(t.kwargs) ? t.kwargs : {}));
+    $("retry-form-note").textContent =
+      why ||
+      (known
+        ? "The task is sent again with these inputs instead of its own."
+        : "The engine did not report this task's inputs: give its args and kwargs.");
+    showText("retry-form-error", "");
+    $("retry-form").hidden = false;
+    $("retry-args").focus();
+  }
+
+  function readJson(id, label, want) {
+    const text = $(id).value.trim();
+    let value;
+    try {
+      value = JSON.parse(text);
+    } catch (error) {
+      throw new Error(`${label} is not valid JSON: ${error.message}`);
+    }
+    if (want === "list" && !Array.isArray(value))
+      throw new Error(`${label} must be a JSON list, like [] or [1, "a"].`);
+    if (want === "object" && (!value || typeof value !== "object" || Array.isArray(value)))
+      throw new Error(`${label} must be a JSON object, like {} or {"key": 1}.`);
+    return value;
+  }
+
+  $("retry-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    let args;
+    let kwargs;
+    try {
+      args = readJson("retry-args", "args", "list");
+      kwargs = readJson("retry-kwargs", "kwargs", "object");
+    } catch (error) {
+      showText("retry-form-error", error.message);
+      return;
+    }
+    showText("retry-form-error", "");
+    const rec = await taskAction("retry", { args, kwargs });
+    if (rec) $("retry-form").hidden = true;
+  });
+  $("retry-form-cancel").addEventListener("click", () => {
+    $("retry-form").hidden = true;
+  });
+
+  function showTaskEvents(t) {
+    $("ff-task").value = t.task_id;
+    $("ff-engine").value = t.engine;
+    $("ff-name").value = "";
+    applyFeedFilter();
+    location.hash = "#/";
+    requestAnimationFrame(() => $("feed-card").scrollIntoView({ block: "start" }));
+  }
+
+  // -- queues ----------------------------------------------------------------------------------
+
+  const QUEUES_POLL_MS = 5000;
+  let queuesLoadedAt = 0;
+  let queuesGen = 0;
+  let queueItems = [];
+  let purging = null; // {engine, queue, agentId, depth} awaiting the operator's yes
+
+  async function loadQueues() {
+    const gen = ++queuesGen;
+    queuesLoadedAt = Date.now();
+    try {
+      const data = await api("GET", "/api/v1/queues");
+      if (gen !== queuesGen) return;
+      queueItems = data.items || [];
+      showText("queues-error", "");
+      renderQueues();
+    } catch (error) {
+      if (gen === queuesGen && error.status !== 401) showText("queues-error", error.message);
+    }
+  }
+
+  function renderQueues() {
+    const body = $("queues-table").tBodies[0];
+    body.replaceChildren(
+      ...queueItems.map((q) => {
+        enginesSeen.add(q.engine);
+        const depths = q.depths || [];
+        const total = depths.length
+          ? depths.reduce((sum, d) => sum + (Number(d.depth) || 0), 0)
+          : null;
+        const agentIds = [...new Set(depths.map((d) => d.agent_id))];
+        const brokers = [...new Set(depths.map((d) => d.broker_type).filter(Boolean))];
+        const down = depths.some((d) => d.broker_connected === false);
+        const outcomes = Object.entries(q.outcomes || {})
+          .filter(([, n]) => n)
+          .map(([state, n]) => `${fmtInt(n)} ${state}`)
+          .join(" · ");
+        return el(
+          "tr",
+          { dataset: { engine: q.engine, queue: q.queue } },
+          el("td", null, el("span", { class: "tag", text: q.engine })),
+          el("td", { class: "mono", text: q.queue || "(none)" }),
+          el("td", { class: "num depth", text: total == null ? "–" : fmtInt(total) }),
+          el(
+            "td",
+            { class: "secondary" },
+            depths.length
+              ? depths.map((d, i) => [
+                  i ? el("br") : null,
+                  `${agentLabel(d.agent_id)} · ${d.worker_id}: ${fmtInt(d.depth)}`,
+                ])
+              : "no worker reports its depth",
+          ),
+          el(
+            "td",
+            null,
+            brokers.join(", ") || "–",
+            down ? [" ", el("span", { class: "pill bad", text: "disconnected" })] : null,
+          ),
+          el("td", { class: "num", text: fmtRate(q.finished_per_minute) }),
+          el("td", {
+            class: "num",
+            text: q.failure_rate == null ? "–" : `${nf1.format(q.failure_rate * 100)} %`,
+          }),
+          el("td", { class: "secondary", text: outcomes || "–" }),
+          el(
+            "td",
+            { class: "num" },
+            agentIds.map((agentId) =>
+              el("button", {
+                class: "btn small danger",
+                type: "button",
+                dataset: { agent: agentId },
+                text: agentIds.length > 1 ? `Purge on ${agentLabel(agentId)}` : "Purge",
+                onclick: (event) => askPurge(q, agentId, event.currentTarget),
+              }),
+            ),
+          ),
+        );
+      }),
+    );
+    $("queues-empty").hidden = queueItems.length > 0;
+  }
+
+  function purgePath(engine, queue) {
+    return `/api/v1/queues/${encodeURIComponent(engine)}/${encodeURIComponent(queue)}/purge`;
+  }
+
+  // Step one: the brain answers 409 "confirm" with the depth it last saw.
+  async function askPurge(q, agentId, button) {
+    purging = null;
+    $("purge-panel").hidden = true;
+    showText("purge-result", "");
+    showText("queues-error", "");
+    button.disabled = true;
+    try {
+      const rec = await api("POST", purgePath(q.engine, q.queue), { agent_id: agentId });
+      // A brain that purged at once (none does today): say so all the same.
+      if (rec && rec.id != null) purgeSent(rec);
+    } catch (error) {
+      if (error.status === 401) return;
+      if (error.code !== "confirm") {
+        showText("queues-error", error.message);
+        return;
+      }
+      const depth = Number.isInteger(error.data.depth) ? error.data.depth : null;
+      purging = { engine: q.engine, queue: q.queue, agentId, depth };
+      const where = `${q.engine} queue “${q.queue}” on ${agentLabel(agentId)}`;
+      const panel = $("purge-panel");
+      panel.dataset.depth = depth == null ? "" : String(depth);
+      $("purge-text").replaceChildren(
+        el("b", { text: `Purge the ${where}?` }),
+        " ",
+        depth == null
+          ? "Its adapter reports no depth, so say how many messages you expect it to hold."
+          : `The brain last saw ${fmtInt(depth)} message${depth === 1 ? "" : "s"} in it.`,
+        " They are deleted, not run. The agent measures the queue again and refuses if it does " +
+          "not hold the number confirmed here.",
+      );
+      $("purge-depth-label").hidden = depth != null;
+      $("purge-depth").value = "";
+      $("purge-confirm").textContent =
+        depth == null ? "Purge" : `Purge ${fmtInt(depth)} message${depth === 1 ? "" : "s"}`;
+      panel.hidden = false;
+      (depth == null ? $("purge-depth") : $("purge-confirm")).focus();
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  function purgeSent(rec) {
+    upsertCommand(rec, { flash: true });
+    showText("purge-result", `Purge sent as command ${shortId(rec.id)} (${rec.state}).`);
+    $("purge-result").dataset.command = rec.id;
+  }
+
+  // Step two: the same request, naming the depth the operator confirmed.
+  $("purge-confirm").addEventListener("click", async (event) => {
+    if (!purging) return;
+    let depth = purging.depth;
+    if (depth == null) {
+      const typed = $("purge-depth").value.trim();
+      depth = /^\d+$/.test(typed) ? Number(typed) : null;
+      if (depth == null) {
+        showText("queues-error", "Give the number of messages, a whole number.");
+        return;
+      }
+    }
+    const { engine, queue, agentId } = purging;
+    const button = event.currentTarget;
+    button.disabled = true;
+    showText("queues-error", "");
+    try {
+      const rec = await api("POST", purgePath(engine, queue), {
+        agent_id: agentId,
+        confirm_depth: depth,
+      });
+      purging = null;
+      $("purge-panel").hidden = true;
+      purgeSent(rec);
+      loadQueues();
+    } catch (error) {
+      if (error.status !== 401) showText("queues-error", error.message);
+    } finally {
+      button.disabled = false;
+    }
+  });
+  $("purge-cancel").addEventListener("click", () => {
+    purging = null;
+    $("purge-panel").hidden = true;
+  });
+  $("queues-refresh").addEventListener("click", loadQueues);
+
   // -- the clock: one sample a second -----------------------------------------------------------
 
   function tick() {
@@ -1343,7 +2538,8 @@
     if (!socket || socket.readyState !== WebSocket.OPEN) {
       if (retryAt > local) setConn("retry");
     }
-    mark("instances", "kpis", "charts");
+    mark("instances", "kpis");
+    if (route.view === "overview") mark("charts");
   }
 
   setInterval(tick, 1000);
@@ -1355,10 +2551,14 @@
     if (Date.now() - lastPoll >= (live ? POLL_MS : OFFLINE_POLL_MS)) {
       lastPoll = Date.now();
       refreshAll();
+      refreshView();
     }
+    // Depths come with heartbeats, which the socket does not relay: poll them.
+    if (route.view === "queues" && Date.now() - queuesLoadedAt >= QUEUES_POLL_MS) loadQueues();
   }, 1000);
 
   mark("instances", "agents", "feed", "kinds", "commands", "kpis", "charts");
+  showRoute();
   refreshAll();
   connect();
 })();
