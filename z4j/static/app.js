@@ -1542,7 +1542,6 @@
   const TASKS_PAGE = 50;
   const TASKS_MAX_PAGE = 500; // the API's largest page
   const BULK_MAX = 100; // tasks one bulk retry sends, at most
-  const BULK_PARALLEL = 3; // retries in flight at once
   const TASK_FILTER_INPUTS = {
     engine: "tf-engine",
     queue: "tf-queue",
@@ -1746,14 +1745,21 @@
 
   // -- bulk retry: the tasks the filter matches, newest first, at most BULK_MAX ------------------
   //
-  // The brain retries one task per request, so the page sends one request per
-  // task, a few at a time, and says which failed and why.
+  // Two steps, both the brain's: asked without a count, it answers 409
+  // confirm with how many tasks it would retry; the page shows that number,
+  // and on confirmation sends it back. The brain then sends one bulk_retry
+  // per agent where the agent offers it (celery), else one retry_task per
+  // task, and lists the tasks it could not retry.
 
-  let bulkItems = null;
+  let bulkFilter = null;
 
   function hideBulk() {
-    bulkItems = null;
+    bulkFilter = null;
     $("bulk-panel").hidden = true;
+  }
+
+  function bulkBody(extra) {
+    return { filter: Object.fromEntries(taskQuery()), max: BULK_MAX, ...extra };
   }
 
   $("bulk-retry").addEventListener("click", async (event) => {
@@ -1762,19 +1768,22 @@
     showText("tasks-error", "");
     button.disabled = true;
     try {
-      const params = taskQuery();
-      params.set("limit", String(BULK_MAX));
-      const data = await api("GET", `/api/v1/tasks?${params}`);
-      const items = data.items || [];
-      if (!items.length) {
+      let n = null;
+      try {
+        await api("POST", "/api/v1/tasks/retry", bulkBody({ confirm_count: -1 }));
+      } catch (error) {
+        if (error.code !== "confirm") throw error;
+        n = Number(error.data && error.data.count) || 0;
+      }
+      if (!n) {
         hideBulk();
         showText("bulk-result", "No task matches this filter: there is nothing to retry.");
         return;
       }
-      const total = Math.max(matching(data.counts, taskList.state) ?? 0, items.length);
-      const n = items.length;
+      const data = await api("GET", `/api/v1/tasks?${taskQuery()}&limit=1`);
+      const total = Math.max(matching(data.counts, taskList.state) ?? 0, n);
       const tasks = `task${n === 1 ? "" : "s"}`;
-      bulkItems = items;
+      bulkFilter = bulkBody({ confirm_count: n });
       $("bulk-panel").dataset.count = String(n);
       $("bulk-text").replaceChildren(
         el("b", { text: `Retry ${fmtInt(n)} ${tasks}?` }),
@@ -1783,7 +1792,8 @@
           ? `${fmtInt(total)} tasks match this filter; one bulk retry sends at most ${BULK_MAX}, ` +
               `so only the newest ${fmtInt(n)} will be retried.`
           : `${n === 1 ? "This is the task" : `These are the ${fmtInt(n)} tasks`} that match this filter.`,
-        " Each is sent again, as a retry_task command to its agent.",
+        " The brain sends them to their agents, as one bulk_retry where the agent offers it, " +
+          "else one retry_task each.",
       );
       $("bulk-confirm").textContent = `Retry ${fmtInt(n)} ${tasks}`;
       $("bulk-panel").hidden = false;
@@ -1798,66 +1808,52 @@
   $("bulk-cancel").addEventListener("click", hideBulk);
 
   $("bulk-confirm").addEventListener("click", async () => {
-    const items = bulkItems;
+    const body = bulkFilter;
     hideBulk();
-    if (!items) return;
+    if (!body) return;
     const box = $("bulk-result");
     const button = $("bulk-retry");
     button.disabled = true;
     box.dataset.state = "running";
+    showText("bulk-result", "Retrying…");
     let sent = 0;
-    let next = 0;
-    const failures = [];
-    const progress = () =>
-      showText("bulk-result", `Retrying… ${sent + failures.length} of ${items.length} done.`);
-    progress();
-    async function sender() {
-      while (next < items.length) {
-        const t = items[next++];
-        try {
-          const rec = await api("POST", taskPath(t.engine, t.task_id, "retry", t.project_id));
-          upsertCommand(rec, { flash: true });
-          sent += 1;
-        } catch (error) {
-          if (error.status === 401) return;
-          failures.push({ task: t, error });
-        }
-        progress();
-      }
+    let skipped = [];
+    let failure = null;
+    try {
+      const done = await api("POST", "/api/v1/tasks/retry", body);
+      for (const rec of done.commands || []) upsertCommand(rec, { flash: true });
+      sent = body.confirm_count - (done.skipped || []).length;
+      skipped = done.skipped || [];
+    } catch (error) {
+      if (error.status === 401) return;
+      failure = error;
     }
-    await Promise.all(Array.from({ length: Math.min(BULK_PARALLEL, items.length) }, sender));
-    box.replaceChildren(
-      el("b", {
-        text: `Retry sent for ${sent} of ${items.length} task${items.length === 1 ? "" : "s"}`,
-      }),
-      failures.length ? `; ${failures.length} failed:` : ".",
-    );
-    if (failures.length) {
-      box.append(
-        el(
-          "ul",
-          { class: "failures" },
-          failures.map(({ task, error }) =>
-            el(
-              "li",
-              null,
-              el("a", {
-                class: "mono",
-                href: taskHref(task.engine, task.task_id, task.project_id),
-                text: task.task_id,
-              }),
-              ` (${task.name || task.engine}): `,
-              error.code === "inputs_unknown"
-                ? "its inputs were never reported; retry it from its page with inputs"
-                : error.message,
+    if (failure) {
+      box.replaceChildren(
+        el("b", { text: "Bulk retry refused" }),
+        `: ${failure.code === "confirm" ? "the matching tasks changed; ask again" : failure.message}`,
+      );
+    } else {
+      const n = body.confirm_count;
+      box.replaceChildren(
+        el("b", { text: `Retry sent for ${sent} of ${n} task${n === 1 ? "" : "s"}` }),
+        skipped.length ? `; ${skipped.length} skipped:` : ".",
+      );
+      if (skipped.length) {
+        box.append(
+          el(
+            "ul",
+            { class: "failures" },
+            skipped.map((s) =>
+              el("li", null, el("span", { class: "mono", text: s.task_id }), `: ${s.reason}`),
             ),
           ),
-        ),
-      );
+        );
+      }
     }
     box.dataset.state = "done";
     box.dataset.sent = String(sent);
-    box.dataset.failed = String(failures.length);
+    box.dataset.failed = String(skipped.length + (failure ? 1 : 0));
     box.hidden = false;
     button.disabled = false;
     loadTasks();

@@ -172,7 +172,8 @@ RESOURCES: dict[type, Resource] = {
                 "worker": {"description": "the engine's worker name, when the engine sends it"},
                 "runtime_ms": {"description": "of the last attempt"},
                 "timeline": {
-                    "description": "its attempts, oldest first (null in a list)",
+                    "description": "its attempts, oldest first (null in a list); their times "
+                    "(received_at, started_at, finished_at) are ISO-8601 text like the task's",
                     "nullable": True,
                 },
             },

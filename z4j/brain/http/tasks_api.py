@@ -37,7 +37,7 @@ from ._request import (
     time_param,
     uuid_param,
 )
-from .resources import iso, to_json
+from .resources import is_time, iso, to_json
 
 __all__ = ["RETRY_BY_REFERENCE", "TaskRoutes", "actions_for", "retry_parameters"]
 
@@ -108,6 +108,14 @@ class TaskRoutes:
     async def detail(self, request: Request) -> Response:
         task = await self._one(request)
         item = to_json(task)
+        # Times are ISO text on the wire, inside the timeline too.
+        item["timeline"] = [
+            {
+                k: iso(v) if is_time(k) and isinstance(v, int | float) else v
+                for k, v in attempt.items()
+            }
+            for attempt in item["timeline"] or []
+        ]
         item["commands"] = [to_json(c) for c in await self._store.commands_for_task(task.task_id)]
         item["actions"] = await self._actions(task)
         return 200, item
