@@ -43,6 +43,8 @@ POSITIVE_FIELDS = [
     "ws_rate_limit_events_per_second",
     "ownership_ttl_seconds",
     "leader_lease_seconds",
+    "task_stuck_seconds",
+    "task_reconcile_seconds",
 ]
 NON_NEGATIVE_FIELDS = ["db_statement_timeout_ms", "shutdown_grace_seconds", "drain_linger_ms"]
 OPTIONAL_FIELDS = [
