@@ -32,6 +32,22 @@ store), one check function each, in `CHECKS` order:
   asks for the depth (409 confirm), then a wrong depth fails at the agent
   and the right one purges; the token the brain sent is the adapters' rule
   (HMAC-SHA256 under the project key of ``purge|queue|depth``).
+- `engine_workers_appear`: GET /api/v1/engine-workers lists the engine's
+  own worker as its tasks name it, beside the agent's worker: celery's
+  hostname ``matrix@localhost`` with the six worker controls its adapter
+  advertises, dramatiq's ``host@pid`` (the agent process) with none; huey
+  and taskiq name no worker.
+- `celery_pool_grow_completes`: POST /api/v1/engine-workers/celery/
+  matrix@localhost/pool_grow completes, while the worker logs that its solo
+  pool cannot grow: celery's controls are fire-and-forget, as the answer
+  warns. Dramatiq's worker is offered no control (its restart_worker would
+  restart the agent).
+- `dramatiq_dead_letters_listed`: GET /api/v1/queues/dramatiq/default/
+  dead-letters asks the agent (dlq.list) and returns the StubBroker's dead
+  letters: flaky after 3 attempts, boom and its one-click retry after 1,
+  newest first, with no time (the stub keeps none); re-queue is not
+  offered (no 1.13 adapter advertises it).
+  Elsewhere the listing is not offered.
 - `nothing_rejected`: the brain refused no frame of the agent's.
 And, as the session ends, the agent stops cleanly on SIGTERM.
 
@@ -46,6 +62,7 @@ import hashlib
 import hmac
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -62,6 +79,8 @@ import pytest
 import trio
 
 from z4j import keys
+from z4j.brain.http.resources import WORKER_ACTIONS
+from z4j.brain.http.workers_api import CONTROL_WARNING
 from z4j.config import Config
 from z4j.protocol.agent.signing import decode_secret
 from z4j.testing.agents import admin_token, provision
@@ -545,6 +564,112 @@ async def purge_after_confirming(s: Session) -> None:
     }
 
 
+async def engine_workers_appear(s: Session) -> None:
+    """The engine's own worker, as the projection's tasks name it, per agent."""
+    expected = {
+        "celery": "matrix@localhost",
+        "dramatiq": f"{socket.gethostname()}@{s.proc.pid}",  # its host@pid
+    }.get(s.engine.name)
+
+    async def mine() -> list[dict[str, Any]]:
+        body = await s.api("GET", "/api/v1/engine-workers")
+        assert body["warning"] == CONTROL_WARNING
+        return [w for w in body["items"] if w["agent_id"] == str(s.agent_id)]
+
+    if expected is None:  # huey and taskiq send no worker
+        assert await mine() == []
+        return
+    [worker] = await s.eventually(
+        mine,
+        f"engine worker {expected}",
+        until=lambda got: (
+            [w["worker"] for w in got] == [expected] and got[0]["states"].get("failed", 0) >= 2
+        ),
+    )
+    assert worker["engine"] == s.engine.name
+    assert worker["states"].get("succeeded") == 1  # ok; boom, flaky and boom's retry failed
+    [beside] = [w for w in worker["agent_workers"] if w["connected"]]
+    assert beside["worker_id"].startswith("bare-")  # z4j-bare's own worker id
+    if s.engine.name == "celery":
+        assert worker["actions"] == list(WORKER_ACTIONS)  # all six, advertised by z4j-celery
+    else:
+        assert worker["actions"] == []
+
+
+async def celery_pool_grow_completes(s: Session) -> None:
+    """Celery's controls are broadcasts: the command completes once sent,
+    whatever the worker did with it (a solo pool has no pool to grow)."""
+    if s.engine.name == "dramatiq":
+        worker = f"{socket.gethostname()}@{s.proc.pid}"
+        for action in ("restart_worker", "pool_grow"):
+            status, refused = await s.api_status(
+                "POST", f"/api/v1/engine-workers/dramatiq/{worker}/{action}"
+            )
+            assert (status, refused["error"]) == (409, "not_offered"), refused
+        return
+    if s.engine.name != "celery":
+        return
+    status, sent = await s.api_status(
+        "POST", "/api/v1/engine-workers/celery/matrix@localhost/pool_grow", {"delta": 1}
+    )
+    assert status == 201, sent
+    assert sent["warning"] == CONTROL_WARNING
+    assert sent["command"]["agent_id"] == str(s.agent_id)
+    done = await s.finished(sent["command"]["id"])
+    assert done["state"] == "completed", done
+    assert done["result"] == {"worker": "matrix@localhost", "delta": 1}
+
+    # ...while the worker itself refused it: a solo pool cannot grow.
+    async def refused() -> bool:
+        return "object has no attribute 'grow'" in s.agent_log()
+
+    await s.eventually(refused, "the worker's own error for pool_grow")
+
+
+async def dramatiq_dead_letters_listed(s: Session) -> None:
+    path = f"/api/v1/queues/{s.engine.name}/default/dead-letters?agent_id={s.agent_id}"
+    if s.engine.name != "dramatiq":
+        status, refused = await s.api_status("GET", path)
+        assert (status, refused["error"]) == (409, "not_offered"), refused
+        return
+
+    async def listed() -> dict[str, Any]:
+        page: dict[str, Any] = await s.api("GET", path)
+        return page
+
+    boom, flaky = s.tasks["boom"]["id"], s.tasks["flaky"]["id"]
+    page = await s.eventually(
+        listed,
+        "the dead letters",
+        until=lambda p: {boom, flaky} <= {e["task_id"] for e in p["items"]},
+    )
+    entries = {e["task_id"]: e for e in page["items"]}
+    # boom's one-click retry (retry_in_one_click) failed too: a third dead letter.
+    [retried] = set(entries) - {boom, flaky}
+    assert (page["total"], page["next_cursor"], page["actions"]) == (3, None, [])
+    assert entries[flaky]["attempts"] == 3 and entries[boom]["attempts"] == 1
+    assert entries[retried]["attempts"] == 1
+    assert {e["queue"] for e in page["items"]} == {"default"}
+    assert {e["task_name"] for e in page["items"]} == {"boom", "flaky"}
+    assert "RuntimeError" in entries[flaky]["error_excerpt"]
+    assert "ValueError" in entries[boom]["error_excerpt"]
+    # The StubBroker keeps no dead-letter time (redis would: its sorted set's score).
+    assert all(e["failed_at"] is None for e in page["items"])
+    command = await s.api("GET", f"/api/v1/commands/{page['command_id']}")
+    assert (command["action"], command["state"]) == ("dlq.list", "completed")
+    # The agent's own cursor pages them.
+    first = await s.api("GET", f"{path}&limit=2")
+    assert [e["task_id"] for e in first["items"]] == [e["task_id"] for e in page["items"][:2]]
+    rest = await s.api("GET", f"{path}&limit=2&cursor={first['next_cursor']}")
+    assert [e["task_id"] for e in rest["items"]] == [page["items"][2]["task_id"]]
+    status, refused = await s.api_status(
+        "POST",
+        f"/api/v1/queues/dramatiq/default/dead-letters/{boom}/requeue",
+        {"agent_id": str(s.agent_id)},
+    )
+    assert (status, refused["error"]) == (409, "not_offered"), refused
+
+
 async def nothing_rejected(s: Session) -> None:
     assert s.brain.stats.agent_rejected == {}
 
@@ -558,6 +683,9 @@ CHECKS: list[Callable[[Session], Awaitable[None]]] = [
     retry_in_one_click,
     cancel_where_offered,
     purge_after_confirming,
+    engine_workers_appear,
+    celery_pool_grow_completes,
+    dramatiq_dead_letters_listed,
     nothing_rejected,
 ]
 

@@ -19,10 +19,12 @@ from z4j.brain.http import resources
 from z4j.brain.http.api import _agent_json, event_json
 from z4j.brain.http.openapi import OPENAPI
 from z4j.brain.http.resources import RESOURCES, Resource, component, to_json
+from z4j.brain.http.workers_api import engine_worker_json
 from z4j.store.base import (
     Agent,
     AuditRecord,
     CommandRecord,
+    EngineWorker,
     EventRecord,
     InstanceInfo,
     Project,
@@ -164,6 +166,19 @@ SAMPLES: dict[type, list[Any]] = {
             timeline=[{"attempt": 1, "state": "received"}],
         ),
     ],
+    EngineWorker: [
+        EngineWorker(
+            engine="celery",
+            worker="w@host",
+            agent_id=ID,
+            last_seen=T,
+            tasks=3,
+            states={"failed": 1, "succeeded": 2},
+        ),
+        EngineWorker(
+            engine="dramatiq", worker="host@42", agent_id=None, last_seen=T, tasks=0, states={}
+        ),
+    ],
 }
 
 
@@ -221,6 +236,30 @@ def test_an_agent_as_the_route_sends_it_matches_its_component() -> None:
     validator_module.validate(
         item,
         {**OPENAPI["components"]["schemas"]["Agent"], "components": OPENAPI["components"]},
+        cls=validator_module.OAS30Validator,
+        format_checker=validator_module.oas30_format_checker,
+    )
+
+
+def test_an_engine_worker_as_the_route_sends_it_matches_its_component() -> None:
+    """The route adds its agent's workers and the controls they advertise for the engine."""
+    validator_module = openapi_schema_validator
+    item = engine_worker_json(SAMPLES[EngineWorker][0], SAMPLES[WorkerInfo])
+    assert item["last_seen"] == "2025-12-06T05:46:40.250000+00:00"
+    assert item["states"] == {"failed": 1, "succeeded": 2}
+    assert item["agent_workers"] == [
+        {"worker_id": "w1", "connected": True, "last_seen": "2025-12-06T05:46:40.250000+00:00"},
+        {"worker_id": "w2", "connected": False, "last_seen": "2025-12-06T05:46:40.250000+00:00"},
+    ]
+    assert item["actions"] == []  # w2 advertises task actions only
+    advertising = attrs.evolve(
+        SAMPLES[WorkerInfo][0], capabilities={"celery": ["rate_limit", "pool_grow", "retry_task"]}
+    )
+    item = engine_worker_json(SAMPLES[EngineWorker][0], [advertising])
+    assert item["actions"] == ["pool_grow", "rate_limit"]  # in WORKER_ACTIONS' order
+    validator_module.validate(
+        orjson.loads(orjson.dumps(item)),
+        OPENAPI["components"]["schemas"]["EngineWorker"],
         cls=validator_module.OAS30Validator,
         format_checker=validator_module.oas30_format_checker,
     )

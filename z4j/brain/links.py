@@ -43,7 +43,9 @@ class CommandError(Exception):
 
 
 class CommandDesk(Protocol):
-    """What the API and the CLI use of the command service: mint and cancel."""
+    """What the API and the CLI use of the command service: mint, cancel,
+    and wait a bounded time for a command's end (a read the API answers with
+    the agent's result, such as ``dlq.list``)."""
 
     async def send(
         self,
@@ -59,6 +61,7 @@ class CommandDesk(Protocol):
     async def cancel(
         self, command_id: uuid.UUID, *, actor: str | None = None
     ) -> CommandRecord | None: ...
+    async def wait(self, command_id: uuid.UUID, *, within: float) -> CommandRecord | None: ...
 
 
 class LiveSession(Protocol):

@@ -7,11 +7,12 @@
 // capped exponential backoff (full jitter) and reloads the tables from the
 // API once it is back, so nothing missed while away stays missing.
 //
-// Three more pages hang off the address's hash: #/tasks (the task
+// Four more pages hang off the address's hash: #/tasks (the task
 // projection, /api/v1/tasks, reloaded at most once a second while task
 // events are being stored), #/tasks/<engine>/<id> (one task, and the retry
-// and cancel its agent offers) and #/queues (depths, outcomes and a
-// two-step purge).
+// and cancel its agent offers), #/queues (depths, outcomes, a two-step
+// purge, and a queue's dead letters asked of its agent) and #/workers (the
+// engines' own workers, with celery's worker controls where offered).
 //
 // Everything from the server is put in the page with textContent, never as
 // HTML. Any 401 means the session is gone: back to /login.
@@ -969,6 +970,9 @@
     agents.clear();
     for (const agent of items) agents.set(String(agent.id), agent);
     mark("agents", "commands", "feed");
+    // What agents offer, and their names, show on these pages too.
+    if (route.view === "queues") renderQueues();
+    else if (route.view === "workers") renderEngineWorkers();
   }
 
   // JSON with object keys sorted: the same value whatever order a store kept.
@@ -1404,9 +1408,9 @@
     applyFeedFilter();
   });
 
-  // -- pages: #/ (overview), #/tasks, #/tasks/<engine>/<task id>, #/queues ---------------------
+  // -- pages: #/ (overview), #/tasks, #/tasks/<engine>/<task id>, #/queues, #/workers ------------
 
-  const VIEWS = ["overview", "tasks", "task", "queues"];
+  const VIEWS = ["overview", "tasks", "task", "queues", "workers"];
   let route = { view: "overview" };
 
   function parseRoute() {
@@ -1424,6 +1428,7 @@
     }
     if (parts[0] === "tasks") return { view: "tasks" };
     if (parts[0] === "queues") return { view: "queues" };
+    if (parts[0] === "workers") return { view: "workers" };
     return { view: "overview" };
   }
 
@@ -1457,6 +1462,7 @@
         previous.project === route.project;
       if (!same) openTask();
     } else if (route.view === "queues") loadQueues();
+    else if (route.view === "workers") loadEngineWorkers();
     else mark("instances", "agents", "feed", "kinds", "commands", "kpis", "charts");
     if (previous.view !== route.view || route.view === "task") window.scrollTo(0, 0);
   }
@@ -1468,6 +1474,7 @@
     if (route.view === "tasks") loadTasks();
     else if (route.view === "task") loadTask();
     else if (route.view === "queues") loadQueues();
+    else if (route.view === "workers") loadEngineWorkers();
   }
 
   // fn at most once per `ms`, the last call never lost.
@@ -1507,6 +1514,7 @@
   };
 
   function onCommandChange(rec) {
+    if (rec && controlSent && String(rec.id) === controlSent.id) showControlState(rec);
     if (route.view !== "task" || !rec) return;
     const id = route.taskId;
     const named = [rec.target && rec.target.task_id, rec.parameters && rec.parameters.task_id];
@@ -2366,6 +2374,7 @@
           ? depths.reduce((sum, d) => sum + (Number(d.depth) || 0), 0)
           : null;
         const agentIds = [...new Set(depths.map((d) => d.agent_id))];
+        const listing = q.queue ? deadLetterAgents(q.engine) : []; // a named queue only
         const brokers = [...new Set(depths.map((d) => d.broker_type).filter(Boolean))];
         const down = depths.some((d) => d.broker_connected === false);
         const outcomes = Object.entries(q.outcomes || {})
@@ -2402,7 +2411,16 @@
           el("td", { class: "secondary", text: outcomes || "–" }),
           el(
             "td",
-            { class: "num" },
+            { class: "num row-actions" },
+            listing.map((agentId) =>
+              el("button", {
+                class: "btn small dead-letters-open",
+                type: "button",
+                dataset: { agent: agentId },
+                text: listing.length > 1 ? `Dead letters on ${agentLabel(agentId)}` : "Dead letters",
+                onclick: () => openDeadLetters(q.engine, q.queue, agentId),
+              }),
+            ),
             agentIds.map((agentId) =>
               el("button", {
                 class: "btn small danger",
@@ -2508,6 +2526,403 @@
   });
   $("queues-refresh").addEventListener("click", loadQueues);
 
+  // -- dead letters: asked of the agent, on demand -----------------------------------------------
+  //
+  // The brain sends dlq.list to the agent and waits (up to 10 s) for its
+  // answer; only agents whose connected workers advertise list_dead_letters
+  // for the queue's engine get a button (dramatiq's, in z4j 1.13). Re-queue
+  // shows where the agent also advertises requeue_dead_letter.
+
+  let deadLetters = null; // {engine, queue, agentId, items, cursor, actions, gen}
+  let deadLettersGen = 0;
+
+  function deadLetterAgents(engine) {
+    return [...agents.values()]
+      .filter((agent) =>
+        (agent.workers || []).some(
+          (w) =>
+            w.connected &&
+            ((w.capabilities && w.capabilities[engine]) || []).includes("list_dead_letters"),
+        ),
+      )
+      .map((agent) => String(agent.id));
+  }
+
+  function deadLettersPath(engine, queue, tail = "") {
+    const base = `/api/v1/queues/${encodeURIComponent(engine)}/${encodeURIComponent(queue)}`;
+    return `${base}/dead-letters${tail}`;
+  }
+
+  function openDeadLetters(engine, queue, agentId) {
+    deadLetters = { engine, queue, agentId, items: [], cursor: null, actions: [], total: null };
+    $("dead-letters-title").textContent = `Dead letters of ${engine} queue “${queue}”`;
+    $("dead-letters-card").hidden = false;
+    showText("dead-letters-error", "");
+    showText("dead-letters-status", "");
+    renderDeadLetters();
+    loadDeadLetters();
+    $("dead-letters-card").scrollIntoView({ block: "nearest" });
+  }
+
+  async function loadDeadLetters({ more = false } = {}) {
+    if (!deadLetters) return;
+    const asked = deadLetters;
+    const gen = ++deadLettersGen;
+    const params = new URLSearchParams({ agent_id: asked.agentId });
+    if (more && asked.cursor) params.set("cursor", asked.cursor);
+    const box = $("dead-letters-card");
+    box.dataset.state = "asking";
+    $("dead-letters-more").disabled = true;
+    showText("dead-letters-error", "");
+    $("dead-letters-hint").textContent = `asking ${agentLabel(asked.agentId)}… (up to 10 s)`;
+    try {
+      const data = await api("GET", deadLettersPath(asked.engine, asked.queue, `?${params}`));
+      if (gen !== deadLettersGen || deadLetters !== asked) return;
+      asked.items = more ? [...asked.items, ...(data.items || [])] : data.items || [];
+      asked.cursor = data.next_cursor ?? null;
+      asked.actions = data.actions || [];
+      asked.total = data.total ?? null;
+      box.dataset.state = "listed";
+    } catch (error) {
+      if (gen !== deadLettersGen || error.status === 401) return;
+      box.dataset.state = "failed";
+      showText(
+        "dead-letters-error",
+        error.status === 504 ? `${error.message} (try again in a moment)` : error.message,
+      );
+    } finally {
+      $("dead-letters-more").disabled = false;
+    }
+    renderDeadLetters();
+  }
+
+  function renderDeadLetters() {
+    const list = deadLetters;
+    if (!list) return;
+    const now = serverNow();
+    const canRequeue = list.actions.includes("requeue");
+    const shown = `${fmtInt(list.items.length)}${list.total == null ? "" : ` of ${fmtInt(list.total)}`}`;
+    $("dead-letters-hint").textContent =
+      `${shown} listed by ${agentLabel(list.agentId)}, newest first` +
+      (canRequeue ? "" : "; its agent offers no re-queue");
+    $("dead-letters-table").tBodies[0].replaceChildren(
+      ...list.items.map((entry) => {
+        const failed = parseTime(entry.failed_at);
+        return el(
+          "tr",
+          { dataset: { taskId: entry.task_id } },
+          el("td", { class: "mono trunc", title: entry.task_id, text: entry.task_id }),
+          el("td", { class: "mono", text: entry.task_name || "–" }),
+          el("td", { text: entry.queue || "–" }),
+          el("td", {
+            class: "num",
+            title: entry.failed_at || "the engine keeps no time",
+            dataset: { ago: failed ?? "" },
+            text: failed == null ? "–" : ago(failed, now),
+          }),
+          el("td", { class: "num", text: entry.attempts == null ? "–" : fmtInt(entry.attempts) }),
+          el(
+            "td",
+            { class: "error-excerpt" },
+            entry.error_excerpt ? el("pre", { class: "code", text: entry.error_excerpt }) : "–",
+          ),
+          el(
+            "td",
+            { class: "num" },
+            canRequeue
+              ? el("button", {
+                  class: "btn small requeue",
+                  type: "button",
+                  text: "Re-queue",
+                  onclick: (event) => requeue(list, entry, event.currentTarget),
+                })
+              : null,
+          ),
+        );
+      }),
+    );
+    $("dead-letters-empty").hidden =
+      list.items.length > 0 || $("dead-letters-card").dataset.state !== "listed";
+    $("dead-letters-more").hidden = !list.cursor;
+  }
+
+  async function requeue(list, entry, button) {
+    button.disabled = true;
+    showText("dead-letters-error", "");
+    try {
+      const body = { agent_id: list.agentId };
+      if (entry.task_name) body.task_name = entry.task_name;
+      const rec = await api(
+        "POST",
+        deadLettersPath(list.engine, list.queue, `/${encodeURIComponent(entry.task_id)}/requeue`),
+        body,
+      );
+      upsertCommand(rec, { flash: true });
+      showText(
+        "dead-letters-status",
+        `Re-queue of ${entry.task_id} sent as command ${shortId(rec.id)} (${rec.state}).`,
+      );
+      $("dead-letters-status").dataset.command = rec.id;
+    } catch (error) {
+      if (error.status !== 401) showText("dead-letters-error", error.message);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  $("dead-letters-more").addEventListener("click", () => loadDeadLetters({ more: true }));
+  $("dead-letters-close").addEventListener("click", () => {
+    deadLetters = null;
+    deadLettersGen++;
+    $("dead-letters-card").hidden = true;
+  });
+
+  // -- engine workers: the engines' own, and celery's worker controls ----------------------------
+  //
+  // Each control opens a panel asking what it needs (a restart only asks to
+  // be sure), then POSTs /api/v1/engine-workers/<engine>/<worker>/<action>.
+  // Celery's controls are broadcasts with no reply: the command completes
+  // once sent, whether or not the worker obeyed, and the page says so.
+
+  const WORKERS_POLL_MS = 5000;
+  const CONTROLS = {
+    restart_worker: {
+      label: "Restart pool",
+      ask: (w) => `Restart the pool of ${w.worker}? Its running tasks are interrupted.`,
+      go: "Restart pool",
+      danger: true,
+    },
+    pool_grow: { label: "Grow pool", ask: (w) => `Grow the pool of ${w.worker} by:`, go: "Grow" },
+    pool_shrink: {
+      label: "Shrink pool",
+      ask: (w) => `Shrink the pool of ${w.worker} by:`,
+      go: "Shrink",
+    },
+    add_consumer: {
+      label: "Add consumer",
+      ask: (w) => `Have ${w.worker} consume from another queue:`,
+      go: "Add consumer",
+    },
+    cancel_consumer: {
+      label: "Cancel consumer",
+      ask: (w) => `Have ${w.worker} stop consuming from a queue:`,
+      go: "Cancel consumer",
+    },
+    rate_limit: {
+      label: "Rate limit",
+      ask: (w) => `Set a task's rate limit on ${w.worker}:`,
+      go: "Set rate limit",
+    },
+  };
+  const CONTROL_INPUTS = {
+    pool_grow: ["delta"],
+    pool_shrink: ["delta"],
+    add_consumer: ["queue"],
+    cancel_consumer: ["queue"],
+    rate_limit: ["task", "rate"],
+  };
+  let engineWorkers = [];
+  let workersWarning = "";
+  let workersLoadedAt = 0;
+  let workersGen = 0;
+  let controlling = null; // {worker, action} awaiting the operator's yes
+  let controlSent = null; // {id, label}: the last control sent, followed live
+
+  async function loadEngineWorkers() {
+    const gen = ++workersGen;
+    workersLoadedAt = Date.now();
+    try {
+      const data = await api("GET", "/api/v1/engine-workers");
+      if (gen !== workersGen) return;
+      engineWorkers = data.items || [];
+      workersWarning = data.warning || "";
+      showText("engine-workers-error", "");
+      renderEngineWorkers();
+    } catch (error) {
+      if (gen === workersGen && error.status !== 401) {
+        showText("engine-workers-error", error.message);
+      }
+    }
+  }
+
+  function renderEngineWorkers() {
+    const now = serverNow();
+    const offered = engineWorkers.some((w) => (w.actions || []).length);
+    showText("control-warning", offered ? workersWarning : "");
+    $("engine-workers-table").tBodies[0].replaceChildren(
+      ...engineWorkers.map((w) => {
+        const last = parseTime(w.last_seen);
+        const states = Object.entries(w.states || {})
+          .filter(([, n]) => n)
+          .map(([state, n]) => `${fmtInt(n)} ${state}`)
+          .join(" · ");
+        return el(
+          "tr",
+          { dataset: { engine: w.engine, worker: w.worker, agent: w.agent_id ?? "" } },
+          el("td", null, el("span", { class: "tag", text: w.engine })),
+          el("td", { class: "mono", text: w.worker }),
+          el(
+            "td",
+            { class: "agent-workers" },
+            el("div", { class: "agent-name", text: w.agent_id ? agentLabel(w.agent_id) : "–" }),
+            (w.agent_workers || []).map((aw) =>
+              el(
+                "div",
+                { class: "secondary", dataset: { workerId: aw.worker_id } },
+                el("span", { class: "mono", text: aw.worker_id }),
+                " ",
+                el("span", {
+                  class: `pill ${aw.connected ? "ok" : ""}`,
+                  text: aw.connected ? "connected" : "offline",
+                }),
+              ),
+            ),
+          ),
+          el("td", { class: "num", text: fmtInt(w.tasks) }),
+          el("td", { class: "secondary", text: states || "–" }),
+          el("td", {
+            class: "num",
+            title: w.last_seen || "",
+            dataset: { ago: last ?? "" },
+            text: ago(last, now),
+          }),
+          el(
+            "td",
+            { class: "row-actions" },
+            (w.actions || []).length
+              ? w.actions.map((action) =>
+                  el("button", {
+                    class: `btn small${CONTROLS[action] && CONTROLS[action].danger ? " danger" : ""}`,
+                    type: "button",
+                    dataset: { action },
+                    text: (CONTROLS[action] && CONTROLS[action].label) || action,
+                    onclick: () => askControl(w, action),
+                  }),
+                )
+              : el("span", { class: "muted", text: "none offered" }),
+          ),
+        );
+      }),
+    );
+    $("engine-workers-empty").hidden = engineWorkers.length > 0;
+  }
+
+  function askControl(worker, action) {
+    const control = CONTROLS[action] || { ask: () => `${action} on ${worker.worker}?`, go: "Send" };
+    controlling = { worker, action };
+    const panel = $("control-panel");
+    panel.dataset.action = action;
+    showText("engine-workers-error", "");
+    $("control-text").replaceChildren(
+      el("b", { text: control.ask(worker) }),
+      " ",
+      `The brain sends it to ${agentLabel(worker.agent_id)}, which reported the worker. `,
+      el("span", { class: "caution-text", text: workersWarning }),
+    );
+    const inputs = CONTROL_INPUTS[action] || [];
+    for (const name of ["delta", "queue", "task", "rate"]) {
+      $(`control-${name}-label`).hidden = !inputs.includes(name);
+    }
+    $("control-delta").value = "1";
+    $("control-queue").value = "";
+    $("control-task").value = "";
+    $("control-rate").value = "";
+    const go = $("control-confirm");
+    go.textContent = control.go;
+    go.classList.toggle("danger-fill", Boolean(control.danger));
+    panel.hidden = false;
+    (inputs.length ? $(`control-${inputs[0]}`) : go).focus();
+  }
+
+  function controlBody(action) {
+    const inputs = CONTROL_INPUTS[action] || [];
+    const body = {};
+    if (inputs.includes("delta")) {
+      const typed = $("control-delta").value.trim();
+      if (!/^\d+$/.test(typed) || Number(typed) < 1 || Number(typed) > 100) {
+        throw new Error("Give the number of processes, a whole number from 1 to 100.");
+      }
+      body.delta = Number(typed);
+    }
+    if (inputs.includes("queue")) {
+      body.queue = $("control-queue").value.trim();
+      if (!body.queue) throw new Error("Give the queue.");
+    }
+    if (inputs.includes("task")) {
+      body.task_name = $("control-task").value.trim();
+      if (!body.task_name) throw new Error("Give the task's name.");
+    }
+    if (inputs.includes("rate")) {
+      body.rate = $("control-rate").value.trim();
+      if (!/^(0|[1-9]\d{0,8}(\/[smh])?)$/.test(body.rate)) {
+        throw new Error("A rate is 0 (no limit), or a number per task: 10, 10/s, 10/m or 10/h.");
+      }
+    }
+    return body;
+  }
+
+  $("control-panel").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    if (!controlling) return;
+    const { worker, action } = controlling;
+    let body;
+    try {
+      body = controlBody(action);
+    } catch (error) {
+      showText("engine-workers-error", error.message);
+      return;
+    }
+    if (worker.agent_id) body.agent_id = worker.agent_id;
+    const button = $("control-confirm");
+    button.disabled = true;
+    showText("engine-workers-error", "");
+    try {
+      const path =
+        `/api/v1/engine-workers/${encodeURIComponent(worker.engine)}/` +
+        `${encodeURIComponent(worker.worker)}/${action}`;
+      const sent = await api("POST", path, body);
+      controlling = null;
+      $("control-panel").hidden = true;
+      const rec = sent.command;
+      const label = (CONTROLS[action] && CONTROLS[action].label) || action;
+      controlSent = { id: String(rec.id), label, worker: worker.worker, warning: sent.warning };
+      upsertCommand(rec, { flash: true });
+      // The socket may have told of its end before this answer came: show the latest.
+      showControlState(commands.get(String(rec.id)) || rec);
+    } catch (error) {
+      if (error.status !== 401) showText("engine-workers-error", error.message);
+    } finally {
+      button.disabled = false;
+    }
+  });
+  $("control-cancel").addEventListener("click", () => {
+    controlling = null;
+    $("control-panel").hidden = true;
+  });
+  $("engine-workers-refresh").addEventListener("click", loadEngineWorkers);
+
+  // The control's command as it goes: its state, and what that state does not prove.
+  function showControlState(rec) {
+    const sent = controlSent;
+    const box = $("control-result");
+    box.dataset.command = sent.id;
+    box.dataset.state = rec.state;
+    box.replaceChildren(
+      `${sent.label} of ${sent.worker} sent as command ${shortId(sent.id)}: `,
+      el("b", { class: "control-state", text: rec.state }),
+      rec.error ? ` (${rec.error})` : "",
+      ". ",
+      el("span", {
+        class: "caution-text",
+        text:
+          rec.state === "completed"
+            ? "Completed only means the broadcast was sent: " + sent.warning
+            : sent.warning,
+      }),
+    );
+    box.hidden = false;
+  }
+
   // -- the clock: one sample a second -----------------------------------------------------------
 
   function tick() {
@@ -2551,6 +2966,9 @@
     }
     // Depths come with heartbeats, which the socket does not relay: poll them.
     if (route.view === "queues" && Date.now() - queuesLoadedAt >= QUEUES_POLL_MS) loadQueues();
+    if (route.view === "workers" && Date.now() - workersLoadedAt >= WORKERS_POLL_MS) {
+      loadEngineWorkers();
+    }
   }, 1000);
 
   mark("instances", "agents", "feed", "kinds", "commands", "kpis", "charts");

@@ -26,6 +26,7 @@ __all__ = [
     "ApiToken",
     "CommandRecord",
     "DirectoryConflict",
+    "EngineWorker",
     "InstanceInfo",
     "Project",
     "Store",
@@ -177,6 +178,20 @@ class TaskRecord:
     tags: Any = None
     priority: Any = None
     timeline: list[dict[str, Any]] | None = None
+
+
+@attrs.frozen(kw_only=True)
+class EngineWorker:
+    """An engine's own worker (celery's hostname ``name@host``, dramatiq's
+    ``host@pid``) as the task projection names it, per agent that reported
+    it: over a window of tasks, when it was last heard of and its tasks by state."""
+
+    engine: str
+    worker: str
+    agent_id: uuid.UUID | None
+    last_seen: float  # the latest last_event_at of its tasks in the window
+    tasks: int
+    states: dict[str, int]
 
 
 @attrs.frozen(kw_only=True)
@@ -462,6 +477,14 @@ class Store(Protocol):
         self, *, since: float, limit: int
     ) -> list[tuple[str, str | None, float]]:
         """(engine, name, runtime_ms) of the newest ``limit`` tasks with a runtime."""
+        ...
+
+    async def engine_workers(
+        self, *, since: float, engine: str | None = None, worker: str | None = None
+    ) -> list[EngineWorker]:
+        """The engines' own workers named by tasks last heard of at or after
+        ``since``, one per (engine, worker, agent), by engine, worker and agent;
+        only ``engine``'s, or only the worker of that name, when given."""
         ...
 
     async def commands_for_task(self, task_id: str) -> list[CommandRecord]:

@@ -68,6 +68,7 @@ from .base import (
     AuditRecord,
     CommandRecord,
     DirectoryConflict,
+    EngineWorker,
     EventFilter,
     EventRecord,
     InstanceInfo,
@@ -620,6 +621,14 @@ class PostgresStore:
         finished: list[TaskRow] = await self._run(lambda conn: tasks.write_tasks(PG, conn, events))
         if finished and self._on_tasks is not None:
             self._on_tasks(finished)
+
+    async def engine_workers(
+        self, *, since: float, engine: str | None = None, worker: str | None = None
+    ) -> list[EngineWorker]:
+        result: list[EngineWorker] = await self._run(
+            lambda conn: tasks.engine_workers(PG, conn, since, engine, worker)
+        )
+        return result
 
     async def commands_for_task(self, task_id: str) -> list[CommandRecord]:
         result: list[CommandRecord] = await self._run(

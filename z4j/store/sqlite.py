@@ -52,6 +52,7 @@ from .base import (
     AuditRecord,
     CommandRecord,
     DirectoryConflict,
+    EngineWorker,
     EventFilter,
     EventRecord,
     InstanceInfo,
@@ -436,6 +437,11 @@ class SqliteStore:
         )
         if finished and self._on_tasks is not None:
             self._on_tasks(finished)
+
+    async def engine_workers(
+        self, *, since: float, engine: str | None = None, worker: str | None = None
+    ) -> list[EngineWorker]:
+        return await self._run(lambda db: tasks.engine_workers(SQ, db, since, engine, worker))
 
     async def commands_for_task(self, task_id: str) -> list[CommandRecord]:
         return await self._run(lambda db: tasks.commands_for_task(SQ, db, task_id))

@@ -31,13 +31,14 @@ import attrs
 from ..tasks import TaskEvent, TaskRow, merge
 from . import _rows
 from ._rows import COMMAND_COLUMNS, Conn, Dialect
-from .base import CommandRecord, TaskFilter, TaskRecord
+from .base import CommandRecord, EngineWorker, TaskFilter, TaskRecord
 
 __all__ = [
     "TASK_COLUMNS",
     "TASK_DETAIL_COLUMNS",
     "commands_for_task",
     "count_by_state",
+    "engine_workers",
     "get_tasks",
     "list_tasks",
     "recent_runtimes",
@@ -364,6 +365,52 @@ def task_outcomes(
         [d.ts_in(since)],
     ).fetchall()
     return [(engine, group, state, int(n)) for engine, group, state, n in rows]
+
+
+def engine_workers(
+    d: Dialect,
+    conn: Conn,
+    since: float,
+    engine: str | None = None,
+    worker: str | None = None,
+) -> list[EngineWorker]:
+    """The engines' own workers that tasks last heard of at or after ``since``
+    name (``tasks.worker``), one per (engine, worker, agent): when last heard
+    of and their tasks by state; sorted by engine, worker, then agent.
+
+    The window's range is served by ``tasks_recent``; there is no index on
+    the worker (a migration would add one), so ``worker`` narrows that range."""
+    sql = (
+        "SELECT engine, worker, agent_id, state, count(*), max(last_event_at) FROM tasks"
+        " WHERE last_event_at >= ? AND worker IS NOT NULL"
+    )
+    params: list[Any] = [d.ts_in(since)]
+    if engine is not None:
+        sql += " AND engine = ?"
+        params.append(engine)
+    if worker is not None:
+        sql += " AND worker = ?"
+        params.append(worker)
+    rows = conn.execute(d.sql(sql + " GROUP BY engine, worker, agent_id, state"), params).fetchall()
+    found: dict[tuple[str, str, uuid.UUID | None], tuple[float, dict[str, int]]] = {}
+    for engine_name, worker_name, agent_id, state, n, last in rows:
+        key = (engine_name, worker_name, d.opt_uuid_out(agent_id))
+        seen, states = found.get(key, (0.0, {}))
+        states[state] = int(n)
+        found[key] = (max(seen, d.ts_out(last)), states)
+    return [
+        EngineWorker(
+            engine=engine_name,
+            worker=worker_name,
+            agent_id=agent_id,
+            last_seen=seen,
+            tasks=sum(states.values()),
+            states=states,
+        )
+        for (engine_name, worker_name, agent_id), (seen, states) in sorted(
+            found.items(), key=lambda kv: (kv[0][0], kv[0][1], str(kv[0][2] or ""))
+        )
+    ]
 
 
 UNFINISHED = ("received", "started")

@@ -68,6 +68,7 @@ from .openapi import OPENAPI
 from .queues_api import QueueRoutes
 from .resources import to_json
 from .tasks_api import TaskRoutes
+from .workers_api import EngineWorkerRoutes
 
 __all__ = ["Api", "ApiError"]
 
@@ -122,6 +123,7 @@ class Api:
         for method, path, handler in [
             *TaskRoutes(store, commands).routes(),
             *QueueRoutes(store, commands, project_key).routes(),
+            *EngineWorkerRoutes(store, commands).routes(),
         ]:
             route(method, path, handler)
 

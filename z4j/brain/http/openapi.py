@@ -2,12 +2,17 @@
 
 The operations, parameters and wording are written here by hand, next to
 the routes they describe; the schemas of the stored resources (Project,
-Agent, Worker, Instance, Event, Command, Audit) are derived from their records by
-resources.py, so they cannot drift from the JSON the routes send.
+Agent, Worker, Instance, Event, Command, Audit, Task, EngineWorker) are
+derived from their records by resources.py, so they cannot drift from the
+JSON the routes send.
 tests/test_api.py runs schemathesis against it, so a route that answers
 off this document fails.
 The rules for cookie-signed writes (CSRF) and the caps on event listings
 are told here too: API users read this document, not api.py.
+
+Past 700 lines, it is still one concern: the one document API users read,
+every operation's wording beside the others'. Splitting it by route module
+would scatter what the schemathesis run checks as a whole.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 from ..._version import __version__
 from ...store.base import COMMAND_STATES
 from ...tasks import TASK_STATES
-from .resources import RESOURCES, component
+from .resources import RESOURCES, WORKER_ACTIONS, component
 
 __all__ = ["OPENAPI"]
 
@@ -67,7 +72,10 @@ def _errors(*statuses: int) -> dict[str, Any]:
         413: "Body too large",
         415: "Not JSON: a browser-style write needs Content-Type: application/json",
         429: "Too many failed sign-ins from this address: wait the Retry-After seconds",
+        502: "The agent answered with a failure (command_id names the command)",
         503: "The store is not reachable; try again",
+        504: "The agent did not answer in time (command_id names the command, which "
+        "keeps its answer when it lands)",
     }
     responses: dict[str, Any] = {
         str(s): {"description": meaning[s], **_json(_ref("Error"))} for s in statuses
@@ -175,6 +183,10 @@ SCHEMAS: dict[str, Any] = {
                 "nullable": True,
                 "description": "purge: the queue's last seen depth (null: unknown)",
             },
+            "command_id": {
+                **UUID,
+                "description": "an answer the brain waited for (502, 504): the command sent",
+            },
         },
     },
     # Project, Agent, Worker, Instance, Event, Command, Audit: derived from their records.
@@ -261,6 +273,102 @@ SCHEMAS: dict[str, Any] = {
             },
             "next_cursor": {"type": "string", "nullable": True},
             "window_seconds": {"type": "number"},
+        }
+    ),
+    "DeadLetterPage": _object(
+        {
+            "items": {
+                "type": "array",
+                "description": "as the agent's engine lists them, newest first",
+                "items": _object(
+                    {
+                        "task_id": STRING,
+                        "task_name": {"type": "string", "description": "empty when unknown"},
+                        "queue": STRING,
+                        "failed_at": _nullable(TIME),
+                        "error_excerpt": {
+                            "type": "string",
+                            "description": "the tail of the failure, redacted by the agent",
+                        },
+                        "attempts": {"type": "integer", "nullable": True},
+                    }
+                ),
+            },
+            "next_cursor": {
+                "type": "string",
+                "nullable": True,
+                "description": "the agent's own cursor: pass it back for the next page",
+            },
+            "total": {"type": "integer", "nullable": True},
+            "agent_id": UUID,
+            "command_id": {**UUID, "description": "the dlq.list command that listed them"},
+            "actions": {
+                "type": "array",
+                "items": {"type": "string", "enum": ["requeue"]},
+                "description": "requeue: the agent advertises requeue_dead_letter",
+            },
+        }
+    ),
+    "RequeueDeadLetter": {
+        "type": "object",
+        "properties": {
+            "agent_id": UUID,
+            "task_name": {"type": "string", "maxLength": 500},
+        },
+        "required": ["agent_id"],
+    },
+    "EngineWorkerPage": _object(
+        {
+            "items": {"type": "array", "items": _ref("EngineWorker")},
+            "next_cursor": {"type": "string", "nullable": True},
+            "since": TIME,
+            "warning": {
+                "type": "string",
+                "description": "what the worker controls' outcomes do not say",
+            },
+        }
+    ),
+    "WorkerControl": {
+        "type": "object",
+        "properties": {
+            "agent_id": {
+                **UUID,
+                "description": "the agent that reported the worker, when several did",
+            },
+            "delta": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": 100,
+                "default": 1,
+                "description": "pool_grow, pool_shrink: processes",
+            },
+            "queue": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 200,
+                "description": "add_consumer, cancel_consumer",
+            },
+            "task_name": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 200,
+                "description": "rate_limit",
+            },
+            "rate": {
+                "type": "string",
+                "pattern": "^(0|[1-9][0-9]{0,8}(/[smh])?)$",
+                "description": "rate_limit: '0' clears; '<n>', '<n>/s', '<n>/m', '<n>/h'",
+            },
+        },
+    },
+    "WorkerControlSent": _object(
+        {
+            "command": _ref("Command"),
+            "warning": {
+                "type": "string",
+                "description": "celery reports its worker controls completed even when the "
+                "worker refused them",
+            },
         }
     ),
     "PurgeQueue": {
@@ -536,6 +644,84 @@ OPENAPI: dict[str, Any] = {
                 "mismatch.",
                 parameters=[_path("engine"), _path("queue"), CSRF_HEADER],
                 body=_ref("PurgeQueue"),
+            )
+        },
+        "/queues/{engine}/{queue}/dead-letters": {
+            "get": _operation(
+                "listDeadLetters",
+                "A queue's dead letters, as the agent lists them now (dlq.list)",
+                (200, _ref("DeadLetterPage")),
+                errors=(400, 401, 404, 409, 502, 504),
+                description="The brain sends dlq.list to the agent, where its workers "
+                "advertise list_dead_letters for the engine (else 409 not_offered), and "
+                "waits up to 10 s for the answer: 504 no_answer with the command_id when "
+                "it does not come in time (GET /commands/{id} shows it once it does), 502 "
+                "agent_failed when the agent refuses.",
+                parameters=[
+                    _path("engine"),
+                    _path("queue"),
+                    {
+                        **_query("agent_id", UUID, "the agent whose broker holds the queue"),
+                        "required": True,
+                    },
+                    _query(
+                        "limit",
+                        {"type": "integer", "minimum": 1, "maximum": 200, "default": 50},
+                        "page size",
+                    ),
+                    _query("cursor", STRING, "next_cursor of the previous page"),
+                ],
+            )
+        },
+        "/queues/{engine}/{queue}/dead-letters/{task_id}/requeue": {
+            "post": _operation(
+                "requeueDeadLetter",
+                "Put a dead letter back on its queue: a requeue_dead_letter command",
+                (201, _ref("Command")),
+                errors=(400, 401, 403, 404, 409, 415),
+                description="Offered where the agent's workers advertise requeue_dead_letter "
+                "for the engine (no z4j 1.13 adapter does: 409 not_offered).",
+                parameters=[_path("engine"), _path("queue"), _path("task_id"), CSRF_HEADER],
+                body=_ref("RequeueDeadLetter"),
+            )
+        },
+        "/engine-workers": {
+            "get": _operation(
+                "listEngineWorkers",
+                "The engines' own workers the tasks name, per agent that reported them",
+                (200, _ref("EngineWorkerPage")),
+                errors=(400, 401),
+                description="Celery's hostnames, dramatiq's host@pid, as the task projection "
+                "holds them (huey and taskiq name none), with their tasks by state over the "
+                "window, the WebSocket workers of their agent, and the worker controls that "
+                "agent advertises for the engine.",
+                parameters=[_query("since", STRING, "the window's start (default: a day ago)")],
+            )
+        },
+        "/engine-workers/{engine}/{worker}/{action}": {
+            "post": _operation(
+                "controlEngineWorker",
+                "A worker control (celery's): a command to the agent that reported the worker",
+                (201, _ref("WorkerControlSent")),
+                errors=(400, 401, 403, 404, 409, 415),
+                description="Offered where the agent's workers advertise the action for the "
+                "engine. The body carries what the action takes: delta (pool_grow, "
+                "pool_shrink), queue (add_consumer, cancel_consumer), task_name and rate "
+                "(rate_limit); agent_id when several agents reported the worker (else 409 "
+                "ambiguous). Celery's controls are fire-and-forget: the command completes "
+                "once the broadcast is sent, even if the worker refused it.",
+                parameters=[
+                    _path("engine"),
+                    _path("worker"),
+                    {
+                        "name": "action",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "enum": list(WORKER_ACTIONS)},
+                    },
+                    CSRF_HEADER,
+                ],
+                body=_ref("WorkerControl"),
             )
         },
         "/commands": {

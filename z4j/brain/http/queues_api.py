@@ -5,6 +5,14 @@ Depths come from each worker's last heartbeat (``adapter_health``, keys
 ``<engine>.broker_type``, as the z4j adapters send them; huey and taskiq
 send none); outcomes come from the task projection.
 
+Dead letters are read on demand: the brain sends ``dlq.list`` to the agent
+(where its workers advertise ``list_dead_letters`` for the engine: dramatiq
+with a redis, rabbitmq or stub broker, in 1.13) and waits a bounded time
+(`DEAD_LETTER_WAIT_SECONDS`) for its answer, which it returns as a page; an
+agent that does not answer in time gets 504 with the command's id, whose
+result ``GET /commands/{id}`` shows once it lands. A dead letter is put
+back with ``requeue_dead_letter`` where advertised (no 1.13 adapter does).
+
 Purge is two steps, because it destroys work: the first call answers
 ``409 confirm`` with the depth the brain last saw; the second names that
 depth (``confirm_depth``), and the brain sends ``purge_queue`` with the
@@ -21,18 +29,24 @@ import hmac
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
-from ...store.base import Store, WorkerInfo
+from ...store.base import CommandRecord, Store, WorkerInfo
 from ..links import CommandDesk, CommandError
 from ._request import ApiError, Handler, Request, Response, check_text, uuid_param
 from .resources import iso, to_json
 
-__all__ = ["QueueRoutes", "purge_token", "queue_health"]
+__all__ = ["DEAD_LETTER_WAIT_SECONDS", "QueueRoutes", "purge_token", "queue_health"]
 
 WINDOW_SECONDS = 3600.0  # outcomes are counted over the last hour
+# How long a dead-letter listing waits for the agent's answer (read at each
+# call). The command itself lives on (its own timeout) and keeps the answer.
+DEAD_LETTER_WAIT_SECONDS = 10.0
+DEAD_LETTER_LIMIT, MAX_DEAD_LETTER_LIMIT = 50, 200  # z4j-core's dlq.list takes up to 200
+MAX_TEXT = 200
 
 
 class QueueRoutes:
@@ -55,6 +69,12 @@ class QueueRoutes:
         return [
             ("GET", "/queues", self.list_queues),
             ("POST", "/queues/{engine}/{queue}/purge", self.purge),
+            ("GET", "/queues/{engine}/{queue}/dead-letters", self.dead_letters),
+            (
+                "POST",
+                "/queues/{engine}/{queue}/dead-letters/{task_id}/requeue",
+                self.requeue_dead_letter,
+            ),
         ]
 
     async def list_queues(self, request: Request) -> Response:
@@ -138,6 +158,121 @@ class QueueRoutes:
             raise ApiError(409, "command_refused", str(exc)) from None
         return 201, to_json(record)
 
+    async def dead_letters(self, request: Request) -> Response:
+        """One page of the queue's dead letters, as the agent lists them now."""
+        engine, queue = request.params["engine"], request.params["queue"]
+        check_text(engine)
+        check_text(queue)
+        q = request.query
+        if "agent_id" not in q:
+            raise ApiError(400, "bad_request", "agent_id: the agent whose broker holds the queue")
+        agent_id = uuid_param(q["agent_id"], "agent_id")
+        raw = q.get("limit", str(DEAD_LETTER_LIMIT))
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_DEAD_LETTER_LIMIT:
+            raise ApiError(
+                400, "bad_request", f"limit: an integer from 1 to {MAX_DEAD_LETTER_LIMIT}"
+            )
+        parameters: dict[str, Any] = {"engine": engine, "queue": queue, "limit": int(raw)}
+        if "cursor" in q:
+            cursor = q["cursor"]
+            check_text(cursor)
+            if not 0 < len(cursor) <= MAX_TEXT:
+                raise ApiError(400, "bad_request", "cursor: as given by the last page")
+            parameters["cursor"] = cursor
+        advertised = await self._advertised(agent_id, engine)
+        if "list_dead_letters" not in advertised:
+            raise ApiError(
+                409,
+                "not_offered",
+                f"no worker of agent {agent_id} advertises dead letters for {engine}",
+            )
+        record = await self._send(
+            agent_id, "dlq.list", {"engine": engine, "queue": queue}, parameters
+        )
+        done = await self._commands.wait(record.id, within=DEAD_LETTER_WAIT_SECONDS)
+        detail = {"command_id": str(record.id)}
+        if done is None or done.state in ("pending", "dispatched"):
+            raise ApiError(
+                504,
+                "no_answer",
+                f"agent {agent_id} did not list the dead letters within "
+                f"{DEAD_LETTER_WAIT_SECONDS:g} s: GET /commands/{record.id} has them once it does",
+                detail=detail,
+            )
+        if done.state != "completed":
+            raise ApiError(
+                502,
+                "agent_failed",
+                f"the agent's dlq.list {done.state}: {done.error or 'no reason given'}",
+                detail=detail,
+            )
+        result = done.result or {}
+        entries = result.get("entries")
+        total, following = result.get("total"), result.get("next_cursor")
+        return 200, {
+            "items": [
+                e for e in map(_dead_letter, entries if isinstance(entries, list) else []) if e
+            ],
+            "next_cursor": following if isinstance(following, str) and following else None,
+            "total": total if isinstance(total, int) and not isinstance(total, bool) else None,
+            "agent_id": str(agent_id),
+            "command_id": str(record.id),
+            "actions": ["requeue"] if "requeue_dead_letter" in advertised else [],
+        }
+
+    async def requeue_dead_letter(self, request: Request) -> Response:
+        """Put one dead letter back on its queue: ``requeue_dead_letter``."""
+        engine, queue, task_id = (request.params[k] for k in ("engine", "queue", "task_id"))
+        for text in (engine, queue, task_id):
+            check_text(text)
+        body = request.json_object()
+        if not isinstance(body.get("agent_id"), str):
+            raise ApiError(400, "bad_request", "agent_id: the agent whose broker holds the queue")
+        agent_id = uuid_param(body["agent_id"], "agent_id")
+        task_name = body.get("task_name")
+        if task_name is not None and (not isinstance(task_name, str) or len(task_name) > 500):
+            raise ApiError(400, "bad_request", "task_name: the dead letter's task name, if known")
+        if "requeue_dead_letter" not in await self._advertised(agent_id, engine):
+            raise ApiError(
+                409,
+                "not_offered",
+                f"no worker of agent {agent_id} advertises requeue_dead_letter for {engine}",
+            )
+        parameters = {"engine": engine, "queue": queue, "task_id": task_id}
+        if task_name:
+            parameters["task_name"] = task_name
+        record = await self._send(
+            agent_id,
+            "requeue_dead_letter",
+            {"engine": engine, "queue": queue, "task_id": task_id},
+            parameters,
+        )
+        return 201, to_json(record)
+
+    async def _advertised(self, agent_id: uuid.UUID, engine: str) -> set[str]:
+        """What the agent's workers advertise for ``engine``; 404 for no such agent."""
+        if await self._store.find_agent(str(agent_id)) is None:
+            raise ApiError(404, "not_found", f"no agent {agent_id}")
+        return {
+            a
+            for w in await self._store.list_workers(agent_id)
+            for a in w.capabilities.get(engine, ())
+        }
+
+    async def _send(
+        self,
+        agent_id: uuid.UUID,
+        action: str,
+        target: dict[str, Any],
+        parameters: dict[str, Any],
+    ) -> CommandRecord:
+        try:
+            return await self._commands.send(
+                agent_id, action, target=target, parameters=parameters, issued_by="api"
+            )
+        except CommandError as exc:
+            raise ApiError(409, "command_refused", str(exc)) from None
+
 
 def purge_token(project_key: bytes, queue: str, depth: int) -> str:
     """The confirm token z4j adapters check before a purge (z4j-core's purge_token)."""
@@ -185,3 +320,37 @@ def _last_depth(workers: list[WorkerInfo], engine: str, queue: str) -> int | Non
         if (health := queue_health(w).get(engine)) is not None and queue in health["depths"]
     ]
     return max(seen)[1] if seen else None
+
+
+def _dead_letter(entry: Any) -> dict[str, Any] | None:
+    """One entry of an agent's ``dlq.list`` page in the API's shape (z4j-core's
+    DeadLetterEntry), None when it is not one."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("task_id"), str):
+        return None
+
+    def text(name: str) -> str:
+        value = entry.get(name)
+        return value if isinstance(value, str) else ""
+
+    attempts = entry.get("attempts")
+    return {
+        "task_id": entry["task_id"],
+        "task_name": text("task_name"),
+        "queue": text("queue"),
+        "failed_at": _iso_text(entry.get("failed_at")),
+        "error_excerpt": text("error_excerpt"),
+        "attempts": attempts
+        if isinstance(attempts, int) and not isinstance(attempts, bool)
+        else None,
+    }
+
+
+def _iso_text(value: Any) -> str | None:
+    """An agent's ISO-8601 time as the API writes times; None if it is not one."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return iso((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp())

@@ -35,6 +35,7 @@ from ...store.base import (
     Agent,
     AuditRecord,
     CommandRecord,
+    EngineWorker,
     EventRecord,
     InstanceInfo,
     Project,
@@ -45,6 +46,7 @@ from ...tasks import TASK_STATES
 
 __all__ = [
     "RESOURCES",
+    "WORKER_ACTIONS",
     "Extra",
     "Resource",
     "component",
@@ -53,6 +55,18 @@ __all__ = [
     "iso",
     "to_json",
 ]
+
+
+# Celery's worker controls, as the z4j adapters name the commands (the
+# engine-workers routes send them; resources lists them for the API).
+WORKER_ACTIONS = (
+    "restart_worker",
+    "pool_grow",
+    "pool_shrink",
+    "add_consumer",
+    "cancel_consumer",
+    "rate_limit",
+)
 
 
 def iso(value: float | None) -> str | None:
@@ -175,6 +189,55 @@ RESOURCES: dict[type, Resource] = {
                     "description": "its attempts, oldest first (null in a list); their times "
                     "(received_at, started_at, finished_at) are ISO-8601 text like the task's",
                     "nullable": True,
+                },
+            },
+        ),
+        Resource(
+            name="EngineWorker",
+            cls=EngineWorker,
+            # Both filled in by the route, from the agent's workers: placeholders here.
+            extra=(
+                Extra(
+                    name="agent_workers",
+                    schema={
+                        "type": "array",
+                        "description": "the WebSocket workers of the agent that reported it",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "worker_id": {"type": "string"},
+                                "connected": {"type": "boolean"},
+                                "last_seen": {"type": "string", "format": "date-time"},
+                            },
+                            "required": ["worker_id", "connected", "last_seen"],
+                            "additionalProperties": False,
+                        },
+                    },
+                    value=lambda w: [],
+                ),
+                Extra(
+                    name="actions",
+                    schema={
+                        "type": "array",
+                        "items": {"type": "string", "enum": list(WORKER_ACTIONS)},
+                        "description": "the worker controls the agent's workers advertise for "
+                        "the engine (celery's; fire-and-forget: see the list's warning)",
+                    },
+                    value=lambda w: [],
+                ),
+            ),
+            refine={
+                "worker": {
+                    "description": "the engine's name for it: celery's name@host, "
+                    "dramatiq's host@pid"
+                },
+                "agent_id": {"description": "the agent whose events named it"},
+                "last_seen": {"description": "the last event of its tasks in the window"},
+                "tasks": {"description": "its tasks in the window"},
+                "states": {
+                    "type": "object",
+                    "additionalProperties": {"type": "integer"},
+                    "description": "its tasks in the window, per state",
                 },
             },
         ),
