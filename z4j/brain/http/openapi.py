@@ -141,7 +141,9 @@ CSRF_HEADER = {
 
 
 def _path(name: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "schema": UUID}
+    """A path parameter: ``id`` is a UUID; engines, queues, workers and task ids are text."""
+    schema = UUID if name == "id" else {"type": "string", "minLength": 1}
+    return {"name": name, "in": "path", "required": True, "schema": schema}
 
 
 def _link(operation_id: str, pointer: str) -> dict[str, Any]:
