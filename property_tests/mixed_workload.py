@@ -70,6 +70,23 @@ def _progressed(conn: AgentConnection, seen: int) -> bool:
     return len(conn.received) > seen or conn.closed.is_set()
 
 
+LIFECYCLE = ("task.received", "task.started", "task.succeeded")
+
+
+def task_event(batch: str, i: int) -> dict[str, Any]:
+    """The i-th event of a batch: one step of a task's life (three events a
+    task, across batches when a batch is smaller), so that the drain also
+    folds tasks while the brain is killed."""
+    return {
+        "id": f"{batch}/{i}",
+        "kind": LIFECYCLE[i % 3],
+        "engine": "prop",
+        "task_id": f"{batch}/t{i // 3}",
+        "occurred_at": f"2026-12-06T12:00:{i % 60:02d}+00:00",
+        "data": {"task_name": "prop.job"},
+    }
+
+
 async def run_agent(target: AgentTarget, ledger: Ledger, worker: str, size: int) -> None:
     """Batches of ``size`` events, a few in flight, until the connection closes."""
     async with trio.open_nursery() as nursery:
@@ -82,7 +99,7 @@ async def run_agent(target: AgentTarget, ledger: Ledger, worker: str, size: int)
                 if not conn.opened():
                     break
                 batch = f"{ledger.prefix}.{worker}.{k}"
-                events = [{"id": f"{batch}/{i}", "kind": "job"} for i in range(size)]
+                events = [task_event(batch, i) for i in range(size)]
                 ledger.batches[batch] = events
                 await conn.send_signed("event_batch", {"events": events}, frame_id=batch)
                 seen = _take_acks(conn, ledger, seen)
