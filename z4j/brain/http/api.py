@@ -67,6 +67,7 @@ from .auth import (
 from .openapi import OPENAPI
 from .queues_api import QueueRoutes
 from .resources import to_json
+from .schedules_api import ScheduleRoutes
 from .tasks_api import TaskRoutes
 
 __all__ = ["Api", "ApiError"]
@@ -122,6 +123,7 @@ class Api:
         for method, path, handler in [
             *TaskRoutes(store, commands).routes(),
             *QueueRoutes(store, commands, project_key).routes(),
+            *ScheduleRoutes(store, commands).routes(),
         ]:
             route(method, path, handler)
 
