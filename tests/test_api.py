@@ -28,7 +28,15 @@ from z4j.store import Store, StoreUnavailable, store_for
 from z4j.testing.agents import admin_token, provision, raw_agent
 from z4j.testing.brain import make_config, running_brain, wait_until
 from z4j.testing.http import http_request
+from z4j.testing.schedules import (
+    answer_activation,
+    publish_events,
+    schedule_row,
+    snapshot_events,
+)
 from z4j.testing.store import query
+
+OWNER = "huey-periodic"
 
 
 async def call(
@@ -190,9 +198,20 @@ async def test_schemathesis_finds_no_500_and_no_response_off_the_document(
     config: Config, tmp_path: Path
 ) -> None:
     token = await admin_token(config)
-    _, _, agent_id = await provision(config)
+    agent_token, secret, agent_id = await provision(config)
     with trio.fail_after(600):
-        async with running_brain(config) as brain:
+        async with (
+            running_brain(config) as brain,
+            raw_agent(
+                brain.addresses.http,
+                agent_token,
+                secret,
+                prove=True,
+                capabilities={OWNER: ["external_schedule_stable_snapshot_v1", "trigger_now"]},
+                schedulers=(OWNER,),
+                runtime_features=("external_schedule_protocol_v1",),
+            ) as agent,
+        ):
             http = brain.addresses.http
             base = f"http://{http[0]}:{http[1]}/api/v1"
             client = await z4j.ingest.open_trio(*brain.ingest)
@@ -200,6 +219,16 @@ async def test_schemathesis_finds_no_500_and_no_response_off_the_document(
                 assert await client.send_many([[{"t": "log", "n": n}] for n in range(3)])
             new = {"agent": str(agent_id), "action": "ping"}
             assert (await call(http, "POST", "/api/v1/commands", body=new, token=token))[0] == 201
+            # Schedules too, published by a scheduler the brain activated.
+            grant = await answer_activation(agent)
+            rows = [schedule_row(OWNER, f"app.job{n}", is_enabled=n != 1) for n in range(3)]
+            await publish_events(agent, snapshot_events(grant, 1, rows))
+
+            async def schedules_listed() -> bool:
+                _, _, body = await call(http, "GET", "/api/v1/schedules", token=token)
+                return len(body["items"]) == 3
+
+            await wait_until(schedules_listed)
             result = await trio.run_process(
                 [
                     shutil.which("schemathesis") or "schemathesis",

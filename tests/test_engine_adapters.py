@@ -54,6 +54,13 @@ And, as the session ends, the agent stops cleanly on SIGTERM.
 Every wait polls the API until the expected state appears, up to DEADLINE
 seconds, so a slow machine is slower, not failing. A new check is one more
 ``async def check(s: Session) -> None`` added to `CHECKS`.
+
+A scheduler adapter, z4j-hueyperiodic (1.13.0, with z4j-bare's durable
+overrides), runs beside z4j-huey in `test_huey_periodic_schedules_against_brain`
+(SCENARIO ``schedules``), through `SCHEDULE_CHECKS`: the brain activates its
+stream and lists the periodic tasks; Sync now publishes them again; disable
+lands as the adapter's override; a restarted agent (same buffer) accepts the
+next epoch and keeps the override; trigger runs the task; delete removes it.
 """
 
 from __future__ import annotations
@@ -209,6 +216,8 @@ class Session:
     tasks: dict[str, dict[str, str]] = attrs.field(factory=dict)
     """From the agent's "enqueued" milestone: {"ok": {"id", "name"}, ...}."""
     queued: dict[str, int] = attrs.field(factory=dict)
+    token: str = ""
+    """The agent's token (to start it again)."""
 
     def agent_log(self) -> str:
         return (self.home / "agent.log").read_text(errors="replace")[-4000:]
@@ -300,7 +309,13 @@ class Session:
 
 
 def start_engine_agent(
-    engine: str, url: str, token: str, secret: str, project: str, home: Path
+    engine: str,
+    url: str,
+    token: str,
+    secret: str,
+    project: str,
+    home: Path,
+    scenario: str = "lifecycle",
 ) -> subprocess.Popen[bytes]:
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("Z4J_")}
@@ -311,8 +326,8 @@ def start_engine_agent(
             "NO_PROXY": "127.0.0.1,localhost",
         }
     )
-    args = [engine, url, token, secret, project, str(AGENT_SECONDS), "lifecycle"]
-    with open(home / "milestones.jsonl", "wb") as out, open(home / "agent.log", "wb") as log:
+    args = [engine, url, token, secret, project, str(AGENT_SECONDS), scenario]
+    with open(home / "milestones.jsonl", "ab") as out, open(home / "agent.log", "ab") as log:
         return subprocess.Popen(  # the child keeps its own copies of the files
             [sys.executable, str(ENGINE_AGENT), *args], env=env, stdout=out, stderr=log
         )
@@ -696,3 +711,149 @@ async def test_engine_adapter_against_brain(engine: str, tmp_path: Path) -> None
         async with engine_session(ENGINES[engine], tmp_path) as session:
             for check in CHECKS:
                 await check(session)
+
+
+# -- a scheduler adapter: z4j-hueyperiodic -------------------------------------------------
+
+PERIODIC = "huey-periodic"
+PERIODIC_TASKS = {"every5": "*/5 * * * *", "nightly": "0 3 * * *"}
+
+
+async def periodic_schedules(s: Session) -> dict[str, dict[str, Any]]:
+    body = await s.api("GET", f"/api/v1/schedules?scheduler={PERIODIC}")
+    return {item["name"]: item for item in body["items"]}
+
+
+async def schedules_where(
+    s: Session, what: str, until: Callable[[dict[str, dict[str, Any]]], bool]
+) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = await s.eventually(
+        lambda: periodic_schedules(s), what, until=until
+    )
+    return found
+
+
+async def activated_schedules_are_listed(s: Session) -> None:
+    """Once the brain activates the stream, the periodic tasks are listed."""
+    found = await schedules_where(s, "the periodic tasks", lambda f: set(f) == set(PERIODIC_TASKS))
+    for name, expression in PERIODIC_TASKS.items():
+        item = found[name]
+        assert (item["scheduler"], item["engine"], item["kind"], item["timezone"]) == (
+            PERIODIC,
+            "huey",
+            "cron",
+            "UTC",
+        ), item
+        assert item["expression"] == expression and item["is_enabled"] is True
+        assert item["task_name"] == item["source_key"] == f"__main__.{name}"
+        assert item["source"] == f"{PERIODIC}:code" and item["agent_id"] == str(s.agent_id)
+        assert (item["epoch_number"], item["sequence"]) == (1, 1)
+        assert item["actions"] == ["enable", "disable", "trigger", "delete"]
+    commands = await s.api("GET", f"/api/v1/commands?agent_id={s.agent_id}&limit=500")
+    [activation] = [c for c in commands["items"] if c["action"] == "schedule.external.activate"]
+    assert activation["state"] == "completed", activation
+    assert activation["result"]["schedule_count"] == 2 and activation["result"]["sequence"] == 1
+
+
+async def sync_now_publishes_again(s: Session) -> None:
+    before = await periodic_schedules(s)
+    sent = await s.api("POST", "/api/v1/schedules/resync")
+    [command] = sent["commands"]
+    done = await s.finished(command["id"])
+    assert (done["state"], done["result"]) == ("completed", {"schedulers_drained": 1}), done
+    after = await schedules_where(
+        s, "the resynced snapshot", lambda f: f["every5"]["sequence"] > before["every5"]["sequence"]
+    )
+    assert after["every5"]["updated_at"] > before["every5"]["updated_at"]
+
+
+async def schedule_action(s: Session, name: str, action: str) -> dict[str, Any]:
+    """POST the action on a periodic task; its command once finished."""
+    path = f"/api/v1/schedules/{PERIODIC}/__main__.{name}/{action}"
+    sent = await s.api("POST", path)
+    done = await s.finished(sent["id"])
+    assert done["state"] == "completed", done
+    return done
+
+
+async def disable_takes_effect(s: Session) -> None:
+    done = await schedule_action(s, "every5", "disable")
+    assert done["action"] == "schedule.external.mutate"
+    found = await schedules_where(s, "every5 disabled", lambda f: not f["every5"]["is_enabled"])
+    assert found["every5"]["source"] == f"{PERIODIC}:override"  # the adapter's durable override
+    assert found["nightly"]["is_enabled"] is True
+
+
+async def a_restart_gets_a_newer_epoch(s: Session) -> None:
+    """A new process of the agent (same home, so the same adapter buffer) is a
+    new worker: the brain grants it the next epoch, which the adapter accepts,
+    and the override it keeps is still there."""
+    assert await stop_agent(s.proc) == 0, s.agent_log()
+    ready = len([m for m in s.milestones() if "ready" in m])
+    s.proc = start_engine_agent(
+        "huey", s.brain.addresses.http_url, s.token, s.secret, "demo", s.home, "schedules"
+    )
+    await s.eventually(lambda: _count_ready(s), "the restarted agent", until=lambda n: n > ready)
+    found = await schedules_where(
+        s, "the new epoch's snapshot", lambda f: f["every5"]["epoch_number"] == 2
+    )
+    assert found["every5"]["is_enabled"] is False and found["every5"]["sequence"] == 1
+    done = await schedule_action(s, "every5", "enable")
+    assert done["parameters"]["epoch_number"] == 2
+    await schedules_where(s, "every5 enabled again", lambda f: f["every5"]["is_enabled"])
+
+
+async def _count_ready(s: Session) -> int:
+    return len([m for m in s.milestones() if "ready" in m])
+
+
+async def trigger_runs_the_task(s: Session) -> None:
+    done = await schedule_action(s, "nightly", "trigger")
+    assert done["action"] == "schedule.trigger_now"
+    task_id = done["result"]["task_id"]
+
+    async def ran() -> dict[str, Any] | None:
+        status, task = await s.api_status("GET", f"/api/v1/tasks/huey/{task_id}")
+        return task if status == 200 and task["state"] == "succeeded" else None
+
+    task = await s.eventually(ran, f"the triggered task {task_id}")
+    assert task["name"] == "nightly"
+
+
+async def delete_removes_it(s: Session) -> None:
+    await schedule_action(s, "nightly", "delete")
+    await schedules_where(s, "nightly deleted", lambda f: set(f) == {"every5"})
+
+
+SCHEDULE_CHECKS: list[Callable[[Session], Awaitable[None]]] = [
+    activated_schedules_are_listed,
+    sync_now_publishes_again,
+    disable_takes_effect,
+    a_restart_gets_a_newer_epoch,
+    trigger_runs_the_task,
+    delete_removes_it,
+    nothing_rejected,
+]
+
+
+async def test_huey_periodic_schedules_against_brain(tmp_path: Path) -> None:
+    """z4j-hueyperiodic beside z4j-huey (SCENARIO schedules): activation, the
+    listed periodic tasks, Sync now, disable, a restart, trigger and delete."""
+    config = make_config(tmp_path / "data")
+    admin = await admin_token(config)
+    token, secret, agent_id = await provision(config, agent="matrix-huey-periodic")
+    with trio.fail_after(8 * DEADLINE):
+        async with running_brain(config) as brain:
+            home = tmp_path / "agent"
+            url = brain.addresses.http_url
+            proc = start_engine_agent("huey", url, token, secret, "demo", home, "schedules")
+            s = Session(
+                ENGINES["huey"], brain, config, admin, agent_id, secret, home, proc, token=token
+            )
+            try:
+                await s.milestone("enqueued")
+                for check in SCHEDULE_CHECKS:
+                    await check(s)
+            finally:
+                code = await stop_agent(s.proc)
+            assert code == 0, s.agent_log()

@@ -69,8 +69,10 @@ TESTING = {
     "RawAgent",
     "RunningBrain",
     "admin_token",
+    "answer_activation",
     "assert_served",
     "buffer_rows",
+    "control_event",
     "draining",
     "find_pg_bin",
     "health_live",
@@ -81,18 +83,31 @@ TESTING = {
     "make_config",
     "open_store",
     "provision",
+    "publish_events",
     "query",
     "raw_agent",
     "read_events",
     "read_until_closed",
     "run_z4j",
     "running_brain",
+    "schedule_row",
+    "snapshot_events",
     "wait_until",
     "watch",
     "watching",
 }
 
-TESTING_MODULES = ("abuse", "agents", "brain", "cancel", "drain", "http", "postgres", "store")
+TESTING_MODULES = (
+    "abuse",
+    "agents",
+    "brain",
+    "cancel",
+    "drain",
+    "http",
+    "postgres",
+    "schedules",
+    "store",
+)
 
 
 def test_testing_exports() -> None:

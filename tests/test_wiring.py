@@ -34,6 +34,7 @@ SERVICES = frozenset(
         "maintenance",
         "reconciler",
         "registry",
+        "schedule_streams",
     }
 )
 ROOT = "_root"

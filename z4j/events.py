@@ -31,6 +31,7 @@ import orjson
 
 from ._filing import filing_time
 from .buffer import ClaimedRow
+from .schedules import ScheduleControl, ScheduleFrame, schedule_event
 from .tasks import TaskEvent, task_event
 
 __all__ = ["MAX_RECORDS_PER_PAYLOAD", "EventRow", "event_rows", "key_prefix"]
@@ -71,13 +72,15 @@ def event_rows(
     buffer_id: uuid.UUID,
     rows: Iterable[ClaimedRow],
     tasks: list[TaskEvent] | None = None,
+    schedules: list[ScheduleFrame | ScheduleControl] | None = None,
 ) -> Iterator[EventRow]:
     """Expand claimed payloads into event rows (CPU work: run it off the loop).
 
     The hot loop of the drain: it builds no UUID objects, and checks a
     record's kind with exact type tests first. With ``tasks``, the agent
     events about a task are also appended there, parsed once, for the task
-    projection written in the same transaction (store/tasks.py).
+    projection written in the same transaction (store/tasks.py); with
+    ``schedules``, the schedule observations (store/schedules.py).
     """
     prefix = key_prefix(buffer_id) << 64
     loads, dumps = orjson.loads, orjson.dumps
@@ -87,7 +90,7 @@ def event_rows(
             origin = origins.get(row.origin)
             if origin is None:
                 origin = origins[row.origin] = _origin(row)
-            yield from _agent_event_rows(row, origin, tasks)
+            yield from _agent_event_rows(row, origin, tasks, schedules)
             continue
         if row.id >= _ROW_LIMIT:
             raise ValueError(f"buffer row id {row.id} is out of the key's range")
@@ -124,7 +127,10 @@ def _origin(row: ClaimedRow) -> _Origin:
 
 
 def _agent_event_rows(
-    row: ClaimedRow, origin: _Origin, tasks: list[TaskEvent] | None
+    row: ClaimedRow,
+    origin: _Origin,
+    tasks: list[TaskEvent] | None,
+    schedules: list[ScheduleFrame | ScheduleControl] | None,
 ) -> Iterator[EventRow]:
     project, agent, worker = origin
     for event in orjson.loads(row.body):
@@ -137,6 +143,10 @@ def _agent_event_rows(
             about = task_event(project, agent, worker, event, row.received_at)
             if about is not None:
                 tasks.append(about)
+        elif schedules is not None and kind.startswith("schedule."):
+            observed = schedule_event(project, agent, worker, event)
+            if observed is not None:
+                schedules.append(observed)
         key = hashlib.blake2b(_AGENT_KEY_LABEL + agent + event_id.encode(), digest_size=16).digest()
         yield EventRow(
             filed,

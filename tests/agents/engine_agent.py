@@ -17,6 +17,11 @@ retries twice and then fails. Where the engine can cancel (celery, huey) a
 ``later`` task is scheduled five minutes out, for cancel_task; celery also
 leaves three messages on a queue no worker reads ("other"), for purge_queue.
 SCENARIO ``idle`` enqueues nothing (its "enqueued" milestone is empty).
+SCENARIO ``schedules`` (huey only) enqueues nothing either, and adds the
+z4j-hueyperiodic scheduler adapter with two periodic tasks, ``every5``
+(every five minutes) and ``nightly`` (03:00), whose dashboard overrides
+(enable, disable, delete) it keeps in ``$Z4J_HOME/huey-schedules.sqlite``
+(z4j-bare's NativeScheduleControl), so they outlive a restart.
 PROJECT is the project slug z4j-bare reports; the brain knows the project
 from the token.
 
@@ -41,7 +46,7 @@ from collections.abc import Callable
 from typing import Any
 
 ENGINES = ("celery", "dramatiq", "huey", "taskiq")
-SCENARIOS = ("lifecycle", "idle")
+SCENARIOS = ("lifecycle", "idle", "schedules")
 LATER_SECONDS = 300  # the "later" task never runs while a test lasts
 OTHER_QUEUE, OTHER_MESSAGES = "other", 3
 
@@ -68,13 +73,14 @@ class Run:
     def lifecycle(self) -> bool:
         return self.scenario == "lifecycle"
 
-    def install(self, adapter: Any) -> Any:
+    def install(self, adapter: Any, schedulers: list[Any] | None = None) -> Any:
         from z4j_bare import install_agent
 
         # Returns once the runtime's loop is up and connect_signals has run;
         # connecting to the brain goes on in the background (events buffer).
         runtime = install_agent(
             engines=[adapter],
+            schedulers=schedulers or [],
             brain_url=self.url,
             token=self.token,
             project_id=self.project,
@@ -255,7 +261,26 @@ def run_huey(run: Run) -> None:
     def flaky() -> None:
         raise RuntimeError("flaky")
 
-    runtime = run.install(HueyEngineAdapter(huey=huey))
+    schedulers = []
+    if run.scenario == "schedules":
+        from pathlib import Path
+
+        from huey import crontab
+        from z4j_bare import NativeScheduleControl
+        from z4j_hueyperiodic import HueyPeriodicAdapter
+
+        @huey.periodic_task(crontab(minute="*/5"))
+        def every5() -> int:
+            return 5
+
+        @huey.periodic_task(crontab(minute="0", hour="3"))
+        def nightly() -> int:
+            return 3
+
+        control = NativeScheduleControl(Path(os.environ["Z4J_HOME"]) / "huey-schedules.sqlite")
+        schedulers.append(HueyPeriodicAdapter(huey=huey, control=control))
+
+    runtime = run.install(HueyEngineAdapter(huey=huey), schedulers)
     consumer = huey.create_consumer(
         workers=2, worker_type="thread", periodic=False, check_worker_health=False
     )
@@ -346,6 +371,8 @@ RUNNERS: dict[str, Callable[[Run], None]] = {
 
 def main() -> None:
     run = Run(sys.argv[1:])
+    if run.scenario == "schedules" and run.engine != "huey":
+        sys.exit("SCENARIO schedules: huey only (z4j-hueyperiodic)")
     # purge_queue reads the project secret from the environment, not from
     # install_agent's hmac_secret: without this every purge fails.
     os.environ["Z4J_HMAC_SECRET"] = run.secret

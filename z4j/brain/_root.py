@@ -10,8 +10,8 @@ that it returns only once the service can serve:
 
     store migrations (retried in the background until the store answers)
     → group-commit writer → drains → ingest server → agent endpoint →
-    command sweep → registry → HTTP → heartbeat → maintenance → report
-    addresses.
+    command sweep → registry → HTTP → heartbeat → maintenance → the
+    reconciler and schedule streams → report addresses.
 
 Any child failing cancels the tree. A graceful stop (``shutdown`` set) runs
 from the inside out, because that is how the nurseries nest (as hypercorn
@@ -68,6 +68,7 @@ from .maintenance import Maintenance
 from .metrics import brain_registry, render
 from .reconciler import Reconciler
 from .registry import registry_for, replicated
+from .schedule_streams import ScheduleStreams
 
 __all__ = ["Brain", "serve_brain"]
 
@@ -187,6 +188,24 @@ async def serve_brain(
                     {"type": "command", "command": to_json(record)}
                 ),
             )
+            streams = ScheduleStreams(
+                store,
+                commands,
+                store_ready=store_ready,
+                is_leader=lambda: registry.is_leader,
+            )
+
+            def worker_changed(agent_id: uuid.UUID, worker_id: str, state: str) -> None:
+                hub.publish(
+                    {
+                        "type": "agent",
+                        "agent_id": str(agent_id),
+                        "worker_id": worker_id,
+                        "state": state,
+                    }
+                )
+                streams.worker_changed(agent_id, worker_id, state)
+
             agents = AgentEndpoint(
                 config,
                 store,
@@ -197,14 +216,7 @@ async def serve_brain(
                 sessions=sessions,
                 commands=commands,
                 ownership=registry,
-                on_worker=lambda agent_id, worker_id, state: hub.publish(
-                    {
-                        "type": "agent",
-                        "agent_id": str(agent_id),
-                        "worker_id": worker_id,
-                        "state": state,
-                    }
-                ),
+                on_worker=worker_changed,
             )
             health = HealthChecks(
                 {
@@ -306,6 +318,7 @@ async def serve_brain(
                 await beating.start(functools.partial(heartbeat.serve, shutdown=heartbeat_stop))
                 await supporting.start(functools.partial(maintenance.serve, shutdown=support_stop))
                 await supporting.start(functools.partial(reconciler.serve, shutdown=support_stop))
+                await supporting.start(functools.partial(streams.serve, shutdown=support_stop))
                 log.info(
                     "brain %s ready: ingest %s:%d, http %s:%d, store %s, buffer %s",
                     instance_id,

@@ -7,12 +7,14 @@
 // capped exponential backoff (full jitter) and reloads the tables from the
 // API once it is back, so nothing missed while away stays missing.
 //
-// Four more pages hang off the address's hash: #/tasks (the task
+// Five more pages hang off the address's hash: #/tasks (the task
 // projection, /api/v1/tasks, reloaded at most once a second while task
 // events are being stored), #/tasks/<engine>/<id> (one task, and the retry
 // and cancel its agent offers), #/queues (depths, outcomes, a two-step
-// purge, and a queue's dead letters asked of its agent) and #/workers (the
-// engines' own workers, with celery's worker controls where offered).
+// purge, and a queue's dead letters asked of its agent), #/workers (the
+// engines' own workers, with celery's worker controls where offered) and
+// #/schedules (what the scheduler adapters publish: enable, disable, run
+// now, delete, and "Sync now").
 //
 // Everything from the server is put in the page with textContent, never as
 // HTML. Any 401 means the session is gone: back to /login.
@@ -1408,9 +1410,9 @@
     applyFeedFilter();
   });
 
-  // -- pages: #/ (overview), #/tasks, #/tasks/<engine>/<task id>, #/queues, #/workers ------------
+  // -- pages: #/ (overview), #/tasks, #/tasks/<engine>/<task id>, #/queues, #/workers, #/schedules
 
-  const VIEWS = ["overview", "tasks", "task", "queues", "workers"];
+  const VIEWS = ["overview", "tasks", "task", "queues", "workers", "schedules"];
   let route = { view: "overview" };
 
   function parseRoute() {
@@ -1429,6 +1431,7 @@
     if (parts[0] === "tasks") return { view: "tasks" };
     if (parts[0] === "queues") return { view: "queues" };
     if (parts[0] === "workers") return { view: "workers" };
+    if (parts[0] === "schedules") return { view: "schedules" };
     return { view: "overview" };
   }
 
@@ -1463,6 +1466,7 @@
       if (!same) openTask();
     } else if (route.view === "queues") loadQueues();
     else if (route.view === "workers") loadEngineWorkers();
+    else if (route.view === "schedules") loadSchedules();
     else mark("instances", "agents", "feed", "kinds", "commands", "kpis", "charts");
     if (previous.view !== route.view || route.view === "task") window.scrollTo(0, 0);
   }
@@ -1475,6 +1479,7 @@
     else if (route.view === "task") loadTask();
     else if (route.view === "queues") loadQueues();
     else if (route.view === "workers") loadEngineWorkers();
+    else if (route.view === "schedules") loadSchedules();
   }
 
   // fn at most once per `ms`, the last call never lost.
@@ -1496,12 +1501,15 @@
 
   const refreshTasksSoon = throttle(() => route.view === "tasks" && loadTasks(), 1000);
   const refreshTaskSoon = throttle(() => route.view === "task" && loadTask(), 1000);
+  const refreshSchedulesSoon = throttle(() => route.view === "schedules" && loadSchedules(), 1000);
 
   // An ``events`` message: task events change the projection the pages show.
   function onStoredEvents(msg) {
     if (feedFiltered()) reloadFilteredFeed();
     const seen = Object.keys(msg.kinds || {});
     if (!msg.kinds && Array.isArray(msg.sample)) seen.push(...msg.sample.map((e) => e.kind));
+    if (route.view === "schedules" && seen.some((kind) => String(kind).startsWith("schedule.")))
+      refreshSchedulesSoon();
     if (!seen.some((kind) => String(kind).startsWith("task."))) return;
     if (route.view === "tasks") refreshTasksSoon();
     else if (route.view === "task") refreshTaskSoon();
@@ -1515,6 +1523,7 @@
 
   function onCommandChange(rec) {
     if (rec && controlSent && String(rec.id) === controlSent.id) showControlState(rec);
+    onScheduleCommand(rec);
     if (route.view !== "task" || !rec) return;
     const id = route.taskId;
     const named = [rec.target && rec.target.task_id, rec.parameters && rec.parameters.task_id];
@@ -2923,6 +2932,310 @@
     box.hidden = false;
   }
 
+  // -- schedules ---------------------------------------------------------------------------------
+  //
+  // Rows are what the scheduler adapters last published; an action is a
+  // command to the worker publishing that scheduler, and its effect shows
+  // when the adapter's next snapshot lands (a "schedule.*" event reloads the
+  // list). The notice follows the command to its end.
+
+  const SCHEDULES_PAGE = 500; // the API's largest page
+  const SCHEDULES_POLL_MS = 10000;
+  const SCHEDULE_FILTER_INPUTS = {
+    scheduler: "sf-scheduler",
+    engine: "sf-engine",
+    enabled: "sf-enabled",
+  };
+  const SCHEDULE_VERBS = {
+    enable: "Enable",
+    disable: "Disable",
+    trigger: "Run now",
+    delete: "Delete",
+  };
+  const scheduleList = { items: [], cursor: null, gen: 0, query: null };
+  const schedulersSeen = new Set();
+  const scheduleCommands = new Map(); // command id -> what it does, while the notice shows it
+  let schedulesLoadedAt = 0;
+  let deleting = null; // the schedule awaiting the operator's yes
+
+  const scheduleKey = (s) => `${s.project_id}|${s.scheduler}|${s.source_key}`;
+
+  function scheduleQuery() {
+    const params = new URLSearchParams();
+    for (const [name, id] of Object.entries(SCHEDULE_FILTER_INPUTS)) {
+      const value = $(id).value.trim();
+      if (value) params.set(name, value);
+    }
+    return params;
+  }
+
+  function schedulePath(s, action) {
+    const base = `/api/v1/schedules/${encodeURIComponent(s.scheduler)}/${encodeURIComponent(
+      s.source_key,
+    )}`;
+    return `${action ? `${base}/${action}` : base}?project_id=${encodeURIComponent(s.project_id)}`;
+  }
+
+  async function loadSchedules({ fresh = false } = {}) {
+    const gen = ++scheduleList.gen;
+    schedulesLoadedAt = Date.now();
+    const params = scheduleQuery();
+    const query = params.toString();
+    if (query !== scheduleList.query) fresh = true;
+    scheduleList.query = query;
+    params.set("limit", String(SCHEDULES_PAGE));
+    try {
+      const data = await api("GET", `/api/v1/schedules?${params}`);
+      if (gen !== scheduleList.gen) return;
+      scheduleList.items = data.items || [];
+      scheduleList.cursor = data.next_cursor ?? null;
+      showText("schedules-error", "");
+    } catch (error) {
+      if (gen !== scheduleList.gen || error.status === 401) return;
+      showText("schedules-error", error.message);
+    }
+    if (fresh) hideScheduleDelete();
+    renderSchedules();
+  }
+
+  async function moreSchedules() {
+    if (!scheduleList.cursor) return;
+    const gen = scheduleList.gen;
+    const params = scheduleQuery();
+    params.set("limit", String(SCHEDULES_PAGE));
+    params.set("cursor", scheduleList.cursor);
+    const button = $("schedules-more");
+    button.disabled = true;
+    try {
+      const data = await api("GET", `/api/v1/schedules?${params}`);
+      if (gen !== scheduleList.gen) return;
+      const known = new Set(scheduleList.items.map(scheduleKey));
+      for (const s of data.items || []) if (!known.has(scheduleKey(s))) scheduleList.items.push(s);
+      scheduleList.cursor = data.next_cursor ?? null;
+    } catch (error) {
+      if (error.status !== 401) showText("schedules-error", error.message);
+    } finally {
+      button.disabled = false;
+    }
+    renderSchedules();
+  }
+
+  function runTime(iso, now) {
+    const ms = parseTime(iso);
+    if (ms == null) return el("span", { class: "muted", text: "–" });
+    return el("span", { title: iso, text: ms > now ? fmtWhen(ms) : ago(ms, now) });
+  }
+
+  function renderSchedules() {
+    const now = serverNow();
+    const body = $("schedules-table").tBodies[0];
+    body.replaceChildren(
+      ...scheduleList.items.map((s) => {
+        schedulersSeen.add(s.scheduler);
+        enginesSeen.add(s.engine);
+        const updated = parseTime(s.updated_at);
+        const offered = new Set(s.actions || []);
+        const buttons = [];
+        const toggle = s.is_enabled ? "disable" : "enable";
+        if (offered.has(toggle)) buttons.push(toggle);
+        if (offered.has("trigger")) buttons.push("trigger");
+        if (offered.has("delete")) buttons.push("delete");
+        return el(
+          "tr",
+          { dataset: { scheduler: s.scheduler, sourceKey: s.source_key } },
+          el(
+            "td",
+            null,
+            el("span", {
+              class: `pill ${s.is_enabled ? "ok" : "warn"}`,
+              dataset: { enabled: String(s.is_enabled) },
+              text: s.is_enabled ? "enabled" : "disabled",
+            }),
+          ),
+          el(
+            "td",
+            { class: "trunc", title: s.source_key },
+            el("b", { text: s.name }),
+            s.source_key !== s.name
+              ? [el("br"), el("span", { class: "mono secondary", text: s.source_key })]
+              : null,
+          ),
+          el("td", null, el("span", { class: "tag", text: s.scheduler })),
+          el(
+            "td",
+            { title: `${s.kind} (${s.timezone})` },
+            el("span", { class: "mono", text: s.expression || "–" }),
+            " ",
+            el("span", {
+              class: "secondary",
+              text: s.timezone === "UTC" ? s.kind : `${s.kind}, ${s.timezone}`,
+            }),
+          ),
+          el(
+            "td",
+            { class: "trunc", title: s.task_name },
+            el("span", { class: "tag", text: s.engine }),
+            " ",
+            el("span", { class: "mono", text: s.task_name }),
+            s.queue ? el("span", { class: "secondary", text: ` → ${s.queue}` }) : null,
+          ),
+          el("td", { class: "num", text: fmtInt(s.total_runs) }),
+          el("td", { class: "num" }, runTime(s.last_run_at, now)),
+          el("td", { class: "num" }, runTime(s.next_run_at, now)),
+          el("td", {
+            class: "secondary trunc",
+            title: `${s.agent_id} / ${s.worker_id ?? ""}`,
+            text: `${agentLabel(s.agent_id)} · ${s.worker_id ?? "?"}`,
+          }),
+          el("td", {
+            class: "num",
+            title: s.updated_at
+              ? `${fmtWhen(updated)}: epoch ${s.epoch_number}, sequence ${s.sequence}`
+              : "",
+            dataset: { ago: updated ?? "" },
+            text: ago(updated, now),
+          }),
+          el(
+            "td",
+            { class: "num actions" },
+            buttons.length
+              ? buttons.map((action) =>
+                  el("button", {
+                    class: `btn small${action === "delete" ? " danger" : ""}`,
+                    type: "button",
+                    dataset: { action },
+                    text: SCHEDULE_VERBS[action],
+                    onclick: (event) =>
+                      action === "delete"
+                        ? askScheduleDelete(s)
+                        : scheduleAction(s, action, event.currentTarget),
+                  }),
+                )
+              : el("span", {
+                  class: "muted",
+                  title: "Its scheduler's worker is not connected, or offers no action",
+                  text: "–",
+                }),
+          ),
+        );
+      }),
+    );
+    $("schedules-empty").hidden = scheduleList.items.length > 0;
+    $("schedules-more").hidden = !scheduleList.cursor;
+    $("schedules-hint").textContent = scheduleList.items.length
+      ? `${fmtInt(scheduleList.items.length)} shown, as the scheduler adapters last published them`
+      : "as the scheduler adapters last published them";
+    const list = $("sf-schedulers");
+    const names = [...schedulersSeen].sort();
+    if (list.children.length !== names.length)
+      list.replaceChildren(...names.map((name) => el("option", { value: name })));
+  }
+
+  function scheduleSent(what, records) {
+    const text = records.length
+      ? `${what} sent as command${records.length > 1 ? "s" : ""} ` +
+        `${records.map((rec) => `${shortId(rec.id)} (${rec.state})`).join(", ")}.`
+      : `${what}: nothing sent.`;
+    scheduleCommands.clear();
+    for (const rec of records) {
+      upsertCommand(rec, { flash: true });
+      scheduleCommands.set(String(rec.id), what);
+    }
+    showText("schedules-result", text);
+    $("schedules-result").dataset.command = records.map((rec) => rec.id).join(" ");
+    // The live feed may have told of its end before this answer came back.
+    for (const rec of records) onScheduleCommand(commands.get(String(rec.id)));
+  }
+
+  // The notice follows its commands: their outcome, then the list again.
+  function onScheduleCommand(rec) {
+    if (!rec || !scheduleCommands.has(String(rec.id)) || !TERMINAL.has(rec.state)) return;
+    const what = scheduleCommands.get(String(rec.id));
+    scheduleCommands.delete(String(rec.id));
+    const outcome =
+      rec.state === "completed"
+        ? `${what}: command ${shortId(rec.id)} completed.`
+        : `${what}: command ${shortId(rec.id)} ${rec.state}` +
+          (rec.error ? `: ${preview(rec.error, 300)}` : ".");
+    showText("schedules-result", outcome);
+    $("schedules-result").classList.toggle("bad-text", rec.state !== "completed");
+    refreshSchedulesSoon();
+  }
+
+  async function scheduleAction(s, action, button) {
+    showText("schedules-error", "");
+    $("schedules-result").classList.remove("bad-text");
+    if (button) button.disabled = true;
+    try {
+      const rec = await api("POST", schedulePath(s, action));
+      scheduleSent(`${SCHEDULE_VERBS[action]} “${s.name}”`, [rec]);
+    } catch (error) {
+      if (error.status !== 401) showText("schedules-error", error.message);
+    } finally {
+      if (button) button.disabled = false;
+    }
+  }
+
+  function askScheduleDelete(s) {
+    deleting = s;
+    $("schedule-delete-text").replaceChildren(
+      el("b", { text: `Delete the schedule “${s.name}” from ${s.scheduler}?` }),
+      " Its scheduler stops firing it; where it is defined in code, the adapter keeps the " +
+        "deletion as an override.",
+    );
+    $("schedule-delete-panel").hidden = false;
+    $("schedule-delete-confirm").focus();
+  }
+
+  function hideScheduleDelete() {
+    deleting = null;
+    $("schedule-delete-panel").hidden = true;
+  }
+
+  $("schedule-delete-confirm").addEventListener("click", async (event) => {
+    const s = deleting;
+    if (!s) return;
+    hideScheduleDelete();
+    await scheduleAction(s, "delete", event.currentTarget);
+  });
+  $("schedule-delete-cancel").addEventListener("click", hideScheduleDelete);
+
+  $("schedules-sync").addEventListener("click", async (event) => {
+    const button = event.currentTarget;
+    button.disabled = true;
+    showText("schedules-error", "");
+    $("schedules-result").classList.remove("bad-text");
+    try {
+      const data = await api("POST", "/api/v1/schedules/resync");
+      scheduleSent("Sync now", data.commands || []);
+    } catch (error) {
+      if (error.status !== 401) showText("schedules-error", error.message);
+    } finally {
+      button.disabled = false;
+    }
+  });
+
+  let scheduleFilterTimer = 0;
+  function scheduleFiltersChanged() {
+    clearTimeout(scheduleFilterTimer);
+    scheduleFilterTimer = setTimeout(() => {
+      if (scheduleQuery().toString() === scheduleList.query) return;
+      loadSchedules({ fresh: true });
+    }, 250);
+  }
+  $("schedule-filters").addEventListener("input", scheduleFiltersChanged);
+  $("schedule-filters").addEventListener("change", scheduleFiltersChanged);
+  $("schedule-filters").addEventListener("submit", (event) => {
+    event.preventDefault();
+    clearTimeout(scheduleFilterTimer);
+    loadSchedules({ fresh: true });
+  });
+  $("sf-clear").addEventListener("click", () => {
+    for (const id of Object.values(SCHEDULE_FILTER_INPUTS)) $(id).value = "";
+    scheduleFiltersChanged();
+  });
+  $("schedules-more").addEventListener("click", moreSchedules);
+
   // -- the clock: one sample a second -----------------------------------------------------------
 
   function tick() {
@@ -2969,6 +3282,9 @@
     if (route.view === "workers" && Date.now() - workersLoadedAt >= WORKERS_POLL_MS) {
       loadEngineWorkers();
     }
+    // Which worker is connected (the actions offered) changes without events.
+    if (route.view === "schedules" && Date.now() - schedulesLoadedAt >= SCHEDULES_POLL_MS)
+      loadSchedules();
   }, 1000);
 
   mark("instances", "agents", "feed", "kinds", "commands", "kpis", "charts");

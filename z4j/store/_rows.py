@@ -205,6 +205,7 @@ def worker(d: Dialect, row: Any) -> WorkerInfo:
         hello,
         health,
     ) = row
+    parsed = d.opt_json_out(hello)
     return WorkerInfo(
         agent_id=d.uuid_out(agent_id),
         worker_id=worker_id,
@@ -214,8 +215,10 @@ def worker(d: Dialect, row: Any) -> WorkerInfo:
         last_seen=d.ts_out(last_seen),
         disconnected_at=d.opt_ts_out(disconnected_at),
         status=d.opt_json_out(status),
-        capabilities=capabilities(d.opt_json_out(hello)),
+        capabilities=capabilities(parsed),
         health=d.opt_json_out(health),
+        schedulers=_names(parsed, "schedulers"),
+        runtime_features=_names(parsed, "runtime_features"),
     )
 
 
@@ -230,6 +233,12 @@ def capabilities(hello: Any) -> dict[str, list[str]]:
         for engine, actions in advertised.items()
         if isinstance(actions, list)
     }
+
+
+def _names(hello: Any, field: str) -> list[str]:
+    """A list of names in the hello (its schedulers, its runtime features)."""
+    names = hello.get(field) if isinstance(hello, dict) else None
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
 
 def event(d: Dialect, row: Any) -> EventRecord:

@@ -3,6 +3,10 @@
 Two implementations: `PostgresStore` (production, many replicas) and
 `SqliteStore` (the embedded default). The brain only talks to this protocol,
 so tests and future stores slot in without touching the drain or heartbeat.
+
+One concern justifies the length (past 700 lines): the `Store` protocol
+and the records it speaks in, which the API derives its resources from
+(brain/http/resources.py); each method's contract is written here once.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ __all__ = [
     "EngineWorker",
     "InstanceInfo",
     "Project",
+    "ScheduleFilter",
+    "ScheduleRecord",
+    "ScheduleStream",
     "Store",
     "StoreUnavailable",
     "TaskFilter",
@@ -127,6 +134,10 @@ class WorkerInfo:
     # Its last heartbeat's adapter_health: "<engine>.<key>": text (JSON for
     # dicts, e.g. "celery.queue_depths"), as the adapters send it.
     health: dict[str, Any] | None = None
+    # From its hello: its scheduler adapters (their actions are in
+    # capabilities, by scheduler name) and its runtime's protocol features.
+    schedulers: list[str] = attrs.field(factory=list)
+    runtime_features: list[str] = attrs.field(factory=list)
 
 
 @attrs.frozen(kw_only=True)
@@ -210,6 +221,86 @@ class TaskFilter:
     # Keyset cursor: tasks strictly older than (last_event_at, engine, task_id).
     before: tuple[float, str, str] | None = None
     limit: int = 50
+
+
+@attrs.frozen(kw_only=True)
+class ScheduleRecord:
+    """One row of ``schedules``: a schedule as its scheduler adapter last
+    published it (z4j.schedules), with where that came from.
+
+    Keyed by (project, scheduler, source key). ``stream_id``,
+    ``epoch_number`` and ``sequence`` name the observation it comes from;
+    ``snapshot_id`` is None when that was a control projection.
+    """
+
+    project_id: uuid.UUID
+    scheduler: str
+    source_key: str
+    engine: str
+    name: str
+    task_name: str
+    kind: str
+    expression: str
+    timezone: str
+    queue: str | None
+    priority: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    is_enabled: bool
+    last_run_at: float | None
+    next_run_at: float | None
+    total_runs: int
+    external_id: str | None
+    catch_up: str
+    source: str
+    source_hash: str | None
+    agent_id: uuid.UUID
+    worker_id: str | None
+    stream_id: str
+    epoch_number: int
+    sequence: int
+    snapshot_id: str | None
+    updated_at: float
+
+
+@attrs.frozen(kw_only=True)
+class ScheduleFilter:
+    """Which schedules to list: all given conditions hold; by scheduler, source key, project."""
+
+    scheduler: str | None = None
+    engine: str | None = None
+    project_id: uuid.UUID | None = None
+    enabled: bool | None = None
+    # Keyset cursor: schedules strictly after (scheduler, source_key, project_id).
+    after: tuple[str, str, uuid.UUID] | None = None
+    limit: int = 50
+
+
+@attrs.frozen(kw_only=True)
+class ScheduleStream:
+    """One row of ``schedule_streams``: the brain's grant to publish one
+    scheduler's schedules of one project, and how far it has applied them.
+
+    ``epoch_number`` rises with every grant (``schedule.external.activate``
+    to the worker named, whose connection began at ``worker_connected_at``);
+    only observations of the current epoch are applied, each newer
+    (``applied_epoch``, ``applied_sequence``) than the last.
+    """
+
+    project_id: uuid.UUID
+    scheduler: str
+    stream_id: str
+    epoch_number: int
+    epoch_uuid: str
+    adapter_instance_id: str
+    agent_id: uuid.UUID
+    worker_id: str
+    worker_connected_at: float
+    command_id: uuid.UUID | None
+    granted_at: float
+    applied_epoch: int
+    applied_sequence: int
+    applied_at: float | None
 
 
 @attrs.frozen(kw_only=True)
@@ -498,6 +589,44 @@ class Store(Protocol):
     async def fold_task_events(self, events: Sequence[TaskEvent]) -> None:
         """Fold events the brain learnt otherwise (a reconcile answer) into
         their tasks, as the drain folds the agents' own (idempotent by id)."""
+        ...
+
+    # -- schedules (the drain writes them: store/schedules.py) -------------------------
+
+    async def list_schedules(self, query: ScheduleFilter) -> list[ScheduleRecord]:
+        """Schedules matching ``query``, by (scheduler, source_key, project_id)."""
+        ...
+
+    async def get_schedules(
+        self, scheduler: str, source_key: str, project_id: uuid.UUID | None = None
+    ) -> list[ScheduleRecord]:
+        """The schedule(s) of this scheduler and source key: one per project."""
+        ...
+
+    async def schedule_streams(self) -> list[ScheduleStream]:
+        """Every stream grant, by project and scheduler."""
+        ...
+
+    async def grant_schedule_stream(
+        self,
+        project_id: uuid.UUID,
+        scheduler: str,
+        *,
+        agent_id: uuid.UUID,
+        worker_id: str,
+        worker_connected_at: float,
+        expected_epoch: int,
+        at: float,
+    ) -> ScheduleStream | None:
+        """Grant the stream of (project, scheduler) to a worker: the next epoch,
+        with a new epoch uuid. Compare-and-set: None (nothing changed) unless
+        the current epoch is ``expected_epoch`` (0: no grant yet)."""
+        ...
+
+    async def schedule_stream_command(
+        self, project_id: uuid.UUID, scheduler: str, epoch_number: int, command_id: uuid.UUID
+    ) -> None:
+        """Record the activation command sent for that epoch (if it is still current)."""
         ...
 
     async def list_audit(

@@ -408,4 +408,161 @@ CREATE INDEX tasks_by_task_id ON tasks (task_id);
 ALTER TABLE workers ADD COLUMN health TEXT;
 """,
     ),
+    Migration(
+        version=8,
+        name="schedules",
+        # The schedules scheduler adapters publish (z4j.schedules): one row per
+        # (project, scheduler, source key), replaced by each newer snapshot of
+        # that scheduler, written by the drain in the events' transaction
+        # (store/schedules.py). schedule_streams holds the brain's grant per
+        # (project, scheduler) (stream, epoch, the worker holding it, the
+        # activation command) and the last observation applied;
+        # schedule_frames keeps the frames of snapshots not yet complete.
+        postgres="""
+CREATE TABLE schedules (
+    project_id   uuid NOT NULL,
+    scheduler    text NOT NULL,
+    source_key   text NOT NULL,
+    engine       text NOT NULL,
+    name         text NOT NULL,
+    task_name    text NOT NULL,
+    kind         text NOT NULL,
+    expression   text NOT NULL,
+    timezone     text NOT NULL,
+    queue        text,
+    priority     text NOT NULL,
+    args         jsonb NOT NULL,
+    kwargs       jsonb NOT NULL,
+    is_enabled   boolean NOT NULL,
+    last_run_at  timestamptz,
+    next_run_at  timestamptz,
+    total_runs   bigint NOT NULL,
+    external_id  text,
+    catch_up     text NOT NULL,
+    source       text NOT NULL,
+    source_hash  text,
+    agent_id     uuid NOT NULL,
+    worker_id    text,
+    stream_id    text NOT NULL,
+    epoch_number bigint NOT NULL,
+    sequence     bigint NOT NULL,
+    snapshot_id  text,
+    updated_at   timestamptz NOT NULL,
+    PRIMARY KEY (project_id, scheduler, source_key)
+);
+CREATE INDEX schedules_listed ON schedules (scheduler, source_key, project_id);
+CREATE TABLE schedule_streams (
+    project_id          uuid NOT NULL,
+    scheduler           text NOT NULL,
+    stream_id           text NOT NULL,
+    epoch_number        bigint NOT NULL,
+    epoch_uuid          text NOT NULL,
+    adapter_instance_id text NOT NULL,
+    agent_id            uuid NOT NULL,
+    worker_id           text NOT NULL,
+    worker_connected_at timestamptz NOT NULL,
+    command_id          uuid,
+    granted_at          timestamptz NOT NULL,
+    applied_epoch       bigint NOT NULL DEFAULT 0,
+    applied_sequence    bigint NOT NULL DEFAULT 0,
+    applied_at          timestamptz,
+    PRIMARY KEY (project_id, scheduler)
+);
+CREATE TABLE schedule_frames (
+    project_id          uuid NOT NULL,
+    stream_id           text NOT NULL,
+    epoch_number        bigint NOT NULL,
+    sequence            bigint NOT NULL,
+    snapshot_id         text NOT NULL,
+    frame_index         bigint NOT NULL,
+    scheduler           text NOT NULL,
+    epoch_uuid          text NOT NULL,
+    source_scope        text NOT NULL,
+    adapter_instance_id text NOT NULL,
+    stable_source       boolean NOT NULL,
+    frame_kind          text NOT NULL,
+    frame_count         bigint NOT NULL,
+    row_count           bigint NOT NULL,
+    snapshot_digest     text NOT NULL,
+    rows                jsonb NOT NULL,
+    agent_id            uuid NOT NULL,
+    worker_id           text,
+    received_at         timestamptz NOT NULL,
+    PRIMARY KEY (project_id, stream_id, epoch_number, sequence, snapshot_id, frame_index)
+);
+""",
+        sqlite="""
+CREATE TABLE schedules (
+    project_id   TEXT NOT NULL,
+    scheduler    TEXT NOT NULL,
+    source_key   TEXT NOT NULL,
+    engine       TEXT NOT NULL,
+    name         TEXT NOT NULL,
+    task_name    TEXT NOT NULL,
+    kind         TEXT NOT NULL,
+    expression   TEXT NOT NULL,
+    timezone     TEXT NOT NULL,
+    queue        TEXT,
+    priority     TEXT NOT NULL,
+    args         TEXT NOT NULL,
+    kwargs       TEXT NOT NULL,
+    is_enabled   INTEGER NOT NULL,
+    last_run_at  REAL,
+    next_run_at  REAL,
+    total_runs   INTEGER NOT NULL,
+    external_id  TEXT,
+    catch_up     TEXT NOT NULL,
+    source       TEXT NOT NULL,
+    source_hash  TEXT,
+    agent_id     TEXT NOT NULL,
+    worker_id    TEXT,
+    stream_id    TEXT NOT NULL,
+    epoch_number INTEGER NOT NULL,
+    sequence     INTEGER NOT NULL,
+    snapshot_id  TEXT,
+    updated_at   REAL NOT NULL,
+    PRIMARY KEY (project_id, scheduler, source_key)
+);
+CREATE INDEX schedules_listed ON schedules (scheduler, source_key, project_id);
+CREATE TABLE schedule_streams (
+    project_id          TEXT NOT NULL,
+    scheduler           TEXT NOT NULL,
+    stream_id           TEXT NOT NULL,
+    epoch_number        INTEGER NOT NULL,
+    epoch_uuid          TEXT NOT NULL,
+    adapter_instance_id TEXT NOT NULL,
+    agent_id            TEXT NOT NULL,
+    worker_id           TEXT NOT NULL,
+    worker_connected_at REAL NOT NULL,
+    command_id          TEXT,
+    granted_at          REAL NOT NULL,
+    applied_epoch       INTEGER NOT NULL DEFAULT 0,
+    applied_sequence    INTEGER NOT NULL DEFAULT 0,
+    applied_at          REAL,
+    PRIMARY KEY (project_id, scheduler)
+);
+CREATE TABLE schedule_frames (
+    project_id          TEXT NOT NULL,
+    stream_id           TEXT NOT NULL,
+    epoch_number        INTEGER NOT NULL,
+    sequence            INTEGER NOT NULL,
+    snapshot_id         TEXT NOT NULL,
+    frame_index         INTEGER NOT NULL,
+    scheduler           TEXT NOT NULL,
+    epoch_uuid          TEXT NOT NULL,
+    source_scope        TEXT NOT NULL,
+    adapter_instance_id TEXT NOT NULL,
+    stable_source       INTEGER NOT NULL,
+    frame_kind          TEXT NOT NULL,
+    frame_count         INTEGER NOT NULL,
+    row_count           INTEGER NOT NULL,
+    snapshot_digest     TEXT NOT NULL,
+    rows                TEXT NOT NULL,
+    agent_id            TEXT NOT NULL,
+    worker_id           TEXT,
+    received_at         REAL NOT NULL,
+    PRIMARY KEY (project_id, stream_id, epoch_number, sequence, snapshot_id, frame_index)
+);
+""",
+    ),
 )

@@ -17,9 +17,9 @@ so that replicas do not race.
 
 One concern justifies the length (past 700 lines): the Postgres side of
 the `Store` protocol (the COPY drain, partitions, the pool). Mappers,
-filters, the command transaction bodies and the task projection's SQL it
-shares with SQLite live in `_rows`, `_filters`, `_transactions` and
-`tasks`.
+filters, the command transaction bodies and the task and schedule
+projections' SQL it shares with SQLite live in `_rows`, `_filters`,
+`_transactions`, `tasks` and `schedules`.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ from psycopg.types.json import Jsonb
 
 from ..buffer import ClaimedRow
 from ..events import event_rows
+from ..schedules import ScheduleControl, ScheduleFrame
 from ..tasks import TaskEvent, TaskRow
-from . import _rows, tasks
+from . import _rows, schedules, tasks
 from ._filters import Where, commands_where, events_where
 from ._rows import (
     AGENT_COLUMNS,
@@ -73,6 +74,9 @@ from .base import (
     EventRecord,
     InstanceInfo,
     Project,
+    ScheduleFilter,
+    ScheduleRecord,
+    ScheduleStream,
     StoreUnavailable,
     TaskFilter,
     TaskRecord,
@@ -298,14 +302,16 @@ class PostgresStore:
             buffer_key = buffer_id.bytes
             agent_rows = False
             about_tasks: list[TaskEvent] | None = [] if self._project_tasks else None
+            about_schedules: list[ScheduleFrame | ScheduleControl] = []
             for at, key, source, kind, body, project, agent, worker in event_rows(
-                buffer_id, rows, about_tasks
+                buffer_id, rows, about_tasks, about_schedules
             ):
                 write_row((at, key, source, kind, buffer_key, body, project, agent, worker))
                 agent_rows = agent_rows or agent is not None
         cur.execute(_INSERT_WITH_AGENT_KEYS if agent_rows else _INSERT_EVENTS)
         inserted: int = cur.rowcount
         finished = tasks.write_tasks(PG, conn, about_tasks) if about_tasks else []
+        schedules.write_schedules(PG, conn, about_schedules)
         return inserted, finished
 
     # -- instances and health --------------------------------------------------------
@@ -635,6 +641,59 @@ class PostgresStore:
             lambda conn: tasks.commands_for_task(PG, conn, task_id)
         )
         return result
+
+    async def list_schedules(self, query: ScheduleFilter) -> list[ScheduleRecord]:
+        result: list[ScheduleRecord] = await self._run(
+            lambda conn: schedules.list_schedules(PG, conn, query)
+        )
+        return result
+
+    async def get_schedules(
+        self, scheduler: str, source_key: str, project_id: uuid.UUID | None = None
+    ) -> list[ScheduleRecord]:
+        result: list[ScheduleRecord] = await self._run(
+            lambda conn: schedules.get_schedules(PG, conn, scheduler, source_key, project_id)
+        )
+        return result
+
+    async def schedule_streams(self) -> list[ScheduleStream]:
+        result: list[ScheduleStream] = await self._run(lambda conn: schedules.streams(PG, conn))
+        return result
+
+    async def grant_schedule_stream(
+        self,
+        project_id: uuid.UUID,
+        scheduler: str,
+        *,
+        agent_id: uuid.UUID,
+        worker_id: str,
+        worker_connected_at: float,
+        expected_epoch: int,
+        at: float,
+    ) -> ScheduleStream | None:
+        result: ScheduleStream | None = await self._run(
+            lambda conn: schedules.grant_stream(
+                PG,
+                conn,
+                project_id,
+                scheduler,
+                agent_id=agent_id,
+                worker_id=worker_id,
+                worker_connected_at=worker_connected_at,
+                expected_epoch=expected_epoch,
+                at=at,
+            )
+        )
+        return result
+
+    async def schedule_stream_command(
+        self, project_id: uuid.UUID, scheduler: str, epoch_number: int, command_id: uuid.UUID
+    ) -> None:
+        await self._run(
+            lambda conn: schedules.stream_command(
+                PG, conn, project_id, scheduler, epoch_number, command_id
+            )
+        )
 
     async def list_audit(
         self, *, before_id: int | None = None, limit: int = 50

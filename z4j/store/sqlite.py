@@ -6,8 +6,8 @@ capacity limiter of one is enough, and every call runs on a worker thread.
 
 One concern justifies the length (past 700 lines): the SQLite side of the
 `Store` protocol, one thin method per protocol method; the SQL it shares
-with Postgres lives in `_rows`, `_filters`, `_transactions`, `leases` and
-`tasks`.
+with Postgres lives in `_rows`, `_filters`, `_transactions`, `leases`,
+`tasks` and `schedules`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import trio
 from .._datadir import private_file
 from ..buffer import ClaimedRow
 from ..events import event_rows
+from ..schedules import ScheduleControl, ScheduleFrame
 from ..tasks import TaskEvent, TaskRow
-from . import _rows, tasks
+from . import _rows, schedules, tasks
 from ._filters import Where, commands_where, events_where
 from ._rows import (
     AGENT_COLUMNS,
@@ -57,6 +58,9 @@ from .base import (
     EventRecord,
     InstanceInfo,
     Project,
+    ScheduleFilter,
+    ScheduleRecord,
+    ScheduleStream,
     StoreUnavailable,
     TaskFilter,
     TaskRecord,
@@ -446,6 +450,57 @@ class SqliteStore:
     async def commands_for_task(self, task_id: str) -> list[CommandRecord]:
         return await self._run(lambda db: tasks.commands_for_task(SQ, db, task_id))
 
+    async def list_schedules(self, query: ScheduleFilter) -> list[ScheduleRecord]:
+        return await self._run(lambda db: schedules.list_schedules(SQ, db, query))
+
+    async def get_schedules(
+        self, scheduler: str, source_key: str, project_id: uuid.UUID | None = None
+    ) -> list[ScheduleRecord]:
+        return await self._run(
+            lambda db: schedules.get_schedules(SQ, db, scheduler, source_key, project_id)
+        )
+
+    async def schedule_streams(self) -> list[ScheduleStream]:
+        return await self._run(lambda db: schedules.streams(SQ, db))
+
+    async def grant_schedule_stream(
+        self,
+        project_id: uuid.UUID,
+        scheduler: str,
+        *,
+        agent_id: uuid.UUID,
+        worker_id: str,
+        worker_connected_at: float,
+        expected_epoch: int,
+        at: float,
+    ) -> ScheduleStream | None:
+        def grant(db: sqlite3.Connection) -> ScheduleStream | None:
+            return _transaction(
+                db,
+                lambda: schedules.grant_stream(
+                    SQ,
+                    db,
+                    project_id,
+                    scheduler,
+                    agent_id=agent_id,
+                    worker_id=worker_id,
+                    worker_connected_at=worker_connected_at,
+                    expected_epoch=expected_epoch,
+                    at=at,
+                ),
+            )
+
+        return await self._run(grant)
+
+    async def schedule_stream_command(
+        self, project_id: uuid.UUID, scheduler: str, epoch_number: int, command_id: uuid.UUID
+    ) -> None:
+        await self._run(
+            lambda db: schedules.stream_command(
+                SQ, db, project_id, scheduler, epoch_number, command_id
+            )
+        )
+
     async def list_audit(
         self, *, before_id: int | None = None, limit: int = 50
     ) -> list[AuditRecord]:
@@ -589,6 +644,7 @@ def _write_events(
         return ids[raw]
 
     about_tasks: list[TaskEvent] | None = [] if project_tasks else None
+    about_schedules: list[ScheduleFrame | ScheduleControl] = []
     params = [
         (
             e.received_at.timestamp(),
@@ -601,7 +657,7 @@ def _write_events(
             text(e.agent_id),
             e.worker_id,
         )
-        for e in event_rows(buffer_id, rows, about_tasks)
+        for e in event_rows(buffer_id, rows, about_tasks, about_schedules)
     ]
 
     def run() -> tuple[int, list[TaskRow]]:
@@ -614,6 +670,7 @@ def _write_events(
         )
         inserted = db.total_changes - before
         finished = tasks.write_tasks(SQ, db, about_tasks) if about_tasks else []
+        schedules.write_schedules(SQ, db, about_schedules)
         return inserted, finished
 
     return _transaction(db, run)

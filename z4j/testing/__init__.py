@@ -34,6 +34,11 @@ from .http import read_until_closed as read_until_closed
 from .postgres import ExternalPostgres as ExternalPostgres
 from .postgres import PostgresCluster as PostgresCluster
 from .postgres import find_pg_bin as find_pg_bin
+from .schedules import answer_activation as answer_activation
+from .schedules import control_event as control_event
+from .schedules import publish_events as publish_events
+from .schedules import schedule_row as schedule_row
+from .schedules import snapshot_events as snapshot_events
 from .store import json_of as json_of
 from .store import open_store as open_store
 from .store import query as query
@@ -49,8 +54,10 @@ __all__ = [
     "RawAgent",
     "RunningBrain",
     "admin_token",
+    "answer_activation",
     "assert_served",
     "buffer_rows",
+    "control_event",
     "draining",
     "find_pg_bin",
     "health_live",
@@ -61,12 +68,15 @@ __all__ = [
     "make_config",
     "open_store",
     "provision",
+    "publish_events",
     "query",
     "raw_agent",
     "read_events",
     "read_until_closed",
     "run_z4j",
     "running_brain",
+    "schedule_row",
+    "snapshot_events",
     "wait_until",
     "watch",
     "watching",

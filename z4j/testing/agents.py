@@ -86,11 +86,14 @@ async def raw_agent(
     protocol_version: str = "2",
     prove: bool = False,
     capabilities: dict[str, list[str]] | None = None,
+    schedulers: tuple[str, ...] = (),
+    runtime_features: tuple[str, ...] = (),
 ) -> AsyncIterator[RawAgent]:
     """A connected agent (after hello_ack, if ``hello``). With ``prove`` it then
     sends a heartbeat, as z4j agents do at once: the brain gives a connection
     its worker's slot and commands only after a signed frame proves the key.
-    ``capabilities``: what its hello advertises, per engine."""
+    ``capabilities``: what its hello advertises, per engine or scheduler;
+    ``schedulers`` and ``runtime_features``: its hello's fields of those names."""
     host, port = http
     # We own the stream: trio-websocket 0.12 leaves a client's socket open
     # when the server closes first.
@@ -113,6 +116,8 @@ async def raw_agent(
                             worker_id=worker_id,
                             framework="test",
                             capabilities=dict(capabilities or {}),
+                            schedulers=schedulers,
+                            runtime_features=runtime_features,
                         )
                     )
                 )

@@ -67,6 +67,7 @@ from .auth import (
 from .openapi import OPENAPI
 from .queues_api import QueueRoutes
 from .resources import to_json
+from .schedules_api import ScheduleRoutes
 from .tasks_api import TaskRoutes
 from .workers_api import EngineWorkerRoutes
 
@@ -124,6 +125,7 @@ class Api:
             *TaskRoutes(store, commands).routes(),
             *QueueRoutes(store, commands, project_key).routes(),
             *EngineWorkerRoutes(store, commands).routes(),
+            *ScheduleRoutes(store, commands).routes(),
         ]:
             route(method, path, handler)
 

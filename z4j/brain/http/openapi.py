@@ -2,9 +2,9 @@
 
 The operations, parameters and wording are written here by hand, next to
 the routes they describe; the schemas of the stored resources (Project,
-Agent, Worker, Instance, Event, Command, Audit, Task, EngineWorker) are
-derived from their records by resources.py, so they cannot drift from the
-JSON the routes send.
+Agent, Worker, Instance, Event, Command, Audit, Task, EngineWorker,
+Schedule) are derived from their records by resources.py, so they cannot
+drift from the JSON the routes send.
 tests/test_api.py runs schemathesis against it, so a route that answers
 off this document fails.
 The rules for cookie-signed writes (CSRF) and the caps on event listings
@@ -22,7 +22,7 @@ from typing import Any
 from ..._version import __version__
 from ...store.base import COMMAND_STATES
 from ...tasks import TASK_STATES
-from .resources import RESOURCES, WORKER_ACTIONS, component
+from .resources import RESOURCES, SCHEDULE_ACTIONS, WORKER_ACTIONS, component
 
 __all__ = ["OPENAPI"]
 
@@ -146,6 +146,10 @@ def _path(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": schema}
 
 
+def _text_path(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": STRING}
+
+
 def _link(operation_id: str, pointer: str) -> dict[str, Any]:
     return {"operationId": operation_id, "parameters": {"id": f"$response.body#{pointer}"}}
 
@@ -171,6 +175,39 @@ TASK_PATH = [
     _path("task_id"),
     _query("project_id", UUID, "when two projects have the id"),
 ]
+
+FIRST_SCHEDULE = {
+    f"{action}Schedule": {
+        "operationId": f"{action}Schedule",
+        "parameters": {
+            "scheduler": "$response.body#/items/0/scheduler",
+            "source_key": "$response.body#/items/0/source_key",
+        },
+    }
+    for action in ("get", *SCHEDULE_ACTIONS)
+}
+SCHEDULE_PATH = [
+    _text_path("scheduler"),
+    _text_path("source_key"),
+    _query("project_id", UUID, "when two projects have the schedule"),
+]
+SCHEDULE_ACTION_TEXT = {
+    "enable": "Enable a schedule",
+    "disable": "Disable a schedule (it stays, and does not fire)",
+    "trigger": "Run a schedule's task now, out of its cadence",
+    "delete": "Delete a schedule from its scheduler",
+}
+SCHEDULE_ACTION_DESCRIPTION = (
+    "A command to the worker publishing the schedule's scheduler, offered only where it "
+    "advertises what the action needs (the schedule's actions; else 409 not_offered). "
+    "enable, disable and delete: schedule.external.mutate (fenced by the stream's epoch, "
+    "compared against the row as the brain has it; the adapter publishes a new snapshot) "
+    "where the scheduler advertises external_schedule_mutation_v1, else schedule.enable, "
+    "schedule.disable or schedule.delete followed by schedule.resync. trigger: "
+    "schedule.trigger_now, else schedule.fire to a worker of the agent whose engine takes "
+    "submit_task. The answer is the command; the schedule changes when the adapter's next "
+    "snapshot is applied."
+)
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -433,6 +470,16 @@ SCHEMAS: dict[str, Any] = {
         {
             "args": {"type": "array", "items": {}},
             "kwargs": OBJECT,
+        }
+    ),
+    "SchedulePage": _page("Schedule"),
+    "ScheduleCommands": _object(
+        {
+            "commands": {
+                "type": "array",
+                "items": _ref("Command"),
+                "description": "one schedule.resync per connected worker with a scheduler",
+            }
         }
     ),
     "SignIn": {
@@ -725,6 +772,64 @@ OPENAPI: dict[str, Any] = {
                 ],
                 body=_ref("WorkerControl"),
             )
+        },
+        "/schedules": {
+            "get": _operation(
+                "listSchedules",
+                "Schedules, as their scheduler adapters last published them",
+                (200, _ref("SchedulePage")),
+                errors=(400, 401, 404),
+                links=FIRST_SCHEDULE,
+                description="One per (project, scheduler, source key), by scheduler, then "
+                "source key. A scheduler adapter publishes once the brain has activated its "
+                "stream (schedule.external.activate, sent when a worker that can publish it "
+                "connects); each snapshot replaces that scheduler's schedules of the project.",
+                parameters=[
+                    _query("scheduler", STRING, "only this scheduler's (e.g. huey-periodic)"),
+                    _query("engine", STRING, "only schedules of tasks on this engine"),
+                    _query("project", STRING, "only this project's (name or id)"),
+                    _query(
+                        "enabled",
+                        {"type": "string", "enum": ["true", "false"]},
+                        "only enabled, or only disabled, schedules",
+                    ),
+                    CURSOR,
+                    LIMIT,
+                ],
+            )
+        },
+        "/schedules/resync": {
+            "post": _operation(
+                "resyncSchedules",
+                "Sync now: every connected worker with a scheduler publishes a new snapshot",
+                (201, _ref("ScheduleCommands")),
+                errors=(401, 403, 409, 415),
+                description="schedule.resync to each connected worker whose hello names a "
+                "scheduler; 409 not_offered when there is none.",
+                parameters=[CSRF_HEADER],
+            )
+        },
+        "/schedules/{scheduler}/{source_key}": {
+            "get": _operation(
+                "getSchedule",
+                "One schedule",
+                (200, _ref("Schedule")),
+                errors=(400, 401, 404, 409),
+                parameters=SCHEDULE_PATH,
+            )
+        },
+        **{
+            f"/schedules/{{scheduler}}/{{source_key}}/{action}": {
+                "post": _operation(
+                    f"{action}Schedule",
+                    SCHEDULE_ACTION_TEXT[action],
+                    (201, _ref("Command")),
+                    errors=(400, 401, 403, 404, 409, 415),
+                    description=SCHEDULE_ACTION_DESCRIPTION,
+                    parameters=[*SCHEDULE_PATH, CSRF_HEADER],
+                )
+            }
+            for action in SCHEDULE_ACTIONS
         },
         "/commands": {
             "get": _operation(

@@ -39,6 +39,7 @@ from ...store.base import (
     EventRecord,
     InstanceInfo,
     Project,
+    ScheduleRecord,
     TaskRecord,
     WorkerInfo,
 )
@@ -46,6 +47,7 @@ from ...tasks import TASK_STATES
 
 __all__ = [
     "RESOURCES",
+    "SCHEDULE_ACTIONS",
     "WORKER_ACTIONS",
     "Extra",
     "Resource",
@@ -98,6 +100,9 @@ class Resource:
     hidden: frozenset[str] = frozenset()
     extra: tuple[Extra, ...] = ()
     refine: Mapping[str, dict[str, Any]] = attrs.field(factory=dict)
+
+
+SCHEDULE_ACTIONS = ("enable", "disable", "trigger", "delete")
 
 
 def _body_bytes(e: EventRecord) -> int:
@@ -239,6 +244,38 @@ RESOURCES: dict[type, Resource] = {
                     "additionalProperties": {"type": "integer"},
                     "description": "its tasks in the window, per state",
                 },
+            },
+        ),
+        Resource(
+            name="Schedule",
+            cls=ScheduleRecord,
+            # Filled in by the route, from the workers connected now.
+            extra=(
+                Extra(
+                    name="actions",
+                    schema={
+                        "type": "array",
+                        "items": {"type": "string", "enum": list(SCHEDULE_ACTIONS)},
+                        "description": "what the worker publishing its scheduler offers now "
+                        "(POST .../{action})",
+                    },
+                    value=lambda s: [],
+                ),
+            ),
+            refine={
+                "source_key": {"description": "the schedule's identity in its scheduler"},
+                "engine": {"description": "the engine its task runs on"},
+                "kind": {"description": "cron, interval, ... as the scheduler says"},
+                "is_enabled": {"description": "false: it exists but does not fire"},
+                "source": {"description": "where its definition lives, e.g. huey-periodic:code"},
+                "agent_id": {"description": "the agent whose worker published it"},
+                "stream_id": {"description": "the stream it was published on (see epoch_number)"},
+                "sequence": {"description": "of the observation it comes from, in its epoch"},
+                "snapshot_id": {
+                    "description": "the snapshot it comes from; null after a control projection",
+                    "nullable": True,
+                },
+                "updated_at": {"description": "when the brain applied it"},
             },
         ),
     )
