@@ -55,14 +55,18 @@ def event(kind: str, task_id: str, engine: str, **data: Any) -> f.AgentEvent:
 
 
 CELERY_CONTROLS = {"celery": [*WORKER_ACTIONS, "retry_task"], "dramatiq": ["retry_task"]}
-EVENTS = (
-    event("task.started", "c-1", "celery", task_name="app.add", worker="alpha@h1"),
-    event("task.succeeded", "c-1", "celery", task_name="app.add"),
-    event("task.failed", "c-2", "celery", task_name="app.add", worker="alpha@h1"),
-    event("task.started", "c-3", "celery", task_name="app.mul", worker="beta@h2"),
-    event("task.received", "c-4", "celery", task_name="app.add"),  # no worker yet: not listed
-    event("task.failed", "d-1", "dramatiq", task_name="boom", worker="host@123"),
-)
+
+
+def events() -> tuple[f.AgentEvent, ...]:
+    """The agent's task events, stamped now (a suite may run long after import)."""
+    return (
+        event("task.started", "c-1", "celery", task_name="app.add", worker="alpha@h1"),
+        event("task.succeeded", "c-1", "celery", task_name="app.add"),
+        event("task.failed", "c-2", "celery", task_name="app.add", worker="alpha@h1"),
+        event("task.started", "c-3", "celery", task_name="app.mul", worker="beta@h2"),
+        event("task.received", "c-4", "celery", task_name="app.add"),  # no worker yet: not listed
+        event("task.failed", "d-1", "dramatiq", task_name="boom", worker="host@123"),
+    )
 
 
 async def next_command(agent: RawAgent) -> f.Frame:
@@ -82,7 +86,7 @@ async def test_engine_workers_are_listed_beside_their_agents_workers(config: Con
             async with raw_agent(
                 http, token, secret, prove=True, capabilities=CELERY_CONTROLS
             ) as agent:
-                await agent.send(f.EventBatch(events=EVENTS), frame_id="b-1")
+                await agent.send(f.EventBatch(events=events()), frame_id="b-1")
 
                 async def listed() -> bool:
                     _, body = await call(http, "GET", "/api/v1/engine-workers", admin)
@@ -116,7 +120,7 @@ async def test_the_window_bounds_the_list(config: Config) -> None:
         async with running_brain(config) as brain:
             http = brain.addresses.http
             async with raw_agent(http, token, secret, prove=True) as agent:
-                await agent.send(f.EventBatch(events=EVENTS[:2]), frame_id="b-1")
+                await agent.send(f.EventBatch(events=events()[:2]), frame_id="b-1")
 
                 async def listed() -> bool:
                     _, body = await call(http, "GET", "/api/v1/engine-workers", admin)
@@ -147,7 +151,7 @@ async def test_worker_controls_go_to_the_agent_that_reported_the_worker(config: 
                     capabilities={"celery": ["pool_grow"]},
                 ) as other,
             ):
-                await agent.send(f.EventBatch(events=EVENTS), frame_id="b-1")
+                await agent.send(f.EventBatch(events=events()), frame_id="b-1")
 
                 async def listed() -> bool:
                     _, body = await call(http, "GET", "/api/v1/engine-workers", admin)
@@ -334,6 +338,12 @@ async def test_dead_letters_are_listed_on_demand_and_requeued_where_offered(
             ):
                 nursery.start_soon(answering, agent, as_dramatiq_would, seen)
                 await wait_until(lambda: len(brain.addresses.commands.sessions.sessions) == 2)
+
+                async def advertised() -> bool:  # the hello's capabilities are in the store
+                    _, body = await call(http, "GET", f"/api/v1/agents/{agent_id}", admin)
+                    return any(w["capabilities"] for w in body["workers"])
+
+                await wait_until(advertised, timeout=30)
                 path = f"/api/v1/queues/dramatiq/default/dead-letters?agent_id={agent_id}"
 
                 status, page = await call(http, "GET", f"{path}&limit=1", admin)
