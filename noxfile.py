@@ -54,3 +54,5 @@ def bench(session: nox.Session) -> None:
     session.install("-e", ".[test]")
     session.run("python", "benchmarks/ingest.py", *session.posargs)
     session.run("python", "benchmarks/drain.py", *session.posargs)
+    session.run("python", "benchmarks/agents.py", *session.posargs)
+    session.run("python", "benchmarks/tasks.py", *session.posargs)
