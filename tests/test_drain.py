@@ -262,3 +262,44 @@ async def test_the_writer_groups_appends_finishes_the_queue_on_close_then_refuse
         assert buffer.file.count() == 53
     finally:
         await buffer.aclose()
+
+
+class _SlowStore:
+    """A store whose writes outlast the drain's lease, and that counts every row it is given."""
+
+    def __init__(self, write_seconds: float) -> None:
+        self.write_seconds = write_seconds
+        self.rows: list[int] = []
+
+    async def write_events(self, buffer_id: uuid.UUID, rows: Any) -> int:
+        await trio.sleep(self.write_seconds)
+        self.rows += [row.id for row in rows]
+        return len(rows)
+
+
+async def test_a_batch_that_outlasts_its_lease_is_not_claimed_twice(tmp_path: Path) -> None:
+    """Two drains, one batch, a lease of 0.3 s and a store that takes 2.5 s to
+    write it: the idle drain looks again every second, but the drain writing
+    keeps its claim leased, so the other never takes the same rows (it would
+    write them twice and, on Postgres, wait on their locks)."""
+    buffer = await Buffer.open(tmp_path / "b.sqlite3", max_rows=10_000)
+    store = _SlowStore(write_seconds=2.5)
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(buffer.run_writer)
+                assert buffer.admit(10)
+                await buffer.append([_row(n) for n in range(10)])
+                async with draining(
+                    buffer,
+                    store,  # type: ignore[arg-type]
+                    batch_rows=10,
+                    lease_seconds=0.3,
+                    workers=2,
+                ):
+                    await wait_until(lambda: len(store.rows) >= 10, timeout=20)
+                    await trio.sleep(2.0)  # a re-claimed batch would land by now
+                buffer.close_writer()
+        assert sorted(store.rows) == sorted(set(store.rows)) and len(store.rows) == 10
+    finally:
+        await buffer.aclose()

@@ -200,11 +200,14 @@ class Drainer:
                 failed.append(exc)
 
         async with trio.open_nursery() as nursery:
+            keeper = trio.CancelScope()
+            nursery.start_soon(self._keep_leased, keeper, claim, ahead)
             if previous is not None:
                 nursery.start_soon(complete_previous)
             if len(claim.rows) >= self._batch_rows and not self._stopping:
                 nursery.start_soon(claim_ahead)
             done = await self._write_batch(worker, claim)
+            keeper.cancel()
         if failed:
             if done is not None:
                 stored.append(done)  # completed on the way out
@@ -216,6 +219,20 @@ class Drainer:
         else:
             await self._complete(done)
         return True
+
+    async def _keep_leased(self, scope: trio.CancelScope, claim: Claim, ahead: list[Claim]) -> None:
+        """Extend the batch being written, and the claim ahead, every third of
+        the lease until ``scope`` is cancelled (the write ended).
+
+        A batch can take longer to store than its lease: an agent's rows hold
+        up to 100 events each, and the task projection folds them in the same
+        transaction. A lapsed lease lets another drain claim the same rows and
+        queue behind this one's row locks until a statement timeout."""
+        with scope:
+            while True:
+                await trio.sleep(self._lease / 3)
+                for held in [claim, *ahead]:
+                    await self._buffer.extend(held, self._lease)
 
     async def _store_batch(self, worker: int, claim: Claim) -> bool:
         """Write one claim; True when the store has it and the buffer let go of it."""
