@@ -271,16 +271,17 @@ async def test_a_killed_leader_is_replaced_within_the_lease(tmp_path: Path, pg_u
             ).fetchone()
         return None if row is None else row[0]
 
-    def instance_of(brain: BrainProcess) -> uuid.UUID:
+    def instance_of(brain: BrainProcess) -> uuid.UUID | None:
         with psycopg.connect(pg_url) as conn:
             row = conn.execute(
                 "SELECT id FROM instances WHERE pid = %s", (brain.proc.pid,)
             ).fetchone()
-        assert row is not None
-        return uuid.UUID(str(row[0]))
+        return None if row is None else uuid.UUID(str(row[0]))
 
     with replicas(tmp_path, pg_url) as brains, trio.fail_after(60):
         await wait_until(lambda: holder() is not None, timeout=20)
+        # A leader may hold the lease before every heartbeat has written its row.
+        await wait_until(lambda: all(instance_of(b) for b in brains.values()), timeout=20)
         ids = {name: instance_of(brain) for name, brain in brains.items()}
         leader = next(name for name, i in ids.items() if i == holder())
         brains[leader].proc.send_signal(signal.SIGKILL)
