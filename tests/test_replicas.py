@@ -130,6 +130,17 @@ async def test_commands_results_and_the_dashboard_cross_replicas(
             commands: list[str] = []
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(answer_commands, agent, commands)
+
+                def session_held() -> bool:  # A has recorded it holds the agent's session
+                    with psycopg.connect(pg_url) as conn:
+                        return (
+                            conn.execute(
+                                "SELECT 1 FROM agent_sessions WHERE agent_id = %s", (agent_id,)
+                            ).fetchone()
+                            is not None
+                        )
+
+                await wait_until(session_held, timeout=30)
                 # Minted on C; the agent's socket is on A.
                 status, command = await api(
                     c, "POST", "/commands", token, {"agent": str(agent_id), "action": "ping"}
