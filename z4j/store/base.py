@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import attrs
 
 from ..buffer import ClaimedRow
+from ..schedules import ScheduleRow
 from ..tasks import TaskEvent
 
 if TYPE_CHECKING:
@@ -224,9 +225,10 @@ class TaskFilter:
 
 
 @attrs.frozen(kw_only=True)
-class ScheduleRecord:
+class ScheduleRecord(ScheduleRow):
     """One row of ``schedules``: a schedule as its scheduler adapter last
-    published it (z4j.schedules), with where that came from.
+    published it (the `ScheduleRow` of z4j.schedules), with where that came
+    from.
 
     Keyed by (project, scheduler, source key). ``stream_id``,
     ``epoch_number`` and ``sequence`` name the observation it comes from;
@@ -234,26 +236,6 @@ class ScheduleRecord:
     """
 
     project_id: uuid.UUID
-    scheduler: str
-    source_key: str
-    engine: str
-    name: str
-    task_name: str
-    kind: str
-    expression: str
-    timezone: str
-    queue: str | None
-    priority: str
-    args: list[Any]
-    kwargs: dict[str, Any]
-    is_enabled: bool
-    last_run_at: float | None
-    next_run_at: float | None
-    total_runs: int
-    external_id: str | None
-    catch_up: str
-    source: str
-    source_hash: str | None
     agent_id: uuid.UUID
     worker_id: str | None
     stream_id: str
