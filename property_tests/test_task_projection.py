@@ -286,7 +286,7 @@ def _with_resends(events: list[TaskEvent], data: st.DataObject) -> list[TaskEven
     """Plus re-sends filed at their receipt time (their occurred_at was not sane):
     second versions of the same event ids, at another time."""
     resent = data.draw(st.lists(st.sampled_from(events), max_size=3))
-    return [*events, *(attrs.evolve(e, at=e.at + data.draw(st.integers(1, 10**5))) for e in resent)]
+    return [*events, *(e._replace(at=e.at + data.draw(st.integers(1, 10**5))) for e in resent)]
 
 
 def _primary(event: TaskEvent) -> bool:
@@ -317,8 +317,7 @@ def test_late_or_repeated_received_never_moves_a_task_back(run: Run, data: st.Da
     received = [e for e in run.events if e.kind == "task.received"] or run.events
     low, high = run.events[0].at - 5, max(e.at for e in run.events) + 5
     extra = [
-        attrs.evolve(
-            data.draw(st.sampled_from(received)),
+        data.draw(st.sampled_from(received))._replace(
             kind="task.received",
             event_id=f"late-{n}",
             at=data.draw(st.floats(low, high)),
@@ -425,8 +424,7 @@ def test_past_the_cap_it_still_converges(run: Run, data: st.DataObject) -> None:
 @pytest.mark.parametrize("field", ["project_id", "engine", "task_id"])
 @given(run=any_run, data=st.data())
 def test_events_of_another_task_are_refused(field: str, run: Run, data: st.DataObject) -> None:
-    stranger = attrs.evolve(
-        data.draw(st.sampled_from(run.events)),
+    stranger = data.draw(st.sampled_from(run.events))._replace(
         **{field: uuid.UUID(int=99).bytes if field == "project_id" else "other"},
     )
     events = data.draw(st.permutations([*run.events, stranger]))

@@ -43,6 +43,7 @@ POSITIVE_FIELDS = [
     "ws_rate_limit_events_per_second",
     "ownership_ttl_seconds",
     "leader_lease_seconds",
+    "task_retention_days",
     "task_stuck_seconds",
     "task_reconcile_seconds",
 ]

@@ -12,7 +12,6 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-import attrs
 import pytest
 
 from z4j.tasks import OBSERVATION_CAP, TaskEvent, TaskRow, merge, task_event, task_row
@@ -126,7 +125,7 @@ def test_a_celery_signal_and_broker_pair_makes_one_attempt() -> None:
         ],
     )
     assert task_row(doc) == row
-    kinds = [(o["k"], "s" in o) for o in doc["obs"]]
+    kinds = [(o[3], o[4]) for o in doc["obs"]]  # kind, broker copy
     assert kinds == [
         ("received", False),
         ("started", False),
@@ -150,7 +149,7 @@ def test_the_signal_copys_times_win_over_a_skewed_monitor() -> None:
         event | {"id": event["id"] + "-b", "occurred_at": f"2026-12-06T22:29:43.98{n}+00:00"}
         for n, event in enumerate(C_OK[3:])
     ]
-    other = [attrs.evolve(e, agent_id=uuid.UUID(int=5).bytes) for e in events(*skewed)]
+    other = [e._replace(agent_id=uuid.UUID(int=5).bytes) for e in events(*skewed)]
     _, alone = merge(None, events(*C_OK))
     _, row = merge(None, [*events(*C_OK), *other])
     assert (row.state, row.attempts, row.agent_id) == ("succeeded", 1, AGENT)
@@ -404,7 +403,7 @@ def test_past_the_cap_the_earliest_go_and_a_later_resend_stays() -> None:
     resend = TaskEvent(PROJECT, AGENT, None, "e000", "task.received", "huey", "h", 999.0, {})
     doc, row = merge(None, [*many, resend])
     # 257 keys, the first now filed last: the second goes.
-    assert [o["id"] for o in doc["obs"]] == [f"e{n:03d}" for n in range(2, len(many))] + ["e000"]
+    assert [o[1] for o in doc["obs"]] == [f"e{n:03d}" for n in range(2, len(many))] + ["e000"]
     assert doc["truncated"] and row.first_seen == 100.0
     assert merge(merge(None, many)[0], [resend]) == (doc, row)
     assert merge(merge(None, [resend])[0], many) == (doc, row)
@@ -415,5 +414,27 @@ def test_merge_refuses_nothing_at_all_and_unknown_docs() -> None:
         merge(None, [])
     doc, row = merge(None, events(*C_OK))
     assert merge(doc, []) == (doc, row)
+    # A version 1 doc (an object per observation, agents by index) reads as the same task.
+    agents = sorted({o[2] for o in doc["obs"]})
+    v1 = doc | {
+        "v": 1,
+        "agents": agents,
+        "obs": [
+            {
+                "at": o[0],
+                "id": o[1],
+                "a": agents.index(o[2]),
+                "k": o[3],
+                **({"s": 1} if o[4] else {}),
+                **{
+                    key: value
+                    for key, value in zip(("w", "rt", "ex", "msg"), o[5:], strict=True)
+                    if value is not None
+                },
+            }
+            for o in doc["obs"]
+        ],
+    }
+    assert agents and merge(v1, []) == (doc, row)
     with pytest.raises(ValueError, match="version"):
-        merge(doc | {"v": 2}, [])
+        merge(doc | {"v": 3}, [])

@@ -121,6 +121,12 @@ async def test_tasks_are_listed_filtered_and_acted_on(config: Config) -> None:
             http, "GET", f"/api/v1/tasks?limit=2&cursor={page['next_cursor']}", admin
         )
         assert [t["task_id"] for t in rest["items"]] == ["c-1"]
+        assert body["counts_exact"] is True and page["counts"] == body["counts"]
+        assert "counts" not in rest  # a cursor's page: the first page's counts hold
+        assert (boom["counts"], boom["counts_exact"]) == (
+            {"received": 0, "started": 0, "retried": 0, "succeeded": 0, "failed": 1, "revoked": 0},
+            True,
+        )
         assert (await call(http, "GET", "/api/v1/tasks?cursor=nope", admin))[0] == 400
         assert (await call(http, "GET", "/api/v1/tasks?state=lost", admin))[0] == 400
 

@@ -18,8 +18,10 @@ import trio
 
 from z4j.buffer import ClaimedRow
 from z4j.config import Config
-from z4j.store.base import CommandRecord, Store, TaskFilter
-from z4j.testing.store import open_store
+from z4j.store import tasks as task_sql
+from z4j.store.base import CommandRecord, Store, TaskCounts, TaskFilter
+from z4j.testing.brain import wait_until
+from z4j.testing.store import open_store, query
 
 T0 = 1_800_000_000.0
 
@@ -44,11 +46,11 @@ class Ids:
     agent = uuid.UUID(int=0)
 
 
-def _row(row_id: int, events: list[dict[str, Any]]) -> ClaimedRow:
+def _row(row_id: int, events: list[dict[str, Any]], received_at: float = T0) -> ClaimedRow:
     origin = {"project_id": str(Ids.project), "agent_id": str(Ids.agent), "worker_id": "w-1"}
     return ClaimedRow(
         id=row_id,
-        received_at=T0,
+        received_at=received_at,
         source="agent",
         body=orjson.dumps(events),
         origin=orjson.dumps(origin),
@@ -66,6 +68,23 @@ def _lifecycle(task_id: str, *, fail: bool = False) -> list[dict[str, Any]]:
         _event("task.started", task_id, 2),
         end,
     ]
+
+
+def _assert_counts_agree(config: Config) -> None:
+    """task_counts, summed over its shards, is what counting the tasks gives."""
+    kept = query(
+        config,
+        "SELECT project_id, engine, queue, state, sum(n) FROM task_counts"
+        " GROUP BY project_id, engine, queue, state HAVING sum(n) <> 0",
+    )
+    counted = query(
+        config,
+        "SELECT project_id, engine, coalesce(queue, ''), state, count(*) FROM tasks"
+        " GROUP BY project_id, engine, coalesce(queue, ''), state",
+    )
+    assert sorted((*map(str, k[:4]), int(k[4])) for k in kept) == sorted(
+        (*map(str, k[:4]), int(k[4])) for k in counted
+    )
 
 
 async def _seed(store: Store) -> None:
@@ -126,7 +145,7 @@ async def test_events_in_any_order_across_batches_give_one_answer(config: Config
         assert (late.args, late.result, late.attempts) == (ordered.args, ordered.result, 1)
 
 
-async def test_filters_counts_and_pages(config: Config) -> None:
+async def test_filters_counts_and_pages(config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
     async with open_store(config) as store:
         await _seed(store)
         events = []
@@ -138,11 +157,21 @@ async def test_filters_counts_and_pages(config: Config) -> None:
         await store.write_events(uuid.uuid4(), [_row(1, events)])
 
         counts = await store.count_tasks(TaskFilter())
-        assert counts == {"succeeded": 7, "failed": 3, "received": 1}
-        assert await store.count_tasks(TaskFilter(engine="celery", state="failed")) == {
-            "succeeded": 7,
-            "failed": 3,
-        }
+        assert counts == TaskCounts({"succeeded": 7, "failed": 3, "received": 1}, exact=True)
+        assert await store.count_tasks(TaskFilter(engine="celery", state="failed")) == TaskCounts(
+            {"succeeded": 7, "failed": 3}, exact=True
+        )
+        assert await store.count_tasks(TaskFilter(name="app.none")) == TaskCounts({}, exact=True)
+        # A text match is counted over the newest COUNT_WINDOW matches: a lower bound once full.
+        assert await store.count_tasks(TaskFilter(text="boom")) == TaskCounts(
+            {"failed": 3}, exact=True
+        )
+        monkeypatch.setattr(task_sql, "COUNT_WINDOW", 2)
+        assert await store.count_tasks(TaskFilter(text="boom")) == TaskCounts(
+            {"failed": 2}, exact=False
+        )
+        monkeypatch.undo()
+        _assert_counts_agree(config)
         failed = await store.list_tasks(TaskFilter(state="failed"))
         assert sorted(t.task_id for t in failed) == ["bad-0", "bad-1", "bad-2"]
         assert [t.task_id for t in await store.list_tasks(TaskFilter(engine="huey"))] == ["other-1"]
@@ -234,3 +263,168 @@ async def test_concurrent_drains_of_one_task_lose_nothing(config: Config) -> Non
                     nursery.start_soon(store.write_events, uuid.uuid4(), [_row(n + 1, part)])
             [task] = await store.get_tasks("celery", task_id)
             assert (task.state, task.args, task.result) == ("succeeded", [round_], round_)
+        _assert_counts_agree(config)
+
+
+@pytest.mark.postgres
+async def test_concurrent_drains_of_many_tasks_lose_nothing(config: Config) -> None:
+    """Drains whose batches share many tasks, new and known, in different
+    orders: none waits for ever (keys are taken in one order), each task
+    holds every event once, and the counts follow."""
+    if config.database_url is None:
+        pytest.skip("one writer at a time on SQLite")
+    async with open_store(config) as store:
+        await _seed(store)
+        ids = [f"t-many-{n:03d}" for n in range(60)]
+        known = ids[::2]  # half the tasks exist before the race
+        await store.write_events(
+            uuid.uuid4(), [_row(1, [_event("task.received", t, 1, args=[t]) for t in known])]
+        )
+        batches = [
+            [_event("task.started", t, 2) for t in ids],
+            [_event("task.succeeded", t, 3, result=t) for t in reversed(ids)],
+            [_event("task.received", t, 1, args=[t]) for t in ids[1::2]],
+            [_event("task.started", t, 2) for t in ids[::3]],  # a resend, in part
+        ]
+        async with trio.open_nursery() as nursery:
+            for n, batch in enumerate(batches):
+                nursery.start_soon(store.write_events, uuid.uuid4(), [_row(n + 2, batch)])
+        tasks = {t.task_id: t for t in await store.list_tasks(TaskFilter(limit=100))}
+        assert set(tasks) == set(ids)
+        assert {t.state for t in tasks.values()} == {"succeeded"}
+        for task_id in ids[:7]:
+            [task] = await store.get_tasks("celery", task_id)
+            assert (task.args, task.result, task.attempts) == ([task_id], task_id, 1)
+            assert [a["state"] for a in task.timeline or []] == ["succeeded"]
+        assert await store.count_tasks(TaskFilter()) == TaskCounts(
+            {"succeeded": len(ids)}, exact=True
+        )
+        _assert_counts_agree(config)
+
+
+async def test_retention_forgets_old_tasks_and_their_counts(config: Config) -> None:
+    async with open_store(config) as store:
+        await _seed(store)
+        await store.write_events(
+            uuid.uuid4(), [_row(1, _lifecycle("t-old") + _lifecycle("t-older", fail=True))]
+        )
+        late = [dict(e, occurred_at="2027-01-16T08:00:00+00:00") for e in _lifecycle("t-new")]
+        await store.write_events(uuid.uuid4(), [_row(2, late, received_at=T0 + 86400)])
+        # T0 is 2027-01-15T08:00:00Z: the old tasks' events are within its minute.
+        assert await store.forget_tasks(before=T0 + 60) == 2
+        assert [t.task_id for t in await store.list_tasks(TaskFilter())] == ["t-new"]
+        assert await store.count_tasks(TaskFilter()) == TaskCounts({"succeeded": 1}, exact=True)
+        assert await store.forget_tasks(before=T0 + 60) == 0
+        _assert_counts_agree(config)
+
+
+@pytest.mark.postgres
+async def test_a_task_inserted_by_another_drain_meanwhile_is_folded_into(config: Config) -> None:
+    """The race the insert step settles: drain B looks the task up before drain
+    A commits it, so B's insert conflicts; B then locks A's row and folds into
+    it, and the counts move once."""
+    if config.database_url is None:
+        pytest.skip("one writer at a time on SQLite")
+    import psycopg
+
+    from z4j.store.postgres import PG, _configure  # the store's own connection setup
+    from z4j.tasks import task_event
+
+    async with open_store(config) as store:
+        await _seed(store)
+    url = config.database_url
+    received, started, succeeded = (
+        task_event(Ids.project.bytes, Ids.agent.bytes, "w-1", e, T0) for e in _lifecycle("t-raced")
+    )
+    assert received and started and succeeded
+    with psycopg.connect(url) as a, psycopg.connect(url) as b, psycopg.connect(url) as watch:
+        watch.autocommit = True
+        _configure(a)
+        _configure(b)
+        task_sql.write_tasks(PG, a, [received, started])  # A: inserted, not committed
+        b_pid = b.info.backend_pid
+        done: list[BaseException | None] = []
+
+        def drain_b() -> None:
+            try:
+                task_sql.write_tasks(PG, b, [succeeded])
+                b.commit()
+                done.append(None)
+            except BaseException as exc:
+                done.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, drain_b)
+            # B's insert waits for A's transaction.
+            await wait_until(
+                lambda: watch.execute(
+                    "SELECT 1 FROM pg_locks WHERE pid = %s AND NOT granted", (b_pid,)
+                ).fetchall(),
+                timeout=30,
+            )
+            a.commit()
+        assert done == [None]
+    async with open_store(config) as store:
+        [task] = await store.get_tasks("celery", "t-raced")
+        assert (task.state, task.args, task.result) == ("succeeded", [1, 2], 42)
+        assert len(task.timeline or []) == 1
+        assert await store.count_tasks(TaskFilter()) == TaskCounts({"succeeded": 1}, exact=True)
+    _assert_counts_agree(config)
+
+
+@pytest.mark.postgres
+async def test_a_task_changed_by_another_drain_meanwhile_is_folded_again(
+    config: Config,
+) -> None:
+    """Drain B folds a known task from the row it read without a lock; drain A
+    changes that row before B locks it. B sees the row's version moved, and
+    folds again from A's row: nothing A wrote is lost."""
+    if config.database_url is None:
+        pytest.skip("one writer at a time on SQLite")
+    import psycopg
+
+    from z4j.store.postgres import PG, _configure  # the store's own connection setup
+    from z4j.tasks import task_event
+
+    async with open_store(config) as store:
+        await _seed(store)
+        received, started, succeeded = _lifecycle("t-changed")
+        await store.write_events(uuid.uuid4(), [_row(1, [received])])
+    url = config.database_url
+    started_event, succeeded_event = (
+        task_event(Ids.project.bytes, Ids.agent.bytes, "w-1", e, T0) for e in (started, succeeded)
+    )
+    assert started_event and succeeded_event
+    with psycopg.connect(url) as a, psycopg.connect(url) as b, psycopg.connect(url) as watch:
+        watch.autocommit = True
+        _configure(a)
+        _configure(b)
+        task_sql.write_tasks(PG, a, [started_event])  # A: the row updated, not committed
+        b_pid = b.info.backend_pid
+        done: list[BaseException | None] = []
+
+        def drain_b() -> None:
+            try:
+                task_sql.write_tasks(PG, b, [succeeded_event])
+                b.commit()
+                done.append(None)
+            except BaseException as exc:
+                done.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, drain_b)
+            # B read the old row and now waits for A's lock on it.
+            await wait_until(
+                lambda: watch.execute(
+                    "SELECT 1 FROM pg_locks WHERE pid = %s AND NOT granted", (b_pid,)
+                ).fetchall(),
+                timeout=30,
+            )
+            a.commit()
+        assert done == [None]
+    async with open_store(config) as store:
+        [task] = await store.get_tasks("celery", "t-changed")
+        assert task.state == "succeeded"
+        assert task.started_at is not None  # A's event, which B's first fold lacked
+        assert await store.count_tasks(TaskFilter()) == TaskCounts({"succeeded": 1}, exact=True)
+    _assert_counts_agree(config)

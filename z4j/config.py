@@ -125,6 +125,7 @@ class Config:
     db_pool_size: int = attrs.field(default=8, validator=_positive)
     db_statement_timeout_ms: int = attrs.field(default=30_000, validator=_non_negative)
     event_retention_days: int = attrs.field(default=30, validator=_positive)
+    task_retention_days: int = attrs.field(default=30, validator=_positive)
     task_projection: bool = True
     task_stuck_seconds: float = attrs.field(default=3600.0, validator=_positive)
     task_reconcile_seconds: float = attrs.field(default=60.0, validator=_positive)
@@ -199,6 +200,7 @@ HELP: dict[str, str] = {
     "db_pool_size": "Most Postgres connections this process opens.",
     "db_statement_timeout_ms": "statement_timeout on every Postgres connection (0: none).",
     "event_retention_days": "Days of events kept before partitions are dropped.",
+    "task_retention_days": "Days a task is kept after its last event (the `tasks` table; its counts go with it).",
     "task_projection": "Keep the `tasks` table (one row per task, from agents' task events) "
     "in the drain's transaction. false: store raw events only (the tasks API and page stay empty).",
     "task_stuck_seconds": "A task received or started this long ago with no later event counts as "

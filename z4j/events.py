@@ -140,7 +140,9 @@ def _agent_event_rows(
             raise ValueError(f"buffer row {row.id}: an agent event without string id and kind")
         filed = filing_time(event.get("occurred_at"), row.received_at)
         if tasks is not None and kind.startswith("task."):
-            about = task_event(project, agent, worker, event, row.received_at)
+            about = task_event(
+                project, agent, worker, event, row.received_at, filed_at=filed.timestamp()
+            )
             if about is not None:
                 tasks.append(about)
         elif schedules is not None and kind.startswith("schedule."):

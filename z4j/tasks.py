@@ -11,14 +11,17 @@ The doc (stored with the row; plain JSON)::
 
     {"v": 1, "project": hex, "engine": str, "task_id": str,
      "first_seen": t, "last_event_at": t, "received_at": t | null,
-     "agents": [hex, ...],                  # sorted; "a" below indexes it
-     "obs": [{"at", "id", "a", "k", "s"?, "w"?, "rt"?, "ex"?, "msg"?}, ...],
+     "obs": [[at, id, agent, kind, broker_copy, worker, runtime_ms,
+              exception, message], ...],
      "reg": {field: [value, quality, at], ...},
      "truncated": true}                     # only once observations were dropped
 
-- ``obs``: one small observation per event, keyed by (event id, agent):
-  kind ``k`` without ``task.``, ``s`` for Celery's broker-monitor copy,
-  worker, runtime_ms, exception, message; sorted by (at, id, agent). Two
+- ``obs``: one small observation per event, keyed by (event id, agent hex):
+  kind without ``task.``, true for Celery's broker-monitor copy, worker,
+  runtime_ms, exception, message; sorted by (at, id, agent). Lists, not
+  objects, as the fold holds them: the drain writes one per event.
+  (Version 1 docs, with an object per observation and an "agents" list
+  its "a" indexed, are still read.) Two
   versions of one key (a re-send filed at its receipt time) keep the later
   ``at``. At most `OBSERVATION_CAP`: past it the earliest go, as the latest
   decide the state; attempts then count only the retries kept.
@@ -68,10 +71,9 @@ import ast
 import math
 import re
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from typing import Any, NamedTuple
 
-import attrs
 import orjson
 
 from ._filing import filing_time
@@ -88,37 +90,28 @@ __all__ = [
 
 TASK_STATES = ("received", "started", "retried", "succeeded", "failed", "revoked")
 OBSERVATION_CAP = 256
-DOC_VERSION = 1
+DOC_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 
 _RANK = {state: rank for rank, state in enumerate(TASK_STATES)}
 _KINDS = {"task." + state: state for state in TASK_STATES}
 _ENDS = frozenset(("retried", "succeeded", "failed", "revoked"))
-# Registers whose candidates are any value but null and "", by (primary copy, at).
+_FAILURES = frozenset(("retried", "failed", "revoked"))  # the ends that can say why
+# Registers whose candidates are any value but null and "", by (primary copy, at):
+# the event's data field each is read from.
 _PLAIN_REGISTERS = (
     ("args", "args"),
     ("kwargs", "kwargs"),
     ("traceback", "traceback"),
-    ("root_id", "root_task_id"),
+    ("root_task_id", "root_id"),
     ("tags", "tags"),
     ("priority", "priority"),
 )
-_REGISTERS = (
-    "name",
-    "queue",
-    "args",
-    "kwargs",
-    "result",
-    "traceback",
-    "parent_id",
-    "root_id",
-    "tags",
-    "priority",
-)
 
 
-@attrs.frozen
-class TaskEvent:
-    """One agent event about a task, as the projection reads it."""
+class TaskEvent(NamedTuple):
+    """One agent event about a task, as the projection reads it (a named tuple:
+    the drain makes one per task event)."""
 
     project_id: bytes  # 16-byte UUID
     agent_id: bytes  # 16-byte UUID
@@ -137,12 +130,14 @@ class TaskEvent:
         if self.engine != "celery":
             return False
         worker, name = self.data.get("worker"), self.data.get("task_name")
-        return (type(worker) is str and worker != "") or (type(name) is str and _placeholder(name))
+        return (type(worker) is str and worker != "") or (
+            type(name) is str and name != "" and _placeholder(name)
+        )
 
 
-@attrs.frozen
-class TaskRow:
-    """The columns of one `tasks` row, all derived from the doc."""
+class TaskRow(NamedTuple):
+    """The columns of one `tasks` row, all derived from the doc (a named tuple:
+    the drain makes one per task it writes)."""
 
     project_id: bytes
     engine: str
@@ -178,16 +173,23 @@ def task_event(
     worker_id: str | None,
     event: Mapping[str, Any],
     received_at: float,
+    *,
+    filed_at: float | None = None,
 ) -> TaskEvent | None:
     """None unless a task lifecycle event (kind in task.received/started/succeeded/
-    failed/retried/revoked) with non-empty string engine and task_id."""
+    failed/retried/revoked) with non-empty string engine and task_id.
+    ``filed_at``: its filing time when the caller has it already."""
     kind, engine, task_id = event.get("kind"), event.get("engine"), event.get("task_id")
     event_id, data = event.get("id"), event.get("data")
     if not (type(kind) is str and kind in _KINDS and type(event_id) is str):
         return None
     if not (type(engine) is str and engine and type(task_id) is str and task_id):
         return None
-    at = filing_time(event.get("occurred_at"), received_at).timestamp()
+    at = (
+        filing_time(event.get("occurred_at"), received_at).timestamp()
+        if filed_at is None
+        else filed_at
+    )
     return TaskEvent(
         project_id,
         agent_id,
@@ -197,7 +199,7 @@ def task_event(
         engine,
         task_id,
         at,
-        data if isinstance(data, Mapping) else {},
+        data if type(data) is dict or isinstance(data, Mapping) else {},
     )
 
 
@@ -261,23 +263,28 @@ class _Task:
 
     @classmethod
     def load(cls, doc: Mapping[str, Any]) -> _Task:
-        if doc.get("v") != DOC_VERSION:
-            raise ValueError(f"task doc version {doc.get('v')!r}, expected {DOC_VERSION}")
+        version = doc.get("v")
+        if version not in _READABLE_VERSIONS:
+            raise ValueError(f"task doc version {version!r}, expected {DOC_VERSION}")
         task = cls((bytes.fromhex(doc["project"]), doc["engine"], doc["task_id"]))
-        agents = doc["agents"]
+        agents = doc.get("agents", ())
+        kept = task.obs
         for o in doc["obs"]:
-            ob = _Obs(
-                o["at"],
-                o["id"],
-                agents[o["a"]],
-                o["k"],
-                "s" in o,
-                o.get("w"),
-                o.get("rt"),
-                o.get("ex"),
-                o.get("msg"),
-            )
-            task.obs[ob.id, ob.agent] = ob
+            if version == 1:
+                ob = _Obs(
+                    o["at"],
+                    o["id"],
+                    agents[o["a"]],
+                    o["k"],
+                    "s" in o,
+                    o.get("w"),
+                    o.get("rt"),
+                    o.get("ex"),
+                    o.get("msg"),
+                )
+            else:
+                ob = _Obs._make(o)
+            kept[ob.id, ob.agent] = ob
         task.reg = {name: list(value) for name, value in doc["reg"].items()}
         task.first_seen, task.last_event_at = doc["first_seen"], doc["last_event_at"]
         task.received_at = doc["received_at"]
@@ -290,13 +297,22 @@ class _Task:
                 f"event {event.event_id!r} is about {event.engine}/{event.task_id}, "
                 f"not {self.key[1]}/{self.key[2]} of this project"
             )
+        # The drain folds every task event: this is its hot loop, so the
+        # registers' rule is written out inline (see the module's docstring:
+        # the best candidate by quality, then at, then canonical JSON).
         at, eid, data = event.at, event.event_id, event.data
+        get = data.get
         kind = _KINDS[event.kind]
-        secondary = event.broker_copy
+        worker, name = get("worker"), get("task_name")
+        worker_ok = type(worker) is str and worker != ""
+        name_ok = placeholder = False
+        if type(name) is str and name:
+            name_ok, placeholder = True, _placeholder(name)
+        secondary = event.engine == "celery" and (worker_ok or placeholder)
         agent = event.agent_id.hex()
-        exception, message = _failure(data) if kind in _ENDS else (None, None)
-        worker, runtime = data.get("worker"), data.get("runtime_ms")
-        if not _number(runtime):
+        exception, message = _failure(data) if kind in _FAILURES else (None, None)
+        runtime = get("runtime_ms")
+        if runtime is not None and not _number(runtime):
             runtime = None
         ob = _Obs(
             at,
@@ -304,14 +320,15 @@ class _Task:
             agent,
             kind,
             secondary,
-            worker if type(worker) is str and worker else None,
+            worker if worker_ok else None,
             runtime,
             exception,
             message,
         )
-        old = self.obs.get((eid, agent))
+        obs = self.obs
+        old = obs.get((eid, agent))
         if old is None or _later_version(ob, old):
-            self.obs[eid, agent] = ob
+            obs[eid, agent] = ob
 
         if at < self.first_seen:
             self.first_seen = at
@@ -321,36 +338,37 @@ class _Task:
             self.received_at = at
 
         primary = 0 if secondary else 1
-        offer, get = self._offer, data.get
-        name = get("task_name")
-        if type(name) is str and name:
-            offer("name", name, primary + (0 if _placeholder(name) else 2), at)
+        offers: list[tuple[str, Any, int]] = []
+        if name_ok:
+            offers.append(("name", name, primary + (0 if placeholder else 2)))
         queue = get("queue")
         if type(queue) is str and queue:
             delayed = event.engine == "dramatiq" and queue.endswith(".DQ")
-            offer("queue", queue, 2 * primary + (0 if delayed else 1), at)
-        for field, source in _PLAIN_REGISTERS:
+            offers.append(("queue", queue, 2 * primary + (0 if delayed else 1)))
+        for source, field in _PLAIN_REGISTERS:
             value = get(source)
             if value is not None and value != "":
-                offer(field, value, primary, at)
+                offers.append((field, value, primary))
         if kind == "succeeded" and "result" in data:
             result = data["result"]
             if primary or result is not None:
-                offer("result", result, primary, at)
+                offers.append(("result", result, primary))
         parent = get("parent_task_id")
         # Celery's re-receipt of a retry names the task as its own parent.
         if type(parent) is str and parent and parent != event.task_id:
-            offer("parent_id", parent, primary, at)
-
-    def _offer(self, field: str, value: Any, quality: int, at: float) -> None:
-        held = self.reg.get(field)
-        if (
-            held is None
-            or quality > held[1]
-            or (quality == held[1] and at > held[2])
-            or (quality == held[1] and at == held[2] and _canonical(value) > _canonical(held[0]))
-        ):
-            self.reg[field] = [value, quality, at]
+            offers.append(("parent_id", parent, primary))
+        reg = self.reg
+        for field, value, quality in offers:
+            held = reg.get(field)
+            if (
+                held is None
+                or quality > held[1]
+                or (quality == held[1] and at > held[2])
+                or (
+                    quality == held[1] and at == held[2] and _canonical(value) > _canonical(held[0])
+                )
+            ):
+                reg[field] = [value, quality, at]
 
     def trim(self) -> None:
         """Keep the `OBSERVATION_CAP` latest observations by (at, id, agent)."""
@@ -364,8 +382,6 @@ class _Task:
         return sorted(self.obs.values())
 
     def dump(self, obs: list[_Obs]) -> dict[str, Any]:
-        agents = sorted({o.agent for o in obs})
-        index = {agent: i for i, agent in enumerate(agents)}
         doc: dict[str, Any] = {
             "v": DOC_VERSION,
             "project": self.key[0].hex(),
@@ -374,9 +390,8 @@ class _Task:
             "first_seen": self.first_seen,
             "last_event_at": self.last_event_at,
             "received_at": self.received_at,
-            "agents": agents,
-            "obs": [_dump_obs(o, index[o.agent]) for o in obs],
-            "reg": {name: list(self.reg[name]) for name in _REGISTERS if name in self.reg},
+            "obs": [list(o) for o in obs],  # as JSON gives them back
+            "reg": self.reg,
         }
         if self.truncated:
             doc["truncated"] = True
@@ -395,34 +410,30 @@ class _Task:
         if worker is None:
             ran = _preferred([o for o in obs if o.worker is not None])
             worker = ran.worker if ran else None
-        reg = self.reg
-
-        def value(field: str) -> Any:
-            held = reg.get(field)
-            return None if held is None else held[0]
-
+        get = self.reg.get
+        none = _NONE  # an empty register's (value,)
         project, engine, task_id = self.key
         return TaskRow(
             project_id=project,
             engine=engine,
             task_id=task_id,
-            name=value("name"),
-            queue=value("queue"),
+            name=get("name", none)[0],
+            queue=get("queue", none)[0],
             state=state,
             attempts=len(timeline),
             agent_id=bytes.fromhex(latest.agent) if latest else b"",
             worker=worker,
-            args=value("args"),
-            kwargs=value("kwargs"),
-            result=value("result"),
+            args=get("args", none)[0],
+            kwargs=get("kwargs", none)[0],
+            result=get("result", none)[0],
             exception=cause["exception"],
             message=cause["message"],
-            traceback=value("traceback"),
+            traceback=get("traceback", none)[0],
             runtime_ms=last["runtime_ms"],
-            parent_id=value("parent_id"),
-            root_id=value("root_id"),
-            tags=value("tags"),
-            priority=value("priority"),
+            parent_id=get("parent_id", none)[0],
+            root_id=get("root_id", none)[0],
+            tags=get("tags", none)[0],
+            priority=get("priority", none)[0],
             first_seen=self.first_seen,
             received_at=self.received_at,
             started_at=last["started_at"],
@@ -430,6 +441,9 @@ class _Task:
             last_event_at=self.last_event_at,
             timeline=timeline,
         )
+
+
+_NONE = (None,)  # an empty register's value
 
 
 def _later_version(new: _Obs, old: _Obs) -> bool:
@@ -442,21 +456,6 @@ def _later_version(new: _Obs, old: _Obs) -> bool:
 
 def _canonical(value: Any) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-
-
-def _dump_obs(o: _Obs, agent: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"at": o.at, "id": o.id, "a": agent, "k": o.kind}
-    if o.secondary:
-        out["s"] = 1
-    if o.worker is not None:
-        out["w"] = o.worker
-    if o.runtime_ms is not None:
-        out["rt"] = o.runtime_ms
-    if o.exception is not None:
-        out["ex"] = o.exception
-    if o.message is not None:
-        out["msg"] = o.message
-    return out
 
 
 def _number(value: Any) -> bool:
@@ -478,7 +477,7 @@ def _timeline(obs: list[_Obs]) -> list[dict[str, Any]]:
     """The attempts, from observations sorted by (at, id, agent)."""
     retried = [o for o in obs if o.kind == "retried"]
     if not retried:
-        return [_attempt(1, [(o, True) for o in obs])]
+        return [_attempt(1, obs, ())]
     bounds = [o for o in retried if not o.secondary]
     if not bounds:
         streams: dict[str, list[_Obs]] = {}
@@ -488,22 +487,23 @@ def _timeline(obs: list[_Obs]) -> list[dict[str, Any]]:
     last = len(bounds)
     bound_ats = [b.at for b in bounds]
     position = {(b.id, b.agent): i for i, b in enumerate(bounds)}
-    attempts: list[list[tuple[_Obs, bool]]] = [[] for _ in range(last + 1)]
+    attempts: list[list[_Obs]] = [[] for _ in range(last + 1)]
+    uncounted: set[_Obs] = set()  # broker-copy retries that are not boundaries
     retries_seen: dict[str, int] = {}  # per agent, its broker copies of task.retried so far
     for o in obs:
         where = position.get((o.id, o.agent)) if o.kind == "retried" else None
-        counts = True
         if o.secondary:
             seen = retries_seen.get(o.agent, 0)
             if o.kind == "retried":
                 retries_seen[o.agent] = seen + 1
-                counts = where is not None
+                if where is None:
+                    uncounted.add(o)
             if where is None:
                 where = min(seen, last)
         elif where is None:
             where = bisect_left(bound_ats, o.at)
-        attempts[where].append((o, counts))
-    return [_attempt(n, items) for n, items in enumerate(attempts, 1)]
+        attempts[where].append(o)
+    return [_attempt(n, items, uncounted) for n, items in enumerate(attempts, 1)]
 
 
 def _preferred(obs: list[_Obs]) -> _Obs | None:
@@ -521,11 +521,13 @@ def _explains_better(o: _Obs, held: _Obs | None) -> bool:
     return o.kind == held.kind and (held.secondary or not o.secondary)
 
 
-def _attempt(number: int, items: list[tuple[_Obs, bool]]) -> dict[str, Any]:
+def _attempt(number: int, items: list[_Obs], uncounted: Container[_Obs]) -> dict[str, Any]:
+    """One attempt from its observations; those in ``uncounted`` only add a
+    worker or runtime (see the module's docstring)."""
     firsts: dict[str, _Obs] = {}  # per kind: primary copies first, then the earliest
     worker = timed = failure = None  # primary copies first, then the latest
-    for o, counts in items:
-        if counts:
+    for o in items:
+        if o not in uncounted:
             first = firsts.get(o.kind)
             if first is None or (first.secondary and not o.secondary):
                 firsts[o.kind] = o

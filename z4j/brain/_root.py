@@ -264,6 +264,7 @@ async def serve_brain(
             maintenance = Maintenance(
                 store,
                 retention_days=config.event_retention_days,
+                task_retention_days=config.task_retention_days,
                 store_ready=store_ready,
                 is_leader=lambda: registry.is_leader,
             )

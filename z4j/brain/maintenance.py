@@ -30,6 +30,7 @@ class Maintenance:
         store: Store,
         *,
         retention_days: int,
+        task_retention_days: int | None = None,
         store_ready: trio.Event,
         clock: Callable[[], float] = time.time,
         interval: float = MAINTENANCE_INTERVAL_SECONDS,
@@ -37,6 +38,9 @@ class Maintenance:
     ) -> None:
         self._store = store
         self._retention_days = retention_days
+        self._task_retention_days = (
+            retention_days if task_retention_days is None else task_retention_days
+        )
         self._store_ready = store_ready
         self._clock = clock
         self._interval = interval
@@ -44,9 +48,13 @@ class Maintenance:
         self._log = ThrottledLog(log, interval=interval)
 
     async def run_once(self) -> int:
-        removed = await self._store.enforce_retention(
-            now=self._clock(), keep_days=self._retention_days
-        )
+        """One upkeep: events past retention, then tasks past theirs. Returns
+        what went of the events (partitions or rows)."""
+        now = self._clock()
+        removed = await self._store.enforce_retention(now=now, keep_days=self._retention_days)
+        forgotten = await self._store.forget_tasks(before=now - self._task_retention_days * 86400)
+        if forgotten:
+            log.info("retention (%d days): removed %d tasks", self._task_retention_days, forgotten)
         if removed:
             log.info(
                 "retention (%d days): removed %d %s",

@@ -1567,7 +1567,15 @@
     q: "tf-q",
   };
   // query: the filter the rows were read with (a change of it starts over at one page)
-  const taskList = { state: "", items: [], cursor: null, counts: null, gen: 0, query: null };
+  const taskList = {
+    state: "",
+    items: [],
+    cursor: null,
+    counts: null,
+    exact: true, // false: counted over the newest matches only, each a lower bound
+    gen: 0,
+    query: null,
+  };
   const enginesSeen = new Set();
 
   function taskQuery() {
@@ -1604,6 +1612,7 @@
       taskList.items = data.items || [];
       taskList.cursor = data.next_cursor ?? null;
       taskList.counts = data.counts || null;
+      taskList.exact = data.counts_exact !== false;
       showText("tasks-error", "");
     } catch (error) {
       if (gen !== taskList.gen || error.status === 401) return;
@@ -1656,10 +1665,14 @@
             },
           },
           state || "all",
-          el("span", { class: "count", text: counts ? fmtInt(matching(counts, state)) : "–" }),
+          el("span", { class: "count", text: counts ? countText(matching(counts, state)) : "–" }),
         ),
       ),
     );
+  }
+
+  function countText(n) {
+    return taskList.exact ? fmtInt(n) : `${fmtInt(n)}+`;
   }
 
   function renderTasks() {
@@ -1707,7 +1720,7 @@
     $("tasks-hint").textContent =
       total == null
         ? "newest first"
-        : `${fmtInt(taskList.items.length)} of ${fmtInt(total)} shown, newest first`;
+        : `${fmtInt(taskList.items.length)} of ${countText(total)} shown, newest first`;
     renderEngineOptions();
   }
 

@@ -39,6 +39,7 @@ __all__ = [
     "ScheduleStream",
     "Store",
     "StoreUnavailable",
+    "TaskCounts",
     "TaskFilter",
     "TaskRecord",
     "UnstorableRows",
@@ -222,6 +223,15 @@ class TaskFilter:
     # Keyset cursor: tasks strictly older than (last_event_at, engine, task_id).
     before: tuple[float, str, str] | None = None
     limit: int = 50
+
+
+@attrs.frozen
+class TaskCounts:
+    """Tasks per state under a filter. Not ``exact``: counted over the newest
+    matching tasks only (store/tasks.py, COUNT_WINDOW), so each is a lower bound."""
+
+    by_state: dict[str, int]
+    exact: bool
 
 
 @attrs.frozen(kw_only=True)
@@ -530,8 +540,13 @@ class Store(Protocol):
         """Tasks matching ``query``, newest first (by last_event_at, engine, task_id)."""
         ...
 
-    async def count_tasks(self, query: TaskFilter) -> dict[str, int]:
+    async def count_tasks(self, query: TaskFilter) -> TaskCounts:
         """How many tasks match ``query`` (its state aside), per state."""
+        ...
+
+    async def forget_tasks(self, *, before: float) -> int:
+        """Delete the tasks whose last event is before ``before``, in chunks
+        of one transaction each; how many went."""
         ...
 
     async def get_tasks(

@@ -565,4 +565,91 @@ CREATE TABLE schedule_frames (
 );
 """,
     ),
+    Migration(
+        version=9,
+        name="tasks: lean rows, counts by state",
+        # What made the projection cost most of a drain (benchmarks/tasks.py):
+        # every write stored the large values twice (in the doc and in their
+        # own jsonb columns, with the timeline beside them) and paid for a
+        # seventh index. The doc is the one copy now, opaque bytes (orjson)
+        # that Postgres neither parses nor checks; inputs, result, traceback,
+        # tags, priority and timeline are derived from it when a task is read
+        # (z4j.tasks.task_row). The primary key leads with (engine, task_id),
+        # which is how a task is looked up, so tasks_by_task_id goes.
+        # task_counts keeps how many tasks there are per (project, engine,
+        # queue, state) -- a null queue as '' -- so the API's counts by state
+        # read a few rows, not millions. The drain keeps it
+        # in the events' transaction (store/tasks.py); concurrent drains add
+        # to different shards, so they rarely wait on one counter row.
+        postgres="""
+ALTER TABLE tasks DROP COLUMN args, DROP COLUMN kwargs, DROP COLUMN result,
+    DROP COLUMN traceback, DROP COLUMN tags, DROP COLUMN priority, DROP COLUMN timeline;
+ALTER TABLE tasks ALTER COLUMN doc DROP DEFAULT;
+ALTER TABLE tasks ALTER COLUMN doc TYPE bytea USING convert_to(doc::text, 'UTF8');
+ALTER TABLE tasks DROP CONSTRAINT tasks_pkey;
+ALTER TABLE tasks ADD PRIMARY KEY (engine, task_id, project_id);
+DROP INDEX tasks_by_task_id;
+CREATE TABLE task_counts (
+    project_id uuid NOT NULL,
+    engine     text NOT NULL,
+    queue      text NOT NULL,
+    state      text NOT NULL,
+    shard      smallint NOT NULL,
+    n          bigint NOT NULL,
+    PRIMARY KEY (project_id, engine, queue, state, shard)
+);
+INSERT INTO task_counts
+    SELECT project_id, engine, coalesce(queue, ''), state, 0, count(*)
+    FROM tasks GROUP BY 1, 2, 3, 4;
+""",
+        sqlite="""
+CREATE TABLE tasks_lean (
+    engine        TEXT NOT NULL,
+    task_id       TEXT NOT NULL,
+    project_id    TEXT NOT NULL,
+    name          TEXT,
+    queue         TEXT,
+    state         TEXT NOT NULL,
+    attempts      INTEGER NOT NULL,
+    agent_id      TEXT,
+    worker        TEXT,
+    exception     TEXT,
+    message       TEXT,
+    runtime_ms    REAL,
+    parent_id     TEXT,
+    root_id       TEXT,
+    first_seen    REAL NOT NULL,
+    received_at   REAL,
+    started_at    REAL,
+    finished_at   REAL,
+    last_event_at REAL NOT NULL,
+    doc           BLOB NOT NULL,
+    PRIMARY KEY (engine, task_id, project_id)
+);
+INSERT INTO tasks_lean
+    SELECT engine, task_id, project_id, name, queue, state, attempts, agent_id, worker,
+        exception, message, runtime_ms, parent_id, root_id, first_seen, received_at,
+        started_at, finished_at, last_event_at, doc
+    FROM tasks;
+DROP TABLE tasks;
+ALTER TABLE tasks_lean RENAME TO tasks;
+CREATE INDEX tasks_recent ON tasks (last_event_at DESC, engine DESC, task_id DESC);
+CREATE INDEX tasks_by_state ON tasks (state, last_event_at DESC, engine DESC, task_id DESC);
+CREATE INDEX tasks_by_name ON tasks (name, last_event_at DESC, engine DESC, task_id DESC);
+CREATE INDEX tasks_by_queue ON tasks (queue, last_event_at DESC, engine DESC, task_id DESC);
+CREATE INDEX tasks_by_agent ON tasks (agent_id, last_event_at DESC, engine DESC, task_id DESC);
+CREATE TABLE task_counts (
+    project_id TEXT NOT NULL,
+    engine     TEXT NOT NULL,
+    queue      TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    shard      INTEGER NOT NULL,
+    n          INTEGER NOT NULL,
+    PRIMARY KEY (project_id, engine, queue, state, shard)
+);
+INSERT INTO task_counts
+    SELECT project_id, engine, coalesce(queue, ''), state, 0, count(*)
+    FROM tasks GROUP BY 1, 2, 3, 4;
+""",
+    ),
 )

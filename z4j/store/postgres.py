@@ -78,6 +78,7 @@ from .base import (
     ScheduleRecord,
     ScheduleStream,
     StoreUnavailable,
+    TaskCounts,
     TaskFilter,
     TaskRecord,
     UnstorableRows,
@@ -98,6 +99,7 @@ PARTITIONS_AHEAD = 3  # today and the next two days always exist
 PARTITION_LOCK_KEY = int.from_bytes(b"z4j-part", "big", signed=True)
 FIRST_TOKEN_LOCK_KEY = int.from_bytes(b"z4j-tokn", "big", signed=True)
 _STAGING = "z4j_events_staging"
+_FORGET_CHUNK = 10_000  # tasks deleted per retention transaction
 _COLUMNS = (
     "received_at, idempotency_key, source, kind, buffer_id, body, project_id, agent_id, worker_id"
 )
@@ -591,8 +593,18 @@ class PostgresStore:
         result: list[TaskRecord] = await self._run(lambda conn: tasks.list_tasks(PG, conn, query))
         return result
 
-    async def count_tasks(self, query: TaskFilter) -> dict[str, int]:
-        result: dict[str, int] = await self._run(lambda conn: tasks.count_by_state(PG, conn, query))
+    async def forget_tasks(self, *, before: float) -> int:
+        forgotten = 0
+        while True:  # in chunks: each a short transaction
+            n: int = await self._run(
+                lambda conn: tasks.delete_tasks_before(PG, conn, before, _FORGET_CHUNK)
+            )
+            forgotten += n
+            if n < _FORGET_CHUNK:
+                return forgotten
+
+    async def count_tasks(self, query: TaskFilter) -> TaskCounts:
+        result: TaskCounts = await self._run(lambda conn: tasks.count_by_state(PG, conn, query))
         return result
 
     async def get_tasks(

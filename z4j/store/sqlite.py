@@ -62,6 +62,7 @@ from .base import (
     ScheduleRecord,
     ScheduleStream,
     StoreUnavailable,
+    TaskCounts,
     TaskFilter,
     TaskRecord,
     UnstorableRows,
@@ -73,6 +74,7 @@ from .migrations import MIGRATIONS
 __all__ = ["SqliteStore"]
 
 log = logging.getLogger("z4j.store.sqlite")
+_FORGET_CHUNK = 10_000  # tasks deleted per retention transaction
 T = TypeVar("T")
 
 
@@ -414,7 +416,19 @@ class SqliteStore:
     async def list_tasks(self, query: TaskFilter) -> list[TaskRecord]:
         return await self._run(lambda db: tasks.list_tasks(SQ, db, query))
 
-    async def count_tasks(self, query: TaskFilter) -> dict[str, int]:
+    async def forget_tasks(self, *, before: float) -> int:
+        forgotten = 0
+        while True:  # in chunks, so other writers get the lock in between
+            n: int = await self._run(
+                lambda db: _transaction(
+                    db, lambda: tasks.delete_tasks_before(SQ, db, before, _FORGET_CHUNK)
+                )
+            )
+            forgotten += n
+            if n < _FORGET_CHUNK:
+                return forgotten
+
+    async def count_tasks(self, query: TaskFilter) -> TaskCounts:
         return await self._run(lambda db: tasks.count_by_state(SQ, db, query))
 
     async def get_tasks(

@@ -253,8 +253,14 @@ SCHEMAS: dict[str, Any] = {
             "next_cursor": {"type": "string", "nullable": True},
             "counts": {
                 "type": "object",
-                "description": "tasks matching the filters (state aside), per state",
+                "description": "tasks matching the filters (state aside), per state; on the "
+                "first page only (no cursor)",
                 "properties": {state: {"type": "integer"} for state in TASK_STATES},
+            },
+            "counts_exact": {
+                "type": "boolean",
+                "description": "false: a filter by name, agent, time or text was counted over "
+                "the newest 100,000 matching tasks, and each count is a lower bound",
             },
         },
     },

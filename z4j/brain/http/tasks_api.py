@@ -71,13 +71,15 @@ class TaskRoutes:
     async def list_tasks(self, request: Request) -> Response:
         query = _task_filter(request.query)
         tasks = await self._store.list_tasks(query)
-        counts = await self._store.count_tasks(query)
         cursor = None
         if len(tasks) == query.limit:
             last = tasks[-1]
             cursor = _cursor_out(last.last_event_at, last.engine, last.task_id)
         body = page([to_json(t) for t in tasks], cursor)
-        body["counts"] = {state: counts.get(state, 0) for state in TASK_STATES}
+        if query.before is None:  # the next pages' counts are the first's
+            counts = await self._store.count_tasks(query)
+            body["counts"] = {state: counts.by_state.get(state, 0) for state in TASK_STATES}
+            body["counts_exact"] = counts.exact
         return 200, body
 
     async def names(self, request: Request) -> Response:
