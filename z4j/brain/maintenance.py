@@ -1,4 +1,4 @@
-"""Periodic upkeep of the store: partitions ahead, retention.
+"""Periodic upkeep of the store: partitions ahead, retention, abandoned schedule frames.
 
 Runs once the store is migrated, then every MAINTENANCE_INTERVAL_SECONDS.
 Every step is idempotent and serialised in the store (advisory lock on
@@ -44,6 +44,7 @@ class Maintenance:
         self._log = ThrottledLog(log, interval=interval)
 
     async def run_once(self) -> int:
+        """One round of upkeep; what retention removed (partitions or events)."""
         removed = await self._store.enforce_retention(
             now=self._clock(), keep_days=self._retention_days
         )
@@ -54,6 +55,9 @@ class Maintenance:
                 removed,
                 "partitions" if self._store.kind == "postgres" else "events",
             )
+        expired = await self._store.expire_schedule_frames(now=self._clock())
+        if expired:
+            log.info("removed %d schedule frames of snapshots never completed", expired)
         return removed
 
     async def serve(
