@@ -8,17 +8,31 @@ with plain SQL (`query`).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import time
 import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
 import pytest
 import trio
 
+from z4j.brain.maintenance import Maintenance
 from z4j.buffer import ClaimedRow
 from z4j.config import Config
 from z4j.schedules import activation
+from z4j.store import store_for
 from z4j.store.base import ScheduleFilter, ScheduleStream, Store
+from z4j.store.schedule_frames import (
+    FRAME_MAX_AGE_SECONDS,
+    MAX_STAGED_FRAMES,
+    MAX_STAGED_SNAPSHOTS,
+)
 from z4j.testing.schedules import control_event, schedule_row, snapshot_events
 from z4j.testing.store import open_store, query
 
@@ -87,6 +101,32 @@ async def _listed(store: Store) -> dict[str, Any]:
 def _staged(config: Config) -> int:
     ((count,),) = query(config, "SELECT count(*) FROM schedule_frames")
     return int(count)
+
+
+def _staged_sequences(config: Config) -> list[int]:
+    return [int(n) for (n,) in query(config, "SELECT DISTINCT sequence FROM schedule_frames")]
+
+
+def _reframed(event: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """``event`` with its frame's ``fields`` changed and its frame digest made to fit."""
+    body = event["data"]["external_snapshot_frame"]
+    body.update(fields)
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    event["data"]["frame_digest"] = hashlib.sha256(canonical.encode()).hexdigest()
+    return event
+
+
+@asynccontextmanager
+async def _counting(config: Config) -> AsyncIterator[tuple[Store, Counter[str]]]:
+    """The store, with the staged frames it drops counted by reason (as /metrics does)."""
+    dropped: Counter[str] = Counter()
+    store = store_for(config, on_frames_dropped=dropped.update)
+    with trio.fail_after(60):
+        try:
+            await store.migrate()
+            yield store, dropped
+        finally:
+            await store.aclose()
 
 
 async def test_frames_in_any_order_and_repeated_assemble_once(config: Config) -> None:
@@ -214,13 +254,9 @@ async def test_a_snapshot_that_does_not_match_its_digest_is_not_applied(config: 
         frames = snapshot_events(activation(grant), 1, _rows("a", "b"))
         # One row changed in transit, its frame digest made to fit: the
         # snapshot's digest still tells.
-        import hashlib
-        import json
-
         body = frames[0]["data"]["external_snapshot_frame"]
         body["schedules"][0]["expression"] = "* * * * *"
-        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        frames[0]["data"]["frame_digest"] = hashlib.sha256(canonical.encode()).hexdigest()
+        _reframed(frames[0])
         assert await _write(store, *frames) == 3  # the events are stored all the same
         assert await _listed(store) == {}
         assert _staged(config) == 0  # and the snapshot is dropped, not kept waiting
@@ -238,6 +274,88 @@ async def test_a_snapshot_that_does_not_match_its_digest_is_not_applied(config: 
         assert await _write(store, *junk) == 2
         await _write(store, *snapshot_events(activation(grant), 3, _rows("ok")))
         assert sorted(await _listed(store)) == ["app.ok"] and _staged(config) == 0
+
+
+async def test_snapshots_never_completed_stage_a_bounded_number_of_frames(
+    config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An agent sending ever-newer snapshots without their terminal frames:
+    the stream keeps the newest few, the rest go (counted, logged once)."""
+    async with _counting(config) as (store, dropped):
+        grant = await _seed(store)
+        # Single-frame snapshots: the snapshot bound.
+        sequences = range(1, 4 * MAX_STAGED_SNAPSHOTS + 1)
+        for sequence in sequences:
+            rows0, _terminal = snapshot_events(activation(grant), sequence, _rows("a"))
+            await _write(store, rows0)
+            assert len(_staged_sequences(config)) <= MAX_STAGED_SNAPSHOTS
+        assert len(sequences) > MAX_STAGED_SNAPSHOTS  # unbounded, all would stay
+        assert sorted(_staged_sequences(config)) == list(sequences[-MAX_STAGED_SNAPSHOTS:])
+        assert dropped == {"over_bound": len(sequences) - MAX_STAGED_SNAPSHOTS}
+        # Snapshots of many frames: the frame bound, the oldest snapshot first.
+        per_snapshot = MAX_STAGED_FRAMES // 2 - 10
+        sent = 0
+        for sequence in range(100, 105):
+            keys = [f"k{n}" for n in range(per_snapshot)]
+            frames = snapshot_events(activation(grant), sequence, _rows(*keys))[:-1]
+            await _write(store, *frames)
+            sent += len(frames)
+            assert _staged(config) <= MAX_STAGED_FRAMES
+        assert sent > MAX_STAGED_FRAMES
+        assert sorted(_staged_sequences(config)) == [103, 104]
+        # A whole snapshot still assembles, and the incomplete ones go with it.
+        await _write(store, *snapshot_events(activation(grant), 105, _rows("x", "y", "z")))
+        assert sorted(await _listed(store)) == ["app.x", "app.y", "app.z"]
+        assert _staged(config) == 0
+    warnings = [
+        r
+        for r in caplog.records
+        if r.name == "z4j.store.schedules" and r.levelno == logging.WARNING
+    ]
+    assert len(warnings) == 1 and grant.stream_id in warnings[0].getMessage()
+
+
+async def test_a_snapshot_of_more_frames_than_a_stream_stages_is_refused(config: Config) -> None:
+    async with _counting(config) as (store, dropped):
+        grant = await _seed(store)
+        # It could never be assembled: none of its frames is kept.
+        huge = snapshot_events(activation(grant), 1, _rows("a", "b"))
+        forged = [_reframed(f, frame_count=10**9) for f in huge[:2]]
+        await _write(store, *forged)
+        keys = [f"k{n}" for n in range(MAX_STAGED_FRAMES)]  # one frame too many
+        over = snapshot_events(activation(grant), 2, _rows(*keys))
+        await _write(store, *over)
+        assert _staged(config) == 0 and await _listed(store) == {}
+        assert dropped == {"oversize": len(forged) + len(over)}
+        # The largest that fits, in two batches, is applied.
+        keys = keys[:-1]
+        largest = snapshot_events(activation(grant), 3, _rows(*keys))
+        assert len(largest) == MAX_STAGED_FRAMES
+        await _write(store, *largest[:100])
+        await _write(store, *largest[100:])
+        assert len(await store.list_schedules(ScheduleFilter(limit=1000))) == len(keys)
+        assert _staged(config) == 0 and dropped == {"oversize": len(forged) + len(over)}
+
+
+async def test_maintenance_deletes_frames_staged_over_an_hour_ago(config: Config) -> None:
+    async with _counting(config) as (store, dropped):
+        grant = await _seed(store)
+        await _write(store, *snapshot_events(activation(grant), 1, _rows("a", "b"))[:-1])
+        await _write(store, *snapshot_events(activation(grant), 2, _rows("a"))[:1])
+        staged_at = time.time()
+        assert await store.expire_schedule_frames(now=staged_at + FRAME_MAX_AGE_SECONDS - 60) == 0
+        assert _staged(config) == 3
+        ready = trio.Event()
+        ready.set()
+        later = staged_at + FRAME_MAX_AGE_SECONDS + 60
+        maintenance = Maintenance(
+            store, retention_days=3650, store_ready=ready, clock=lambda: later
+        )
+        await maintenance.run_once()
+        assert _staged(config) == 0 and dropped == {"expired": 3}
+        # The stream goes on: a later snapshot is applied as ever.
+        await _write(store, *snapshot_events(activation(grant), 3, _rows("c", "d")))
+        assert sorted(await _listed(store)) == ["app.c", "app.d"]
 
 
 async def test_filters_and_pages(config: Config) -> None:

@@ -145,6 +145,8 @@ class BrainStats:
     lease_acquisitions: int = 0
     leader: bool = False  # holds the leader lease (always, with the local registry)
     sweep_deliveries: int = 0  # commands the sweep delivered (a notification missed)
+    # Staged schedule frames dropped: oversize, over_bound, expired (store/schedule_frames.py).
+    schedule_frames_dropped: Counter[str] = attrs.field(factory=Counter)
     tasks: TaskStats = attrs.field(factory=TaskStats)
     # Set by the heartbeat: records/s over its last interval.
     ingest_rate: float = 0.0

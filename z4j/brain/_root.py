@@ -129,6 +129,7 @@ async def serve_brain(
         application_name=f"z4j-{instance_id.hex[:8]}",
         observe_query=stats.db_query_seconds.observe,
         on_tasks=stats.tasks.observe_finished,
+        on_frames_dropped=stats.schedule_frames_dropped.update,
     )
     shutdown = shutdown if shutdown is not None else trio.Event()  # None: until cancelled
     try:

@@ -1,4 +1,4 @@
-"""Periodic upkeep of the store: partitions ahead, retention.
+"""Periodic upkeep of the store: partitions ahead, retention, abandoned schedule frames.
 
 Runs once the store is migrated, then every MAINTENANCE_INTERVAL_SECONDS.
 Every step is idempotent and serialised in the store (advisory lock on
@@ -48,8 +48,8 @@ class Maintenance:
         self._log = ThrottledLog(log, interval=interval)
 
     async def run_once(self) -> int:
-        """One upkeep: events past retention, then tasks past theirs. Returns
-        what went of the events (partitions or rows)."""
+        """One round of upkeep: events past retention, tasks past theirs, schedule
+        frames staged too long. Returns what went of the events (partitions or rows)."""
         now = self._clock()
         removed = await self._store.enforce_retention(now=now, keep_days=self._retention_days)
         forgotten = await self._store.forget_tasks(before=now - self._task_retention_days * 86400)
@@ -62,6 +62,9 @@ class Maintenance:
                 removed,
                 "partitions" if self._store.kind == "postgres" else "events",
             )
+        expired = await self._store.expire_schedule_frames(now=now)
+        if expired:
+            log.info("removed %d schedule frames of snapshots never completed", expired)
         return removed
 
     async def serve(

@@ -273,6 +273,16 @@ class BrainCollector(Collector):
             depth.add_metric([engine, queue], n)
         yield depth
 
+        # -- schedules ---------------------------------------------------------------
+        frames_dropped = CounterMetricFamily(
+            "z4j_schedule_frames_dropped",
+            "Staged schedule snapshot frames dropped: oversize, over_bound, expired",
+            labels=["reason"],
+        )
+        for reason in ("oversize", "over_bound", "expired"):
+            frames_dropped.add_metric([reason], s.schedule_frames_dropped[reason])
+        yield frames_dropped
+
         # -- store -----------------------------------------------------------------
         yield _histogram(
             "z4j_db_query_duration_seconds",

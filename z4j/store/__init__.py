@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import trio
 
@@ -49,6 +49,7 @@ def store_for(
     application_name: str = "z4j",
     observe_query: Callable[[float], None] | None = None,
     on_tasks: Callable[[Sequence[TaskRow]], None] | None = None,
+    on_frames_dropped: Callable[[Mapping[str, int]], None] | None = None,
 ) -> Store:
     """The store the configuration asks for (not yet connected)."""
     if config.database_url is not None:
@@ -60,12 +61,14 @@ def store_for(
             observe_query=observe_query,
             project_tasks=config.task_projection,
             on_tasks=on_tasks,
+            on_frames_dropped=on_frames_dropped,
         )
     return SqliteStore(
         config.sqlite_store_path,
         observe_query=observe_query,
         project_tasks=config.task_projection,
         on_tasks=on_tasks,
+        on_frames_dropped=on_frames_dropped,
     )
 
 

@@ -626,6 +626,12 @@ class Store(Protocol):
         """Record the activation command sent for that epoch (if it is still current)."""
         ...
 
+    async def expire_schedule_frames(self, *, now: float) -> int:
+        """Delete snapshot frames staged more than an hour before ``now``
+        (``FRAME_MAX_AGE_SECONDS``): their snapshot was abandoned, and would
+        otherwise keep them for ever. Returns how many went."""
+        ...
+
     async def list_audit(
         self, *, before_id: int | None = None, limit: int = 50
     ) -> list[AuditRecord]:

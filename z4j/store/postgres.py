@@ -28,7 +28,8 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Collection, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
@@ -44,7 +45,7 @@ from ..buffer import ClaimedRow
 from ..events import event_rows
 from ..schedules import ScheduleControl, ScheduleFrame
 from ..tasks import TaskEvent, TaskRow
-from . import _rows, schedules, tasks
+from . import _rows, schedule_frames, schedules, tasks
 from ._filters import Where, commands_where, events_where
 from ._rows import (
     AGENT_COLUMNS,
@@ -88,8 +89,9 @@ from .base import (
 from .migrations import MIGRATION_LOCK_KEY, MIGRATIONS
 from .pg import PgPool
 
-# What one drain write did: events inserted, and the tasks it finished.
-Written = tuple[int, list[TaskRow]]
+# What one drain write did: events inserted, the tasks it finished, and the
+# staged schedule frames it dropped, by reason.
+Written = tuple[int, list[TaskRow], Counter[str]]
 
 __all__ = ["PostgresStore", "partition_name"]
 
@@ -179,13 +181,17 @@ class PostgresStore:
         observe_query: Callable[[float], None] | None = None,
         project_tasks: bool = True,
         on_tasks: Callable[[Sequence[TaskRow]], None] | None = None,
+        on_frames_dropped: Callable[[Mapping[str, int]], None] | None = None,
     ) -> None:
         """``observe_query``: called with each query's seconds (the query histogram).
         ``project_tasks``: keep the ``tasks`` table as events are written;
-        ``on_tasks`` is then called with the tasks each write finished."""
+        ``on_tasks`` is then called with the tasks each write finished.
+        ``on_frames_dropped``: called with the staged schedule frames each
+        write or expiry dropped, by reason (store/schedule_frames.py)."""
         self.pool = pool
         self._project_tasks = project_tasks
         self._on_tasks = on_tasks
+        self._on_frames_dropped = on_frames_dropped
         self.observe_query = observe_query or _ignore
         self._partitions: set[date] = set()
         self._staged: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
@@ -201,6 +207,7 @@ class PostgresStore:
         observe_query: Callable[[float], None] | None = None,
         project_tasks: bool = True,
         on_tasks: Callable[[Sequence[TaskRow]], None] | None = None,
+        on_frames_dropped: Callable[[Mapping[str, int]], None] | None = None,
     ) -> PostgresStore:
         pool = PgPool(
             url,
@@ -210,7 +217,11 @@ class PostgresStore:
             configure=_configure,
         )
         return cls(
-            pool, observe_query=observe_query, project_tasks=project_tasks, on_tasks=on_tasks
+            pool,
+            observe_query=observe_query,
+            project_tasks=project_tasks,
+            on_tasks=on_tasks,
+            on_frames_dropped=on_frames_dropped,
         )
 
     async def aclose(self) -> None:
@@ -265,9 +276,11 @@ class PostgresStore:
             orjson.JSONEncodeError,
         ) as exc:
             raise UnstorableRows(str(exc).strip()) from exc
-        inserted, finished = written
+        inserted, finished, dropped = written
         if finished and self._on_tasks is not None:
             self._on_tasks(finished)
+        if dropped and self._on_frames_dropped is not None:
+            self._on_frames_dropped(dropped)
         return inserted
 
     def _copy_events(
@@ -313,8 +326,8 @@ class PostgresStore:
         cur.execute(_INSERT_WITH_AGENT_KEYS if agent_rows else _INSERT_EVENTS)
         inserted: int = cur.rowcount
         finished = tasks.write_tasks(PG, conn, about_tasks) if about_tasks else []
-        schedules.write_schedules(PG, conn, about_schedules)
-        return inserted, finished
+        dropped = schedules.write_schedules(PG, conn, about_schedules)
+        return inserted, finished, dropped
 
     # -- instances and health --------------------------------------------------------
 
@@ -334,6 +347,12 @@ class PostgresStore:
         for day in dropped:
             log.info("retention: dropped %s", partition_name(day))
         return len(dropped)
+
+    async def expire_schedule_frames(self, *, now: float) -> int:
+        gone: int = await self._run(lambda conn: schedule_frames.expire_frames(PG, conn, now))
+        if gone and self._on_frames_dropped is not None:
+            self._on_frames_dropped({"expired": gone})
+        return gone
 
     # -- the agent directory -----------------------------------------------------------
 

@@ -19,6 +19,8 @@ transaction that stores the events carrying it, like the task projection
   are there and the rows hash to ``snapshot_digest``, the snapshot
   *replaces* the scheduler's rows of that project (rows it no longer has
   are deleted), and the staged frames up to it are dropped.
+  Staging is bounded per stream (store/schedule_frames.py): an agent may
+  never send a terminal frame.
 
 A control projection (``schedule.updated``) upserts the rows it carries and
 deletes its ``deleted_source_keys``.
@@ -34,11 +36,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 from .. import schedules as core
 from ..schedules import ScheduleControl, ScheduleFrame, ScheduleRow
+from . import schedule_frames as staging
 from ._rows import Conn, Dialect
 from .base import ScheduleFilter, ScheduleRecord, ScheduleStream
 
@@ -67,11 +71,6 @@ STREAM_COLUMNS = (
     " agent_id, worker_id, worker_connected_at, command_id, granted_at, applied_epoch,"
     " applied_sequence, applied_at"
 )
-_FRAME_COLUMNS = (
-    "project_id, stream_id, epoch_number, sequence, snapshot_id, frame_index, scheduler,"
-    " epoch_uuid, source_scope, adapter_instance_id, stable_source, frame_kind, frame_count,"
-    " row_count, snapshot_digest, rows, agent_id, worker_id, received_at"
-)
 _CHUNK = 500  # keys per DELETE (SQLite's parameter limit is 32,766)
 
 
@@ -80,16 +79,20 @@ _CHUNK = 500  # keys per DELETE (SQLite's parameter limit is 32,766)
 
 def write_schedules(
     d: Dialect, conn: Conn, observations: Sequence[Observation], now: float | None = None
-) -> None:
-    """Apply what ``observations`` complete, in the caller's transaction."""
+) -> Counter[str]:
+    """Apply what ``observations`` complete, in the caller's transaction; the
+    frames dropped to keep staging bounded, by reason (``oversize``, ``over_bound``)."""
+    dropped: Counter[str] = Counter()
     if not observations:
-        return
+        return dropped
     at = time.time() if now is None else now
     by_stream: dict[tuple[bytes, str], list[Observation]] = {}
     for item in observations:
         by_stream.setdefault((item.project_id, item.owner), []).append(item)
     for project, owner in sorted(by_stream):
-        _apply_stream(d, conn, uuid.UUID(bytes=project), owner, by_stream[project, owner], at)
+        items = by_stream[project, owner]
+        dropped += _apply_stream(d, conn, uuid.UUID(bytes=project), owner, items, at)
+    return dropped
 
 
 def _apply_stream(
@@ -99,7 +102,8 @@ def _apply_stream(
     scheduler: str,
     items: list[Observation],
     at: float,
-) -> None:
+) -> Counter[str]:
+    dropped: Counter[str] = Counter()
     row = conn.execute(
         d.sql(
             "SELECT stream_id, epoch_number, epoch_uuid, applied_epoch, applied_sequence"
@@ -109,7 +113,7 @@ def _apply_stream(
     ).fetchone()
     if row is None:
         log.info("%d %s observations with no grant ignored", len(items), scheduler)
-        return
+        return dropped
     stream, epoch, epoch_uuid, applied_epoch, applied_sequence = row
     applied = (int(applied_epoch), int(applied_sequence))
     current = [
@@ -118,9 +122,10 @@ def _apply_stream(
         if (i.stream_id, i.epoch_number, i.epoch_uuid) == (stream, int(epoch), epoch_uuid)
         and (i.epoch_number, i.sequence) > applied
     ]
+    current, dropped["oversize"] = staging.fitting(current, project_id, scheduler, stream)
     frames = [i for i in current if isinstance(i, ScheduleFrame)]
     if frames:
-        _stage(d, conn, project_id, frames, at)
+        staging.stage(d, conn, project_id, frames, at)
     # Each candidate once, oldest first: a snapshot made whole, or a control.
     candidates: dict[tuple[int, str], Observation] = {}
     for item in current:
@@ -134,7 +139,7 @@ def _apply_stream(
             _upsert(d, conn, project_id, item.rows, item, None, at)
             _delete(d, conn, project_id, scheduler, item.deleted)
         else:
-            rows = _assembled(d, conn, project_id, item)
+            rows = staging.assembled(d, conn, project_id, item)
             if rows is None:
                 continue
             _replace(d, conn, project_id, scheduler, rows, item, at)
@@ -148,122 +153,10 @@ def _apply_stream(
             (*newest, d.ts_in(at), d.uuid_in(project_id), scheduler),
         )
     if newest != applied or frames:
-        # Frames of the applied observation and older ones, and of older epochs.
-        conn.execute(
-            d.sql(
-                "DELETE FROM schedule_frames WHERE project_id = ? AND stream_id = ?"
-                " AND (epoch_number < ? OR (epoch_number = ? AND sequence <= ?))"
-            ),
-            (d.uuid_in(project_id), stream, int(epoch), newest[0], newest[1]),
-        )
-
-
-def _stage(
-    d: Dialect, conn: Conn, project_id: uuid.UUID, frames: list[ScheduleFrame], at: float
-) -> None:
-    placeholders = ", ".join([d.param] * 19)
-    conn.cursor().executemany(
-        f"INSERT INTO schedule_frames ({_FRAME_COLUMNS}) VALUES ({placeholders})"
-        " ON CONFLICT DO NOTHING",
-        [
-            (
-                d.uuid_in(project_id),
-                f.stream_id,
-                f.epoch_number,
-                f.sequence,
-                f.snapshot_id,
-                f.frame_index,
-                f.owner,
-                f.epoch_uuid,
-                f.source_scope,
-                f.adapter_instance_id,
-                f.stable_source,
-                f.frame_kind,
-                f.frame_count,
-                f.row_count,
-                f.snapshot_digest,
-                d.json_in(f.rows),
-                d.uuid_in(uuid.UUID(bytes=f.agent_id)),
-                f.worker_id,
-                d.ts_in(at),
-            )
-            for f in frames
-        ],
-    )
-
-
-def _assembled(
-    d: Dialect, conn: Conn, project_id: uuid.UUID, frame: ScheduleFrame
-) -> list[ScheduleRow] | None:
-    """The snapshot's rows once all its frames are staged and check out; None
-    while frames are missing. A snapshot whose frames disagree or whose rows
-    do not hash to its digest is dropped (logged): it can never be applied."""
-    staged = conn.execute(
-        d.sql(
-            "SELECT frame_index, frame_kind, frame_count, row_count, snapshot_digest, rows"
-            " FROM schedule_frames WHERE project_id = ? AND stream_id = ? AND epoch_number = ?"
-            " AND sequence = ? AND snapshot_id = ? ORDER BY frame_index"
-        ),
-        (
-            d.uuid_in(project_id),
-            frame.stream_id,
-            frame.epoch_number,
-            frame.sequence,
-            frame.snapshot_id,
-        ),
-    ).fetchall()
-    if len(staged) < frame.frame_count + 1:
-        return None
-    rows: list[dict[str, Any]] = []
-    problem = None
-    for expected, (index, kind, count, row_count, checksum, body) in enumerate(staged):
-        last = expected == frame.frame_count
-        if (index, kind) != (expected, "terminal" if last else "rows") or (
-            count,
-            row_count,
-            checksum,
-        ) != (frame.frame_count, frame.row_count, frame.snapshot_digest):
-            problem = "its frames disagree"
-            break
-        rows += d.json_out(body)
-    if problem is None and len(staged) != frame.frame_count + 1:
-        problem = "it has frames beyond its count"
-    if problem is None and len(rows) != frame.row_count:
-        problem = f"{len(rows)} rows, not its row_count {frame.row_count}"
-    if problem is None and core.snapshot_digest(frame, rows) != frame.snapshot_digest:
-        problem = "its rows do not match its snapshot_digest"
-    typed: list[ScheduleRow] = []
-    if problem is None:
-        try:
-            typed = [core.schedule_row(r, frame.owner) for r in rows]
-        except (TypeError, ValueError) as exc:
-            problem = str(exc)
-    if problem is None and len({r.source_key for r in typed}) != len(typed):
-        problem = "it repeats a source key"
-    if problem is not None:
-        log.warning(
-            "%s snapshot %s (epoch %d, sequence %d) not applied: %s",
-            frame.owner,
-            frame.snapshot_id,
-            frame.epoch_number,
-            frame.sequence,
-            problem,
-        )
-        conn.execute(
-            d.sql(
-                "DELETE FROM schedule_frames WHERE project_id = ? AND stream_id = ?"
-                " AND epoch_number = ? AND sequence = ? AND snapshot_id = ?"
-            ),
-            (
-                d.uuid_in(project_id),
-                frame.stream_id,
-                frame.epoch_number,
-                frame.sequence,
-                frame.snapshot_id,
-            ),
-        )
-        return None
-    return typed
+        staging.drop_applied(d, conn, project_id, stream, int(epoch), newest)
+    if frames:
+        dropped["over_bound"] = staging.trim(d, conn, project_id, scheduler, stream)
+    return +dropped
 
 
 def _replace(

@@ -16,7 +16,8 @@ import logging
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Collection, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -28,7 +29,7 @@ from ..buffer import ClaimedRow
 from ..events import event_rows
 from ..schedules import ScheduleControl, ScheduleFrame
 from ..tasks import TaskEvent, TaskRow
-from . import _rows, schedules, tasks
+from . import _rows, schedule_frames, schedules, tasks
 from ._filters import Where, commands_where, events_where
 from ._rows import (
     AGENT_COLUMNS,
@@ -89,13 +90,17 @@ class SqliteStore:
         observe_query: Callable[[float], None] | None = None,
         project_tasks: bool = True,
         on_tasks: Callable[[Sequence[TaskRow]], None] | None = None,
+        on_frames_dropped: Callable[[Mapping[str, int]], None] | None = None,
     ) -> None:
         """``observe_query``: called with each query's seconds (the query histogram).
         ``project_tasks``: keep the ``tasks`` table as events are written;
-        ``on_tasks`` is then called with the tasks each write finished."""
+        ``on_tasks`` is then called with the tasks each write finished.
+        ``on_frames_dropped``: called with the staged schedule frames each
+        write or expiry dropped, by reason (store/schedule_frames.py)."""
         self.path = path
         self._project_tasks = project_tasks
         self._on_tasks = on_tasks
+        self._on_frames_dropped = on_frames_dropped
         self._db: sqlite3.Connection | None = None
         self._limiter = trio.CapacityLimiter(1)
         self.observe_query = observe_query or _ignore
@@ -133,7 +138,7 @@ class SqliteStore:
 
     async def write_events(self, buffer_id: uuid.UUID, rows: Sequence[ClaimedRow]) -> int:
         try:
-            inserted, finished = await self._run(
+            inserted, finished, dropped = await self._run(
                 _write_events, buffer_id, rows, self._project_tasks
             )
         except (
@@ -145,6 +150,8 @@ class SqliteStore:
             raise UnstorableRows(str(exc).strip()) from exc
         if finished and self._on_tasks is not None:
             self._on_tasks(finished)
+        if dropped and self._on_frames_dropped is not None:
+            self._on_frames_dropped(dropped)
         return inserted
 
     async def check(self) -> None:
@@ -161,6 +168,14 @@ class SqliteStore:
             deleted += n
             if n < 10_000:
                 return deleted
+
+    async def expire_schedule_frames(self, *, now: float) -> int:
+        gone = await self._run(
+            lambda db: _transaction(db, lambda: schedule_frames.expire_frames(SQ, db, now))
+        )
+        if gone and self._on_frames_dropped is not None:
+            self._on_frames_dropped({"expired": gone})
+        return gone
 
     # -- the agent directory -----------------------------------------------------------
 
@@ -648,7 +663,7 @@ def _migrate(db: sqlite3.Connection) -> list[int]:
 
 def _write_events(
     db: sqlite3.Connection, buffer_id: uuid.UUID, rows: Sequence[ClaimedRow], project_tasks: bool
-) -> tuple[int, list[TaskRow]]:
+) -> tuple[int, list[TaskRow], Counter[str]]:
     buffer_text = str(buffer_id)
     ids: dict[bytes | None, str | None] = {None: None}  # the few agents of a batch, as text
 
@@ -674,7 +689,7 @@ def _write_events(
         for e in event_rows(buffer_id, rows, about_tasks, about_schedules)
     ]
 
-    def run() -> tuple[int, list[TaskRow]]:
+    def run() -> tuple[int, list[TaskRow], Counter[str]]:
         before = db.total_changes
         db.executemany(
             "INSERT OR IGNORE INTO events (received_at, idempotency_key, source, kind,"
@@ -684,8 +699,8 @@ def _write_events(
         )
         inserted = db.total_changes - before
         finished = tasks.write_tasks(SQ, db, about_tasks) if about_tasks else []
-        schedules.write_schedules(SQ, db, about_schedules)
-        return inserted, finished
+        dropped = schedules.write_schedules(SQ, db, about_schedules)
+        return inserted, finished, dropped
 
     return _transaction(db, run)
 
