@@ -18,6 +18,7 @@ import trio
 
 from z4j.buffer import ClaimedRow
 from z4j.config import Config
+from z4j.store import task_writes
 from z4j.store import tasks as task_sql
 from z4j.store.base import CommandRecord, Store, TaskCounts, TaskFilter
 from z4j.testing.brain import wait_until
@@ -341,13 +342,13 @@ async def test_a_task_inserted_by_another_drain_meanwhile_is_folded_into(config:
         watch.autocommit = True
         _configure(a)
         _configure(b)
-        task_sql.write_tasks(PG, a, [received, started])  # A: inserted, not committed
+        task_writes.write_tasks(PG, a, [received, started])  # A: inserted, not committed
         b_pid = b.info.backend_pid
         done: list[BaseException | None] = []
 
         def drain_b() -> None:
             try:
-                task_sql.write_tasks(PG, b, [succeeded])
+                task_writes.write_tasks(PG, b, [succeeded])
                 b.commit()
                 done.append(None)
             except BaseException as exc:
@@ -399,13 +400,13 @@ async def test_a_task_changed_by_another_drain_meanwhile_is_folded_again(
         watch.autocommit = True
         _configure(a)
         _configure(b)
-        task_sql.write_tasks(PG, a, [started_event])  # A: the row updated, not committed
+        task_writes.write_tasks(PG, a, [started_event])  # A: the row updated, not committed
         b_pid = b.info.backend_pid
         done: list[BaseException | None] = []
 
         def drain_b() -> None:
             try:
-                task_sql.write_tasks(PG, b, [succeeded_event])
+                task_writes.write_tasks(PG, b, [succeeded_event])
                 b.commit()
                 done.append(None)
             except BaseException as exc:

@@ -79,7 +79,7 @@ def event_rows(
     The hot loop of the drain: it builds no UUID objects, and checks a
     record's kind with exact type tests first. With ``tasks``, the agent
     events about a task are also appended there, parsed once, for the task
-    projection written in the same transaction (store/tasks.py); with
+    projection written in the same transaction (store/task_writes.py); with
     ``schedules``, the schedule observations (store/schedules.py).
     """
     prefix = key_prefix(buffer_id) << 64

@@ -579,7 +579,7 @@ CREATE TABLE schedule_frames (
         # task_counts keeps how many tasks there are per (project, engine,
         # queue, state) -- a null queue as '' -- so the API's counts by state
         # read a few rows, not millions. The drain keeps it
-        # in the events' transaction (store/tasks.py); concurrent drains add
+        # in the events' transaction (store/task_writes.py); concurrent drains add
         # to different shards, so they rarely wait on one counter row.
         postgres="""
 ALTER TABLE tasks DROP COLUMN args, DROP COLUMN kwargs, DROP COLUMN result,

@@ -45,7 +45,7 @@ from ..buffer import ClaimedRow
 from ..events import event_rows
 from ..schedules import ScheduleControl, ScheduleFrame
 from ..tasks import TaskEvent, TaskRow
-from . import _rows, schedule_frames, schedules, tasks
+from . import _rows, schedule_frames, schedules, task_writes, tasks
 from ._filters import Where, commands_where, events_where
 from ._rows import (
     AGENT_COLUMNS,
@@ -325,7 +325,7 @@ class PostgresStore:
                 agent_rows = agent_rows or agent is not None
         cur.execute(_INSERT_WITH_AGENT_KEYS if agent_rows else _INSERT_EVENTS)
         inserted: int = cur.rowcount
-        finished = tasks.write_tasks(PG, conn, about_tasks) if about_tasks else []
+        finished = task_writes.write_tasks(PG, conn, about_tasks) if about_tasks else []
         dropped = schedules.write_schedules(PG, conn, about_schedules)
         return inserted, finished, dropped
 
@@ -616,7 +616,7 @@ class PostgresStore:
         forgotten = 0
         while True:  # in chunks: each a short transaction
             n: int = await self._run(
-                lambda conn: tasks.delete_tasks_before(PG, conn, before, _FORGET_CHUNK)
+                lambda conn: task_writes.delete_tasks_before(PG, conn, before, _FORGET_CHUNK)
             )
             forgotten += n
             if n < _FORGET_CHUNK:
@@ -655,7 +655,9 @@ class PostgresStore:
         return result
 
     async def fold_task_events(self, events: Sequence[TaskEvent]) -> None:
-        finished: list[TaskRow] = await self._run(lambda conn: tasks.write_tasks(PG, conn, events))
+        finished: list[TaskRow] = await self._run(
+            lambda conn: task_writes.write_tasks(PG, conn, events)
+        )
         if finished and self._on_tasks is not None:
             self._on_tasks(finished)
 

@@ -2,7 +2,7 @@
 
 What scheduler adapters publish (z4j.schedules) is applied in the
 transaction that stores the events carrying it, like the task projection
-(store/tasks.py), under three rules:
+(store/task_writes.py), under three rules:
 
 - **Only under the brain's grant.** ``schedule_streams`` holds, per
   (project, scheduler), the stream and epoch the brain last granted
@@ -28,7 +28,7 @@ deletes its ``deleted_source_keys``.
 Postgres drains run concurrently: the stream's row is read ``FOR UPDATE``
 before its frames are staged, so two drains holding frames of one
 snapshot take turns, and the second sees the first's frames. Streams are
-locked in key order, after the tasks a batch touches (store/tasks.py).
+locked in key order, after the tasks a batch touches (store/task_writes.py).
 """
 
 from __future__ import annotations

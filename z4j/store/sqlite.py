@@ -29,7 +29,7 @@ from ..buffer import ClaimedRow
 from ..events import event_rows
 from ..schedules import ScheduleControl, ScheduleFrame
 from ..tasks import TaskEvent, TaskRow
-from . import _rows, schedule_frames, schedules, tasks
+from . import _rows, schedule_frames, schedules, task_writes, tasks
 from ._filters import Where, commands_where, events_where
 from ._rows import (
     AGENT_COLUMNS,
@@ -436,7 +436,7 @@ class SqliteStore:
         while True:  # in chunks, so other writers get the lock in between
             n: int = await self._run(
                 lambda db: _transaction(
-                    db, lambda: tasks.delete_tasks_before(SQ, db, before, _FORGET_CHUNK)
+                    db, lambda: task_writes.delete_tasks_before(SQ, db, before, _FORGET_CHUNK)
                 )
             )
             forgotten += n
@@ -466,7 +466,7 @@ class SqliteStore:
 
     async def fold_task_events(self, events: Sequence[TaskEvent]) -> None:
         finished = await self._run(
-            lambda db: _transaction(db, lambda: tasks.write_tasks(SQ, db, events))
+            lambda db: _transaction(db, lambda: task_writes.write_tasks(SQ, db, events))
         )
         if finished and self._on_tasks is not None:
             self._on_tasks(finished)
@@ -698,7 +698,7 @@ def _write_events(
             params,
         )
         inserted = db.total_changes - before
-        finished = tasks.write_tasks(SQ, db, about_tasks) if about_tasks else []
+        finished = task_writes.write_tasks(SQ, db, about_tasks) if about_tasks else []
         dropped = schedules.write_schedules(SQ, db, about_schedules)
         return inserted, finished, dropped
 
