@@ -50,9 +50,10 @@ half). Both figures are measured against a reference taken in the same run.
     engines that have queues, 6 agents in 2 projects, the 6 states at
     89.5% succeeded / 4% failed / 3% received / 2% started / 1% retried /
     0.5% revoked, last_event_at spread over 30 days in insertion order;
-    doc and timeline left at their defaults), the indexes recreated from
-    their own definitions (checked equal to the migration's afterwards),
-    then VACUUM ANALYZE. This cluster runs with fsync off and
+    each doc 600 bytes, the size of a celery task's, so that the rows take
+    their real room), the indexes recreated from their own definitions
+    (checked equal to the migration's afterwards), ``task_counts`` filled
+    as the drain keeps it, then VACUUM ANALYZE. This cluster runs with fsync off and
     wal_level=minimal, for the load only: the timed queries only read.
 
     Then what GET /api/v1/tasks runs, through the store's own methods:
@@ -63,7 +64,9 @@ half). Both figures are measured against a reference taken in the same run.
     those filters) and a deep page (a cursor at a random time in the 30
     days, random filter). p50/p99 of each, and of the list query over all
     of them; target p99 <= 100 ms for the list query. The count query is
-    reported beside it: it counts every matching row, so it runs at most
+    reported beside it: with no filter, or by engine, it reads
+    ``task_counts``; by name or agent it counts the newest 100,000 matches
+    (the API then says ``counts_exact: false``). It runs at most
     ``--count-seconds`` per filter. EXPLAIN ANALYZE of one query of each
     kind says which index served it.
 
@@ -113,6 +116,7 @@ EVENTS_PER_TASK = 5
 # projection on, longer than the 30 s lease (see the docstring).
 MAX_BATCH_EVENTS = DEFAULTS.drain_batch_rows * 5
 PAGE = 50  # the API's default limit
+DOC_BYTES = 600  # a celery task's doc (5 observations, its registers), as orjson
 
 ENGINES = (("celery", 0.55), ("dramatiq", 0.20), ("huey", 0.15), ("taskiq", 0.10))
 QUEUED_ENGINES = ("celery", "dramatiq")  # huey and taskiq send no queue
@@ -529,7 +533,7 @@ def _pick_sql(column: str, pairs: tuple[tuple[str, float], ...]) -> str:
 FILL_SQL = f"""
 INSERT INTO tasks (project_id, engine, task_id, name, queue, state, attempts, agent_id, worker,
     exception, message, runtime_ms, first_seen, received_at, started_at, finished_at,
-    last_event_at)
+    last_event_at, doc)
 SELECT
     CASE WHEN agent < 4 THEN %(project_a)s::uuid ELSE %(project_b)s::uuid END,
     engine,
@@ -551,7 +555,8 @@ SELECT
     at - 0.5 * interval '1 second' - runtime * interval '1 millisecond',
     CASE WHEN state <> 'received' THEN at - runtime * interval '1 millisecond' END,
     CASE WHEN state IN ('succeeded', 'failed', 'revoked', 'retried') THEN at END,
-    at
+    at,
+    %(doc)s::bytea
 FROM (
     SELECT i, r_name, r_queue, agent,
         {_pick_sql("r_engine", ENGINES)} AS engine,
@@ -603,6 +608,8 @@ def fill_tasks(url: str, n: int, chunk: int) -> float:
                 "now": now,
                 "span": SPREAD_DAYS * DAY,
                 "n": n,
+                # A real celery task's doc is ~600 bytes: the rows take their real room.
+                "doc": b"x" * DOC_BYTES,
             }
             for lo in range(1, n + 1, chunk):
                 hi = min(n, lo + chunk - 1)
@@ -617,6 +624,12 @@ def fill_tasks(url: str, n: int, chunk: int) -> float:
                 say(f"    index {name} built  ({time.perf_counter() - load:.0f} s)")
         if _index_state(conn) != indexes:
             raise RuntimeError("the recreated indexes differ from the migration's")
+        # What the drain keeps beside the rows: the counts by state.
+        conn.execute("TRUNCATE task_counts")
+        conn.execute(
+            "INSERT INTO task_counts SELECT project_id, engine, coalesce(queue, ''), state,"
+            " 0, count(*) FROM tasks GROUP BY 1, 2, 3, 4"
+        )
         vacuum = time.perf_counter()
         conn.execute("VACUUM (ANALYZE) tasks")
         say(f"    VACUUM ANALYZE  ({time.perf_counter() - vacuum:.0f} s)")
@@ -833,10 +846,10 @@ def page_figure(args: argparse.Namespace) -> list[str]:
         f"    count query, all filters: p50 {_percentile(counts, 50):.1f} ms, "
         f"p99 {count_p99:.1f} ms (no target)"
     )
-    times = _percentile(counts, 50) / _percentile(lists, 50)
     say(
-        f"    GET /api/v1/tasks runs both: at the median the count takes {times:,.0f}x the list's"
-        " time (it reads every matching row; the list reads one page from an index)"
+        f"    GET /api/v1/tasks runs both on its first page: p99 of the two together at most "
+        f"{p99 + count_p99:.1f} ms (counts from task_counts, or from the newest 100,000 "
+        "matches in an index)"
     )
     return [] if ok else [f"tasks list query p99 {p99:.1f} ms > {TARGET_P99_MS:g} ms"]
 

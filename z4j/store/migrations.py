@@ -575,7 +575,10 @@ CREATE TABLE schedule_frames (
         # that Postgres neither parses nor checks; inputs, result, traceback,
         # tags, priority and timeline are derived from it when a task is read
         # (z4j.tasks.task_row). The primary key leads with (engine, task_id),
-        # which is how a task is looked up, so tasks_by_task_id goes.
+        # which is how a task is looked up, so tasks_by_task_id goes. The
+        # indexes that serve the filters task_counts cannot count (name,
+        # agent, time) carry the state, so that the newest matches are
+        # counted from the index alone (store/tasks.py, count_by_state).
         # task_counts keeps how many tasks there are per (project, engine,
         # queue, state) -- a null queue as '' -- so the API's counts by state
         # read a few rows, not millions. The drain keeps it
@@ -589,6 +592,15 @@ ALTER TABLE tasks ALTER COLUMN doc TYPE bytea USING convert_to(doc::text, 'UTF8'
 ALTER TABLE tasks DROP CONSTRAINT tasks_pkey;
 ALTER TABLE tasks ADD PRIMARY KEY (engine, task_id, project_id);
 DROP INDEX tasks_by_task_id;
+DROP INDEX tasks_recent;
+DROP INDEX tasks_by_name;
+DROP INDEX tasks_by_agent;
+CREATE INDEX tasks_recent ON tasks (last_event_at DESC, engine DESC, task_id DESC)
+    INCLUDE (state);
+CREATE INDEX tasks_by_name ON tasks (name, last_event_at DESC, engine DESC, task_id DESC)
+    INCLUDE (state);
+CREATE INDEX tasks_by_agent ON tasks (agent_id, last_event_at DESC, engine DESC, task_id DESC)
+    INCLUDE (state);
 CREATE TABLE task_counts (
     project_id uuid NOT NULL,
     engine     text NOT NULL,
