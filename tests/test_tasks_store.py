@@ -230,9 +230,13 @@ async def test_commands_that_name_a_task_link_old_and_new(config: Config) -> Non
             at=T0 + 1,
             result={"new_task_id": "t-new", "task_name": "app.add"},
         )
-        assert [c.id for c in await store.commands_for_task("t-old")] == [command.id]
-        assert [c.id for c in await store.commands_for_task("t-new")] == [command.id]
-        assert await store.commands_for_task("t-unrelated") == []
+        links = store.commands_for_task
+        assert [c.id for c in await links(Ids.project, "celery", "t-old")] == [command.id]
+        assert [c.id for c in await links(Ids.project, "celery", "t-new")] == [command.id]
+        assert await links(Ids.project, "celery", "t-unrelated") == []
+        # The same id under another engine, or in another project, is another task.
+        assert await links(Ids.project, "huey", "t-old") == []
+        assert await links(uuid.uuid4(), "celery", "t-old") == []
 
 
 async def test_without_the_projection_no_task_is_kept(config: Config) -> None:

@@ -575,8 +575,11 @@ class Store(Protocol):
         only ``engine``'s, or only the worker of that name, when given."""
         ...
 
-    async def commands_for_task(self, task_id: str) -> list[CommandRecord]:
-        """Commands that named this task (target, parameters or result), newest first."""
+    async def commands_for_task(
+        self, project_id: uuid.UUID, engine: str, task_id: str
+    ) -> list[CommandRecord]:
+        """Commands of the project that named this task (target, parameters or
+        result) and no other engine, newest first."""
         ...
 
     async def stuck_counts(self, *, before: float) -> dict[str, int]:

@@ -669,9 +669,11 @@ class PostgresStore:
         )
         return result
 
-    async def commands_for_task(self, task_id: str) -> list[CommandRecord]:
+    async def commands_for_task(
+        self, project_id: uuid.UUID, engine: str, task_id: str
+    ) -> list[CommandRecord]:
         result: list[CommandRecord] = await self._run(
-            lambda conn: tasks.commands_for_task(PG, conn, task_id)
+            lambda conn: tasks.commands_for_task(PG, conn, project_id, engine, task_id)
         )
         return result
 

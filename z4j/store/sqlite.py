@@ -476,8 +476,12 @@ class SqliteStore:
     ) -> list[EngineWorker]:
         return await self._run(lambda db: tasks.engine_workers(SQ, db, since, engine, worker))
 
-    async def commands_for_task(self, task_id: str) -> list[CommandRecord]:
-        return await self._run(lambda db: tasks.commands_for_task(SQ, db, task_id))
+    async def commands_for_task(
+        self, project_id: uuid.UUID, engine: str, task_id: str
+    ) -> list[CommandRecord]:
+        return await self._run(
+            lambda db: tasks.commands_for_task(SQ, db, project_id, engine, task_id)
+        )
 
     async def list_schedules(self, query: ScheduleFilter) -> list[ScheduleRecord]:
         return await self._run(lambda db: schedules.list_schedules(SQ, db, query))

@@ -233,22 +233,33 @@ def task_record(d: Dialect, row: Any) -> TaskRecord:
 
 
 def commands_for_task(
-    d: Dialect, conn: Conn, task_id: str, *, limit: int = 100
+    d: Dialect,
+    conn: Conn,
+    project_id: uuid.UUID,
+    engine: str,
+    task_id: str,
+    *,
+    limit: int = 100,
 ) -> list[CommandRecord]:
-    """Commands that named ``task_id``: as their target or parameter, or as
-    the new task their result reports (a retry links old and new), newest first."""
+    """Commands of the task's project that named it: as their target or
+    parameter, or as the new task their result reports (a retry links old
+    and new), newest first. A command whose target names an engine must
+    name this one: engines do not share task ids."""
     fields = [
         d.json_text("target", "task_id"),
         d.json_text("parameters", "task_id"),
         d.json_text("result", "new_task_id"),
         d.json_text("result", "task_id"),
     ]
-    where = " OR ".join(f"{field} = ?" for field in fields)
+    named = " OR ".join(f"{field} = ?" for field in fields)
+    target_engine = d.json_text("target", "engine")
     rows = conn.execute(
         d.sql(
-            f"SELECT {COMMAND_COLUMNS} FROM commands WHERE {where} ORDER BY created_at DESC LIMIT ?"
+            f"SELECT {COMMAND_COLUMNS} FROM commands WHERE project_id = ?"
+            f" AND ({target_engine} IS NULL OR {target_engine} = ?) AND ({named})"
+            " ORDER BY created_at DESC LIMIT ?"
         ),
-        [task_id] * len(fields) + [limit],
+        [d.uuid_in(project_id), engine, *[task_id] * len(fields), limit],
     ).fetchall()
     return [_rows.command(d, row) for row in rows]
 

@@ -118,7 +118,10 @@ class TaskRoutes:
             }
             for attempt in item["timeline"] or []
         ]
-        item["commands"] = [to_json(c) for c in await self._store.commands_for_task(task.task_id)]
+        item["commands"] = [
+            to_json(c)
+            for c in await self._store.commands_for_task(task.project_id, task.engine, task.task_id)
+        ]
         item["actions"] = await self._actions(task)
         return 200, item
 
