@@ -21,9 +21,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
+import pytest
 from playwright.sync_api import Page, expect
 
 from z4j.brain.http.queues_api import purge_token
+from z4j.store import tasks as task_sql
 
 if TYPE_CHECKING:
     from conftest import Dashboard, QueueAgent, TaskAgent  # tests/browser/conftest.py
@@ -109,7 +111,7 @@ def open_task(page: Page, task_id: str) -> None:
 
 
 def test_state_tabs_and_search_narrow_the_list_and_it_updates_live(
-    page: Page, dashboard: Dashboard, task_agent: TaskAgent
+    page: Page, dashboard: Dashboard, task_agent: TaskAgent, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     m = marker()
     name = f"shop.{m}.charge"
@@ -175,6 +177,16 @@ def test_state_tabs_and_search_narrow_the_list_and_it_updates_live(
     expect(tab(page, "failed").locator(".count")).to_have_text("3")
     expect(tab(page, "").locator(".count")).to_have_text("5")
     assert rows.first.get_attribute("data-task-id") == late
+
+    # A search is counted over its newest matches (COUNT_WINDOW, lowered
+    # here, in the brain this test runs): once that window fills, each
+    # count is a lower bound, and says so.
+    monkeypatch.setattr(task_sql, "COUNT_WINDOW", 1)
+    page.fill("#tf-q", late)
+    expect(rows).to_have_count(1)
+    expect(tab(page, "").locator(".count")).to_have_text("1+")
+    expect(tab(page, "failed").locator(".count")).to_have_text("1+")
+    expect(page.locator("#tasks-hint")).to_contain_text("1 of 1+ shown")
     assert_no_reload(page)
 
 
