@@ -1,0 +1,211 @@
+"""Untrusted bytes to an `AgentToServer`, and a `ServerToAgent` back to bytes.
+
+Everything an OpAMP endpoint does to a body or a WebSocket message before the
+per-agent rules (`state`) see it: the size limit, gzip, the WebSocket header,
+protobuf, and the one check protobuf cannot make (``instance_uid`` is 16
+bytes). Both transports carry the same protobuf; they differ only in the
+wrapping:
+
+- plain HTTP: the body, gzip-compressed when ``Content-Encoding: gzip``;
+- WebSocket: each binary message is a varint header, 0 in this version of
+  OpAMP, followed by the protobuf (possibly empty: all fields unset).
+
+The limit applies to what we would hold in memory: the decompressed body, or
+the whole WebSocket message. `inflate_gzip` stops one byte past the limit, so
+a gzip bomb costs at most ``limit + 1`` bytes of output, never its full size.
+
+Every fault of the peer raises `OpampDecodeError` (a `RemoteProtocolError`)
+and nothing else: answer it with `replies.bad_request`. Its subclass
+`MessageTooLarge` is the one the transports answer differently (HTTP 413,
+WebSocket close 1009). ``reason`` labels the rejection for
+``z4j_opamp_frames_rejected_total{reason}``: ``too_large``, ``encoding``,
+``gzip``, ``header``, ``protobuf``, ``instance_uid``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Final
+
+from google.protobuf.message import DecodeError
+
+from ..close import CloseCode
+from ..errors import LocalProtocolError, RemoteProtocolError
+from . import opamp_pb2 as pb
+from .flags import AgentFlag
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "INSTANCE_UID_BYTES",
+    "MessageTooLarge",
+    "OpampDecodeError",
+    "check_size",
+    "decode_agent_to_server",
+    "decode_http_body",
+    "decode_ws_message",
+    "encode_server_to_agent",
+    "encode_ws_message",
+    "inflate_gzip",
+]
+
+DEFAULT_MAX_MESSAGE_BYTES: Final = 10 * 1024 * 1024
+"""``Z4J_OPAMP_MAX_MESSAGE_BYTES``'s default: both ways, after decompression."""
+
+INSTANCE_UID_BYTES: Final = 16
+
+_WS_HEADER: Final = b"\x00"  # the varint 0: the only header this OpAMP version defines
+_MAX_VARINT_BYTES: Final = 10
+_GZIP_ONLY: Final = 16 + zlib.MAX_WBITS  # zlib's wbits for a gzip wrapper, no zlib/raw
+
+
+class OpampDecodeError(RemoteProtocolError):
+    """The agent sent something we cannot read.
+
+    ``instance_uid`` is the agent's, when the message parsed far enough to
+    have one (so the error reply can echo it), else empty.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str,
+        instance_uid: bytes = b"",
+        close_code: CloseCode | None = None,
+    ) -> None:
+        super().__init__(message, reason=reason, close_code=close_code)
+        self.instance_uid = instance_uid
+
+
+class MessageTooLarge(OpampDecodeError):
+    """Over the limit: HTTP 413, or close 1009 on a WebSocket."""
+
+    def __init__(self, size: str, limit: int) -> None:
+        super().__init__(
+            f"message is {size} bytes, over the limit of {limit}",
+            reason="too_large",
+            close_code=CloseCode.TOO_LARGE,
+        )
+        self.limit = limit
+
+
+def check_size(size: int, limit: int) -> None:
+    """Refuse ``size`` bytes when they pass ``limit`` (a body, a message)."""
+    if size > limit:
+        raise MessageTooLarge(str(size), limit)
+
+
+def inflate_gzip(data: bytes, *, limit: int = DEFAULT_MAX_MESSAGE_BYTES) -> bytes:
+    """Decompress a gzip body, refusing it as soon as it inflates past ``limit``.
+
+    Concatenated gzip members are one body (as in `gzip.decompress`);
+    anything else after the last member, a truncated member or a bad
+    checksum is malformed.
+    """
+    out = bytearray()
+    data_left = data
+    while True:
+        inflater = zlib.decompressobj(wbits=_GZIP_ONLY)
+        pending = data_left
+        while not inflater.eof:
+            try:
+                # max_length is never 0 here (0 would mean "no limit").
+                chunk = inflater.decompress(pending, limit - len(out) + 1)
+            except zlib.error as exc:
+                raise OpampDecodeError(f"bad gzip body: {exc}", reason="gzip") from None
+            out += chunk
+            if len(out) > limit:
+                raise MessageTooLarge(f"more than {limit}", limit)
+            pending = inflater.unconsumed_tail
+            if not chunk and not pending and not inflater.eof:
+                raise OpampDecodeError("truncated gzip body", reason="gzip")
+        data_left = inflater.unused_data
+        if not data_left:
+            return bytes(out)
+
+
+def decode_http_body(
+    body: bytes,
+    *,
+    content_encoding: str | None = None,
+    limit: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> pb.AgentToServer:
+    """An HTTP POST body to its `AgentToServer`, inflating it if gzipped."""
+    encoding = (content_encoding or "").strip().lower()
+    if encoding in ("gzip", "x-gzip"):
+        body = inflate_gzip(body, limit=limit)
+    elif encoding not in ("", "identity"):
+        raise OpampDecodeError(
+            f"unsupported Content-Encoding {content_encoding!r}", reason="encoding"
+        )
+    return decode_agent_to_server(body, limit=limit)
+
+
+def decode_ws_message(
+    message: bytes, *, limit: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> pb.AgentToServer:
+    """One binary WebSocket message (header and protobuf) to its `AgentToServer`."""
+    check_size(len(message), limit)
+    header, offset = _read_varint(message)
+    if header != 0:
+        raise OpampDecodeError(f"WebSocket header {header}, not 0", reason="header")
+    return decode_agent_to_server(message[offset:], limit=limit)
+
+
+def decode_agent_to_server(
+    data: bytes, *, limit: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> pb.AgentToServer:
+    """Protobuf bytes (no header, not compressed) to an `AgentToServer`.
+
+    Unknown fields are kept and ignored, as protobuf intends: a newer agent
+    may send fields this version of OpAMP does not define.
+    """
+    check_size(len(data), limit)
+    message = pb.AgentToServer()
+    try:
+        message.ParseFromString(data)
+    except DecodeError as exc:
+        raise OpampDecodeError(f"not an AgentToServer: {exc}", reason="protobuf") from None
+    uid = message.instance_uid
+    # A client asking us for an id may send a placeholder of any length.
+    if len(uid) != INSTANCE_UID_BYTES and not message.flags & AgentFlag.REQUEST_INSTANCE_UID:
+        raise OpampDecodeError(
+            f"instance_uid is {len(uid)} bytes, not {INSTANCE_UID_BYTES}",
+            reason="instance_uid",
+            instance_uid=uid,
+        )
+    return message
+
+
+def encode_server_to_agent(
+    message: pb.ServerToAgent, *, limit: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> bytes:
+    """A `ServerToAgent` to protobuf bytes (the HTTP response body, uncompressed).
+
+    Over the limit is our fault, not the agent's: the specification says such
+    a message is not sent at all, so this raises `LocalProtocolError`
+    (``reason="too_large"``) for the caller to count and drop.
+    """
+    data = message.SerializeToString()
+    if len(data) > limit:
+        raise LocalProtocolError(
+            f"ServerToAgent is {len(data)} bytes, over the limit of {limit}", reason="too_large"
+        )
+    return data
+
+
+def encode_ws_message(
+    message: pb.ServerToAgent, *, limit: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> bytes:
+    """A `ServerToAgent` as one binary WebSocket message: header 0, then the protobuf."""
+    return _WS_HEADER + encode_server_to_agent(message, limit=limit - len(_WS_HEADER))
+
+
+def _read_varint(data: bytes) -> tuple[int, int]:
+    """(value, bytes used) of the base-128 varint at the start of ``data``."""
+    value = 0
+    for i, byte in enumerate(data[:_MAX_VARINT_BYTES]):
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            return value, i + 1
+    raise OpampDecodeError("WebSocket header is not a varint", reason="header")
