@@ -46,6 +46,8 @@ POSITIVE_FIELDS = [
     "task_retention_days",
     "task_stuck_seconds",
     "task_reconcile_seconds",
+    "opamp_max_message_bytes",
+    "opamp_heartbeat_window_seconds",
 ]
 NON_NEGATIVE_FIELDS = ["db_statement_timeout_ms", "shutdown_grace_seconds", "drain_linger_ms"]
 OPTIONAL_FIELDS = [

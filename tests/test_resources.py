@@ -17,6 +17,7 @@ import pytest
 
 from z4j.brain.http import resources
 from z4j.brain.http.api import _agent_json, event_json
+from z4j.brain.http.opamp_api import opamp_agent_json
 from z4j.brain.http.openapi import OPENAPI
 from z4j.brain.http.resources import RESOURCES, Resource, component, to_json
 from z4j.brain.http.workers_api import engine_worker_json
@@ -27,6 +28,7 @@ from z4j.store.base import (
     EngineWorker,
     EventRecord,
     InstanceInfo,
+    OpampAgent,
     Project,
     ScheduleRecord,
     TaskRecord,
@@ -53,6 +55,23 @@ PENDING = CommandRecord(
     finished_at=None,
     result=None,
     error=None,
+)
+OPAMP_AGENT = OpampAgent(
+    project_id=ID,
+    instance_uid="ab" * 16,
+    identifying={"service.name": "checkout"},
+    non_identifying={"host.name": "web-1", "process.pid": 42},
+    capabilities=["REPORTS_STATUS", "REPORTS_HEALTH"],
+    health={"healthy": True, "status": "running", "last_error": ""},
+    effective_config=None,
+    remote_config_status=None,
+    sequence_num=3,
+    transport="http",
+    first_seen=T,
+    last_seen=T + 1,
+    disconnected_at=None,
+    state=b"internal",
+    full_state_requests=1,
 )
 SAMPLES: dict[type, list[Any]] = {
     Project: [Project(ID, "p")],
@@ -167,6 +186,16 @@ SAMPLES: dict[type, list[Any]] = {
             tags=["a"],
             priority=5,
             timeline=[{"attempt": 1, "state": "received"}],
+        ),
+    ],
+    OpampAgent: [
+        OPAMP_AGENT,
+        attrs.evolve(
+            OPAMP_AGENT,
+            health=None,
+            effective_config={"config_hash": "00", "files": []},
+            remote_config_status={"status": "applied"},
+            disconnected_at=T + 2,
         ),
     ],
     EngineWorker: [
@@ -328,3 +357,17 @@ def test_a_field_added_to_the_record_reaches_json_and_openapi(
     assert properties["priority"] == {"type": "integer", "nullable": True}
     assert properties["deadline_at"] == {"type": "string", "format": "date-time", "nullable": True}
     assert list(item) == list(properties)
+
+
+def test_an_opamp_agent_keeps_its_core_state_internal() -> None:
+    """The route adds the project's name and ``online``; the state blob stays in."""
+    item = opamp_agent_json(OPAMP_AGENT, "p", online=True)
+    assert "state" not in item and "full_state_requests" not in item
+    assert list(item)[:4] == ["project_id", "project", "instance_uid", "online"]
+    assert item["last_seen"] == "2025-12-06T05:46:41.250000+00:00"
+    openapi_schema_validator.validate(
+        orjson.loads(orjson.dumps(item)),
+        OPENAPI["components"]["schemas"]["OpampAgent"],
+        cls=openapi_schema_validator.OAS30Validator,
+        format_checker=openapi_schema_validator.oas30_format_checker,
+    )

@@ -1,4 +1,10 @@
-"""The ``z4j`` command: ``brain``, ``migrate``, ``config``, ``send``, ``project``, ``agent``, ``admin``, ``command``."""
+"""The ``z4j`` command: ``brain``, ``migrate``, ``config``, ``send``, ``project``,
+``agent``, ``admin``, ``command``, ``opamp``.
+
+One concern justifies the length (past 700 lines): the command line, its
+parser and one thin function per subcommand over the store; each is a few
+lines, and splitting them by noun would scatter the one parser they share.
+"""
 
 from __future__ import annotations
 
@@ -169,6 +175,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     token_revoke.add_argument("ref", metavar="NAME_OR_ID", help="the token's name or id")
 
+    opamp = sub.add_parser("opamp", help="OpAMP: bearer tokens for POST /v1/opamp")
+    opamp_sub = opamp.add_subparsers(dest="action", required=True)
+    opamp_token = opamp_sub.add_parser("token", help="create, list and revoke OpAMP tokens")
+    opamp_token_sub = opamp_token.add_subparsers(dest="token_action", required=True)
+    opamp_create = opamp_token_sub.add_parser(
+        "create",
+        help="make an OpAMP token for a project and print it (shown only now)",
+        description="Make a bearer token OpAMP clients send to POST /v1/opamp. Agents it "
+        "admits belong to the project; it never reads or writes another project's. It is "
+        "shown only now: the store keeps its keyed hash.",
+    )
+    opamp_create.add_argument("--project", required=True, help="project name or id")
+    opamp_create.add_argument("--name", default="opamp", help="a label for it (default opamp)")
+    opamp_list = opamp_token_sub.add_parser(
+        "list", help="list OpAMP tokens: id, project, name, created (never the secret)"
+    )
+    opamp_revoke = opamp_token_sub.add_parser(
+        "revoke", help="revoke an OpAMP token: its agents' next requests get 401"
+    )
+    opamp_revoke.add_argument("ref", metavar="ID", help="the token's id (from list)")
+
     command = sub.add_parser("command", help="send commands to agents and follow them")
     command_sub = command.add_subparsers(dest="action", required=True)
     command_send = command_sub.add_parser(
@@ -205,6 +232,9 @@ def _parser() -> argparse.ArgumentParser:
         command_send,
         command_show,
         admin_token,
+        opamp_create,
+        opamp_list,
+        opamp_revoke,
     ):
         _add_config_flags(leaf)
     return parser
@@ -254,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 value = "********"
             print(f"{env_name(name)}={'' if value is None else value}")
         return 0
-    if args.command in ("project", "agent", "command", "admin"):
+    if args.command in ("project", "agent", "command", "admin", "opamp"):
         # Only warnings and errors: stdout is for the answer, stderr for trouble.
         configure_logging("WARNING" if config.log_level == "INFO" else config.log_level, "text")
         return trio.run(_directory, args, config)
@@ -370,7 +400,10 @@ class _DirectoryError(Exception):
 async def _directory(args: argparse.Namespace, config: Config) -> int:
     from .store import DirectoryConflict, StoreUnavailable, store_for
 
-    command = _DIRECTORY_COMMANDS[args.command, args.action]
+    if args.command == "opamp":
+        command = _OPAMP_TOKEN_COMMANDS[args.token_action]
+    else:
+        command = _DIRECTORY_COMMANDS[args.command, args.action]
     if args.command == "admin" and args.token_action is not None:
         command = _ADMIN_TOKEN_COMMANDS[args.token_action]
     store = store_for(config, application_name="z4j-cli")
@@ -603,6 +636,62 @@ def _when(at: float | None) -> str:
     if at is None:
         return ""
     return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+async def _opamp_token_create(args: argparse.Namespace, config: Config, store: Store) -> None:
+    from . import keys
+
+    project = await _project_of(store, args.project)
+    master = keys.master_secret(config)
+    token = keys.new_opamp_token()
+    await store.add_opamp_token(project.id, keys.opamp_token_hash(master, token), args.name)
+    await store.audit(
+        "opamp.token.create",
+        f"opamp-token:{keys.opamp_token_hash(master, token)[:8].hex()}",
+        {"project_id": str(project.id), "name": args.name},
+        actor=_actor(),
+    )
+    print(token)
+    print(
+        f"The token is shown only now. Point OpAMP clients at {_brain_url(config)}/v1/opamp "
+        f"with the header 'Authorization: Bearer {token}'.",
+        file=sys.stderr,
+    )
+
+
+async def _opamp_token_list(args: argparse.Namespace, config: Config, store: Store) -> None:
+    names = {p.id: p.name for p in await store.list_projects()}
+    tokens = await store.list_opamp_tokens()
+    rows = [
+        (t.id, str(names.get(t.project_id, t.project_id)), t.name, _when(t.created_at))
+        for t in tokens
+    ]
+    width = max([len(project) for _, project, _, _ in rows] + [7])
+    print(f"{'ID':<16}  {'PROJECT':<{width}}  {'CREATED':<20}  NAME")
+    for token_id, project, name, created in rows:
+        print(f"{token_id:<16}  {project:<{width}}  {created:<20}  {name}")
+
+
+async def _opamp_token_revoke(args: argparse.Namespace, config: Config, store: Store) -> None:
+    matches = [t for t in await store.list_opamp_tokens() if t.id == args.ref.lower()]
+    if not matches:
+        raise _DirectoryError(f"no OpAMP token with id {args.ref!r}")
+    [token] = matches
+    await store.revoke_opamp_token(token.token_hash)
+    await store.audit(
+        "opamp.token.revoked",
+        f"opamp-token:{token.id}",
+        {"project_id": str(token.project_id), "name": token.name},
+        actor=_actor(),
+    )
+    print(f"revoked OpAMP token {token.id} ({token.name})")
+
+
+_OPAMP_TOKEN_COMMANDS: dict[str, Callable[[argparse.Namespace, Config, Store], Awaitable[None]]] = {
+    "create": _opamp_token_create,
+    "list": _opamp_token_list,
+    "revoke": _opamp_token_revoke,
+}
 
 
 _ADMIN_TOKEN_COMMANDS: dict[str, Callable[[argparse.Namespace, Config, Store], Awaitable[None]]] = {

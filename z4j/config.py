@@ -140,6 +140,8 @@ class Config:
     registry_backend: RegistryBackend | None = None
     ownership_ttl_seconds: float = attrs.field(default=60.0, validator=_positive)
     leader_lease_seconds: float = attrs.field(default=30.0, validator=_positive)
+    opamp_max_message_bytes: int = attrs.field(default=10 * MiB, validator=_positive)
+    opamp_heartbeat_window_seconds: float = attrs.field(default=90.0, validator=_positive)
     secret: str | None = attrs.field(
         default=None, validator=attrs.validators.optional(_long_secret)
     )
@@ -220,6 +222,8 @@ HELP: dict[str, str] = {
     "registry_backend": "postgres_notify (default on Postgres: replicas share sessions, commands and the dashboard through LISTEN/NOTIFY) or local (one process; forced on SQLite).",
     "ownership_ttl_seconds": "How long a replica's claim on an agent session lasts unless renewed (renewed every third of it while the socket lives).",
     "leader_lease_seconds": "How long the maintenance leader's lease lasts unless renewed; another replica takes over within it after the leader dies.",
+    "opamp_max_message_bytes": "Largest OpAMP message, both ways, after gzip is inflated; a larger request body gets 413.",
+    "opamp_heartbeat_window_seconds": "An OpAMP agent not heard from for this long shows as offline (the API's `online`).",
 }
 
 # Never printed in full: `z4j config` masks them (a URL keeps all but its password).

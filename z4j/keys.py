@@ -7,8 +7,8 @@
   connections are matched by that hash, never by the plain token.
 - A project's signing key is derived from the master secret and the project
   id (agent protocol v2), so it need not be stored either.
-- Admin API tokens and dashboard sessions are kept the same way as agent
-  tokens: keyed hashes only, each kind under its own label.
+- Admin API tokens, dashboard sessions and OpAMP bearer tokens are kept the
+  same way as agent tokens: keyed hashes only, each kind under its own label.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ __all__ = [
     "new_agent_token",
     "new_api_session",
     "new_api_token",
+    "new_opamp_token",
+    "opamp_token_hash",
     "project_key",
     "project_secret_text",
     "token_hash",
@@ -42,8 +44,10 @@ log = logging.getLogger("z4j.keys")
 _TOKEN_LABEL = b"z4j-agent-token-v1:"
 _API_TOKEN_LABEL = b"z4j-api-token-v1:"
 _API_SESSION_LABEL = b"z4j-api-session-v1:"
+_OPAMP_TOKEN_LABEL = b"z4j-opamp-token-v1:"
 TOKEN_PREFIX = "z4j_"
 API_TOKEN_PREFIX = "z4j_admin_"
+OPAMP_TOKEN_PREFIX = "z4j_opamp_"
 
 
 def master_secret(config: Config) -> bytes:
@@ -101,3 +105,13 @@ def new_api_session() -> str:
 
 def api_session_hash(master: bytes, session: str) -> bytes:
     return hmac.new(master, _API_SESSION_LABEL + session.encode(), hashlib.sha256).digest()
+
+
+def new_opamp_token() -> str:
+    return OPAMP_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def opamp_token_hash(master: bytes, token: str) -> bytes:
+    """What the store keeps of an OpAMP bearer token (its own label: a token of
+    one kind never passes for another)."""
+    return hmac.new(master, _OPAMP_TOKEN_LABEL + token.encode(), hashlib.sha256).digest()

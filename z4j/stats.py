@@ -147,6 +147,12 @@ class BrainStats:
     sweep_deliveries: int = 0  # commands the sweep delivered (a notification missed)
     # Staged schedule frames dropped: oversize, over_bound, expired (store/schedule_frames.py).
     schedule_frames_dropped: Counter[str] = attrs.field(factory=Counter)
+    # OpAMP (brain/http/opamp.py): messages by type (status, heartbeat,
+    # disconnect), refusals by reason, and state writes by kind (full,
+    # last_seen, coalesced: none).
+    opamp_messages: Counter[str] = attrs.field(factory=Counter)
+    opamp_rejected: Counter[str] = attrs.field(factory=Counter)
+    opamp_writes: Counter[str] = attrs.field(factory=Counter)
     tasks: TaskStats = attrs.field(factory=TaskStats)
     # Set by the heartbeat: records/s over its last interval.
     ingest_rate: float = 0.0

@@ -59,6 +59,7 @@ from .heartbeat import Heartbeat, instance_info
 from .http.api import Api
 from .http.auth import Auth, announce_admin_token, sign_in_url
 from .http.dashboard_page import dashboard_pages
+from .http.opamp import OpampEndpoint
 from .http.resources import to_json
 from .http.server import HealthChecks, build_app, serve_http, tls_context
 from .ingest import IngestServer
@@ -240,9 +241,21 @@ async def serve_brain(
                     ),
                 ),
                 api=Api(
-                    store, commands, auth, project_key=functools.partial(keys.project_key, master)
+                    store,
+                    commands,
+                    auth,
+                    project_key=functools.partial(keys.project_key, master),
+                    opamp_heartbeat_window_seconds=config.opamp_heartbeat_window_seconds,
                 ),
                 pages=dashboard_pages(auth.signed_in),
+                opamp=OpampEndpoint(
+                    store,
+                    master,
+                    stats,
+                    max_message_bytes=config.opamp_max_message_bytes,
+                    heartbeat_window_seconds=config.opamp_heartbeat_window_seconds,
+                    store_ready=store_ready,
+                ),
             )
             heartbeat = Heartbeat(
                 store,

@@ -138,6 +138,30 @@ class BrainCollector(Collector):
         for reason, n in sorted(s.agent_rejected.items()):
             rejected.add_metric([reason], n)
         yield rejected
+        for name, documentation, label, counts in (
+            (
+                "z4j_opamp_messages",
+                "OpAMP messages accepted, by type (status, heartbeat, disconnect)",
+                "type",
+                s.opamp_messages,
+            ),
+            (
+                "z4j_opamp_frames_rejected",
+                "OpAMP requests and messages refused, by reason",
+                "reason",
+                s.opamp_rejected,
+            ),
+            (
+                "z4j_opamp_state_writes",
+                "OpAMP agent states written: full rows, last_seen only, or coalesced (none)",
+                "kind",
+                s.opamp_writes,
+            ),
+        ):
+            family = CounterMetricFamily(name, documentation, labels=[label])
+            for value, n in sorted(counts.items()):
+                family.add_metric([value], n)
+            yield family
         yield _counter(
             "z4j_agent_events",
             "Agent events acknowledged (durable in the buffer)",

@@ -33,6 +33,8 @@ __all__ = [
     "DirectoryConflict",
     "EngineWorker",
     "InstanceInfo",
+    "OpampAgent",
+    "OpampToken",
     "Project",
     "ScheduleFilter",
     "ScheduleRecord",
@@ -308,6 +310,47 @@ class ApiToken:
     def id(self) -> str:
         """A short handle to name the token by (a prefix of its keyed hash)."""
         return self.token_hash[:8].hex()
+
+
+@attrs.frozen(kw_only=True)
+class OpampToken:
+    """An OpAMP bearer token: its keyed hash and the one project it admits to."""
+
+    token_hash: bytes
+    project_id: uuid.UUID
+    name: str
+    created_at: float
+
+    @property
+    def id(self) -> str:
+        """A short handle to name the token by (a prefix of its keyed hash)."""
+        return self.token_hash[:8].hex()
+
+
+@attrs.frozen(kw_only=True)
+class OpampAgent:
+    """An OpAMP agent of one project, as the store keeps it (store/opamp.py).
+
+    ``state`` and ``full_state_requests`` rebuild the core's `AgentState`
+    (with ``sequence_num`` and ``disconnected_at``); the rest is its
+    summary for the API, derived when the state is written.
+    """
+
+    project_id: uuid.UUID
+    instance_uid: str  # 32 hex digits
+    identifying: dict[str, Any]
+    non_identifying: dict[str, Any]
+    capabilities: list[str]
+    health: dict[str, Any] | None
+    effective_config: dict[str, Any] | None
+    remote_config_status: dict[str, Any] | None
+    sequence_num: int
+    transport: str
+    first_seen: float
+    last_seen: float
+    disconnected_at: float | None
+    state: bytes = attrs.field(default=b"", repr=False)
+    full_state_requests: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -677,6 +720,46 @@ class Store(Protocol):
         ...
 
     async def drop_api_session(self, session_hash: bytes) -> None: ...
+
+    # -- OpAMP (store/opamp.py) ---------------------------------------------------------
+
+    async def add_opamp_token(self, project_id: uuid.UUID, token_hash: bytes, name: str) -> None:
+        """`LookupError` if there is no such project."""
+        ...
+
+    async def opamp_token_project(self, token_hash: bytes) -> uuid.UUID | None:
+        """The project this OpAMP token admits to; None if unknown or revoked."""
+        ...
+
+    async def list_opamp_tokens(self) -> list[OpampToken]:
+        """Every OpAMP token, oldest first."""
+        ...
+
+    async def revoke_opamp_token(self, token_hash: bytes) -> bool:
+        """Delete the token; whether it existed."""
+        ...
+
+    async def get_opamp_agent(
+        self, project_id: uuid.UUID, instance_uid: bytes
+    ) -> OpampAgent | None: ...
+
+    async def save_opamp_agent(self, agent: OpampAgent, *, replaces: bytes | None = None) -> None:
+        """Write the whole row (insert or replace); ``replaces``: an instance_uid of
+        the same project whose row goes in the same transaction (the agent was
+        given a new id)."""
+        ...
+
+    async def touch_opamp_agent(
+        self, project_id: uuid.UUID, instance_uid: bytes, *, sequence_num: int, now: float
+    ) -> None:
+        """Move only ``last_seen`` and ``sequence_num``: a message that changed nothing."""
+        ...
+
+    async def list_opamp_agents(
+        self, project_id: uuid.UUID | None = None, instance_uid: bytes | None = None
+    ) -> list[OpampAgent]:
+        """OpAMP agents, of one project or all, by project then instance_uid."""
+        ...
 
     async def aclose(self) -> None: ...
 

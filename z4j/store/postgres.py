@@ -45,7 +45,7 @@ from ..buffer import ClaimedRow
 from ..events import event_rows
 from ..schedules import ScheduleControl, ScheduleFrame
 from ..tasks import TaskEvent, TaskRow
-from . import _rows, schedule_frames, schedules, task_writes, tasks
+from . import _rows, opamp, schedule_frames, schedules, task_writes, tasks
 from ._filters import Where, commands_where, events_where
 from ._rows import (
     AGENT_COLUMNS,
@@ -74,6 +74,8 @@ from .base import (
     EventFilter,
     EventRecord,
     InstanceInfo,
+    OpampAgent,
+    OpampToken,
     Project,
     ScheduleFilter,
     ScheduleRecord,
@@ -819,6 +821,53 @@ class PostgresStore:
                 "DELETE FROM api_sessions WHERE session_hash = %s", (session_hash,)
             )
         )
+
+    # -- OpAMP ---------------------------------------------------------------------------
+
+    async def add_opamp_token(self, project_id: uuid.UUID, token_hash: bytes, name: str) -> None:
+        await self._run(
+            lambda conn: opamp.add_token(PG, conn, project_id, token_hash, name, time.time())
+        )
+
+    async def opamp_token_project(self, token_hash: bytes) -> uuid.UUID | None:
+        result: uuid.UUID | None = await self._run(
+            lambda conn: opamp.token_project(PG, conn, token_hash)
+        )
+        return result
+
+    async def list_opamp_tokens(self) -> list[OpampToken]:
+        result: list[OpampToken] = await self._run(lambda conn: opamp.list_tokens(PG, conn))
+        return result
+
+    async def revoke_opamp_token(self, token_hash: bytes) -> bool:
+        result: bool = await self._run(lambda conn: opamp.revoke_token(PG, conn, token_hash))
+        return result
+
+    async def get_opamp_agent(
+        self, project_id: uuid.UUID, instance_uid: bytes
+    ) -> OpampAgent | None:
+        result: OpampAgent | None = await self._run(
+            lambda conn: opamp.get_agent(PG, conn, project_id, instance_uid)
+        )
+        return result
+
+    async def save_opamp_agent(self, agent: OpampAgent, *, replaces: bytes | None = None) -> None:
+        await self._run(lambda conn: opamp.save_agent(PG, conn, agent, replaces))
+
+    async def touch_opamp_agent(
+        self, project_id: uuid.UUID, instance_uid: bytes, *, sequence_num: int, now: float
+    ) -> None:
+        await self._run(
+            lambda conn: opamp.touch_agent(PG, conn, project_id, instance_uid, sequence_num, now)
+        )
+
+    async def list_opamp_agents(
+        self, project_id: uuid.UUID | None = None, instance_uid: bytes | None = None
+    ) -> list[OpampAgent]:
+        result: list[OpampAgent] = await self._run(
+            lambda conn: opamp.list_agents(PG, conn, project_id, instance_uid)
+        )
+        return result
 
 
 def _migrate(conn: psycopg.Connection[Any]) -> list[int]:

@@ -29,7 +29,7 @@ from ..buffer import ClaimedRow
 from ..events import event_rows
 from ..schedules import ScheduleControl, ScheduleFrame
 from ..tasks import TaskEvent, TaskRow
-from . import _rows, schedule_frames, schedules, task_writes, tasks
+from . import _rows, opamp, schedule_frames, schedules, task_writes, tasks
 from ._filters import Where, commands_where, events_where
 from ._rows import (
     AGENT_COLUMNS,
@@ -58,6 +58,8 @@ from .base import (
     EventFilter,
     EventRecord,
     InstanceInfo,
+    OpampAgent,
+    OpampToken,
     Project,
     ScheduleFilter,
     ScheduleRecord,
@@ -627,6 +629,51 @@ class SqliteStore:
         await self._run(
             _execute, "DELETE FROM api_sessions WHERE session_hash = ?", (session_hash,)
         )
+
+    # -- OpAMP ---------------------------------------------------------------------------
+
+    async def add_opamp_token(self, project_id: uuid.UUID, token_hash: bytes, name: str) -> None:
+        await self._run(
+            lambda db: _transaction(
+                db, lambda: opamp.add_token(SQ, db, project_id, token_hash, name, time.time())
+            )
+        )
+
+    async def opamp_token_project(self, token_hash: bytes) -> uuid.UUID | None:
+        return await self._run(lambda db: opamp.token_project(SQ, db, token_hash))
+
+    async def list_opamp_tokens(self) -> list[OpampToken]:
+        return await self._run(lambda db: opamp.list_tokens(SQ, db))
+
+    async def revoke_opamp_token(self, token_hash: bytes) -> bool:
+        return await self._run(
+            lambda db: _transaction(db, lambda: opamp.revoke_token(SQ, db, token_hash))
+        )
+
+    async def get_opamp_agent(
+        self, project_id: uuid.UUID, instance_uid: bytes
+    ) -> OpampAgent | None:
+        return await self._run(lambda db: opamp.get_agent(SQ, db, project_id, instance_uid))
+
+    async def save_opamp_agent(self, agent: OpampAgent, *, replaces: bytes | None = None) -> None:
+        await self._run(
+            lambda db: _transaction(db, lambda: opamp.save_agent(SQ, db, agent, replaces))
+        )
+
+    async def touch_opamp_agent(
+        self, project_id: uuid.UUID, instance_uid: bytes, *, sequence_num: int, now: float
+    ) -> None:
+        await self._run(
+            lambda db: _transaction(
+                db,
+                lambda: opamp.touch_agent(SQ, db, project_id, instance_uid, sequence_num, now),
+            )
+        )
+
+    async def list_opamp_agents(
+        self, project_id: uuid.UUID | None = None, instance_uid: bytes | None = None
+    ) -> list[OpampAgent]:
+        return await self._run(lambda db: opamp.list_agents(SQ, db, project_id, instance_uid))
 
 
 def _transaction(db: sqlite3.Connection, fn: Callable[[], T]) -> T:

@@ -64,6 +64,7 @@ from .auth import (
     header,
     same_origin,
 )
+from .opamp_api import OpampRoutes
 from .openapi import OPENAPI
 from .queues_api import QueueRoutes
 from .resources import to_json
@@ -98,8 +99,10 @@ class Api:
         *,
         sign_in_throttle: SignInThrottle | None = None,
         project_key: Callable[[uuid.UUID], bytes] | None = None,
+        opamp_heartbeat_window_seconds: float = 90.0,
     ) -> None:
-        """``project_key``: a project's signing key, for purge tokens (None: no purges)."""
+        """``project_key``: a project's signing key, for purge tokens (None: no purges).
+        ``opamp_heartbeat_window_seconds``: how long an OpAMP agent stays online unheard."""
         self._store = store
         self._commands = commands
         self._auth = auth
@@ -126,6 +129,7 @@ class Api:
             *QueueRoutes(store, commands, project_key).routes(),
             *EngineWorkerRoutes(store, commands).routes(),
             *ScheduleRoutes(store, commands).routes(),
+            *OpampRoutes(store, heartbeat_window_seconds=opamp_heartbeat_window_seconds).routes(),
         ]:
             route(method, path, handler)
 

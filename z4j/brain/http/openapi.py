@@ -3,7 +3,7 @@
 The operations, parameters and wording are written here by hand, next to
 the routes they describe; the schemas of the stored resources (Project,
 Agent, Worker, Instance, Event, Command, Audit, Task, EngineWorker,
-Schedule) are derived from their records by resources.py, so they cannot
+Schedule, OpampAgent) are derived from their records by resources.py, so they cannot
 drift from the JSON the routes send.
 tests/test_api.py runs schemathesis against it, so a route that answers
 off this document fails.
@@ -511,6 +511,12 @@ EVENTS_DESCRIPTION = (
     "whenever more may follow."
 )
 
+OPAMP_DESCRIPTION = (
+    "Agents that speak OpAMP to POST /v1/opamp (not under /api/v1: see docs/opamp.md). "
+    "An agent is online while it has not sent agent_disconnect and was heard from within "
+    "Z4J_OPAMP_HEARTBEAT_WINDOW_SECONDS."
+)
+
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {
@@ -570,6 +576,35 @@ OPENAPI: dict[str, Any] = {
                 (200, _ref("Agent")),
                 errors=(400, 401, 404),
                 parameters=[_path("id")],
+            )
+        },
+        "/opamp/agents": {
+            "get": _operation(
+                "listOpampAgents",
+                "OpAMP agents: description, health, capabilities, online",
+                (200, _page("OpampAgent")),
+                errors=(400, 401, 404),
+                description=OPAMP_DESCRIPTION,
+                parameters=[_query("project", STRING, "project name or id")],
+            )
+        },
+        "/opamp/agents/{instance_uid}": {
+            "get": _operation(
+                "getOpampAgent",
+                "One OpAMP agent, by instance_uid (32 hex digits)",
+                (200, _ref("OpampAgent")),
+                errors=(400, 401, 404, 409),
+                description="409 when several projects have an agent with this instance_uid: "
+                "name one with ?project=.",
+                parameters=[
+                    {
+                        "name": "instance_uid",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{32}$"},
+                    },
+                    _query("project", STRING, "project name or id"),
+                ],
             )
         },
         "/instances": {

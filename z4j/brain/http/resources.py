@@ -38,6 +38,7 @@ from ...store.base import (
     EngineWorker,
     EventRecord,
     InstanceInfo,
+    OpampAgent,
     Project,
     ScheduleRecord,
     TaskRecord,
@@ -244,6 +245,58 @@ RESOURCES: dict[type, Resource] = {
                     "additionalProperties": {"type": "integer"},
                     "description": "its tasks in the window, per state",
                 },
+            },
+        ),
+        Resource(
+            name="OpampAgent",
+            cls=OpampAgent,
+            hidden=frozenset({"state", "full_state_requests"}),  # the core's, internal
+            # Both filled in by the route: placeholders here.
+            extra=(
+                Extra(
+                    name="project",
+                    schema={"type": "string", "nullable": True},
+                    value=lambda a: None,
+                    after="project_id",
+                ),
+                Extra(
+                    name="online",
+                    schema={
+                        "type": "boolean",
+                        "description": "not disconnected, and heard from within "
+                        "Z4J_OPAMP_HEARTBEAT_WINDOW_SECONDS",
+                    },
+                    value=lambda a: False,
+                    after="instance_uid",
+                ),
+            ),
+            refine={
+                "instance_uid": {"description": "the agent's 16-byte id, as 32 hex digits"},
+                "identifying": {"description": "identifying attributes of its description"},
+                "non_identifying": {"description": "non-identifying attributes of its description"},
+                "capabilities": {"description": "AgentCapabilities it reported, by name"},
+                "health": {
+                    "description": "its last ComponentHealth: healthy, status, last_error, "
+                    "times, and components (nested)",
+                    "nullable": True,
+                },
+                "effective_config": {
+                    "description": "its last effective configuration: config_hash (z4j's "
+                    "remote-config hash of these files, hex) and files (name, content_type, "
+                    "bytes, sha256)",
+                    "nullable": True,
+                },
+                "remote_config_status": {
+                    "description": "last_remote_config_hash (hex), status (unset, applying, "
+                    "applied, failed) and error_message",
+                    "nullable": True,
+                },
+                "sequence_num": {"description": "of the last message written"},
+                "transport": {"enum": ["http", "websocket"]},
+                "last_seen": {
+                    "description": "lags its last message by up to a third of the heartbeat window"
+                },
+                "disconnected_at": {"description": "when it said agent_disconnect"},
             },
         ),
         Resource(

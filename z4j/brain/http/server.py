@@ -5,8 +5,8 @@ WebSocket upgrades to a known path (``/ws/agent``) are served by the lean
 wsproto connection of `z4j.brain.http.websocket`, one task each, because thousands of
 idle agents sit on them; everything else is handed, bytes replayed, to
 hypercorn's Trio connection class and the ASGI app of `build_app`
-(``/health/live``, ``/health/ready``; the dashboard, REST API and
-``/metrics`` mount there as they land).
+(``/health/live``, ``/health/ready``, ``/metrics``, the dashboard, the
+REST API under ``/api/v1/`` and OpAMP's ``/v1/opamp``).
 
 Every connection holds a descriptor and a slot under
 Z4J_HTTP_MAX_CONNECTIONS (agents' WebSockets too); past it a connection is
@@ -128,11 +128,13 @@ def build_app(
     metrics: Callable[[], bytes] | None = None,
     api: Asgi | None = None,
     pages: Pages | None = None,
+    opamp: Asgi | None = None,
 ) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """The brain's ASGI app for plain HTTP (WebSockets are `serve_http`'s).
 
     ``metrics`` renders the Prometheus text served at ``/metrics``; ``api``
-    serves ``/api/v1/``; ``pages`` serves the dashboard's files (the page
+    serves ``/api/v1/``; ``opamp`` serves ``/v1/opamp`` (OpAMP over plain
+    HTTP, bearer-authenticated by its own tokens); ``pages`` serves the dashboard's files (the page
     itself only to a signed-in session: `dashboard_page` checks the file it
     resolved, whatever path named it). Health and metrics are open, for
     probes and scrapers.
@@ -154,6 +156,9 @@ def build_app(
             return
         if scope["type"] == "http" and api is not None and scope["path"].startswith("/api/v1/"):
             await api(scope, receive, send)
+            return
+        if scope["type"] == "http" and opamp is not None and scope["path"] == "/v1/opamp":
+            await opamp(scope, receive, send)
             return
         if (
             scope["type"] == "http"

@@ -1,0 +1,429 @@
+"""``POST /v1/opamp`` on a running brain, on both stores.
+
+The refusals (401 before anything else, 415, 413 for a large or inflating
+body, BAD_REQUEST for garbage); the OpenTelemetry Python client's own agent
+loop against the brain (listed with its description, online, offline at
+once on ``stop()``, kept across a restart and converging after it); one
+project's token against another's agent; and the writing rule: a message
+that changes nothing writes nothing, except ``last_seen`` once per a third
+of the heartbeat window.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gzip
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from z4j import keys
+from z4j.brain.http.opamp import OpampEndpoint
+from z4j.config import Config
+from z4j.protocol.opamp import AgentCapability, ServerFlag, key_values
+from z4j.protocol.opamp import opamp_pb2 as pb
+from z4j.stats import BrainStats
+from z4j.store import Store, store_for
+from z4j.store.base import OpampAgent
+from z4j.testing.agents import admin_token
+from z4j.testing.brain import RunningBrain, make_config, running_brain, wait_until
+from z4j.testing.http import HttpReply, http_request
+
+pytest.importorskip("opentelemetry._opamp", reason="opentelemetry-opamp-client is not installed")
+pytest.importorskip("requests")
+
+from opentelemetry._opamp.agent import OpAMPAgent
+from opentelemetry._opamp.callbacks import OpAMPCallbacks
+from opentelemetry._opamp.client import OpAMPClient
+
+PROTOBUF = {"Content-Type": "application/x-protobuf"}
+IDENTIFYING = {"service.name": "checkout", "service.version": "1.2.0"}
+NON_IDENTIFYING: dict[str, Any] = {"host.name": "web-1", "process.pid": 4242}
+UID = uuid.UUID("0190b1c2-0000-7000-8000-000000000001").bytes
+
+
+async def opamp_token(config: Config, project: str) -> str:
+    """A project (made if missing) and a new OpAMP token for it, in the store directly."""
+    store = store_for(config)
+    try:
+        await store.migrate()
+        found = await store.find_project(project) or await store.create_project(project)
+        token = keys.new_opamp_token()
+        await store.add_opamp_token(
+            found.id, keys.opamp_token_hash(keys.master_secret(config), token), "test"
+        )
+        return token
+    finally:
+        await store.aclose()
+
+
+@asynccontextmanager
+async def ready_brain(config: Config) -> AsyncIterator[RunningBrain]:
+    """A running brain whose store is migrated (/v1/opamp answers 503 until then)."""
+    async with running_brain(config) as brain:
+
+        async def ready() -> bool:
+            return (await http_request(brain.addresses.http, "GET", "/health/ready")).status == 200
+
+        await wait_until(ready)
+        yield brain
+
+
+def full_report(uid: bytes = UID, seq: int = 0, **identifying: Any) -> pb.AgentToServer:
+    message = pb.AgentToServer(
+        instance_uid=uid,
+        sequence_num=seq,
+        capabilities=int(AgentCapability.REPORTS_STATUS | AgentCapability.REPORTS_HEALTH),
+    )
+    message.agent_description.identifying_attributes.extend(
+        key_values(identifying or {"service.name": "raw"})
+    )
+    message.health.CopyFrom(
+        pb.ComponentHealth(healthy=True, status="running", start_time_unix_nano=5)
+    )
+    message.health.component_health_map["exporter"].CopyFrom(
+        pb.ComponentHealth(healthy=False, last_error="refused")
+    )
+    return message
+
+
+async def post(
+    address: tuple[str, int],
+    body: bytes,
+    token: str | None,
+    headers: dict[str, str] | None = None,
+) -> HttpReply:
+    extra = dict(PROTOBUF if headers is None else headers)
+    if token is not None:
+        extra["Authorization"] = f"Bearer {token}"
+    return await http_request(address, "POST", "/v1/opamp", body=body, headers=extra)
+
+
+def reply_of(reply: HttpReply) -> pb.ServerToAgent:
+    assert reply.status == 200, reply
+    assert reply.headers["content-type"] == "application/x-protobuf"
+    body = reply.body
+    if reply.headers.get("content-encoding") == "gzip":
+        body = gzip.decompress(body)
+    return pb.ServerToAgent.FromString(body)
+
+
+async def api(address: tuple[str, int], path: str, token: str) -> tuple[int, Any]:
+    reply = await http_request(
+        address, "GET", "/api/v1" + path, headers={"Authorization": f"Bearer {token}"}
+    )
+    return reply.status, reply.json()
+
+
+# ---------------------------------------------------------------------------
+# Refusals
+
+
+async def test_refusals_come_before_any_opamp_processing(config: Config) -> None:
+    config = make_config(config.data_dir, config.database_url, opamp_max_message_bytes=4096)
+    token = await opamp_token(config, "a")
+    body = full_report().SerializeToString()
+    async with ready_brain(config) as brain:
+        http = brain.addresses.http
+        for bad in (None, "z4j_opamp_wrong", ""):
+            reply = await post(http, body, bad)
+            assert reply.status == 401 and reply.headers["www-authenticate"].startswith("Bearer")
+        # A valid token of another kind is no OpAMP token.
+        assert (await post(http, body, await admin_token(config))).status == 401
+        for content_type in ("application/json", "application/x-protobufx", ""):
+            reply = await post(http, body, token, {"Content-Type": content_type})
+            assert reply.status == 415
+        reply = await post(http, body, token, {"Content-Type": "application/X-Protobuf"})
+        assert reply.status == 200  # media types are case-insensitive
+        assert (await post(http, b"\x0a" * 5000, token)).status == 413
+        bomb = gzip.compress(b"\x00" * 1_000_000)
+        assert len(bomb) < 4096
+        reply = await post(http, bomb, token, {**PROTOBUF, "Content-Encoding": "gzip"})
+        assert reply.status == 413
+        reply = await http_request(http, "GET", "/v1/opamp")
+        assert reply.status == 405
+        stats = brain.stats.opamp_rejected
+        assert stats["unauthorized"] == 4 and stats["content_type"] == 3
+        assert stats["too_large"] == 2
+    # None of it reached the store.
+    store = store_for(config)
+    try:
+        agents = await store.list_opamp_agents()
+    finally:
+        await store.aclose()
+    assert [a.identifying for a in agents] == [{"service.name": "raw"}]
+
+
+async def test_garbage_gets_bad_request_and_a_gzipped_report_is_read(config: Config) -> None:
+    token = await opamp_token(config, "a")
+    async with ready_brain(config) as brain:
+        http = brain.addresses.http
+        reply = reply_of(await post(http, b"\xff\xff\xff", token))
+        assert reply.error_response.type == pb.ServerErrorResponse.TYPE_BAD_REQUEST
+        assert not reply.capabilities
+        short_uid = pb.AgentToServer(instance_uid=b"short").SerializeToString()
+        reply = reply_of(await post(http, short_uid, token))
+        assert reply.error_response.type == pb.ServerErrorResponse.TYPE_BAD_REQUEST
+        assert reply.instance_uid == b"short"
+        assert brain.stats.opamp_rejected["protobuf"] == 1
+        assert brain.stats.opamp_rejected["instance_uid"] == 1
+
+        # gzip both ways: the body as sent, the reply as the client allows.
+        body = gzip.compress(full_report().SerializeToString())
+        headers = {**PROTOBUF, "Content-Encoding": "gzip", "Accept-Encoding": "gzip"}
+        raw = await post(http, body, token, headers)
+        assert raw.headers["content-encoding"] == "gzip"
+        reply = reply_of(raw)
+        assert reply.instance_uid == UID and not reply.HasField("error_response")
+        plain = await post(http, full_report(seq=1).SerializeToString(), token)
+        assert "content-encoding" not in plain.headers
+        refused = {**PROTOBUF, "Accept-Encoding": "gzip;q=0, identity"}
+        assert "content-encoding" not in (await post(http, b"", token, refused)).headers
+
+        admin = await admin_token(config)
+        status, page = await api(http, "/opamp/agents", admin)
+        assert status == 200
+        [item] = page["items"]
+        assert item["instance_uid"] == UID.hex() and item["project"] == "a"
+        assert item["identifying"] == {"service.name": "raw"}
+        assert item["capabilities"] == ["REPORTS_STATUS", "REPORTS_HEALTH"]
+        assert item["health"]["healthy"] is True and item["health"]["status"] == "running"
+        assert item["health"]["components"]["exporter"]["last_error"] == "refused"
+        assert item["online"] is True and item["transport"] == "http"
+        status, one = await api(http, f"/opamp/agents/{UID.hex()}", admin)
+        assert status == 200 and one == item
+        assert (await api(http, "/opamp/agents/zz", admin))[0] == 400
+        assert (await api(http, f"/opamp/agents/{'0' * 32}", admin))[0] == 404
+        assert (await http_request(http, "GET", "/api/v1/opamp/agents")).status == 401
+
+
+async def test_a_token_never_reaches_another_projects_agent(config: Config) -> None:
+    token_a = await opamp_token(config, "a")
+    token_b = await opamp_token(config, "b")
+    admin = await admin_token(config)
+    async with ready_brain(config) as brain:
+        http = brain.addresses.http
+        reply_of(
+            await post(http, full_report(**{"service.name": "b's"}).SerializeToString(), token_b)
+        )
+        # A's token sends B's agent's instance_uid: it speaks for an agent of A.
+        claim = pb.AgentToServer(instance_uid=UID, agent_disconnect=pb.AgentDisconnect())
+        reply_of(await post(http, claim.SerializeToString(), token_a))
+        reply_of(
+            await post(http, full_report(**{"service.name": "a's"}).SerializeToString(), token_a)
+        )
+        _, b = await api(http, f"/opamp/agents/{UID.hex()}?project=b", admin)
+        assert b["identifying"] == {"service.name": "b's"} and b["online"] is True
+        assert b["disconnected_at"] is None
+        _, a = await api(http, f"/opamp/agents/{UID.hex()}?project=a", admin)
+        assert a["identifying"] == {"service.name": "a's"}
+        status, body = await api(http, f"/opamp/agents/{UID.hex()}", admin)
+        assert status == 409 and body["error"] == "ambiguous"
+        _, page = await api(http, "/opamp/agents?project=b", admin)
+        assert [item["project"] for item in page["items"]] == ["b"]
+
+
+# ---------------------------------------------------------------------------
+# The writing rule, in memory with a clock of our own
+
+
+class CountingStore:
+    """A store that counts the OpAMP writes made through it."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.saved: list[OpampAgent] = []
+        self.touched: list[tuple[int, float]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def save_opamp_agent(self, agent: OpampAgent, *, replaces: bytes | None = None) -> None:
+        self.saved.append(agent)
+        await self._store.save_opamp_agent(agent, replaces=replaces)
+
+    async def touch_opamp_agent(
+        self, project_id: uuid.UUID, instance_uid: bytes, *, sequence_num: int, now: float
+    ) -> None:
+        self.touched.append((sequence_num, now))
+        await self._store.touch_opamp_agent(
+            project_id, instance_uid, sequence_num=sequence_num, now=now
+        )
+
+
+async def call(app: OpampEndpoint, message: pb.AgentToServer, token: str) -> pb.ServerToAgent:
+    """One request through the ASGI app, no sockets."""
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/opamp",
+        "headers": [
+            (b"authorization", f"Bearer {token}".encode()),
+            (b"content-type", b"application/x-protobuf"),
+        ],
+    }
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": message.SerializeToString(), "more_body": False}
+
+    async def send(event: dict[str, Any]) -> None:
+        sent.append(event)
+
+    await app(scope, receive, send)
+    assert sent[0]["status"] == 200, sent
+    return pb.ServerToAgent.FromString(sent[1]["body"])
+
+
+async def test_a_message_that_changes_nothing_writes_nothing_but_last_seen_now_and_then(
+    config: Config,
+) -> None:
+    token = await opamp_token(config, "a")
+    store = CountingStore(store_for(config))
+    now = [1000.0]
+    stats = BrainStats()
+    app = OpampEndpoint(
+        store,  # type: ignore[arg-type]
+        keys.master_secret(config),
+        stats,
+        max_message_bytes=1 << 20,
+        heartbeat_window_seconds=90,
+        clock=lambda: now[0],
+    )
+    try:
+        await store.migrate()
+        assert not (await call(app, full_report(seq=0), token)).flags
+        assert len(store.saved) == 1
+        # Heartbeats in sequence within 30 s (a third of the window): no write,
+        # and the skipped sequence numbers still make the next one in sequence.
+        for seq in range(1, 6):
+            now[0] += 5
+            reply = await call(app, pb.AgentToServer(instance_uid=UID, sequence_num=seq), token)
+            assert not reply.flags & ServerFlag.REPORT_FULL_STATE
+        assert (len(store.saved), store.touched) == (1, [])
+        # 30 s after the last write: last_seen (and the number) only.
+        now[0] += 5
+        await call(app, pb.AgentToServer(instance_uid=UID, sequence_num=6), token)
+        assert (len(store.saved), store.touched) == (1, [(6, 1030.0)])
+        [row] = await store.list_opamp_agents()
+        assert (row.sequence_num, row.last_seen) == (6, 1030.0)
+        # A change is written at once, whatever the time.
+        now[0] += 1
+        changed = full_report(seq=7, **{"service.name": "renamed"})
+        await call(app, changed, token)
+        assert len(store.saved) == 2 and store.saved[-1].identifying == {"service.name": "renamed"}
+        assert stats.opamp_writes == {"full": 2, "last_seen": 1, "coalesced": 5}
+        assert stats.opamp_messages == {"status": 2, "heartbeat": 6}
+
+        # Another replica (a fresh endpoint on the same store) reads the stored
+        # number: in step after a write, so no full report is asked for.
+        other = OpampEndpoint(
+            store,  # type: ignore[arg-type]
+            keys.master_secret(config),
+            BrainStats(),
+            max_message_bytes=1 << 20,
+            heartbeat_window_seconds=90,
+            clock=lambda: now[0],
+        )
+        reply = await call(other, pb.AgentToServer(instance_uid=UID, sequence_num=8), token)
+        assert not reply.flags & ServerFlag.REPORT_FULL_STATE
+        # ...but not a number another replica skipped: it asks once, the answer settles it.
+        reply = await call(app, pb.AgentToServer(instance_uid=UID, sequence_num=9), token)
+        assert reply.flags & ServerFlag.REPORT_FULL_STATE
+        reply = await call(other, full_report(seq=10, **{"service.name": "renamed"}), token)
+        assert not reply.flags & ServerFlag.REPORT_FULL_STATE
+        [row] = await store.list_opamp_agents()
+        assert (row.sequence_num, row.full_state_requests) == (10, 0)
+    finally:
+        await store.aclose()
+
+
+# ---------------------------------------------------------------------------
+# The OpenTelemetry Python client's agent loop
+
+
+class _Quiet(OpAMPCallbacks):
+    """No remote configuration to apply: the loop only reports and polls."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def test_the_python_client_is_listed_online_offline_and_kept_across_a_restart(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    port = _free_port()
+    config = make_config(tmp_path / "data", database_url, http_bind=f"127.0.0.1:{port}")
+    token = await opamp_token(config, "fleet")
+    admin = await admin_token(config)
+    client = OpAMPClient(
+        endpoint=f"http://127.0.0.1:{port}/v1/opamp",
+        headers={"Authorization": f"Bearer {token}"},
+        agent_identifying_attributes=IDENTIFYING,
+        agent_non_identifying_attributes=NON_IDENTIFYING,
+    )
+    client.update_effective_config({"": {"exporter": "otlp"}}, "application/json")
+    agent = OpAMPAgent(interval=0.1, callbacks=_Quiet(), client=client, initial_backoff=0.05)
+    http = ("127.0.0.1", port)
+    stopped = False
+
+    async def stop() -> None:
+        nonlocal stopped
+        if not stopped:
+            stopped = True
+            await trio.to_thread.run_sync(lambda: agent.stop(timeout=5))
+
+    async def listed() -> dict[str, Any] | None:
+        status, page = await api(http, "/opamp/agents", admin)
+        assert status == 200
+        return page["items"][0] if page["items"] else None
+
+    try:
+        async with ready_brain(config) as brain:
+            await trio.to_thread.run_sync(agent.start)
+            await wait_until(listed)
+            item = await listed()
+            assert item is not None
+            assert item["identifying"] == IDENTIFYING
+            assert item["non_identifying"] == NON_IDENTIFYING
+            assert item["online"] is True and item["project"] == "fleet"
+            assert "REPORTS_EFFECTIVE_CONFIG" in item["capabilities"]
+            [config_file] = item["effective_config"]["files"]
+            assert config_file["name"] == "" and config_file["content_type"] == "application/json"
+            await wait_until(lambda: brain.stats.opamp_messages["heartbeat"] >= 5)
+            # Heartbeats in step change nothing: one full write for the first report.
+            assert brain.stats.opamp_writes["full"] == 1
+            assert brain.stats.opamp_writes["coalesced"] >= 5
+        # The brain is gone; the agent keeps trying. A new brain on the same store:
+        async with ready_brain(config) as brain:
+            item = await listed()
+            assert item is not None and item["identifying"] == IDENTIFYING  # kept
+            before = brain.stats.opamp_messages["heartbeat"]
+            await wait_until(lambda: brain.stats.opamp_messages["heartbeat"] >= before + 5)
+            # Its number moved on while the old brain coalesced: asked once, answered.
+            assert brain.stats.opamp_messages["status"] >= 1
+            store = store_for(config)
+            try:
+                [row] = await store.list_opamp_agents()
+            finally:
+                await store.aclose()
+            assert row.full_state_requests == 0 and row.identifying == IDENTIFYING
+            assert (await listed() or {})["online"] is True
+
+            await stop()
+            item = await listed()
+            assert item is not None and item["online"] is False
+            assert item["disconnected_at"] is not None
+    finally:
+        await stop()
+        atexit.unregister(agent.stop)

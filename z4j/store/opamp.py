@@ -1,0 +1,376 @@
+"""OpAMP in the store: tokens, and each agent's state with its API summary.
+
+The core (`z4j.protocol.opamp.state`) works on an `AgentState`; the store
+keeps it as one row of ``opamp_agents`` per (project, instance_uid):
+
+- ``state``: the status parts as one deterministic ``AgentToServer`` (what
+  ``AgentState.report`` builds, with sequence number 0), so equal states are
+  equal bytes and `state_of` gives back the very parts `receive` compares;
+- ``sequence_num``, ``full_state_requests`` and ``disconnected_at`` (not
+  connected) in their own columns: the narrow "nothing changed" update
+  (`touch_agent`) moves the sequence number without rewriting the state;
+- the summary the API shows (attributes, health, configuration), derived
+  here when the state is written, never parsed from protobuf per request.
+
+OpAMP's sequence number and capabilities are uint64; Postgres has no
+unsigned bigint, so both are folded into the signed range (`_signed`).
+Attribute text goes into JSON columns: bytes become hex and NUL characters
+(which Postgres's jsonb refuses) become U+FFFD.
+
+The SQL is shared by both stores over their `Dialect`, as in tasks.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from typing import Any, Final
+
+from ..protocol.opamp import opamp_pb2 as pb
+from ..protocol.opamp.attributes import AttributeValue, to_dict
+from ..protocol.opamp.flags import AgentCapability
+from ..protocol.opamp.remote_config import ConfigFile, config_hash
+from ..protocol.opamp.state import STATUS_PARTS, AgentState
+from ._rows import Conn, Dialect
+from .base import OpampAgent, OpampToken
+
+__all__ = [
+    "add_token",
+    "get_agent",
+    "list_agents",
+    "list_tokens",
+    "record_of",
+    "revoke_token",
+    "save_agent",
+    "state_of",
+    "token_project",
+    "touch_agent",
+]
+
+_U64: Final = 1 << 64
+_I64: Final = 1 << 63
+_HEALTH_DEPTH: Final = 4  # nested component health kept this deep in the summary
+
+TOKEN_COLUMNS: Final = "token_hash, project_id, name, created_at"
+AGENT_COLUMNS: Final = (
+    "project_id, instance_uid, state, sequence_num, capabilities, full_state_requests,"
+    " identifying, non_identifying, health, effective_config, remote_config_status,"
+    " transport, first_seen, last_seen, disconnected_at"
+)
+
+
+def _signed(value: int) -> int:
+    return value - _U64 if value >= _I64 else value
+
+
+def _unsigned(value: int) -> int:
+    return value + _U64 if value < 0 else value
+
+
+# -- the state and its summary -------------------------------------------------------
+
+
+def record_of(
+    project_id: uuid.UUID,
+    state: AgentState,
+    *,
+    transport: str,
+    first_seen: float,
+    last_seen: float,
+    disconnected_at: float | None,
+) -> OpampAgent:
+    """The row for ``state``: its encoding, and its summary for the API."""
+    full = state.report()
+    full.sequence_num = 0  # its own column
+    description = full.agent_description if full.HasField("agent_description") else None
+    return OpampAgent(
+        project_id=project_id,
+        instance_uid=state.instance_uid.hex(),
+        identifying=_attributes(description, "identifying_attributes"),
+        non_identifying=_attributes(description, "non_identifying_attributes"),
+        capabilities=capability_names(state.capabilities),
+        health=_health(full.health, 0) if full.HasField("health") else None,
+        effective_config=(
+            _effective_config(full.effective_config) if full.HasField("effective_config") else None
+        ),
+        remote_config_status=(
+            _remote_config_status(full.remote_config_status)
+            if full.HasField("remote_config_status")
+            else None
+        ),
+        sequence_num=state.sequence_num,
+        transport=transport,
+        first_seen=first_seen,
+        last_seen=last_seen,
+        disconnected_at=None if state.connected else disconnected_at,
+        state=full.SerializeToString(deterministic=True),
+        full_state_requests=state.full_state_requests,
+    )
+
+
+def state_of(agent: OpampAgent) -> AgentState:
+    """The core's state back from a row `record_of` wrote."""
+    full = pb.AgentToServer.FromString(agent.state)
+    parts = {
+        part.value: getattr(full, part.value).SerializeToString(deterministic=True)
+        for part in STATUS_PARTS
+        if full.HasField(part.value)
+    }
+    return AgentState(
+        instance_uid=bytes.fromhex(agent.instance_uid),
+        sequence_num=agent.sequence_num,
+        capabilities=AgentCapability(full.capabilities),
+        connected=agent.disconnected_at is None,
+        full_state_requests=agent.full_state_requests,
+        **parts,
+    )
+
+
+def capability_names(capabilities: AgentCapability) -> list[str]:
+    return [c.name for c in AgentCapability if c in capabilities and c.name is not None]
+
+
+def _clean(value: AttributeValue) -> Any:
+    """An attribute value JSON (and jsonb) can hold."""
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    return value
+
+
+def _attributes(description: pb.AgentDescription | None, field: str) -> dict[str, Any]:
+    if description is None:
+        return {}
+    cleaned: dict[str, Any] = _clean(to_dict(getattr(description, field)))
+    return cleaned
+
+
+def _health(health: pb.ComponentHealth, depth: int) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "healthy": health.healthy,
+        "status": _clean(health.status),
+        "last_error": _clean(health.last_error),
+        "start_time_unix_nano": health.start_time_unix_nano,
+        "status_time_unix_nano": health.status_time_unix_nano,
+    }
+    if depth < _HEALTH_DEPTH and health.component_health_map:
+        summary["components"] = {
+            _clean(name): _health(component, depth + 1)
+            for name, component in sorted(health.component_health_map.items())
+        }
+    return summary
+
+
+def _effective_config(config: pb.EffectiveConfig) -> dict[str, Any]:
+    """File names, types, sizes and digests, and the hash z4j would give these
+    files as a remote configuration (`config_hash`), so the two compare."""
+    files = config.config_map.config_map
+    return {
+        "config_hash": config_hash(
+            {
+                name: ConfigFile(body=f.body, content_type=f.content_type)
+                for name, f in files.items()
+            }
+        ).hex(),
+        "files": [
+            {
+                "name": _clean(name),
+                "content_type": _clean(f.content_type),
+                "bytes": len(f.body),
+                "sha256": hashlib.sha256(f.body).hexdigest(),
+            }
+            for name, f in sorted(files.items())
+        ],
+    }
+
+
+_CONFIG_STATUS: Final = {
+    pb.RemoteConfigStatus.STATUS_UNSET: "unset",
+    pb.RemoteConfigStatus.STATUS_APPLIED: "applied",
+    pb.RemoteConfigStatus.STATUS_APPLYING: "applying",
+    pb.RemoteConfigStatus.STATUS_FAILED: "failed",
+}
+
+
+def _remote_config_status(status: pb.RemoteConfigStatus) -> dict[str, Any]:
+    return {
+        "last_remote_config_hash": status.last_remote_config_hash.hex(),
+        "status": _CONFIG_STATUS.get(status.status, str(status.status)),
+        "error_message": _clean(status.error_message),
+    }
+
+
+# -- SQL --------------------------------------------------------------------------------
+
+
+def add_token(
+    d: Dialect, conn: Conn, project_id: uuid.UUID, token_hash: bytes, name: str, now: float
+) -> None:
+    project = d.uuid_in(project_id)
+    if conn.execute(d.sql("SELECT 1 FROM projects WHERE id = ?"), (project,)).fetchone() is None:
+        raise LookupError(f"no project with id {project_id}")
+    conn.execute(
+        d.sql(
+            "INSERT INTO opamp_tokens (token_hash, project_id, name, created_at)"
+            " VALUES (?, ?, ?, ?)"
+        ),
+        (token_hash, project, name, d.ts_in(now)),
+    )
+
+
+def token_project(d: Dialect, conn: Conn, token_hash: bytes) -> uuid.UUID | None:
+    row = conn.execute(
+        d.sql("SELECT project_id FROM opamp_tokens WHERE token_hash = ?"), (token_hash,)
+    ).fetchone()
+    return None if row is None else d.uuid_out(row[0])
+
+
+def list_tokens(d: Dialect, conn: Conn) -> list[OpampToken]:
+    rows = conn.execute(
+        f"SELECT {TOKEN_COLUMNS} FROM opamp_tokens ORDER BY created_at, token_hash"
+    ).fetchall()
+    return [
+        OpampToken(
+            token_hash=bytes(token_hash),
+            project_id=d.uuid_out(project_id),
+            name=name,
+            created_at=d.ts_out(created_at),
+        )
+        for token_hash, project_id, name, created_at in rows
+    ]
+
+
+def revoke_token(d: Dialect, conn: Conn, token_hash: bytes) -> bool:
+    cur = conn.execute(d.sql("DELETE FROM opamp_tokens WHERE token_hash = ?"), (token_hash,))
+    return bool(cur.rowcount == 1)
+
+
+def get_agent(
+    d: Dialect, conn: Conn, project_id: uuid.UUID, instance_uid: bytes
+) -> OpampAgent | None:
+    row = conn.execute(
+        d.sql(
+            f"SELECT {AGENT_COLUMNS} FROM opamp_agents WHERE project_id = ? AND instance_uid = ?"
+        ),
+        (d.uuid_in(project_id), instance_uid),
+    ).fetchone()
+    return None if row is None else _agent(d, row)
+
+
+def list_agents(
+    d: Dialect, conn: Conn, project_id: uuid.UUID | None, instance_uid: bytes | None
+) -> list[OpampAgent]:
+    terms, params = [], []
+    if project_id is not None:
+        terms.append("project_id = ?")
+        params.append(d.uuid_in(project_id))
+    if instance_uid is not None:
+        terms.append("instance_uid = ?")
+        params.append(instance_uid)
+    where = (" WHERE " + " AND ".join(terms)) if terms else ""
+    rows = conn.execute(
+        d.sql(f"SELECT {AGENT_COLUMNS} FROM opamp_agents{where} ORDER BY project_id, instance_uid"),
+        params,
+    ).fetchall()
+    return [_agent(d, row) for row in rows]
+
+
+def save_agent(d: Dialect, conn: Conn, agent: OpampAgent, replaces: bytes | None) -> None:
+    """Insert or replace the row; the caller holds the transaction."""
+    project = d.uuid_in(agent.project_id)
+    if replaces is not None:
+        conn.execute(
+            d.sql("DELETE FROM opamp_agents WHERE project_id = ? AND instance_uid = ?"),
+            (project, replaces),
+        )
+    columns = [c.strip() for c in AGENT_COLUMNS.split(",")]
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns[2:])
+    conn.execute(
+        d.sql(
+            f"INSERT INTO opamp_agents ({AGENT_COLUMNS}) VALUES ({', '.join('?' * len(columns))})"
+            f" ON CONFLICT (project_id, instance_uid) DO UPDATE SET {updates}"
+        ),
+        (
+            project,
+            bytes.fromhex(agent.instance_uid),
+            agent.state,
+            _signed(agent.sequence_num),
+            _signed(int(AgentCapability(_names_to_bits(agent.capabilities)))),
+            agent.full_state_requests,
+            d.json_in(agent.identifying),
+            d.json_in(agent.non_identifying),
+            d.opt_json_in(agent.health),
+            d.opt_json_in(agent.effective_config),
+            d.opt_json_in(agent.remote_config_status),
+            agent.transport,
+            d.ts_in(agent.first_seen),
+            d.ts_in(agent.last_seen),
+            d.opt_ts_in(agent.disconnected_at),
+        ),
+    )
+
+
+def touch_agent(
+    d: Dialect,
+    conn: Conn,
+    project_id: uuid.UUID,
+    instance_uid: bytes,
+    sequence_num: int,
+    now: float,
+) -> None:
+    conn.execute(
+        d.sql(
+            "UPDATE opamp_agents SET last_seen = ?, sequence_num = ?"
+            " WHERE project_id = ? AND instance_uid = ?"
+        ),
+        (d.ts_in(now), _signed(sequence_num), d.uuid_in(project_id), instance_uid),
+    )
+
+
+def _names_to_bits(names: list[str]) -> int:
+    bits = 0
+    for name in names:
+        bits |= AgentCapability[name]
+    return bits
+
+
+def _agent(d: Dialect, row: Any) -> OpampAgent:
+    (
+        project_id,
+        instance_uid,
+        state,
+        sequence_num,
+        capabilities,
+        full_state_requests,
+        identifying,
+        non_identifying,
+        health,
+        effective_config,
+        remote_config_status,
+        transport,
+        first_seen,
+        last_seen,
+        disconnected_at,
+    ) = row
+    return OpampAgent(
+        project_id=d.uuid_out(project_id),
+        instance_uid=bytes(instance_uid).hex(),
+        identifying=d.json_out(identifying),
+        non_identifying=d.json_out(non_identifying),
+        capabilities=capability_names(AgentCapability(_unsigned(capabilities))),
+        health=d.opt_json_out(health),
+        effective_config=d.opt_json_out(effective_config),
+        remote_config_status=d.opt_json_out(remote_config_status),
+        sequence_num=_unsigned(sequence_num),
+        transport=transport,
+        first_seen=d.ts_out(first_seen),
+        last_seen=d.ts_out(last_seen),
+        disconnected_at=d.opt_ts_out(disconnected_at),
+        state=bytes(state),
+        full_state_requests=full_state_requests,
+    )
