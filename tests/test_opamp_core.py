@@ -39,6 +39,7 @@ from z4j.protocol.opamp import (
     ServerFlag,
     Transport,
     bad_request,
+    codec,
     config_hash,
     decode_agent_to_server,
     decode_http_body,
@@ -752,3 +753,52 @@ def test_no_offer_without_a_desired_config_or_the_server_capability() -> None:
 def test_an_offer_goes_with_a_full_state_request() -> None:
     out = step(None, message(4, capabilities=CONFIGURABLE), desired_config=CONFIG)
     assert asks(out) and offers(out)
+
+
+# -- crowded messages ---------------------------------------------------------------------
+
+
+def _attributes(n: int) -> bytes:
+    message = pb.AgentToServer(instance_uid=bytes(16))
+    attribute = pb.KeyValue(key="k", value=pb.AnyValue(string_value="v"))
+    message.agent_description.non_identifying_attributes.extend([attribute] * n)
+    return message.SerializeToString()
+
+
+def test_a_crowded_message_is_refused_before_the_parser_sees_it() -> None:
+    # Each attribute is 4 fields on the wire: a KeyValue, its key, its AnyValue,
+    # its string: one more than MAX_FIELDS / 4 of them is past the field bound.
+    crowded = _attributes(codec.MAX_FIELDS // 4 + 1)
+    count = codec.FieldCount(crowded)
+    with pytest.raises(codec.OpampDecodeError) as refused:
+        while not count.advance(100):  # in slices, as the endpoint counts
+            pass
+    assert refused.value.reason == "too_many_elements"
+    with pytest.raises(codec.OpampDecodeError, match="fields"):
+        codec.decode_agent_to_server(crowded)
+    # Under the field bound but over the element bound: refused after the parse.
+    with pytest.raises(codec.OpampDecodeError, match="repeated elements"):
+        codec.decode_agent_to_server(_attributes(codec.MAX_ELEMENTS + 1))
+    assert (
+        len(
+            codec.decode_agent_to_server(
+                _attributes(100)
+            ).agent_description.non_identifying_attributes
+        )
+        == 100
+    )
+
+
+def test_the_field_count_skips_bytes_and_resumes_where_it_stopped() -> None:
+    big = pb.AgentToServer(instance_uid=bytes(16))
+    big.effective_config.config_map.config_map["a.yaml"].body = b"{" * 1_000_000
+    data = big.SerializeToString()
+    count = codec.FieldCount(data)
+    steps = 0
+    while not count.advance(1):
+        steps += 1
+    # instance_uid, effective_config, config_map, its map entry, key, value, body:
+    # the megabyte of braces is one field.
+    assert steps + 1 <= 8
+    # Garbage stops the count and is left to the parser.
+    assert codec.FieldCount(b"\xff\xff\xff").advance(10)

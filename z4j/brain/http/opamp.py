@@ -30,10 +30,20 @@ poll is in sequence; another replica, or this one after a restart, reads
 the stored number, sees a gap, and asks for the full state once (the
 cost the core's docstring names). A store that is down or not migrated yet
 gets 503 with ``Retry-After``, as the transport allows.
+
+Heavy work does not hold up other clients (tests/test_abuse_opamp.py): a
+body over `HEAVY_BYTES` (or gzipped) is inflated on a worker thread, its
+fields counted a slice at a time on the loop (a crowded message is refused
+before protobuf's parser, which holds the GIL, ever sees it), and a
+message or stored state over it is folded on a worker thread. Heavy
+requests take turns, one at a time over all agents: what protobuf does
+with megabytes holds the GIL in C for milliseconds at a time, and two or
+three of those at once add up to a stall.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
 import time
@@ -44,18 +54,22 @@ from typing import Final
 
 import attrs
 import trio
+import trio.lowlevel
 
 from ... import keys
 from ...protocol.errors import LocalProtocolError
 from ...protocol.opamp import (
     STATUS_PARTS,
-    AgentState,
+    FieldCount,
     MessageTooLarge,
     OpampDecodeError,
+    Outcome,
     Transport,
     bad_request,
+    decode_agent_to_server,
     decode_http_body,
     encode_server_to_agent,
+    payload,
     receive,
     retry_after_seconds,
 )
@@ -74,6 +88,9 @@ OPAMP_PATH: Final = "/v1/opamp"
 PROTOBUF: Final = "application/x-protobuf"
 RETRY_AFTER_SECONDS: Final = 5.0
 SKIPPED_MAX: Final = 100_000  # agents whose skipped sequence number one replica remembers
+HEAVY_BYTES: Final = 64 * 1024  # past this, decoding and folding run on a worker thread
+HEAVY_WORKERS: Final = 1  # worker threads doing heavy OpAMP work at once, in all
+COUNT_SLICE: Final = 1_000  # fields counted between two looks at the event loop
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -90,32 +107,39 @@ def message_type(message: pb.AgentToServer) -> str:
 class _Skipped:
     """The sequence numbers this replica answered but did not write, per agent.
 
-    Each is kept with the row it was applied to: it is used only while the
-    stored row is still exactly that one (another replica's write makes it
-    stale, and the stored row wins). Bounded: the oldest entry goes first,
-    which costs that agent one full report.
+    Each is kept with the version of the row it was applied to (its
+    ``last_seen``, sequence number and full-state requests, which every
+    write changes): it is used only while the stored row is still that one
+    (another replica's write makes it stale, and the stored row wins).
+    Bounded: the oldest entry goes first, which costs that agent one full
+    report.
     """
 
     def __init__(self, limit: int = SKIPPED_MAX) -> None:
         self._limit = limit
-        self._entries: OrderedDict[tuple[uuid.UUID, bytes], tuple[OpampAgent, int]] = OrderedDict()
+        self._entries: OrderedDict[tuple[uuid.UUID, str], tuple[_Version, int]] = OrderedDict()
 
-    def state(self, row: OpampAgent) -> AgentState:
-        state = stored.state_of(row)
-        entry = self._entries.get((row.project_id, state.instance_uid))
-        if entry is not None and entry[0] == row:
-            return attrs.evolve(state, sequence_num=entry[1])
-        return state
+    def sequence(self, row: OpampAgent) -> int | None:
+        """The number skipped since ``row`` was written, if any."""
+        entry = self._entries.get((row.project_id, row.instance_uid))
+        return entry[1] if entry is not None and entry[0] == _version(row) else None
 
     def remember(self, row: OpampAgent, sequence_num: int) -> None:
-        key = (row.project_id, bytes.fromhex(row.instance_uid))
+        key = (row.project_id, row.instance_uid)
         self._entries.pop(key, None)
-        self._entries[key] = (row, sequence_num)
+        self._entries[key] = (_version(row), sequence_num)
         while len(self._entries) > self._limit:
             self._entries.popitem(last=False)
 
     def forget(self, project_id: uuid.UUID, instance_uid: bytes) -> None:
-        self._entries.pop((project_id, instance_uid), None)
+        self._entries.pop((project_id, instance_uid.hex()), None)
+
+
+_Version = tuple[float, int, int]
+
+
+def _version(row: OpampAgent) -> _Version:
+    return row.last_seen, row.sequence_num, row.full_state_requests
 
 
 class OpampEndpoint:
@@ -140,6 +164,8 @@ class OpampEndpoint:
         self._store_ready = store_ready
         self._clock = clock
         self._skipped = _Skipped()
+        self._heavy = trio.CapacityLimiter(HEAVY_WORKERS)
+        self._heavy_turn = trio.Lock()
         self._log = ThrottledLog(log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -183,21 +209,15 @@ class OpampEndpoint:
         if body is None:
             self._reject("too_large")
             return 413, [], b""
-        try:
-            message = decode_http_body(
-                body,
-                content_encoding=header(request_headers, b"content-encoding"),
-                limit=self._limit,
-            )
-        except MessageTooLarge:
+        encoding = header(request_headers, b"content-encoding")
+        if len(body) > HEAVY_BYTES or encoding is not None:
+            async with self._heavy_turn:  # one at a time: see the module docstring
+                reply = await self._answer(project_id, body, encoding, heavy=True)
+        else:
+            reply = await self._answer(project_id, body, encoding, heavy=False)
+        if reply is None:
             self._reject("too_large")
             return 413, [], b""
-        except OpampDecodeError as error:
-            self._reject(error.reason)
-            reply = bad_request(error)
-        else:
-            self._stats.opamp_messages[message_type(message)] += 1
-            reply = await self._apply(project_id, message)
         try:
             data = encode_server_to_agent(reply, limit=self._limit)
         except LocalProtocolError as exc:  # not sent at all, as the specification says
@@ -209,31 +229,91 @@ class OpampEndpoint:
             headers.append((b"content-encoding", b"gzip"))
         return 200, headers, data
 
-    async def _apply(self, project_id: uuid.UUID, message: pb.AgentToServer) -> pb.ServerToAgent:
-        """Load, `receive`, write what the writing rule asks for; the reply."""
-        now = self._clock()
-        uid = message.instance_uid
-        row = await self._store.get_opamp_agent(project_id, uid)
+    async def _answer(
+        self, project_id: uuid.UUID, body: bytes, encoding: str | None, *, heavy: bool
+    ) -> pb.ServerToAgent | None:
+        """The reply to a body (None: it inflates past the limit)."""
+        try:
+            if heavy:
+                message = await self._decode_heavy(body, encoding)
+            else:
+                message = decode_http_body(body, content_encoding=encoding, limit=self._limit)
+        except MessageTooLarge:
+            return None
+        except OpampDecodeError as error:
+            self._reject(error.reason)
+            return bad_request(error)
+        self._stats.opamp_messages[message_type(message)] += 1
+        return await self._apply(project_id, message, heavy=heavy)
+
+    async def _decode_heavy(self, body: bytes, encoding: str | None) -> pb.AgentToServer:
+        """Inflate on a worker thread (zlib lets go of the GIL); count the
+        fields a slice at a time on the loop (Python in a thread would hold
+        the GIL against it); parse what is left, which the count bounds."""
+        data = await trio.to_thread.run_sync(
+            functools.partial(payload, body, content_encoding=encoding, limit=self._limit),
+            limiter=self._heavy,
+        )
+        count = FieldCount(data)
+        while not count.advance(COUNT_SLICE):
+            await trio.lowlevel.checkpoint()
+        return decode_agent_to_server(data, limit=self._limit, counted=True)
+
+    @staticmethod
+    def _fold(
+        project_id: uuid.UUID,
+        row: OpampAgent | None,
+        skipped: int | None,
+        message: pb.AgentToServer,
+        now: float,
+    ) -> tuple[Outcome, OpampAgent | None]:
+        """`receive`, and the row to write when the agent is new or changed
+        (None: only ``last_seen`` may be due). Pure: it may run on a thread."""
+        prior = None
+        if row is not None:
+            prior = stored.state_of(row)
+            if skipped is not None:
+                prior = attrs.evolve(prior, sequence_num=skipped)
         outcome = receive(
-            None if row is None else self._skipped.state(row),
+            prior,
             message,
             transport=Transport.HTTP,
             new_instance_uid=lambda: uuid.uuid4().bytes,
         )
+        if row is not None and not outcome.changed:
+            return outcome, None
         state = outcome.state
-        if row is None or outcome.changed:
-            disconnected_at = None
-            if not state.connected:
-                kept = None if row is None else row.disconnected_at
-                disconnected_at = now if kept is None else kept
-            record = stored.record_of(
-                project_id,
-                state,
-                transport=Transport.HTTP.value,
-                first_seen=now if row is None else row.first_seen,
-                last_seen=now,
-                disconnected_at=disconnected_at,
-            )
+        disconnected_at = None
+        if not state.connected:
+            kept = None if row is None else row.disconnected_at
+            disconnected_at = now if kept is None else kept
+        record = stored.record_of(
+            project_id,
+            state,
+            transport=Transport.HTTP.value,
+            first_seen=now if row is None else row.first_seen,
+            last_seen=now,
+            disconnected_at=disconnected_at,
+        )
+        return outcome, record
+
+    async def _apply(
+        self, project_id: uuid.UUID, message: pb.AgentToServer, *, heavy: bool
+    ) -> pb.ServerToAgent:
+        """Load, `receive`, write what the writing rule asks for; the reply.
+        ``heavy``: the message came in a large or compressed body."""
+        now = self._clock()
+        uid = message.instance_uid
+        row = await self._store.get_opamp_agent(project_id, uid)
+        skipped = None if row is None else self._skipped.sequence(row)
+        fold = functools.partial(self._fold, project_id, row, skipped, message, now)
+        if heavy or (row is not None and len(row.state) > HEAVY_BYTES):
+            outcome, record = await trio.to_thread.run_sync(fold, limiter=self._heavy)
+        else:
+            outcome, record = fold()
+        state = outcome.state
+        if row is None or record is not None:
+            assert record is not None
             moved = row is not None and state.instance_uid != uid
             await self._store.save_opamp_agent(record, replaces=uid if moved else None)
             self._skipped.forget(project_id, uid)

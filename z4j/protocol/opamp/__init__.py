@@ -22,6 +22,9 @@ from .attributes import to_dict as to_dict
 from .attributes import to_python as to_python
 from .codec import DEFAULT_MAX_MESSAGE_BYTES as DEFAULT_MAX_MESSAGE_BYTES
 from .codec import INSTANCE_UID_BYTES as INSTANCE_UID_BYTES
+from .codec import MAX_ELEMENTS as MAX_ELEMENTS
+from .codec import MAX_FIELDS as MAX_FIELDS
+from .codec import FieldCount as FieldCount
 from .codec import MessageTooLarge as MessageTooLarge
 from .codec import OpampDecodeError as OpampDecodeError
 from .codec import check_size as check_size
@@ -31,6 +34,7 @@ from .codec import decode_ws_message as decode_ws_message
 from .codec import encode_server_to_agent as encode_server_to_agent
 from .codec import encode_ws_message as encode_ws_message
 from .codec import inflate_gzip as inflate_gzip
+from .codec import payload as payload
 from .flags import SERVER_CAPABILITIES as SERVER_CAPABILITIES
 from .flags import AgentCapability as AgentCapability
 from .flags import AgentFlag as AgentFlag
@@ -56,6 +60,8 @@ from .state import receive as receive
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "INSTANCE_UID_BYTES",
+    "MAX_ELEMENTS",
+    "MAX_FIELDS",
     "MAX_FULL_STATE_REQUESTS",
     "SERVER_CAPABILITIES",
     "STATUS_PARTS",
@@ -66,6 +72,7 @@ __all__ = [
     "Change",
     "ConfigFile",
     "ConfigProgress",
+    "FieldCount",
     "MessageTooLarge",
     "OpampDecodeError",
     "Outcome",
@@ -85,6 +92,7 @@ __all__ = [
     "inflate_gzip",
     "key_values",
     "opamp_pb2",
+    "payload",
     "progress",
     "receive",
     "retry_after_seconds",

@@ -19,7 +19,20 @@ and nothing else: answer it with `replies.bad_request`. Its subclass
 `MessageTooLarge` is the one the transports answer differently (HTTP 413,
 WebSocket close 1009). ``reason`` labels the rejection for
 ``z4j_opamp_frames_rejected_total{reason}``: ``too_large``, ``encoding``,
-``gzip``, ``header``, ``protobuf``, ``instance_uid``.
+``gzip``, ``header``, ``protobuf``, ``instance_uid``, ``too_many_elements``.
+
+Bytes are not the only cost: 10 MiB of tiny attributes is a million
+objects. protobuf's C parser builds them holding the GIL (200 ms of an
+event loop stalled, even from a worker thread), and whoever reads them
+after pays again. So before the parser runs, `FieldCount` walks the wire
+format: past `MAX_FIELDS` field occurrences, at any depth, the message is
+refused unparsed. It counts in steps, so a server can count a large body
+a slice at a time between other work (`payload` then `FieldCount` then
+``decode_agent_to_server(..., counted=True)``); the one-call decoders count
+in one go. After the parse, at most `MAX_ELEMENTS` repeated or mapped
+elements (attributes, nested values, health components, config files,
+packages, ...) in all. Both counts stop at their bound, so refusing a
+crowded message costs at most that many steps.
 """
 
 from __future__ import annotations
@@ -27,7 +40,8 @@ from __future__ import annotations
 import zlib
 from typing import Final
 
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 
 from ..close import CloseCode
 from ..errors import LocalProtocolError, RemoteProtocolError
@@ -37,6 +51,9 @@ from .flags import AgentFlag
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "INSTANCE_UID_BYTES",
+    "MAX_ELEMENTS",
+    "MAX_FIELDS",
+    "FieldCount",
     "MessageTooLarge",
     "OpampDecodeError",
     "check_size",
@@ -46,12 +63,22 @@ __all__ = [
     "encode_server_to_agent",
     "encode_ws_message",
     "inflate_gzip",
+    "payload",
 ]
 
 DEFAULT_MAX_MESSAGE_BYTES: Final = 10 * 1024 * 1024
 """``Z4J_OPAMP_MAX_MESSAGE_BYTES``'s default: both ways, after decompression."""
 
 INSTANCE_UID_BYTES: Final = 16
+
+MAX_ELEMENTS: Final = 2_000
+"""Repeated or mapped elements one AgentToServer may carry, at every depth
+together: a real agent sends tens to a few hundred (attributes, a
+collector's components, its configuration files)."""
+
+MAX_FIELDS: Final = 20_000
+"""Field occurrences, at every depth, counted before the parse: room for
+`MAX_ELEMENTS` elements of several fields each."""
 
 _WS_HEADER: Final = b"\x00"  # the varint 0: the only header this OpAMP version defines
 _MAX_VARINT_BYTES: Final = 10
@@ -124,6 +151,23 @@ def inflate_gzip(data: bytes, *, limit: int = DEFAULT_MAX_MESSAGE_BYTES) -> byte
             return bytes(out)
 
 
+def payload(
+    body: bytes,
+    *,
+    content_encoding: str | None = None,
+    limit: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> bytes:
+    """An HTTP POST body's protobuf bytes: inflated if gzipped, within ``limit``."""
+    encoding = (content_encoding or "").strip().lower()
+    if encoding in ("gzip", "x-gzip"):
+        return inflate_gzip(body, limit=limit)
+    if encoding not in ("", "identity"):
+        raise OpampDecodeError(
+            f"unsupported Content-Encoding {content_encoding!r}", reason="encoding"
+        )
+    return body
+
+
 def decode_http_body(
     body: bytes,
     *,
@@ -131,14 +175,8 @@ def decode_http_body(
     limit: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> pb.AgentToServer:
     """An HTTP POST body to its `AgentToServer`, inflating it if gzipped."""
-    encoding = (content_encoding or "").strip().lower()
-    if encoding in ("gzip", "x-gzip"):
-        body = inflate_gzip(body, limit=limit)
-    elif encoding not in ("", "identity"):
-        raise OpampDecodeError(
-            f"unsupported Content-Encoding {content_encoding!r}", reason="encoding"
-        )
-    return decode_agent_to_server(body, limit=limit)
+    data = payload(body, content_encoding=content_encoding, limit=limit)
+    return decode_agent_to_server(data, limit=limit)
 
 
 def decode_ws_message(
@@ -153,20 +191,24 @@ def decode_ws_message(
 
 
 def decode_agent_to_server(
-    data: bytes, *, limit: int = DEFAULT_MAX_MESSAGE_BYTES
+    data: bytes, *, limit: int = DEFAULT_MAX_MESSAGE_BYTES, counted: bool = False
 ) -> pb.AgentToServer:
     """Protobuf bytes (no header, not compressed) to an `AgentToServer`.
 
+    ``counted``: the caller ran a `FieldCount` over ``data`` to its end.
     Unknown fields are kept and ignored, as protobuf intends: a newer agent
     may send fields this version of OpAMP does not define.
     """
     check_size(len(data), limit)
+    if not counted:
+        FieldCount(data).advance(MAX_FIELDS + 1)
     message = pb.AgentToServer()
     try:
         message.ParseFromString(data)
     except DecodeError as exc:
         raise OpampDecodeError(f"not an AgentToServer: {exc}", reason="protobuf") from None
     uid = message.instance_uid
+    _check_elements(message, MAX_ELEMENTS)
     # A client asking us for an id may send a placeholder of any length.
     if len(uid) != INSTANCE_UID_BYTES and not message.flags & AgentFlag.REQUEST_INSTANCE_UID:
         raise OpampDecodeError(
@@ -175,6 +217,102 @@ def decode_agent_to_server(
             instance_uid=uid,
         )
     return message
+
+
+class FieldCount:
+    """A count of ``data``'s fields through the AgentToServer schema (a
+    sub-message's fields count too; bytes and strings are skipped by their
+    length), resumable: `advance` counts some, and says whether it is done.
+    Where the wire format goes wrong the count stops: the parser will refuse
+    what follows, and what came before was counted."""
+
+    def __init__(self, data: bytes, limit: int = MAX_FIELDS) -> None:
+        self._data = data
+        self._left = limit
+        self._limit = limit
+        self._pending = [(0, len(data), pb.AgentToServer.DESCRIPTOR)]
+
+    def advance(self, steps: int) -> bool:
+        """Count up to ``steps`` more fields; True once every field is counted.
+        Raises `OpampDecodeError` (``too_many_elements``) past the limit."""
+        data, pending = self._data, self._pending
+        while pending and steps > 0:
+            pos, end, descriptor = pending.pop()
+            fields = descriptor.fields_by_number
+            while pos < end and steps > 0:
+                key, pos = _varint_at(data, pos, end)
+                steps -= 1
+                self._left -= 1
+                if self._left < 0:
+                    raise OpampDecodeError(
+                        f"more than {self._limit} fields", reason="too_many_elements"
+                    )
+                wire = key & 7
+                if key < 0 or wire in (3, 4) or wire > 5:
+                    pending.clear()  # groups, or not protobuf: the parser says which
+                    return True
+                if wire == 0:
+                    value, pos = _varint_at(data, pos, end)
+                    if value < 0:
+                        pending.clear()
+                        return True
+                elif wire == 1:
+                    pos += 8
+                elif wire == 5:
+                    pos += 4
+                else:
+                    length, pos = _varint_at(data, pos, end)
+                    if length < 0:
+                        pending.clear()
+                        return True
+                    field = fields.get(key >> 3)
+                    if field is not None and field.type == FieldDescriptor.TYPE_MESSAGE:
+                        assert field.message_type is not None
+                        pending.append((pos, min(pos + length, end), field.message_type))
+                    pos += length
+            if pos < end:  # out of steps: resume here
+                pending.append((pos, end, descriptor))
+        return not pending
+
+
+def _varint_at(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    """(the varint at ``pos``, the position after it); (-1, end) where there is none."""
+    value = shift = 0
+    while pos < end and shift < 70:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    return -1, end
+
+
+def _check_elements(message: pb.AgentToServer, limit: int) -> None:
+    """Refuse a message with more than ``limit`` repeated or mapped elements
+    (counted at every depth, stopping at the limit)."""
+    left = limit
+    pending: list[Message] = [message]
+    while pending:
+        for field, value in pending.pop().ListFields():
+            if field.type != FieldDescriptor.TYPE_MESSAGE:
+                continue
+            if not field.is_repeated:
+                pending.append(value)
+                continue
+            left -= len(value)
+            if left < 0:
+                raise OpampDecodeError(
+                    f"more than {limit} repeated elements",
+                    reason="too_many_elements",
+                    instance_uid=message.instance_uid,
+                )
+            entry = field.message_type
+            assert entry is not None  # a message field has its type
+            if not entry.GetOptions().map_entry:
+                pending.extend(value)
+            elif entry.fields_by_name["value"].type == FieldDescriptor.TYPE_MESSAGE:
+                pending.extend(value.values())
 
 
 def encode_server_to_agent(
