@@ -34,6 +34,7 @@ __all__ = [
     "EngineWorker",
     "InstanceInfo",
     "OpampAgent",
+    "OpampConfig",
     "OpampToken",
     "Project",
     "ScheduleFilter",
@@ -351,6 +352,27 @@ class OpampAgent:
     disconnected_at: float | None
     state: bytes = attrs.field(default=b"", repr=False)
     full_state_requests: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class OpampConfig:
+    """The configuration one OpAMP agent should run, and how far it got.
+
+    ``files`` maps each name to ``{"body": text, "content_type": text}``;
+    ``config_hash`` (hex) is `remote_config.config_hash` of them, the value
+    the agent reports back. ``status`` (pending, applying, applied, failed)
+    and ``error_message`` follow its last report about that hash.
+    """
+
+    project_id: uuid.UUID
+    instance_uid: str  # 32 hex digits
+    config_hash: str  # 64 hex digits
+    files: dict[str, Any]
+    created_at: float
+    created_by: str | None
+    status: str
+    error_message: str
+    status_at: float
 
 
 @attrs.frozen(kw_only=True)
@@ -759,6 +781,42 @@ class Store(Protocol):
         self, project_id: uuid.UUID | None = None, instance_uid: bytes | None = None
     ) -> list[OpampAgent]:
         """OpAMP agents, of one project or all, by project then instance_uid."""
+        ...
+
+    async def load_opamp_agent(
+        self, project_id: uuid.UUID, instance_uid: bytes
+    ) -> tuple[OpampAgent | None, OpampConfig | None]:
+        """The agent's row and its desired configuration, in one call: what
+        answering one of its messages needs."""
+        ...
+
+    async def get_opamp_config(
+        self, project_id: uuid.UUID, instance_uid: bytes
+    ) -> OpampConfig | None: ...
+
+    async def put_opamp_config(self, config: OpampConfig, *, actor: str | None) -> None:
+        """Insert or replace the agent's desired configuration, with its
+        ``opamp.config.pushed`` audit row, in one transaction."""
+        ...
+
+    async def delete_opamp_config(
+        self, project_id: uuid.UUID, instance_uid: bytes, *, actor: str | None
+    ) -> bool:
+        """Stop offering it (with an ``opamp.config.deleted`` audit row); whether it existed."""
+        ...
+
+    async def set_opamp_config_status(
+        self,
+        project_id: uuid.UUID,
+        instance_uid: bytes,
+        config_hash: bytes,
+        *,
+        status: str,
+        error_message: str,
+        now: float,
+    ) -> bool:
+        """Record the agent's progress with the configuration hashed ``config_hash``
+        (nothing if another has replaced it since); whether a row changed."""
         ...
 
     async def aclose(self) -> None: ...

@@ -731,4 +731,43 @@ CREATE TABLE opamp_agents (
 );
 """,
     ),
+    Migration(
+        version=11,
+        name="opamp: the desired configuration per agent",
+        # One row per agent that should run a configuration of ours (the
+        # agent may not have connected yet). ``files`` maps each name to
+        # {"body": text, "content_type": text}; ``config_hash`` is
+        # remote_config.config_hash of them, what the agent reports back.
+        # ``status`` (pending, applying, applied, failed) and
+        # ``error_message`` follow the agent's remote_config_status for
+        # that hash (brain/http/opamp.py writes them when they change).
+        postgres="""
+CREATE TABLE opamp_configs (
+    project_id    uuid NOT NULL REFERENCES projects(id),
+    instance_uid  bytea NOT NULL,
+    config_hash   bytea NOT NULL,
+    files         jsonb NOT NULL,
+    created_at    timestamptz NOT NULL,
+    created_by    text,
+    status        text NOT NULL,
+    error_message text NOT NULL,
+    status_at     timestamptz NOT NULL,
+    PRIMARY KEY (project_id, instance_uid)
+);
+""",
+        sqlite="""
+CREATE TABLE opamp_configs (
+    project_id    TEXT NOT NULL REFERENCES projects(id),
+    instance_uid  BLOB NOT NULL,
+    config_hash   BLOB NOT NULL,
+    files         TEXT NOT NULL,
+    created_at    REAL NOT NULL,
+    created_by    TEXT,
+    status        TEXT NOT NULL,
+    error_message TEXT NOT NULL,
+    status_at     REAL NOT NULL,
+    PRIMARY KEY (project_id, instance_uid)
+);
+""",
+    ),
 )

@@ -17,6 +17,11 @@ unsigned bigint, so both are folded into the signed range (`_signed`).
 Attribute text goes into JSON columns: bytes become hex and NUL characters
 (which Postgres's jsonb refuses) become U+FFFD.
 
+Each agent's desired configuration is a row of ``opamp_configs`` (an
+`OpampConfig`), read with the agent's row in one store call (`load_agent`)
+because every message needs both; pushes and deletes write their audit row
+in the same transaction (the store passes its `AuditWriter`).
+
 The SQL is shared by both stores over their `Dialect`, as in tasks.py.
 """
 
@@ -32,16 +37,22 @@ from ..protocol.opamp.flags import AgentCapability
 from ..protocol.opamp.remote_config import ConfigFile, config_hash
 from ..protocol.opamp.state import STATUS_PARTS, AgentState
 from ._rows import Conn, Dialect
-from .base import OpampAgent, OpampToken
+from ._transactions import AuditWriter
+from .base import OpampAgent, OpampConfig, OpampToken
 
 __all__ = [
     "add_token",
+    "delete_config",
     "get_agent",
+    "get_config",
     "list_agents",
     "list_tokens",
+    "load_agent",
+    "put_config",
     "record_of",
     "revoke_token",
     "save_agent",
+    "set_config_status",
     "state_of",
     "token_project",
     "touch_agent",
@@ -56,6 +67,10 @@ AGENT_COLUMNS: Final = (
     "project_id, instance_uid, state, sequence_num, capabilities, full_state_requests,"
     " identifying, non_identifying, health, effective_config, remote_config_status,"
     " transport, first_seen, last_seen, disconnected_at"
+)
+CONFIG_COLUMNS: Final = (
+    "project_id, instance_uid, config_hash, files, created_at, created_by, status,"
+    " error_message, status_at"
 )
 
 
@@ -373,4 +388,148 @@ def _agent(d: Dialect, row: Any) -> OpampAgent:
         disconnected_at=d.opt_ts_out(disconnected_at),
         state=bytes(state),
         full_state_requests=full_state_requests,
+    )
+
+
+# -- the desired configuration ------------------------------------------------------------
+
+
+def get_config(
+    d: Dialect, conn: Conn, project_id: uuid.UUID, instance_uid: bytes
+) -> OpampConfig | None:
+    row = conn.execute(
+        d.sql(
+            f"SELECT {CONFIG_COLUMNS} FROM opamp_configs WHERE project_id = ? AND instance_uid = ?"
+        ),
+        (d.uuid_in(project_id), instance_uid),
+    ).fetchone()
+    return None if row is None else _config(d, row)
+
+
+def load_agent(
+    d: Dialect, conn: Conn, project_id: uuid.UUID, instance_uid: bytes
+) -> tuple[OpampAgent | None, OpampConfig | None]:
+    """Both reads on one connection, in one trip to the store's thread."""
+    return (
+        get_agent(d, conn, project_id, instance_uid),
+        get_config(d, conn, project_id, instance_uid),
+    )
+
+
+def _subject(project_id: uuid.UUID, instance_uid: str) -> str:
+    return f"opamp:{project_id}/{instance_uid}"
+
+
+def put_config(
+    d: Dialect, conn: Conn, config: OpampConfig, actor: str | None, audit: AuditWriter
+) -> None:
+    """Insert or replace; the caller holds the transaction."""
+    columns = [c.strip() for c in CONFIG_COLUMNS.split(",")]
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns[2:])
+    conn.execute(
+        d.sql(
+            f"INSERT INTO opamp_configs ({CONFIG_COLUMNS})"
+            f" VALUES ({', '.join('?' * len(columns))})"
+            f" ON CONFLICT (project_id, instance_uid) DO UPDATE SET {updates}"
+        ),
+        (
+            d.uuid_in(config.project_id),
+            bytes.fromhex(config.instance_uid),
+            bytes.fromhex(config.config_hash),
+            d.json_in(config.files),
+            d.ts_in(config.created_at),
+            config.created_by,
+            config.status,
+            config.error_message,
+            d.ts_in(config.status_at),
+        ),
+    )
+    audit(
+        conn,
+        actor,
+        "opamp.config.pushed",
+        _subject(config.project_id, config.instance_uid),
+        {
+            "config_hash": config.config_hash,
+            "files": sorted(config.files),
+            "bytes": sum(len(f["body"].encode()) for f in config.files.values()),
+            "status": config.status,
+        },
+    )
+
+
+def delete_config(
+    d: Dialect,
+    conn: Conn,
+    project_id: uuid.UUID,
+    instance_uid: bytes,
+    actor: str | None,
+    audit: AuditWriter,
+) -> bool:
+    found = get_config(d, conn, project_id, instance_uid)
+    if found is None:
+        return False
+    conn.execute(
+        d.sql("DELETE FROM opamp_configs WHERE project_id = ? AND instance_uid = ?"),
+        (d.uuid_in(project_id), instance_uid),
+    )
+    audit(
+        conn,
+        actor,
+        "opamp.config.deleted",
+        _subject(project_id, instance_uid.hex()),
+        {"config_hash": found.config_hash, "status": found.status},
+    )
+    return True
+
+
+def set_config_status(
+    d: Dialect,
+    conn: Conn,
+    project_id: uuid.UUID,
+    instance_uid: bytes,
+    config_hash: bytes,
+    status: str,
+    error_message: str,
+    now: float,
+) -> bool:
+    cur = conn.execute(
+        d.sql(
+            "UPDATE opamp_configs SET status = ?, error_message = ?, status_at = ?"
+            " WHERE project_id = ? AND instance_uid = ? AND config_hash = ?"
+        ),
+        (
+            status,
+            error_message,
+            d.ts_in(now),
+            d.uuid_in(project_id),
+            instance_uid,
+            config_hash,
+        ),
+    )
+    return bool(cur.rowcount == 1)
+
+
+def _config(d: Dialect, row: Any) -> OpampConfig:
+    (
+        project_id,
+        instance_uid,
+        hash_,
+        files,
+        created_at,
+        created_by,
+        status,
+        error_message,
+        status_at,
+    ) = row
+    return OpampConfig(
+        project_id=d.uuid_out(project_id),
+        instance_uid=bytes(instance_uid).hex(),
+        config_hash=bytes(hash_).hex(),
+        files=d.json_out(files),
+        created_at=d.ts_out(created_at),
+        created_by=created_by,
+        status=status,
+        error_message=error_message,
+        status_at=d.ts_out(status_at),
     )

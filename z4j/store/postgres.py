@@ -75,6 +75,7 @@ from .base import (
     EventRecord,
     InstanceInfo,
     OpampAgent,
+    OpampConfig,
     OpampToken,
     Project,
     ScheduleFilter,
@@ -866,6 +867,52 @@ class PostgresStore:
     ) -> list[OpampAgent]:
         result: list[OpampAgent] = await self._run(
             lambda conn: opamp.list_agents(PG, conn, project_id, instance_uid)
+        )
+        return result
+
+    async def load_opamp_agent(
+        self, project_id: uuid.UUID, instance_uid: bytes
+    ) -> tuple[OpampAgent | None, OpampConfig | None]:
+        result: tuple[OpampAgent | None, OpampConfig | None] = await self._run(
+            lambda conn: opamp.load_agent(PG, conn, project_id, instance_uid)
+        )
+        return result
+
+    async def get_opamp_config(
+        self, project_id: uuid.UUID, instance_uid: bytes
+    ) -> OpampConfig | None:
+        result: OpampConfig | None = await self._run(
+            lambda conn: opamp.get_config(PG, conn, project_id, instance_uid)
+        )
+        return result
+
+    async def put_opamp_config(self, config: OpampConfig, *, actor: str | None) -> None:
+        await self._run(lambda conn: opamp.put_config(PG, conn, config, actor, _insert_audit))
+
+    async def delete_opamp_config(
+        self, project_id: uuid.UUID, instance_uid: bytes, *, actor: str | None
+    ) -> bool:
+        result: bool = await self._run(
+            lambda conn: opamp.delete_config(
+                PG, conn, project_id, instance_uid, actor, _insert_audit
+            )
+        )
+        return result
+
+    async def set_opamp_config_status(
+        self,
+        project_id: uuid.UUID,
+        instance_uid: bytes,
+        config_hash: bytes,
+        *,
+        status: str,
+        error_message: str,
+        now: float,
+    ) -> bool:
+        result: bool = await self._run(
+            lambda conn: opamp.set_config_status(
+                PG, conn, project_id, instance_uid, config_hash, status, error_message, now
+            )
         )
         return result
 

@@ -59,6 +59,7 @@ from .base import (
     EventRecord,
     InstanceInfo,
     OpampAgent,
+    OpampConfig,
     OpampToken,
     Project,
     ScheduleFilter,
@@ -674,6 +675,52 @@ class SqliteStore:
         self, project_id: uuid.UUID | None = None, instance_uid: bytes | None = None
     ) -> list[OpampAgent]:
         return await self._run(lambda db: opamp.list_agents(SQ, db, project_id, instance_uid))
+
+    async def load_opamp_agent(
+        self, project_id: uuid.UUID, instance_uid: bytes
+    ) -> tuple[OpampAgent | None, OpampConfig | None]:
+        return await self._run(lambda db: opamp.load_agent(SQ, db, project_id, instance_uid))
+
+    async def get_opamp_config(
+        self, project_id: uuid.UUID, instance_uid: bytes
+    ) -> OpampConfig | None:
+        return await self._run(lambda db: opamp.get_config(SQ, db, project_id, instance_uid))
+
+    async def put_opamp_config(self, config: OpampConfig, *, actor: str | None) -> None:
+        await self._run(
+            lambda db: _transaction(
+                db, lambda: opamp.put_config(SQ, db, config, actor, _insert_audit)
+            )
+        )
+
+    async def delete_opamp_config(
+        self, project_id: uuid.UUID, instance_uid: bytes, *, actor: str | None
+    ) -> bool:
+        return await self._run(
+            lambda db: _transaction(
+                db,
+                lambda: opamp.delete_config(SQ, db, project_id, instance_uid, actor, _insert_audit),
+            )
+        )
+
+    async def set_opamp_config_status(
+        self,
+        project_id: uuid.UUID,
+        instance_uid: bytes,
+        config_hash: bytes,
+        *,
+        status: str,
+        error_message: str,
+        now: float,
+    ) -> bool:
+        return await self._run(
+            lambda db: _transaction(
+                db,
+                lambda: opamp.set_config_status(
+                    SQ, db, project_id, instance_uid, config_hash, status, error_message, now
+                ),
+            )
+        )
 
 
 def _transaction(db: sqlite3.Connection, fn: Callable[[], T]) -> T:
