@@ -149,7 +149,7 @@ class BrainStats:
     schedule_frames_dropped: Counter[str] = attrs.field(factory=Counter)
     # OpAMP (brain/http/opamp.py): messages by type (status, heartbeat,
     # disconnect), refusals by reason, and state writes by kind (full,
-    # last_seen, coalesced: none).
+    # last_seen, coalesced: none; config_status: a remote configuration's status).
     opamp_messages: Counter[str] = attrs.field(factory=Counter)
     opamp_rejected: Counter[str] = attrs.field(factory=Counter)
     opamp_writes: Counter[str] = attrs.field(factory=Counter)

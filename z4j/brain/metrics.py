@@ -153,7 +153,8 @@ class BrainCollector(Collector):
             ),
             (
                 "z4j_opamp_state_writes",
-                "OpAMP agent states written: full rows, last_seen only, or coalesced (none)",
+                "OpAMP agent states written: full rows, last_seen only, coalesced (none),"
+                " or a remote configuration's status",
                 "kind",
                 s.opamp_writes,
             ),

@@ -17,8 +17,11 @@ threads) and answers. In order:
    error_response is BAD_REQUEST: the specification's "Bad Request" asks for
    that message, and clients read a ServerToAgent only from a 200 (opamp-go
    and the Python client drop any other status's body).
-5. Otherwise: the stored state → `receive` → the new state is written, the
-   reply sent (gzipped when ``Accept-Encoding`` allows it).
+5. Otherwise: the stored state and desired configuration (one store call)
+   → `receive` → the new state is written, the reply sent (gzipped when
+   ``Accept-Encoding`` allows it). The core offers the configuration until
+   the agent reports its hash APPLIED; the configuration's status follows
+   what the agent reports about that hash, written only when it moves.
 
 Writes scale with changes. When `receive` reports a change (or the agent
 is new) the whole row is written. When nothing changed but the sequence
@@ -74,9 +77,11 @@ from ...protocol.opamp import (
     retry_after_seconds,
 )
 from ...protocol.opamp import opamp_pb2 as pb
+from ...protocol.opamp.remote_config import ConfigFile, ConfigProgress, RemoteConfig, progress
+from ...protocol.opamp.state import AgentState
 from ...stats import BrainStats, ThrottledLog
 from ...store import opamp as stored
-from ...store.base import OpampAgent, Store, StoreUnavailable
+from ...store.base import OpampAgent, OpampConfig, Store, StoreUnavailable
 from ._request import Receive, Scope, Send
 from .auth import credentials, header
 
@@ -91,6 +96,7 @@ SKIPPED_MAX: Final = 100_000  # agents whose skipped sequence number one replica
 HEAVY_BYTES: Final = 64 * 1024  # past this, decoding and folding run on a worker thread
 HEAVY_WORKERS: Final = 1  # worker threads doing heavy OpAMP work at once, in all
 COUNT_SLICE: Final = 1_000  # fields counted between two looks at the event loop
+CONFIGS_CACHED: Final = 256  # desired configurations kept built, by hash
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -167,6 +173,7 @@ class OpampEndpoint:
         self._heavy = trio.CapacityLimiter(HEAVY_WORKERS)
         self._heavy_turn = trio.Lock()
         self._log = ThrottledLog(log)
+        self._configs: OrderedDict[str, RemoteConfig] = OrderedDict()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -266,6 +273,7 @@ class OpampEndpoint:
         skipped: int | None,
         message: pb.AgentToServer,
         now: float,
+        desired: RemoteConfig | None,
     ) -> tuple[Outcome, OpampAgent | None]:
         """`receive`, and the row to write when the agent is new or changed
         (None: only ``last_seen`` may be due). Pure: it may run on a thread."""
@@ -279,6 +287,7 @@ class OpampEndpoint:
             message,
             transport=Transport.HTTP,
             new_instance_uid=lambda: uuid.uuid4().bytes,
+            desired_config=desired,
         )
         if row is not None and not outcome.changed:
             return outcome, None
@@ -304,9 +313,10 @@ class OpampEndpoint:
         ``heavy``: the message came in a large or compressed body."""
         now = self._clock()
         uid = message.instance_uid
-        row = await self._store.get_opamp_agent(project_id, uid)
+        row, config = await self._store.load_opamp_agent(project_id, uid)
         skipped = None if row is None else self._skipped.sequence(row)
-        fold = functools.partial(self._fold, project_id, row, skipped, message, now)
+        desired = None if config is None else self._remote_config(config)
+        fold = functools.partial(self._fold, project_id, row, skipped, message, now, desired)
         if heavy or (row is not None and len(row.state) > HEAVY_BYTES):
             outcome, record = await trio.to_thread.run_sync(fold, limiter=self._heavy)
         else:
@@ -327,7 +337,57 @@ class OpampEndpoint:
         else:
             self._skipped.remember(row, state.sequence_num)
             self._stats.opamp_writes["coalesced"] += 1
+        if config is not None and desired is not None:
+            await self._follow(project_id, uid, config, desired, state, now)
         return outcome.reply
+
+    def _remote_config(self, config: OpampConfig) -> RemoteConfig:
+        """The configuration as the core offers it, built once per hash (hashing
+        the files again on every poll would cost as much as they weigh)."""
+        built = self._configs.get(config.config_hash)
+        if built is None:
+            built = RemoteConfig(
+                {
+                    name: ConfigFile(body=file["body"].encode(), content_type=file["content_type"])
+                    for name, file in config.files.items()
+                }
+            )
+            self._configs[config.config_hash] = built
+            while len(self._configs) > CONFIGS_CACHED:
+                self._configs.popitem(last=False)
+        else:
+            self._configs.move_to_end(config.config_hash)
+        return built
+
+    async def _follow(
+        self,
+        project_id: uuid.UUID,
+        uid: bytes,
+        config: OpampConfig,
+        desired: RemoteConfig,
+        state: AgentState,
+        now: float,
+    ) -> None:
+        """Write the configuration's status when the agent's report about its
+        hash moves it (a change the agent reported, so no write per poll)."""
+        reported = None
+        if state.remote_config_status is not None:
+            reported = pb.RemoteConfigStatus.FromString(state.remote_config_status)
+        status = progress(reported, desired.hash)
+        error = ""
+        if status is ConfigProgress.FAILED and reported is not None:
+            error = reported.error_message
+        if (status.value, error) == (config.status, config.error_message):
+            return
+        await self._store.set_opamp_config_status(
+            project_id,
+            uid,
+            desired.hash,
+            status=status.value,
+            error_message=error,
+            now=now,
+        )
+        self._stats.opamp_writes["config_status"] += 1
 
 
 async def _read_body(receive: Receive, headers: Headers, limit: int) -> bytes | None:

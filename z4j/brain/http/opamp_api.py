@@ -1,27 +1,45 @@
-"""``/api/v1/opamp/agents``: the OpAMP fleet as the store last heard it.
+"""``/api/v1/opamp/agents``: the OpAMP fleet as the store last heard it, and
+the configuration each agent should run.
 
-Read-only for now. An agent is online while it has not said goodbye
+An agent is online while it has not said goodbye
 (``agent_disconnect``) and was heard from within
 Z4J_OPAMP_HEARTBEAT_WINDOW_SECONDS; ``last_seen`` lags the last message by
 at most a third of that window (brain/http/opamp.py coalesces it).
 instance_uids are unique per project only, so a uid found in several
-projects needs ``?project=``.
+projects needs ``?project=``, and so does configuring an agent not heard
+from yet.
+
+``PUT .../{instance_uid}/config`` stores a desired configuration (files of
+text, checked here: JSON bodies must parse; YAML is not checked, as no YAML
+library is a dependency) with its `config_hash`; brain/http/opamp.py offers
+it on the agent's next poll until the agent reports that hash APPLIED, and
+follows its status. The status starts from what the agent last reported,
+so pushing again what it already runs shows applied at once. Pushes and
+deletes are audited (store/opamp.py).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
+import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
-from ...store.base import OpampAgent, Project, Store
+from ...protocol.opamp import opamp_pb2 as pb
+from ...protocol.opamp.remote_config import ConfigFile, ConfigProgress, config_hash, progress
+from ...store import opamp as stored
+from ...store.base import OpampAgent, OpampConfig, Project, Store
 from ._request import ApiError, Handler, Request, Response, check_text, page
 from .resources import to_json
 
-__all__ = ["OpampRoutes", "opamp_agent_json"]
+__all__ = ["MAX_CONFIG_BYTES", "MAX_CONFIG_FILES", "OpampRoutes", "opamp_agent_json"]
 
 _UID = re.compile(r"[0-9a-fA-F]{32}")
+MAX_CONFIG_BYTES: Final = 512 * 1024  # all bodies of one configuration, as UTF-8
+MAX_CONFIG_FILES: Final = 100
+MAX_NAME_CHARS: Final = 255
 
 
 def opamp_agent_json(agent: OpampAgent, project: str | None, *, online: bool) -> dict[str, Any]:
@@ -50,6 +68,9 @@ class OpampRoutes:
         return [
             ("GET", "/opamp/agents", self.list_agents),
             ("GET", "/opamp/agents/{instance_uid}", self.detail),
+            ("GET", "/opamp/agents/{instance_uid}/config", self.get_config),
+            ("PUT", "/opamp/agents/{instance_uid}/config", self.put_config),
+            ("DELETE", "/opamp/agents/{instance_uid}/config", self.delete_config),
         ]
 
     def _online(self, agent: OpampAgent, now: float) -> bool:
@@ -77,10 +98,7 @@ class OpampRoutes:
         return 200, page(items, None)
 
     async def detail(self, request: Request) -> Response:
-        raw = request.params["instance_uid"]
-        if not _UID.fullmatch(raw):
-            raise ApiError(400, "bad_request", "instance_uid: 32 hex digits")
-        uid = bytes.fromhex(raw)
+        raw, uid = _uid(request)
         project = await self._project(request)
         found = await self._store.list_opamp_agents(
             None if project is None else project.id, instance_uid=uid
@@ -97,3 +115,127 @@ class OpampRoutes:
         names = {p.id: p.name for p in await self._store.list_projects()}
         online = self._online(agent, self._clock())
         return 200, opamp_agent_json(agent, names.get(agent.project_id), online=online)
+
+    async def _target(self, request: Request) -> tuple[bytes, uuid.UUID, OpampAgent | None]:
+        """The agent a config route names: its uid, project, and row if heard from."""
+        raw, uid = _uid(request)
+        project = await self._project(request)
+        found = await self._store.list_opamp_agents(
+            None if project is None else project.id, instance_uid=uid
+        )
+        if len(found) > 1:
+            raise ApiError(
+                409,
+                "ambiguous",
+                f"{len(found)} projects have an OpAMP agent {raw.lower()}: give ?project=",
+            )
+        if found:
+            return uid, found[0].project_id, found[0]
+        if project is None:
+            raise ApiError(
+                404,
+                "not_found",
+                f"no OpAMP agent {raw.lower()}: give ?project= for one not heard from yet",
+            )
+        return uid, project.id, None
+
+    async def get_config(self, request: Request) -> Response:
+        uid, project_id, _ = await self._target(request)
+        config = await self._store.get_opamp_config(project_id, uid)
+        if config is None:
+            raise ApiError(404, "not_found", f"no configuration for OpAMP agent {uid.hex()}")
+        return 200, to_json(config)
+
+    async def put_config(self, request: Request) -> Response:
+        files = config_files(request.json_object())
+        uid, project_id, agent = await self._target(request)
+        digest = config_hash(
+            {
+                name: ConfigFile(body=f["body"].encode(), content_type=f["content_type"])
+                for name, f in files.items()
+            }
+        )
+        status, error = ConfigProgress.PENDING, ""
+        if agent is not None:
+            state = stored.state_of(agent)
+            if state.remote_config_status is not None:
+                reported = pb.RemoteConfigStatus.FromString(state.remote_config_status)
+                status = progress(reported, digest)
+                if status is ConfigProgress.FAILED:
+                    error = reported.error_message
+        now = self._clock()
+        config = OpampConfig(
+            project_id=project_id,
+            instance_uid=uid.hex(),
+            config_hash=digest.hex(),
+            files=files,
+            created_at=now,
+            created_by="api",
+            status=status.value,
+            error_message=error,
+            status_at=now,
+        )
+        await self._store.put_opamp_config(config, actor="api")
+        return 200, to_json(config)
+
+    async def delete_config(self, request: Request) -> Response:
+        uid, project_id, _ = await self._target(request)
+        if not await self._store.delete_opamp_config(project_id, uid, actor="api"):
+            raise ApiError(404, "not_found", f"no configuration for OpAMP agent {uid.hex()}")
+        return 204, None
+
+
+def _uid(request: Request) -> tuple[str, bytes]:
+    raw = request.params["instance_uid"]
+    if not _UID.fullmatch(raw):
+        raise ApiError(400, "bad_request", "instance_uid: 32 hex digits")
+    return raw, bytes.fromhex(raw)
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+def config_files(body: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """The files of a PUT body, checked: ``{"files": {name: {"body", "content_type"}}}``.
+
+    At least one file; names non-empty (OpAMP allows one empty name, but a
+    name is what operators and the agent's report go by); at most
+    `MAX_CONFIG_FILES` files of `MAX_CONFIG_BYTES` in all; a body whose
+    content type is JSON must parse as JSON.
+    """
+    files = body.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ApiError(400, "bad_request", "files: an object of at least one file by name")
+    if len(files) > MAX_CONFIG_FILES:
+        raise ApiError(400, "bad_request", f"files: at most {MAX_CONFIG_FILES}")
+    out: dict[str, dict[str, str]] = {}
+    total = 0
+    for name, file in files.items():
+        if not name or len(name) > MAX_NAME_CHARS:
+            raise ApiError(400, "bad_request", f"files: names of 1 to {MAX_NAME_CHARS} characters")
+        if not isinstance(file, dict) or not isinstance(file.get("body"), str):
+            raise ApiError(400, "bad_request", f"files[{name!r}]: an object with a body (text)")
+        content_type = file.get("content_type", "")
+        if not isinstance(content_type, str) or len(content_type) > MAX_NAME_CHARS:
+            raise ApiError(
+                400,
+                "bad_request",
+                f"files[{name!r}].content_type: text of at most {MAX_NAME_CHARS} characters",
+            )
+        text = file["body"]
+        total += len(text.encode())
+        if total > MAX_CONFIG_BYTES:
+            raise ApiError(
+                400, "too_large", f"files: at most {MAX_CONFIG_BYTES} bytes of bodies in all"
+            )
+        if _is_json(content_type):
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ApiError(
+                    400, "invalid_config", f"files[{name!r}] is not valid JSON: {exc}"
+                ) from None
+        out[name] = {"body": text, "content_type": content_type}
+    return out

@@ -488,6 +488,28 @@ SCHEMAS: dict[str, Any] = {
             }
         }
     ),
+    "OpampConfigPush": {
+        "type": "object",
+        "properties": {
+            "files": {
+                "type": "object",
+                "minProperties": 1,
+                "maxProperties": 100,
+                "description": "by name (1 to 255 characters); bodies of 512 KiB in all, "
+                "as UTF-8; a body whose content_type is JSON (application/json, +json) must "
+                "parse (YAML is not checked)",
+                "additionalProperties": {
+                    "type": "object",
+                    "properties": {
+                        "body": {"type": "string"},
+                        "content_type": {"type": "string", "maxLength": 255},
+                    },
+                    "required": ["body"],
+                },
+            }
+        },
+        "required": ["files"],
+    },
     "SignIn": {
         "type": "object",
         "properties": {"token": {"type": "string", "minLength": 1}},
@@ -515,6 +537,19 @@ OPAMP_DESCRIPTION = (
     "Agents that speak OpAMP to POST /v1/opamp (not under /api/v1: see docs/opamp.md). "
     "An agent is online while it has not sent agent_disconnect and was heard from within "
     "Z4J_OPAMP_HEARTBEAT_WINDOW_SECONDS."
+)
+
+OPAMP_UID: dict[str, Any] = {
+    "name": "instance_uid",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{32}$"},
+}
+
+OPAMP_CONFIG_DESCRIPTION = (
+    "Offered on the agent's next poll, if it accepts remote configuration, until it reports "
+    "config_hash APPLIED; status follows its reports (pending, applying, applied, failed). "
+    "An agent not heard from yet needs ?project=. Audited as opamp.config.pushed."
 )
 
 OPENAPI: dict[str, Any] = {
@@ -606,6 +641,39 @@ OPENAPI: dict[str, Any] = {
                     _query("project", STRING, "project name or id"),
                 ],
             )
+        },
+        "/opamp/agents/{instance_uid}/config": {
+            "get": _operation(
+                "getOpampConfig",
+                "The configuration an OpAMP agent should run, and its status",
+                (200, _ref("OpampConfig")),
+                errors=(400, 401, 404, 409),
+                parameters=[OPAMP_UID, _query("project", STRING, "project name or id")],
+            ),
+            "put": _operation(
+                "putOpampConfig",
+                "Push a configuration to one OpAMP agent (replacing any before it)",
+                (200, _ref("OpampConfig")),
+                errors=(400, 401, 403, 404, 409, 413, 415),
+                description=OPAMP_CONFIG_DESCRIPTION,
+                parameters=[
+                    OPAMP_UID,
+                    _query("project", STRING, "project name or id"),
+                    CSRF_HEADER,
+                ],
+                body=_ref("OpampConfigPush"),
+            ),
+            "delete": _operation(
+                "deleteOpampConfig",
+                "Stop offering the agent its configuration (it keeps what it runs)",
+                (204, None),
+                errors=(400, 401, 403, 404, 409),
+                parameters=[
+                    OPAMP_UID,
+                    _query("project", STRING, "project name or id"),
+                    CSRF_HEADER,
+                ],
+            ),
         },
         "/instances": {
             "get": _operation("listInstances", "Brain instances", (200, _page("Instance")))

@@ -39,6 +39,7 @@ from ...store.base import (
     EventRecord,
     InstanceInfo,
     OpampAgent,
+    OpampConfig,
     Project,
     ScheduleRecord,
     TaskRecord,
@@ -297,6 +298,35 @@ RESOURCES: dict[type, Resource] = {
                     "description": "lags its last message by up to a third of the heartbeat window"
                 },
                 "disconnected_at": {"description": "when it said agent_disconnect"},
+            },
+        ),
+        Resource(
+            name="OpampConfig",
+            cls=OpampConfig,
+            refine={
+                "instance_uid": {"description": "the agent's 16-byte id, as 32 hex digits"},
+                "config_hash": {
+                    "description": "SHA-256 of the files (hex), sorted by name: what the agent "
+                    "reports back as last_remote_config_hash"
+                },
+                "files": {
+                    "description": "by name: body (text) and content_type",
+                    "additionalProperties": {
+                        "type": "object",
+                        "properties": {
+                            "body": {"type": "string"},
+                            "content_type": {"type": "string"},
+                        },
+                    },
+                },
+                "created_by": {"description": "who pushed it"},
+                "status": {
+                    "enum": ["pending", "applying", "applied", "failed"],
+                    "description": "the agent's last report about this hash; pending until "
+                    "it reports one",
+                },
+                "error_message": {"description": "the agent's, when failed"},
+                "status_at": {"description": "when the status last moved"},
             },
         ),
         Resource(
