@@ -1,0 +1,289 @@
+"""Remote configuration for one OpAMP agent, on a running brain, on both stores.
+
+A configuration pushed through ``PUT /api/v1/opamp/agents/{uid}/config``
+reaches the OpenTelemetry Python client's agent loop, is applied, and shows
+applied with its hash; with hand-built messages: offered until APPLIED and
+not after, FAILED with the agent's message, DELETE stops the offer, never
+sent to an agent that does not accept remote config nor to another
+project's agent, the validation errors, and the audit rows.
+"""
+
+from __future__ import annotations
+
+import atexit
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import trio
+
+from z4j.config import Config
+from z4j.protocol.opamp import AgentCapability
+from z4j.protocol.opamp import opamp_pb2 as pb
+from z4j.protocol.opamp.remote_config import ConfigFile, config_hash
+from z4j.testing.agents import admin_token
+from z4j.testing.brain import make_config, wait_until
+from z4j.testing.http import HttpReply, http_request
+
+pytest.importorskip("opentelemetry._opamp", reason="opentelemetry-opamp-client is not installed")
+pytest.importorskip("requests")
+
+from opentelemetry._opamp.agent import OpAMPAgent
+from opentelemetry._opamp.callbacks import MessageData, OpAMPCallbacks
+from opentelemetry._opamp.client import OpAMPClient
+from test_opamp_http import UID, _free_port, opamp_token, post, ready_brain, reply_of
+
+ACCEPTS = (
+    AgentCapability.REPORTS_STATUS
+    | AgentCapability.ACCEPTS_REMOTE_CONFIG
+    | AgentCapability.REPORTS_REMOTE_CONFIG
+)
+YAML = {"collector.yaml": {"body": "receivers:\n  otlp: {}\n", "content_type": "text/yaml"}}
+JSON = {"sdk.json": {"body": '{"sampler": "always_on"}', "content_type": "application/json"}}
+APPLYING: Any = pb.RemoteConfigStatus.STATUS_APPLYING
+APPLIED: Any = pb.RemoteConfigStatus.STATUS_APPLIED
+FAILED: Any = pb.RemoteConfigStatus.STATUS_FAILED
+
+
+def hash_of(files: dict[str, dict[str, str]]) -> bytes:
+    return config_hash(
+        {
+            n: ConfigFile(body=f["body"].encode(), content_type=f["content_type"])
+            for n, f in files.items()
+        }
+    )
+
+
+async def api(
+    address: tuple[str, int], method: str, path: str, token: str, body: Any = None
+) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"}
+    data = None
+    if body is not None:
+        data = body if isinstance(body, bytes) else orjson.dumps(body)
+        headers["Content-Type"] = "application/json"
+    reply: HttpReply = await http_request(
+        address, method, "/api/v1" + path, body=data, headers=headers
+    )
+    return reply.status, reply.json()
+
+
+def message(
+    seq: int,
+    capabilities: AgentCapability = ACCEPTS,
+    status: tuple[bytes, Any, str] | None = None,
+) -> bytes:
+    """A message from UID: the description on the first, a config status when given."""
+    m = pb.AgentToServer(instance_uid=UID, sequence_num=seq, capabilities=int(capabilities))
+    if seq == 0:
+        m.agent_description.identifying_attributes.add(key="service.name").value.string_value = "x"
+    if status is not None:
+        digest, code, error = status
+        m.remote_config_status.CopyFrom(
+            pb.RemoteConfigStatus(last_remote_config_hash=digest, status=code, error_message=error)
+        )
+    return m.SerializeToString()
+
+
+async def test_offered_until_applied_failed_shown_deleted_and_audited(config: Config) -> None:
+    token = await opamp_token(config, "a")
+    admin = await admin_token(config)
+    path = f"/opamp/agents/{UID.hex()}/config"
+    async with ready_brain(config) as brain:
+        http = brain.addresses.http
+        assert not reply_of(await post(http, message(0), token)).HasField("remote_config")
+
+        status, pushed = await api(http, "PUT", path, admin, {"files": YAML})
+        assert status == 200, pushed
+        digest = hash_of(YAML)
+        assert pushed["config_hash"] == digest.hex() and pushed["status"] == "pending"
+        assert pushed["files"] == YAML and pushed["created_by"] == "api"
+
+        offer = reply_of(await post(http, message(1), token))
+        assert offer.remote_config.config_hash == digest
+        [(name, file)] = offer.remote_config.config.config_map.items()
+        assert (name, file.body, file.content_type) == (
+            "collector.yaml",
+            YAML["collector.yaml"]["body"].encode(),
+            "text/yaml",
+        )
+        # APPLYING: still offered (not applied yet), and shown.
+        reply = reply_of(await post(http, message(2, status=(digest, APPLYING, "")), token))
+        assert reply.remote_config.config_hash == digest
+        assert (await api(http, "GET", path, admin))[1]["status"] == "applying"
+        # APPLIED: no longer offered, on this reply nor the next ones.
+        reply = reply_of(await post(http, message(3, status=(digest, APPLIED, "")), token))
+        assert not reply.HasField("remote_config")
+        for seq in (4, 5):
+            assert not reply_of(await post(http, message(seq), token)).HasField("remote_config")
+        status, shown = await api(http, "GET", path, admin)
+        assert status == 200 and shown["status"] == "applied"
+        assert shown["config_hash"] == digest.hex() and shown["error_message"] == ""
+        _, agent = await api(http, "GET", f"/opamp/agents/{UID.hex()}", admin)
+        assert agent["remote_config_status"]["last_remote_config_hash"] == digest.hex()
+        # One status write per move (applying, applied), none per heartbeat.
+        assert brain.stats.opamp_writes["config_status"] == 2
+
+        # A second configuration: offered again; FAILED shows the agent's message.
+        assert (await api(http, "PUT", path, admin, {"files": JSON}))[0] == 200
+        second = hash_of(JSON)
+        assert reply_of(await post(http, message(6), token)).remote_config.config_hash == second
+        await post(http, message(7, status=(second, FAILED, "unknown sampler")), token)
+        _, shown = await api(http, "GET", path, admin)
+        assert (shown["status"], shown["error_message"]) == ("failed", "unknown sampler")
+        assert shown["config_hash"] == second.hex()
+
+        # DELETE stops the offer.
+        assert (await api(http, "DELETE", path, admin))[0] == 204
+        assert not reply_of(await post(http, message(8), token)).HasField("remote_config")
+        assert (await api(http, "GET", path, admin))[0] == 404
+        assert (await api(http, "DELETE", path, admin))[0] == 404
+
+        _, audit = await api(http, "GET", "/audit", admin)
+        rows = [(a["action"], a["details"].get("config_hash")) for a in audit["items"]]
+        assert rows[:3] == [
+            ("opamp.config.deleted", second.hex()),
+            ("opamp.config.pushed", second.hex()),
+            ("opamp.config.pushed", digest.hex()),
+        ]
+        assert audit["items"][2]["subject"].endswith(UID.hex())
+        assert audit["items"][2]["actor"] == "api"
+
+
+async def test_never_sent_without_the_capability_nor_to_another_project(config: Config) -> None:
+    token_a = await opamp_token(config, "a")
+    token_b = await opamp_token(config, "b")
+    admin = await admin_token(config)
+    path = f"/opamp/agents/{UID.hex()}/config"
+    async with ready_brain(config) as brain:
+        http = brain.addresses.http
+        # Pushed before the agent is heard from: the project must be named.
+        status, body = await api(http, "PUT", path, admin, {"files": YAML})
+        assert status == 404 and "?project=" in body["message"]
+        assert (await api(http, "PUT", path + "?project=b", admin, {"files": YAML}))[0] == 200
+
+        # A's token, B's agent's uid: A's own agent, which has no configuration.
+        for seq in range(3):
+            assert not reply_of(await post(http, message(seq), token_a)).HasField("remote_config")
+        # B's agent, not accepting remote config: never offered.
+        no_remote = AgentCapability.REPORTS_STATUS | AgentCapability.REPORTS_REMOTE_CONFIG
+        for seq in range(3):
+            reply = reply_of(await post(http, message(seq, no_remote), token_b))
+            assert not reply.HasField("remote_config")
+        # ...until it says it does.
+        reply = reply_of(await post(http, message(3), token_b))
+        assert reply.remote_config.config_hash == hash_of(YAML)
+        _, shown = await api(http, "GET", path + "?project=b", admin)
+        assert shown["status"] == "pending"
+        status, body = await api(http, "GET", path, admin)
+        assert status == 409 and body["error"] == "ambiguous"
+        assert (await api(http, "GET", path + "?project=a", admin))[0] == 404
+
+
+async def test_validation_errors_are_400_with_a_reason(config: Config) -> None:
+    await opamp_token(config, "a")
+    admin = await admin_token(config)
+    path = f"/opamp/agents/{UID.hex()}/config?project=a"
+    big = {"f": {"body": "x" * (512 * 1024 + 1), "content_type": ""}}
+    cases: list[tuple[Any, str]] = [
+        (b"not json", "not valid JSON"),
+        ({}, "files"),
+        ({"files": {}}, "at least one file"),
+        ({"files": {"": {"body": "x"}}}, "names of 1 to"),
+        ({"files": {"a": {"body": 3}}}, "body (text)"),
+        ({"files": {"a": "text"}}, "body (text)"),
+        ({"files": {"a": {"body": "x", "content_type": 5}}}, "content_type"),
+        (
+            {"files": {"a.json": {"body": "{", "content_type": "application/json"}}},
+            "not valid JSON",
+        ),
+        ({"files": {"a": {"body": "[1,", "content_type": "application/vnd.x+json"}}}, "JSON"),
+        ({"files": big}, "bytes of bodies"),
+        ({"files": {"a": {"body": "nul \u0000"}}}, "NUL"),
+    ]
+    async with ready_brain(config) as brain:
+        http = brain.addresses.http
+        for body, reason in cases:
+            status, reply = await api(http, "PUT", path, admin, body)
+            assert status == 400 and reason in reply["message"], (body, reply)
+        bad_uid = await api(
+            http, "PUT", "/opamp/agents/xyz/config?project=a", admin, {"files": YAML}
+        )
+        assert bad_uid[0] == 400
+        # YAML is not parsed (no YAML library is a dependency): kept as given.
+        odd = {"c.yaml": {"body": "a: [", "content_type": "text/yaml"}}
+        assert (await api(http, "PUT", path, admin, {"files": odd}))[0] == 200
+        unauthenticated = await http_request(http, "PUT", "/api/v1" + path, body=b"{}")
+        assert unauthenticated.status == 401
+
+
+class _Applier(OpAMPCallbacks):
+    """What a distribution does with a remote config: apply it, report APPLIED."""
+
+    def __init__(self) -> None:
+        self.configs: list[tuple[bytes, dict[str, bytes]]] = []
+
+    def on_message(self, agent: OpAMPAgent, client: OpAMPClient, message: MessageData) -> None:
+        if message.remote_config is None:
+            return
+        remote = message.remote_config
+        files = {n: f.body for n, f in remote.config.config_map.items()}
+        self.configs.append((remote.config_hash, files))
+        status = client.update_remote_config_status(remote.config_hash, APPLIED)
+        if status is not None:
+            agent.send(client.build_remote_config_status_response_message(status))
+
+
+async def test_the_python_client_applies_a_pushed_configuration(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    port = _free_port()
+    config = make_config(tmp_path / "data", database_url, http_bind=f"127.0.0.1:{port}")
+    token = await opamp_token(config, "fleet")
+    admin = await admin_token(config)
+    client = OpAMPClient(
+        endpoint=f"http://127.0.0.1:{port}/v1/opamp",
+        headers={"Authorization": f"Bearer {token}"},
+        agent_identifying_attributes={"service.name": "checkout"},
+    )
+    callbacks = _Applier()
+    agent = OpAMPAgent(interval=0.1, callbacks=callbacks, client=client, initial_backoff=0.05)
+    http = ("127.0.0.1", port)
+    try:
+        async with ready_brain(config) as brain:
+            await trio.to_thread.run_sync(agent.start)
+
+            async def listed() -> str | None:
+                _, page = await api(http, "GET", "/opamp/agents", admin)
+                return page["items"][0]["instance_uid"] if page["items"] else None
+
+            await wait_until(listed)
+            uid = await listed()
+            path = f"/opamp/agents/{uid}/config"
+            status, pushed = await api(http, "PUT", path, admin, {"files": YAML})
+            assert status == 200 and pushed["status"] == "pending"
+
+            async def applied() -> bool:
+                _, shown = await api(http, "GET", path, admin)
+                return bool(shown["status"] == "applied")
+
+            await wait_until(applied)
+            _, shown = await api(http, "GET", path, admin)
+            assert shown["config_hash"] == hash_of(YAML).hex()
+            assert callbacks.configs == [
+                (hash_of(YAML), {"collector.yaml": YAML["collector.yaml"]["body"].encode()})
+            ]
+            _, item = await api(http, "GET", f"/opamp/agents/{uid}", admin)
+            assert item["remote_config_status"] == {
+                "last_remote_config_hash": hash_of(YAML).hex(),
+                "status": "applied",
+                "error_message": "",
+            }
+            # Polls go on; the configuration is not offered again.
+            before = brain.stats.opamp_messages["heartbeat"]
+            await wait_until(lambda: brain.stats.opamp_messages["heartbeat"] >= before + 3)
+            assert len(callbacks.configs) == 1
+    finally:
+        await trio.to_thread.run_sync(lambda: agent.stop(timeout=5))
+        atexit.unregister(agent.stop)
