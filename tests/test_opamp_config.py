@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from z4j.config import Config
-from z4j.protocol.opamp import AgentCapability
+from z4j.protocol.opamp import AgentCapability, AgentFlag
 from z4j.protocol.opamp import opamp_pb2 as pb
 from z4j.protocol.opamp.remote_config import ConfigFile, config_hash
 from z4j.testing.agents import admin_token
@@ -73,9 +73,10 @@ def message(
     seq: int,
     capabilities: AgentCapability = ACCEPTS,
     status: tuple[bytes, Any, str] | None = None,
+    uid: bytes = UID,
 ) -> bytes:
-    """A message from UID: the description on the first, a config status when given."""
-    m = pb.AgentToServer(instance_uid=UID, sequence_num=seq, capabilities=int(capabilities))
+    """A message from ``uid``: the description on the first, a config status when given."""
+    m = pb.AgentToServer(instance_uid=uid, sequence_num=seq, capabilities=int(capabilities))
     if seq == 0:
         m.agent_description.identifying_attributes.add(key="service.name").value.string_value = "x"
     if status is not None:
@@ -178,6 +179,29 @@ async def test_never_sent_without_the_capability_nor_to_another_project(config: 
         assert shown["status"] == "pending"
         status, body = await api(http, "GET", path, admin)
         assert status == 409 and body["error"] == "ambiguous"
+        assert (await api(http, "GET", path + "?project=a", admin))[0] == 404
+
+
+async def test_the_configuration_follows_an_agent_given_a_new_id(config: Config) -> None:
+    token = await opamp_token(config, "a")
+    admin = await admin_token(config)
+    async with ready_brain(config) as brain:
+        http = brain.addresses.http
+        reply_of(await post(http, message(0), token))
+        path = f"/opamp/agents/{UID.hex()}/config"
+        assert (await api(http, "PUT", path, admin, {"files": YAML}))[0] == 200
+        ask = pb.AgentToServer.FromString(message(1))
+        ask.flags = AgentFlag.REQUEST_INSTANCE_UID
+        reply = reply_of(await post(http, ask.SerializeToString(), token))
+        new = reply.agent_identification.new_instance_uid
+        assert len(new) == 16 and reply.remote_config.config_hash == hash_of(YAML)
+        reply = reply_of(await post(http, message(2, uid=new), token))
+        assert reply.remote_config.config_hash == hash_of(YAML)
+        applied = (hash_of(YAML), APPLIED, "")
+        reply = reply_of(await post(http, message(3, status=applied, uid=new), token))
+        assert not reply.HasField("remote_config")
+        status, shown = await api(http, "GET", f"/opamp/agents/{new.hex()}/config", admin)
+        assert status == 200 and shown["status"] == "applied"
         assert (await api(http, "GET", path + "?project=a", admin))[0] == 404
 
 

@@ -303,6 +303,21 @@ def save_agent(d: Dialect, conn: Conn, agent: OpampAgent, replaces: bytes | None
             d.sql("DELETE FROM opamp_agents WHERE project_id = ? AND instance_uid = ?"),
             (project, replaces),
         )
+        # Its desired configuration follows it to the new id (which has none).
+        conn.execute(
+            d.sql(
+                "UPDATE opamp_configs SET instance_uid = ? WHERE project_id = ? AND instance_uid = ?"
+                " AND NOT EXISTS (SELECT 1 FROM opamp_configs"
+                " WHERE project_id = ? AND instance_uid = ?)"
+            ),
+            (
+                bytes.fromhex(agent.instance_uid),
+                project,
+                replaces,
+                project,
+                bytes.fromhex(agent.instance_uid),
+            ),
+        )
     columns = [c.strip() for c in AGENT_COLUMNS.split(",")]
     updates = ", ".join(f"{c} = excluded.{c}" for c in columns[2:])
     conn.execute(

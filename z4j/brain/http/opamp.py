@@ -338,7 +338,7 @@ class OpampEndpoint:
             self._skipped.remember(row, state.sequence_num)
             self._stats.opamp_writes["coalesced"] += 1
         if config is not None and desired is not None:
-            await self._follow(project_id, uid, config, desired, state, now)
+            await self._follow(project_id, config, desired, state, now)
         return outcome.reply
 
     def _remote_config(self, config: OpampConfig) -> RemoteConfig:
@@ -362,7 +362,6 @@ class OpampEndpoint:
     async def _follow(
         self,
         project_id: uuid.UUID,
-        uid: bytes,
         config: OpampConfig,
         desired: RemoteConfig,
         state: AgentState,
@@ -381,7 +380,7 @@ class OpampEndpoint:
             return
         await self._store.set_opamp_config_status(
             project_id,
-            uid,
+            state.instance_uid,  # the new one, if the agent was just given one
             desired.hash,
             status=status.value,
             error_message=error,
