@@ -11,6 +11,7 @@ project's agent, the validation errors, and the audit rows.
 from __future__ import annotations
 
 import atexit
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from z4j.config import Config
 from z4j.protocol.opamp import AgentCapability, AgentFlag
 from z4j.protocol.opamp import opamp_pb2 as pb
 from z4j.protocol.opamp.remote_config import ConfigFile, config_hash
+from z4j.store import store_for
 from z4j.testing.agents import admin_token
 from z4j.testing.brain import make_config, wait_until
 from z4j.testing.http import HttpReply, http_request
@@ -53,6 +55,10 @@ def hash_of(files: dict[str, dict[str, str]]) -> bytes:
             for n, f in files.items()
         }
     )
+
+
+def brain_project(shown: dict[str, Any]) -> uuid.UUID:
+    return uuid.UUID(shown["project_id"])
 
 
 async def api(
@@ -121,23 +127,41 @@ async def test_offered_until_applied_failed_shown_deleted_and_audited(config: Co
         status, shown = await api(http, "GET", path, admin)
         assert status == 200 and shown["status"] == "applied"
         assert shown["config_hash"] == digest.hex() and shown["error_message"] == ""
+        assert shown["files"] == YAML
+        # What a poll reads of an applied configuration: not its files.
+        store = store_for(config)
+        try:
+            _, loaded = await store.load_opamp_agent(brain_project(shown), UID)
+        finally:
+            await store.aclose()
+        assert loaded is not None and loaded.files == {} and loaded.status == "applied"
         _, agent = await api(http, "GET", f"/opamp/agents/{UID.hex()}", admin)
         assert agent["remote_config_status"]["last_remote_config_hash"] == digest.hex()
         # One status write per move (applying, applied), none per heartbeat.
         assert brain.stats.opamp_writes["config_status"] == 2
+        # The agent reports another configuration (rolled back, restarted):
+        # offered again at once, pending, until it reports this one applied.
+        other = (b"\x01" * 32, APPLIED, "")
+        reply = reply_of(await post(http, message(6, status=other), token))
+        assert reply.remote_config.config_hash == digest
+        assert (await api(http, "GET", path, admin))[1]["status"] == "pending"
+        reply = reply_of(await post(http, message(7, status=(digest, APPLIED, "")), token))
+        assert not reply.HasField("remote_config")
+        assert (await api(http, "GET", path, admin))[1]["status"] == "applied"
+        assert brain.stats.opamp_writes["config_status"] == 4
 
         # A second configuration: offered again; FAILED shows the agent's message.
         assert (await api(http, "PUT", path, admin, {"files": JSON}))[0] == 200
         second = hash_of(JSON)
-        assert reply_of(await post(http, message(6), token)).remote_config.config_hash == second
-        await post(http, message(7, status=(second, FAILED, "unknown sampler")), token)
+        assert reply_of(await post(http, message(8), token)).remote_config.config_hash == second
+        await post(http, message(9, status=(second, FAILED, "unknown sampler")), token)
         _, shown = await api(http, "GET", path, admin)
         assert (shown["status"], shown["error_message"]) == ("failed", "unknown sampler")
         assert shown["config_hash"] == second.hex()
 
         # DELETE stops the offer.
         assert (await api(http, "DELETE", path, admin))[0] == 204
-        assert not reply_of(await post(http, message(8), token)).HasField("remote_config")
+        assert not reply_of(await post(http, message(10), token)).HasField("remote_config")
         assert (await api(http, "GET", path, admin))[0] == 404
         assert (await api(http, "DELETE", path, admin))[0] == 404
 

@@ -787,7 +787,9 @@ class Store(Protocol):
         self, project_id: uuid.UUID, instance_uid: bytes
     ) -> tuple[OpampAgent | None, OpampConfig | None]:
         """The agent's row and its desired configuration, in one call: what
-        answering one of its messages needs."""
+        answering one of its messages needs. An applied configuration comes
+        without its files (``files`` empty): read them with `get_opamp_config`
+        if the agent turns out to need them."""
         ...
 
     async def get_opamp_config(

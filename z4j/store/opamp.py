@@ -421,14 +421,24 @@ def get_config(
     return None if row is None else _config(d, row)
 
 
+_LOAD_COLUMNS: Final = CONFIG_COLUMNS.replace(
+    "files", "CASE WHEN status = 'applied' THEN NULL ELSE files END"
+)
+
+
 def load_agent(
     d: Dialect, conn: Conn, project_id: uuid.UUID, instance_uid: bytes
 ) -> tuple[OpampAgent | None, OpampConfig | None]:
-    """Both reads on one connection, in one trip to the store's thread."""
-    return (
-        get_agent(d, conn, project_id, instance_uid),
-        get_config(d, conn, project_id, instance_uid),
-    )
+    """Both reads on one connection, in one trip to the store's thread. An
+    applied configuration comes without its files (``{}``): a poll from an
+    agent that runs it does not need them (brain/http/opamp.py)."""
+    row = conn.execute(
+        d.sql(
+            f"SELECT {_LOAD_COLUMNS} FROM opamp_configs WHERE project_id = ? AND instance_uid = ?"
+        ),
+        (d.uuid_in(project_id), instance_uid),
+    ).fetchone()
+    return get_agent(d, conn, project_id, instance_uid), None if row is None else _config(d, row)
 
 
 def _subject(project_id: uuid.UUID, instance_uid: str) -> str:
@@ -541,7 +551,7 @@ def _config(d: Dialect, row: Any) -> OpampConfig:
         project_id=d.uuid_out(project_id),
         instance_uid=bytes(instance_uid).hex(),
         config_hash=bytes(hash_).hex(),
-        files=d.json_out(files),
+        files={} if files is None else d.json_out(files),
         created_at=d.ts_out(created_at),
         created_by=created_by,
         status=status,

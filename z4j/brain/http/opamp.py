@@ -96,7 +96,7 @@ SKIPPED_MAX: Final = 100_000  # agents whose skipped sequence number one replica
 HEAVY_BYTES: Final = 64 * 1024  # past this, decoding and folding run on a worker thread
 HEAVY_WORKERS: Final = 1  # worker threads doing heavy OpAMP work at once, in all
 COUNT_SLICE: Final = 1_000  # fields counted between two looks at the event loop
-CONFIGS_CACHED: Final = 256  # desired configurations kept built, by hash
+CONFIG_CACHE_BYTES: Final = 16 * 1024 * 1024  # desired configurations kept built, by hash
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -174,6 +174,7 @@ class OpampEndpoint:
         self._heavy_turn = trio.Lock()
         self._log = ThrottledLog(log)
         self._configs: OrderedDict[str, RemoteConfig] = OrderedDict()
+        self._config_bytes = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -315,7 +316,7 @@ class OpampEndpoint:
         uid = message.instance_uid
         row, config = await self._store.load_opamp_agent(project_id, uid)
         skipped = None if row is None else self._skipped.sequence(row)
-        desired = None if config is None else self._remote_config(config)
+        desired = await self._desired(project_id, uid, config, message)
         fold = functools.partial(self._fold, project_id, row, skipped, message, now, desired)
         if heavy or (row is not None and len(row.state) > HEAVY_BYTES):
             outcome, record = await trio.to_thread.run_sync(fold, limiter=self._heavy)
@@ -337,42 +338,69 @@ class OpampEndpoint:
         else:
             self._skipped.remember(row, state.sequence_num)
             self._stats.opamp_writes["coalesced"] += 1
-        if config is not None and desired is not None:
-            await self._follow(project_id, config, desired, state, now)
+        if config is not None:
+            await self._follow(project_id, config, state, now)
         return outcome.reply
+
+    async def _desired(
+        self,
+        project_id: uuid.UUID,
+        uid: bytes,
+        config: OpampConfig | None,
+        message: pb.AgentToServer,
+    ) -> RemoteConfig | None:
+        """The configuration for the core to offer, if it may have to.
+
+        The store leaves the files out of an applied configuration: the core
+        would not offer it, unless this very message reports otherwise (a
+        restarted or rolled-back agent), and only then are they read.
+        """
+        if config is None:
+            return None
+        if not config.files:
+            if not message.HasField("remote_config_status"):
+                return None
+            digest = bytes.fromhex(config.config_hash)
+            if progress(message.remote_config_status, digest) is ConfigProgress.APPLIED:
+                return None
+            config = await self._store.get_opamp_config(project_id, uid)
+            if config is None or not config.files:
+                return None
+        return self._remote_config(config)
 
     def _remote_config(self, config: OpampConfig) -> RemoteConfig:
         """The configuration as the core offers it, built once per hash (hashing
-        the files again on every poll would cost as much as they weigh)."""
+        the files again on every poll would cost as much as they weigh); the
+        cache is bounded by the bytes it holds."""
         built = self._configs.get(config.config_hash)
-        if built is None:
-            built = RemoteConfig(
-                {
-                    name: ConfigFile(body=file["body"].encode(), content_type=file["content_type"])
-                    for name, file in config.files.items()
-                }
-            )
-            self._configs[config.config_hash] = built
-            while len(self._configs) > CONFIGS_CACHED:
-                self._configs.popitem(last=False)
-        else:
+        if built is not None:
             self._configs.move_to_end(config.config_hash)
+            return built
+        built = RemoteConfig(
+            {
+                name: ConfigFile(body=file["body"].encode(), content_type=file["content_type"])
+                for name, file in config.files.items()
+            }
+        )
+        size = sum(len(file.body) for _, file in built.files)
+        if size <= CONFIG_CACHE_BYTES:
+            self._configs[config.config_hash] = built
+            self._config_bytes += size
+            while self._config_bytes > CONFIG_CACHE_BYTES:
+                _, dropped = self._configs.popitem(last=False)
+                self._config_bytes -= sum(len(file.body) for _, file in dropped.files)
         return built
 
     async def _follow(
-        self,
-        project_id: uuid.UUID,
-        config: OpampConfig,
-        desired: RemoteConfig,
-        state: AgentState,
-        now: float,
+        self, project_id: uuid.UUID, config: OpampConfig, state: AgentState, now: float
     ) -> None:
         """Write the configuration's status when the agent's report about its
         hash moves it (a change the agent reported, so no write per poll)."""
         reported = None
         if state.remote_config_status is not None:
             reported = pb.RemoteConfigStatus.FromString(state.remote_config_status)
-        status = progress(reported, desired.hash)
+        digest = bytes.fromhex(config.config_hash)
+        status = progress(reported, digest)
         error = ""
         if status is ConfigProgress.FAILED and reported is not None:
             error = reported.error_message
@@ -381,7 +409,7 @@ class OpampEndpoint:
         await self._store.set_opamp_config_status(
             project_id,
             state.instance_uid,  # the new one, if the agent was just given one
-            desired.hash,
+            digest,
             status=status.value,
             error_message=error,
             now=now,
