@@ -279,3 +279,32 @@ def test_admin_tokens_are_listed_without_secrets_and_revoked_by_name_or_id(
     assert gone.returncode == 1 and "no admin token" in gone.stderr
     left = z4j("admin", "token", "list", env=env).stdout.splitlines()[1:]
     assert [r.split()[0] for r in left] == [rows[2][0]]
+
+
+def test_opamp_tokens_are_made_per_project_listed_without_secrets_and_revoked(
+    tmp_path: Path,
+) -> None:
+    data = ("--data-dir", str(tmp_path))
+    project_id = _ok("project", "create", "fleet", *data).split()[0]
+    created = z4j("opamp", "token", "create", "--project", "fleet", "--name", "collectors", *data)
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip()
+    assert token.startswith(keys.OPAMP_TOKEN_PREFIX) and len(token) > 40
+    assert "shown only now" in created.stderr and "/v1/opamp" in created.stderr
+    # What the brain checks a bearer token against: its keyed hash, and the project.
+    master = keys.master_secret(load_config(env={}, overrides={"data_dir": tmp_path}))
+    stored = _store_rows(tmp_path, "SELECT project_id, token_hash FROM opamp_tokens")
+    assert stored == [(project_id, keys.opamp_token_hash(master, token))]
+
+    lines = _ok("opamp", "token", "list", *data).splitlines()
+    assert lines[0].split() == ["ID", "PROJECT", "CREATED", "NAME"]
+    [row] = [line.split() for line in lines[1:]]
+    assert (row[1], row[-1]) == ("fleet", "collectors")
+    assert token.removeprefix(keys.OPAMP_TOKEN_PREFIX)[:8] not in "\n".join(lines)
+
+    assert _fails("opamp", "token", "create", "--project", "nope", *data) == (
+        "z4j opamp token: no project 'nope'"
+    )
+    assert _ok("opamp", "token", "revoke", row[0], *data).startswith("revoked OpAMP token")
+    assert _store_rows(tmp_path, "SELECT count(*) FROM opamp_tokens") == [(0,)]  # gone at once
+    assert "no OpAMP token" in _fails("opamp", "token", "revoke", "feedface00000000", *data)
