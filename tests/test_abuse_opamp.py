@@ -6,12 +6,9 @@ answers of about 180 ms each time, so it is not in the suite; the mechanism
 it checked, the field count before the parser, is pinned in
 tests/test_opamp_core.py.)
 
-A body over HEAVY_BYTES, or gzipped, is inflated, parsed and folded on a
-worker thread (z4j/brain/http/opamp.py), and a message with more than
-MAX_ELEMENTS repeated elements is refused after the parse, before anything
-reads them (z4j/protocol/opamp/codec.py). Without the first, the health
-probe below waits through every parse (hundreds of milliseconds each);
-without the second, a million attributes become a million Python objects.
+A body over HEAVY_BYTES, or gzipped, takes the heavy path: inflated on a
+worker thread, its fields counted in slices, folded on a worker thread, one
+such request at a time (z4j/brain/http/opamp.py).
 """
 
 from __future__ import annotations
