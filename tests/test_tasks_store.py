@@ -330,9 +330,6 @@ async def test_a_task_inserted_by_another_drain_meanwhile_is_folded_into(config:
     it, and the counts move once."""
     if config.database_url is None:
         pytest.skip("one writer at a time on SQLite")
-    import psycopg
-
-    from z4j.store.postgres import PG, _configure  # the store's own connection setup
     from z4j.tasks import task_event
 
     async with open_store(config) as store:
@@ -342,33 +339,7 @@ async def test_a_task_inserted_by_another_drain_meanwhile_is_folded_into(config:
         task_event(Ids.project.bytes, Ids.agent.bytes, "w-1", e, T0) for e in _lifecycle("t-raced")
     )
     assert received and started and succeeded
-    with psycopg.connect(url) as a, psycopg.connect(url) as b, psycopg.connect(url) as watch:
-        watch.autocommit = True
-        _configure(a)
-        _configure(b)
-        task_writes.write_tasks(PG, a, [received, started])  # A: inserted, not committed
-        b_pid = b.info.backend_pid
-        done: list[BaseException | None] = []
-
-        def drain_b() -> None:
-            try:
-                task_writes.write_tasks(PG, b, [succeeded])
-                b.commit()
-                done.append(None)
-            except BaseException as exc:
-                done.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.to_thread.run_sync, drain_b)
-            # B's insert waits for A's transaction.
-            await wait_until(
-                lambda: watch.execute(
-                    "SELECT 1 FROM pg_locks WHERE pid = %s AND NOT granted", (b_pid,)
-                ).fetchall(),
-                timeout=30,
-            )
-            a.commit()
-        assert done == [None]
+    await _race(url, [received, started], [succeeded])  # A inserts; B's insert waits on it
     async with open_store(config) as store:
         [task] = await store.get_tasks("celery", "t-raced")
         assert (task.state, task.args, task.result) == ("succeeded", [1, 2], 42)
@@ -386,9 +357,6 @@ async def test_a_task_changed_by_another_drain_meanwhile_is_folded_again(
     folds again from A's row: nothing A wrote is lost."""
     if config.database_url is None:
         pytest.skip("one writer at a time on SQLite")
-    import psycopg
-
-    from z4j.store.postgres import PG, _configure  # the store's own connection setup
     from z4j.tasks import task_event
 
     async with open_store(config) as store:
@@ -400,17 +368,34 @@ async def test_a_task_changed_by_another_drain_meanwhile_is_folded_again(
         task_event(Ids.project.bytes, Ids.agent.bytes, "w-1", e, T0) for e in (started, succeeded)
     )
     assert started_event and succeeded_event
+    await _race(url, [started_event], [succeeded_event])  # A updates; B's lock waits on it
+    async with open_store(config) as store:
+        [task] = await store.get_tasks("celery", "t-changed")
+        assert task.state == "succeeded"
+        assert task.started_at is not None  # A's event, which B's first fold lacked
+        assert await store.count_tasks(TaskFilter()) == TaskCounts({"succeeded": 1}, exact=True)
+    _assert_counts_agree(config)
+
+
+async def _race(url: str, first: list[Any], then: list[Any]) -> None:
+    """Drain A writes ``first`` and holds its transaction open; drain B writes
+    ``then`` on a thread until Postgres shows it waiting on A; A commits, then
+    B. Both must succeed."""
+    import psycopg
+
+    from z4j.store.postgres import PG, _configure  # the store's own connection setup
+
     with psycopg.connect(url) as a, psycopg.connect(url) as b, psycopg.connect(url) as watch:
         watch.autocommit = True
         _configure(a)
         _configure(b)
-        task_writes.write_tasks(PG, a, [started_event])  # A: the row updated, not committed
+        task_writes.write_tasks(PG, a, first)  # not committed
         b_pid = b.info.backend_pid
         done: list[BaseException | None] = []
 
         def drain_b() -> None:
             try:
-                task_writes.write_tasks(PG, b, [succeeded_event])
+                task_writes.write_tasks(PG, b, then)
                 b.commit()
                 done.append(None)
             except BaseException as exc:
@@ -418,7 +403,6 @@ async def test_a_task_changed_by_another_drain_meanwhile_is_folded_again(
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.to_thread.run_sync, drain_b)
-            # B read the old row and now waits for A's lock on it.
             await wait_until(
                 lambda: watch.execute(
                     "SELECT 1 FROM pg_locks WHERE pid = %s AND NOT granted", (b_pid,)
@@ -427,9 +411,3 @@ async def test_a_task_changed_by_another_drain_meanwhile_is_folded_again(
             )
             a.commit()
         assert done == [None]
-    async with open_store(config) as store:
-        [task] = await store.get_tasks("celery", "t-changed")
-        assert task.state == "succeeded"
-        assert task.started_at is not None  # A's event, which B's first fold lacked
-        assert await store.count_tasks(TaskFilter()) == TaskCounts({"succeeded": 1}, exact=True)
-    _assert_counts_agree(config)
