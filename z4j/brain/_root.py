@@ -64,7 +64,7 @@ from .http.resources import to_json
 from .http.server import HealthChecks, build_app, serve_http, tls_context
 from .ingest import IngestServer
 from .lifetime import grace_deadline, layer
-from .links import CommandSignals, DashboardOutbox, SessionTable
+from .links import CommandSignals, DashboardOutbox, OpampNudges, SessionTable
 from .maintenance import Maintenance
 from .metrics import brain_registry, render
 from .reconciler import Reconciler
@@ -147,6 +147,7 @@ async def serve_brain(
             # that would otherwise make two services hold each other.
             sessions: SessionTable[Session] = SessionTable()
             signals = CommandSignals()
+            nudges = OpampNudges(replicated=replicated(config, store.pool))
             outbox = DashboardOutbox() if replicated(config, store.pool) else None
             master = keys.master_secret(config)  # read once: a file on first use
             auth = Auth(store, master)
@@ -246,6 +247,7 @@ async def serve_brain(
                     auth,
                     project_key=functools.partial(keys.project_key, master),
                     opamp_heartbeat_window_seconds=config.opamp_heartbeat_window_seconds,
+                    opamp_nudges=nudges,
                 ),
                 pages=dashboard_pages(auth.signed_in),
                 opamp=OpampEndpoint(

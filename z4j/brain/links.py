@@ -12,7 +12,7 @@ tasks, no I/O, and they import no service.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 import trio
@@ -31,6 +31,7 @@ __all__ = [
     "DashboardOutbox",
     "LiveSession",
     "LiveSessions",
+    "OpampNudges",
     "Ownership",
     "Replicas",
     "SessionTable",
@@ -156,6 +157,48 @@ class CommandSignals:
         event = self.finished.get(command_id)
         if event is not None:
             event.set()
+
+
+class OpampNudges:
+    """OpAMP agents whose desired configuration changed, to be told at once.
+
+    Whoever writes a configuration (the API, a rollout) calls `changed`. The
+    OpAMP WebSocket endpoint takes `wanted` and offers the new configuration
+    to those of its sessions; when replicated, the registry also takes
+    `relay` and announces it, and what other replicas announce comes back
+    through `changed_elsewhere` (local sessions only). HTTP agents need no
+    nudge: their next poll reads the store.
+    """
+
+    def __init__(self, *, replicated: bool = False) -> None:
+        self._replicated = replicated
+        self.wanted: dict[uuid.UUID, set[bytes]] = {}  # project -> instance uids
+        self.wake = trio.Event()
+        self.relay: dict[uuid.UUID, set[bytes]] = {}
+        self.relay_ready = trio.Event()
+
+    def changed(self, project_id: uuid.UUID, instance_uids: Iterable[bytes]) -> None:
+        uids = set(instance_uids)
+        if not uids:
+            return
+        self.changed_elsewhere(project_id, uids)
+        if self._replicated:
+            self.relay.setdefault(project_id, set()).update(uids)
+            self.relay_ready.set()
+
+    def changed_elsewhere(self, project_id: uuid.UUID, instance_uids: Iterable[bytes]) -> None:
+        self.wanted.setdefault(project_id, set()).update(instance_uids)
+        self.wake.set()
+
+    def take_wanted(self) -> dict[uuid.UUID, set[bytes]]:
+        self.wake = trio.Event()
+        wanted, self.wanted = self.wanted, {}
+        return wanted
+
+    def take_relay(self) -> dict[uuid.UUID, set[bytes]]:
+        self.relay_ready = trio.Event()
+        relay, self.relay = self.relay, {}
+        return relay
 
 
 class DashboardOutbox:

@@ -35,7 +35,7 @@ from ...store.base import (
     Store,
     StoreUnavailable,
 )
-from ..links import CommandDesk, CommandError
+from ..links import CommandDesk, CommandError, OpampNudges
 from ._request import (
     ApiError,
     Handler,
@@ -100,6 +100,7 @@ class Api:
         sign_in_throttle: SignInThrottle | None = None,
         project_key: Callable[[uuid.UUID], bytes] | None = None,
         opamp_heartbeat_window_seconds: float = 90.0,
+        opamp_nudges: OpampNudges | None = None,
     ) -> None:
         """``project_key``: a project's signing key, for purge tokens (None: no purges).
         ``opamp_heartbeat_window_seconds``: how long an OpAMP agent stays online unheard."""
@@ -129,7 +130,11 @@ class Api:
             *QueueRoutes(store, commands, project_key).routes(),
             *EngineWorkerRoutes(store, commands).routes(),
             *ScheduleRoutes(store, commands).routes(),
-            *OpampRoutes(store, heartbeat_window_seconds=opamp_heartbeat_window_seconds).routes(),
+            *OpampRoutes(
+                store,
+                heartbeat_window_seconds=opamp_heartbeat_window_seconds,
+                nudges=opamp_nudges,
+            ).routes(),
         ]:
             route(method, path, handler)
 

@@ -31,6 +31,7 @@ from ...protocol.opamp import opamp_pb2 as pb
 from ...protocol.opamp.remote_config import ConfigFile, ConfigProgress, config_hash, progress
 from ...store import opamp as stored
 from ...store.base import OpampAgent, OpampConfig, Project, Store
+from ..links import OpampNudges
 from ._request import ApiError, Handler, Request, Response, check_text, page
 from .resources import to_json
 
@@ -58,9 +59,13 @@ class OpampRoutes:
         store: Store,
         *,
         heartbeat_window_seconds: float,
+        nudges: OpampNudges | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``nudges``: told of each configuration written, so that WebSocket
+        agents get it at once (None: they get it on their next message)."""
         self._store = store
+        self._nudges = nudges
         self._window = heartbeat_window_seconds
         self._clock = clock
 
@@ -176,12 +181,16 @@ class OpampRoutes:
             status_at=now,
         )
         await self._store.put_opamp_config(config, actor="api")
+        if self._nudges is not None:
+            self._nudges.changed(project_id, [uid])
         return 200, to_json(config)
 
     async def delete_config(self, request: Request) -> Response:
         uid, project_id, _ = await self._target(request)
         if not await self._store.delete_opamp_config(project_id, uid, actor="api"):
             raise ApiError(404, "not_found", f"no configuration for OpAMP agent {uid.hex()}")
+        if self._nudges is not None:
+            self._nudges.changed(project_id, [uid])
         return 204, None
 
 
