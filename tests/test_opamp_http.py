@@ -25,6 +25,7 @@ import trio
 
 from z4j import keys
 from z4j.brain.http.opamp import OpampEndpoint
+from z4j.brain.opamp_fleet import OpampFleet
 from z4j.config import Config
 from z4j.protocol.opamp import AgentCapability, ServerFlag, key_values
 from z4j.protocol.opamp import opamp_pb2 as pb
@@ -240,6 +241,7 @@ class CountingStore:
         self._store = store
         self.saved: list[OpampAgent] = []
         self.touched: list[tuple[int, float]] = []
+        self.flushes = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
@@ -248,13 +250,10 @@ class CountingStore:
         self.saved.append(agent)
         await self._store.save_opamp_agent(agent, replaces=replaces)
 
-    async def touch_opamp_agent(
-        self, project_id: uuid.UUID, instance_uid: bytes, *, sequence_num: int, now: float
-    ) -> None:
-        self.touched.append((sequence_num, now))
-        await self._store.touch_opamp_agent(
-            project_id, instance_uid, sequence_num=sequence_num, now=now
-        )
+    async def touch_opamp_agents(self, touches: list[tuple[uuid.UUID, bytes, int, float]]) -> None:
+        self.touched.extend((seq, now) for _, _, seq, now in touches)
+        self.flushes += 1
+        await self._store.touch_opamp_agents(touches)
 
 
 async def call(app: OpampEndpoint, message: pb.AgentToServer, token: str) -> pb.ServerToAgent:
@@ -281,6 +280,18 @@ async def call(app: OpampEndpoint, message: pb.AgentToServer, token: str) -> pb.
     return pb.ServerToAgent.FromString(sent[1]["body"])
 
 
+def endpoint(store: Any, config: Config, stats: BrainStats, now: list[float]) -> OpampEndpoint:
+    fleet = OpampFleet(
+        store,
+        keys.master_secret(config),
+        stats,
+        max_message_bytes=1 << 20,
+        heartbeat_window_seconds=90,
+        clock=lambda: now[0],
+    )
+    return OpampEndpoint(fleet, stats)
+
+
 async def test_a_message_that_changes_nothing_writes_nothing_but_last_seen_now_and_then(
     config: Config,
 ) -> None:
@@ -288,58 +299,83 @@ async def test_a_message_that_changes_nothing_writes_nothing_but_last_seen_now_a
     store = CountingStore(store_for(config))
     now = [1000.0]
     stats = BrainStats()
-    app = OpampEndpoint(
-        store,  # type: ignore[arg-type]
-        keys.master_secret(config),
-        stats,
-        max_message_bytes=1 << 20,
-        heartbeat_window_seconds=90,
-        clock=lambda: now[0],
-    )
+    app = endpoint(store, config, stats, now)
+    fleet = app._fleet
     try:
         await store.migrate()
         assert not (await call(app, full_report(seq=0), token)).flags
         assert len(store.saved) == 1
-        # Heartbeats in sequence within 30 s (a third of the window): no write,
-        # and the skipped sequence numbers still make the next one in sequence.
+        # Heartbeats in sequence within 30 s (a third of the window): nothing
+        # queued, and the skipped sequence numbers still make the next one in
+        # sequence.
         for seq in range(1, 6):
             now[0] += 5
             reply = await call(app, pb.AgentToServer(instance_uid=UID, sequence_num=seq), token)
             assert not reply.flags & ServerFlag.REPORT_FULL_STATE
-        assert (len(store.saved), store.touched) == (1, [])
-        # 30 s after the last write: last_seen (and the number) only.
+        await fleet.flush()
+        assert (len(store.saved), store.touched, store.flushes) == (1, [], 0)
+        # 30 s after the last write: last_seen (and the number) is queued; a
+        # later heartbeat before the flush moves the queued number, not a write.
         now[0] += 5
         await call(app, pb.AgentToServer(instance_uid=UID, sequence_num=6), token)
-        assert (len(store.saved), store.touched) == (1, [(6, 1030.0)])
+        now[0] += 1
+        await call(app, pb.AgentToServer(instance_uid=UID, sequence_num=7), token)
+        assert store.touched == []
+        await fleet.flush()
+        assert (len(store.saved), store.touched, store.flushes) == (1, [(7, 1031.0)], 1)
         [row] = await store.list_opamp_agents()
-        assert (row.sequence_num, row.last_seen) == (6, 1030.0)
+        assert (row.sequence_num, row.last_seen) == (7, 1031.0)
         # A change is written at once, whatever the time.
         now[0] += 1
-        changed = full_report(seq=7, **{"service.name": "renamed"})
+        changed = full_report(seq=8, **{"service.name": "renamed"})
         await call(app, changed, token)
         assert len(store.saved) == 2 and store.saved[-1].identifying == {"service.name": "renamed"}
-        assert stats.opamp_writes == {"full": 2, "last_seen": 1, "coalesced": 5}
-        assert stats.opamp_messages == {"status": 2, "heartbeat": 6}
+        assert stats.opamp_writes == {
+            "full": 2,
+            "last_seen": 1,
+            "last_seen_rows": 1,
+            "coalesced": 6,
+        }
+        assert stats.opamp_messages == {"status": 2, "heartbeat": 7}
 
         # Another replica (a fresh endpoint on the same store) reads the stored
         # number: in step after a write, so no full report is asked for.
-        other = OpampEndpoint(
-            store,  # type: ignore[arg-type]
-            keys.master_secret(config),
-            BrainStats(),
-            max_message_bytes=1 << 20,
-            heartbeat_window_seconds=90,
-            clock=lambda: now[0],
-        )
-        reply = await call(other, pb.AgentToServer(instance_uid=UID, sequence_num=8), token)
+        other = endpoint(store, config, BrainStats(), now)
+        reply = await call(other, pb.AgentToServer(instance_uid=UID, sequence_num=9), token)
         assert not reply.flags & ServerFlag.REPORT_FULL_STATE
         # ...but not a number another replica skipped: it asks once, the answer settles it.
-        reply = await call(app, pb.AgentToServer(instance_uid=UID, sequence_num=9), token)
+        reply = await call(app, pb.AgentToServer(instance_uid=UID, sequence_num=10), token)
         assert reply.flags & ServerFlag.REPORT_FULL_STATE
-        reply = await call(other, full_report(seq=10, **{"service.name": "renamed"}), token)
+        reply = await call(other, full_report(seq=11, **{"service.name": "renamed"}), token)
         assert not reply.flags & ServerFlag.REPORT_FULL_STATE
         [row] = await store.list_opamp_agents()
-        assert (row.sequence_num, row.full_state_requests) == (10, 0)
+        assert (row.sequence_num, row.full_state_requests) == (11, 0)
+    finally:
+        await store.aclose()
+
+
+async def test_a_touch_never_overwrites_a_newer_row(config: Config) -> None:
+    """A queued last_seen that reaches the store after a newer full write (this
+    replica's or another's) leaves the newer row as it is."""
+    token = await opamp_token(config, "a")
+    store = store_for(config)
+    now = [1000.0]
+    a = endpoint(store, config, BrainStats(), now)
+    b = endpoint(store, config, BrainStats(), now)
+    try:
+        await store.migrate()
+        await call(a, full_report(seq=0), token)
+        now[0] += 40
+        await call(a, pb.AgentToServer(instance_uid=UID, sequence_num=1), token)  # queued on a
+        now[0] += 1
+        await call(b, full_report(seq=2, **{"service.name": "newer"}), token)  # written by b
+        await a._fleet.flush()
+        [row] = await store.list_opamp_agents()
+        assert (row.sequence_num, row.last_seen, row.identifying) == (
+            2,
+            1041.0,
+            {"service.name": "newer"},
+        )
     finally:
         await store.aclose()
 

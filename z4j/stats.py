@@ -153,6 +153,13 @@ class BrainStats:
     opamp_messages: Counter[str] = attrs.field(factory=Counter)
     opamp_rejected: Counter[str] = attrs.field(factory=Counter)
     opamp_writes: Counter[str] = attrs.field(factory=Counter)
+    # Agents served by transport: open WebSocket sessions, and HTTP agents
+    # heard by this replica within the heartbeat window (brain/opamp_fleet.py).
+    opamp_sessions: Counter[str] = attrs.field(factory=Counter)
+    # Configuration changes for agents: pushed on a session here (local),
+    # announced to the other replicas (forwarded), or no session (no_session).
+    opamp_dispatch: Counter[str] = attrs.field(factory=Counter)
+    opamp_pushes: int = 0  # configurations pushed on a WebSocket unasked
     tasks: TaskStats = attrs.field(factory=TaskStats)
     # Set by the heartbeat: records/s over its last interval.
     ingest_rate: float = 0.0

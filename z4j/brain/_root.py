@@ -59,14 +59,22 @@ from .heartbeat import Heartbeat, instance_info
 from .http.api import Api
 from .http.auth import Auth, announce_admin_token, sign_in_url
 from .http.dashboard_page import dashboard_pages
-from .http.opamp import OpampEndpoint
+from .http.opamp import OPAMP_PATH, OpampEndpoint
+from .http.opamp_ws import OpampSession, OpampSockets
 from .http.resources import to_json
 from .http.server import HealthChecks, build_app, serve_http, tls_context
 from .ingest import IngestServer
 from .lifetime import grace_deadline, layer
-from .links import CommandSignals, DashboardOutbox, OpampNudges, SessionTable
+from .links import (
+    CommandSignals,
+    DashboardOutbox,
+    OpampNudges,
+    OpampSessionTable,
+    SessionTable,
+)
 from .maintenance import Maintenance
 from .metrics import brain_registry, render
+from .opamp_fleet import OpampFleet
 from .reconciler import Reconciler
 from .registry import registry_for, replicated
 from .schedule_streams import ScheduleStreams
@@ -148,6 +156,7 @@ async def serve_brain(
             sessions: SessionTable[Session] = SessionTable()
             signals = CommandSignals()
             nudges = OpampNudges(replicated=replicated(config, store.pool))
+            opamp_sessions: OpampSessionTable[OpampSession] = OpampSessionTable()
             outbox = DashboardOutbox() if replicated(config, store.pool) else None
             master = keys.master_secret(config)  # read once: a file on first use
             auth = Auth(store, master)
@@ -167,6 +176,8 @@ async def serve_brain(
                 signals=signals,
                 on_dashboard=hub.publish_local,
                 outbox=outbox,
+                opamp_sessions=opamp_sessions,
+                nudges=nudges,
             )
             drainer = Drainer(
                 buffer,
@@ -221,6 +232,22 @@ async def serve_brain(
                 ownership=registry,
                 on_worker=worker_changed,
             )
+            fleet = OpampFleet(
+                store,
+                master,
+                stats,
+                max_message_bytes=config.opamp_max_message_bytes,
+                heartbeat_window_seconds=config.opamp_heartbeat_window_seconds,
+            )
+            opamp_sockets = OpampSockets(
+                fleet,
+                stats,
+                table=opamp_sessions,
+                ownership=registry,
+                nudges=nudges,
+                heartbeat_window_seconds=config.opamp_heartbeat_window_seconds,
+                store_ready=store_ready,
+            )
             health = HealthChecks(
                 {
                     **store_health_checks(store, store_ready),
@@ -250,14 +277,7 @@ async def serve_brain(
                     opamp_nudges=nudges,
                 ),
                 pages=dashboard_pages(auth.signed_in),
-                opamp=OpampEndpoint(
-                    store,
-                    master,
-                    stats,
-                    max_message_bytes=config.opamp_max_message_bytes,
-                    heartbeat_window_seconds=config.opamp_heartbeat_window_seconds,
-                    store_ready=store_ready,
-                ),
+                opamp=OpampEndpoint(fleet, stats, store_ready=store_ready),
             )
             heartbeat = Heartbeat(
                 store,
@@ -312,6 +332,7 @@ async def serve_brain(
                     functools.partial(ingest.serve, ingest_sock, shutdown=shutdown)
                 )
                 await producers.start(functools.partial(agents.serve, shutdown=shutdown))
+                await producers.start(functools.partial(opamp_sockets.serve, shutdown=shutdown))
                 await supporting.start(functools.partial(commands.serve, shutdown=support_stop))
                 await supporting.start(functools.partial(registry.serve, shutdown=support_stop))
                 http_address = await producers.start(
@@ -321,7 +342,11 @@ async def serve_brain(
                         app,
                         shutdown=shutdown,
                         stats=http_stats,
-                        websockets={"/ws/agent": agents, "/ws/dashboard": hub},
+                        websockets={
+                            "/ws/agent": agents,
+                            "/ws/dashboard": hub,
+                            OPAMP_PATH: opamp_sockets,
+                        },
                         sock=http_sock,
                     )
                 )
@@ -334,6 +359,7 @@ async def serve_brain(
                 )
                 await beating.start(functools.partial(heartbeat.serve, shutdown=heartbeat_stop))
                 await supporting.start(functools.partial(maintenance.serve, shutdown=support_stop))
+                await beating.start(functools.partial(fleet.serve, shutdown=heartbeat_stop))
                 await supporting.start(functools.partial(reconciler.serve, shutdown=support_stop))
                 await supporting.start(functools.partial(streams.serve, shutdown=support_stop))
                 log.info(

@@ -23,6 +23,7 @@ from ..store.base import CommandRecord
 SAMPLE_SIZE = 20  # events kept in one dashboard ``events`` message
 
 __all__ = [
+    "OPAMP_WORKER_PREFIX",
     "SAMPLE_SIZE",
     "AlonePeers",
     "CommandDesk",
@@ -31,7 +32,9 @@ __all__ = [
     "DashboardOutbox",
     "LiveSession",
     "LiveSessions",
+    "LostSessions",
     "OpampNudges",
+    "OpampSessionTable",
     "Ownership",
     "Replicas",
     "SessionTable",
@@ -92,6 +95,39 @@ class LiveSessions(Protocol):
     async def close_revoked(
         self, is_revoked: Callable[[uuid.UUID], Awaitable[bool]], code: int
     ) -> int: ...
+
+
+class LostSessions(Protocol):
+    """What the registry needs to close a session another replica took."""
+
+    def lost(self, agent_id: uuid.UUID, worker_id: str, code: int) -> None: ...
+
+
+class Kickable(Protocol):
+    def kick(self, code: int) -> None: ...
+
+
+K = TypeVar("K", bound=Kickable)
+
+OPAMP_WORKER_PREFIX = "opamp:"  # an OpAMP session's worker id in the ownership table
+
+
+class OpampSessionTable(Generic[K]):
+    """The open OpAMP WebSocket sessions of this brain, by (project, instance
+    uid): the OpAMP endpoint fills it, the registry closes one another
+    replica took (`lost`, with the worker id it was claimed under)."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[tuple[uuid.UUID, bytes], K] = {}
+
+    def lost(self, project_id: uuid.UUID, worker_id: str, code: int) -> None:
+        try:
+            uid = bytes.fromhex(worker_id.removeprefix(OPAMP_WORKER_PREFIX))
+        except ValueError:
+            return
+        session = self.sessions.get((project_id, uid))
+        if session is not None:
+            session.kick(code)
 
 
 class SessionTable(Generic[S]):
@@ -163,41 +199,45 @@ class OpampNudges:
     """OpAMP agents whose desired configuration changed, to be told at once.
 
     Whoever writes a configuration (the API, a rollout) calls `changed`. The
-    OpAMP WebSocket endpoint takes `wanted` and offers the new configuration
-    to those of its sessions; when replicated, the registry also takes
-    `relay` and announces it, and what other replicas announce comes back
-    through `changed_elsewhere` (local sessions only). HTTP agents need no
-    nudge: their next poll reads the store.
+    OpAMP WebSocket endpoint takes `take_wanted` and pushes the new
+    configuration on those of its sessions; when replicated, the registry
+    also takes `take_relay` and announces it, and what other replicas
+    announce comes back through `changed_elsewhere` (local sessions only).
+    HTTP agents need no nudge: their next poll reads the store.
     """
 
     def __init__(self, *, replicated: bool = False) -> None:
-        self._replicated = replicated
-        self.wanted: dict[uuid.UUID, set[bytes]] = {}  # project -> instance uids
+        self.replicated = replicated
+        # (project, instance uid) -> whether the change was made here
+        self._wanted: dict[tuple[uuid.UUID, bytes], bool] = {}
         self.wake = trio.Event()
-        self.relay: dict[uuid.UUID, set[bytes]] = {}
+        self._relay: dict[uuid.UUID, set[bytes]] = {}
         self.relay_ready = trio.Event()
 
     def changed(self, project_id: uuid.UUID, instance_uids: Iterable[bytes]) -> None:
         uids = set(instance_uids)
         if not uids:
             return
-        self.changed_elsewhere(project_id, uids)
-        if self._replicated:
-            self.relay.setdefault(project_id, set()).update(uids)
+        for uid in uids:
+            self._wanted[project_id, uid] = True
+        self.wake.set()
+        if self.replicated:
+            self._relay.setdefault(project_id, set()).update(uids)
             self.relay_ready.set()
 
     def changed_elsewhere(self, project_id: uuid.UUID, instance_uids: Iterable[bytes]) -> None:
-        self.wanted.setdefault(project_id, set()).update(instance_uids)
+        for uid in instance_uids:
+            self._wanted.setdefault((project_id, uid), False)
         self.wake.set()
 
-    def take_wanted(self) -> dict[uuid.UUID, set[bytes]]:
+    def take_wanted(self) -> dict[tuple[uuid.UUID, bytes], bool]:
         self.wake = trio.Event()
-        wanted, self.wanted = self.wanted, {}
+        wanted, self._wanted = self._wanted, {}
         return wanted
 
     def take_relay(self) -> dict[uuid.UUID, set[bytes]]:
         self.relay_ready = trio.Event()
-        relay, self.relay = self.relay, {}
+        relay, self._relay = self._relay, {}
         return relay
 
 

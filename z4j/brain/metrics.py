@@ -163,6 +163,29 @@ class BrainCollector(Collector):
             for value, n in sorted(counts.items()):
                 family.add_metric([value], n)
             yield family
+        sessions = GaugeMetricFamily(
+            "z4j_opamp_active_sessions",
+            "OpAMP agents served by this brain: open WebSocket sessions, and HTTP agents"
+            " heard within Z4J_OPAMP_HEARTBEAT_WINDOW_SECONDS",
+            labels=["transport"],
+        )
+        for transport in ("http", "websocket"):
+            sessions.add_metric([transport], s.opamp_sessions[transport])
+        yield sessions
+        opamp_dispatch = CounterMetricFamily(
+            "z4j_opamp_dispatch",
+            "OpAMP configuration changes for an agent: pushed on a session here (local),"
+            " announced to other replicas (forwarded), or with no live session (no_session)",
+            labels=["route"],
+        )
+        for route in ("local", "forwarded", "no_session"):
+            opamp_dispatch.add_metric([route], s.opamp_dispatch[route])
+        yield opamp_dispatch
+        yield _counter(
+            "z4j_opamp_pushes",
+            "OpAMP configurations pushed to a WebSocket agent unasked",
+            s.opamp_pushes,
+        )
         yield _counter(
             "z4j_agent_events",
             "Agent events acknowledged (durable in the buffer)",

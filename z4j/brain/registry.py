@@ -18,6 +18,11 @@ database:
   state is announced too, so waiters on other replicas wake at once. The
   command sweep (every second, on every replica) delivers whatever a lost
   notification missed.
+- **OpAMP.** An OpAMP WebSocket session is owned like a worker's (worker
+  id ``opamp:<instance_uid>`` under its project's id); a takeover closes
+  the older session the same way. A configuration change is announced on
+  ``z4j_opamp`` (project and instance uids), so the replica holding the
+  agent's WebSocket pushes it at once.
 - **Dashboard.** Hub messages are relayed on ``z4j_dashboard`` (gathered
   for 20 ms, bursts of event messages coalesced), so a subscriber on
   any replica sees every replica's changes.
@@ -50,10 +55,13 @@ from ..store.leases import Key
 from ..store.pg import PgPool
 from .lifetime import until
 from .links import (
+    OPAMP_WORKER_PREFIX,
     CommandSignals,
     DashboardOutbox,
     LiveSession,
     LiveSessions,
+    LostSessions,
+    OpampNudges,
     SessionTable,
     merge_events,
 )
@@ -64,12 +72,13 @@ log = logging.getLogger("z4j.registry")
 
 COMMANDS_CHANNEL = "z4j_commands"
 DASHBOARD_CHANNEL = "z4j_dashboard"
+OPAMP_CHANNEL = "z4j_opamp"
 PING_CHANNEL = "z4j_ping"
 PING_SECONDS = 2.0
 WATCHDOG_SECONDS = 6.0
 RELAY_SECONDS = 0.02
 MAX_NOTIFY_BYTES = 7900  # Postgres refuses payloads of 8000 bytes or more
-_CHANNELS = (COMMANDS_CHANNEL, DASHBOARD_CHANNEL, PING_CHANNEL)
+_CHANNELS = (COMMANDS_CHANNEL, DASHBOARD_CHANNEL, OPAMP_CHANNEL, PING_CHANNEL)
 
 
 class Registry:
@@ -84,11 +93,17 @@ class Registry:
         sessions: LiveSessions | None = None,
         signals: CommandSignals | None = None,
         on_dashboard: Callable[[dict[str, Any]], None] | None = None,
+        opamp_sessions: LostSessions | None = None,
+        nudges: OpampNudges | None = None,
     ) -> None:
         """What other replicas tell us lands in ``sessions`` (close one we no
         longer own), ``signals`` (deliver an agent's waiting commands here;
-        wake waiters of a command) and ``on_dashboard`` (show their message)."""
+        wake waiters of a command), ``on_dashboard`` (show their message),
+        ``opamp_sessions`` (close an OpAMP session we no longer own) and
+        ``nudges`` (push an agent's new configuration here)."""
         self._stats = stats
+        self._opamp_sessions = opamp_sessions
+        self._nudges = nudges
         stats.leader = self.is_leader
         self._tokens = 0
         self._sessions: LiveSessions = (
@@ -158,13 +173,22 @@ def registry_for(
     signals: CommandSignals,
     on_dashboard: Callable[[dict[str, Any]], None],
     outbox: DashboardOutbox | None,
+    opamp_sessions: LostSessions | None = None,
+    nudges: OpampNudges | None = None,
 ) -> Registry:
     """The registry the configuration asks for; ``outbox`` is given exactly
     when `replicated` (what the hub relays, this registry sends)."""
     if config.registry_backend == "postgres_notify" and config.resolved_registry_backend == "local":
         log.warning("Z4J_REGISTRY_BACKEND=postgres_notify needs Postgres; using local on SQLite")
     if pool is None or outbox is None or not replicated(config, pool):
-        return Registry(stats, sessions=sessions, signals=signals, on_dashboard=on_dashboard)
+        return Registry(
+            stats,
+            sessions=sessions,
+            signals=signals,
+            on_dashboard=on_dashboard,
+            opamp_sessions=opamp_sessions,
+            nudges=nudges,
+        )
     return PostgresRegistry(
         config,
         pool,
@@ -175,6 +199,8 @@ def registry_for(
         signals=signals,
         on_dashboard=on_dashboard,
         outbox=outbox,
+        opamp_sessions=opamp_sessions,
+        nudges=nudges,
     )
 
 
@@ -197,9 +223,18 @@ class PostgresRegistry(Registry):
         signals: CommandSignals,
         on_dashboard: Callable[[dict[str, Any]], None],
         outbox: DashboardOutbox,
+        opamp_sessions: LostSessions | None = None,
+        nudges: OpampNudges | None = None,
     ) -> None:
         self._leader = False
-        super().__init__(stats, sessions=sessions, signals=signals, on_dashboard=on_dashboard)
+        super().__init__(
+            stats,
+            sessions=sessions,
+            signals=signals,
+            on_dashboard=on_dashboard,
+            opamp_sessions=opamp_sessions,
+            nudges=nudges,
+        )
         self._pool = pool
         self._me = instance_id
         self._me_text = str(instance_id)
@@ -236,6 +271,8 @@ class PostgresRegistry(Registry):
             nursery.start_soon(self._renew_forever)
             nursery.start_soon(self._lead_forever)
             nursery.start_soon(self._relay_forever)
+            if self._nudges is not None:
+                nursery.start_soon(self._relay_nudges_forever, self._nudges)
 
     # -- ownership ---------------------------------------------------------------------
 
@@ -278,7 +315,15 @@ class PostgresRegistry(Registry):
                         key[0],
                         loggable(key[1]),
                     )
-                    self._sessions.lost(*key, CloseCode.REPLACED)
+                    self._lost(key)
+
+    def _lost(self, key: Key) -> None:
+        agent_id, worker_id = key
+        if worker_id.startswith(OPAMP_WORKER_PREFIX):
+            if self._opamp_sessions is not None:
+                self._opamp_sessions.lost(agent_id, worker_id, CloseCode.REPLACED)
+        else:
+            self._sessions.lost(agent_id, worker_id, CloseCode.REPLACED)
 
     # -- routing -------------------------------------------------------------------------
 
@@ -306,6 +351,15 @@ class PostgresRegistry(Registry):
                     self._log.warning("relay", "a dashboard message too large to relay was dropped")
                     continue
                 await self._notify(DASHBOARD_CHANNEL, payload)
+
+    async def _relay_nudges_forever(self, nudges: OpampNudges) -> None:
+        """Announce configuration changes made here, a few agents per NOTIFY."""
+        while True:
+            await nudges.relay_ready.wait()
+            await trio.sleep(RELAY_SECONDS)  # gather a burst (a rollout's stage)
+            for project_id, uids in nudges.take_relay().items():
+                for payload in _opamp_payloads(self._me_text, project_id, sorted(uids)):
+                    await self._notify(OPAMP_CHANNEL, payload)
 
     async def _notify(self, channel: str, payload: str) -> None:
         try:
@@ -367,6 +421,17 @@ class PostgresRegistry(Registry):
             if origin != self._me_text:
                 self._on_dashboard(orjson.loads(message))
             return
+        if channel == OPAMP_CHANNEL:
+            origin, _, rest = payload.partition(":")
+            if origin != self._me_text and self._nudges is not None:
+                project, _, uids = rest.partition(":")
+                try:
+                    self._nudges.changed_elsewhere(
+                        uuid.UUID(project), [bytes.fromhex(u) for u in uids.split(",") if u]
+                    )
+                except ValueError:
+                    log.warning("ignored a malformed %s notification: %.80s", channel, payload)
+            return
         what, _, rest = payload.partition(":")
         try:
             if what == "minted":
@@ -418,6 +483,15 @@ def _coalesce(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         else:
             out.append(message)
     return out
+
+
+def _opamp_payloads(origin: str, project_id: uuid.UUID, uids: list[bytes]) -> list[str]:
+    """``origin:project:uid,uid,...`` payloads, each within NOTIFY's limit."""
+    head = f"{origin}:{project_id}:"
+    per = (MAX_NOTIFY_BYTES - len(head)) // 33  # 32 hex digits and a comma
+    return [
+        head + ",".join(uid.hex() for uid in uids[i : i + per]) for i in range(0, len(uids), per)
+    ]
 
 
 def _dashboard_payload(origin: str, message: dict[str, Any]) -> str | None:

@@ -30,6 +30,7 @@ class CloseCode(enum.IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001
     PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
     ABNORMAL = 1006
     INVALID_DATA = 1007
     POLICY_VIOLATION = 1008
@@ -93,6 +94,11 @@ CLOSINGS: Final[Mapping[CloseCode, Closing]] = MappingProxyType(
             retry=_T,
             fault=Fault.PEER,
         ),
+        _C.UNSUPPORTED_DATA: Closing(
+            meaning="a text message where only binary is spoken (OpAMP)",
+            retry=_T,
+            fault=Fault.PEER,
+        ),
         _C.ABNORMAL: Closing(
             meaning="never sent: the connection ended without a close frame",
             retry=_T,
@@ -109,7 +115,7 @@ CLOSINGS: Final[Mapping[CloseCode, Closing]] = MappingProxyType(
             fault=Fault.PEER,
         ),
         _C.TOO_LARGE: Closing(
-            meaning="a message over the size limit (Z4J_WS_MAX_FRAME_BYTES)",
+            meaning="a message over the size limit (Z4J_WS_MAX_FRAME_BYTES; OpAMP: Z4J_OPAMP_MAX_MESSAGE_BYTES)",
             retry=_T,
             fault=Fault.PEER,
         ),

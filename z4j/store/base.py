@@ -771,10 +771,10 @@ class Store(Protocol):
         given a new id)."""
         ...
 
-    async def touch_opamp_agent(
-        self, project_id: uuid.UUID, instance_uid: bytes, *, sequence_num: int, now: float
-    ) -> None:
-        """Move only ``last_seen`` and ``sequence_num``: a message that changed nothing."""
+    async def touch_opamp_agents(self, touches: list[tuple[uuid.UUID, bytes, int, float]]) -> None:
+        """Move only ``last_seen`` and ``sequence_num`` of each (project,
+        instance_uid, sequence_num, seen at): messages that changed nothing.
+        One transaction; a row written after its touch was made keeps its own."""
         ...
 
     async def list_opamp_agents(

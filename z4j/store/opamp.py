@@ -55,7 +55,7 @@ __all__ = [
     "set_config_status",
     "state_of",
     "token_project",
-    "touch_agent",
+    "touch_agents",
 ]
 
 _U64: Final = 1 << 64
@@ -345,20 +345,23 @@ def save_agent(d: Dialect, conn: Conn, agent: OpampAgent, replaces: bytes | None
     )
 
 
-def touch_agent(
-    d: Dialect,
-    conn: Conn,
-    project_id: uuid.UUID,
-    instance_uid: bytes,
-    sequence_num: int,
-    now: float,
-) -> None:
-    conn.execute(
+Touch = tuple[uuid.UUID, bytes, int, float]  # (project, instance_uid, sequence_num, seen at)
+
+
+def touch_agents(d: Dialect, conn: Conn, touches: list[Touch]) -> None:
+    """Move ``last_seen`` and ``sequence_num`` of agents whose messages changed
+    nothing, in one statement per batch. A row written since the touch was
+    made (``last_seen`` already at or past it, by a change here or on
+    another replica) is left alone: the newer row wins."""
+    conn.cursor().executemany(
         d.sql(
             "UPDATE opamp_agents SET last_seen = ?, sequence_num = ?"
-            " WHERE project_id = ? AND instance_uid = ?"
+            " WHERE project_id = ? AND instance_uid = ? AND last_seen < ?"
         ),
-        (d.ts_in(now), _signed(sequence_num), d.uuid_in(project_id), instance_uid),
+        [
+            (d.ts_in(now), _signed(seq), d.uuid_in(project), uid, d.ts_in(now))
+            for project, uid, seq, now in touches
+        ],
     )
 
 

@@ -855,12 +855,8 @@ class PostgresStore:
     async def save_opamp_agent(self, agent: OpampAgent, *, replaces: bytes | None = None) -> None:
         await self._run(lambda conn: opamp.save_agent(PG, conn, agent, replaces))
 
-    async def touch_opamp_agent(
-        self, project_id: uuid.UUID, instance_uid: bytes, *, sequence_num: int, now: float
-    ) -> None:
-        await self._run(
-            lambda conn: opamp.touch_agent(PG, conn, project_id, instance_uid, sequence_num, now)
-        )
+    async def touch_opamp_agents(self, touches: list[tuple[uuid.UUID, bytes, int, float]]) -> None:
+        await self._run(lambda conn: opamp.touch_agents(PG, conn, touches))
 
     async def list_opamp_agents(
         self, project_id: uuid.UUID | None = None, instance_uid: bytes | None = None

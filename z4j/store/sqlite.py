@@ -661,15 +661,8 @@ class SqliteStore:
             lambda db: _transaction(db, lambda: opamp.save_agent(SQ, db, agent, replaces))
         )
 
-    async def touch_opamp_agent(
-        self, project_id: uuid.UUID, instance_uid: bytes, *, sequence_num: int, now: float
-    ) -> None:
-        await self._run(
-            lambda db: _transaction(
-                db,
-                lambda: opamp.touch_agent(SQ, db, project_id, instance_uid, sequence_num, now),
-            )
-        )
+    async def touch_opamp_agents(self, touches: list[tuple[uuid.UUID, bytes, int, float]]) -> None:
+        await self._run(lambda db: _transaction(db, lambda: opamp.touch_agents(SQ, db, touches)))
 
     async def list_opamp_agents(
         self, project_id: uuid.UUID | None = None, instance_uid: bytes | None = None

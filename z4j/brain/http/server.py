@@ -322,7 +322,10 @@ async def serve_http(
                         stream,
                         head,
                         handler,
-                        max_message=config.ws_max_frame_bytes,
+                        # A handler may set its own limit (OpAMP's is larger).
+                        max_message=getattr(
+                            handler, "max_message_bytes", config.ws_max_frame_bytes
+                        ),
                         client=raw.socket.getpeername()[:2],
                         secure=secure is not None,
                     )

@@ -232,6 +232,19 @@ class _WebSocket:
 
     async def send(self, message: dict[str, Any]) -> None:
         kind = message["type"]
+        if kind == "websocket.http.response.start":
+            # ASGI's denial response: an HTTP status instead of the upgrade.
+            if self._handshake is not None:
+                self._closed = True
+                reject = RejectConnection(
+                    status_code=message["status"],
+                    headers=[*message.get("headers", []), (b"content-length", b"0")],
+                    has_body=False,
+                )
+                await self._write(self._handshake.send(reject))
+            return
+        if kind == "websocket.http.response.body":
+            return  # denials here carry no body
         if kind == "websocket.accept":
             if self._conn is None:
                 await self._accept()

@@ -35,6 +35,7 @@ from .codec import encode_server_to_agent as encode_server_to_agent
 from .codec import encode_ws_message as encode_ws_message
 from .codec import inflate_gzip as inflate_gzip
 from .codec import payload as payload
+from .codec import ws_payload as ws_payload
 from .flags import SERVER_CAPABILITIES as SERVER_CAPABILITIES
 from .flags import AgentCapability as AgentCapability
 from .flags import AgentFlag as AgentFlag
@@ -55,6 +56,7 @@ from .state import Change as Change
 from .state import Outcome as Outcome
 from .state import Transport as Transport
 from .state import expected_parts as expected_parts
+from .state import push as push
 from .state import receive as receive
 
 __all__ = [
@@ -94,9 +96,11 @@ __all__ = [
     "opamp_pb2",
     "payload",
     "progress",
+    "push",
     "receive",
     "retry_after_seconds",
     "to_dict",
     "to_python",
     "unavailable",
+    "ws_payload",
 ]

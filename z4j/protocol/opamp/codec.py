@@ -64,6 +64,7 @@ __all__ = [
     "encode_ws_message",
     "inflate_gzip",
     "payload",
+    "ws_payload",
 ]
 
 DEFAULT_MAX_MESSAGE_BYTES: Final = 10 * 1024 * 1024
@@ -179,15 +180,20 @@ def decode_http_body(
     return decode_agent_to_server(data, limit=limit)
 
 
-def decode_ws_message(
-    message: bytes, *, limit: int = DEFAULT_MAX_MESSAGE_BYTES
-) -> pb.AgentToServer:
-    """One binary WebSocket message (header and protobuf) to its `AgentToServer`."""
+def ws_payload(message: bytes, *, limit: int = DEFAULT_MAX_MESSAGE_BYTES) -> bytes:
+    """One binary WebSocket message's protobuf bytes: within ``limit``, header 0 removed."""
     check_size(len(message), limit)
     header, offset = _read_varint(message)
     if header != 0:
         raise OpampDecodeError(f"WebSocket header {header}, not 0", reason="header")
-    return decode_agent_to_server(message[offset:], limit=limit)
+    return message[offset:]
+
+
+def decode_ws_message(
+    message: bytes, *, limit: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> pb.AgentToServer:
+    """One binary WebSocket message (header and protobuf) to its `AgentToServer`."""
+    return decode_agent_to_server(ws_payload(message, limit=limit), limit=limit)
 
 
 def decode_agent_to_server(

@@ -48,7 +48,12 @@ The rules, in the order `receive` applies them:
    injected generator (`AgentIdentification`); the new state is the
    agent's under that id from then on.
 7. A desired configuration is offered while the agent has not reported its
-   hash as APPLIED, and only to an agent that accepts remote config.
+   hash as APPLIED, and only to an agent that accepts remote config. Over
+   HTTP every reply offers it (each poll stands alone); on a WebSocket it
+   goes once per connection (``config_sent``: the stream delivers it, and
+   the agent's status reports follow), again only if the agent reports
+   another hash. `push` makes the unsolicited message that offers a new
+   configuration to a connected WebSocket agent.
 8. Server capabilities go in every HTTP reply and in the first reply on a
    WebSocket; error replies (`replies`) carry none.
 
@@ -80,6 +85,7 @@ __all__ = [
     "Outcome",
     "Transport",
     "expected_parts",
+    "push",
     "receive",
 ]
 
@@ -202,15 +208,18 @@ def receive(
     new_instance_uid: Callable[[], bytes],
     capabilities_sent: bool = False,
     desired_config: RemoteConfig | None = None,
+    config_sent: bytes | None = None,
     server_capabilities: ServerCapability = SERVER_CAPABILITIES,
 ) -> Outcome:
     """Apply one message from an agent to its stored state (see the module docstring).
 
     ``stored`` is the state kept under ``message.instance_uid``, or None.
     ``capabilities_sent`` says an earlier reply on this WebSocket already
-    carried our capabilities (ignored over HTTP). ``desired_config`` is the
-    configuration the agent should run, if any. ``new_instance_uid`` makes
-    a 16-byte id, called only when the agent asks for one.
+    carried our capabilities, and ``config_sent`` the hash of the
+    configuration it already offered (both ignored over HTTP).
+    ``desired_config`` is the configuration the agent should run, if any.
+    ``new_instance_uid`` makes a 16-byte id, called only when the agent
+    asks for one.
     """
     uid = message.instance_uid
     if stored is not None and stored.instance_uid != uid:
@@ -267,12 +276,11 @@ def receive(
         **parts,
     )
 
+    sent = config_sent if transport is Transport.WEBSOCKET else None
     if (
         not leaving
         and desired_config is not None
-        and AgentCapability.ACCEPTS_REMOTE_CONFIG in capabilities
-        and ServerCapability.OFFERS_REMOTE_CONFIG in server_capabilities
-        and _progress(state, desired_config) is not ConfigProgress.APPLIED
+        and _due(state, desired_config, server_capabilities, sent, reported=message)
     ):
         reply.remote_config.CopyFrom(desired_config.to_message())
 
@@ -280,6 +288,55 @@ def receive(
         reply.capabilities = int(server_capabilities)
 
     return Outcome(state=state, reply=reply, changed=frozenset(changed))
+
+
+def push(
+    state: AgentState,
+    desired_config: RemoteConfig,
+    *,
+    capabilities_sent: bool,
+    config_sent: bytes | None,
+    server_capabilities: ServerCapability = SERVER_CAPABILITIES,
+) -> pb.ServerToAgent | None:
+    """The message offering ``desired_config`` to a connected WebSocket agent
+    unasked (its configuration just changed), or None when rule 7 would not
+    offer it: the agent is gone, does not accept remote config, runs it
+    already, or was offered this very hash on this connection."""
+    if not state.connected or not _due(
+        state, desired_config, server_capabilities, config_sent, reported=None
+    ):
+        return None
+    message = pb.ServerToAgent(instance_uid=state.instance_uid)
+    message.remote_config.CopyFrom(desired_config.to_message())
+    if not capabilities_sent:
+        message.capabilities = int(server_capabilities)
+    return message
+
+
+def _due(
+    state: AgentState,
+    config: RemoteConfig,
+    server_capabilities: ServerCapability,
+    sent: bytes | None,
+    *,
+    reported: pb.AgentToServer | None,
+) -> bool:
+    """Rule 7: whether ``config`` is to be offered now. ``sent``: the hash this
+    WebSocket already carried; a message reporting another hash since (the
+    agent rolled back or restarted) makes it due again."""
+    if AgentCapability.ACCEPTS_REMOTE_CONFIG not in state.capabilities:
+        return False
+    if ServerCapability.OFFERS_REMOTE_CONFIG not in server_capabilities:
+        return False
+    if _progress(state, config) is ConfigProgress.APPLIED:
+        return False
+    if sent != config.hash:
+        return True
+    return (
+        reported is not None
+        and reported.HasField("remote_config_status")
+        and reported.remote_config_status.last_remote_config_hash not in (b"", config.hash)
+    )
 
 
 def _full_state_requests(

@@ -1,0 +1,492 @@
+"""OpAMP agents' state in the store: what both transports do with a message.
+
+The HTTP adapter (`z4j.brain.http.opamp`) and the WebSocket one
+(`z4j.brain.http.opamp_ws`) differ in how bytes arrive and replies leave;
+everything between is here, over the sans-IO core (`z4j.protocol.opamp`):
+the token's project, decoding (heavy bodies off the loop, in turns), the
+stored state and desired configuration (one store call), `receive`, what to
+write, and the configuration's status.
+
+Writes scale with changes. When `receive` reports a change (or the agent is
+new) the whole row is written at once. When nothing changed but the
+sequence number, the row is not written: the agent's number is remembered
+here (`_Skipped`, so its next message on this replica is in sequence) and
+``last_seen`` with it is queued (`_Touches`), at most once per a third of
+Z4J_OPAMP_HEARTBEAT_WINDOW_SECONDS per agent; `serve` writes the queue in
+one statement every `FLUSH_SECONDS`. So 10,000 agents heartbeating cost one
+write a second, not thousands, and ``online`` is never late by more than a
+third of the window plus a flush. Another replica, or this one after a
+restart, reads the stored number, may see a gap, and asks for the full
+state once (the cost the core's docstring names). Open WebSocket sessions
+queue their ``last_seen`` too (`keep_alive`): the connection is the sign of
+life, whatever the agent's heartbeat interval.
+
+Heavy work does not hold up other clients (tests/test_abuse_opamp.py): a
+body over `HEAVY_BYTES` (or gzipped) is inflated on a worker thread, its
+fields counted a slice at a time on the loop (a crowded message is refused
+before protobuf's parser, which holds the GIL, ever sees it), and a
+message or stored state over it is folded on a worker thread. Heavy
+messages take turns, one at a time over all agents and both transports:
+what protobuf does with megabytes holds the GIL in C for milliseconds at a
+time, and two or three of those at once add up to a stall.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Final
+
+import attrs
+import trio
+import trio.lowlevel
+
+from .. import keys
+from ..protocol.opamp import (
+    STATUS_PARTS,
+    FieldCount,
+    OpampDecodeError,
+    Outcome,
+    Transport,
+    bad_request,
+    decode_agent_to_server,
+    payload,
+    push,
+    receive,
+)
+from ..protocol.opamp import opamp_pb2 as pb
+from ..protocol.opamp.remote_config import ConfigFile, ConfigProgress, RemoteConfig, progress
+from ..protocol.opamp.state import AgentState
+from ..stats import BrainStats, ThrottledLog
+from ..store import opamp as stored
+from ..store.base import OpampAgent, OpampConfig, Store
+from .lifetime import until
+
+__all__ = ["FLUSH_SECONDS", "HEAVY_BYTES", "Applied", "OpampFleet", "message_type"]
+
+log = logging.getLogger("z4j.opamp")
+
+SKIPPED_MAX: Final = 100_000  # agents whose skipped sequence number one replica remembers
+HEAVY_BYTES: Final = 64 * 1024  # past this, decoding and folding run on a worker thread
+HEAVY_WORKERS: Final = 1  # worker threads doing heavy OpAMP work at once, in all
+COUNT_SLICE: Final = 1_000  # fields counted between two looks at the event loop
+CONFIG_CACHE_BYTES: Final = 16 * 1024 * 1024  # desired configurations kept built, by hash
+FLUSH_SECONDS: Final = 1.0  # queued last_seen writes go out together this often
+TOUCHES_MAX: Final = 200_000  # queued last_seen writes; past it, a flush is due at once
+
+
+def message_type(message: pb.AgentToServer) -> str:
+    """The metric label of a message: disconnect, status (carries a part) or heartbeat."""
+    if message.HasField("agent_disconnect"):
+        return "disconnect"
+    if any(message.HasField(part.value) for part in STATUS_PARTS):
+        return "status"
+    return "heartbeat"
+
+
+@attrs.frozen
+class Applied:
+    """One message applied: the reply, the agent's state after it, and the
+    hash of the configuration the reply offers (None: it offers none)."""
+
+    reply: pb.ServerToAgent
+    state: AgentState
+    config_offered: bytes | None
+
+
+_Key = tuple[uuid.UUID, str]  # (project, instance_uid hex), as rows name an agent
+_Version = tuple[float, int, int]
+
+
+def _version(row: OpampAgent) -> _Version:
+    return row.last_seen, row.sequence_num, row.full_state_requests
+
+
+class _Skipped:
+    """The sequence numbers this replica answered but did not write, per agent.
+
+    Each is kept with the version of the row it was applied to (its
+    ``last_seen``, sequence number and full-state requests, which every
+    write changes): it is used only while the stored row is still that one
+    (another replica's write, or our own flushed touch, makes it stale, and
+    the stored row wins). Bounded: the oldest entry goes first, which costs
+    that agent one full report.
+    """
+
+    def __init__(self, limit: int = SKIPPED_MAX) -> None:
+        self._limit = limit
+        self._entries: OrderedDict[_Key, tuple[_Version, int]] = OrderedDict()
+
+    def sequence(self, row: OpampAgent) -> int | None:
+        """The number skipped since ``row`` was written, if any."""
+        entry = self._entries.get((row.project_id, row.instance_uid))
+        return entry[1] if entry is not None and entry[0] == _version(row) else None
+
+    def remember(self, row: OpampAgent, sequence_num: int) -> None:
+        key = (row.project_id, row.instance_uid)
+        self._entries.pop(key, None)
+        self._entries[key] = (_version(row), sequence_num)
+        while len(self._entries) > self._limit:
+            self._entries.popitem(last=False)
+
+    def forget(self, project_id: uuid.UUID, instance_uid: bytes) -> None:
+        self._entries.pop((project_id, instance_uid.hex()), None)
+
+
+class _Touches:
+    """``last_seen`` writes waiting for the next flush, one per agent (the newest)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[tuple[uuid.UUID, bytes], tuple[int, float]] = {}
+        self.full = trio.Event()
+
+    def add(self, project_id: uuid.UUID, uid: bytes, sequence_num: int, now: float) -> None:
+        self.pending[project_id, uid] = (sequence_num, now)
+        if len(self.pending) >= TOUCHES_MAX:
+            self.full.set()
+
+    def drop(self, project_id: uuid.UUID, uid: bytes) -> None:
+        """A whole row was just written: it carries a newer ``last_seen``."""
+        self.pending.pop((project_id, uid), None)
+
+    def take(self) -> list[tuple[uuid.UUID, bytes, int, float]]:
+        pending, self.pending = self.pending, {}
+        self.full = trio.Event()
+        return [(project, uid, seq, now) for (project, uid), (seq, now) in pending.items()]
+
+
+class OpampFleet:
+    """The OpAMP agents of this brain, as both transports see them (module docstring)."""
+
+    def __init__(
+        self,
+        store: Store,
+        master_secret: bytes,
+        stats: BrainStats,
+        *,
+        max_message_bytes: int,
+        heartbeat_window_seconds: float,
+        flush_seconds: float = FLUSH_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._master = master_secret
+        self._stats = stats
+        self.limit = max_message_bytes
+        self._touch_seconds = heartbeat_window_seconds / 3
+        self._flush_seconds = flush_seconds
+        self._clock = clock
+        self._skipped = _Skipped()
+        self._touches = _Touches()
+        self._seen: dict[tuple[uuid.UUID, bytes], float] = {}  # last touch queued, per agent
+        self._window = heartbeat_window_seconds
+        self._http_heard: OrderedDict[tuple[uuid.UUID, bytes], float] = OrderedDict()
+        self._heavy = trio.CapacityLimiter(HEAVY_WORKERS)
+        self.heavy_turn = trio.Lock()  # heavy messages, one at a time (module docstring)
+        self._log = ThrottledLog(log)
+        self._configs: OrderedDict[str, RemoteConfig] = OrderedDict()
+        self._config_bytes = 0
+
+    # -- the flush task ---------------------------------------------------------------
+
+    async def serve(
+        self, *, shutdown: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Write queued ``last_seen`` every `FLUSH_SECONDS` until ``shutdown``, then once more."""
+        async with until(shutdown) as nursery:
+            task_status.started()
+            nursery.start_soon(self._flush_forever)
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await self.flush()
+
+    async def _flush_forever(self) -> None:
+        while True:
+            with trio.move_on_after(self._flush_seconds):
+                await self._touches.full.wait()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write the queued ``last_seen`` now (a failed write is logged and
+        dropped: the agent's next messages queue it again)."""
+        touches = self._touches.take()
+        if not touches:
+            return
+        try:
+            await self._store.touch_opamp_agents(touches)
+        except Exception as exc:
+            self._log.warning("touch", "writing OpAMP last_seen failed: %s", exc)
+            return
+        self._stats.opamp_writes["last_seen"] += 1
+        self._stats.opamp_writes["last_seen_rows"] += len(touches)
+
+    # -- what a transport asks ----------------------------------------------------------
+
+    async def project_of(self, token: str | None) -> uuid.UUID | None:
+        """The project whose OpAMP token this is (None: no such token)."""
+        if token is None:
+            return None
+        return await self._store.opamp_token_project(keys.opamp_token_hash(self._master, token))
+
+    async def decode_heavy(self, body: bytes, encoding: str | None) -> pb.AgentToServer:
+        """A heavy body's message: inflated on a worker thread (zlib lets go of
+        the GIL); its fields counted a slice at a time on the loop (Python in a
+        thread would hold the GIL against it); the rest parsed, which the count
+        bounds. The caller holds `heavy_turn`."""
+        data = await trio.to_thread.run_sync(
+            functools.partial(payload, body, content_encoding=encoding, limit=self.limit),
+            limiter=self._heavy,
+        )
+        count = FieldCount(data)
+        while not count.advance(COUNT_SLICE):
+            await trio.lowlevel.checkpoint()
+        return decode_agent_to_server(data, limit=self.limit, counted=True)
+
+    def rejected(self, error: OpampDecodeError) -> pb.ServerToAgent:
+        """Count a malformed message; the BAD_REQUEST answering it."""
+        self._stats.opamp_rejected[error.reason] += 1
+        return bad_request(error)
+
+    async def apply(
+        self,
+        project_id: uuid.UUID,
+        message: pb.AgentToServer,
+        *,
+        transport: Transport,
+        heavy: bool,
+        capabilities_sent: bool = False,
+        config_sent: bytes | None = None,
+        sequence_num: int | None = None,
+    ) -> Applied:
+        """Load, `receive`, write what the writing rule asks for (module
+        docstring). ``heavy``: the message came in a large or compressed body.
+        ``capabilities_sent``, ``config_sent``: what this WebSocket already
+        carried (see `receive`); ``sequence_num``: the number of the agent's
+        previous message on it, which the session knows better than the
+        store (whose copy may wait for a flush)."""
+        self._stats.opamp_messages[message_type(message)] += 1
+        now = self._clock()
+        uid = message.instance_uid
+        if transport is Transport.HTTP:
+            self._heard(project_id, uid, now)
+        row, config = await self._store.load_opamp_agent(project_id, uid)
+        skipped = None if row is None else self._skipped.sequence(row)
+        if row is not None and sequence_num is not None:
+            skipped = sequence_num
+        desired = await self._desired(project_id, uid, config, message)
+        fold = functools.partial(
+            _fold,
+            project_id,
+            row,
+            skipped,
+            message,
+            now,
+            desired,
+            transport,
+            capabilities_sent,
+            config_sent,
+        )
+        if heavy or (row is not None and len(row.state) > HEAVY_BYTES):
+            outcome, record = await trio.to_thread.run_sync(fold, limiter=self._heavy)
+        else:
+            outcome, record = fold()
+        state = outcome.state
+        if row is None or record is not None:
+            assert record is not None
+            moved = row is not None and state.instance_uid != uid
+            await self._store.save_opamp_agent(record, replaces=uid if moved else None)
+            self._skipped.forget(project_id, uid)
+            self._touches.drop(project_id, uid)
+            self._seen[project_id, state.instance_uid] = now
+            self._stats.opamp_writes["full"] += 1
+        else:
+            self._skipped.remember(row, state.sequence_num)
+            self._queue_touch(project_id, uid, state.sequence_num, now, row.last_seen)
+        if config is not None:
+            await self._follow(project_id, config, state, now)
+        offered = None
+        if outcome.reply.HasField("remote_config"):
+            offered = outcome.reply.remote_config.config_hash
+        return Applied(outcome.reply, state, offered)
+
+    def _heard(self, project_id: uuid.UUID, uid: bytes, now: float) -> None:
+        """Count the HTTP agents heard within the window (the sessions gauge)."""
+        heard = self._http_heard
+        heard.pop((project_id, uid), None)
+        heard[project_id, uid] = now
+        while heard:
+            oldest = next(iter(heard.values()))
+            if now - oldest <= self._window and len(heard) <= SKIPPED_MAX:
+                break
+            heard.popitem(last=False)
+        self._stats.opamp_sessions["http"] = len(heard)
+
+    def keep_alive(self, project_id: uuid.UUID, state: AgentState) -> None:
+        """An open WebSocket session is alive: queue its ``last_seen`` when due."""
+        self._queue_touch(project_id, state.instance_uid, state.sequence_num, self._clock(), None)
+
+    def _queue_touch(
+        self,
+        project_id: uuid.UUID,
+        uid: bytes,
+        sequence_num: int,
+        now: float,
+        stored_seen: float | None,
+    ) -> None:
+        key = (project_id, uid)
+        if key in self._touches.pending:  # not written yet: it takes the newest number
+            self._touches.add(project_id, uid, sequence_num, now)
+            self._stats.opamp_writes["coalesced"] += 1
+            return
+        last = self._seen.get(key, stored_seen if stored_seen is not None else 0.0)
+        if now - last < self._touch_seconds:
+            self._stats.opamp_writes["coalesced"] += 1
+            return
+        if len(self._seen) >= SKIPPED_MAX:
+            self._seen.clear()  # costs at most one early touch per agent
+        self._seen[key] = now
+        self._touches.add(project_id, uid, sequence_num, now)
+
+    async def offer(
+        self,
+        project_id: uuid.UUID,
+        state: AgentState,
+        *,
+        capabilities_sent: bool,
+        config_sent: bytes | None,
+    ) -> pb.ServerToAgent | None:
+        """The message pushing the agent's desired configuration to its open
+        WebSocket, if rule 7 offers it now (`push`)."""
+        config = await self._store.get_opamp_config(project_id, state.instance_uid)
+        if config is None or not config.files:
+            return None
+        return push(
+            state,
+            self._remote_config(config),
+            capabilities_sent=capabilities_sent,
+            config_sent=config_sent,
+        )
+
+    # -- the desired configuration --------------------------------------------------------
+
+    async def _desired(
+        self,
+        project_id: uuid.UUID,
+        uid: bytes,
+        config: OpampConfig | None,
+        message: pb.AgentToServer,
+    ) -> RemoteConfig | None:
+        """The configuration for the core to offer, if it may have to.
+
+        The store leaves the files out of an applied configuration: the core
+        would not offer it, unless this very message reports otherwise (a
+        restarted or rolled-back agent), and only then are they read.
+        """
+        if config is None:
+            return None
+        if not config.files:
+            if not message.HasField("remote_config_status"):
+                return None
+            digest = bytes.fromhex(config.config_hash)
+            if progress(message.remote_config_status, digest) is ConfigProgress.APPLIED:
+                return None
+            config = await self._store.get_opamp_config(project_id, uid)
+            if config is None or not config.files:
+                return None
+        return self._remote_config(config)
+
+    def _remote_config(self, config: OpampConfig) -> RemoteConfig:
+        """The configuration as the core offers it, built once per hash (hashing
+        the files again on every poll would cost as much as they weigh); the
+        cache is bounded by the bytes it holds."""
+        built = self._configs.get(config.config_hash)
+        if built is not None:
+            self._configs.move_to_end(config.config_hash)
+            return built
+        built = RemoteConfig(
+            {
+                name: ConfigFile(body=file["body"].encode(), content_type=file["content_type"])
+                for name, file in config.files.items()
+            }
+        )
+        size = sum(len(file.body) for _, file in built.files)
+        if size <= CONFIG_CACHE_BYTES:
+            self._configs[config.config_hash] = built
+            self._config_bytes += size
+            while self._config_bytes > CONFIG_CACHE_BYTES:
+                _, dropped = self._configs.popitem(last=False)
+                self._config_bytes -= sum(len(file.body) for _, file in dropped.files)
+        return built
+
+    async def _follow(
+        self, project_id: uuid.UUID, config: OpampConfig, state: AgentState, now: float
+    ) -> None:
+        """Write the configuration's status when the agent's report about its
+        hash moves it (a change the agent reported, so no write per poll)."""
+        reported = None
+        if state.remote_config_status is not None:
+            reported = pb.RemoteConfigStatus.FromString(state.remote_config_status)
+        digest = bytes.fromhex(config.config_hash)
+        status = progress(reported, digest)
+        error = ""
+        if status is ConfigProgress.FAILED and reported is not None:
+            error = reported.error_message
+        if (status.value, error) == (config.status, config.error_message):
+            return
+        await self._store.set_opamp_config_status(
+            project_id,
+            state.instance_uid,  # the new one, if the agent was just given one
+            digest,
+            status=status.value,
+            error_message=error,
+            now=now,
+        )
+        self._stats.opamp_writes["config_status"] += 1
+
+
+def _fold(
+    project_id: uuid.UUID,
+    row: OpampAgent | None,
+    skipped: int | None,
+    message: pb.AgentToServer,
+    now: float,
+    desired: RemoteConfig | None,
+    transport: Transport,
+    capabilities_sent: bool,
+    config_sent: bytes | None,
+) -> tuple[Outcome, OpampAgent | None]:
+    """`receive`, and the row to write when the agent is new or changed
+    (None: only ``last_seen`` may be due). Pure: it may run on a thread."""
+    prior = None
+    if row is not None:
+        prior = stored.state_of(row)
+        if skipped is not None:
+            prior = attrs.evolve(prior, sequence_num=skipped)
+    outcome = receive(
+        prior,
+        message,
+        transport=transport,
+        new_instance_uid=lambda: uuid.uuid4().bytes,
+        desired_config=desired,
+        capabilities_sent=capabilities_sent,
+        config_sent=config_sent,
+    )
+    if row is not None and not outcome.changed:
+        return outcome, None
+    state = outcome.state
+    disconnected_at = None
+    if not state.connected:
+        kept = None if row is None else row.disconnected_at
+        disconnected_at = now if kept is None else kept
+    record = stored.record_of(
+        project_id,
+        state,
+        transport=transport.value,
+        first_seen=now if row is None else row.first_seen,
+        last_seen=now,
+        disconnected_at=disconnected_at,
+    )
+    return outcome, record
