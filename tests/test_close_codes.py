@@ -25,6 +25,7 @@ PINNED = {
     "NORMAL": (1000, T, T, N),
     "GOING_AWAY": (1001, T, T, N),
     "PROTOCOL_ERROR": (1002, T, T, P),
+    "UNSUPPORTED_DATA": (1003, T, T, P),
     "ABNORMAL": (1006, T, T, N),
     "INVALID_DATA": (1007, T, T, P),
     "POLICY_VIOLATION": (1008, T, T, P),
@@ -56,7 +57,7 @@ def test_every_member_has_one_row_with_a_meaning() -> None:
     assert all(closing.meaning for closing in CLOSINGS.values())
 
 
-@pytest.mark.parametrize("code", [1003, 1012, 3000, 4000, 4999])
+@pytest.mark.parametrize("code", [1004, 1012, 3000, 4000, 4999])
 def test_an_unknown_code_is_transient(code: int) -> None:
     assert retry_after(code, handshake=True) is Retry.TRANSIENT
     assert retry_after(code, handshake=False) is Retry.TRANSIENT

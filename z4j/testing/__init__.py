@@ -31,6 +31,11 @@ from .http import HttpReply as HttpReply
 from .http import http_get as http_get
 from .http import http_request as http_request
 from .http import read_until_closed as read_until_closed
+from .opamp import OpampClosed as OpampClosed
+from .opamp import OpampRejected as OpampRejected
+from .opamp import OpampSocket as OpampSocket
+from .opamp import opamp_socket as opamp_socket
+from .opamp import opamp_token as opamp_token
 from .postgres import ExternalPostgres as ExternalPostgres
 from .postgres import PostgresCluster as PostgresCluster
 from .postgres import find_pg_bin as find_pg_bin
@@ -49,6 +54,9 @@ __all__ = [
     "CancelAtStep",
     "ExternalPostgres",
     "HttpReply",
+    "OpampClosed",
+    "OpampRejected",
+    "OpampSocket",
     "PostgresCluster",
     "Probe",
     "RawAgent",
@@ -66,6 +74,8 @@ __all__ = [
     "ingest_ping",
     "json_of",
     "make_config",
+    "opamp_socket",
+    "opamp_token",
     "open_store",
     "provision",
     "publish_events",

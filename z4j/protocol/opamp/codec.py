@@ -59,6 +59,7 @@ __all__ = [
     "check_size",
     "decode_agent_to_server",
     "decode_http_body",
+    "decode_server_to_agent_ws",
     "decode_ws_message",
     "encode_server_to_agent",
     "encode_ws_message",
@@ -194,6 +195,18 @@ def decode_ws_message(
 ) -> pb.AgentToServer:
     """One binary WebSocket message (header and protobuf) to its `AgentToServer`."""
     return decode_agent_to_server(ws_payload(message, limit=limit), limit=limit)
+
+
+def decode_server_to_agent_ws(
+    message: bytes, *, limit: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> pb.ServerToAgent:
+    """The client's side: one binary WebSocket message from a server to its
+    `ServerToAgent` (for z4j's tests, benchmarks and conformance suite)."""
+    data = ws_payload(message, limit=limit)
+    try:
+        return pb.ServerToAgent.FromString(data)
+    except DecodeError as exc:
+        raise OpampDecodeError(f"not a ServerToAgent: {exc}", reason="protobuf") from None
 
 
 def decode_agent_to_server(
