@@ -250,3 +250,29 @@ async def test_disconnect_marks_offline_at_once_and_a_session_keeps_last_seen(
                 await ws.exchange(hello(seq=2))
                 _, shown = await api(http, "GET", f"/opamp/agents/{UID.hex()}", admin)
                 assert shown["online"]
+
+
+async def test_opamp_on_its_own_port_serves_opamp_and_nothing_else(config: Config) -> None:
+    config = make_config(config.data_dir, config.database_url, opamp_bind="127.0.0.1:0")
+    token = await opamp_token(config, "ws")
+    admin = await admin_token(config)
+    async with running_brain(config) as brain:
+        await ready(brain.addresses.http)
+        own = brain.addresses.opamp
+        assert own is not None and own != brain.addresses.http
+        async with opamp_socket(own, token) as ws:
+            reply = await ws.exchange(hello())
+            assert reply.instance_uid == UID and reply.capabilities
+        polled = await http_request(
+            own,
+            "POST",
+            "/v1/opamp",
+            body=hello(seq=1).SerializeToString(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/x-protobuf"},
+        )
+        assert polled.status == 200
+        assert pb.ServerToAgent.FromString(polled.body).instance_uid == UID
+        # The API and the dashboard stay on the HTTP port.
+        assert (await api(own, "GET", "/opamp/agents", admin))[0] == 404
+        assert (await http_request(own, "GET", "/")).status == 404
+        assert (await http_request(own, "GET", "/health/ready")).status == 200

@@ -142,6 +142,7 @@ class Config:
     leader_lease_seconds: float = attrs.field(default=30.0, validator=_positive)
     opamp_max_message_bytes: int = attrs.field(default=10 * MiB, validator=_positive)
     opamp_heartbeat_window_seconds: float = attrs.field(default=90.0, validator=_positive)
+    opamp_bind: str | None = attrs.field(default=None, validator=attrs.validators.optional(_bind))
     secret: str | None = attrs.field(
         default=None, validator=attrs.validators.optional(_long_secret)
     )
@@ -224,6 +225,7 @@ HELP: dict[str, str] = {
     "leader_lease_seconds": "How long the maintenance leader's lease lasts unless renewed; another replica takes over within it after the leader dies.",
     "opamp_max_message_bytes": "Largest OpAMP message, both ways, after gzip is inflated; a larger request body gets 413.",
     "opamp_heartbeat_window_seconds": "An OpAMP agent not heard from for this long shows as offline (the API's `online`).",
+    "opamp_bind": "HOST:PORT of a listener serving only OpAMP (`/v1/opamp`, HTTP and WebSocket) and health, e.g. `0.0.0.0:4320`, OpAMP's default port; unset: OpAMP on the HTTP port only.",
 }
 
 # Never printed in full: `z4j config` masks them (a URL keeps all but its password).

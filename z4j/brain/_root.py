@@ -45,7 +45,7 @@ import trio
 from .. import keys
 from .._datadir import SqliteBrainLock, check_single_brain
 from .._fds import with_descriptor_caps
-from .._net import bind_ports
+from .._net import bind_ports, open_tcp_socket
 from ..buffer import Buffer
 from ..config import Config, check_bind_is_safe
 from ..stats import BrainStats, HttpStats
@@ -93,6 +93,7 @@ class Brain:
     http: tuple[str, int]
     instance_id: uuid.UUID
     commands: Commands = attrs.field(repr=False)
+    opamp: tuple[str, int] | None = None  # Z4J_OPAMP_BIND's listener, when set
 
     @property
     def http_url(self) -> str:
@@ -123,6 +124,14 @@ async def serve_brain(
     stats = stats if stats is not None else BrainStats()
     instance_id = uuid.uuid4()
     ingest_sock, http_sock = bind_ports(config)
+    opamp_sock = None
+    if config.opamp_bind is not None:
+        try:
+            opamp_sock = open_tcp_socket(config.opamp_bind, reuse_port=config.so_reuseport)
+        except BaseException:
+            ingest_sock.close()
+            http_sock.close()
+            raise
     brain_lock = None
     try:
         brain_lock = None if config.uses_postgres else SqliteBrainLock(config.data_dir)
@@ -248,6 +257,7 @@ async def serve_brain(
                 heartbeat_window_seconds=config.opamp_heartbeat_window_seconds,
                 store_ready=store_ready,
             )
+            opamp_http = OpampEndpoint(fleet, stats, store_ready=store_ready)
             health = HealthChecks(
                 {
                     **store_health_checks(store, store_ready),
@@ -277,7 +287,7 @@ async def serve_brain(
                     opamp_nudges=nudges,
                 ),
                 pages=dashboard_pages(auth.signed_in),
-                opamp=OpampEndpoint(fleet, stats, store_ready=store_ready),
+                opamp=opamp_http,
             )
             heartbeat = Heartbeat(
                 store,
@@ -350,6 +360,20 @@ async def serve_brain(
                         sock=http_sock,
                     )
                 )
+                opamp_address = None
+                if opamp_sock is not None:
+                    opamp_address = await producers.start(
+                        functools.partial(
+                            serve_http,
+                            config,
+                            build_app(health, opamp=opamp_http),
+                            shutdown=shutdown,
+                            websockets={OPAMP_PATH: opamp_sockets},
+                            sock=opamp_sock,
+                            bind_setting="Z4J_OPAMP_BIND",
+                        )
+                    )
+                    log.info("opamp listening on %s:%d (Z4J_OPAMP_BIND)", *opamp_address)
                 support.start_soon(
                     announce_admin_token,
                     auth,
@@ -376,6 +400,7 @@ async def serve_brain(
                         http=http_address,
                         instance_id=instance_id,
                         commands=commands,
+                        opamp=opamp_address,
                     )
                 )
             support.cancel_scope.cancel()
@@ -383,6 +408,8 @@ async def serve_brain(
         # Closed by their servers once handed over; these cover a start cut short.
         ingest_sock.close()
         http_sock.close()
+        if opamp_sock is not None:
+            opamp_sock.close()
         with trio.CancelScope(shield=True):
             await buffer.aclose()
             await store.aclose()

@@ -233,9 +233,12 @@ async def serve_http(
     websockets: Mapping[str, Handler] | None = None,
     stats: HttpStats | None = None,
     sock: socket.socket | None = None,
+    bind_setting: str = "Z4J_HTTP_BIND",
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve Z4J_HTTP_BIND (or ``sock``, a listening socket this closes) until ``shutdown`` is set.
+    ``bind_setting`` names the setting the listener comes from
+    (``Z4J_OPAMP_BIND`` for OpAMP's own port).
 
     Each new connection's request head is read here first: a WebSocket
     upgrade to a path in ``websockets`` is served by the lean wsproto
@@ -247,18 +250,21 @@ async def serve_http(
     websockets = dict(websockets or {})
     stats = stats if stats is not None else HttpStats()
     tls = tls_context(config)
-    if tls is None and not is_loopback_bind(config.http_bind):
+    bind = config.opamp_bind if bind_setting == "Z4J_OPAMP_BIND" else config.http_bind
+    assert bind is not None
+    if tls is None and not is_loopback_bind(bind):
         log.warning(
-            "Z4J_HTTP_BIND=%s is reachable beyond this machine WITHOUT TLS: admin tokens, "
-            "session cookies and agent traffic cross the network in clear text. Set "
-            "Z4J_TLS_CERT_FILE and Z4J_TLS_KEY_FILE, or serve behind a TLS-terminating proxy",
-            config.http_bind,
+            "%s=%s is reachable beyond this machine WITHOUT TLS: tokens, session cookies "
+            "and agent traffic cross the network in clear text. Set Z4J_TLS_CERT_FILE and "
+            "Z4J_TLS_KEY_FILE, or serve behind a TLS-terminating proxy",
+            bind_setting,
+            bind,
         )
     timeout = config.http_read_timeout_seconds
     cap = config.http_max_connections
     refusals = ThrottledLog(log)
     if sock is None:
-        sock = open_tcp_socket(config.http_bind, reuse_port=config.so_reuseport)
+        sock = open_tcp_socket(bind, reuse_port=config.so_reuseport)
     address: tuple[str, int] = sock.getsockname()[:2]
     hc = HypercornConfig()
     hc.graceful_timeout = max(0.1, config.shutdown_grace_seconds / 2)
