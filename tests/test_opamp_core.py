@@ -50,6 +50,7 @@ from z4j.protocol.opamp import (
     inflate_gzip,
     key_values,
     progress,
+    push,
     receive,
     retry_after_seconds,
     to_dict,
@@ -802,3 +803,88 @@ def test_the_field_count_skips_bytes_and_resumes_where_it_stopped() -> None:
     assert steps + 1 <= 8
     # Garbage stops the count and is left to the parser.
     assert codec.FieldCount(b"\xff\xff\xff").advance(10)
+
+
+# ---------------------------------------------------------------------------
+# What a WebSocket adds, and a server that cannot vouch for what it stored
+
+
+def test_on_a_websocket_a_config_goes_once_unless_the_agent_reports_another_hash() -> None:
+    first = step(
+        None,
+        message(0, capabilities=CONFIGURABLE, full=True),
+        transport=Transport.WEBSOCKET,
+        desired_config=CONFIG,
+    )
+    assert first.reply.remote_config.config_hash == CONFIG.hash and first.reply.capabilities
+    # Sent on this connection: not again, applying or failed alike.
+    for state in (pb.RemoteConfigStatus.STATUS_APPLYING, pb.RemoteConfigStatus.STATUS_FAILED):
+        again = step(
+            first.state,
+            message(1, capabilities=CONFIGURABLE, remote_config_status=status(CONFIG, state)),
+            transport=Transport.WEBSOCKET,
+            desired_config=CONFIG,
+            capabilities_sent=True,
+            config_sent=CONFIG.hash,
+        )
+        assert not again.reply.HasField("remote_config") and not again.reply.capabilities
+    # Over HTTP the same message is offered it (each poll stands alone).
+    polled = step(
+        first.state,
+        message(
+            1,
+            capabilities=CONFIGURABLE,
+            remote_config_status=status(CONFIG, pb.RemoteConfigStatus.STATUS_FAILED),
+        ),
+        desired_config=CONFIG,
+        config_sent=CONFIG.hash,
+    )
+    assert polled.reply.remote_config.config_hash == CONFIG.hash
+    # The agent reports another hash (it restarted on an old one): offered again.
+    old = pb.RemoteConfigStatus(
+        last_remote_config_hash=b"\x01" * 32, status=pb.RemoteConfigStatus.STATUS_APPLIED
+    )
+    rolled_back = step(
+        first.state,
+        message(1, capabilities=CONFIGURABLE, remote_config_status=old),
+        transport=Transport.WEBSOCKET,
+        desired_config=CONFIG,
+        capabilities_sent=True,
+        config_sent=CONFIG.hash,
+    )
+    assert rolled_back.reply.remote_config.config_hash == CONFIG.hash
+
+
+def test_push_offers_a_changed_config_to_a_connected_agent_only_when_due() -> None:
+    state = step(None, message(0, capabilities=CONFIGURABLE, full=True)).state
+    pushed = push(state, CONFIG, capabilities_sent=True, config_sent=None)
+    assert pushed is not None and pushed.instance_uid == UID
+    assert pushed.remote_config.config_hash == CONFIG.hash and not pushed.capabilities
+    assert push(state, CONFIG, capabilities_sent=True, config_sent=CONFIG.hash) is None
+    assert push(state, CONFIG, capabilities_sent=False, config_sent=None).capabilities  # type: ignore[union-attr]
+    applied = step(
+        state,
+        message(
+            1,
+            capabilities=CONFIGURABLE,
+            remote_config_status=status(CONFIG, pb.RemoteConfigStatus.STATUS_APPLIED),
+        ),
+    ).state
+    assert push(applied, CONFIG, capabilities_sent=True, config_sent=None) is None
+    basic = step(None, message(0, full=True)).state
+    assert push(basic, CONFIG, capabilities_sent=True, config_sent=None) is None
+    gone = step(
+        state, message(1, capabilities=CONFIGURABLE, agent_disconnect=pb.AgentDisconnect())
+    ).state
+    assert push(gone, CONFIG, capabilities_sent=True, config_sent=None) is None
+
+
+def test_an_unvouched_state_asks_for_a_full_report_even_in_sequence() -> None:
+    stored = step(None, message(0, full=True)).state
+    heartbeat = message(1)
+    assert not step(stored, heartbeat).reply.flags
+    asked = step(stored, heartbeat, vouched=False)
+    assert asked.reply.flags & ServerFlag.REPORT_FULL_STATE
+    # The answer settles it, as after a gap; a complete message needs no asking.
+    assert not step(asked.state, message(2, full=True), vouched=False).reply.flags
+    assert not step(stored, message(1, full=True), vouched=False).reply.flags

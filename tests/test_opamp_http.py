@@ -305,51 +305,72 @@ async def test_a_message_that_changes_nothing_writes_nothing_but_last_seen_now_a
         await store.migrate()
         assert not (await call(app, full_report(seq=0), token)).flags
         assert len(store.saved) == 1
-        # Heartbeats in sequence within 30 s (a third of the window): nothing
-        # queued, and the skipped sequence numbers still make the next one in
-        # sequence.
+        # Heartbeats in sequence: none is written at once. Each is queued
+        # (the newest number wins) and the flush writes them in one
+        # statement; meanwhile the skipped numbers keep the next in sequence.
         for seq in range(1, 6):
             now[0] += 5
             reply = await call(app, pb.AgentToServer(instance_uid=UID, sequence_num=seq), token)
             assert not reply.flags & ServerFlag.REPORT_FULL_STATE
-        await fleet.flush()
         assert (len(store.saved), store.touched, store.flushes) == (1, [], 0)
-        # 30 s after the last write: last_seen (and the number) is queued; a
-        # later heartbeat before the flush moves the queued number, not a write.
-        now[0] += 5
-        await call(app, pb.AgentToServer(instance_uid=UID, sequence_num=6), token)
-        now[0] += 1
-        await call(app, pb.AgentToServer(instance_uid=UID, sequence_num=7), token)
-        assert store.touched == []
         await fleet.flush()
-        assert (len(store.saved), store.touched, store.flushes) == (1, [(7, 1031.0)], 1)
+        assert (len(store.saved), store.touched, store.flushes) == (1, [(5, 1025.0)], 1)
         [row] = await store.list_opamp_agents()
-        assert (row.sequence_num, row.last_seen) == (7, 1031.0)
+        assert (row.sequence_num, row.last_seen) == (5, 1025.0)
+        # After a flush, this replica still answers in sequence.
+        for seq in (6, 7):
+            now[0] += 1
+            reply = await call(app, pb.AgentToServer(instance_uid=UID, sequence_num=seq), token)
+            assert not reply.flags & ServerFlag.REPORT_FULL_STATE
+        await fleet.flush()
+        assert (len(store.saved), store.touched, store.flushes) == (
+            1,
+            [(5, 1025.0), (7, 1027.0)],
+            2,
+        )
+        now[0] += 1
+        await call(app, pb.AgentToServer(instance_uid=UID, sequence_num=8), token)
+        await fleet.flush()
         # A change is written at once, whatever the time.
         now[0] += 1
-        changed = full_report(seq=8, **{"service.name": "renamed"})
+        changed = full_report(seq=9, **{"service.name": "renamed"})
         await call(app, changed, token)
         assert len(store.saved) == 2 and store.saved[-1].identifying == {"service.name": "renamed"}
         assert stats.opamp_writes == {
             "full": 2,
-            "last_seen": 1,
-            "last_seen_rows": 1,
-            "coalesced": 6,
+            "last_seen": 3,
+            "last_seen_rows": 3,
+            "coalesced": 5,  # messages whose number went into a touch still queued
         }
-        assert stats.opamp_messages == {"status": 2, "heartbeat": 7}
+        assert stats.opamp_messages == {"status": 2, "heartbeat": 8}
 
-        # Another replica (a fresh endpoint on the same store) reads the stored
-        # number: in step after a write, so no full report is asked for.
+        # Another replica (a fresh endpoint on the same store) has not heard
+        # this agent: it asks for a full report once, whatever the number...
         other = endpoint(store, config, BrainStats(), now)
-        reply = await call(other, pb.AgentToServer(instance_uid=UID, sequence_num=9), token)
-        assert not reply.flags & ServerFlag.REPORT_FULL_STATE
-        # ...but not a number another replica skipped: it asks once, the answer settles it.
-        reply = await call(app, pb.AgentToServer(instance_uid=UID, sequence_num=10), token)
+        now[0] += 1
+        reply = await call(other, pb.AgentToServer(instance_uid=UID, sequence_num=10), token)
         assert reply.flags & ServerFlag.REPORT_FULL_STATE
+        now[0] += 1
         reply = await call(other, full_report(seq=11, **{"service.name": "renamed"}), token)
         assert not reply.flags & ServerFlag.REPORT_FULL_STATE
+        # ...then polls may alternate: each replica reads the other's flushed number.
+        now[0] += 1
+        reply = await call(app, pb.AgentToServer(instance_uid=UID, sequence_num=12), token)
+        assert not reply.flags & ServerFlag.REPORT_FULL_STATE
+        await app._fleet.flush()
+        now[0] += 1
+        reply = await call(other, pb.AgentToServer(instance_uid=UID, sequence_num=13), token)
+        assert not reply.flags & ServerFlag.REPORT_FULL_STATE
+        # A number the other replica has not flushed yet looks like a gap:
+        # asked once, the answer settles it.
+        now[0] += 1
+        reply = await call(app, pb.AgentToServer(instance_uid=UID, sequence_num=14), token)
+        assert reply.flags & ServerFlag.REPORT_FULL_STATE
+        now[0] += 1
+        reply = await call(app, full_report(seq=15, **{"service.name": "renamed"}), token)
+        assert not reply.flags & ServerFlag.REPORT_FULL_STATE
         [row] = await store.list_opamp_agents()
-        assert (row.sequence_num, row.full_state_requests) == (11, 0)
+        assert (row.sequence_num, row.full_state_requests) == (15, 0)
     finally:
         await store.aclose()
 
@@ -436,17 +457,19 @@ async def test_the_python_client_is_listed_online_offline_and_kept_across_a_rest
             assert "REPORTS_EFFECTIVE_CONFIG" in item["capabilities"]
             [config_file] = item["effective_config"]["files"]
             assert config_file["name"] == "" and config_file["content_type"] == "application/json"
-            await wait_until(lambda: brain.stats.opamp_messages["heartbeat"] >= 5)
-            # Heartbeats in step change nothing: one full write for the first report.
+            await wait_until(lambda: brain.stats.opamp_writes["last_seen"] >= 2)
+            # Heartbeats in step change nothing: one full write for the first
+            # report; the rest are last_seen statements, one per flush.
             assert brain.stats.opamp_writes["full"] == 1
-            assert brain.stats.opamp_writes["coalesced"] >= 5
+            assert brain.stats.opamp_messages["heartbeat"] >= 2
         # The brain is gone; the agent keeps trying. A new brain on the same store:
         async with ready_brain(config) as brain:
             item = await listed()
             assert item is not None and item["identifying"] == IDENTIFYING  # kept
             before = brain.stats.opamp_messages["heartbeat"]
             await wait_until(lambda: brain.stats.opamp_messages["heartbeat"] >= before + 5)
-            # Its number moved on while the old brain coalesced: asked once, answered.
+            # A new process vouches for no agent it has not heard: the first
+            # poll is asked for the full state, and the client answers it.
             assert brain.stats.opamp_messages["status"] >= 1
             store = store_for(config)
             try:

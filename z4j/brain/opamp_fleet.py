@@ -9,17 +9,24 @@ write, and the configuration's status.
 
 Writes scale with changes. When `receive` reports a change (or the agent is
 new) the whole row is written at once. When nothing changed but the
-sequence number, the row is not written: the agent's number is remembered
-here (`_Skipped`, so its next message on this replica is in sequence) and
-``last_seen`` with it is queued (`_Touches`), at most once per a third of
-Z4J_OPAMP_HEARTBEAT_WINDOW_SECONDS per agent; `serve` writes the queue in
-one statement every `FLUSH_SECONDS`. So 10,000 agents heartbeating cost one
-write a second, not thousands, and ``online`` is never late by more than a
-third of the window plus a flush. Another replica, or this one after a
-restart, reads the stored number, may see a gap, and asks for the full
-state once (the cost the core's docstring names). Open WebSocket sessions
-queue their ``last_seen`` too (`keep_alive`): the connection is the sign of
-life, whatever the agent's heartbeat interval.
+sequence number, the row is not written at once: the agent's number is
+remembered here (`_Skipped`, so its next message on this replica is in
+sequence) and ``last_seen`` with it is queued (`_Touches`); `serve` writes
+the queue in one statement every `FLUSH_SECONDS`. An HTTP poll's number is
+always queued: the next poll may land on another replica, which reads it
+from the store (so polls alternating between replicas stay in sequence,
+unless they come faster than a flush). A WebSocket session keeps its own
+number, so its agent's row is queued at most once per a third of
+Z4J_OPAMP_HEARTBEAT_WINDOW_SECONDS, message or not (`keep_alive`: the
+connection is the sign of life, whatever the agent's heartbeat interval).
+So 10,000 agents heartbeating cost one write statement a second, not
+thousands, and ``online`` is never late by more than a third of the window
+plus a flush. A replica that reads a stale number (after a restart, or a
+reconnection elsewhere) sees a gap and asks for the full state once (the
+cost the core's docstring names). So does the first message this process
+gets from each agent: while no replica answered, the agent may have
+dropped a report it could not send, and a later compressed one would hide
+that for good.
 
 Heavy work does not hold up other clients (tests/test_abuse_opamp.py): a
 body over `HEAVY_BYTES` (or gzipped) is inflated on a worker thread, its
@@ -99,37 +106,30 @@ class Applied:
 
 
 _Key = tuple[uuid.UUID, str]  # (project, instance_uid hex), as rows name an agent
-_Version = tuple[float, int, int]
-
-
-def _version(row: OpampAgent) -> _Version:
-    return row.last_seen, row.sequence_num, row.full_state_requests
 
 
 class _Skipped:
-    """The sequence numbers this replica answered but did not write, per agent.
+    """The sequence numbers this replica answered but did not write yet, per agent.
 
-    Each is kept with the version of the row it was applied to (its
-    ``last_seen``, sequence number and full-state requests, which every
-    write changes): it is used only while the stored row is still that one
-    (another replica's write, or our own flushed touch, makes it stale, and
-    the stored row wins). Bounded: the oldest entry goes first, which costs
-    that agent one full report.
+    Each is kept with the time of its message, and used only while the
+    stored row is no newer (a row written after it, by another replica,
+    wins; our own queued ``last_seen``, flushed, is never newer). Bounded:
+    the oldest entry goes first, which costs that agent one full report.
     """
 
     def __init__(self, limit: int = SKIPPED_MAX) -> None:
         self._limit = limit
-        self._entries: OrderedDict[_Key, tuple[_Version, int]] = OrderedDict()
+        self._entries: OrderedDict[_Key, tuple[float, int]] = OrderedDict()
 
     def sequence(self, row: OpampAgent) -> int | None:
         """The number skipped since ``row`` was written, if any."""
         entry = self._entries.get((row.project_id, row.instance_uid))
-        return entry[1] if entry is not None and entry[0] == _version(row) else None
+        return entry[1] if entry is not None and row.last_seen <= entry[0] else None
 
-    def remember(self, row: OpampAgent, sequence_num: int) -> None:
+    def remember(self, row: OpampAgent, sequence_num: int, at: float) -> None:
         key = (row.project_id, row.instance_uid)
         self._entries.pop(key, None)
-        self._entries[key] = (_version(row), sequence_num)
+        self._entries[key] = (at, sequence_num)
         while len(self._entries) > self._limit:
             self._entries.popitem(last=False)
 
@@ -181,6 +181,9 @@ class OpampFleet:
         self._flush_seconds = flush_seconds
         self._clock = clock
         self._skipped = _Skipped()
+        # Agents heard by this process: the first message from any other is
+        # not vouched for (`receive`), so it is asked for a full report once.
+        self._heard_here: OrderedDict[tuple[uuid.UUID, bytes], None] = OrderedDict()
         self._touches = _Touches()
         self._seen: dict[tuple[uuid.UUID, bytes], float] = {}  # last touch queued, per agent
         self._window = heartbeat_window_seconds
@@ -277,6 +280,7 @@ class OpampFleet:
         if row is not None and sequence_num is not None:
             skipped = sequence_num
         desired = await self._desired(project_id, uid, config, message)
+        vouched = (project_id, uid) in self._heard_here
         fold = functools.partial(
             _fold,
             project_id,
@@ -288,12 +292,14 @@ class OpampFleet:
             transport,
             capabilities_sent,
             config_sent,
+            vouched,
         )
         if heavy or (row is not None and len(row.state) > HEAVY_BYTES):
             outcome, record = await trio.to_thread.run_sync(fold, limiter=self._heavy)
         else:
             outcome, record = fold()
         state = outcome.state
+        self._vouch(project_id, state)
         if row is None or record is not None:
             assert record is not None
             moved = row is not None and state.instance_uid != uid
@@ -303,14 +309,35 @@ class OpampFleet:
             self._seen[project_id, state.instance_uid] = now
             self._stats.opamp_writes["full"] += 1
         else:
-            self._skipped.remember(row, state.sequence_num)
-            self._queue_touch(project_id, uid, state.sequence_num, now, row.last_seen)
+            self._skipped.remember(row, state.sequence_num, now)
+            # An HTTP agent's next poll may land on another replica, which
+            # reads the number from the store: every one is queued. A
+            # WebSocket session keeps its number; the store's copy can wait.
+            self._queue_touch(
+                project_id,
+                uid,
+                state.sequence_num,
+                now,
+                row.last_seen,
+                every=transport is Transport.HTTP,
+            )
         if config is not None:
             await self._follow(project_id, config, state, now)
         offered = None
         if outcome.reply.HasField("remote_config"):
             offered = outcome.reply.remote_config.config_hash
         return Applied(outcome.reply, state, offered)
+
+    def _vouch(self, project_id: uuid.UUID, state: AgentState) -> None:
+        """Vouch for the agent from now on, once its state is whole here."""
+        key = (project_id, state.instance_uid)
+        if state.full_state_requests:
+            self._heard_here.pop(key, None)
+            return
+        self._heard_here[key] = None
+        self._heard_here.move_to_end(key)
+        while len(self._heard_here) > SKIPPED_MAX:
+            self._heard_here.popitem(last=False)
 
     def _heard(self, project_id: uuid.UUID, uid: bytes, now: float) -> None:
         """Count the HTTP agents heard within the window (the sessions gauge)."""
@@ -326,7 +353,9 @@ class OpampFleet:
 
     def keep_alive(self, project_id: uuid.UUID, state: AgentState) -> None:
         """An open WebSocket session is alive: queue its ``last_seen`` when due."""
-        self._queue_touch(project_id, state.instance_uid, state.sequence_num, self._clock(), None)
+        self._queue_touch(
+            project_id, state.instance_uid, state.sequence_num, self._clock(), None, every=False
+        )
 
     def _queue_touch(
         self,
@@ -335,14 +364,18 @@ class OpampFleet:
         sequence_num: int,
         now: float,
         stored_seen: float | None,
+        *,
+        every: bool,
     ) -> None:
+        """Queue ``last_seen`` and the number: ``every`` message, or once per
+        a third of the window per agent."""
         key = (project_id, uid)
         if key in self._touches.pending:  # not written yet: it takes the newest number
             self._touches.add(project_id, uid, sequence_num, now)
             self._stats.opamp_writes["coalesced"] += 1
             return
         last = self._seen.get(key, stored_seen if stored_seen is not None else 0.0)
-        if now - last < self._touch_seconds:
+        if not every and now - last < self._touch_seconds:
             self._stats.opamp_writes["coalesced"] += 1
             return
         if len(self._seen) >= SKIPPED_MAX:
@@ -457,6 +490,7 @@ def _fold(
     transport: Transport,
     capabilities_sent: bool,
     config_sent: bytes | None,
+    vouched: bool,
 ) -> tuple[Outcome, OpampAgent | None]:
     """`receive`, and the row to write when the agent is new or changed
     (None: only ``last_seen`` may be due). Pure: it may run on a thread."""
@@ -473,6 +507,7 @@ def _fold(
         desired_config=desired,
         capabilities_sent=capabilities_sent,
         config_sent=config_sent,
+        vouched=vouched,
     )
     if row is not None and not outcome.changed:
         return outcome, None

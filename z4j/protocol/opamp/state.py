@@ -23,7 +23,10 @@ The rules, in the order `receive` applies them:
    (rules 5-7). Any other message marks it connected again.
 5. Sequence numbers. A message is *in sequence* when its number is the
    previous one + 1 (from an agent never heard of: when it is 0, its first
-   message ever, which cannot rely on earlier ones). It is *complete* when
+   message ever, which cannot rely on earlier ones), and the caller vouches
+   for the stored state (``vouched``: not so for the first message a
+   server process gets from a known agent, which may have dropped a report
+   while the server was away). It is *complete* when
    it carries every part its capabilities promise (`expected_parts`). A
    message that is neither may rely on a report we missed: the agent's
    status is then *suspect*, and replies set ReportFullState until the
@@ -209,6 +212,7 @@ def receive(
     capabilities_sent: bool = False,
     desired_config: RemoteConfig | None = None,
     config_sent: bytes | None = None,
+    vouched: bool = True,
     server_capabilities: ServerCapability = SERVER_CAPABILITIES,
 ) -> Outcome:
     """Apply one message from an agent to its stored state (see the module docstring).
@@ -219,7 +223,11 @@ def receive(
     configuration it already offered (both ignored over HTTP).
     ``desired_config`` is the configuration the agent should run, if any.
     ``new_instance_uid`` makes a 16-byte id, called only when the agent
-    asks for one.
+    asks for one. ``vouched`` False says the caller cannot vouch that no
+    report went missing since ``stored`` was kept (the first message a
+    server process gets from this agent: while it was down, the agent may
+    have dropped a report it could not send): then only a complete message
+    passes, as after a gap (rule 5).
     """
     uid = message.instance_uid
     if stored is not None and stored.instance_uid != uid:
@@ -250,7 +258,7 @@ def receive(
     requests = before.full_state_requests
     new_uid = uid
     if not leaving:
-        requests = _full_state_requests(stored, message, capabilities)
+        requests = _full_state_requests(stored, message, capabilities, vouched=vouched)
         if 0 < requests <= MAX_FULL_STATE_REQUESTS:
             reply.flags |= ServerFlag.REPORT_FULL_STATE
         if requests != before.full_state_requests:
@@ -340,7 +348,11 @@ def _due(
 
 
 def _full_state_requests(
-    stored: AgentState | None, message: pb.AgentToServer, capabilities: AgentCapability
+    stored: AgentState | None,
+    message: pb.AgentToServer,
+    capabilities: AgentCapability,
+    *,
+    vouched: bool,
 ) -> int:
     """Rule 5: 0 when nothing is missing; else 1..MAX (ask) or MAX + 1 (pause)."""
     complete = all(message.HasField(p.value) for p in expected_parts(capabilities))
@@ -348,7 +360,7 @@ def _full_state_requests(
         return 0 if complete or message.sequence_num == 0 else 1
     in_sequence = message.sequence_num == stored.sequence_num + 1
     if not stored.full_state_requests:
-        return 0 if complete or in_sequence else 1
+        return 0 if complete or (in_sequence and vouched) else 1
     if complete or (in_sequence and message.HasField("agent_description")):
         return 0
     return stored.full_state_requests % (MAX_FULL_STATE_REQUESTS + 1) + 1
