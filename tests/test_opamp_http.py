@@ -288,18 +288,22 @@ async def test_a_message_that_changes_nothing_writes_nothing_but_last_seen_now_a
     store = CountingStore(store_for(config))
     now = [1000.0]
     stats = BrainStats()
+    changes: list[tuple[uuid.UUID, str, str]] = []  # what the dashboard is told
     app = OpampEndpoint(
         store,  # type: ignore[arg-type]
         keys.master_secret(config),
         stats,
         max_message_bytes=1 << 20,
         heartbeat_window_seconds=90,
+        on_change=lambda *change: changes.append(change),
         clock=lambda: now[0],
     )
     try:
         await store.migrate()
         assert not (await call(app, full_report(seq=0), token)).flags
         assert len(store.saved) == 1
+        [(project_id, uid, what)] = changes
+        assert (project_id, uid, what) == (store.saved[0].project_id, UID.hex(), "state")
         # Heartbeats in sequence within 30 s (a third of the window): no write,
         # and the skipped sequence numbers still make the next one in sequence.
         for seq in range(1, 6):
@@ -313,11 +317,13 @@ async def test_a_message_that_changes_nothing_writes_nothing_but_last_seen_now_a
         assert (len(store.saved), store.touched) == (1, [(6, 1030.0)])
         [row] = await store.list_opamp_agents()
         assert (row.sequence_num, row.last_seen) == (6, 1030.0)
+        assert len(changes) == 1  # polls and last_seen are not news
         # A change is written at once, whatever the time.
         now[0] += 1
         changed = full_report(seq=7, **{"service.name": "renamed"})
         await call(app, changed, token)
         assert len(store.saved) == 2 and store.saved[-1].identifying == {"service.name": "renamed"}
+        assert len(changes) == 2 and changes[-1][2] == "state"
         assert stats.opamp_writes == {"full": 2, "last_seen": 1, "coalesced": 5}
         assert stats.opamp_messages == {"status": 2, "heartbeat": 6}
 

@@ -160,8 +160,13 @@ class OpampEndpoint:
         max_message_bytes: int,
         heartbeat_window_seconds: float,
         store_ready: trio.Event | None = None,
+        on_change: Callable[[uuid.UUID, str, str], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``on_change(project_id, instance_uid_hex, what)``: told after each
+        write that changes what the API shows of an agent (``state``: its
+        row; ``config``: its configuration's status), not per poll; the
+        dashboard's live feed (None: no one to tell)."""
         self._store = store
         self._master = master_secret
         self._stats = stats
@@ -169,6 +174,7 @@ class OpampEndpoint:
         self._touch_seconds = heartbeat_window_seconds / 3
         self._store_ready = store_ready
         self._clock = clock
+        self._on_change = on_change
         self._skipped = _Skipped()
         self._heavy = trio.CapacityLimiter(HEAVY_WORKERS)
         self._heavy_turn = trio.Lock()
@@ -329,6 +335,8 @@ class OpampEndpoint:
             await self._store.save_opamp_agent(record, replaces=uid if moved else None)
             self._skipped.forget(project_id, uid)
             self._stats.opamp_writes["full"] += 1
+            if self._on_change is not None:
+                self._on_change(project_id, record.instance_uid, "state")
         elif now - row.last_seen >= self._touch_seconds:
             await self._store.touch_opamp_agent(
                 project_id, uid, sequence_num=state.sequence_num, now=now
@@ -415,6 +423,8 @@ class OpampEndpoint:
             now=now,
         )
         self._stats.opamp_writes["config_status"] += 1
+        if self._on_change is not None:
+            self._on_change(project_id, state.instance_uid.hex(), "config")
 
 
 async def _read_body(receive: Receive, headers: Headers, limit: int) -> bytes | None:
