@@ -138,6 +138,16 @@ async def test_offered_until_applied_failed_shown_deleted_and_audited(config: Co
         assert loaded is not None and loaded.files == {} and loaded.status == "applied"
         _, agent = await api(http, "GET", f"/opamp/agents/{UID.hex()}", admin)
         assert agent["remote_config_status"]["last_remote_config_hash"] == digest.hex()
+        # The listing and the agent show its desired configuration's summary.
+        summary = {
+            "config_hash": digest.hex(),
+            "status": "applied",
+            "error_message": "",
+            "status_at": shown["status_at"],
+        }
+        assert agent["desired_config"] == summary
+        _, listing = await api(http, "GET", "/opamp/agents", admin)
+        assert [item["desired_config"] for item in listing["items"]] == [summary]
         # One status write per move (applying, applied), none per heartbeat.
         assert brain.stats.opamp_writes["config_status"] == 2
         # The agent reports another configuration (rolled back, restarted):
@@ -205,6 +215,11 @@ async def test_never_sent_without_the_capability_nor_to_another_project(config: 
         status, body = await api(http, "GET", path, admin)
         assert status == 409 and body["error"] == "ambiguous"
         assert (await api(http, "GET", path + "?project=a", admin))[0] == 404
+        # Each project's listing shows its own agent's configuration, or none.
+        for project, desired in (("a", None), ("b", "pending")):
+            _, listing = await api(http, "GET", f"/opamp/agents?project={project}", admin)
+            [item] = listing["items"]
+            assert (item["desired_config"] or {}).get("status") == desired, (project, item)
 
 
 async def test_the_configuration_follows_an_agent_given_a_new_id(config: Config) -> None:

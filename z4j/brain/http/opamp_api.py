@@ -44,6 +44,7 @@ __all__ = [
     "MAX_YAML_DEPTH",
     "OpampRoutes",
     "config_files",
+    "desired_summary",
     "opamp_agent_json",
 ]
 
@@ -59,12 +60,30 @@ MAX_YAML_DEPTH: Final = 64
 _YAML_LOADER: Final = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def opamp_agent_json(agent: OpampAgent, project: str | None, *, online: bool) -> dict[str, Any]:
-    """An OpAMP agent as the API shows it, with its project's name and whether it is online."""
+def opamp_agent_json(
+    agent: OpampAgent,
+    project: str | None,
+    *,
+    online: bool,
+    desired: OpampConfig | None = None,
+) -> dict[str, Any]:
+    """An OpAMP agent as the API shows it, with its project's name, whether it
+    is online, and the summary of its desired configuration (if any)."""
     item = to_json(agent)
     item["project"] = project
     item["online"] = online
+    item["desired_config"] = None if desired is None else desired_summary(desired)
     return item
+
+
+def desired_summary(config: OpampConfig) -> dict[str, Any]:
+    """What a listing shows of a desired configuration: no files."""
+    return {
+        "config_hash": config.config_hash,
+        "status": config.status,
+        "error_message": config.error_message,
+        "status_at": to_json(config)["status_at"],
+    }
 
 
 class OpampRoutes:
@@ -112,11 +131,21 @@ class OpampRoutes:
 
     async def list_agents(self, request: Request) -> Response:
         project = await self._project(request)
-        agents = await self._store.list_opamp_agents(None if project is None else project.id)
+        project_id = None if project is None else project.id
+        agents = await self._store.list_opamp_agents(project_id)
+        configs = {
+            (c.project_id, c.instance_uid): c
+            for c in await self._store.list_opamp_configs(project_id)
+        }
         names = {p.id: p.name for p in await self._store.list_projects()}
         now = self._clock()
         items = [
-            opamp_agent_json(a, names.get(a.project_id), online=self._online(a, now))
+            opamp_agent_json(
+                a,
+                names.get(a.project_id),
+                online=self._online(a, now),
+                desired=configs.get((a.project_id, a.instance_uid)),
+            )
             for a in agents
         ]
         return 200, page(items, None)
@@ -138,7 +167,10 @@ class OpampRoutes:
         [agent] = found
         names = {p.id: p.name for p in await self._store.list_projects()}
         online = self._online(agent, self._clock())
-        return 200, opamp_agent_json(agent, names.get(agent.project_id), online=online)
+        desired = await self._store.get_opamp_config(agent.project_id, bytes.fromhex(raw))
+        return 200, opamp_agent_json(
+            agent, names.get(agent.project_id), online=online, desired=desired
+        )
 
     async def _target(self, request: Request) -> tuple[bytes, uuid.UUID, OpampAgent | None]:
         """The agent a config route names: its uid, project, and row if heard from."""
