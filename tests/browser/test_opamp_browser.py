@@ -395,19 +395,36 @@ def test_rollouts_say_when_the_brain_has_none_and_show_what_the_api_gives(
     # The rest against the API's shapes, served by the browser's routing; and
     # an ``opamp_rollout`` message put into the page's real socket.
     moves: list[str] = []
+    started: list[dict[str, Any]] = []
     halted = _rollout()
+    known = {halted["id"]: halted}
 
     def answer(route: Any) -> None:
         request = route.request
         path = request.url.split("/api/v1/opamp/rollouts", 1)[1].split("?")[0]
+        status = 200
         if request.method == "GET" and path == "":
-            body: Any = {"items": [halted], "next_cursor": None}
+            body: Any = {"items": list(known.values()), "next_cursor": None}
         elif request.method == "GET":
-            body = halted
+            body = known[path.strip("/")]
+        elif path == "":  # start one
+            started.append(json.loads(request.post_data))
+            body = _rollout(
+                id=str(uuid.uuid4()),
+                state="running",
+                halted_reason=None,
+                selector=started[-1]["selector"],
+                stage=1,
+                counts={"pending": 1, "applying": 0, "applied": 0, "failed": 0},
+            )
+            known[body["id"]] = body
+            status = 201
         else:
             moves.append(path)
-            body = _rollout(state="running", halted_reason=None)
-        route.fulfill(status=200, content_type="application/json", body=json.dumps(body))
+            rollout_id = path.split("/")[1]
+            body = known[rollout_id] = {**known[rollout_id], "state": "running"}
+            body["halted_reason"] = None
+        route.fulfill(status=status, content_type="application/json", body=json.dumps(body))
 
     sockets: list[Any] = []
 
@@ -458,4 +475,41 @@ def test_rollouts_say_when_the_brain_has_none_and_show_what_the_api_gives(
     expect(page.locator("#rd-state .pill")).to_have_text("running")
     expect(page.locator('#rd-actions [data-action="halt"]')).to_be_visible()
     assert moves == [f"/{halted['id']}/resume"]
+
+    # Starting one: checked in the page first, then sent, then shown.
+    page.click("#rollout-card a.btn")
+    expect(page.locator("#rollouts-card")).to_be_visible()
+    page.fill("#ro-project", "edge")
+    page.fill("#ro-selector", '{"service.name": 3}')
+    page.fill("#ro-body", COLLECTOR)
+    page.click("#ro-start")
+    expect(page.locator("#ro-error")).to_contain_text("Each selector value is text")
+    page.fill("#ro-selector", "{oops")
+    page.click("#ro-start")
+    expect(page.locator("#ro-error")).to_contain_text("Selector:")
+    page.fill("#ro-selector", '{"service.name": "checkout"}')
+    page.fill("#ro-name", "sdk.json")
+    page.fill("#ro-type", "application/json")
+    page.fill("#ro-body", "{")
+    page.click("#ro-start")
+    expect(page.locator("#ro-error")).to_contain_text("sdk.json is not valid JSON")
+    assert started == []
+    page.fill("#ro-name", "collector.yaml")
+    page.fill("#ro-type", "application/yaml")
+    page.fill("#ro-body", COLLECTOR)
+    page.fill("#ro-canary", "20")
+    page.click("#ro-start")
+    expect(page.locator("#rollout-card")).to_be_visible()
+    expect(page.locator("#rd-state .pill")).to_have_text("running")
+    assert started == [
+        {
+            "project": "edge",
+            "selector": {"service.name": "checkout"},
+            "files": {"collector.yaml": {"body": COLLECTOR, "content_type": "application/yaml"}},
+            "canary_percent": 20,
+            "batch_size": 100,
+            "failure_threshold_percent": 10,
+        }
+    ]
+    assert page.evaluate("location.hash") == f"#/rollouts/{list(known)[-1]}"
     assert_no_reload(page)

@@ -3307,7 +3307,20 @@
     "text/x-yaml",
   ]);
   const fleet = { items: [], gen: 0 };
-  const opampProjects = new Set();
+  const opampProjects = new Set(); // names, for the project filter and the rollout form
+  let projectsAsked = false;
+
+  // The projects' names, asked once per page (agents' and rollouts' add to them).
+  async function loadOpampProjects() {
+    if (projectsAsked) return;
+    projectsAsked = true;
+    try {
+      const data = await api("GET", "/api/v1/projects");
+      for (const p of data.items || []) opampProjects.add(p.name);
+    } catch {
+      projectsAsked = false; // next time
+    }
+  }
 
   const mediaType = (contentType) =>
     String(contentType ?? "")
@@ -3380,13 +3393,12 @@
     const project = $("fl-project").value;
     const query = project ? `?project=${encodeURIComponent(project)}` : "";
     try {
-      const [data, projects] = await Promise.all([
+      const [data] = await Promise.all([
         api("GET", `/api/v1/opamp/agents${query}`),
-        opampProjects.size ? null : api("GET", "/api/v1/projects").catch(() => null),
+        loadOpampProjects(),
       ]);
       if (gen !== fleet.gen) return;
       fleet.items = data.items || [];
-      for (const p of (projects && projects.items) || []) opampProjects.add(p.name);
       showText("fleet-error", "");
     } catch (error) {
       if (gen !== fleet.gen || error.status === 401) return;
@@ -4068,6 +4080,7 @@
   async function loadRollouts() {
     const gen = ++rollouts.gen;
     try {
+      await loadOpampProjects(); // for the form's project list
       if (route.rolloutId) {
         const item = await api(
           "GET",
