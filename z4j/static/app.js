@@ -1419,7 +1419,8 @@
     applyFeedFilter();
   });
 
-  // -- pages: #/ (overview), #/tasks, #/tasks/<engine>/<task id>, #/queues, #/workers, #/schedules
+  // -- pages: #/ (overview), #/tasks, #/tasks/<engine>/<task id>, #/queues, #/workers, #/schedules,
+  // #/fleet, #/fleet/<instance uid>, #/rollouts, #/rollouts/<id>
 
   const VIEWS = [
     "overview",
