@@ -44,7 +44,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def types(session: nox.Session) -> None:
-    session.install("-e", ".[test]", "mypy", "types-protobuf")
+    session.install("-e", ".[test]", "mypy", "types-protobuf", "types-PyYAML")
     session.run("mypy")
 
 

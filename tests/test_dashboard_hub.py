@@ -20,6 +20,7 @@ from z4j.stats import BrainStats
 from z4j.store import store_for
 from z4j.testing.agents import admin_token, provision, raw_agent
 from z4j.testing.brain import running_brain, wait_until
+from z4j.testing.http import http_request
 
 
 class Viewer:
@@ -242,3 +243,48 @@ def test_bursts_of_events_coalesce_and_a_slow_subscriber_is_dropped() -> None:
     hub.publish({"type": "command", "command": {"n": "one too many"}})
     assert slow.dropped and stats.dashboard_drops == 1
     assert not hub.has_subscribers
+
+
+async def test_an_opamp_agents_writes_reach_the_viewer(config: Config) -> None:
+    """Its row written (a report that changes it), and its configuration's
+    status moved: ids and what changed, the page reads the rest."""
+    from test_opamp_http import UID, full_report, opamp_token, post, ready_brain
+
+    from z4j.protocol.opamp import AgentCapability
+    from z4j.protocol.opamp import opamp_pb2 as pb
+
+    opamp = await opamp_token(config, "fleet")
+    token = await admin_token(config)
+    with trio.fail_after(30):
+        async with ready_brain(config) as brain:
+            http = brain.addresses.http
+            async with viewer(http, token) as v:
+                await v.next_message("hello")
+                report = full_report()
+                report.capabilities |= AgentCapability.ACCEPTS_REMOTE_CONFIG
+                report.capabilities |= AgentCapability.REPORTS_REMOTE_CONFIG
+                assert (await post(http, report.SerializeToString(), opamp)).status == 200
+                message = await v.next_message("opamp_agent")
+                assert message["instance_uid"] == UID.hex() and message["change"] == "state"
+                project_id = message["project_id"]
+
+                files = {"a.json": {"body": "{}", "content_type": "application/json"}}
+                put = await http_request(
+                    http,
+                    "PUT",
+                    f"/api/v1/opamp/agents/{UID.hex()}/config",
+                    body=orjson.dumps({"files": files}),
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+                assert put.status == 200, put
+                applied = pb.AgentToServer(instance_uid=UID, sequence_num=1)
+                applied.remote_config_status.last_remote_config_hash = bytes.fromhex(
+                    put.json()["config_hash"]
+                )
+                applied.remote_config_status.status = pb.RemoteConfigStatus.STATUS_APPLIED
+                assert (await post(http, applied.SerializeToString(), opamp)).status == 200
+                changes = [await v.next_message("opamp_agent") for _ in range(2)]
+                assert [(m["project_id"], m["instance_uid"], m["change"]) for m in changes] == [
+                    (project_id, UID.hex(), "state"),
+                    (project_id, UID.hex(), "config"),
+                ]

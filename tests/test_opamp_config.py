@@ -43,6 +43,7 @@ ACCEPTS = (
 )
 YAML = {"collector.yaml": {"body": "receivers:\n  otlp: {}\n", "content_type": "text/yaml"}}
 JSON = {"sdk.json": {"body": '{"sampler": "always_on"}', "content_type": "application/json"}}
+YAML_TYPES = ("text/yaml", "application/yaml", "application/x-yaml", "text/x-yaml; charset=utf-8")
 APPLYING: Any = pb.RemoteConfigStatus.STATUS_APPLYING
 APPLIED: Any = pb.RemoteConfigStatus.STATUS_APPLIED
 FAILED: Any = pb.RemoteConfigStatus.STATUS_FAILED
@@ -137,6 +138,16 @@ async def test_offered_until_applied_failed_shown_deleted_and_audited(config: Co
         assert loaded is not None and loaded.files == {} and loaded.status == "applied"
         _, agent = await api(http, "GET", f"/opamp/agents/{UID.hex()}", admin)
         assert agent["remote_config_status"]["last_remote_config_hash"] == digest.hex()
+        # The listing and the agent show its desired configuration's summary.
+        summary = {
+            "config_hash": digest.hex(),
+            "status": "applied",
+            "error_message": "",
+            "status_at": shown["status_at"],
+        }
+        assert agent["desired_config"] == summary
+        _, listing = await api(http, "GET", "/opamp/agents", admin)
+        assert [item["desired_config"] for item in listing["items"]] == [summary]
         # One status write per move (applying, applied), none per heartbeat.
         assert brain.stats.opamp_writes["config_status"] == 2
         # The agent reports another configuration (rolled back, restarted):
@@ -204,6 +215,11 @@ async def test_never_sent_without_the_capability_nor_to_another_project(config: 
         status, body = await api(http, "GET", path, admin)
         assert status == 409 and body["error"] == "ambiguous"
         assert (await api(http, "GET", path + "?project=a", admin))[0] == 404
+        # Each project's listing shows its own agent's configuration, or none.
+        for project, desired in (("a", None), ("b", "pending")):
+            _, listing = await api(http, "GET", f"/opamp/agents?project={project}", admin)
+            [item] = listing["items"]
+            assert (item["desired_config"] or {}).get("status") == desired, (project, item)
 
 
 async def test_the_configuration_follows_an_agent_given_a_new_id(config: Config) -> None:
@@ -259,9 +275,32 @@ async def test_validation_errors_are_400_with_a_reason(config: Config) -> None:
             http, "PUT", "/opamp/agents/xyz/config?project=a", admin, {"files": YAML}
         )
         assert bad_uid[0] == 400
-        # YAML is not parsed (no YAML library is a dependency): kept as given.
-        odd = {"c.yaml": {"body": "a: [", "content_type": "text/yaml"}}
-        assert (await api(http, "PUT", path, admin, {"files": odd}))[0] == 200
+        # YAML must parse too, whichever YAML media type names it.
+        for content_type in YAML_TYPES:
+            odd = {"c.yaml": {"body": "a: [", "content_type": content_type}}
+            status, reply = await api(http, "PUT", path, admin, {"files": odd})
+            assert status == 400 and "not valid YAML" in reply["message"], (content_type, reply)
+            assert "line 2, column 1" in reply["message"]  # where it broke
+            fine = {"c.yaml": {"body": "a: [1]\n---\nb: {}\n", "content_type": content_type}}
+            assert (await api(http, "PUT", path, admin, {"files": fine}))[0] == 200
+        # Not YAML by its type: kept as given.
+        plain = {"c.txt": {"body": "a: [", "content_type": "text/plain"}}
+        assert (await api(http, "PUT", path, admin, {"files": plain}))[0] == 200
+        # Scalars that do not fit their type, tags safe_load refuses, and
+        # nesting past MAX_YAML_DEPTH (refused before libyaml's slow paths:
+        # this body took it 25 s, and crashed its constructor).
+        for body, reason in [
+            ("when: 2026-13-01\n", "month"),
+            ("x: !!python/object:os.system ls\n", "constructor"),
+            ("[" * 100_000, "nested deeper than 64"),
+            ("- " * 100_000, "nested deeper than 64"),
+        ]:
+            bad = {"c.yaml": {"body": body, "content_type": "application/yaml"}}
+            status, reply = await api(http, "PUT", path, admin, {"files": bad})
+            assert status == 400 and reason in reply["message"], (body[:20], reply)
+        deep_enough = "[" * 64 + "]" * 64
+        ok = {"c.yaml": {"body": deep_enough, "content_type": "application/yaml"}}
+        assert (await api(http, "PUT", path, admin, {"files": ok}))[0] == 200
         unauthenticated = await http_request(http, "PUT", "/api/v1" + path, body=b"{}")
         assert unauthenticated.status == 401
 

@@ -280,13 +280,20 @@ async def call(app: OpampEndpoint, message: pb.AgentToServer, token: str) -> pb.
     return pb.ServerToAgent.FromString(sent[1]["body"])
 
 
-def endpoint(store: Any, config: Config, stats: BrainStats, now: list[float]) -> OpampEndpoint:
+def endpoint(
+    store: Any,
+    config: Config,
+    stats: BrainStats,
+    now: list[float],
+    on_change: Any = None,
+) -> OpampEndpoint:
     fleet = OpampFleet(
         store,
         keys.master_secret(config),
         stats,
         max_message_bytes=1 << 20,
         heartbeat_window_seconds=90,
+        on_change=on_change,
         clock=lambda: now[0],
     )
     return OpampEndpoint(fleet, stats)
@@ -299,12 +306,15 @@ async def test_a_message_that_changes_nothing_writes_nothing_but_last_seen_now_a
     store = CountingStore(store_for(config))
     now = [1000.0]
     stats = BrainStats()
-    app = endpoint(store, config, stats, now)
+    changes: list[tuple[uuid.UUID, str, str]] = []  # what the dashboard is told
+    app = endpoint(store, config, stats, now, lambda *change: changes.append(change))
     fleet = app._fleet
     try:
         await store.migrate()
         assert not (await call(app, full_report(seq=0), token)).flags
         assert len(store.saved) == 1
+        [(project_id, uid, what)] = changes
+        assert (project_id, uid, what) == (store.saved[0].project_id, UID.hex(), "state")
         # Heartbeats in sequence: none is written at once. Each is queued
         # (the newest number wins) and the flush writes them in one
         # statement; meanwhile the skipped numbers keep the next in sequence.
@@ -331,11 +341,13 @@ async def test_a_message_that_changes_nothing_writes_nothing_but_last_seen_now_a
         now[0] += 1
         await call(app, pb.AgentToServer(instance_uid=UID, sequence_num=8), token)
         await fleet.flush()
+        assert len(changes) == 1  # polls and last_seen are not news
         # A change is written at once, whatever the time.
         now[0] += 1
         changed = full_report(seq=9, **{"service.name": "renamed"})
         await call(app, changed, token)
         assert len(store.saved) == 2 and store.saved[-1].identifying == {"service.name": "renamed"}
+        assert len(changes) == 2 and changes[-1][2] == "state"
         assert stats.opamp_writes == {
             "full": 2,
             "last_seen": 3,

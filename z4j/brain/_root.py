@@ -247,6 +247,14 @@ async def serve_brain(
                 stats,
                 max_message_bytes=config.opamp_max_message_bytes,
                 heartbeat_window_seconds=config.opamp_heartbeat_window_seconds,
+                on_change=lambda project_id, instance_uid, what: hub.publish(
+                    {
+                        "type": "opamp_agent",
+                        "project_id": str(project_id),
+                        "instance_uid": instance_uid,
+                        "change": what,
+                    }
+                ),
             )
             opamp_sockets = OpampSockets(
                 fleet,

@@ -10,7 +10,9 @@ sample kept), and a subscriber whose queue still overflows is dropped
 Messages are JSON text frames, each with a ``type``: ``hello``, ``events``
 (records stored, with a small sample), ``command`` (every transition),
 ``instance`` (every heartbeat of this instance), ``agent`` (a worker
-connected or disconnected). On replicas (``postgres_notify``) messages made
+connected or disconnected), ``opamp_agent`` (an OpAMP agent's row or its
+configuration's status was written: ids and what changed, the page reads
+the rest from the API). On replicas (``postgres_notify``) messages made
 here are also relayed to the others through the registry, and theirs
 arrive through `publish_local`.
 

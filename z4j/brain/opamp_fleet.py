@@ -171,9 +171,15 @@ class OpampFleet:
         max_message_bytes: int,
         heartbeat_window_seconds: float,
         flush_seconds: float = FLUSH_SECONDS,
+        on_change: Callable[[uuid.UUID, str, str], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``on_change(project_id, instance_uid_hex, what)``: told after each
+        write that changes what the API shows of an agent (``state``: its
+        row; ``config``: its configuration's status), not per poll; the
+        dashboard's live feed (None: no one to tell)."""
         self._store = store
+        self._on_change = on_change
         self._master = master_secret
         self._stats = stats
         self.limit = max_message_bytes
@@ -308,6 +314,8 @@ class OpampFleet:
             self._touches.drop(project_id, uid)
             self._seen[project_id, state.instance_uid] = now
             self._stats.opamp_writes["full"] += 1
+            if self._on_change is not None:
+                self._on_change(project_id, record.instance_uid, "state")
         else:
             self._skipped.remember(row, state.sequence_num, now)
             # An HTTP agent's next poll may land on another replica, which
@@ -478,6 +486,8 @@ class OpampFleet:
             now=now,
         )
         self._stats.opamp_writes["config_status"] += 1
+        if self._on_change is not None:
+            self._on_change(project_id, state.instance_uid.hex(), "config")
 
 
 def _fold(

@@ -14,7 +14,10 @@
 // purge, and a queue's dead letters asked of its agent), #/workers (the
 // engines' own workers, with celery's worker controls where offered) and
 // #/schedules (what the scheduler adapters publish: enable, disable, run
-// now, delete, and "Sync now").
+// now, delete, and "Sync now"). #/fleet lists the OpAMP agents,
+// #/fleet/<instance uid> shows one (attributes, health, effective against
+// desired configuration) with an editor that pushes its configuration, and
+// #/rollouts follows staged rollouts where the brain serves them.
 //
 // Everything from the server is put in the page with textContent, never as
 // HTML. Any 401 means the session is gone: back to /login.
@@ -1128,6 +1131,12 @@
       case "agent":
         onAgentMessage(msg);
         break;
+      case "opamp_agent":
+        onOpampAgentMessage(msg);
+        break;
+      case "opamp_rollout":
+        onRolloutMessage(msg);
+        break;
       default:
         break; // newer brains may send more; ignore what we do not know
     }
@@ -1410,9 +1419,20 @@
     applyFeedFilter();
   });
 
-  // -- pages: #/ (overview), #/tasks, #/tasks/<engine>/<task id>, #/queues, #/workers, #/schedules
+  // -- pages: #/ (overview), #/tasks, #/tasks/<engine>/<task id>, #/queues, #/workers, #/schedules,
+  // #/fleet, #/fleet/<instance uid>, #/rollouts, #/rollouts/<id>
 
-  const VIEWS = ["overview", "tasks", "task", "queues", "workers", "schedules"];
+  const VIEWS = [
+    "overview",
+    "tasks",
+    "task",
+    "queues",
+    "workers",
+    "schedules",
+    "fleet",
+    "opamp-agent",
+    "rollouts",
+  ];
   let route = { view: "overview" };
 
   function parseRoute() {
@@ -1432,6 +1452,12 @@
     if (parts[0] === "queues") return { view: "queues" };
     if (parts[0] === "workers") return { view: "workers" };
     if (parts[0] === "schedules") return { view: "schedules" };
+    if (parts[0] === "fleet" && parts[1]) {
+      const project = new URLSearchParams(queryPart).get("project");
+      return { view: "opamp-agent", uid: parts[1].toLowerCase(), project };
+    }
+    if (parts[0] === "fleet") return { view: "fleet" };
+    if (parts[0] === "rollouts") return { view: "rollouts", rolloutId: parts[1] ?? null };
     return { view: "overview" };
   }
 
@@ -1451,7 +1477,7 @@
     const previous = route;
     route = parseRoute();
     for (const name of VIEWS) $(`view-${name}`).hidden = name !== route.view;
-    const section = route.view === "task" ? "tasks" : route.view;
+    const section = { task: "tasks", "opamp-agent": "fleet" }[route.view] ?? route.view;
     for (const link of document.querySelectorAll("#nav a")) {
       if (link.dataset.view === section) link.setAttribute("aria-current", "page");
       else link.removeAttribute("aria-current");
@@ -1467,6 +1493,14 @@
     } else if (route.view === "queues") loadQueues();
     else if (route.view === "workers") loadEngineWorkers();
     else if (route.view === "schedules") loadSchedules();
+    else if (route.view === "fleet") loadFleet();
+    else if (route.view === "opamp-agent") {
+      const same =
+        previous.view === "opamp-agent" &&
+        previous.uid === route.uid &&
+        previous.project === route.project;
+      if (!same) openOpampAgent();
+    } else if (route.view === "rollouts") openRollouts();
     else mark("instances", "agents", "feed", "kinds", "commands", "kpis", "charts");
     if (previous.view !== route.view || route.view === "task") window.scrollTo(0, 0);
   }
@@ -1480,6 +1514,9 @@
     else if (route.view === "queues") loadQueues();
     else if (route.view === "workers") loadEngineWorkers();
     else if (route.view === "schedules") loadSchedules();
+    else if (route.view === "fleet") loadFleet();
+    else if (route.view === "opamp-agent") loadOpampAgent();
+    else if (route.view === "rollouts") loadRollouts();
   }
 
   // fn at most once per `ms`, the last call never lost.
@@ -3248,6 +3285,1092 @@
     scheduleFiltersChanged();
   });
   $("schedules-more").addEventListener("click", moreSchedules);
+
+  // -- the OpAMP fleet: #/fleet, #/fleet/<instance uid>?project=<name> ---------------------------
+  //
+  // Agents are what /api/v1/opamp/agents lists. An ``opamp_agent`` message
+  // (an agent's row or its configuration's status written) reloads the page
+  // shown, at most once a second; "online" also ends by silence, which no
+  // message announces: the slow refresh under the socket (POLL_MS) shows it.
+  // Attribute names and values, statuses and error messages are the agents'
+  // own text: they go into the page with textContent only, as everything does.
+
+  const OPAMP_STATUS_CLASS = {
+    pending: "warn",
+    applying: "info live",
+    applied: "ok",
+    failed: "bad",
+  };
+  const YAML_TYPES = new Set([
+    "application/yaml",
+    "application/x-yaml",
+    "text/yaml",
+    "text/x-yaml",
+  ]);
+  const fleet = { items: [], gen: 0 };
+  const opampProjects = new Set(); // names, for the project filter and the rollout form
+  let projectsAsked = false;
+
+  // The projects' names, asked once per page (agents' and rollouts' add to them).
+  async function loadOpampProjects() {
+    if (projectsAsked) return;
+    projectsAsked = true;
+    try {
+      const data = await api("GET", "/api/v1/projects");
+      for (const p of data.items || []) opampProjects.add(p.name);
+    } catch {
+      projectsAsked = false; // next time
+    }
+  }
+
+  const mediaType = (contentType) =>
+    String(contentType ?? "")
+      .split(";")[0]
+      .trim()
+      .toLowerCase();
+  const isJsonType = (t) => mediaType(t) === "application/json" || mediaType(t).endsWith("+json");
+  const isYamlType = (t) => YAML_TYPES.has(mediaType(t)) || mediaType(t).endsWith("+yaml");
+
+  function attrText(value) {
+    if (value == null) return "";
+    return typeof value === "string" ? value : JSON.stringify(value);
+  }
+
+  function serviceName(a) {
+    const name = (a.identifying || {})["service.name"];
+    return name == null || name === "" ? null : attrText(name);
+  }
+
+  function agentHref(uid, project) {
+    const base = `#/fleet/${encodeURIComponent(uid)}`;
+    return project ? `${base}?project=${encodeURIComponent(project)}` : base;
+  }
+
+  function opampPath(uid, project, tail = "") {
+    const path = `/api/v1/opamp/agents/${encodeURIComponent(uid)}${tail}`;
+    return project ? `${path}?project=${encodeURIComponent(project)}` : path;
+  }
+
+  function onlinePill(online) {
+    return el("span", {
+      class: `pill ${online ? "ok" : ""}`,
+      dataset: { online: online ? "true" : "false" },
+      text: online ? "online" : "offline",
+    });
+  }
+
+  function healthPill(health) {
+    if (!health) return el("span", { class: "muted", text: "not reported" });
+    return el("span", {
+      class: `pill ${health.healthy ? "ok" : "bad"}`,
+      dataset: { healthy: health.healthy ? "true" : "false" },
+      text: health.healthy ? "healthy" : "unhealthy",
+    });
+  }
+
+  function configPill(status, title) {
+    if (!status) return el("span", { class: "muted", text: "none" });
+    return el("span", {
+      class: `pill ${OPAMP_STATUS_CLASS[status] ?? ""}`,
+      dataset: { status },
+      title: title || null,
+      text: status,
+    });
+  }
+
+  function fleetMatches(a, online, q) {
+    if (online === "online" && !a.online) return false;
+    if (online === "offline" && a.online) return false;
+    if (!q) return true;
+    const hay = [a.instance_uid, serviceName(a) ?? ""];
+    for (const attrs of [a.identifying, a.non_identifying]) {
+      for (const [key, value] of Object.entries(attrs || {})) hay.push(`${key}=${attrText(value)}`);
+    }
+    return hay.some((text) => text.toLowerCase().includes(q));
+  }
+
+  async function loadFleet() {
+    const gen = ++fleet.gen;
+    const project = $("fl-project").value;
+    const query = project ? `?project=${encodeURIComponent(project)}` : "";
+    try {
+      const [data] = await Promise.all([
+        api("GET", `/api/v1/opamp/agents${query}`),
+        loadOpampProjects(),
+      ]);
+      if (gen !== fleet.gen) return;
+      fleet.items = data.items || [];
+      showText("fleet-error", "");
+    } catch (error) {
+      if (gen !== fleet.gen || error.status === 401) return;
+      showText("fleet-error", error.message);
+    }
+    renderFleet();
+  }
+
+  function renderProjectOptions(select, anyLabel) {
+    const current = select.value;
+    const names = [...opampProjects].sort();
+    if (current && !opampProjects.has(current)) names.push(current);
+    fill(
+      select,
+      anyLabel == null ? null : el("option", { value: "", text: anyLabel }),
+      names.map((name) => el("option", { value: name, text: name })),
+    );
+    select.value = current;
+  }
+
+  function renderFleet() {
+    const now = serverNow();
+    for (const a of fleet.items) if (a.project) opampProjects.add(a.project);
+    renderProjectOptions($("fl-project"), "any project");
+    const online = $("fl-online").value;
+    const q = $("fl-q").value.trim().toLowerCase();
+    const shown = fleet.items.filter((a) => fleetMatches(a, online, q));
+    shown.sort(
+      (a, b) =>
+        (serviceName(a) ?? "\uffff").localeCompare(serviceName(b) ?? "\uffff") ||
+        String(a.project).localeCompare(String(b.project)) ||
+        a.instance_uid.localeCompare(b.instance_uid),
+    );
+    const body = $("fleet-table").tBodies[0];
+    body.replaceChildren(
+      ...shown.map((a) => {
+        const href = agentHref(a.instance_uid, a.project);
+        const seen = parseTime(a.last_seen);
+        const desired = a.desired_config;
+        const health = a.health;
+        return el(
+          "tr",
+          {
+            class: `clickable ${a.online ? "" : "dim"}`,
+            dataset: { uid: a.instance_uid, project: a.project ?? "" },
+            onclick: (event) => {
+              if (!event.target.closest("a")) location.hash = href;
+            },
+          },
+          el(
+            "td",
+            { dataset: { col: "service" } },
+            el("a", {
+              class: "task-link",
+              href,
+              text: serviceName(a) ?? "(no service.name)",
+            }),
+          ),
+          el("td", { class: "mono secondary", dataset: { col: "uid" }, text: a.instance_uid }),
+          el("td", { dataset: { col: "project" }, text: a.project ?? "–" }),
+          el("td", { dataset: { col: "online" } }, onlinePill(a.online)),
+          el(
+            "td",
+            { dataset: { col: "health" } },
+            healthPill(health),
+            health && health.status
+              ? el("span", { class: "secondary health-status", text: ` ${health.status}` })
+              : null,
+          ),
+          el("td", { dataset: { col: "transport" }, text: a.transport || "–" }),
+          el(
+            "td",
+            { dataset: { col: "config" } },
+            configPill(desired && desired.status, desired && desired.error_message),
+          ),
+          el("td", {
+            class: "num",
+            title: a.last_seen || "",
+            dataset: { ago: seen ?? "" },
+            text: ago(seen, now),
+          }),
+        );
+      }),
+    );
+    $("fleet-empty").hidden = shown.length > 0;
+    const onlineCount = fleet.items.filter((a) => a.online).length;
+    $("fleet-hint").textContent = fleet.items.length
+      ? `${shown.length} of ${fleet.items.length} shown · ${onlineCount} online`
+      : "agents that report to /v1/opamp";
+  }
+
+  let fleetFilterTimer = 0;
+  $("fleet-filters").addEventListener("input", (event) => {
+    clearTimeout(fleetFilterTimer);
+    if (event.target.id === "fl-project") return; // its "change" reloads
+    fleetFilterTimer = setTimeout(renderFleet, 150);
+  });
+  $("fl-project").addEventListener("change", loadFleet);
+  $("fl-online").addEventListener("change", renderFleet);
+  $("fleet-filters").addEventListener("submit", (event) => {
+    event.preventDefault();
+    renderFleet();
+  });
+  $("fl-clear").addEventListener("click", () => {
+    const reload = $("fl-project").value !== "";
+    $("fl-project").value = "";
+    $("fl-online").value = "";
+    $("fl-q").value = "";
+    if (reload) loadFleet();
+    else renderFleet();
+  });
+  $("fleet-refresh").addEventListener("click", loadFleet);
+
+  // -- one OpAMP agent: what it reports, and the configuration it should run --------------------
+
+  const opampAgent = {
+    agent: null,
+    config: null, // the stored desired configuration (with its files), or null
+    digests: new Map(), // desired file name -> sha256 hex, when this page can hash
+    digestsOf: null, // the desired configuration's hash they are of
+    gen: 0,
+    dirty: false, // the editor holds changes not pushed
+    busy: false,
+  };
+
+  function openOpampAgent() {
+    opampAgent.agent = null;
+    opampAgent.config = null;
+    opampAgent.digests = new Map();
+    opampAgent.digestsOf = null;
+    opampAgent.dirty = false;
+    opampAgent.gen += 1;
+    $("oa-title").textContent = route.uid;
+    $("oa-online").replaceChildren();
+    $("oa-health").replaceChildren();
+    showText("oa-error", "");
+    showText("ce-error", "");
+    showText("ce-result", "");
+    $("config-card").hidden = true;
+    $("oa-body").replaceChildren(el("div", { class: "empty", text: "Loading…" }));
+    loadOpampAgent();
+  }
+
+  async function sha256Hex(text) {
+    if (!(window.crypto && crypto.subtle)) return null; // not a secure context: sizes only
+    const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text));
+    return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
+  async function loadOpampAgent() {
+    const { uid, project } = route;
+    const gen = ++opampAgent.gen;
+    try {
+      const agent = await api("GET", opampPath(uid, project));
+      if (gen !== opampAgent.gen || route.view !== "opamp-agent") return;
+      const desired = agent.desired_config;
+      let config = opampAgent.config;
+      if (!desired) config = null;
+      else if (!config || config.config_hash !== desired.config_hash) {
+        try {
+          config = await api("GET", opampPath(uid, agent.project, "/config"));
+        } catch (error) {
+          if (error.status !== 404) throw error;
+          config = null; // deleted in between
+        }
+        if (gen !== opampAgent.gen) return;
+      } else {
+        config = { ...config, ...desired }; // the status moved; the files did not
+      }
+      if (config && opampAgent.digestsOf !== config.config_hash) {
+        const digests = new Map();
+        for (const [name, file] of Object.entries(config.files || {})) {
+          const hex = await sha256Hex(file.body);
+          if (hex) digests.set(name, hex);
+        }
+        if (gen !== opampAgent.gen) return;
+        opampAgent.digests = digests;
+        opampAgent.digestsOf = config.config_hash;
+      }
+      const first = opampAgent.agent == null;
+      opampAgent.agent = agent;
+      opampAgent.config = config;
+      showText("oa-error", "");
+      renderOpampAgent();
+      if (first || !opampAgent.dirty) fillEditor(config);
+    } catch (error) {
+      if (gen !== opampAgent.gen || error.status === 401) return;
+      if (opampAgent.agent) {
+        showText("oa-error", error.message);
+        return;
+      }
+      $("oa-body").replaceChildren(
+        el("div", {
+          class: "empty",
+          text: error.status === 404 ? `No OpAMP agent ${uid} is known here.` : error.message,
+        }),
+      );
+    }
+  }
+
+  function attributeTable(id, attrs) {
+    const entries = Object.entries(attrs || {}).sort(([a], [b]) => a.localeCompare(b));
+    if (!entries.length) return el("div", { id, class: "muted", text: "none reported" });
+    return el(
+      "table",
+      { id, class: "attributes" },
+      el(
+        "tbody",
+        null,
+        entries.map(([key, value]) =>
+          el(
+            "tr",
+            { dataset: { key } },
+            el("td", { class: "mono attr-key", text: key }),
+            el("td", { class: "mono attr-value", text: attrText(value) }),
+          ),
+        ),
+      ),
+    );
+  }
+
+  const nanos = (value) => (value ? Number(value) / 1e6 : null);
+
+  function healthNode(name, health) {
+    const started = nanos(health.start_time_unix_nano);
+    const components = Object.entries(health.components || {});
+    return el(
+      "li",
+      { class: "health-node", dataset: { component: name, healthy: String(!!health.healthy) } },
+      el(
+        "div",
+        { class: "health-line" },
+        healthPill(health),
+        el("span", { class: "health-name mono", text: name }),
+        health.status ? el("span", { class: "health-status", text: health.status }) : null,
+        health.last_error
+          ? el("span", { class: "bad-text health-error", text: health.last_error })
+          : null,
+        started ? el("span", { class: "muted", text: `since ${fmtWhen(started)}` }) : null,
+      ),
+      components.length
+        ? el(
+            "ul",
+            { class: "health-tree" },
+            components.map(([child, h]) => healthNode(child, h)),
+          )
+        : null,
+    );
+  }
+
+  function hashText(hex) {
+    return hex ? el("span", { class: "mono", title: hex, text: hex.slice(0, 16) }) : "–";
+  }
+
+  function fileCell(file, digest) {
+    if (!file) return el("td", { class: "muted", text: "–" });
+    return el(
+      "td",
+      null,
+      el("div", {
+        class: "mono",
+        text: `${fmtInt(file.bytes)} B · ${file.content_type || "no type"}`,
+      }),
+      digest
+        ? el("div", { class: "mono secondary", title: digest, text: digest.slice(0, 16) })
+        : null,
+    );
+  }
+
+  // Effective (what the agent says it runs: names, types, sizes, digests; z4j
+  // does not keep its bodies) against desired (what was pushed, with bodies).
+  function configComparison(agent, config) {
+    const effective = agent.effective_config;
+    const desiredHash = config ? config.config_hash : null;
+    const effectiveHash = effective ? effective.config_hash : null;
+    let verdict;
+    if (!config) verdict = el("span", { class: "muted", text: "no desired configuration" });
+    else if (!effective) verdict = el("span", { class: "muted", text: "effective not reported" });
+    else if (desiredHash === effectiveHash)
+      verdict = el("span", { class: "pill ok", dataset: { match: "true" }, text: "match" });
+    else verdict = el("span", { class: "pill warn", dataset: { match: "false" }, text: "differ" });
+    const byName = new Map();
+    for (const f of (effective && effective.files) || []) byName.set(f.name, { effective: f });
+    for (const [name, file] of Object.entries((config && config.files) || {})) {
+      const entry = byName.get(name) || {};
+      entry.desired = {
+        content_type: file.content_type,
+        bytes: new TextEncoder().encode(file.body).length,
+        sha256: opampAgent.digests.get(name) ?? null,
+      };
+      byName.set(name, entry);
+    }
+    const rows = [...byName.entries()].sort(([a], [b]) => a.localeCompare(b));
+    return [
+      el(
+        "dl",
+        { class: "facts", id: "oa-config-hashes" },
+        el("dt", { text: "Effective hash" }),
+        el("dd", { dataset: { field: "effective_hash" } }, hashText(effectiveHash)),
+        el("dt", { text: "Desired hash" }),
+        el("dd", { dataset: { field: "desired_hash" } }, hashText(desiredHash)),
+        el("dt", { text: "Effective vs desired" }),
+        el("dd", { dataset: { field: "match" } }, verdict),
+      ),
+      rows.length
+        ? el(
+            "table",
+            { id: "oa-config-files" },
+            el(
+              "thead",
+              null,
+              el(
+                "tr",
+                null,
+                ["File", "Effective", "Desired", ""].map((h) => el("th", { text: h })),
+              ),
+            ),
+            el(
+              "tbody",
+              null,
+              rows.map(([name, { effective: e, desired: d }]) => {
+                let same = "";
+                if (e && d) {
+                  if (d.sha256) same = e.sha256 === d.sha256 ? "same" : "differs";
+                  else
+                    same =
+                      e.bytes === d.bytes && e.content_type === d.content_type
+                        ? "same size"
+                        : "differs";
+                } else same = e ? (config ? "not desired" : "") : "not running";
+                return el(
+                  "tr",
+                  { dataset: { file: name, same } },
+                  el("td", { class: "mono", text: name }),
+                  fileCell(e, e && e.sha256),
+                  fileCell(d, d && d.sha256),
+                  el("td", {
+                    class: same === "same" || same === "same size" ? "ok-text" : "warn-text",
+                    text: same,
+                  }),
+                );
+              }),
+            ),
+          )
+        : null,
+    ];
+  }
+
+  function renderOpampAgent() {
+    const a = opampAgent.agent;
+    const config = opampAgent.config;
+    $("oa-title").textContent = serviceName(a) ?? a.instance_uid;
+    $("oa-online").replaceChildren(onlinePill(a.online));
+    $("oa-health").replaceChildren(healthPill(a.health));
+    const reported = a.remote_config_status;
+    const facts = [
+      ["instance_uid", "Instance uid", el("span", { class: "mono", text: a.instance_uid })],
+      ["project", "Project", a.project ?? "–"],
+      ["transport", "Transport", a.transport || "–"],
+      ["sequence_num", "Sequence", fmtInt(a.sequence_num)],
+      ["first_seen", "First seen", when(a.first_seen)],
+      ["last_seen", "Last seen", when(a.last_seen)],
+      ["disconnected_at", "Said goodbye", when(a.disconnected_at)],
+    ];
+    const reportedFacts = reported
+      ? [
+          ["status", "Reported", configPill(reported.status === "unset" ? null : reported.status)],
+          ["hash", "For hash", hashText(reported.last_remote_config_hash)],
+          [
+            "for_desired",
+            "Is the desired one",
+            config ? (reported.last_remote_config_hash === config.config_hash ? "yes" : "no") : "–",
+          ],
+          [
+            "error_message",
+            "Agent's error",
+            reported.error_message
+              ? el("span", { class: "bad-text", text: reported.error_message })
+              : "–",
+          ],
+        ]
+      : [];
+    const dl = (id, rows) =>
+      el(
+        "dl",
+        { class: "facts", id },
+        rows.map(([key, label, value]) => [
+          el("dt", { text: label }),
+          el("dd", { dataset: { field: key } }, value),
+        ]),
+      );
+    fill(
+      $("oa-body"),
+      block("Agent", "oa-summary-block", dl("oa-summary", facts)),
+      el(
+        "div",
+        { class: "two" },
+        block(
+          "Identifying attributes",
+          "oa-identifying-block",
+          attributeTable("oa-identifying", a.identifying),
+        ),
+        block(
+          "Non-identifying attributes",
+          "oa-non-identifying-block",
+          attributeTable("oa-non-identifying", a.non_identifying),
+        ),
+      ),
+      block(
+        "Capabilities",
+        "oa-capabilities-block",
+        el(
+          "div",
+          { id: "oa-capabilities", class: "capabilities" },
+          (a.capabilities || []).length
+            ? a.capabilities.map((c) => el("span", { class: "tag", text: c }))
+            : el("span", { class: "muted", text: "none reported" }),
+        ),
+      ),
+      block(
+        "Health",
+        "oa-health-block",
+        a.health
+          ? el("ul", { id: "oa-health-tree", class: "health-tree" }, healthNode("agent", a.health))
+          : el("div", { class: "muted", text: "not reported" }),
+      ),
+      block("Configuration: effective vs desired", "oa-config-block", configComparison(a, config)),
+      block(
+        "Remote config status (as the agent reports it)",
+        "oa-remote-status-block",
+        reported
+          ? dl("oa-remote-status", reportedFacts)
+          : el("div", { class: "muted", text: "not reported" }),
+      ),
+    );
+    renderConfigStatus();
+  }
+
+  function renderConfigStatus() {
+    const a = opampAgent.agent;
+    const config = opampAgent.config;
+    $("config-card").hidden = false;
+    $("ce-status").replaceChildren(
+      configPill(config && config.status, config && config.error_message),
+    );
+    $("ce-delete").hidden = !config;
+    const accepts = (a.capabilities || []).includes("ACCEPTS_REMOTE_CONFIG");
+    fill(
+      $("ce-current"),
+      accepts
+        ? null
+        : el("div", {
+            class: "caution",
+            id: "ce-no-remote",
+            text:
+              "This agent does not say it accepts remote configuration: " +
+              "a configuration pushed here is kept, but offered only once it does.",
+          }),
+      config
+        ? el(
+            "dl",
+            { class: "facts", id: "ce-summary" },
+            el("dt", { text: "Hash" }),
+            el("dd", { dataset: { field: "config_hash" } }, hashText(config.config_hash)),
+            el("dt", { text: "Status" }),
+            el("dd", { dataset: { field: "status" } }, configPill(config.status)),
+            el("dt", { text: "Pushed" }),
+            el(
+              "dd",
+              null,
+              when(config.created_at),
+              config.created_by ? ` by ${config.created_by}` : "",
+            ),
+            el("dt", { text: "Status since" }),
+            el("dd", null, when(config.status_at)),
+            config.error_message ? el("dt", { text: "Agent's error" }) : null,
+            config.error_message
+              ? el("dd", {
+                  id: "ce-agent-error",
+                  class: "bad-text",
+                  dataset: { field: "error_message" },
+                  text: config.error_message,
+                })
+              : null,
+          )
+        : el("div", { class: "muted", text: "Nothing pushed to this agent yet." }),
+    );
+  }
+
+  function fileEditor(name, contentType, body) {
+    const node = el(
+      "fieldset",
+      { class: "ce-file" },
+      el(
+        "div",
+        { class: "ce-file-head" },
+        el(
+          "label",
+          { class: "lbl" },
+          "File name",
+          el("input", { class: "field mono ce-name", value: name, spellcheck: "false" }),
+        ),
+        el(
+          "label",
+          { class: "lbl" },
+          "Content type",
+          el("input", {
+            class: "field mono ce-type",
+            list: "ce-types",
+            value: contentType,
+            spellcheck: "false",
+          }),
+        ),
+        el("button", {
+          class: "btn small ce-remove",
+          type: "button",
+          text: "Remove",
+          onclick: () => {
+            node.remove();
+            opampAgent.dirty = true;
+          },
+        }),
+      ),
+      el("textarea", { class: "field mono ce-body", rows: "10", spellcheck: "false" }),
+      el("div", { class: "form-error ce-file-error", role: "alert", hidden: true }),
+    );
+    node.querySelector(".ce-body").value = body; // a property: no markup is ever parsed
+    return node;
+  }
+
+  function fillEditor(config) {
+    const files = Object.entries((config && config.files) || {});
+    if (!files.length)
+      files.push(["collector.yaml", { body: "", content_type: "application/yaml" }]);
+    fill(
+      $("ce-files"),
+      files.map(([name, f]) => fileEditor(name, f.content_type ?? "", f.body ?? "")),
+    );
+    opampAgent.dirty = false;
+  }
+
+  // The editor's files, checked as the brain will check them (JSON parses,
+  // names given and distinct); YAML only the brain can parse: its 400 says where.
+  function readEditor() {
+    const files = {};
+    let ok = true;
+    for (const node of $("ce-files").querySelectorAll(".ce-file")) {
+      const name = node.querySelector(".ce-name").value.trim();
+      const contentType = node.querySelector(".ce-type").value.trim();
+      const body = node.querySelector(".ce-body").value;
+      let problem = "";
+      if (!name) problem = "Give the file a name.";
+      else if (name in files) problem = `Two files are named ${name}.`;
+      else if (isJsonType(contentType)) {
+        try {
+          JSON.parse(body);
+        } catch (error) {
+          problem = `${name} is not valid JSON: ${error.message}`;
+        }
+      }
+      const box = node.querySelector(".ce-file-error");
+      box.textContent = problem;
+      box.hidden = !problem;
+      if (problem) ok = false;
+      else files[name] = { body, content_type: contentType };
+    }
+    if (ok && !Object.keys(files).length) throw new Error("Add at least one file.");
+    return ok ? files : null;
+  }
+
+  function setEditorBusy(busy) {
+    opampAgent.busy = busy;
+    for (const id of ["ce-push", "ce-delete", "ce-add", "ce-reset"]) $(id).disabled = busy;
+  }
+
+  $("config-editor").addEventListener("input", () => {
+    opampAgent.dirty = true;
+  });
+  $("ce-add").addEventListener("click", () => {
+    const n = $("ce-files").querySelectorAll(".ce-file").length + 1;
+    $("ce-files").append(fileEditor(`file-${n}.yaml`, "application/yaml", ""));
+    opampAgent.dirty = true;
+  });
+  $("ce-reset").addEventListener("click", () => {
+    showText("ce-error", "");
+    fillEditor(opampAgent.config);
+  });
+  $("config-editor").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const a = opampAgent.agent;
+    if (!a || opampAgent.busy) return;
+    showText("ce-error", "");
+    showText("ce-result", "");
+    let files;
+    try {
+      files = readEditor();
+    } catch (error) {
+      showText("ce-error", error.message);
+      return;
+    }
+    if (!files) {
+      showText("ce-error", "Fix the files marked above; nothing was pushed.");
+      return;
+    }
+    setEditorBusy(true);
+    try {
+      const config = await api("PUT", opampPath(a.instance_uid, a.project, "/config"), {
+        files,
+      });
+      opampAgent.config = config;
+      opampAgent.dirty = false;
+      renderConfigStatus();
+      showText(
+        "ce-result",
+        `Pushed ${config.config_hash.slice(0, 16)}… (${config.status}): ` +
+          "offered on the agent's next poll until it reports it applied.",
+      );
+      loadOpampAgent(); // the digests, and the agent's own view
+    } catch (error) {
+      if (error.status !== 401) showText("ce-error", error.message);
+    } finally {
+      setEditorBusy(false);
+    }
+  });
+  $("ce-delete").addEventListener("click", async () => {
+    const a = opampAgent.agent;
+    if (!a || opampAgent.busy) return;
+    showText("ce-error", "");
+    showText("ce-result", "");
+    setEditorBusy(true);
+    try {
+      await api("DELETE", opampPath(a.instance_uid, a.project, "/config"));
+      opampAgent.config = null;
+      showText("ce-result", "No longer offered. The agent keeps running what it has.");
+      loadOpampAgent();
+    } catch (error) {
+      if (error.status !== 401) showText("ce-error", error.message);
+    } finally {
+      setEditorBusy(false);
+    }
+  });
+
+  const refreshFleetSoon = throttle(() => route.view === "fleet" && loadFleet(), 1000);
+  const refreshOpampAgentSoon = throttle(
+    () => route.view === "opamp-agent" && loadOpampAgent(),
+    1000,
+  );
+
+  function onOpampAgentMessage(msg) {
+    if (route.view === "fleet") refreshFleetSoon();
+    else if (route.view === "opamp-agent" && msg.instance_uid === route.uid) {
+      refreshOpampAgentSoon();
+    }
+  }
+
+  // -- rollouts: #/rollouts, #/rollouts/<id> ------------------------------------------------------
+  //
+  // Built against the rollouts API (/api/v1/opamp/rollouts) and its
+  // ``opamp_rollout`` message; a brain without that API answers 404, and the
+  // page says so instead of failing.
+
+  const ROLLOUT_STATE_CLASS = {
+    running: "info live",
+    halted: "warn",
+    completed: "ok",
+    cancelled: "",
+  };
+  const ROLLOUT_COUNTS = ["applied", "failed", "applying", "pending"];
+  const rollouts = { items: [], gen: 0, available: null, detail: null };
+
+  function rolloutsUnavailable() {
+    rollouts.available = false;
+    $("rollouts-unavailable").hidden = false;
+    $("rollouts-body").hidden = true;
+    $("rollout-card").hidden = true;
+    $("rollouts-card").hidden = false;
+  }
+
+  async function loadRollouts() {
+    const gen = ++rollouts.gen;
+    try {
+      await loadOpampProjects(); // for the form's project list
+      if (route.rolloutId) {
+        const item = await api(
+          "GET",
+          `/api/v1/opamp/rollouts/${encodeURIComponent(route.rolloutId)}`,
+        );
+        if (gen !== rollouts.gen) return;
+        rollouts.detail = item;
+        upsertRollout(item);
+      } else {
+        const data = await api("GET", "/api/v1/opamp/rollouts");
+        if (gen !== rollouts.gen) return;
+        rollouts.items = data.items || [];
+      }
+      rollouts.available = true;
+      showText("rollouts-error", "");
+      showText("rd-error", "");
+    } catch (error) {
+      if (gen !== rollouts.gen || error.status === 401) return;
+      if (error.status === 404 && !(await rolloutsServed())) {
+        rolloutsUnavailable();
+        return;
+      }
+      showText(route.rolloutId ? "rd-error" : "rollouts-error", error.message);
+    }
+    renderRollouts();
+  }
+
+  // Whether this brain serves rollouts: its list answers (a missing rollout
+  // or project is a 404 too, but the list is never one where it is served).
+  async function rolloutsServed() {
+    try {
+      await api("GET", "/api/v1/opamp/rollouts");
+      return true;
+    } catch (error) {
+      return error.status !== 404;
+    }
+  }
+
+  function upsertRollout(item) {
+    if (!item || !item.id) return;
+    const at = rollouts.items.findIndex((r) => r.id === item.id);
+    if (at >= 0) rollouts.items[at] = item;
+    else rollouts.items.unshift(item);
+    if (rollouts.detail && rollouts.detail.id === item.id) rollouts.detail = item;
+  }
+
+  function rolloutPill(state) {
+    return el("span", {
+      class: `pill ${ROLLOUT_STATE_CLASS[state] ?? ""}`,
+      dataset: { state: state ?? "" },
+      text: state || "unknown",
+    });
+  }
+
+  // One bar over all targets: applied, failed, applying, pending (assigned
+  // so far), the rest not assigned yet.
+  function countsBar(r) {
+    const counts = r.counts || {};
+    const total = Math.max(1, Number(r.targets) || 0);
+    const bar = el("span", { class: "progress", dataset: { targets: r.targets ?? 0 } });
+    for (const kind of ROLLOUT_COUNTS) {
+      const n = Number(counts[kind]) || 0;
+      if (!n) continue;
+      const part = el("i", { class: `part-${kind}`, title: `${n} ${kind}` });
+      part.style.width = `${(100 * n) / total}%`;
+      bar.append(part);
+    }
+    const text = ROLLOUT_COUNTS.map((k) => `${Number(counts[k]) || 0} ${k}`).join(" · ");
+    return el(
+      "div",
+      { class: "progress-wrap" },
+      bar,
+      el("span", { class: "secondary progress-text", text: `${text} of ${r.targets ?? 0}` }),
+    );
+  }
+
+  function stagesBar(r) {
+    const stages = Math.max(0, Number(r.stages) || 0);
+    const stage = Math.max(0, Number(r.stage) || 0);
+    return el(
+      "div",
+      { class: "progress-wrap" },
+      el(
+        "span",
+        { class: "stages" },
+        Array.from({ length: stages }, (_, i) =>
+          el("i", { class: i < stage ? "done" : null, title: `stage ${i + 1}` }),
+        ),
+      ),
+      el("span", { class: "secondary", text: `stage ${stage} of ${stages}` }),
+    );
+  }
+
+  function selectorText(selector) {
+    const entries = Object.entries(selector || {});
+    return entries.length ? entries.map(([k, v]) => `${k}=${v}`).join(", ") : "every agent";
+  }
+
+  function renderRollouts() {
+    if (rollouts.available === false) return;
+    $("rollouts-unavailable").hidden = true;
+    $("rollouts-body").hidden = false;
+    const detail = route.rolloutId ? rollouts.detail : null;
+    $("rollouts-card").hidden = !!route.rolloutId;
+    $("rollout-card").hidden = !route.rolloutId;
+    if (route.rolloutId) {
+      if (detail && detail.id === route.rolloutId) renderRollout(detail);
+      return;
+    }
+    for (const r of rollouts.items) if (r.project) opampProjects.add(r.project);
+    fill(
+      $("ro-projects"),
+      [...opampProjects].sort().map((name) => el("option", { value: name })),
+    );
+    const now = serverNow();
+    const body = $("rollouts-table").tBodies[0];
+    body.replaceChildren(
+      ...rollouts.items.map((r) => {
+        const href = `#/rollouts/${encodeURIComponent(r.id)}`;
+        const created = parseTime(r.created_at);
+        return el(
+          "tr",
+          {
+            class: "clickable",
+            dataset: { id: r.id, state: r.state ?? "" },
+            onclick: (event) => {
+              if (!event.target.closest("a")) location.hash = href;
+            },
+          },
+          el("td", null, el("a", { class: "task-link mono", href, text: shortId(r.id) })),
+          el("td", { text: r.project ?? "–" }),
+          el("td", { class: "mono trunc", text: selectorText(r.selector) }),
+          el(
+            "td",
+            null,
+            rolloutPill(r.state),
+            r.halted_reason ? el("div", { class: "warn-text", text: r.halted_reason }) : null,
+          ),
+          el("td", null, stagesBar(r)),
+          el("td", null, countsBar(r)),
+          el("td", {
+            class: "num",
+            title: r.created_at || "",
+            dataset: { ago: created ?? "" },
+            text: ago(created, now),
+          }),
+        );
+      }),
+    );
+    $("rollouts-empty").hidden = rollouts.items.length > 0;
+  }
+
+  function renderRollout(r) {
+    $("rd-title").textContent = `Rollout ${shortId(r.id)}`;
+    $("rd-state").replaceChildren(rolloutPill(r.state));
+    const move = (verb, label, cls) =>
+      el("button", {
+        class: `btn ${cls}`,
+        type: "button",
+        dataset: { action: verb },
+        text: label,
+        onclick: (event) => rolloutAction(r, verb, event.currentTarget),
+      });
+    fill(
+      $("rd-actions"),
+      r.state === "running" ? move("halt", "Halt", "") : null,
+      r.state === "halted" ? move("resume", "Resume", "primary") : null,
+      r.state === "running" || r.state === "halted" ? move("cancel", "Cancel", "danger") : null,
+    );
+    const facts = [
+      ["id", "Rollout", el("span", { class: "mono", text: r.id })],
+      ["project", "Project", r.project ?? "–"],
+      ["selector", "Selector", el("span", { class: "mono", text: selectorText(r.selector) })],
+      ["config_hash", "Config hash", hashText(r.config_hash)],
+      ["state", "State", rolloutPill(r.state)],
+      [
+        "halted_reason",
+        "Halted because",
+        r.halted_reason ? el("span", { class: "warn-text", text: r.halted_reason }) : "–",
+      ],
+      ["stage", "Stages", stagesBar(r)],
+      ["counts", "Targets", countsBar(r)],
+      ["created_at", "Started", when(r.created_at)],
+      ["created_by", "By", r.created_by || "–"],
+    ];
+    if (r.canary_percent != null) facts.push(["canary", "Canary", `${r.canary_percent} %`]);
+    if (r.batch_size != null) facts.push(["batch", "Batch size", fmtInt(r.batch_size)]);
+    if (r.failure_threshold_percent != null)
+      facts.push(["threshold", "Halts past", `${r.failure_threshold_percent} % failed`]);
+    fill(
+      $("rd-body"),
+      el(
+        "dl",
+        { class: "facts", id: "rd-summary" },
+        facts.map(([key, label, value]) => [
+          el("dt", { text: label }),
+          el("dd", { dataset: { field: key } }, value),
+        ]),
+      ),
+    );
+  }
+
+  async function rolloutAction(r, verb, button) {
+    button.disabled = true;
+    showText("rd-error", "");
+    try {
+      const item = await api("POST", `/api/v1/opamp/rollouts/${encodeURIComponent(r.id)}/${verb}`);
+      upsertRollout(item);
+      rollouts.detail = item;
+      renderRollouts();
+    } catch (error) {
+      if (error.status !== 401) showText("rd-error", error.message);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  function openRollouts() {
+    showText("rollouts-error", "");
+    showText("rd-error", "");
+    if (route.rolloutId && (!rollouts.detail || rollouts.detail.id !== route.rolloutId)) {
+      rollouts.detail = rollouts.items.find((r) => r.id === route.rolloutId) ?? null;
+      $("rd-body").replaceChildren(el("div", { class: "empty", text: "Loading…" }));
+      $("rd-actions").replaceChildren();
+      $("rd-state").replaceChildren();
+      $("rd-title").textContent = `Rollout ${shortId(route.rolloutId)}`;
+    }
+    renderRollouts();
+    loadRollouts();
+  }
+
+  function onRolloutMessage(msg) {
+    if (!msg.rollout || typeof msg.rollout !== "object") return;
+    upsertRollout(msg.rollout);
+    if (route.view === "rollouts") renderRollouts();
+  }
+
+  $("rollouts-refresh").addEventListener("click", loadRollouts);
+  $("rollout-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    showText("ro-error", "");
+    const project = $("ro-project").value.trim();
+    const name = $("ro-name").value.trim();
+    const contentType = $("ro-type").value.trim();
+    const body = $("ro-body").value;
+    let selector;
+    try {
+      if (!project) throw new Error("Name the project whose agents it goes to.");
+      if (!name) throw new Error("Give the file a name.");
+      selector = JSON.parse($("ro-selector").value.trim() || "{}");
+      if (!selector || typeof selector !== "object" || Array.isArray(selector))
+        throw new Error('The selector is a JSON object, like {"service.name": "checkout"}.');
+      if (Object.values(selector).some((v) => typeof v !== "string"))
+        throw new Error("Each selector value is text: an attribute must equal it.");
+      if (isJsonType(contentType)) {
+        try {
+          JSON.parse(body);
+        } catch (error) {
+          throw new Error(`${name} is not valid JSON: ${error.message}`);
+        }
+      }
+    } catch (error) {
+      showText(
+        "ro-error",
+        error instanceof SyntaxError ? `Selector: ${error.message}` : error.message,
+      );
+      return;
+    }
+    const number = (id) => Number($(id).value);
+    const button = $("ro-start");
+    button.disabled = true;
+    try {
+      const item = await api("POST", "/api/v1/opamp/rollouts", {
+        project,
+        selector,
+        files: { [name]: { body, content_type: contentType } },
+        canary_percent: number("ro-canary"),
+        batch_size: number("ro-batch"),
+        failure_threshold_percent: number("ro-threshold"),
+      });
+      upsertRollout(item);
+      location.hash = `#/rollouts/${encodeURIComponent(item.id)}`;
+    } catch (error) {
+      if (error.status === 404 && !(await rolloutsServed())) rolloutsUnavailable();
+      else if (error.status !== 401) showText("ro-error", error.message);
+    } finally {
+      button.disabled = false;
+    }
+  });
 
   // -- the clock: one sample a second -----------------------------------------------------------
 

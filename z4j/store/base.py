@@ -796,6 +796,11 @@ class Store(Protocol):
         self, project_id: uuid.UUID, instance_uid: bytes
     ) -> OpampConfig | None: ...
 
+    async def list_opamp_configs(self, project_id: uuid.UUID | None = None) -> list[OpampConfig]:
+        """Desired configurations, of one project or all, without their files
+        (``files`` empty): what the fleet listing shows beside each agent."""
+        ...
+
     async def put_opamp_config(self, config: OpampConfig, *, actor: str | None) -> None:
         """Insert or replace the agent's desired configuration, with its
         ``opamp.config.pushed`` audit row, in one transaction."""

@@ -46,6 +46,7 @@ __all__ = [
     "get_agent",
     "get_config",
     "list_agents",
+    "list_configs",
     "list_tokens",
     "load_agent",
     "put_config",
@@ -442,6 +443,22 @@ def load_agent(
         (d.uuid_in(project_id), instance_uid),
     ).fetchone()
     return get_agent(d, conn, project_id, instance_uid), None if row is None else _config(d, row)
+
+
+_SUMMARY_COLUMNS: Final = CONFIG_COLUMNS.replace("files", "NULL")
+
+
+def list_configs(d: Dialect, conn: Conn, project_id: uuid.UUID | None) -> list[OpampConfig]:
+    """Every desired configuration (of one project or all) without its files
+    (``{}``): hash and status are what a fleet listing shows."""
+    where, params = "", []
+    if project_id is not None:
+        where = " WHERE project_id = ?"
+        params.append(d.uuid_in(project_id))
+    rows = conn.execute(
+        d.sql(f"SELECT {_SUMMARY_COLUMNS} FROM opamp_configs{where}"), params
+    ).fetchall()
+    return [_config(d, row) for row in rows]
 
 
 def _subject(project_id: uuid.UUID, instance_uid: str) -> str:

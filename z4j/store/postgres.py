@@ -882,6 +882,12 @@ class PostgresStore:
         )
         return result
 
+    async def list_opamp_configs(self, project_id: uuid.UUID | None = None) -> list[OpampConfig]:
+        result: list[OpampConfig] = await self._run(
+            lambda conn: opamp.list_configs(PG, conn, project_id)
+        )
+        return result
+
     async def put_opamp_config(self, config: OpampConfig, *, actor: str | None) -> None:
         await self._run(lambda conn: opamp.put_config(PG, conn, config, actor, _insert_audit))
 

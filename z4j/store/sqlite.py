@@ -679,6 +679,9 @@ class SqliteStore:
     ) -> OpampConfig | None:
         return await self._run(lambda db: opamp.get_config(SQ, db, project_id, instance_uid))
 
+    async def list_opamp_configs(self, project_id: uuid.UUID | None = None) -> list[OpampConfig]:
+        return await self._run(lambda db: opamp.list_configs(SQ, db, project_id))
+
     async def put_opamp_config(self, config: OpampConfig, *, actor: str | None) -> None:
         await self._run(
             lambda db: _transaction(

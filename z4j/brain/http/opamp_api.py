@@ -10,8 +10,8 @@ projects needs ``?project=``, and so does configuring an agent not heard
 from yet.
 
 ``PUT .../{instance_uid}/config`` stores a desired configuration (files of
-text, checked here: JSON bodies must parse; YAML is not checked, as no YAML
-library is a dependency) with its `config_hash`; brain/http/opamp.py offers
+text, checked here: JSON and YAML bodies must parse) with its
+`config_hash`; brain/http/opamp.py offers
 it on the agent's next poll until the agent reports that hash APPLIED, and
 follows its status. The status starts from what the agent last reported,
 so pushing again what it already runs shows applied at once. Pushes and
@@ -27,6 +27,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Final
 
+import trio
+import yaml
+
 from ...protocol.opamp import opamp_pb2 as pb
 from ...protocol.opamp.remote_config import ConfigFile, ConfigProgress, config_hash, progress
 from ...store import opamp as stored
@@ -35,20 +38,52 @@ from ..links import OpampNudges
 from ._request import ApiError, Handler, Request, Response, check_text, page
 from .resources import to_json
 
-__all__ = ["MAX_CONFIG_BYTES", "MAX_CONFIG_FILES", "OpampRoutes", "opamp_agent_json"]
+__all__ = [
+    "MAX_CONFIG_BYTES",
+    "MAX_CONFIG_FILES",
+    "MAX_YAML_DEPTH",
+    "OpampRoutes",
+    "config_files",
+    "desired_summary",
+    "opamp_agent_json",
+]
 
 _UID = re.compile(r"[0-9a-fA-F]{32}")
 MAX_CONFIG_BYTES: Final = 512 * 1024  # all bodies of one configuration, as UTF-8
 MAX_CONFIG_FILES: Final = 100
 MAX_NAME_CHARS: Final = 255
+# YAML nested deeper than this is refused before it is loaded: libyaml's
+# scanner is quadratic in open flow collections ("[" * 100000 took 25 s) and
+# PyYAML's C constructor recurses without a bound (the same text crashed the
+# process). Real configurations nest a dozen levels.
+MAX_YAML_DEPTH: Final = 64
+_YAML_LOADER: Final = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def opamp_agent_json(agent: OpampAgent, project: str | None, *, online: bool) -> dict[str, Any]:
-    """An OpAMP agent as the API shows it, with its project's name and whether it is online."""
+def opamp_agent_json(
+    agent: OpampAgent,
+    project: str | None,
+    *,
+    online: bool,
+    desired: OpampConfig | None = None,
+) -> dict[str, Any]:
+    """An OpAMP agent as the API shows it, with its project's name, whether it
+    is online, and the summary of its desired configuration (if any)."""
     item = to_json(agent)
     item["project"] = project
     item["online"] = online
+    item["desired_config"] = None if desired is None else desired_summary(desired)
     return item
+
+
+def desired_summary(config: OpampConfig) -> dict[str, Any]:
+    """What a listing shows of a desired configuration: no files."""
+    return {
+        "config_hash": config.config_hash,
+        "status": config.status,
+        "error_message": config.error_message,
+        "status_at": to_json(config)["status_at"],
+    }
 
 
 class OpampRoutes:
@@ -68,6 +103,9 @@ class OpampRoutes:
         self._nudges = nudges
         self._window = heartbeat_window_seconds
         self._clock = clock
+        # Checking a configuration (parsing up to 512 KiB of YAML: about a
+        # second of GIL-holding work) runs on a worker thread, one at a time.
+        self._checks = trio.CapacityLimiter(1)
 
     def routes(self) -> list[tuple[str, str, Handler]]:
         return [
@@ -93,11 +131,21 @@ class OpampRoutes:
 
     async def list_agents(self, request: Request) -> Response:
         project = await self._project(request)
-        agents = await self._store.list_opamp_agents(None if project is None else project.id)
+        project_id = None if project is None else project.id
+        agents = await self._store.list_opamp_agents(project_id)
+        configs = {
+            (c.project_id, c.instance_uid): c
+            for c in await self._store.list_opamp_configs(project_id)
+        }
         names = {p.id: p.name for p in await self._store.list_projects()}
         now = self._clock()
         items = [
-            opamp_agent_json(a, names.get(a.project_id), online=self._online(a, now))
+            opamp_agent_json(
+                a,
+                names.get(a.project_id),
+                online=self._online(a, now),
+                desired=configs.get((a.project_id, a.instance_uid)),
+            )
             for a in agents
         ]
         return 200, page(items, None)
@@ -119,7 +167,10 @@ class OpampRoutes:
         [agent] = found
         names = {p.id: p.name for p in await self._store.list_projects()}
         online = self._online(agent, self._clock())
-        return 200, opamp_agent_json(agent, names.get(agent.project_id), online=online)
+        desired = await self._store.get_opamp_config(agent.project_id, bytes.fromhex(raw))
+        return 200, opamp_agent_json(
+            agent, names.get(agent.project_id), online=online, desired=desired
+        )
 
     async def _target(self, request: Request) -> tuple[bytes, uuid.UUID, OpampAgent | None]:
         """The agent a config route names: its uid, project, and row if heard from."""
@@ -152,7 +203,8 @@ class OpampRoutes:
         return 200, to_json(config)
 
     async def put_config(self, request: Request) -> Response:
-        files = config_files(request.json_object())
+        body = request.json_object()
+        files = await trio.to_thread.run_sync(config_files, body, limiter=self._checks)
         uid, project_id, agent = await self._target(request)
         digest = config_hash(
             {
@@ -206,13 +258,51 @@ def _is_json(content_type: str) -> bool:
     return media == "application/json" or media.endswith("+json")
 
 
+def _is_yaml(content_type: str) -> bool:
+    media = content_type.partition(";")[0].strip().lower()
+    return media in ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml") or (
+        media.endswith("+yaml")
+    )
+
+
+def _yaml_error(text: str) -> str | None:
+    """Why ``text`` is not YAML that `yaml.safe_load` takes (None: it is).
+
+    Every document of a stream is loaded (an agent may take several). The
+    nesting is bounded first, from the parser's events, so that a hostile
+    body is refused after a few events instead of reaching libyaml's slow
+    and recursive paths (`MAX_YAML_DEPTH`).
+    """
+    try:
+        depth = 0
+        for event in yaml.parse(text, Loader=_YAML_LOADER):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    return f"nested deeper than {MAX_YAML_DEPTH} levels"
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+        for _ in yaml.load_all(text, Loader=_YAML_LOADER):
+            pass
+    # ValueError, OverflowError: scalars that match a type but do not fit it
+    # (a timestamp's month 13, an !!int of 5000 digits).
+    except (yaml.YAMLError, ValueError, OverflowError) as exc:
+        return str(exc)
+    return None
+
+
 def config_files(body: dict[str, Any]) -> dict[str, dict[str, str]]:
     """The files of a PUT body, checked: ``{"files": {name: {"body", "content_type"}}}``.
 
     At least one file; names non-empty (OpAMP allows one empty name, but a
     name is what operators and the agent's report go by); at most
     `MAX_CONFIG_FILES` files of `MAX_CONFIG_BYTES` in all; a body whose
-    content type is JSON must parse as JSON.
+    content type is JSON must parse as JSON, and one whose content type is
+    YAML (``application/yaml``, ``text/yaml``, ``application/x-yaml``,
+    ``text/x-yaml``, ``...+yaml``) as YAML: a typo is refused here, with
+    where it is, rather than reported FAILED by each agent it reaches.
+    Parsing YAML can take a second of GIL-holding work: call this from a
+    worker thread.
     """
     files = body.get("files")
     if not isinstance(files, dict) or not files:
@@ -246,5 +336,9 @@ def config_files(body: dict[str, Any]) -> dict[str, dict[str, str]]:
                 raise ApiError(
                     400, "invalid_config", f"files[{name!r}] is not valid JSON: {exc}"
                 ) from None
+        elif _is_yaml(content_type):
+            error = _yaml_error(text)
+            if error is not None:
+                raise ApiError(400, "invalid_config", f"files[{name!r}] is not valid YAML: {error}")
         out[name] = {"body": text, "content_type": content_type}
     return out

@@ -497,7 +497,9 @@ SCHEMAS: dict[str, Any] = {
                 "maxProperties": 100,
                 "description": "by name (1 to 255 characters); bodies of 512 KiB in all, "
                 "as UTF-8; a body whose content_type is JSON (application/json, +json) must "
-                "parse (YAML is not checked)",
+                "parse, and one whose content_type is YAML (application/yaml, text/yaml, "
+                "application/x-yaml, text/x-yaml, +yaml) must load (safe_load, at most 64 "
+                "levels deep)",
                 "additionalProperties": {
                     "type": "object",
                     "properties": {

@@ -270,6 +270,22 @@ RESOURCES: dict[type, Resource] = {
                     value=lambda a: False,
                     after="instance_uid",
                 ),
+                Extra(
+                    name="desired_config",
+                    schema={
+                        "type": "object",
+                        "nullable": True,
+                        "description": "the configuration pushed to it, without its files "
+                        "(GET .../config has them); null if none",
+                        "properties": {
+                            "config_hash": {"type": "string"},
+                            "status": {"enum": ["pending", "applying", "applied", "failed"]},
+                            "error_message": {"type": "string"},
+                            "status_at": {"type": "string", "format": "date-time"},
+                        },
+                    },
+                    value=lambda a: None,
+                ),
             ),
             refine={
                 "instance_uid": {"description": "the agent's 16-byte id, as 32 hex digits"},
