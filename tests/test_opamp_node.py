@@ -137,6 +137,10 @@ class NodeAgent:
         assert event is not None
         return event
 
+    def after(self, event: dict[str, Any]) -> int:
+        """The index just past ``event`` (one of ours), for ``since``."""
+        return next(i for i, e in enumerate(self.events) if e is event) + 1
+
     async def command(self, cmd: str) -> None:
         assert self.process.stdin is not None
         await self.process.stdin.send_all(orjson.dumps({"cmd": cmd}) + b"\n")
@@ -309,13 +313,20 @@ async def test_after_a_brain_restart_the_node_client_reports_its_full_state(
             agent = await start(port, token, heartbeat=0.5)
             await wait_until(lambda: listed(http, admin))
             assert (await api(http, "PUT", path, admin, {"files": JSON}))[0] == 200
-            await agent.next(lambda e: e["event"] == "applied")
-            # Heartbeats after the last write: the stored number falls behind.
-            await wait_until(lambda: brain.stats.opamp_writes["coalesced"] >= 2, timeout=30)
-            # Restart just after a reply, so that the next poll most likely
-            # finds the new brain (if not, the client retries 30 s later).
-            mark = len(agent.events)
-            await agent.next(lambda e: e["event"] == "sent", since=mark)
+            reported = await agent.next(
+                lambda e: (
+                    e["event"] == "sent"
+                    and e.get("remote_config_status", {}).get("status") == "applied"
+                )
+            )
+            # A poll after that write: its number is remembered, not written
+            # (the stored one falls behind). Restart just after its reply, so
+            # that the next poll most likely finds the new brain (if not, the
+            # client retries 30 s later).
+            await agent.next(
+                lambda e: e["event"] == "sent" and not e["parts"], since=agent.after(reported)
+            )
+            assert brain.stats.opamp_writes["coalesced"] >= 1
             restart = len(agent.events)
         async with ready_brain(config) as brain:
             asked = await agent.next(
