@@ -406,7 +406,8 @@ async def test_a_clean_shutdown_sends_no_agent_disconnect(
     So the brain is told nothing: the agent stays online until
     Z4J_OPAMP_HEARTBEAT_WINDOW_SECONDS has passed, as a killed one does
     (the test above). If a later version says goodbye, this test fails and
-    docs/opamp.md's "Node client" section is to be updated.
+    docs/opamp.md's "Node client" section is to be updated. Started again
+    with the same instance uid, it is the same agent again.
     """
     port = _free_port()
     config = make_config(tmp_path / "data", database_url, http_bind=f"127.0.0.1:{port}")
@@ -427,3 +428,13 @@ async def test_a_clean_shutdown_sends_no_agent_disconnect(
         item = await listed(http, admin)
         assert item is not None
         assert item["online"] is True and item["disconnected_at"] is None
+
+        # The process starts again with the same instance uid: the same agent
+        # (`listed` checks there is one), its sequence numbers from 1 again,
+        # and its first message, a full report, is enough (no ask).
+        again = await start(port, token, heartbeat=0.2)
+        await again.next(lambda e: len(again.sent()) >= 3)
+        assert [e["seq"] for e in again.sent()[:3]] == [1, 2, 3]
+        assert all(e["reply_flags"] == 0 for e in again.sent())
+        item = await listed(http, admin)
+        assert item is not None and item["identifying"] == IDENTIFYING
