@@ -231,7 +231,8 @@ async def test_the_node_client_is_listed_and_applies_a_pushed_configuration(
         # It cannot report health nor its effective configuration.
         assert item["health"] is None and item["effective_config"] is None
         # Its first message (number 1) is a full report: nothing to ask for.
-        first = agent.sent()[0]
+        # (The brain may list it before the client has printed the reply.)
+        first = await agent.next(lambda e: e["event"] == "sent")
         assert first["seq"] == 1
         assert first["parts"] == ["agentDescription", "remoteConfigStatus"]
         assert first["reply_flags"] == 0 and first["offer"] is None
