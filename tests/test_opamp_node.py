@@ -10,7 +10,8 @@ hash (a YAML one, which it does not run, shows failed with its message);
 after a brain restart the new brain asks for the full state once and the
 agent answers it; a killed agent goes offline once the heartbeat window has
 passed; and a clean ``client.shutdown()`` says no goodbye (0.5.0 sends no
-``agent_disconnect``: the agent stays online until the window passes).
+``agent_disconnect``: the agent stays online until the window passes),
+while a process started again with the same instance uid is the same agent.
 
 What the client can do is read from its source: capabilities are limited
 to ReportsStatus, ReportsHeartbeat (always on), AcceptsRemoteConfig and
