@@ -5,7 +5,8 @@ reaches the OpenTelemetry Python client's agent loop, is applied, and shows
 applied with its hash; with hand-built messages: offered until APPLIED and
 not after, FAILED with the agent's message, DELETE stops the offer, never
 sent to an agent that does not accept remote config nor to another
-project's agent, the validation errors, and the audit rows.
+project's agent, the validation errors, and the audit rows (pushes,
+deletes, and the agent's acknowledgements).
 """
 
 from __future__ import annotations
@@ -178,13 +179,20 @@ async def test_offered_until_applied_failed_shown_deleted_and_audited(config: Co
 
         _, audit = await api(http, "GET", "/audit", admin)
         rows = [(a["action"], a["details"].get("config_hash")) for a in audit["items"]]
-        assert rows[:3] == [
+        # Pushes, deletes and the agent's acknowledgements (applied, failed:
+        # once each time the status moves there, not per poll).
+        assert rows[:6] == [
             ("opamp.config.deleted", second.hex()),
+            ("opamp.config.failed", second.hex()),
             ("opamp.config.pushed", second.hex()),
+            ("opamp.config.applied", digest.hex()),
+            ("opamp.config.applied", digest.hex()),
             ("opamp.config.pushed", digest.hex()),
         ]
-        assert audit["items"][2]["subject"].endswith(UID.hex())
-        assert audit["items"][2]["actor"] == "api"
+        assert audit["items"][5]["subject"].endswith(UID.hex())
+        assert audit["items"][5]["actor"] == "api"
+        assert audit["items"][1]["actor"] == "opamp-agent"
+        assert audit["items"][1]["details"]["error_message"] == "unknown sampler"
 
 
 async def test_never_sent_without_the_capability_nor_to_another_project(config: Config) -> None:

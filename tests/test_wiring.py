@@ -34,6 +34,7 @@ SERVICES = frozenset(
         "maintenance",
         "reconciler",
         "registry",
+        "rollouts",
         "schedule_streams",
     }
 )

@@ -160,6 +160,12 @@ class BrainStats:
     # announced to the other replicas (forwarded), or no session (no_session).
     opamp_dispatch: Counter[str] = attrs.field(factory=Counter)
     opamp_pushes: int = 0  # configurations pushed on a WebSocket unasked
+    # Set by the rollout task on the leader (brain/rollouts.py): rollouts by
+    # state, the stage of each running rollout (by id: running rollouts are few),
+    # and desired configurations by status.
+    opamp_rollouts: dict[str, int] = attrs.field(factory=dict)
+    opamp_rollout_stage: dict[str, int] = attrs.field(factory=dict)
+    opamp_config_status: dict[str, int] = attrs.field(factory=dict)
     tasks: TaskStats = attrs.field(factory=TaskStats)
     # Set by the heartbeat: records/s over its last interval.
     ingest_rate: float = 0.0

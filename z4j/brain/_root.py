@@ -11,7 +11,7 @@ that it returns only once the service can serve:
     store migrations (retried in the background until the store answers)
     → group-commit writer → drains → ingest server → agent endpoint →
     command sweep → registry → HTTP → heartbeat → maintenance → the
-    reconciler and schedule streams → report addresses.
+    reconciler, schedule streams and OpAMP rollouts → report addresses.
 
 Any child failing cancels the tree. A graceful stop (``shutdown`` set) runs
 from the inside out, because that is how the nurseries nest (as hypercorn
@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import logging
 import uuid
+from typing import Any
 
 import attrs
 import trio
@@ -77,6 +78,7 @@ from .metrics import brain_registry, render
 from .opamp_fleet import OpampFleet
 from .reconciler import Reconciler
 from .registry import registry_for, replicated
+from .rollouts import Rollouts
 from .schedule_streams import ScheduleStreams
 
 __all__ = ["Brain", "serve_brain"]
@@ -266,6 +268,19 @@ async def serve_brain(
                 store_ready=store_ready,
             )
             opamp_http = OpampEndpoint(fleet, stats, store_ready=store_ready)
+            rollouts = Rollouts(
+                store,
+                stats,
+                store_ready=store_ready,
+                nudges=nudges,
+                on_change=lambda item: hub.publish({"type": "opamp_rollout", "rollout": item}),
+                is_leader=lambda: registry.is_leader,
+            )
+
+            def rollout_changed(item: dict[str, Any]) -> None:
+                hub.publish({"type": "opamp_rollout", "rollout": item})
+                rollouts.poke()  # a new or resumed rollout starts now, not at the next round
+
             health = HealthChecks(
                 {
                     **store_health_checks(store, store_ready),
@@ -293,6 +308,7 @@ async def serve_brain(
                     project_key=functools.partial(keys.project_key, master),
                     opamp_heartbeat_window_seconds=config.opamp_heartbeat_window_seconds,
                     opamp_nudges=nudges,
+                    on_opamp_rollout=rollout_changed,
                 ),
                 pages=dashboard_pages(auth.signed_in),
                 opamp=opamp_http,
@@ -394,6 +410,7 @@ async def serve_brain(
                 await beating.start(functools.partial(fleet.serve, shutdown=heartbeat_stop))
                 await supporting.start(functools.partial(reconciler.serve, shutdown=support_stop))
                 await supporting.start(functools.partial(streams.serve, shutdown=support_stop))
+                await supporting.start(functools.partial(rollouts.serve, shutdown=support_stop))
                 log.info(
                     "brain %s ready: ingest %s:%d, http %s:%d, store %s, buffer %s",
                     instance_id,

@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 
 from .._version import __version__
 from ..buffer import Buffer
+from ..opamp_rollouts import ROLLOUT_STATES
 from ..stats import BrainStats, Histogram, HttpStats
 
 __all__ = ["CONTENT_TYPE_LATEST", "BrainCollector", "brain_registry", "render"]
@@ -186,6 +187,33 @@ class BrainCollector(Collector):
             "OpAMP configurations pushed to a WebSocket agent unasked",
             s.opamp_pushes,
         )
+        for name, documentation, label, gauge in (
+            (
+                "z4j_opamp_rollouts",
+                "OpAMP rollouts by state (running, halted, completed, cancelled;"
+                " set by the leader)",
+                "state",
+                {state: s.opamp_rollouts.get(state, 0) for state in ROLLOUT_STATES},
+            ),
+            (
+                "z4j_opamp_rollout_stage",
+                "The stage each running OpAMP rollout has assigned, by rollout id"
+                " (running rollouts only; set by the leader)",
+                "rollout",
+                s.opamp_rollout_stage,
+            ),
+            (
+                "z4j_opamp_config_status",
+                "OpAMP agents' desired configurations by status (pending, applying,"
+                " applied, failed; set by the leader)",
+                "status",
+                s.opamp_config_status,
+            ),
+        ):
+            g = GaugeMetricFamily(name, documentation, labels=[label])
+            for value, n in sorted(gauge.items()):
+                g.add_metric([value], n)
+            yield g
         yield _counter(
             "z4j_agent_events",
             "Agent events acknowledged (durable in the buffer)",

@@ -35,6 +35,7 @@ __all__ = [
     "InstanceInfo",
     "OpampAgent",
     "OpampConfig",
+    "OpampRollout",
     "OpampToken",
     "Project",
     "ScheduleFilter",
@@ -373,6 +374,38 @@ class OpampConfig:
     status: str
     error_message: str
     status_at: float
+    rollout_id: uuid.UUID | None = None  # the rollout that assigned it, if one did
+
+
+@attrs.frozen(kw_only=True)
+class OpampRollout:
+    """A staged rollout of one configuration to the agents a selector matched
+    (z4j/opamp_rollouts.py decides its steps, store/opamp_rollouts.py keeps it).
+
+    ``stage`` stages of ``stages`` are assigned, covering the first
+    ``assigned`` of its ``targets`` (fixed when it started); ``counts`` are
+    the statuses of those assigned (pending, applying, applied, failed,
+    superseded), read with it.
+    """
+
+    id: uuid.UUID
+    project_id: uuid.UUID
+    selector: dict[str, str]
+    config_hash: str  # 64 hex digits
+    canary_percent: int
+    batch_size: int
+    failure_threshold_percent: int
+    state: str  # running, halted, completed, cancelled
+    stage: int
+    stages: int
+    targets: int
+    assigned: int
+    accepted_failures: int
+    counts: dict[str, int]
+    halted_reason: str | None
+    created_at: float
+    created_by: str | None
+    updated_at: float
 
 
 @attrs.frozen(kw_only=True)
@@ -823,7 +856,68 @@ class Store(Protocol):
         now: float,
     ) -> bool:
         """Record the agent's progress with the configuration hashed ``config_hash``
-        (nothing if another has replaced it since); whether a row changed."""
+        (nothing if another has replaced it since); whether a row changed. An
+        acknowledgement (applied, failed) writes an ``opamp.config.applied`` or
+        ``opamp.config.failed`` audit row with it: the transport calls this only
+        when the status moves, so never one per poll."""
+        ...
+
+    # -- OpAMP rollouts (store/opamp_rollouts.py) ------------------------------------------
+
+    async def create_opamp_rollout(
+        self,
+        rollout_id: uuid.UUID,
+        *,
+        project_id: uuid.UUID,
+        selector: dict[str, str],
+        files: dict[str, Any],
+        config_hash: str,
+        canary_percent: int,
+        batch_size: int,
+        failure_threshold_percent: int,
+        actor: str | None,
+        now: float,
+    ) -> OpampRollout:
+        """Start a rollout: its targets are the project's stored agents that the
+        selector matches and that accept remote configuration, now (audited
+        ``opamp.rollout.created``). `LookupError` if there is no such project."""
+        ...
+
+    async def get_opamp_rollout(self, rollout_id: uuid.UUID) -> OpampRollout | None: ...
+
+    async def list_opamp_rollouts(
+        self, project_id: uuid.UUID | None = None, *, state: str | None = None
+    ) -> list[OpampRollout]:
+        """Rollouts, newest first."""
+        ...
+
+    async def assign_opamp_rollout_stage(
+        self, rollout_id: uuid.UUID, *, stage: int, end: int, now: float
+    ) -> list[bytes] | None:
+        """Give the rollout's configuration to its targets up to ``end`` (stage
+        order), as stage ``stage``, if the rollout is running at stage
+        ``stage - 1`` (else None: someone else moved it). Each agent's push is
+        audited (``opamp.config.pushed``, actor ``rollout:ID``), and the stage
+        (``opamp.rollout.stage``). The agents given it."""
+        ...
+
+    async def transition_opamp_rollout(
+        self,
+        rollout_id: uuid.UUID,
+        *,
+        to_state: str,
+        reason: str | None = None,
+        actor: str | None,
+        now: float,
+    ) -> OpampRollout:
+        """Move the rollout (audited ``opamp.rollout.<halted|completed|resumed|
+        cancelled>``): halt or complete a running one, resume a halted one
+        (accepting its failures so far), cancel either. `LookupError` if there
+        is none, `ValueError` if it is in a state that cannot move so."""
+        ...
+
+    async def opamp_gauges(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Rollouts by state, and desired configurations by status (for /metrics)."""
         ...
 
     async def aclose(self) -> None: ...

@@ -770,4 +770,80 @@ CREATE TABLE opamp_configs (
 );
 """,
     ),
+    Migration(
+        version=12,
+        name="opamp: staged rollouts to a selector of agents",
+        # A rollout gives one configuration (``files``, ``config_hash``) to
+        # the agents of a project its ``selector`` matched when it started:
+        # they are its targets, fixed, one row each in stage order
+        # (``position``; z4j/opamp_rollouts.py orders and cuts them). The
+        # first ``assigned`` targets have been given the configuration: their
+        # opamp_configs rows carry the rollout's id (``rollout_id``), which a
+        # later push to that agent clears (the target is then superseded).
+        # ``accepted_failures``: failures an operator accepted by resuming.
+        postgres="""
+CREATE TABLE opamp_rollouts (
+    id                        uuid PRIMARY KEY,
+    project_id                uuid NOT NULL REFERENCES projects(id),
+    selector                  jsonb NOT NULL,
+    config_hash               bytea NOT NULL,
+    files                     jsonb NOT NULL,
+    canary_percent            integer NOT NULL,
+    batch_size                integer NOT NULL,
+    failure_threshold_percent integer NOT NULL,
+    state                     text NOT NULL,
+    stage                     integer NOT NULL,
+    stages                    integer NOT NULL,
+    targets                   integer NOT NULL,
+    assigned                  integer NOT NULL,
+    accepted_failures         integer NOT NULL,
+    halted_reason             text,
+    created_at                timestamptz NOT NULL,
+    created_by                text,
+    updated_at                timestamptz NOT NULL
+);
+CREATE INDEX opamp_rollouts_by_state ON opamp_rollouts (state);
+CREATE INDEX opamp_rollouts_by_project ON opamp_rollouts (project_id, created_at DESC);
+CREATE TABLE opamp_rollout_targets (
+    rollout_id   uuid NOT NULL REFERENCES opamp_rollouts(id) ON DELETE CASCADE,
+    position     integer NOT NULL,
+    instance_uid bytea NOT NULL,
+    PRIMARY KEY (rollout_id, position)
+);
+ALTER TABLE opamp_configs ADD COLUMN rollout_id uuid;
+CREATE INDEX opamp_configs_by_rollout ON opamp_configs (rollout_id) WHERE rollout_id IS NOT NULL;
+""",
+        sqlite="""
+CREATE TABLE opamp_rollouts (
+    id                        TEXT PRIMARY KEY,
+    project_id                TEXT NOT NULL REFERENCES projects(id),
+    selector                  TEXT NOT NULL,
+    config_hash               BLOB NOT NULL,
+    files                     TEXT NOT NULL,
+    canary_percent            INTEGER NOT NULL,
+    batch_size                INTEGER NOT NULL,
+    failure_threshold_percent INTEGER NOT NULL,
+    state                     TEXT NOT NULL,
+    stage                     INTEGER NOT NULL,
+    stages                    INTEGER NOT NULL,
+    targets                   INTEGER NOT NULL,
+    assigned                  INTEGER NOT NULL,
+    accepted_failures         INTEGER NOT NULL,
+    halted_reason             TEXT,
+    created_at                REAL NOT NULL,
+    created_by                TEXT,
+    updated_at                REAL NOT NULL
+);
+CREATE INDEX opamp_rollouts_by_state ON opamp_rollouts (state);
+CREATE INDEX opamp_rollouts_by_project ON opamp_rollouts (project_id, created_at DESC);
+CREATE TABLE opamp_rollout_targets (
+    rollout_id   TEXT NOT NULL REFERENCES opamp_rollouts(id) ON DELETE CASCADE,
+    position     INTEGER NOT NULL,
+    instance_uid BLOB NOT NULL,
+    PRIMARY KEY (rollout_id, position)
+);
+ALTER TABLE opamp_configs ADD COLUMN rollout_id TEXT;
+CREATE INDEX opamp_configs_by_rollout ON opamp_configs (rollout_id) WHERE rollout_id IS NOT NULL;
+""",
+    ),
 )

@@ -20,7 +20,11 @@ Attribute text goes into JSON columns: bytes become hex and NUL characters
 Each agent's desired configuration is a row of ``opamp_configs`` (an
 `OpampConfig`), read with the agent's row in one store call (`load_agent`)
 because every message needs both; pushes and deletes write their audit row
-in the same transaction (the store passes its `AuditWriter`).
+in the same transaction (the store passes its `AuditWriter`), and so does
+an agent's acknowledgement (the status moving to applied or failed). A
+configuration a rollout assigned carries its ``rollout_id``; any other
+push clears it (store/opamp_rollouts.py then counts that target as
+superseded).
 
 The SQL is shared by both stores over their `Dialect`, as in tasks.py.
 """
@@ -41,6 +45,8 @@ from ._transactions import AuditWriter
 from .base import OpampAgent, OpampConfig, OpampToken
 
 __all__ = [
+    "ACKNOWLEDGEMENTS",
+    "CONFIG_COLUMNS",
     "add_token",
     "delete_config",
     "get_agent",
@@ -61,7 +67,12 @@ __all__ = [
 
 _U64: Final = 1 << 64
 _I64: Final = 1 << 63
-_HEALTH_DEPTH: Final = 4  # nested component health kept this deep in the summary
+_HEALTH_DEPTH: Final = 4
+# Statuses an agent's report settles a configuration in: each is audited once.
+ACKNOWLEDGEMENTS: Final = (
+    "applied",
+    "failed",
+)  # nested component health kept this deep in the summary
 
 TOKEN_COLUMNS: Final = "token_hash, project_id, name, created_at"
 AGENT_COLUMNS: Final = (
@@ -71,7 +82,7 @@ AGENT_COLUMNS: Final = (
 )
 CONFIG_COLUMNS: Final = (
     "project_id, instance_uid, config_hash, files, created_at, created_by, status,"
-    " error_message, status_at"
+    " error_message, status_at, rollout_id"
 )
 
 
@@ -487,19 +498,23 @@ def put_config(
             config.status,
             config.error_message,
             d.ts_in(config.status_at),
+            d.opt_uuid_in(config.rollout_id),
         ),
     )
+    details: dict[str, Any] = {
+        "config_hash": config.config_hash,
+        "files": sorted(config.files),
+        "bytes": sum(len(f["body"].encode()) for f in config.files.values()),
+        "status": config.status,
+    }
+    if config.rollout_id is not None:
+        details["rollout_id"] = str(config.rollout_id)
     audit(
         conn,
         actor,
         "opamp.config.pushed",
         _subject(config.project_id, config.instance_uid),
-        {
-            "config_hash": config.config_hash,
-            "files": sorted(config.files),
-            "bytes": sum(len(f["body"].encode()) for f in config.files.values()),
-            "status": config.status,
-        },
+        details,
     )
 
 
@@ -537,7 +552,10 @@ def set_config_status(
     status: str,
     error_message: str,
     now: float,
+    audit: AuditWriter,
 ) -> bool:
+    """Move the status; an acknowledgement (applied, failed) is audited with it,
+    and the caller writes only when the status moves, so never per poll."""
     cur = conn.execute(
         d.sql(
             "UPDATE opamp_configs SET status = ?, error_message = ?, status_at = ?"
@@ -552,7 +570,26 @@ def set_config_status(
             config_hash,
         ),
     )
-    return bool(cur.rowcount == 1)
+    if cur.rowcount != 1:
+        return False
+    if status in ACKNOWLEDGEMENTS:
+        row = conn.execute(
+            d.sql("SELECT rollout_id FROM opamp_configs WHERE project_id = ? AND instance_uid = ?"),
+            (d.uuid_in(project_id), instance_uid),
+        ).fetchone()
+        details: dict[str, Any] = {"config_hash": config_hash.hex()}
+        if status == "failed":
+            details["error_message"] = error_message
+        if row is not None and row[0] is not None:
+            details["rollout_id"] = str(d.uuid_out(row[0]))
+        audit(
+            conn,
+            "opamp-agent",
+            f"opamp.config.{status}",
+            _subject(project_id, instance_uid.hex()),
+            details,
+        )
+    return True
 
 
 def _config(d: Dialect, row: Any) -> OpampConfig:
@@ -566,6 +603,7 @@ def _config(d: Dialect, row: Any) -> OpampConfig:
         status,
         error_message,
         status_at,
+        rollout_id,
     ) = row
     return OpampConfig(
         project_id=d.uuid_out(project_id),
@@ -577,4 +615,5 @@ def _config(d: Dialect, row: Any) -> OpampConfig:
         status=status,
         error_message=error_message,
         status_at=d.ts_out(status_at),
+        rollout_id=d.opt_uuid_out(rollout_id),
     )

@@ -45,7 +45,7 @@ from ..buffer import ClaimedRow
 from ..events import event_rows
 from ..schedules import ScheduleControl, ScheduleFrame
 from ..tasks import TaskEvent, TaskRow
-from . import _rows, opamp, schedule_frames, schedules, task_writes, tasks
+from . import _rows, opamp, opamp_rollouts, schedule_frames, schedules, task_writes, tasks
 from ._filters import Where, commands_where, events_where
 from ._rows import (
     AGENT_COLUMNS,
@@ -76,6 +76,7 @@ from .base import (
     InstanceInfo,
     OpampAgent,
     OpampConfig,
+    OpampRollout,
     OpampToken,
     Project,
     ScheduleFilter,
@@ -913,8 +914,98 @@ class PostgresStore:
     ) -> bool:
         result: bool = await self._run(
             lambda conn: opamp.set_config_status(
-                PG, conn, project_id, instance_uid, config_hash, status, error_message, now
+                PG,
+                conn,
+                project_id,
+                instance_uid,
+                config_hash,
+                status,
+                error_message,
+                now,
+                _insert_audit,
             )
+        )
+        return result
+
+    # -- OpAMP rollouts ------------------------------------------------------------------
+
+    async def create_opamp_rollout(
+        self,
+        rollout_id: uuid.UUID,
+        *,
+        project_id: uuid.UUID,
+        selector: dict[str, str],
+        files: dict[str, Any],
+        config_hash: str,
+        canary_percent: int,
+        batch_size: int,
+        failure_threshold_percent: int,
+        actor: str | None,
+        now: float,
+    ) -> OpampRollout:
+        def create(conn: Any) -> OpampRollout:
+            return opamp_rollouts.create_rollout(
+                PG,
+                conn,
+                rollout_id,
+                project_id=project_id,
+                selector=selector,
+                files=files,
+                config_hash=config_hash,
+                canary_percent=canary_percent,
+                batch_size=batch_size,
+                failure_threshold_percent=failure_threshold_percent,
+                actor=actor,
+                now=now,
+                audit=_insert_audit,
+            )
+
+        result: OpampRollout = await self._run(lambda conn: create(conn))
+        return result
+
+    async def get_opamp_rollout(self, rollout_id: uuid.UUID) -> OpampRollout | None:
+        result: OpampRollout | None = await self._run(
+            lambda conn: opamp_rollouts.get_rollout(PG, conn, rollout_id)
+        )
+        return result
+
+    async def list_opamp_rollouts(
+        self, project_id: uuid.UUID | None = None, *, state: str | None = None
+    ) -> list[OpampRollout]:
+        result: list[OpampRollout] = await self._run(
+            lambda conn: opamp_rollouts.list_rollouts(PG, conn, project_id, state)
+        )
+        return result
+
+    async def assign_opamp_rollout_stage(
+        self, rollout_id: uuid.UUID, *, stage: int, end: int, now: float
+    ) -> list[bytes] | None:
+        result: list[bytes] | None = await self._run(
+            lambda conn: opamp_rollouts.assign_stage(
+                PG, conn, rollout_id, stage, end, now, _insert_audit
+            )
+        )
+        return result
+
+    async def transition_opamp_rollout(
+        self,
+        rollout_id: uuid.UUID,
+        *,
+        to_state: str,
+        reason: str | None = None,
+        actor: str | None,
+        now: float,
+    ) -> OpampRollout:
+        result: OpampRollout = await self._run(
+            lambda conn: opamp_rollouts.transition(
+                PG, conn, rollout_id, to_state, reason, actor, now, _insert_audit
+            )
+        )
+        return result
+
+    async def opamp_gauges(self) -> tuple[dict[str, int], dict[str, int]]:
+        result: tuple[dict[str, int], dict[str, int]] = await self._run(
+            lambda conn: opamp_rollouts.gauges(PG, conn)
         )
         return result
 

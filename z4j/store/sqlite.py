@@ -29,7 +29,7 @@ from ..buffer import ClaimedRow
 from ..events import event_rows
 from ..schedules import ScheduleControl, ScheduleFrame
 from ..tasks import TaskEvent, TaskRow
-from . import _rows, opamp, schedule_frames, schedules, task_writes, tasks
+from . import _rows, opamp, opamp_rollouts, schedule_frames, schedules, task_writes, tasks
 from ._filters import Where, commands_where, events_where
 from ._rows import (
     AGENT_COLUMNS,
@@ -60,6 +60,7 @@ from .base import (
     InstanceInfo,
     OpampAgent,
     OpampConfig,
+    OpampRollout,
     OpampToken,
     Project,
     ScheduleFilter,
@@ -713,10 +714,94 @@ class SqliteStore:
             lambda db: _transaction(
                 db,
                 lambda: opamp.set_config_status(
-                    SQ, db, project_id, instance_uid, config_hash, status, error_message, now
+                    SQ,
+                    db,
+                    project_id,
+                    instance_uid,
+                    config_hash,
+                    status,
+                    error_message,
+                    now,
+                    _insert_audit,
                 ),
             )
         )
+
+    # -- OpAMP rollouts ------------------------------------------------------------------
+
+    async def create_opamp_rollout(
+        self,
+        rollout_id: uuid.UUID,
+        *,
+        project_id: uuid.UUID,
+        selector: dict[str, str],
+        files: dict[str, Any],
+        config_hash: str,
+        canary_percent: int,
+        batch_size: int,
+        failure_threshold_percent: int,
+        actor: str | None,
+        now: float,
+    ) -> OpampRollout:
+        def create(db: Any) -> OpampRollout:
+            return opamp_rollouts.create_rollout(
+                SQ,
+                db,
+                rollout_id,
+                project_id=project_id,
+                selector=selector,
+                files=files,
+                config_hash=config_hash,
+                canary_percent=canary_percent,
+                batch_size=batch_size,
+                failure_threshold_percent=failure_threshold_percent,
+                actor=actor,
+                now=now,
+                audit=_insert_audit,
+            )
+
+        return await self._run(lambda db: _transaction(db, lambda: create(db)))
+
+    async def get_opamp_rollout(self, rollout_id: uuid.UUID) -> OpampRollout | None:
+        return await self._run(lambda db: opamp_rollouts.get_rollout(SQ, db, rollout_id))
+
+    async def list_opamp_rollouts(
+        self, project_id: uuid.UUID | None = None, *, state: str | None = None
+    ) -> list[OpampRollout]:
+        return await self._run(lambda db: opamp_rollouts.list_rollouts(SQ, db, project_id, state))
+
+    async def assign_opamp_rollout_stage(
+        self, rollout_id: uuid.UUID, *, stage: int, end: int, now: float
+    ) -> list[bytes] | None:
+        return await self._run(
+            lambda db: _transaction(
+                db,
+                lambda: opamp_rollouts.assign_stage(
+                    SQ, db, rollout_id, stage, end, now, _insert_audit
+                ),
+            )
+        )
+
+    async def transition_opamp_rollout(
+        self,
+        rollout_id: uuid.UUID,
+        *,
+        to_state: str,
+        reason: str | None = None,
+        actor: str | None,
+        now: float,
+    ) -> OpampRollout:
+        return await self._run(
+            lambda db: _transaction(
+                db,
+                lambda: opamp_rollouts.transition(
+                    SQ, db, rollout_id, to_state, reason, actor, now, _insert_audit
+                ),
+            )
+        )
+
+    async def opamp_gauges(self) -> tuple[dict[str, int], dict[str, int]]:
+        return await self._run(lambda db: opamp_rollouts.gauges(SQ, db))
 
 
 def _transaction(db: sqlite3.Connection, fn: Callable[[], T]) -> T:

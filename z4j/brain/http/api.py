@@ -65,6 +65,7 @@ from .auth import (
     same_origin,
 )
 from .opamp_api import OpampRoutes
+from .opamp_rollouts_api import OpampRolloutRoutes
 from .openapi import OPENAPI
 from .queues_api import QueueRoutes
 from .resources import to_json
@@ -101,9 +102,11 @@ class Api:
         project_key: Callable[[uuid.UUID], bytes] | None = None,
         opamp_heartbeat_window_seconds: float = 90.0,
         opamp_nudges: OpampNudges | None = None,
+        on_opamp_rollout: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         """``project_key``: a project's signing key, for purge tokens (None: no purges).
-        ``opamp_heartbeat_window_seconds``: how long an OpAMP agent stays online unheard."""
+        ``opamp_heartbeat_window_seconds``: how long an OpAMP agent stays online unheard.
+        ``on_opamp_rollout``: called with a rollout's JSON after the API changed it."""
         self._store = store
         self._commands = commands
         self._auth = auth
@@ -134,6 +137,11 @@ class Api:
                 store,
                 heartbeat_window_seconds=opamp_heartbeat_window_seconds,
                 nudges=opamp_nudges,
+            ).routes(),
+            *(
+                OpampRolloutRoutes(store)
+                if on_opamp_rollout is None
+                else OpampRolloutRoutes(store, on_change=on_opamp_rollout)
             ).routes(),
         ]:
             route(method, path, handler)

@@ -209,6 +209,25 @@ SCHEDULE_ACTION_DESCRIPTION = (
     "snapshot is applied."
 )
 
+OPAMP_FILES: dict[str, Any] = {
+    "type": "object",
+    "minProperties": 1,
+    "maxProperties": 100,
+    "description": "by name (1 to 255 characters); bodies of 512 KiB in all, "
+    "as UTF-8; a body whose content_type is JSON (application/json, +json) must "
+    "parse, and one whose content_type is YAML (application/yaml, text/yaml, "
+    "application/x-yaml, text/x-yaml, +yaml) must load (safe_load, at most 64 "
+    "levels deep)",
+    "additionalProperties": {
+        "type": "object",
+        "properties": {
+            "body": {"type": "string"},
+            "content_type": {"type": "string", "maxLength": 255},
+        },
+        "required": ["body"],
+    },
+}
+
 SCHEMAS: dict[str, Any] = {
     "Error": {
         **_object({"error": STRING, "message": STRING}),
@@ -490,27 +509,35 @@ SCHEMAS: dict[str, Any] = {
     ),
     "OpampConfigPush": {
         "type": "object",
-        "properties": {
-            "files": {
-                "type": "object",
-                "minProperties": 1,
-                "maxProperties": 100,
-                "description": "by name (1 to 255 characters); bodies of 512 KiB in all, "
-                "as UTF-8; a body whose content_type is JSON (application/json, +json) must "
-                "parse, and one whose content_type is YAML (application/yaml, text/yaml, "
-                "application/x-yaml, text/x-yaml, +yaml) must load (safe_load, at most 64 "
-                "levels deep)",
-                "additionalProperties": {
-                    "type": "object",
-                    "properties": {
-                        "body": {"type": "string"},
-                        "content_type": {"type": "string", "maxLength": 255},
-                    },
-                    "required": ["body"],
-                },
-            }
-        },
+        "properties": {"files": OPAMP_FILES},
         "required": ["files"],
+    },
+    "OpampRolloutPage": _page("OpampRollout"),
+    "OpampRolloutNew": {
+        "type": "object",
+        "properties": {
+            "project": {"type": "string", "minLength": 1, "description": "name or id"},
+            "selector": {
+                "type": "object",
+                "maxProperties": 32,
+                "additionalProperties": {"type": "string"},
+                "description": "attribute name to value; an agent is a target when each "
+                "equals its identifying or non-identifying attribute (as text). Empty or "
+                "left out: every agent of the project",
+            },
+            "files": OPAMP_FILES,
+            "canary_percent": {"type": "integer", "minimum": 0, "maximum": 100, "default": 10},
+            "batch_size": {"type": "integer", "minimum": 1, "maximum": 100000, "default": 100},
+            "failure_threshold_percent": {
+                "type": "integer",
+                "minimum": 0,
+                "maximum": 100,
+                "default": 10,
+                "description": "halt when failed agents, past those accepted by a resume, "
+                "are more than this share of the agents assigned",
+            },
+        },
+        "required": ["project", "files"],
     },
     "SignIn": {
         "type": "object",
@@ -552,6 +579,15 @@ OPAMP_CONFIG_DESCRIPTION = (
     "Offered on the agent's next poll, if it accepts remote configuration, until it reports "
     "config_hash APPLIED; status follows its reports (pending, applying, applied, failed). "
     "An agent not heard from yet needs ?project=. Audited as opamp.config.pushed."
+)
+
+OPAMP_ROLLOUT_DESCRIPTION = (
+    "The project's agents that the selector matches now and that accept remote "
+    "configuration are its targets (agents seen later do not join). The leader assigns "
+    "a canary share first, then batches, each once every agent assigned before has "
+    "applied or failed, and halts it when failures pass the threshold. Audited as "
+    "opamp.rollout.created, .stage, .halted, .completed; each agent's push as "
+    "opamp.config.pushed. See docs/opamp.md."
 )
 
 OPENAPI: dict[str, Any] = {
@@ -676,6 +712,59 @@ OPENAPI: dict[str, Any] = {
                     CSRF_HEADER,
                 ],
             ),
+        },
+        "/opamp/rollouts": {
+            "get": _operation(
+                "listOpampRollouts",
+                "OpAMP rollouts, newest first",
+                (200, _ref("OpampRolloutPage")),
+                errors=(400, 401, 404),
+                parameters=[_query("project", STRING, "project name or id")],
+            ),
+            "post": _operation(
+                "createOpampRollout",
+                "Roll a configuration out to the agents a selector matches, in stages",
+                (201, _ref("OpampRollout")),
+                errors=(400, 401, 403, 404, 413, 415),
+                description=OPAMP_ROLLOUT_DESCRIPTION,
+                parameters=[CSRF_HEADER],
+                body=_ref("OpampRolloutNew"),
+            ),
+        },
+        "/opamp/rollouts/{id}": {
+            "get": _operation(
+                "getOpampRollout",
+                "One OpAMP rollout, with its agents' statuses",
+                (200, _ref("OpampRollout")),
+                errors=(400, 401, 404),
+                parameters=[_path("id")],
+            )
+        },
+        **{
+            f"/opamp/rollouts/{{id}}/{verb}": {
+                "post": _operation(
+                    f"{verb}OpampRollout",
+                    summary,
+                    (200, _ref("OpampRollout")),
+                    errors=(400, 401, 403, 404, 409, 415),
+                    description="409 when the rollout's state does not allow it. Audited as "
+                    f"opamp.rollout.{done}.",
+                    parameters=[_path("id"), CSRF_HEADER],
+                )
+            }
+            for verb, done, summary in (
+                ("halt", "halted", "Halt a running rollout: no further stages"),
+                (
+                    "resume",
+                    "resumed",
+                    "Resume a halted rollout, accepting the failures seen so far",
+                ),
+                (
+                    "cancel",
+                    "cancelled",
+                    "Cancel a running or halted rollout (assigned agents keep their configuration)",
+                ),
+            )
         },
         "/instances": {
             "get": _operation("listInstances", "Brain instances", (200, _page("Instance")))

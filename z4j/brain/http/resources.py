@@ -30,6 +30,7 @@ import cattrs
 import orjson
 from cattrs.gen import make_dict_unstructure_fn, override
 
+from ...opamp_rollouts import ROLLOUT_STATES, TARGET_STATUSES
 from ...store.base import (
     COMMAND_STATES,
     Agent,
@@ -40,6 +41,7 @@ from ...store.base import (
     InstanceInfo,
     OpampAgent,
     OpampConfig,
+    OpampRollout,
     Project,
     ScheduleRecord,
     TaskRecord,
@@ -343,6 +345,42 @@ RESOURCES: dict[type, Resource] = {
                 },
                 "error_message": {"description": "the agent's, when failed"},
                 "status_at": {"description": "when the status last moved"},
+                "rollout_id": {"description": "the rollout that assigned it, if one did"},
+            },
+        ),
+        Resource(
+            name="OpampRollout",
+            cls=OpampRollout,
+            # Filled in by the route: a placeholder here.
+            extra=(
+                Extra(
+                    name="project",
+                    schema={"type": "string", "nullable": True},
+                    value=lambda r: None,
+                    after="project_id",
+                ),
+            ),
+            refine={
+                "selector": {
+                    "description": "attribute name to value: an agent is a target when each "
+                    "equals its identifying or non-identifying attribute (as text)",
+                    "additionalProperties": {"type": "string"},
+                },
+                "config_hash": {"description": "SHA-256 of the files (hex), as for one agent"},
+                "state": {"enum": list(ROLLOUT_STATES)},
+                "stage": {"description": "stages assigned so far (0: none yet)"},
+                "stages": {"description": "the canary (if any), then batches"},
+                "targets": {"description": "agents the selector matched when it started"},
+                "assigned": {"description": "targets given the configuration so far"},
+                "accepted_failures": {"description": "failures accepted by the last resume"},
+                "counts": {
+                    "description": "the assigned targets by status; superseded: their "
+                    "configuration was replaced or deleted since",
+                    "properties": {s: {"type": "integer"} for s in TARGET_STATUSES},
+                    "required": list(TARGET_STATUSES),
+                    "additionalProperties": False,
+                },
+                "halted_reason": {"description": "why it halted, while halted"},
             },
         ),
         Resource(
