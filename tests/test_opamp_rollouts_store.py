@@ -23,6 +23,7 @@ import trio
 from z4j.brain.links import OpampNudges
 from z4j.brain.rollouts import Rollouts
 from z4j.config import Config
+from z4j.opamp_rollouts import order_targets
 from z4j.stats import BrainStats
 from z4j.store import Store, store_for
 from z4j.store.base import OpampAgent, OpampConfig
@@ -157,10 +158,11 @@ async def test_a_rollout_goes_in_stages_halts_past_the_threshold_resumes_and_com
             clock=lambda: NOW,
         )
 
-        # Round 1: the canary (2 of 20), nudged, shown.
+        # Round 1: the canary (2 of 20, the first in stage order), nudged, shown.
         await task.run_once()
         canary = await assigned_uids(store, edge.id, rollout.id)
-        assert len(canary) == 2 and nudges.take_wanted() == {edge.id: canary}
+        ordered = order_targets(rollout.id, [uid(n) for n in range(20)])
+        assert canary == set(ordered[:2]) and nudges.take_wanted() == {edge.id: canary}
         assert shown[-1]["stage"] == 1 and shown[-1]["project"] == "edge"
         assert shown[-1]["counts"]["pending"] + shown[-1]["counts"]["applied"] == 2
         config_row = await store.get_opamp_config(edge.id, next(iter(canary)))
@@ -338,6 +340,33 @@ async def test_superseded_targets_settle_and_a_second_leader_cannot_assign_twice
                 actor="api",
                 now=NOW,
             )
+        # An agent that already runs the configuration shows applied at once,
+        # and the rollout completes without waiting for it to report.
+        await add_agent(
+            store,
+            edge.id,
+            9,
+            identifying={"service.name": "already"},
+            reported={"last_remote_config_hash": HASH, "status": "applied", "error_message": ""},
+        )
+        already = await store.create_opamp_rollout(
+            uuid.uuid4(),
+            project_id=edge.id,
+            selector={"service.name": "already"},
+            files=FILES,
+            config_hash=HASH,
+            canary_percent=100,
+            batch_size=1,
+            failure_threshold_percent=0,
+            actor="api",
+            now=NOW,
+        )
+        await Rollouts(store, BrainStats(), store_ready=ready, clock=lambda: NOW).run_once()
+        running = await store.get_opamp_config(edge.id, uid(9))
+        assert running is not None and running.status == "applied"
+        found = await store.get_opamp_rollout(already.id)
+        assert found is not None and found.state == "completed"
+
         # No targets at all: it completes on the first round.
         empty = await store.create_opamp_rollout(
             uuid.uuid4(),
