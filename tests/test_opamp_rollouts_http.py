@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 import pytest
+import trio
 
 from z4j.config import Config
 from z4j.protocol.opamp import AgentCapability, key_values
@@ -30,6 +31,7 @@ from z4j.testing.http import http_request
 pytest.importorskip("opentelemetry._opamp", reason="opentelemetry-opamp-client is not installed")
 pytest.importorskip("requests")
 
+from test_dashboard_hub import viewer
 from test_opamp_http import opamp_token, post, ready_brain, reply_of
 
 ACCEPTS = (
@@ -109,6 +111,18 @@ async def api(
     return reply.status, reply.json() if reply.body else None
 
 
+async def at_stage(
+    http: tuple[str, int], admin: str, path: str, n: int, state: str = "running"
+) -> None:
+    """Wait until the rollout at ``path`` shows stage ``n`` in ``state``."""
+
+    async def shown() -> bool:
+        _, body = await api(http, "GET", path, admin)
+        return bool(body["stage"] == n and body["state"] == state)
+
+    await wait_until(shown)
+
+
 async def poll_all(http: tuple[str, int], token: str, agents: list[Agent]) -> dict[bytes, bytes]:
     """Every agent polls once (answering any offer of its previous poll): who is offered what."""
     offered = {}
@@ -157,18 +171,11 @@ async def test_a_rollout_goes_canary_then_batches_and_a_failing_one_halts_itself
         assert rollout["config_hash"] == hash_of(YAML).hex()
         assert (rollout["canary_percent"], rollout["failure_threshold_percent"]) == (10, 10)
 
-        async def at_stage(n: int, state: str = "running") -> None:
-            async def shown() -> bool:
-                _, body = await api(http, "GET", path, admin)
-                return bool(body["stage"] == n and body["state"] == state)
-
-            await wait_until(shown)
-
         # The canary (3 of 30), then batches of 10: each stage is offered to
         # exactly its agents, and the next comes once they applied it.
         seen: set[bytes] = set()
         for stage, size in ((1, 3), (2, 10), (3, 10), (4, 7)):
-            await at_stage(stage)
+            await at_stage(http, admin, path, stage)
             offered = await poll_all(http, token, fleet)
             assert len(offered) == size and not set(offered) & seen, stage
             assert set(offered.values()) == {hash_of(YAML)}
@@ -176,7 +183,7 @@ async def test_a_rollout_goes_canary_then_batches_and_a_failing_one_halts_itself
             _, shown = await api(http, "GET", path, admin)
             assert shown["counts"]["pending"] == size
             await poll_all(http, token, fleet)  # they report APPLIED
-        await at_stage(4, "completed")
+        await at_stage(http, admin, path, 4, "completed")
         _, shown = await api(http, "GET", path, admin)
         assert shown["counts"] == {
             "pending": 0,
@@ -190,54 +197,30 @@ async def test_a_rollout_goes_canary_then_batches_and_a_failing_one_halts_itself
         assert [r["id"] for r in listed["items"]] == [rollout["id"]]
 
         # A configuration the agents fail: the canary applies it, the next
-        # batch fails it, and the rollout halts by itself.
-        for agent in prod:
-            agent.fail.add(hash_of(JSON))
-        status, failing = await api(
-            http,
-            "POST",
-            "/opamp/rollouts",
-            admin,
-            {
-                "project": "edge",
-                "selector": PROD,
-                "files": JSON,
-                "canary_percent": 10,
-                "batch_size": 10,
-                "failure_threshold_percent": 10,
-            },
-        )
-        assert status == 201
-        path = f"/opamp/rollouts/{failing['id']}"
-        await at_stage(1)
-        canary = await poll_all(http, token, fleet)
-        assert len(canary) == 3
-        for agent in prod:
-            if agent.uid in canary:
-                agent.fail.discard(hash_of(JSON))
-        await poll_all(http, token, fleet)
-        await at_stage(2)
-        batch = await poll_all(http, token, fleet)
-        assert len(batch) == 10 and not set(batch) & set(canary)
-        await poll_all(http, token, fleet)  # 10 of 13 report FAILED
-        await at_stage(2, "halted")
-        _, halted = await api(http, "GET", path, admin)
-        assert halted["counts"]["failed"] == 10 and halted["counts"]["applied"] == 3
-        assert "over the 10% threshold" in halted["halted_reason"]
-        # No further stage: only the 13 were ever offered this configuration.
-        await poll_all(http, token, fleet)
-        assert sum(hash_of(JSON) in a.offered for a in fleet) == 13
-        _, config_row = await api(
-            http, "GET", f"/opamp/agents/{next(iter(batch)).hex()}/config", admin
-        )
-        assert config_row["status"] == "failed"
-        assert config_row["error_message"] == "exporter otlp: unknown field"
-        assert config_row["rollout_id"] == failing["id"]
-        # Resume is refused once cancelled; halting a cancelled one too.
-        assert (await api(http, "POST", path + "/cancel", admin))[1]["state"] == "cancelled"
-        assert (await api(http, "POST", path + "/resume", admin))[0] == 409
-        assert (await api(http, "POST", "/opamp/rollouts/nope/halt", admin))[0] == 400
-        assert (await api(http, "POST", f"/opamp/rollouts/{uuid.uuid4()}/halt", admin))[0] == 404
+        # batch fails it, and the rollout halts by itself; the dashboard is
+        # shown each change.
+        async with viewer(http, admin) as v, trio.open_nursery() as watching:
+            shown: list[dict[str, Any]] = []
+
+            async def watch() -> None:
+                while True:
+                    shown.append((await v.next_message("opamp_rollout"))["rollout"])
+
+            watching.start_soon(watch)
+            failing = await fail_a_rollout(http, admin, token, prod, dev)
+
+            async def cancelled_shown() -> bool:
+                return any(r["id"] == failing["id"] and r["state"] == "cancelled" for r in shown)
+
+            await wait_until(cancelled_shown)
+            watching.cancel_scope.cancel()
+        mine = [r for r in shown if r["id"] == failing["id"]]
+        _, latest = await api(http, "GET", f"/opamp/rollouts/{failing['id']}", admin)
+        assert mine[-1] == latest  # the same JSON as the API's
+        moves = [(r["state"], r["stage"]) for r in mine]
+        for move in (("running", 0), ("running", 1), ("running", 2), ("halted", 2)):
+            assert move in moves, moves
+        assert moves.index(("halted", 2)) < moves.index(("cancelled", 2))
 
         _, audit = await api(http, "GET", "/audit?limit=500", admin)
         actions = [
@@ -271,3 +254,56 @@ async def test_a_rollout_goes_canary_then_batches_and_a_failing_one_halts_itself
             )
 
         await wait_until(gauged)
+
+
+async def fail_a_rollout(
+    http: tuple[str, int], admin: str, token: str, prod: list[Agent], dev: list[Agent]
+) -> dict[str, Any]:
+    """A rollout of JSON that every agent but the canary fails: halted at stage 2, cancelled."""
+    fleet = prod + dev
+    for agent in prod:
+        agent.fail.add(hash_of(JSON))
+    status, failing = await api(
+        http,
+        "POST",
+        "/opamp/rollouts",
+        admin,
+        {
+            "project": "edge",
+            "selector": PROD,
+            "files": JSON,
+            "canary_percent": 10,
+            "batch_size": 10,
+            "failure_threshold_percent": 10,
+        },
+    )
+    assert status == 201
+    path = f"/opamp/rollouts/{failing['id']}"
+    await at_stage(http, admin, path, 1)
+    canary = await poll_all(http, token, fleet)
+    assert len(canary) == 3
+    for agent in prod:
+        if agent.uid in canary:
+            agent.fail.discard(hash_of(JSON))
+    await poll_all(http, token, fleet)
+    await at_stage(http, admin, path, 2)
+    batch = await poll_all(http, token, fleet)
+    assert len(batch) == 10 and not set(batch) & set(canary)
+    await poll_all(http, token, fleet)  # 10 of 13 report FAILED
+    await at_stage(http, admin, path, 2, "halted")
+    _, halted = await api(http, "GET", path, admin)
+    assert halted["counts"]["failed"] == 10 and halted["counts"]["applied"] == 3
+    assert "over the 10% threshold" in halted["halted_reason"]
+    # No further stage: only the 13 were ever offered this configuration.
+    await poll_all(http, token, fleet)
+    assert sum(hash_of(JSON) in a.offered for a in fleet) == 13
+    _, config_row = await api(http, "GET", f"/opamp/agents/{next(iter(batch)).hex()}/config", admin)
+    assert config_row["status"] == "failed"
+    assert config_row["error_message"] == "exporter otlp: unknown field"
+    assert config_row["rollout_id"] == failing["id"]
+    # Cancelled: resuming it is refused; ids that are not rollouts.
+    assert (await api(http, "POST", path + "/cancel", admin))[1]["state"] == "cancelled"
+    assert (await api(http, "POST", path + "/resume", admin))[0] == 409
+    assert (await api(http, "POST", "/opamp/rollouts/nope/halt", admin))[0] == 400
+    assert (await api(http, "POST", f"/opamp/rollouts/{uuid.uuid4()}/halt", admin))[0] == 404
+    return failing

@@ -25,7 +25,7 @@ from .resources import to_json
 __all__ = ["MAX_BATCH_SIZE", "MAX_SELECTOR_KEYS", "OpampRolloutRoutes", "rollout_json"]
 
 MAX_SELECTOR_KEYS: Final = 32
-MAX_BATCH_SIZE: Final = 100_000
+MAX_BATCH_SIZE: Final = 10_000  # a stage is one transaction: three writes per agent
 _PERCENTS: Final = ("canary_percent", "failure_threshold_percent")
 _DEFAULTS: Final = {"canary_percent": 10, "batch_size": 100, "failure_threshold_percent": 10}
 # The operator's moves: path word -> (state to move to, audit actor's verb)

@@ -527,7 +527,7 @@ SCHEMAS: dict[str, Any] = {
             },
             "files": OPAMP_FILES,
             "canary_percent": {"type": "integer", "minimum": 0, "maximum": 100, "default": 10},
-            "batch_size": {"type": "integer", "minimum": 1, "maximum": 100000, "default": 100},
+            "batch_size": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 100},
             "failure_threshold_percent": {
                 "type": "integer",
                 "minimum": 0,
