@@ -138,11 +138,7 @@ class Api:
                 heartbeat_window_seconds=opamp_heartbeat_window_seconds,
                 nudges=opamp_nudges,
             ).routes(),
-            *(
-                OpampRolloutRoutes(store)
-                if on_opamp_rollout is None
-                else OpampRolloutRoutes(store, on_change=on_opamp_rollout)
-            ).routes(),
+            *OpampRolloutRoutes(store, on_change=on_opamp_rollout).routes(),
         ]:
             route(method, path, handler)
 

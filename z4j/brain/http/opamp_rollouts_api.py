@@ -28,7 +28,7 @@ MAX_SELECTOR_KEYS: Final = 32
 MAX_BATCH_SIZE: Final = 10_000  # a stage is one transaction: three writes per agent
 _PERCENTS: Final = ("canary_percent", "failure_threshold_percent")
 _DEFAULTS: Final = {"canary_percent": 10, "batch_size": 100, "failure_threshold_percent": 10}
-# The operator's moves: path word -> (state to move to, audit actor's verb)
+# The operator's moves: the path's last word -> the state it moves the rollout to
 _MOVES: Final = {"halt": "halted", "resume": "running", "cancel": "cancelled"}
 
 
@@ -50,13 +50,13 @@ class OpampRolloutRoutes:
         self,
         store: Store,
         *,
-        on_change: Callable[[dict[str, Any]], None] = _ignore,
+        on_change: Callable[[dict[str, Any]], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """``on_change``: called with a rollout's JSON after each change made
         here (the dashboard message, and a poke for the rollout task)."""
         self._store = store
-        self._on_change = on_change
+        self._on_change = on_change if on_change is not None else _ignore
         self._clock = clock
 
     def routes(self) -> list[tuple[str, str, Handler]]:
