@@ -7,8 +7,9 @@ the agents its selector matched; a second rollout whose agents report
 FAILED halts by itself past its threshold and assigns no further stage.
 The brain's own leader task advances the rollouts: the test waits for
 each stage to be shown, then checks exactly which agents are offered the
-configuration (a stage cannot move until its agents report, so what is
-offered after the wait is determined).
+configuration: a stage cannot move until its agents report, and only they
+poll while they report (`answer`), so what is offered after the wait is
+determined.
 """
 
 from __future__ import annotations
@@ -123,6 +124,12 @@ async def at_stage(
     await wait_until(shown)
 
 
+async def answer(http: tuple[str, int], token: str, agents: list[Agent]) -> None:
+    """The agents offered a configuration report on it, and no other agent polls: a
+    stage assigned meanwhile is first offered on the next `poll_all`."""
+    await poll_all(http, token, [a for a in agents if a.answer is not None])
+
+
 async def poll_all(http: tuple[str, int], token: str, agents: list[Agent]) -> dict[bytes, bytes]:
     """Every agent polls once (answering any offer of its previous poll): who is offered what."""
     offered = {}
@@ -182,7 +189,7 @@ async def test_a_rollout_goes_canary_then_batches_and_a_failing_one_halts_itself
             seen |= set(offered)
             _, shown = await api(http, "GET", path, admin)
             assert shown["counts"]["pending"] == size
-            await poll_all(http, token, fleet)  # they report APPLIED
+            await answer(http, token, fleet)  # they report APPLIED
         await at_stage(http, admin, path, 4, "completed")
         _, shown = await api(http, "GET", path, admin)
         assert shown["counts"] == {
@@ -200,6 +207,7 @@ async def test_a_rollout_goes_canary_then_batches_and_a_failing_one_halts_itself
         # batch fails it, and the rollout halts by itself; the dashboard is
         # shown each change.
         async with viewer(http, admin) as v, trio.open_nursery() as watching:
+            await v.next_message("hello")  # subscribed from here on
             shown: list[dict[str, Any]] = []
 
             async def watch() -> None:
@@ -285,11 +293,11 @@ async def fail_a_rollout(
     for agent in prod:
         if agent.uid in canary:
             agent.fail.discard(hash_of(JSON))
-    await poll_all(http, token, fleet)
+    await answer(http, token, fleet)
     await at_stage(http, admin, path, 2)
     batch = await poll_all(http, token, fleet)
     assert len(batch) == 10 and not set(batch) & set(canary)
-    await poll_all(http, token, fleet)  # 10 of 13 report FAILED
+    await answer(http, token, fleet)  # 10 of 13 report FAILED
     await at_stage(http, admin, path, 2, "halted")
     _, halted = await api(http, "GET", path, admin)
     assert halted["counts"]["failed"] == 10 and halted["counts"]["applied"] == 3

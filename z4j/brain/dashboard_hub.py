@@ -12,7 +12,9 @@ Messages are JSON text frames, each with a ``type``: ``hello``, ``events``
 ``instance`` (every heartbeat of this instance), ``agent`` (a worker
 connected or disconnected), ``opamp_agent`` (an OpAMP agent's row or its
 configuration's status was written: ids and what changed, the page reads
-the rest from the API). On replicas (``postgres_notify``) messages made
+the rest from the API), ``opamp_rollout`` (an OpAMP rollout created, moved
+by the API or the leader's rollout task, or its counts changed; the
+rollout as the API shows it). On replicas (``postgres_notify``) messages made
 here are also relayed to the others through the registry, and theirs
 arrive through `publish_local`.
 
