@@ -90,6 +90,13 @@ async def report(store: Store, project_id: uuid.UUID, uids: list[bytes], status:
         )
 
 
+def nudged(nudges: OpampNudges) -> set[tuple[uuid.UUID, bytes]]:
+    """The agents the task said were changed here (taken, as the WebSocket endpoint takes them)."""
+    wanted = nudges.take_wanted()
+    assert all(wanted.values())  # made here, not announced by another replica
+    return set(wanted)
+
+
 async def assigned_uids(store: Store, project_id: uuid.UUID, rollout_id: uuid.UUID) -> set[bytes]:
     return {
         bytes.fromhex(a.instance_uid)
@@ -162,7 +169,7 @@ async def test_a_rollout_goes_in_stages_halts_past_the_threshold_resumes_and_com
         await task.run_once()
         canary = await assigned_uids(store, edge.id, rollout.id)
         ordered = order_targets(rollout.id, [uid(n) for n in range(20)])
-        assert canary == set(ordered[:2]) and nudges.take_wanted() == {edge.id: canary}
+        assert canary == set(ordered[:2]) and nudged(nudges) == {(edge.id, u) for u in canary}
         assert shown[-1]["stage"] == 1 and shown[-1]["project"] == "edge"
         assert shown[-1]["counts"]["pending"] + shown[-1]["counts"]["applied"] == 2
         config_row = await store.get_opamp_config(edge.id, next(iter(canary)))
@@ -174,13 +181,13 @@ async def test_a_rollout_goes_in_stages_halts_past_the_threshold_resumes_and_com
         # Nothing reported: no new stage, nothing shown again.
         count = len(shown)
         await task.run_once()
-        assert len(shown) == count and nudges.take_wanted() == {}
+        assert len(shown) == count and nudged(nudges) == set()
 
         # The canary applies: stage 2 (5 more).
         await report(store, edge.id, sorted(canary), "applied")
         await task.run_once()
         second = await assigned_uids(store, edge.id, rollout.id) - canary
-        assert len(second) == 5 and nudges.take_wanted() == {edge.id: second}
+        assert len(second) == 5 and nudged(nudges) == {(edge.id, u) for u in second}
         # One failure in 7 (14%): under the threshold, stage 3 follows.
         failing = sorted(second)
         await report(store, edge.id, failing[:1], "failed")
