@@ -5,7 +5,8 @@ Many simulated agents speak raw ``AgentToServer`` protobufs to ``POST
 the canary first, then each batch once the one before applied it, and only
 the agents its selector matched; a second rollout whose agents report
 FAILED halts by itself past its threshold and assigns no further stage.
-The brain's own leader task advances the rollouts: the test waits for
+A WebSocket agent is pushed its stage unasked (the task nudges it). The
+brain's own leader task advances the rollouts: the test waits for
 each stage to be shown, then checks exactly which agents are offered the
 configuration: a stage cannot move until its agents report, and only they
 poll while they report (`answer`), so what is offered after the wait is
@@ -28,6 +29,7 @@ from z4j.protocol.opamp.remote_config import ConfigFile, config_hash
 from z4j.testing.agents import admin_token
 from z4j.testing.brain import wait_until
 from z4j.testing.http import http_request
+from z4j.testing.opamp import opamp_socket
 
 pytest.importorskip("opentelemetry._opamp", reason="opentelemetry-opamp-client is not installed")
 pytest.importorskip("requests")
@@ -315,3 +317,29 @@ async def fail_a_rollout(
     assert (await api(http, "POST", "/opamp/rollouts/nope/halt", admin))[0] == 400
     assert (await api(http, "POST", f"/opamp/rollouts/{uuid.uuid4()}/halt", admin))[0] == 404
     return failing
+
+
+async def test_a_websocket_agent_is_pushed_its_stage_unasked(config: Config) -> None:
+    token = await opamp_token(config, "edge")
+    admin = await admin_token(config)
+    agent = Agent(0, "prod")
+    async with ready_brain(config) as brain, opamp_socket(brain.addresses.http, token) as ws:
+        http = brain.addresses.http
+        first = pb.AgentToServer.FromString(agent.message())
+        assert not (await ws.exchange(first)).HasField("remote_config")
+        status, rollout = await api(
+            http,
+            "POST",
+            "/opamp/rollouts",
+            admin,
+            {"project": "edge", "selector": PROD, "files": YAML, "canary_percent": 100},
+        )
+        assert status == 201 and rollout["targets"] == 1
+        # The leader assigns the stage and nudges the agent's session: the
+        # configuration arrives without the agent asking.
+        with trio.fail_after(30):  # a bound on a hang, not a speed check
+            pushed = await ws.receive()
+        assert pushed.remote_config.config_hash == hash_of(YAML)
+        agent.answer = hash_of(YAML)
+        await ws.exchange(pb.AgentToServer.FromString(agent.message()))
+        await at_stage(http, admin, f"/opamp/rollouts/{rollout['id']}", 1, "completed")
