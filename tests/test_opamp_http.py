@@ -492,6 +492,9 @@ async def test_the_python_client_is_listed_online_offline_and_kept_across_a_rest
             assert (await listed() or {})["online"] is True
 
             await stop()
+            # The client's stop() queues agent_disconnect on its own thread;
+            # once the brain has it, the agent is offline at once.
+            await wait_until(lambda: brain.stats.opamp_messages["disconnect"] >= 1, timeout=30)
             item = await listed()
             assert item is not None and item["online"] is False
             assert item["disconnected_at"] is not None

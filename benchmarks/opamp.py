@@ -1,0 +1,678 @@
+"""OpAMP benchmark: idle WebSocket sessions, writes at rest, HTTP polls, a rollout.
+
+Run ``python benchmarks/opamp.py`` (``--help`` for the knobs; ``--agents
+1000`` for a quick look). Each figure is printed with its target and the
+ceiling it is measured against in the same run:
+
+(a) memory per idle OpAMP WebSocket session: the brain's RSS with N agents
+    connected (each sent its full report and got its reply) minus its RSS
+    before, over N. Ceiling: the same lean WebSocket stack
+    (`serve_http`, in its own process) holding N connections that each
+    exchanged one message with an app that does no OpAMP work.
+(b) store writes per second with the N agents heartbeating every
+    ``--heartbeat`` seconds and nothing changing, over ``--watch`` seconds:
+    write statements (``z4j_opamp_state_writes_total``: full rows,
+    last_seen flushes, configuration statuses), and the rows they wrote.
+(c) HTTP polls per second: ``--http-agents`` agents polling `/v1/opamp`
+    over keep-alive connections (each a heartbeat in sequence) against the
+    brain, and against hypercorn answering a fixed protobuf (the ceiling),
+    with the same client.
+(d) a rollout of one configuration to the N WebSocket agents until the
+    brain has every one APPLIED: ``POST /api/v1/opamp/rollouts`` with
+    every agent in one batch after the canary (a single PUT per agent
+    when the rollout API is not there); the agents apply at once.
+
+The brain is ``python -m z4j brain`` on its embedded SQLite store (or
+``--database-url``). Clients run in processes of their own (spawned), so
+what is measured is the server's process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import multiprocessing as mp
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import orjson
+import trio
+from _agents_common import rss_bytes
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    RejectConnection,
+    Request,
+)
+
+from z4j.protocol.opamp import AgentCapability
+from z4j.protocol.opamp import opamp_pb2 as pb
+from z4j.protocol.opamp.attributes import key_values
+
+TARGET_IDLE_BYTES = 16 * 1024
+TARGET_WRITES_PER_SECOND = 10.0
+TARGET_POLL_RATIO = 0.7
+TARGET_ROLLOUT_SECONDS = 10.0
+CAPS = int(
+    AgentCapability.REPORTS_STATUS
+    | AgentCapability.ACCEPTS_REMOTE_CONFIG
+    | AgentCapability.REPORTS_REMOTE_CONFIG
+    | AgentCapability.REPORTS_HEARTBEAT
+)
+FILES = {"otel.yaml": {"body": "exporters:\n  otlp: {}\n", "content_type": "text/yaml"}}
+
+
+def uid_of(i: int, salt: int) -> bytes:
+    return (salt << 64 | i).to_bytes(16, "big")
+
+
+def full_report(uid: bytes, seq: int) -> bytes:
+    message = pb.AgentToServer(instance_uid=uid, sequence_num=seq, capabilities=CAPS)
+    message.agent_description.identifying_attributes.extend(
+        key_values({"service.name": "bench", "service.instance.id": uid.hex()})
+    )
+    message.agent_description.non_identifying_attributes.extend(
+        key_values({"deployment.environment": "bench", "host.name": "bench-host"})
+    )
+    message.remote_config_status.status = pb.RemoteConfigStatus.STATUS_UNSET
+    return message.SerializeToString()
+
+
+def heartbeat(uid: bytes, seq: int) -> bytes:
+    return pb.AgentToServer(instance_uid=uid, sequence_num=seq).SerializeToString()
+
+
+def applied(uid: bytes, seq: int, digest: bytes) -> bytes:
+    message = pb.AgentToServer(instance_uid=uid, sequence_num=seq)
+    message.remote_config_status.last_remote_config_hash = digest
+    message.remote_config_status.status = pb.RemoteConfigStatus.STATUS_APPLIED
+    return message.SerializeToString()
+
+
+# -- the WebSocket agents (a spawned process) ---------------------------------------------
+
+
+def ws_agents(pipe: Connection, spec: dict[str, Any]) -> None:
+    trio.run(_ws_agents, pipe, spec)
+
+
+class _Agent:
+    """One raw OpAMP WebSocket agent: wsproto over a Trio socket."""
+
+    __slots__ = ("seq", "stream", "uid", "ws")
+
+    def __init__(self, stream: trio.SocketStream, ws: WSConnection, uid: bytes) -> None:
+        self.stream, self.ws, self.uid, self.seq = stream, ws, uid, 0
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(self.ws.send(BytesMessage(data=b"\x00" + data)))
+
+    async def receive(self) -> bytes | None:
+        """The next whole message (None: the server closed)."""
+        parts: list[bytes] = []
+        while True:
+            for event in self.ws.events():
+                if isinstance(event, BytesMessage):
+                    parts.append(bytes(event.data))
+                    if event.message_finished:
+                        return b"".join(parts)
+                elif isinstance(event, Ping):
+                    await self.stream.send_all(self.ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    return None
+            data = await self.stream.receive_some(65536)
+            if not data:
+                return None
+            self.ws.receive_data(data)
+
+
+async def _open(address: tuple[str, int], path: str, token: str, uid: bytes) -> _Agent:
+    stream = await trio.open_tcp_stream(*address)
+    ws = WSConnection(ConnectionType.CLIENT)
+    headers = [(b"authorization", f"Bearer {token}".encode())]
+    await stream.send_all(ws.send(Request(host="bench", target=path, extra_headers=headers)))
+    while True:
+        data = await stream.receive_some(65536)
+        if not data:
+            raise ConnectionError("closed during the handshake")
+        ws.receive_data(data)
+        for event in ws.events():
+            if isinstance(event, AcceptConnection):
+                return _Agent(stream, ws, uid)
+            if isinstance(event, RejectConnection):
+                raise ConnectionError(f"upgrade refused: {event.status_code}")
+
+
+async def _ws_agents(pipe: Connection, spec: dict[str, Any]) -> None:
+    """Connect ``agents`` agents (each sends its full report, reads the reply),
+    then heartbeat and apply what is pushed until told to stop."""
+    n, salt = spec["agents"], spec["salt"]
+    limit = trio.CapacityLimiter(200)
+    connected = trio.Event()
+    counts = {"connected": 0, "failed": 0, "applied": 0}
+    all_applied = trio.Event()
+    errors: list[str] = []
+
+    async def one(i: int) -> None:
+        uid = uid_of(i, salt)
+        agent: _Agent | None = None
+        try:
+            async with limit:
+                agent = await _open(tuple(spec["address"]), spec["path"], spec["token"], uid)
+                await agent.send(full_report(uid, 0))
+                if await agent.receive() is None:
+                    raise ConnectionError("closed after the first message")
+        except Exception as exc:
+            counts["failed"] += 1
+            if len(errors) < 5:
+                errors.append(repr(exc))
+            agent = None
+        else:
+            counts["connected"] += 1
+        if counts["connected"] + counts["failed"] == n:
+            connected.set()
+        if agent is None:
+            return
+        if spec["echo"]:
+            await trio.sleep_forever()  # the floor: hold the connection, nothing else
+
+        async def beat() -> None:
+            period = spec["heartbeat"]
+            await trio.sleep(random.random() * period)
+            while True:
+                agent.seq += 1
+                await agent.send(heartbeat(uid, agent.seq))
+                await trio.sleep(period)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(beat)
+            while (data := await agent.receive()) is not None:
+                reply = pb.ServerToAgent.FromString(data[1:])
+                if reply.HasField("remote_config"):
+                    agent.seq += 1
+                    await agent.send(applied(uid, agent.seq, reply.remote_config.config_hash))
+                    counts["applied"] += 1
+                    if counts["applied"] == n:
+                        all_applied.set()
+            nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(n):
+            nursery.start_soon(one, i)
+        await connected.wait()
+        pipe.send(("connected", dict(counts), errors))
+        while True:
+            command = await trio.to_thread.run_sync(pipe.recv)
+            if command == "stop":
+                break
+            if command == "applied":
+                with trio.move_on_after(120):
+                    await all_applied.wait()
+                pipe.send(("applied", time.time(), dict(counts)))
+        nursery.cancel_scope.cancel()
+
+
+class AgentsProcess:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        ctx = mp.get_context("spawn")
+        self.pipe, child = ctx.Pipe()
+        self.proc = ctx.Process(target=ws_agents, args=(child, spec), daemon=True)
+        self.proc.start()
+
+    def expect(self, what: str, timeout: float) -> tuple[Any, ...]:
+        if not self.pipe.poll(timeout):
+            raise TimeoutError(f"the agents did not report {what!r} within {timeout:g} s")
+        message: tuple[Any, ...] = self.pipe.recv()
+        assert message[0] == what, message
+        return message
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            self.pipe.send("stop")
+            self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+# -- the floor: the lean WebSocket stack with no OpAMP work (a spawned process) -----------
+
+
+def echo_server(pipe: Connection) -> None:
+    trio.run(_echo_server, pipe)
+
+
+async def _echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "websocket" or (await receive())["type"] != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+    reply = b"\x00" + pb.ServerToAgent(instance_uid=b"\x00" * 16).SerializeToString()
+    while (await receive())["type"] == "websocket.receive":
+        await send({"type": "websocket.send", "bytes": reply})
+
+
+async def _echo_server(pipe: Connection) -> None:
+    from z4j.brain.http.server import HealthChecks, build_app, serve_http
+    from z4j.config import load_config
+
+    config = load_config(
+        env={}, overrides={"http_bind": "127.0.0.1:0", "http_max_connections": 20_000}
+    )
+    async with trio.open_nursery() as nursery:
+        _, port = await nursery.start(
+            functools.partial(
+                serve_http,
+                config,
+                build_app(HealthChecks()),
+                shutdown=trio.Event(),
+                websockets={"/v1/opamp": _echo_app},
+            )
+        )
+        pipe.send(port)
+        await trio.to_thread.run_sync(pipe.recv)
+        nursery.cancel_scope.cancel()
+
+
+# -- HTTP polls (client: a spawned process; ceiling: hypercorn in another) ------------------
+
+
+def hypercorn_server(pipe: Connection) -> None:
+    trio.run(_hypercorn_server, pipe)
+
+
+async def _hypercorn_server(pipe: Connection) -> None:
+    from hypercorn.config import Config as HypercornConfig
+    from hypercorn.config import Sockets
+    from hypercorn.trio.run import worker_serve
+    from hypercorn.utils import wrap_app
+
+    from z4j._net import open_tcp_socket
+
+    body = pb.ServerToAgent(instance_uid=b"\x01" * 16, capabilities=0x7).SerializeToString()
+    headers = [
+        (b"content-type", b"application/x-protobuf"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    sock = open_tcp_socket("127.0.0.1:0", reuse_port=False)
+    hc = HypercornConfig()
+    hc.accesslog = None
+    sockets = Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            functools.partial(
+                worker_serve,
+                wrap_app(app, hc.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+                hc,
+                sockets=sockets,
+                shutdown_trigger=trio.sleep_forever,
+            )
+        )
+        pipe.send(sock.getsockname()[1])
+        await trio.to_thread.run_sync(pipe.recv)
+        nursery.cancel_scope.cancel()
+
+
+def poll_client(pipe: Connection, spec: dict[str, Any]) -> None:
+    trio.run(_poll_client, pipe, spec)
+
+
+async def _poll_client(pipe: Connection, spec: dict[str, Any]) -> None:
+    """``agents`` agents over ``connections`` keep-alive connections: each
+    connection polls for its agents in turn, one request at a time."""
+    address, token, seconds, warmup = (
+        tuple(spec["address"]),
+        spec["token"],
+        spec["seconds"],
+        spec["warmup"],
+    )
+    n, conns, salt = spec["agents"], spec["connections"], spec["salt"]
+    head = (
+        f"POST /v1/opamp HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n"
+        "Content-Type: application/x-protobuf\r\nContent-Length: "
+    ).encode()
+    done = {"polls": 0, "errors": 0}
+    counting = False
+    length_re = re.compile(rb"content-length: *(\d+)", re.I)
+
+    async def connection(c: int) -> None:
+        mine = [uid_of(i, salt) for i in range(c, n, conns)]
+        seqs = [0] * len(mine)
+        stream = await trio.open_tcp_stream(*address)
+        buffer = b""
+        k = 0
+        while True:
+            j = k % len(mine)
+            k += 1
+            body = full_report(mine[j], 0) if seqs[j] == 0 else heartbeat(mine[j], seqs[j])
+            seqs[j] += 1
+            await stream.send_all(head + str(len(body)).encode() + b"\r\n\r\n" + body)
+            while b"\r\n\r\n" not in buffer:
+                buffer += await stream.receive_some(65536)
+            header, _, buffer = buffer.partition(b"\r\n\r\n")
+            match = length_re.search(header)
+            size = int(match.group(1)) if match else 0
+            while len(buffer) < size:
+                buffer += await stream.receive_some(65536)
+            reply, buffer = buffer[:size], buffer[size:]
+            if not header.startswith(b"HTTP/1.1 200"):
+                done["errors"] += 1
+            elif counting:
+                done["polls"] += 1
+                flags = pb.ServerToAgent.FromString(reply).flags
+                if flags & 1:  # asked for the full state: send it next
+                    seqs[j] = 0
+
+    async with trio.open_nursery() as nursery:
+        for c in range(conns):
+            nursery.start_soon(connection, c)
+        await trio.sleep(warmup)
+        counting = True
+        start = time.perf_counter()
+        await trio.sleep(seconds)
+        counting = False
+        elapsed = time.perf_counter() - start
+        pipe.send((done["polls"] / elapsed, done["errors"]))
+        nursery.cancel_scope.cancel()
+
+
+def run_polls(
+    address: tuple[str, int], token: str, args: argparse.Namespace, salt: int
+) -> tuple[float, int]:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    spec = {
+        "address": address,
+        "token": token,
+        "agents": args.http_agents,
+        "connections": args.http_connections,
+        "seconds": args.poll_seconds,
+        "warmup": 3.0,
+        "salt": salt,
+    }
+    proc = ctx.Process(target=poll_client, args=(child, spec), daemon=True)
+    proc.start()
+    if not parent.poll(args.poll_seconds + 60):
+        proc.kill()
+        raise TimeoutError("the poll client did not report")
+    rate, errors = parent.recv()
+    proc.join(10)
+    return rate, errors
+
+
+# -- the brain -----------------------------------------------------------------------------
+
+
+class Brain:
+    def __init__(self, root: Path, args: argparse.Namespace) -> None:
+        from z4j.config import load_config
+        from z4j.testing import admin_token, opamp_token
+        from z4j.testing.brain import BrainProcess
+
+        self.data_dir = root / "data"
+        config = load_config(
+            env={}, overrides={"data_dir": self.data_dir, "database_url": args.database_url}
+        )
+        self.project = f"bench-{uuid.uuid4().hex[:8]}"
+        self.token = trio.run(opamp_token, config, self.project)
+        self.admin = trio.run(admin_token, config)
+        env = {
+            "Z4J_DATA_DIR": str(self.data_dir),
+            "Z4J_HTTP_BIND": "127.0.0.1:0",
+            "Z4J_INGEST_BIND": "127.0.0.1:0",
+            "Z4J_HTTP_MAX_CONNECTIONS": str(args.agents + 1000),
+            "Z4J_LOG_LEVEL": "INFO",
+        }
+        if args.database_url:
+            env["Z4J_DATABASE_URL"] = args.database_url
+        self.process = BrainProcess(env, log_path=root / "brain.log")
+        self.address = self.process.http
+        self.pid = self.process.proc.pid
+
+    async def get(self, path: str) -> Any:
+        from z4j.testing import http_request
+
+        reply = await http_request(
+            self.address, "GET", path, headers={"Authorization": f"Bearer {self.admin}"}
+        )
+        return reply
+
+    def metrics(self) -> dict[str, float]:
+        reply = trio.run(self.get, "/metrics")
+        values: dict[str, float] = {}
+        for line in reply.body.decode().splitlines():
+            if line.startswith("z4j_opamp_state_writes_total"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
+
+    async def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        from z4j.testing import http_request
+
+        reply = await http_request(
+            self.address,
+            method,
+            "/api/v1" + path,
+            body=b"" if body is None else orjson.dumps(body),
+            headers={"Authorization": f"Bearer {self.admin}"},
+        )
+        return reply.status, reply.json() if reply.body else None
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def writes(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:
+    """(write statements, rows) between two readings."""
+
+    def delta(kind: str) -> float:
+        key = f'z4j_opamp_state_writes_total{{kind="{kind}"}}'
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    statements = delta("full") + delta("last_seen") + delta("config_status")
+    rows = delta("full") + delta("last_seen_rows") + delta("config_status")
+    return statements, rows
+
+
+async def rollout(brain: Brain, salt: int, n: int) -> str:
+    """Start one configuration for every agent; how (rollout or PUTs)."""
+    status, body = await brain.api(
+        "POST",
+        "/opamp/rollouts",
+        {
+            "project": brain.project,
+            "selector": {"deployment.environment": "bench"},
+            "files": FILES,
+            "canary_percent": 1,
+            "batch_size": n,
+            "failure_threshold_percent": 10,
+        },
+    )
+    if status == 201:
+        return f"rollout {body['id']} (canary 1%, then one batch)"
+    limit = trio.CapacityLimiter(16)
+
+    async def put(i: int) -> None:
+        async with limit:
+            uid = uid_of(i, salt).hex()
+            code, _ = await brain.api(
+                "PUT", f"/opamp/agents/{uid}/config?project={brain.project}", {"files": FILES}
+            )
+            assert code == 200, code
+
+    async with trio.open_nursery() as nursery:
+        for i in range(n):
+            nursery.start_soon(put, i)
+    return f"{n} PUTs (the rollout API answered {status})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--agents", type=int, default=10_000, help="WebSocket agents for (a), (b), (d)"
+    )
+    parser.add_argument(
+        "--heartbeat", type=float, default=30.0, help="their heartbeat interval, seconds"
+    )
+    parser.add_argument(
+        "--watch", type=float, default=60.0, help="seconds of heartbeats counted in (b)"
+    )
+    parser.add_argument("--settle", type=float, default=5.0, help="seconds before reading RSS")
+    parser.add_argument("--http-agents", type=int, default=1000)
+    parser.add_argument("--http-connections", type=int, default=32)
+    parser.add_argument("--poll-seconds", type=float, default=10.0)
+    parser.add_argument("--database-url", default=None)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="z4j-bench-opamp-"))
+    salt = random.getrandbits(48)
+    n = args.agents
+    print(
+        f"OpAMP benchmark: {n} WebSocket agents, {os.cpu_count()} cores, store "
+        f"{'postgres' if args.database_url else 'sqlite'}"
+    )
+    try:
+        # (a) floor first: the lean stack with no OpAMP work.
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        echo = ctx.Process(target=echo_server, args=(child,), daemon=True)
+        echo.start()
+        port = parent.recv()
+        time.sleep(args.settle)
+        base = rss_bytes(echo.pid)
+        floor_agents = AgentsProcess(
+            {
+                "address": ("127.0.0.1", port),
+                "path": "/v1/opamp",
+                "token": "x",
+                "agents": n,
+                "salt": salt,
+                "heartbeat": args.heartbeat,
+                "echo": True,
+            }
+        )
+        _, counts, errors = floor_agents.expect("connected", 600)
+        time.sleep(args.settle)
+        floor = (rss_bytes(echo.pid) - base) / max(1, counts["connected"])
+        floor_agents.stop()
+        parent.send("stop")
+        echo.join(10)
+
+        brain = Brain(root, args)
+        try:
+            time.sleep(args.settle)
+            base = rss_bytes(brain.pid)
+            agents = AgentsProcess(
+                {
+                    "address": brain.address,
+                    "path": "/v1/opamp",
+                    "token": brain.token,
+                    "agents": n,
+                    "salt": salt,
+                    "heartbeat": args.heartbeat,
+                    "echo": False,
+                }
+            )
+            started = time.perf_counter()
+            _, counts, errors = agents.expect("connected", 900)
+            connect_seconds = time.perf_counter() - started
+            time.sleep(args.settle)
+            per_session = (rss_bytes(brain.pid) - base) / max(1, counts["connected"])
+            print(
+                f"\n(a) idle WebSocket sessions: {counts['connected']} connected in "
+                f"{connect_seconds:.1f} s ({counts['failed']} failed{': ' + errors[0] if errors else ''})"
+            )
+            print(
+                f"    brain RSS per session: {per_session / 1024:.1f} KiB (target <= "
+                f"{TARGET_IDLE_BYTES // 1024} KiB: {'PASS' if per_session <= TARGET_IDLE_BYTES else 'FAIL'})"
+            )
+            print(
+                f"    ceiling (the lean WebSocket stack, no OpAMP work): {floor / 1024:.1f} KiB;"
+                f" z4j / ceiling = {per_session / max(1.0, floor):.2f}x"
+            )
+
+            # (b) writes at rest
+            before = brain.metrics()
+            time.sleep(args.watch)
+            statements, rows = writes(before, brain.metrics())
+            per_second = statements / args.watch
+            print(
+                f"\n(b) {n} agents heartbeating every {args.heartbeat:g} s, nothing changing, "
+                f"{args.watch:g} s:"
+            )
+            print(
+                f"    write statements/s: {per_second:.2f} (target <= {TARGET_WRITES_PER_SECOND:g}: "
+                f"{'PASS' if per_second <= TARGET_WRITES_PER_SECOND else 'FAIL'}); rows/s "
+                f"{rows / args.watch:.1f}; heartbeats/s {n / args.heartbeat:.0f} (the ceiling: a "
+                f"write per heartbeat)"
+            )
+
+            # (d) rollout
+            started = time.perf_counter()
+            how = trio.run(rollout, brain, salt, n)
+            agents.pipe.send("applied")
+            _, _, counts = agents.expect("applied", 180)
+
+            async def all_applied() -> int:
+                _, page = await brain.api("GET", f"/opamp/agents?project={brain.project}")
+                return sum(
+                    1
+                    for a in page["items"]
+                    if (a.get("desired_config") or {}).get("status") == "applied"
+                )
+
+            while (done := trio.run(all_applied)) < n and time.perf_counter() - started < 300:
+                time.sleep(0.2)
+            seconds = time.perf_counter() - started
+            print(
+                f"\n(d) one configuration to {n} WebSocket agents by {how}: all APPLIED in the "
+                f"brain after {seconds:.1f} s ({done} applied; target <= {TARGET_ROLLOUT_SECONDS:g} s: "
+                f"{'PASS' if done == n and seconds <= TARGET_ROLLOUT_SECONDS else 'FAIL'})"
+            )
+            agents.stop()
+
+            # (c) HTTP polls
+            rate, poll_errors = run_polls(brain.address, brain.token, args, salt ^ 1)
+        finally:
+            brain.stop()
+        parent, child = ctx.Pipe()
+        ceiling_proc = ctx.Process(target=hypercorn_server, args=(child,), daemon=True)
+        ceiling_proc.start()
+        port = parent.recv()
+        ceiling, _ = run_polls(("127.0.0.1", port), "x", args, salt ^ 2)
+        parent.send("stop")
+        ceiling_proc.join(10)
+        ratio = rate / ceiling
+        print(
+            f"\n(c) HTTP polls/s, {args.http_agents} agents over {args.http_connections} keep-alive "
+            f"connections: brain {rate:.0f} ({poll_errors} errors), hypercorn with a fixed protobuf "
+            f"{ceiling:.0f}; ratio {ratio:.2f} (target >= {TARGET_POLL_RATIO}: "
+            f"{'PASS' if ratio >= TARGET_POLL_RATIO else 'FAIL'})"
+        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
