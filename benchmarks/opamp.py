@@ -307,6 +307,11 @@ async def _hypercorn_server(pipe: Connection) -> None:
     ]
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
         if scope["type"] != "http":
             return
         while (await receive()).get("more_body"):
@@ -346,7 +351,8 @@ async def _poll_client(pipe: Connection, spec: dict[str, Any]) -> None:
         spec["seconds"],
         spec["warmup"],
     )
-    n, conns, salt = spec["agents"], spec["connections"], spec["salt"]
+    n, salt = spec["agents"], spec["salt"]
+    conns = min(n, spec["connections"])
     head = (
         f"POST /v1/opamp HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n"
         "Content-Type: application/x-protobuf\r\nContent-Length: "

@@ -16,12 +16,14 @@ import orjson
 import pytest
 import trio
 
+from z4j import keys
 from z4j.config import Config
 from z4j.protocol.close import CloseCode
 from z4j.protocol.opamp import AgentCapability, ServerFlag, config_hash
 from z4j.protocol.opamp import opamp_pb2 as pb
 from z4j.protocol.opamp.attributes import key_values
 from z4j.protocol.opamp.remote_config import ConfigFile
+from z4j.store import store_for
 from z4j.testing import (
     OpampRejected,
     admin_token,
@@ -276,3 +278,25 @@ async def test_opamp_on_its_own_port_serves_opamp_and_nothing_else(config: Confi
         assert (await api(own, "GET", "/opamp/agents", admin))[0] == 404
         assert (await http_request(own, "GET", "/")).status == 404
         assert (await http_request(own, "GET", "/health/ready")).status == 200
+
+
+async def test_a_revoked_tokens_sessions_are_closed(config: Config) -> None:
+    config = make_config(config.data_dir, config.database_url, opamp_heartbeat_window_seconds=3)
+    token = await opamp_token(config, "ws")
+    async with running_brain(config) as brain:
+        http = brain.addresses.http
+        await ready(http)
+        async with opamp_socket(http, token) as ws:
+            await ws.exchange(hello())
+            store = store_for(config)
+            try:
+                digest = keys.opamp_token_hash(keys.master_secret(config), token)
+                assert await store.revoke_opamp_token(digest)
+            finally:
+                await store.aclose()
+            with trio.fail_after(30):  # a bound on a hang: the check runs each second here
+                assert await ws.closed() == CloseCode.REVOKED
+        with pytest.raises(OpampRejected) as rejected:
+            async with opamp_socket(http, token):
+                pass
+        assert rejected.value.status_code == 401

@@ -84,6 +84,8 @@ COUNT_SLICE: Final = 1_000  # fields counted between two looks at the event loop
 CONFIG_CACHE_BYTES: Final = 16 * 1024 * 1024  # desired configurations kept built, by hash
 FLUSH_SECONDS: Final = 1.0  # queued last_seen writes go out together this often
 TOUCHES_MAX: Final = 200_000  # queued last_seen writes; past it, a flush is due at once
+TOKEN_SECONDS: Final = 1.0  # a token's project is read again from the store this often
+TOKENS_MAX: Final = 10_000  # tokens whose project one process remembers
 
 
 def message_type(message: pb.AgentToServer) -> str:
@@ -187,6 +189,7 @@ class OpampFleet:
         self._flush_seconds = flush_seconds
         self._clock = clock
         self._skipped = _Skipped()
+        self._tokens: dict[bytes, tuple[uuid.UUID, float]] = {}
         # Agents heard by this process: the first message from any other is
         # not vouched for (`receive`), so it is asked for a full report once.
         self._heard_here: OrderedDict[tuple[uuid.UUID, bytes], None] = OrderedDict()
@@ -235,10 +238,36 @@ class OpampFleet:
     # -- what a transport asks ----------------------------------------------------------
 
     async def project_of(self, token: str | None) -> uuid.UUID | None:
-        """The project whose OpAMP token this is (None: no such token)."""
+        """The project whose OpAMP token this is (None: no such token).
+
+        A known token's project is kept for `TOKEN_SECONDS` (thousands of
+        agents poll with one token: one store read a second, not one per
+        poll), so a revoked token stops working within that time on every
+        replica. An unknown token is never kept: each try reads the store,
+        and a token made a moment ago works at once.
+        """
         if token is None:
             return None
-        return await self._store.opamp_token_project(keys.opamp_token_hash(self._master, token))
+        return await self.project_of_digest(self.token_digest(token))
+
+    def token_digest(self, token: str) -> bytes:
+        """How the store names a token (its keyed hash)."""
+        return keys.opamp_token_hash(self._master, token)
+
+    async def project_of_digest(self, digest: bytes) -> uuid.UUID | None:
+        """`project_of`, given the token's `token_digest`."""
+        now = trio.current_time()
+        known = self._tokens.get(digest)
+        if known is not None and now - known[1] < TOKEN_SECONDS:
+            return known[0]
+        project = await self._store.opamp_token_project(digest)
+        if project is None:
+            self._tokens.pop(digest, None)
+            return None
+        if len(self._tokens) >= TOKENS_MAX:
+            self._tokens.clear()
+        self._tokens[digest] = (project, now)
+        return project
 
     async def decode_heavy(self, body: bytes, encoding: str | None) -> pb.AgentToServer:
         """A heavy body's message: inflated on a worker thread (zlib lets go of

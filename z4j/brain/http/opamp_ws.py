@@ -22,7 +22,8 @@ module adds what a connection has and a poll has not:
    the API or a rollout, here or relayed from another replica), its
    session pushes it at once, unasked.
 5. While open, a session is a sign of life: `serve` queues every session's
-   ``last_seen`` each third of the heartbeat window (`OpampFleet.keep_alive`).
+   ``last_seen`` each third of the heartbeat window (`OpampFleet.keep_alive`),
+   and closes with 4003 the sessions whose token was revoked since.
 6. A session ends by close, shutdown (1001) or replacement; its claim is
    released. ``agent_disconnect`` marks the agent offline at once; a dropped
    connection leaves it online until the heartbeat window passes.
@@ -73,6 +74,7 @@ class OpampSession:
     __slots__ = (
         "capabilities_sent",
         "config_sent",
+        "digest",
         "kicked",
         "project_id",
         "scope",
@@ -83,8 +85,9 @@ class OpampSession:
         "uid",
     )
 
-    def __init__(self, project_id: uuid.UUID, send: Send) -> None:
+    def __init__(self, project_id: uuid.UUID, digest: bytes, send: Send) -> None:
         self.project_id = project_id
+        self.digest = digest  # of the token it was admitted with
         self.send = send
         self.uid: bytes | None = None  # from the first good message on
         self.state: AgentState | None = None  # after the first reply
@@ -179,9 +182,23 @@ class OpampSockets:
     async def _keep_alive_forever(self) -> None:
         while True:
             await trio.sleep(self._keep_alive_seconds)
-            for session in list(self.sessions.values()):
+            sessions = list(self.sessions.values())
+            for session in sessions:
                 if session.state is not None and session.state.connected:
                     self._fleet.keep_alive(session.project_id, session.state)
+            await self._close_revoked(sessions)
+
+    async def _close_revoked(self, sessions: list[OpampSession]) -> None:
+        """Close the sessions whose token was revoked since they connected (4003)."""
+        for digest in {session.digest for session in sessions}:
+            try:
+                if await self._fleet.project_of_digest(digest) is not None:
+                    continue
+            except StoreUnavailable:
+                return
+            for session in sessions:
+                if session.digest == digest:
+                    session.kick(CloseCode.REVOKED)
 
     # -- one connection ------------------------------------------------------------------
 
@@ -190,8 +207,9 @@ class OpampSockets:
             await _deny(send, 503, [(b"retry-after", b"5")])
             return
         token, _ = credentials(scope["headers"])
+        digest = b"" if token is None else self._fleet.token_digest(token)
         try:
-            project_id = await self._fleet.project_of(token)
+            project_id = None if token is None else await self._fleet.project_of_digest(digest)
         except StoreUnavailable:
             await _deny(send, 503, [(b"retry-after", b"5")])
             return
@@ -200,7 +218,7 @@ class OpampSockets:
             await _deny(send, 401, [(b"www-authenticate", b'Bearer realm="z4j opamp"')])
             return
         await send({"type": "websocket.accept"})
-        session = OpampSession(project_id, send)
+        session = OpampSession(project_id, digest, send)
         try:
             with session.scope:
                 await self._serve(session, receive)
