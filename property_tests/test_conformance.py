@@ -26,6 +26,7 @@ from property_tests.conformance.agent_wire import Binding, Signer, canonical_jso
 from property_tests.conformance.checks import CHECKS
 from property_tests.conformance.cli import _parser as suite_parser
 from property_tests.conformance.ingest_machine import ingest_machine
+from property_tests.conformance.opamp_machine import opamp_machine
 from property_tests.conformance.portal import TrioPortal
 from property_tests.conformance.profiles import machine_settings
 from property_tests.conformance.runner import run_machine
@@ -74,6 +75,14 @@ def test_ingest_protocol_v1(brain: ServedBrain, client: TrioPortal) -> None:
     machine = ingest_machine(brain.ingest_target(), brain.hooks(), client)
     run_machine(machine, machine_settings("ingest"))
     assert machine.exercised["ingest-acked-land-once"] > 0
+
+
+def test_opamp(brain: ServedBrain, client: TrioPortal) -> None:
+    """OpAMP over plain HTTP, with z4j's own policy checked too."""
+    machine = opamp_machine(brain.opamp_target(), client)
+    run_machine(machine, machine_settings("opamp"))
+    for rule in ("opamp-full-state", "opamp-z4j-full-state-policy", "opamp-too-large-413"):
+        assert machine.exercised[rule] > 0, rule
 
 
 @pytest.mark.parametrize("check", ["idle-4408", "worker-cap-4429", "revoked-4003"])

@@ -30,6 +30,7 @@ __all__ = [
     "AgentTarget",
     "Hooks",
     "IngestTarget",
+    "OpampTarget",
     "Timeouts",
     "shell_hooks",
     "wait_for",
@@ -84,6 +85,43 @@ class IngestTarget:
     # the example began, so exactly ``capacity`` payloads must be accepted.
     capacity: int | None = None
     fresh: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class OpampTarget:
+    """An OpAMP server's URL, a token it accepts, and what we were told of it.
+
+    ``z4j_policy``: check the rules only z4j promises (`rules.py` names
+    them), such as its exact ReportFullState policy.
+    """
+
+    scheme: str  # "http" or "https" (the plain HTTP transport)
+    host: str
+    port: int
+    path: str = "/v1/opamp"
+    token: str | None = None
+    max_message_bytes: int = 10 * MiB
+    z4j_policy: bool = False
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> OpampTarget:
+        """``http[s]://HOST[:PORT][/path]``; the path defaults to ``/v1/opamp``."""
+        scheme, _, rest = url.partition("://")
+        if scheme not in ("http", "https") or not rest:
+            raise ValueError(f"expected http://HOST:PORT/v1/opamp, got {url!r}")
+        address, slash, path = rest.partition("/")
+        host, colon, port = address.rpartition(":")
+        if not colon or "]" in port:  # no port given
+            host, port = address, "443" if scheme == "https" else "80"
+        if not host or not port.isdigit():
+            raise ValueError(f"expected http://HOST:PORT/v1/opamp, got {url!r}")
+        return cls(
+            scheme=scheme,
+            host=host.strip("[]"),
+            port=int(port),
+            path=f"/{path}" if slash and path else "/v1/opamp",
+            **kwargs,
+        )
 
 
 @attrs.frozen(kw_only=True)
