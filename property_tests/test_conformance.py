@@ -79,9 +79,15 @@ def test_ingest_protocol_v1(brain: ServedBrain, client: TrioPortal) -> None:
 
 def test_opamp(brain: ServedBrain, client: TrioPortal) -> None:
     """OpAMP over plain HTTP, with z4j's own policy checked too."""
-    machine = opamp_machine(brain.opamp_target(), client)
+    target = brain.opamp_target()
+    machine = opamp_machine(target, brain.opamp_hooks(target), client)
     run_machine(machine, machine_settings("opamp"))
-    for rule in ("opamp-full-state", "opamp-z4j-full-state-policy", "opamp-too-large-413"):
+    for rule in (
+        "opamp-full-state",
+        "opamp-z4j-full-state-policy",
+        "opamp-too-large-413",
+        "opamp-z4j-remote-config-offered",
+    ):
         assert machine.exercised[rule] > 0, rule
 
 

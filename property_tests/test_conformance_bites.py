@@ -596,7 +596,10 @@ def bite_opamp(brain: ServedBrain, suite: TrioPortal, rule: str) -> Violation:
     """The OpAMP machine, with z4j's own rules only when ``rule`` is one of them: a
     protocol rule must catch its breakage alone, as against any server."""
     target = brain.opamp_target(z4j_policy=RULES[rule].z4j)
-    return expect_bite(opamp_machine(target, suite, QUICK), "opamp", rule)
+    # Configurations pushed only where the rule is about them (a store write each).
+    hooks = brain.opamp_hooks(target) if "remote-config" in rule else Hooks()
+    machine = opamp_machine(target, hooks, suite, QUICK)
+    return expect_bite(machine, "opamp", rule)
 
 
 @pytest.mark.parametrize(
@@ -703,6 +706,23 @@ def test_opamp_z4j_full_state_policy_bites(
     monkeypatch.setattr(opamp_state, "MAX_FULL_STATE_REQUESTS", 5)
     violation = bite_opamp(brain, suite, "opamp-z4j-full-state-policy")
     assert "ask cycle 3" in violation.message, violation
+
+
+def test_opamp_z4j_remote_config_offered_bites(
+    brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken: a desired configuration is offered once, and not on the next poll."""
+    offered: set[bytes] = set()
+
+    def once(message: pb.AgentToServer, outcome: Any) -> None:
+        if outcome.reply.HasField("remote_config"):
+            key = message.instance_uid + outcome.reply.remote_config.config_hash
+            if key in offered:
+                outcome.reply.ClearField("remote_config")
+            offered.add(key)
+
+    wrap(opamp_http, "receive", _outcomes(once), monkeypatch)
+    bite_opamp(brain, suite, "opamp-z4j-remote-config-offered")
 
 
 def test_opamp_z4j_bad_request_200_bites(

@@ -105,6 +105,11 @@ def _parser() -> argparse.ArgumentParser:
     hooks.add_argument("--state-command", help="prints a command as JSON with 'state': {id}")
     hooks.add_argument("--revoke-command", help="revokes an agent: {agent_id}")
     hooks.add_argument(
+        "--opamp-config-command",
+        help="makes the OpAMP server want an agent to run a new configuration: "
+        "{instance_uid} (hex); may print its hash (hex)",
+    )
+    hooks.add_argument(
         "--check-revocation",
         action="store_true",
         help="revoke the agent at the end and check 4003 (the token is dead afterwards)",
@@ -123,19 +128,24 @@ def _hooks(args: argparse.Namespace) -> Hooks:
         mint=args.mint_command,
         state=args.state_command,
         revoke=args.revoke_command,
+        opamp_config=args.opamp_config_command,
     )
     if not args.z4j_store:
         return shell
     from z4j.config import load_config
 
-    from .z4j_hooks import store_hooks
+    from .z4j_hooks import opamp_config_hook, store_hooks
 
     overrides: dict[str, Any] = {}
     if args.data_dir is not None:
         overrides["data_dir"] = args.data_dir
     if args.database_url is not None:
         overrides["database_url"] = args.database_url
-    z4j = store_hooks(load_config(env=os.environ, overrides=overrides))
+    config = load_config(env=os.environ, overrides=overrides)
+    z4j = store_hooks(config)
+    opamp_config = shell.opamp_config
+    if opamp_config is None and args.opamp_url and args.opamp_token:
+        opamp_config = opamp_config_hook(config, args.opamp_token)
     # Command lines given explicitly win over the store.
     return Hooks(
         stored_events=shell.stored_events or z4j.stored_events,
@@ -144,6 +154,7 @@ def _hooks(args: argparse.Namespace) -> Hooks:
         command_state=shell.command_state or z4j.command_state,
         cancel_command=z4j.cancel_command,
         revoke_agent=shell.revoke_agent or z4j.revoke_agent,
+        opamp_config=opamp_config,
     )
 
 

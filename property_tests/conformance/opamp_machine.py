@@ -5,7 +5,9 @@ and connection) and sends what agents send: status reports, whole or
 compressed, in sequence or after a gap; requests for a new instance_uid;
 ``agent_disconnect``. Between them it sends what a server must refuse:
 malformed messages, and over HTTP a missing token, the wrong content type,
-a body or a gzip bomb over the size limit. Every reply is checked against
+a body or a gzip bomb over the size limit. With the `Hooks.opamp_config`
+hook it also has the server want agents to run a configuration, and some
+agents report it applied. Every reply is checked against
 the rules of opamp-spec that hold for any server (`rules.py`), and, for a
 target that asks for it (``z4j_policy``), against z4j's exact policy.
 
@@ -34,6 +36,7 @@ from .opamp_wire import (
     ACCEPTS_REMOTE_CONFIG,
     ACCEPTS_STATUS,
     BAD_REQUEST,
+    REMOTE_CONFIG_APPLIED,
     REPORT_FULL_STATE,
     REPORTS_EFFECTIVE_CONFIG,
     REPORTS_HEALTH,
@@ -48,7 +51,7 @@ from .opamp_wire import (
 )
 from .portal import TrioPortal
 from .strategies import ChoiceCount
-from .target import OpampTarget, Timeouts
+from .target import Hooks, OpampTarget, Timeouts
 from .transcript import Transcript, Violation
 
 __all__ = ["OpampMachine", "opamp_machine"]
@@ -102,6 +105,15 @@ class Agent:
     version: int = 0  # changes the status we report
     # z4j's policy: 0 when nothing is missing, else the place in its ask cycle.
     z4j_requests: int = 0
+    # Remote configuration: whether the server wants this agent to run one
+    # (through the hook), its hash once known, and the hash we reported APPLIED.
+    desired: bool = False
+    desired_hash: bytes | None = None
+    applied: bytes | None = None
+
+    @property
+    def accepts_config(self) -> bool:
+        return bool(self.capabilities & ACCEPTS_REMOTE_CONFIG)
 
 
 def _varint(value: int) -> bytes:
@@ -122,6 +134,7 @@ class OpampMachine(RuleBasedStateMachine):
     """Configured by `opamp_machine`; one instance per Hypothesis example."""
 
     target: ClassVar[OpampTarget]
+    hooks: ClassVar[Hooks]
     timeouts: ClassVar[Timeouts]
     portal: ClassVar[TrioPortal]
     exercised: ClassVar[Counter[str]]  # rule -> checks passed, over the whole run
@@ -190,6 +203,9 @@ class OpampMachine(RuleBasedStateMachine):
             file.content_type = "text/yaml"
         if "remote_config_status" in parts:
             message.remote_config_status.SetInParent()
+            if agent.applied is not None:
+                message.remote_config_status.last_remote_config_hash = agent.applied
+                message.remote_config_status.status = REMOTE_CONFIG_APPLIED
         return message
 
     def _seq(self, agent: Agent, data: st.DataObject) -> int:
@@ -245,7 +261,9 @@ class OpampMachine(RuleBasedStateMachine):
                     "AcceptsStatus missing",
                 )
             self.exercised["opamp-server-capabilities"] += 1
-        if not agent.capabilities & ACCEPTS_REMOTE_CONFIG:
+        if self.target.z4j_policy and self.hooks.opamp_config is not None:
+            self._z4j_offer(agent, message, found)
+        if not agent.accepts_config:
             if found.HasField("remote_config"):
                 raise self.fail(
                     "opamp-remote-config-accepted-only",
@@ -254,6 +272,40 @@ class OpampMachine(RuleBasedStateMachine):
             self.exercised["opamp-remote-config-accepted-only"] += 1
         self._full_state(agent, message, found)
         return found
+
+    def _z4j_offer(self, agent: Agent, message: pb.AgentToServer, reply: pb.ServerToAgent) -> None:
+        """z4j offers a desired configuration in every reply to an agent that accepts one,
+        until the agent reports its hash APPLIED (docs/opamp.md); never to one leaving."""
+        if not agent.accepts_config:
+            return  # the protocol rule, opamp-remote-config-accepted-only
+        leaving = message.HasField("agent_disconnect")
+        due = agent.desired and not leaving and agent.applied != agent.desired_hash
+        offered = reply.HasField("remote_config")
+        rule = "opamp-z4j-remote-config-offered"
+        if offered != due:
+            if not offered:
+                why = "desired through the hook, not reported APPLIED"
+            else:
+                why = (
+                    "leaving"
+                    if leaving
+                    else "reported APPLIED"
+                    if agent.desired
+                    else "none desired"
+                )
+            said = "offered" if offered else "not offered"
+            raise self.fail(rule, f"{agent.name}: a configuration {said} ({why})")
+        if offered:
+            got = reply.remote_config.config_hash
+            if agent.desired_hash is None:
+                agent.desired_hash = got  # the hook did not say: the first offer does
+            elif got != agent.desired_hash:
+                raise self.fail(
+                    rule,
+                    f"{agent.name}: offered config_hash {got.hex()}, not the desired "
+                    f"{agent.desired_hash.hex()}",
+                )
+        self.exercised[rule] += 1
 
     def _full_state(self, agent: Agent, message: pb.AgentToServer, reply: pb.ServerToAgent) -> None:
         """ReportFullState where the model knows it is due or not; the model moves on."""
@@ -360,6 +412,40 @@ class OpampMachine(RuleBasedStateMachine):
         for index in range(count):
             message = self._message(agent, seq + index, ())
             self._answered(agent, message, self._send(agent, message, gzip_body=False))
+
+    @precondition(lambda self: self.hooks.opamp_config is not None)
+    @rule(data=st.data())
+    def desire_config(self, data: st.DataObject) -> None:
+        """The server is told (out of band) to have an agent run a new configuration."""
+        agent = self._pick(data)
+        hook = self.hooks.opamp_config
+        assert hook is not None
+        self.transcript.step(f"desire_config({agent.name}: through the hook)")
+        found = hook(agent.uid.hex())
+        self.transcript.add(agent.name, "!", f"the hook says the new config_hash is {found}")
+        agent.desired = True
+        agent.desired_hash = None if found is None else bytes.fromhex(found)
+
+    @precondition(
+        lambda self: any(a.accepts_config and a.desired_hash is not None for a in self.agents)
+    )
+    @rule(data=st.data())
+    def apply_config(self, data: st.DataObject) -> None:
+        """An agent reports the configuration offered to it APPLIED (in sequence)."""
+        ready = [a.name for a in self.agents if a.accepts_config and a.desired_hash is not None]
+        name = data.draw(st.sampled_from(ready), label="agent")
+        agent = next(a for a in self.agents if a.name == name)
+        agent.applied = agent.desired_hash
+        parts = full_parts(agent.capabilities)
+        if not data.draw(st.booleans(), label="full report"):
+            parts = ("remote_config_status",)
+        seq = 0 if agent.seq is None else agent.seq + 1
+        self.transcript.step(f"apply_config({agent.name}: APPLIED)")
+        message = self._message(agent, seq, parts)
+        if "remote_config_status" not in parts:  # not promised, but an agent may say it
+            message.remote_config_status.last_remote_config_hash = agent.applied or b""
+            message.remote_config_status.status = REMOTE_CONFIG_APPLIED
+        self._answered(agent, message, self._send(agent, message, gzip_body=False))
 
     @rule(data=st.data())
     def request_instance_uid(self, data: st.DataObject) -> None:
@@ -518,11 +604,12 @@ def _is_valid(body: bytes) -> bool:
 
 
 def opamp_machine(
-    target: OpampTarget, portal: TrioPortal, timeouts: Timeouts | None = None
+    target: OpampTarget, hooks: Hooks, portal: TrioPortal, timeouts: Timeouts | None = None
 ) -> type[OpampMachine]:
     """The machine class for one target."""
     attributes = {
         "target": target,
+        "hooks": hooks,
         "portal": portal,
         "timeouts": timeouts or Timeouts(),
         "exercised": Counter(),

@@ -19,8 +19,10 @@ __all__ = [
     "ACCEPTS_REMOTE_CONFIG",
     "ACCEPTS_STATUS",
     "BAD_REQUEST",
+    "REMOTE_CONFIG_APPLIED",
     "REPORTS_EFFECTIVE_CONFIG",
     "REPORTS_HEALTH",
+    "REPORTS_HEARTBEAT",
     "REPORTS_REMOTE_CONFIG",
     "REPORTS_STATUS",
     "REPORT_FULL_STATE",
@@ -48,6 +50,8 @@ REQUEST_INSTANCE_UID: Final = 0x1
 REPORT_FULL_STATE: Final = 0x1
 # ServerErrorResponseType
 BAD_REQUEST: Final = 1
+# RemoteConfigStatuses
+REMOTE_CONFIG_APPLIED: Final = pb.RemoteConfigStatus.STATUS_APPLIED  # 1
 
 # The status parts a full report carries, and the capability that promises
 # each (the description is always part of it).

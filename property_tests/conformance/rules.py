@@ -267,6 +267,17 @@ RULES: Final[dict[str, Rule]] = {
             z4j=True,
         ),
         Rule(
+            name="opamp-z4j-remote-config-offered",
+            protocol="opamp",
+            checks="once a configuration is desired for an agent that accepts one, every reply "
+            "to it offers that configuration (its hash) until the agent reports it APPLIED, "
+            "and none after; none to an agent sending agent_disconnect",
+            page=f"{_Z4J_OPAMP}#remote-configuration",
+            needs="a z4j brain (--z4j-opamp) and a way to push configurations "
+            "(--opamp-config-command, or --z4j-store with --opamp-token)",
+            z4j=True,
+        ),
+        Rule(
             name="opamp-z4j-bad-request-200",
             protocol="opamp",
             checks="the BAD_REQUEST ServerToAgent comes with HTTP 200 (clients read a "

@@ -150,7 +150,7 @@ def run_suite(
         )
     if suite.opamp is not None:
         opamp = suite.opamp
-        machine("OpAMP", "opamp", lambda: opamp_machine(opamp, portal, timeouts), "opamp")
+        machine("OpAMP", "opamp", lambda: opamp_machine(opamp, hooks, portal, timeouts), "opamp")
     if suite.agent is not None:
         for name in suite.checks:
             outcome = Outcome(part=name, protocol="agent")
@@ -184,6 +184,8 @@ def _cannot(rule: str, suite: Suite) -> str | None:
         if RULES[rule].z4j and not suite.opamp.z4j_policy:
             return "z4j's own policy: checked with --z4j-opamp"
         if rule == "opamp-unauthorized-401" and suite.opamp.token is None:
+            return f"needs {RULES[rule].needs}"
+        if rule == "opamp-z4j-remote-config-offered" and hooks.opamp_config is None:
             return f"needs {RULES[rule].needs}"
         return None
     missing = {

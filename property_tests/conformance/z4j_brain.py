@@ -19,7 +19,7 @@ import functools
 import itertools
 import secrets
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,13 +29,13 @@ import trio
 
 from z4j import keys
 from z4j.config import Config
-from z4j.store import store_for
+from z4j.store import Store, store_for
 from z4j.testing.agents import provision
 from z4j.testing.brain import RunningBrain, make_config, running_brain
 
 from .portal import TaskGroup, TrioPortal
 from .target import AgentTarget, Hooks, IngestTarget, OpampTarget
-from .z4j_hooks import COMMAND_TIMEOUT_SECONDS, store_hooks
+from .z4j_hooks import COMMAND_TIMEOUT_SECONDS, opamp_config_hook, store_hooks
 
 __all__ = [
     "BACKPRESSURE_CAPACITY",
@@ -101,6 +101,7 @@ class ServedBrain:
         self.token = ""
         self.secret = ""
         self.agent_id = ""
+        self._store: Store | None = None  # for hooks, opened when first needed
 
     def new_agent(self) -> None:
         """Provision a fresh agent (its own project) and use its credentials from now on."""
@@ -148,6 +149,19 @@ class ServedBrain:
         )
         return attrs.evolve(target, **options)
 
+    def opamp_hooks(self, target: OpampTarget) -> Hooks:
+        """Configurations pushed through a store kept open on the brain's portal,
+        for ``target``'s token's project."""
+        assert target.token is not None
+        if self._store is None:
+            self._store = store_for(self.config, application_name="z4j-conformance")
+        store = self._store
+
+        def run(use: Callable[[Store], Awaitable[Any]]) -> Any:
+            return self.portal.run(use, store)
+
+        return Hooks(opamp_config=opamp_config_hook(self.config, target.token, run))
+
     def hooks(self, *, command_timeout: int = COMMAND_TIMEOUT_SECONDS) -> Hooks:
         """Store hooks, but commands minted by the brain itself (no sweep wait)."""
         commands = self.brain.addresses.commands
@@ -182,6 +196,8 @@ class ServedBrain:
         )
 
     def close(self) -> None:
+        if self._store is not None:
+            self.portal.run(self._store.aclose)
         self.portal.run(self._group.aclose)
 
 
