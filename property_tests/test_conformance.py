@@ -173,12 +173,18 @@ def test_the_command_line_keeps_a_secret_that_starts_with_a_dash() -> None:
         },
         profile="fast",
         max_examples=3,
+        opamp=("http://127.0.0.1:7700/v1/opamp", "-z4j_opamp"),
     )
     assert command[1:3] == ["-m", "property_tests"]
     args = suite_parser().parse_args(command[3:])
     assert (args.secret, args.token, args.max_examples) == (secret, "-z4j_token", 3)
     assert args.backpressure_ingest == ("127.0.0.1", 2408)
     assert (args.rate_token, args.rate_secret) == ("-z4j_rate", "-rate" + secret)
+    assert (args.opamp_url, args.opamp_token, args.z4j_opamp) == (
+        "http://127.0.0.1:7700/v1/opamp",
+        "-z4j_opamp",
+        True,
+    )
 
 
 @pytest.mark.slow
@@ -203,3 +209,7 @@ def test_the_command_line_against_brain_processes() -> None:
     assert results["ingest-backpressure"] == "passed", done.stdout
     assert results["handshake"] == "passed", done.stdout
     assert results["rate-limit-4429"] == "passed", done.stdout
+    # Every OpAMP message checks these; the rest is there to be reached (none skipped).
+    for rule in ("opamp-echo-uid", "opamp-z4j-full-state-policy"):
+        assert results[rule] == "passed", done.stdout
+    assert not [r for r, result in results.items() if r.startswith("opamp") and result == "skipped"]
