@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import secrets
 from collections import Counter
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import attrs
 from hypothesis import strategies as st
@@ -233,7 +233,9 @@ class OpampMachine(RuleBasedStateMachine):
 
     # -- what every answer to a valid message must be -------------------------------------
 
-    def _answered(self, agent: Agent, message: pb.AgentToServer, reply: OpampReply) -> Any:
+    def _answered(
+        self, agent: Agent, message: pb.AgentToServer, reply: OpampReply
+    ) -> pb.ServerToAgent:
         """The ServerToAgent of a valid message, checked against the rules every reply keeps."""
         found = reply.message
         if reply.status != 200 or found is None:
@@ -404,8 +406,8 @@ class OpampMachine(RuleBasedStateMachine):
     @rule(data=st.data(), count=st.integers(2, 6))
     def ignore_full_state(self, data: st.DataObject, count: int) -> None:
         """A client that misses a report, then does not answer ReportFullState: compressed
-        reports after a gap, then in sequence (a server must not ping-pong with it forever,
-        nor stop asking while it is behind)."""
+        reports after a gap, then in sequence. The first reply must ask (if the server held
+        its full status); how often after is the server's policy (z4j's is checked)."""
         agent = self._pick(data)
         self.transcript.step(f"ignore_full_state({agent.name}: a gap, then {count} compressed)")
         seq = 1 if agent.seq is None else agent.seq + 2
@@ -528,7 +530,8 @@ class OpampMachine(RuleBasedStateMachine):
         if _is_valid(body):  # the bytes drawn happen to make a message
             return
         self.transcript.step(f"malformed({how})")
-        what = "(not an AgentToServer)"
+        shown = body[:24].hex() + ("…" if len(body) > 24 else "")
+        what = f"(not an AgentToServer: {shown or 'no bytes'})"
         http = self.http
         if gzipped and http is not None:
             reply = self.portal.run(lambda: http.post(body, what=what, content_encoding="gzip"))
