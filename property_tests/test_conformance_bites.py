@@ -30,6 +30,7 @@ from hypothesis.stateful import RuleBasedStateMachine
 
 import z4j.brain.agents
 import z4j.brain.http.opamp as opamp_http
+import z4j.brain.opamp_fleet as opamp_fleet
 import z4j.protocol.agent.connection as connection
 import z4j.protocol.agent.signing as signing
 import z4j.protocol.opamp.state as opamp_state
@@ -622,7 +623,7 @@ def test_opamp_replies_bite(
     """Broken, in what the core answers: the reply's instance_uid reversed; no server
     capabilities; ReportFullState never set; a remote configuration offered to every
     agent; a second agent_disconnect answered BAD_REQUEST."""
-    wrap(opamp_http, "receive", _outcomes(change), monkeypatch)
+    wrap(opamp_fleet, "receive", _outcomes(change), monkeypatch)
     bite_opamp(brain, suite, rule)
 
 
@@ -639,7 +640,7 @@ def test_opamp_new_instance_uid_bites(
 
         return same_uid
 
-    wrap(opamp_http, "receive", make, monkeypatch)
+    wrap(opamp_fleet, "receive", make, monkeypatch)
     bite_opamp(brain, suite, "opamp-new-instance-uid")
 
 
@@ -651,7 +652,7 @@ def test_opamp_bad_request_bites(
     def crash(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("broken on purpose")
 
-    monkeypatch.setattr(opamp_http, "bad_request", crash)
+    monkeypatch.setattr(opamp_fleet, "bad_request", crash)
     bite_opamp(brain, suite, "opamp-bad-request")
 
 
@@ -725,7 +726,7 @@ def test_opamp_z4j_remote_config_offered_bites(
                 outcome.reply.ClearField("remote_config")
             offered.add(key)
 
-    wrap(opamp_http, "receive", _outcomes(once), monkeypatch)
+    wrap(opamp_fleet, "receive", _outcomes(once), monkeypatch)
     bite_opamp(brain, suite, "opamp-z4j-remote-config-offered")
 
 

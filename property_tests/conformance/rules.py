@@ -209,8 +209,7 @@ RULES: Final[dict[str, Rule]] = {
             name="opamp-full-state",
             protocol="opamp",
             checks="a compressed report after a sequence gap (or the first heard, with seq > 0) "
-            "gets ReportFullState; a full report in sequence does not, nor do the messages in "
-            "sequence after it",
+            "gets ReportFullState; a full report in sequence does not",
             page=f"{_OPAMP}: Agent Status Compression, AgentToServer.sequence_num",
         ),
         Rule(
@@ -260,8 +259,8 @@ RULES: Final[dict[str, Rule]] = {
             protocol="opamp",
             checks="ReportFullState exactly as z4j's rule table says: a suspect agent is asked "
             "in up to 3 replies in a row, then one goes without; a first message with seq 0, "
-            "a full report, or one in sequence with the description ends it; a disconnect is "
-            "never asked",
+            "a full report, or one in sequence with the description ends it; messages in "
+            "sequence are not asked; a disconnect is never asked (one brain process)",
             page="z4j/protocol/opamp/state.py (rule 5)",
             needs="a z4j brain (--z4j-opamp)",
             z4j=True,
