@@ -27,8 +27,9 @@ def property(session: nox.Session) -> None:
 def conformance(session: nox.Session) -> None:
     """The protocol conformance suite against ``z4j brain`` processes (``ci``; ``-- deep``).
 
-    Starts a brain and a brain whose store is down, provisions an agent, and
-    runs ``python -m property_tests`` against them; see docs/conformance.md.
+    Starts a brain, a brain whose store is down and one with a low frame rate
+    limit, provisions agents and an OpAMP token, and runs ``python -m
+    property_tests`` against them (OpAMP included); see docs/conformance.md.
     """
     session.install("-e", ".[test]")
     profile = session.posargs[0] if session.posargs else "ci"

@@ -26,6 +26,7 @@ from property_tests.conformance.agent_wire import Binding, Signer, canonical_jso
 from property_tests.conformance.checks import CHECKS
 from property_tests.conformance.cli import _parser as suite_parser
 from property_tests.conformance.ingest_machine import ingest_machine
+from property_tests.conformance.opamp_machine import opamp_machine
 from property_tests.conformance.portal import TrioPortal
 from property_tests.conformance.profiles import machine_settings
 from property_tests.conformance.runner import run_machine
@@ -74,6 +75,20 @@ def test_ingest_protocol_v1(brain: ServedBrain, client: TrioPortal) -> None:
     machine = ingest_machine(brain.ingest_target(), brain.hooks(), client)
     run_machine(machine, machine_settings("ingest"))
     assert machine.exercised["ingest-acked-land-once"] > 0
+
+
+def test_opamp(brain: ServedBrain, client: TrioPortal) -> None:
+    """OpAMP over plain HTTP, with z4j's own policy checked too."""
+    target = brain.opamp_target()
+    machine = opamp_machine(target, brain.opamp_hooks(target), client)
+    run_machine(machine, machine_settings("opamp"))
+    for rule in (
+        "opamp-full-state",
+        "opamp-z4j-full-state-policy",
+        "opamp-too-large-413",
+        "opamp-z4j-remote-config-offered",
+    ):
+        assert machine.exercised[rule] > 0, rule
 
 
 @pytest.mark.parametrize("check", ["idle-4408", "worker-cap-4429", "revoked-4003"])
@@ -158,12 +173,18 @@ def test_the_command_line_keeps_a_secret_that_starts_with_a_dash() -> None:
         },
         profile="fast",
         max_examples=3,
+        opamp=("http://127.0.0.1:7700/v1/opamp", "-z4j_opamp"),
     )
     assert command[1:3] == ["-m", "property_tests"]
     args = suite_parser().parse_args(command[3:])
     assert (args.secret, args.token, args.max_examples) == (secret, "-z4j_token", 3)
     assert args.backpressure_ingest == ("127.0.0.1", 2408)
     assert (args.rate_token, args.rate_secret) == ("-z4j_rate", "-rate" + secret)
+    assert (args.opamp_url, args.opamp_token, args.z4j_opamp) == (
+        "http://127.0.0.1:7700/v1/opamp",
+        "-z4j_opamp",
+        True,
+    )
 
 
 @pytest.mark.slow
@@ -188,3 +209,7 @@ def test_the_command_line_against_brain_processes() -> None:
     assert results["ingest-backpressure"] == "passed", done.stdout
     assert results["handshake"] == "passed", done.stdout
     assert results["rate-limit-4429"] == "passed", done.stdout
+    # Every OpAMP message checks these; the rest is there to be reached (none skipped).
+    for rule in ("opamp-echo-uid", "opamp-z4j-full-state-policy"):
+        assert results[rule] == "passed", done.stdout
+    assert not [r for r, result in results.items() if r.startswith("opamp") and result == "skipped"]

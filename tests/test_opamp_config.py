@@ -253,6 +253,29 @@ async def test_the_configuration_follows_an_agent_given_a_new_id(config: Config)
         assert (await api(http, "GET", path + "?project=a", admin))[0] == 404
 
 
+async def test_the_configuration_follows_a_new_agent_given_a_new_id_at_once(
+    config: Config,
+) -> None:
+    """Pushed before the agent is heard from, whose first message asks for a new id:
+    the configuration moves with it (found by the conformance suite: it stayed behind)."""
+    token = await opamp_token(config, "a")
+    admin = await admin_token(config)
+    async with ready_brain(config) as brain:
+        http = brain.addresses.http
+        path = f"/opamp/agents/{UID.hex()}/config"
+        assert (await api(http, "PUT", path + "?project=a", admin, {"files": YAML}))[0] == 200
+        ask = pb.AgentToServer.FromString(message(0))
+        ask.flags = AgentFlag.REQUEST_INSTANCE_UID
+        reply = reply_of(await post(http, ask.SerializeToString(), token))
+        new = reply.agent_identification.new_instance_uid
+        assert len(new) == 16 and reply.remote_config.config_hash == hash_of(YAML)
+        reply = reply_of(await post(http, message(1, uid=new), token))
+        assert reply.remote_config.config_hash == hash_of(YAML)
+        status, shown = await api(http, "GET", f"/opamp/agents/{new.hex()}/config", admin)
+        assert status == 200 and shown["config_hash"] == hash_of(YAML).hex()
+        assert (await api(http, "GET", path + "?project=a", admin))[0] == 404
+
+
 async def test_validation_errors_are_400_with_a_reason(config: Config) -> None:
     await opamp_token(config, "a")
     admin = await admin_token(config)

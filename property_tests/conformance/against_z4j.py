@@ -4,8 +4,9 @@ This is what ``nox -s conformance`` runs, and what a person would do by
 hand (docs/conformance.md): three ``z4j brain`` processes, one normal, one
 whose store is down (its buffer only fills, for the backpressure rule) and
 one whose frame rate limit is low (for the frame rate check), an agent
-provisioned in the first and the third one's stores, and the suite's
-command line with every hook pointed at the first one's store.
+provisioned in the first and the third one's stores, an OpAMP token in the
+first one's, and the suite's command line with every hook pointed at the
+first one's store.
 
     python -m property_tests.conformance.against_z4j [--profile ci] [--database-url URL]
 """
@@ -30,7 +31,7 @@ from z4j.testing.agents import provision
 from z4j.testing.brain import BrainProcess
 
 from .profiles import PROFILES
-from .z4j_brain import BACKPRESSURE_CAPACITY, DOWN_STORE_URL, LIMITS, RATE_LIMITS
+from .z4j_brain import BACKPRESSURE_CAPACITY, DOWN_STORE_URL, LIMITS, RATE_LIMITS, opamp_token
 
 __all__ = ["main", "suite_command"]
 
@@ -58,11 +59,12 @@ def suite_command(
     env: dict[str, str],
     profile: str,
     max_examples: int | None,
+    opamp: tuple[str, str] | None = None,
 ) -> list[str]:
     """The ``python -m property_tests`` command line for brains started with ``env``.
 
     ``rate`` is the frame rate brain's agent URL, token and secret; it runs
-    with `RATE_SETTINGS`.
+    with `RATE_SETTINGS`. ``opamp`` is the first brain's OpAMP URL and a token.
     """
     rate_url, rate_token, rate_secret = rate
     command = [
@@ -83,6 +85,12 @@ def suite_command(
         f"--backpressure-capacity={BACKPRESSURE_CAPACITY}",
         *("--z4j-store", "--check-revocation", f"--profile={profile}"),
     ]
+    if opamp is not None:
+        url, token = opamp
+        limit = env.get("Z4J_OPAMP_MAX_MESSAGE_BYTES")
+        command += [f"--opamp-url={url}", f"--opamp-token={token}", "--z4j-opamp"]
+        if limit is not None:
+            command.append(f"--opamp-max-message-bytes={limit}")
     if max_examples is not None:
         command.append(f"--max-examples={max_examples}")
     return command
@@ -123,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         token, secret, _ = trio.run(
             functools.partial(provision, load_config(env=env), project="conformance")
         )
+        token_opamp = trio.run(opamp_token, load_config(env=env), "conformance-opamp")
         rate_token, rate_secret, _ = trio.run(
             functools.partial(provision, load_config(env=rate_env), project="conformance")
         )
@@ -136,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             env=env,
             profile=args.profile,
             max_examples=args.max_examples,
+            opamp=("http://{}:{}/v1/opamp".format(*brain.http), token_opamp),
         )
         print("$", " ".join(command), flush=True)
         suite_env = {k: v for k, v in os.environ.items() if not k.startswith("Z4J_")}

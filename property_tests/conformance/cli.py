@@ -2,6 +2,7 @@
 
     python -m property_tests --agent-url ws://127.0.0.1:7700/ws/agent \\
         --token z4j_… --secret=… --ingest 127.0.0.1:2407 [--profile ci]
+    python -m property_tests --opamp-url http://127.0.0.1:7700/v1/opamp --opamp-token z4j_opamp_…
 
 Exit status: 0 when every rule that could be checked held, 1 when one
 failed, 2 for a usage error. See docs/conformance.md.
@@ -22,7 +23,7 @@ from hypothesis import settings
 from .portal import TrioPortal
 from .profiles import PROFILES, register_profiles
 from .runner import Outcome, Suite, find_violation, rule_results, run_suite
-from .target import AgentTarget, Hooks, IngestTarget, shell_hooks
+from .target import AgentTarget, Hooks, IngestTarget, OpampTarget, shell_hooks
 
 __all__ = ["main"]
 
@@ -37,7 +38,8 @@ def _address(text: str) -> tuple[str, int]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m property_tests",
-        description="Check a running brain against agent protocol v2 and ingest protocol v1.",
+        description="Check a running brain against agent protocol v2 and ingest protocol v1, "
+        "and any OpAMP server against the OpAMP specification.",
         epilog="Rules that need something the target does not give are skipped, and said so.",
     )
     target = parser.add_argument_group("the target")
@@ -46,6 +48,27 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--secret", help="that agent's project signing secret")
     target.add_argument("--ingest", type=_address, help="the ingest port, HOST:PORT")
     target.add_argument("--ingest-token", help="the ingest token, if the brain has one")
+    opamp = parser.add_argument_group("OpAMP: any server's plain HTTP transport")
+    opamp.add_argument(
+        "--opamp-url", help="the OpAMP endpoint, http[s]://HOST:PORT/v1/opamp (any OpAMP server)"
+    )
+    opamp.add_argument(
+        "--opamp-token",
+        help="a bearer token it accepts (a project of its own: the suite makes agents there); "
+        "without one, no Authorization is sent and the 401 rule is skipped",
+    )
+    opamp.add_argument(
+        "--opamp-max-message-bytes",
+        type=int,
+        default=10 * 1024 * 1024,
+        help="the server's message limit, for the 413 rule (default 10 MiB)",
+    )
+    opamp.add_argument(
+        "--z4j-opamp",
+        action="store_true",
+        help="the OpAMP server is a z4j brain: also check z4j's own policy (its exact "
+        "ReportFullState cycle, BAD_REQUEST with HTTP 200)",
+    )
     limits = parser.add_argument_group("what the target's limits are (to check them)")
     limits.add_argument("--worker-cap", type=int, default=64, help="workers per agent (0: unknown)")
     limits.add_argument(
@@ -82,6 +105,11 @@ def _parser() -> argparse.ArgumentParser:
     hooks.add_argument("--state-command", help="prints a command as JSON with 'state': {id}")
     hooks.add_argument("--revoke-command", help="revokes an agent: {agent_id}")
     hooks.add_argument(
+        "--opamp-config-command",
+        help="makes the OpAMP server want an agent to run a new configuration: "
+        "{instance_uid} (hex); may print its hash (hex)",
+    )
+    hooks.add_argument(
         "--check-revocation",
         action="store_true",
         help="revoke the agent at the end and check 4003 (the token is dead afterwards)",
@@ -100,19 +128,24 @@ def _hooks(args: argparse.Namespace) -> Hooks:
         mint=args.mint_command,
         state=args.state_command,
         revoke=args.revoke_command,
+        opamp_config=args.opamp_config_command,
     )
     if not args.z4j_store:
         return shell
     from z4j.config import load_config
 
-    from .z4j_hooks import store_hooks
+    from .z4j_hooks import opamp_config_hook, store_hooks
 
     overrides: dict[str, Any] = {}
     if args.data_dir is not None:
         overrides["data_dir"] = args.data_dir
     if args.database_url is not None:
         overrides["database_url"] = args.database_url
-    z4j = store_hooks(load_config(env=os.environ, overrides=overrides))
+    config = load_config(env=os.environ, overrides=overrides)
+    z4j = store_hooks(config)
+    opamp_config = shell.opamp_config
+    if opamp_config is None and args.opamp_url and args.opamp_token:
+        opamp_config = opamp_config_hook(config, args.opamp_token)
     # Command lines given explicitly win over the store.
     return Hooks(
         stored_events=shell.stored_events or z4j.stored_events,
@@ -121,11 +154,22 @@ def _hooks(args: argparse.Namespace) -> Hooks:
         command_state=shell.command_state or z4j.command_state,
         cancel_command=z4j.cancel_command,
         revoke_agent=shell.revoke_agent or z4j.revoke_agent,
+        opamp_config=opamp_config,
     )
 
 
 def _suite(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Suite:
-    agent = rate_agent = ingest = backpressure = None
+    agent = rate_agent = ingest = backpressure = opamp = None
+    if args.opamp_url:
+        try:
+            opamp = OpampTarget.from_url(
+                args.opamp_url,
+                token=args.opamp_token,
+                max_message_bytes=args.opamp_max_message_bytes,
+                z4j_policy=args.z4j_opamp,
+            )
+        except ValueError as exc:
+            parser.error(str(exc))
     if args.rate_agent_url:
         if not (args.rate_token and args.rate_secret):
             parser.error("--rate-agent-url needs --rate-token and --rate-secret")
@@ -173,8 +217,10 @@ def _suite(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Suite:
             max_frame_bytes=args.max_frame_bytes,
             capacity=args.backpressure_capacity,
         )
-    if agent is None and ingest is None and backpressure is None:
-        parser.error("give at least one target: --agent-url, --ingest, --backpressure-ingest")
+    if agent is None and ingest is None and backpressure is None and opamp is None:
+        parser.error(
+            "give at least one target: --agent-url, --ingest, --backpressure-ingest, --opamp-url"
+        )
     checks: tuple[str, ...] = ("idle-4408", "worker-cap-4429", "rate-limit-4429")
     if args.check_revocation:
         checks += ("revoked-4003",)
@@ -183,6 +229,7 @@ def _suite(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Suite:
         rate_agent=rate_agent,
         ingest=ingest,
         backpressure=backpressure,
+        opamp=opamp,
         hooks=_hooks(args),
         checks=checks,
     )

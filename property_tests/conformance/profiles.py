@@ -24,6 +24,7 @@ _SHARES: Final = {
     "agent": (4, 25),
     "ingest": (4, 15),
     "backpressure": (5, 12),
+    "opamp": (2, 20),
 }
 
 

@@ -3,7 +3,10 @@
 A `Violation` names the rule it breaks, the CLI reports per rule, and the
 bite tests break one behaviour each and expect its rule to fail. The
 "page" is where the behaviour is written down: docs/agent-protocol.md and
-docs/ingest-protocol.md (which follow /shared/design/PROTOCOL-*.md).
+docs/ingest-protocol.md (which follow /shared/design/PROTOCOL-*.md), and
+for OpAMP the specification (opamp-spec's specification.md), or
+docs/opamp.md for the rules only z4j promises (``z4j``: checked only when
+the target says it is a z4j brain, ``--z4j-opamp``).
 """
 
 from __future__ import annotations
@@ -18,14 +21,17 @@ __all__ = ["RULES", "Rule"]
 @attrs.frozen(kw_only=True)
 class Rule:
     name: str
-    protocol: str  # "agent" or "ingest"
+    protocol: str  # "agent", "ingest" or "opamp"
     checks: str
     page: str  # the section of the protocol page that says so
     needs: str = ""  # what the target must provide, if anything
+    z4j: bool = False  # z4j's own policy, beyond the protocol: checked when asked
 
 
 _AGENT = "docs/agent-protocol.md"
 _INGEST = "docs/ingest-protocol.md"
+_OPAMP = "opamp-spec specification.md"
+_Z4J_OPAMP = "docs/opamp.md"
 
 RULES: Final[dict[str, Rule]] = {
     rule.name: rule
@@ -177,6 +183,107 @@ RULES: Final[dict[str, Rule]] = {
             "is refused afterwards",
             page=f"{_AGENT}#workers",
             needs="a way to revoke the agent (--revoke-command or --z4j-store); runs last",
+        ),
+        Rule(
+            name="opamp-echo-uid",
+            protocol="opamp",
+            checks="every valid AgentToServer is answered (HTTP 200) with a ServerToAgent "
+            "without error_response whose instance_uid is the message's 16 bytes",
+            page=f"{_OPAMP}: ServerToAgent.instance_uid",
+        ),
+        Rule(
+            name="opamp-server-capabilities",
+            protocol="opamp",
+            checks="every HTTP reply carries the server's capabilities, AcceptsStatus set",
+            page=f"{_OPAMP}: ServerToAgent.capabilities",
+        ),
+        Rule(
+            name="opamp-bad-request",
+            protocol="opamp",
+            checks="bytes that are not an AgentToServer with a 16-byte instance_uid (random, "
+            "cut short, invalid UTF-8, a wrong wire type, bad gzip) get a ServerToAgent whose "
+            "error_response is BAD_REQUEST, never a 5xx",
+            page=f"{_OPAMP}: Throttling and errors, ServerErrorResponse",
+        ),
+        Rule(
+            name="opamp-full-state",
+            protocol="opamp",
+            checks="a compressed report after a sequence gap (or the first heard, with seq > 0) "
+            "gets ReportFullState; a full report in sequence does not",
+            page=f"{_OPAMP}: Agent Status Compression, AgentToServer.sequence_num",
+        ),
+        Rule(
+            name="opamp-new-instance-uid",
+            protocol="opamp",
+            checks="RequestInstanceUid is answered with agent_identification carrying a new "
+            "16-byte instance_uid, under which the agent is then answered",
+            page=f"{_OPAMP}: AgentToServer.flags, AgentIdentification",
+        ),
+        Rule(
+            name="opamp-disconnect-idempotent",
+            protocol="opamp",
+            checks="agent_disconnect is answered without error, and so is a second one",
+            page=f"{_OPAMP}: AgentDisconnect",
+        ),
+        Rule(
+            name="opamp-remote-config-accepted-only",
+            protocol="opamp",
+            checks="no reply to an agent whose capabilities lack AcceptsRemoteConfig carries "
+            "remote_config",
+            page=f"{_OPAMP}: AgentCapabilities, AgentRemoteConfig",
+        ),
+        Rule(
+            name="opamp-unauthorized-401",
+            protocol="opamp",
+            checks="a request without the bearer token, or with an unknown one, gets 401",
+            page=f"{_Z4J_OPAMP}#pointing-a-client-at-the-brain",
+            needs="an HTTP target and its token (--opamp-url, --opamp-token)",
+        ),
+        Rule(
+            name="opamp-content-type-415",
+            protocol="opamp",
+            checks="a Content-Type other than application/x-protobuf (or none) gets 415",
+            page=f"{_OPAMP}: Plain HTTP Transport",
+            needs="an HTTP target",
+        ),
+        Rule(
+            name="opamp-too-large-413",
+            protocol="opamp",
+            checks="a body over the server's message limit, or a gzip body inflating past it, "
+            "gets 413",
+            page=f"{_Z4J_OPAMP}#limits",
+            needs="an HTTP target and its limit (--opamp-max-message-bytes, 10 MiB by default)",
+        ),
+        Rule(
+            name="opamp-z4j-full-state-policy",
+            protocol="opamp",
+            checks="ReportFullState exactly as z4j's rule table says: a suspect agent is asked "
+            "in up to 3 replies in a row, then one goes without; a first message with seq 0, "
+            "a full report, or one in sequence with the description ends it; messages in "
+            "sequence are not asked; a disconnect is never asked (one brain process)",
+            page="z4j/protocol/opamp/state.py (rule 5)",
+            needs="a z4j brain (--z4j-opamp)",
+            z4j=True,
+        ),
+        Rule(
+            name="opamp-z4j-remote-config-offered",
+            protocol="opamp",
+            checks="once a configuration is desired for an agent that accepts one, every reply "
+            "to it offers that configuration (its hash) until the agent reports it APPLIED, "
+            "and none after; none to an agent sending agent_disconnect",
+            page=f"{_Z4J_OPAMP}#remote-configuration",
+            needs="a z4j brain (--z4j-opamp) and a way to push configurations "
+            "(--opamp-config-command, or --z4j-store with --opamp-token)",
+            z4j=True,
+        ),
+        Rule(
+            name="opamp-z4j-bad-request-200",
+            protocol="opamp",
+            checks="the BAD_REQUEST ServerToAgent comes with HTTP 200 (clients read a "
+            "ServerToAgent only from a 200)",
+            page=f"{_Z4J_OPAMP}#pointing-a-client-at-the-brain",
+            needs="a z4j brain (--z4j-opamp)",
+            z4j=True,
         ),
         Rule(
             name="ingest-replies-in-order",

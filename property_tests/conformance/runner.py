@@ -1,7 +1,7 @@
 """Run the whole suite against one target and say, rule by rule, how it went.
 
 `run_suite` runs the agent machine, the ingest machine, the backpressure
-machine and the one-off checks that the target makes possible, each to its
+machine, the OpAMP machine and the one-off checks that the target makes possible, each to its
 first failure. `rule_results` turns that into one line per rule: passed
 (and how many checks), failed, skipped (and what it would need), or not
 reached.
@@ -21,10 +21,11 @@ from hypothesis.stateful import RuleBasedStateMachine, run_state_machine_as_test
 from .agent_machine import agent_machine
 from .checks import CHECKS
 from .ingest_machine import ingest_machine
+from .opamp_machine import opamp_machine
 from .portal import TrioPortal
 from .profiles import machine_settings
 from .rules import RULES
-from .target import AgentTarget, Hooks, IngestTarget, Timeouts
+from .target import AgentTarget, Hooks, IngestTarget, OpampTarget, Timeouts
 from .transcript import Transcript, Violation
 
 __all__ = [
@@ -49,6 +50,7 @@ class Suite:
     # For the frame rate check: a brain whose frame rate limit is low (the
     # machine's own traffic would trip it), or None for ``agent`` itself.
     rate_agent: AgentTarget | None = None
+    opamp: OpampTarget | None = None
     hooks: Hooks = attrs.field(factory=Hooks)
     timeouts: Timeouts = attrs.field(factory=Timeouts)
     # Add "revoked-4003" to revoke.
@@ -146,6 +148,9 @@ def run_suite(
             lambda: ingest_machine(full, hooks, portal, timeouts),
             "backpressure",
         )
+    if suite.opamp is not None:
+        opamp = suite.opamp
+        machine("OpAMP", "opamp", lambda: opamp_machine(opamp, hooks, portal, timeouts), "opamp")
     if suite.agent is not None:
         for name in suite.checks:
             outcome = Outcome(part=name, protocol="agent")
@@ -173,6 +178,16 @@ def _cannot(rule: str, suite: Suite) -> str | None:
         return "no agent target (--agent-url)"
     if protocol == "ingest" and rule != "ingest-backpressure" and suite.ingest is None:
         return "no ingest target (--ingest)"
+    if protocol == "opamp":
+        if suite.opamp is None:
+            return "no OpAMP target (--opamp-url)"
+        if RULES[rule].z4j and not suite.opamp.z4j_policy:
+            return "z4j's own policy: checked with --z4j-opamp"
+        if rule == "opamp-unauthorized-401" and suite.opamp.token is None:
+            return f"needs {RULES[rule].needs}"
+        if rule == "opamp-z4j-remote-config-offered" and hooks.opamp_config is None:
+            return f"needs {RULES[rule].needs}"
+        return None
     missing = {
         "resent-events-land-once": hooks.stored_events is None,
         "ingest-acked-land-once": hooks.stored_events is None,

@@ -7,7 +7,9 @@ cannot be seen from the sockets alone, so they go through optional hooks:
   records are stored exactly once): `Hooks.stored_events`;
 - minting a command, and reading its state: `Hooks.mint_command`,
   `Hooks.command_state` (operators mint commands out of band);
-- revoking the agent: `Hooks.revoke_agent`.
+- revoking the agent: `Hooks.revoke_agent`;
+- making an OpAMP server want an agent to run a configuration:
+  `Hooks.opamp_config` (operators push configurations out of band).
 
 A rule whose hook is missing is skipped and reported as such.
 `shell_hooks` runs command lines, so any server can plug in; `z4j_hooks`
@@ -30,6 +32,7 @@ __all__ = [
     "AgentTarget",
     "Hooks",
     "IngestTarget",
+    "OpampTarget",
     "Timeouts",
     "shell_hooks",
     "wait_for",
@@ -87,6 +90,43 @@ class IngestTarget:
 
 
 @attrs.frozen(kw_only=True)
+class OpampTarget:
+    """An OpAMP server's URL, a token it accepts, and what we were told of it.
+
+    ``z4j_policy``: check the rules only z4j promises (`rules.py` names
+    them), such as its exact ReportFullState policy.
+    """
+
+    scheme: str  # "http" or "https" (the plain HTTP transport)
+    host: str
+    port: int
+    path: str = "/v1/opamp"
+    token: str | None = None
+    max_message_bytes: int = 10 * MiB
+    z4j_policy: bool = False
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> OpampTarget:
+        """``http[s]://HOST[:PORT][/path]``; the path defaults to ``/v1/opamp``."""
+        scheme, _, rest = url.partition("://")
+        if scheme not in ("http", "https") or not rest:
+            raise ValueError(f"expected http://HOST:PORT/v1/opamp, got {url!r}")
+        address, slash, path = rest.partition("/")
+        host, colon, port = address.rpartition(":")
+        if not colon or "]" in port:  # no port given
+            host, port = address, "443" if scheme == "https" else "80"
+        if not host or not port.isdigit():
+            raise ValueError(f"expected http://HOST:PORT/v1/opamp, got {url!r}")
+        return cls(
+            scheme=scheme,
+            host=host.strip("[]"),
+            port=int(port),
+            path=f"/{path}" if slash and path else "/v1/opamp",
+            **kwargs,
+        )
+
+
+@attrs.frozen(kw_only=True)
 class Timeouts:
     """How long the suite waits for what a correct brain does promptly."""
 
@@ -110,7 +150,9 @@ class Hooks:
     - ``command_state(command_id)``: its state name (None: unknown id);
     - ``cancel_command(command_id)``: used at the end of an example on the
       commands it minted, so none left pending reaches a later example;
-    - ``revoke_agent(agent_id)``.
+    - ``revoke_agent(agent_id)``;
+    - ``opamp_config(instance_uid_hex)``: the OpAMP server should now offer
+      that agent a new remote configuration; returns its hash (hex), if known.
     """
 
     stored_events: Callable[[], list[dict[str, Any]]] | None = None
@@ -119,6 +161,7 @@ class Hooks:
     command_state: Callable[[str], str | None] | None = None
     cancel_command: Callable[[str], None] | None = None
     revoke_agent: Callable[[str], None] | None = None
+    opamp_config: Callable[[str], str | None] | None = None
 
 
 def shell_hooks(
@@ -127,6 +170,7 @@ def shell_hooks(
     mint: str | None = None,
     state: str | None = None,
     revoke: str | None = None,
+    opamp_config: str | None = None,
 ) -> Hooks:
     """Hooks as command lines (split as a shell would, run without one).
 
@@ -135,7 +179,9 @@ def shell_hooks(
       filled in and prints the command id (as ``z4j command send`` does);
     - ``state`` gets ``{id}`` and prints JSON with a ``state`` field (as
       ``z4j command show`` does);
-    - ``revoke`` gets ``{agent_id}``.
+    - ``revoke`` gets ``{agent_id}``;
+    - ``opamp_config`` gets ``{instance_uid}`` (hex) and may print the new
+      configuration's hash (hex) as its last line.
     """
 
     def run(template: str, **fields: str) -> str:
@@ -167,11 +213,17 @@ def shell_hooks(
     def revoke_agent(template: str, agent_id: str) -> None:
         run(template, agent_id=agent_id)
 
+    def desire_config(template: str, instance_uid: str) -> str | None:
+        lines = run(template, instance_uid=instance_uid).strip().splitlines()
+        last = lines[-1].strip().lower() if lines else ""
+        return last if last and all(c in "0123456789abcdef" for c in last) else None
+
     return Hooks(
         stored_events=functools.partial(stored_events, events) if events else None,
         mint_command=functools.partial(mint_command, mint) if mint else None,
         command_state=functools.partial(command_state, state) if state else None,
         revoke_agent=functools.partial(revoke_agent, revoke) if revoke else None,
+        opamp_config=functools.partial(desire_config, opamp_config) if opamp_config else None,
     )
 
 

@@ -5,11 +5,16 @@ process; the brain holding the socket picks them up with its sweep (within
 about a second). These hooks do the same from the suite's process, given
 the brain's own settings (data dir, database URL), and read the stored
 events and the buffer file to see where acknowledged records landed.
+`opamp_config_hook` stores a configuration for an OpAMP agent, as ``PUT
+/api/v1/opamp/agents/{uid}/config`` does.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import sqlite3
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -18,15 +23,17 @@ import orjson
 import psycopg
 import trio
 
+from z4j import keys
 from z4j.brain.commands import Commands
 from z4j.config import Config
+from z4j.protocol.opamp import ConfigFile, config_hash
 from z4j.store import store_for
-from z4j.store.base import Store
+from z4j.store.base import OpampConfig, Store
 from z4j.testing.brain import buffer_rows
 
 from .target import Hooks
 
-__all__ = ["COMMAND_TIMEOUT_SECONDS", "store_hooks"]
+__all__ = ["COMMAND_TIMEOUT_SECONDS", "opamp_config_hook", "store_hooks"]
 
 T = TypeVar("T")
 # Long enough that no command times out while an example holds it.
@@ -128,3 +135,46 @@ def store_hooks(config: Config) -> Hooks:
         cancel_command=cancel_command,
         revoke_agent=revoke_agent,
     )
+
+
+def opamp_config_hook(
+    config: Config,
+    token: str,
+    run: Callable[[Callable[[Store], Awaitable[Any]]], Any] | None = None,
+) -> Callable[[str], str | None]:
+    """`Hooks.opamp_config` for the brain's store: a new configuration (new each
+    call) for an agent of the project ``token`` belongs to; its hash. ``run(use)``
+    runs ``use(store)`` (by default on a store opened for the call)."""
+    with_store = run or functools.partial(_with_store, config)
+    count = itertools.count()
+    token_hash = keys.opamp_token_hash(keys.master_secret(config), token)
+
+    def desire(instance_uid: str) -> str | None:
+        body = f"conformance: {next(count)}\n"
+        files = {"conformance.yaml": {"body": body, "content_type": "text/yaml"}}
+        digest = config_hash(
+            {"conformance.yaml": ConfigFile(body=body.encode(), content_type="text/yaml")}
+        )
+
+        async def put(store: Store) -> None:
+            project_id = await store.opamp_token_project(token_hash)
+            if project_id is None:
+                raise RuntimeError("the OpAMP token is unknown to the store")
+            now = time.time()
+            stored = OpampConfig(
+                project_id=project_id,
+                instance_uid=instance_uid,
+                config_hash=digest.hex(),
+                files=files,
+                created_at=now,
+                created_by="conformance",
+                status="pending",
+                error_message="",
+                status_at=now,
+            )
+            await store.put_opamp_config(stored, actor="conformance")
+
+        with_store(put)
+        return digest.hex()
+
+    return desire

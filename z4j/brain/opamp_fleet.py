@@ -337,7 +337,7 @@ class OpampFleet:
         self._vouch(project_id, state)
         if row is None or record is not None:
             assert record is not None
-            moved = row is not None and state.instance_uid != uid
+            moved = state.instance_uid != uid  # a new agent too: its configuration moves
             await self._store.save_opamp_agent(record, replaces=uid if moved else None)
             self._skipped.forget(project_id, uid)
             self._touches.drop(project_id, uid)
