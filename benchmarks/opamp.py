@@ -447,6 +447,7 @@ class Brain:
             "Z4J_HTTP_BIND": "127.0.0.1:0",
             "Z4J_INGEST_BIND": "127.0.0.1:0",
             "Z4J_HTTP_MAX_CONNECTIONS": str(args.agents + 1000),
+            "Z4J_INGEST_MAX_CONNECTIONS": "100",  # the descriptors go to the HTTP port
             "Z4J_LOG_LEVEL": "INFO",
         }
         if args.database_url:
@@ -482,7 +483,8 @@ class Brain:
             body=b"" if body is None else orjson.dumps(body),
             headers={"Authorization": f"Bearer {self.admin}"},
         )
-        return reply.status, reply.json() if reply.body else None
+        is_json = reply.headers.get("content-type", "").startswith("application/json")
+        return reply.status, reply.json() if reply.body and is_json else reply.body
 
     def stop(self) -> None:
         self.process.stop()
