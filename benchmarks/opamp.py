@@ -112,13 +112,15 @@ def ws_agents(pipe: Connection, spec: dict[str, Any]) -> None:
 class _Agent:
     """One raw OpAMP WebSocket agent: wsproto over a Trio socket."""
 
-    __slots__ = ("seq", "stream", "uid", "ws")
+    __slots__ = ("seq", "sending", "stream", "uid", "ws")
 
     def __init__(self, stream: trio.SocketStream, ws: WSConnection, uid: bytes) -> None:
         self.stream, self.ws, self.uid, self.seq = stream, ws, uid, 0
+        self.sending = trio.StrictFIFOLock()  # heartbeats and answers to pushes
 
     async def send(self, data: bytes) -> None:
-        await self.stream.send_all(self.ws.send(BytesMessage(data=b"\x00" + data)))
+        async with self.sending:
+            await self.stream.send_all(self.ws.send(BytesMessage(data=b"\x00" + data)))
 
     async def receive(self) -> bytes | None:
         """The next whole message (None: the server closed)."""
@@ -130,7 +132,8 @@ class _Agent:
                     if event.message_finished:
                         return b"".join(parts)
                 elif isinstance(event, Ping):
-                    await self.stream.send_all(self.ws.send(event.response()))
+                    async with self.sending:
+                        await self.stream.send_all(self.ws.send(event.response()))
                 elif isinstance(event, CloseConnection):
                     return None
             data = await self.stream.receive_some(65536)

@@ -469,11 +469,10 @@ async def test_the_python_client_is_listed_online_offline_and_kept_across_a_rest
             assert "REPORTS_EFFECTIVE_CONFIG" in item["capabilities"]
             [config_file] = item["effective_config"]["files"]
             assert config_file["name"] == "" and config_file["content_type"] == "application/json"
-            await wait_until(lambda: brain.stats.opamp_writes["last_seen"] >= 2)
+            await wait_until(lambda: brain.stats.opamp_messages["heartbeat"] >= 10)
             # Heartbeats in step change nothing: one full write for the first
-            # report; the rest are last_seen statements, one per flush.
+            # report; the rest at most queue last_seen.
             assert brain.stats.opamp_writes["full"] == 1
-            assert brain.stats.opamp_messages["heartbeat"] >= 2
         # The brain is gone; the agent keeps trying. A new brain on the same store:
         async with ready_brain(config) as brain:
             item = await listed()

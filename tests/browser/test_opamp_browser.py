@@ -513,3 +513,76 @@ def test_rollouts_say_when_the_brain_has_none_and_show_what_the_api_gives(
     ]
     assert page.evaluate("location.hash") == f"#/rollouts/{list(known)[-1]}"
     assert_no_reload(page)
+
+
+def test_a_real_staged_rollout_started_from_the_page_halts_on_injected_failures(
+    page: Page, dashboard: Dashboard
+) -> None:
+    """No routing here: the brain's own rollouts API and leader task. Ten
+    agents match the selector; the canary (two of them) applies, the next
+    stage's agents fail, and the rollout halts by itself: the page shows it
+    live, with the reason, and the later stages never reach anyone."""
+    if api(dashboard, "/opamp/rollouts")[0] == 404:
+        pytest.fail("this brain serves no rollouts API")
+    sign_in(page, dashboard)
+    tag = marker()
+    agents = [
+        new_agent(dashboard, "fleet", f"svc-{tag}", **{"deployment.environment": tag})
+        for _ in range(10)
+    ]
+    for agent in agents:
+        agent.report()
+    page.click('#nav a[data-view="rollouts"]')
+    expect(page.locator("#rollouts-table")).to_be_visible()
+    page.fill("#ro-project", "fleet")
+    page.fill("#ro-selector", json.dumps({"deployment.environment": tag}))
+    page.fill("#ro-name", "collector.yaml")
+    page.fill("#ro-type", "application/yaml")
+    page.fill("#ro-body", COLLECTOR)
+    page.fill("#ro-canary", "20")
+    page.fill("#ro-batch", "4")
+    page.fill("#ro-threshold", "10")
+    page.click("#ro-start")
+    expect(page.locator("#rollout-card")).to_be_visible()
+    rollout_id = page.evaluate("location.hash").rsplit("/", 1)[1]
+
+    def rollout() -> dict[str, Any]:
+        status, body = api(dashboard, f"/opamp/rollouts/{rollout_id}")
+        assert status == 200, body
+        return dict(body)
+
+    def offered(agent: OpampAgent) -> str | None:
+        """The configuration hash the brain now wants this agent to run."""
+        status, body = api(dashboard, f"/opamp/agents/{agent.hex}/config")
+        return str(body["config_hash"]) if status == 200 else None
+
+    # The canary: 20% of 10, assigned by the leader within its round.
+    wait_for("the canary", lambda: rollout()["counts"]["pending"] == 2)
+    canary = [a for a in agents if offered(a) is not None]
+    assert len(canary) == 2
+    digest = offered(canary[0])
+    assert digest is not None
+    expect(page.locator("#rd-summary")).to_contain_text("2 pending", timeout=LIVE_MS)
+    for agent in canary:
+        agent.config_status(digest, pb.RemoteConfigStatus.STATUS_APPLIED)
+    # The next stage (a batch of four) fails: injected by the agents' reports.
+    wait_for(
+        "the first batch", lambda: rollout()["stage"] == 2 and rollout()["counts"]["pending"] == 4
+    )
+    batch = [a for a in agents if a not in canary and offered(a) is not None]
+    assert len(batch) == 4
+    for agent in batch:
+        agent.config_status(digest, pb.RemoteConfigStatus.STATUS_FAILED, error="exporter refused")
+    # Halted by itself, shown live (no reload, no click), with its reason.
+    expect(page.locator("#rd-state .pill")).to_have_text("halted", timeout=LIVE_MS)
+    expect(page.locator('#rd-summary dd[data-field="halted_reason"]')).to_contain_text("fail")
+    halted = rollout()
+    assert halted["state"] == "halted" and halted["counts"]["failed"] >= 1
+    # The last stage was never assigned: four agents have no configuration.
+    untouched = [a for a in agents if a not in canary and a not in batch]
+    assert [offered(a) for a in untouched] == [None] * 4
+    status, audit = api(dashboard, "/audit?limit=200")
+    assert status == 200
+    actions = {row["action"] for row in audit["items"] if rollout_id in json.dumps(row)}
+    assert {"opamp.rollout.created", "opamp.rollout.stage", "opamp.rollout.halted"} <= actions
+    assert_no_reload(page)

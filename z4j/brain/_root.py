@@ -249,6 +249,8 @@ async def serve_brain(
                 stats,
                 max_message_bytes=config.opamp_max_message_bytes,
                 heartbeat_window_seconds=config.opamp_heartbeat_window_seconds,
+                # One brain per SQLite store: no other process writes OpAMP state.
+                sole_writer=(lambda: nudges.generation) if store.kind == "sqlite" else None,
                 on_change=lambda project_id, instance_uid, what: hub.publish(
                     {
                         "type": "opamp_agent",

@@ -208,6 +208,7 @@ class OpampNudges:
 
     def __init__(self, *, replicated: bool = False) -> None:
         self.replicated = replicated
+        self.generation = 0  # moves with every change told: caches of configurations compare it
         # (project, instance uid) -> whether the change was made here
         self._wanted: dict[tuple[uuid.UUID, bytes], bool] = {}
         self.wake = trio.Event()
@@ -218,6 +219,7 @@ class OpampNudges:
         uids = set(instance_uids)
         if not uids:
             return
+        self.generation += 1
         for uid in uids:
             self._wanted[project_id, uid] = True
         self.wake.set()
@@ -226,6 +228,7 @@ class OpampNudges:
             self.relay_ready.set()
 
     def changed_elsewhere(self, project_id: uuid.UUID, instance_uids: Iterable[bytes]) -> None:
+        self.generation += 1
         for uid in instance_uids:
             self._wanted.setdefault((project_id, uid), False)
         self.wake.set()

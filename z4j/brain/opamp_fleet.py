@@ -15,7 +15,8 @@ sequence) and ``last_seen`` with it is queued (`_Touches`); `serve` writes
 the queue in one statement every `FLUSH_SECONDS`. An HTTP poll's number is
 always queued: the next poll may land on another replica, which reads it
 from the store (so polls alternating between replicas stay in sequence,
-unless they come faster than a flush). A WebSocket session keeps its own
+unless they come faster than a flush); on a store with one brain
+(SQLite), none does, and HTTP polls are queued as WebSocket ones are. A WebSocket session keeps its own
 number, so its agent's row is queued at most once per a third of
 Z4J_OPAMP_HEARTBEAT_WINDOW_SECONDS, message or not (`keep_alive`: the
 connection is the sign of life, whatever the agent's heartbeat interval).
@@ -139,6 +140,58 @@ class _Skipped:
         self._entries.pop((project_id, instance_uid.hex()), None)
 
 
+class _Rows:
+    """The rows a sole writer last wrote or read, per agent, with the
+    configuration generation they were read under (see `OpampFleet`).
+
+    A row is kept slim (the summary the API shows is left out: answering a
+    poll does not need it). Bounded: the oldest goes first, and costs a
+    store read.
+    """
+
+    def __init__(self, limit: int = SKIPPED_MAX) -> None:
+        self._limit = limit
+        self._entries: OrderedDict[
+            tuple[uuid.UUID, bytes], tuple[OpampAgent, OpampConfig | None, int]
+        ] = OrderedDict()
+
+    def get(
+        self, project_id: uuid.UUID, uid: bytes, generation: int
+    ) -> tuple[OpampAgent, OpampConfig | None] | None:
+        entry = self._entries.get((project_id, uid))
+        if entry is None or entry[2] != generation:
+            return None
+        return entry[0], entry[1]
+
+    def put(
+        self,
+        project_id: uuid.UUID,
+        uid: bytes,
+        row: OpampAgent,
+        config: OpampConfig | None,
+        generation: int,
+    ) -> None:
+        key = (project_id, uid)
+        slim = attrs.evolve(
+            row,
+            identifying={},
+            non_identifying={},
+            capabilities=[],
+            health=None,
+            effective_config=None,
+            remote_config_status=None,
+        )
+        if config is not None and config.files:
+            config = attrs.evolve(config, files={})  # built by hash in the fleet (`_desired`)
+        self._entries.pop(key, None)
+        self._entries[key] = (slim, config, generation)
+        while len(self._entries) > self._limit:
+            self._entries.popitem(last=False)
+
+    def drop(self, project_id: uuid.UUID, uid: bytes) -> None:
+        self._entries.pop((project_id, uid), None)
+
+
 class _Touches:
     """``last_seen`` writes waiting for the next flush, one per agent (the newest)."""
 
@@ -174,13 +227,24 @@ class OpampFleet:
         heartbeat_window_seconds: float,
         flush_seconds: float = FLUSH_SECONDS,
         on_change: Callable[[uuid.UUID, str, str], None] | None = None,
+        sole_writer: Callable[[], int] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """``on_change(project_id, instance_uid_hex, what)``: told after each
         write that changes what the API shows of an agent (``state``: its
         row; ``config``: its configuration's status), not per poll; the
-        dashboard's live feed (None: no one to tell)."""
+        dashboard's live feed (None: no one to tell).
+
+        ``sole_writer``: given when no other process writes OpAMP state to
+        this store (SQLite: one brain per data directory), it returns a
+        number that moves whenever a configuration is written in this
+        process (`OpampNudges.generation`). HTTP polls then answer from the
+        rows this fleet wrote or read last (`_Rows`), reading the store
+        again only when that number moved.
+        """
         self._store = store
+        self._sole_writer = sole_writer
+        self._rows = _Rows()
         self._on_change = on_change
         self._master = master_secret
         self._stats = stats
@@ -258,8 +322,11 @@ class OpampFleet:
         """`project_of`, given the token's `token_digest`."""
         now = trio.current_time()
         known = self._tokens.get(digest)
-        if known is not None and now - known[1] < TOKEN_SECONDS:
-            return known[0]
+        if known is not None:
+            if now - known[1] < TOKEN_SECONDS:
+                return known[0]
+            # One request reads it again; the others meanwhile go on as before.
+            self._tokens[digest] = (known[0], now)
         project = await self._store.opamp_token_project(digest)
         if project is None:
             self._tokens.pop(digest, None)
@@ -308,9 +375,16 @@ class OpampFleet:
         self._stats.opamp_messages[message_type(message)] += 1
         now = self._clock()
         uid = message.instance_uid
+        cacheable = self._sole_writer is not None and transport is Transport.HTTP
+        generation = 0 if self._sole_writer is None else self._sole_writer()
         if transport is Transport.HTTP:
             self._heard(project_id, uid, now)
-        row, config = await self._store.load_opamp_agent(project_id, uid)
+        cached = self._rows.get(project_id, uid, generation) if cacheable else None
+        row: OpampAgent | None
+        if cached is not None:
+            row, config = cached
+        else:
+            row, config = await self._store.load_opamp_agent(project_id, uid)
         skipped = None if row is None else self._skipped.sequence(row)
         if row is not None and sequence_num is not None:
             skipped = sequence_num
@@ -348,18 +422,25 @@ class OpampFleet:
         else:
             self._skipped.remember(row, state.sequence_num, now)
             # An HTTP agent's next poll may land on another replica, which
-            # reads the number from the store: every one is queued. A
-            # WebSocket session keeps its number; the store's copy can wait.
+            # reads the number from the store: every one is queued (a sole
+            # writer has no other replica). A WebSocket session keeps its
+            # number; the store's copy can wait.
             self._queue_touch(
                 project_id,
                 uid,
                 state.sequence_num,
                 now,
                 row.last_seen,
-                every=transport is Transport.HTTP,
+                every=transport is Transport.HTTP and self._sole_writer is None,
             )
         if config is not None:
-            await self._follow(project_id, config, state, now)
+            config = await self._follow(project_id, config, state, now)
+        if cacheable:
+            if state.instance_uid != uid:
+                self._rows.drop(project_id, uid)
+            kept = row if record is None else record
+            if kept is not None:
+                self._rows.put(project_id, state.instance_uid, kept, config, generation)
         offered = None
         if outcome.reply.HasField("remote_config"):
             offered = outcome.reply.remote_config.config_hash
@@ -457,6 +538,15 @@ class OpampFleet:
         """
         if config is None:
             return None
+        if not config.files and config.status != ConfigProgress.APPLIED.value:
+            # Kept without its files (`_Rows`): built already, or read again.
+            built = self._configs.get(config.config_hash)
+            if built is not None:
+                return built
+            config = await self._store.get_opamp_config(project_id, uid)
+            if config is None or not config.files:
+                return None
+            return self._remote_config(config)
         if not config.files:
             if not message.HasField("remote_config_status"):
                 return None
@@ -493,9 +583,10 @@ class OpampFleet:
 
     async def _follow(
         self, project_id: uuid.UUID, config: OpampConfig, state: AgentState, now: float
-    ) -> None:
+    ) -> OpampConfig:
         """Write the configuration's status when the agent's report about its
-        hash moves it (a change the agent reported, so no write per poll)."""
+        hash moves it (a change the agent reported, so no write per poll);
+        the configuration as it is now."""
         reported = None
         if state.remote_config_status is not None:
             reported = pb.RemoteConfigStatus.FromString(state.remote_config_status)
@@ -505,7 +596,7 @@ class OpampFleet:
         if status is ConfigProgress.FAILED and reported is not None:
             error = reported.error_message
         if (status.value, error) == (config.status, config.error_message):
-            return
+            return config
         await self._store.set_opamp_config_status(
             project_id,
             state.instance_uid,  # the new one, if the agent was just given one
@@ -517,6 +608,7 @@ class OpampFleet:
         self._stats.opamp_writes["config_status"] += 1
         if self._on_change is not None:
             self._on_change(project_id, state.instance_uid.hex(), "config")
+        return attrs.evolve(config, status=status.value, error_message=error, status_at=now)
 
 
 def _fold(
