@@ -246,9 +246,9 @@ class CountingStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    async def save_opamp_agent(self, agent: OpampAgent, *, replaces: bytes | None = None) -> None:
-        self.saved.append(agent)
-        await self._store.save_opamp_agent(agent, replaces=replaces)
+    async def write_opamp_states(self, writes: list[Any]) -> None:
+        self.saved.extend(record for record, _, _ in writes if record is not None)
+        await self._store.write_opamp_states(writes)
 
     async def touch_opamp_agents(self, touches: list[tuple[uuid.UUID, bytes, int, float]]) -> None:
         self.touched.extend((seq, now) for _, _, seq, now in touches)

@@ -22,6 +22,7 @@ from ..schedules import ScheduleRow
 from ..tasks import TaskEvent
 
 if TYPE_CHECKING:
+    from .opamp import StateWrite
     from .pg import PgPool
 
 __all__ = [
@@ -843,6 +844,17 @@ class Store(Protocol):
         self, project_id: uuid.UUID, instance_uid: bytes, *, actor: str | None
     ) -> bool:
         """Stop offering it (with an ``opamp.config.deleted`` audit row); whether it existed."""
+        ...
+
+    async def get_opamp_configs(
+        self, project_id: uuid.UUID, instance_uids: list[bytes]
+    ) -> dict[bytes, OpampConfig]:
+        """Many agents' desired configurations (with their files), by instance_uid."""
+        ...
+
+    async def write_opamp_states(self, writes: list[StateWrite]) -> None:
+        """Agents' rows and configuration statuses (`store.opamp.StateWrite`),
+        all in one transaction."""
         ...
 
     async def set_opamp_config_status(

@@ -902,6 +902,17 @@ class PostgresStore:
         )
         return result
 
+    async def get_opamp_configs(
+        self, project_id: uuid.UUID, instance_uids: list[bytes]
+    ) -> dict[bytes, OpampConfig]:
+        result: dict[bytes, OpampConfig] = await self._run(
+            lambda conn: opamp.get_configs(PG, conn, project_id, instance_uids)
+        )
+        return result
+
+    async def write_opamp_states(self, writes: list[opamp.StateWrite]) -> None:
+        await self._run(lambda conn: opamp.write_states(PG, conn, writes, _insert_audit))
+
     async def set_opamp_config_status(
         self,
         project_id: uuid.UUID,

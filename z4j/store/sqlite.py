@@ -700,6 +700,16 @@ class SqliteStore:
             )
         )
 
+    async def get_opamp_configs(
+        self, project_id: uuid.UUID, instance_uids: list[bytes]
+    ) -> dict[bytes, OpampConfig]:
+        return await self._run(lambda db: opamp.get_configs(SQ, db, project_id, instance_uids))
+
+    async def write_opamp_states(self, writes: list[opamp.StateWrite]) -> None:
+        await self._run(
+            lambda db: _transaction(db, lambda: opamp.write_states(SQ, db, writes, _insert_audit))
+        )
+
     async def set_opamp_config_status(
         self,
         project_id: uuid.UUID,

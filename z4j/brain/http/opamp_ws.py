@@ -45,10 +45,12 @@ from ...protocol.errors import LocalProtocolError
 from ...protocol.opamp import (
     MessageTooLarge,
     OpampDecodeError,
+    RemoteConfig,
     Transport,
     bad_request,
     decode_ws_message,
     encode_ws_message,
+    push,
     ws_payload,
 )
 from ...protocol.opamp import opamp_pb2 as pb
@@ -143,18 +145,32 @@ class OpampSockets:
     async def _push_forever(self, nursery: trio.Nursery) -> None:
         while True:
             await self._nudges.wake.wait()
-            for (project_id, uid), here in self._nudges.take_wanted().items():
+            here: dict[uuid.UUID, list[OpampSession]] = {}
+            for (project_id, uid), made_here in self._nudges.take_wanted().items():
                 session = self.sessions.get((project_id, uid))
                 if session is None:
-                    if here:
+                    if made_here:
                         self._stats.opamp_dispatch[
                             "forwarded" if self._nudges.replicated else "no_session"
                         ] += 1
                     continue
                 self._stats.opamp_dispatch["local"] += 1
-                nursery.start_soon(self._push, session)
+                here.setdefault(project_id, []).append(session)
+            for project_id, sessions in here.items():
+                # One store read for a whole stage's agents, not one each.
+                try:
+                    desired = await self._fleet.desired(
+                        project_id, [s.uid for s in sessions if s.uid is not None]
+                    )
+                except StoreUnavailable as exc:
+                    self._log.warning("push", "OpAMP pushes skipped, store unavailable: %s", exc)
+                    continue
+                for session in sessions:
+                    config = desired.get(session.uid or b"")
+                    if config is not None:
+                        nursery.start_soon(self._push, session, config)
 
-    async def _push(self, session: OpampSession) -> None:
+    async def _push(self, session: OpampSession, config: RemoteConfig) -> None:
         async with session.turn:
             state = session.state
             if (
@@ -162,16 +178,12 @@ class OpampSockets:
                 or self.sessions.get((session.project_id, state.instance_uid)) is not session
             ):
                 return  # not answered yet (the reply will offer it), or replaced
-            try:
-                message = await self._fleet.offer(
-                    session.project_id,
-                    state,
-                    capabilities_sent=session.capabilities_sent,
-                    config_sent=session.config_sent,
-                )
-            except StoreUnavailable as exc:
-                self._log.warning("push", "OpAMP push skipped, store unavailable: %s", exc)
-                return
+            message = push(
+                state,
+                config,
+                capabilities_sent=session.capabilities_sent,
+                config_sent=session.config_sent,
+            )
             if message is None:
                 return
             if await self._send(session, message):
