@@ -112,7 +112,7 @@ def ws_agents(pipe: Connection, spec: dict[str, Any]) -> None:
 class _Agent:
     """One raw OpAMP WebSocket agent: wsproto over a Trio socket."""
 
-    __slots__ = ("seq", "sending", "stream", "uid", "ws")
+    __slots__ = ("sending", "seq", "stream", "uid", "ws")
 
     def __init__(self, stream: trio.SocketStream, ws: WSConnection, uid: bytes) -> None:
         self.stream, self.ws, self.uid, self.seq = stream, ws, uid, 0
@@ -505,8 +505,8 @@ def writes(before: dict[str, float], after: dict[str, float]) -> tuple[float, fl
     return statements, rows
 
 
-async def rollout(brain: Brain, salt: int, n: int) -> str:
-    """Start one configuration for every agent; how (rollout or PUTs)."""
+async def rollout(brain: Brain, salt: int, n: int) -> tuple[str, str | None]:
+    """Start one configuration for every agent; how (rollout or PUTs), and the rollout's id."""
     status, body = await brain.api(
         "POST",
         "/opamp/rollouts",
@@ -520,7 +520,7 @@ async def rollout(brain: Brain, salt: int, n: int) -> str:
         },
     )
     if status == 201:
-        return f"rollout {body['id']} (canary 1%, then one batch)"
+        return "a staged rollout (canary 1%, then one batch)", str(body["id"])
     limit = trio.CapacityLimiter(16)
 
     async def put(i: int) -> None:
@@ -534,7 +534,7 @@ async def rollout(brain: Brain, salt: int, n: int) -> str:
     async with trio.open_nursery() as nursery:
         for i in range(n):
             nursery.start_soon(put, i)
-    return f"{n} PUTs (the rollout API answered {status})"
+    return f"{n} PUTs (the rollout API answered {status})", None
 
 
 def main() -> None:

@@ -203,6 +203,14 @@ class _Rows:
     def drop(self, project_id: uuid.UUID, uid: bytes) -> None:
         self._entries.pop((project_id, uid), None)
 
+    def refresh(
+        self, project_id: uuid.UUID, uid: bytes, config: OpampConfig | None, generation: int
+    ) -> None:
+        """An agent's configuration, read afresh under ``generation``."""
+        entry = self._entries.get((project_id, uid))
+        if entry is not None:
+            self._entries[project_id, uid] = entry._replace(config=config, generation=generation)
+
 
 class _Batch:
     __slots__ = ("done", "error", "writes")
@@ -596,7 +604,13 @@ class OpampFleet:
     ) -> dict[bytes, RemoteConfig]:
         """The desired configurations of many agents, read in one store call
         and built once per hash: what pushes to their WebSockets offer."""
+        generation = None if self._sole_writer is None else self._sole_writer()
         configs = await self._store.get_opamp_configs(project_id, instance_uids)
+        if generation is not None:
+            # What was just read is what these agents' next messages need:
+            # kept, they are answered without reading the store again.
+            for uid in instance_uids:
+                self._rows.refresh(project_id, uid, _slim(configs.get(uid)), generation)
         return {uid: self._remote_config(config) for uid, config in configs.items() if config.files}
 
     # -- the desired configuration --------------------------------------------------------
