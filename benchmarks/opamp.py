@@ -14,9 +14,12 @@ ceiling it is measured against in the same run:
     write statements (``z4j_opamp_state_writes_total``: full rows,
     last_seen flushes, configuration statuses), and the rows they wrote.
 (c) HTTP polls per second: ``--http-agents`` agents polling `/v1/opamp`
-    over keep-alive connections (each a heartbeat in sequence) against the
-    brain, and against hypercorn answering a fixed protobuf (the ceiling),
-    with the same client.
+    over keep-alive connections (each a heartbeat in sequence) against a
+    fresh brain, and against hypercorn answering a fixed protobuf (the
+    ceiling), with the same client, in ``--poll-rounds`` turns. The client
+    shares the 2 cores, so the rate it reaches may be its own limit: each
+    server's capacity is taken as 1 / its CPU seconds per poll while the
+    client counts, and the figure is the lower median of their ratios.
 (d) a rollout of one configuration to the N WebSocket agents until the
     brain has every one APPLIED: ``POST /api/v1/opamp/rollouts`` with
     every agent in one batch after the canary (a single PUT per agent

@@ -243,6 +243,27 @@ async def serve_brain(
                 ownership=registry,
                 on_worker=worker_changed,
             )
+            rollouts = Rollouts(
+                store,
+                stats,
+                store_ready=store_ready,
+                nudges=nudges,
+                on_change=lambda item: hub.publish({"type": "opamp_rollout", "rollout": item}),
+                is_leader=lambda: registry.is_leader,
+            )
+
+            def opamp_agent_changed(project_id: uuid.UUID, instance_uid: str, what: str) -> None:
+                hub.publish(
+                    {
+                        "type": "opamp_agent",
+                        "project_id": str(project_id),
+                        "instance_uid": instance_uid,
+                        "change": what,
+                    }
+                )
+                if what == "config":
+                    rollouts.poke()  # an acknowledgement may end a stage: look now
+
             fleet = OpampFleet(
                 store,
                 master,
@@ -251,14 +272,7 @@ async def serve_brain(
                 heartbeat_window_seconds=config.opamp_heartbeat_window_seconds,
                 # One brain per SQLite store: no other process writes OpAMP state.
                 sole_writer=(lambda: nudges.generation) if store.kind == "sqlite" else None,
-                on_change=lambda project_id, instance_uid, what: hub.publish(
-                    {
-                        "type": "opamp_agent",
-                        "project_id": str(project_id),
-                        "instance_uid": instance_uid,
-                        "change": what,
-                    }
-                ),
+                on_change=opamp_agent_changed,
             )
             opamp_sockets = OpampSockets(
                 fleet,
@@ -270,14 +284,6 @@ async def serve_brain(
                 store_ready=store_ready,
             )
             opamp_http = OpampEndpoint(fleet, stats, store_ready=store_ready)
-            rollouts = Rollouts(
-                store,
-                stats,
-                store_ready=store_ready,
-                nudges=nudges,
-                on_change=lambda item: hub.publish({"type": "opamp_rollout", "rollout": item}),
-                is_leader=lambda: registry.is_leader,
-            )
 
             def rollout_changed(item: dict[str, Any]) -> None:
                 hub.publish({"type": "opamp_rollout", "rollout": item})

@@ -35,6 +35,8 @@ from .links import OpampNudges
 
 __all__ = ["ROLLOUT_INTERVAL_SECONDS", "Rollouts"]
 
+POKED_ROUND_SECONDS = 0.2  # a poked round waits this long for the burst to end
+
 log = logging.getLogger("z4j.opamp.rollouts")
 
 ROLLOUT_INTERVAL_SECONDS = 1.0
@@ -93,6 +95,9 @@ class Rollouts:
                     self._shown.clear()  # the next leader shows what it finds
                 with trio.move_on_after(self._interval):
                     await self._wake.wait()
+                    # Pokes come in bursts (each agent's acknowledgement):
+                    # one round for a burst, a few a second at most.
+                    await trio.sleep(POKED_ROUND_SECONDS)
                 self._wake = trio.Event()
 
     async def run_once(self) -> None:
