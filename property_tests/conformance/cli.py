@@ -145,7 +145,9 @@ def _hooks(args: argparse.Namespace) -> Hooks:
     z4j = store_hooks(config)
     opamp_config = shell.opamp_config
     if opamp_config is None and args.opamp_url and args.opamp_token:
-        opamp_config = opamp_config_hook(config, args.opamp_token)
+        # Pushed through the brain's API on the port the OpAMP URL names.
+        base = args.opamp_url.split("/v1/opamp", 1)[0]
+        opamp_config = opamp_config_hook(config, args.opamp_token, api=base)
     # Command lines given explicitly win over the store.
     return Hooks(
         stored_events=shell.stored_events or z4j.stored_events,

@@ -160,7 +160,12 @@ class ServedBrain:
         def run(use: Callable[[Store], Awaitable[Any]]) -> Any:
             return self.portal.run(use, store)
 
-        return Hooks(opamp_config=opamp_config_hook(self.config, target.token, run))
+        host, port = self.brain.addresses.http
+        return Hooks(
+            opamp_config=opamp_config_hook(
+                self.config, target.token, run, api=f"http://{host}:{port}"
+            )
+        )
 
     def hooks(self, *, command_timeout: int = COMMAND_TIMEOUT_SECONDS) -> Hooks:
         """Store hooks, but commands minted by the brain itself (no sweep wait)."""

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import sqlite3
 import time
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -25,6 +27,7 @@ import trio
 
 from z4j import keys
 from z4j.brain.commands import Commands
+from z4j.brain.http.auth import Auth
 from z4j.config import Config
 from z4j.protocol.opamp import ConfigFile, config_hash
 from z4j.store import store_for
@@ -141,13 +144,22 @@ def opamp_config_hook(
     config: Config,
     token: str,
     run: Callable[[Callable[[Store], Awaitable[Any]]], Any] | None = None,
+    *,
+    api: str | None = None,
 ) -> Callable[[str], str | None]:
-    """`Hooks.opamp_config` for the brain's store: a new configuration (new each
-    call) for an agent of the project ``token`` belongs to; its hash. ``run(use)``
-    runs ``use(store)`` (by default on a store opened for the call)."""
+    """`Hooks.opamp_config` for a z4j brain: a new configuration (new each call)
+    for an agent of the project ``token`` belongs to; its hash.
+
+    With ``api`` (the brain's base URL, ``http://host:port``) it is pushed as
+    an operator would, ``PUT /api/v1/opamp/agents/{uid}/config`` with an admin
+    token made in the store: the brain learns of it at once (on SQLite it
+    answers from what it wrote itself, and sees writes made behind its back
+    only within a second). Without, it is written to the store directly.
+    ``run(use)`` runs ``use(store)`` (by default on a store opened for the call)."""
     with_store = run or functools.partial(_with_store, config)
     count = itertools.count()
     token_hash = keys.opamp_token_hash(keys.master_secret(config), token)
+    admin: list[str] = []
 
     def desire(instance_uid: str) -> str | None:
         body = f"conformance: {next(count)}\n"
@@ -155,6 +167,27 @@ def opamp_config_hook(
         digest = config_hash(
             {"conformance.yaml": ConfigFile(body=body.encode(), content_type="text/yaml")}
         )
+        if api is not None:
+            if not admin:
+
+                async def mint(store: Store) -> tuple[str, str]:
+                    project_id = await store.opamp_token_project(token_hash)
+                    if project_id is None:
+                        raise RuntimeError("the OpAMP token is unknown to the store")
+                    made = await Auth(store, keys.master_secret(config)).new_token("conformance")
+                    return made, str(project_id)
+
+                admin.extend(with_store(mint))
+            request = urllib.request.Request(
+                f"{api}/api/v1/opamp/agents/{instance_uid}/config?project={admin[1]}",
+                data=json.dumps({"files": files}).encode(),
+                method="PUT",
+                headers={"Authorization": f"Bearer {admin[0]}", "Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=60) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"PUT config answered {response.status}")
+            return digest.hex()
 
         async def put(store: Store) -> None:
             project_id = await store.opamp_token_project(token_hash)

@@ -1,5 +1,9 @@
 """OpAMP agents' state in the store: what both transports do with a message.
 
+One concern, one module: the path of an OpAMP message from bytes to the
+store and back, with the write and read economies that path needs (they
+only make sense together).
+
 The HTTP adapter (`z4j.brain.http.opamp`) and the WebSocket one
 (`z4j.brain.http.opamp_ws`) differ in how bytes arrive and replies leave;
 everything between is here, over the sans-IO core (`z4j.protocol.opamp`):
@@ -203,6 +207,9 @@ class _Rows:
     def drop(self, project_id: uuid.UUID, uid: bytes) -> None:
         self._entries.pop((project_id, uid), None)
 
+    def clear(self) -> None:
+        self._entries.clear()
+
     def refresh(
         self, project_id: uuid.UUID, uid: bytes, config: OpampConfig | None, generation: int
     ) -> None:
@@ -321,7 +328,9 @@ class OpampFleet:
         number that moves whenever a configuration is written in this
         process (`OpampNudges.generation`). Messages are then answered from
         what this fleet wrote or read last of each agent (`_Rows`), reading
-        the store again only when that number moved.
+        the store again when that number moved, and forgetting it all when
+        another connection wrote to the store (checked each flush: a write
+        made behind the brain's back is seen within a second).
         """
         self._store = store
         self._sole_writer = sole_writer
@@ -363,10 +372,21 @@ class OpampFleet:
             await self.flush()
 
     async def _flush_forever(self) -> None:
+        seen_version = None
         while True:
             with trio.move_on_after(self._flush_seconds):
                 await self._touches.full.wait()
             await self.flush()
+            if self._sole_writer is not None:
+                # Another connection wrote to the store behind this brain (a
+                # tool, a restore): forget what was kept, read afresh.
+                try:
+                    version = await self._store.data_version()
+                except StoreUnavailable:
+                    continue
+                if seen_version is not None and version != seen_version:
+                    self._rows.clear()
+                seen_version = version
 
     async def flush(self) -> None:
         """Write the queued ``last_seen`` now (a failed write is logged and

@@ -852,6 +852,11 @@ class Store(Protocol):
         """Many agents' desired configurations (with their files), by instance_uid."""
         ...
 
+    async def data_version(self) -> int | None:
+        """A number that moves when another connection commits to this store
+        (SQLite's ``PRAGMA data_version``); None where that cannot be told."""
+        return None
+
     async def write_opamp_states(self, writes: list[StateWrite]) -> None:
         """Agents' rows and configuration statuses (`store.opamp.StateWrite`),
         all in one transaction."""

@@ -910,6 +910,9 @@ class PostgresStore:
         )
         return result
 
+    async def data_version(self) -> int | None:
+        return None  # replicas share it by design: nothing keeps rows it could make stale
+
     async def write_opamp_states(self, writes: list[opamp.StateWrite]) -> None:
         await self._run(lambda conn: opamp.write_states(PG, conn, writes, _insert_audit))
 

@@ -705,6 +705,9 @@ class SqliteStore:
     ) -> dict[bytes, OpampConfig]:
         return await self._run(lambda db: opamp.get_configs(SQ, db, project_id, instance_uids))
 
+    async def data_version(self) -> int | None:
+        return int(await self._run(lambda db: db.execute("PRAGMA data_version").fetchone()[0]))
+
     async def write_opamp_states(self, writes: list[opamp.StateWrite]) -> None:
         await self._run(
             lambda db: _transaction(db, lambda: opamp.write_states(SQ, db, writes, _insert_audit))
