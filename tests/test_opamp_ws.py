@@ -17,13 +17,18 @@ import pytest
 import trio
 
 from z4j import keys
+from z4j.brain.http.opamp_ws import OpampSockets
+from z4j.brain.links import AlonePeers, OpampNudges, OpampSessionTable
+from z4j.brain.opamp_fleet import OpampFleet
 from z4j.config import Config
 from z4j.protocol.close import CloseCode
 from z4j.protocol.opamp import AgentCapability, ServerFlag, config_hash
 from z4j.protocol.opamp import opamp_pb2 as pb
 from z4j.protocol.opamp.attributes import key_values
 from z4j.protocol.opamp.remote_config import ConfigFile
+from z4j.stats import BrainStats
 from z4j.store import store_for
+from z4j.store.base import Store, StoreUnavailable
 from z4j.testing import (
     OpampRejected,
     admin_token,
@@ -300,3 +305,61 @@ async def test_a_revoked_tokens_sessions_are_closed(config: Config) -> None:
             async with opamp_socket(http, token):
                 pass
         assert rejected.value.status_code == 401
+
+
+async def test_a_store_away_is_answered_unavailable_with_a_retry_hint(config: Config) -> None:
+    """A message the store cannot serve now gets UNAVAILABLE with retry_info,
+    and the connection stays open (the agent retries; nothing is lost)."""
+    token = await opamp_token(config, "ws")
+    store = store_for(config)
+    await store.migrate()
+
+    class Away:
+        def __init__(self, inner: Store) -> None:
+            self._inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._inner, name)
+
+        async def load_opamp_agent(self, project_id: uuid.UUID, uid: bytes) -> Any:
+            raise StoreUnavailable("the store is away (a test)")
+
+    stats = BrainStats()
+    fleet = OpampFleet(
+        Away(store),  # type: ignore[arg-type]
+        keys.master_secret(config),
+        stats,
+        max_message_bytes=1 << 20,
+        heartbeat_window_seconds=90,
+    )
+    sockets = OpampSockets(
+        fleet,
+        stats,
+        table=OpampSessionTable(),
+        ownership=AlonePeers(),
+        nudges=OpampNudges(),
+        heartbeat_window_seconds=90,
+    )
+    incoming = [
+        {"type": "websocket.connect"},
+        {"type": "websocket.receive", "bytes": b"\x00" + hello().SerializeToString()},
+        {"type": "websocket.disconnect", "code": 1000},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "websocket", "headers": [(b"authorization", f"Bearer {token}".encode())]}
+    try:
+        await sockets(scope, receive, send)
+    finally:
+        await store.aclose()
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.send"]
+    reply = pb.ServerToAgent.FromString(sent[1]["bytes"][1:])
+    assert reply.instance_uid == UID
+    assert reply.error_response.type == pb.ServerErrorResponse.TYPE_UNAVAILABLE
+    assert reply.error_response.retry_info.retry_after_nanoseconds > 0

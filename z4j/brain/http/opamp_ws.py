@@ -9,7 +9,8 @@ module adds what a connection has and a poll has not:
 2. Text messages close with 1003; a message over
    Z4J_OPAMP_MAX_MESSAGE_BYTES closes with 1009 (the lean WebSocket server
    stops reading there); a malformed one is answered with BAD_REQUEST and
-   the connection stays open, as over HTTP.
+   the connection stays open, as over HTTP. A message the store cannot
+   serve now is answered UNAVAILABLE with a retry hint.
 3. The first good message names the agent: the session claims it
    (`Ownership`, worker id ``opamp:<instance_uid>`` under the project) with
    a fencing token. The newest connection of an instance_uid wins, here or
@@ -51,6 +52,7 @@ from ...protocol.opamp import (
     decode_ws_message,
     encode_ws_message,
     push,
+    unavailable,
     ws_payload,
 )
 from ...protocol.opamp import opamp_pb2 as pb
@@ -62,6 +64,7 @@ from ..links import OPAMP_WORKER_PREFIX, OpampNudges, OpampSessionTable, Ownersh
 from ..opamp_fleet import HEAVY_BYTES, OpampFleet
 from ._request import Receive, Scope, Send
 from .auth import credentials
+from .opamp import RETRY_AFTER_SECONDS
 
 __all__ = ["OpampSession", "OpampSockets"]
 
@@ -215,6 +218,8 @@ class OpampSockets:
     # -- one connection ------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (await receive())["type"] != "websocket.connect":  # ASGI: connect comes first
+            return
         if self._store_ready is not None and not self._store_ready.is_set():
             await _deny(send, 503, [(b"retry-after", b"5")])
             return
@@ -290,15 +295,23 @@ class OpampSockets:
             await self._claim(session, uid)
         async with session.turn:
             previous = session.state
-            applied = await self._fleet.apply(
-                session.project_id,
-                message,
-                transport=Transport.WEBSOCKET,
-                heavy=heavy,
-                capabilities_sent=session.capabilities_sent,
-                config_sent=session.config_sent,
-                sequence_num=None if previous is None else previous.sequence_num,
-            )
+            try:
+                applied = await self._fleet.apply(
+                    session.project_id,
+                    message,
+                    transport=Transport.WEBSOCKET,
+                    heavy=heavy,
+                    capabilities_sent=session.capabilities_sent,
+                    config_sent=session.config_sent,
+                    sequence_num=None if previous is None else previous.sequence_num,
+                )
+            except StoreUnavailable as exc:
+                # Nothing was kept of it: the agent sends it again after the hint.
+                self._log.warning("store", "OpAMP message answered UNAVAILABLE: %s", exc)
+                await self._send(
+                    session, unavailable(retry_after=RETRY_AFTER_SECONDS, instance_uid=uid)
+                )
+                return
             session.state = applied.state
             if await self._send(session, applied.reply):
                 session.capabilities_sent = True
