@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import atexit
 import gzip
+import os
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -500,3 +503,63 @@ async def test_the_python_client_is_listed_online_offline_and_kept_across_a_rest
     finally:
         await stop()
         atexit.unregister(agent.stop)
+
+
+# The Python client in a process of its own, so that it can be killed.
+_KILLABLE_AGENT = """
+import os, threading
+from opentelemetry._opamp.agent import OpAMPAgent
+from opentelemetry._opamp.callbacks import OpAMPCallbacks
+from opentelemetry._opamp.client import OpAMPClient
+
+client = OpAMPClient(
+    endpoint=os.environ["ENDPOINT"],
+    headers={"Authorization": "Bearer " + os.environ["TOKEN"]},
+    agent_identifying_attributes={"service.name": "killed"},
+)
+agent = OpAMPAgent(interval=0.2, callbacks=OpAMPCallbacks(), client=client)
+agent.start()
+print("started", flush=True)
+threading.Event().wait()
+"""
+
+
+async def test_the_python_client_killed_goes_offline_after_the_window(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    """kill -9: no agent_disconnect ever comes; the silence window marks it
+    offline (2 s here), and nothing marks it so before its polls stop."""
+    config = make_config(tmp_path / "data", database_url, opamp_heartbeat_window_seconds=2.0)
+    token = await opamp_token(config, "fleet")
+    admin = await admin_token(config)
+    async with ready_brain(config) as brain:
+        http = brain.addresses.http
+
+        async def item() -> dict[str, Any] | None:
+            _, page = await api(http, "/opamp/agents", admin)
+            return page["items"][0] if page["items"] else None
+
+        env = {
+            **os.environ,
+            "ENDPOINT": f"http://{http[0]}:{http[1]}/v1/opamp",
+            "TOKEN": token,
+        }
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-c", _KILLABLE_AGENT], env=env, stdout=subprocess.DEVNULL
+        )
+
+        async def online() -> bool:
+            return bool((await item() or {}).get("online"))
+
+        async def offline() -> bool:
+            return (await item() or {}).get("online") is False
+
+        try:
+            await wait_until(online, timeout=60)
+        finally:
+            process.kill()  # SIGKILL
+            await process.wait()
+        await wait_until(offline, timeout=60)
+        gone = await item()
+        assert gone is not None and gone["disconnected_at"] is None  # no goodbye was said
+        assert brain.stats.opamp_messages["disconnect"] == 0
