@@ -2,7 +2,7 @@
 
 The task (brain/rollouts.py) is driven round by round (`run_once`) with a
 fixed clock; agents' acknowledgements are written as the transport writes
-them (`set_opamp_config_status`). Covered: targets fixed by the selector at
+them (`write_opamp_states`). Covered: targets fixed by the selector at
 the start (capability, project, later agents), stages assigned once each
 with their agents nudged, the halt past the threshold mid-stage, resume
 accepting the failures so far, completion, superseded targets, the
@@ -27,6 +27,7 @@ from z4j.opamp_rollouts import order_targets
 from z4j.stats import BrainStats
 from z4j.store import Store, store_for
 from z4j.store.base import OpampAgent, OpampConfig
+from z4j.store.opamp import StatusWrite
 
 NOW = 1_000_000.0
 FILES = {"collector.yaml": {"body": "receivers: {}\n", "content_type": "text/yaml"}}
@@ -58,36 +59,36 @@ async def add_agent(
     accepts: bool = True,
     reported: dict[str, Any] | None = None,
 ) -> None:
-    await store.save_opamp_agent(
-        OpampAgent(
-            project_id=project_id,
-            instance_uid=uid(n).hex(),
-            identifying=identifying,
-            non_identifying=non_identifying or {},
-            capabilities=["REPORTS_STATUS", *(["ACCEPTS_REMOTE_CONFIG"] if accepts else [])],
-            health=None,
-            effective_config=None,
-            remote_config_status=reported,
-            sequence_num=0,
-            transport="http",
-            first_seen=NOW,
-            last_seen=NOW,
-            disconnected_at=None,
-        )
+    agent = OpampAgent(
+        project_id=project_id,
+        instance_uid=uid(n).hex(),
+        identifying=identifying,
+        non_identifying=non_identifying or {},
+        capabilities=["REPORTS_STATUS", *(["ACCEPTS_REMOTE_CONFIG"] if accepts else [])],
+        health=None,
+        effective_config=None,
+        remote_config_status=reported,
+        sequence_num=0,
+        transport="http",
+        first_seen=NOW,
+        last_seen=NOW,
+        disconnected_at=None,
     )
+    await store.write_opamp_states([(agent, None, None)])
 
 
 async def report(store: Store, project_id: uuid.UUID, uids: list[bytes], status: str) -> None:
     """The agents' acknowledgements, as the transport writes them."""
     for u in uids:
-        assert await store.set_opamp_config_status(
-            project_id,
-            u,
-            bytes.fromhex(HASH),
+        moved = StatusWrite(
+            project_id=project_id,
+            instance_uid=u,
+            config_hash=bytes.fromhex(HASH),
             status=status,
             error_message="bad yaml" if status == "failed" else "",
             now=NOW,
         )
+        assert await store.write_opamp_states([(None, None, moved)]) == 1
 
 
 def nudged(nudges: OpampNudges) -> set[tuple[uuid.UUID, bytes]]:

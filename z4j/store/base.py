@@ -795,16 +795,6 @@ class Store(Protocol):
         """Delete the token; whether it existed."""
         ...
 
-    async def get_opamp_agent(
-        self, project_id: uuid.UUID, instance_uid: bytes
-    ) -> OpampAgent | None: ...
-
-    async def save_opamp_agent(self, agent: OpampAgent, *, replaces: bytes | None = None) -> None:
-        """Write the whole row (insert or replace); ``replaces``: an instance_uid of
-        the same project whose row goes in the same transaction (the agent was
-        given a new id)."""
-        ...
-
     async def touch_opamp_agents(self, touches: list[tuple[uuid.UUID, bytes, int, float]]) -> None:
         """Move only ``last_seen`` and ``sequence_num`` of each (project,
         instance_uid, sequence_num, seen at): messages that changed nothing.
@@ -857,29 +847,13 @@ class Store(Protocol):
         (SQLite's ``PRAGMA data_version``); None where that cannot be told."""
         return None
 
-    async def write_opamp_states(self, writes: list[StateWrite]) -> None:
-        """Agents' rows and configuration statuses (`store.opamp.StateWrite`),
-        all in one transaction."""
+    async def write_opamp_states(self, writes: list[StateWrite]) -> int:
+        """Agents' rows (insert or replace; a row's ``replaces``: an instance_uid
+        of the same project whose row goes, the agent having been given a new
+        id) and configuration statuses (`store.opamp.StateWrite`), all in one
+        transaction; how many statuses moved (none for a configuration
+        another has replaced since). An acknowledgement is audited with it."""
         ...
-
-    async def set_opamp_config_status(
-        self,
-        project_id: uuid.UUID,
-        instance_uid: bytes,
-        config_hash: bytes,
-        *,
-        status: str,
-        error_message: str,
-        now: float,
-    ) -> bool:
-        """Record the agent's progress with the configuration hashed ``config_hash``
-        (nothing if another has replaced it since); whether a row changed. An
-        acknowledgement (applied, failed) writes an ``opamp.config.applied`` or
-        ``opamp.config.failed`` audit row with it: the transport calls this only
-        when the status moves, so never one per poll."""
-        ...
-
-    # -- OpAMP rollouts (store/opamp_rollouts.py) ------------------------------------------
 
     async def create_opamp_rollout(
         self,

@@ -586,14 +586,16 @@ class StatusWrite:
 StateWrite = tuple[OpampAgent | None, bytes | None, StatusWrite | None]
 
 
-def write_states(d: Dialect, conn: Conn, writes: list[StateWrite], audit: AuditWriter) -> None:
+def write_states(d: Dialect, conn: Conn, writes: list[StateWrite], audit: AuditWriter) -> int:
     """Many agents' writes in the caller's one transaction (a group commit:
-    one fsync for a burst of acknowledgements, not two per agent)."""
+    one fsync for a burst of acknowledgements, not two per agent); how many
+    configuration statuses moved (one that another has replaced stays)."""
+    moved = 0
     for record, replaces, status in writes:
         if record is not None:
             save_agent(d, conn, record, replaces)
         if status is not None:
-            set_config_status(
+            moved += set_config_status(
                 d,
                 conn,
                 status.project_id,
@@ -604,6 +606,7 @@ def write_states(d: Dialect, conn: Conn, writes: list[StateWrite], audit: AuditW
                 status.now,
                 audit,
             )
+    return moved
 
 
 def set_config_status(

@@ -845,17 +845,6 @@ class PostgresStore:
         result: bool = await self._run(lambda conn: opamp.revoke_token(PG, conn, token_hash))
         return result
 
-    async def get_opamp_agent(
-        self, project_id: uuid.UUID, instance_uid: bytes
-    ) -> OpampAgent | None:
-        result: OpampAgent | None = await self._run(
-            lambda conn: opamp.get_agent(PG, conn, project_id, instance_uid)
-        )
-        return result
-
-    async def save_opamp_agent(self, agent: OpampAgent, *, replaces: bytes | None = None) -> None:
-        await self._run(lambda conn: opamp.save_agent(PG, conn, agent, replaces))
-
     async def touch_opamp_agents(self, touches: list[tuple[uuid.UUID, bytes, int, float]]) -> None:
         await self._run(lambda conn: opamp.touch_agents(PG, conn, touches))
 
@@ -913,35 +902,11 @@ class PostgresStore:
     async def data_version(self) -> int | None:
         return None  # replicas share it by design: nothing keeps rows it could make stale
 
-    async def write_opamp_states(self, writes: list[opamp.StateWrite]) -> None:
-        await self._run(lambda conn: opamp.write_states(PG, conn, writes, _insert_audit))
-
-    async def set_opamp_config_status(
-        self,
-        project_id: uuid.UUID,
-        instance_uid: bytes,
-        config_hash: bytes,
-        *,
-        status: str,
-        error_message: str,
-        now: float,
-    ) -> bool:
-        result: bool = await self._run(
-            lambda conn: opamp.set_config_status(
-                PG,
-                conn,
-                project_id,
-                instance_uid,
-                config_hash,
-                status,
-                error_message,
-                now,
-                _insert_audit,
-            )
+    async def write_opamp_states(self, writes: list[opamp.StateWrite]) -> int:
+        moved: int = await self._run(
+            lambda conn: opamp.write_states(PG, conn, writes, _insert_audit)
         )
-        return result
-
-    # -- OpAMP rollouts ------------------------------------------------------------------
+        return moved
 
     async def create_opamp_rollout(
         self,

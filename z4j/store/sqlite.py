@@ -652,16 +652,6 @@ class SqliteStore:
             lambda db: _transaction(db, lambda: opamp.revoke_token(SQ, db, token_hash))
         )
 
-    async def get_opamp_agent(
-        self, project_id: uuid.UUID, instance_uid: bytes
-    ) -> OpampAgent | None:
-        return await self._run(lambda db: opamp.get_agent(SQ, db, project_id, instance_uid))
-
-    async def save_opamp_agent(self, agent: OpampAgent, *, replaces: bytes | None = None) -> None:
-        await self._run(
-            lambda db: _transaction(db, lambda: opamp.save_agent(SQ, db, agent, replaces))
-        )
-
     async def touch_opamp_agents(self, touches: list[tuple[uuid.UUID, bytes, int, float]]) -> None:
         await self._run(lambda db: _transaction(db, lambda: opamp.touch_agents(SQ, db, touches)))
 
@@ -708,39 +698,10 @@ class SqliteStore:
     async def data_version(self) -> int | None:
         return int(await self._run(lambda db: db.execute("PRAGMA data_version").fetchone()[0]))
 
-    async def write_opamp_states(self, writes: list[opamp.StateWrite]) -> None:
-        await self._run(
+    async def write_opamp_states(self, writes: list[opamp.StateWrite]) -> int:
+        return await self._run(
             lambda db: _transaction(db, lambda: opamp.write_states(SQ, db, writes, _insert_audit))
         )
-
-    async def set_opamp_config_status(
-        self,
-        project_id: uuid.UUID,
-        instance_uid: bytes,
-        config_hash: bytes,
-        *,
-        status: str,
-        error_message: str,
-        now: float,
-    ) -> bool:
-        return await self._run(
-            lambda db: _transaction(
-                db,
-                lambda: opamp.set_config_status(
-                    SQ,
-                    db,
-                    project_id,
-                    instance_uid,
-                    config_hash,
-                    status,
-                    error_message,
-                    now,
-                    _insert_audit,
-                ),
-            )
-        )
-
-    # -- OpAMP rollouts ------------------------------------------------------------------
 
     async def create_opamp_rollout(
         self,

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any, Final
+from typing import Any
 
 import trio
 
@@ -69,8 +69,6 @@ from .opamp import RETRY_AFTER_SECONDS
 __all__ = ["OpampSession", "OpampSockets"]
 
 log = logging.getLogger("z4j.opamp.ws")
-
-WORKER_PREFIX: Final = OPAMP_WORKER_PREFIX
 
 
 class OpampSession:
@@ -330,14 +328,18 @@ class OpampSockets:
         self.sessions[key] = session
         self._stats.opamp_sessions["websocket"] = len(self.sessions)
         session.uid = uid
-        session.token = await self._ownership.acquire(session.project_id, WORKER_PREFIX + uid.hex())
+        session.token = await self._ownership.acquire(
+            session.project_id, OPAMP_WORKER_PREFIX + uid.hex()
+        )
 
     async def _move(self, session: OpampSession, old: bytes, new: bytes) -> None:
         """We gave the agent a new instance_uid: the claim follows it."""
         if self.sessions.get((session.project_id, old)) is session:
             del self.sessions[session.project_id, old]
             self._stats.opamp_sessions["websocket"] = len(self.sessions)
-        await self._ownership.release(session.project_id, WORKER_PREFIX + old.hex(), session.token)
+        await self._ownership.release(
+            session.project_id, OPAMP_WORKER_PREFIX + old.hex(), session.token
+        )
         await self._claim(session, new)
 
     async def _end(self, session: OpampSession) -> None:
@@ -351,7 +353,7 @@ class OpampSockets:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             try:
                 await self._ownership.release(
-                    session.project_id, WORKER_PREFIX + uid.hex(), session.token
+                    session.project_id, OPAMP_WORKER_PREFIX + uid.hex(), session.token
                 )
             except Exception as exc:  # the claim lapses by its TTL
                 self._log.warning("release", "releasing an OpAMP session failed: %s", exc)
