@@ -67,6 +67,7 @@ from .auth import (
 from .opamp_api import OpampRoutes
 from .opamp_rollouts_api import OpampRolloutRoutes
 from .openapi import OPENAPI
+from .policy import Action, action_of
 from .queues_api import QueueRoutes
 from .resources import to_json
 from .schedules_api import ScheduleRoutes
@@ -112,12 +113,12 @@ class Api:
         self._auth = auth
         self._throttle = sign_in_throttle if sign_in_throttle is not None else SignInThrottle()
         self._store_error_logged = -STORE_ERROR_LOG_SECONDS
-        # (method, path pattern, handler, needs sign-in)
-        self._routes: list[tuple[str, re.Pattern[str], Handler, bool]] = []
+        # (method, path pattern, handler, action from policy.py)
+        self._routes: list[tuple[str, re.Pattern[str], Handler, Action]] = []
         route = self._route
-        route("GET", "/openapi.json", self._openapi, public=True)
-        route("POST", "/session", self._sign_in, public=True)
-        route("DELETE", "/session", self._sign_out, public=True)
+        route("GET", "/openapi.json", self._openapi)
+        route("POST", "/session", self._sign_in)
+        route("DELETE", "/session", self._sign_out)
         route("GET", "/projects", self._projects)
         route("GET", "/agents", self._agents)
         route("GET", "/agents/{id}", self._agent)
@@ -142,9 +143,9 @@ class Api:
         ]:
             route(method, path, handler)
 
-    def _route(self, method: str, path: str, handler: Handler, *, public: bool = False) -> None:
+    def _route(self, method: str, path: str, handler: Handler) -> None:
         pattern = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
-        self._routes.append((method, pattern, handler, not public))
+        self._routes.append((method, pattern, handler, action_of(method, path)))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         extra_headers: list[tuple[bytes, bytes]] = []
@@ -178,7 +179,7 @@ class Api:
         path = scope["path"].removeprefix("/api/v1")
         method = scope["method"]
         allowed = []
-        for route_method, pattern, handler, private in self._routes:
+        for route_method, pattern, handler, action in self._routes:
             match = pattern.match(path)
             if match is None:
                 continue
@@ -186,7 +187,7 @@ class Api:
             if route_method != method:
                 continue
             principal: Principal | None = None
-            if private:
+            if action != "public":
                 principal = await self._auth.principal(scope["headers"])
                 if principal is None:
                     raise ApiError(401, "unauthorized", "sign in: a bearer token or a session")

@@ -1,0 +1,117 @@
+"""Who may do what: the one table of actions by route, and of roles by action.
+
+Every API route names one action; a caller may take it when their role
+allows it and, for a personal token, when the token's scope does too. A
+route missing from ``ROUTES`` cannot be registered (api.py asks
+``action_of`` at start), so a new route without a policy fails at once,
+and tests/test_policy.py walks the OpenAPI document against this table
+with every role.
+
+Actions, from least to most:
+- ``public``: no sign-in (the OpenAPI document, sign-in itself);
+- ``self``: any signed-in caller, about themselves (their own tokens);
+- ``read``: look at anything in the caller's projects;
+- ``operate``: change what runs (commands, retries, purges, configurations,
+  rollouts, dead letters);
+- ``admin``: change who may do things and what exists (users, tokens of
+  others, projects, agents, audit).
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+__all__ = [
+    "ACTIONS",
+    "ROLES",
+    "ROUTES",
+    "SCOPES",
+    "Action",
+    "action_of",
+    "allowed",
+]
+
+Action = Literal["public", "self", "read", "operate", "admin"]
+ACTIONS: Final[tuple[Action, ...]] = ("public", "self", "read", "operate", "admin")
+
+# Role -> the actions it may take.
+ROLES: Final[dict[str, frozenset[str]]] = {
+    "viewer": frozenset({"public", "self", "read"}),
+    "operator": frozenset({"public", "self", "read", "operate"}),
+    "admin": frozenset(ACTIONS),
+}
+
+# A personal token's scope -> the actions it may take (narrowed further by its owner's role).
+SCOPES: Final[dict[str, frozenset[str]]] = {
+    "read": frozenset({"public", "self", "read"}),
+    "commands": frozenset({"public", "self", "read", "operate"}),
+    "admin": frozenset(ACTIONS),
+}
+
+# (method, path template under /api/v1) -> action. Keep in the order of the API.
+ROUTES: Final[dict[tuple[str, str], Action]] = {
+    ("GET", "/openapi.json"): "public",
+    ("POST", "/session"): "public",
+    ("DELETE", "/session"): "public",
+    ("GET", "/projects"): "read",
+    ("GET", "/agents"): "read",
+    ("GET", "/agents/{id}"): "read",
+    ("GET", "/instances"): "read",
+    ("GET", "/events"): "read",
+    ("GET", "/commands"): "read",
+    ("POST", "/commands"): "operate",
+    ("GET", "/commands/{id}"): "read",
+    ("POST", "/commands/{id}/cancel"): "operate",
+    ("GET", "/audit"): "admin",
+    # tasks
+    ("GET", "/tasks"): "read",
+    ("POST", "/tasks/retry"): "operate",
+    ("GET", "/tasks/names"): "read",
+    ("GET", "/tasks/{engine}/{task_id}"): "read",
+    ("POST", "/tasks/{engine}/{task_id}/retry"): "operate",
+    ("POST", "/tasks/{engine}/{task_id}/cancel"): "operate",
+    # queues (listing dead letters sends the agent a command)
+    ("GET", "/queues"): "read",
+    ("POST", "/queues/{engine}/{queue}/purge"): "operate",
+    ("GET", "/queues/{engine}/{queue}/dead-letters"): "operate",
+    ("POST", "/queues/{engine}/{queue}/dead-letters/{task_id}/requeue"): "operate",
+    # engine workers
+    ("GET", "/engine-workers"): "read",
+    ("POST", "/engine-workers/{engine}/{worker}/{action}"): "operate",
+    # schedules
+    ("GET", "/schedules"): "read",
+    ("POST", "/schedules/resync"): "operate",
+    ("GET", "/schedules/{scheduler}/{source_key}"): "read",
+    ("POST", "/schedules/{scheduler}/{source_key}/enable"): "operate",
+    ("POST", "/schedules/{scheduler}/{source_key}/disable"): "operate",
+    ("POST", "/schedules/{scheduler}/{source_key}/trigger"): "operate",
+    ("POST", "/schedules/{scheduler}/{source_key}/delete"): "operate",
+    # OpAMP fleet
+    ("GET", "/opamp/agents"): "read",
+    ("GET", "/opamp/agents/{instance_uid}"): "read",
+    ("GET", "/opamp/agents/{instance_uid}/config"): "read",
+    ("PUT", "/opamp/agents/{instance_uid}/config"): "operate",
+    ("DELETE", "/opamp/agents/{instance_uid}/config"): "operate",
+    ("GET", "/opamp/agents/{instance_uid}/history"): "read",
+    ("GET", "/opamp/rollouts"): "read",
+    ("POST", "/opamp/rollouts"): "operate",
+    ("GET", "/opamp/rollouts/{id}"): "read",
+    ("POST", "/opamp/rollouts/{id}/halt"): "operate",
+    ("POST", "/opamp/rollouts/{id}/resume"): "operate",
+    ("POST", "/opamp/rollouts/{id}/cancel"): "operate",
+}
+
+
+def action_of(method: str, path: str) -> Action:
+    """The action a route takes; KeyError names a route the table forgot."""
+    try:
+        return ROUTES[(method, path)]
+    except KeyError:
+        raise KeyError(f"no policy for {method} {path}: add it to z4j/brain/http/policy.py") from None
+
+
+def allowed(action: str, role: str, scope: str | None = None) -> bool:
+    """Whether a caller of ``role`` (through a token of ``scope``, if any) may take ``action``."""
+    if action not in ROLES.get(role, ()):
+        return False
+    return scope is None or action in SCOPES.get(scope, ())
