@@ -71,6 +71,9 @@ class Request:
     body: bytes
     headers: list[tuple[bytes, bytes]]
     source: str = "unknown"  # the peer's address
+    # Who is asking, as audit rows and commands name them ("api" until
+    # accounts: then the user's or token's name).
+    actor: str = "api"
 
     def json_object(self) -> dict[str, Any]:
         try:

@@ -385,7 +385,7 @@ class Api:
                 target=target,
                 parameters=parameters,
                 timeout_seconds=timeout,
-                issued_by="api",
+                issued_by=request.actor,
             )
         except CommandError as exc:
             message = str(exc)
@@ -405,7 +405,7 @@ class Api:
 
     async def _cancel_command(self, request: Request) -> Response:
         command_id = uuid_param(request.params["id"], "id")
-        record = await self._commands.cancel(command_id, actor="api")
+        record = await self._commands.cancel(command_id, actor=request.actor)
         if record is not None:
             return 200, to_json(record)
         current = await self._store.get_command(command_id)

@@ -227,19 +227,19 @@ class OpampRoutes:
             config_hash=digest.hex(),
             files=files,
             created_at=now,
-            created_by="api",
+            created_by=request.actor,
             status=status.value,
             error_message=error,
             status_at=now,
         )
-        await self._store.put_opamp_config(config, actor="api")
+        await self._store.put_opamp_config(config, actor=request.actor)
         if self._nudges is not None:
             self._nudges.changed(project_id, [uid])
         return 200, to_json(config)
 
     async def delete_config(self, request: Request) -> Response:
         uid, project_id, _ = await self._target(request)
-        if not await self._store.delete_opamp_config(project_id, uid, actor="api"):
+        if not await self._store.delete_opamp_config(project_id, uid, actor=request.actor):
             raise ApiError(404, "not_found", f"no configuration for OpAMP agent {uid.hex()}")
         if self._nudges is not None:
             self._nudges.changed(project_id, [uid])

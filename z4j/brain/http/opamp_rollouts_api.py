@@ -116,7 +116,7 @@ class OpampRolloutRoutes:
             selector=selector,
             files=files,
             config_hash=digest.hex(),
-            actor="api",
+            actor=request.actor,
             now=self._clock(),
             **numbers,
         )
@@ -129,7 +129,7 @@ class OpampRolloutRoutes:
             rollout_id = _id(request)
             try:
                 rollout = await self._store.transition_opamp_rollout(
-                    rollout_id, to_state=_MOVES[verb], actor="api", now=self._clock()
+                    rollout_id, to_state=_MOVES[verb], actor=request.actor, now=self._clock()
                 )
             except LookupError:
                 raise ApiError(404, "not_found", f"no rollout {rollout_id}") from None
