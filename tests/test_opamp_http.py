@@ -250,7 +250,7 @@ class CountingStore:
         return getattr(self._store, name)
 
     async def write_opamp_states(self, writes: list[Any]) -> None:
-        self.saved.extend(record for record, _, _ in writes if record is not None)
+        self.saved.extend(w.record for w in writes if w.record is not None)
         await self._store.write_opamp_states(writes)
 
     async def touch_opamp_agents(self, touches: list[tuple[uuid.UUID, bytes, int, float]]) -> None:

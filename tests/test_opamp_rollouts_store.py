@@ -27,7 +27,7 @@ from z4j.opamp_rollouts import order_targets
 from z4j.stats import BrainStats
 from z4j.store import Store, store_for
 from z4j.store.base import OpampAgent, OpampConfig
-from z4j.store.opamp import StatusWrite
+from z4j.store.opamp import StateWrite, StatusWrite
 
 NOW = 1_000_000.0
 FILES = {"collector.yaml": {"body": "receivers: {}\n", "content_type": "text/yaml"}}
@@ -74,7 +74,7 @@ async def add_agent(
         last_seen=NOW,
         disconnected_at=None,
     )
-    await store.write_opamp_states([(agent, None, None)])
+    await store.write_opamp_states([StateWrite(agent, None, None)])
 
 
 async def report(store: Store, project_id: uuid.UUID, uids: list[bytes], status: str) -> None:
@@ -88,7 +88,7 @@ async def report(store: Store, project_id: uuid.UUID, uids: list[bytes], status:
             error_message="bad yaml" if status == "failed" else "",
             now=NOW,
         )
-        assert await store.write_opamp_states([(None, None, moved)]) == 1
+        assert await store.write_opamp_states([StateWrite(None, None, moved)]) == 1
 
 
 def nudged(nudges: OpampNudges) -> set[tuple[uuid.UUID, bytes]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -350,6 +351,16 @@ def test_the_editor_refuses_bad_json_and_yaml_and_follows_a_push_to_applied(
     agent.config_status(second, pb.RemoteConfigStatus.STATUS_FAILED, "unknown processor batch")
     expect(page.locator("#ce-status .pill")).to_have_text("failed", timeout=LIVE_MS)
     expect(page.locator("#ce-agent-error")).to_have_text("unknown processor batch")
+
+    # Its history: one row per change, newest first, the failure on top.
+    history = page.locator("#oa-history tbody tr")
+    expect(history.first).to_contain_text(
+        f"desired config {second[:12]}: failed (unknown processor batch)", timeout=LIVE_MS
+    )
+    expect(page.locator('#oa-history tr[data-changes~="config_status"]')).to_have_count(3)
+    expect(history.last).to_have_attribute("data-changes", re.compile(r"\bconnected\b"))
+    api_rows = api(dashboard, f"/opamp/agents/{agent.hex}/history?project=edge")[1]["items"]
+    expect(history).to_have_count(len(api_rows))
 
     # The fleet shows the configuration's status too.
     page.click('#nav a[data-view="fleet"]')

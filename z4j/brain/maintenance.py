@@ -48,8 +48,8 @@ class Maintenance:
         self._log = ThrottledLog(log, interval=interval)
 
     async def run_once(self) -> int:
-        """One round of upkeep: events past retention, tasks past theirs, schedule
-        frames staged too long. Returns what went of the events (partitions or rows)."""
+        """One round of upkeep: events and OpAMP history past retention, tasks
+        past theirs, schedule frames staged too long. Returns what went of the events (partitions or rows)."""
         now = self._clock()
         removed = await self._store.enforce_retention(now=now, keep_days=self._retention_days)
         forgotten = await self._store.forget_tasks(before=now - self._task_retention_days * 86400)
@@ -61,6 +61,11 @@ class Maintenance:
                 self._retention_days,
                 removed,
                 "partitions" if self._store.kind == "postgres" else "events",
+            )
+        faded = await self._store.forget_opamp_history(before=now - self._retention_days * 86400)
+        if faded:
+            log.info(
+                "retention (%d days): removed %d OpAMP history rows", self._retention_days, faded
             )
         expired = await self._store.expire_schedule_frames(now=now)
         if expired:

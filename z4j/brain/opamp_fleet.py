@@ -60,6 +60,7 @@ import trio.lowlevel
 from .. import keys
 from ..protocol.opamp import (
     STATUS_PARTS,
+    Change,
     FieldCount,
     OpampDecodeError,
     Outcome,
@@ -75,6 +76,7 @@ from ..protocol.opamp.state import AgentState
 from ..stats import BrainStats, ThrottledLog
 from ..store import opamp as stored
 from ..store.base import OpampAgent, OpampConfig, Store, StoreUnavailable
+from ..store.opamp_history import HISTORY_CHANGES
 from .lifetime import until
 
 __all__ = ["FLUSH_SECONDS", "HEAVY_BYTES", "Applied", "OpampFleet", "message_type"]
@@ -520,7 +522,12 @@ class OpampFleet:
         moved = state.instance_uid != uid  # a new agent too: its configuration moves
         if known is None or record is not None or status is not None:
             await self._writes.write(
-                (record, uid if moved and record is not None else None, status)
+                stored.StateWrite(
+                    record,
+                    uid if moved and record is not None else None,
+                    status,
+                    _history_changes(outcome) if record is not None else (),
+                )
             )
         if known is None or record is not None:
             assert record is not None
@@ -718,6 +725,19 @@ class OpampFleet:
             now=now,
         )
         return write, attrs.evolve(config, status=status.value, error_message=error, status_at=now)
+
+
+def _history_changes(outcome: Outcome) -> tuple[str, ...]:
+    """What of a message's changes the agent's history keeps, by name
+    (store/opamp_history.py): not the sequence bookkeeping."""
+    names = []
+    for change in outcome.changed:
+        if change is Change.CONNECTED:
+            names.append("connected" if outcome.state.connected else "disconnected")
+        elif change is not Change.FULL_STATE_REQUESTS:
+            names.append(change.value)
+    order = {name: i for i, name in enumerate(HISTORY_CHANGES)}
+    return tuple(sorted(names, key=lambda name: order.get(name, len(order))))
 
 
 def _fold(

@@ -3348,7 +3348,8 @@
 
   function opampPath(uid, project, tail = "") {
     const path = `/api/v1/opamp/agents/${encodeURIComponent(uid)}${tail}`;
-    return project ? `${path}?project=${encodeURIComponent(project)}` : path;
+    const sep = tail.includes("?") ? "&" : "?";
+    return project ? `${path}${sep}project=${encodeURIComponent(project)}` : path;
   }
 
   function onlinePill(online) {
@@ -3523,6 +3524,8 @@
     gen: 0,
     dirty: false, // the editor holds changes not pushed
     busy: false,
+    history: [], // newest first: the first page, and any older pages asked for
+    historyCursor: null, // the next older page, or null at the end
   };
 
   function openOpampAgent() {
@@ -3531,6 +3534,8 @@
     opampAgent.digests = new Map();
     opampAgent.digestsOf = null;
     opampAgent.dirty = false;
+    opampAgent.history = [];
+    opampAgent.historyCursor = null;
     opampAgent.gen += 1;
     $("oa-title").textContent = route.uid;
     $("oa-online").replaceChildren();
@@ -3579,6 +3584,14 @@
         opampAgent.digests = digests;
         opampAgent.digestsOf = config.config_hash;
       }
+      // The newest page of its history, keeping older pages already shown.
+      const recent = await api("GET", opampPath(uid, agent.project, "/history?limit=20"));
+      if (gen !== opampAgent.gen) return;
+      const newest = new Set(recent.items.map((e) => e.id));
+      const oldest = recent.items.length ? recent.items[recent.items.length - 1].id : Infinity;
+      const older = opampAgent.history.filter((e) => !newest.has(e.id) && e.id < oldest);
+      opampAgent.history = [...recent.items, ...older];
+      if (!older.length) opampAgent.historyCursor = recent.next_cursor;
       const first = opampAgent.agent == null;
       opampAgent.agent = agent;
       opampAgent.config = config;
@@ -3834,8 +3847,91 @@
           ? dl("oa-remote-status", reportedFacts)
           : el("div", { class: "muted", text: "not reported" }),
       ),
+      block("History", "oa-history-block", historyTable()),
     );
     renderConfigStatus();
+  }
+
+  // One line per change the brain recorded (heartbeats record none).
+  function historyText(change, details) {
+    const d = details[change];
+    switch (change) {
+      case "connected":
+        return "connected";
+      case "disconnected":
+        return "said goodbye";
+      case "instance_uid":
+        return `given instance uid ${d}`;
+      case "capabilities":
+        return `capabilities: ${(d || []).length}`;
+      case "agent_description":
+        return "description";
+      case "health":
+        if (!d) return "health";
+        return d.healthy ? "healthy" : `unhealthy${d.status ? `: ${d.status}` : ""}`;
+      case "effective_config":
+        return d ? `effective config ${d.config_hash.slice(0, 12)}` : "effective config";
+      case "remote_config_status":
+        return d ? `reported ${d.status}` : "remote config status";
+      case "config_status":
+        return `desired config ${d.config_hash.slice(0, 12)}: ${d.status}${
+          d.error_message ? ` (${d.error_message})` : ""
+        }`;
+      default:
+        return change.replaceAll("_", " ");
+    }
+  }
+
+  function historyTable() {
+    const items = opampAgent.history;
+    if (!items.length) return el("div", { class: "muted", text: "nothing recorded" });
+    return [
+      el(
+        "table",
+        { id: "oa-history", class: "list" },
+        el("thead", {}, el("tr", {}, el("th", { text: "When" }), el("th", { text: "What changed" }))),
+        el(
+          "tbody",
+          {},
+          items.map((e) =>
+            el(
+              "tr",
+              { dataset: { id: String(e.id), changes: e.changes.join(" ") } },
+              el("td", {}, when(e.at)),
+              el("td", { text: e.changes.map((c) => historyText(c, e.details)).join("; ") }),
+            ),
+          ),
+        ),
+      ),
+      opampAgent.historyCursor
+        ? el("button", {
+            id: "oa-history-more",
+            class: "secondary",
+            type: "button",
+            text: "Older",
+            onclick: olderHistory,
+          })
+        : null,
+    ];
+  }
+
+  async function olderHistory() {
+    const a = opampAgent.agent;
+    const cursor = opampAgent.historyCursor;
+    if (!a || !cursor) return;
+    const gen = opampAgent.gen;
+    try {
+      const more = await api(
+        "GET",
+        opampPath(a.instance_uid, a.project, `/history?limit=20&cursor=${encodeURIComponent(cursor)}`),
+      );
+      if (gen !== opampAgent.gen) return;
+      opampAgent.history = [...opampAgent.history, ...more.items];
+      opampAgent.historyCursor = more.next_cursor;
+      fill($("oa-history-block"), el("h3", { text: "History" }), historyTable());
+    } catch (error) {
+      if (error.status !== 401) showText("oa-error", error.message);
+    }
   }
 
   function renderConfigStatus() {

@@ -36,6 +36,7 @@ __all__ = [
     "InstanceInfo",
     "OpampAgent",
     "OpampConfig",
+    "OpampHistoryEntry",
     "OpampRollout",
     "OpampToken",
     "Project",
@@ -354,6 +355,19 @@ class OpampAgent:
     disconnected_at: float | None
     state: bytes = attrs.field(default=b"", repr=False)
     full_state_requests: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class OpampHistoryEntry:
+    """One change an OpAMP agent went through (store/opamp_history.py):
+    ``changes`` names what changed, ``details`` the new summary of each."""
+
+    id: int
+    project_id: uuid.UUID
+    instance_uid: str  # 32 hex digits
+    at: float
+    changes: list[str]
+    details: dict[str, Any]
 
 
 @attrs.frozen(kw_only=True)
@@ -805,6 +819,22 @@ class Store(Protocol):
         self, project_id: uuid.UUID | None = None, instance_uid: bytes | None = None
     ) -> list[OpampAgent]:
         """OpAMP agents, of one project or all, by project then instance_uid."""
+        ...
+
+    async def list_opamp_history(
+        self,
+        project_id: uuid.UUID,
+        instance_uid: bytes,
+        *,
+        before_id: int | None = None,
+        limit: int = 50,
+    ) -> list[OpampHistoryEntry]:
+        """The agent's history, newest first; ``before_id`` continues a page."""
+        ...
+
+    async def forget_opamp_history(self, *, before: float) -> int:
+        """Delete the OpAMP history rows older than ``before``, in chunks of
+        one transaction each; how many went."""
         ...
 
     async def load_opamp_agent(

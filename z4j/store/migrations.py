@@ -846,4 +846,38 @@ ALTER TABLE opamp_configs ADD COLUMN rollout_id TEXT;
 CREATE INDEX opamp_configs_by_rollout ON opamp_configs (rollout_id) WHERE rollout_id IS NOT NULL;
 """,
     ),
+    Migration(
+        version=13,
+        name="opamp: per-agent history of what changed",
+        # One row per message that changed something an operator sees (its
+        # description, capabilities, health, effective configuration, remote
+        # configuration status, connection, instance id) and per configuration
+        # status that moved; heartbeats write none. ``changes``: the list of
+        # what changed; ``details``: the new summary of each (store/opamp.py).
+        # Rows older than Z4J_EVENT_RETENTION_DAYS go with the leader's upkeep.
+        postgres="""
+CREATE TABLE opamp_agent_history (
+    id           bigserial PRIMARY KEY,
+    project_id   uuid NOT NULL REFERENCES projects(id),
+    instance_uid bytea NOT NULL,
+    at           timestamptz NOT NULL,
+    changes      jsonb NOT NULL,
+    details      jsonb NOT NULL
+);
+CREATE INDEX opamp_agent_history_by_agent ON opamp_agent_history (project_id, instance_uid, id DESC);
+CREATE INDEX opamp_agent_history_by_time ON opamp_agent_history (at);
+""",
+        sqlite="""
+CREATE TABLE opamp_agent_history (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id   TEXT NOT NULL REFERENCES projects(id),
+    instance_uid BLOB NOT NULL,
+    at           REAL NOT NULL,
+    changes      TEXT NOT NULL,
+    details      TEXT NOT NULL
+);
+CREATE INDEX opamp_agent_history_by_agent ON opamp_agent_history (project_id, instance_uid, id DESC);
+CREATE INDEX opamp_agent_history_by_time ON opamp_agent_history (at);
+""",
+    ),
 )

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import attrs
 
@@ -42,6 +42,7 @@ from ..protocol.opamp.attributes import AttributeValue, to_dict
 from ..protocol.opamp.flags import AgentCapability
 from ..protocol.opamp.remote_config import ConfigFile, config_hash
 from ..protocol.opamp.state import STATUS_PARTS, AgentState
+from . import opamp_history
 from ._rows import Conn, Dialect
 from ._transactions import AuditWriter
 from .base import OpampAgent, OpampConfig, OpampToken
@@ -73,12 +74,9 @@ __all__ = [
 
 _U64: Final = 1 << 64
 _I64: Final = 1 << 63
-_HEALTH_DEPTH: Final = 4
+_HEALTH_DEPTH: Final = 4  # nested component health kept this deep in the summary
 # Statuses an agent's report settles a configuration in: each is audited once.
-ACKNOWLEDGEMENTS: Final = (
-    "applied",
-    "failed",
-)  # nested component health kept this deep in the summary
+ACKNOWLEDGEMENTS: Final = ("applied", "failed")
 
 TOKEN_COLUMNS: Final = "token_hash, project_id, name, created_at"
 AGENT_COLUMNS: Final = (
@@ -581,31 +579,63 @@ class StatusWrite:
     now: float
 
 
-# One agent's writes after one message: its row (and the instance_uid it
-# replaces), and its configuration's status; either may be None.
-StateWrite = tuple[OpampAgent | None, bytes | None, StatusWrite | None]
+class StateWrite(NamedTuple):
+    """One agent's writes after one message: its row (and the instance_uid it
+    replaces), its configuration's status (either may be None), and what in
+    the row changed that its history keeps (opamp_history.HISTORY_CHANGES)."""
+
+    record: OpampAgent | None
+    replaces: bytes | None
+    status: StatusWrite | None
+    changes: tuple[str, ...] = ()
 
 
 def write_states(d: Dialect, conn: Conn, writes: list[StateWrite], audit: AuditWriter) -> int:
     """Many agents' writes in the caller's one transaction (a group commit:
-    one fsync for a burst of acknowledgements, not two per agent); how many
-    configuration statuses moved (one that another has replaced stays)."""
+    one fsync for a burst of acknowledgements, not two per agent), each with
+    its history row; how many configuration statuses moved (one that
+    another has replaced stays)."""
     moved = 0
-    for record, replaces, status in writes:
+    for record, replaces, status, changes in writes:
+        names = list(changes)
+        details: dict[str, Any] = {}
         if record is not None:
             save_agent(d, conn, record, replaces)
-        if status is not None:
-            moved += set_config_status(
-                d,
-                conn,
-                status.project_id,
-                status.instance_uid,
-                status.config_hash,
-                status.status,
-                status.error_message,
-                status.now,
-                audit,
+            if replaces is not None:
+                opamp_history.move_history(
+                    d, conn, record.project_id, replaces, bytes.fromhex(record.instance_uid)
+                )
+            details = opamp_history.history_details(record, changes)
+        if status is not None and set_config_status(
+            d,
+            conn,
+            status.project_id,
+            status.instance_uid,
+            status.config_hash,
+            status.status,
+            status.error_message,
+            status.now,
+            audit,
+        ):
+            moved += 1
+            names.append("config_status")
+            details["config_status"] = {
+                "config_hash": status.config_hash.hex(),
+                "status": status.status,
+                "error_message": status.error_message,
+            }
+        if not names:
+            continue
+        if record is not None:
+            project_id, uid, at = (
+                record.project_id,
+                bytes.fromhex(record.instance_uid),
+                record.last_seen,
             )
+        else:
+            assert status is not None  # a status moved: it named "config_status"
+            project_id, uid, at = status.project_id, status.instance_uid, status.now
+        opamp_history.write_history(d, conn, project_id, uid, at, names, details)
     return moved
 
 

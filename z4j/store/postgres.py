@@ -45,7 +45,16 @@ from ..buffer import ClaimedRow
 from ..events import event_rows
 from ..schedules import ScheduleControl, ScheduleFrame
 from ..tasks import TaskEvent, TaskRow
-from . import _rows, opamp, opamp_rollouts, schedule_frames, schedules, task_writes, tasks
+from . import (
+    _rows,
+    opamp,
+    opamp_history,
+    opamp_rollouts,
+    schedule_frames,
+    schedules,
+    task_writes,
+    tasks,
+)
 from ._filters import Where, commands_where, events_where
 from ._rows import (
     AGENT_COLUMNS,
@@ -76,6 +85,7 @@ from .base import (
     InstanceInfo,
     OpampAgent,
     OpampConfig,
+    OpampHistoryEntry,
     OpampRollout,
     OpampToken,
     Project,
@@ -855,6 +865,31 @@ class PostgresStore:
             lambda conn: opamp.list_agents(PG, conn, project_id, instance_uid)
         )
         return result
+
+    async def list_opamp_history(
+        self,
+        project_id: uuid.UUID,
+        instance_uid: bytes,
+        *,
+        before_id: int | None = None,
+        limit: int = 50,
+    ) -> list[OpampHistoryEntry]:
+        result: list[OpampHistoryEntry] = await self._run(
+            lambda conn: opamp_history.list_history(
+                PG, conn, project_id, instance_uid, before_id=before_id, limit=limit
+            )
+        )
+        return result
+
+    async def forget_opamp_history(self, *, before: float) -> int:
+        forgotten = 0
+        while True:  # in chunks: each a short transaction
+            n: int = await self._run(
+                lambda conn: opamp_history.forget_history_before(PG, conn, before, _FORGET_CHUNK)
+            )
+            forgotten += n
+            if n < _FORGET_CHUNK:
+                return forgotten
 
     async def load_opamp_agent(
         self, project_id: uuid.UUID, instance_uid: bytes

@@ -29,7 +29,16 @@ from ..buffer import ClaimedRow
 from ..events import event_rows
 from ..schedules import ScheduleControl, ScheduleFrame
 from ..tasks import TaskEvent, TaskRow
-from . import _rows, opamp, opamp_rollouts, schedule_frames, schedules, task_writes, tasks
+from . import (
+    _rows,
+    opamp,
+    opamp_history,
+    opamp_rollouts,
+    schedule_frames,
+    schedules,
+    task_writes,
+    tasks,
+)
 from ._filters import Where, commands_where, events_where
 from ._rows import (
     AGENT_COLUMNS,
@@ -60,6 +69,7 @@ from .base import (
     InstanceInfo,
     OpampAgent,
     OpampConfig,
+    OpampHistoryEntry,
     OpampRollout,
     OpampToken,
     Project,
@@ -659,6 +669,33 @@ class SqliteStore:
         self, project_id: uuid.UUID | None = None, instance_uid: bytes | None = None
     ) -> list[OpampAgent]:
         return await self._run(lambda db: opamp.list_agents(SQ, db, project_id, instance_uid))
+
+    async def list_opamp_history(
+        self,
+        project_id: uuid.UUID,
+        instance_uid: bytes,
+        *,
+        before_id: int | None = None,
+        limit: int = 50,
+    ) -> list[OpampHistoryEntry]:
+        return await self._run(
+            lambda db: opamp_history.list_history(
+                SQ, db, project_id, instance_uid, before_id=before_id, limit=limit
+            )
+        )
+
+    async def forget_opamp_history(self, *, before: float) -> int:
+        forgotten = 0
+        while True:  # in chunks, so other writers get the lock in between
+            n: int = await self._run(
+                lambda db: _transaction(
+                    db,
+                    lambda: opamp_history.forget_history_before(SQ, db, before, _FORGET_CHUNK),
+                )
+            )
+            forgotten += n
+            if n < _FORGET_CHUNK:
+                return forgotten
 
     async def load_opamp_agent(
         self, project_id: uuid.UUID, instance_uid: bytes

@@ -35,7 +35,7 @@ from ...protocol.opamp.remote_config import ConfigFile, ConfigProgress, config_h
 from ...store import opamp as stored
 from ...store.base import OpampAgent, OpampConfig, Project, Store
 from ..links import OpampNudges
-from ._request import ApiError, Handler, Request, Response, check_text, page
+from ._request import ApiError, Handler, Request, Response, check_text, limit_param, page
 from .resources import to_json
 
 __all__ = [
@@ -111,6 +111,7 @@ class OpampRoutes:
         return [
             ("GET", "/opamp/agents", self.list_agents),
             ("GET", "/opamp/agents/{instance_uid}", self.detail),
+            ("GET", "/opamp/agents/{instance_uid}/history", self.history),
             ("GET", "/opamp/agents/{instance_uid}/config", self.get_config),
             ("PUT", "/opamp/agents/{instance_uid}/config", self.put_config),
             ("DELETE", "/opamp/agents/{instance_uid}/config", self.delete_config),
@@ -194,6 +195,24 @@ class OpampRoutes:
                 f"no OpAMP agent {raw.lower()}: give ?project= for one not heard from yet",
             )
         return uid, project.id, None
+
+    async def history(self, request: Request) -> Response:
+        """What changed, newest first (store/opamp_history.py); ``cursor`` continues."""
+        limit = limit_param(request.query)
+        before = None
+        if "cursor" in request.query:
+            raw = request.query["cursor"]
+            if not raw.isdigit() or int(raw) >= 2**63:  # SQLite's and Postgres's bigint
+                raise ApiError(400, "bad_request", "cursor: as given by the last page")
+            before = int(raw)
+        uid, project_id, agent = await self._target(request)
+        if agent is None:
+            raise ApiError(404, "not_found", f"no OpAMP agent {uid.hex()}")
+        entries = await self._store.list_opamp_history(
+            project_id, uid, before_id=before, limit=limit
+        )
+        cursor = str(entries[-1].id) if len(entries) == limit else None
+        return 200, page([to_json(e) for e in entries], cursor)
 
     async def get_config(self, request: Request) -> Response:
         uid, project_id, _ = await self._target(request)

@@ -680,6 +680,24 @@ OPENAPI: dict[str, Any] = {
                 ],
             )
         },
+        "/opamp/agents/{instance_uid}/history": {
+            "get": _operation(
+                "listOpampHistory",
+                "What changed on one OpAMP agent, newest first",
+                (200, _page("OpampHistoryEntry")),
+                errors=(400, 401, 404, 409),
+                description="One entry per message that changed what the agent shows "
+                "(description, capabilities, health, configuration, connection) and per move "
+                "of its configuration's status; heartbeats add none. Kept for "
+                "Z4J_EVENT_RETENTION_DAYS.",
+                parameters=[
+                    OPAMP_UID,
+                    _query("project", STRING, "project name or id"),
+                    CURSOR,
+                    LIMIT,
+                ],
+            )
+        },
         "/opamp/agents/{instance_uid}/config": {
             "get": _operation(
                 "getOpampConfig",

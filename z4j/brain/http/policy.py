@@ -107,7 +107,9 @@ def action_of(method: str, path: str) -> Action:
     try:
         return ROUTES[(method, path)]
     except KeyError:
-        raise KeyError(f"no policy for {method} {path}: add it to z4j/brain/http/policy.py") from None
+        raise KeyError(
+            f"no policy for {method} {path}: add it to z4j/brain/http/policy.py"
+        ) from None
 
 
 def allowed(action: str, role: str, scope: str | None = None) -> bool:

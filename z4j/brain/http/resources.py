@@ -41,12 +41,14 @@ from ...store.base import (
     InstanceInfo,
     OpampAgent,
     OpampConfig,
+    OpampHistoryEntry,
     OpampRollout,
     Project,
     ScheduleRecord,
     TaskRecord,
     WorkerInfo,
 )
+from ...store.opamp_history import HISTORY_CHANGES
 from ...tasks import TASK_STATES
 
 __all__ = [
@@ -316,6 +318,23 @@ RESOURCES: dict[type, Resource] = {
                     "description": "lags its last message by up to a third of the heartbeat window"
                 },
                 "disconnected_at": {"description": "when it said agent_disconnect"},
+            },
+        ),
+        Resource(
+            name="OpampHistoryEntry",
+            cls=OpampHistoryEntry,
+            hidden=frozenset({"project_id", "instance_uid"}),  # listed under its agent
+            refine={
+                "id": {"description": "the cursor of the next page, counting down"},
+                "changes": {
+                    "items": {"type": "string", "enum": list(HISTORY_CHANGES)},
+                    "description": "what changed, by name",
+                },
+                "details": {
+                    "description": "the new summary of each changed part, as the agent shows "
+                    "it (config_status: config_hash, status, error_message); a summary past "
+                    "64 KiB is replaced by {truncated, bytes}"
+                },
             },
         ),
         Resource(
