@@ -596,6 +596,7 @@ def write_states(d: Dialect, conn: Conn, writes: list[StateWrite], audit: AuditW
     its history row; how many configuration statuses moved (one that
     another has replaced stays)."""
     moved = 0
+    history: list[opamp_history.HistoryRow] = []
     for record, replaces, status, changes in writes:
         names = list(changes)
         details: dict[str, Any] = {}
@@ -635,7 +636,8 @@ def write_states(d: Dialect, conn: Conn, writes: list[StateWrite], audit: AuditW
         else:
             assert status is not None  # a status moved: it named "config_status"
             project_id, uid, at = status.project_id, status.instance_uid, status.now
-        opamp_history.write_history(d, conn, project_id, uid, at, names, details)
+        history.append((project_id, uid, at, names, details))
+    opamp_history.write_history(d, conn, history)
     return moved
 
 

@@ -30,6 +30,7 @@ from .base import OpampAgent, OpampHistoryEntry
 __all__ = [
     "HISTORY_CHANGES",
     "MAX_DETAILS_BYTES",
+    "HistoryRow",
     "forget_history_before",
     "history_details",
     "list_history",
@@ -80,26 +81,34 @@ def history_details(agent: OpampAgent, changes: Iterable[str]) -> dict[str, Any]
     return details
 
 
-def write_history(
-    d: Dialect,
-    conn: Conn,
-    project_id: uuid.UUID,
-    instance_uid: bytes,
-    at: float,
-    changes: list[str],
-    details: dict[str, Any],
-) -> None:
-    """Add one row; the caller holds the transaction."""
-    encoded = orjson.dumps(details)
-    if len(encoded) > MAX_DETAILS_BYTES:
-        details = {"truncated": True, "bytes": len(encoded)}
-    conn.execute(
-        d.sql(
-            "INSERT INTO opamp_agent_history (project_id, instance_uid, at, changes, details)"
-            " VALUES (?, ?, ?, ?, ?)"
-        ),
-        (d.uuid_in(project_id), instance_uid, d.ts_in(at), d.json_in(changes), d.json_in(details)),
-    )
+HistoryRow = tuple[uuid.UUID, bytes, float, list[str], dict[str, Any]]
+"""project, instance uid, when, what changed, the changed parts' new summaries."""
+
+
+def write_history(d: Dialect, conn: Conn, rows: list[HistoryRow]) -> None:
+    """Add the rows in one statement batch; the caller holds the transaction."""
+    params = []
+    for project_id, instance_uid, at, changes, details in rows:
+        size = len(orjson.dumps(details))
+        if size > MAX_DETAILS_BYTES:
+            details = {"truncated": True, "bytes": size}
+        params.append(
+            (
+                d.uuid_in(project_id),
+                instance_uid,
+                d.ts_in(at),
+                d.json_in(changes),
+                d.json_in(details),
+            )
+        )
+    if params:
+        conn.cursor().executemany(
+            d.sql(
+                "INSERT INTO opamp_agent_history (project_id, instance_uid, at, changes, details)"
+                " VALUES (?, ?, ?, ?, ?)"
+            ),
+            params,
+        )
 
 
 def move_history(
