@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import logging
 import re
 import signal
@@ -294,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return trio.run(_run_brain, config, args.supervisor_fd)
     configure_logging(config.log_level, config.log_format)
     if args.command == "brain":
+        _warn_if_original_installed()
         for path, rows in stranded_buffers(config):
             log.warning(
                 "%s holds %d payloads no instance drains now (a buffer of an earlier run with "
@@ -308,6 +310,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         tune_gc()
         return trio.run(_run_brain, config)
     return trio.run(_migrate, config)
+
+
+def _warn_if_original_installed() -> None:
+    """Say so when the original brain's distribution shares this environment:
+    both install the module ``z4j`` and the command ``z4j``, so whichever was
+    installed last has overwritten the other's files (docs/install.md)."""
+    try:
+        importlib.metadata.distribution("z4j")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    log.warning(
+        "the distribution 'z4j' (the original z4j brain) is installed in this environment "
+        "beside 'z4j-trio': both own the module z4j and the command z4j, so their files "
+        "overwrite each other; give each its own virtual environment (docs/install.md)"
+    )
 
 
 async def _run_brain(config: Config, supervisor_fd: int | None = None) -> int:
