@@ -148,6 +148,16 @@ class WorkerInfo:
 
 
 @attrs.frozen(kw_only=True)
+class WorkerRegistry:
+    """A worker's task registry as its ``registry_delta`` frames left it:
+    ``{engine: {task name: task}}``, each task as the adapter described it."""
+
+    agent_id: uuid.UUID
+    worker_id: str
+    registry: dict[str, Any]
+
+
+@attrs.frozen(kw_only=True)
 class EventRecord:
     """One stored event; ``body`` is parsed JSON."""
 
@@ -629,6 +639,17 @@ class Store(Protocol):
 
     async def list_workers(self, agent_id: uuid.UUID | None = None) -> list[WorkerInfo]:
         """Workers of one agent or all, by agent then worker id."""
+        ...
+
+    async def worker_registries(
+        self,
+        *,
+        agent_id: uuid.UUID | None = None,
+        after: tuple[uuid.UUID, str] | None = None,
+        limit: int = 100,
+    ) -> list[WorkerRegistry]:
+        """Workers' task registries, of one agent or all, by agent then worker
+        id, those after ``after`` (a keyset page)."""
         ...
 
     async def list_events(self, query: EventFilter) -> list[EventRecord]:

@@ -61,6 +61,7 @@ from ._transactions import (
     find_agent,
     find_project,
     insert_command,
+    read_worker_registries,
     transition_command,
     update_registry,
 )
@@ -88,6 +89,7 @@ from .base import (
     TaskRecord,
     UnstorableRows,
     WorkerInfo,
+    WorkerRegistry,
     check_command_state,
 )
 from .migrations import MIGRATION_LOCK_KEY, MIGRATIONS
@@ -602,6 +604,18 @@ class PostgresStore:
         sql = f"SELECT {WORKER_COLUMNS} FROM workers{where} ORDER BY agent_id, worker_id"
         rows = await self._run(lambda conn: conn.execute(sql, where.params).fetchall())
         return [_rows.worker(PG, row) for row in rows]
+
+    async def worker_registries(
+        self,
+        *,
+        agent_id: uuid.UUID | None = None,
+        after: tuple[uuid.UUID, str] | None = None,
+        limit: int = 100,
+    ) -> list[WorkerRegistry]:
+        result: list[WorkerRegistry] = await self._run(
+            lambda conn: read_worker_registries(PG, conn, agent_id, after, limit)
+        )
+        return result
 
     async def list_events(self, query: EventFilter) -> list[EventRecord]:
         where = events_where(PG, query)

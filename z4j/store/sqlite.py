@@ -45,6 +45,7 @@ from ._transactions import (
     find_agent,
     find_project,
     insert_command,
+    read_worker_registries,
     transition_command,
     update_registry,
 )
@@ -72,6 +73,7 @@ from .base import (
     TaskRecord,
     UnstorableRows,
     WorkerInfo,
+    WorkerRegistry,
     check_command_state,
 )
 from .migrations import MIGRATIONS
@@ -422,6 +424,18 @@ class SqliteStore:
             tuple(where.params),
         )
         return [_rows.worker(SQ, row) for row in rows]
+
+    async def worker_registries(
+        self,
+        *,
+        agent_id: uuid.UUID | None = None,
+        after: tuple[uuid.UUID, str] | None = None,
+        limit: int = 100,
+    ) -> list[WorkerRegistry]:
+        result: list[WorkerRegistry] = await self._run(
+            lambda db: read_worker_registries(SQ, db, agent_id, after, limit)
+        )
+        return result
 
     async def list_events(self, query: EventFilter) -> list[EventRecord]:
         where = events_where(SQ, query)

@@ -64,6 +64,7 @@ from .auth import (
     header,
     same_origin,
 )
+from .dead_letters_api import DeadLetterRoutes
 from .opamp_api import OpampRoutes
 from .opamp_rollouts_api import OpampRolloutRoutes
 from .openapi import OPENAPI
@@ -104,10 +105,12 @@ class Api:
         opamp_heartbeat_window_seconds: float = 90.0,
         opamp_nudges: OpampNudges | None = None,
         on_opamp_rollout: Callable[[dict[str, Any]], None] | None = None,
+        dead_letters: DeadLetterRoutes | None = None,
     ) -> None:
         """``project_key``: a project's signing key, for purge tokens (None: no purges).
         ``opamp_heartbeat_window_seconds``: how long an OpAMP agent stays online unheard.
-        ``on_opamp_rollout``: called with a rollout's JSON after the API changed it."""
+        ``on_opamp_rollout``: called with a rollout's JSON after the API changed it.
+        ``dead_letters``: this process's buffer dead letters and the task registry."""
         self._store = store
         self._commands = commands
         self._auth = auth
@@ -140,6 +143,7 @@ class Api:
                 nudges=opamp_nudges,
             ).routes(),
             *OpampRolloutRoutes(store, on_change=on_opamp_rollout).routes(),
+            *(dead_letters.routes() if dead_letters is not None else []),
         ]:
             route(method, path, handler)
 

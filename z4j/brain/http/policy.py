@@ -86,6 +86,14 @@ ROUTES: Final[dict[tuple[str, str], Action]] = {
     ("POST", "/schedules/{scheduler}/{source_key}/disable"): "operate",
     ("POST", "/schedules/{scheduler}/{source_key}/trigger"): "operate",
     ("POST", "/schedules/{scheduler}/{source_key}/delete"): "operate",
+    # this instance's buffer dead letters, and the task registry
+    ("GET", "/dead-letters"): "read",
+    ("POST", "/dead-letters/requeue"): "operate",
+    ("POST", "/dead-letters/discard"): "operate",
+    ("GET", "/dead-letters/{id}"): "read",
+    ("POST", "/dead-letters/{id}/requeue"): "operate",
+    ("POST", "/dead-letters/{id}/discard"): "operate",
+    ("GET", "/task-registry"): "read",
     # OpAMP fleet
     ("GET", "/opamp/agents"): "read",
     ("GET", "/opamp/agents/{instance_uid}"): "read",
@@ -107,7 +115,9 @@ def action_of(method: str, path: str) -> Action:
     try:
         return ROUTES[(method, path)]
     except KeyError:
-        raise KeyError(f"no policy for {method} {path}: add it to z4j/brain/http/policy.py") from None
+        raise KeyError(
+            f"no policy for {method} {path}: add it to z4j/brain/http/policy.py"
+        ) from None
 
 
 def allowed(action: str, role: str, scope: str | None = None) -> bool:
