@@ -24,6 +24,7 @@ from z4j.protocol.agent import frames as f
 from z4j.testing.agents import provision, raw_agent
 from z4j.testing.brain import read_events
 from z4j.testing.dead_letters import accept_kind, refuse_kind
+from z4j.testing.store import open_store
 
 if TYPE_CHECKING:
     from conftest import Dashboard  # tests/browser/conftest.py
@@ -184,3 +185,22 @@ def test_the_audit_page_lists_an_api_action_with_its_actor(
     expect(page.locator("#audit-empty")).to_be_visible()
     page.fill("#af-actor", actor)
     expect(row).to_be_visible()
+
+
+def test_the_audit_page_pages_older_rows(page: Page, dashboard: Dashboard) -> None:
+    async def write(n: int) -> None:
+        async with open_store(dashboard.config) as store:
+            for i in range(n):
+                await store.audit("test.step", f"step:{i}", {}, actor="pager")
+
+    dashboard.loop.run(write, 60)
+    sign_in(page, dashboard)
+    page.goto(f"{dashboard.url}/#/audit")
+    page.fill("#af-actor", "pager")
+    rows = page.locator("#audit-table tbody tr")
+    expect(rows).to_have_count(50)
+    expect(rows.first).to_contain_text("step:59")
+    page.click("#audit-more")
+    expect(rows).to_have_count(60)
+    expect(rows.last).to_contain_text("step:0")
+    expect(page.locator("#audit-more")).to_be_hidden()

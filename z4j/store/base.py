@@ -22,6 +22,7 @@ from ..schedules import ScheduleRow
 from ..tasks import TaskEvent
 
 if TYPE_CHECKING:
+    from .audit_query import AuditFilter
     from .opamp import StateWrite
     from .pg import PgPool
 
@@ -756,9 +757,9 @@ class Store(Protocol):
         ...
 
     async def list_audit(
-        self, *, before_id: int | None = None, limit: int = 50
+        self, *, before_id: int | None = None, limit: int = 50, query: AuditFilter | None = None
     ) -> list[AuditRecord]:
-        """Audit events, newest first; ``before_id`` continues a page."""
+        """Audit events matching ``query``, newest first; ``before_id`` continues a page."""
         ...
 
     # -- API credentials (only keyed hashes are stored) -------------------------------

@@ -65,6 +65,7 @@ from ._transactions import (
     transition_command,
     update_registry,
 )
+from .audit_query import AuditFilter, audit_where
 from .base import (
     Agent,
     ApiToken,
@@ -749,11 +750,9 @@ class PostgresStore:
         )
 
     async def list_audit(
-        self, *, before_id: int | None = None, limit: int = 50
+        self, *, before_id: int | None = None, limit: int = 50, query: AuditFilter | None = None
     ) -> list[AuditRecord]:
-        where = Where(PG)
-        if before_id is not None:
-            where.add("id < ?", before_id)
+        where = audit_where(PG, query or AuditFilter(), before_id)
         sql = f"SELECT {AUDIT_COLUMNS} FROM audit_events{where} ORDER BY id DESC LIMIT %s"
         rows = await self._run(lambda conn: conn.execute(sql, (*where.params, limit)).fetchall())
         return [_rows.audit(PG, row) for row in rows]

@@ -49,6 +49,7 @@ from ._transactions import (
     transition_command,
     update_registry,
 )
+from .audit_query import AuditFilter, audit_where
 from .base import (
     Agent,
     ApiToken,
@@ -553,11 +554,9 @@ class SqliteStore:
         )
 
     async def list_audit(
-        self, *, before_id: int | None = None, limit: int = 50
+        self, *, before_id: int | None = None, limit: int = 50, query: AuditFilter | None = None
     ) -> list[AuditRecord]:
-        where = Where(SQ)
-        if before_id is not None:
-            where.add("id < ?", before_id)
+        where = audit_where(SQ, query or AuditFilter(), before_id)
         rows = await self._run(
             _fetch_all,
             f"SELECT {AUDIT_COLUMNS} FROM audit_events{where} ORDER BY id DESC LIMIT ?",

@@ -53,6 +53,7 @@ from ._request import (
     time_param,
     uuid_param,
 )
+from .audit_params import audit_filter
 from .auth import (
     CSRF_COOKIE,
     SESSION_COOKIE,
@@ -426,7 +427,8 @@ class Api:
             if not raw.isdigit() or int(raw) >= 2**63:  # SQLite's and Postgres's bigint
                 raise ApiError(400, "bad_request", "cursor: as given by the last page")
             before = int(raw)
-        records = await self._store.list_audit(before_id=before, limit=limit)
+        query = audit_filter(q)
+        records = await self._store.list_audit(before_id=before, limit=limit, query=query)
         cursor = str(records[-1].id) if len(records) == limit else None
         return 200, page([to_json(a) for a in records], cursor)
 

@@ -168,6 +168,7 @@ LIMIT = _query(
     "limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}, "page size"
 )
 CURSOR = _query("cursor", STRING, "next_cursor of the previous page")
+AUDIT_TEXT = {"type": "string", "minLength": 1, "maxLength": 200}
 COMMAND_STATE = {"type": "string", "enum": list(COMMAND_STATES)}
 TASK_STATE = {"type": "string", "enum": list(TASK_STATES)}
 TASK_PATH = [
@@ -1242,10 +1243,22 @@ OPENAPI: dict[str, Any] = {
         "/audit": {
             "get": _operation(
                 "listAudit",
-                "Audit events, newest first",
+                "Audit events, newest first; every filter given must hold",
                 (200, _page("Audit")),
                 errors=(400, 401),
-                parameters=[CURSOR, LIMIT],
+                parameters=[
+                    _query("actor", AUDIT_TEXT, "who acted, exactly (a user, token or cli:NAME)"),
+                    _query("action", AUDIT_TEXT, "the action, exactly; ending in * a prefix"),
+                    _query(
+                        "subject", AUDIT_TEXT, "what it acted on, exactly; ending in * a prefix"
+                    ),
+                    _query("outcome", {"type": "string", "enum": ["ok", "refused"]}, "the outcome"),
+                    _query("project_id", UUID, "rows about this project"),
+                    _query("since", STRING, "at or after (ISO-8601 or epoch seconds)"),
+                    _query("until", STRING, "before (ISO-8601 or epoch seconds)"),
+                    CURSOR,
+                    LIMIT,
+                ],
             )
         },
     },
