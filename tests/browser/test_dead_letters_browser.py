@@ -16,6 +16,7 @@ import json
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from playwright.sync_api import Page, expect
@@ -85,7 +86,7 @@ def dead_letter(dashboard: Dashboard, kind: str, n: int) -> int:
 
 
 def test_a_dead_letter_is_inspected_and_requeued_and_drains(
-    page: Page, dashboard: Dashboard
+    page: Page, dashboard: Dashboard, tmp_path: Path
 ) -> None:
     letter = dead_letter(dashboard, "poison", 7)
     sign_in(page, dashboard)
@@ -99,6 +100,7 @@ def test_a_dead_letter_is_inspected_and_requeued_and_drains(
     expect(page.locator("#bdl-detail-title")).to_have_text(f"Dead letter {letter}")
     expect(page.locator("#bdl-detail-body")).to_contain_text('"n": 7')
     expect(page.locator("#bdl-detail-error")).to_contain_text("poison")
+    page.screenshot(path=str(tmp_path / "dead-letters.png"), full_page=True)
 
     # Re-queue asks first; cancelling leaves it there.
     row.locator(".bdl-requeue").click()
@@ -161,8 +163,9 @@ def test_the_workers_page_shows_each_workers_task_registry(
 
 
 def test_the_audit_page_lists_an_api_action_with_its_actor(
-    page: Page, dashboard: Dashboard
+    page: Page, dashboard: Dashboard, tmp_path: Path
 ) -> None:
+    shots = tmp_path
     letter = dead_letter(dashboard, "stale", 1)
     api(dashboard, "POST", f"/dead-letters/{letter}/discard", {})
     rows = api(dashboard, "GET", "/audit?action=dead_letter.discarded&limit=500")["items"]
@@ -185,6 +188,11 @@ def test_the_audit_page_lists_an_api_action_with_its_actor(
     expect(page.locator("#audit-empty")).to_be_visible()
     page.fill("#af-actor", actor)
     expect(row).to_be_visible()
+    page.select_option("#af-outcome", "refused")  # it went through
+    expect(row).to_have_count(0)
+    page.select_option("#af-outcome", "ok")
+    expect(row).to_be_visible()
+    page.screenshot(path=str(shots / "audit.png"), full_page=True)
 
 
 def test_the_audit_page_pages_older_rows(page: Page, dashboard: Dashboard) -> None:
@@ -197,6 +205,7 @@ def test_the_audit_page_pages_older_rows(page: Page, dashboard: Dashboard) -> No
     sign_in(page, dashboard)
     page.goto(f"{dashboard.url}/#/audit")
     page.fill("#af-actor", "pager")
+    expect(page.locator("#audit-card")).to_have_attribute("data-query", "limit=50&actor=pager")
     rows = page.locator("#audit-table tbody tr")
     expect(rows).to_have_count(50)
     expect(rows.first).to_contain_text("step:59")

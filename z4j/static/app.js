@@ -4666,6 +4666,8 @@
     actor: "af-actor",
     action: "af-action",
     subject: "af-target",
+    outcome: "af-outcome",
+    project_id: "af-project",
     since: "af-since",
     until: "af-until",
   };
@@ -4682,7 +4684,26 @@
     return params;
   }
 
+  // The projects the page knows of (from its agents), for the project filter.
+  function renderAuditProjects() {
+    const select = $("af-project");
+    const previous = select.value;
+    const names = new Map();
+    for (const agent of agents.values()) {
+      if (agent.project_id) names.set(String(agent.project_id), agent.project || agent.project_id);
+    }
+    select.replaceChildren(
+      el("option", { value: "", text: "any project" }),
+      ...[...names]
+        .sort((a, b) => String(a[1]).localeCompare(String(b[1])))
+        .map(([id, name]) => el("option", { value: id, text: name })),
+    );
+    if (previous && !names.has(previous)) select.append(el("option", { value: previous }));
+    select.value = previous;
+  }
+
   async function loadAudit({ more = false } = {}) {
+    if (!more) renderAuditProjects();
     const gen = ++audit.gen;
     const params = auditQuery();
     if (more && audit.cursor) params.set("cursor", audit.cursor);
@@ -4693,6 +4714,8 @@
       audit.items = more ? [...audit.items, ...(data.items || [])] : data.items || [];
       audit.cursor = data.next_cursor ?? null;
       $("audit-card").dataset.state = "listed";
+      params.delete("cursor");
+      $("audit-card").dataset.query = params.toString(); // what the list shows
       showText("audit-error", "");
     } catch (error) {
       if (gen !== audit.gen || error.status === 401) return;
@@ -4731,8 +4754,14 @@
     $("audit-more").hidden = !audit.cursor;
   }
 
-  const reloadAuditSoon = throttle(() => route.view === "audit" && loadAudit(), 300);
+  // Typing reloads the list once it pauses, and only when the filters changed
+  // (a field losing focus as "Older" is clicked must not undo that page).
+  const reloadAuditSoon = throttle(() => {
+    if (route.view === "audit" && auditQuery().toString() !== $("audit-card").dataset.query)
+      loadAudit();
+  }, 300);
   $("audit-filters").addEventListener("input", reloadAuditSoon);
+  $("audit-filters").addEventListener("change", reloadAuditSoon);
   $("audit-filters").addEventListener("submit", (event) => event.preventDefault());
   $("af-clear").addEventListener("click", () => {
     for (const id of Object.values(AUDIT_FILTER_INPUTS)) $(id).value = "";
