@@ -28,6 +28,9 @@ How it stays correct:
   discards it (z4j/dead_letters.py holds the shapes they see).
 - SQLite work runs on worker threads: writes (appends, deletes) one at a
   time on the write connection, claims one at a time on the read one.
+
+One concern justifies the length (past 700 lines): the buffer file, its SQL
+and its Trio face, whose counters and locking every part above shares.
 """
 
 from __future__ import annotations

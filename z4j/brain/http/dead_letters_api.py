@@ -4,8 +4,8 @@ needs to see and settle without a shell.
 Dead letters live in the buffer file of the brain process that drained them
 (one file per process, locked to it), so each replica's API serves its own
 buffer's dead letters and says which instance and buffer they belong to. On
-several replicas, the ``instances`` list shows every replica's count (from
-its heartbeat); reach a replica's own letters through that replica's address.
+several replicas, reach a replica's letters through that replica's address
+(each exports its count as ``z4j_dead_letter_rows``).
 Moving them into the shared store instead would put rows the store refused
 as data back into the same store, across a second transaction per row.
 
