@@ -11,6 +11,7 @@ import z4j.ingest
 from z4j.config import Config
 from z4j.testing.brain import read_events, run_z4j, running_brain, wait_until
 from z4j.testing.dead_letters import accept_kind, refuse_kind
+from z4j.testing.http import http_get
 from z4j.testing.store import open_store, query
 
 
@@ -65,6 +66,11 @@ async def test_the_cli_lists_shows_requeues_and_discards_with_the_brain_stopped(
         async with running_brain(config) as brain:
             await wait_until(lambda: len(read_events(config)) == 1)
             assert brain.stats.drain_quarantined == 0
+            # The CLI's re-queue and discard were counted in the file: the brain reports them.
+            status, metrics = await http_get(brain.addresses.http, "/metrics")
+            assert status == 200
+            assert "z4j_dead_letters_requeued_total 1.0" in metrics.splitlines()
+            assert "z4j_dead_letters_discarded_total 1.0" in metrics.splitlines()
     assert read_events(config)[0]["body"] == {"t": "poison", "n": 1}
     audit = query(
         config,
