@@ -23,9 +23,14 @@ How it stays correct:
   full buffer answers at once and nothing stored is ever dropped.
 - A payload the store rejects as data (not as an outage) is moved to the
   ``dead_letter`` table of the same file: kept, counted, and out of the
-  drain's way.
+  drain's way. An operator lists, inspects, re-queues (back into
+  ``payloads`` under a new id, so the drain takes it like any new row) or
+  discards it (z4j/dead_letters.py holds the shapes they see).
 - SQLite work runs on worker threads: writes (appends, deletes) one at a
   time on the write connection, claims one at a time on the read one.
+
+One concern justifies the length (past 700 lines): the buffer file, its SQL
+and its Trio face, whose counters and locking every part above shares.
 """
 
 from __future__ import annotations
@@ -47,7 +52,16 @@ import trio
 
 from ._datadir import private_dir, private_file
 
-__all__ = ["Buffer", "BufferFile", "BufferFull", "BufferInUse", "Claim", "ClaimedRow", "NewRow"]
+__all__ = [
+    "Buffer",
+    "BufferFile",
+    "BufferFull",
+    "BufferInUse",
+    "Claim",
+    "ClaimedRow",
+    "DeadLetter",
+    "NewRow",
+]
 
 
 # The group-commit writer thread: at most this many commits or seconds per
@@ -102,6 +116,26 @@ class Claim:
     def last(self) -> int:
         return self.rows[-1].id
 
+
+@attrs.frozen(kw_only=True)
+class DeadLetter:
+    """A payload set aside in ``dead_letter``: what it was and why the store refused it.
+
+    ``body`` holds at most the bytes asked for (``body_bytes`` is its full
+    size), so a listing or an inspection never loads a huge payload whole.
+    """
+
+    id: int
+    received_at: float
+    source: str
+    origin: bytes | None
+    body: bytes
+    body_bytes: int
+    error: str
+    failed_at: float
+
+
+_DEAD_LETTER_COUNTERS = ("dead_letters_requeued", "dead_letters_discarded")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -219,6 +253,14 @@ class BufferFile:
                 "WHERE claim_token IS NOT NULL"
             )
             self.depth: int = self._db.execute("SELECT count(*) FROM payloads").fetchone()[0]
+            self.dead_letter_rows: int = self.dead_letters()
+            self.dead_letter_totals: dict[str, int] = {
+                key: int(found[0]) if found else 0
+                for key in _DEAD_LETTER_COUNTERS
+                for found in [
+                    self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+                ]
+            }
             self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._reader.execute("PRAGMA query_only=ON")
         except BaseException:
@@ -360,10 +402,101 @@ class BufferFile:
             db.execute("ROLLBACK")
             raise
         self.depth -= moved
+        self.dead_letter_rows += moved
         return moved
 
     def dead_letters(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM dead_letter").fetchone()[0])
+
+    def dead_letter_page(
+        self, *, before: int | None, limit: int, body_bytes: int
+    ) -> list[DeadLetter]:
+        """Dead letters newest first, ids below ``before`` (keyset), bodies cut
+        to ``body_bytes``."""
+        where, params = ("WHERE id < ?", [before]) if before is not None else ("", [])
+        rows = self._db.execute(
+            "SELECT id, received_at, source, origin, substr(body, 1, ?), length(body), error,"
+            f" failed_at FROM dead_letter {where} ORDER BY id DESC LIMIT ?",
+            (body_bytes, *params, limit),
+        ).fetchall()
+        return [_dead_letter(row) for row in rows]
+
+    def dead_letter(self, row_id: int, *, body_bytes: int) -> DeadLetter | None:
+        row = self._db.execute(
+            "SELECT id, received_at, source, origin, substr(body, 1, ?), length(body), error,"
+            " failed_at FROM dead_letter WHERE id = ?",
+            (body_bytes, row_id),
+        ).fetchone()
+        return None if row is None else _dead_letter(row)
+
+    def requeue(self, row_ids: Sequence[int], max_rows: int | None = None) -> dict[int, int]:
+        """Move dead letters back into ``payloads``, each under a new row id.
+
+        A new id, not the old one: the claim cursor has passed the old id,
+        and a drain's lease covers a whole id range, so an old id could be
+        skipped or deleted unstored inside a neighbour's claim. The new id
+        changes a TCP record's idempotency key, which is safe: a row is set
+        aside only after the store refused it alone, so none of it landed.
+        Returns {old id: new id} for the rows found; with ``max_rows``,
+        `BufferFull` if they would take the buffer past it.
+        """
+        db = self._db
+        moved: dict[int, int] = {}
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for row_id in dict.fromkeys(row_ids):
+                row = db.execute(
+                    "SELECT received_at, source, origin, body FROM dead_letter WHERE id = ?",
+                    (row_id,),
+                ).fetchone()
+                if row is None:
+                    continue
+                if max_rows is not None and self.depth + len(moved) + 1 > max_rows:
+                    raise BufferFull(f"the buffer holds {self.depth} of {max_rows} rows")
+                cur = db.execute(
+                    "INSERT INTO payloads (received_at, source, origin, body) VALUES (?, ?, ?, ?)",
+                    row,
+                )
+                assert cur.lastrowid is not None
+                moved[row_id] = cur.lastrowid
+                db.execute("DELETE FROM dead_letter WHERE id = ?", (row_id,))
+            self._add_to_counter(db, "dead_letters_requeued", len(moved))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.depth += len(moved)
+        self.dead_letter_rows -= len(moved)
+        self.dead_letter_totals["dead_letters_requeued"] += len(moved)
+        return moved
+
+    def discard(self, row_ids: Sequence[int]) -> list[int]:
+        """Delete dead letters for good; returns the ids that were there."""
+        db = self._db
+        gone: list[int] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for row_id in dict.fromkeys(row_ids):
+                if db.execute("DELETE FROM dead_letter WHERE id = ?", (row_id,)).rowcount:
+                    gone.append(row_id)
+            self._add_to_counter(db, "dead_letters_discarded", len(gone))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.dead_letter_rows -= len(gone)
+        self.dead_letter_totals["dead_letters_discarded"] += len(gone)
+        return gone
+
+    @staticmethod
+    def _add_to_counter(db: sqlite3.Connection, key: str, n: int) -> None:
+        """Durable totals in ``meta``: the CLI's re-queues and discards count too."""
+        if n:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key)"
+                " DO UPDATE SET value = CAST(value AS INTEGER) + excluded.value",
+                (key, str(n)),
+            )
 
     def release(self, claim: Claim) -> None:
         """Give a claim's rows back without storing them (store failure, shutdown)."""
@@ -381,6 +514,20 @@ class BufferFile:
         return int(self._db.execute("SELECT count(*) FROM payloads").fetchone()[0])
 
 
+def _dead_letter(row: Any) -> DeadLetter:
+    row_id, received_at, source, origin, body, size, error, failed_at = row
+    return DeadLetter(
+        id=row_id,
+        received_at=received_at,
+        source=source,
+        origin=origin,
+        body=bytes(body or b""),
+        body_bytes=size or 0,
+        error=error,
+        failed_at=failed_at,
+    )
+
+
 @attrs.frozen(kw_only=True)
 class BufferStatistics:
     """A snapshot of the buffer, for metrics, health and the heartbeat."""
@@ -391,6 +538,9 @@ class BufferStatistics:
     appended_total: int
     commits_total: int
     completed_total: int
+    dead_letter_rows: int = 0
+    dead_letters_requeued: int = 0
+    dead_letters_discarded: int = 0
 
     @property
     def utilisation(self) -> float:
@@ -569,6 +719,35 @@ class Buffer:
     async def quarantine(self, claim: Claim, row_id: int, error: str) -> None:
         await self._run(self.file.quarantine, claim, row_id, error)
 
+    # -- dead letters (an operator's) -------------------------------------------
+
+    async def dead_letter_page(
+        self, *, before: int | None, limit: int, body_bytes: int
+    ) -> list[DeadLetter]:
+        fn = functools.partial(
+            self.file.dead_letter_page, before=before, limit=limit, body_bytes=body_bytes
+        )
+        result: list[DeadLetter] = await self._run(fn)
+        return result
+
+    async def dead_letter(self, row_id: int, *, body_bytes: int) -> DeadLetter | None:
+        fn = functools.partial(self.file.dead_letter, row_id, body_bytes=body_bytes)
+        result: DeadLetter | None = await self._run(fn)
+        return result
+
+    async def requeue(self, row_ids: Sequence[int]) -> dict[int, int]:
+        """Back into the drain's way ({old id: new id}); `BufferFull` when no room."""
+        moved: dict[int, int] = await self._run(
+            self.file.requeue, row_ids, self.max_rows - self._reserved
+        )
+        if moved:
+            self._rows_arrived.unpark_all()  # idle drains look now
+        return moved
+
+    async def discard(self, row_ids: Sequence[int]) -> list[int]:
+        gone: list[int] = await self._run(self.file.discard, row_ids)
+        return gone
+
     async def extend(self, claim: Claim, lease_seconds: float) -> None:
         self.file.extend(claim, lease_seconds)
         await trio.lowlevel.checkpoint()
@@ -599,6 +778,9 @@ class Buffer:
             appended_total=self._appended_total,
             commits_total=self._commits_total,
             completed_total=self._completed_total,
+            dead_letter_rows=self.file.dead_letter_rows,
+            dead_letters_requeued=self.file.dead_letter_totals["dead_letters_requeued"],
+            dead_letters_discarded=self.file.dead_letter_totals["dead_letters_discarded"],
         )
 
     @property

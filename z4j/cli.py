@@ -1,5 +1,6 @@
 """The ``z4j`` command: ``brain``, ``migrate``, ``config``, ``send``, ``project``,
-``agent``, ``admin``, ``command``, ``opamp``.
+``agent``, ``admin``, ``command``, ``opamp``, ``dead-letters`` (its bodies in
+_dead_letters_cli.py).
 
 One concern justifies the length (past 700 lines): the command line, its
 parser and one thin function per subcommand over the store; each is a few
@@ -224,7 +225,30 @@ def _parser() -> argparse.ArgumentParser:
     command_show = command_sub.add_parser("show", help="print a command and its state")
     command_show.add_argument("id", type=uuid.UUID, help="the command id")
 
+    dead = sub.add_parser(
+        "dead-letters",
+        help="payloads the store refused, in this instance's buffer file (brain stopped)",
+        description="List, inspect, re-queue or discard the dead letters of the buffer file "
+        "(Z4J_BUFFER_PATH, default DATA_DIR/buffer.sqlite3) while its brain is stopped; "
+        "while it runs, use its API or dashboard. Re-queued payloads drain at the next start.",
+    )
+    dead_sub = dead.add_subparsers(dest="action", required=True)
+    dead_list = dead_sub.add_parser("list", help="list dead letters, newest first")
+    dead_list.add_argument("--limit", type=_positive_int, default=50, help="at most (default 50)")
+    dead_list.add_argument("--cursor", type=_positive_int, default=None, help="ids below this")
+    dead_show = dead_sub.add_parser("show", help="a dead letter's payload and the store's error")
+    dead_show.add_argument("id", type=_positive_int)
+    dead_leaves = [dead_list, dead_show]
+    for verb, what in (("requeue", "put back for the drain"), ("discard", "delete for good")):
+        leaf = dead_sub.add_parser(verb, help=f"{what}: the ids given, or --all")
+        leaf.add_argument("ids", type=_positive_int, nargs="*", metavar="ID")
+        leaf.add_argument("--all", action="store_true", help="every dead letter (up to 500)")
+        dead_leaves.append(leaf)
+    for leaf in dead_leaves:
+        leaf.add_argument("--json", action="store_true", help="print JSON")
+
     for leaf in (
+        *dead_leaves,
         project_create,
         project_list,
         agent_create,
@@ -289,6 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Only warnings and errors: stdout is for the answer, stderr for trouble.
         configure_logging("WARNING" if config.log_level == "INFO" else config.log_level, "text")
         return trio.run(_directory, args, config)
+    if args.command == "dead-letters":
+        from ._dead_letters_cli import run_dead_letters
+
+        configure_logging("WARNING" if config.log_level == "INFO" else config.log_level, "text")
+        return trio.run(run_dead_letters, args, config, _actor())
     if args.command == "brain" and supervised:
         configure_logging(config.log_level, config.log_format, instance=args.supervised_instance)
         tune_gc()

@@ -60,6 +60,7 @@ from .heartbeat import Heartbeat, instance_info
 from .http.api import Api
 from .http.auth import Auth, announce_admin_token, sign_in_url
 from .http.dashboard_page import dashboard_pages
+from .http.dead_letters_api import DeadLetterRoutes
 from .http.opamp import OPAMP_PATH, OpampEndpoint
 from .http.opamp_ws import OpampSession, OpampSockets
 from .http.resources import to_json
@@ -297,6 +298,7 @@ async def serve_brain(
                 }
             )
             http_stats = HttpStats()
+            this_instance = instance_info(config, instance_id, buffer)
             app = build_app(
                 health,
                 metrics=functools.partial(
@@ -317,6 +319,9 @@ async def serve_brain(
                     opamp_heartbeat_window_seconds=config.opamp_heartbeat_window_seconds,
                     opamp_nudges=nudges,
                     on_opamp_rollout=rollout_changed,
+                    dead_letters=DeadLetterRoutes(
+                        store, buffer, instance_id=instance_id, name=this_instance.name
+                    ),
                 ),
                 pages=dashboard_pages(auth.signed_in),
                 opamp=opamp_http,
@@ -325,7 +330,7 @@ async def serve_brain(
                 store,
                 buffer,
                 stats,
-                instance_info(config, instance_id, buffer),
+                this_instance,
                 interval=config.heartbeat_seconds,
                 store_ready=store_ready,
                 on_beat=lambda info: hub.publish({"type": "instance", "instance": to_json(info)}),

@@ -290,6 +290,21 @@ class BrainCollector(Collector):
             (buffer.depth + buffer.reserved) / buffer.max_rows,
         )
         yield _counter("z4j_buffer_commits", "Buffer group commits", buffer.commits_total)
+        yield _gauge(
+            "z4j_dead_letter_rows",
+            "Payloads in this buffer's dead_letter table",
+            buffer.dead_letter_rows,
+        )
+        yield _counter(
+            "z4j_dead_letters_requeued",
+            "Dead letters put back for the drain (API and CLI; kept in the buffer file)",
+            buffer.dead_letters_requeued,
+        )
+        yield _counter(
+            "z4j_dead_letters_discarded",
+            "Dead letters deleted (API and CLI; kept in the buffer file)",
+            buffer.dead_letters_discarded,
+        )
 
         # -- drain -----------------------------------------------------------------
         yield _counter("z4j_drain_batches", "Batches drained into the store", s.drain_batches)

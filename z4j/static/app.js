@@ -18,6 +18,9 @@
 // #/fleet/<instance uid> shows one (attributes, health, effective against
 // desired configuration) with an editor that pushes its configuration, and
 // #/rollouts follows staged rollouts where the brain serves them.
+// #/dead-letters lists the payloads this instance's drain set aside (inspect,
+// re-queue, discard), #/workers also shows each worker's task registry, and
+// #/audit reads the audit log with filters, an "Older" page at a time.
 //
 // Everything from the server is put in the page with textContent, never as
 // HTML. Any 401 means the session is gone: back to /login.
@@ -1432,6 +1435,8 @@
     "fleet",
     "opamp-agent",
     "rollouts",
+    "dead-letters",
+    "audit",
   ];
   let route = { view: "overview" };
 
@@ -1458,6 +1463,8 @@
     }
     if (parts[0] === "fleet") return { view: "fleet" };
     if (parts[0] === "rollouts") return { view: "rollouts", rolloutId: parts[1] ?? null };
+    if (parts[0] === "dead-letters") return { view: "dead-letters" };
+    if (parts[0] === "audit") return { view: "audit" };
     return { view: "overview" };
   }
 
@@ -1491,7 +1498,10 @@
         previous.project === route.project;
       if (!same) openTask();
     } else if (route.view === "queues") loadQueues();
-    else if (route.view === "workers") loadEngineWorkers();
+    else if (route.view === "workers") {
+      loadEngineWorkers();
+      loadRegistry();
+    }
     else if (route.view === "schedules") loadSchedules();
     else if (route.view === "fleet") loadFleet();
     else if (route.view === "opamp-agent") {
@@ -1501,6 +1511,8 @@
         previous.project === route.project;
       if (!same) openOpampAgent();
     } else if (route.view === "rollouts") openRollouts();
+    else if (route.view === "dead-letters") loadBufferDeadLetters();
+    else if (route.view === "audit") loadAudit();
     else mark("instances", "agents", "feed", "kinds", "commands", "kpis", "charts");
     if (previous.view !== route.view || route.view === "task") window.scrollTo(0, 0);
   }
@@ -1512,11 +1524,16 @@
     if (route.view === "tasks") loadTasks();
     else if (route.view === "task") loadTask();
     else if (route.view === "queues") loadQueues();
-    else if (route.view === "workers") loadEngineWorkers();
+    else if (route.view === "workers") {
+      loadEngineWorkers();
+      loadRegistry();
+    }
     else if (route.view === "schedules") loadSchedules();
     else if (route.view === "fleet") loadFleet();
     else if (route.view === "opamp-agent") loadOpampAgent();
     else if (route.view === "rollouts") loadRollouts();
+    else if (route.view === "dead-letters") loadBufferDeadLetters();
+    else if (route.view === "audit") loadAudit();
   }
 
   // fn at most once per `ms`, the last call never lost.
@@ -4518,6 +4535,336 @@
     if (route.view === "schedules" && Date.now() - schedulesLoadedAt >= SCHEDULES_POLL_MS)
       loadSchedules();
   }, 1000);
+
+  // -- #/dead-letters: payloads this instance's drain set aside ----------------------------------
+  //
+  // /api/v1/dead-letters serves the buffer of the brain process that answers
+  // (each process has its own buffer file). Inspect opens one letter (its
+  // payload and the store's refusal); re-queue and discard ask to be sure
+  // first. A re-queued payload drains again: the list is read again at once
+  // and a moment later, so a payload the store refuses again shows up anew.
+
+  const BDL_PAGE = 50;
+  let bdl = { items: [], cursor: null, total: null, instance: null, pending: null, gen: 0 };
+
+  async function loadBufferDeadLetters({ more = false } = {}) {
+    const gen = ++bdl.gen;
+    const params = new URLSearchParams({ limit: String(BDL_PAGE) });
+    if (more && bdl.cursor) params.set("cursor", bdl.cursor);
+    $("bdl-more").disabled = true;
+    try {
+      const data = await api("GET", `/api/v1/dead-letters?${params}`);
+      if (gen !== bdl.gen) return;
+      bdl.items = more ? [...bdl.items, ...(data.items || [])] : data.items || [];
+      bdl.cursor = data.next_cursor ?? null;
+      bdl.total = data.total ?? null;
+      bdl.instance = data.instance ?? null;
+      $("bdl-card").dataset.state = "listed";
+      showText("bdl-error", "");
+    } catch (error) {
+      if (gen !== bdl.gen || error.status === 401) return;
+      showText("bdl-error", error.message);
+    } finally {
+      $("bdl-more").disabled = false;
+    }
+    renderBufferDeadLetters();
+  }
+
+  function originLabel(origin) {
+    if (origin == null) return "–";
+    if (typeof origin !== "object") return String(origin);
+    const agent = origin.agent_id ? agentLabel(origin.agent_id) : null;
+    return [agent, origin.worker_id].filter(Boolean).join(" · ") || JSON.stringify(origin);
+  }
+
+  function renderBufferDeadLetters() {
+    const now = serverNow();
+    const where = bdl.instance ? ` in ${bdl.instance.name}'s buffer` : "";
+    $("bdl-hint").textContent =
+      bdl.total == null
+        ? "payloads the store refused, set aside by this instance's drain"
+        : `${fmtInt(bdl.items.length)} of ${fmtInt(bdl.total)}${where}, newest first`;
+    $("bdl-table").tBodies[0].replaceChildren(
+      ...bdl.items.map((letter) => {
+        const failed = parseTime(letter.failed_at);
+        const button = (text, cls, onclick) =>
+          el("button", { class: `btn small ${cls}`, type: "button", text, onclick });
+        return el(
+          "tr",
+          { dataset: { id: String(letter.id) } },
+          el("td", { class: "num mono", text: String(letter.id) }),
+          el("td", {
+            class: "num",
+            title: letter.failed_at,
+            dataset: { ago: failed ?? "" },
+            text: ago(failed, now),
+          }),
+          el("td", { class: "mono", text: letter.source }),
+          el("td", { text: originLabel(letter.origin) }),
+          el("td", { class: "num", text: fmtInt(letter.body_bytes) }),
+          el("td", { class: "error-excerpt" }, el("pre", { class: "code", text: letter.error })),
+          el(
+            "td",
+            { class: "num nowrap" },
+            button("Inspect", "bdl-inspect", () => inspectDeadLetter(letter.id)),
+            " ",
+            button("Re-queue", "bdl-requeue", () => askDeadLetter("requeue", letter.id)),
+            " ",
+            button("Discard", "bdl-discard", () => askDeadLetter("discard", letter.id)),
+          ),
+        );
+      }),
+    );
+    $("bdl-empty").hidden = bdl.items.length > 0 || $("bdl-card").dataset.state !== "listed";
+    $("bdl-more").hidden = !bdl.cursor;
+  }
+
+  async function inspectDeadLetter(id) {
+    showText("bdl-error", "");
+    try {
+      const letter = await api("GET", `/api/v1/dead-letters/${encodeURIComponent(id)}`);
+      $("bdl-detail-title").textContent = `Dead letter ${letter.id}`;
+      $("bdl-detail-hint").textContent =
+        `${letter.source}, received ${letter.received_at}, set aside ${letter.failed_at}` +
+        (letter.origin ? `; from ${originLabel(letter.origin)}` : "");
+      $("bdl-detail-error").textContent = letter.error;
+      let body = letter.body;
+      if (letter.body_encoding === "utf-8") {
+        try {
+          body = JSON.stringify(JSON.parse(body), null, 2);
+        } catch {
+          /* shown as sent */
+        }
+      }
+      $("bdl-detail-body-label").textContent =
+        `Payload (${letter.body_encoding}, ${fmtInt(letter.body_bytes)} bytes` +
+        (letter.body_truncated ? `; the first ${fmtInt(letter.body.length)} shown` : "") +
+        ")";
+      $("bdl-detail-body").textContent = body;
+      $("bdl-detail").dataset.id = String(letter.id);
+      $("bdl-detail").hidden = false;
+      $("bdl-detail").scrollIntoView({ block: "nearest" });
+    } catch (error) {
+      if (error.status !== 401) showText("bdl-error", error.message);
+    }
+  }
+
+  function askDeadLetter(action, id) {
+    bdl.pending = { action, id };
+    $("bdl-text").textContent =
+      action === "requeue"
+        ? `Re-queue dead letter ${id}? Its payload goes back to the drain; ` +
+          "if the store refuses it again, it is set aside again."
+        : `Discard dead letter ${id}? Its payload is deleted for good.`;
+    $("bdl-confirm").textContent = action === "requeue" ? "Re-queue" : "Discard";
+    $("bdl-confirm").classList.toggle("danger-fill", action === "discard");
+    $("bdl-panel").hidden = false;
+    $("bdl-confirm").focus();
+  }
+
+  async function settleDeadLetter() {
+    const asked = bdl.pending;
+    if (!asked) return;
+    bdl.pending = null;
+    $("bdl-panel").hidden = true;
+    showText("bdl-error", "");
+    try {
+      const path = `/api/v1/dead-letters/${encodeURIComponent(asked.id)}/${asked.action}`;
+      const done = await api("POST", path, {});
+      if (asked.action === "requeue") {
+        const row = done.requeued[0];
+        showText("bdl-result", `Re-queued dead letter ${row.id} (buffer row ${row.row_id}).`);
+        setTimeout(() => route.view === "dead-letters" && loadBufferDeadLetters(), 3000);
+      } else {
+        showText("bdl-result", `Discarded dead letter ${asked.id}.`);
+      }
+      if ($("bdl-detail").dataset.id === String(asked.id)) $("bdl-detail").hidden = true;
+    } catch (error) {
+      if (error.status !== 401) showText("bdl-error", error.message);
+    }
+    loadBufferDeadLetters();
+  }
+
+  $("bdl-confirm").addEventListener("click", settleDeadLetter);
+  $("bdl-cancel").addEventListener("click", () => {
+    bdl.pending = null;
+    $("bdl-panel").hidden = true;
+  });
+  $("bdl-refresh").addEventListener("click", () => loadBufferDeadLetters());
+  $("bdl-more").addEventListener("click", () => loadBufferDeadLetters({ more: true }));
+  $("bdl-detail-close").addEventListener("click", () => {
+    $("bdl-detail").hidden = true;
+  });
+
+  // -- the task registry (on #/workers): what each worker's registry_delta frames left -----------
+
+  const registry = { items: [], cursor: null, gen: 0 };
+
+  async function loadRegistry({ more = false } = {}) {
+    const gen = ++registry.gen;
+    const params = new URLSearchParams({ limit: "50" });
+    if (more && registry.cursor) params.set("cursor", registry.cursor);
+    $("registry-more").disabled = true;
+    try {
+      const data = await api("GET", `/api/v1/task-registry?${params}`);
+      if (gen !== registry.gen) return;
+      registry.items = more ? [...registry.items, ...(data.items || [])] : data.items || [];
+      registry.cursor = data.next_cursor ?? null;
+      showText("registry-error", "");
+    } catch (error) {
+      if (gen !== registry.gen || error.status === 401) return;
+      showText("registry-error", error.message);
+    } finally {
+      $("registry-more").disabled = false;
+    }
+    renderRegistry();
+  }
+
+  function renderRegistry() {
+    const rows = [];
+    for (const worker of registry.items) {
+      for (const [engine, tasks] of Object.entries(worker.engines || {})) {
+        const names = tasks.map((task) => String(task.name ?? "?"));
+        rows.push(
+          el(
+            "tr",
+            { dataset: { agent: worker.agent_id, worker: worker.worker_id, engine } },
+            el("td", { text: agentLabel(worker.agent_id) }),
+            el("td", { class: "mono", text: worker.worker_id }),
+            el("td", { text: engine }),
+            el("td", { class: "num", text: fmtInt(names.length) }),
+            el(
+              "td",
+              { class: "registry-tasks" },
+              tasks.map((task) =>
+                el("span", {
+                  class: "pill mono",
+                  title: JSON.stringify(task),
+                  text: String(task.name ?? "?"),
+                }),
+              ),
+            ),
+          ),
+        );
+      }
+    }
+    $("registry-table").tBodies[0].replaceChildren(...rows);
+    $("registry-empty").hidden = rows.length > 0;
+    $("registry-more").hidden = !registry.cursor;
+  }
+
+  $("registry-refresh").addEventListener("click", () => loadRegistry());
+  $("registry-more").addEventListener("click", () => loadRegistry({ more: true }));
+
+  // -- #/audit: who changed what, with filters and keyset pages ----------------------------------
+
+  const AUDIT_FILTER_INPUTS = {
+    actor: "af-actor",
+    action: "af-action",
+    subject: "af-target",
+    outcome: "af-outcome",
+    project_id: "af-project",
+    since: "af-since",
+    until: "af-until",
+  };
+  const audit = { items: [], cursor: null, gen: 0 };
+
+  function auditQuery() {
+    const params = new URLSearchParams({ limit: "50" });
+    for (const [name, id] of Object.entries(AUDIT_FILTER_INPUTS)) {
+      const value = $(id).value.trim();
+      if (!value) continue;
+      // datetime-local is the browser's local time: the API wants an instant.
+      params.set(name, name === "since" || name === "until" ? new Date(value).toISOString() : value);
+    }
+    return params;
+  }
+
+  // The projects the page knows of (from its agents), for the project filter.
+  function renderAuditProjects() {
+    const select = $("af-project");
+    const previous = select.value;
+    const names = new Map();
+    for (const agent of agents.values()) {
+      if (agent.project_id) names.set(String(agent.project_id), agent.project || agent.project_id);
+    }
+    select.replaceChildren(
+      el("option", { value: "", text: "any project" }),
+      ...[...names]
+        .sort((a, b) => String(a[1]).localeCompare(String(b[1])))
+        .map(([id, name]) => el("option", { value: id, text: name })),
+    );
+    if (previous && !names.has(previous)) select.append(el("option", { value: previous }));
+    select.value = previous;
+  }
+
+  async function loadAudit({ more = false } = {}) {
+    if (!more) renderAuditProjects();
+    const gen = ++audit.gen;
+    const params = auditQuery();
+    if (more && audit.cursor) params.set("cursor", audit.cursor);
+    $("audit-more").disabled = true;
+    try {
+      const data = await api("GET", `/api/v1/audit?${params}`);
+      if (gen !== audit.gen) return;
+      audit.items = more ? [...audit.items, ...(data.items || [])] : data.items || [];
+      audit.cursor = data.next_cursor ?? null;
+      $("audit-card").dataset.state = "listed";
+      params.delete("cursor");
+      $("audit-card").dataset.query = params.toString(); // what the list shows
+      showText("audit-error", "");
+    } catch (error) {
+      if (gen !== audit.gen || error.status === 401) return;
+      showText("audit-error", error.message);
+    } finally {
+      $("audit-more").disabled = false;
+    }
+    renderAudit();
+  }
+
+  function renderAudit() {
+    $("audit-table").tBodies[0].replaceChildren(
+      ...audit.items.map((row) => {
+        const details = { ...(row.details || {}) };
+        const outcome = details.outcome;
+        delete details.outcome;
+        return el(
+          "tr",
+          { dataset: { id: String(row.id), action: row.action } },
+          el("td", { class: "nowrap", title: row.at, text: new Date(row.at).toLocaleString() }),
+          el("td", { class: "mono audit-actor", text: row.actor ?? "–" }),
+          el(
+            "td",
+            { class: "mono" },
+            row.action,
+            outcome && outcome !== "ok"
+              ? el("span", { class: "pill bad", text: String(outcome) })
+              : null,
+          ),
+          el("td", { class: "mono trunc", title: row.subject, text: row.subject }),
+          el("td", { class: "mono trunc", title: JSON.stringify(details), text: preview(details) }),
+        );
+      }),
+    );
+    $("audit-empty").hidden = audit.items.length > 0 || $("audit-card").dataset.state !== "listed";
+    $("audit-more").hidden = !audit.cursor;
+  }
+
+  // Typing reloads the list once it pauses, and only when the filters changed
+  // (a field losing focus as "Older" is clicked must not undo that page).
+  const reloadAuditSoon = throttle(() => {
+    if (route.view === "audit" && auditQuery().toString() !== $("audit-card").dataset.query)
+      loadAudit();
+  }, 300);
+  $("audit-filters").addEventListener("input", reloadAuditSoon);
+  $("audit-filters").addEventListener("change", reloadAuditSoon);
+  $("audit-filters").addEventListener("submit", (event) => event.preventDefault());
+  $("af-clear").addEventListener("click", () => {
+    for (const id of Object.values(AUDIT_FILTER_INPUTS)) $(id).value = "";
+    loadAudit();
+  });
+  $("audit-refresh").addEventListener("click", () => loadAudit());
+  $("audit-more").addEventListener("click", () => loadAudit({ more: true }));
 
   mark("instances", "agents", "feed", "kinds", "commands", "kpis", "charts");
   showRoute();

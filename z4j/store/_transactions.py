@@ -21,6 +21,7 @@ from .base import (
     Agent,
     CommandRecord,
     Project,
+    WorkerRegistry,
     apply_registry_delta,
     created_details,
     transition_details,
@@ -32,6 +33,7 @@ __all__ = [
     "find_agent",
     "find_project",
     "insert_command",
+    "read_worker_registries",
     "transition_command",
     "update_registry",
 ]
@@ -96,6 +98,38 @@ def update_registry(
         d.sql("UPDATE workers SET registry = ? WHERE agent_id = ? AND worker_id = ?"),
         (d.json_in(registry), *params),
     )
+
+
+def read_worker_registries(
+    d: Dialect,
+    conn: Conn,
+    agent_id: uuid.UUID | None,
+    after: tuple[uuid.UUID, str] | None,
+    limit: int,
+) -> list[WorkerRegistry]:
+    """A page of workers' registries (a read: no transaction needed)."""
+    where = Where(d)
+    if agent_id is not None:
+        where.add("agent_id = ?", d.uuid_in(agent_id))
+    if after is not None:
+        a, w = d.uuid_in(after[0]), after[1]
+        where.add("(agent_id > ? OR (agent_id = ? AND worker_id > ?))", a, a, w)
+    rows = conn.execute(
+        f"SELECT agent_id, worker_id, registry FROM workers{where}"
+        f" ORDER BY agent_id, worker_id LIMIT {int(limit)}",
+        where.params,
+    ).fetchall()
+    result = []
+    for agent, worker, registry in rows:
+        parsed = d.json_out(registry)
+        result.append(
+            WorkerRegistry(
+                agent_id=d.uuid_out(agent),
+                worker_id=worker,
+                registry=parsed if isinstance(parsed, dict) else {},
+            )
+        )
+    return result
 
 
 def insert_command(d: Dialect, conn: Conn, command: CommandRecord, audit: AuditWriter) -> None:

@@ -22,6 +22,7 @@ from ..schedules import ScheduleRow
 from ..tasks import TaskEvent
 
 if TYPE_CHECKING:
+    from .audit_query import AuditFilter
     from .opamp import StateWrite
     from .pg import PgPool
 
@@ -146,6 +147,16 @@ class WorkerInfo:
     # capabilities, by scheduler name) and its runtime's protocol features.
     schedulers: list[str] = attrs.field(factory=list)
     runtime_features: list[str] = attrs.field(factory=list)
+
+
+@attrs.frozen(kw_only=True)
+class WorkerRegistry:
+    """A worker's task registry as its ``registry_delta`` frames left it:
+    ``{engine: {task name: task}}``, each task as the adapter described it."""
+
+    agent_id: uuid.UUID
+    worker_id: str
+    registry: dict[str, Any]
 
 
 @attrs.frozen(kw_only=True)
@@ -645,6 +656,17 @@ class Store(Protocol):
         """Workers of one agent or all, by agent then worker id."""
         ...
 
+    async def worker_registries(
+        self,
+        *,
+        agent_id: uuid.UUID | None = None,
+        after: tuple[uuid.UUID, str] | None = None,
+        limit: int = 100,
+    ) -> list[WorkerRegistry]:
+        """Workers' task registries, of one agent or all, by agent then worker
+        id, those after ``after`` (a keyset page)."""
+        ...
+
     async def list_events(self, query: EventFilter) -> list[EventRecord]:
         """Events matching ``query``, newest first (by received_at, then id)."""
         ...
@@ -749,9 +771,9 @@ class Store(Protocol):
         ...
 
     async def list_audit(
-        self, *, before_id: int | None = None, limit: int = 50
+        self, *, before_id: int | None = None, limit: int = 50, query: AuditFilter | None = None
     ) -> list[AuditRecord]:
-        """Audit events, newest first; ``before_id`` continues a page."""
+        """Audit events matching ``query``, newest first; ``before_id`` continues a page."""
         ...
 
     # -- API credentials (only keyed hashes are stored) -------------------------------

@@ -70,9 +70,11 @@ from ._transactions import (
     find_agent,
     find_project,
     insert_command,
+    read_worker_registries,
     transition_command,
     update_registry,
 )
+from .audit_query import AuditFilter, audit_where
 from .base import (
     Agent,
     ApiToken,
@@ -98,6 +100,7 @@ from .base import (
     TaskRecord,
     UnstorableRows,
     WorkerInfo,
+    WorkerRegistry,
     check_command_state,
 )
 from .migrations import MIGRATION_LOCK_KEY, MIGRATIONS
@@ -613,6 +616,18 @@ class PostgresStore:
         rows = await self._run(lambda conn: conn.execute(sql, where.params).fetchall())
         return [_rows.worker(PG, row) for row in rows]
 
+    async def worker_registries(
+        self,
+        *,
+        agent_id: uuid.UUID | None = None,
+        after: tuple[uuid.UUID, str] | None = None,
+        limit: int = 100,
+    ) -> list[WorkerRegistry]:
+        result: list[WorkerRegistry] = await self._run(
+            lambda conn: read_worker_registries(PG, conn, agent_id, after, limit)
+        )
+        return result
+
     async def list_events(self, query: EventFilter) -> list[EventRecord]:
         where = events_where(PG, query)
         sql = (
@@ -745,11 +760,9 @@ class PostgresStore:
         )
 
     async def list_audit(
-        self, *, before_id: int | None = None, limit: int = 50
+        self, *, before_id: int | None = None, limit: int = 50, query: AuditFilter | None = None
     ) -> list[AuditRecord]:
-        where = Where(PG)
-        if before_id is not None:
-            where.add("id < ?", before_id)
+        where = audit_where(PG, query or AuditFilter(), before_id)
         sql = f"SELECT {AUDIT_COLUMNS} FROM audit_events{where} ORDER BY id DESC LIMIT %s"
         rows = await self._run(lambda conn: conn.execute(sql, (*where.params, limit)).fetchall())
         return [_rows.audit(PG, row) for row in rows]

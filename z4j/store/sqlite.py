@@ -54,9 +54,11 @@ from ._transactions import (
     find_agent,
     find_project,
     insert_command,
+    read_worker_registries,
     transition_command,
     update_registry,
 )
+from .audit_query import AuditFilter, audit_where
 from .base import (
     Agent,
     ApiToken,
@@ -82,6 +84,7 @@ from .base import (
     TaskRecord,
     UnstorableRows,
     WorkerInfo,
+    WorkerRegistry,
     check_command_state,
 )
 from .migrations import MIGRATIONS
@@ -433,6 +436,18 @@ class SqliteStore:
         )
         return [_rows.worker(SQ, row) for row in rows]
 
+    async def worker_registries(
+        self,
+        *,
+        agent_id: uuid.UUID | None = None,
+        after: tuple[uuid.UUID, str] | None = None,
+        limit: int = 100,
+    ) -> list[WorkerRegistry]:
+        result: list[WorkerRegistry] = await self._run(
+            lambda db: read_worker_registries(SQ, db, agent_id, after, limit)
+        )
+        return result
+
     async def list_events(self, query: EventFilter) -> list[EventRecord]:
         where = events_where(SQ, query)
         rows = await self._run(
@@ -549,11 +564,9 @@ class SqliteStore:
         )
 
     async def list_audit(
-        self, *, before_id: int | None = None, limit: int = 50
+        self, *, before_id: int | None = None, limit: int = 50, query: AuditFilter | None = None
     ) -> list[AuditRecord]:
-        where = Where(SQ)
-        if before_id is not None:
-            where.add("id < ?", before_id)
+        where = audit_where(SQ, query or AuditFilter(), before_id)
         rows = await self._run(
             _fetch_all,
             f"SELECT {AUDIT_COLUMNS} FROM audit_events{where} ORDER BY id DESC LIMIT ?",

@@ -53,6 +53,7 @@ from ._request import (
     time_param,
     uuid_param,
 )
+from .audit_params import audit_filter
 from .auth import (
     CSRF_COOKIE,
     SESSION_COOKIE,
@@ -64,6 +65,7 @@ from .auth import (
     header,
     same_origin,
 )
+from .dead_letters_api import DeadLetterRoutes
 from .opamp_api import OpampRoutes
 from .opamp_rollouts_api import OpampRolloutRoutes
 from .openapi import OPENAPI
@@ -104,10 +106,12 @@ class Api:
         opamp_heartbeat_window_seconds: float = 90.0,
         opamp_nudges: OpampNudges | None = None,
         on_opamp_rollout: Callable[[dict[str, Any]], None] | None = None,
+        dead_letters: DeadLetterRoutes | None = None,
     ) -> None:
         """``project_key``: a project's signing key, for purge tokens (None: no purges).
         ``opamp_heartbeat_window_seconds``: how long an OpAMP agent stays online unheard.
-        ``on_opamp_rollout``: called with a rollout's JSON after the API changed it."""
+        ``on_opamp_rollout``: called with a rollout's JSON after the API changed it.
+        ``dead_letters``: this process's buffer dead letters and the task registry."""
         self._store = store
         self._commands = commands
         self._auth = auth
@@ -140,6 +144,7 @@ class Api:
                 nudges=opamp_nudges,
             ).routes(),
             *OpampRolloutRoutes(store, on_change=on_opamp_rollout).routes(),
+            *(dead_letters.routes() if dead_letters is not None else []),
         ]:
             route(method, path, handler)
 
@@ -422,7 +427,8 @@ class Api:
             if not raw.isdigit() or int(raw) >= 2**63:  # SQLite's and Postgres's bigint
                 raise ApiError(400, "bad_request", "cursor: as given by the last page")
             before = int(raw)
-        records = await self._store.list_audit(before_id=before, limit=limit)
+        query = audit_filter(q)
+        records = await self._store.list_audit(before_id=before, limit=limit, query=query)
         cursor = str(records[-1].id) if len(records) == limit else None
         return 200, page([to_json(a) for a in records], cursor)
 

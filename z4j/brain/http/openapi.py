@@ -168,6 +168,7 @@ LIMIT = _query(
     "limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}, "page size"
 )
 CURSOR = _query("cursor", STRING, "next_cursor of the previous page")
+AUDIT_TEXT = {"type": "string", "minLength": 1, "maxLength": 200}
 COMMAND_STATE = {"type": "string", "enum": list(COMMAND_STATES)}
 TASK_STATE = {"type": "string", "enum": list(TASK_STATES)}
 TASK_PATH = [
@@ -425,6 +426,77 @@ SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "BufferDeadLetter": _object(
+        {
+            "id": {"type": "integer", "description": "its row id in the buffer file"},
+            "buffer_id": UUID,
+            "source": STRING,
+            "origin": _nullable(ANY),
+            "received_at": TIME,
+            "failed_at": TIME,
+            "error": {"type": "string", "description": "why the store refused it (cut)"},
+            "body": {"type": "string", "description": "the payload, cut (see body_truncated)"},
+            "body_encoding": {"type": "string", "enum": ["utf-8", "base64"]},
+            "body_bytes": {"type": "integer", "description": "the whole payload's size"},
+            "body_truncated": {"type": "boolean"},
+        }
+    ),
+    "BufferInstance": _object({"id": UUID, "name": STRING, "buffer_id": UUID}),
+    "BufferDeadLetterPage": _object(
+        {
+            "items": {"type": "array", "items": _ref("BufferDeadLetter")},
+            "next_cursor": _nullable(STRING),
+            "instance": _ref("BufferInstance"),
+            "total": {"type": "integer"},
+        }
+    ),
+    "BufferDeadLetterIds": _object(
+        {
+            "ids": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 1},
+                "minItems": 1,
+                "maxItems": 500,
+            }
+        }
+    ),
+    "BufferDeadLettersRequeued": {
+        "type": "object",
+        "properties": {
+            "requeued": {
+                "type": "array",
+                "items": _object(
+                    {
+                        "id": {"type": "integer"},
+                        "row_id": {"type": "integer", "description": "its new payload row id"},
+                    }
+                ),
+            },
+            "missing": {"type": "array", "items": {"type": "integer"}},
+        },
+        "required": ["requeued"],
+        "additionalProperties": False,
+    },
+    "BufferDeadLettersDiscarded": {
+        "type": "object",
+        "properties": {
+            "discarded": {"type": "array", "items": {"type": "integer"}},
+            "missing": {"type": "array", "items": {"type": "integer"}},
+        },
+        "required": ["discarded"],
+        "additionalProperties": False,
+    },
+    "WorkerRegistry": _object(
+        {
+            "agent_id": UUID,
+            "worker_id": STRING,
+            "engines": {
+                "type": "object",
+                "additionalProperties": {"type": "array", "items": OBJECT},
+                "description": "engine -> its known tasks, as the adapter described them",
+            },
+        }
+    ),
     "WorkerControlSent": _object(
         {
             "command": _ref("Command"),
@@ -589,6 +661,18 @@ OPAMP_ROLLOUT_DESCRIPTION = (
     "opamp.rollout.created, .stage, .halted, .completed; each agent's push as "
     "opamp.config.pushed. See docs/opamp.md."
 )
+
+DEAD_LETTERS_DESCRIPTION = (
+    "Payloads the store refused as data, set aside in the buffer file of the instance that "
+    "answers (named in instance): with several replicas, ask each one (GET /instances shows "
+    "them). Bodies are cut to 256 bytes here and 64 KiB in GET /dead-letters/{id}."
+)
+DEAD_LETTER_ID: dict[str, Any] = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "integer", "minimum": 1, "maximum": 9223372036854775807},
+}
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
@@ -1091,13 +1175,108 @@ OPENAPI: dict[str, Any] = {
                 parameters=[_path("id"), CSRF_HEADER],
             )
         },
+        "/dead-letters": {
+            "get": _operation(
+                "listDeadLetters",
+                "This instance's buffer dead letters, newest first",
+                (200, _ref("BufferDeadLetterPage")),
+                errors=(400, 401),
+                description=DEAD_LETTERS_DESCRIPTION,
+                parameters=[CURSOR, LIMIT],
+            )
+        },
+        "/dead-letters/requeue": {
+            "post": _operation(
+                "requeueDeadLetters",
+                "Re-queue several dead letters for the drain",
+                (200, _ref("BufferDeadLettersRequeued")),
+                errors=(400, 401, 403, 409, 415),
+                description="Ids not in this instance's buffer are listed as missing. 409 "
+                "buffer_full when the buffer has no room. Each is audited as "
+                "dead_letter.requeued.",
+                parameters=[CSRF_HEADER],
+                body=_ref("BufferDeadLetterIds"),
+            )
+        },
+        "/dead-letters/discard": {
+            "post": _operation(
+                "discardDeadLetters",
+                "Delete several dead letters for good",
+                (200, _ref("BufferDeadLettersDiscarded")),
+                errors=(400, 401, 403, 415),
+                description="Ids not in this instance's buffer are listed as missing. Each is "
+                "audited as dead_letter.discarded.",
+                parameters=[CSRF_HEADER],
+                body=_ref("BufferDeadLetterIds"),
+            )
+        },
+        "/dead-letters/{id}": {
+            "get": _operation(
+                "getDeadLetter",
+                "One dead letter: its payload (up to 64 KiB) and why the store refused it",
+                (200, _ref("BufferDeadLetter")),
+                errors=(400, 401, 404),
+                parameters=[DEAD_LETTER_ID],
+            )
+        },
+        "/dead-letters/{id}/requeue": {
+            "post": _operation(
+                "requeueDeadLetter",
+                "Put a dead letter back for the drain (a new payload row id)",
+                (200, _ref("BufferDeadLettersRequeued")),
+                errors=(400, 401, 403, 404, 409, 415),
+                description="If the store refuses it again, the drain sets it aside again "
+                "(counted in z4j_drain_quarantined_rows). Audited as dead_letter.requeued.",
+                parameters=[DEAD_LETTER_ID, CSRF_HEADER],
+            )
+        },
+        "/dead-letters/{id}/discard": {
+            "post": _operation(
+                "discardDeadLetter",
+                "Delete a dead letter for good",
+                (200, _ref("BufferDeadLettersDiscarded")),
+                errors=(400, 401, 403, 404, 415),
+                description="Audited as dead_letter.discarded.",
+                parameters=[DEAD_LETTER_ID, CSRF_HEADER],
+            )
+        },
+        "/task-registry": {
+            "get": _operation(
+                "listTaskRegistries",
+                "The tasks each worker's adapters registered (registry_delta frames)",
+                (200, _page("WorkerRegistry")),
+                errors=(400, 401),
+                description="By agent, then worker id; tasks by name within each engine.",
+                parameters=[
+                    _query("agent_id", UUID, "only this agent's workers"),
+                    CURSOR,
+                    _query(
+                        "limit",
+                        {"type": "integer", "minimum": 1, "maximum": 100, "default": 50},
+                        "workers per page",
+                    ),
+                ],
+            )
+        },
         "/audit": {
             "get": _operation(
                 "listAudit",
-                "Audit events, newest first",
+                "Audit events, newest first; every filter given must hold",
                 (200, _page("Audit")),
                 errors=(400, 401),
-                parameters=[CURSOR, LIMIT],
+                parameters=[
+                    _query("actor", AUDIT_TEXT, "who acted, exactly (a user, token or cli:NAME)"),
+                    _query("action", AUDIT_TEXT, "the action, exactly; ending in * a prefix"),
+                    _query(
+                        "subject", AUDIT_TEXT, "what it acted on, exactly; ending in * a prefix"
+                    ),
+                    _query("outcome", {"type": "string", "enum": ["ok", "refused"]}, "the outcome"),
+                    _query("project_id", UUID, "rows about this project"),
+                    _query("since", STRING, "at or after (ISO-8601 or epoch seconds)"),
+                    _query("until", STRING, "before (ISO-8601 or epoch seconds)"),
+                    CURSOR,
+                    LIMIT,
+                ],
             )
         },
     },

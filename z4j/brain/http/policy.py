@@ -86,6 +86,14 @@ ROUTES: Final[dict[tuple[str, str], Action]] = {
     ("POST", "/schedules/{scheduler}/{source_key}/disable"): "operate",
     ("POST", "/schedules/{scheduler}/{source_key}/trigger"): "operate",
     ("POST", "/schedules/{scheduler}/{source_key}/delete"): "operate",
+    # this instance's buffer dead letters, and the task registry
+    ("GET", "/dead-letters"): "read",
+    ("POST", "/dead-letters/requeue"): "operate",
+    ("POST", "/dead-letters/discard"): "operate",
+    ("GET", "/dead-letters/{id}"): "read",
+    ("POST", "/dead-letters/{id}/requeue"): "operate",
+    ("POST", "/dead-letters/{id}/discard"): "operate",
+    ("GET", "/task-registry"): "read",
     # OpAMP fleet
     ("GET", "/opamp/agents"): "read",
     ("GET", "/opamp/agents/{instance_uid}"): "read",
