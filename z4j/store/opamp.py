@@ -1,5 +1,10 @@
 """OpAMP in the store: tokens, and each agent's state with its API summary.
 
+One concern justifies the length (past 700 lines): the OpAMP agent's row,
+every write that moves it (group commit, desired configuration, status)
+and the summary read back from it; rollouts and history have their own
+modules.
+
 The core (`z4j.protocol.opamp.state`) works on an `AgentState`; the store
 keeps it as one row of ``opamp_agents`` per (project, instance_uid):
 
