@@ -126,6 +126,7 @@ class SqliteStore:
         under the calling store method's name (every store method calls this
         directly, so new methods are measured under their own names unasked)."""
         operation = sys._getframe(1).f_code.co_name
+
         def call() -> T:
             if self._db is None:
                 private_file(self.path)  # 0600, and SQLite gives -wal/-shm the same mode
