@@ -68,6 +68,48 @@ def exposed(text: str) -> Exposed:
     return Exposed(families, samples)
 
 
+SAMPLE = re.compile(
+    r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*",?)*\})?'
+    r" (-?[0-9.e+-]+|[+-]Inf|NaN)$"
+)
+SUFFIXES = {
+    "counter": ("",),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_sum", "_count"),
+}
+
+
+def check_exposition(text: str) -> None:
+    """The text format, read strictly: one HELP and TYPE per family before its
+    samples, each sample line well formed and of a declared family, no series twice."""
+    helped: set[str] = set()
+    types: dict[str, str] = {}
+    series: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name = line.split(" ")[2]
+            assert name not in helped, line
+            helped.add(name)
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert name in helped and name not in types, line
+            assert kind in SUFFIXES, line
+            types[name] = kind
+        else:
+            match = SAMPLE.match(line)
+            assert match, f"not a sample line: {line!r}"
+            name = match[1]
+            assert any(
+                name.removesuffix(suffix) in types
+                and suffix in SUFFIXES[types[name.removesuffix(suffix)]]
+                for suffix in ("", "_bucket", "_sum", "_count")
+                if name.endswith(suffix)
+            ), f"a sample of no declared family: {line!r}"
+            key = line.rsplit(" ", 1)[0]
+            assert key not in series, f"a series twice: {line!r}"
+            series.add(key)
+
+
 async def answer_commands(agent: Any) -> None:
     """Act as a worker: acknowledge and complete every command that arrives."""
     while True:
@@ -114,6 +156,7 @@ async def test_metrics_match_their_reference_and_the_conventions(config: Config)
                 status, text = await http_get(http, "/metrics")
                 nursery.cancel_scope.cancel()
     assert status == 200
+    check_exposition(text)
     found = exposed(text)
     documented = documented_metrics()
     if not config.database_url:
