@@ -151,6 +151,8 @@ async def test_metrics_match_their_reference_and_the_conventions(config: Config)
                 for path in (f"/api/v1/commands/{command}", "/api/v1/commands/not-a-uuid"):
                     await http_request(http, "GET", path, headers=bearer)
                 await http_request(http, "GET", "/no/such/path")
+                await http_request(http, "BREW", "/no/such/path")  # 405, an unusual method
+                await http_request(http, "GET", "/login")  # a dashboard file
                 await http_request(http, "DELETE", "/api/v1/commands")  # 405
                 await wait_until(lambda: brain.stats.commands_finished["completed"] >= 1)
                 status, text = await http_get(http, "/metrics")
@@ -209,6 +211,8 @@ async def test_metrics_match_their_reference_and_the_conventions(config: Config)
     assert requests[("/api/v1/commands/{id}", "GET", "400")] == 1
     assert requests[("/api/v1/commands", "DELETE", "405")] == 1
     assert requests[("unmatched", "GET", "404")] == 1
+    assert requests[("unmatched", "other", "405")] == 1
+    assert requests[("/{file}", "GET", "200")] == 1
     assert not any(command in route for route, _, _ in requests)
     duration = s["z4j_http_request_duration_seconds_count"]
     assert duration[(("method", "POST"), ("route", "/api/v1/commands"))] == 1
