@@ -12,7 +12,8 @@ ceiling it is measured against in the same run:
 (b) store writes per second with the N agents heartbeating every
     ``--heartbeat`` seconds and nothing changing, over ``--watch`` seconds:
     write statements (``z4j_opamp_state_writes_total``: full rows,
-    last_seen flushes, configuration statuses), and the rows they wrote.
+    last_seen flushes, configuration statuses), and the rows they wrote
+    (``z4j_opamp_last_seen_rows_total`` for the flushes).
 (c) HTTP polls per second: ``--http-agents`` agents polling `/v1/opamp`
     over keep-alive connections (each a heartbeat in sequence) against a
     fresh brain, and against hypercorn answering a fixed protobuf (the
@@ -486,7 +487,7 @@ class Brain:
         reply = trio.run(self.get, "/metrics")
         values: dict[str, float] = {}
         for line in reply.body.decode().splitlines():
-            if line.startswith("z4j_opamp_state_writes_total"):
+            if line.startswith(("z4j_opamp_state_writes_total", "z4j_opamp_last_seen_rows_total")):
                 name, value = line.rsplit(" ", 1)
                 values[name] = float(value)
         return values
@@ -511,12 +512,18 @@ class Brain:
 def writes(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:
     """(write statements, rows) between two readings."""
 
-    def delta(kind: str) -> float:
-        key = f'z4j_opamp_state_writes_total{{kind="{kind}"}}'
+    def delta(key: str) -> float:
         return after.get(key, 0.0) - before.get(key, 0.0)
 
-    statements = delta("full") + delta("last_seen") + delta("config_status")
-    rows = delta("full") + delta("last_seen_rows") + delta("config_status")
+    def statements_of(kind: str) -> float:
+        return delta(f'z4j_opamp_state_writes_total{{kind="{kind}"}}')
+
+    statements = statements_of("full") + statements_of("last_seen") + statements_of("config_status")
+    rows = (
+        statements_of("full")
+        + delta("z4j_opamp_last_seen_rows_total")
+        + statements_of("config_status")
+    )
     return statements, rows
 
 

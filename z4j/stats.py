@@ -1,9 +1,10 @@
 """Counters the brain keeps about itself.
 
 Plain integers on one object, bumped on the Trio thread: cheap enough for
-the per-payload hot path. The heartbeat turns them into rates; /metrics
-(z4j/brain/metrics.py) reads them at scrape time, so the hot path never touches
-the Prometheus client.
+the per-payload hot path. /metrics (z4j/brain/metrics.py) reads them at
+scrape time, so the hot path never touches the Prometheus client; rates are
+PromQL's. The heartbeat keeps its own rates for the ``instances`` rows the
+dashboard reads.
 """
 
 from __future__ import annotations
@@ -25,11 +26,25 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 @attrs.define
 class HttpStats:
-    """Counters of the HTTP port, read by /metrics."""
+    """Counters of the HTTP port, read by /metrics.
+
+    Requests are counted by route template (``/api/v1/commands/{id}``, not the
+    path asked for), method and status, so the label set is bounded by the
+    routes, whatever clients send (brain/http/request_metrics.py).
+    """
 
     connections_total: int = 0
     connections_open: int = 0
     connections_refused: int = 0
+    requests: Counter[tuple[str, str, str]] = attrs.field(factory=Counter)  # route, method, status
+    request_seconds: dict[tuple[str, str], Histogram] = attrs.field(factory=dict)  # route, method
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests[route, method, str(status)] += 1
+        histogram = self.request_seconds.get((route, method))
+        if histogram is None:
+            histogram = self.request_seconds[route, method] = Histogram()
+        histogram.observe(seconds)
 
 
 @attrs.define
@@ -56,6 +71,9 @@ class Histogram:
             out.append((bound, total))
         return out
 
+
+# Command latency, seconds: a worker answering at once, to a timeout.
+COMMAND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 # Task runtimes, seconds: from a quick job to an hour's batch.
 RUNTIME_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
@@ -133,7 +151,11 @@ class BrainStats:
     agent_frames: Counter[str] = attrs.field(factory=Counter)  # by frame type
     agent_rejected: Counter[str] = attrs.field(factory=Counter)
     command_dispatch: Counter[str] = attrs.field(factory=Counter)  # local, forwarded, no_session
-    db_query_seconds: Histogram = attrs.field(factory=Histogram)
+    # Store calls by operation (the store method's name), from the Trio side.
+    db_queries: dict[str, Histogram] = attrs.field(factory=dict)
+    # Commands that reached a final state here, by state, and minted-to-final seconds.
+    commands_finished: Counter[str] = attrs.field(factory=Counter)
+    command_seconds: dict[str, Histogram] = attrs.field(factory=dict)
     dashboard_subscribers: int = 0
     dashboard_messages: int = 0  # published while someone was subscribed
     dashboard_coalesced: int = 0
@@ -167,9 +189,25 @@ class BrainStats:
     opamp_rollout_stage: dict[str, int] = attrs.field(factory=dict)
     opamp_config_status: dict[str, int] = attrs.field(factory=dict)
     tasks: TaskStats = attrs.field(factory=TaskStats)
-    # Set by the heartbeat: records/s over its last interval.
+    # Set by the heartbeat, for its ``instances`` row (not /metrics): records/s
+    # over its last interval.
     ingest_rate: float = 0.0
     drain_rate: float = 0.0
+
+    def observe_query(self, operation: str, seconds: float) -> None:
+        """A store call's time (the stores' ``observe_query``)."""
+        histogram = self.db_queries.get(operation)
+        if histogram is None:
+            histogram = self.db_queries[operation] = Histogram()
+        histogram.observe(seconds)
+
+    def observe_command(self, state: str, seconds: float) -> None:
+        """A command reached final ``state`` ``seconds`` after it was minted."""
+        self.commands_finished[state] += 1
+        histogram = self.command_seconds.get(state)
+        if histogram is None:
+            histogram = self.command_seconds[state] = Histogram(COMMAND_BUCKETS)
+        histogram.observe(max(seconds, 0.0))
 
 
 class RateMeter:

@@ -148,7 +148,7 @@ async def serve_brain(
     store = store_for(
         config,
         application_name=f"z4j-{instance_id.hex[:8]}",
-        observe_query=stats.db_query_seconds.observe,
+        observe_query=stats.observe_query,
         on_tasks=stats.tasks.observe_finished,
         on_frames_dropped=stats.schedule_frames_dropped.update,
     )
@@ -297,8 +297,8 @@ async def serve_brain(
                     **registry.health_checks(),
                 }
             )
+            instance_row = instance_info(config, instance_id, buffer)
             http_stats = HttpStats()
-            this_instance = instance_info(config, instance_id, buffer)
             app = build_app(
                 health,
                 metrics=functools.partial(
@@ -306,9 +306,11 @@ async def serve_brain(
                     brain_registry(
                         stats,
                         buffer,
-                        instance_id=str(instance_id),
+                        replica=instance_row.name,
+                        replica_id=str(instance_id),
                         pool_statistics=None if store.pool is None else store.pool.statistics,
                         http_stats=http_stats,
+                        readiness=lambda: health.last,
                     ),
                 ),
                 api=Api(
@@ -320,17 +322,18 @@ async def serve_brain(
                     opamp_nudges=nudges,
                     on_opamp_rollout=rollout_changed,
                     dead_letters=DeadLetterRoutes(
-                        store, buffer, instance_id=instance_id, name=this_instance.name
+                        store, buffer, instance_id=instance_id, name=instance_row.name
                     ),
                 ),
                 pages=dashboard_pages(auth.signed_in),
                 opamp=opamp_http,
+                stats=http_stats,
             )
             heartbeat = Heartbeat(
                 store,
                 buffer,
                 stats,
-                this_instance,
+                instance_row,
                 interval=config.heartbeat_seconds,
                 store_ready=store_ready,
                 on_beat=lambda info: hub.publish({"type": "instance", "instance": to_json(info)}),
@@ -403,7 +406,7 @@ async def serve_brain(
                         functools.partial(
                             serve_http,
                             config,
-                            build_app(health, opamp=opamp_http),
+                            build_app(health, opamp=opamp_http, stats=http_stats),
                             shutdown=shutdown,
                             websockets={OPAMP_PATH: opamp_sockets},
                             sock=opamp_sock,

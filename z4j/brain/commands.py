@@ -358,6 +358,11 @@ class Commands:
         if record is not None:
             self._changed(record)
             if record.state in FINAL_COMMAND_STATES:
+                # Counted by the replica that moved it: summed over replicas, once each.
+                finished_at = (
+                    record.finished_at if record.finished_at is not None else self._clock()
+                )
+                self._stats.observe_command(record.state, finished_at - record.created_at)
                 await self._replicas.command_finished(record.id)
         return record
 

@@ -6,16 +6,25 @@ with the buffer's and the pool's state, and renders metric families. Each
 brain has its own registry, so several brains in one process (tests, an
 embedding program) do not mix.
 
-Every metric is listed, with its type and meaning, in docs/operations.md;
-``tests/test_metrics.py`` checks the two agree.
+Prometheus' conventions: counters and histograms, never a precomputed rate
+(``rate()`` is PromQL's); gauges only for levels (depth, connections,
+leadership); every label takes the values it names, from a bounded set (route
+templates, not paths); the process's and Python's families are the standard
+collectors' (``process_*``, ``python_*``); the info metric's labels are not
+Prometheus' own target labels (``instance``, ``job``).
+
+Every metric is listed, with its type, labels and meaning, in
+docs/operations.md; ``tests/test_metrics.py`` checks the two agree, and
+``tests/test_deploy_promql.py`` checks deploy/'s dashboard and alerts use
+only those.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -28,25 +37,45 @@ from prometheus_client.registry import Collector
 from .._version import __version__
 from ..buffer import Buffer
 from ..opamp_rollouts import ROLLOUT_STATES
-from ..stats import BrainStats, Histogram, HttpStats
+from ..stats import COMMAND_BUCKETS, BrainStats, Histogram, HttpStats
+from ..store.base import FINAL_COMMAND_STATES
 
 __all__ = ["CONTENT_TYPE_LATEST", "BrainCollector", "brain_registry", "render"]
+
+FINAL_STATES = sorted(FINAL_COMMAND_STATES)
 
 
 def brain_registry(
     stats: BrainStats,
     buffer: Buffer,
     *,
-    instance_id: str,
+    replica: str,
+    replica_id: str,
     pool_statistics: Callable[[], Any] | None = None,
     http_stats: HttpStats | None = None,
+    readiness: Callable[[], Mapping[str, str]] | None = None,
 ) -> CollectorRegistry:
-    """A registry with this brain's metrics and the process's (``z4j_process_*``)."""
+    """A registry with this brain's metrics and the standard process and Python ones.
+
+    ``replica``: this process's name in ``instances`` (Z4J_INSTANCE_NAME, or
+    host:pid); ``replica_id``: its id there. ``readiness``: the readiness
+    checks' last verdicts, by check (``"ok"`` or why not).
+    """
     registry = CollectorRegistry(auto_describe=True)
     registry.register(
-        BrainCollector(stats, buffer, instance_id, pool_statistics, http_stats or HttpStats())
+        BrainCollector(
+            stats,
+            buffer,
+            replica=replica,
+            replica_id=replica_id,
+            pool_statistics=pool_statistics,
+            http_stats=http_stats or HttpStats(),
+            readiness=readiness,
+        )
     )
-    ProcessCollector(namespace="z4j", registry=registry)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
     return registry
 
 
@@ -59,23 +88,45 @@ class BrainCollector(Collector):
         self,
         stats: BrainStats,
         buffer: Buffer,
-        instance_id: str,
+        *,
+        replica: str,
+        replica_id: str,
         pool_statistics: Callable[[], Any] | None,
         http_stats: HttpStats,
+        readiness: Callable[[], Mapping[str, str]] | None,
     ) -> None:
         self._stats = stats
         self._http = http_stats
         self._buffer = buffer
-        self._instance_id = instance_id
+        self._replica = replica
+        self._replica_id = replica_id
         self._pool_statistics = pool_statistics
+        self._readiness = readiness
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats
         info = GaugeMetricFamily(
-            "z4j_brain_info", "This brain: version and instance id", labels=["version", "instance"]
+            "z4j_build_info",
+            "Always 1: this brain's version, and its replica's name and id in instances",
+            labels=["version", "replica", "replica_id"],
         )
-        info.add_metric([__version__, self._instance_id], 1)
+        info.add_metric([__version__, self._replica, self._replica_id], 1)
         yield info
+        if self._readiness is not None:
+            checks = self._readiness()
+            yield _gauge(
+                "z4j_ready",
+                "1 when every readiness check passes (/health/ready answers 200)",
+                float(all(verdict == "ok" for verdict in checks.values())),
+            )
+            ready_checks = GaugeMetricFamily(
+                "z4j_ready_check",
+                "1 per readiness check that passes, 0 per one that fails",
+                labels=["check"],
+            )
+            for check, verdict in sorted(checks.items()):
+                ready_checks.add_metric([check], float(verdict == "ok"))
+            yield ready_checks
 
         # -- ingest (TCP) ----------------------------------------------------------
         yield _gauge(
@@ -93,17 +144,10 @@ class BrainCollector(Collector):
         for reason, n in sorted(s.ingest_rejected.items()):
             payloads.add_metric([reason], n)
         yield payloads
-        records = CounterMetricFamily(
-            "z4j_ingest_records", "Records in payloads answered 2:OK", labels=["outcome"]
+        yield _counter(
+            "z4j_ingest_records", "Records in payloads answered 2:OK", s.ingest_records_ok
         )
-        records.add_metric(["ok"], s.ingest_records_ok)
-        yield records
         yield _counter("z4j_ingest_pings", "Ingest pings answered", s.ingest_pings)
-        yield _gauge(
-            "z4j_ingest_records_per_second",
-            "Records taken in (TCP records and agent events) per second, last heartbeat interval",
-            s.ingest_rate,
-        )
 
         # -- HTTP port ---------------------------------------------------------------
         http = self._http
@@ -118,6 +162,24 @@ class BrainCollector(Collector):
             "HTTP connections answered 503 at Z4J_HTTP_MAX_CONNECTIONS",
             http.connections_refused,
         )
+        requests = CounterMetricFamily(
+            "z4j_http_requests",
+            "HTTP requests answered, by route template, method and status",
+            labels=["route", "method", "status"],
+        )
+        for (route, method, status), n in sorted(http.requests.items()):
+            requests.add_metric([route, method, status], n)
+        yield requests
+        request_seconds = HistogramMetricFamily(
+            "z4j_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route template and method",
+            labels=["route", "method"],
+        )
+        for (route, method), histogram in sorted(http.request_seconds.items()):
+            request_seconds.add_metric(
+                [route, method], buckets=_buckets(histogram), sum_value=histogram.sum
+            )
+        yield request_seconds
 
         # -- agents ----------------------------------------------------------------
         yield _gauge(
@@ -152,18 +214,30 @@ class BrainCollector(Collector):
                 "reason",
                 s.opamp_rejected,
             ),
-            (
-                "z4j_opamp_state_writes",
-                "OpAMP agent states written: full rows, last_seen only, coalesced (none),"
-                " or a remote configuration's status",
-                "kind",
-                s.opamp_writes,
-            ),
         ):
             family = CounterMetricFamily(name, documentation, labels=[label])
             for value, n in sorted(counts.items()):
                 family.add_metric([value], n)
             yield family
+        writes = CounterMetricFamily(
+            "z4j_opamp_state_writes",
+            "OpAMP agent-state write statements: a full row, a last_seen flush (many agents),"
+            " a remote configuration's status",
+            labels=["kind"],
+        )
+        for kind in ("full", "last_seen", "config_status"):
+            writes.add_metric([kind], s.opamp_writes[kind])
+        yield writes
+        yield _counter(
+            "z4j_opamp_last_seen_rows",
+            "Agent rows the last_seen flushes wrote",
+            s.opamp_writes["last_seen_rows"],
+        )
+        yield _counter(
+            "z4j_opamp_messages_coalesced",
+            "OpAMP messages that wrote nothing (last_seen fresh or already queued)",
+            s.opamp_writes["coalesced"],
+        )
         sessions = GaugeMetricFamily(
             "z4j_opamp_active_sessions",
             "OpAMP agents served by this brain: open WebSocket sessions, and HTTP agents"
@@ -227,6 +301,26 @@ class BrainCollector(Collector):
         for route in ("local", "forwarded", "no_session"):
             dispatch.add_metric([route], s.command_dispatch[route])
         yield dispatch
+        finished = CounterMetricFamily(
+            "z4j_commands_finished",
+            "Commands that reached a final state on this brain: completed, failed,"
+            " timeout, cancelled",
+            labels=["state"],
+        )
+        for state in FINAL_STATES:
+            finished.add_metric([state], s.commands_finished[state])
+        yield finished
+        command_seconds = HistogramMetricFamily(
+            "z4j_command_duration_seconds",
+            "Time from a command's minting to its final state, by that state",
+            labels=["state"],
+        )
+        for state in FINAL_STATES:
+            histogram = s.command_seconds.get(state) or Histogram(COMMAND_BUCKETS)
+            command_seconds.add_metric(
+                [state], buckets=_buckets(histogram), sum_value=histogram.sum
+            )
+        yield command_seconds
         yield _counter(
             "z4j_command_sweep_deliveries",
             "Commands the one-second sweep delivered (a notification was missed or late)",
@@ -305,6 +399,14 @@ class BrainCollector(Collector):
             "Dead letters deleted (API and CLI; kept in the buffer file)",
             buffer.dead_letters_discarded,
         )
+        yield _counter(
+            "z4j_buffer_appended_rows", "Payloads written to the buffer", buffer.appended_total
+        )
+        yield _counter(
+            "z4j_buffer_completed_rows",
+            "Buffered payloads the drains are done with (stored or set aside)",
+            buffer.completed_total,
+        )
 
         # -- drain -----------------------------------------------------------------
         yield _counter("z4j_drain_batches", "Batches drained into the store", s.drain_batches)
@@ -316,11 +418,6 @@ class BrainCollector(Collector):
             "z4j_drain_quarantined_rows",
             "Buffered payloads the store refused, moved to dead_letter",
             s.drain_quarantined,
-        )
-        yield _gauge(
-            "z4j_drain_records_per_second",
-            "Records stored per second, last heartbeat interval",
-            s.drain_rate,
         )
         yield _histogram(
             "z4j_drain_batch_duration_seconds",
@@ -375,11 +472,15 @@ class BrainCollector(Collector):
         yield frames_dropped
 
         # -- store -----------------------------------------------------------------
-        yield _histogram(
+        queries = HistogramMetricFamily(
             "z4j_db_query_duration_seconds",
-            "Store calls, from the Trio side (waiting for a connection included)",
-            s.db_query_seconds,
+            "Store calls by operation (the store method), from the Trio side"
+            " (waiting for a connection included)",
+            labels=["operation"],
         )
+        for operation, histogram in sorted(s.db_queries.items()):
+            queries.add_metric([operation], buckets=_buckets(histogram), sum_value=histogram.sum)
+        yield queries
         if self._pool_statistics is not None:
             pool = self._pool_statistics()
             connections = GaugeMetricFamily(

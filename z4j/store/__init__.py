@@ -47,7 +47,7 @@ def store_for(
     config: Config,
     *,
     application_name: str = "z4j",
-    observe_query: Callable[[float], None] | None = None,
+    observe_query: Callable[[str, float], None] | None = None,
     on_tasks: Callable[[Sequence[TaskRow]], None] | None = None,
     on_frames_dropped: Callable[[Mapping[str, int]], None] | None = None,
 ) -> Store:

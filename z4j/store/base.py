@@ -465,8 +465,8 @@ class Store(Protocol):
     @property
     def kind(self) -> Literal["postgres", "sqlite"]: ...
 
-    # Called with the seconds each query took (for the query histogram).
-    observe_query: Callable[[float], None]
+    # Called with each store call's operation (method name) and seconds (the query histogram).
+    observe_query: Callable[[str, float], None]
 
     @property
     def pool(self) -> PgPool | None:

@@ -119,6 +119,8 @@ class Api:
         self._store_error_logged = -STORE_ERROR_LOG_SECONDS
         # (method, path pattern, handler, action from policy.py)
         self._routes: list[tuple[str, re.Pattern[str], Handler, Action]] = []
+        # Each pattern's route template, named in the scope for the request metrics.
+        self._templates: dict[re.Pattern[str], str] = {}
         route = self._route
         route("GET", "/openapi.json", self._openapi)
         route("POST", "/session", self._sign_in)
@@ -150,6 +152,7 @@ class Api:
 
     def _route(self, method: str, path: str, handler: Handler) -> None:
         pattern = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
+        self._templates[pattern] = "/api/v1" + path
         self._routes.append((method, pattern, handler, action_of(method, path)))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -188,9 +191,11 @@ class Api:
             match = pattern.match(path)
             if match is None:
                 continue
+            scope.setdefault("route", self._templates[pattern])  # a 405 counts under it
             allowed.append(route_method)
             if route_method != method:
                 continue
+            scope["route"] = self._templates[pattern]
             principal: Principal | None = None
             if action != "public":
                 principal = await self._auth.principal(scope["headers"])

@@ -37,6 +37,7 @@ from ..._net import REFUSAL_SLOTS, open_tcp_socket, serve_listener
 from ...config import Config, ConfigError, is_loopback_bind
 from ...protocol.close import CloseCode
 from ...stats import HttpStats, ThrottledLog
+from .request_metrics import measured
 from .websocket import Handler, serve_websocket
 
 __all__ = ["HealthChecks", "build_app", "serve_http"]
@@ -74,6 +75,8 @@ class HealthChecks:
         """``checks``: by name, each from the module that owns what it checks."""
         self._checks: dict[str, Callable[[], Awaitable[str | None]]] = dict(checks or {})
         self._log = ThrottledLog(log)
+        # The verdicts of the last run, for /metrics (which runs them first).
+        self.last: dict[str, str] = {}
 
     def add(self, name: str, check: Callable[[], Awaitable[str | None]]) -> None:
         self._checks[name] = check
@@ -98,7 +101,8 @@ class HealthChecks:
         async with trio.open_nursery() as nursery:
             for name, check in self._checks.items():
                 nursery.start_soon(one, name, check)
-        return dict(sorted(results.items()))
+        self.last = dict(sorted(results.items()))
+        return self.last
 
 
 async def _json(send: Send, status: int, body: object) -> None:
@@ -129,6 +133,7 @@ def build_app(
     api: Asgi | None = None,
     pages: Pages | None = None,
     opamp: Asgi | None = None,
+    stats: HttpStats | None = None,
 ) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """The brain's ASGI app for plain HTTP (WebSockets are `serve_http`'s).
 
@@ -137,7 +142,9 @@ def build_app(
     HTTP, bearer-authenticated by its own tokens); ``pages`` serves the dashboard's files (the page
     itself only to a signed-in session: `dashboard_page` checks the file it
     resolved, whatever path named it). Health and metrics are open, for
-    probes and scrapers.
+    probes and scrapers; a scrape runs the readiness checks first, so
+    ``z4j_ready`` is as fresh as the scrape. ``stats`` counts requests by
+    route template (request_metrics.py).
     """
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -174,6 +181,7 @@ def build_app(
         if scope["method"] not in ("GET", "HEAD"):
             await _json(send, 405, {"error": "method_not_allowed", "message": "use GET"})
         elif path == "/metrics" and metrics is not None:
+            await health.run()
             body = metrics()
             await send(
                 {
@@ -200,7 +208,7 @@ def build_app(
         else:
             await _json(send, 404, {"error": "not_found", "message": f"no route for {path}"})
 
-    return app
+    return app if stats is None else measured(app, stats)
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
