@@ -26,6 +26,7 @@ __all__ = [
     "token_graces",
 ]
 
+ENDED_TOKENS_KEPT_SECONDS = 3600.0  # a rotation forgets tokens that ended this long ago
 _P_COLUMNS = ", ".join(f"p.{c.strip()}" for c in PROJECT_COLUMNS.split(","))
 
 
@@ -62,6 +63,12 @@ def rotate_agent_token(
     if row is None:
         return None
     ends = d.ts_in(now + grace)
+    # Tokens that ended long ago: the brain's sweep closed their sessions
+    # within a second, so keeping them would only grow its reads.
+    conn.execute(
+        d.sql("DELETE FROM agent_tokens WHERE agent_id = ? AND expires_at <= ?"),
+        (agent, d.ts_in(now - ENDED_TOKENS_KEPT_SECONDS)),
+    )
     conn.execute(
         d.sql(
             "UPDATE agent_tokens SET expires_at = ? WHERE agent_id = ?"
@@ -117,9 +124,11 @@ def credential_deadlines(d: Dialect, conn: Conn) -> CredentialDeadlines:
         "SELECT token_hash, expires_at FROM agent_tokens WHERE expires_at IS NOT NULL"
     ).fetchall()
     projects = conn.execute(f"SELECT {PROJECT_COLUMNS} FROM projects").fetchall()
+    revoked = conn.execute("SELECT id FROM agents WHERE revoked_at IS NOT NULL").fetchall()
     return CredentialDeadlines(
         tokens={bytes(h): d.ts_out(at) for h, at in tokens},
         projects={p.id: p for p in (_rows.project(d, row) for row in projects)},
+        revoked=frozenset(d.uuid_out(row[0]) for row in revoked),
     )
 
 
