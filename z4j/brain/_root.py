@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -62,6 +64,7 @@ from .http.auth import Auth, announce_admin_token, sign_in_url
 from .http.dashboard_page import dashboard_pages
 from .http.opamp import OPAMP_PATH, OpampEndpoint
 from .http.opamp_ws import OpampSession, OpampSockets
+from .http.provisioning_api import ProvisioningRoutes
 from .http.resources import to_json
 from .http.server import HealthChecks, build_app, serve_http, tls_context
 from .ingest import IngestServer
@@ -108,9 +111,13 @@ async def serve_brain(
     *,
     shutdown: trio.Event | None = None,
     stats: BrainStats | None = None,
+    clock: Callable[[], float] = time.time,
     task_status: trio.TaskStatus[Brain] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a brain until cancelled, or until ``shutdown`` is set (graceful).
+
+    ``clock``: the wall clock the grace periods of rotated agent tokens and
+    signing secrets start from and end by (tests move it past a grace).
 
     Reports a `Brain` (addresses, command service) when every service is ready::
 
@@ -242,6 +249,7 @@ async def serve_brain(
                 commands=commands,
                 ownership=registry,
                 on_worker=worker_changed,
+                clock=clock,
             )
             rollouts = Rollouts(
                 store,
@@ -317,6 +325,12 @@ async def serve_brain(
                     opamp_heartbeat_window_seconds=config.opamp_heartbeat_window_seconds,
                     opamp_nudges=nudges,
                     on_opamp_rollout=rollout_changed,
+                    provisioning=ProvisioningRoutes(
+                        store,
+                        master,
+                        clock=clock,
+                        default_grace_seconds=config.rotation_grace_seconds,
+                    ),
                 ),
                 pages=dashboard_pages(auth.signed_in),
                 opamp=opamp_http,

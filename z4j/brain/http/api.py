@@ -68,8 +68,9 @@ from .opamp_api import OpampRoutes
 from .opamp_rollouts_api import OpampRolloutRoutes
 from .openapi import OPENAPI
 from .policy import Action, action_of
+from .provisioning_api import ProvisioningRoutes
 from .queues_api import QueueRoutes
-from .resources import to_json
+from .resources import iso, to_json
 from .schedules_api import ScheduleRoutes
 from .tasks_api import TaskRoutes
 from .workers_api import EngineWorkerRoutes
@@ -104,10 +105,13 @@ class Api:
         opamp_heartbeat_window_seconds: float = 90.0,
         opamp_nudges: OpampNudges | None = None,
         on_opamp_rollout: Callable[[dict[str, Any]], None] | None = None,
+        provisioning: ProvisioningRoutes | None = None,
     ) -> None:
         """``project_key``: a project's signing key, for purge tokens (None: no purges).
         ``opamp_heartbeat_window_seconds``: how long an OpAMP agent stays online unheard.
-        ``on_opamp_rollout``: called with a rollout's JSON after the API changed it."""
+        ``on_opamp_rollout``: called with a rollout's JSON after the API changed it.
+        ``provisioning``: the routes that create, archive, revoke and rotate
+        (None: not served)."""
         self._store = store
         self._commands = commands
         self._auth = auth
@@ -140,6 +144,7 @@ class Api:
                 nudges=opamp_nudges,
             ).routes(),
             *OpampRolloutRoutes(store, on_change=on_opamp_rollout).routes(),
+            *(provisioning.routes() if provisioning is not None else ()),
         ]:
             route(method, path, handler)
 
@@ -284,8 +289,9 @@ class Api:
         workers: dict[uuid.UUID, list[dict[str, Any]]] = {}
         for worker in await self._store.list_workers():
             workers.setdefault(worker.agent_id, []).append(to_json(worker))
+        graces = await self._store.token_graces(now=time.time())
         items = [
-            _agent_json(a, projects.get(a.project_id), workers.get(a.id, []))
+            _agent_json(a, projects.get(a.project_id), workers.get(a.id, []), graces.get(a.id))
             for a in await self._store.list_agents(project_id)
         ]
         return 200, page(items, None)
@@ -297,7 +303,8 @@ class Api:
             raise ApiError(404, "not_found", f"no agent {agent_id}")
         project = await self._store.find_project(str(agent.project_id))
         workers = [to_json(w) for w in await self._store.list_workers(agent.id)]
-        return 200, _agent_json(agent, None if project is None else project.name, workers)
+        grace = (await self._store.token_graces(now=time.time())).get(agent.id)
+        return 200, _agent_json(agent, None if project is None else project.name, workers, grace)
 
     async def _instances(self, request: Request) -> Response:
         return 200, page([to_json(i) for i in await self._store.list_instances()], None)
@@ -481,11 +488,21 @@ def _csrf_cookie(csrf: str, *, max_age: int = SESSION_SECONDS, secure: bool = Fa
 # -- output --------------------------------------------------------------------------------
 
 
-def _agent_json(a: Agent, project: str | None, workers: list[dict[str, Any]]) -> dict[str, Any]:
-    """An agent as the API shows it, with its project's name and its workers."""
+def _agent_json(
+    a: Agent,
+    project: str | None,
+    workers: list[dict[str, Any]],
+    grace_until: float | None = None,
+) -> dict[str, Any]:
+    """An agent as the API shows it, with its project's name, its workers (when
+    last seen, which versions) and the end of a rotated token's grace."""
     item = to_json(a)
     item["project"] = project
     item["workers"] = workers
+    # ISO-8601 UTC strings of one format: their order is their text's.
+    item["last_seen"] = max((w["last_seen"] for w in workers), default=None)
+    item["versions"] = sorted({w["agent_version"] for w in workers if w["agent_version"]})
+    item["token_grace_until"] = iso(grace_until)
     return item
 
 

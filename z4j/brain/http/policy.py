@@ -56,6 +56,13 @@ ROUTES: Final[dict[tuple[str, str], Action]] = {
     ("GET", "/projects"): "read",
     ("GET", "/agents"): "read",
     ("GET", "/agents/{id}"): "read",
+    # provisioning
+    ("POST", "/projects"): "admin",
+    ("POST", "/projects/{id}/archive"): "admin",
+    ("POST", "/projects/{id}/rotate-secret"): "admin",
+    ("POST", "/agents"): "admin",
+    ("POST", "/agents/{id}/revoke"): "admin",
+    ("POST", "/agents/{id}/rotate-token"): "admin",
     ("GET", "/instances"): "read",
     ("GET", "/events"): "read",
     ("GET", "/commands"): "read",
@@ -107,7 +114,9 @@ def action_of(method: str, path: str) -> Action:
     try:
         return ROUTES[(method, path)]
     except KeyError:
-        raise KeyError(f"no policy for {method} {path}: add it to z4j/brain/http/policy.py") from None
+        raise KeyError(
+            f"no policy for {method} {path}: add it to z4j/brain/http/policy.py"
+        ) from None
 
 
 def allowed(action: str, role: str, scope: str | None = None) -> bool:
