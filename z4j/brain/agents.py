@@ -27,8 +27,7 @@ token rotated away keeps opening sessions until its grace ends, and while a
 project's signing secret is in rotation a session takes whichever of the
 current and previous keys its first signed frame verifies under. A sweep
 (every CREDENTIAL_SWEEP_SECONDS, by the endpoint's clock) closes a session
-of a revoked agent (or archived project) with 4003, one whose token's grace
-has ended with 4401, and one still on a previous key
+whose token's grace has ended with 4401, and one still on a previous key
 past its grace with 4403: a session never outlives its credentials by more
 than one sweep.
 
@@ -295,9 +294,9 @@ class AgentEndpoint:
                         session.kick(CloseCode.IDLE)
 
     async def _sweep_credentials(self, scope: trio.CancelScope) -> None:
-        """Close sessions of revoked agents (4003), whose token's grace has
-        ended (4401), or that sign with a previous key past its grace (4403);
-        see the module's header."""
+        """Close sessions whose token's grace has ended (4401), or that sign
+        with a previous key past its grace (4403); see the module's header.
+        (Revoked agents' sessions are the command sweep's: 4003.)"""
         with scope:
             while True:
                 await trio.sleep(CREDENTIAL_SWEEP_SECONDS)
@@ -820,8 +819,6 @@ def _credentials_ended(
     session: Session, deadlines: CredentialDeadlines, now: float
 ) -> tuple[str, CloseCode] | None:
     """Why and how a live session must close now (None: its credentials hold)."""
-    if session.agent.id in deadlines.revoked:
-        return "revoked", CloseCode.REVOKED
     ends = deadlines.tokens.get(session.token_hash)
     if ends is not None and ends <= now:
         return "token_expired", CloseCode.UNAUTHORIZED

@@ -116,12 +116,11 @@ class AgentLogin:
 @attrs.frozen(kw_only=True)
 class CredentialDeadlines:
     """What the brain's sweep checks live agent sessions against: the tokens
-    that end (keyed hash -> expires_at), every project (its secrets), and the
-    revoked agents."""
+    that end (keyed hash -> expires_at), and every project (its secrets).
+    Revoked agents' sessions are closed by the command sweep (4003)."""
 
     tokens: dict[bytes, float]
     projects: dict[uuid.UUID, Project]
-    revoked: frozenset[uuid.UUID] = frozenset()
 
 
 COMMAND_STATES = ("pending", "dispatched", "completed", "failed", "timeout", "cancelled")
@@ -584,7 +583,7 @@ class Store(Protocol):
         ...
 
     async def credential_deadlines(self) -> CredentialDeadlines:
-        """Tokens with an end (rotated away), every project, the revoked agents."""
+        """Tokens with an end (rotated away), and every project."""
         ...
 
     async def token_graces(self, *, now: float) -> dict[uuid.UUID, float]:

@@ -124,11 +124,9 @@ def credential_deadlines(d: Dialect, conn: Conn) -> CredentialDeadlines:
         "SELECT token_hash, expires_at FROM agent_tokens WHERE expires_at IS NOT NULL"
     ).fetchall()
     projects = conn.execute(f"SELECT {PROJECT_COLUMNS} FROM projects").fetchall()
-    revoked = conn.execute("SELECT id FROM agents WHERE revoked_at IS NOT NULL").fetchall()
     return CredentialDeadlines(
         tokens={bytes(h): d.ts_out(at) for h, at in tokens},
         projects={p.id: p for p in (_rows.project(d, row) for row in projects)},
-        revoked=frozenset(d.uuid_out(row[0]) for row in revoked),
     )
 
 
