@@ -82,6 +82,8 @@ class BareAgent:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
 
 
 async def provisioned(brain: RunningBrain, admin: str) -> tuple[dict[str, str], dict[str, str]]:

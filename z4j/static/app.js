@@ -1432,8 +1432,12 @@
     "fleet",
     "opamp-agent",
     "rollouts",
+    "projects",
+    "agents",
   ];
   let route = { view: "overview" };
+  // #/projects and #/agents: provisioning.js, which app.js lends its helpers to.
+  const PROVISIONING_VIEWS = new Set(["projects", "agents"]);
 
   function parseRoute() {
     const raw = location.hash.replace(/^#\/?/, "");
@@ -1458,6 +1462,7 @@
     }
     if (parts[0] === "fleet") return { view: "fleet" };
     if (parts[0] === "rollouts") return { view: "rollouts", rolloutId: parts[1] ?? null };
+    if (parts[0] === "projects" || parts[0] === "agents") return { view: parts[0] };
     return { view: "overview" };
   }
 
@@ -1501,6 +1506,7 @@
         previous.project === route.project;
       if (!same) openOpampAgent();
     } else if (route.view === "rollouts") openRollouts();
+    else if (PROVISIONING_VIEWS.has(route.view)) window.z4jProvisioning?.open(route.view);
     else mark("instances", "agents", "feed", "kinds", "commands", "kpis", "charts");
     if (previous.view !== route.view || route.view === "task") window.scrollTo(0, 0);
   }
@@ -1517,6 +1523,7 @@
     else if (route.view === "fleet") loadFleet();
     else if (route.view === "opamp-agent") loadOpampAgent();
     else if (route.view === "rollouts") loadRollouts();
+    else if (PROVISIONING_VIEWS.has(route.view)) window.z4jProvisioning?.refresh(route.view);
   }
 
   // fn at most once per `ms`, the last call never lost.
@@ -4423,6 +4430,7 @@
       loadSchedules();
   }, 1000);
 
+  window.z4jDashboard = { api, el, fill, showText, when, ago, parseTime, fmtInt };
   mark("instances", "agents", "feed", "kinds", "commands", "kpis", "charts");
   showRoute();
   refreshAll();

@@ -114,6 +114,8 @@ class Api:
         (None: not served)."""
         self._store = store
         self._commands = commands
+        # Rotated tokens' graces are shown by the clock that ends them.
+        self._clock = provisioning.clock if provisioning is not None else time.time
         self._auth = auth
         self._throttle = sign_in_throttle if sign_in_throttle is not None else SignInThrottle()
         self._store_error_logged = -STORE_ERROR_LOG_SECONDS
@@ -289,7 +291,7 @@ class Api:
         workers: dict[uuid.UUID, list[dict[str, Any]]] = {}
         for worker in await self._store.list_workers():
             workers.setdefault(worker.agent_id, []).append(to_json(worker))
-        graces = await self._store.token_graces(now=time.time())
+        graces = await self._store.token_graces(now=self._clock())
         items = [
             _agent_json(a, projects.get(a.project_id), workers.get(a.id, []), graces.get(a.id))
             for a in await self._store.list_agents(project_id)
@@ -303,7 +305,7 @@ class Api:
             raise ApiError(404, "not_found", f"no agent {agent_id}")
         project = await self._store.find_project(str(agent.project_id))
         workers = [to_json(w) for w in await self._store.list_workers(agent.id)]
-        grace = (await self._store.token_graces(now=time.time())).get(agent.id)
+        grace = (await self._store.token_graces(now=self._clock())).get(agent.id)
         return 200, _agent_json(agent, None if project is None else project.name, workers, grace)
 
     async def _instances(self, request: Request) -> Response:

@@ -68,6 +68,10 @@ class ProvisioningRoutes:
         self._clock = clock
         self._default_grace = default_grace_seconds
 
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self._clock
+
     def routes(self) -> list[tuple[str, str, Handler]]:
         return [
             ("POST", "/projects", self.create_project),
