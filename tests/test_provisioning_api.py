@@ -18,10 +18,12 @@ import time
 import uuid
 from typing import Any
 
+import openapi_schema_validator
 import orjson
 import trio
 
 from z4j import keys
+from z4j.brain.http.openapi import OPENAPI
 from z4j.config import Config
 from z4j.protocol.agent import frames as f
 from z4j.protocol.close import CloseCode
@@ -54,6 +56,16 @@ async def call(
         http, method, "/api/v1" + path, body=payload if method == "POST" else None, headers=headers
     )
     return reply.status, reply.json()
+
+
+def conforms(item: Any, schema: str) -> None:
+    """``item`` is what the OpenAPI document says ``schema`` is."""
+    openapi_schema_validator.validate(
+        item,
+        {**OPENAPI["components"]["schemas"][schema], "components": OPENAPI["components"]},
+        cls=openapi_schema_validator.OAS30Validator,
+        format_checker=openapi_schema_validator.oas30_format_checker,
+    )
 
 
 def config_env(text: str) -> dict[str, str]:
@@ -102,6 +114,8 @@ async def test_projects_and_agents_are_provisioned_listed_and_archived(config: C
                 http, "POST", "/agents", admin, {"project": "shop", "name": "web"}
             )
             assert status == 201, made
+            conforms(made, "AgentCredentials")
+            conforms(project, "Project")
             env = config_env(made["config"])
             assert env == {
                 "Z4J_BRAIN_URL": "http://brain.example:7700",
@@ -142,6 +156,7 @@ async def test_projects_and_agents_are_provisioned_listed_and_archived(config: C
                 # Revoked: the live session closes 4003.
                 status, revoked = await call(http, "POST", f"/agents/{agent_id}/revoke", admin)
                 assert status == 200 and revoked["revoked"] is True
+                conforms(revoked, "Agent")
                 assert await live.closed_with() == CloseCode.REVOKED
             status, body = await call(http, "POST", f"/agents/{agent_id}/revoke", admin)
             assert status == 409 and body["error"] == "revoked"
@@ -159,6 +174,7 @@ async def test_projects_and_agents_are_provisioned_listed_and_archived(config: C
             assert status == 201
             status, archived = await call(http, "POST", f"/projects/{project['id']}/archive", admin)
             assert status == 200 and archived["archived_at"] is not None
+            conforms(archived, "Project")
             status, agent = await call(http, "GET", f"/agents/{other['agent']['id']}", admin)
             assert agent["revoked"] is True
             status, body = await call(
@@ -215,6 +231,9 @@ async def test_a_token_rotation_keeps_both_tokens_until_the_grace_ends(config: C
                     {"grace_seconds": HOUR, "brain_url": "https://z4j.example/"},
                 )
                 assert status == 200, rotated
+                conforms(rotated, "AgentCredentials")
+                assert [w["worker_id"] for w in rotated["agent"]["workers"]] == ["old"]
+                assert rotated["agent"]["token_grace_until"] == rotated["old_tokens_expire_at"]
                 new = rotated["token"]
                 assert new != old and rotated["signing_secret"] == secret
                 assert config_env(rotated["config"])["Z4J_TOKEN"] == new
@@ -259,6 +278,7 @@ async def test_a_secret_rotation_keeps_live_agents_streaming(config: Config) -> 
                 await stream_one(live, 1)
                 status, rotated = await call(http, "POST", path, admin, {"grace_seconds": HOUR})
                 assert status == 200, rotated
+                conforms(rotated, "SecretRotated")
                 new = rotated["signing_secret"]
                 assert new != old and rotated["project"]["secret_generation"] == 1
                 assert rotated["previous_secret_expires_at"] is not None

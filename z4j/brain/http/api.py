@@ -29,7 +29,6 @@ import orjson
 
 from ...store.base import (
     COMMAND_STATES,
-    Agent,
     EventFilter,
     EventRecord,
     Store,
@@ -69,8 +68,9 @@ from .opamp_rollouts_api import OpampRolloutRoutes
 from .openapi import OPENAPI
 from .policy import Action, action_of
 from .provisioning_api import ProvisioningRoutes
+from .provisioning_api import agent_json as _agent_json
 from .queues_api import QueueRoutes
-from .resources import iso, to_json
+from .resources import to_json
 from .schedules_api import ScheduleRoutes
 from .tasks_api import TaskRoutes
 from .workers_api import EngineWorkerRoutes
@@ -488,24 +488,6 @@ def _csrf_cookie(csrf: str, *, max_age: int = SESSION_SECONDS, secure: bool = Fa
 
 
 # -- output --------------------------------------------------------------------------------
-
-
-def _agent_json(
-    a: Agent,
-    project: str | None,
-    workers: list[dict[str, Any]],
-    grace_until: float | None = None,
-) -> dict[str, Any]:
-    """An agent as the API shows it, with its project's name, its workers (when
-    last seen, which versions) and the end of a rotated token's grace."""
-    item = to_json(a)
-    item["project"] = project
-    item["workers"] = workers
-    # ISO-8601 UTC strings of one format: their order is their text's.
-    item["last_seen"] = max((w["last_seen"] for w in workers), default=None)
-    item["versions"] = sorted({w["agent_version"] for w in workers if w["agent_version"]})
-    item["token_grace_until"] = iso(grace_until)
-    return item
 
 
 def event_json(e: EventRecord, *, body_max_bytes: int | None = None) -> dict[str, Any]:

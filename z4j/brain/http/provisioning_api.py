@@ -28,6 +28,7 @@ __all__ = [
     "MAX_GRACE_SECONDS",
     "MAX_NAME_CHARS",
     "ProvisioningRoutes",
+    "agent_json",
     "bare_config",
 ]
 
@@ -190,7 +191,7 @@ class ProvisioningRoutes:
                 request, "agent.create", "agent:", details, "archived", str(exc)
             ) from None
         await self._audit(request, "agent.create", f"agent:{agent.id}", details)
-        return 201, self._shown_once(agent, project, token, brain_url)
+        return 201, await self._shown_once(agent, project, token, brain_url)
 
     async def revoke_agent(self, request: Request) -> Response:
         agent = await self._agent(request)
@@ -229,7 +230,7 @@ class ProvisioningRoutes:
         project = await self._store.find_project(str(agent.project_id))
         assert project is not None  # an agent's project is never deleted
         await self._audit(request, "agent.token.rotate", f"agent:{agent.id}", details)
-        shown = self._shown_once(agent, project, token, brain_url)
+        shown = await self._shown_once(agent, project, token, brain_url, ends)
         shown["old_tokens_expire_at"] = iso(ends)
         return 200, shown
 
@@ -267,14 +268,18 @@ class ProvisioningRoutes:
     def _secret(self, project: Project) -> str:
         return keys.project_secret_text(self._master, project.id, project.secret_generation)
 
-    def _shown_once(
-        self, agent: Agent, project: Project, token: str, brain_url: str
+    async def _shown_once(
+        self,
+        agent: Agent,
+        project: Project,
+        token: str,
+        brain_url: str,
+        grace_until: float | None = None,
     ) -> dict[str, Any]:
         secret = self._secret(project)
-        item = to_json(agent)
-        item["project"] = project.name
+        workers = [to_json(w) for w in await self._store.list_workers(agent.id)]
         return {
-            "agent": item,
+            "agent": agent_json(agent, project.name, workers, grace_until),
             "token": token,
             "signing_secret": secret,
             "config": bare_config(brain_url, token, project.id, secret),
@@ -293,6 +298,24 @@ class ProvisioningRoutes:
         if agent is None:
             raise ApiError(404, "not_found", f"no agent {agent_id}")
         return agent
+
+
+def agent_json(
+    a: Agent,
+    project: str | None,
+    workers: list[dict[str, Any]],
+    grace_until: float | None = None,
+) -> dict[str, Any]:
+    """An agent as the API shows it, with its project's name, its workers (when
+    last seen, which versions) and the end of a rotated token's grace."""
+    item = to_json(a)
+    item["project"] = project
+    item["workers"] = workers
+    # ISO-8601 UTC strings of one format: their order is their text's.
+    item["last_seen"] = max((w["last_seen"] for w in workers), default=None)
+    item["versions"] = sorted({w["agent_version"] for w in workers if w["agent_version"]})
+    item["token_grace_until"] = iso(grace_until)
+    return item
 
 
 def _name(body: dict[str, Any], key: str) -> str:
