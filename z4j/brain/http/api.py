@@ -101,7 +101,7 @@ class Api:
         auth: Auth,
         *,
         sign_in_throttle: SignInThrottle | None = None,
-        project_key: Callable[[uuid.UUID], bytes] | None = None,
+        project_key: Callable[[uuid.UUID, int], bytes] | None = None,
         opamp_heartbeat_window_seconds: float = 90.0,
         opamp_nudges: OpampNudges | None = None,
         on_opamp_rollout: Callable[[dict[str, Any]], None] | None = None,
