@@ -24,8 +24,10 @@ import trio
 
 from z4j import keys
 from z4j.brain.http.openapi import OPENAPI
+from z4j.brain.http.queues_api import purge_token
 from z4j.config import Config
 from z4j.protocol.agent import frames as f
+from z4j.protocol.agent.signing import decode_secret
 from z4j.protocol.close import CloseCode
 from z4j.testing.agents import RawAgent, admin_token, raw_agent
 from z4j.testing.brain import read_events, running_brain, wait_until
@@ -299,3 +301,33 @@ async def test_a_secret_rotation_keeps_live_agents_streaming(config: Config) -> 
     assert agent_event_ids(config) == {f"e-{n}" for n in range(1, 6)}
     ((_, _, details),) = audit(config, "project.secret.rotate")
     assert details["generation"] == 1 and details["outcome"] == "ok"
+
+
+async def test_purge_tokens_are_signed_with_the_rotated_secret(config: Config) -> None:
+    """A queue purge's confirmation token is keyed with the project's current
+    secret: the one the agents are moving to."""
+    admin = await admin_token(config)
+    with trio.fail_after(60):
+        async with running_brain(config) as brain:
+            http = brain.addresses.http
+            _, project = await call(http, "POST", "/projects", admin, {"name": "shop"})
+            _, made = await call(http, "POST", "/agents", admin, {"project": "shop", "name": "w"})
+            _, rotated = await call(
+                http, "POST", f"/projects/{project['id']}/rotate-secret", admin, {}
+            )
+            new = rotated["signing_secret"]
+            async with raw_agent(
+                http, made["token"], new, prove=True, capabilities={"celery": ["purge_queue"]}
+            ):
+                # The worker's row is written after its proof.
+                await wait_until(lambda: bool(query(config, "SELECT 1 FROM workers")))
+                status, command = await call(
+                    http,
+                    "POST",
+                    "/queues/celery/emails/purge",
+                    admin,
+                    {"agent_id": made["agent"]["id"], "confirm_depth": 7},
+                )
+    assert status == 201, command
+    key = decode_secret(new)
+    assert command["parameters"]["confirm_token"] == purge_token(key, "emails", 7)
