@@ -49,7 +49,12 @@ POSITIVE_FIELDS = [
     "opamp_max_message_bytes",
     "opamp_heartbeat_window_seconds",
 ]
-NON_NEGATIVE_FIELDS = ["db_statement_timeout_ms", "shutdown_grace_seconds", "drain_linger_ms"]
+NON_NEGATIVE_FIELDS = [
+    "db_statement_timeout_ms",
+    "shutdown_grace_seconds",
+    "drain_linger_ms",
+    "rotation_grace_seconds",
+]
 OPTIONAL_FIELDS = [
     "database_url",
     "ingest_token",

@@ -363,8 +363,20 @@ def test_times_uuids_and_hidden_fields_on_the_wire() -> None:
 def test_an_agent_as_the_route_sends_it_matches_its_component() -> None:
     """The route fills in the project's name and the workers after the record."""
     validator_module = openapi_schema_validator
-    item = _agent_json(SAMPLES[Agent][0], "p", [to_json(w) for w in SAMPLES[WorkerInfo]])
-    assert list(item) == ["id", "project_id", "project", "name", "revoked", "workers"]
+    item = _agent_json(SAMPLES[Agent][0], "p", [to_json(w) for w in SAMPLES[WorkerInfo]], 1e9)
+    assert list(item) == [
+        "id",
+        "project_id",
+        "project",
+        "name",
+        "revoked",
+        "workers",
+        "last_seen",
+        "versions",
+        "token_grace_until",
+    ]
+    assert item["last_seen"] == max(w["last_seen"] for w in item["workers"])
+    assert item["token_grace_until"] == "2001-09-09T01:46:40+00:00"
     validator_module.validate(
         item,
         {**OPENAPI["components"]["schemas"]["Agent"], "components": OPENAPI["components"]},

@@ -503,7 +503,8 @@ async def _agent_create(args: argparse.Namespace, config: Config, store: Store) 
 
     project = await _project_of(store, args.project)
     master = keys.master_secret(config)
-    secret = keys.project_secret_text(master, project.id)  # checks the master first
+    # The current secret (it moves on at each rotation); checks the master first.
+    secret = keys.project_secret_text(master, project.id, project.secret_generation)
     token = keys.new_agent_token()
     try:
         agent = await store.create_agent(project.id, args.name, keys.token_hash(master, token))

@@ -137,6 +137,9 @@ class Config:
     ws_heartbeat_interval_seconds: int = attrs.field(default=10, validator=_between(1, 3600))
     ws_rate_limit_frames_per_second: int = attrs.field(default=20_000, validator=_positive)
     ws_rate_limit_events_per_second: int = attrs.field(default=200_000, validator=_positive)
+    rotation_grace_seconds: int = attrs.field(
+        default=86_400, validator=[_non_negative, attrs.validators.le(30 * 86_400)]
+    )
     registry_backend: RegistryBackend | None = None
     ownership_ttl_seconds: float = attrs.field(default=60.0, validator=_positive)
     leader_lease_seconds: float = attrs.field(default=30.0, validator=_positive)
@@ -217,6 +220,7 @@ HELP: dict[str, str] = {
     "ws_heartbeat_interval_seconds": "Heartbeat interval told to agents, 1 to 3600; 3 missed intervals close (4408).",
     "ws_rate_limit_frames_per_second": "Frames one agent connection may send per second, in bursts of up to a second's worth; more close it (4429).",
     "ws_rate_limit_events_per_second": "Events one agent connection may send per second, in bursts of up to a second's worth; more close it (4429).",
+    "rotation_grace_seconds": "Default grace, 0 to 2592000 (30 days), of an agent-token or signing-secret rotation (the API's grace_seconds): until it ends the old credential keeps working; then agent sessions still on it close (4401 token, 4403 secret).",
     "secret": "Master secret (32+ characters) that agent signing keys derive from. Unset: generated once into DATA_DIR/secret; replicas must share one. On the command line write `--secret=VALUE`: a value may begin with `-`.",
     "log_level": "DEBUG, INFO, WARNING or ERROR.",
     "log_format": "text or json (one object per line).",

@@ -5,8 +5,9 @@
 - An agent token is shown once, at creation; the store keeps only a keyed
   hash of it (HMAC-SHA256 under the master secret, domain-separated), and
   connections are matched by that hash, never by the plain token.
-- A project's signing key is derived from the master secret and the project
-  id (agent protocol v2), so it need not be stored either.
+- A project's signing key is derived from the master secret, the project
+  id (agent protocol v2) and its generation (moved on by each rotation), so
+  it need not be stored either.
 - Admin API tokens, dashboard sessions and OpAMP bearer tokens are kept the
   same way as agent tokens: keyed hashes only, each kind under its own label.
 """
@@ -82,13 +83,14 @@ def token_hash(master: bytes, token: str) -> bytes:
     return hmac.new(master, _TOKEN_LABEL + token.encode(), hashlib.sha256).digest()
 
 
-def project_key(master: bytes, project_id: uuid.UUID) -> bytes:
-    return derive_project_secret(master, project_id)
+def project_key(master: bytes, project_id: uuid.UUID, generation: int = 0) -> bytes:
+    """The project's signing key of that generation (it moves on at each rotation)."""
+    return derive_project_secret(master, project_id, generation)
 
 
-def project_secret_text(master: bytes, project_id: uuid.UUID) -> str:
+def project_secret_text(master: bytes, project_id: uuid.UUID, generation: int = 0) -> str:
     """The project key as agents are given it (Z4J_HMAC_SECRET for z4j-bare)."""
-    return encode_secret(project_key(master, project_id))
+    return encode_secret(project_key(master, project_id, generation))
 
 
 def new_api_token() -> str:

@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -63,6 +65,7 @@ from .http.dashboard_page import dashboard_pages
 from .http.dead_letters_api import DeadLetterRoutes
 from .http.opamp import OPAMP_PATH, OpampEndpoint
 from .http.opamp_ws import OpampSession, OpampSockets
+from .http.provisioning_api import ProvisioningRoutes
 from .http.resources import to_json
 from .http.server import HealthChecks, build_app, serve_http, tls_context
 from .ingest import IngestServer
@@ -109,9 +112,13 @@ async def serve_brain(
     *,
     shutdown: trio.Event | None = None,
     stats: BrainStats | None = None,
+    clock: Callable[[], float] = time.time,
     task_status: trio.TaskStatus[Brain] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a brain until cancelled, or until ``shutdown`` is set (graceful).
+
+    ``clock``: the wall clock the grace periods of rotated agent tokens and
+    signing secrets start from and end by (tests move it past a grace).
 
     Reports a `Brain` (addresses, command service) when every service is ready::
 
@@ -243,6 +250,7 @@ async def serve_brain(
                 commands=commands,
                 ownership=registry,
                 on_worker=worker_changed,
+                clock=clock,
             )
             rollouts = Rollouts(
                 store,
@@ -323,6 +331,12 @@ async def serve_brain(
                     on_opamp_rollout=rollout_changed,
                     dead_letters=DeadLetterRoutes(
                         store, buffer, instance_id=instance_id, name=instance_row.name
+                    ),
+                    provisioning=ProvisioningRoutes(
+                        store,
+                        master,
+                        clock=clock,
+                        default_grace_seconds=config.rotation_grace_seconds,
                     ),
                 ),
                 pages=dashboard_pages(auth.signed_in),

@@ -22,6 +22,15 @@ One task per connection (z4j.brain.http.websocket's), driving the sans-IO `Agent
 Protocol violations close with the code the core names; no frame for three
 heartbeat intervals closes 4408.
 
+Rotation (store/provisioning.py) never cuts a live agent off mid-stream: a
+token rotated away keeps opening sessions until its grace ends, and while a
+project's signing secret is in rotation a session takes whichever of the
+current and previous keys its first signed frame verifies under. A sweep
+(every CREDENTIAL_SWEEP_SECONDS, by the endpoint's clock) closes a session
+whose token's grace has ended with 4401, and one still on a previous key
+past its grace with 4403: a session never outlives its credentials by more
+than one sweep.
+
 One concern justifies the length (past 700 lines): the life of an agent
 connection, from token to close, whose steps share the session state above;
 the wire rules themselves live in `protocol/agent`.
@@ -50,7 +59,7 @@ from ..protocol.agent.untrusted import loggable
 from ..protocol.close import CloseCode
 from ..protocol.errors import RemoteProtocolError
 from ..stats import BrainStats, ThrottledLog
-from ..store.base import Agent, Store, StoreUnavailable
+from ..store.base import Agent, CredentialDeadlines, Store, StoreUnavailable
 from .http.websocket import SEND_BATCH
 from .links import AlonePeers, Ownership, SessionTable
 from .ratelimit import TokenBucket
@@ -60,6 +69,7 @@ __all__ = ["AgentEndpoint"]
 log = logging.getLogger("z4j.agents")
 
 HELLO_TIMEOUT_SECONDS = 10.0
+CREDENTIAL_SWEEP_SECONDS = 1.0  # how often live sessions are held against their credentials
 SESSIONS_GONE_POLL_SECONDS = 0.05  # at shutdown, how often to look for sessions still open
 # How long a new connection waits for the store before 1013: well inside
 # the 10 s agents give the upgrade, so they see the code, not a timeout.
@@ -143,6 +153,14 @@ class Session:
     send_batch: bool = False  # the connection takes z4j.websocket.send_batch
     # The hello, kept until the first signed frame proves the key; None after.
     hello: f.Hello | None = None
+    token_hash: bytes = b""  # the keyed hash of the token it connected with
+    # The project's key generations offered at accept, the current one first;
+    # the one it signs with is ``generations[protocol.key_index]``.
+    generations: tuple[int, ...] = (0,)
+
+    @property
+    def key_generation(self) -> int:
+        return self.generations[self.protocol.key_index]
 
     @property
     def agent_id(self) -> uuid.UUID:
@@ -205,12 +223,14 @@ class AgentEndpoint:
         commands: CommandAnswers | None = None,
         ownership: Ownership | None = None,
         on_worker: Callable[[uuid.UUID, str, str], None] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """``sessions``: filled here, read by commands and the registry.
         ``commands``: told of workers and their answers (None: answers are
         ignored). ``ownership``: claims sessions across replicas.
         ``on_worker``: called with (agent id, worker id, "connected" |
-        "disconnected") (the dashboard's feed)."""
+        "disconnected") (the dashboard's feed). ``clock``: the wall clock that
+        tokens' and signing keys' ends are held against (tests move it)."""
         self._config = config
         self._store = store
         self._buffer = buffer
@@ -222,6 +242,7 @@ class AgentEndpoint:
         self._commands = commands
         self._ownership: Ownership = ownership if ownership is not None else AlonePeers()
         self._on_worker = on_worker
+        self._clock = clock
         self._log = ThrottledLog(log)
         self._tasks: trio.Nursery | None = None
         self._in_flight_bytes = 0  # over all sessions
@@ -233,7 +254,8 @@ class AgentEndpoint:
         shutdown: trio.Event | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """The endpoint's own tasks: buffering event batches, and the idle sweep.
+        """The endpoint's own tasks: buffering event batches, and the idle and
+        credential sweeps.
 
         Once ``shutdown`` is set, every session is closed 1001 (agents
         reconnect to another brain) and this returns when they are gone and
@@ -241,8 +263,9 @@ class AgentEndpoint:
         """
         async with trio.open_nursery() as nursery:
             self._tasks = nursery
-            sweep = trio.CancelScope()
+            sweep, credentials = trio.CancelScope(), trio.CancelScope()
             nursery.start_soon(self._sweep_idle, sweep)
+            nursery.start_soon(self._sweep_credentials, credentials)
             task_status.started()
             if shutdown is None:
                 return
@@ -253,6 +276,7 @@ class AgentEndpoint:
                 self._table.close_all(CloseCode.GOING_AWAY)
                 await trio.sleep(SESSIONS_GONE_POLL_SECONDS)
             sweep.cancel()
+            credentials.cancel()
 
     async def _sweep_idle(self, scope: trio.CancelScope) -> None:
         """Close sessions with no frame for three heartbeat intervals (4408).
@@ -268,6 +292,35 @@ class AgentEndpoint:
                 for session in self.every_session():
                     if session.last_frame < cutoff:
                         session.kick(CloseCode.IDLE)
+
+    async def _sweep_credentials(self, scope: trio.CancelScope) -> None:
+        """Close sessions whose token's grace has ended (4401), or that sign
+        with a previous key past its grace (4403); see the module's header.
+        (Revoked agents' sessions are the command sweep's: 4003.)"""
+        with scope:
+            while True:
+                await trio.sleep(CREDENTIAL_SWEEP_SECONDS)
+                if self.every_session():
+                    try:
+                        await self.check_credentials()
+                    except Exception as exc:
+                        self._log.warning("credentials", "checking credentials failed: %s", exc)
+
+    async def check_credentials(self) -> int:
+        """One sweep (see `_sweep_credentials`); how many sessions it closed."""
+        deadlines = await self._store.credential_deadlines()
+        now = self._clock()
+        closed = 0
+        for session in self.every_session():
+            ended = _credentials_ended(session, deadlines, now)
+            if ended is not None and session.close_code is None:
+                reason, code = ended
+                self._reject(reason)
+                session.kick(code)
+                closed += 1
+        if closed:
+            log.info("closed %d agent sessions whose credentials ended", closed)
+        return closed
 
     @property
     def sessions(self) -> dict[tuple[uuid.UUID, str], Session]:
@@ -294,7 +347,8 @@ class AgentEndpoint:
         token = _bearer(scope)
         send_batch = SEND_BATCH in scope.get("extensions", {})
         del scope, message  # an idle connection keeps only what it needs
-        agent = None
+        login = None
+        token_hash = b""
         if token is not None:
             # Just after start the store may not be migrated yet: a moment's
             # wait, then "try again later" (1013), never "bad token".
@@ -303,19 +357,24 @@ class AgentEndpoint:
             try:
                 if not self._store_ready.is_set():
                     raise StoreUnavailable("store not ready")
-                agent = await self._store.agent_by_token(keys.token_hash(self._master, token))
+                token_hash = keys.token_hash(self._master, token)
+                login = await self._store.agent_login(token_hash)
             except Exception as exc:
                 self._reject("store_unavailable")
                 self._log.warning("lookup", "agent lookup failed: %s", exc)
                 await send({"type": "websocket.close", "code": CloseCode.TRY_AGAIN_LATER})
                 return
         await send({"type": "websocket.accept"})
-        if agent is None:
+        now = self._clock()
+        if login is None or (login.token_expires_at is not None and login.token_expires_at <= now):
             self._reject("bad_token")
             await send({"type": "websocket.close", "code": CloseCode.UNAUTHORIZED})
             return
+        agent = login.agent
         try:
-            session = await self._open_session(agent, receive, send)
+            session = await self._open_session(
+                agent, receive, send, token_hash, login.project.secret_generations(now)
+            )
         except _Closed:
             return
         if session is None:
@@ -350,7 +409,14 @@ class AgentEndpoint:
     def _reject(self, reason: str) -> None:
         self._stats.agent_rejected[reason] += 1
 
-    async def _open_session(self, agent: Agent, receive: Receive, send: Send) -> Session | None:
+    async def _open_session(
+        self,
+        agent: Agent,
+        receive: Receive,
+        send: Send,
+        token_hash: bytes,
+        generations: tuple[int, ...],
+    ) -> Session | None:
         """hello → checks → unproven session → hello_ack; None if refused (and closed)."""
         config = self._config
         protocol = AgentProtocol(Role.BRAIN, max_frame_size=config.ws_max_frame_bytes)
@@ -389,6 +455,8 @@ class AgentEndpoint:
             protocol=protocol,
             send_message=send,
             hello=hello,
+            token_hash=token_hash,
+            generations=generations,
         )
         self.unproven.add(session)
         self._stats.agent_sessions_open += 1
@@ -397,7 +465,11 @@ class AgentEndpoint:
                 {
                     "type": "websocket.send",
                     "bytes": protocol.accept(
-                        key=keys.project_key(self._master, agent.project_id),
+                        key=keys.project_key(self._master, agent.project_id, generations[0]),
+                        other_keys=tuple(
+                            keys.project_key(self._master, agent.project_id, g)
+                            for g in generations[1:]
+                        ),
                         agent_id=str(agent.id),
                         project_id=str(agent.project_id),
                         brain_version=__version__,
@@ -741,6 +813,23 @@ def _has_nul(value: object) -> bool:
     if isinstance(value, list):
         return any(_has_nul(v) for v in value)
     return False
+
+
+def _credentials_ended(
+    session: Session, deadlines: CredentialDeadlines, now: float
+) -> tuple[str, CloseCode] | None:
+    """Why and how a live session must close now (None: its credentials hold)."""
+    ends = deadlines.tokens.get(session.token_hash)
+    if ends is not None and ends <= now:
+        return "token_expired", CloseCode.UNAUTHORIZED
+    project = deadlines.projects.get(session.agent.project_id)
+    if (
+        project is not None
+        and session.protocol.peer_proven
+        and session.key_generation not in project.secret_generations(now)
+    ):
+        return "secret_expired", CloseCode.FORBIDDEN
+    return None
 
 
 def _bearer(scope: dict[str, Any]) -> str | None:

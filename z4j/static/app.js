@@ -1437,8 +1437,12 @@
     "rollouts",
     "dead-letters",
     "audit",
+    "projects",
+    "agents",
   ];
   let route = { view: "overview" };
+  // #/projects and #/agents: provisioning.js, which app.js lends its helpers to.
+  const PROVISIONING_VIEWS = new Set(["projects", "agents"]);
 
   function parseRoute() {
     const raw = location.hash.replace(/^#\/?/, "");
@@ -1463,6 +1467,7 @@
     }
     if (parts[0] === "fleet") return { view: "fleet" };
     if (parts[0] === "rollouts") return { view: "rollouts", rolloutId: parts[1] ?? null };
+    if (parts[0] === "projects" || parts[0] === "agents") return { view: parts[0] };
     if (parts[0] === "dead-letters") return { view: "dead-letters" };
     if (parts[0] === "audit") return { view: "audit" };
     return { view: "overview" };
@@ -1513,6 +1518,7 @@
     } else if (route.view === "rollouts") openRollouts();
     else if (route.view === "dead-letters") loadBufferDeadLetters();
     else if (route.view === "audit") loadAudit();
+    else if (PROVISIONING_VIEWS.has(route.view)) window.z4jProvisioning?.open(route.view);
     else mark("instances", "agents", "feed", "kinds", "commands", "kpis", "charts");
     if (previous.view !== route.view || route.view === "task") window.scrollTo(0, 0);
   }
@@ -1534,6 +1540,7 @@
     else if (route.view === "rollouts") loadRollouts();
     else if (route.view === "dead-letters") loadBufferDeadLetters();
     else if (route.view === "audit") loadAudit();
+    else if (PROVISIONING_VIEWS.has(route.view)) window.z4jProvisioning?.refresh(route.view);
   }
 
   // fn at most once per `ms`, the last call never lost.
@@ -4866,6 +4873,7 @@
   $("audit-refresh").addEventListener("click", () => loadAudit());
   $("audit-more").addEventListener("click", () => loadAudit({ more: true }));
 
+  window.z4jDashboard = { api, el, fill, showText, when, ago, parseTime, fmtInt };
   mark("instances", "agents", "feed", "kinds", "commands", "kpis", "charts");
   showRoute();
   refreshAll();

@@ -32,6 +32,7 @@ __all__ = [
     "COMMAND_COLUMNS",
     "EVENT_COLUMNS",
     "INSTANCE_COLUMNS",
+    "PROJECT_COLUMNS",
     "TOKEN_COLUMNS",
     "WORKER_COLUMNS",
     "Conn",
@@ -93,6 +94,7 @@ class Dialect:
         return None if value is None else self.json_out(value)
 
 
+PROJECT_COLUMNS = "id, name, archived_at, secret_generation, previous_secret_expires_at"
 AGENT_COLUMNS = "a.id, a.project_id, a.name, a.revoked_at IS NOT NULL"
 COMMAND_COLUMNS = (
     "id, project_id, agent_id, action, target, parameters, timeout_seconds, issued_by,"
@@ -115,8 +117,14 @@ TOKEN_COLUMNS = "token_hash, name, created_at, last_used_at"
 
 
 def project(d: Dialect, row: Any) -> Project:
-    id, name = row
-    return Project(d.uuid_out(id), name)
+    id, name, archived_at, generation, previous_until = row
+    return Project(
+        d.uuid_out(id),
+        name,
+        archived_at=d.opt_ts_out(archived_at),
+        secret_generation=int(generation),
+        previous_secret_expires_at=d.opt_ts_out(previous_until),
+    )
 
 
 def agent(d: Dialect, row: Any) -> Agent:
@@ -219,7 +227,13 @@ def worker(d: Dialect, row: Any) -> WorkerInfo:
         health=d.opt_json_out(health),
         schedulers=_names(parsed, "schedulers"),
         runtime_features=_names(parsed, "runtime_features"),
+        agent_version=_text(parsed, "agent_version"),
     )
+
+
+def _text(hello: Any, key: str) -> str | None:
+    value = hello.get(key) if isinstance(hello, dict) else None
+    return value[:200] if isinstance(value, str) else None
 
 
 def capabilities(hello: Any) -> dict[str, list[str]]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import _rows
 from ._filters import Where
-from ._rows import AGENT_COLUMNS, COMMAND_COLUMNS, Conn, Dialect
+from ._rows import AGENT_COLUMNS, COMMAND_COLUMNS, PROJECT_COLUMNS, Conn, Dialect
 from .base import (
     FINAL_COMMAND_STATES,
     Agent,
@@ -53,10 +53,11 @@ def find_project(d: Dialect, conn: Conn, ref: str) -> Project | None:
     by_id = as_uuid(ref)
     row = None
     if by_id is not None:
-        sql = d.sql("SELECT id, name FROM projects WHERE id = ?")
+        sql = d.sql(f"SELECT {PROJECT_COLUMNS} FROM projects WHERE id = ?")
         row = conn.execute(sql, (d.uuid_in(by_id),)).fetchone()
     if row is None:
-        row = conn.execute(d.sql("SELECT id, name FROM projects WHERE name = ?"), (ref,)).fetchone()
+        sql = d.sql(f"SELECT {PROJECT_COLUMNS} FROM projects WHERE name = ?")
+        row = conn.execute(sql, (ref,)).fetchone()
     return None if row is None else _rows.project(d, row)
 
 

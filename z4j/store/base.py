@@ -30,8 +30,10 @@ __all__ = [
     "COMMAND_STATES",
     "FINAL_COMMAND_STATES",
     "Agent",
+    "AgentLogin",
     "ApiToken",
     "CommandRecord",
+    "CredentialDeadlines",
     "DirectoryConflict",
     "EngineWorker",
     "InstanceInfo",
@@ -71,8 +73,27 @@ class DirectoryConflict(Exception):
 
 @attrs.frozen
 class Project:
+    """A project. Its agents' signing key is of generation ``secret_generation``
+    (keys.project_key); after a rotation the previous generation's key still
+    verifies until ``previous_secret_expires_at``. An archived project takes
+    no new agents (archiving revoked those it had)."""
+
     id: uuid.UUID
     name: str
+    archived_at: float | None = None
+    secret_generation: int = 0
+    previous_secret_expires_at: float | None = None
+
+    @property
+    def archived(self) -> bool:
+        return self.archived_at is not None
+
+    def secret_generations(self, now: float) -> tuple[int, ...]:
+        """The generations whose key verifies at ``now``: the current one first."""
+        until = self.previous_secret_expires_at
+        if self.secret_generation > 0 and until is not None and now < until:
+            return (self.secret_generation, self.secret_generation - 1)
+        return (self.secret_generation,)
 
 
 @attrs.frozen
@@ -81,6 +102,27 @@ class Agent:
     project_id: uuid.UUID
     name: str
     revoked: bool
+
+
+@attrs.frozen(kw_only=True)
+class AgentLogin:
+    """What a connecting agent's token opens: the agent (not revoked), when
+    that token stops working (None: not rotated away), and its project (for
+    the signing keys)."""
+
+    agent: Agent
+    token_expires_at: float | None
+    project: Project
+
+
+@attrs.frozen(kw_only=True)
+class CredentialDeadlines:
+    """What the brain's sweep checks live agent sessions against: the tokens
+    that end (keyed hash -> expires_at), and every project (its secrets).
+    Revoked agents' sessions are closed by the command sweep (4003)."""
+
+    tokens: dict[bytes, float]
+    projects: dict[uuid.UUID, Project]
 
 
 COMMAND_STATES = ("pending", "dispatched", "completed", "failed", "timeout", "cancelled")
@@ -147,6 +189,7 @@ class WorkerInfo:
     # capabilities, by scheduler name) and its runtime's protocol features.
     schedulers: list[str] = attrs.field(factory=list)
     runtime_features: list[str] = attrs.field(factory=list)
+    agent_version: str | None = None  # from its hello
 
 
 @attrs.frozen(kw_only=True)
@@ -518,7 +561,8 @@ class Store(Protocol):
         ...
 
     async def agent_by_token(self, token_hash: bytes) -> Agent | None:
-        """The agent holding this token hash; None if unknown or revoked."""
+        """The agent holding this token hash; None if unknown, revoked or
+        rotated away past its grace (by the store's clock)."""
         ...
 
     async def find_agent(self, ref: str, project_id: uuid.UUID | None = None) -> Agent | None:
@@ -533,6 +577,42 @@ class Store(Protocol):
 
     async def revoke_agent(self, agent_id: uuid.UUID) -> bool:
         """Revoke an agent (its tokens stop working); False if unknown or revoked already."""
+        ...
+
+    # -- provisioning (store/provisioning.py) -----------------------------------------
+
+    async def archive_project(self, project_id: uuid.UUID, *, now: float) -> list[Agent] | None:
+        """Archive the project and revoke its agents, in one transaction; the
+        agents revoked now. None if unknown or archived already."""
+        ...
+
+    async def rotate_agent_token(
+        self, agent_id: uuid.UUID, token_hash: bytes, *, now: float, grace_seconds: float
+    ) -> float | None:
+        """Add ``token_hash`` as the agent's token; its other tokens that still
+        work end at ``now + grace_seconds`` (or sooner, if they were ending
+        already). Returns that end; None if the agent is unknown or revoked."""
+        ...
+
+    async def rotate_project_secret(
+        self, project_id: uuid.UUID, *, now: float, grace_seconds: float
+    ) -> Project | None:
+        """Move the project's signing key to the next generation; the current
+        one keeps verifying until ``now + grace_seconds`` (an older previous
+        one stops at once). The project as now; None if unknown or archived."""
+        ...
+
+    async def agent_login(self, token_hash: bytes) -> AgentLogin | None:
+        """The agent this token belongs to, if it is not revoked, with the
+        token's end and the project. The caller compares the end with its clock."""
+        ...
+
+    async def credential_deadlines(self) -> CredentialDeadlines:
+        """Tokens with an end (rotated away), and every project."""
+        ...
+
+    async def token_graces(self, *, now: float) -> dict[uuid.UUID, float]:
+        """Agents with an older token still working after ``now``: the latest end."""
         ...
 
     async def worker_connected(

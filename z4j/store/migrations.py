@@ -881,6 +881,32 @@ CREATE INDEX opamp_agent_history_by_time ON opamp_agent_history (at);
 """,
     ),
     Migration(
+        version=15,
+        name="provisioning: archived projects, rotated signing secrets and agent tokens",
+        # A project's signing key is derived from the master secret, its id
+        # and ``secret_generation`` (0: the key of before; keys.project_key).
+        # Rotating moves the generation on and keeps the previous one
+        # verifying until ``previous_secret_expires_at``. A rotated agent
+        # token keeps working until its ``expires_at`` (NULL: no end); the
+        # partial index serves the brain's sweep over tokens in their grace.
+        postgres="""
+ALTER TABLE projects ADD COLUMN archived_at timestamptz;
+ALTER TABLE projects ADD COLUMN secret_generation integer NOT NULL DEFAULT 0;
+ALTER TABLE projects ADD COLUMN previous_secret_expires_at timestamptz;
+ALTER TABLE agent_tokens ADD COLUMN expires_at timestamptz;
+CREATE INDEX agent_tokens_by_agent ON agent_tokens (agent_id);
+CREATE INDEX agent_tokens_expiring ON agent_tokens (expires_at) WHERE expires_at IS NOT NULL;
+""",
+        sqlite="""
+ALTER TABLE projects ADD COLUMN archived_at REAL;
+ALTER TABLE projects ADD COLUMN secret_generation INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE projects ADD COLUMN previous_secret_expires_at REAL;
+ALTER TABLE agent_tokens ADD COLUMN expires_at REAL;
+CREATE INDEX agent_tokens_by_agent ON agent_tokens (agent_id);
+CREATE INDEX agent_tokens_expiring ON agent_tokens (expires_at) WHERE expires_at IS NOT NULL;
+""",
+    ),
+    Migration(
         version=17,
         name="audit: indexes for the audit page's filters",
         # GET /api/v1/audit pages newest first by id; an exact actor, action

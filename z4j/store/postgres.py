@@ -51,6 +51,7 @@ from . import (
     opamp,
     opamp_history,
     opamp_rollouts,
+    provisioning,
     schedule_frames,
     schedules,
     task_writes,
@@ -63,6 +64,7 @@ from ._rows import (
     COMMAND_COLUMNS,
     EVENT_COLUMNS,
     INSTANCE_COLUMNS,
+    PROJECT_COLUMNS,
     TOKEN_COLUMNS,
     WORKER_COLUMNS,
     Dialect,
@@ -78,9 +80,11 @@ from ._transactions import (
 from .audit_query import AuditFilter, audit_where
 from .base import (
     Agent,
+    AgentLogin,
     ApiToken,
     AuditRecord,
     CommandRecord,
+    CredentialDeadlines,
     DirectoryConflict,
     EngineWorker,
     EventFilter,
@@ -397,7 +401,9 @@ class PostgresStore:
 
     async def list_projects(self) -> list[Project]:
         rows = await self._run(
-            lambda conn: conn.execute("SELECT id, name FROM projects ORDER BY name").fetchall()
+            lambda conn: conn.execute(
+                f"SELECT {PROJECT_COLUMNS} FROM projects ORDER BY name"
+            ).fetchall()
         )
         return [_rows.project(PG, row) for row in rows]
 
@@ -415,7 +421,8 @@ class PostgresStore:
         row = await self._run(
             lambda conn: conn.execute(
                 f"SELECT {AGENT_COLUMNS} FROM agent_tokens t JOIN agents a ON a.id = t.agent_id"
-                " WHERE t.token_hash = %s AND a.revoked_at IS NULL",
+                " WHERE t.token_hash = %s AND a.revoked_at IS NULL"
+                " AND (t.expires_at IS NULL OR t.expires_at > now())",
                 (token_hash,),
             ).fetchone()
         )
@@ -446,6 +453,52 @@ class PostgresStore:
             )
         )
         return count == 1
+
+    # -- provisioning ------------------------------------------------------------------
+
+    async def archive_project(self, project_id: uuid.UUID, *, now: float) -> list[Agent] | None:
+        result: list[Agent] | None = await self._run(
+            lambda conn: provisioning.archive_project(PG, conn, project_id, now)
+        )
+        return result
+
+    async def rotate_agent_token(
+        self, agent_id: uuid.UUID, token_hash: bytes, *, now: float, grace_seconds: float
+    ) -> float | None:
+        result: float | None = await self._run(
+            lambda conn: provisioning.rotate_agent_token(
+                PG, conn, agent_id, token_hash, now, grace_seconds
+            )
+        )
+        return result
+
+    async def rotate_project_secret(
+        self, project_id: uuid.UUID, *, now: float, grace_seconds: float
+    ) -> Project | None:
+        result: Project | None = await self._run(
+            lambda conn: provisioning.rotate_project_secret(
+                PG, conn, project_id, now, grace_seconds
+            )
+        )
+        return result
+
+    async def agent_login(self, token_hash: bytes) -> AgentLogin | None:
+        result: AgentLogin | None = await self._run(
+            lambda conn: provisioning.agent_login(PG, conn, token_hash)
+        )
+        return result
+
+    async def credential_deadlines(self) -> CredentialDeadlines:
+        result: CredentialDeadlines = await self._run(
+            lambda conn: provisioning.credential_deadlines(PG, conn)
+        )
+        return result
+
+    async def token_graces(self, *, now: float) -> dict[uuid.UUID, float]:
+        result: dict[uuid.UUID, float] = await self._run(
+            lambda conn: provisioning.token_graces(PG, conn, now)
+        )
+        return result
 
     async def worker_connected(
         self,
@@ -1174,8 +1227,13 @@ PG = Dialect(
 
 
 def _insert_agent(conn: psycopg.Connection[Any], agent: Agent, token_hash: bytes) -> None:
-    if conn.execute("SELECT 1 FROM projects WHERE id = %s", (agent.project_id,)).fetchone() is None:
+    row = conn.execute(
+        "SELECT archived_at FROM projects WHERE id = %s", (agent.project_id,)
+    ).fetchone()
+    if row is None:
         raise LookupError(f"no project with id {agent.project_id}")
+    if row[0] is not None:
+        raise LookupError(f"project {agent.project_id} is archived")
     conn.execute(
         "INSERT INTO agents (id, project_id, name) VALUES (%s, %s, %s)",
         (agent.id, agent.project_id, agent.name),

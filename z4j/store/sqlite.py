@@ -35,6 +35,7 @@ from . import (
     opamp,
     opamp_history,
     opamp_rollouts,
+    provisioning,
     schedule_frames,
     schedules,
     task_writes,
@@ -47,6 +48,7 @@ from ._rows import (
     COMMAND_COLUMNS,
     EVENT_COLUMNS,
     INSTANCE_COLUMNS,
+    PROJECT_COLUMNS,
     TOKEN_COLUMNS,
     WORKER_COLUMNS,
     Dialect,
@@ -62,9 +64,11 @@ from ._transactions import (
 from .audit_query import AuditFilter, audit_where
 from .base import (
     Agent,
+    AgentLogin,
     ApiToken,
     AuditRecord,
     CommandRecord,
+    CredentialDeadlines,
     DirectoryConflict,
     EngineWorker,
     EventFilter,
@@ -219,7 +223,9 @@ class SqliteStore:
         return await self._run(lambda db: find_project(SQ, db, ref))
 
     async def list_projects(self) -> list[Project]:
-        rows = await self._run(_fetch_all, "SELECT id, name FROM projects ORDER BY name", ())
+        rows = await self._run(
+            _fetch_all, f"SELECT {PROJECT_COLUMNS} FROM projects ORDER BY name", ()
+        )
         return [_rows.project(SQ, row) for row in rows]
 
     async def create_agent(self, project_id: uuid.UUID, name: str, token_hash: bytes) -> Agent:
@@ -236,8 +242,9 @@ class SqliteStore:
         rows = await self._run(
             _fetch_all,
             f"SELECT {AGENT_COLUMNS} FROM agent_tokens t JOIN agents a ON a.id = t.agent_id"
-            " WHERE t.token_hash = ? AND a.revoked_at IS NULL",
-            (token_hash,),
+            " WHERE t.token_hash = ? AND a.revoked_at IS NULL"
+            " AND (t.expires_at IS NULL OR t.expires_at > ?)",
+            (token_hash, time.time()),
         )
         return _rows.agent(SQ, rows[0]) if rows else None
 
@@ -263,6 +270,46 @@ class SqliteStore:
             (time.time(), str(agent_id)),
         )
         return count == 1
+
+    # -- provisioning ------------------------------------------------------------------
+
+    async def archive_project(self, project_id: uuid.UUID, *, now: float) -> list[Agent] | None:
+        return await self._run(
+            lambda db: _transaction(
+                db, lambda: provisioning.archive_project(SQ, db, project_id, now)
+            )
+        )
+
+    async def rotate_agent_token(
+        self, agent_id: uuid.UUID, token_hash: bytes, *, now: float, grace_seconds: float
+    ) -> float | None:
+        return await self._run(
+            lambda db: _transaction(
+                db,
+                lambda: provisioning.rotate_agent_token(
+                    SQ, db, agent_id, token_hash, now, grace_seconds
+                ),
+            )
+        )
+
+    async def rotate_project_secret(
+        self, project_id: uuid.UUID, *, now: float, grace_seconds: float
+    ) -> Project | None:
+        return await self._run(
+            lambda db: _transaction(
+                db,
+                lambda: provisioning.rotate_project_secret(SQ, db, project_id, now, grace_seconds),
+            )
+        )
+
+    async def agent_login(self, token_hash: bytes) -> AgentLogin | None:
+        return await self._run(lambda db: provisioning.agent_login(SQ, db, token_hash))
+
+    async def credential_deadlines(self) -> CredentialDeadlines:
+        return await self._run(lambda db: provisioning.credential_deadlines(SQ, db))
+
+    async def token_graces(self, *, now: float) -> dict[uuid.UUID, float]:
+        return await self._run(lambda db: provisioning.token_graces(SQ, db, now))
 
     async def worker_connected(
         self,
@@ -989,8 +1036,11 @@ def _fetch_all(db: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> lis
 def _insert_agent(db: sqlite3.Connection, agent: Agent, token_hash: bytes) -> None:
     def run() -> None:
         project = str(agent.project_id)
-        if db.execute("SELECT 1 FROM projects WHERE id = ?", (project,)).fetchone() is None:
+        row = db.execute("SELECT archived_at FROM projects WHERE id = ?", (project,)).fetchone()
+        if row is None:
             raise LookupError(f"no project with id {agent.project_id}")
+        if row[0] is not None:
+            raise LookupError(f"project {agent.project_id} is archived")
         now = time.time()
         db.execute(
             "INSERT INTO agents (id, project_id, name, created_at) VALUES (?, ?, ?, ?)",

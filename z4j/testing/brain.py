@@ -9,7 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -77,14 +77,17 @@ def buffer_rows(config: Config) -> int:
 
 
 @asynccontextmanager
-async def running_brain(config: Config) -> AsyncIterator[RunningBrain]:
-    """A brain in this Trio run; cancelled (hard stop) when the block exits."""
+async def running_brain(
+    config: Config, *, clock: Callable[[], float] = time.time
+) -> AsyncIterator[RunningBrain]:
+    """A brain in this Trio run; cancelled (hard stop) when the block exits.
+    ``clock``: its wall clock for credentials' grace periods (see `serve_brain`)."""
     stats = BrainStats()
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         addresses = await nursery.start(
             lambda task_status: serve_brain(
-                config, shutdown=shutdown, stats=stats, task_status=task_status
+                config, shutdown=shutdown, stats=stats, clock=clock, task_status=task_status
             )
         )
         try:

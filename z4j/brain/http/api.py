@@ -29,7 +29,6 @@ import orjson
 
 from ...store.base import (
     COMMAND_STATES,
-    Agent,
     EventFilter,
     EventRecord,
     Store,
@@ -70,6 +69,8 @@ from .opamp_api import OpampRoutes
 from .opamp_rollouts_api import OpampRolloutRoutes
 from .openapi import OPENAPI
 from .policy import Action, action_of
+from .provisioning_api import ProvisioningRoutes
+from .provisioning_api import agent_json as _agent_json
 from .queues_api import QueueRoutes
 from .resources import to_json
 from .schedules_api import ScheduleRoutes
@@ -102,18 +103,23 @@ class Api:
         auth: Auth,
         *,
         sign_in_throttle: SignInThrottle | None = None,
-        project_key: Callable[[uuid.UUID], bytes] | None = None,
+        project_key: Callable[[uuid.UUID, int], bytes] | None = None,
         opamp_heartbeat_window_seconds: float = 90.0,
         opamp_nudges: OpampNudges | None = None,
         on_opamp_rollout: Callable[[dict[str, Any]], None] | None = None,
         dead_letters: DeadLetterRoutes | None = None,
+        provisioning: ProvisioningRoutes | None = None,
     ) -> None:
         """``project_key``: a project's signing key, for purge tokens (None: no purges).
         ``opamp_heartbeat_window_seconds``: how long an OpAMP agent stays online unheard.
         ``on_opamp_rollout``: called with a rollout's JSON after the API changed it.
-        ``dead_letters``: this process's buffer dead letters and the task registry."""
+        ``dead_letters``: this process's buffer dead letters and the task registry.
+        ``provisioning``: the routes that create, archive, revoke and rotate
+        (None: not served)."""
         self._store = store
         self._commands = commands
+        # Rotated tokens' graces are shown by the clock that ends them.
+        self._clock = provisioning.clock if provisioning is not None else time.time
         self._auth = auth
         self._throttle = sign_in_throttle if sign_in_throttle is not None else SignInThrottle()
         self._store_error_logged = -STORE_ERROR_LOG_SECONDS
@@ -147,6 +153,7 @@ class Api:
             ).routes(),
             *OpampRolloutRoutes(store, on_change=on_opamp_rollout).routes(),
             *(dead_letters.routes() if dead_letters is not None else []),
+            *(provisioning.routes() if provisioning is not None else ()),
         ]:
             route(method, path, handler)
 
@@ -294,8 +301,9 @@ class Api:
         workers: dict[uuid.UUID, list[dict[str, Any]]] = {}
         for worker in await self._store.list_workers():
             workers.setdefault(worker.agent_id, []).append(to_json(worker))
+        graces = await self._store.token_graces(now=self._clock())
         items = [
-            _agent_json(a, projects.get(a.project_id), workers.get(a.id, []))
+            _agent_json(a, projects.get(a.project_id), workers.get(a.id, []), graces.get(a.id))
             for a in await self._store.list_agents(project_id)
         ]
         return 200, page(items, None)
@@ -307,7 +315,8 @@ class Api:
             raise ApiError(404, "not_found", f"no agent {agent_id}")
         project = await self._store.find_project(str(agent.project_id))
         workers = [to_json(w) for w in await self._store.list_workers(agent.id)]
-        return 200, _agent_json(agent, None if project is None else project.name, workers)
+        grace = (await self._store.token_graces(now=self._clock())).get(agent.id)
+        return 200, _agent_json(agent, None if project is None else project.name, workers, grace)
 
     async def _instances(self, request: Request) -> Response:
         return 200, page([to_json(i) for i in await self._store.list_instances()], None)
@@ -490,14 +499,6 @@ def _csrf_cookie(csrf: str, *, max_age: int = SESSION_SECONDS, secure: bool = Fa
 
 
 # -- output --------------------------------------------------------------------------------
-
-
-def _agent_json(a: Agent, project: str | None, workers: list[dict[str, Any]]) -> dict[str, Any]:
-    """An agent as the API shows it, with its project's name and its workers."""
-    item = to_json(a)
-    item["project"] = project
-    item["workers"] = workers
-    return item
 
 
 def event_json(e: EventRecord, *, body_max_bytes: int | None = None) -> dict[str, Any]:

@@ -1281,3 +1281,154 @@ OPENAPI: dict[str, Any] = {
         },
     },
 }
+
+
+# -- provisioning (provisioning_api.py): merged into the document above ---------------------
+
+GRACE = {
+    "type": "integer",
+    "minimum": 0,
+    "maximum": 30 * 86_400,
+    "description": "seconds the old credential keeps working (0: it stops at once; "
+    "default: Z4J_ROTATION_GRACE_SECONDS, a day unless set)",
+}
+BRAIN_URL = {
+    "type": "string",
+    "maxLength": 2048,
+    "pattern": "^https?://[^\\s]+$",
+    "description": "where the agent connects, for the configuration shown (default: "
+    "http:// and this request's Host)",
+}
+NAME = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^\\S(.*\\S)?$"}
+SHOWN_ONCE_DESCRIPTION = (
+    "The token is shown only in this answer: the store keeps its keyed hash. config is the "
+    "environment of a z4j-bare agent (Z4J_BRAIN_URL, Z4J_TOKEN, Z4J_PROJECT_ID, "
+    "Z4J_HMAC_SECRET), ready to paste."
+)
+
+PROVISIONING_SCHEMAS: dict[str, Any] = {
+    "NewProject": {"type": "object", "properties": {"name": NAME}, "required": ["name"]},
+    "NewAgent": {
+        "type": "object",
+        "properties": {
+            "project": {"type": "string", "minLength": 1, "maxLength": 200},
+            "name": NAME,
+            "brain_url": BRAIN_URL,
+        },
+        "required": ["project", "name"],
+    },
+    "TokenRotation": {
+        "type": "object",
+        "properties": {"grace_seconds": GRACE, "brain_url": BRAIN_URL},
+    },
+    "SecretRotation": {"type": "object", "properties": {"grace_seconds": GRACE}},
+    "AgentCredentials": {
+        "type": "object",
+        "properties": {
+            "agent": _ref("Agent"),
+            "token": {"type": "string", "description": "shown only now"},
+            "signing_secret": {
+                "type": "string",
+                "description": "the project's current signing secret (url-safe base64)",
+            },
+            "config": {"type": "string", "description": "z4j-bare's environment"},
+            "old_tokens_expire_at": {
+                **TIME,
+                "description": "rotate-token only: when the agent's older tokens stop working",
+            },
+        },
+        "required": ["agent", "token", "signing_secret", "config"],
+        "additionalProperties": False,
+    },
+    "SecretRotated": _object(
+        {
+            "project": _ref("Project"),
+            "signing_secret": {"type": "string", "description": "the new secret"},
+            "previous_secret_expires_at": {
+                **TIME,
+                "description": "until then frames signed with the previous secret verify",
+            },
+        }
+    ),
+}
+
+WRITE_ERRORS = (400, 401, 403, 404, 409, 413, 415)
+
+PROVISIONING_PATHS: dict[str, Any] = {
+    "/projects": {
+        "post": _operation(
+            "createProject",
+            "Create a project",
+            (201, _ref("Project")),
+            errors=(400, 401, 403, 409, 413, 415),
+            parameters=[CSRF_HEADER],
+            body=_ref("NewProject"),
+            description="409 name_taken when a project has the name. Audited as project.create.",
+        )
+    },
+    "/projects/{id}/archive": {
+        "post": _operation(
+            "archiveProject",
+            "Archive a project: its agents are revoked, and it takes no new ones",
+            (200, _ref("Project")),
+            errors=WRITE_ERRORS,
+            parameters=[_path("id"), CSRF_HEADER],
+            description="Live sessions of its agents close (4003) within a second. 409 "
+            "archived when it is already. Audited as project.archive.",
+        )
+    },
+    "/projects/{id}/rotate-secret": {
+        "post": _operation(
+            "rotateProjectSecret",
+            "Rotate the project's signing secret, the previous one verifying for a grace",
+            (200, _ref("SecretRotated")),
+            errors=WRITE_ERRORS,
+            parameters=[_path("id"), CSRF_HEADER],
+            body=_ref("SecretRotation"),
+            description="Until previous_secret_expires_at, agents signing with the previous "
+            "secret connect and stream as before (each session keeps the key it proved); "
+            "then their sessions close 4403. Give the new secret to the agents within the "
+            "grace. A rotation during another's grace ends that older secret at once. "
+            "Audited as project.secret.rotate.",
+        )
+    },
+    "/agents": {
+        "post": _operation(
+            "createAgent",
+            "Create an agent: its token, the signing secret and a z4j-bare configuration",
+            (201, _ref("AgentCredentials")),
+            errors=WRITE_ERRORS,
+            parameters=[CSRF_HEADER],
+            body=_ref("NewAgent"),
+            description=SHOWN_ONCE_DESCRIPTION + " 409 name_taken, or archived. Audited as "
+            "agent.create.",
+        )
+    },
+    "/agents/{id}/revoke": {
+        "post": _operation(
+            "revokeAgent",
+            "Revoke an agent: its tokens stop working, its live sessions close (4003)",
+            (200, _ref("Agent")),
+            errors=WRITE_ERRORS,
+            parameters=[_path("id"), CSRF_HEADER],
+            description="409 revoked when it is already. Audited as agent.revoke.",
+        )
+    },
+    "/agents/{id}/rotate-token": {
+        "post": _operation(
+            "rotateAgentToken",
+            "A new token for an agent; its older ones keep working for a grace",
+            (200, _ref("AgentCredentials")),
+            errors=WRITE_ERRORS,
+            parameters=[_path("id"), CSRF_HEADER],
+            body=_ref("TokenRotation"),
+            description=SHOWN_ONCE_DESCRIPTION + " Both tokens open sessions until "
+            "old_tokens_expire_at; then sessions opened with an older token close 4401 and "
+            "it is refused (4401). 409 revoked. Audited as agent.token.rotate.",
+        )
+    },
+}
+
+SCHEMAS.update(PROVISIONING_SCHEMAS)
+for _path_name, _operations in PROVISIONING_PATHS.items():
+    OPENAPI["paths"].setdefault(_path_name, {}).update(_operations)

@@ -56,6 +56,13 @@ ROUTES: Final[dict[tuple[str, str], Action]] = {
     ("GET", "/projects"): "read",
     ("GET", "/agents"): "read",
     ("GET", "/agents/{id}"): "read",
+    # provisioning
+    ("POST", "/projects"): "admin",
+    ("POST", "/projects/{id}/archive"): "admin",
+    ("POST", "/projects/{id}/rotate-secret"): "admin",
+    ("POST", "/agents"): "admin",
+    ("POST", "/agents/{id}/revoke"): "admin",
+    ("POST", "/agents/{id}/rotate-token"): "admin",
     ("GET", "/instances"): "read",
     ("GET", "/events"): "read",
     ("GET", "/commands"): "read",

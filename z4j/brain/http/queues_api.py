@@ -54,12 +54,12 @@ class QueueRoutes:
         self,
         store: Store,
         commands: CommandDesk,
-        project_key: Callable[[uuid.UUID], bytes] | None,
+        project_key: Callable[[uuid.UUID, int], bytes] | None,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """``project_key``: the project's signing key, which purge tokens are
-        keyed with (None: this API cannot purge)."""
+        """``project_key``: the project's signing key of a generation, which
+        purge tokens are keyed with (None: this API cannot purge)."""
         self._store = store
         self._commands = commands
         self._project_key = project_key
@@ -145,7 +145,11 @@ class QueueRoutes:
             )
         if not isinstance(confirmed, int) or isinstance(confirmed, bool) or confirmed < 0:
             raise ApiError(400, "bad_request", "confirm_depth: a whole number of messages")
-        token = purge_token(self._project_key(agent.project_id), queue, confirmed)
+        # Signed with the project's current secret (its generation moves on
+        # at each rotation: agents are given the new one within its grace).
+        project = await self._store.find_project(str(agent.project_id))
+        generation = 0 if project is None else project.secret_generation
+        token = purge_token(self._project_key(agent.project_id, generation), queue, confirmed)
         try:
             record = await self._commands.send(
                 agent_id,

@@ -135,6 +135,35 @@ RESOURCES: dict[type, Resource] = {
                     schema={"type": "array", "items": {"$ref": "#/components/schemas/Worker"}},
                     value=lambda a: [],
                 ),
+                Extra(
+                    name="last_seen",
+                    schema={
+                        "type": "string",
+                        "format": "date-time",
+                        "nullable": True,
+                        "description": "the latest last_seen of its workers",
+                    },
+                    value=lambda a: None,
+                ),
+                Extra(
+                    name="versions",
+                    schema={
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "description": "the agent versions its workers said hello with",
+                    },
+                    value=lambda a: [],
+                ),
+                Extra(
+                    name="token_grace_until",
+                    schema={
+                        "type": "string",
+                        "format": "date-time",
+                        "nullable": True,
+                        "description": "a token rotated away still works until then",
+                    },
+                    value=lambda a: None,
+                ),
             ),
         ),
         Resource(

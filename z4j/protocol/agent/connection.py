@@ -23,6 +23,12 @@ The hello carries no signature, so it proves nothing but the bearer token:
 earliest point at which the peer has shown it holds the signing key. The
 brain gives a connection its worker's slot (and its commands) only then.
 
+While a project's signing secret is being rotated the brain accepts with
+more than one key (the current one first): the first signed frame picks
+the key it verifies under (`key_index`), and the connection then signs and
+verifies with that key only, so an agent holding the previous secret keeps
+understanding the brain's frames.
+
 Every violation raises `RemoteProtocolError` carrying the WebSocket close
 code to send, and moves the connection to CLOSED; later calls raise
 `LocalProtocolError`. Calling a method in the wrong state is our bug and
@@ -162,6 +168,9 @@ class AgentProtocol:
         self.state = _INITIAL[role]
         self.max_frame_size = max_frame_size
         self._key = key  # the agent knows it up front; the brain after hello
+        # The brain's other keys, until the first signed frame picks one.
+        self._other_keys: tuple[bytes, ...] = ()
+        self.key_index = 0  # which of the keys given to `accept` the peer holds
         self._clock = clock
         self.binding: SessionBinding | None = None
         self.hello: f.Hello | None = None
@@ -276,14 +285,14 @@ class AgentProtocol:
             )
         try:
             try:
-                verify(obj, self._key, self.binding)
+                self._verify(obj)
             except RemoteProtocolError as exc:
                 # orjson reads integers beyond 64 bits as floats: the agent
                 # signed what the standard library reads, so check that too.
                 if fast_parsed is None or exc.reason != "bad_signature":
                     raise
                 exact = self._loads_exact(fast_parsed)
-                verify(exact, self._key, self.binding)
+                self._verify(exact)
                 obj = exact
             self._guard.check(
                 seq=obj.get("seq"), nonce=obj.get("nonce"), ts=obj.get("ts"), now=self._clock()
@@ -295,6 +304,23 @@ class AgentProtocol:
         self._move("recv signed", remote=True)
         self.peer_proven = True
         return frame
+
+    def _verify(self, obj: dict[str, Any]) -> None:
+        """Check the signature; the first time, under each key offered (see above)."""
+        assert self._key is not None and self.binding is not None
+        if not self._other_keys:
+            verify(obj, self._key, self.binding)
+            return
+        keys = (self._key, *self._other_keys)
+        for index, key in enumerate(keys):
+            try:
+                verify(obj, key, self.binding)
+            except RemoteProtocolError as exc:
+                if exc.reason != "bad_signature" or index == len(keys) - 1:
+                    raise
+                continue
+            self._key, self._other_keys, self.key_index = key, (), index
+            return
 
     def _structure(self, frame_type: str, obj: dict[str, Any]) -> f.Frame:
         try:
@@ -332,6 +358,7 @@ class AgentProtocol:
         self,
         *,
         key: bytes,
+        other_keys: tuple[bytes, ...] = (),
         agent_id: str,
         project_id: str,
         session_id: str | None = None,
@@ -339,7 +366,10 @@ class AgentProtocol:
         heartbeat_interval_seconds: int = 10,
         max_frame_size_bytes: int | None = None,
     ) -> bytes:
-        """Brain: accept the hello; returns the unsigned hello_ack to send."""
+        """Brain: accept the hello; returns the unsigned hello_ack to send.
+
+        ``other_keys``: keys the peer may hold instead of ``key`` (a signing
+        secret in rotation); its first signed frame settles which."""
         ack = f.HelloAck(
             protocol_version=f.PROTOCOL_VERSION,
             brain_version=brain_version,
@@ -351,6 +381,7 @@ class AgentProtocol:
         )
         self._move("send hello_ack", remote=False)
         self._key = key
+        self._other_keys = other_keys
         self.binding = SessionBinding(
             agent_id=ack.agent_id, project_id=ack.project_id, session_id=ack.session_id
         )

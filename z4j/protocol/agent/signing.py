@@ -100,11 +100,20 @@ def _float_differs(value: float) -> bool:
     return not math.isfinite(value) or orjson.dumps(value) != repr(value).encode()
 
 
-def derive_project_secret(master: bytes, project_id: uuid.UUID) -> bytes:
-    """HMAC-SHA256(master, label + project_id.bytes_le): the project's 32-byte key."""
+def derive_project_secret(master: bytes, project_id: uuid.UUID, generation: int = 0) -> bytes:
+    """HMAC-SHA256(master, label + project_id.bytes_le): the project's 32-byte key.
+
+    A rotated secret is of a later ``generation``, which is appended to the
+    message as 4 big-endian bytes; generation 0 is the key of before rotation.
+    """
     if len(master) < _MIN_SECRET:
         raise ValueError(f"the master secret must be at least {_MIN_SECRET} bytes")
-    return hmac.new(master, _DERIVATION_LABEL + project_id.bytes_le, hashlib.sha256).digest()
+    if not 0 <= generation < 2**31:
+        raise ValueError(f"a secret generation is from 0 to 2**31 - 1, not {generation}")
+    message = _DERIVATION_LABEL + project_id.bytes_le
+    if generation:
+        message += generation.to_bytes(4, "big")
+    return hmac.new(master, message, hashlib.sha256).digest()
 
 
 def encode_secret(secret: bytes) -> str:
