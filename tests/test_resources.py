@@ -30,6 +30,7 @@ from z4j.store.base import (
     InstanceInfo,
     OpampAgent,
     OpampConfig,
+    OpampHistoryEntry,
     OpampRollout,
     Project,
     ScheduleRecord,
@@ -264,6 +265,31 @@ SAMPLES: dict[type, list[Any]] = {
             created_at=T,
             created_by=None,
             updated_at=T + 2,
+        ),
+    ],
+    OpampHistoryEntry: [
+        OpampHistoryEntry(
+            id=7,
+            project_id=ID,
+            instance_uid="0f" * 16,
+            at=T,
+            changes=["connected", "health", "config_status"],
+            details={
+                "health": {"healthy": True, "status": "ok"},
+                "config_status": {
+                    "config_hash": "ab" * 32,
+                    "status": "applied",
+                    "error_message": "",
+                },
+            },
+        ),
+        OpampHistoryEntry(
+            id=8,
+            project_id=ID,
+            instance_uid="0f" * 16,
+            at=T + 1,
+            changes=["effective_config"],
+            details={"truncated": True, "bytes": 70000},
         ),
     ],
     EngineWorker: [
