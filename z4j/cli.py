@@ -38,7 +38,7 @@ from .config import (
     parse_bind,
     reference_markdown,
 )
-from .logs import configure_logging
+from .logs import configure_logging, parse_log_levels
 from .supervisor import SupervisorLink, check_instances, stranded_buffers, supervise
 
 if TYPE_CHECKING:
@@ -70,6 +70,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                 metavar="VALUE",
                 help=f"{HELP[name]} [{env_name(name)}]",
             )
+
+
+def _log_levels(config: Config) -> dict[str, str]:
+    """Z4J_LOG_LEVELS as loggers and levels (checked when the config was built)."""
+    return parse_log_levels(config.log_levels or "")
 
 
 def _config_from(args: argparse.Namespace) -> Config:
@@ -287,13 +292,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command in ("project", "agent", "command", "admin", "opamp"):
         # Only warnings and errors: stdout is for the answer, stderr for trouble.
-        configure_logging("WARNING" if config.log_level == "INFO" else config.log_level, "text")
+        configure_logging(
+            "WARNING" if config.log_level == "INFO" else config.log_level,
+            "text",
+            levels=_log_levels(config),
+        )
         return trio.run(_directory, args, config)
     if args.command == "brain" and supervised:
-        configure_logging(config.log_level, config.log_format, instance=args.supervised_instance)
+        configure_logging(
+            config.log_level,
+            config.log_format,
+            instance=args.supervised_instance,
+            levels=_log_levels(config),
+        )
         tune_gc()
         return trio.run(_run_brain, config, args.supervisor_fd)
-    configure_logging(config.log_level, config.log_format)
+    configure_logging(config.log_level, config.log_format, levels=_log_levels(config))
     if args.command == "brain":
         _warn_if_original_installed()
         for path, rows in stranded_buffers(config):

@@ -44,8 +44,10 @@ import trio
 
 from .._net import REFUSAL_SLOTS, serve_listener
 from .._net import open_tcp_socket as open_tcp_socket
+from .._tls import server_tls_context
 from ..buffer import Buffer, NewRow
 from ..config import Config
+from ..logs import log_context
 from ..protocol import ingest as proto
 from ..protocol.errors import RemoteProtocolError
 from ..stats import BrainStats, ThrottledLog
@@ -171,6 +173,12 @@ class IngestServer:
         self._budget = FrameBudget(config.ingest_max_buffered_bytes)
         self._throttle = TokenThrottle()
         self._heavy = trio.CapacityLimiter(HEAVY_WORKERS)
+        self._tls = server_tls_context(config) if config.ingest_tls else None
+
+    @property
+    def tls(self) -> bool:
+        """Whether the port speaks TLS (Z4J_TLS_CERT_FILE set, Z4J_INGEST_TLS not false)."""
+        return self._tls is not None
 
     def statistics(self) -> IngestStatistics:
         return IngestStatistics(
@@ -198,7 +206,7 @@ class IngestServer:
             if shutdown is not None:
                 connections.start_soon(self._stop_on, shutdown)
             with self._accept_scope:
-                log.info("ingest listening on %s:%d", *address)
+                log.info("ingest listening on %s:%d%s", *address, " (TLS)" if self._tls else "")
                 task_status.started(address)
                 # Past the cap `_handle` answers 5:ERROR and closes; beyond
                 # that, clients wait in the backlog (no descriptor spent).
@@ -219,7 +227,41 @@ class IngestServer:
         for scope in self._waiting_for_data:
             scope.cancel()
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, raw: trio.SocketStream) -> None:
+        host, peer = _peer(raw)
+        with log_context(peer=peer):
+            if self._tls is None:
+                await self._serve_connection(raw, host, peer)
+                return
+            stream = trio.SSLStream(raw, self._tls, server_side=True)
+            if await self._handshake(stream, peer):
+                await self._serve_connection(stream, host, peer)
+
+    async def _handshake(self, stream: trio.SSLStream[trio.SocketStream], peer: str) -> bool:
+        """TLS before the first frame, within the idle timeout; False (counted, logged) if not.
+
+        A peer that speaks plain TCP, or trickles its handshake, costs only
+        its own task and slot: nothing here waits on another connection.
+        """
+        with trio.move_on_after(self._config.ingest_idle_timeout_seconds) as scope:
+            self._waiting_for_data.add(scope)
+            try:
+                await stream.do_handshake()
+                return True
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                cause = exc.__cause__ or exc
+                detail = getattr(cause, "reason", None) or str(cause) or type(cause).__name__
+            finally:
+                self._waiting_for_data.discard(scope)
+        if scope.cancelled_caught:
+            if self._stopping:
+                return False
+            detail = "no handshake within Z4J_INGEST_IDLE_TIMEOUT_SECONDS"
+        self._stats.ingest_rejected["tls_handshake"] += 1
+        self._log.warning("tls_handshake", "ingest: TLS handshake with %s failed: %s", peer, detail)
+        return False
+
+    async def _serve_connection(self, stream: trio.abc.Stream, host: str, peer: str) -> None:
         stats = self._stats
         stats.ingest_connections_total += 1
         stats.ingest_connections_open += 1
@@ -231,7 +273,6 @@ class IngestServer:
             max_records=config.ingest_max_records_per_payload,
             strict_token=config.ingest_strict_token,
         )
-        host, peer = _peer(stream)
         source = source_of(host)
         reserved = 0  # bytes of the budget this connection holds
         try:
@@ -272,7 +313,7 @@ class IngestServer:
                             self._reject("too_slow", "frame not complete in time", peer)
                             await stream.send_all(proto.ERROR)
                         break  # idle, too slow, or the server is stopping
-                    conn.receive_data(data)
+                    conn.receive_data(data if isinstance(data, bytes) else bytes(data))
                     replies, close = await self._answer(conn, peer, source)
                     if replies:
                         await stream.send_all(b"".join(replies))
