@@ -327,7 +327,7 @@ class AgentEndpoint:
             return
         session.send_batch = send_batch
         key = (agent.id, session.worker_id)
-        bind_log_context(worker=loggable(session.worker_id))
+        bind_log_context(worker=session.worker_id)  # JSON escapes what it must
         code: int | None = None
         try:
             code = await self._serve(session, receive)
