@@ -20,7 +20,7 @@ import trustme
 
 import z4j.ingest
 from z4j.testing.agents import provision
-from z4j.testing.brain import make_config, read_events, running_brain, wait_until
+from z4j.testing.brain import make_config, read_events, run_z4j, running_brain, wait_until
 
 BARE_AGENT = Path(__file__).parent / "agents" / "bare_agent.py"
 
@@ -179,3 +179,28 @@ async def test_real_z4j_bare_agent_over_wss_lands_its_events(
     events = agent_events()
     assert sorted(e["body"]["data"]["n"] for e in events) == [0, 1, 2, 3, 4]
     assert brain.stats.agent_rejected == {}
+
+
+async def test_z4j_send_over_tls_with_a_ca_file(
+    tmp_path: Path, ca: trustme.CA, tls_files: dict[str, Any]
+) -> None:
+    config = make_config(tmp_path / "data", drain_linger_ms=0, **tls_files)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    records = '{"t": "log", "message": "over tls"}\n'
+    with trio.fail_after(90):
+        async with running_brain(config) as brain:
+            ingest = "{}:{}".format(*brain.ingest)
+            sent = await trio.to_thread.run_sync(
+                lambda: run_z4j(
+                    "send", "--ingest", ingest, "--ca-file", str(ca_file), env={}, stdin=records
+                )
+            )
+            plain = await trio.to_thread.run_sync(
+                lambda: run_z4j("send", "--ingest", ingest, env={}, stdin=records)
+            )
+            await wait_until(lambda: len(tcp_events(config)) == 1)
+    assert sent.returncode == 0, sent.stderr
+    assert "1 stored, 0 refused" in sent.stderr
+    assert plain.returncode == 2  # the TLS port closed on a plain client
+    assert plain.stderr.startswith(f"z4j send: {ingest}: ")

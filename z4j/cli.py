@@ -138,6 +138,14 @@ def _parser() -> argparse.ArgumentParser:
         "--batch", type=_positive_int, default=100, help="records per payload (default 100)"
     )
     send.add_argument("--gzip", action="store_true", help="gzip each payload")
+    send.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect over TLS (a brain with Z4J_TLS_CERT_FILE), trusting the system's CAs",
+    )
+    send.add_argument(
+        "--ca-file", type=Path, default=None, help="connect over TLS, trusting this PEM CA file"
+    )
 
     project = sub.add_parser("project", help="create and list projects")
     project_sub = project.add_subparsers(dest="action", required=True)
@@ -770,7 +778,12 @@ def _send(args: argparse.Namespace) -> int:
         return 2
     batches = [records[i : i + args.batch] for i in range(0, len(records), args.batch)]
     try:
-        with connect(host, port, token=token, compress=args.gzip) as client:
+        context = None
+        if args.tls or args.ca_file is not None:
+            import ssl
+
+            context = ssl.create_default_context(cafile=args.ca_file)
+        with connect(host, port, token=token, compress=args.gzip, ssl_context=context) as client:
             results = client.send_many(batches) if batches else []
     except OSError as exc:
         print(f"z4j send: {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
