@@ -37,6 +37,8 @@ import ipaddress
 import logging
 import socket as stdlib_socket
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import attrs
@@ -67,6 +69,8 @@ RECEIVE_SIZE = 256 * 1024
 HEAVY_WORKERS: Final = 2
 # How long a frame waits for room in the budget before it is refused.
 BUDGET_PATIENCE_SECONDS: Final = 1.0
+# How long closing a connection may take (a TLS close_notify), then it is cut.
+CLOSE_SECONDS: Final = 1.0
 
 
 class FrameBudget:
@@ -276,7 +280,7 @@ class IngestServer:
         source = source_of(host)
         reserved = 0  # bytes of the budget this connection holds
         try:
-            async with stream:
+            async with _closing(stream):
                 if stats.ingest_connections_open > config.ingest_max_connections:
                     self._reject("too_many_connections", "connection limit reached", peer)
                     await stream.send_all(proto.ERROR)
@@ -402,6 +406,17 @@ class IngestServer:
     def _reject(self, reason: str, detail: str, peer: str) -> None:
         self._stats.ingest_rejected[reason] += 1
         self._log.warning(reason, "ingest: rejected a frame from %s: %s (%s)", peer, reason, detail)
+
+
+@asynccontextmanager
+async def _closing(stream: trio.abc.Stream) -> AsyncIterator[None]:
+    """Close ``stream`` on the way out, within `CLOSE_SECONDS`: TLS sends a
+    close_notify, which a peer that reads nothing could hold up forever."""
+    try:
+        yield
+    finally:
+        with trio.move_on_after(CLOSE_SECONDS):
+            await stream.aclose()  # cancelled, it closes forcefully
 
 
 def _peer(stream: Any) -> tuple[str, str]:
