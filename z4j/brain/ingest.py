@@ -232,14 +232,20 @@ class IngestServer:
             scope.cancel()
 
     async def _handle(self, raw: trio.SocketStream) -> None:
+        stats = self._stats
+        stats.ingest_connections_total += 1
+        stats.ingest_connections_open += 1
         host, peer = _peer(raw)
-        with log_context(peer=peer):
-            if self._tls is None:
-                await self._serve_connection(raw, host, peer)
-                return
-            stream = trio.SSLStream(raw, self._tls, server_side=True)
-            if await self._handshake(stream, peer):
-                await self._serve_connection(stream, host, peer)
+        try:
+            with log_context(peer=peer):
+                if self._tls is None:
+                    await self._serve_connection(raw, host, peer)
+                    return
+                stream = trio.SSLStream(raw, self._tls, server_side=True)
+                if await self._handshake(stream, peer):
+                    await self._serve_connection(stream, host, peer)
+        finally:
+            stats.ingest_connections_open -= 1
 
     async def _handshake(self, stream: trio.SSLStream[trio.SocketStream], peer: str) -> bool:
         """TLS before the first frame, within the idle timeout; False (counted, logged) if not.
@@ -267,8 +273,6 @@ class IngestServer:
 
     async def _serve_connection(self, stream: trio.abc.Stream, host: str, peer: str) -> None:
         stats = self._stats
-        stats.ingest_connections_total += 1
-        stats.ingest_connections_open += 1
         config = self._config
         conn = proto.IngestConnection(
             token=config.ingest_token,
@@ -341,7 +345,6 @@ class IngestServer:
             pass  # the peer went away; nothing it sent was acknowledged unanswered
         finally:
             self._budget.release(reserved)
-            stats.ingest_connections_open -= 1
 
     async def _answer(
         self, conn: proto.IngestConnection, peer: str, source: str
