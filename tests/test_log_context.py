@@ -22,6 +22,7 @@ import trio
 
 import z4j.ingest
 from z4j.logs import configure_logging, log_context, parse_log_levels
+from z4j.protocol.agent import frames as f
 from z4j.testing.agents import provision, raw_agent
 from z4j.testing.brain import BrainProcess, make_config, run_z4j, running_brain, wait_until
 from z4j.testing.http import http_request
@@ -225,3 +226,37 @@ def test_context_nests_and_an_extra_field_wins(json_logs: Captured) -> None:
     with pytest.raises(ValueError, match="not log context fields"):
         with log_context(user="x"):
             pass
+
+
+async def test_an_ingest_line_carries_the_peer(tmp_path: Path, json_logs: Captured) -> None:
+    config = make_config(tmp_path / "data")
+    with trio.fail_after(60):
+        async with running_brain(config) as brain:
+            async with await z4j.ingest.open_trio(*brain.ingest) as client:
+                with pytest.raises(z4j.ingest.IngestRejected):
+                    await client.send(b'{"not": "an array"}')
+                await wait_until(lambda: json_logs.find("z4j.ingest", "rejected"))
+    (line,) = json_logs.find("z4j.ingest", "rejected")
+    assert line["peer"].startswith("127.0.0.1:")
+    assert "not_array" in line["message"]
+
+
+async def test_a_command_line_carries_the_command_id(tmp_path: Path, json_logs: Captured) -> None:
+    config = make_config(tmp_path / "data")
+    _, _, agent_id = await provision(config)
+    token, secret, mallory_id = await provision(config, project="other", agent="mallory")
+    with trio.fail_after(60):
+        async with running_brain(config) as brain:
+            record = await brain.addresses.commands.send(agent_id, "ping")
+            async with raw_agent(
+                brain.addresses.http, token, secret, worker_id="m-1", prove=True
+            ) as agent:
+                # Another agent answers a command that is not its own: refused, logged.
+                await agent.send(
+                    f.CommandResult(status="failed", error="mine now"), frame_id=str(record.id)
+                )
+                await wait_until(lambda: json_logs.find("z4j.commands", "refused"))
+    (line,) = json_logs.find("z4j.commands", "refused")
+    assert line["command_id"] == str(record.id)
+    assert (line["agent"], line["worker"]) == (str(mallory_id), "m-1")
+    assert line["peer"].startswith("127.0.0.1:")

@@ -595,7 +595,7 @@ class AgentEndpoint:
         elif isinstance(payload, f.CommandAck | f.CommandResult):
             if self._commands is None:
                 return
-            with log_context(command_id=loggable(frame.id)):
+            with log_context(command_id=frame.id[:200]):  # JSON escapes what it must
                 if isinstance(payload, f.CommandAck):
                     taken = await self._commands.acknowledged(
                         frame.id, agent.id, session.worker_id, payload
