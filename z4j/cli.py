@@ -39,7 +39,7 @@ from .config import (
     parse_bind,
     reference_markdown,
 )
-from .logs import configure_logging
+from .logs import configure_logging, parse_log_levels
 from .supervisor import SupervisorLink, check_instances, stranded_buffers, supervise
 
 if TYPE_CHECKING:
@@ -71,6 +71,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                 metavar="VALUE",
                 help=f"{HELP[name]} [{env_name(name)}]",
             )
+
+
+def _log_levels(config: Config) -> dict[str, str]:
+    """Z4J_LOG_LEVELS as loggers and levels (checked when the config was built)."""
+    return parse_log_levels(config.log_levels or "")
 
 
 def _config_from(args: argparse.Namespace) -> Config:
@@ -134,6 +139,14 @@ def _parser() -> argparse.ArgumentParser:
         "--batch", type=_positive_int, default=100, help="records per payload (default 100)"
     )
     send.add_argument("--gzip", action="store_true", help="gzip each payload")
+    send.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect over TLS (a brain with Z4J_TLS_CERT_FILE), trusting the system's CAs",
+    )
+    send.add_argument(
+        "--ca-file", type=Path, default=None, help="connect over TLS, trusting this PEM CA file"
+    )
 
     project = sub.add_parser("project", help="create and list projects")
     project_sub = project.add_subparsers(dest="action", required=True)
@@ -311,7 +324,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command in ("project", "agent", "command", "admin", "opamp"):
         # Only warnings and errors: stdout is for the answer, stderr for trouble.
-        configure_logging("WARNING" if config.log_level == "INFO" else config.log_level, "text")
+        configure_logging(
+            "WARNING" if config.log_level == "INFO" else config.log_level,
+            "text",
+            levels=_log_levels(config),
+        )
         return trio.run(_directory, args, config)
     if args.command == "dead-letters":
         from ._dead_letters_cli import run_dead_letters
@@ -319,10 +336,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging("WARNING" if config.log_level == "INFO" else config.log_level, "text")
         return trio.run(run_dead_letters, args, config, _actor())
     if args.command == "brain" and supervised:
-        configure_logging(config.log_level, config.log_format, instance=args.supervised_instance)
+        configure_logging(
+            config.log_level,
+            config.log_format,
+            instance=args.supervised_instance,
+            levels=_log_levels(config),
+        )
         tune_gc()
         return trio.run(_run_brain, config, args.supervisor_fd)
-    configure_logging(config.log_level, config.log_format)
+    configure_logging(config.log_level, config.log_format, levels=_log_levels(config))
     if args.command == "brain":
         _warn_if_original_installed()
         for path, rows in stranded_buffers(config):
@@ -786,7 +808,12 @@ def _send(args: argparse.Namespace) -> int:
         return 2
     batches = [records[i : i + args.batch] for i in range(0, len(records), args.batch)]
     try:
-        with connect(host, port, token=token, compress=args.gzip) as client:
+        context = None
+        if args.tls or args.ca_file is not None:
+            import ssl
+
+            context = ssl.create_default_context(cafile=args.ca_file)
+        with connect(host, port, token=token, compress=args.gzip, ssl_context=context) as client:
             results = client.send_many(batches) if batches else []
     except OSError as exc:
         print(f"z4j send: {host}:{port}: {exc.strerror or exc}", file=sys.stderr)

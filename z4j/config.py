@@ -21,6 +21,8 @@ from typing import Any, Literal
 import attrs
 import cattrs
 
+from .logs import parse_log_levels
+
 __all__ = ["ENV_PREFIX", "Config", "ConfigError", "check_bind_is_safe", "load_config"]
 
 ENV_PREFIX = "Z4J_"
@@ -64,6 +66,10 @@ def _long_secret(_inst: object, attribute: attrs.Attribute[Any], value: str) -> 
         )
 
 
+def _log_levels(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    parse_log_levels(value)
+
+
 def _bind(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
     parse_bind(value)
 
@@ -104,6 +110,7 @@ class Config:
     http_read_timeout_seconds: float = attrs.field(default=30.0, validator=_positive)
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    ingest_tls: bool = True
     ingest_token: str | None = None
     ingest_max_frame_bytes: int = attrs.field(default=10 * MiB, validator=_positive)
     ingest_max_inflated_bytes: int = attrs.field(default=16 * MiB, validator=_positive)
@@ -151,6 +158,10 @@ class Config:
     )
     log_level: LogLevel = "INFO"
     log_format: LogFormat = "text"
+    log_levels: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_log_levels)
+    )
+    http_access_log: bool = False
 
     @property
     def resolved_buffer_path(self) -> Path:
@@ -181,8 +192,9 @@ HELP: dict[str, str] = {
     "ingest_bind": "HOST:PORT for the TCP ingest server (NightOwl v1 framing).",
     "http_max_connections": "Open HTTP connections (agents' WebSockets included); more are refused with 503. Lowered at start if the descriptor limit cannot hold it (see operations.md).",
     "http_read_timeout_seconds": "A request head (and a TLS handshake) must arrive whole within this, and each read of a body within it again; else the connection closes.",
-    "tls_cert_file": "PEM certificate chain: with Z4J_TLS_KEY_FILE the HTTP port serves HTTPS and WSS.",
+    "tls_cert_file": "PEM certificate chain: with Z4J_TLS_KEY_FILE the HTTP port serves HTTPS and WSS, and the ingest port TLS (see Z4J_INGEST_TLS).",
     "tls_key_file": "PEM private key for Z4J_TLS_CERT_FILE.",
+    "ingest_tls": "With Z4J_TLS_CERT_FILE set, the ingest port speaks only TLS (handshake within Z4J_INGEST_IDLE_TIMEOUT_SECONDS). false: it stays plain TCP, for clients that cannot do TLS (NightOwl's) on a trusted network.",
     "ingest_token": "When set, ingest frames must carry xxh128(token) in hex (all 32 characters, or NightOwl's first 7); a wrong one closes the connection.",
     "ingest_max_frame_bytes": "Largest accepted ingest frame, in bytes.",
     "ingest_max_inflated_bytes": "Largest size a gzip payload may inflate to, in bytes; more get 5:ERROR.",
@@ -223,7 +235,9 @@ HELP: dict[str, str] = {
     "rotation_grace_seconds": "Default grace, 0 to 2592000 (30 days), of an agent-token or signing-secret rotation (the API's grace_seconds): until it ends the old credential keeps working; then agent sessions still on it close (4401 token, 4403 secret).",
     "secret": "Master secret (32+ characters) that agent signing keys derive from. Unset: generated once into DATA_DIR/secret; replicas must share one. On the command line write `--secret=VALUE`: a value may begin with `-`.",
     "log_level": "DEBUG, INFO, WARNING or ERROR.",
-    "log_format": "text or json (one object per line).",
+    "log_format": "text or json (one object per line; lines carry peer, request_id, project, agent, worker and command_id where they apply).",
+    "log_levels": "Levels of single loggers over Z4J_LOG_LEVEL, as LOGGER=LEVEL pairs separated by commas, e.g. `z4j.drain=DEBUG,hypercorn=WARNING` (a logger's level covers its children).",
+    "http_access_log": "Log one line per HTTP request on logger z4j.http.access (method, path, route, status, duration, bytes, peer, request id) at INFO.",
     "registry_backend": "postgres_notify (default on Postgres: replicas share sessions, commands and the dashboard through LISTEN/NOTIFY) or local (one process; forced on SQLite).",
     "ownership_ttl_seconds": "How long a replica's claim on an agent session lasts unless renewed (renewed every third of it while the socket lives).",
     "leader_lease_seconds": "How long the maintenance leader's lease lasts unless renewed; another replica takes over within it after the leader dies.",

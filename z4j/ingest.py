@@ -10,6 +10,11 @@ with its `ReplyParser`::
     async with await z4j.ingest.open_trio("127.0.0.1", 2407) as client:
         await client.send([{"t": "log", "message": "hello"}])
 
+Against a brain with TLS on its ingest port (Z4J_TLS_CERT_FILE), pass an
+`ssl.SSLContext` that trusts its certificate as ``ssl_context``
+(``ssl.create_default_context(cafile=...)``); the host name given is the
+name the certificate is checked against.
+
 `send` returns once the brain has the payload durable, and raises
 `IngestRejected` on ``5:ERROR``. `send_many` pipelines: it writes every
 frame, then reads every reply, which is how one connection reaches high
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import gzip
 import socket
+import ssl
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -98,10 +104,18 @@ class IngestClient:
         token: str | None = None,
         timeout: float | None = 30.0,
         compress: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._framing = _Framing(token, compress)
-        self._sock = socket.create_connection((host, port), timeout=timeout)
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ssl_context is not None:
+            try:
+                sock = ssl_context.wrap_socket(sock, server_hostname=host)
+            except BaseException:
+                sock.close()
+                raise
+        self._sock = sock
 
     def __enter__(self) -> Self:
         return self
@@ -150,7 +164,7 @@ class TrioIngestClient:
     One task at a time may use it (replies are matched to frames by order).
     """
 
-    def __init__(self, stream: trio.SocketStream, *, token: str | None, compress: bool) -> None:
+    def __init__(self, stream: trio.abc.Stream, *, token: str | None, compress: bool) -> None:
         self._stream = stream
         self._framing = _Framing(token, compress)
         self._lock = trio.Lock()
@@ -179,7 +193,7 @@ class TrioIngestClient:
                     raise IngestConnectionError(
                         f"connection closed with {count - len(got)} replies outstanding"
                     )
-                self._framing.replies.receive_data(chunk)
+                self._framing.replies.receive_data(bytes(chunk))
                 got += self._framing.replies.replies()
             return got
 
@@ -205,15 +219,31 @@ def connect(
     token: str | None = None,
     timeout: float | None = 30.0,
     compress: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> IngestClient:
-    """Open a blocking client."""
-    return IngestClient(host, port, token=token, timeout=timeout, compress=compress)
+    """Open a blocking client (over TLS with ``ssl_context``)."""
+    return IngestClient(
+        host, port, token=token, timeout=timeout, compress=compress, ssl_context=ssl_context
+    )
 
 
 async def open_trio(
-    host: str = "127.0.0.1", port: int = 2407, *, token: str | None = None, compress: bool = False
+    host: str = "127.0.0.1",
+    port: int = 2407,
+    *,
+    token: str | None = None,
+    compress: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> TrioIngestClient:
-    """Open a Trio client."""
-    stream = await trio.open_tcp_stream(host, port)
-    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return TrioIngestClient(stream, token=token, compress=compress)
+    """Open a Trio client (over TLS with ``ssl_context``; the handshake is done here)."""
+    tcp = await trio.open_tcp_stream(host, port)
+    tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if ssl_context is None:
+        return TrioIngestClient(tcp, token=token, compress=compress)
+    secure = trio.SSLStream(tcp, ssl_context, server_hostname=host)
+    try:
+        await secure.do_handshake()
+    except BaseException:
+        await trio.aclose_forcefully(tcp)
+        raise
+    return TrioIngestClient(secure, token=token, compress=compress)

@@ -53,6 +53,7 @@ from .. import keys
 from .._version import __version__
 from ..buffer import Buffer, NewRow
 from ..config import Config
+from ..logs import bind_log_context, log_context
 from ..protocol.agent import frames as f
 from ..protocol.agent.connection import AgentProtocol, Role, State
 from ..protocol.agent.untrusted import loggable
@@ -371,6 +372,9 @@ class AgentEndpoint:
             await send({"type": "websocket.close", "code": CloseCode.UNAUTHORIZED})
             return
         agent = login.agent
+        # This task serves this agent only: its lines, and those of the tasks
+        # it starts, carry who it is.
+        bind_log_context(agent=agent.id, project=agent.project_id)
         try:
             session = await self._open_session(
                 agent, receive, send, token_hash, login.project.secret_generations(now)
@@ -381,9 +385,17 @@ class AgentEndpoint:
             return
         session.send_batch = send_batch
         key = (agent.id, session.worker_id)
+        bind_log_context(worker=session.worker_id)  # JSON escapes what it must
+        code: int | None = None
         try:
             code = await self._serve(session, receive)
         finally:
+            log.info(
+                "agent %s worker %s disconnected (%s)",
+                agent.id,
+                loggable(session.worker_id),
+                "peer went away" if code is None else f"close {code}",
+            )
             self._stats.agent_sessions_open -= 1
             self.unproven.discard(session)
             # A replaced session must not mark its successor's worker gone.
@@ -408,6 +420,8 @@ class AgentEndpoint:
 
     def _reject(self, reason: str) -> None:
         self._stats.agent_rejected[reason] += 1
+        if reason not in _LOGGED_WHERE_RAISED:
+            self._log.warning(reason, "agent connection refused or closed: %s", reason)
 
     async def _open_session(
         self,
@@ -503,6 +517,7 @@ class AgentEndpoint:
         self.sessions[key] = session
         if self._on_worker is not None:
             self._on_worker(agent.id, worker_id, "connected")
+        log.info("agent %s worker %s connected", agent.id, loggable(worker_id))
         try:
             session.fencing_token = await self._ownership.acquire(agent.id, worker_id)
             await self._store.worker_connected(
@@ -651,14 +666,15 @@ class AgentEndpoint:
         elif isinstance(payload, f.CommandAck | f.CommandResult):
             if self._commands is None:
                 return
-            if isinstance(payload, f.CommandAck):
-                taken = await self._commands.acknowledged(
-                    frame.id, agent.id, session.worker_id, payload
-                )
-            else:
-                taken = await self._commands.answered(
-                    frame.id, agent.id, session.worker_id, payload
-                )
+            with log_context(command_id=frame.id[:200]):  # JSON escapes what it must
+                if isinstance(payload, f.CommandAck):
+                    taken = await self._commands.acknowledged(
+                        frame.id, agent.id, session.worker_id, payload
+                    )
+                else:
+                    taken = await self._commands.answered(
+                        frame.id, agent.id, session.worker_id, payload
+                    )
             if not taken:
                 # Not fatal: the agent's own commands on this connection go on.
                 await session.send(
@@ -750,6 +766,12 @@ class AgentEndpoint:
             log.debug("session closed under %d acks", len(acks))
         elif acks:
             await session.send_all(acks)
+
+
+# Refusal reasons whose own log line (with the cause) is written where they arise.
+_LOGGED_WHERE_RAISED = frozenset(
+    {"store_unavailable", "store_error", "rate_limit", "internal_error", "storage_error"}
+)
 
 
 def origin_json(session: Session) -> bytes:

@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import trio
 
+from ..logs import log_context
 from ..protocol.agent import frames as f
 from ..protocol.agent.untrusted import loggable
 from ..protocol.close import CloseCode
@@ -271,7 +272,8 @@ class Commands:
             await session.send(command, frame_id=str(record.id))
             sent = True
         except Exception as exc:  # the socket is going away; the sweep retries
-            self._log.warning("deliver", "delivering command %s failed: %s", record.id, exc)
+            with log_context(command_id=record.id, agent=record.agent_id, worker=session.worker_id):
+                self._log.warning("deliver", "delivering command %s failed: %s", record.id, exc)
             return False
         finally:
             if not sent and self._sent.get(record.id) is session:

@@ -272,6 +272,12 @@ class Drainer:
         seconds = done.seconds + time.monotonic() - started
         stats.drain_seconds_total += seconds
         stats.drain_batch_seconds.observe(seconds)
+        log.debug(
+            "stored a batch: %d payloads, %d records in %.1f ms",
+            len(done.claim.rows),
+            done.records,
+            seconds * 1000,
+        )
         if self._on_stored is not None:
             try:
                 self._on_stored(done.claim.rows, done.records)

@@ -37,6 +37,8 @@ import ipaddress
 import logging
 import socket as stdlib_socket
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import attrs
@@ -44,8 +46,10 @@ import trio
 
 from .._net import REFUSAL_SLOTS, serve_listener
 from .._net import open_tcp_socket as open_tcp_socket
+from .._tls import server_tls_context
 from ..buffer import Buffer, NewRow
 from ..config import Config
+from ..logs import log_context
 from ..protocol import ingest as proto
 from ..protocol.errors import RemoteProtocolError
 from ..stats import BrainStats, ThrottledLog
@@ -65,6 +69,8 @@ RECEIVE_SIZE = 256 * 1024
 HEAVY_WORKERS: Final = 2
 # How long a frame waits for room in the budget before it is refused.
 BUDGET_PATIENCE_SECONDS: Final = 1.0
+# How long closing a connection may take (a TLS close_notify), then it is cut.
+CLOSE_SECONDS: Final = 1.0
 
 
 class FrameBudget:
@@ -171,6 +177,12 @@ class IngestServer:
         self._budget = FrameBudget(config.ingest_max_buffered_bytes)
         self._throttle = TokenThrottle()
         self._heavy = trio.CapacityLimiter(HEAVY_WORKERS)
+        self._tls = server_tls_context(config) if config.ingest_tls else None
+
+    @property
+    def tls(self) -> bool:
+        """Whether the port speaks TLS (Z4J_TLS_CERT_FILE set, Z4J_INGEST_TLS not false)."""
+        return self._tls is not None
 
     def statistics(self) -> IngestStatistics:
         return IngestStatistics(
@@ -198,7 +210,7 @@ class IngestServer:
             if shutdown is not None:
                 connections.start_soon(self._stop_on, shutdown)
             with self._accept_scope:
-                log.info("ingest listening on %s:%d", *address)
+                log.info("ingest listening on %s:%d%s", *address, " (TLS)" if self._tls else "")
                 task_status.started(address)
                 # Past the cap `_handle` answers 5:ERROR and closes; beyond
                 # that, clients wait in the backlog (no descriptor spent).
@@ -219,10 +231,48 @@ class IngestServer:
         for scope in self._waiting_for_data:
             scope.cancel()
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, raw: trio.SocketStream) -> None:
         stats = self._stats
         stats.ingest_connections_total += 1
         stats.ingest_connections_open += 1
+        host, peer = _peer(raw)
+        try:
+            with log_context(peer=peer):
+                if self._tls is None:
+                    await self._serve_connection(raw, host, peer)
+                    return
+                stream = trio.SSLStream(raw, self._tls, server_side=True)
+                if await self._handshake(stream, peer):
+                    await self._serve_connection(stream, host, peer)
+        finally:
+            stats.ingest_connections_open -= 1
+
+    async def _handshake(self, stream: trio.SSLStream[trio.SocketStream], peer: str) -> bool:
+        """TLS before the first frame, within the idle timeout; False (counted, logged) if not.
+
+        A peer that speaks plain TCP, or trickles its handshake, costs only
+        its own task and slot: nothing here waits on another connection.
+        """
+        with trio.move_on_after(self._config.ingest_idle_timeout_seconds) as scope:
+            self._waiting_for_data.add(scope)
+            try:
+                await stream.do_handshake()
+                return True
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                cause = exc.__cause__ or exc
+                detail = getattr(cause, "reason", None) or str(cause) or type(cause).__name__
+            finally:
+                self._waiting_for_data.discard(scope)
+        if scope.cancelled_caught:
+            if self._stopping:
+                return False
+            detail = "no handshake within Z4J_INGEST_IDLE_TIMEOUT_SECONDS"
+        self._stats.ingest_rejected["tls_handshake"] += 1
+        self._log.warning("tls_handshake", "ingest: TLS handshake with %s failed: %s", peer, detail)
+        return False
+
+    async def _serve_connection(self, stream: trio.abc.Stream, host: str, peer: str) -> None:
+        stats = self._stats
         config = self._config
         conn = proto.IngestConnection(
             token=config.ingest_token,
@@ -231,11 +281,10 @@ class IngestServer:
             max_records=config.ingest_max_records_per_payload,
             strict_token=config.ingest_strict_token,
         )
-        host, peer = _peer(stream)
         source = source_of(host)
         reserved = 0  # bytes of the budget this connection holds
         try:
-            async with stream:
+            async with _closing(stream):
                 if stats.ingest_connections_open > config.ingest_max_connections:
                     self._reject("too_many_connections", "connection limit reached", peer)
                     await stream.send_all(proto.ERROR)
@@ -272,7 +321,7 @@ class IngestServer:
                             self._reject("too_slow", "frame not complete in time", peer)
                             await stream.send_all(proto.ERROR)
                         break  # idle, too slow, or the server is stopping
-                    conn.receive_data(data)
+                    conn.receive_data(data if isinstance(data, bytes) else bytes(data))
                     replies, close = await self._answer(conn, peer, source)
                     if replies:
                         await stream.send_all(b"".join(replies))
@@ -296,7 +345,6 @@ class IngestServer:
             pass  # the peer went away; nothing it sent was acknowledged unanswered
         finally:
             self._budget.release(reserved)
-            stats.ingest_connections_open -= 1
 
     async def _answer(
         self, conn: proto.IngestConnection, peer: str, source: str
@@ -361,6 +409,17 @@ class IngestServer:
     def _reject(self, reason: str, detail: str, peer: str) -> None:
         self._stats.ingest_rejected[reason] += 1
         self._log.warning(reason, "ingest: rejected a frame from %s: %s (%s)", peer, reason, detail)
+
+
+@asynccontextmanager
+async def _closing(stream: trio.abc.Stream) -> AsyncIterator[None]:
+    """Close ``stream`` on the way out, within `CLOSE_SECONDS`: TLS sends a
+    close_notify, which a peer that reads nothing could hold up forever."""
+    try:
+        yield
+    finally:
+        with trio.move_on_after(CLOSE_SECONDS):
+            await stream.aclose()  # cancelled, it closes forcefully
 
 
 def _peer(stream: Any) -> tuple[str, str]:

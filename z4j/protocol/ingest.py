@@ -128,6 +128,7 @@ REJECT_REASONS: Final = (
     "too_many_connections",
     "over_budget",
     "throttled",
+    "tls_handshake",
 )
 
 

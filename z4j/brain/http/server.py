@@ -34,9 +34,12 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
 from ..._net import REFUSAL_SLOTS, open_tcp_socket, serve_listener
-from ...config import Config, ConfigError, is_loopback_bind
+from ..._tls import server_tls_context
+from ...config import Config, is_loopback_bind
+from ...logs import bind_log_context
 from ...protocol.close import CloseCode
 from ...stats import HttpStats, ThrottledLog
+from .access_log import with_request_context
 from .request_metrics import measured
 from .websocket import Handler, serve_websocket
 
@@ -212,25 +215,8 @@ def build_app(
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
-    """The server's TLS context from Z4J_TLS_CERT_FILE/Z4J_TLS_KEY_FILE; None without them."""
-    if config.tls_cert_file is None and config.tls_key_file is None:
-        return None
-    if config.tls_cert_file is None or config.tls_key_file is None:
-        raise ConfigError(
-            "Z4J_TLS_CERT_FILE and Z4J_TLS_KEY_FILE go together: set both (HTTPS and WSS "
-            "on the HTTP port) or neither"
-        )
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(["http/1.1"])  # hypercorn's h2 is not routed here
-    try:
-        context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"Z4J_TLS_CERT_FILE={config.tls_cert_file}, Z4J_TLS_KEY_FILE={config.tls_key_file}: "
-            f"cannot load the certificate and key: {exc}"
-        ) from None
-    return context
+    """The HTTP port's TLS context from Z4J_TLS_CERT_FILE/Z4J_TLS_KEY_FILE; None without them."""
+    return server_tls_context(config, alpn=["http/1.1"])  # hypercorn's h2 is not routed here
 
 
 async def serve_http(
@@ -283,6 +269,7 @@ async def serve_http(
     hc.websocket_max_message_size = config.ws_max_frame_bytes
     hc.errorlog = logging.getLogger("z4j.http.server")
     hc.set_statsd_logger_class(StatsdLogger)
+    app = with_request_context(app, access_log=config.http_access_log)
     asgi = wrap_app(cast(Any, app), hc.wsgi_max_body_size, "asgi")
     context = WorkerContext(None)
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
@@ -293,6 +280,7 @@ async def serve_http(
         # serve_listener closes the stream when this returns. What goes
         # wrong on one connection (a peer resetting it, say) ends that
         # connection, never the server.
+        bind_log_context(peer=_peer_of(stream))  # this task and those it starts serve this peer
         stats.connections_total += 1
         try:
             if stats.connections_open >= cap:
@@ -368,6 +356,15 @@ async def serve_http(
             scope.cancel()
         await context.terminated.set()  # idle keep-alive connections close
         handlers.cancel_scope.deadline = trio.current_time() + hc.graceful_timeout
+
+
+def _peer_of(stream: trio.SocketStream) -> str:
+    """``host:port`` of the peer, for log lines."""
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"{host}:{port}"
 
 
 async def _refuse(stream: trio.SocketStream, tls: ssl.SSLContext | None) -> None:
