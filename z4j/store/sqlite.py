@@ -29,7 +29,7 @@ from ..buffer import ClaimedRow
 from ..events import event_rows
 from ..schedules import ScheduleControl, ScheduleFrame
 from ..tasks import TaskEvent, TaskRow
-from . import _rows, opamp, opamp_rollouts, schedule_frames, schedules, task_writes, tasks
+from . import _rows, accounts, opamp, opamp_rollouts, schedule_frames, schedules, task_writes, tasks
 from ._filters import Where, commands_where, events_where
 from ._rows import (
     AGENT_COLUMNS,
@@ -71,6 +71,9 @@ from .base import (
     TaskFilter,
     TaskRecord,
     UnstorableRows,
+    User,
+    UserSession,
+    UserToken,
     WorkerInfo,
     check_command_state,
 )
@@ -630,6 +633,137 @@ class SqliteStore:
     async def drop_api_session(self, session_hash: bytes) -> None:
         await self._run(
             _execute, "DELETE FROM api_sessions WHERE session_hash = ?", (session_hash,)
+        )
+
+    async def drop_api_token_sessions(self, token_hash: bytes) -> int:
+        return await self._run(
+            _execute, "DELETE FROM api_sessions WHERE token_hash = ?", (token_hash,)
+        )
+
+    # -- accounts (store/accounts.py) -----------------------------------------------------
+
+    async def count_users(self) -> int:
+        return await self._run(lambda db: accounts.user_count(SQ, db))
+
+    async def create_user(
+        self, user: User, password_hash: str, *, only_if_first: bool = False
+    ) -> bool:
+        return await self._run(
+            lambda db: _transaction(
+                db,
+                lambda: accounts.create_user(
+                    SQ, db, user, password_hash, only_if_first=only_if_first
+                ),
+            )
+        )
+
+    async def list_users(self) -> list[User]:
+        return await self._run(lambda db: accounts.list_users(SQ, db))
+
+    async def find_user(self, ref: str) -> User | None:
+        return await self._run(lambda db: accounts.find_user(SQ, db, ref))
+
+    async def user_password(self, name: str) -> tuple[User, str] | None:
+        return await self._run(lambda db: accounts.password_of(SQ, db, name))
+
+    async def update_user(
+        self,
+        user_id: uuid.UUID,
+        *,
+        disabled: bool | None = None,
+        password_hash: str | None = None,
+        role: str | None = None,
+        projects: tuple[uuid.UUID, ...] | bool | None = False,
+    ) -> User | None:
+        return await self._run(
+            lambda db: _transaction(
+                db,
+                lambda: accounts.update_user(
+                    SQ,
+                    db,
+                    user_id,
+                    time.time(),
+                    disabled=disabled,
+                    password_hash=password_hash,
+                    role=role,
+                    projects=projects,
+                ),
+            )
+        )
+
+    async def add_user_token(self, token: UserToken, token_hash: bytes) -> None:
+        await self._run(
+            lambda db: _transaction(db, lambda: accounts.add_token(SQ, db, token, token_hash))
+        )
+
+    async def user_token_owner(
+        self, token_hash: bytes, *, now: float
+    ) -> tuple[UserToken, User] | None:
+        return await self._run(lambda db: accounts.token_owner(SQ, db, token_hash, now))
+
+    async def user_token_used(self, token_hash: bytes, *, now: float) -> None:
+        await self._run(
+            lambda db: _transaction(db, lambda: accounts.token_used(SQ, db, token_hash, now))
+        )
+
+    async def list_user_tokens(self, user_id: uuid.UUID | None = None) -> list[UserToken]:
+        return await self._run(lambda db: accounts.list_tokens(SQ, db, user_id))
+
+    async def revoke_user_token(
+        self, token_id: uuid.UUID, *, user_id: uuid.UUID | None = None, now: float
+    ) -> UserToken | None:
+        return await self._run(
+            lambda db: _transaction(
+                db, lambda: accounts.revoke_token(SQ, db, token_id, user_id, now)
+            )
+        )
+
+    async def add_user_session(
+        self,
+        session_hash: bytes,
+        *,
+        user_id: uuid.UUID,
+        token_id: uuid.UUID | None,
+        now: float,
+        expires_at: float,
+    ) -> None:
+        await self._run(
+            lambda db: _transaction(
+                db,
+                lambda: accounts.add_session(
+                    SQ,
+                    db,
+                    session_hash,
+                    user_id=user_id,
+                    token_id=token_id,
+                    now=now,
+                    expires_at=expires_at,
+                ),
+            )
+        )
+
+    async def user_session(
+        self, session_hash: bytes, *, now: float, idle_seconds: float
+    ) -> UserSession | None:
+        return await self._run(
+            lambda db: _transaction(
+                db, lambda: accounts.session_of(SQ, db, session_hash, now, idle_seconds)
+            )
+        )
+
+    async def touch_user_session(self, session_hash: bytes, *, now: float) -> None:
+        await self._run(
+            lambda db: _transaction(db, lambda: accounts.touch_session(SQ, db, session_hash, now))
+        )
+
+    async def drop_user_session(self, session_hash: bytes) -> None:
+        await self._run(
+            lambda db: _transaction(db, lambda: accounts.drop_session(SQ, db, session_hash))
+        )
+
+    async def drop_user_sessions(self, user_id: uuid.UUID) -> int:
+        return await self._run(
+            lambda db: _transaction(db, lambda: accounts.drop_sessions(SQ, db, user_id))
         )
 
     # -- OpAMP ---------------------------------------------------------------------------
