@@ -29,6 +29,7 @@ from z4j.store import store_for
 from z4j.store.base import User
 from z4j.testing.agents import admin_token, provision
 from z4j.testing.brain import running_brain, wait_until
+from z4j.testing.http import http_request
 
 PASSWORD = "correct horse battery"
 
@@ -102,8 +103,8 @@ async def test_the_first_run_setup_link_creates_the_first_admin_once(config: Con
             )
             assert status == 401
             # The page the link opens is served without signing in.
-            status, _, _ = await call(http, "GET", "/setup")
-            assert status == 200
+            page = await http_request(http, "GET", "/setup", body=b"", headers={})
+            assert page.status == 200 and b"setup.js" in page.body
 
 
 async def test_password_sign_in_sign_out_everywhere_and_the_audit(config: Config) -> None:
