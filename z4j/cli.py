@@ -176,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     token_revoke.add_argument("ref", metavar="NAME_OR_ID", help="the token's name or id")
 
-    add_user_parser(sub)
+    add_user_parser(sub, _add_config_flags)
 
     opamp = sub.add_parser("opamp", help="OpAMP: bearer tokens for POST /v1/opamp")
     opamp_sub = opamp.add_subparsers(dest="action", required=True)

@@ -22,7 +22,11 @@ from .store.base import ROLES, Store, User
 __all__ = ["USER_COMMANDS", "add_user_parser"]
 
 
-def add_user_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_user_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    config_flags: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    """Add ``user`` and its actions, each with the configuration flags."""
     user = sub.add_parser("user", help="dashboard and API accounts: create, list, disable")
     user_sub = user.add_subparsers(dest="action", required=True)
     create = user_sub.add_parser(
@@ -37,7 +41,8 @@ def add_user_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="narrow the user to this project (name or id; repeat for more); default all",
     )
-    user_sub.add_parser("list", help="list users: id, name, role, projects, state")
+    config_flags(create)
+    config_flags(user_sub.add_parser("list", help="list users: id, name, role, projects, state"))
     for verb, what in (
         ("disable", "disable a user: their sessions and tokens stop working at once"),
         ("enable", "enable a disabled user"),
@@ -45,6 +50,7 @@ def add_user_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ):
         one = user_sub.add_parser(verb, help=what)
         one.add_argument("ref", metavar="NAME_OR_ID")
+        config_flags(one)
 
 
 def _read_password() -> str:
