@@ -64,6 +64,7 @@ from .auth import (
     header,
     same_origin,
 )
+from .narrowing import check_narrowed
 from .opamp_api import OpampRoutes
 from .opamp_rollouts_api import OpampRolloutRoutes
 from .openapi import OPENAPI
@@ -226,6 +227,10 @@ class Api:
                 actor="anonymous" if principal is None else principal.actor,
                 principal=principal,
             )
+            if principal is not None and principal.projects is not None:
+                await check_narrowed(
+                    self._store, principal, method, template, request.params, request.query
+                )
             status, body = await handler(request)
             secure = scope.get("scheme") == "https"
             if (method, template) in _OPENS_SESSION and isinstance(body, dict):
@@ -264,7 +269,7 @@ class Api:
 
     async def _projects(self, request: Request) -> Response:
         projects = await self._store.list_projects()
-        return 200, page([to_json(p) for p in projects], None)
+        return 200, page([to_json(p) for p in projects if _sees(request, p.id)], None)
 
     async def _agents(self, request: Request) -> Response:
         project_id = None
@@ -281,6 +286,7 @@ class Api:
         items = [
             _agent_json(a, projects.get(a.project_id), workers.get(a.id, []))
             for a in await self._store.list_agents(project_id)
+            if _sees(request, a.project_id)
         ]
         return 200, page(items, None)
 
@@ -419,6 +425,11 @@ class Api:
         records = await self._store.list_audit(before_id=before, limit=limit)
         cursor = str(records[-1].id) if len(records) == limit else None
         return 200, page([to_json(a) for a in records], cursor)
+
+
+def _sees(request: Request, project_id: uuid.UUID) -> bool:
+    """Is the project one of the caller's (narrowing.py)?"""
+    return request.principal is None or request.principal.sees(project_id)
 
 
 # -- input ---------------------------------------------------------------------------------
