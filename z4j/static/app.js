@@ -17,7 +17,8 @@
 // now, delete, and "Sync now"). #/fleet lists the OpAMP agents,
 // #/fleet/<instance uid> shows one (attributes, health, effective against
 // desired configuration) with an editor that pushes its configuration, and
-// #/rollouts follows staged rollouts where the brain serves them.
+// #/rollouts follows staged rollouts where the brain serves them. #/users
+// and #/tokens (accounts, personal API tokens) live in accounts.js.
 //
 // Everything from the server is put in the page with textContent, never as
 // HTML. Any 401 means the session is gone: back to /login.
@@ -1432,6 +1433,8 @@
     "fleet",
     "opamp-agent",
     "rollouts",
+    "users",
+    "tokens",
   ];
   let route = { view: "overview" };
 
@@ -1458,6 +1461,7 @@
     }
     if (parts[0] === "fleet") return { view: "fleet" };
     if (parts[0] === "rollouts") return { view: "rollouts", rolloutId: parts[1] ?? null };
+    if (parts[0] === "users" || parts[0] === "tokens") return { view: parts[0] }; // accounts.js
     return { view: "overview" };
   }
 
@@ -1501,6 +1505,7 @@
         previous.project === route.project;
       if (!same) openOpampAgent();
     } else if (route.view === "rollouts") openRollouts();
+    else if (route.view === "users" || route.view === "tokens") window.z4jAccounts?.show(route.view);
     else mark("instances", "agents", "feed", "kinds", "commands", "kpis", "charts");
     if (previous.view !== route.view || route.view === "task") window.scrollTo(0, 0);
   }
