@@ -66,7 +66,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         400: "Bad input",
         401: "Not signed in",
         403: "Refused: the caller's role or token scope does not allow it (see "
-        "docs/access.md), a foreign Origin, or a cookie-signed write without its X-CSRF-Token",
+        "docs/security.md), a foreign Origin, or a cookie-signed write without its X-CSRF-Token",
         404: "Not found",
         405: "Method not allowed",
         409: "Conflict with the current state",
