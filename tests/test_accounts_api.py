@@ -225,7 +225,6 @@ async def test_sign_in_is_throttled_per_account_whatever_the_address(config: Con
         await store.aclose()
 
 
-@sqlite_only
 async def test_a_session_ends_at_its_limit_however_active_and_when_idle(
     config: Config,
 ) -> None:
@@ -256,6 +255,21 @@ async def test_a_session_ends_at_its_limit_however_active_and_when_idle(
         assert await auth.principal(cookie(quiet)) is not None
         now[0] += 101.0  # 101 s without a request
         assert await auth.principal(cookie(quiet)) is None
+
+        # A session opened with a legacy admin token keeps the same limits.
+        legacy = await auth.new_token("old")
+        for busy_or_quiet in ("busy", "quiet"):
+            opened = await auth.open_session(legacy)
+            assert opened is not None
+            session, _ = opened
+            if busy_or_quiet == "busy":
+                for _ in range(3):
+                    now[0] += 90.0
+                    assert await auth.principal(cookie(session)) is not None
+                now[0] += 90.0
+            else:
+                now[0] += 101.0
+            assert await auth.principal(cookie(session)) is None, busy_or_quiet
     finally:
         await store.aclose()
 

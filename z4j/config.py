@@ -180,7 +180,7 @@ HELP: dict[str, str] = {
     "ingest_bind": "HOST:PORT for the TCP ingest server (NightOwl v1 framing).",
     "http_max_connections": "Open HTTP connections (agents' WebSockets included); more are refused with 503. Lowered at start if the descriptor limit cannot hold it (see operations.md).",
     "session_max_seconds": "A dashboard session ends this long after sign-in, however active.",
-    "session_idle_seconds": "A user's dashboard session ends after this long without a request (checked to within a minute, or a tenth of this if less).",
+    "session_idle_seconds": "A dashboard session ends after this long without a request (checked to within a minute, or a tenth of this if less).",
     "http_read_timeout_seconds": "A request head (and a TLS handshake) must arrive whole within this, and each read of a body within it again; else the connection closes.",
     "tls_cert_file": "PEM certificate chain: with Z4J_TLS_KEY_FILE the HTTP port serves HTTPS and WSS.",
     "tls_key_file": "PEM private key for Z4J_TLS_CERT_FILE.",

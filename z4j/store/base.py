@@ -817,9 +817,17 @@ class Store(Protocol):
         self, session_hash: bytes, *, token_hash: bytes, expires_at: float
     ) -> None: ...
 
-    async def api_session_token(self, session_hash: bytes, *, now: float) -> bytes | None:
+    async def api_session_token(
+        self, session_hash: bytes, *, now: float, idle_seconds: float | None = None
+    ) -> bytes | None:
         """The hash of the token that opened the session, if the session has not
-        expired and that token still exists (expired sessions are deleted)."""
+        expired, nor (with ``idle_seconds``) been idle that long since its last
+        `touch_api_session`, and that token still exists (sessions found
+        ended are deleted)."""
+        ...
+
+    async def touch_api_session(self, session_hash: bytes, *, now: float) -> None:
+        """Record a request of the session (its idle limit counts from here)."""
         ...
 
     async def drop_api_session(self, session_hash: bytes) -> None: ...

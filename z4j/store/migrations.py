@@ -853,8 +853,10 @@ CREATE INDEX opamp_configs_by_rollout ON opamp_configs (rollout_id) WHERE rollou
         # project ids, NULL: all) narrows it. Personal tokens and sessions
         # keep keyed hashes only (z4j/keys.py). A session opened with a
         # personal token names it, so revoking the token ends the session.
-        # Legacy admin tokens (api_tokens) stay as they are.
+        # Legacy admin tokens (api_tokens) stay as they are; their sessions
+        # get a last request time too, for the idle limit (NULL: none yet).
         postgres="""
+ALTER TABLE api_sessions ADD COLUMN last_seen_at timestamptz;
 CREATE TABLE users (
     id            uuid PRIMARY KEY,
     name          text NOT NULL UNIQUE,
@@ -889,6 +891,7 @@ CREATE INDEX user_sessions_by_user ON user_sessions (user_id);
 CREATE INDEX user_sessions_by_token ON user_sessions (token_id) WHERE token_id IS NOT NULL;
 """,
         sqlite="""
+ALTER TABLE api_sessions ADD COLUMN last_seen_at REAL;
 CREATE TABLE users (
     id            TEXT PRIMARY KEY,
     name          TEXT NOT NULL UNIQUE,

@@ -805,21 +805,37 @@ class PostgresStore:
             )
         )
 
-    async def api_session_token(self, session_hash: bytes, *, now: float) -> bytes | None:
+    async def api_session_token(
+        self, session_hash: bytes, *, now: float, idle_seconds: float | None = None
+    ) -> bytes | None:
         # The join ends a session with its token, on the next request.
         row = await self._run(
             lambda conn: conn.execute(
-                "SELECT s.expires_at, t.token_hash FROM api_sessions s"
+                "SELECT s.expires_at, t.token_hash, s.last_seen_at FROM api_sessions s"
                 " LEFT JOIN api_tokens t ON t.token_hash = s.token_hash"
                 " WHERE s.session_hash = %s",
                 (session_hash,),
             ).fetchone()
         )
-        if row is not None and row[0].timestamp() > now and row[1] is not None:
+        idle = bool(
+            row is not None
+            and idle_seconds is not None
+            and row[2] is not None
+            and row[2].timestamp() + idle_seconds <= now
+        )
+        if row is not None and row[0].timestamp() > now and row[1] is not None and not idle:
             return bytes(row[1])
         if row is not None:
             await self.drop_api_session(session_hash)
         return None
+
+    async def touch_api_session(self, session_hash: bytes, *, now: float) -> None:
+        await self._run(
+            lambda conn: conn.execute(
+                "UPDATE api_sessions SET last_seen_at = %s WHERE session_hash = %s",
+                (_ts(now), session_hash),
+            )
+        )
 
     async def drop_api_session(self, session_hash: bytes) -> None:
         await self._run(

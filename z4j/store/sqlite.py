@@ -615,20 +615,35 @@ class SqliteStore:
             (session_hash, token_hash, time.time(), expires_at),
         )
 
-    async def api_session_token(self, session_hash: bytes, *, now: float) -> bytes | None:
+    async def api_session_token(
+        self, session_hash: bytes, *, now: float, idle_seconds: float | None = None
+    ) -> bytes | None:
         # The join ends a session with its token, on the next request.
         rows = await self._run(
             _fetch_all,
-            "SELECT s.expires_at, t.token_hash FROM api_sessions s"
+            "SELECT s.expires_at, t.token_hash, s.last_seen_at FROM api_sessions s"
             " LEFT JOIN api_tokens t ON t.token_hash = s.token_hash"
             " WHERE s.session_hash = ?",
             (session_hash,),
         )
-        if rows and rows[0][0] > now and rows[0][1] is not None:
+        idle = bool(
+            rows
+            and idle_seconds is not None
+            and rows[0][2] is not None
+            and rows[0][2] + idle_seconds <= now
+        )
+        if rows and rows[0][0] > now and rows[0][1] is not None and not idle:
             return bytes(rows[0][1])
         if rows:
             await self.drop_api_session(session_hash)
         return None
+
+    async def touch_api_session(self, session_hash: bytes, *, now: float) -> None:
+        await self._run(
+            _execute,
+            "UPDATE api_sessions SET last_seen_at = ? WHERE session_hash = ?",
+            (now, session_hash),
+        )
 
     async def drop_api_session(self, session_hash: bytes) -> None:
         await self._run(

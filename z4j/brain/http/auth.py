@@ -198,11 +198,12 @@ class Auth:
             return session, principal
         assert principal.token_hash is not None
         session = keys.new_api_session()
+        session_hash = keys.api_session_hash(self._master, session)
         await self._store.add_api_session(
-            keys.api_session_hash(self._master, session),
-            token_hash=principal.token_hash,
-            expires_at=now + self.session_seconds,
+            session_hash, token_hash=principal.token_hash, expires_at=now + self.session_seconds
         )
+        await self._store.touch_api_session(session_hash, now=now)  # the idle limit's start
+        self._due(session_hash, self._touch_every)
         return session, principal
 
     async def open_user_session(self, user: User) -> str:
@@ -266,9 +267,13 @@ class Auth:
             if touch and now - found.last_seen_at >= self._touch_every:
                 await self._store.touch_user_session(session_hash, now=now)
             return _user_principal(found.user, found.token, session=session)
-        token_hash = await self._store.api_session_token(session_hash, now=now)
+        token_hash = await self._store.api_session_token(
+            session_hash, now=now, idle_seconds=self.idle_seconds
+        )
         if token_hash is None:
             return None
+        if touch and self._due(session_hash, self._touch_every):
+            await self._store.touch_api_session(session_hash, now=now)
         return Principal(
             name=await self._token_name(token_hash),
             role="admin",
