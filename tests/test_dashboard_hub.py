@@ -120,10 +120,11 @@ async def _session(config: Config, token: str) -> tuple[str, str]:
     store = store_for(config)
     try:
         auth = Auth(store, keys.master_secret(config))
-        session = await auth.open_session(token)
+        opened = await auth.open_session(token)
     finally:
         await store.aclose()
-    assert session is not None
+    assert opened is not None
+    session, _ = opened
     return session, auth.csrf_token(session)
 
 

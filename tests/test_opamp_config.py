@@ -107,7 +107,7 @@ async def test_offered_until_applied_failed_shown_deleted_and_audited(config: Co
         assert status == 200, pushed
         digest = hash_of(YAML)
         assert pushed["config_hash"] == digest.hex() and pushed["status"] == "pending"
-        assert pushed["files"] == YAML and pushed["created_by"] == "api"
+        assert pushed["files"] == YAML and pushed["created_by"] == "token:test"
 
         offer = reply_of(await post(http, message(1), token))
         assert offer.remote_config.config_hash == digest
@@ -190,7 +190,7 @@ async def test_offered_until_applied_failed_shown_deleted_and_audited(config: Co
             ("opamp.config.pushed", digest.hex()),
         ]
         assert audit["items"][5]["subject"].endswith(UID.hex())
-        assert audit["items"][5]["actor"] == "api"
+        assert audit["items"][5]["actor"] == "token:test"
         assert audit["items"][1]["actor"] == "opamp-agent"
         assert audit["items"][1]["details"]["error_message"] == "unknown sampler"
 

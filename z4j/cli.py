@@ -28,6 +28,7 @@ import trio
 from ._datadir import BrainAlreadyRunning
 from ._version import __version__
 from .buffer import BufferInUse
+from .cli_users import USER_COMMANDS, add_user_parser
 from .config import (
     FIELDS,
     HELP,
@@ -190,6 +191,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     token_revoke.add_argument("ref", metavar="NAME_OR_ID", help="the token's name or id")
 
+    add_user_parser(sub, _add_config_flags)
+
     opamp = sub.add_parser("opamp", help="OpAMP: bearer tokens for POST /v1/opamp")
     opamp_sub = opamp.add_subparsers(dest="action", required=True)
     opamp_token = opamp_sub.add_parser("token", help="create, list and revoke OpAMP tokens")
@@ -322,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 value = "********"
             print(f"{env_name(name)}={'' if value is None else value}")
         return 0
-    if args.command in ("project", "agent", "command", "admin", "opamp"):
+    if args.command in ("project", "agent", "command", "admin", "opamp", "user"):
         # Only warnings and errors: stdout is for the answer, stderr for trouble.
         configure_logging(
             "WARNING" if config.log_level == "INFO" else config.log_level,
@@ -470,6 +473,8 @@ async def _directory(args: argparse.Namespace, config: Config) -> int:
 
     if args.command == "opamp":
         command = _OPAMP_TOKEN_COMMANDS[args.token_action]
+    elif args.command == "user":
+        command = USER_COMMANDS[args.action]
     else:
         command = _DIRECTORY_COMMANDS[args.command, args.action]
     if args.command == "admin" and args.token_action is not None:

@@ -108,6 +108,8 @@ class Config:
     ingest_bind: str = attrs.field(default="127.0.0.1:2407", validator=_bind)
     http_max_connections: int = attrs.field(default=10_000, validator=_positive)
     http_read_timeout_seconds: float = attrs.field(default=30.0, validator=_positive)
+    session_max_seconds: float = attrs.field(default=12 * 3600.0, validator=_positive)
+    session_idle_seconds: float = attrs.field(default=3600.0, validator=_positive)
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     ingest_tls: bool = True
@@ -191,6 +193,8 @@ HELP: dict[str, str] = {
     "http_bind": "HOST:PORT for the dashboard, API, health and metrics.",
     "ingest_bind": "HOST:PORT for the TCP ingest server (NightOwl v1 framing).",
     "http_max_connections": "Open HTTP connections (agents' WebSockets included); more are refused with 503. Lowered at start if the descriptor limit cannot hold it (see operations.md).",
+    "session_max_seconds": "A dashboard session ends this long after sign-in, however active.",
+    "session_idle_seconds": "A dashboard session ends after this long without a request (checked to within a minute, or a tenth of this if less).",
     "http_read_timeout_seconds": "A request head (and a TLS handshake) must arrive whole within this, and each read of a body within it again; else the connection closes.",
     "tls_cert_file": "PEM certificate chain: with Z4J_TLS_KEY_FILE the HTTP port serves HTTPS and WSS, and the ingest port TLS (see Z4J_INGEST_TLS).",
     "tls_key_file": "PEM private key for Z4J_TLS_CERT_FILE.",

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import logging
@@ -34,10 +35,14 @@ __all__ = [
     "new_api_session",
     "new_api_token",
     "new_opamp_token",
+    "new_user_session",
+    "new_user_token",
     "opamp_token_hash",
     "project_key",
     "project_secret_text",
+    "setup_code",
     "token_hash",
+    "user_token_hash",
 ]
 
 log = logging.getLogger("z4j.keys")
@@ -46,9 +51,14 @@ _TOKEN_LABEL = b"z4j-agent-token-v1:"
 _API_TOKEN_LABEL = b"z4j-api-token-v1:"
 _API_SESSION_LABEL = b"z4j-api-session-v1:"
 _OPAMP_TOKEN_LABEL = b"z4j-opamp-token-v1:"
+_USER_TOKEN_LABEL = b"z4j-user-token-v1:"
+_SETUP_LABEL = b"z4j-setup-v1:"
 TOKEN_PREFIX = "z4j_"
 API_TOKEN_PREFIX = "z4j_admin_"
 OPAMP_TOKEN_PREFIX = "z4j_opamp_"
+USER_TOKEN_PREFIX = "z4j_pat_"
+# A user's session id starts so, an admin token's does not: one lookup either way.
+USER_SESSION_PREFIX = "u."
 
 
 def master_secret(config: Config) -> bytes:
@@ -117,3 +127,23 @@ def opamp_token_hash(master: bytes, token: str) -> bytes:
     """What the store keeps of an OpAMP bearer token (its own label: a token of
     one kind never passes for another)."""
     return hmac.new(master, _OPAMP_TOKEN_LABEL + token.encode(), hashlib.sha256).digest()
+
+
+def new_user_token() -> str:
+    """A personal API token (a user's, with a scope)."""
+    return USER_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def user_token_hash(master: bytes, token: str) -> bytes:
+    return hmac.new(master, _USER_TOKEN_LABEL + token.encode(), hashlib.sha256).digest()
+
+
+def new_user_session() -> str:
+    return USER_SESSION_PREFIX + secrets.token_urlsafe(32)
+
+
+def setup_code(master: bytes) -> str:
+    """The first-run setup code: derived, so nothing is stored; it creates the
+    first admin and is worth nothing once any user exists."""
+    digest = hmac.new(master, _SETUP_LABEL, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()

@@ -60,7 +60,7 @@ from .dashboard_hub import DashboardHub
 from .drain import Drainer
 from .heartbeat import Heartbeat, instance_info
 from .http.api import Api
-from .http.auth import Auth, announce_admin_token, sign_in_url
+from .http.auth import Auth, announce_setup, sign_in_url
 from .http.dashboard_page import dashboard_pages
 from .http.dead_letters_api import DeadLetterRoutes
 from .http.opamp import OPAMP_PATH, OpampEndpoint
@@ -178,7 +178,12 @@ async def serve_brain(
             opamp_sessions: OpampSessionTable[OpampSession] = OpampSessionTable()
             outbox = DashboardOutbox() if replicated(config, store.pool) else None
             master = keys.master_secret(config)  # read once: a file on first use
-            auth = Auth(store, master)
+            auth = Auth(
+                store,
+                master,
+                session_seconds=config.session_max_seconds,
+                idle_seconds=config.session_idle_seconds,
+            )
             hub = DashboardHub(
                 stats,
                 auth,
@@ -429,7 +434,7 @@ async def serve_brain(
                     )
                     log.info("opamp listening on %s:%d (Z4J_OPAMP_BIND)", *opamp_address)
                 support.start_soon(
-                    announce_admin_token,
+                    announce_setup,
                     auth,
                     store_ready,
                     config,

@@ -24,7 +24,8 @@ cookie must also give the session's CSRF token (``?csrf=``, read by our
 page from the ``z4j_csrf`` cookie, which no other origin can read); a
 handshake whose ``Origin`` is not the ``Host`` it was sent to is refused
 (when the scope carries the Host); and one without ``Origin`` (not a
-browser) must sign in with a bearer token. All refusals close 4403. Each socket re-checks
+browser) must sign in with a bearer token. The caller must be allowed
+``read`` (policy.py's `DASHBOARD_ACTION`). All refusals close 4403. Each socket re-checks
 its credentials every `RECHECK_SECONDS` against the store, so a revoked
 token or a closed session ends its sockets within about a second, on every
 replica (SQLite or Postgres alike: the store is the one truth).
@@ -48,6 +49,7 @@ from ..protocol.close import CloseCode
 from ..stats import BrainStats
 from ..store.base import StoreUnavailable
 from .http.auth import Auth, Principal, credentials, header, same_origin
+from .http.policy import DASHBOARD_ACTION, allowed
 from .links import SAMPLE_SIZE, merge_events
 
 __all__ = ["DashboardHub", "merge_events"]
@@ -175,6 +177,9 @@ class DashboardHub:
             principal = await self._auth.principal(headers)
             if principal is None:
                 await send({"type": "websocket.close", "code": CloseCode.UNAUTHORIZED})
+                return
+            if not allowed(DASHBOARD_ACTION, principal.role, principal.scope):
+                await send({"type": "websocket.close", "code": CloseCode.FORBIDDEN})
                 return
             if principal.session is not None:
                 query = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))

@@ -21,6 +21,8 @@
 // #/dead-letters lists the payloads this instance's drain set aside (inspect,
 // re-queue, discard), #/workers also shows each worker's task registry, and
 // #/audit reads the audit log with filters, an "Older" page at a time.
+// #/users and #/tokens (accounts, personal API tokens) live in accounts.js,
+// #/projects and #/agents (provisioning) in provisioning.js.
 //
 // Everything from the server is put in the page with textContent, never as
 // HTML. Any 401 means the session is gone: back to /login.
@@ -1439,6 +1441,8 @@
     "audit",
     "projects",
     "agents",
+    "users",
+    "tokens",
   ];
   let route = { view: "overview" };
   // #/projects and #/agents: provisioning.js, which app.js lends its helpers to.
@@ -1470,6 +1474,7 @@
     if (parts[0] === "projects" || parts[0] === "agents") return { view: parts[0] };
     if (parts[0] === "dead-letters") return { view: "dead-letters" };
     if (parts[0] === "audit") return { view: "audit" };
+    if (parts[0] === "users" || parts[0] === "tokens") return { view: parts[0] }; // accounts.js
     return { view: "overview" };
   }
 
@@ -1519,6 +1524,7 @@
     else if (route.view === "dead-letters") loadBufferDeadLetters();
     else if (route.view === "audit") loadAudit();
     else if (PROVISIONING_VIEWS.has(route.view)) window.z4jProvisioning?.open(route.view);
+    else if (route.view === "users" || route.view === "tokens") window.z4jAccounts?.show(route.view);
     else mark("instances", "agents", "feed", "kinds", "commands", "kpis", "charts");
     if (previous.view !== route.view || route.view === "task") window.scrollTo(0, 0);
   }

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Collection, Sequence
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 import attrs
 
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 __all__ = [
     "COMMAND_STATES",
     "FINAL_COMMAND_STATES",
+    "ROLES",
+    "TOKEN_SCOPES",
     "Agent",
     "AgentLogin",
     "ApiToken",
@@ -52,6 +54,9 @@ __all__ = [
     "TaskFilter",
     "TaskRecord",
     "UnstorableRows",
+    "User",
+    "UserSession",
+    "UserToken",
 ]
 
 
@@ -368,6 +373,48 @@ class ApiToken:
     def id(self) -> str:
         """A short handle to name the token by (a prefix of its keyed hash)."""
         return self.token_hash[:8].hex()
+
+
+ROLES: Final = ("admin", "operator", "viewer")
+TOKEN_SCOPES: Final = ("read", "commands", "admin")
+
+
+@attrs.frozen(kw_only=True)
+class User:
+    """An account: a role on this brain, optionally narrowed to some projects
+    (``projects`` None: all of them). Its password hash stays in the store."""
+
+    id: uuid.UUID
+    name: str
+    role: str
+    projects: tuple[uuid.UUID, ...] | None
+    disabled: bool
+    created_at: float
+    updated_at: float
+
+
+@attrs.frozen(kw_only=True)
+class UserToken:
+    """A personal API token: its owner, scope and lifetime, never the secret."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    name: str
+    scope: str
+    created_at: float
+    expires_at: float | None
+    last_used_at: float | None
+    revoked_at: float | None
+
+
+@attrs.frozen(kw_only=True)
+class UserSession:
+    """A signed-in browser of a user (by password, or by one of their tokens)."""
+
+    user: User
+    token: UserToken | None
+    expires_at: float
+    last_seen_at: float
 
 
 @attrs.frozen(kw_only=True)
@@ -886,12 +933,103 @@ class Store(Protocol):
         self, session_hash: bytes, *, token_hash: bytes, expires_at: float
     ) -> None: ...
 
-    async def api_session_token(self, session_hash: bytes, *, now: float) -> bytes | None:
+    async def api_session_token(
+        self, session_hash: bytes, *, now: float, idle_seconds: float | None = None
+    ) -> bytes | None:
         """The hash of the token that opened the session, if the session has not
-        expired and that token still exists (expired sessions are deleted)."""
+        expired, nor (with ``idle_seconds``) been idle that long since its last
+        `touch_api_session`, and that token still exists (sessions found
+        ended are deleted)."""
+        ...
+
+    async def touch_api_session(self, session_hash: bytes, *, now: float) -> None:
+        """Record a request of the session (its idle limit counts from here)."""
         ...
 
     async def drop_api_session(self, session_hash: bytes) -> None: ...
+
+    async def drop_api_token_sessions(self, token_hash: bytes) -> int:
+        """End every session an admin token opened; how many."""
+        ...
+
+    # -- accounts (store/accounts.py) ---------------------------------------------------
+
+    async def count_users(self) -> int: ...
+
+    async def create_user(
+        self, user: User, password_hash: str, *, only_if_first: bool = False
+    ) -> bool:
+        """Add ``user``; `DirectoryConflict` if the name is taken. With
+        ``only_if_first``, only on a store with no user (atomic across
+        processes, like `add_first_api_token`); whether it was added."""
+        ...
+
+    async def list_users(self) -> list[User]: ...
+
+    async def find_user(self, ref: str) -> User | None:
+        """A user by id or name."""
+        ...
+
+    async def user_password(self, name: str) -> tuple[User, str] | None:
+        """The user named ``name`` and their password hash."""
+        ...
+
+    async def update_user(
+        self,
+        user_id: uuid.UUID,
+        *,
+        disabled: bool | None = None,
+        password_hash: str | None = None,
+        role: str | None = None,
+        projects: tuple[uuid.UUID, ...] | bool | None = False,
+    ) -> User | None:
+        """Change what is given (``projects`` False: unchanged). Disabling or a
+        new password ends the user's sessions. None if there is no such user."""
+        ...
+
+    async def add_user_token(self, token: UserToken, token_hash: bytes) -> None: ...
+
+    async def user_token_owner(
+        self, token_hash: bytes, *, now: float
+    ) -> tuple[UserToken, User] | None:
+        """The live (unrevoked, unexpired) token and its enabled owner."""
+        ...
+
+    async def user_token_used(self, token_hash: bytes, *, now: float) -> None: ...
+
+    async def list_user_tokens(self, user_id: uuid.UUID | None = None) -> list[UserToken]:
+        """Personal tokens, revoked ones too: one user's, or everyone's."""
+        ...
+
+    async def revoke_user_token(
+        self, token_id: uuid.UUID, *, user_id: uuid.UUID | None = None, now: float
+    ) -> UserToken | None:
+        """Revoke a live token (only ``user_id``'s if given) and end its sessions."""
+        ...
+
+    async def add_user_session(
+        self,
+        session_hash: bytes,
+        *,
+        user_id: uuid.UUID,
+        token_id: uuid.UUID | None,
+        now: float,
+        expires_at: float,
+    ) -> None: ...
+
+    async def user_session(
+        self, session_hash: bytes, *, now: float, idle_seconds: float
+    ) -> UserSession | None:
+        """The live session (deleted if expired, idle, or its user or token is gone)."""
+        ...
+
+    async def touch_user_session(self, session_hash: bytes, *, now: float) -> None: ...
+
+    async def drop_user_session(self, session_hash: bytes) -> None: ...
+
+    async def drop_user_sessions(self, user_id: uuid.UUID) -> int:
+        """End every session of the user; how many."""
+        ...
 
     # -- OpAMP (store/opamp.py) ---------------------------------------------------------
 

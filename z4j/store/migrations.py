@@ -881,6 +881,86 @@ CREATE INDEX opamp_agent_history_by_time ON opamp_agent_history (at);
 """,
     ),
     Migration(
+        version=14,
+        name="accounts: users, personal API tokens, user sessions",
+        # A user has one role on this brain; ``projects`` (a JSON list of
+        # project ids, NULL: all) narrows it. Personal tokens and sessions
+        # keep keyed hashes only (z4j/keys.py). A session opened with a
+        # personal token names it, so revoking the token ends the session.
+        # Legacy admin tokens (api_tokens) stay as they are; their sessions
+        # get a last request time too, for the idle limit (NULL: none yet).
+        postgres="""
+ALTER TABLE api_sessions ADD COLUMN last_seen_at timestamptz;
+CREATE TABLE users (
+    id            uuid PRIMARY KEY,
+    name          text NOT NULL UNIQUE,
+    password_hash text NOT NULL,
+    role          text NOT NULL,
+    projects      jsonb,
+    disabled      boolean NOT NULL DEFAULT false,
+    created_at    timestamptz NOT NULL,
+    updated_at    timestamptz NOT NULL
+);
+CREATE TABLE user_tokens (
+    id           uuid PRIMARY KEY,
+    token_hash   bytea NOT NULL UNIQUE,
+    user_id      uuid NOT NULL REFERENCES users(id),
+    name         text NOT NULL,
+    scope        text NOT NULL,
+    created_at   timestamptz NOT NULL,
+    expires_at   timestamptz,
+    last_used_at timestamptz,
+    revoked_at   timestamptz
+);
+CREATE INDEX user_tokens_by_user ON user_tokens (user_id, created_at);
+CREATE TABLE user_sessions (
+    session_hash bytea PRIMARY KEY,
+    user_id      uuid NOT NULL REFERENCES users(id),
+    token_id     uuid REFERENCES user_tokens(id),
+    created_at   timestamptz NOT NULL,
+    expires_at   timestamptz NOT NULL,
+    last_seen_at timestamptz NOT NULL
+);
+CREATE INDEX user_sessions_by_user ON user_sessions (user_id);
+CREATE INDEX user_sessions_by_token ON user_sessions (token_id) WHERE token_id IS NOT NULL;
+""",
+        sqlite="""
+ALTER TABLE api_sessions ADD COLUMN last_seen_at REAL;
+CREATE TABLE users (
+    id            TEXT PRIMARY KEY,
+    name          TEXT NOT NULL UNIQUE,
+    password_hash TEXT NOT NULL,
+    role          TEXT NOT NULL,
+    projects      TEXT,
+    disabled      INTEGER NOT NULL DEFAULT 0,
+    created_at    REAL NOT NULL,
+    updated_at    REAL NOT NULL
+);
+CREATE TABLE user_tokens (
+    id           TEXT PRIMARY KEY,
+    token_hash   BLOB NOT NULL UNIQUE,
+    user_id      TEXT NOT NULL REFERENCES users(id),
+    name         TEXT NOT NULL,
+    scope        TEXT NOT NULL,
+    created_at   REAL NOT NULL,
+    expires_at   REAL,
+    last_used_at REAL,
+    revoked_at   REAL
+);
+CREATE INDEX user_tokens_by_user ON user_tokens (user_id, created_at);
+CREATE TABLE user_sessions (
+    session_hash BLOB PRIMARY KEY,
+    user_id      TEXT NOT NULL REFERENCES users(id),
+    token_id     TEXT REFERENCES user_tokens(id),
+    created_at   REAL NOT NULL,
+    expires_at   REAL NOT NULL,
+    last_seen_at REAL NOT NULL
+);
+CREATE INDEX user_sessions_by_user ON user_sessions (user_id);
+CREATE INDEX user_sessions_by_token ON user_sessions (token_id) WHERE token_id IS NOT NULL;
+""",
+    ),
+    Migration(
         version=15,
         name="provisioning: archived projects, rotated signing secrets and agent tokens",
         # A project's signing key is derived from the master secret, its id

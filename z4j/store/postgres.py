@@ -48,6 +48,7 @@ from ..schedules import ScheduleControl, ScheduleFrame
 from ..tasks import TaskEvent, TaskRow
 from . import (
     _rows,
+    accounts,
     opamp,
     opamp_history,
     opamp_rollouts,
@@ -104,6 +105,9 @@ from .base import (
     TaskFilter,
     TaskRecord,
     UnstorableRows,
+    User,
+    UserSession,
+    UserToken,
     WorkerInfo,
     WorkerRegistry,
     check_command_state,
@@ -122,6 +126,7 @@ log = logging.getLogger("z4j.store.postgres")
 PARTITIONS_AHEAD = 3  # today and the next two days always exist
 PARTITION_LOCK_KEY = int.from_bytes(b"z4j-part", "big", signed=True)
 FIRST_TOKEN_LOCK_KEY = int.from_bytes(b"z4j-tokn", "big", signed=True)
+FIRST_USER_LOCK_KEY = int.from_bytes(b"z4j-user", "big", signed=True)
 _STAGING = "z4j_events_staging"
 _FORGET_CHUNK = 10_000  # tasks deleted per retention transaction
 _COLUMNS = (
@@ -883,21 +888,37 @@ class PostgresStore:
             )
         )
 
-    async def api_session_token(self, session_hash: bytes, *, now: float) -> bytes | None:
+    async def api_session_token(
+        self, session_hash: bytes, *, now: float, idle_seconds: float | None = None
+    ) -> bytes | None:
         # The join ends a session with its token, on the next request.
         row = await self._run(
             lambda conn: conn.execute(
-                "SELECT s.expires_at, t.token_hash FROM api_sessions s"
+                "SELECT s.expires_at, t.token_hash, s.last_seen_at FROM api_sessions s"
                 " LEFT JOIN api_tokens t ON t.token_hash = s.token_hash"
                 " WHERE s.session_hash = %s",
                 (session_hash,),
             ).fetchone()
         )
-        if row is not None and row[0].timestamp() > now and row[1] is not None:
+        idle = bool(
+            row is not None
+            and idle_seconds is not None
+            and row[2] is not None
+            and row[2].timestamp() + idle_seconds <= now
+        )
+        if row is not None and row[0].timestamp() > now and row[1] is not None and not idle:
             return bytes(row[1])
         if row is not None:
             await self.drop_api_session(session_hash)
         return None
+
+    async def touch_api_session(self, session_hash: bytes, *, now: float) -> None:
+        await self._run(
+            lambda conn: conn.execute(
+                "UPDATE api_sessions SET last_seen_at = %s WHERE session_hash = %s",
+                (_ts(now), session_hash),
+            )
+        )
 
     async def drop_api_session(self, session_hash: bytes) -> None:
         await self._run(
@@ -905,6 +926,141 @@ class PostgresStore:
                 "DELETE FROM api_sessions WHERE session_hash = %s", (session_hash,)
             )
         )
+
+    async def drop_api_token_sessions(self, token_hash: bytes) -> int:
+        count: int = await self._run(
+            lambda conn: (
+                conn.execute(
+                    "DELETE FROM api_sessions WHERE token_hash = %s", (token_hash,)
+                ).rowcount
+            )
+        )
+        return count
+
+    # -- accounts (store/accounts.py) -----------------------------------------------------
+
+    async def count_users(self) -> int:
+        count: int = await self._run(lambda conn: accounts.user_count(PG, conn))
+        return count
+
+    async def create_user(
+        self, user: User, password_hash: str, *, only_if_first: bool = False
+    ) -> bool:
+        def create(conn: psycopg.Connection[Any]) -> bool:
+            if only_if_first:
+                # Under READ COMMITTED two "no user yet" checks can both pass.
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (FIRST_USER_LOCK_KEY,))
+            return accounts.create_user(PG, conn, user, password_hash, only_if_first=only_if_first)
+
+        try:
+            created: bool = await self._run(create)
+        except psycopg.errors.UniqueViolation as exc:
+            raise DirectoryConflict(f"a user named {user.name!r} exists already") from exc
+        return created
+
+    async def list_users(self) -> list[User]:
+        users: list[User] = await self._run(lambda conn: accounts.list_users(PG, conn))
+        return users
+
+    async def find_user(self, ref: str) -> User | None:
+        user: User | None = await self._run(lambda conn: accounts.find_user(PG, conn, ref))
+        return user
+
+    async def user_password(self, name: str) -> tuple[User, str] | None:
+        found: tuple[User, str] | None = await self._run(
+            lambda conn: accounts.password_of(PG, conn, name)
+        )
+        return found
+
+    async def update_user(
+        self,
+        user_id: uuid.UUID,
+        *,
+        disabled: bool | None = None,
+        password_hash: str | None = None,
+        role: str | None = None,
+        projects: tuple[uuid.UUID, ...] | bool | None = False,
+    ) -> User | None:
+        user: User | None = await self._run(
+            lambda conn: accounts.update_user(
+                PG,
+                conn,
+                user_id,
+                time.time(),
+                disabled=disabled,
+                password_hash=password_hash,
+                role=role,
+                projects=projects,
+            )
+        )
+        return user
+
+    async def add_user_token(self, token: UserToken, token_hash: bytes) -> None:
+        await self._run(lambda conn: accounts.add_token(PG, conn, token, token_hash))
+
+    async def user_token_owner(
+        self, token_hash: bytes, *, now: float
+    ) -> tuple[UserToken, User] | None:
+        found: tuple[UserToken, User] | None = await self._run(
+            lambda conn: accounts.token_owner(PG, conn, token_hash, now)
+        )
+        return found
+
+    async def user_token_used(self, token_hash: bytes, *, now: float) -> None:
+        await self._run(lambda conn: accounts.token_used(PG, conn, token_hash, now))
+
+    async def list_user_tokens(self, user_id: uuid.UUID | None = None) -> list[UserToken]:
+        tokens: list[UserToken] = await self._run(
+            lambda conn: accounts.list_tokens(PG, conn, user_id)
+        )
+        return tokens
+
+    async def revoke_user_token(
+        self, token_id: uuid.UUID, *, user_id: uuid.UUID | None = None, now: float
+    ) -> UserToken | None:
+        token: UserToken | None = await self._run(
+            lambda conn: accounts.revoke_token(PG, conn, token_id, user_id, now)
+        )
+        return token
+
+    async def add_user_session(
+        self,
+        session_hash: bytes,
+        *,
+        user_id: uuid.UUID,
+        token_id: uuid.UUID | None,
+        now: float,
+        expires_at: float,
+    ) -> None:
+        await self._run(
+            lambda conn: accounts.add_session(
+                PG,
+                conn,
+                session_hash,
+                user_id=user_id,
+                token_id=token_id,
+                now=now,
+                expires_at=expires_at,
+            )
+        )
+
+    async def user_session(
+        self, session_hash: bytes, *, now: float, idle_seconds: float
+    ) -> UserSession | None:
+        session: UserSession | None = await self._run(
+            lambda conn: accounts.session_of(PG, conn, session_hash, now, idle_seconds)
+        )
+        return session
+
+    async def touch_user_session(self, session_hash: bytes, *, now: float) -> None:
+        await self._run(lambda conn: accounts.touch_session(PG, conn, session_hash, now))
+
+    async def drop_user_session(self, session_hash: bytes) -> None:
+        await self._run(lambda conn: accounts.drop_session(PG, conn, session_hash))
+
+    async def drop_user_sessions(self, user_id: uuid.UUID) -> int:
+        count: int = await self._run(lambda conn: accounts.drop_sessions(PG, conn, user_id))
+        return count
 
     # -- OpAMP ---------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from ..schedules import ScheduleControl, ScheduleFrame
 from ..tasks import TaskEvent, TaskRow
 from . import (
     _rows,
+    accounts,
     opamp,
     opamp_history,
     opamp_rollouts,
@@ -88,6 +89,9 @@ from .base import (
     TaskFilter,
     TaskRecord,
     UnstorableRows,
+    User,
+    UserSession,
+    UserToken,
     WorkerInfo,
     WorkerRegistry,
     check_command_state,
@@ -689,24 +693,170 @@ class SqliteStore:
             (session_hash, token_hash, time.time(), expires_at),
         )
 
-    async def api_session_token(self, session_hash: bytes, *, now: float) -> bytes | None:
+    async def api_session_token(
+        self, session_hash: bytes, *, now: float, idle_seconds: float | None = None
+    ) -> bytes | None:
         # The join ends a session with its token, on the next request.
         rows = await self._run(
             _fetch_all,
-            "SELECT s.expires_at, t.token_hash FROM api_sessions s"
+            "SELECT s.expires_at, t.token_hash, s.last_seen_at FROM api_sessions s"
             " LEFT JOIN api_tokens t ON t.token_hash = s.token_hash"
             " WHERE s.session_hash = ?",
             (session_hash,),
         )
-        if rows and rows[0][0] > now and rows[0][1] is not None:
+        idle = bool(
+            rows
+            and idle_seconds is not None
+            and rows[0][2] is not None
+            and rows[0][2] + idle_seconds <= now
+        )
+        if rows and rows[0][0] > now and rows[0][1] is not None and not idle:
             return bytes(rows[0][1])
         if rows:
             await self.drop_api_session(session_hash)
         return None
 
+    async def touch_api_session(self, session_hash: bytes, *, now: float) -> None:
+        await self._run(
+            _execute,
+            "UPDATE api_sessions SET last_seen_at = ? WHERE session_hash = ?",
+            (now, session_hash),
+        )
+
     async def drop_api_session(self, session_hash: bytes) -> None:
         await self._run(
             _execute, "DELETE FROM api_sessions WHERE session_hash = ?", (session_hash,)
+        )
+
+    async def drop_api_token_sessions(self, token_hash: bytes) -> int:
+        return await self._run(
+            _execute, "DELETE FROM api_sessions WHERE token_hash = ?", (token_hash,)
+        )
+
+    # -- accounts (store/accounts.py) -----------------------------------------------------
+
+    async def count_users(self) -> int:
+        return await self._run(lambda db: accounts.user_count(SQ, db))
+
+    async def create_user(
+        self, user: User, password_hash: str, *, only_if_first: bool = False
+    ) -> bool:
+        return await self._run(
+            lambda db: _transaction(
+                db,
+                lambda: accounts.create_user(
+                    SQ, db, user, password_hash, only_if_first=only_if_first
+                ),
+            )
+        )
+
+    async def list_users(self) -> list[User]:
+        return await self._run(lambda db: accounts.list_users(SQ, db))
+
+    async def find_user(self, ref: str) -> User | None:
+        return await self._run(lambda db: accounts.find_user(SQ, db, ref))
+
+    async def user_password(self, name: str) -> tuple[User, str] | None:
+        return await self._run(lambda db: accounts.password_of(SQ, db, name))
+
+    async def update_user(
+        self,
+        user_id: uuid.UUID,
+        *,
+        disabled: bool | None = None,
+        password_hash: str | None = None,
+        role: str | None = None,
+        projects: tuple[uuid.UUID, ...] | bool | None = False,
+    ) -> User | None:
+        return await self._run(
+            lambda db: _transaction(
+                db,
+                lambda: accounts.update_user(
+                    SQ,
+                    db,
+                    user_id,
+                    time.time(),
+                    disabled=disabled,
+                    password_hash=password_hash,
+                    role=role,
+                    projects=projects,
+                ),
+            )
+        )
+
+    async def add_user_token(self, token: UserToken, token_hash: bytes) -> None:
+        await self._run(
+            lambda db: _transaction(db, lambda: accounts.add_token(SQ, db, token, token_hash))
+        )
+
+    async def user_token_owner(
+        self, token_hash: bytes, *, now: float
+    ) -> tuple[UserToken, User] | None:
+        return await self._run(lambda db: accounts.token_owner(SQ, db, token_hash, now))
+
+    async def user_token_used(self, token_hash: bytes, *, now: float) -> None:
+        await self._run(
+            lambda db: _transaction(db, lambda: accounts.token_used(SQ, db, token_hash, now))
+        )
+
+    async def list_user_tokens(self, user_id: uuid.UUID | None = None) -> list[UserToken]:
+        return await self._run(lambda db: accounts.list_tokens(SQ, db, user_id))
+
+    async def revoke_user_token(
+        self, token_id: uuid.UUID, *, user_id: uuid.UUID | None = None, now: float
+    ) -> UserToken | None:
+        return await self._run(
+            lambda db: _transaction(
+                db, lambda: accounts.revoke_token(SQ, db, token_id, user_id, now)
+            )
+        )
+
+    async def add_user_session(
+        self,
+        session_hash: bytes,
+        *,
+        user_id: uuid.UUID,
+        token_id: uuid.UUID | None,
+        now: float,
+        expires_at: float,
+    ) -> None:
+        await self._run(
+            lambda db: _transaction(
+                db,
+                lambda: accounts.add_session(
+                    SQ,
+                    db,
+                    session_hash,
+                    user_id=user_id,
+                    token_id=token_id,
+                    now=now,
+                    expires_at=expires_at,
+                ),
+            )
+        )
+
+    async def user_session(
+        self, session_hash: bytes, *, now: float, idle_seconds: float
+    ) -> UserSession | None:
+        return await self._run(
+            lambda db: _transaction(
+                db, lambda: accounts.session_of(SQ, db, session_hash, now, idle_seconds)
+            )
+        )
+
+    async def touch_user_session(self, session_hash: bytes, *, now: float) -> None:
+        await self._run(
+            lambda db: _transaction(db, lambda: accounts.touch_session(SQ, db, session_hash, now))
+        )
+
+    async def drop_user_session(self, session_hash: bytes) -> None:
+        await self._run(
+            lambda db: _transaction(db, lambda: accounts.drop_session(SQ, db, session_hash))
+        )
+
+    async def drop_user_sessions(self, user_id: uuid.UUID) -> int:
+        return await self._run(
+            lambda db: _transaction(db, lambda: accounts.drop_sessions(SQ, db, user_id))
         )
 
     # -- OpAMP ---------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from typing import Any
 import attrs
 import orjson
 
+from .principal import Principal
+
 __all__ = [
     "MAX_BODY_BYTES",
     "MAX_LIMIT",
@@ -71,9 +73,10 @@ class Request:
     body: bytes
     headers: list[tuple[bytes, bytes]]
     source: str = "unknown"  # the peer's address
-    # Who is asking, as audit rows and commands name them ("api" until
-    # accounts: then the user's or token's name).
+    # Who is asking, as audit rows and commands name them (Principal.actor;
+    # "anonymous" on a public route).
     actor: str = "api"
+    principal: Principal | None = None
 
     def json_object(self) -> dict[str, Any]:
         try:

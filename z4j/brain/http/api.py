@@ -52,11 +52,11 @@ from ._request import (
     time_param,
     uuid_param,
 )
+from .accounts_api import AccountRoutes
 from .audit_params import audit_filter
 from .auth import (
     CSRF_COOKIE,
     SESSION_COOKIE,
-    SESSION_SECONDS,
     Auth,
     Principal,
     SignInThrottle,
@@ -65,10 +65,11 @@ from .auth import (
     same_origin,
 )
 from .dead_letters_api import DeadLetterRoutes
+from .narrowing import check_narrowed
 from .opamp_api import OpampRoutes
 from .opamp_rollouts_api import OpampRolloutRoutes
 from .openapi import OPENAPI
-from .policy import Action, action_of
+from .policy import Action, action_of, allowed
 from .provisioning_api import ProvisioningRoutes
 from .provisioning_api import agent_json as _agent_json
 from .queues_api import QueueRoutes
@@ -91,6 +92,8 @@ EVENTS_PAGE_BYTES = 4 * 1024 * 1024
 # A store failure is logged at most this often (callers see a generic 503).
 STORE_ERROR_LOG_SECONDS = 10.0
 CSRF_HEADER = b"x-csrf-token"
+# Routes whose answer opens a session (its id goes into the cookie, not the body).
+_OPENS_SESSION = frozenset({("POST", "/session"), ("POST", "/setup")})
 
 
 class Api:
@@ -103,6 +106,7 @@ class Api:
         auth: Auth,
         *,
         sign_in_throttle: SignInThrottle | None = None,
+        account_throttle: SignInThrottle | None = None,
         project_key: Callable[[uuid.UUID, int], bytes] | None = None,
         opamp_heartbeat_window_seconds: float = 90.0,
         opamp_nudges: OpampNudges | None = None,
@@ -123,14 +127,16 @@ class Api:
         self._auth = auth
         self._throttle = sign_in_throttle if sign_in_throttle is not None else SignInThrottle()
         self._store_error_logged = -STORE_ERROR_LOG_SECONDS
-        # (method, path pattern, handler, action from policy.py)
-        self._routes: list[tuple[str, re.Pattern[str], Handler, Action]] = []
-        # Each pattern's route template, named in the scope for the request metrics.
-        self._templates: dict[re.Pattern[str], str] = {}
+        # (method, path template, path pattern, handler, action from policy.py);
+        # the template also names the route in the request metrics.
+        self._routes: list[tuple[str, str, re.Pattern[str], Handler, Action]] = []
+        accounts = AccountRoutes(
+            store, auth, throttle=self._throttle, account_throttle=account_throttle
+        )
         route = self._route
         route("GET", "/openapi.json", self._openapi)
-        route("POST", "/session", self._sign_in)
-        route("DELETE", "/session", self._sign_out)
+        for method, path, handler in accounts.routes():
+            route(method, path, handler)
         route("GET", "/projects", self._projects)
         route("GET", "/agents", self._agents)
         route("GET", "/agents/{id}", self._agent)
@@ -159,8 +165,7 @@ class Api:
 
     def _route(self, method: str, path: str, handler: Handler) -> None:
         pattern = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
-        self._templates[pattern] = "/api/v1" + path
-        self._routes.append((method, pattern, handler, action_of(method, path)))
+        self._routes.append((method, path, pattern, handler, action_of(method, path)))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         extra_headers: list[tuple[bytes, bytes]] = []
@@ -193,30 +198,39 @@ class Api:
     ) -> Response:
         path = scope["path"].removeprefix("/api/v1")
         method = scope["method"]
-        allowed = []
-        for route_method, pattern, handler, action in self._routes:
+        methods = []
+        for route_method, template, pattern, handler, action in self._routes:
             match = pattern.match(path)
             if match is None:
                 continue
-            scope.setdefault("route", self._templates[pattern])  # a 405 counts under it
-            allowed.append(route_method)
+            scope.setdefault("route", "/api/v1" + template)  # a 405 counts under it
+            methods.append(route_method)
             if route_method != method:
                 continue
-            scope["route"] = self._templates[pattern]
+            scope["route"] = "/api/v1" + template
             principal: Principal | None = None
             if action != "public":
                 principal = await self._auth.principal(scope["headers"])
                 if principal is None:
                     raise ApiError(401, "unauthorized", "sign in: a bearer token or a session")
             if method not in ("GET", "HEAD"):
-                if handler == self._sign_in:
+                if (method, template) in _OPENS_SESSION:
                     _check_browser_write(scope)
-                elif handler == self._sign_out:
+                elif (method, template) == ("DELETE", "/session"):
                     token, session = credentials(scope["headers"])
                     if session is not None and token is None:
                         self._check_cookie_write(scope, session)
                 elif principal is not None and principal.session is not None:
                     self._check_cookie_write(scope, principal.session)
+            if principal is not None and not allowed(action, principal.role, principal.scope):
+                how = f" through a {principal.scope}-scoped token" if principal.scope else ""
+                raise ApiError(
+                    403,
+                    "forbidden",
+                    f"{principal.actor} ({principal.role}{how}) may not take the "
+                    f"{action!r} action of {method} {template}",
+                    detail={"action": action, "role": principal.role, "scope": principal.scope},
+                )
             client = scope.get("client")
             request = Request(
                 method=method,
@@ -225,21 +239,32 @@ class Api:
                 body=await read_body(receive),
                 headers=scope["headers"],
                 source=str(client[0]) if client else "unknown",
+                actor="anonymous" if principal is None else principal.actor,
+                principal=principal,
             )
-            status, body = await handler(request)
-            if handler == self._sign_in:
-                secure = scope.get("scheme") == "https"
-                extra_headers.append((b"set-cookie", _cookie(body.pop("session"), secure=secure)))
-                extra_headers.append(
-                    (b"set-cookie", _csrf_cookie(body["csrf_token"], secure=secure))
+            if principal is not None and principal.projects is not None:
+                await check_narrowed(
+                    self._store, principal, method, template, request.params, request.query
                 )
-            elif handler == self._sign_out:
-                secure = scope.get("scheme") == "https"
+            status, body = await handler(request)
+            secure = scope.get("scheme") == "https"
+            if (method, template) in _OPENS_SESSION and isinstance(body, dict):
+                max_age = int(self._auth.session_seconds)
+                extra_headers.append(
+                    (b"set-cookie", _cookie(body.pop("session"), max_age=max_age, secure=secure))
+                )
+                extra_headers.append(
+                    (
+                        b"set-cookie",
+                        _csrf_cookie(body["csrf_token"], max_age=max_age, secure=secure),
+                    )
+                )
+            elif (method, template) == ("DELETE", "/session"):
                 extra_headers.append((b"set-cookie", _cookie("", max_age=0, secure=secure)))
                 extra_headers.append((b"set-cookie", _csrf_cookie("", max_age=0, secure=secure)))
             return status, body
-        if allowed:
-            raise ApiError(405, "method_not_allowed", f"use {' or '.join(sorted(set(allowed)))}")
+        if methods:
+            raise ApiError(405, "method_not_allowed", f"use {' or '.join(sorted(set(methods)))}")
         raise ApiError(404, "not_found", f"no route for {scope['path']}")
 
     # -- routes ------------------------------------------------------------------------
@@ -257,37 +282,9 @@ class Api:
                 "X-CSRF-Token header (see the z4j_csrf cookie)",
             )
 
-    async def _sign_in(self, request: Request) -> Response:
-        source = request.source
-        wait = self._throttle.retry_after(source)
-        if wait is not None:
-            raise ApiError(
-                429,
-                "too_many_attempts",
-                f"too many failed sign-ins: wait {wait} s",
-                headers=((b"retry-after", str(wait).encode()),),
-            )
-        token = request.json_object().get("token")
-        if not isinstance(token, str) or not token:
-            raise ApiError(400, "bad_request", 'give the admin token as {"token": ...}')
-        session = await self._auth.open_session(token)
-        if session is None:
-            self._throttle.failed(source)
-            raise ApiError(401, "unauthorized", "unknown token")
-        self._throttle.succeeded(source)
-        # "session" goes into the cookie (HttpOnly), not the body.
-        csrf = self._auth.csrf_token(session)
-        return 200, {"session": session, "csrf_token": csrf, "expires_in": SESSION_SECONDS}
-
-    async def _sign_out(self, request: Request) -> Response:
-        _, session = credentials(request.headers)
-        if session is not None:
-            await self._auth.close_session(session)
-        return 204, None
-
     async def _projects(self, request: Request) -> Response:
         projects = await self._store.list_projects()
-        return 200, page([to_json(p) for p in projects], None)
+        return 200, page([to_json(p) for p in projects if _sees(request, p.id)], None)
 
     async def _agents(self, request: Request) -> Response:
         project_id = None
@@ -305,6 +302,7 @@ class Api:
         items = [
             _agent_json(a, projects.get(a.project_id), workers.get(a.id, []), graces.get(a.id))
             for a in await self._store.list_agents(project_id)
+            if _sees(request, a.project_id)
         ]
         return 200, page(items, None)
 
@@ -447,6 +445,11 @@ class Api:
         return 200, page([to_json(a) for a in records], cursor)
 
 
+def _sees(request: Request, project_id: uuid.UUID) -> bool:
+    """Is the project one of the caller's (narrowing.py)?"""
+    return request.principal is None or request.principal.sees(project_id)
+
+
 # -- input ---------------------------------------------------------------------------------
 
 
@@ -482,7 +485,7 @@ def _check_browser_write(scope: Scope) -> None:
         raise ApiError(403, "foreign_origin", "requests from another origin are refused")
 
 
-def _cookie(session: str, *, max_age: int = SESSION_SECONDS, secure: bool = False) -> bytes:
+def _cookie(session: str, *, max_age: int, secure: bool = False) -> bytes:
     # Served over TLS, the cookie is Secure: never sent back over plain HTTP.
     # Plain HTTP (loopback by default) cannot set Secure cookies at all.
     flags = "; Secure" if secure else ""
@@ -491,7 +494,7 @@ def _cookie(session: str, *, max_age: int = SESSION_SECONDS, secure: bool = Fals
     ).encode()
 
 
-def _csrf_cookie(csrf: str, *, max_age: int = SESSION_SECONDS, secure: bool = False) -> bytes:
+def _csrf_cookie(csrf: str, *, max_age: int, secure: bool = False) -> bytes:
     # Not HttpOnly: the dashboard's script reads it to send X-CSRF-Token.
     # Other origins cannot read it; it is useless without the session cookie.
     flags = "; Secure" if secure else ""

@@ -1,18 +1,22 @@
-"""Who may read the dashboard and call the API: admin tokens and sessions.
+"""Who may read the dashboard and call the API: users, tokens and sessions.
 
-On a store with no admin token, the brain makes one at start and shows it
-once (`ensure_admin_token`); ``z4j admin token`` makes more, ``z4j admin
-token list`` and ``revoke`` manage them. A request is signed in by
-``Authorization: Bearer <token>`` or by the session cookie that
-``POST /api/v1/session`` sets after checking a token. The store keeps
-keyed hashes of both (z4j/keys.py), never the values.
+A request is signed in by ``Authorization: Bearer <token>`` or by the
+session cookie that ``POST /api/v1/session`` sets. Tokens are personal
+(``z4j_pat_``: a user's, with a scope, see accounts_api.py) or legacy admin
+tokens (``z4j_admin_``: ``z4j admin token``, role admin, kept working until
+revoked). Sessions are a user's (``u.`` ids: by password, or opened with
+a personal token) or a legacy token's. The store keeps keyed hashes of all
+of them (z4j/keys.py), never the values.
 
-A session carries the hash of the token that opened it, and every request
-looks both up (one query): revoking a token ends its sessions on their next
-request, on every replica. A browser sends the cookie with any request to
-our origin, even one another site makes it send, so state-changing
-cookie requests also carry a CSRF token (`csrf_token`) that only our own
-pages can read; see api.py.
+A session is read with what it hangs on (user, token) in one query:
+disabling a user, revoking a token, or a session passing its absolute or
+idle limit ends it on its next request, on every replica. A browser sends
+the cookie with any request to our origin, even one another site makes it
+send, so state-changing cookie requests also carry a CSRF token
+(`csrf_token`) that only our own pages can read; see api.py.
+
+On a store with no user, the first start writes a one-time setup link
+(`announce_setup`) that creates the first admin.
 """
 
 from __future__ import annotations
@@ -25,112 +29,209 @@ import os
 import socket
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import attrs
 import trio
 
 from ... import keys
 from ..._datadir import private_dir
 from ...config import Config
-from ...store.base import Store
+from ...store.base import Store, User, UserToken
 from ..ratelimit import FailureThrottle, TokenBucket
+from .principal import Principal
 
 __all__ = [
     "CSRF_COOKIE",
-    "FIRST_ADMIN_TOKEN_FILE",
     "SESSION_COOKIE",
     "SESSION_SECONDS",
+    "SETUP_LINK_FILE",
     "Auth",
     "Principal",
     "SignInThrottle",
-    "announce_admin_token",
+    "announce_setup",
     "credentials",
     "sign_in_url",
-    "write_first_admin_token",
+    "write_private",
 ]
 
 log = logging.getLogger("z4j.auth")
 
 SESSION_COOKIE = "z4j_session"
 CSRF_COOKIE = "z4j_csrf"
-SESSION_SECONDS = 12 * 3600
+SESSION_SECONDS = 12 * 3600.0
+IDLE_SECONDS = 3600.0
 # How often a token's last use is written back (a write per request is not cheap).
 LAST_USED_EVERY_SECONDS = 60.0
 _CSRF_LABEL = b"z4j csrf v1\x00"
 
 
-@attrs.frozen(kw_only=True)
-class Principal:
-    """A signed-in caller: which admin token, and the session if by cookie."""
-
-    token_hash: bytes
-    session: str | None = None
-
-    @property
-    def by_cookie(self) -> bool:
-        return self.session is not None
-
-
 class Auth:
+    """Signs requests in: bearer tokens (admin or personal) and session cookies.
+
+    ``clock`` is wall time (injectable, so tests move it instead of sleeping);
+    ``session_seconds`` bounds a session's life, ``idle_seconds`` the quiet
+    time a user's session survives (Z4J_SESSION_MAX_SECONDS and
+    Z4J_SESSION_IDLE_SECONDS).
+    """
+
     def __init__(
-        self, store: Store, master: bytes, *, clock: Callable[[], float] = time.time
+        self,
+        store: Store,
+        master: bytes,
+        *,
+        clock: Callable[[], float] = time.time,
+        session_seconds: float = SESSION_SECONDS,
+        idle_seconds: float = IDLE_SECONDS,
     ) -> None:
         self._store = store
         self._master = master
         self._clock = clock
+        self.session_seconds = session_seconds
+        self.idle_seconds = idle_seconds
+        # A session's last request is written at most this often, so the
+        # idle limit holds to within it.
+        self._touch_every = min(LAST_USED_EVERY_SECONDS, idle_seconds / 10)
         self._last_used: dict[bytes, float] = {}
+        self._token_names: dict[bytes, str] = {}
 
-    async def ensure_admin_token(self) -> str | None:
-        """A new admin token if the store has none yet (first start), else None.
+    @property
+    def store(self) -> Store:
+        return self._store
 
-        Of several brains starting on one fresh store, one gets it.
-        """
-        token = keys.new_api_token()
-        if await self._store.add_first_api_token(keys.api_token_hash(self._master, token), "admin"):
-            return token
-        return None
+    def now(self) -> float:
+        return self._clock()
 
     async def new_token(self, name: str) -> str:
         token = keys.new_api_token()
         await self._store.add_api_token(keys.api_token_hash(self._master, token), name)
         return token
 
-    async def token_valid(self, token: str) -> bool:
-        return await self._token(token) is not None
+    async def new_user_token(
+        self, user: User, name: str, scope: str, expires_at: float | None
+    ) -> tuple[str, UserToken]:
+        """A personal token for ``user`` (the secret is returned, only now)."""
+        secret = keys.new_user_token()
+        record = UserToken(
+            id=uuid.uuid4(),
+            user_id=user.id,
+            name=name,
+            scope=scope,
+            created_at=self._clock(),
+            expires_at=expires_at,
+            last_used_at=None,
+            revoked_at=None,
+        )
+        await self._store.add_user_token(record, keys.user_token_hash(self._master, secret))
+        return secret, record
 
-    async def _token(self, token: str) -> bytes | None:
+    async def token_valid(self, token: str) -> bool:
+        return await self._bearer(token) is not None
+
+    def setup_code(self) -> str:
+        return keys.setup_code(self._master)
+
+    def setup_code_matches(self, presented: object) -> bool:
+        return isinstance(presented, str) and hmac.compare_digest(
+            self.setup_code().encode(), presented.encode()
+        )
+
+    def _due(self, key: bytes, every: float) -> bool:
+        """Is a coalesced write (last use, last seen) due for ``key``?"""
+        now = self._clock()
+        if now - self._last_used.get(key, -every) < every:
+            return False
+        if len(self._last_used) > 4096:
+            self._last_used.clear()
+        self._last_used[key] = now
+        return True
+
+    async def _bearer(self, token: str) -> Principal | None:
+        """The caller a bearer token names, if it is valid."""
+        if token.startswith(keys.USER_TOKEN_PREFIX):
+            token_hash = keys.user_token_hash(self._master, token)
+            found = await self._store.user_token_owner(token_hash, now=self._clock())
+            if found is None:
+                return None
+            record, user = found
+            if self._due(token_hash, LAST_USED_EVERY_SECONDS):
+                await self._store.user_token_used(token_hash, now=self._clock())
+            return _user_principal(user, record, token_hash=token_hash)
         token_hash = keys.api_token_hash(self._master, token)
         if not await self._store.api_token_known(token_hash):
             return None
-        now = self._clock()
-        if (
-            now - self._last_used.get(token_hash, -LAST_USED_EVERY_SECONDS)
-            >= LAST_USED_EVERY_SECONDS
-        ):
-            if len(self._last_used) > 1024:
-                self._last_used.clear()
-            self._last_used[token_hash] = now
-            await self._store.api_token_used(token_hash, now=now)
-        return token_hash
+        if self._due(token_hash, LAST_USED_EVERY_SECONDS):
+            await self._store.api_token_used(token_hash, now=self._clock())
+        return Principal(
+            name=await self._token_name(token_hash), role="admin", token_hash=token_hash
+        )
 
-    async def open_session(self, token: str) -> str | None:
-        """A new session id for a valid token, else None."""
-        token_hash = await self._token(token)
-        if token_hash is None:
+    async def _token_name(self, token_hash: bytes) -> str:
+        """An admin token's name (names never change: kept once read)."""
+        name = self._token_names.get(token_hash)
+        if name is None:
+            tokens = await self._store.list_api_tokens()
+            if len(self._token_names) > 1024:
+                self._token_names.clear()
+            self._token_names.update((t.token_hash, t.name) for t in tokens)
+            name = self._token_names.get(token_hash, "admin")
+        return name
+
+    async def open_session(self, token: str) -> tuple[str, Principal] | None:
+        """A new session id for a valid token (admin or personal), and whose it
+        is; None for an invalid token."""
+        principal = await self._bearer(token)
+        if principal is None:
             return None
+        now = self._clock()
+        if principal.user_id is not None:
+            session = keys.new_user_session()
+            await self._store.add_user_session(
+                keys.api_session_hash(self._master, session),
+                user_id=principal.user_id,
+                token_id=principal.token_id,
+                now=now,
+                expires_at=now + self.session_seconds,
+            )
+            return session, principal
+        assert principal.token_hash is not None
         session = keys.new_api_session()
+        session_hash = keys.api_session_hash(self._master, session)
         await self._store.add_api_session(
+            session_hash, token_hash=principal.token_hash, expires_at=now + self.session_seconds
+        )
+        await self._store.touch_api_session(session_hash, now=now)  # the idle limit's start
+        self._due(session_hash, self._touch_every)
+        return session, principal
+
+    async def open_user_session(self, user: User) -> str:
+        """A new password session for ``user`` (whose password was checked)."""
+        session = keys.new_user_session()
+        now = self._clock()
+        await self._store.add_user_session(
             keys.api_session_hash(self._master, session),
-            token_hash=token_hash,
-            expires_at=self._clock() + SESSION_SECONDS,
+            user_id=user.id,
+            token_id=None,
+            now=now,
+            expires_at=now + self.session_seconds,
         )
         return session
 
     async def close_session(self, session: str) -> None:
-        await self._store.drop_api_session(keys.api_session_hash(self._master, session))
+        session_hash = keys.api_session_hash(self._master, session)
+        if session.startswith(keys.USER_SESSION_PREFIX):
+            await self._store.drop_user_session(session_hash)
+        else:
+            await self._store.drop_api_session(session_hash)
+
+    async def close_all_sessions(self, principal: Principal) -> int:
+        """Sign out everywhere: every session of the user (or of the admin token)."""
+        if principal.user_id is not None:
+            return await self._store.drop_user_sessions(principal.user_id)
+        assert principal.token_hash is not None
+        return await self._store.drop_api_token_sessions(principal.token_hash)
 
     def csrf_token(self, session: str) -> str:
         """The CSRF token bound to ``session`` (derived, so nothing more is stored)."""
@@ -147,29 +248,74 @@ class Auth:
         session cookie; None if neither is valid."""
         token, session = credentials(headers)
         if token is not None:
-            token_hash = await self._token(token)
-            if token_hash is not None:
-                return Principal(token_hash=token_hash)
+            principal = await self._bearer(token)
+            if principal is not None:
+                return principal
         if session is not None:
-            token_hash = await self._store.api_session_token(
-                keys.api_session_hash(self._master, session), now=self._clock()
-            )
-            if token_hash is not None:
-                return Principal(token_hash=token_hash, session=session)
+            return await self._session(session, touch=True)
         return None
+
+    async def _session(self, session: str, *, touch: bool) -> Principal | None:
+        session_hash = keys.api_session_hash(self._master, session)
+        now = self._clock()
+        if session.startswith(keys.USER_SESSION_PREFIX):
+            found = await self._store.user_session(
+                session_hash, now=now, idle_seconds=self.idle_seconds
+            )
+            if found is None:
+                return None
+            if touch and now - found.last_seen_at >= self._touch_every:
+                await self._store.touch_user_session(session_hash, now=now)
+            return _user_principal(found.user, found.token, session=session)
+        token_hash = await self._store.api_session_token(
+            session_hash, now=now, idle_seconds=self.idle_seconds
+        )
+        if token_hash is None:
+            return None
+        if touch and self._due(session_hash, self._touch_every):
+            await self._store.touch_api_session(session_hash, now=now)
+        return Principal(
+            name=await self._token_name(token_hash),
+            role="admin",
+            token_hash=token_hash,
+            session=session,
+        )
 
     async def signed_in(self, headers: Iterable[tuple[bytes, bytes]]) -> bool:
         """True if the request carries a valid bearer token or session cookie."""
         return await self.principal(headers) is not None
 
     async def still_valid(self, principal: Principal) -> bool:
-        """Is this caller still signed in (its token not revoked, its session open)?"""
-        if principal.session is None:
-            return await self._store.api_token_known(principal.token_hash)
-        token_hash = await self._store.api_session_token(
-            keys.api_session_hash(self._master, principal.session), now=self._clock()
-        )
-        return token_hash == principal.token_hash
+        """Is this caller still signed in (its user enabled, its token not
+        revoked, its session open)? Does not count as activity."""
+        if principal.session is not None:
+            return await self._session(principal.session, touch=False) is not None
+        if principal.user_id is not None:
+            assert principal.token_hash is not None
+            found = await self._store.user_token_owner(principal.token_hash, now=self._clock())
+            return found is not None
+        assert principal.token_hash is not None
+        return await self._store.api_token_known(principal.token_hash)
+
+
+def _user_principal(
+    user: User,
+    token: UserToken | None,
+    *,
+    token_hash: bytes | None = None,
+    session: str | None = None,
+) -> Principal:
+    return Principal(
+        name=user.name,
+        role=user.role,
+        user_id=user.id,
+        projects=None if user.projects is None else frozenset(user.projects),
+        scope=None if token is None else token.scope,
+        token_name=None if token is None else token.name,
+        token_id=None if token is None else token.id,
+        token_hash=token_hash,
+        session=session,
+    )
 
 
 class SignInThrottle(FailureThrottle):
@@ -189,9 +335,12 @@ class SignInThrottle(FailureThrottle):
         window: float = 60.0,
         max_sources: int = 4096,
         clock: Callable[[], float] = time.monotonic,
+        what: str = "from",
     ) -> None:
+        """``what``: how the log names a key ("from" an address, "for" an account)."""
         super().__init__(max_failures=max_failures, window=window, max_sources=max_sources)
         self._clock = clock
+        self._what = what
         self._log_budget = TokenBucket(rate=5.0)
 
     def retry_after(self, source: str) -> int | None:
@@ -204,11 +353,12 @@ class SignInThrottle(FailureThrottle):
         failures = super().failed(source, now)
         if failures in (1, self.max_failures) and self._log_budget.take(1, now):
             if failures == 1:
-                log.warning("sign-in with an unknown admin token from %s", source)
+                log.warning("failed sign-in %s %s", self._what, source)
             else:
                 log.warning(
-                    "%d failed sign-ins from %s within %g s: refusing it for the rest of that time",
+                    "%d failed sign-ins %s %s within %g s: refusing it for the rest of that time",
                     failures,
+                    self._what,
                     source,
                     self.window,
                 )
@@ -276,46 +426,48 @@ def _url_host(bind: str, address: tuple[str, int]) -> str:
     return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
 
 
-async def announce_admin_token(
-    auth: Auth, store_ready: trio.Event, config: Config, url: str
-) -> None:
-    """On a store with no admin token yet, make one and show it, once."""
+async def announce_setup(auth: Auth, store_ready: trio.Event, config: Config, url: str) -> None:
+    """On a store with no user yet, write the one-time setup link and say where.
+
+    The link (``/setup#code=...``: a fragment never reaches a server log)
+    opens the page that creates the first admin; it is worth nothing once
+    any user exists. Logs are kept, shipped and shared: they get the file's
+    path, never the link.
+    """
     await store_ready.wait()
     try:
-        token = await auth.ensure_admin_token()
+        if await auth.store.count_users():
+            return
     except Exception as exc:
-        log.warning("could not check for an admin token: %s", exc)
+        log.warning("could not check for users: %s", exc)
         return
-    if token is not None:
-        # Logs are kept, shipped and shared: they get the file's path, never the token.
-        try:
-            path = write_first_admin_token(config, token)
-        except OSError as exc:
-            log.warning(
-                "could not save the first admin token (`z4j admin token` makes one): %s", exc
-            )
-        else:
-            log.warning(
-                "first start: an admin token was made and written to %s (readable by this "
-                "user only; delete it once you have signed in). Sign in at %s",
-                path,
-                url,
-            )
-        if sys.stderr.isatty():
-            print(f"z4j: the first admin token is {token}", file=sys.stderr, flush=True)
+    link = f"{url.removesuffix('/login')}/setup#code={auth.setup_code()}"
+    try:
+        path = write_private(config, SETUP_LINK_FILE, link)
+    except OSError as exc:
+        log.warning("could not save the setup link (`z4j user create` makes a user): %s", exc)
+    else:
+        log.warning(
+            "first start: no user yet. Open the one-time setup link written to %s (readable "
+            "by this user only) to create the first admin; `z4j user create --role admin` "
+            "works too",
+            path,
+        )
+    if sys.stderr.isatty():
+        print(f"z4j: create the first admin at {link}", file=sys.stderr, flush=True)
 
 
-FIRST_ADMIN_TOKEN_FILE = "first-admin-token"
+SETUP_LINK_FILE = "first-admin-setup-link"
 
 
-def write_first_admin_token(config: Config, token: str) -> Path:
-    """Write the first admin token to a file only this user can read (0600)."""
+def write_private(config: Config, name: str, text: str) -> Path:
+    """Write ``text`` to a file of the data directory only this user can read (0600)."""
     private_dir(config.data_dir)
-    path = config.data_dir / FIRST_ADMIN_TOKEN_FILE
+    path = config.data_dir / name
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.fchmod(fd, 0o600)  # an older file may have been made with another mode
-        os.write(fd, (token + "\n").encode())
+        os.write(fd, (text + "\n").encode())
     finally:
         os.close(fd)
     return path

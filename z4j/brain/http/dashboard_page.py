@@ -141,9 +141,14 @@ def _etag_matches(value: bytes, etag: bytes) -> bool:
     return False
 
 
-# The page's addresses: the dashboard at "/", the sign-in page at "/login",
+# The page's addresses: the dashboard at "/", the sign-in page at "/login", setup at "/setup",
 # everything else under "/static/" (a bare file name is accepted too).
-_ROUTES = {"": "index.html", "index.html": "index.html", "login": "login.html"}
+_ROUTES = {
+    "": "index.html",
+    "index.html": "index.html",
+    "login": "login.html",
+    "setup": "setup.html",  # the first-run setup link (auth.announce_setup)
+}
 
 
 def resolve(path: str) -> StaticFile | None:

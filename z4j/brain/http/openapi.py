@@ -65,7 +65,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
     meaning = {
         400: "Bad input",
         401: "Not signed in",
-        403: "Refused: a foreign Origin, or a cookie-signed write without its X-CSRF-Token",
+        403: "Refused: the caller's role or token scope does not allow it (see "
+        "docs/security.md), a foreign Origin, or a cookie-signed write without its X-CSRF-Token",
         404: "Not found",
         405: "Method not allowed",
         409: "Conflict with the current state",
@@ -106,7 +107,10 @@ def _operation(
     operation: dict[str, Any] = {
         "operationId": operation_id,
         "summary": summary,
-        "responses": {str(status): success, **_errors(*errors, *(() if public else (503,)))},
+        "responses": {
+            str(status): success,
+            **_errors(*sorted({*errors, *(() if public else (403, 503))})),
+        },
     }
     if description:
         operation["description"] = description
@@ -613,8 +617,106 @@ SCHEMAS: dict[str, Any] = {
     },
     "SignIn": {
         "type": "object",
-        "properties": {"token": {"type": "string", "minLength": 1}},
-        "required": ["token"],
+        "description": "a user's name and password, or a token (an admin or personal one)",
+        "properties": {
+            "token": {"type": "string", "minLength": 1},
+            "name": {"type": "string", "minLength": 1},
+            "password": {"type": "string"},
+        },
+    },
+    "Setup": _object(
+        {
+            "code": {"type": "string", "description": "from the setup link the brain wrote"},
+            "name": {"type": "string", "minLength": 1, "maxLength": 100},
+            "password": {"type": "string", "minLength": 10, "maxLength": 1024},
+        }
+    ),
+    "SetupDone": _object(
+        {
+            "csrf_token": STRING,
+            "expires_in": {"type": "integer"},
+            "user": {"$ref": "#/components/schemas/User"},
+        }
+    ),
+    "SetupState": _object({"needed": {"type": "boolean"}}),
+    "Whoami": _object(
+        {
+            "name": STRING,
+            "actor": {"type": "string", "description": "how audit rows and commands name you"},
+            "kind": {"type": "string", "enum": ["user", "token", "legacy_token"]},
+            "user_id": _nullable(UUID),
+            "role": {"type": "string", "enum": ["admin", "operator", "viewer"]},
+            "scope": _nullable({"type": "string", "enum": ["read", "commands", "admin"]}),
+            "projects": _nullable({"type": "array", "items": UUID}),
+            "by_cookie": {"type": "boolean"},
+        }
+    ),
+    "SessionsEnded": _object({"sessions_ended": {"type": "integer"}}),
+    "User": _object(
+        {
+            "id": UUID,
+            "name": STRING,
+            "role": {"type": "string", "enum": ["admin", "operator", "viewer"]},
+            "projects": _nullable(
+                {
+                    "type": "array",
+                    "items": _object({"id": UUID, "name": _nullable(STRING)}),
+                }
+            ),
+            "disabled": {"type": "boolean"},
+            "created_at": TIME,
+            "updated_at": TIME,
+        }
+    ),
+    "NewUser": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 100},
+            "password": {"type": "string", "minLength": 10, "maxLength": 1024},
+            "role": {"type": "string", "enum": ["admin", "operator", "viewer"]},
+            "projects": _nullable({"type": "array", "items": STRING}),
+        },
+        "required": ["name", "password"],
+    },
+    "NewPassword": {
+        "type": "object",
+        "properties": {"password": {"type": "string", "minLength": 10, "maxLength": 1024}},
+        "required": ["password"],
+    },
+    "Token": _object(
+        {
+            "id": {"type": "string", "description": "a uuid; a legacy admin token's hash prefix"},
+            "kind": {"type": "string", "enum": ["personal", "legacy"]},
+            "user_id": _nullable(UUID),
+            "user": _nullable(STRING),
+            "name": STRING,
+            "scope": {"type": "string", "enum": ["read", "commands", "admin"]},
+            "created_at": TIME,
+            "expires_at": _nullable(TIME),
+            "last_used_at": _nullable(TIME),
+            "revoked_at": _nullable(TIME),
+        }
+    ),
+    "NewToken": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 100},
+            "scope": {"type": "string", "enum": ["read", "commands", "admin"]},
+            "expires_in_days": _nullable({"type": "integer", "minimum": 1, "maximum": 1830}),
+        },
+        "required": ["name"],
+    },
+    "CreatedToken": {
+        "allOf": [
+            {"$ref": "#/components/schemas/Token"},
+            {
+                "type": "object",
+                "properties": {
+                    "token": {"type": "string", "description": "the secret: shown only now"}
+                },
+                "required": ["token"],
+            },
+        ]
     },
     "SignedIn": _object(
         {
@@ -700,11 +802,17 @@ OPENAPI: dict[str, Any] = {
         "/session": {
             "post": _operation(
                 "signIn",
-                "Sign in: a session cookie (and its CSRF token) for an admin token",
+                "Sign in: a session cookie (and its CSRF token) for a name and password, "
+                "or a token",
                 (200, _ref("SignedIn")),
                 errors=(400, 401, 403, 413, 415, 429, 503),
                 body=_ref("SignIn"),
                 public=True,
+            ),
+            "get": _operation(
+                "whoami",
+                "Who is signed in: name, role, token scope, projects",
+                (200, _ref("Whoami")),
             ),
             "delete": _operation(
                 "signOut",
@@ -714,6 +822,105 @@ OPENAPI: dict[str, Any] = {
                 parameters=[CSRF_HEADER],
                 public=True,
             ),
+        },
+        "/sessions": {
+            "delete": _operation(
+                "signOutEverywhere",
+                "Sign out everywhere: end every session of the caller (user or admin token)",
+                (200, _ref("SessionsEnded")),
+                errors=(401, 415),
+                parameters=[CSRF_HEADER],
+            )
+        },
+        "/setup": {
+            "get": _operation(
+                "setupState",
+                "Whether the first admin is still to be created",
+                (200, _ref("SetupState")),
+                errors=(),
+                public=True,
+            ),
+            "post": _operation(
+                "setup",
+                "Create the first admin with the one-time setup code, and sign in as them",
+                (201, _ref("SetupDone")),
+                errors=(400, 401, 403, 409, 413, 415, 429, 503),
+                body=_ref("Setup"),
+                public=True,
+                description="Works only while the store has no user (else 409); the code is in "
+                "the link the brain wrote to its data directory at its first start.",
+            ),
+        },
+        "/users": {
+            "get": _operation("listUsers", "Users (admin)", (200, _page("User"))),
+            "post": _operation(
+                "createUser",
+                "Create a user (admin)",
+                (201, _ref("User")),
+                errors=(400, 401, 404, 409, 413, 415),
+                body=_ref("NewUser"),
+                parameters=[CSRF_HEADER],
+            ),
+        },
+        "/users/{id}/disable": {
+            "post": _operation(
+                "disableUser",
+                "Disable a user (admin): their sessions and tokens stop working at once",
+                (200, _ref("User")),
+                errors=(400, 401, 404, 409, 415),
+                parameters=[_path("id"), CSRF_HEADER],
+            )
+        },
+        "/users/{id}/enable": {
+            "post": _operation(
+                "enableUser",
+                "Enable a disabled user (admin)",
+                (200, _ref("User")),
+                errors=(400, 401, 404, 415),
+                parameters=[_path("id"), CSRF_HEADER],
+            )
+        },
+        "/users/{id}/password": {
+            "post": _operation(
+                "resetPassword",
+                "Set a user's password (admin): their sessions end",
+                (200, _ref("User")),
+                errors=(400, 401, 404, 413, 415),
+                body=_ref("NewPassword"),
+                parameters=[_path("id"), CSRF_HEADER],
+            )
+        },
+        "/tokens": {
+            "get": _operation(
+                "listTokens",
+                "Your personal tokens with their last use; ?all=true: everyone's and the "
+                "legacy admin tokens (admin)",
+                (200, _page("Token")),
+                errors=(401, 409),
+                parameters=[
+                    _query(
+                        "all", {"type": "string", "enum": ["true", "false"]}, "admin: every token"
+                    )
+                ],
+            ),
+            "post": _operation(
+                "createToken",
+                "Make a personal token (its secret is in this answer only)",
+                (201, _ref("CreatedToken")),
+                errors=(400, 401, 404, 409, 413, 415),
+                body=_ref("NewToken"),
+                parameters=[CSRF_HEADER],
+            ),
+        },
+        "/tokens/{id}": {
+            "delete": _operation(
+                "revokeToken",
+                "Revoke a token: yours, or (admin) anyone's or a legacy admin token; its "
+                "sessions and dashboard sockets end",
+                (200, _ref("Token")),
+                errors=(400, 401, 404, 415),
+                parameters=[_text_path("id"), CSRF_HEADER],
+            )
         },
         "/projects": {"get": _operation("listProjects", "Projects", (200, _page("Project")))},
         "/agents": {

@@ -23,6 +23,7 @@ from typing import Final, Literal
 
 __all__ = [
     "ACTIONS",
+    "DASHBOARD_ACTION",
     "ROLES",
     "ROUTES",
     "SCOPES",
@@ -51,8 +52,21 @@ SCOPES: Final[dict[str, frozenset[str]]] = {
 # (method, path template under /api/v1) -> action. Keep in the order of the API.
 ROUTES: Final[dict[tuple[str, str], Action]] = {
     ("GET", "/openapi.json"): "public",
+    # accounts: sign-in, first-run setup, users, personal tokens (accounts_api.py)
     ("POST", "/session"): "public",
+    ("GET", "/session"): "self",
     ("DELETE", "/session"): "public",
+    ("DELETE", "/sessions"): "self",
+    ("GET", "/setup"): "public",
+    ("POST", "/setup"): "public",
+    ("GET", "/users"): "admin",
+    ("POST", "/users"): "admin",
+    ("POST", "/users/{id}/disable"): "admin",
+    ("POST", "/users/{id}/enable"): "admin",
+    ("POST", "/users/{id}/password"): "admin",
+    ("GET", "/tokens"): "self",
+    ("POST", "/tokens"): "self",
+    ("DELETE", "/tokens/{id}"): "self",
     ("GET", "/projects"): "read",
     ("GET", "/agents"): "read",
     ("GET", "/agents/{id}"): "read",
@@ -115,6 +129,10 @@ ROUTES: Final[dict[tuple[str, str], Action]] = {
     ("POST", "/opamp/rollouts/{id}/resume"): "operate",
     ("POST", "/opamp/rollouts/{id}/cancel"): "operate",
 }
+
+
+# The dashboard socket (/ws/dashboard) streams what the read routes show.
+DASHBOARD_ACTION: Final[Action] = "read"
 
 
 def action_of(method: str, path: str) -> Action:

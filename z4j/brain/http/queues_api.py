@@ -156,7 +156,7 @@ class QueueRoutes:
                 "purge_queue",
                 target={"engine": engine, "queue": queue},
                 parameters={"engine": engine, "queue": queue, "confirm_token": token},
-                issued_by="api",
+                issued_by=request.actor,
             )
         except CommandError as exc:
             raise ApiError(409, "command_refused", str(exc)) from None
@@ -191,7 +191,7 @@ class QueueRoutes:
                 f"no worker of agent {agent_id} advertises dead letters for {engine}",
             )
         record = await self._send(
-            agent_id, "dlq.list", {"engine": engine, "queue": queue}, parameters
+            agent_id, "dlq.list", {"engine": engine, "queue": queue}, parameters, request.actor
         )
         done = await self._commands.wait(record.id, within=DEAD_LETTER_WAIT_SECONDS)
         detail = {"command_id": str(record.id)}
@@ -250,6 +250,7 @@ class QueueRoutes:
             "requeue_dead_letter",
             {"engine": engine, "queue": queue, "task_id": task_id},
             parameters,
+            request.actor,
         )
         return 201, to_json(record)
 
@@ -269,10 +270,11 @@ class QueueRoutes:
         action: str,
         target: dict[str, Any],
         parameters: dict[str, Any],
+        issued_by: str,
     ) -> CommandRecord:
         try:
             return await self._commands.send(
-                agent_id, action, target=target, parameters=parameters, issued_by="api"
+                agent_id, action, target=target, parameters=parameters, issued_by=issued_by
             )
         except CommandError as exc:
             raise ApiError(409, "command_refused", str(exc)) from None

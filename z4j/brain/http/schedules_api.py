@@ -92,7 +92,11 @@ class ScheduleRoutes:
         created = []
         for worker in await self._store.list_workers():
             if worker.disconnected_at is None and worker.schedulers:
-                created.append(await self._send(worker.agent_id, "schedule.resync", worker, {}, {}))
+                created.append(
+                    await self._send(
+                        worker.agent_id, "schedule.resync", worker, {}, {}, request.actor
+                    )
+                )
         if not created:
             raise ApiError(409, "not_offered", "no connected worker has a scheduler")
         return 201, {"commands": created}
@@ -107,13 +111,15 @@ class ScheduleRoutes:
                     "not_offered",
                     f"no connected worker offers {action} for {schedule.scheduler} schedules",
                 )
-            return 201, await self._act(schedule, action, offered)
+            return 201, await self._act(schedule, action, offered, request.actor)
 
         return act
 
     # -- the commands ------------------------------------------------------------------
 
-    async def _act(self, schedule: ScheduleRecord, action: str, offered: _Offered) -> Any:
+    async def _act(
+        self, schedule: ScheduleRecord, action: str, offered: _Offered, actor: str
+    ) -> Any:
         scheduler = schedule.scheduler
         schedule_id = schedule.external_id or schedule.source_key
         holder = offered.holder(schedule)
@@ -134,6 +140,7 @@ class ScheduleRoutes:
                     "fire_id": str(uuid.uuid4()),
                     "schedule": schedule.source_key,
                 },
+                actor,
             )
         assert holder is not None  # offered
         stream = offered.stream(schedule)
@@ -146,6 +153,7 @@ class ScheduleRoutes:
                 holder,
                 {**target, "schedule_id": schedule_id},
                 {"schedule_id": schedule_id},
+                actor,
             )
         if _takes(holder, scheduler, MUTATION_CAPABILITY):
             return await self._send(
@@ -154,6 +162,7 @@ class ScheduleRoutes:
                 holder,
                 target,
                 _mutation(stream, schedule, action),
+                actor,
             )
         record = await self._send(
             holder.agent_id,
@@ -161,9 +170,10 @@ class ScheduleRoutes:
             holder,
             {**target, "schedule_id": schedule_id},
             {"schedule_id": schedule_id},
+            actor,
         )
         # These publish nothing of their own: a snapshot right after shows the change.
-        await self._send(holder.agent_id, "schedule.resync", holder, {}, {})
+        await self._send(holder.agent_id, "schedule.resync", holder, {}, {}, actor)
         return record
 
     async def _send(
@@ -173,6 +183,7 @@ class ScheduleRoutes:
         worker: WorkerInfo,
         target: dict[str, Any],
         parameters: dict[str, Any],
+        issued_by: str,
     ) -> dict[str, Any]:
         try:
             record = await self._commands.send(
@@ -180,7 +191,7 @@ class ScheduleRoutes:
                 action,
                 target={**target, "worker_id": worker.worker_id},
                 parameters=parameters,
-                issued_by="api",
+                issued_by=issued_by,
             )
         except CommandError as exc:
             raise ApiError(409, "command_refused", str(exc)) from None

@@ -138,7 +138,7 @@ class TaskRoutes:
             parameters = retry_parameters(task, body.get("args"), body.get("kwargs"))
         except ValueError as exc:
             raise ApiError(409, "inputs_unknown", str(exc)) from None
-        return 201, await self._command(task, "retry_task", parameters)
+        return 201, await self._command(task, "retry_task", parameters, request.actor)
 
     async def bulk_retry(self, request: Request) -> Response:
         """Retry every task a filter matches, up to ``max`` (at most
@@ -193,6 +193,7 @@ class TaskRoutes:
                         },
                         "max": len(tasks),
                     },
+                    request.actor,
                 )
                 created.append(record)
                 continue
@@ -211,7 +212,7 @@ class TaskRoutes:
                 except ValueError as exc:
                     skipped.append({"task_id": task.task_id, "reason": str(exc)})
                     continue
-                record = await self._command(task, "retry_task", parameters)
+                record = await self._command(task, "retry_task", parameters, request.actor)
                 created.append(record)
         return 201, {"commands": created, "skipped": skipped}
 
@@ -223,7 +224,9 @@ class TaskRoutes:
                 "not_offered",
                 f"no worker of agent {task.agent_id} advertises cancel for {task.engine}",
             )
-        return 201, await self._command(task, "cancel_task", {"task_id": task.task_id})
+        return 201, await self._command(
+            task, "cancel_task", {"task_id": task.task_id}, request.actor
+        )
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -255,7 +258,7 @@ class TaskRoutes:
         return advertised
 
     async def _command(
-        self, task: TaskRecord, action: str, parameters: dict[str, Any]
+        self, task: TaskRecord, action: str, parameters: dict[str, Any], issued_by: str
     ) -> dict[str, Any]:
         """Send ``action`` about ``task`` to its agent: the command as the API shows it."""
         assert task.agent_id is not None  # _actions offered nothing otherwise
@@ -265,7 +268,7 @@ class TaskRoutes:
                 action,
                 target={"engine": task.engine, "task_id": task.task_id},
                 parameters={"engine": task.engine, **parameters},
-                issued_by="api",
+                issued_by=issued_by,
             )
         except CommandError as exc:
             raise ApiError(409, "command_refused", str(exc)) from None

@@ -112,7 +112,7 @@ class EngineWorkerRoutes:
                 action,
                 target={"engine": engine, "id": worker},
                 parameters=parameters,
-                issued_by="api",
+                issued_by=request.actor,
             )
         except CommandError as exc:
             raise ApiError(409, "command_refused", str(exc)) from None

@@ -1,0 +1,180 @@
+"""The role by route walk: every operation of the OpenAPI document, with every
+role and every personal token scope, allowed or refused (403) exactly as
+policy.py says; the dashboard socket too.
+
+A route the document lists without a policy row fails here (and an API
+route without one cannot even be registered: api.py asks ``action_of``).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+import attrs
+import pytest
+import trio
+from test_api import call
+from test_dashboard_hub import viewer
+from wsproto.events import CloseConnection
+
+from z4j.brain.http.api import Api
+from z4j.brain.http.openapi import OPENAPI
+from z4j.brain.http.policy import ACTIONS, DASHBOARD_ACTION, ROLES, ROUTES, SCOPES, allowed
+from z4j.config import Config
+from z4j.testing.agents import admin_token
+from z4j.testing.brain import running_brain
+
+PASSWORD = "correct horse battery"
+
+
+def _operations() -> list[tuple[str, str]]:
+    return [
+        (method.upper(), path)
+        for path, operations in OPENAPI["paths"].items()
+        for method in operations
+        if method in ("get", "post", "put", "patch", "delete")
+    ]
+
+
+def test_every_documented_route_has_a_policy_row_and_every_row_a_route() -> None:
+    documented = set(_operations())
+    missing = sorted(documented - set(ROUTES))
+    assert not missing, f"no policy row in z4j/brain/http/policy.py for {missing}"
+    assert set(ROUTES.values()) <= set(ACTIONS)
+
+
+def test_the_api_registers_exactly_the_policy_table() -> None:
+    from typing import cast
+
+    from z4j.brain.commands import Commands
+    from z4j.brain.http.auth import Auth
+    from z4j.store.base import Store
+
+    api = Api(cast(Store, None), cast(Commands, None), Auth(cast(Store, None), b"m" * 32))
+    registered = {(method, template) for method, template, *_ in api._routes}
+    assert registered == set(_operations()), "a route the OpenAPI document lacks, or not served"
+    assert registered <= set(ROUTES)
+
+
+def test_scopes_and_roles_only_narrow() -> None:
+    # A scope never grants what its owner's role lacks: allowed() needs both.
+    for role in ROLES:
+        for scope in SCOPES:
+            for action in ACTIONS:
+                assert allowed(action, role, scope) == (
+                    action in ROLES[role] and action in SCOPES[scope]
+                )
+
+
+@attrs.frozen
+class Caller:
+    label: str
+    role: str
+    scope: str | None
+    token: str | None = None
+    cookie: str | None = None
+    csrf: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        return {"X-CSRF-Token": self.csrf} if self.csrf else {}
+
+
+def _fill(path: str) -> str:
+    return re.sub(r"\{[^}]+\}", lambda m: str(uuid.uuid4()) if m[0] == "{id}" else "x", path)
+
+
+async def _callers(http: tuple[str, int], legacy: str) -> list[Caller]:
+    """A password session for each role, and personal tokens of every scope
+    each role may make, plus the legacy admin token."""
+    callers = [Caller("legacy admin token", "admin", None, token=legacy)]
+    for role in ("viewer", "operator", "admin"):
+        name = f"{role}-{uuid.uuid4().hex[:6]}"
+        status, _, body = await call(
+            http,
+            "POST",
+            "/api/v1/users",
+            token=legacy,
+            body={"name": name, "password": PASSWORD, "role": role},
+        )
+        assert status == 201, body
+        status, headers, body = await call(
+            http, "POST", "/api/v1/session", body={"name": name, "password": PASSWORD}
+        )
+        assert status == 200, body
+        cookie, csrf = headers["set-cookie"].split(";")[0], body["csrf_token"]
+        callers.append(Caller(f"{role} session", role, None, cookie=cookie, csrf=csrf))
+        for scope in SCOPES:
+            status, _, body = await call(
+                http,
+                "POST",
+                "/api/v1/tokens",
+                cookie=cookie,
+                headers={"X-CSRF-Token": csrf},
+                body={"name": f"t-{scope}", "scope": scope},
+            )
+            if not SCOPES[scope] <= ROLES[role]:
+                assert status == 403, (role, scope, body)  # no token beyond the role
+                continue
+            assert status == 201, body
+            callers.append(Caller(f"{role} {scope} token", role, scope, token=body["token"]))
+    return callers
+
+
+async def test_every_route_with_every_role_and_scope_is_allowed_or_refused_per_policy(
+    config: Config,
+) -> None:
+    legacy = await admin_token(config)
+    # Signing a caller out ends what the next requests need: those go last.
+    last = [("DELETE", "/sessions"), ("DELETE", "/session")]
+    operations = sorted(_operations(), key=lambda op: last.index(op) + 1 if op in last else 0)
+    with trio.fail_after(120):
+        async with running_brain(config) as brain:
+            http = brain.addresses.http
+            callers = await _callers(http, legacy)
+            assert {c.scope for c in callers} >= set(SCOPES) and len(callers) == 1 + 3 + 6
+            refused_somewhere = 0
+            for caller in callers:
+                for method, template in operations:
+                    action = ROUTES[(method, template)]
+                    body = {} if method in ("POST", "PUT", "PATCH") else None
+                    status, _, answer = await call(
+                        http,
+                        method,
+                        "/api/v1" + _fill(template),
+                        token=caller.token,
+                        cookie=caller.cookie,
+                        headers={**caller.headers(), "Content-Type": "application/json"},
+                        body=body,
+                    )
+                    where = f"{caller.label}: {method} {template} ({action}) -> {status} {answer}"
+                    assert status != 401 or action == "public", where  # signed in
+                    # The policy's refusal names the action (a handler's own 403s do not).
+                    forbidden = status == 403 and answer.get("action") is not None
+                    if allowed(action, caller.role, caller.scope):
+                        assert not forbidden, where
+                        assert status < 500 or status == 504, where
+                    else:
+                        assert forbidden, where
+                        assert answer["action"] == action
+                        refused_somewhere += 1
+            assert refused_somewhere > 0
+
+
+@pytest.mark.parametrize("store_kind", ["sqlite"], indirect=True)
+async def test_the_dashboard_socket_follows_the_policy_for_every_caller(config: Config) -> None:
+    legacy = await admin_token(config)
+    with trio.fail_after(60):
+        async with running_brain(config) as brain:
+            http = brain.addresses.http
+            for caller in await _callers(http, legacy):
+                session = None if caller.cookie is None else caller.cookie.split("=", 1)[1]
+                origin = None if session is None else "http://x"
+                opened: Any = viewer(
+                    http, caller.token, origin=origin, session=session, csrf=caller.csrf
+                )
+                assert allowed(DASHBOARD_ACTION, caller.role, caller.scope), caller
+                async with opened as v:
+                    first = await v.next_event()
+                    assert not isinstance(first, CloseConnection), caller.label
