@@ -45,13 +45,21 @@ from ..buffer import ClaimedRow
 from ..events import event_rows
 from ..schedules import ScheduleControl, ScheduleFrame
 from ..tasks import TaskEvent, TaskRow
-from . import _rows, opamp, opamp_rollouts, schedule_frames, schedules, task_writes, tasks
-from ._filters import Where, commands_where, events_where
+from . import (
+    _rows,
+    event_search,
+    opamp,
+    opamp_rollouts,
+    schedule_frames,
+    schedules,
+    task_writes,
+    tasks,
+)
+from ._filters import Where, commands_where
 from ._rows import (
     AGENT_COLUMNS,
     AUDIT_COLUMNS,
     COMMAND_COLUMNS,
-    EVENT_COLUMNS,
     INSTANCE_COLUMNS,
     TOKEN_COLUMNS,
     WORKER_COLUMNS,
@@ -72,7 +80,9 @@ from .base import (
     DirectoryConflict,
     EngineWorker,
     EventFilter,
-    EventRecord,
+    EventHistogram,
+    EventPage,
+    ExportPage,
     InstanceInfo,
     OpampAgent,
     OpampConfig,
@@ -603,14 +613,23 @@ class PostgresStore:
         rows = await self._run(lambda conn: conn.execute(sql, where.params).fetchall())
         return [_rows.worker(PG, row) for row in rows]
 
-    async def list_events(self, query: EventFilter) -> list[EventRecord]:
-        where = events_where(PG, query)
-        sql = (
-            f"SELECT {EVENT_COLUMNS} FROM events{where} ORDER BY received_at DESC, id DESC LIMIT %s"
+    async def search_events(self, query: EventFilter) -> EventPage:
+        result: EventPage = await self._run(lambda conn: event_search.search_page(PG, conn, query))
+        return result
+
+    async def export_events(self, query: EventFilter) -> ExportPage:
+        result: ExportPage = await self._run(lambda conn: event_search.export_page(PG, conn, query))
+        return result
+
+    async def event_histogram(
+        self, query: EventFilter, *, start: float, bucket_seconds: float, buckets: int
+    ) -> EventHistogram:
+        result: EventHistogram = await self._run(
+            lambda conn: event_search.event_histogram(
+                PG, conn, query, start=start, bucket_seconds=bucket_seconds, buckets=buckets
+            )
         )
-        params = (*where.params, query.limit)
-        rows = await self._run(lambda conn: conn.execute(sql, params).fetchall())
-        return [_rows.event(PG, row) for row in rows]
+        return result
 
     async def list_tasks(self, query: TaskFilter) -> list[TaskRecord]:
         result: list[TaskRecord] = await self._run(lambda conn: tasks.list_tasks(PG, conn, query))
