@@ -58,6 +58,8 @@ ROUTES: Final[dict[tuple[str, str], Action]] = {
     ("GET", "/agents/{id}"): "read",
     ("GET", "/instances"): "read",
     ("GET", "/events"): "read",
+    ("GET", "/events/histogram"): "read",
+    ("GET", "/events/export"): "read",
     ("GET", "/commands"): "read",
     ("POST", "/commands"): "operate",
     ("GET", "/commands/{id}"): "read",
@@ -107,7 +109,9 @@ def action_of(method: str, path: str) -> Action:
     try:
         return ROUTES[(method, path)]
     except KeyError:
-        raise KeyError(f"no policy for {method} {path}: add it to z4j/brain/http/policy.py") from None
+        raise KeyError(
+            f"no policy for {method} {path}: add it to z4j/brain/http/policy.py"
+        ) from None
 
 
 def allowed(action: str, role: str, scope: str | None = None) -> bool:

@@ -1,0 +1,292 @@
+"""``/api/v1/events``: event search, its time histogram, and streamed exports.
+
+One filter serves all three: project, agent, worker, kind, the agent
+events' task fields, a time range and ``q``, a text inside the body (the
+store reads a bounded number of rows per page for it: a page may be short,
+even empty, and still have a ``next_cursor``). Every answer is bounded:
+a page by ``limit`` and a byte budget, the histogram by its bucket count
+and the rows the store counts, an export by one page in memory at a time
+(it streams: streaming.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from collections.abc import AsyncGenerator
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+import orjson
+
+from ...store.base import EventFilter, EventRecord, ExportRow, Store
+from ...store.event_search import bucket_width
+from ._request import (
+    ApiError,
+    Handler,
+    Request,
+    Response,
+    check_text,
+    epoch,
+    limit_param,
+    page,
+    time_param,
+    uuid_param,
+)
+from .resources import iso, to_json
+from .streaming import Streamed
+
+__all__ = ["EXPORT_COLUMNS", "EventRoutes", "event_json"]
+
+# Event listings: a body larger than this (as JSON) is left out of its item
+# unless the caller asks for more, up to the second figure; and a page stops
+# growing past the byte budget (with a cursor for the rest), so no listing
+# builds hundreds of MiB however large the stored records are.
+EVENT_BODY_BYTES = 64 * 1024
+MAX_EVENT_BODY_BYTES = 16 * 1024 * 1024
+EVENTS_PAGE_BYTES = 4 * 1024 * 1024
+MAX_TEXT = 200
+# A histogram has at most this many buckets; its default range is the last day.
+HISTOGRAM_BUCKETS = 120
+HISTOGRAM_DEFAULT_SECONDS = 86400.0
+# An export reads pages of at most EXPORT_PAGE_ROWS, fewer when the bodies
+# are large (about EXPORT_PAGE_BYTES a page), starting small.
+EXPORT_PAGE_ROWS = 2000
+EXPORT_FIRST_ROWS = 200
+EXPORT_PAGE_BYTES = 4 * 1024 * 1024
+EXPORT_COLUMNS = (
+    "id",
+    "key",
+    "received_at",
+    "source",
+    "kind",
+    "project_id",
+    "agent_id",
+    "worker_id",
+    "body",
+)
+FORMATS = {
+    "ndjson": (b"application/x-ndjson", "ndjson"),
+    "csv": (b"text/csv; charset=utf-8", "csv"),
+}
+
+
+class EventRoutes:
+    """The event routes of `Api`."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def routes(self) -> list[tuple[str, str, Handler]]:
+        return [
+            ("GET", "/events", self.search),
+            ("GET", "/events/histogram", self.histogram),
+            ("GET", "/events/export", self.export),
+        ]
+
+    async def search(self, request: Request) -> Response:
+        q = request.query
+        body_max = EVENT_BODY_BYTES
+        if "body_max_bytes" in q:
+            raw = q["body_max_bytes"]
+            if not raw.isdigit() or int(raw) > MAX_EVENT_BODY_BYTES:
+                raise ApiError(
+                    400,
+                    "bad_request",
+                    f"body_max_bytes: an integer from 0 to {MAX_EVENT_BODY_BYTES}",
+                )
+            body_max = int(raw)
+        query = event_filter(q)
+        found = await self._store.search_events(query)
+        events = found.events
+        items: list[dict[str, Any]] = []
+        size = 0
+        for event in events:
+            item = event_json(event, body_max_bytes=body_max)
+            size += len(orjson.dumps(item))
+            if items and size > EVENTS_PAGE_BYTES:
+                break  # the page is full: the cursor continues after the last item kept
+            items.append(item)
+        if len(items) < len(events):
+            last = events[len(items) - 1]
+            return 200, page(items, _cursor_out((last.received_at, last.id)))
+        return 200, page(items, None if found.next is None else _cursor_out(found.next))
+
+    async def histogram(self, request: Request) -> Response:
+        q = request.query
+        query = event_filter(q, paged=False)
+        until = query.until if query.until is not None else time.time()
+        since = query.since if query.since is not None else until - HISTOGRAM_DEFAULT_SECONDS
+        if since >= until:
+            raise ApiError(400, "bad_request", "since must be before until")
+        width = bucket_width(until - since, HISTOGRAM_BUCKETS)
+        start = math.floor(since / width) * width
+        buckets = math.ceil((until - start) / width)
+        found = await self._store.event_histogram(
+            attrs.evolve(query, since=since, until=until),
+            start=start,
+            bucket_seconds=width,
+            buckets=buckets,
+        )
+        return 200, {
+            "since": iso(since),
+            "until": iso(until),
+            "bucket_seconds": width,
+            "buckets": [
+                {"start": iso(start + i * width), "count": n} for i, n in enumerate(found.counts)
+            ],
+            "complete": found.complete,
+            "counted_since": iso(found.counted_since),
+        }
+
+    async def export(self, request: Request) -> Response:
+        q = request.query
+        name = q.get("format", "ndjson")
+        if name not in FORMATS:
+            raise ApiError(400, "bad_request", "format: ndjson or csv")
+        most: int | None = None
+        if "max" in q:
+            raw = q["max"]
+            if not raw.isdigit() or not 1 <= int(raw) < 2**63:
+                raise ApiError(400, "bad_request", "max: a positive integer")
+            most = int(raw)
+        query = event_filter(q, paged=False)
+        content_type, suffix = FORMATS[name]
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        disposition = f'attachment; filename="z4j-events-{stamp}.{suffix}"'.encode()
+        encode = _ndjson if name == "ndjson" else _csv
+
+        async def chunks() -> AsyncGenerator[bytes, None]:
+            # One chunk a page, even an empty one (a text page may match
+            # nothing): the first goes out with the status, so a refusal
+            # found by the first read is still a proper error response.
+            prefix = _csv_header() if name == "csv" else b""
+            rows_left = most
+            page_query = attrs.evolve(
+                query, limit=min(EXPORT_FIRST_ROWS, most or EXPORT_FIRST_ROWS)
+            )
+            per_row = 1
+            while True:
+                found = await self._store.export_events(page_query)
+                rows = found.rows if rows_left is None else found.rows[:rows_left]
+                data = encode(rows) if rows else b""
+                yield prefix + data
+                prefix = b""
+                if rows_left is not None:
+                    rows_left -= len(rows)
+                if found.next is None or rows_left == 0:
+                    return
+                # Size the next page from this one's bytes per row.
+                if rows:
+                    per_row = max(1, len(data) // len(rows))
+                limit = max(1, min(EXPORT_PAGE_ROWS, EXPORT_PAGE_BYTES // per_row))
+                if rows_left is not None:
+                    limit = min(limit, rows_left)
+                page_query = attrs.evolve(page_query, before=found.next, limit=limit)
+
+        return 200, Streamed(content_type, chunks, headers=((b"content-disposition", disposition),))
+
+
+# -- input ---------------------------------------------------------------------------------
+
+
+def event_filter(q: dict[str, str], *, paged: bool = True) -> EventFilter:
+    """The filter of the query's parameters (with ``paged``, its cursor and limit too)."""
+    # An empty value is no condition (as a form sends an empty field).
+    q = {name: value for name, value in q.items() if value or name in ("limit", "cursor")}
+    text: dict[str, str] = {}
+    for name in ("kind", "worker_id", "task_id", "engine", "task_name", "q"):
+        if q.get(name):
+            check_text(q[name])
+            if len(q[name]) > MAX_TEXT:
+                raise ApiError(400, "bad_request", f"{name}: at most {MAX_TEXT} characters")
+            text[name] = q[name]
+    return EventFilter(
+        kind=text.get("kind"),
+        project_id=uuid_param(q["project_id"], "project_id") if "project_id" in q else None,
+        agent_id=uuid_param(q["agent_id"], "agent_id") if "agent_id" in q else None,
+        worker_id=text.get("worker_id"),
+        task_id=text.get("task_id"),
+        engine=text.get("engine"),
+        task_name=text.get("task_name"),
+        since=time_param(q["since"], "since") if "since" in q else None,
+        until=time_param(q["until"], "until") if "until" in q else None,
+        text=text.get("q"),
+        before=_cursor_in(q["cursor"]) if paged and "cursor" in q else None,
+        limit=limit_param(q) if paged else 1,
+    )
+
+
+def _cursor_in(raw: str) -> tuple[float, int]:
+    at, _, last = raw.partition("_")
+    try:
+        when, event_id = float(at), int(last)
+    except ValueError:
+        raise ApiError(400, "bad_request", "cursor: as given by the last page") from None
+    if not 0 <= event_id < 2**63:  # a bigint, in both stores
+        raise ApiError(400, "bad_request", "cursor: as given by the last page")
+    return epoch(when, "cursor"), event_id
+
+
+def _cursor_out(key: tuple[float, int]) -> str:
+    return f"{key[0]!r}_{key[1]}"
+
+
+# -- output --------------------------------------------------------------------------------
+
+
+def event_json(e: EventRecord, *, body_max_bytes: int | None = None) -> dict[str, Any]:
+    """An event as the API shows it; a body over ``body_max_bytes`` (as JSON)
+    is left out (``body`` null, ``body_truncated`` true, its size in ``body_bytes``)."""
+    item = to_json(e)
+    if body_max_bytes is not None and item["body_bytes"] > body_max_bytes:
+        item["body"] = None
+        item["body_truncated"] = True
+    return item
+
+
+def _ndjson(rows: list[ExportRow]) -> bytes:
+    """One JSON object a line, the body spliced in as stored (never parsed)."""
+    dumps, stamp = orjson.dumps, _iso
+    out = bytearray()
+    for id_, key, at, source, kind, project, agent, worker, body in rows:
+        head = dumps(
+            {
+                "id": id_,
+                "key": key,
+                "received_at": stamp(at),
+                "source": source,
+                "kind": kind,
+                "project_id": project,
+                "agent_id": agent,
+                "worker_id": worker,
+            }
+        )
+        out += head[:-1]
+        out += b',"body":'
+        out += body.encode()
+        out += b"}\n"
+    return bytes(out)
+
+
+def _csv_header() -> bytes:
+    return (",".join(EXPORT_COLUMNS) + "\r\n").encode()
+
+
+def _csv(rows: list[ExportRow]) -> bytes:
+    """RFC 4180 rows (the csv module's defaults); the body column holds its JSON."""
+    text = io.StringIO()
+    writer = csv.writer(text)
+    stamp = _iso
+    writer.writerows(
+        (id_, key, stamp(at), source, kind, project or "", agent or "", worker or "", body)
+        for id_, key, at, source, kind, project, agent, worker, body in rows
+    )
+    return text.getvalue().encode()
+
+
+def _iso(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat()
