@@ -17,7 +17,8 @@
 // now, delete, and "Sync now"). #/fleet lists the OpAMP agents,
 // #/fleet/<instance uid> shows one (attributes, health, effective against
 // desired configuration) with an editor that pushes its configuration, and
-// #/rollouts follows staged rollouts where the brain serves them.
+// #/rollouts follows staged rollouts where the brain serves them. #/search
+// (event search, its histogram and exports) is search.js's.
 //
 // Everything from the server is put in the page with textContent, never as
 // HTML. Any 401 means the session is gone: back to /login.
@@ -1432,6 +1433,7 @@
     "fleet",
     "opamp-agent",
     "rollouts",
+    "search", // search.js fills it
   ];
   let route = { view: "overview" };
 
@@ -1458,6 +1460,7 @@
     }
     if (parts[0] === "fleet") return { view: "fleet" };
     if (parts[0] === "rollouts") return { view: "rollouts", rolloutId: parts[1] ?? null };
+    if (parts[0] === "search") return { view: "search" };
     return { view: "overview" };
   }
 
