@@ -17,12 +17,15 @@ from urllib.parse import urlencode
 import orjson
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from z4j import keys
 from z4j.brain.commands import Commands
 from z4j.brain.http import events_api
 from z4j.brain.http.api import Api
 from z4j.brain.http.auth import Auth
+from z4j.brain.http.resources import iso
 from z4j.config import Config
 from z4j.store import event_search
 from z4j.store.base import EventFilter, ExportPage, Store
@@ -171,7 +174,7 @@ def _row_json(e: StoredEvent) -> dict[str, Any]:
     return {
         "id": e.id,
         "key": e.key,
-        "received_at": events_api._iso(e.received_at),
+        "received_at": iso(e.received_at),
         "source": e.source,
         "kind": e.kind,
         "project_id": e.project_id,
@@ -206,7 +209,7 @@ async def test_export_streams_every_matching_event_as_ndjson_and_csv(config: Con
                 [
                     str(e.id),
                     e.key,
-                    events_api._iso(e.received_at),
+                    iso(e.received_at),
                     e.source,
                     e.kind,
                     e.project_id or "",
@@ -418,3 +421,49 @@ async def test_an_export_stops_reading_when_the_client_goes_away(
         )
     assert [what for what, _ in log] == ["read", "rows", "sent"]
     assert body.count(b"\n") == 5
+
+
+# -- the encoders, against the standard library ---------------------------------------------
+
+TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30)
+EXPORT_ROWS = st.lists(
+    st.tuples(
+        st.integers(0, 2**63 - 1),
+        st.text("0123456789abcdef", min_size=32, max_size=32),
+        st.floats(0, 253_402_300_798, allow_nan=False),
+        TEXT,
+        TEXT,
+        st.none() | st.uuids().map(str),
+        st.none() | st.uuids().map(str),
+        st.none() | TEXT,
+        TEXT.map(lambda t: orjson.dumps({"m": t}).decode()),
+    ),
+    max_size=20,
+)
+
+
+@given(EXPORT_ROWS)
+def test_export_encoders_write_what_the_standard_library_would(rows: list[Any]) -> None:
+    expected = io.StringIO()
+    csv.writer(expected).writerows(
+        (i, k, iso(at), src, kind, p or "", a or "", w or "", body)
+        for i, k, at, src, kind, p, a, w, body in rows
+    )
+    assert events_api._csv(rows) == expected.getvalue().encode()
+    lines = events_api._ndjson(rows).splitlines()
+    assert [orjson.loads(line) for line in lines] == [
+        dict(
+            zip(
+                events_api.EXPORT_COLUMNS,
+                (*row[:2], iso(row[2]), *row[3:8], orjson.loads(row[8])),
+                strict=True,
+            )
+        )
+        for row in rows
+    ]
+
+
+@given(st.lists(st.floats(0, 253_402_300_798, allow_nan=False), max_size=50))
+def test_export_times_are_the_apis_times(times: list[float]) -> None:
+    stamp = events_api._Iso()
+    assert [stamp(at) for at in sorted(times)] == [iso(at) for at in sorted(times)]

@@ -51,10 +51,11 @@ HISTOGRAM_TEXT_ROWS = 100_000
 
 _ORDER = " ORDER BY received_at DESC, id DESC"
 _SCANNED = "id, idempotency_key, received_at, source, kind, project_id, agent_id, worker_id, body"
-# The export's columns, over the scanned rows: the body stays JSON text.
+# The export's columns, over the scanned rows, already as an `ExportRow`
+# (received_at in epoch seconds, the body JSON text): no Python per row.
 _PG_EXPORT = (
-    "id, replace(idempotency_key::text, '-', ''), received_at, source, kind,"
-    " project_id::text, agent_id::text, worker_id, body::text"
+    "id, replace(idempotency_key::text, '-', ''), extract(epoch FROM received_at)::float8,"
+    " source, kind, project_id::text, agent_id::text, worker_id, body::text"
 )
 _SQ_EXPORT = (
     "id, lower(hex(idempotency_key)), received_at, source, kind,"
@@ -88,21 +89,26 @@ def _page(
     conn: Conn,
     query: EventFilter,
     columns: str,
-    row: Callable[[Any], R],
+    row: Callable[[Any], R] | None,
     key: Callable[[R], tuple[float, int]],
 ) -> tuple[list[R], tuple[float, int] | None]:
+    """Rows of ``columns`` (each made by ``row``; None: as fetched) and the next cursor."""
+
+    def fetch(sql: str, params: list[Any]) -> list[R]:
+        rows = conn.execute(sql, params).fetchall()
+        return list(rows) if row is None else [row(r) for r in rows]
+
     where = events_where(d, query)
     if not query.text:
         sql = d.sql(f"SELECT {columns} FROM events{where}{_ORDER} LIMIT ?")
-        found = [row(r) for r in conn.execute(sql, [*where.params, query.limit]).fetchall()]
+        found = fetch(sql, [*where.params, query.limit])
         return found, key(found[-1]) if len(found) == query.limit else None
     match, match_params = text_match(d, query.text)
     sql = d.sql(
         f"SELECT {columns} FROM (SELECT {_SCANNED} FROM events{where}{_ORDER} LIMIT ?) AS s"
         f" WHERE {match}{_ORDER} LIMIT ?"
     )
-    params = [*where.params, SCAN_ROWS, *match_params, query.limit]
-    found = [row(r) for r in conn.execute(sql, params).fetchall()]
+    found = fetch(sql, [*where.params, SCAN_ROWS, *match_params, query.limit])
     if len(found) == query.limit:
         return found, key(found[-1])
     return found, _frontier(d, conn, where)
@@ -126,17 +132,14 @@ def search_page(d: Dialect, conn: Conn, query: EventFilter) -> EventPage:
 
 
 def export_page(d: Dialect, conn: Conn, query: EventFilter) -> ExportPage:
-    """As `search_page`, as export rows: the bodies are not parsed."""
-    ts_out = d.ts_out
-
-    def row(r: Any) -> ExportRow:
-        return (r[0], r[1], ts_out(r[2]), r[3], r[4], r[5], r[6], r[7], r[8])
+    """As `search_page`, as export rows: the bodies are not parsed, and the
+    rows are the driver's own tuples (SQLite keeps epoch seconds already)."""
 
     def key(r: ExportRow) -> tuple[float, int]:
         return r[2], r[0]
 
     columns = _PG_EXPORT if _postgres(d) else _SQ_EXPORT
-    rows, next_key = _page(d, conn, query, columns, row, key)
+    rows, next_key = _page(d, conn, query, columns, None, key)
     return ExportPage(rows=rows, next=next_key)
 
 
