@@ -14,14 +14,15 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import attrs
 import orjson
+import trio
 
-from ...store.base import EventFilter, EventRecord, ExportRow, Store
+from ...store.base import EventFilter, EventRecord, ExportPage, ExportRow, Store
 from ...store.event_search import bucket_width
 from ._request import (
     ApiError,
@@ -36,7 +37,7 @@ from ._request import (
     uuid_param,
 )
 from .resources import iso, to_json
-from .streaming import Streamed
+from .streaming import Spawn, Streamed
 
 __all__ = ["EXPORT_COLUMNS", "EventRoutes", "event_json"]
 
@@ -52,10 +53,12 @@ MAX_TEXT = 200
 HISTOGRAM_BUCKETS = 120
 HISTOGRAM_DEFAULT_SECONDS = 86400.0
 # An export reads pages of at most EXPORT_PAGE_ROWS, fewer when the bodies
-# are large (about EXPORT_PAGE_BYTES a page), starting small.
-EXPORT_PAGE_ROWS = 2000
+# are large (about EXPORT_PAGE_BYTES a page), starting small; it reads the
+# next page while the last is sent, so it holds two at most.
+EXPORT_PAGE_ROWS = 5000
 EXPORT_FIRST_ROWS = 200
 EXPORT_PAGE_BYTES = 4 * 1024 * 1024
+EXPORT_ROW_BYTES = 250  # a row's encoded size besides its body, about
 EXPORT_COLUMNS = (
     "id",
     "key",
@@ -158,35 +161,69 @@ class EventRoutes:
         disposition = f'attachment; filename="z4j-events-{stamp}.{suffix}"'.encode()
         encode = _ndjson if name == "ndjson" else _csv
 
-        async def chunks() -> AsyncGenerator[bytes, None]:
+        async def chunks(spawn: Spawn) -> AsyncGenerator[bytes, None]:
             # One chunk a page, even an empty one (a text page may match
             # nothing): the first goes out with the status, so a refusal
             # found by the first read is still a proper error response.
+            # The next page is read while this one is encoded and sent: two
+            # pages in memory at most.
             prefix = _csv_header() if name == "csv" else b""
             rows_left = most
-            page_query = attrs.evolve(
-                query, limit=min(EXPORT_FIRST_ROWS, most or EXPORT_FIRST_ROWS)
-            )
-            per_row = 1
-            while True:
-                found = await self._store.export_events(page_query)
+            first = attrs.evolve(query, limit=min(EXPORT_FIRST_ROWS, most or EXPORT_FIRST_ROWS))
+            ahead: _Ahead[ExportPage] | None = _Ahead(spawn, self._store.export_events, first)
+            per_row = EXPORT_ROW_BYTES
+            while ahead is not None:
+                found = await ahead.result()
                 rows = found.rows if rows_left is None else found.rows[:rows_left]
-                data = encode(rows) if rows else b""
-                yield prefix + data
-                prefix = b""
                 if rows_left is not None:
                     rows_left -= len(rows)
-                if found.next is None or rows_left == 0:
-                    return
-                # Size the next page from this one's bytes per row.
-                if rows:
-                    per_row = max(1, len(data) // len(rows))
-                limit = max(1, min(EXPORT_PAGE_ROWS, EXPORT_PAGE_BYTES // per_row))
-                if rows_left is not None:
-                    limit = min(limit, rows_left)
-                page_query = attrs.evolve(page_query, before=found.next, limit=limit)
+                if found.next is not None and rows_left != 0:
+                    # Size the next page from this one's bytes per row (the
+                    # body, and about EXPORT_ROW_BYTES for the rest).
+                    if rows:
+                        per_row = sum(len(r[8]) for r in rows) // len(rows) + EXPORT_ROW_BYTES
+                    limit = max(1, min(EXPORT_PAGE_ROWS, EXPORT_PAGE_BYTES // per_row))
+                    if rows_left is not None:
+                        limit = min(limit, rows_left)
+                    following = attrs.evolve(first, before=found.next, limit=limit)
+                    ahead = _Ahead(spawn, self._store.export_events, following)
+                else:
+                    ahead = None
+                yield prefix + (encode(rows) if rows else b"")
+                prefix = b""
 
         return 200, Streamed(content_type, chunks, headers=((b"content-disposition", disposition),))
+
+
+T = TypeVar("T")
+
+
+class _Ahead(Generic[T]):
+    """``read(arg)``, started now in a task of ``spawn``, its result awaited later."""
+
+    def __init__(
+        self, spawn: Spawn, read: Callable[[EventFilter], Awaitable[T]], arg: EventFilter
+    ) -> None:
+        self._done = trio.Event()
+        self._value: T | None = None
+        self._error: Exception | None = None
+
+        async def run() -> None:
+            try:
+                self._value = await read(arg)
+            except Exception as exc:  # raised where the result is awaited
+                self._error = exc
+            finally:
+                self._done.set()
+
+        spawn(run)
+
+    async def result(self) -> T:
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
 
 
 # -- input ---------------------------------------------------------------------------------

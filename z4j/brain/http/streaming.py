@@ -16,14 +16,14 @@ producer at once (its ``http.disconnect``), wherever it is waiting.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import attrs
 import trio
 
 from ._request import Receive, Send
 
-__all__ = ["StreamCut", "Streamed", "send_streamed"]
+__all__ = ["Spawn", "StreamCut", "Streamed", "send_streamed"]
 
 log = logging.getLogger("z4j.api")
 
@@ -32,12 +32,17 @@ class StreamCut(Exception):
     """The body failed after its status went out; the server drops the connection."""
 
 
+# Starts a task beside the response (in its nursery): a producer's read-ahead.
+Spawn = Callable[[Callable[[], Awaitable[None]]], None]
+
+
 @attrs.frozen
 class Streamed:
-    """A body made by ``chunks()`` (an async generator of bytes), of ``content_type``."""
+    """A body made by ``chunks(spawn)`` (an async generator of bytes), of
+    ``content_type``; ``spawn`` starts a task that ends with the response."""
 
     content_type: bytes
-    chunks: Callable[[], AsyncGenerator[bytes, None]]
+    chunks: Callable[[Spawn], AsyncGenerator[bytes, None]]
     headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
@@ -49,43 +54,49 @@ async def send_streamed(
     send: Send,
 ) -> None:
     """Send ``body``; exceptions before the first chunk propagate (nothing was sent)."""
-    chunks = body.chunks()
-    try:
-        first = await anext(chunks, b"")
-    except BaseException:
-        await chunks.aclose()
-        raise
+    refused: Exception | None = None
     gone = False
     async with trio.open_nursery() as nursery:
-
-        async def watch() -> None:
-            nonlocal gone
-            # The request was read already: the next message is the client going away.
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone = True
-            log.info("export cancelled: the client went away")
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(watch)
+        chunks = body.chunks(nursery.start_soon)
         try:
-            start = [*headers, *body.headers, (b"content-type", body.content_type)]
-            await send({"type": "http.response.start", "status": status, "headers": start})
-            chunk = first
-            while True:
-                if chunk:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                try:
-                    chunk = await anext(chunks)
-                except StopAsyncIteration:
-                    break
+            first = await anext(chunks, b"")
         except Exception as exc:
-            log.warning("a streamed response was cut short: %r", exc)
-            raise StreamCut(str(exc)) from exc
-        finally:
+            refused = exc  # raised below, outside the nursery (not in a group)
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await chunks.aclose()
             nursery.cancel_scope.cancel()
+        else:
+
+            async def watch() -> None:
+                nonlocal gone
+                # The request was read already: the next message is the client going away.
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                gone = True
+                log.info("export cancelled: the client went away")
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            try:
+                start = [*headers, *body.headers, (b"content-type", body.content_type)]
+                await send({"type": "http.response.start", "status": status, "headers": start})
+                chunk = first
+                while True:
+                    if chunk:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    try:
+                        chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        break
+            except Exception as exc:
+                log.warning("a streamed response was cut short: %r", exc)
+                raise StreamCut(str(exc)) from exc
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await chunks.aclose()
+                nursery.cancel_scope.cancel()
+    if refused is not None:
+        raise refused
     # Outside the watch: ending the response may itself report the client
     # gone (the server closes the connection), which must not cancel it.
     if not gone:
