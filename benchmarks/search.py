@@ -61,6 +61,7 @@ import attrs
 import psycopg
 import trio
 
+from z4j.brain.http import events_api
 from z4j.config import Config
 from z4j.store import event_search
 from z4j.store._filters import events_where
@@ -376,6 +377,42 @@ async def time_searches(url: str, now: float, span: float, queries: int) -> dict
     return out
 
 
+async def time_histograms(url: str, now: float, span: float, queries: int) -> None:
+    """What GET /api/v1/events/histogram runs (120 buckets at most, the newest
+    1,000,000 rows counted at most), over a random day and over the whole span."""
+    rng = random.Random(13)
+    sampler = Sampler(rng, now, span)
+    store = PostgresStore.from_url(
+        url, pool_size=2, statement_timeout_ms=DEFAULTS.db_statement_timeout_ms
+    )
+    try:
+        for what, seconds, shape in [
+            ("a day, no filter", DAY, "no filter"),
+            ("a day, by kind", DAY, "kind"),
+            ("the span, by agent", span, "agent"),
+        ]:
+            times: list[float] = []
+            partial = 0
+            for _ in range(queries):
+                until = now - rng.random() * max(0.0, span - seconds)
+                query = attrs.evolve(sampler.filter(shape), since=until - seconds, until=until)
+                width = event_search.bucket_width(seconds, 120)
+                start = until - seconds
+                started = time.perf_counter()
+                found = await store.event_histogram(
+                    query, start=start, bucket_seconds=width, buckets=int(seconds // width) + 1
+                )
+                times.append((time.perf_counter() - started) * 1000)
+                partial += not found.complete
+            say(
+                f"    histogram, {what:<19} p50 {_percentile(times, 50):8.1f} ms  "
+                f"p99 {_percentile(times, 99):8.1f} ms  (n={len(times)}, {partial} capped "
+                f"at {event_search.HISTOGRAM_ROWS:,} rows; no target)"
+            )
+    finally:
+        await store.aclose()
+
+
 def raw_page_ms(url: str, queries: int) -> list[float]:
     """The no-filter page's SQL on a connection of its own: the ceiling for (a)."""
     sql = PG.sql(f"SELECT {EVENT_COLUMNS} FROM events ORDER BY received_at DESC, id DESC LIMIT ?")
@@ -499,14 +536,16 @@ def copy_ceiling(url: str, most: int) -> tuple[int, float]:
 
 
 async def store_pages_ceiling(url: str, most: int) -> tuple[int, float]:
-    """The store's export pages, read in process as the export reads them: (rows, seconds)."""
+    """The store's export pages, read in process one after the other (the export
+    reads one ahead), its largest page size: (rows, seconds)."""
     store = PostgresStore.from_url(url, pool_size=2, statement_timeout_ms=0)
     rows = 0
     try:
-        query = EventFilter(limit=2000)
+        page = events_api.EXPORT_PAGE_ROWS
+        query = EventFilter(limit=page)
         started = time.perf_counter()
         while rows < most:
-            found = await store.export_events(attrs.evolve(query, limit=min(2000, most - rows)))
+            found = await store.export_events(attrs.evolve(query, limit=min(page, most - rows)))
             rows += len(found.rows)
             if found.next is None:
                 break
@@ -636,6 +675,7 @@ def main() -> int:
                     f"page): p50 {_percentile(text, 50):.2f} ms, p99 {_percentile(text, 99):.2f} "
                     "ms (no target)"
                 )
+                trio.run(time_histograms, url, now, span, min(args.queries, 20))
                 raw = raw_page_ms(url, args.queries)
                 say(
                     f"    ceiling: the no-filter page's SQL on a plain connection: p50 "

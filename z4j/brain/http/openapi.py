@@ -596,8 +596,8 @@ EXPORT_DESCRIPTION = (
     "Every event the filter matches, newest first, streamed (chunked) as NDJSON (one "
     "object a line: id, key, received_at, source, kind, project_id, agent_id, worker_id, "
     "body) or CSV (those columns with a header row; body as JSON text). The brain holds "
-    "one page at a time. A body that ends without its last chunk was cut short by an "
-    "error: start again from the last received_at."
+    "two pages at a time (the one sent, the next). A body that ends without its last "
+    "chunk was cut short by an error: start again from the last received_at."
 )
 
 
