@@ -26,8 +26,9 @@ from z4j.brain.http import events_api
 from z4j.brain.http.api import Api
 from z4j.brain.http.auth import Auth
 from z4j.brain.http.resources import iso
+from z4j.brain.http.streaming import StreamCut
 from z4j.config import Config
-from z4j.store import event_search
+from z4j.store import StoreUnavailable, event_search
 from z4j.store.base import EventFilter, ExportPage, Store
 from z4j.testing import (
     StoredEvent,
@@ -474,3 +475,59 @@ def test_export_encoders_write_what_the_standard_library_would(rows: list[Any]) 
 def test_export_times_are_the_apis_times(times: list[float]) -> None:
     stamp = events_api._Iso()
     assert [stamp(at) for at in sorted(times)] == [iso(at) for at in sorted(times)]
+
+
+@pytest.mark.parametrize("fail_on", [2, 1])
+async def test_an_export_that_fails_midway_is_cut_short_never_ended(
+    config: Config, monkeypatch: pytest.MonkeyPatch, fail_on: int
+) -> None:
+    """The store failing after the status went out: the response gets no last
+    (more_body false) message, so the client sees a cut transfer, not a whole
+    file; failing on the first read, it is a plain 503 instead."""
+    monkeypatch.setattr(events_api, "EXPORT_FIRST_ROWS", 5)
+    monkeypatch.setattr(events_api, "EXPORT_PAGE_ROWS", 5)
+    token = await admin_token(config)
+    sent: list[dict[str, Any]] = []
+    reads = 0
+
+    class Failing(CountingStore):
+        async def export_events(self, query: EventFilter) -> ExportPage:
+            nonlocal reads
+            reads += 1
+            if reads == fail_on:
+                raise StoreUnavailable("the store went away")
+            return await super().export_events(query)
+
+    async def receive() -> dict[str, Any]:
+        if not sent:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await trio.sleep_forever()
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/api/v1/events/export",
+        "scheme": "http",
+        "query_string": b"",
+        "client": ("192.0.2.1", 50000),
+        "headers": [(b"host", b"x"), (b"authorization", f"Bearer {token}".encode())],
+    }
+    async with open_store(config) as store:
+        await seed_events(store)
+        failing: Any = Failing(store, [])
+        api = Api(failing, cast(Commands, None), Auth(store, keys.master_secret(config)))
+        with trio.fail_after(30):
+            if fail_on == 2:
+                with pytest.RaisesGroup(StreamCut, flatten_subgroups=True):
+                    await api(scope, receive, send)
+                assert sent[0]["status"] == 200
+                assert all(m.get("more_body", True) for m in sent)
+                assert sent[1]["body"].count(b"\n") == 5
+            else:
+                await api(scope, receive, send)
+                assert sent[0]["status"] == 503
+                assert orjson.loads(sent[1]["body"])["error"] == "store_unavailable"
