@@ -19,6 +19,7 @@ import pytest
 import trio
 
 import z4j.brain.http.api
+import z4j.brain.http.events_api
 import z4j.ingest
 from z4j import keys
 from z4j.brain.commands import Commands
@@ -497,8 +498,8 @@ async def test_event_listings_cap_each_body_and_the_page(
 ) -> None:
     """Stored records can be large: a listing leaves big bodies out (unless asked
     for) and stops a page at a byte budget, with a cursor that loses nothing."""
-    monkeypatch.setattr(z4j.brain.http.api, "EVENT_BODY_BYTES", 1800)
-    monkeypatch.setattr(z4j.brain.http.api, "EVENTS_PAGE_BYTES", 5000)
+    monkeypatch.setattr(z4j.brain.http.events_api, "EVENT_BODY_BYTES", 1800)
+    monkeypatch.setattr(z4j.brain.http.events_api, "EVENTS_PAGE_BYTES", 5000)
     token = await admin_token(config)
     with trio.fail_after(30):
         async with running_brain(config) as brain:

@@ -16,7 +16,8 @@ import orjson
 import pytest
 
 from z4j.brain.http import resources
-from z4j.brain.http.api import _agent_json, event_json
+from z4j.brain.http.api import _agent_json
+from z4j.brain.http.events_api import event_json
 from z4j.brain.http.opamp_api import opamp_agent_json
 from z4j.brain.http.openapi import OPENAPI
 from z4j.brain.http.resources import RESOURCES, Resource, component, to_json

@@ -22,7 +22,8 @@
 // re-queue, discard), #/workers also shows each worker's task registry, and
 // #/audit reads the audit log with filters, an "Older" page at a time.
 // #/users and #/tokens (accounts, personal API tokens) live in accounts.js,
-// #/projects and #/agents (provisioning) in provisioning.js.
+// #/projects and #/agents (provisioning) in provisioning.js, and #/search
+// (event search, its histogram and exports) in search.js.
 //
 // Everything from the server is put in the page with textContent, never as
 // HTML. Any 401 means the session is gone: back to /login.
@@ -1443,6 +1444,7 @@
     "agents",
     "users",
     "tokens",
+    "search", // search.js fills it
   ];
   let route = { view: "overview" };
   // #/projects and #/agents: provisioning.js, which app.js lends its helpers to.
@@ -1475,6 +1477,7 @@
     if (parts[0] === "dead-letters") return { view: "dead-letters" };
     if (parts[0] === "audit") return { view: "audit" };
     if (parts[0] === "users" || parts[0] === "tokens") return { view: parts[0] }; // accounts.js
+    if (parts[0] === "search") return { view: "search" };
     return { view: "overview" };
   }
 

@@ -42,11 +42,16 @@ class Where:
 
 
 def events_where(d: Dialect, query: EventFilter) -> Where:
+    """Every condition of ``query`` but its text (store/event_search.py) and limit."""
     where = Where(d)
     if query.kind is not None:
         where.add("kind = ?", query.kind)
+    if query.project_id is not None:
+        where.add("project_id = ?", d.uuid_in(query.project_id))
     if query.agent_id is not None:
         where.add("agent_id = ?", d.uuid_in(query.agent_id))
+    if query.worker_id is not None:
+        where.add("worker_id = ?", query.worker_id)
     if query.task_id is not None:
         where.add(f"{d.json_text('body', 'task_id')} = ?", query.task_id)
     if query.engine is not None:

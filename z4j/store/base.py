@@ -38,6 +38,10 @@ __all__ = [
     "CredentialDeadlines",
     "DirectoryConflict",
     "EngineWorker",
+    "EventHistogram",
+    "EventPage",
+    "ExportPage",
+    "ExportRow",
     "InstanceInfo",
     "OpampAgent",
     "OpampConfig",
@@ -539,16 +543,60 @@ class EventFilter:
     """Which events to list: all given conditions hold; newest first."""
 
     kind: str | None = None
+    project_id: uuid.UUID | None = None
     agent_id: uuid.UUID | None = None
+    worker_id: str | None = None
     # Agent events about one task, one engine, one task name (fields of the body).
     task_id: str | None = None
     engine: str | None = None
     task_name: str | None = None
     since: float | None = None  # received_at >= since
     until: float | None = None  # received_at < until
+    # A case-insensitive substring of any string value inside the body
+    # (store/event_search.py: a bounded scan, not an index).
+    text: str | None = None
     # Keyset cursor: events strictly older than (received_at, id).
     before: tuple[float, int] | None = None
     limit: int = 50
+
+
+@attrs.frozen(kw_only=True)
+class EventPage:
+    """One page of a search, newest first. ``next``: the cursor to continue
+    from (None: nothing older matches). A text search reads a bounded number
+    of rows per page, so a page may hold fewer than asked (even none) and
+    still have a ``next``."""
+
+    events: list[EventRecord]
+    next: tuple[float, int] | None
+
+
+# An event as an export writes it: id, key (hex), received_at (epoch),
+# source, kind, project_id, agent_id, worker_id (text or None), and the
+# body as JSON text, never parsed (an export passes it through).
+ExportRow = tuple[int, str, float, str, str, str | None, str | None, str | None, str]
+
+
+@attrs.frozen(kw_only=True)
+class ExportPage:
+    """One page of an export, as `EventPage` (``next`` likewise)."""
+
+    rows: list[ExportRow]
+    next: tuple[float, int] | None
+
+
+@attrs.frozen(kw_only=True)
+class EventHistogram:
+    """Matching events per bucket of ``bucket_seconds`` from ``start``:
+    ``counts[i]`` for [start + i*w, start + (i+1)*w). Not ``complete``: only
+    the newest rows were read (store/event_search.py), those from
+    ``counted_since`` on."""
+
+    start: float
+    bucket_seconds: float
+    counts: list[int]
+    complete: bool
+    counted_since: float | None
 
 
 class Store(Protocol):
@@ -794,8 +842,19 @@ class Store(Protocol):
         id, those after ``after`` (a keyset page)."""
         ...
 
-    async def list_events(self, query: EventFilter) -> list[EventRecord]:
-        """Events matching ``query``, newest first (by received_at, then id)."""
+    async def search_events(self, query: EventFilter) -> EventPage:
+        """A page of the events matching ``query``, newest first (by received_at, then id)."""
+        ...
+
+    async def export_events(self, query: EventFilter) -> ExportPage:
+        """As `search_events`, with the bodies as stored JSON text (for a streamed export)."""
+        ...
+
+    async def event_histogram(
+        self, query: EventFilter, *, start: float, bucket_seconds: float, buckets: int
+    ) -> EventHistogram:
+        """How many events match ``query`` (its cursor and limit aside) per
+        bucket from ``start``; ``query.since``/``until`` bound the rows read."""
         ...
 
     async def list_tasks(self, query: TaskFilter) -> list[TaskRecord]:

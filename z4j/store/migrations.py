@@ -987,6 +987,39 @@ CREATE INDEX agent_tokens_expiring ON agent_tokens (expires_at) WHERE expires_at
 """,
     ),
     Migration(
+        version=16,
+        name="event search: an index per filter, newest first",
+        # store/event_search.py: each filter of an event search reads its own
+        # index in keyset order (received_at, id), so a page reads about as
+        # many rows as it returns. Agent rows only carry a project, agent and
+        # worker (TCP records have none): those indexes are partial, and a
+        # TCP record costs the drain none of them. (kind, received_at, id)
+        # replaces (kind, received_at), which left the id tie-break to a sort.
+        # On Postgres these are built on the partitioned parent: one per
+        # partition, now and for every partition made later. Building them
+        # holds the events table's write lock while it reads every kept
+        # partition (docs/search.md).
+        postgres="""
+CREATE INDEX events_project_received ON events (project_id, received_at, id)
+    WHERE project_id IS NOT NULL;
+CREATE INDEX events_agent_received ON events (agent_id, received_at, id)
+    WHERE agent_id IS NOT NULL;
+CREATE INDEX events_worker_received ON events (worker_id, received_at, id)
+    WHERE worker_id IS NOT NULL;
+CREATE INDEX events_kind_received_id ON events (kind, received_at, id);
+DROP INDEX events_kind_received;
+""",
+        # SQLite's indexes end in the rowid, which is the id.
+        sqlite="""
+CREATE INDEX events_project_received ON events (project_id, received_at)
+    WHERE project_id IS NOT NULL;
+CREATE INDEX events_agent_received ON events (agent_id, received_at)
+    WHERE agent_id IS NOT NULL;
+CREATE INDEX events_worker_received ON events (worker_id, received_at)
+    WHERE worker_id IS NOT NULL;
+""",
+    ),
+    Migration(
         version=17,
         name="audit: indexes for the audit page's filters",
         # GET /api/v1/audit pages newest first by id; an exact actor, action

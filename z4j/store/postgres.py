@@ -49,6 +49,7 @@ from ..tasks import TaskEvent, TaskRow
 from . import (
     _rows,
     accounts,
+    event_search,
     opamp,
     opamp_history,
     opamp_rollouts,
@@ -58,12 +59,11 @@ from . import (
     task_writes,
     tasks,
 )
-from ._filters import Where, commands_where, events_where
+from ._filters import Where, commands_where
 from ._rows import (
     AGENT_COLUMNS,
     AUDIT_COLUMNS,
     COMMAND_COLUMNS,
-    EVENT_COLUMNS,
     INSTANCE_COLUMNS,
     PROJECT_COLUMNS,
     TOKEN_COLUMNS,
@@ -89,7 +89,9 @@ from .base import (
     DirectoryConflict,
     EngineWorker,
     EventFilter,
-    EventRecord,
+    EventHistogram,
+    EventPage,
+    ExportPage,
     InstanceInfo,
     OpampAgent,
     OpampConfig,
@@ -692,14 +694,23 @@ class PostgresStore:
         )
         return result
 
-    async def list_events(self, query: EventFilter) -> list[EventRecord]:
-        where = events_where(PG, query)
-        sql = (
-            f"SELECT {EVENT_COLUMNS} FROM events{where} ORDER BY received_at DESC, id DESC LIMIT %s"
+    async def search_events(self, query: EventFilter) -> EventPage:
+        result: EventPage = await self._run(lambda conn: event_search.search_page(PG, conn, query))
+        return result
+
+    async def export_events(self, query: EventFilter) -> ExportPage:
+        result: ExportPage = await self._run(lambda conn: event_search.export_page(PG, conn, query))
+        return result
+
+    async def event_histogram(
+        self, query: EventFilter, *, start: float, bucket_seconds: float, buckets: int
+    ) -> EventHistogram:
+        result: EventHistogram = await self._run(
+            lambda conn: event_search.event_histogram(
+                PG, conn, query, start=start, bucket_seconds=bucket_seconds, buckets=buckets
+            )
         )
-        params = (*where.params, query.limit)
-        rows = await self._run(lambda conn: conn.execute(sql, params).fetchall())
-        return [_rows.event(PG, row) for row in rows]
+        return result
 
     async def list_tasks(self, query: TaskFilter) -> list[TaskRecord]:
         result: list[TaskRecord] = await self._run(lambda conn: tasks.list_tasks(PG, conn, query))

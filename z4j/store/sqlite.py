@@ -33,6 +33,7 @@ from ..tasks import TaskEvent, TaskRow
 from . import (
     _rows,
     accounts,
+    event_search,
     opamp,
     opamp_history,
     opamp_rollouts,
@@ -42,12 +43,11 @@ from . import (
     task_writes,
     tasks,
 )
-from ._filters import Where, commands_where, events_where
+from ._filters import Where, commands_where
 from ._rows import (
     AGENT_COLUMNS,
     AUDIT_COLUMNS,
     COMMAND_COLUMNS,
-    EVENT_COLUMNS,
     INSTANCE_COLUMNS,
     PROJECT_COLUMNS,
     TOKEN_COLUMNS,
@@ -73,7 +73,9 @@ from .base import (
     DirectoryConflict,
     EngineWorker,
     EventFilter,
-    EventRecord,
+    EventHistogram,
+    EventPage,
+    ExportPage,
     InstanceInfo,
     OpampAgent,
     OpampConfig,
@@ -506,14 +508,20 @@ class SqliteStore:
         )
         return result
 
-    async def list_events(self, query: EventFilter) -> list[EventRecord]:
-        where = events_where(SQ, query)
-        rows = await self._run(
-            _fetch_all,
-            f"SELECT {EVENT_COLUMNS} FROM events{where} ORDER BY received_at DESC, id DESC LIMIT ?",
-            (*where.params, query.limit),
+    async def search_events(self, query: EventFilter) -> EventPage:
+        return await self._run(lambda db: event_search.search_page(SQ, db, query))
+
+    async def export_events(self, query: EventFilter) -> ExportPage:
+        return await self._run(lambda db: event_search.export_page(SQ, db, query))
+
+    async def event_histogram(
+        self, query: EventFilter, *, start: float, bucket_seconds: float, buckets: int
+    ) -> EventHistogram:
+        return await self._run(
+            lambda db: event_search.event_histogram(
+                SQ, db, query, start=start, bucket_seconds=bucket_seconds, buckets=buckets
+            )
         )
-        return [_rows.event(SQ, row) for row in rows]
 
     async def list_tasks(self, query: TaskFilter) -> list[TaskRecord]:
         return await self._run(lambda db: tasks.list_tasks(SQ, db, query))

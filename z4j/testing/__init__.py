@@ -27,6 +27,10 @@ from .brain import running_brain as running_brain
 from .brain import wait_until as wait_until
 from .cancel import CancelAtStep as CancelAtStep
 from .drain import draining as draining
+from .event_search import StoredEvent as StoredEvent
+from .event_search import body_contains as body_contains
+from .event_search import seed_events as seed_events
+from .event_search import stored_events as stored_events
 from .http import HttpReply as HttpReply
 from .http import http_get as http_get
 from .http import http_request as http_request
@@ -61,9 +65,11 @@ __all__ = [
     "Probe",
     "RawAgent",
     "RunningBrain",
+    "StoredEvent",
     "admin_token",
     "answer_activation",
     "assert_served",
+    "body_contains",
     "buffer_rows",
     "control_event",
     "draining",
@@ -86,7 +92,9 @@ __all__ = [
     "run_z4j",
     "running_brain",
     "schedule_row",
+    "seed_events",
     "snapshot_events",
+    "stored_events",
     "wait_until",
     "watch",
     "watching",

@@ -68,7 +68,25 @@ async def http_request(
         name, _, value = line.partition(":")
         key = name.strip().lower()
         got[key] = f"{got[key]}\n{value.strip()}" if key in got else value.strip()
+    if got.get("transfer-encoding") == "chunked":
+        raw_body = _dechunk(raw_body)
     return HttpReply(status=int(lines[0].split()[1]), headers=got, body=raw_body)
+
+
+def _dechunk(data: bytes) -> bytes:
+    """A chunked body's content; ValueError if it was cut before its last chunk."""
+    out = bytearray()
+    while True:
+        size_line, sep, rest = data.partition(b"\r\n")
+        if not sep:
+            raise ValueError("the chunked body was cut short")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            return bytes(out)
+        if len(rest) < size + 2:
+            raise ValueError("the chunked body was cut short")
+        out += rest[:size]
+        data = rest[size + 2 :]
 
 
 async def http_get(address: tuple[str, int], path: str) -> tuple[int, str]:

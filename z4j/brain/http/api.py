@@ -29,8 +29,6 @@ import orjson
 
 from ...store.base import (
     COMMAND_STATES,
-    EventFilter,
-    EventRecord,
     Store,
     StoreUnavailable,
 )
@@ -49,7 +47,6 @@ from ._request import (
     page,
     parse_query,
     read_body,
-    time_param,
     uuid_param,
 )
 from .accounts_api import AccountRoutes
@@ -65,6 +62,7 @@ from .auth import (
     same_origin,
 )
 from .dead_letters_api import DeadLetterRoutes
+from .events_api import EventRoutes
 from .narrowing import check_narrowed
 from .opamp_api import OpampRoutes
 from .opamp_rollouts_api import OpampRolloutRoutes
@@ -75,6 +73,7 @@ from .provisioning_api import agent_json as _agent_json
 from .queues_api import QueueRoutes
 from .resources import to_json
 from .schedules_api import ScheduleRoutes
+from .streaming import Streamed, send_streamed
 from .tasks_api import TaskRoutes
 from .workers_api import EngineWorkerRoutes
 
@@ -82,13 +81,6 @@ __all__ = ["Api", "ApiError"]
 
 log = logging.getLogger("z4j.api")
 
-# Event listings: a body larger than this (as JSON) is left out of its item
-# unless the caller asks for more, up to the second figure; and a page stops
-# growing past the byte budget (with a cursor for the rest), so no listing
-# builds hundreds of MiB however large the stored records are.
-EVENT_BODY_BYTES = 64 * 1024
-MAX_EVENT_BODY_BYTES = 16 * 1024 * 1024
-EVENTS_PAGE_BYTES = 4 * 1024 * 1024
 # A store failure is logged at most this often (callers see a generic 503).
 STORE_ERROR_LOG_SECONDS = 10.0
 CSRF_HEADER = b"x-csrf-token"
@@ -141,13 +133,13 @@ class Api:
         route("GET", "/agents", self._agents)
         route("GET", "/agents/{id}", self._agent)
         route("GET", "/instances", self._instances)
-        route("GET", "/events", self._events)
         route("GET", "/commands", self._list_commands)
         route("POST", "/commands", self._create_command)
         route("GET", "/commands/{id}", self._get_command)
         route("POST", "/commands/{id}/cancel", self._cancel_command)
         route("GET", "/audit", self._audit)
         for method, path, handler in [
+            *EventRoutes(store).routes(),
             *TaskRoutes(store, commands).routes(),
             *QueueRoutes(store, commands, project_key).routes(),
             *EngineWorkerRoutes(store, commands).routes(),
@@ -171,6 +163,10 @@ class Api:
         extra_headers: list[tuple[bytes, bytes]] = []
         try:
             status, body = await self._dispatch(scope, receive, extra_headers)
+            if isinstance(body, Streamed):  # an export: sent as it is made
+                headers = [(b"cache-control", b"no-store"), *extra_headers]
+                await send_streamed(status, body, headers, receive, send)
+                return
         except ApiError as exc:
             status, body = exc.status, {"error": exc.code, "message": exc.message, **exc.detail}
             extra_headers.extend(exc.headers)
@@ -319,47 +315,6 @@ class Api:
     async def _instances(self, request: Request) -> Response:
         return 200, page([to_json(i) for i in await self._store.list_instances()], None)
 
-    async def _events(self, request: Request) -> Response:
-        q = request.query
-        limit = limit_param(q)
-        body_max = EVENT_BODY_BYTES
-        if "body_max_bytes" in q:
-            raw = q["body_max_bytes"]
-            if not raw.isdigit() or int(raw) > MAX_EVENT_BODY_BYTES:
-                raise ApiError(
-                    400,
-                    "bad_request",
-                    f"body_max_bytes: an integer from 0 to {MAX_EVENT_BODY_BYTES}",
-                )
-            body_max = int(raw)
-        for name in ("kind", "task_id", "engine", "task_name"):
-            check_text(q.get(name))
-        query = EventFilter(
-            kind=q.get("kind"),
-            agent_id=uuid_param(q["agent_id"], "agent_id") if "agent_id" in q else None,
-            task_id=q.get("task_id"),
-            engine=q.get("engine"),
-            task_name=q.get("task_name"),
-            since=time_param(q["since"], "since") if "since" in q else None,
-            until=time_param(q["until"], "until") if "until" in q else None,
-            before=_event_cursor(q["cursor"]) if "cursor" in q else None,
-            limit=limit,
-        )
-        events = await self._store.list_events(query)
-        items: list[dict[str, Any]] = []
-        size = 0
-        for event in events:
-            item = event_json(event, body_max_bytes=body_max)
-            size += len(orjson.dumps(item))
-            if items and size > EVENTS_PAGE_BYTES:
-                break  # the page is full: the cursor continues after the last item kept
-            items.append(item)
-        cursor = None
-        if len(items) < len(events) or len(events) == limit:
-            last = events[len(items) - 1]
-            cursor = f"{last.received_at!r}_{last.id}"
-        return 200, page(items, cursor)
-
     async def _list_commands(self, request: Request) -> Response:
         q = request.query
         limit = limit_param(q)
@@ -453,17 +408,6 @@ def _sees(request: Request, project_id: uuid.UUID) -> bool:
 # -- input ---------------------------------------------------------------------------------
 
 
-def _event_cursor(raw: str) -> tuple[float, int]:
-    at, _, last = raw.partition("_")
-    try:
-        when, event_id = float(at), int(last)
-    except ValueError:
-        raise ApiError(400, "bad_request", "cursor: as given by the last page") from None
-    if not 0 <= event_id < 2**63:  # a bigint, in both stores
-        raise ApiError(400, "bad_request", "cursor: as given by the last page")
-    return epoch(when, "cursor"), event_id
-
-
 def _command_cursor(raw: str) -> tuple[float, uuid.UUID]:
     at, _, last = raw.partition("_")
     try:
@@ -499,16 +443,3 @@ def _csrf_cookie(csrf: str, *, max_age: int, secure: bool = False) -> bytes:
     # Other origins cannot read it; it is useless without the session cookie.
     flags = "; Secure" if secure else ""
     return (f"{CSRF_COOKIE}={csrf}; Path=/; SameSite=Strict; Max-Age={max_age}{flags}").encode()
-
-
-# -- output --------------------------------------------------------------------------------
-
-
-def event_json(e: EventRecord, *, body_max_bytes: int | None = None) -> dict[str, Any]:
-    """An event as the API shows it; a body over ``body_max_bytes`` (as JSON)
-    is left out (``body`` null, ``body_truncated`` true, its size in ``body_bytes``)."""
-    item = to_json(e)
-    if body_max_bytes is not None and item["body_bytes"] > body_max_bytes:
-        item["body"] = None
-        item["body_truncated"] = True
-    return item

@@ -36,6 +36,7 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 STRING = {"type": "string"}
+TEXT = {"type": "string", "maxLength": 200}
 TIME = {"type": "string", "format": "date-time"}
 UUID = {"type": "string", "format": "uuid"}
 OBJECT = {"type": "object", "additionalProperties": True}
@@ -729,6 +730,75 @@ SCHEMAS: dict[str, Any] = {
     ),
 }
 
+EVENT_FILTER = [
+    _query("project_id", UUID, "only this project's events"),
+    _query("agent_id", UUID, "only this agent's events"),
+    _query("worker_id", TEXT, "only this worker's events"),
+    _query("kind", TEXT, "only this kind"),
+    _query("task_id", TEXT, "only agent events about this task id"),
+    _query("engine", TEXT, "only agent events of this engine"),
+    _query("task_name", TEXT, "only agent events about tasks of this name"),
+    _query("since", STRING, "received at or after (ISO-8601 or epoch seconds)"),
+    _query("until", STRING, "received before (ISO-8601 or epoch seconds)"),
+    _query(
+        "q",
+        TEXT,
+        "a text inside the body: any string value containing it, case-insensitive "
+        "(ASCII only on SQLite); read at most 10,000 rows of the other filters a page",
+    ),
+]
+EVENT_HISTOGRAM = _object(
+    {
+        "since": TIME,
+        "until": TIME,
+        "bucket_seconds": {"type": "number"},
+        "buckets": {
+            "type": "array",
+            "items": _object({"start": TIME, "count": {"type": "integer", "minimum": 0}}),
+        },
+        "complete": {"type": "boolean"},
+        "counted_since": _nullable(TIME),
+    }
+)
+HISTOGRAM_DESCRIPTION = (
+    "Buckets of a width chosen from the range (1 s to days, at most 120 buckets) from "
+    "since (default: a day before until) to until (default: now). At most the newest "
+    "1,000,000 matching rows are counted (100,000 rows read with q): complete is false "
+    "then, and counted_since says from when the counts are whole."
+)
+EXPORT_DESCRIPTION = (
+    "Every event the filter matches, newest first, streamed (chunked) as NDJSON (one "
+    "object a line: id, key, received_at, source, kind, project_id, agent_id, worker_id, "
+    "body) or CSV (those columns with a header row; body as JSON text). The brain holds "
+    "two pages at a time (the one sent, the next). A body that ends without its last "
+    "chunk was cut short by an error: start again from the last received_at."
+)
+
+
+def _export_operation() -> dict[str, Any]:
+    operation = _operation(
+        "exportEvents",
+        "Export the events a filter matches, streamed as NDJSON or CSV",
+        (200, None),
+        errors=(400, 401),
+        description=EXPORT_DESCRIPTION,
+        parameters=[
+            _query("format", {"type": "string", "enum": ["ndjson", "csv"]}, "default ndjson"),
+            _query(
+                "max",
+                {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
+                "stop after this many events (default: all)",
+            ),
+            *EVENT_FILTER,
+        ],
+    )
+    operation["responses"]["200"]["content"] = {
+        "application/x-ndjson": {"schema": STRING},
+        "text/csv": {"schema": STRING},
+    }
+    return operation
+
+
 EVENTS_DESCRIPTION = (
     "Each item's body is left out (null, body_truncated true) when it is larger than "
     "body_max_bytes as JSON (default 65536). A page stops growing past 4 MiB of items, "
@@ -1091,17 +1161,24 @@ OPENAPI: dict[str, Any] = {
                         {"type": "integer", "minimum": 0, "maximum": 16777216, "default": 65536},
                         "leave out bodies larger than this (bytes of JSON)",
                     ),
-                    _query("kind", STRING, "only this kind"),
-                    _query("agent_id", UUID, "only this agent's events"),
-                    _query("task_id", STRING, "only agent events about this task id"),
-                    _query("engine", STRING, "only agent events of this engine"),
-                    _query("task_name", STRING, "only agent events about tasks of this name"),
-                    _query("since", STRING, "received at or after (ISO-8601 or epoch seconds)"),
-                    _query("until", STRING, "received before (ISO-8601 or epoch seconds)"),
+                    *EVENT_FILTER,
                     CURSOR,
                     LIMIT,
                 ],
             )
+        },
+        "/events/histogram": {
+            "get": _operation(
+                "eventHistogram",
+                "How many events match a filter, per time bucket",
+                (200, EVENT_HISTOGRAM),
+                errors=(400, 401),
+                description=HISTOGRAM_DESCRIPTION,
+                parameters=EVENT_FILTER,
+            )
+        },
+        "/events/export": {
+            "get": _export_operation(),
         },
         "/tasks": {
             "get": _operation(

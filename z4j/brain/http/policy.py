@@ -79,6 +79,8 @@ ROUTES: Final[dict[tuple[str, str], Action]] = {
     ("POST", "/agents/{id}/rotate-token"): "admin",
     ("GET", "/instances"): "read",
     ("GET", "/events"): "read",
+    ("GET", "/events/histogram"): "read",
+    ("GET", "/events/export"): "read",
     ("GET", "/commands"): "read",
     ("POST", "/commands"): "operate",
     ("GET", "/commands/{id}"): "read",

@@ -183,7 +183,7 @@ RESOURCES: dict[type, Resource] = {
         Resource(
             name="Event",
             cls=EventRecord,
-            # event_json in api.py drops a body over the caller's limit.
+            # event_json in events_api.py drops a body over the caller's limit.
             extra=(
                 Extra(
                     name="body_bytes",

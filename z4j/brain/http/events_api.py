@@ -1,0 +1,359 @@
+"""``/api/v1/events``: event search, its time histogram, and streamed exports.
+
+One filter serves all three: project, agent, worker, kind, the agent
+events' task fields, a time range and ``q``, a text inside the body (the
+store reads a bounded number of rows per page for it: a page may be short,
+even empty, and still have a ``next_cursor``). Every answer is bounded:
+a page by ``limit`` and a byte budget, the histogram by its bucket count
+and the rows the store counts, an export by one page in memory at a time
+(it streams: streaming.py).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+import attrs
+import orjson
+import trio
+
+from ...store.base import EventFilter, EventRecord, ExportPage, ExportRow, Store
+from ...store.event_search import bucket_width
+from ._request import (
+    ApiError,
+    Handler,
+    Request,
+    Response,
+    check_text,
+    epoch,
+    limit_param,
+    page,
+    time_param,
+    uuid_param,
+)
+from .resources import iso, to_json
+from .streaming import Spawn, Streamed
+
+__all__ = ["EXPORT_COLUMNS", "EventRoutes", "event_json"]
+
+# Event listings: a body larger than this (as JSON) is left out of its item
+# unless the caller asks for more, up to the second figure; and a page stops
+# growing past the byte budget (with a cursor for the rest), so no listing
+# builds hundreds of MiB however large the stored records are.
+EVENT_BODY_BYTES = 64 * 1024
+MAX_EVENT_BODY_BYTES = 16 * 1024 * 1024
+EVENTS_PAGE_BYTES = 4 * 1024 * 1024
+MAX_TEXT = 200
+# A histogram has at most this many buckets; its default range is the last day.
+HISTOGRAM_BUCKETS = 120
+HISTOGRAM_DEFAULT_SECONDS = 86400.0
+# An export reads pages of at most EXPORT_PAGE_ROWS, fewer when the bodies
+# are large (about EXPORT_PAGE_BYTES a page), starting small; it reads the
+# next page while the last is sent, so it holds two at most.
+EXPORT_PAGE_ROWS = 5000
+EXPORT_FIRST_ROWS = 200
+EXPORT_PAGE_BYTES = 4 * 1024 * 1024
+EXPORT_ROW_BYTES = 250  # a row's encoded size besides its body, about
+EXPORT_COLUMNS = (
+    "id",
+    "key",
+    "received_at",
+    "source",
+    "kind",
+    "project_id",
+    "agent_id",
+    "worker_id",
+    "body",
+)
+FORMATS = {
+    "ndjson": (b"application/x-ndjson", "ndjson"),
+    "csv": (b"text/csv; charset=utf-8", "csv"),
+}
+
+
+class EventRoutes:
+    """The event routes of `Api`."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def routes(self) -> list[tuple[str, str, Handler]]:
+        return [
+            ("GET", "/events", self.search),
+            ("GET", "/events/histogram", self.histogram),
+            ("GET", "/events/export", self.export),
+        ]
+
+    async def search(self, request: Request) -> Response:
+        q = request.query
+        body_max = EVENT_BODY_BYTES
+        if "body_max_bytes" in q:
+            raw = q["body_max_bytes"]
+            if not raw.isdigit() or int(raw) > MAX_EVENT_BODY_BYTES:
+                raise ApiError(
+                    400,
+                    "bad_request",
+                    f"body_max_bytes: an integer from 0 to {MAX_EVENT_BODY_BYTES}",
+                )
+            body_max = int(raw)
+        query = event_filter(q)
+        found = await self._store.search_events(query)
+        events = found.events
+        items: list[dict[str, Any]] = []
+        size = 0
+        for event in events:
+            item = event_json(event, body_max_bytes=body_max)
+            size += len(orjson.dumps(item))
+            if items and size > EVENTS_PAGE_BYTES:
+                break  # the page is full: the cursor continues after the last item kept
+            items.append(item)
+        if len(items) < len(events):
+            last = events[len(items) - 1]
+            return 200, page(items, _cursor_out((last.received_at, last.id)))
+        return 200, page(items, None if found.next is None else _cursor_out(found.next))
+
+    async def histogram(self, request: Request) -> Response:
+        q = request.query
+        query = event_filter(q, paged=False)
+        until = query.until if query.until is not None else time.time()
+        since = query.since if query.since is not None else until - HISTOGRAM_DEFAULT_SECONDS
+        if since >= until:
+            raise ApiError(400, "bad_request", "since must be before until")
+        width = bucket_width(until - since, HISTOGRAM_BUCKETS)
+        start = math.floor(since / width) * width
+        buckets = math.ceil((until - start) / width)
+        found = await self._store.event_histogram(
+            attrs.evolve(query, since=since, until=until),
+            start=start,
+            bucket_seconds=width,
+            buckets=buckets,
+        )
+        return 200, {
+            "since": iso(since),
+            "until": iso(until),
+            "bucket_seconds": width,
+            "buckets": [
+                {"start": iso(start + i * width), "count": n} for i, n in enumerate(found.counts)
+            ],
+            "complete": found.complete,
+            "counted_since": iso(found.counted_since),
+        }
+
+    async def export(self, request: Request) -> Response:
+        q = request.query
+        name = q.get("format", "ndjson")
+        if name not in FORMATS:
+            raise ApiError(400, "bad_request", "format: ndjson or csv")
+        most: int | None = None
+        if "max" in q:
+            raw = q["max"]
+            if not raw.isdigit() or not 1 <= int(raw) < 2**63:
+                raise ApiError(400, "bad_request", "max: a positive integer")
+            most = int(raw)
+        query = event_filter(q, paged=False)
+        content_type, suffix = FORMATS[name]
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        disposition = f'attachment; filename="z4j-events-{stamp}.{suffix}"'.encode()
+        encode = _ndjson if name == "ndjson" else _csv
+
+        async def chunks(spawn: Spawn) -> AsyncGenerator[bytes, None]:
+            # One chunk a page, even an empty one (a text page may match
+            # nothing): the first goes out with the status, so a refusal
+            # found by the first read is still a proper error response.
+            # The next page is read while this one is encoded and sent: two
+            # pages in memory at most.
+            prefix = _csv_header() if name == "csv" else b""
+            rows_left = most
+            first = attrs.evolve(query, limit=min(EXPORT_FIRST_ROWS, most or EXPORT_FIRST_ROWS))
+            ahead: _Ahead[ExportPage] | None = _Ahead(spawn, self._store.export_events, first)
+            per_row = EXPORT_ROW_BYTES
+            while ahead is not None:
+                found = await ahead.result()
+                rows = found.rows if rows_left is None else found.rows[:rows_left]
+                if rows_left is not None:
+                    rows_left -= len(rows)
+                if found.next is not None and rows_left != 0:
+                    # Size the next page from this one's bytes per row (the
+                    # body, and about EXPORT_ROW_BYTES for the rest).
+                    if rows:
+                        per_row = sum(len(r[8]) for r in rows) // len(rows) + EXPORT_ROW_BYTES
+                    limit = max(1, min(EXPORT_PAGE_ROWS, EXPORT_PAGE_BYTES // per_row))
+                    if rows_left is not None:
+                        limit = min(limit, rows_left)
+                    following = attrs.evolve(first, before=found.next, limit=limit)
+                    ahead = _Ahead(spawn, self._store.export_events, following)
+                else:
+                    ahead = None
+                yield prefix + (encode(rows) if rows else b"")
+                prefix = b""
+
+        return 200, Streamed(content_type, chunks, headers=((b"content-disposition", disposition),))
+
+
+T = TypeVar("T")
+
+
+class _Ahead(Generic[T]):
+    """``read(arg)``, started now in a task of ``spawn``, its result awaited later."""
+
+    def __init__(
+        self, spawn: Spawn, read: Callable[[EventFilter], Awaitable[T]], arg: EventFilter
+    ) -> None:
+        self._done = trio.Event()
+        self._value: T | None = None
+        self._error: Exception | None = None
+
+        async def run() -> None:
+            try:
+                self._value = await read(arg)
+            except Exception as exc:  # raised where the result is awaited
+                self._error = exc
+            finally:
+                self._done.set()
+
+        spawn(run)
+
+    async def result(self) -> T:
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
+
+
+# -- input ---------------------------------------------------------------------------------
+
+
+def event_filter(q: dict[str, str], *, paged: bool = True) -> EventFilter:
+    """The filter of the query's parameters (with ``paged``, its cursor and limit too)."""
+    # An empty value is no condition (as a form sends an empty field).
+    q = {name: value for name, value in q.items() if value or name in ("limit", "cursor")}
+    text: dict[str, str] = {}
+    for name in ("kind", "worker_id", "task_id", "engine", "task_name", "q"):
+        if q.get(name):
+            check_text(q[name])
+            if len(q[name]) > MAX_TEXT:
+                raise ApiError(400, "bad_request", f"{name}: at most {MAX_TEXT} characters")
+            text[name] = q[name]
+    return EventFilter(
+        kind=text.get("kind"),
+        project_id=uuid_param(q["project_id"], "project_id") if "project_id" in q else None,
+        agent_id=uuid_param(q["agent_id"], "agent_id") if "agent_id" in q else None,
+        worker_id=text.get("worker_id"),
+        task_id=text.get("task_id"),
+        engine=text.get("engine"),
+        task_name=text.get("task_name"),
+        since=time_param(q["since"], "since") if "since" in q else None,
+        until=time_param(q["until"], "until") if "until" in q else None,
+        text=text.get("q"),
+        before=_cursor_in(q["cursor"]) if paged and "cursor" in q else None,
+        limit=limit_param(q) if paged else 1,
+    )
+
+
+def _cursor_in(raw: str) -> tuple[float, int]:
+    at, _, last = raw.partition("_")
+    try:
+        when, event_id = float(at), int(last)
+    except ValueError:
+        raise ApiError(400, "bad_request", "cursor: as given by the last page") from None
+    if not 0 <= event_id < 2**63:  # a bigint, in both stores
+        raise ApiError(400, "bad_request", "cursor: as given by the last page")
+    return epoch(when, "cursor"), event_id
+
+
+def _cursor_out(key: tuple[float, int]) -> str:
+    return f"{key[0]!r}_{key[1]}"
+
+
+# -- output --------------------------------------------------------------------------------
+
+
+def event_json(e: EventRecord, *, body_max_bytes: int | None = None) -> dict[str, Any]:
+    """An event as the API shows it; a body over ``body_max_bytes`` (as JSON)
+    is left out (``body`` null, ``body_truncated`` true, its size in ``body_bytes``)."""
+    item = to_json(e)
+    if body_max_bytes is not None and item["body_bytes"] > body_max_bytes:
+        item["body"] = None
+        item["body_truncated"] = True
+    return item
+
+
+def _ndjson(rows: list[ExportRow]) -> bytes:
+    """One JSON object a line, the body spliced in as stored (never parsed)."""
+    dumps, stamp = orjson.dumps, _Iso()
+    out = bytearray()
+    for id_, key, at, source, kind, project, agent, worker, body in rows:
+        head = dumps(
+            {
+                "id": id_,
+                "key": key,
+                "received_at": stamp(at),
+                "source": source,
+                "kind": kind,
+                "project_id": project,
+                "agent_id": agent,
+                "worker_id": worker,
+            }
+        )
+        out += head[:-1]
+        out += b',"body":'
+        out += body.encode()
+        out += b"}\n"
+    return bytes(out)
+
+
+def _csv_header() -> bytes:
+    return (",".join(EXPORT_COLUMNS) + "\r\n").encode()
+
+
+def _csv(rows: list[ExportRow]) -> bytes:
+    """RFC 4180 rows, as the csv module writes them (a field with a comma, quote
+    or line break is quoted, its quotes doubled); the body column holds its JSON.
+    Written by hand: the csv module takes several times as long per row."""
+    stamp = _Iso()
+    lines = []
+    for id_, key, at, source, kind, project, agent, worker, body in rows:
+        lines.append(
+            f"{id_},{key},{stamp(at)},{_field(source)},{_field(kind)},{project or ''},"
+            f"{agent or ''},{_field(worker or '')},{_field(body)}\r\n"
+        )
+    return "".join(lines).encode()
+
+
+_NEEDS_QUOTES = re.compile(r'[",\r\n]')
+
+
+def _field(text: str) -> str:
+    if _NEEDS_QUOTES.search(text) is None:
+        return text
+    return '"' + text.replace('"', '""') + '"'
+
+
+class _Iso:
+    """Epoch seconds as the API writes times (`resources.iso`), the date and
+    time of the last second kept: an export's rows come in time order."""
+
+    def __init__(self) -> None:
+        self._second: float | None = None
+        self._text = ""
+
+    def __call__(self, at: float) -> str:
+        # As datetime.fromtimestamp rounds: to the microsecond, half to even.
+        frac, whole = math.modf(at)
+        micro = round(frac * 1e6)
+        if micro >= 1_000_000:
+            whole, micro = whole + 1, micro - 1_000_000
+        elif micro < 0:
+            whole, micro = whole - 1, micro + 1_000_000
+        if whole != self._second:
+            self._second = whole
+            self._text = datetime.fromtimestamp(whole, UTC).isoformat()[:-6]
+        if micro:
+            return f"{self._text}.{micro:06d}+00:00"
+        return f"{self._text}+00:00"
