@@ -19,6 +19,8 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 NUMERIC_FIELDS = [name for name, f in FIELDS.items() if f.type in (int, float)]
 POSITIVE_FIELDS = [
+    "session_max_seconds",
+    "session_idle_seconds",
     "ingest_max_frame_bytes",
     "ingest_max_inflated_bytes",
     "ingest_idle_timeout_seconds",
