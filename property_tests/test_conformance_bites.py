@@ -61,6 +61,7 @@ from z4j.protocol.close import CloseCode
 from z4j.protocol.errors import RemoteProtocolError
 from z4j.protocol.opamp import Change, ServerFlag, bad_request
 from z4j.protocol.opamp import opamp_pb2 as pb
+from z4j.store.base import AgentLogin
 from z4j.store.sqlite import SqliteStore
 from z4j.testing.brain import make_config
 
@@ -358,16 +359,21 @@ def test_close_codes_of_the_protocol_core_bite(
 def test_bad_token_refused_bites(
     brain: ServedBrain, suite: TrioPortal, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Broken: an unknown token opens a session as the last agent provisioned."""
+    """Broken: an unknown token opens a session as the agent provisioned."""
     agent_id = brain.agent_id
 
-    def make(agent_by_token: Any) -> Any:
+    def make(agent_login: Any) -> Any:
         async def anyone(self: SqliteStore, token_hash: bytes) -> Any:
-            return await agent_by_token(self, token_hash) or await self.find_agent(agent_id)
+            found = await agent_login(self, token_hash)
+            if found is not None:
+                return found
+            agent = await self.find_agent(agent_id)
+            project = next(p for p in await self.list_projects() if p.id == agent.project_id)
+            return AgentLogin(agent=agent, token_expires_at=None, project=project)
 
         return anyone
 
-    wrap(SqliteStore, "agent_by_token", make, monkeypatch)
+    wrap(SqliteStore, "agent_login", make, monkeypatch)
     bite_agent(brain, suite, "bad-token-refused")
 
 

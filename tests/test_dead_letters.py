@@ -241,7 +241,7 @@ async def test_dead_letters_are_listed_inspected_requeued_and_discarded(config: 
         ("dead_letter.discarded", str(newest["id"])),
         ("dead_letter.requeued", str(new_id)),
     ]
-    assert {actor for _, _, actor in audit} == {"api"}  # request.actor, before accounts land
+    assert {actor for _, _, actor in audit} == {"token:test"}  # request.actor: the admin token
 
 
 async def test_the_task_registry_shows_what_registry_deltas_left(config: Config) -> None:

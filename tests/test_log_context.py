@@ -103,7 +103,7 @@ async def test_an_http_line_carries_the_request_id_and_peer(
     assert reply.headers["x-request-id"] == "req-42.a"  # a proxy's id, passed through
     assert len(fresh.headers["x-request-id"]) == 32  # made here when none came
     assert len(junk.headers["x-request-id"]) == 32  # junk is not echoed
-    (warning,) = json_logs.find("z4j.auth", "unknown admin token")
+    (warning,) = json_logs.find("z4j.auth", "failed sign-in from")
     assert warning["request_id"] == "req-42.a"
     assert warning["peer"].startswith("127.0.0.1:")
     assert warning["level"] == "WARNING"

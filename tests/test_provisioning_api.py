@@ -204,7 +204,9 @@ async def test_projects_and_agents_are_provisioned_listed_and_archived(config: C
         ("agent.revoke", "refused:revoked"),
         ("agent.token.rotate", "refused:revoked"),
     }
-    assert all(actor == "api" and details["source"] == "127.0.0.1" for _, actor, details in rows)
+    assert all(
+        actor == "token:test" and details["source"] == "127.0.0.1" for _, actor, details in rows
+    )
     archive = next(d for a, _, d in rows if a == "project.archive" and d["outcome"] == "ok")
     assert archive["agents_revoked"] == [other["agent"]["id"]]
 
