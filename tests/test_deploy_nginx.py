@@ -267,6 +267,8 @@ async def test_a_bare_agent_through_nginx_reaches_both_replicas(
             # And the health check answers through the proxy, over TLS.
             ready = await trio.to_thread.run_sync(_https_get, https, "/health/ready", ca_file)
             assert ready[0] == 200, ready
+            hidden = await trio.to_thread.run_sync(_https_get, https, "/metrics", ca_file)
+            assert hidden[0] == 404, hidden
 
             # Sticky: the agent comes back twice (new processes, same token)
             # and nginx sends it to the same replica each time.
