@@ -6,9 +6,10 @@ parser of a few lines): the image's entrypoint is ``z4j brain`` and its
 health check asks /health/ready (and that check is run, against a real
 brain, to exit 0); ports and probes match the configuration's defaults;
 every Z4J_* variable they set is a setting of z4j/config.py; the systemd
-unit runs ``z4j brain``, hardened, and its environment loads as a valid
-configuration for two instances; ``systemd-analyze verify`` finds nothing
-to say about it where that tool exists. deploy/nginx/z4j.conf is run by
+unit runs ``z4j brain``, hardened, and two instances started with its
+environment (systemd itself is not running here) share the ports on one
+Postgres; ``systemd-analyze verify`` finds nothing to say about it where
+that tool exists. deploy/nginx/z4j.conf is run by
 tests/test_deploy_nginx.py.
 """
 
@@ -19,6 +20,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +31,7 @@ import trio
 import yaml
 
 from z4j.config import Config, env_name, load_config, parse_bind
-from z4j.testing.brain import make_config, running_brain
+from z4j.testing.brain import BrainProcess, make_config, running_brain
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -314,3 +316,40 @@ def test_systemd_analyze_verify_has_nothing_to_say(tmp_path: Path) -> None:
     )
     said = [line for line in (result.stdout + result.stderr).splitlines() if "z4j@" in line]
     assert result.returncode == 0 and not said, result.stdout + result.stderr
+
+
+def test_two_instances_of_the_unit_share_the_ports_on_one_postgres(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """z4j@1 and z4j@2 as systemd would start them (their Environment= lines
+    over the environment file), with this machine's database, directory and
+    ports: both get ready on the same two ports, each with its own buffer."""
+    http_port, ingest_port = free_port(), free_port()
+    brains = []
+    try:
+        for instance in ("1", "2"):
+            env = unit_environment(instance)
+            data_dir = env["Z4J_DATA_DIR"]
+            env = {
+                name: value.replace(data_dir, str(tmp_path / "data")) for name, value in env.items()
+            }
+            env |= {
+                "Z4J_DATABASE_URL": pg_url,
+                "Z4J_HTTP_BIND": f"127.0.0.1:{http_port}",
+                "Z4J_INGEST_BIND": f"127.0.0.1:{ingest_port}",
+            }
+            brains.append(BrainProcess(env, log_path=tmp_path / f"z4j@{instance}.log"))
+        assert {b.http for b in brains} == {("127.0.0.1", http_port)}
+        assert {b.ingest for b in brains} == {("127.0.0.1", ingest_port)}
+        for instance, brain in zip(("1", "2"), brains, strict=True):
+            assert f"buffer-{instance}.sqlite3" in brain.log_text()
+    finally:
+        for brain in brains:
+            brain.stop()
+    assert all(brain.proc.returncode == 0 for brain in brains)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
