@@ -9,7 +9,10 @@ Certificates come from trustme. Two ``z4j brain`` processes share one
 Postgres; a z4j-bare agent in its own process connects to
 ``https://127.0.0.1:PORT`` (wss:// through nginx), its events land once,
 and a command minted on the replica that does *not* hold its socket is
-forwarded (LISTEN/NOTIFY) and completed.
+forwarded (LISTEN/NOTIFY) and completed. The agent comes back twice and
+lands on the same replica (the hash on its token); a dashboard socket with
+a browser's Origin is accepted (nginx passes Host with its port);
+/health/ready answers through the proxy and /metrics does not.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,6 +32,7 @@ import orjson
 import psycopg
 import pytest
 import trio
+import trio_websocket
 import trustme
 
 from z4j.store.base import FINAL_COMMAND_STATES
@@ -270,6 +275,19 @@ async def test_a_bare_agent_through_nginx_reaches_both_replicas(
             hidden = await trio.to_thread.run_sync(_https_get, https, "/metrics", ca_file)
             assert hidden[0] == 404, hidden
 
+            # A browser's dashboard socket: its Origin must match the Host the
+            # brain sees, which nginx passes on with the port.
+            context = ssl.create_default_context(cafile=str(ca_file))
+            headers = [
+                ("Authorization", f"Bearer {admin}"),
+                ("Origin", f"https://127.0.0.1:{https}"),
+            ]
+            async with trio_websocket.open_websocket_url(
+                f"wss://127.0.0.1:{https}/ws/dashboard", ssl_context=context, extra_headers=headers
+            ) as dashboard:
+                hello = orjson.loads(await dashboard.get_message())
+                assert hello["type"] == "hello", hello
+
             # Sticky: the agent comes back twice (new processes, same token)
             # and nginx sends it to the same replica each time.
             for count in (2, 3):
@@ -314,7 +332,6 @@ async def _done(state: Any) -> bool:
 
 
 def _https_get(port: int, path: str, ca_file: Path) -> tuple[int, bytes]:
-    import ssl
     import urllib.error
     import urllib.request
 
