@@ -292,10 +292,11 @@ async def test_a_bare_agent_through_nginx_reaches_both_replicas(
             # and nginx sends it to the same replica each time.
             for count in (2, 3):
                 stop(agent)
+                before = connects(brains)
                 agent = start_bare_agent(
                     url, token, project_secret, 0, tmp_path / f"agent-{count}", ca_file
                 )
-                await wait_until(lambda n=count: connects(brains) == n, timeout=60)
+                await wait_until(lambda n=before: connects(brains) > n, timeout=60)
             stop(agent)
     finally:
         if agent is not None:
@@ -308,7 +309,7 @@ async def test_a_bare_agent_through_nginx_reaches_both_replicas(
     assert len({e["key"] for e in events}) == 5
     access = (tmp_path / "nginx" / "logs" / "access.log").read_text()
     sessions = re.findall(r'"GET /ws/agent HTTP/1\.1" 101 .* upstream=(\S+) ', access)
-    assert len(sessions) == 3 and len(set(sessions)) == 1, access
+    assert len(sessions) >= 3 and len(set(sessions)) == 1, access
     assert token not in access
 
 
