@@ -426,6 +426,7 @@ _NOT_SETTINGS = frozenset(
         "Z4J_WRITE_SCREENSHOT",
         "Z4J_ALLOW_NO_BROWSER",
         "Z4J_CHROMIUM",
+        "Z4J_NGINX",
     }
 )
 
