@@ -61,7 +61,7 @@ def run_doctor(
         checks.append(_disk(config, args.min_free_mib * 1024 * 1024))
     else:
         checks += [
-            Check(check=name, status="skip", detail="the settings did not load")
+            Check(check=name, status="skip", detail="the settings failed")
             for name in ("store", "schema", "clock", "disk")
         ]
     failed = any(c.status == "fail" for c in checks)
@@ -119,7 +119,8 @@ async def _store_checks(config: Config) -> list[Check]:
                 Check(check="schema", status="skip", detail="the store did not answer"),
                 Check(check="clock", status="skip", detail="the store did not answer"),
             ]
-        store_ok = Check(check="store", status="ok", detail=f"the {store.kind} store answers")
+        kind = "SQLite" if store.kind == "sqlite" else "Postgres"
+        store_ok = Check(check="store", status="ok", detail=f"the {kind} store answers")
         state = SchemaState(await store.applied_migrations())
         status: Status = "fail" if state.unknown else "warn" if state.pending else "ok"
         schema = Check(check="schema", status=status, detail=state.describe())

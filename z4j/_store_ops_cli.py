@@ -40,22 +40,29 @@ class SchemaState:
         return not self.pending and not self.unknown
 
     def describe(self) -> str:
-        at = f"version {max(self.applied)}" if self.applied else "an empty store"
         if self.unknown:
             return (
                 f"the store has migrations this z4j does not know ({_versions(self.unknown)}): "
                 "a newer z4j migrated it; run that release"
             )
         if self.pending:
+            at = f"at version {max(self.applied)}" if self.applied else "not created yet"
             return (
-                f"pending migrations: {_versions(self.pending)} (schema at {at}, this z4j "
-                f"needs {MIGRATIONS[-1].version}): run `z4j migrate`, or start the brain"
+                f"pending migrations: {_versions(self.pending)} (schema {at}, this z4j needs "
+                f"version {MIGRATIONS[-1].version}): run `z4j migrate`, or start the brain"
             )
         return f"schema is up to date (version {max(self.applied)})"
 
 
 def _versions(versions: list[int]) -> str:
-    return ", ".join(map(str, versions))
+    """``1-17, 19``: consecutive versions as ranges."""
+    runs: list[list[int]] = []
+    for v in sorted(versions):
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 async def schema_state(config: Config) -> SchemaState:
@@ -91,7 +98,7 @@ async def migrate(config: Config, check: bool) -> int:
     finally:
         await store.aclose()
     if applied:
-        print(f"applied migrations: {_versions(applied)}")
+        print(f"applied migrations: {', '.join(map(str, applied))}")
     else:
         print("schema is up to date")
     return 0
