@@ -363,3 +363,13 @@ def test_doctor_on_postgres_checks_the_clock(tmp_path: Path, pg_url: str) -> Non
     status, checks = _doctor(env={**env, "Z4J_DATABASE_URL": pg_url + "_missing"})
     assert status == 1 and checks["store"][0] == "fail"
     assert checks["schema"][0] == "skip" and checks["clock"][0] == "skip"
+
+
+def test_settings_flags_hold_before_or_after_a_nested_action() -> None:
+    parser = _parser()
+    for argv in (
+        ["admin", "token", "--data-dir", "X", "list"],
+        ["admin", "token", "list", "--data-dir", "X"],
+        ["admin", "token", "--data-dir", "X"],
+    ):
+        assert parser.parse_args(argv).data_dir == "X", argv

@@ -69,7 +69,14 @@ def _add_config_flags(
 ) -> None:
     """Flags for the settings ``names`` (all of them when None: the brain's)."""
     group = parser.add_argument_group("settings", None if names is None else _REFERENCE)
-    group.add_argument("--config", type=Path, help="TOML file of settings (or Z4J_CONFIG)")
+    # Absent flags stay out of the namespace (SUPPRESS): a subcommand's own
+    # flags (`admin token list`) then never reset its parent's (`admin token`).
+    group.add_argument(
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="TOML file of settings (or Z4J_CONFIG)",
+    )
     for name in FIELDS:
         if names is not None and name not in names:
             continue
@@ -78,7 +85,7 @@ def _add_config_flags(
             group.add_argument(
                 flag,
                 dest=name,
-                default=None,
+                default=argparse.SUPPRESS,
                 choices=["true", "false"],
                 help=f"{HELP[name]} [{env_name(name)}]",
             )
@@ -86,7 +93,7 @@ def _add_config_flags(
             group.add_argument(
                 flag,
                 dest=name,
-                default=None,
+                default=argparse.SUPPRESS,
                 metavar="VALUE",
                 help=f"{HELP[name]} [{env_name(name)}]",
             )
@@ -101,7 +108,7 @@ def _log_levels(config: Config) -> dict[str, str]:
 
 def _config_from(args: argparse.Namespace) -> Config:
     overrides = {name: getattr(args, name, None) for name in FIELDS}
-    return load_config(file=args.config, overrides=overrides)
+    return load_config(file=getattr(args, "config", None), overrides=overrides)
 
 
 def _positive_int(text: str) -> int:
