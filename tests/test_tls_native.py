@@ -201,6 +201,6 @@ async def test_z4j_send_over_tls_with_a_ca_file(
             )
             await wait_until(lambda: len(tcp_events(config)) == 1)
     assert sent.returncode == 0, sent.stderr
-    assert "1 stored, 0 refused" in sent.stderr
+    assert "1 accepted (durable in the brain's buffer), 0 refused" in sent.stderr
     assert plain.returncode == 2  # the TLS port closed on a plain client
     assert plain.stderr.startswith(f"z4j send: {ingest}: ")

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import trio
 
+from ._cli_out import emit
 from .buffer import BufferFile, BufferFull, BufferInUse
 from .config import Config
 from .dead_letters import DETAIL_BODY_BYTES, LIST_BODY_BYTES, MAX_IDS, dead_letter_json
@@ -51,11 +51,7 @@ async def run_dead_letters(args: argparse.Namespace, config: Config, actor: str)
         return 1
 
 
-def _out(args: argparse.Namespace, value: Any, text: Callable[[], str]) -> None:
-    if args.json:
-        sys.stdout.buffer.write(orjson.dumps(value, option=orjson.OPT_INDENT_2) + b"\n")
-    else:
-        print(text())
+_out = emit
 
 
 def _when(ts: float) -> str:
@@ -86,7 +82,11 @@ async def _list(args: argparse.Namespace, config: Config, buf: BufferFile, actor
             lines.append(f"more: --cursor {cursor}")
         return "\n".join(lines)
 
-    _out(args, {"items": items, "next_cursor": cursor, "total": buf.dead_letter_rows}, text)
+    # A list prints a JSON array like every list command; where the next page
+    # starts goes to stderr, as a hint for people.
+    _out(args, items, text)
+    if cursor and args.json:
+        print(f"more: --cursor {cursor}", file=sys.stderr)
     return 0
 
 

@@ -1,6 +1,11 @@
-"""The ``z4j`` command: ``brain``, ``migrate``, ``config``, ``send``, ``project``,
-``agent``, ``admin``, ``command``, ``opamp``, ``dead-letters`` (its bodies in
-_dead_letters_cli.py).
+"""The ``z4j`` command: ``brain``, ``migrate``, ``backup``, ``doctor``,
+``config``, ``send``, ``project``, ``agent``, ``admin``, ``command``,
+``opamp``, ``user``, ``dead-letters`` (bodies of the larger ones in
+_store_ops_cli.py, _doctor.py, cli_users.py and _dead_letters_cli.py).
+
+Imports are lazy: ``z4j --version`` and ``z4j send`` load neither the brain
+nor a store (Trio's, Hypercorn's and psycopg's imports took 1.4 s of them);
+each subcommand imports what it runs.
 
 One concern justifies the length (past 700 lines): the command line, its
 parser and one thin function per subcommand over the store; each is a few
@@ -11,23 +16,18 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.metadata
 import logging
 import re
-import signal
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import attrs
 import orjson
-import trio
 
-from ._datadir import BrainAlreadyRunning
+from ._cli_out import add_json_flag, emit, iso
 from ._version import __version__
-from .buffer import BufferInUse
 from .cli_users import USER_COMMANDS, add_user_parser
 from .config import (
     FIELDS,
@@ -40,10 +40,10 @@ from .config import (
     parse_bind,
     reference_markdown,
 )
-from .logs import configure_logging, parse_log_levels
-from .supervisor import SupervisorLink, check_instances, stranded_buffers, supervise
 
 if TYPE_CHECKING:
+    import trio
+
     from .brain import Brain
     from .store import Agent, CommandRecord, Project, Store
 
@@ -51,24 +51,49 @@ __all__ = ["main"]
 
 log = logging.getLogger("z4j.cli")
 
+# The settings each kind of command reads; its --help shows only these (every
+# setting is still read from Z4J_* variables and --config, and checked).
+LOGGING = ("log_level", "log_levels")
+STORE = ("data_dir", "database_url", "db_pool_size", "db_statement_timeout_ms", *LOGGING)
+KEYED = (*STORE, "secret")  # hashes tokens or derives signing secrets with the master secret
+ADVERTISED = (*KEYED, "http_bind")  # also prints where agents reach the brain
+BUFFER = ("buffer_path", "buffer_max_rows")
+_REFERENCE = (
+    "Settings also come from Z4J_* variables and --config FILE; this command reads only "
+    "those listed. Every setting: docs/configuration.md (or `z4j config --reference`)."
+)
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="TOML file of settings (or Z4J_CONFIG)")
+
+def _add_config_flags(
+    parser: argparse.ArgumentParser, names: Collection[str] | None = None
+) -> None:
+    """Flags for the settings ``names`` (all of them when None: the brain's)."""
+    group = parser.add_argument_group("settings", None if names is None else _REFERENCE)
+    # Absent flags stay out of the namespace (SUPPRESS): a subcommand's own
+    # flags (`admin token list`) then never reset its parent's (`admin token`).
+    group.add_argument(
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="TOML file of settings (or Z4J_CONFIG)",
+    )
     for name in FIELDS:
+        if names is not None and name not in names:
+            continue
         flag = "--" + name.replace("_", "-")
         if FIELDS[name].type is bool:
-            parser.add_argument(
+            group.add_argument(
                 flag,
                 dest=name,
-                default=None,
+                default=argparse.SUPPRESS,
                 choices=["true", "false"],
                 help=f"{HELP[name]} [{env_name(name)}]",
             )
         else:
-            parser.add_argument(
+            group.add_argument(
                 flag,
                 dest=name,
-                default=None,
+                default=argparse.SUPPRESS,
                 metavar="VALUE",
                 help=f"{HELP[name]} [{env_name(name)}]",
             )
@@ -76,12 +101,14 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def _log_levels(config: Config) -> dict[str, str]:
     """Z4J_LOG_LEVELS as loggers and levels (checked when the config was built)."""
+    from .logs import parse_log_levels
+
     return parse_log_levels(config.log_levels or "")
 
 
 def _config_from(args: argparse.Namespace) -> Config:
-    overrides = {name: getattr(args, name) for name in FIELDS}
-    return load_config(file=args.config, overrides=overrides)
+    overrides = {name: getattr(args, name, None) for name in FIELDS}
+    return load_config(file=getattr(args, "config", None), overrides=overrides)
 
 
 def _positive_int(text: str) -> int:
@@ -118,20 +145,59 @@ def _parser() -> argparse.ArgumentParser:
     brain.add_argument("--supervisor-fd", type=int, default=None, help=argparse.SUPPRESS)
     brain.add_argument("--supervised-instance", type=int, default=None, help=argparse.SUPPRESS)
 
-    migrate = sub.add_parser("migrate", help="apply the schema to the configured store")
-    _add_config_flags(migrate)
+    migrate = sub.add_parser(
+        "migrate",
+        help="apply the schema to the configured store (--check: only say what is pending)",
+        description="Apply the pending schema migrations (a brain also applies them as it "
+        "starts). With --check apply nothing: exit 0 when the schema is current, 1 with "
+        "the pending versions named when it is behind (for deploy pipelines).",
+    )
+    migrate.add_argument(
+        "--check", action="store_true", help="apply nothing; exit 1 if any migration is pending"
+    )
+    _add_config_flags(migrate, STORE)
+
+    backup = sub.add_parser(
+        "backup",
+        help="copy the embedded SQLite store to PATH (safe while the brain runs)",
+        description="Copy DATA_DIR/store.sqlite3 to PATH with SQLite's online backup API: "
+        "a consistent copy, taken while a brain runs. Not for a Postgres store (use "
+        "pg_dump). Restore: see docs/operations.md.",
+    )
+    backup.add_argument("path", type=Path, metavar="PATH", help="the new file (must not exist)")
+    _add_config_flags(backup, ("data_dir", "database_url", *LOGGING))
+
+    doctor = sub.add_parser(
+        "doctor",
+        help="check settings, store, schema, clock skew and free disk; exit 1 on a failure",
+        description="Check what a `z4j brain` with the same settings would meet: the "
+        "settings load, the store answers, its schema is current, this host's clock agrees "
+        "with Postgres', the buffer's disk has room. One line per check (ok, warn, fail, "
+        "skip); exit 1 if any failed.",
+    )
+    doctor.add_argument(
+        "--min-free-mib",
+        type=_positive_int,
+        default=256,
+        help="free disk below this fails, below 4 times this warns (default %(default)s)",
+    )
+    add_json_flag(doctor)
+    _add_config_flags(doctor)
 
     show = sub.add_parser("config", help="print the effective configuration (secrets masked)")
     _add_config_flags(show)
     show.add_argument(
         "--reference", action="store_true", help="print the settings table of docs/configuration.md"
     )
+    add_json_flag(show)
 
     send = sub.add_parser(
         "send",
         help="send records to a brain's ingest port",
         description="Read records (a JSON array, or one JSON object per line) from FILE "
-        "or stdin and send them. Exit status 1 if any payload is refused.",
+        "or stdin and send them. A payload counts as accepted once the brain has it "
+        "durably in its buffer (it reaches the store when drained). Exit status 1 if any "
+        "payload is refused. Reads no brain settings but Z4J_INGEST_TOKEN.",
     )
     send.add_argument("file", nargs="?", default="-", help="input file, - for stdin (default)")
     send.add_argument("--ingest", default="127.0.0.1:2407", help="HOST:PORT (default %(default)s)")
@@ -182,7 +248,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     admin_token.add_argument("--name", default="admin", help="a label for it (default admin)")
     token_sub = admin_token.add_subparsers(dest="token_action", required=False)
-    token_sub.add_parser(
+    admin_token_list = token_sub.add_parser(
         "list", help="list admin tokens: id, name, created, last used (never the secret)"
     )
     token_revoke = token_sub.add_parser(
@@ -191,7 +257,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     token_revoke.add_argument("ref", metavar="NAME_OR_ID", help="the token's name or id")
 
-    add_user_parser(sub, _add_config_flags)
+    add_user_parser(sub, lambda leaf: _add_config_flags(leaf, KEYED), add_json_flag)
 
     opamp = sub.add_parser("opamp", help="OpAMP: bearer tokens for POST /v1/opamp")
     opamp_sub = opamp.add_subparsers(dest="action", required=True)
@@ -238,7 +304,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="wait up to SECONDS for a final state and print it (exit 1 unless completed)",
     )
-    command_show = command_sub.add_parser("show", help="print a command and its state")
+    command_show = command_sub.add_parser(
+        "show", help="print a command and its state (a JSON object, with or without --json)"
+    )
     command_show.add_argument("id", type=uuid.UUID, help="the command id")
 
     dead = sub.add_parser(
@@ -249,7 +317,9 @@ def _parser() -> argparse.ArgumentParser:
         "while it runs, use its API or dashboard. Re-queued payloads drain at the next start.",
     )
     dead_sub = dead.add_subparsers(dest="action", required=True)
-    dead_list = dead_sub.add_parser("list", help="list dead letters, newest first")
+    dead_list = dead_sub.add_parser(
+        "list", help="list dead letters, newest first (the next page's --cursor on stderr)"
+    )
     dead_list.add_argument("--limit", type=_positive_int, default=50, help="at most (default 50)")
     dead_list.add_argument("--cursor", type=_positive_int, default=None, help="ids below this")
     dead_show = dead_sub.add_parser("show", help="a dead letter's payload and the store's error")
@@ -261,23 +331,26 @@ def _parser() -> argparse.ArgumentParser:
         leaf.add_argument("--all", action="store_true", help="every dead letter (up to 500)")
         dead_leaves.append(leaf)
     for leaf in dead_leaves:
-        leaf.add_argument("--json", action="store_true", help="print JSON")
+        add_json_flag(leaf)
+        _add_config_flags(leaf, (*STORE, *BUFFER))
 
+    for leaf in (project_list, agent_list, admin_token_list, opamp_list, command_show):
+        add_json_flag(leaf)
     for leaf in (
-        *dead_leaves,
         project_create,
         project_list,
-        agent_create,
         agent_list,
         agent_revoke,
         command_send,
         command_show,
-        admin_token,
-        opamp_create,
+        admin_token_list,
+        token_revoke,
         opamp_list,
         opamp_revoke,
     ):
-        _add_config_flags(leaf)
+        _add_config_flags(leaf, KEYED)
+    for leaf in (agent_create, admin_token, opamp_create):
+        _add_config_flags(leaf, ADVERTISED)
     return parser
 
 
@@ -301,6 +374,17 @@ def _directory_name(text: str) -> str:
     raise argparse.ArgumentTypeError(f"must not look like an id: {text!r}")
 
 
+def _quiet_logging(config: Config) -> None:
+    """Only warnings and errors: stdout is for the answer, stderr for trouble."""
+    from .logs import configure_logging
+
+    configure_logging(
+        "WARNING" if config.log_level == "INFO" else config.log_level,
+        "text",
+        levels=_log_levels(config),
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "send":
@@ -308,37 +392,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config" and args.reference:
         print(reference_markdown(), end="")
         return 0
+    if args.command == "doctor":
+        from ._doctor import run_doctor
+
+        return run_doctor(args, _config_from)
     supervised = args.command == "brain" and args.supervisor_fd is not None
     try:
         config = _config_from(args)
         if args.command == "brain" and not supervised:
+            from .supervisor import check_instances
+
             check_instances(config)
     except ConfigError as exc:
         print(f"z4j: configuration error: {exc}", file=sys.stderr)
         return 2
     if args.command == "config":
-        for name in FIELDS:
-            value = getattr(config, name)
-            if name == "database_url" and value:
-                value = re.sub(r"(//[^:/@]*:)[^@]*@", r"\1********@", value)
-            elif name in SECRET_FIELDS and value:
-                value = "********"
-            print(f"{env_name(name)}={'' if value is None else value}")
+        _show_config(args, config)
         return 0
+    import trio
+
     if args.command in ("project", "agent", "command", "admin", "opamp", "user"):
-        # Only warnings and errors: stdout is for the answer, stderr for trouble.
-        configure_logging(
-            "WARNING" if config.log_level == "INFO" else config.log_level,
-            "text",
-            levels=_log_levels(config),
-        )
+        _quiet_logging(config)
         return trio.run(_directory, args, config)
     if args.command == "dead-letters":
         from ._dead_letters_cli import run_dead_letters
 
-        configure_logging("WARNING" if config.log_level == "INFO" else config.log_level, "text")
+        _quiet_logging(config)
         return trio.run(run_dead_letters, args, config, _actor())
-    if args.command == "brain" and supervised:
+    if args.command in ("migrate", "backup"):
+        from ._store_ops_cli import backup, migrate
+
+        _quiet_logging(config)
+        if args.command == "backup":
+            return trio.run(backup, config, args.path)
+        return trio.run(migrate, config, args.check)
+    from .logs import configure_logging
+
+    if supervised:
         configure_logging(
             config.log_level,
             config.log_format,
@@ -348,28 +438,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         tune_gc()
         return trio.run(_run_brain, config, args.supervisor_fd)
     configure_logging(config.log_level, config.log_format, levels=_log_levels(config))
-    if args.command == "brain":
-        _warn_if_original_installed()
-        for path, rows in stranded_buffers(config):
-            log.warning(
-                "%s holds %d payloads no instance drains now (a buffer of an earlier run with "
-                "more instances): start once with enough --instances, or with "
-                "Z4J_BUFFER_PATH=%s, to drain it",
-                path,
-                rows,
-                path,
-            )
-        if config.instances > 1:
-            return trio.run(supervise, config)
-        tune_gc()
-        return trio.run(_run_brain, config)
-    return trio.run(_migrate, config)
+    from .supervisor import stranded_buffers, supervise
+
+    _warn_if_original_installed()
+    for path, rows in stranded_buffers(config):
+        log.warning(
+            "%s holds %d payloads no instance drains now (a buffer of an earlier run with "
+            "more instances): start once with enough --instances, or with "
+            "Z4J_BUFFER_PATH=%s, to drain it",
+            path,
+            rows,
+            path,
+        )
+    if config.instances > 1:
+        return trio.run(supervise, config)
+    tune_gc()
+    return trio.run(_run_brain, config)
+
+
+def _show_config(args: argparse.Namespace, config: Config) -> None:
+    shown: dict[str, str] = {}
+    for name in FIELDS:
+        value = getattr(config, name)
+        if name == "database_url" and value:
+            value = re.sub(r"(//[^:/@]*:)[^@]*@", r"\1********@", value)
+        elif name in SECRET_FIELDS and value:
+            value = "********"
+        shown[env_name(name)] = "" if value is None else str(value)
+    emit(args, shown, lambda: "\n".join(f"{k}={v}" for k, v in shown.items()))
 
 
 def _warn_if_original_installed() -> None:
     """Say so when the original brain's distribution shares this environment:
     both install the module ``z4j`` and the command ``z4j``, so whichever was
     installed last has overwritten the other's files (docs/install.md)."""
+    import importlib.metadata
+
     try:
         importlib.metadata.distribution("z4j")
     except importlib.metadata.PackageNotFoundError:
@@ -382,7 +486,12 @@ def _warn_if_original_installed() -> None:
 
 
 async def _run_brain(config: Config, supervisor_fd: int | None = None) -> int:
+    import trio
+
+    from ._datadir import BrainAlreadyRunning
     from .brain import serve_brain
+    from .buffer import BufferInUse
+    from .supervisor import SupervisorLink
 
     shutdown = trio.Event()
     status = 0
@@ -423,6 +532,10 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]
 
 
 async def _watch_signals(shutdown: trio.Event, scope: trio.CancelScope) -> None:
+    import signal
+
+    import trio
+
     first_at = 0.0
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
@@ -441,24 +554,6 @@ async def _watch_signals(shutdown: trio.Event, scope: trio.CancelScope) -> None:
                 log.warning("second signal: stopping now")
                 scope.cancel()
                 return
-
-
-async def _migrate(config: Config) -> int:
-    from .store import store_for
-
-    store = store_for(config)
-    try:
-        applied = await store.migrate()
-    except Exception as exc:
-        log.error("migration failed: %s", exc)
-        return 1
-    finally:
-        await store.aclose()
-    if applied:
-        print(f"applied migrations: {', '.join(map(str, applied))}")
-    else:
-        print("schema is up to date")
-    return 0
 
 
 # -- project and agent commands ------------------------------------------------------------
@@ -518,8 +613,11 @@ async def _project_create(args: argparse.Namespace, config: Config, store: Store
 
 async def _project_list(args: argparse.Namespace, config: Config, store: Store) -> None:
     projects = await store.list_projects()
-    for project in projects:
-        print(f"{project.id}  {project.name}")
+    emit(
+        args,
+        [{"id": str(p.id), "name": p.name, "archived_at": iso(p.archived_at)} for p in projects],
+        lambda: "\n".join(f"{p.id}  {p.name}" for p in projects),
+    )
     if not projects:
         print("no projects yet: z4j project create NAME", file=sys.stderr)
 
@@ -586,9 +684,24 @@ async def _agent_list(args: argparse.Namespace, config: Config, store: Store) ->
     project_id = None if args.project is None else (await _project_of(store, args.project)).id
     names = {p.id: p.name for p in await store.list_projects()}
     agents = await store.list_agents(project_id)
-    for agent in agents:
-        state = "  revoked" if agent.revoked else ""
-        print(f"{agent.id}  {names.get(agent.project_id, agent.project_id)}  {agent.name}{state}")
+    emit(
+        args,
+        [
+            {
+                "id": str(a.id),
+                "project_id": str(a.project_id),
+                "project": names.get(a.project_id),
+                "name": a.name,
+                "revoked": a.revoked,
+            }
+            for a in agents
+        ],
+        lambda: "\n".join(
+            f"{a.id}  {names.get(a.project_id, a.project_id)}  {a.name}"
+            + ("  revoked" if a.revoked else "")
+            for a in agents
+        ),
+    )
     if not agents:
         print("no agents yet: z4j agent create --project P NAME", file=sys.stderr)
 
@@ -626,6 +739,8 @@ async def _agent_of(store: Store, ref: str, project_ref: str | None) -> Agent:
 
 
 def _print_command(record: CommandRecord) -> None:
+    import attrs
+
     print(
         orjson.dumps(
             attrs.asdict(record), default=str, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
@@ -679,9 +794,26 @@ async def _admin_token_list(args: argparse.Namespace, config: Config, store: Sto
     tokens = await store.list_api_tokens()
     rows = [(t.id, t.name, _when(t.created_at), _when(t.last_used_at) or "never") for t in tokens]
     width = max([len(name) for _, name, _, _ in rows] + [4])
-    print(f"{'ID':<16}  {'NAME':<{width}}  {'CREATED':<20}  LAST USED")
-    for token_id, name, created, used in rows:
-        print(f"{token_id:<16}  {name:<{width}}  {created:<20}  {used}")
+
+    def text() -> str:
+        lines = [f"{'ID':<16}  {'NAME':<{width}}  {'CREATED':<20}  LAST USED"]
+        for token_id, name, created, used in rows:
+            lines.append(f"{token_id:<16}  {name:<{width}}  {created:<20}  {used}")
+        return "\n".join(lines)
+
+    emit(
+        args,
+        [
+            {
+                "id": t.id,
+                "name": t.name,
+                "created_at": iso(t.created_at),
+                "last_used_at": iso(t.last_used_at),
+            }
+            for t in tokens
+        ],
+        text,
+    )
 
 
 async def _admin_token_revoke(args: argparse.Namespace, config: Config, store: Store) -> None:
@@ -741,9 +873,27 @@ async def _opamp_token_list(args: argparse.Namespace, config: Config, store: Sto
         for t in tokens
     ]
     width = max([len(project) for _, project, _, _ in rows] + [7])
-    print(f"{'ID':<16}  {'PROJECT':<{width}}  {'CREATED':<20}  NAME")
-    for token_id, project, name, created in rows:
-        print(f"{token_id:<16}  {project:<{width}}  {created:<20}  {name}")
+
+    def text() -> str:
+        lines = [f"{'ID':<16}  {'PROJECT':<{width}}  {'CREATED':<20}  NAME"]
+        for token_id, project, name, created in rows:
+            lines.append(f"{token_id:<16}  {project:<{width}}  {created:<20}  {name}")
+        return "\n".join(lines)
+
+    emit(
+        args,
+        [
+            {
+                "id": t.id,
+                "project_id": str(t.project_id),
+                "project": names.get(t.project_id),
+                "name": t.name,
+                "created_at": iso(t.created_at),
+            }
+            for t in tokens
+        ],
+        text,
+    )
 
 
 async def _opamp_token_revoke(args: argparse.Namespace, config: Config, store: Store) -> None:
@@ -826,7 +976,7 @@ def _send(args: argparse.Namespace) -> int:
     refused = results.count(False)
     print(
         f"sent {len(records)} records in {len(batches)} payloads: "
-        f"{len(batches) - refused} stored, {refused} refused",
+        f"{len(batches) - refused} accepted (durable in the brain's buffer), {refused} refused",
         file=sys.stderr,
     )
     return 1 if refused else 0

@@ -15,16 +15,25 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
+from ._cli_out import emit, iso
 from .config import Config
-from .store.base import ROLES, Store, User
 
-__all__ = ["USER_COMMANDS", "add_user_parser"]
+if TYPE_CHECKING:
+    from .store.base import Store, User
+
+__all__ = ["ROLES", "USER_COMMANDS", "add_user_parser"]
+
+# store.base.ROLES, written out so building the parser imports no store (a test
+# keeps the two equal).
+ROLES = ("admin", "operator", "viewer")
 
 
 def add_user_parser(
     sub: argparse._SubParsersAction[argparse.ArgumentParser],
     config_flags: Callable[[argparse.ArgumentParser], None],
+    json_flag: Callable[[argparse.ArgumentParser], None],
 ) -> None:
     """Add ``user`` and its actions, each with the configuration flags."""
     user = sub.add_parser("user", help="dashboard and API accounts: create, list, disable")
@@ -42,7 +51,9 @@ def add_user_parser(
         help="narrow the user to this project (name or id; repeat for more); default all",
     )
     config_flags(create)
-    config_flags(user_sub.add_parser("list", help="list users: id, name, role, projects, state"))
+    listing = user_sub.add_parser("list", help="list users: id, name, role, projects, state")
+    json_flag(listing)
+    config_flags(listing)
     for verb, what in (
         ("disable", "disable a user: their sessions and tokens stop working at once"),
         ("enable", "enable a disabled user"),
@@ -83,6 +94,7 @@ async def _user_of(store: Store, ref: str) -> User:
 
 async def _create(args: argparse.Namespace, config: Config, store: Store) -> None:
     from .brain.http.passwords import hash_password
+    from .store.base import User
 
     projects = None
     if args.project is not None:
@@ -118,13 +130,33 @@ async def _list(args: argparse.Namespace, config: Config, store: Store) -> None:
     names = {p.id: p.name for p in await store.list_projects()}
     users = await store.list_users()
     width = max([len(u.name) for u in users] + [4])
-    print(f"{'ID':<36}  {'NAME':<{width}}  {'ROLE':<8}  {'STATE':<8}  PROJECTS")
-    for u in users:
-        projects = (
-            "all" if u.projects is None else ",".join(names.get(p, str(p)) for p in u.projects)
-        )
-        state = "disabled" if u.disabled else "active"
-        print(f"{u.id!s:<36}  {u.name:<{width}}  {u.role:<8}  {state:<8}  {projects}")
+
+    def text() -> str:
+        lines = [f"{'ID':<36}  {'NAME':<{width}}  {'ROLE':<8}  {'STATE':<8}  PROJECTS"]
+        for u in users:
+            projects = (
+                "all" if u.projects is None else ",".join(names.get(p, str(p)) for p in u.projects)
+            )
+            state = "disabled" if u.disabled else "active"
+            lines.append(f"{u.id!s:<36}  {u.name:<{width}}  {u.role:<8}  {state:<8}  {projects}")
+        return "\n".join(lines)
+
+    # The shape GET /api/v1/users gives each user.
+    items = [
+        {
+            "id": str(u.id),
+            "name": u.name,
+            "role": u.role,
+            "projects": None
+            if u.projects is None
+            else [{"id": str(p), "name": names.get(p)} for p in u.projects],
+            "disabled": u.disabled,
+            "created_at": iso(u.created_at),
+            "updated_at": iso(u.updated_at),
+        }
+        for u in users
+    ]
+    emit(args, items, text)
 
 
 async def _set_disabled(store: Store, ref: str, disabled: bool) -> None:

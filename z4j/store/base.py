@@ -615,6 +615,16 @@ class Store(Protocol):
         """Apply pending migrations; return the versions applied now."""
         ...
 
+    async def applied_migrations(self) -> list[int]:
+        """The versions in ``schema_version``, ascending (none on an empty
+        store); reads only, so ``z4j migrate --check`` changes nothing."""
+        ...
+
+    async def database_time(self) -> float | None:
+        """The database server's clock (Unix seconds), to measure this host's
+        skew against it; None on SQLite, which has no clock of its own."""
+        ...
+
     async def write_events(self, buffer_id: uuid.UUID, rows: Sequence[ClaimedRow]) -> int:
         """Store every record of ``rows`` idempotently; return rows newly stored."""
         ...

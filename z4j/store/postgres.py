@@ -279,6 +279,19 @@ class PostgresStore:
         await self.ensure_partitions({today + timedelta(days=n) for n in range(PARTITIONS_AHEAD)})
         return applied
 
+    async def applied_migrations(self) -> list[int]:
+        versions: list[int] = await self._run(_applied_migrations, autocommit=True)
+        return versions
+
+    async def database_time(self) -> float:
+        seconds: float = await self._run(
+            lambda conn: conn.execute(
+                "SELECT extract(epoch FROM clock_timestamp())::float8"
+            ).fetchone()[0],
+            autocommit=True,
+        )
+        return seconds
+
     async def ensure_partitions(self, days: set[date]) -> None:
         missing = days - self._partitions
         if missing:
@@ -1261,6 +1274,13 @@ class PostgresStore:
             lambda conn: opamp_rollouts.gauges(PG, conn)
         )
         return result
+
+
+def _applied_migrations(conn: psycopg.Connection[Any]) -> list[int]:
+    row = conn.execute("SELECT to_regclass('schema_version')").fetchone()
+    if row is None or row[0] is None:
+        return []
+    return [v for (v,) in conn.execute("SELECT version FROM schema_version ORDER BY version")]
 
 
 def _migrate(conn: psycopg.Connection[Any]) -> list[int]:

@@ -170,6 +170,12 @@ class SqliteStore:
     async def migrate(self) -> list[int]:
         return await self._run(_migrate)
 
+    async def applied_migrations(self) -> list[int]:
+        return await self._run(_applied_migrations)
+
+    async def database_time(self) -> None:
+        return None
+
     async def write_events(self, buffer_id: uuid.UUID, rows: Sequence[ClaimedRow]) -> int:
         try:
             inserted, finished, dropped = await self._run(
@@ -1049,6 +1055,15 @@ def _transaction(db: sqlite3.Connection, fn: Callable[[], T]) -> T:
         raise
     db.execute("COMMIT")
     return result
+
+
+def _applied_migrations(db: sqlite3.Connection) -> list[int]:
+    exists = db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    ).fetchone()
+    if exists is None:
+        return []
+    return [v for (v,) in db.execute("SELECT version FROM schema_version ORDER BY version")]
 
 
 def _migrate(db: sqlite3.Connection) -> list[int]:
