@@ -119,7 +119,7 @@ def test_agents_table_and_nav_fit_the_window(
         link = links.nth(i)
         link.scroll_into_view_if_needed()
         box = link.bounding_box()
-        assert box is not None and 0 <= box["x"] and box["x"] + box["width"] <= width + 0.5, box
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width + 0.5, box
     page.locator('#nav a[data-view="agents"]').click()
     expect(page.locator("#view-agents")).to_be_visible()
     expect(page.locator('#nav a[data-view="agents"]')).to_have_attribute("aria-current", "page")
