@@ -120,3 +120,6 @@ async def test_no_retry_budget_raises_at_the_first_break(tmp_path: Path) -> None
         with pytest.raises(z4j.ingest.IngestConnectionError, match="1 payloads unanswered"):
             await client.ping()
         await client.aclose()
+        # A client closed by its owner stays closed (no reconnect behind its back).
+        with pytest.raises(z4j.ingest.IngestConnectionError, match="closed"):
+            await client.ping()

@@ -138,7 +138,7 @@ class _Retry:
         self.attempts += 1
         if self.seconds <= 0 or now + delay > self.deadline:
             raise IngestConnectionError(
-                f"the brain at {self.where} was unreachable for {self.seconds:g}s "
+                f"{self.where} was unreachable for {self.seconds:g}s "
                 f"({self.attempts} attempts); {unanswered} payloads unanswered "
                 f"(they may or may not be stored); last error: {exc!r}"
             ) from exc
@@ -168,6 +168,7 @@ class IngestClient:
         self._timeout = timeout
         self._ssl_context = ssl_context
         self._retry_seconds = retry_seconds
+        self._closed = False
         self._sock: socket.socket | None = self._connect()
 
     def _connect(self) -> socket.socket:
@@ -189,6 +190,10 @@ class IngestClient:
         self.close()
 
     def close(self) -> None:
+        self._closed = True
+        self._drop()
+
+    def _drop(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -206,8 +211,11 @@ class IngestClient:
     def _exchange(self, frames: list[bytes]) -> list[bool]:
         """Send ``frames``; their replies, in order, re-sending the unanswered
         ones on a new connection after a break."""
+        if self._closed:
+            raise IngestConnectionError("the client is closed")
         got: list[bool] = []
-        retry = _Retry(self._retry_seconds, f"{self._address[0]}:{self._address[1]}")
+        where = f"the brain at {self._address[0]}:{self._address[1]}"
+        retry = _Retry(self._retry_seconds, where)
         while True:
             try:
                 if self._sock is None:
@@ -217,7 +225,7 @@ class IngestClient:
                 return got
             except _BROKEN as exc:
                 answered = len(got)
-                self.close()
+                self._drop()
                 if answered:
                     retry.progressed()
                 time.sleep(retry.delay(exc, len(frames) - answered, time.monotonic()))
@@ -266,6 +274,7 @@ class TrioIngestClient:
         self._reconnect = reconnect
         self._where = where
         self._retry_seconds = retry_seconds if reconnect is not None else 0.0
+        self._closed = False
 
     async def __aenter__(self) -> Self:
         return self
@@ -279,6 +288,7 @@ class TrioIngestClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._stream is not None:
             stream, self._stream = self._stream, None
             await stream.aclose()
@@ -295,13 +305,14 @@ class TrioIngestClient:
 
     async def _exchange(self, frames: list[bytes]) -> list[bool]:
         async with self._lock:
+            if self._closed:
+                raise IngestConnectionError("the client is closed")
             got: list[bool] = []
             retry = _Retry(self._retry_seconds, self._where)
             while True:
                 try:
                     if self._stream is None:
-                        if self._reconnect is None:
-                            raise IngestConnectionError("the client is closed")
+                        assert self._reconnect is not None  # else no retry budget
                         self._stream = await self._reconnect()
                         self._framing.replies = ReplyParser()
                     await self._stream.send_all(b"".join(frames[len(got) :]))
@@ -387,6 +398,6 @@ async def open_trio(
         token=token,
         compress=compress,
         reconnect=reconnect,
-        where=f"{host}:{port}",
+        where=f"the brain at {host}:{port}",
         retry_seconds=retry_seconds,
     )
