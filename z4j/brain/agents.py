@@ -610,7 +610,8 @@ class AgentEndpoint:
             except RemoteProtocolError as exc:
                 self._reject(exc.reason)
                 code = exc.close_code or CloseCode.PROTOCOL_ERROR
-                session.close_reason = str(exc)
+                if session.close_code is None:  # a kick's code keeps its own reason
+                    session.close_reason = str(exc)
             if code is not None:
                 # Let the batches read so far finish first: acked before the
                 # close, unless the protocol itself closed (an error from the
