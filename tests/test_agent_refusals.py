@@ -105,3 +105,15 @@ async def test_the_agent_library_reports_a_wrong_path_as_a_wrong_path(
     assert last.startswith("incompatible: no agent endpoint at ws://"), last
     assert "/ws/agent/ws/agent: HTTP 404" in last and "credentials" not in last
     assert any("no agent endpoint" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_wrong_signing_secret_is_closed_4403_naming_the_check(tmp_path: Path) -> None:
+    config = make_config(tmp_path / "data")
+    token, _, _ = await provision(config)
+    _, other_secret, _ = await provision(config, project="other", agent="x")
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            async with raw_agent(brain.addresses.http, token, other_secret, prove=True) as agent:
+                code, reason = await agent.closed_because()
+            assert code == CloseCode.FORBIDDEN
+            assert reason is not None and "signature" in reason, reason
