@@ -41,6 +41,7 @@ def test_ingest_client_exports() -> None:
         "connect",
         "open_trio",
         "encode_payload",
+        "RETRY_SECONDS",
     }
     for name in z4j.ingest.__all__:
         assert hasattr(z4j.ingest, name)

@@ -47,8 +47,9 @@ Decisions a user may want to know:
   refused with 4403) must not be hammered at the base delay. Closes that
   mean "your credentials are wrong" (HTTP 401/403, close 4401, close 4403
   during the handshake, close 4003 at any time) use `auth_backoff`
-  (10 s .. 10 min) and are logged as errors; 4426/4427 (protocol version)
-  and fatal ``error`` frames with an incompatibility code use
+  (10 s .. 10 min) and are logged as errors; HTTP 404 on the upgrade (a
+  brain_url whose path the brain does not serve), 4426/4427 (protocol
+  version) and fatal ``error`` frames with an incompatibility code use
   `incompatible_backoff` (2 min .. 1 h); everything else is transient
   (0.5 s .. 30 s).
 - A repeated command id is not executed again (the last 1024 ids are
@@ -447,7 +448,7 @@ class Agent:
                 )
             elif end.kind is Kind.INCOMPATIBLE:
                 logger.error(
-                    "the brain does not speak this agent's protocol (%s); retrying in %.1fs",
+                    "the brain cannot serve this agent (%s); retrying in %.1fs",
                     end.detail,
                     delay,
                 )
@@ -463,8 +464,18 @@ class Agent:
                 end = await self._connect_and_converse()
         except* trio_websocket.ConnectionRejected as group:
             status = _first(group).status_code
-            kind = Kind.AUTH if status in (401, 403) else Kind.TRANSIENT
-            end = End(kind=kind, detail=f"HTTP {status} on the upgrade")
+            if status == 404:
+                # A wrong brain_url (a path the brain does not serve) is not
+                # bad credentials: say which URL, and what the path should be.
+                end = End(
+                    kind=Kind.INCOMPATIBLE,
+                    detail=f"no agent endpoint at {self._target.url}: HTTP 404 — the path "
+                    "should be /ws/agent (brain_url is the brain's base URL; the agent adds "
+                    "/ws/agent)",
+                )
+            else:
+                kind = Kind.AUTH if status in (401, 403) else Kind.TRANSIENT
+                end = End(kind=kind, detail=f"HTTP {status} on the upgrade")
         except* trio.TooSlowError:
             end = End(kind=Kind.TRANSIENT, detail="timed out connecting")
         except* (OSError, trio.BrokenResourceError) as group:

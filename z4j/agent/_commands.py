@@ -71,8 +71,8 @@ class Commands:
         return bool(self._results or self.running)
 
     def register(self, action: str, handler: CommandHandler) -> None:
-        if not isinstance(action, str) or not 1 <= len(action) <= 80:
-            raise ValueError("an action is a string of 1 to 80 characters")
+        if not isinstance(action, str) or not 1 <= len(action) <= f.ACTION_MAX_CHARS:
+            raise ValueError(f"an action is a string of 1 to {f.ACTION_MAX_CHARS} characters")
         if action in self._handlers:
             raise ValueError(f"a handler for {action!r} is already registered")
         self._handlers[action] = handler

@@ -42,8 +42,8 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Final, Protocol
 
 import attrs
 import orjson
@@ -144,6 +144,7 @@ class Session:
     send_message: Send
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     close_code: int | None = None
+    close_reason: str | None = None  # the close frame's text; None: the code's default
     last_frame: float = attrs.field(factory=trio.current_time)
     in_flight: int = 0  # event batches waiting to be durable
     in_flight_bytes: int = 0  # their size as received
@@ -180,10 +181,11 @@ class Session:
             for message in messages:
                 await self.send_message({"type": "websocket.send", "bytes": message})
 
-    def kick(self, code: int) -> None:
+    def kick(self, code: int, reason: str | None = None) -> None:
         """Close this session from outside (replaced, revoked, idle, shutdown)."""
         if self.close_code is None:
             self.close_code = code
+            self.close_reason = reason
         self.scope.cancel()
 
     async def wait_in_flight(self, at_most: int) -> None:
@@ -292,7 +294,7 @@ class AgentEndpoint:
                 cutoff = trio.current_time() - 3 * interval
                 for session in self.every_session():
                     if session.last_frame < cutoff:
-                        session.kick(CloseCode.IDLE)
+                        session.kick(CloseCode.IDLE, "idle: no frame for 3 heartbeat intervals")
 
     async def _sweep_credentials(self, scope: trio.CancelScope) -> None:
         """Close sessions whose token's grace has ended (4401), or that sign
@@ -317,7 +319,7 @@ class AgentEndpoint:
             if ended is not None and session.close_code is None:
                 reason, code = ended
                 self._reject(reason)
-                session.kick(code)
+                session.kick(code, reason.replace("_", " "))
                 closed += 1
         if closed:
             log.info("closed %d agent sessions whose credentials ended", closed)
@@ -363,13 +365,18 @@ class AgentEndpoint:
             except Exception as exc:
                 self._reject("store_unavailable")
                 self._log.warning("lookup", "agent lookup failed: %s", exc)
-                await send({"type": "websocket.close", "code": CloseCode.TRY_AGAIN_LATER})
+                await send(close_message(CloseCode.TRY_AGAIN_LATER))
                 return
         await send({"type": "websocket.accept"})
         now = self._clock()
-        if login is None or (login.token_expires_at is not None and login.token_expires_at <= now):
+        if login is None:
             self._reject("bad_token")
-            await send({"type": "websocket.close", "code": CloseCode.UNAUTHORIZED})
+            reason = "no token" if token is None else "bad token (unknown, revoked or archived)"
+            await send(close_message(CloseCode.UNAUTHORIZED, reason))
+            return
+        if login.token_expires_at is not None and login.token_expires_at <= now:
+            self._reject("bad_token")
+            await send(close_message(CloseCode.UNAUTHORIZED, "token expired"))
             return
         agent = login.agent
         # This task serves this agent only: its lines, and those of the tasks
@@ -416,7 +423,7 @@ class AgentEndpoint:
                         self._log.warning("disconnect", "recording a disconnect failed: %s", exc)
         if code is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await send({"type": "websocket.close", "code": code})
+                await send(close_message(code, session.close_reason))
 
     def _reject(self, reason: str) -> None:
         self._stats.agent_rejected[reason] += 1
@@ -439,13 +446,11 @@ class AgentEndpoint:
                 hello_frame = protocol.receive_message(await _next_message(receive))
         except trio.TooSlowError:
             self._reject("no_hello")
-            await send({"type": "websocket.close", "code": CloseCode.IDLE})
+            await send(close_message(CloseCode.IDLE, "no hello in time"))
             return None
         except RemoteProtocolError as exc:
             self._reject(exc.reason)
-            await send(
-                {"type": "websocket.close", "code": exc.close_code or CloseCode.PROTOCOL_ERROR}
-            )
+            await send(close_message(exc.close_code or CloseCode.PROTOCOL_ERROR, str(exc)))
             return None
         hello = hello_frame.payload
         assert isinstance(hello, f.Hello)
@@ -460,7 +465,7 @@ class AgentEndpoint:
         cap = config.ws_per_agent_concurrency_cap
         if (worker_id not in slots and len(slots) >= cap) or len(waiting) >= cap:
             self._reject("worker_cap")
-            await send({"type": "websocket.close", "code": CloseCode.RATE_LIMITED})
+            await send(close_message(CloseCode.RATE_LIMITED, "worker cap full"))
             return None
         session = Session(
             agent=agent,
@@ -512,7 +517,7 @@ class AgentEndpoint:
             self._reject("worker_cap")
             return False
         if old is not None:
-            old.kick(CloseCode.REPLACED)
+            old.kick(CloseCode.REPLACED, "replaced by a newer connection of this worker")
         session.hello = None
         self.sessions[key] = session
         if self._on_worker is not None:
@@ -575,6 +580,7 @@ class AgentEndpoint:
                     del message, data
                     if session.hello is not None and not await self._take_slot(session):
                         code = CloseCode.RATE_LIMITED
+                        session.close_reason = "worker cap full"
                         break
                     now = session.last_frame = trio.current_time()
                     payload = frame.payload
@@ -604,6 +610,8 @@ class AgentEndpoint:
             except RemoteProtocolError as exc:
                 self._reject(exc.reason)
                 code = exc.close_code or CloseCode.PROTOCOL_ERROR
+                if session.close_code is None:  # a kick's code keeps its own reason
+                    session.close_reason = str(exc)
             if code is not None:
                 # Let the batches read so far finish first: acked before the
                 # close, unless the protocol itself closed (an error from the
@@ -612,6 +620,8 @@ class AgentEndpoint:
                     await session.wait_in_flight(0)
         if session.close_code is not None:
             code = session.close_code
+        elif code == CloseCode.RATE_LIMITED and session.close_reason is None:
+            session.close_reason = "rate limit exceeded"
         return code
 
     async def _over_rate_limit(self, session: Session) -> int:
@@ -852,6 +862,34 @@ def _credentials_ended(
     ):
         return "secret_expired", CloseCode.FORBIDDEN
     return None
+
+
+#: The close frame's text when the code says it all.
+CLOSE_REASONS: Final[Mapping[int, str]] = {
+    CloseCode.NORMAL: "normal close",
+    CloseCode.GOING_AWAY: "brain shutting down",
+    CloseCode.PROTOCOL_ERROR: "protocol error",
+    CloseCode.INVALID_DATA: "invalid frame",
+    CloseCode.TOO_LARGE: "message too large",
+    CloseCode.INTERNAL_ERROR: "internal error",
+    CloseCode.TRY_AGAIN_LATER: "store unavailable: try again later",
+    CloseCode.REPLACED: "replaced by a newer connection",
+    CloseCode.REVOKED: "agent revoked",
+    CloseCode.UNAUTHORIZED: "bad token",
+    CloseCode.FORBIDDEN: "bad signature",
+    CloseCode.IDLE: "idle",
+    CloseCode.VERSION: "unsupported protocol version",
+    CloseCode.RATE_LIMITED: "rate limited",
+}
+
+
+def close_message(code: int, reason: str | None = None) -> dict[str, Any]:
+    """An ASGI close with a short reason: the agent's operator reads why.
+
+    A close frame carries at most 123 bytes of reason (RFC 6455, 5.5)."""
+    text = reason or CLOSE_REASONS.get(code, "")
+    data = text.encode()[:123]
+    return {"type": "websocket.close", "code": code, "reason": data.decode(errors="ignore")}
 
 
 def _bearer(scope: dict[str, Any]) -> str | None:

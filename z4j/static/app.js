@@ -494,7 +494,7 @@
             { class: "worker-row", dataset: { agent: agent.id, worker: worker.worker_id } },
             el(
               "td",
-              { class: "nowrap" },
+              { class: "nowrap", title: worker.worker_id },
               el("span", { class: "mono", text: worker.worker_id }),
               " ",
               worker.role ? el("span", { class: "tag", text: worker.role }) : null,

@@ -68,11 +68,17 @@ class RawAgent:
 
     async def closed_with(self) -> int | None:
         """Read until the brain closes; its close code."""
+        return (await self.closed_because())[0]
+
+    async def closed_because(self) -> tuple[int | None, str | None]:
+        """Read until the brain closes; its close code and reason text."""
         try:
             while True:
                 await self.ws.get_message()
         except trio_websocket.ConnectionClosed as exc:
-            return None if exc.reason is None else exc.reason.code
+            if exc.reason is None:
+                return None, None
+            return exc.reason.code, exc.reason.reason
 
 
 @asynccontextmanager

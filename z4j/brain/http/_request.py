@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 import orjson
 
+from .limits import PAGE_LIMIT
 from .principal import Principal
 
 __all__ = [
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 MAX_BODY_BYTES = 1024 * 1024
-MAX_LIMIT = 500
+MAX_LIMIT = PAGE_LIMIT
 MAX_EPOCH = 253_402_300_799.0  # 9999-12-31T23:59:59Z
 
 Scope = dict[str, Any]

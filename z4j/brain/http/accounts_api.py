@@ -21,6 +21,7 @@ from typing import Any, Final
 from ...store.base import ROLES, TOKEN_SCOPES, ApiToken, DirectoryConflict, Store, User, UserToken
 from ._request import ApiError, Handler, Request, Response, check_text, epoch, page, uuid_param
 from .auth import Auth, SignInThrottle, credentials
+from .limits import ACCOUNT_NAME_CHARS
 from .passwords import check_new_password, hash_password, verify_password
 from .policy import ROLES as ROLE_ACTIONS
 from .policy import SCOPES, allowed
@@ -29,7 +30,7 @@ from .resources import iso
 
 __all__ = ["AccountRoutes", "AccountThrottle", "user_json"]
 
-MAX_NAME: Final = 100
+MAX_NAME: Final = ACCOUNT_NAME_CHARS
 MAX_TOKENS_PER_USER: Final = 100  # bounds GET /tokens and a runaway script
 MAX_TOKEN_SECONDS: Final = 5 * 366 * 86400.0
 

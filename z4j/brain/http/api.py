@@ -63,6 +63,7 @@ from .auth import (
 )
 from .dead_letters_api import DeadLetterRoutes
 from .events_api import EventRoutes
+from .limits import COMMAND_ACTION_CHARS, COMMAND_TIMEOUT_SECONDS
 from .narrowing import check_narrowed
 from .opamp_api import OpampRoutes
 from .opamp_rollouts_api import OpampRolloutRoutes
@@ -337,8 +338,10 @@ class Api:
         agent, action = body.get("agent"), body.get("action")
         if not isinstance(agent, str) or not agent:
             raise ApiError(400, "bad_request", "agent: an agent id (or name, with project)")
-        if not isinstance(action, str) or not 0 < len(action) <= 200:
-            raise ApiError(400, "bad_request", "action: a string of 1 to 200 characters")
+        if not isinstance(action, str) or not 0 < len(action) <= COMMAND_ACTION_CHARS:
+            raise ApiError(
+                400, "bad_request", f"action: a string of 1 to {COMMAND_ACTION_CHARS} characters"
+            )
         project = body.get("project")
         target = body.get("target", {})
         parameters = body.get("parameters", {})
@@ -347,8 +350,9 @@ class Api:
             raise ApiError(400, "bad_request", "project: a project name or id")
         if not isinstance(target, dict) or not isinstance(parameters, dict):
             raise ApiError(400, "bad_request", "target and parameters must be JSON objects")
-        if not isinstance(timeout, int) or isinstance(timeout, bool) or not 1 <= timeout <= 3600:
-            raise ApiError(400, "bad_request", "timeout_seconds: an integer from 1 to 3600")
+        low, high = COMMAND_TIMEOUT_SECONDS
+        if not isinstance(timeout, int) or isinstance(timeout, bool) or not low <= timeout <= high:
+            raise ApiError(400, "bad_request", f"timeout_seconds: an integer from {low} to {high}")
         try:
             record = await self._commands.send(
                 agent,

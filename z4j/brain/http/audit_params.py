@@ -13,10 +13,11 @@ from typing import Literal, cast
 
 from ...store.audit_query import OUTCOMES, AuditFilter
 from ._request import ApiError, time_param, uuid_param
+from .limits import FILTER_TEXT_CHARS
 
 __all__ = ["MAX_FILTER_CHARS", "audit_filter"]
 
-MAX_FILTER_CHARS = 200
+MAX_FILTER_CHARS = FILTER_TEXT_CHARS
 
 
 def audit_filter(q: dict[str, str]) -> AuditFilter:

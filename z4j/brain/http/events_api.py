@@ -36,6 +36,7 @@ from ._request import (
     time_param,
     uuid_param,
 )
+from .limits import FILTER_TEXT_CHARS
 from .resources import iso, to_json
 from .streaming import Spawn, Streamed
 
@@ -48,7 +49,7 @@ __all__ = ["EXPORT_COLUMNS", "EventRoutes", "event_json"]
 EVENT_BODY_BYTES = 64 * 1024
 MAX_EVENT_BODY_BYTES = 16 * 1024 * 1024
 EVENTS_PAGE_BYTES = 4 * 1024 * 1024
-MAX_TEXT = 200
+MAX_TEXT = FILTER_TEXT_CHARS
 # A histogram has at most this many buckets; its default range is the last day.
 HISTOGRAM_BUCKETS = 120
 HISTOGRAM_DEFAULT_SECONDS = 86400.0

@@ -22,6 +22,14 @@ from typing import Any
 from ..._version import __version__
 from ...store.base import COMMAND_STATES
 from ...tasks import TASK_STATES
+from .limits import (
+    ACCOUNT_NAME_CHARS,
+    COMMAND_ACTION_CHARS,
+    COMMAND_TIMEOUT_SECONDS,
+    FILTER_TEXT_CHARS,
+    PAGE_LIMIT,
+    PASSWORD_CHARS,
+)
 from .resources import RESOURCES, SCHEDULE_ACTIONS, WORKER_ACTIONS, component
 
 __all__ = ["OPENAPI"]
@@ -36,11 +44,12 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 STRING = {"type": "string"}
-TEXT = {"type": "string", "maxLength": 200}
+TEXT = {"type": "string", "maxLength": FILTER_TEXT_CHARS}
 TIME = {"type": "string", "format": "date-time"}
 UUID = {"type": "string", "format": "uuid"}
 OBJECT = {"type": "object", "additionalProperties": True}
 ANY: dict[str, Any] = {}
+PASSWORD = {"type": "string", "minLength": PASSWORD_CHARS[0], "maxLength": PASSWORD_CHARS[1]}
 
 
 def _object(properties: dict[str, Any]) -> dict[str, Any]:
@@ -170,10 +179,10 @@ NEW_COMMAND = {
 }
 
 LIMIT = _query(
-    "limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}, "page size"
+    "limit", {"type": "integer", "minimum": 1, "maximum": PAGE_LIMIT, "default": 50}, "page size"
 )
 CURSOR = _query("cursor", STRING, "next_cursor of the previous page")
-AUDIT_TEXT = {"type": "string", "minLength": 1, "maxLength": 200}
+AUDIT_TEXT = {"type": "string", "minLength": 1, "maxLength": FILTER_TEXT_CHARS}
 COMMAND_STATE = {"type": "string", "enum": list(COMMAND_STATES)}
 TASK_STATE = {"type": "string", "enum": list(TASK_STATES)}
 TASK_PATH = [
@@ -264,10 +273,15 @@ SCHEMAS: dict[str, Any] = {
                 "description": "agent id, or name with project",
             },
             "project": STRING,
-            "action": {"type": "string", "minLength": 1, "maxLength": 200},
+            "action": {"type": "string", "minLength": 1, "maxLength": COMMAND_ACTION_CHARS},
             "target": OBJECT,
             "parameters": OBJECT,
-            "timeout_seconds": {"type": "integer", "minimum": 1, "maximum": 3600, "default": 60},
+            "timeout_seconds": {
+                "type": "integer",
+                "minimum": COMMAND_TIMEOUT_SECONDS[0],
+                "maximum": COMMAND_TIMEOUT_SECONDS[1],
+                "default": 60,
+            },
         },
         "required": ["agent", "action"],
     },
@@ -628,8 +642,8 @@ SCHEMAS: dict[str, Any] = {
     "Setup": _object(
         {
             "code": {"type": "string", "description": "from the setup link the brain wrote"},
-            "name": {"type": "string", "minLength": 1, "maxLength": 100},
-            "password": {"type": "string", "minLength": 10, "maxLength": 1024},
+            "name": {"type": "string", "minLength": 1, "maxLength": ACCOUNT_NAME_CHARS},
+            "password": PASSWORD,
         }
     ),
     "SetupDone": _object(
@@ -672,8 +686,8 @@ SCHEMAS: dict[str, Any] = {
     "NewUser": {
         "type": "object",
         "properties": {
-            "name": {"type": "string", "minLength": 1, "maxLength": 100},
-            "password": {"type": "string", "minLength": 10, "maxLength": 1024},
+            "name": {"type": "string", "minLength": 1, "maxLength": ACCOUNT_NAME_CHARS},
+            "password": PASSWORD,
             "role": {"type": "string", "enum": ["admin", "operator", "viewer"]},
             "projects": _nullable({"type": "array", "items": STRING}),
         },
@@ -701,7 +715,7 @@ SCHEMAS: dict[str, Any] = {
     "NewToken": {
         "type": "object",
         "properties": {
-            "name": {"type": "string", "minLength": 1, "maxLength": 100},
+            "name": {"type": "string", "minLength": 1, "maxLength": ACCOUNT_NAME_CHARS},
             "scope": {"type": "string", "enum": ["read", "commands", "admin"]},
             "expires_in_days": _nullable({"type": "integer", "minimum": 1, "maximum": 1830}),
         },

@@ -16,6 +16,8 @@ import trio
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from .limits import PASSWORD_CHARS
+
 __all__ = [
     "MAX_PASSWORD_CHARS",
     "MIN_PASSWORD_CHARS",
@@ -24,8 +26,7 @@ __all__ = [
     "verify_password",
 ]
 
-MIN_PASSWORD_CHARS: Final = 10
-MAX_PASSWORD_CHARS: Final = 1024  # bounds the work an anonymous caller can ask for
+MIN_PASSWORD_CHARS, MAX_PASSWORD_CHARS = PASSWORD_CHARS
 MEMORY_KIB: Final = 64 * 1024
 CONCURRENT_HASHES: Final = 2
 

@@ -333,6 +333,9 @@ async def serve_http(
                     )
                 finally:
                     ws_scopes.discard(scope)
+        elif path is not None:
+            with trio.move_on_after(timeout):
+                await _no_websocket_here(stream, sorted(websockets))
         else:
             replay = _Replay(raw, head) if secure is None else _TlsReplay(raw, secure, head)
             await TCPServer(asgi, hc, context, ConnectionState({}), cast(Any, replay)).run()
@@ -398,6 +401,23 @@ async def _read_head(stream: trio.abc.ReceiveStream) -> bytes:
             return data  # hypercorn answers what it can of a truncated request
         data += chunk
     return data
+
+
+async def _no_websocket_here(stream: trio.abc.Stream, paths: list[str]) -> None:
+    """Answer an upgrade to a path no WebSocket endpoint serves: 404, naming
+    the paths that are served. (Passed on, it would become the 403 of an ASGI
+    close before accept, which agents read as refused credentials.)"""
+    body = orjson.dumps(
+        {
+            "error": "not_found",
+            "message": f"no WebSocket endpoint at this path: {', '.join(paths) or 'none here'}",
+        }
+    )
+    head = (
+        b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\n"
+        b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(body)
+    )
+    await stream.send_all(head + body)
 
 
 def _websocket_path(head: bytes) -> str | None:

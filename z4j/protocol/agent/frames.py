@@ -17,8 +17,10 @@ import cattrs
 from attrs import validators as v
 
 __all__ = [
+    "ACTION_MAX_CHARS",
     "AGENT_TO_BRAIN",
     "BRAIN_TO_AGENT",
+    "COMMAND_TIMEOUT_MAX_SECONDS",
     "PAYLOADS",
     "PROTOCOL_VERSION",
     "AgentEvent",
@@ -40,6 +42,10 @@ __all__ = [
 PROTOCOL_VERSION: Final = "2"
 MAX_EVENTS_PER_BATCH: Final = 5000
 MAX_ERROR_LENGTH: Final = 8192
+#: A command's action and timeout as the wire allows them; the REST API
+#: checks and publishes the same bounds (z4j/brain/http/limits.py).
+ACTION_MAX_CHARS: Final = 80
+COMMAND_TIMEOUT_MAX_SECONDS: Final = 3600
 
 JsonObject = dict[str, Any]
 
@@ -134,10 +140,12 @@ class Heartbeat:
 class Command:
     """An operator's command; the frame id is the command id."""
 
-    action: str = attrs.field(validator=_str_between(1, 80))
+    action: str = attrs.field(validator=_str_between(1, ACTION_MAX_CHARS))
     target: JsonObject = attrs.field(factory=dict)
     parameters: JsonObject = attrs.field(factory=dict)
-    timeout_seconds: int = attrs.field(default=60, validator=[v.ge(1), v.le(3600)])
+    timeout_seconds: int = attrs.field(
+        default=60, validator=[v.ge(1), v.le(COMMAND_TIMEOUT_MAX_SECONDS)]
+    )
     issued_by: str | None = attrs.field(default=None, validator=_opt_str_max(64))
     delivery_claim_token: str | None = attrs.field(default=None, validator=_opt_str_max(64))
 
