@@ -659,10 +659,13 @@ def set_config_status(
 ) -> bool:
     """Move the status; an acknowledgement (applied, failed) is audited with it,
     and the caller writes only when the status moves, so never per poll."""
-    cur = conn.execute(
+    # RETURNING: the rollout an acknowledgement is audited under comes with
+    # the update, not from a second statement per agent.
+    rows = conn.execute(
         d.sql(
             "UPDATE opamp_configs SET status = ?, error_message = ?, status_at = ?"
             " WHERE project_id = ? AND instance_uid = ? AND config_hash = ?"
+            " RETURNING rollout_id"
         ),
         (
             status,
@@ -672,18 +675,15 @@ def set_config_status(
             instance_uid,
             config_hash,
         ),
-    )
-    if cur.rowcount != 1:
+    ).fetchall()  # all of it, so the statement is done before the next
+    if not rows:
         return False
+    row = rows[0]
     if status in ACKNOWLEDGEMENTS:
-        row = conn.execute(
-            d.sql("SELECT rollout_id FROM opamp_configs WHERE project_id = ? AND instance_uid = ?"),
-            (d.uuid_in(project_id), instance_uid),
-        ).fetchone()
         details: dict[str, Any] = {"config_hash": config_hash.hex()}
         if status == "failed":
             details["error_message"] = error_message
-        if row is not None and row[0] is not None:
+        if row[0] is not None:
             details["rollout_id"] = str(d.uuid_out(row[0]))
         audit(
             conn,
