@@ -78,6 +78,7 @@ def test_version_and_send_do_not_import_the_brain(tmp_path: Path) -> None:
     send = _modules_after("send", "--ingest", "127.0.0.1:1", str(records))
     assert "z4j.ingest" in send
     assert not heavy & send
+    assert "trio" not in send  # the blocking client needs no event loop library
 
 
 def test_help_lists_only_the_settings_a_command_reads() -> None:

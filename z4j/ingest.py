@@ -48,12 +48,14 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import orjson
-import trio
 
 from .protocol.ingest import PING, ReplyParser, encode_frame
+
+if TYPE_CHECKING:  # imported where used: `z4j send` and the blocking client never load Trio
+    import trio
 
 __all__ = [
     "RETRY_SECONDS",
@@ -247,7 +249,7 @@ class IngestClient:
             raise IngestRejected("the brain answered 5:ERROR to PING")
 
 
-Connector = Callable[[], Awaitable[trio.abc.Stream]]
+Connector = Callable[[], Awaitable["trio.abc.Stream"]]
 
 
 class TrioIngestClient:
@@ -268,6 +270,8 @@ class TrioIngestClient:
         where: str = "the brain",
         retry_seconds: float = RETRY_SECONDS,
     ) -> None:
+        import trio
+
         self._stream: trio.abc.Stream | None = stream
         self._framing = _Framing(token, compress)
         self._lock = trio.Lock()
@@ -304,6 +308,8 @@ class TrioIngestClient:
             got += self._framing.replies.replies()
 
     async def _exchange(self, frames: list[bytes]) -> list[bool]:
+        import trio
+
         async with self._lock:
             if self._closed:
                 raise IngestConnectionError("the client is closed")
@@ -366,6 +372,8 @@ def connect(
 
 
 async def _open_stream(host: str, port: int, ssl_context: ssl.SSLContext | None) -> trio.abc.Stream:
+    import trio
+
     tcp = await trio.open_tcp_stream(host, port)
     tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if ssl_context is None:
