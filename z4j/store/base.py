@@ -42,6 +42,7 @@ __all__ = [
     "EventPage",
     "ExportPage",
     "ExportRow",
+    "FederationToken",
     "InstanceInfo",
     "OpampAgent",
     "OpampConfig",
@@ -434,6 +435,24 @@ class OpampToken:
     def id(self) -> str:
         """A short handle to name the token by (a prefix of its keyed hash)."""
         return self.token_hash[:8].hex()
+
+
+@attrs.frozen(kw_only=True)
+class FederationToken:
+    """A token a peer region's hub reads this region with (never the secret).
+
+    ``allow_commands``: it may also send commands to this region's agents
+    (`z4j federation token create --allow-commands`); otherwise read-only.
+    """
+
+    id: uuid.UUID
+    name: str
+    allow_commands: bool
+    created_at: float
+    expires_at: float | None
+    last_used_at: float | None
+    revoked_at: float | None
+    token_hash: bytes = attrs.field(repr=False)
 
 
 @attrs.frozen(kw_only=True)
@@ -1098,6 +1117,26 @@ class Store(Protocol):
 
     async def drop_user_sessions(self, user_id: uuid.UUID) -> int:
         """End every session of the user; how many."""
+        ...
+
+    # -- federation tokens (store/federation.py) ----------------------------------------
+
+    async def add_federation_token(self, token: FederationToken) -> None: ...
+
+    async def federation_token(self, token_hash: bytes, *, now: float) -> FederationToken | None:
+        """The live (not revoked, not expired) token of that hash, else None."""
+        ...
+
+    async def federation_token_used(self, token_hash: bytes, *, now: float) -> None: ...
+
+    async def list_federation_tokens(self) -> list[FederationToken]:
+        """Every federation token, revoked ones too, oldest first."""
+        ...
+
+    async def revoke_federation_token(
+        self, token_id: uuid.UUID, *, now: float
+    ) -> FederationToken | None:
+        """Revoke a live token; it as it was, or None if there was none such."""
         ...
 
     # -- OpAMP (store/opamp.py) ---------------------------------------------------------

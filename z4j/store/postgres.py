@@ -50,6 +50,7 @@ from . import (
     _rows,
     accounts,
     event_search,
+    federation,
     opamp,
     opamp_history,
     opamp_rollouts,
@@ -92,6 +93,7 @@ from .base import (
     EventHistogram,
     EventPage,
     ExportPage,
+    FederationToken,
     InstanceInfo,
     OpampAgent,
     OpampConfig,
@@ -1085,6 +1087,34 @@ class PostgresStore:
     async def drop_user_sessions(self, user_id: uuid.UUID) -> int:
         count: int = await self._run(lambda conn: accounts.drop_sessions(PG, conn, user_id))
         return count
+
+    # -- federation tokens (store/federation.py) --------------------------------------
+
+    async def add_federation_token(self, token: FederationToken) -> None:
+        await self._run(lambda conn: federation.add_token(PG, conn, token))
+
+    async def federation_token(self, token_hash: bytes, *, now: float) -> FederationToken | None:
+        found: FederationToken | None = await self._run(
+            lambda conn: federation.live_token(PG, conn, token_hash, now)
+        )
+        return found
+
+    async def federation_token_used(self, token_hash: bytes, *, now: float) -> None:
+        await self._run(lambda conn: federation.token_used(PG, conn, token_hash, now))
+
+    async def list_federation_tokens(self) -> list[FederationToken]:
+        tokens: list[FederationToken] = await self._run(
+            lambda conn: federation.list_tokens(PG, conn)
+        )
+        return tokens
+
+    async def revoke_federation_token(
+        self, token_id: uuid.UUID, *, now: float
+    ) -> FederationToken | None:
+        revoked: FederationToken | None = await self._run(
+            lambda conn: federation.revoke_token(PG, conn, token_id, now)
+        )
+        return revoked
 
     # -- OpAMP ---------------------------------------------------------------------------
 
