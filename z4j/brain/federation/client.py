@@ -243,10 +243,11 @@ class FederationClient:
             if declared.isdigit() and int(declared) > cap:
                 raise _TooLarge
             raw = bytearray()
-            async for chunk in response.aiter_bytes():
-                raw += chunk
-                if len(raw) > cap:
-                    raise _TooLarge
+            async with contextlib.aclosing(response.aiter_bytes()) as chunks:
+                async for chunk in chunks:
+                    raw += chunk
+                    if len(raw) > cap:
+                        raise _TooLarge
             return response.status_code, bytes(raw)
         finally:
             await response.aclose()
