@@ -22,8 +22,8 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable, Collection, Mapping
-from typing import Any, Final
+from collections.abc import AsyncGenerator, Callable, Collection, Mapping
+from typing import Any, Final, cast
 
 import attrs
 import httpx
@@ -243,7 +243,9 @@ class FederationClient:
             if declared.isdigit() and int(declared) > cap:
                 raise _TooLarge
             raw = bytearray()
-            async with contextlib.aclosing(response.aiter_bytes()) as chunks:
+            # An async generator, though typed as an iterator: closed here, not by the GC.
+            stream = cast(AsyncGenerator[bytes, None], response.aiter_bytes())
+            async with contextlib.aclosing(stream) as chunks:
                 async for chunk in chunks:
                     raw += chunk
                     if len(raw) > cap:
