@@ -50,12 +50,17 @@ POSITIVE_FIELDS = [
     "task_reconcile_seconds",
     "opamp_max_message_bytes",
     "opamp_heartbeat_window_seconds",
+    # federation
+    "federation_timeout_ms",
+    "federation_max_response_bytes",
 ]
 NON_NEGATIVE_FIELDS = [
     "db_statement_timeout_ms",
     "shutdown_grace_seconds",
     "drain_linger_ms",
     "rotation_grace_seconds",
+    # federation
+    "federation_cache_ms",
 ]
 OPTIONAL_FIELDS = [
     "database_url",
@@ -65,6 +70,9 @@ OPTIONAL_FIELDS = [
     "secret",
     "tls_cert_file",
     "tls_key_file",
+    # federation
+    "federation_peers",
+    "federation_peers_file",
 ]
 
 

@@ -18,6 +18,7 @@ its own Postgres cluster, with real z4j-bare agents.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -30,6 +31,7 @@ import trio
 
 import z4j.ingest
 from z4j.agent import Agent
+from z4j.brain import serve_brain
 from z4j.config import Config
 from z4j.testing.agents import admin_token, provision
 from z4j.testing.brain import RunningBrain, make_config, running_brain, wait_until
@@ -487,3 +489,43 @@ async def test_peer_answers_are_reused_within_the_cache_time(tmp_path: Path) -> 
                 await get(http, "/api/v1/federation/regions", admin)
                 assert fake.requests == 2
             nursery.cancel_scope.cancel()
+
+
+async def test_a_hub_stops_gracefully_while_a_peer_call_hangs(tmp_path: Path) -> None:
+    """The peers' connections belong to the brain's tree: a graceful stop
+    with a call in flight to a peer that never finishes ends within the grace."""
+    fake = FakePeer("trickle")
+    with trio.fail_after(60):
+        async with trio.open_nursery() as outer:
+            await outer.start(fake.serve)
+            file = write_peers_file(
+                tmp_path / "peers.toml", {"slow": {"url": fake.url, "token": "z4j_fed_x"}}
+            )
+            config = make_config(
+                tmp_path / "hub",
+                federation_peers_file=file,
+                federation_timeout_ms=30_000,  # longer than the grace: only the stop ends it
+                shutdown_grace_seconds=2.0,
+            )
+            admin = await admin_token(config)
+            shutdown = trio.Event()
+            answers: list[int] = []
+            async with trio.open_nursery() as nursery:
+                brain = await nursery.start(
+                    functools.partial(serve_brain, config, shutdown=shutdown)
+                )
+
+                async def ask() -> None:
+                    # Cut off (an empty reply: IndexError in the helper), or answered.
+                    with contextlib.suppress(OSError, trio.BrokenResourceError, IndexError):
+                        status, _ = await get(brain.http, "/api/v1/federation/regions", admin)
+                        answers.append(status)
+
+                nursery.start_soon(ask)
+                await wait_until(lambda: fake.requests == 1)
+                shutdown.set()
+                stopping = trio.current_time()
+            took = trio.current_time() - stopping
+            assert took < 2.0 + 10.0  # the grace, and a backstop for a busy machine
+            assert answers in ([], [200])  # cut off, or answered without the peer
+            outer.cancel_scope.cancel()
