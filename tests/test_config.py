@@ -70,8 +70,7 @@ OPTIONAL_FIELDS = [
     "secret",
     "tls_cert_file",
     "tls_key_file",
-    # federation
-    "federation_peers",
+    # federation (federation_peers too, but a test value must be NAME=URL: test_federation_units)
     "federation_peers_file",
 ]
 

@@ -316,6 +316,17 @@ async def test_cross_region_commands_need_the_grant_and_the_operators_intent(
                 assert east_row["details"]["outcome"] == "refused"
                 assert east_row["details"]["reason"] == "not_granted"
 
+                # The hub's federated audit: every region's rows, labelled, in time order.
+                _, merged = await get(
+                    http, "/api/v1/federation/audit?action=federation.command", admin
+                )
+                assert merged["partial"] is False
+                regions = sorted(r["region"] for r in merged["items"])
+                assert regions == ["east", "hub", "hub", "hub", "hub", "west"]
+                assert all(isinstance(r["at"], str) for r in merged["items"])
+                ats = [r["at"] for r in merged["items"]]
+                assert ats == sorted(ats, reverse=True)
+
                 # The region checks the intent itself too: a hub that forgot is refused.
                 status, refused = await post(
                     west.addresses.http,

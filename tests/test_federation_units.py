@@ -41,7 +41,9 @@ from z4j.testing.brain import make_config, run_z4j
 def _region_rows(rng: random.Random, name: str, n: int) -> list[dict[str, Any]]:
     """Rows newest first, times with ties (within and across regions)."""
     times = sorted((round(rng.uniform(0, 50), 0) for _ in range(n)), reverse=True)
-    return [{"id": f"{name}-{i}", "at": at, "cursor": f"{name}:{i}"} for i, at in enumerate(times)]
+    return [
+        {"id": f"{name}-{i}", "sort_at": at, "cursor": f"{name}:{i}"} for i, at in enumerate(times)
+    ]
 
 
 def _answer(
@@ -58,7 +60,9 @@ def _answer(
     return {
         "items": taken,
         "next_cursor": last["cursor"] if more and last else (place if more else None),
-        "frontier": last["at"] if more and last else (rows[start]["at"] if more else None),
+        "frontier": last["sort_at"]
+        if more and last
+        else (rows[start]["sort_at"] if more else None),
     }
 
 
@@ -89,11 +93,11 @@ def test_paging_through_merged_regions_gives_every_row_once_in_time_order(seed: 
     if scan is not None:
         expected = [r for r in expected if int(r["id"].split("-")[1]) % 3]
     assert sorted(r["id"] for r in seen) == sorted(r["id"] for r in expected)
-    assert [r["at"] for r in seen] == sorted((r["at"] for r in seen), reverse=True)
+    assert [r["sort_at"] for r in seen] == sorted((r["sort_at"] for r in seen), reverse=True)
 
 
 def test_a_region_without_a_page_keeps_its_place() -> None:
-    page = RegionPage(items=[{"at": 5.0, "cursor": "a:0"}], next_cursor=None, frontier=None)
+    page = RegionPage(items=[{"sort_at": 5.0, "cursor": "a:0"}], next_cursor=None, frontier=None)
     merged, places = merge({"a": page}, {"a": None, "b": "b:7"}, 10)
     assert [region for region, _ in merged] == ["a"]
     assert places == {"a": False, "b": "b:7"}
@@ -103,9 +107,9 @@ def test_a_region_without_a_page_keeps_its_place() -> None:
 
 def test_rows_older_than_a_region_answered_for_wait_for_its_next_page() -> None:
     # a answered down to t=10 and has more; b's rows at 3 must not jump ahead of a's.
-    a = RegionPage(items=[{"at": 12.0, "cursor": "a:0"}], next_cursor="a:0", frontier=10.0)
+    a = RegionPage(items=[{"sort_at": 12.0, "cursor": "a:0"}], next_cursor="a:0", frontier=10.0)
     b = RegionPage(
-        items=[{"at": 11.0, "cursor": "b:0"}, {"at": 3.0, "cursor": "b:1"}],
+        items=[{"sort_at": 11.0, "cursor": "b:0"}, {"sort_at": 3.0, "cursor": "b:1"}],
         next_cursor=None,
         frontier=None,
     )
@@ -119,11 +123,13 @@ def test_rows_older_than_a_region_answered_for_wait_for_its_next_page() -> None:
     [
         None,
         {"items": "no"},
-        {"items": [{"at": 1.0}]},  # no cursor
+        {"items": [{"sort_at": 1.0}]},  # no cursor
         {"items": [{"cursor": "x"}]},  # no time
-        {"items": [{"at": True, "cursor": "x"}]},
-        {"items": [{"at": 1.0, "cursor": "x" * 300}]},
-        {"items": [{"at": 1.0, "cursor": "a"}, {"at": 2.0, "cursor": "b"}]},  # out of order
+        {"items": [{"sort_at": True, "cursor": "x"}]},
+        {"items": [{"sort_at": 1.0, "cursor": "x" * 300}]},
+        {
+            "items": [{"sort_at": 1.0, "cursor": "a"}, {"sort_at": 2.0, "cursor": "b"}]
+        },  # out of order
         {"items": [], "next_cursor": "x"},  # more to come, no frontier
         {"items": [], "next_cursor": 5, "frontier": 1.0},
     ],

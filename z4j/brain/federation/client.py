@@ -1,11 +1,12 @@
 """The hub's calls to its peer regions: HTTPS through httpx, bounded in time and bytes.
 
 httpx runs on Trio (through httpcore's Trio backend), so a peer call is an
-ordinary task of the request that needs it: `FederationClient.get_many`
-opens one nursery per request and asks every region in it at once, each
-under its own ``trio.move_on_after`` (Z4J_FEDERATION_TIMEOUT_MS). A slow or
-dead region costs a request at most that deadline and shows as unreachable;
-the others are served. An answer is read up to
+ordinary task of the request that needs it: the hub's routes
+(brain/http/federation_api.py) open one nursery per request and ask every
+region in it at once, each call under its own ``trio.move_on_after``
+(Z4J_FEDERATION_TIMEOUT_MS) here. A slow or dead region costs a request at
+most that deadline and shows as unreachable; the others are served. An
+answer is read up to
 Z4J_FEDERATION_MAX_RESPONSE_BYTES (decompressed) and no further, so a
 hostile or broken peer can hold neither a request nor memory. Good answers
 are kept briefly (Z4J_FEDERATION_CACHE_MS, cache.py).
@@ -145,20 +146,6 @@ class FederationClient:
                 await shutdown.wait()
             finally:
                 self._clients = {}
-
-    async def get_many(
-        self, path: str, query: Mapping[str, str], names: Collection[str]
-    ) -> dict[str, Answer]:
-        """``GET path`` of each region named, all at once, each within its deadline."""
-        answers: dict[str, Answer] = {}
-
-        async def one(name: str, query: Mapping[str, str]) -> None:
-            answers[name] = await self.get(name, path, query)
-
-        async with trio.open_nursery() as nursery:
-            for name in names:
-                nursery.start_soon(one, name, query)
-        return answers
 
     async def get(self, name: str, path: str, query: Mapping[str, str]) -> Answer:
         key = (name, path, tuple(sorted(query.items())))

@@ -1,7 +1,7 @@
 """Regions' pages merged by time, and the cursor that continues them (sans-IO).
 
 Each region answers a page newest first, each item with its own keyset
-``cursor`` and its time ``at``, and says down to which time its answer is
+``cursor`` and its time ``sort_at``, and says down to which time its answer is
 complete (``frontier``: the time of its last row read; None when nothing
 older matches). A merged page may only hold rows that every region has
 answered for: rows at or after the highest frontier among regions with
@@ -54,7 +54,7 @@ class BadPage(ValueError):
 
 @attrs.frozen(kw_only=True)
 class RegionPage:
-    items: list[dict[str, Any]]  # newest first, each with "cursor" and "at"
+    items: list[dict[str, Any]]  # newest first, each with "cursor" and "sort_at"
     next_cursor: str | None
     frontier: float | None
 
@@ -75,7 +75,7 @@ def region_page(body: object) -> RegionPage:
     for item in body["items"]:
         if not isinstance(item, dict):
             raise BadPage("an item is not an object")
-        at = item.get("at")
+        at = item.get("sort_at")
         if not isinstance(at, int | float) or isinstance(at, bool) or at != at:
             raise BadPage("an item without a time")
         if at > last:
@@ -100,10 +100,10 @@ def merge(
     frontiers = [p.frontier for p in pages.values() if p.next_cursor is not None]
     floor = max((f for f in frontiers if f is not None), default=float("-inf"))
     candidates = [
-        (-float(item["at"]), region, index, item)
+        (-float(item["sort_at"]), region, index, item)
         for region, page in pages.items()
         for index, item in enumerate(page.items)
-        if item["at"] >= floor
+        if item["sort_at"] >= floor
     ]
     candidates.sort(key=lambda c: (c[0], c[1], c[2]))
     taken = candidates[:limit]

@@ -37,7 +37,7 @@ from ._request import ApiError, Handler, Request, Response, limit_param
 from .audit_params import audit_filter
 from .command_input import command_fields
 from .events_api import event_filter
-from .federation_peer_api import PeerRoutes
+from .federation_peer_api import PeerRoutes, body_max_param
 
 __all__ = ["PEER_PREFIX", "FederationRoutes"]
 
@@ -103,11 +103,15 @@ class FederationRoutes:
     async def _ask(self, read: str, queries: Mapping[str, Mapping[str, str]]) -> dict[str, Answer]:
         """``read`` of each region in ``queries`` (with its own query), all at once."""
         answers: dict[str, Answer] = {}
+        refused: list[ApiError] = []
 
         async def local(query: Mapping[str, str]) -> None:
             started = trio.current_time()
             try:
                 body = await self._local.read(read, query)
+            except ApiError as exc:  # bad input the checks above let by: the caller's 4xx
+                refused.append(exc)
+                return
             except StoreUnavailable:
                 answers[self.region] = Answer(
                     region=self.region, answered=False, error="this region's store is unavailable"
@@ -130,6 +134,8 @@ class FederationRoutes:
                     nursery.start_soon(local, query)
                 else:
                     nursery.start_soon(peer, name, query)
+        if refused:
+            raise refused[0]
         return answers
 
     def _marked(self, route: str, failed: Mapping[str, str | None]) -> dict[str, Any]:
@@ -211,6 +217,7 @@ class FederationRoutes:
         # Checked here once, as each region checks it: a bad query is a 400, not N failures.
         if read == "events":
             event_filter(q)
+            body_max_param(q)
         elif read == "commands":
             if "state" in q and q["state"] not in COMMAND_STATES:
                 raise ApiError(
@@ -243,7 +250,7 @@ class FederationRoutes:
         merged, after = merge(pages, places, limit)
         items = []
         for name, item in merged:
-            row = {k: v for k, v in item.items() if k not in ("cursor", "at")}
+            row = {k: v for k, v in item.items() if k not in ("cursor", "sort_at")}
             row["region"] = name
             items.append(row)
         return 200, {

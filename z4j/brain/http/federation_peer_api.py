@@ -3,7 +3,7 @@
 A hub reads a region through these routes only (policy.py's
 ``federation`` action): its summary, its agents (with their workers), and
 pages of its events, commands and audit, each item with its own keyset
-``cursor`` and time ``at`` and each page with its ``frontier`` (the time
+``cursor`` and time ``sort_at`` and each page with its ``frontier`` (the time
 down to which it is complete), which is what the hub merges regions by
 (brain/federation/merge.py). The same reads serve the hub's own region in
 process (`PeerRoutes.read`), so every region, local or not, answers alike.
@@ -37,7 +37,7 @@ from .events_api import event_json as _event_json
 from .provisioning_api import agent_json
 from .resources import to_json
 
-__all__ = ["OPERATOR_CHARS", "PEER_READS", "PeerRoutes"]
+__all__ = ["OPERATOR_CHARS", "PEER_READS", "PeerRoutes", "body_max_param"]
 
 # A forwarded operator's name (an actor: "alice", "alice/token:ci", "token:admin").
 OPERATOR_CHARS: Final = 200
@@ -134,29 +134,20 @@ class PeerRoutes:
         return {"items": items}
 
     async def _events(self, q: dict[str, str]) -> dict[str, Any]:
-        body_max = EVENT_BODY_BYTES
-        if "body_max_bytes" in q:
-            raw = q["body_max_bytes"]
-            if not raw.isdigit() or int(raw) > MAX_EVENT_BODY_BYTES:
-                raise ApiError(
-                    400,
-                    "bad_request",
-                    f"body_max_bytes: an integer from 0 to {MAX_EVENT_BODY_BYTES}",
-                )
-            body_max = int(raw)
+        body_max = body_max_param(q)
         found = await self._store.search_events(event_filter(q))
         items: list[dict[str, Any]] = []
         size = 0
         for event in found.events:
             item = _event_json(event, body_max_bytes=body_max)
             item["cursor"] = f"{event.received_at!r}_{event.id}"
-            item["at"] = event.received_at
+            item["sort_at"] = event.received_at
             size += len(orjson.dumps(item))
             if items and size > EVENTS_PAGE_BYTES:
                 break  # full: the region continues after the last item kept
             items.append(item)
         if len(items) < len(found.events):
-            return _page(items, items[-1]["cursor"], items[-1]["at"])
+            return _page(items, items[-1]["cursor"], items[-1]["sort_at"])
         if found.next is None:
             return _page(items, None, None)
         at, last = found.next
@@ -174,11 +165,11 @@ class PeerRoutes:
         for c in records:
             item = to_json(c)
             item["cursor"] = f"{c.created_at!r}_{c.id}"
-            item["at"] = c.created_at
+            item["sort_at"] = c.created_at
             items.append(item)
         if len(records) < limit:
             return _page(items, None, None)
-        return _page(items, items[-1]["cursor"], items[-1]["at"])
+        return _page(items, items[-1]["cursor"], items[-1]["sort_at"])
 
     async def _audit(self, q: dict[str, str]) -> dict[str, Any]:
         limit = limit_param(q)
@@ -197,11 +188,11 @@ class PeerRoutes:
             # Rows are paged by id; their times run the same way but for clock
             # steps: each page is kept in time order for the merge.
             last_at = min(last_at, a.at)
-            item["at"] = last_at
+            item["sort_at"] = last_at
             items.append(item)
         if len(records) < limit:
             return _page(items, None, None)
-        return _page(items, items[-1]["cursor"], items[-1]["at"])
+        return _page(items, items[-1]["cursor"], items[-1]["sort_at"])
 
     # -- the cross-region command ----------------------------------------------------------
 
@@ -275,6 +266,18 @@ class PeerRoutes:
         raise ApiError(
             403, reason, message, detail={"region": self.region, "reason": reason, **(detail or {})}
         )
+
+
+def body_max_param(q: Mapping[str, str]) -> int:
+    """``body_max_bytes``: the largest event body a listing shows (events_api.py)."""
+    if "body_max_bytes" not in q:
+        return EVENT_BODY_BYTES
+    raw = q["body_max_bytes"]
+    if not raw.isdigit() or int(raw) > MAX_EVENT_BODY_BYTES:
+        raise ApiError(
+            400, "bad_request", f"body_max_bytes: an integer from 0 to {MAX_EVENT_BODY_BYTES}"
+        )
+    return int(raw)
 
 
 def _page(

@@ -260,6 +260,13 @@ SCHEMAS: dict[str, Any] = {
                 **UUID,
                 "description": "an answer the brain waited for (502, 504): the command sent",
             },
+            # A refusal by the policy (403 forbidden) names what was refused.
+            "action": {**STRING, "description": "403: the action refused (policy.py)"},
+            "role": {**STRING, "description": "403: the caller's role"},
+            "scope": {**STRING, "nullable": True, "description": "403: the token's scope"},
+            # A federation refusal names the region and why.
+            "region": {**STRING, "description": "federation: the region concerned"},
+            "reason": {**STRING, "description": "federation: why it was refused"},
         },
     },
     # Project, Agent, Worker, Instance, Event, Command, Audit: derived from their records.
@@ -1754,6 +1761,14 @@ PARTIAL = {
 }
 NUMBER = {"type": "number"}
 INTEGER = {"type": "integer"}
+FEDERATED_AUDIT_FILTER = [
+    _query("actor", AUDIT_TEXT, "who acted, exactly"),
+    _query("action", AUDIT_TEXT, "the action, exactly; ending in * a prefix"),
+    _query("subject", AUDIT_TEXT, "what it acted on; ending in * a prefix"),
+    _query("outcome", {"type": "string", "enum": ["ok", "refused"]}, "the outcome"),
+    _query("since", STRING, "at or after (ISO-8601 or epoch seconds)"),
+    _query("until", STRING, "before (ISO-8601 or epoch seconds)"),
+]
 
 
 def _labelled(name: str, extra: dict[str, Any]) -> dict[str, Any]:
@@ -1791,7 +1806,7 @@ def _peer_page(item: str) -> dict[str, Any]:
 REGION = {"region": {**STRING, "description": "the region the row is from"}}
 PEER_ROW = {
     "cursor": {**STRING, "description": "this row's keyset cursor in its region"},
-    "at": {**NUMBER, "description": "its time, epoch seconds (the merge's order)"},
+    "sort_at": {**NUMBER, "description": "its time, epoch seconds (the merge's order)"},
 }
 SUMMARY = _object(
     {
@@ -1943,17 +1958,7 @@ FEDERATION_PATHS: dict[str, Any] = {
             (200, _federated_page("RegionAudit")),
             errors=(400, 401),
             description=PAGED_DESCRIPTION + " The filters are /audit's.",
-            parameters=[
-                _query("actor", AUDIT_TEXT, "who acted, exactly"),
-                _query("action", AUDIT_TEXT, "the action, exactly; ending in * a prefix"),
-                _query("subject", AUDIT_TEXT, "what it acted on; ending in * a prefix"),
-                _query("outcome", {"type": "string", "enum": ["ok", "refused"]}, "the outcome"),
-                _query("since", STRING, "at or after (ISO-8601 or epoch seconds)"),
-                _query("until", STRING, "before (ISO-8601 or epoch seconds)"),
-                REGION_QUERY,
-                CURSOR,
-                LIMIT,
-            ],
+            parameters=[*FEDERATED_AUDIT_FILTER, REGION_QUERY, CURSOR, LIMIT],
         )
     },
     "/federation/regions/{name}/commands": {
@@ -2027,7 +2032,7 @@ FEDERATION_PATHS: dict[str, Any] = {
             (200, _peer_page("PeerAudit")),
             errors=(400, 401),
             description=PEER_DESCRIPTION,
-            parameters=[CURSOR, LIMIT],
+            parameters=[*FEDERATED_AUDIT_FILTER, CURSOR, LIMIT],
         )
     },
 }
