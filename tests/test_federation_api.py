@@ -25,6 +25,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import openapi_schema_validator
 import orjson
 import pytest
 import trio
@@ -32,6 +33,7 @@ import trio
 import z4j.ingest
 from z4j.agent import Agent
 from z4j.brain import serve_brain
+from z4j.brain.http.openapi import OPENAPI
 from z4j.config import Config
 from z4j.testing.agents import admin_token, provision
 from z4j.testing.brain import RunningBrain, make_config, running_brain, wait_until
@@ -56,6 +58,21 @@ async def post(http: tuple[str, int], path: str, token: str, body: Any) -> tuple
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     return reply.status, reply.json()
+
+
+def conforms(item: Any, schema: dict[str, Any]) -> None:
+    """``item`` is what the OpenAPI document says (a schema, or a component by $ref)."""
+    openapi_schema_validator.validate(
+        item,
+        {**schema, "components": OPENAPI["components"]},
+        cls=openapi_schema_validator.OAS30Validator,
+        format_checker=openapi_schema_validator.oas30_format_checker,
+    )
+
+
+def answer_schema(path: str, method: str = "get", status: str = "200") -> dict[str, Any]:
+    operation = OPENAPI["paths"][path][method]
+    return dict(operation["responses"][status]["content"]["application/json"]["schema"])
 
 
 async def audit_rows(brain: RunningBrain, token: str, action: str) -> list[dict[str, Any]]:
@@ -180,6 +197,16 @@ async def test_the_hub_shows_every_region_labelled_and_a_dead_one_as_partial(
                 times = [e["received_at"] for e in seen]
                 assert times == sorted(times, reverse=True)
 
+                # Each answer is what the OpenAPI document says, the hub's and a peer's.
+                for route in ("regions", "agents", "events", "commands", "audit"):
+                    _, answer = await get(http, f"/api/v1/federation/{route}", admin)
+                    conforms(answer, answer_schema(f"/federation/{route}"))
+                for route in ("summary", "agents", "events", "commands", "audit"):
+                    _, answer = await get(
+                        east.addresses.http, f"/api/v1/federation/peer/{route}?limit=3", east_token
+                    )
+                    conforms(answer, answer_schema(f"/federation/peer/{route}"))
+
                 status, only = await get(http, "/api/v1/federation/events?region=west", admin)
                 assert {e["region"] for e in only["items"]} == {"west"}
                 status, bad = await get(http, "/api/v1/federation/events?region=nowhere", admin)
@@ -281,6 +308,10 @@ async def test_cross_region_commands_need_the_grant_and_the_operators_intent(
                 assert sent["region"] == "west"
                 command_id = sent["command"]["id"]
                 assert sent["command"]["issued_by"] == "federation:hub/token:test"
+                conforms(sent, answer_schema("/federation/regions/{name}/commands", "post", "201"))
+                conforms(
+                    refused, answer_schema("/federation/regions/{name}/commands", "post", "403")
+                )
 
                 async def completed() -> bool:
                     _, found = await get(
