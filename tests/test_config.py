@@ -36,6 +36,7 @@ POSITIVE_FIELDS = [
     "drain_lease_seconds",
     "instances",
     "db_pool_size",
+    "read_max_lag_ms",
     "event_retention_days",
     "heartbeat_seconds",
     "ws_max_frame_bytes",

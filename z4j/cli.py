@@ -460,7 +460,7 @@ def _show_config(args: argparse.Namespace, config: Config) -> None:
     shown: dict[str, str] = {}
     for name in FIELDS:
         value = getattr(config, name)
-        if name == "database_url" and value:
+        if name in ("database_url", "database_read_url") and value:
             value = re.sub(r"(//[^:/@]*:)[^@]*@", r"\1********@", value)
         elif name in SECRET_FIELDS and value:
             value = "********"

@@ -10,7 +10,8 @@ that it returns only once the service can serve:
 
     store migrations (retried in the background until the store answers)
     → group-commit writer → drains → ingest server → agent endpoint →
-    command sweep → registry → HTTP → heartbeat → maintenance → the
+    command sweep → registry → the read replica's probe (with
+    Z4J_DATABASE_READ_URL) → HTTP → heartbeat → maintenance → the
     reconciler, schedule streams and OpAMP rollouts → report addresses.
 
 Any child failing cancels the tree. A graceful stop (``shutdown`` set) runs
@@ -53,6 +54,7 @@ from ..buffer import Buffer
 from ..config import Config, check_bind_is_safe
 from ..stats import BrainStats, HttpStats
 from ..store import health_checks as store_health_checks
+from ..store import health_notes as store_health_notes
 from ..store import migrate_until_ready, store_for
 from .agents import AgentEndpoint, Session
 from .commands import Commands
@@ -80,6 +82,7 @@ from .links import (
 from .maintenance import Maintenance
 from .metrics import brain_registry, render
 from .opamp_fleet import OpampFleet
+from .read_replica import serve_read_replica
 from .reconciler import Reconciler
 from .registry import registry_for, replicated
 from .rollouts import Rollouts
@@ -308,7 +311,8 @@ async def serve_brain(
                     **store_health_checks(store, store_ready),
                     **buffer.health_checks(),
                     **registry.health_checks(),
-                }
+                },
+                notes=store_health_notes(store),
             )
             instance_row = instance_info(config, instance_id, buffer)
             http_stats = HttpStats()
@@ -324,6 +328,9 @@ async def serve_brain(
                         pool_statistics=None if store.pool is None else store.pool.statistics,
                         http_stats=http_stats,
                         readiness=lambda: health.last,
+                        read_replica=(
+                            None if store.read_replica is None else store.read_replica.statistics
+                        ),
                     ),
                 ),
                 api=Api(
@@ -404,6 +411,12 @@ async def serve_brain(
                 await producers.start(functools.partial(opamp_sockets.serve, shutdown=shutdown))
                 await supporting.start(functools.partial(commands.serve, shutdown=support_stop))
                 await supporting.start(functools.partial(registry.serve, shutdown=support_stop))
+                if store.read_replica is not None:
+                    await supporting.start(
+                        functools.partial(
+                            serve_read_replica, store.read_replica, shutdown=support_stop
+                        )
+                    )
                 http_address = await producers.start(
                     functools.partial(
                         serve_http,

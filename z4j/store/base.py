@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .audit_query import AuditFilter
     from .opamp import StateWrite
     from .pg import PgPool
+    from .replica import ReadReplica
 
 __all__ = [
     "COMMAND_STATES",
@@ -609,6 +610,11 @@ class Store(Protocol):
     @property
     def pool(self) -> PgPool | None:
         """The connection pool, on Postgres (the registry and pool metrics use it)."""
+        ...
+
+    @property
+    def read_replica(self) -> ReadReplica | None:
+        """The standby API reads may go to (Z4J_DATABASE_READ_URL); Postgres only."""
         ...
 
     async def migrate(self) -> list[int]:

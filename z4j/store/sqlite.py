@@ -110,6 +110,7 @@ T = TypeVar("T")
 class SqliteStore:
     kind: Literal["sqlite"] = "sqlite"
     pool: None = None  # one connection, on a worker thread
+    read_replica: None = None  # refused by the configuration (Z4J_DATABASE_READ_URL)
 
     def __init__(
         self,
