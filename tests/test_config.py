@@ -56,6 +56,7 @@ NON_NEGATIVE_FIELDS = [
     "shutdown_grace_seconds",
     "drain_linger_ms",
     "rotation_grace_seconds",
+    "gil_switch_interval_us",
 ]
 OPTIONAL_FIELDS = [
     "database_url",
