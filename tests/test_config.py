@@ -57,6 +57,7 @@ NON_NEGATIVE_FIELDS = [
     "shutdown_grace_seconds",
     "drain_linger_ms",
     "rotation_grace_seconds",
+    "gil_switch_interval_us",
 ]
 OPTIONAL_FIELDS = [
     "database_url",

@@ -131,6 +131,7 @@ class Config:
     drain_linger_ms: int = attrs.field(default=500, validator=_non_negative)
     so_reuseport: bool = False
     instances: int = attrs.field(default=1, validator=_positive)
+    gil_switch_interval_us: int = attrs.field(default=500, validator=_non_negative)
     db_pool_size: int = attrs.field(default=8, validator=_positive)
     db_statement_timeout_ms: int = attrs.field(default=30_000, validator=_non_negative)
     # -- read replica (docs/scaling.md, "Read replica")
@@ -230,6 +231,10 @@ HELP: dict[str, str] = {
     "transactions that leave the disk and the GIL to ingest. 0: claim at once.",
     "so_reuseport": "Set SO_REUSEPORT so several processes share the ingest and HTTP ports.",
     "instances": "Brain processes `z4j brain` runs on these settings, sharing the ports (needs Postgres and fixed ports); more than 1 starts a supervisor.",
+    "gil_switch_interval_us": "`z4j brain` sets Python's GIL switch interval "
+    "(sys.setswitchinterval) to this many microseconds: at Python's 5,000 the store's "
+    "threads waited up to that long for the busy event loop after each SQLite step or "
+    "Postgres round trip. 0: keep Python's. A program embedding the brain keeps its own.",
     "db_pool_size": "Most Postgres connections this process opens (pooled; with Z4J_DATABASE_READ_URL, as many again to the standby).",
     "db_statement_timeout_ms": "statement_timeout on every Postgres connection (0: none).",
     "database_read_url": "Postgres URL of a hot standby of Z4J_DATABASE_URL (streaming replication) that serves the API's and the dashboard's lists, searches and statistics; writes and everything else stay on the primary. Needs Z4J_DATABASE_URL. Unset: every read on the primary. See scaling.md.",
