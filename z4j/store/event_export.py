@@ -172,16 +172,16 @@ def postgres_page(
     """
     page, params, where = event_search.page_sql(d, query, _PG_PAGE)
     lines = f"coalesce(string_agg({_PG_LINES[fmt]}, ''), '')"
-    cursor = conn.cursor(binary=True)
-    if conn.info.encoding == "utf-8":
-        cursor.adapters.register_loader("text", ByteaBinaryLoader)
-    else:
-        lines = f"convert_to({lines}, 'UTF8')"  # bytea: bytes in binary
-    sql = (
-        f"SELECT count(*), {lines}, extract(epoch FROM min(received_at))::float8,"
-        f" (array_agg(id))[count(*)] FROM ({page}) AS p"
-    )
-    row = cursor.execute(sql, params).fetchone()
+    with conn.cursor(binary=True) as cursor:
+        if conn.info.encoding == "utf-8":
+            cursor.adapters.register_loader("text", ByteaBinaryLoader)
+        else:
+            lines = f"convert_to({lines}, 'UTF8')"  # bytea: bytes in binary
+        sql = (
+            f"SELECT count(*), {lines}, extract(epoch FROM min(received_at))::float8,"
+            f" (array_agg(id))[count(*)] FROM ({page}) AS p"
+        )
+        row = cursor.execute(sql, params).fetchone()
     assert row is not None
     found, data, at, last_id = row
     last = None if not found else (float(at), int(last_id))
