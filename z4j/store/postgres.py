@@ -49,6 +49,7 @@ from ..tasks import TaskEvent, TaskRow
 from . import (
     _rows,
     accounts,
+    event_export,
     event_search,
     opamp,
     opamp_history,
@@ -91,6 +92,7 @@ from .base import (
     EventFilter,
     EventHistogram,
     EventPage,
+    ExportFormat,
     ExportPage,
     InstanceInfo,
     OpampAgent,
@@ -750,9 +752,9 @@ class PostgresStore:
         result: EventPage = await self._read(lambda conn: event_search.search_page(PG, conn, query))
         return result
 
-    async def export_events(self, query: EventFilter) -> ExportPage:
+    async def export_events(self, query: EventFilter, fmt: ExportFormat) -> ExportPage:
         result: ExportPage = await self._read(
-            lambda conn: event_search.export_page(PG, conn, query)
+            lambda conn: event_export.postgres_page(PG, conn, query, fmt)
         )
         return result
 

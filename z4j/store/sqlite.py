@@ -33,6 +33,7 @@ from ..tasks import TaskEvent, TaskRow
 from . import (
     _rows,
     accounts,
+    event_export,
     event_search,
     opamp,
     opamp_history,
@@ -75,6 +76,7 @@ from .base import (
     EventFilter,
     EventHistogram,
     EventPage,
+    ExportFormat,
     ExportPage,
     InstanceInfo,
     OpampAgent,
@@ -518,8 +520,8 @@ class SqliteStore:
     async def search_events(self, query: EventFilter) -> EventPage:
         return await self._run(lambda db: event_search.search_page(SQ, db, query))
 
-    async def export_events(self, query: EventFilter) -> ExportPage:
-        return await self._run(lambda db: event_search.export_page(SQ, db, query))
+    async def export_events(self, query: EventFilter, fmt: ExportFormat) -> ExportPage:
+        return await self._run(lambda db: event_export.sqlite_page(SQ, db, query, fmt))
 
     async def event_histogram(
         self, query: EventFilter, *, start: float, bucket_seconds: float, buckets: int
