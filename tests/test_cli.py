@@ -308,3 +308,23 @@ def test_opamp_tokens_are_made_per_project_listed_without_secrets_and_revoked(
     assert _ok("opamp", "token", "revoke", row[0], *data).startswith("revoked OpAMP token")
     assert _store_rows(tmp_path, "SELECT count(*) FROM opamp_tokens") == [(0,)]  # gone at once
     assert "no OpAMP token" in _fails("opamp", "token", "revoke", "feedface00000000", *data)
+
+
+def test_the_brain_command_shortens_the_gil_switch_interval(tmp_path: Path) -> None:
+    """`z4j brain` sets Z4J_GIL_SWITCH_INTERVAL_US (cli.tune_interpreter); 0 keeps Python's."""
+    import sys
+
+    from z4j.cli import tune_interpreter
+    from z4j.config import load_config
+
+    before = sys.getswitchinterval()
+    try:
+        tune_interpreter(load_config(env={}, overrides={"data_dir": tmp_path}))
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        sys.setswitchinterval(0.005)
+        tune_interpreter(
+            load_config(env={"Z4J_GIL_SWITCH_INTERVAL_US": "0"}, overrides={"data_dir": tmp_path})
+        )
+        assert sys.getswitchinterval() == pytest.approx(0.005)
+    finally:
+        sys.setswitchinterval(before)

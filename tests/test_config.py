@@ -36,6 +36,7 @@ POSITIVE_FIELDS = [
     "drain_lease_seconds",
     "instances",
     "db_pool_size",
+    "read_max_lag_ms",
     "event_retention_days",
     "heartbeat_seconds",
     "ws_max_frame_bytes",
@@ -59,6 +60,7 @@ NON_NEGATIVE_FIELDS = [
     "shutdown_grace_seconds",
     "drain_linger_ms",
     "rotation_grace_seconds",
+    "gil_switch_interval_us",
     # federation
     "federation_cache_ms",
 ]

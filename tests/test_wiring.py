@@ -32,6 +32,7 @@ SERVICES = frozenset(
         "http.server",
         "ingest",
         "maintenance",
+        "read_replica",
         "reconciler",
         "registry",
         "rollouts",

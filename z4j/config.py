@@ -140,8 +140,12 @@ class Config:
     drain_linger_ms: int = attrs.field(default=500, validator=_non_negative)
     so_reuseport: bool = False
     instances: int = attrs.field(default=1, validator=_positive)
+    gil_switch_interval_us: int = attrs.field(default=500, validator=_non_negative)
     db_pool_size: int = attrs.field(default=8, validator=_positive)
     db_statement_timeout_ms: int = attrs.field(default=30_000, validator=_non_negative)
+    # -- read replica (docs/scaling.md, "Read replica")
+    database_read_url: str | None = None
+    read_max_lag_ms: int = attrs.field(default=5_000, validator=_positive)
     event_retention_days: int = attrs.field(default=30, validator=_positive)
     task_retention_days: int = attrs.field(default=30, validator=_positive)
     task_projection: bool = True
@@ -182,6 +186,14 @@ class Config:
     federation_timeout_ms: int = attrs.field(default=3000, validator=_positive)
     federation_cache_ms: int = attrs.field(default=2000, validator=_non_negative)
     federation_max_response_bytes: int = attrs.field(default=16 * MiB, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.database_read_url is not None and self.database_url is None:
+            raise ConfigError(
+                "Z4J_DATABASE_READ_URL is set without Z4J_DATABASE_URL: a read replica is a "
+                "Postgres standby of the Postgres store, and the embedded SQLite store has "
+                "none; set Z4J_DATABASE_URL to the primary, or unset Z4J_DATABASE_READ_URL"
+            )
 
     @property
     def resolved_buffer_path(self) -> Path:
@@ -237,8 +249,14 @@ HELP: dict[str, str] = {
     "transactions that leave the disk and the GIL to ingest. 0: claim at once.",
     "so_reuseport": "Set SO_REUSEPORT so several processes share the ingest and HTTP ports.",
     "instances": "Brain processes `z4j brain` runs on these settings, sharing the ports (needs Postgres and fixed ports); more than 1 starts a supervisor.",
-    "db_pool_size": "Most Postgres connections this process opens.",
+    "gil_switch_interval_us": "`z4j brain` sets Python's GIL switch interval "
+    "(sys.setswitchinterval) to this many microseconds: at Python's 5,000 the store's "
+    "threads waited up to that long for the busy event loop after each SQLite step or "
+    "Postgres round trip. 0: keep Python's. A program embedding the brain keeps its own.",
+    "db_pool_size": "Most Postgres connections this process opens (pooled; with Z4J_DATABASE_READ_URL, as many again to the standby).",
     "db_statement_timeout_ms": "statement_timeout on every Postgres connection (0: none).",
+    "database_read_url": "Postgres URL of a hot standby of Z4J_DATABASE_URL (streaming replication) that serves the API's and the dashboard's lists, searches and statistics; writes and everything else stay on the primary. Needs Z4J_DATABASE_URL. Unset: every read on the primary. See scaling.md.",
+    "read_max_lag_ms": "With Z4J_DATABASE_READ_URL: while the standby may be further behind than this (or is unreachable, or was promoted), its reads go to the primary and /health/ready says why.",
     "event_retention_days": "Days of events kept before partitions are dropped.",
     "task_retention_days": "Days a task is kept after its last event (the `tasks` table; its counts go with it).",
     "task_projection": "Keep the `tasks` table (one row per task, from agents' task events) "
@@ -275,7 +293,7 @@ HELP: dict[str, str] = {
 }
 
 # Never printed in full: `z4j config` masks them (a URL keeps all but its password).
-SECRET_FIELDS = frozenset({"ingest_token", "database_url", "secret"})
+SECRET_FIELDS = frozenset({"ingest_token", "database_url", "database_read_url", "secret"})
 
 attrs.resolve_types(Config)
 FIELDS: dict[str, attrs.Attribute[Any]] = {a.name: a for a in attrs.fields(Config)}

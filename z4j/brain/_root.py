@@ -10,7 +10,8 @@ that it returns only once the service can serve:
 
     store migrations (retried in the background until the store answers)
     → group-commit writer → drains → ingest server → agent endpoint →
-    command sweep → registry → federation peers' connections → HTTP →
+    command sweep → registry → the read replica's probe (with
+    Z4J_DATABASE_READ_URL) → federation peers' connections → HTTP →
     heartbeat → maintenance → the
     reconciler, schedule streams and OpAMP rollouts → report addresses.
 
@@ -55,6 +56,7 @@ from ..buffer import Buffer
 from ..config import Config, check_bind_is_safe
 from ..stats import BrainStats, HttpStats
 from ..store import health_checks as store_health_checks
+from ..store import health_notes as store_health_notes
 from ..store import migrate_until_ready, store_for
 from .agents import AgentEndpoint, Session
 from .commands import Commands
@@ -85,6 +87,7 @@ from .links import (
 from .maintenance import Maintenance
 from .metrics import brain_registry, render
 from .opamp_fleet import OpampFleet
+from .read_replica import serve_read_replica
 from .reconciler import Reconciler
 from .registry import registry_for, replicated
 from .rollouts import Rollouts
@@ -314,7 +317,8 @@ async def serve_brain(
                     **store_health_checks(store, store_ready),
                     **buffer.health_checks(),
                     **registry.health_checks(),
-                }
+                },
+                notes=store_health_notes(store),
             )
             instance_row = instance_info(config, instance_id, buffer)
             federation = FederationClient(
@@ -347,6 +351,9 @@ async def serve_brain(
                         pool_statistics=None if store.pool is None else store.pool.statistics,
                         http_stats=http_stats,
                         readiness=lambda: health.last,
+                        read_replica=(
+                            None if store.read_replica is None else store.read_replica.statistics
+                        ),
                     ),
                 ),
                 api=Api(
@@ -429,6 +436,12 @@ async def serve_brain(
                 await producers.start(functools.partial(opamp_sockets.serve, shutdown=shutdown))
                 await supporting.start(functools.partial(commands.serve, shutdown=support_stop))
                 await supporting.start(functools.partial(registry.serve, shutdown=support_stop))
+                if store.read_replica is not None:
+                    await supporting.start(
+                        functools.partial(
+                            serve_read_replica, store.read_replica, shutdown=support_stop
+                        )
+                    )
                 await supporting.start(functools.partial(federation.serve, shutdown=support_stop))
                 http_address = await producers.start(
                     functools.partial(

@@ -39,6 +39,7 @@ from ..buffer import Buffer
 from ..opamp_rollouts import ROLLOUT_STATES
 from ..stats import COMMAND_BUCKETS, BrainStats, Histogram, HttpStats
 from ..store.base import FINAL_COMMAND_STATES
+from ..store.replica import ReplicaStatistics
 
 __all__ = ["CONTENT_TYPE_LATEST", "BrainCollector", "brain_registry", "render"]
 
@@ -54,12 +55,14 @@ def brain_registry(
     pool_statistics: Callable[[], Any] | None = None,
     http_stats: HttpStats | None = None,
     readiness: Callable[[], Mapping[str, str]] | None = None,
+    read_replica: Callable[[], ReplicaStatistics] | None = None,
 ) -> CollectorRegistry:
     """A registry with this brain's metrics and the standard process and Python ones.
 
     ``replica``: this process's name in ``instances`` (Z4J_INSTANCE_NAME, or
     host:pid); ``replica_id``: its id there. ``readiness``: the readiness
-    checks' last verdicts, by check (``"ok"`` or why not).
+    checks' last verdicts, by check (``"ok"`` or why not). ``read_replica``:
+    the read replica's counts, when there is one (Z4J_DATABASE_READ_URL).
     """
     registry = CollectorRegistry(auto_describe=True)
     registry.register(
@@ -71,6 +74,7 @@ def brain_registry(
             pool_statistics=pool_statistics,
             http_stats=http_stats or HttpStats(),
             readiness=readiness,
+            read_replica=read_replica,
         )
     )
     ProcessCollector(registry=registry)
@@ -94,6 +98,7 @@ class BrainCollector(Collector):
         pool_statistics: Callable[[], Any] | None,
         http_stats: HttpStats,
         readiness: Callable[[], Mapping[str, str]] | None,
+        read_replica: Callable[[], ReplicaStatistics] | None = None,
     ) -> None:
         self._stats = stats
         self._http = http_stats
@@ -102,6 +107,7 @@ class BrainCollector(Collector):
         self._replica_id = replica_id
         self._pool_statistics = pool_statistics
         self._readiness = readiness
+        self._read_replica = read_replica
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats
@@ -529,6 +535,32 @@ class BrainCollector(Collector):
             yield _gauge(
                 "z4j_db_pool_waiting", "Tasks waiting for a pooled connection", pool.waiting
             )
+        if self._read_replica is not None:
+            yield from _read_replica_metrics(self._read_replica())
+
+
+def _read_replica_metrics(r: ReplicaStatistics) -> Iterator[Metric]:
+    yield _gauge(
+        "z4j_read_replica_serving",
+        "1 while API reads go to the read replica, 0 while they fall back to the primary",
+        float(r.serving),
+    )
+    lag = GaugeMetricFamily(
+        "z4j_read_replica_lag_seconds",
+        "Replication lag of the read replica as last measured on it (no sample when unknown)",
+    )
+    if r.lag_seconds is not None:
+        lag.add_metric([], r.lag_seconds)
+    yield lag
+    yield _counter("z4j_read_replica_reads", "Reads the read replica served", r.reads)
+    fallbacks = CounterMetricFamily(
+        "z4j_read_replica_fallbacks",
+        "Reads that could have gone to the read replica and went to the primary, by reason",
+        labels=["reason"],
+    )
+    for reason, n in r.fallbacks.items():
+        fallbacks.add_metric([reason], n)
+    yield fallbacks
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

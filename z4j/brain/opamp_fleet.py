@@ -93,6 +93,9 @@ TOUCHES_MAX: Final = 200_000  # queued last_seen writes; past it, a flush is due
 GROUP_MAX: Final = 1_000  # agents' writes in one transaction at most
 TOKEN_SECONDS: Final = 1.0  # a token's project is read again from the store this often
 TOKENS_MAX: Final = 10_000  # tokens whose project one process remembers
+# Changes a row patch writes (store/opamp.py `AgentPatch`): a known agent's
+# acknowledgement moves nothing the API summarises but the status.
+_PATCHED: Final = frozenset({Change.REMOTE_CONFIG_STATUS, Change.FULL_STATE_REQUESTS})
 
 
 def message_type(message: pb.AgentToServer) -> str:
@@ -751,9 +754,10 @@ def _fold(
     capabilities_sent: bool,
     config_sent: bytes | None,
     vouched: bool,
-) -> tuple[Outcome, OpampAgent | None]:
+) -> tuple[Outcome, OpampAgent | stored.AgentPatch | None]:
     """`receive`, and the row to write when the agent is new or changed
-    (None: only ``last_seen`` may be due). Pure: it may run on a thread."""
+    (None: only ``last_seen`` may be due; a patch when only the remote
+    configuration status moved). Pure: it may run on a thread."""
     prior = None
     if known is not None:
         prior = known.state
@@ -772,6 +776,16 @@ def _fold(
     if known is not None and not outcome.changed:
         return outcome, None
     state = outcome.state
+    if known is not None and outcome.changed <= _PATCHED:
+        patch = stored.patch_of(
+            project_id,
+            state,
+            transport=transport.value,
+            first_seen=known.first_seen,
+            last_seen=now,
+            disconnected_at=known.disconnected_at,
+        )
+        return outcome, patch
     disconnected_at = None
     if not state.connected:
         kept = None if known is None else known.disconnected_at

@@ -38,6 +38,7 @@ __all__ = [
     "StoreUnavailable",
     "UnstorableRows",
     "health_checks",
+    "health_notes",
     "migrate_until_ready",
     "store_for",
 ]
@@ -62,6 +63,8 @@ def store_for(
             project_tasks=config.task_projection,
             on_tasks=on_tasks,
             on_frames_dropped=on_frames_dropped,
+            read_url=config.database_read_url,
+            read_max_lag_seconds=config.read_max_lag_ms / 1000,
         )
     return SqliteStore(
         config.sqlite_store_path,
@@ -96,6 +99,15 @@ def health_checks(
 
         checks["pool"] = pool_check
     return checks
+
+
+def health_notes(store: Store) -> dict[str, Callable[[], str | None]]:
+    """For /health/ready, beside the checks: conditions that leave the
+    brain ready but degraded. A read replica that is behind, down or
+    promoted is one: the primary serves its reads, so readiness holds, and
+    the note says why the primary works harder."""
+    replica = store.read_replica
+    return {} if replica is None else {"read_replica": replica.note}
 
 
 log = logging.getLogger("z4j.store")

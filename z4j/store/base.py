@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .audit_query import AuditFilter
     from .opamp import StateWrite
     from .pg import PgPool
+    from .replica import ReadReplica
 
 __all__ = [
     "COMMAND_STATES",
@@ -40,6 +41,7 @@ __all__ = [
     "EngineWorker",
     "EventHistogram",
     "EventPage",
+    "ExportFormat",
     "ExportPage",
     "ExportRow",
     "FederationToken",
@@ -590,17 +592,22 @@ class EventPage:
     next: tuple[float, int] | None
 
 
-# An event as an export writes it: id, key (hex), received_at (epoch),
-# source, kind, project_id, agent_id, worker_id (text or None), and the
-# body as JSON text, never parsed (an export passes it through).
+# An event as an export reads it to encode it in Python: id, key (hex),
+# received_at (epoch), source, kind, project_id, agent_id, worker_id (text
+# or None), and the body as JSON text, never parsed (passed through).
 ExportRow = tuple[int, str, float, str, str, str | None, str | None, str | None, str]
+# How an export writes its events (store/event_export.py).
+ExportFormat = Literal["ndjson", "csv"]
 
 
 @attrs.frozen(kw_only=True)
 class ExportPage:
-    """One page of an export, as `EventPage` (``next`` likewise)."""
+    """One page of an export: its ``rows`` events as ``data``, their lines
+    in the export's format, newest first (a CSV without its header);
+    ``next`` as `EventPage`'s."""
 
-    rows: list[ExportRow]
+    data: bytes
+    rows: int
     next: tuple[float, int] | None
 
 
@@ -628,6 +635,11 @@ class Store(Protocol):
     @property
     def pool(self) -> PgPool | None:
         """The connection pool, on Postgres (the registry and pool metrics use it)."""
+        ...
+
+    @property
+    def read_replica(self) -> ReadReplica | None:
+        """The standby API reads may go to (Z4J_DATABASE_READ_URL); Postgres only."""
         ...
 
     async def migrate(self) -> list[int]:
@@ -875,8 +887,8 @@ class Store(Protocol):
         """A page of the events matching ``query``, newest first (by received_at, then id)."""
         ...
 
-    async def export_events(self, query: EventFilter) -> ExportPage:
-        """As `search_events`, with the bodies as stored JSON text (for a streamed export)."""
+    async def export_events(self, query: EventFilter, fmt: ExportFormat) -> ExportPage:
+        """As `search_events`, the events written as lines of ``fmt`` (for a streamed export)."""
         ...
 
     async def event_histogram(

@@ -36,6 +36,7 @@ The SQL is shared by both stores over their `Dialect`, as in tasks.py.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import uuid
 from typing import Any, Final, NamedTuple
@@ -55,6 +56,7 @@ from .base import OpampAgent, OpampConfig, OpampToken
 __all__ = [
     "ACKNOWLEDGEMENTS",
     "CONFIG_COLUMNS",
+    "AgentPatch",
     "StateWrite",
     "StatusWrite",
     "add_token",
@@ -66,10 +68,12 @@ __all__ = [
     "list_configs",
     "list_tokens",
     "load_agent",
+    "patch_of",
     "put_config",
     "record_of",
     "revoke_token",
     "save_agent",
+    "save_patch",
     "set_config_status",
     "state_of",
     "token_project",
@@ -144,6 +148,67 @@ def record_of(
     )
 
 
+@attrs.frozen(kw_only=True)
+class AgentPatch:
+    """A known agent whose message moved only its remote configuration status
+    and the sequence bookkeeping (every acknowledgement in a rollout): its
+    row is updated in place. The summary columns a full write derives
+    (attributes, capabilities, health, effective configuration) are not
+    derived again, which was most of an acknowledgement's cost (`record_of`).
+
+    Read like the `OpampAgent` it stands for where the fleet needs its
+    times and id; ``agent_state`` rebuilds the whole row if the row has
+    gone meanwhile (`save_patch`)."""
+
+    project_id: uuid.UUID
+    instance_uid: str  # 32 hex digits
+    agent_state: AgentState = attrs.field(eq=False, repr=False)
+    state: bytes = attrs.field(repr=False)
+    remote_config_status: dict[str, Any] | None
+    transport: str
+    first_seen: float
+    last_seen: float
+    disconnected_at: float | None
+
+    @property
+    def sequence_num(self) -> int:
+        return self.agent_state.sequence_num
+
+    @property
+    def full_state_requests(self) -> int:
+        return self.agent_state.full_state_requests
+
+
+def patch_of(
+    project_id: uuid.UUID,
+    state: AgentState,
+    *,
+    transport: str,
+    first_seen: float,
+    last_seen: float,
+    disconnected_at: float | None,
+) -> AgentPatch:
+    """What `record_of` would write of ``state`` when only its remote
+    configuration status (or the sequence bookkeeping) moved."""
+    full = state.report()
+    full.sequence_num = 0
+    return AgentPatch(
+        project_id=project_id,
+        instance_uid=state.instance_uid.hex(),
+        agent_state=state,
+        state=full.SerializeToString(deterministic=True),
+        remote_config_status=(
+            _remote_config_status(full.remote_config_status)
+            if full.HasField("remote_config_status")
+            else None
+        ),
+        transport=transport,
+        first_seen=first_seen,
+        last_seen=last_seen,
+        disconnected_at=None if state.connected else disconnected_at,
+    )
+
+
 def state_of(agent: OpampAgent) -> AgentState:
     """The core's state back from a row `record_of` wrote."""
     full = pb.AgentToServer.FromString(agent.state)
@@ -163,7 +228,15 @@ def state_of(agent: OpampAgent) -> AgentState:
 
 
 def capability_names(capabilities: AgentCapability) -> list[str]:
-    return [c.name for c in AgentCapability if c in capabilities and c.name is not None]
+    return list(_capability_names(int(capabilities)))
+
+
+@functools.lru_cache(maxsize=256)
+def _capability_names(bits: int) -> tuple[str, ...]:
+    """Agents of a fleet share a few capability sets: named once each
+    (iterating the flag enum per message cost more than the message)."""
+    capabilities = AgentCapability(bits)
+    return tuple(c.name for c in AgentCapability if c in capabilities and c.name is not None)
 
 
 def _clean(value: AttributeValue) -> Any:
@@ -364,6 +437,40 @@ def save_agent(d: Dialect, conn: Conn, agent: OpampAgent, replaces: bytes | None
             d.opt_ts_in(agent.disconnected_at),
         ),
     )
+
+
+def save_patch(d: Dialect, conn: Conn, patch: AgentPatch) -> None:
+    """Update the columns a patch moves; the caller holds the transaction.
+    A row gone meanwhile (replaced or forgotten by another replica) is
+    written whole from the patch's state, as `save_agent` would."""
+    cur = conn.execute(
+        d.sql(
+            "UPDATE opamp_agents SET state = ?, sequence_num = ?, full_state_requests = ?,"
+            " remote_config_status = ?, transport = ?, last_seen = ?, disconnected_at = ?"
+            " WHERE project_id = ? AND instance_uid = ?"
+        ),
+        (
+            patch.state,
+            _signed(patch.sequence_num),
+            patch.full_state_requests,
+            d.opt_json_in(patch.remote_config_status),
+            patch.transport,
+            d.ts_in(patch.last_seen),
+            d.opt_ts_in(patch.disconnected_at),
+            d.uuid_in(patch.project_id),
+            bytes.fromhex(patch.instance_uid),
+        ),
+    )
+    if cur.rowcount == 0:
+        record = record_of(
+            patch.project_id,
+            patch.agent_state,
+            transport=patch.transport,
+            first_seen=patch.first_seen,
+            last_seen=patch.last_seen,
+            disconnected_at=patch.disconnected_at,
+        )
+        save_agent(d, conn, record, None)
 
 
 Touch = tuple[uuid.UUID, bytes, int, float]  # (project, instance_uid, sequence_num, seen at)
@@ -589,7 +696,7 @@ class StateWrite(NamedTuple):
     replaces), its configuration's status (either may be None), and what in
     the row changed that its history keeps (opamp_history.HISTORY_CHANGES)."""
 
-    record: OpampAgent | None
+    record: OpampAgent | AgentPatch | None
     replaces: bytes | None
     status: StatusWrite | None
     changes: tuple[str, ...] = ()
@@ -605,7 +712,11 @@ def write_states(d: Dialect, conn: Conn, writes: list[StateWrite], audit: AuditW
     for record, replaces, status, changes in writes:
         names = list(changes)
         details: dict[str, Any] = {}
-        if record is not None:
+        if isinstance(record, AgentPatch):
+            save_patch(d, conn, record)
+            if "remote_config_status" in changes:  # the one part a patch can move
+                details["remote_config_status"] = record.remote_config_status
+        elif record is not None:
             save_agent(d, conn, record, replaces)
             if replaces is not None:
                 opamp_history.move_history(

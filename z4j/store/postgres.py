@@ -49,6 +49,7 @@ from ..tasks import TaskEvent, TaskRow
 from . import (
     _rows,
     accounts,
+    event_export,
     event_search,
     federation,
     opamp,
@@ -92,6 +93,7 @@ from .base import (
     EventFilter,
     EventHistogram,
     EventPage,
+    ExportFormat,
     ExportPage,
     FederationToken,
     InstanceInfo,
@@ -118,6 +120,7 @@ from .base import (
 )
 from .migrations import MIGRATION_LOCK_KEY, MIGRATIONS
 from .pg import PgPool
+from .replica import ReadReplica, replica_reads_allowed
 
 # What one drain write did: events inserted, the tasks it finished, and the
 # staged schedule frames it dropped, by reason.
@@ -213,14 +216,17 @@ class PostgresStore:
         project_tasks: bool = True,
         on_tasks: Callable[[Sequence[TaskRow]], None] | None = None,
         on_frames_dropped: Callable[[Mapping[str, int]], None] | None = None,
+        read_replica: ReadReplica | None = None,
     ) -> None:
         """``observe_query``: called with each store call's operation (the store
         method's name) and seconds (the query histogram).
         ``project_tasks``: keep the ``tasks`` table as events are written;
         ``on_tasks`` is then called with the tasks each write finished.
         ``on_frames_dropped``: called with the staged schedule frames each
-        write or expiry dropped, by reason (store/schedule_frames.py)."""
+        write or expiry dropped, by reason (store/schedule_frames.py).
+        ``read_replica``: the standby `_read` methods may use (store/replica.py)."""
         self.pool = pool
+        self.read_replica = read_replica
         self._project_tasks = project_tasks
         self._on_tasks = on_tasks
         self._on_frames_dropped = on_frames_dropped
@@ -240,7 +246,11 @@ class PostgresStore:
         project_tasks: bool = True,
         on_tasks: Callable[[Sequence[TaskRow]], None] | None = None,
         on_frames_dropped: Callable[[Mapping[str, int]], None] | None = None,
+        read_url: str | None = None,
+        read_max_lag_seconds: float = 5.0,
     ) -> PostgresStore:
+        """``read_url``: a hot standby of ``url`` for API reads
+        (Z4J_DATABASE_READ_URL), with a pool of its own of ``pool_size``."""
         pool = PgPool(
             url,
             size=pool_size,
@@ -248,16 +258,29 @@ class PostgresStore:
             application_name=application_name,
             configure=_configure,
         )
+        replica = None
+        if read_url is not None:
+            replica = ReadReplica(
+                read_url,
+                max_lag_seconds=read_max_lag_seconds,
+                pool_size=pool_size,
+                statement_timeout_ms=statement_timeout_ms,
+                application_name=application_name,
+                configure=_configure,
+            )
         return cls(
             pool,
             observe_query=observe_query,
             project_tasks=project_tasks,
             on_tasks=on_tasks,
             on_frames_dropped=on_frames_dropped,
+            read_replica=replica,
         )
 
     async def aclose(self) -> None:
         await self.pool.aclose()
+        if self.read_replica is not None:
+            await self.read_replica.aclose()
 
     async def _run(self, fn: Any, *args: Any, autocommit: bool = False) -> Any:
         """Run ``fn`` on the store's thread; its time goes to the query histogram
@@ -267,6 +290,24 @@ class PostgresStore:
         started = time.perf_counter()
         try:
             return await self.pool.run(fn, *args, autocommit=autocommit)
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"postgres: {exc}".strip()) from exc
+        finally:
+            self.observe_query(operation, time.perf_counter() - started)
+
+    async def _read(self, fn: Any, *args: Any) -> Any:
+        """`_run` for a read that may be served stale: on the read replica
+        when the caller allows it (`replica_reads`, the API's GET requests)
+        and the replica may serve now (`ReadReplica.run`), else on the primary."""
+        operation = sys._getframe(1).f_code.co_name
+        started = time.perf_counter()
+        try:
+            replica = self.read_replica
+            if replica is not None and replica_reads_allowed():
+                served, result = await replica.run(fn, *args)
+                if served:
+                    return result
+            return await self.pool.run(fn, *args)
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(f"postgres: {exc}".strip()) from exc
         finally:
@@ -422,7 +463,7 @@ class PostgresStore:
         return result
 
     async def list_projects(self) -> list[Project]:
-        rows = await self._run(
+        rows = await self._read(
             lambda conn: conn.execute(
                 f"SELECT {PROJECT_COLUMNS} FROM projects ORDER BY name"
             ).fetchall()
@@ -462,7 +503,7 @@ class PostgresStore:
             f"SELECT {AGENT_COLUMNS} FROM agents a JOIN projects p ON p.id = a.project_id{where}"
             " ORDER BY p.name, a.name"
         )
-        rows = await self._run(lambda conn: conn.execute(sql, where.params).fetchall())
+        rows = await self._read(lambda conn: conn.execute(sql, where.params).fetchall())
         return [_rows.agent(PG, row) for row in rows]
 
     async def revoke_agent(self, agent_id: uuid.UUID) -> bool:
@@ -633,7 +674,7 @@ class PostgresStore:
             f"SELECT {COMMAND_COLUMNS} FROM commands{where}"
             " ORDER BY created_at DESC, id DESC LIMIT %s"
         )
-        rows = await self._run(lambda conn: conn.execute(sql, (*where.params, limit)).fetchall())
+        rows = await self._read(lambda conn: conn.execute(sql, (*where.params, limit)).fetchall())
         return [_rows.command(PG, row) for row in rows]
 
     async def transition_command(
@@ -682,7 +723,7 @@ class PostgresStore:
     # -- read models for the API -------------------------------------------------------
 
     async def list_instances(self) -> list[InstanceInfo]:
-        rows = await self._run(
+        rows = await self._read(
             lambda conn: conn.execute(
                 f"SELECT {INSTANCE_COLUMNS} FROM instances ORDER BY last_seen DESC"
             ).fetchall()
@@ -694,7 +735,7 @@ class PostgresStore:
         if agent_id is not None:
             where.add("agent_id = ?", agent_id)
         sql = f"SELECT {WORKER_COLUMNS} FROM workers{where} ORDER BY agent_id, worker_id"
-        rows = await self._run(lambda conn: conn.execute(sql, where.params).fetchall())
+        rows = await self._read(lambda conn: conn.execute(sql, where.params).fetchall())
         return [_rows.worker(PG, row) for row in rows]
 
     async def worker_registries(
@@ -704,23 +745,25 @@ class PostgresStore:
         after: tuple[uuid.UUID, str] | None = None,
         limit: int = 100,
     ) -> list[WorkerRegistry]:
-        result: list[WorkerRegistry] = await self._run(
+        result: list[WorkerRegistry] = await self._read(
             lambda conn: read_worker_registries(PG, conn, agent_id, after, limit)
         )
         return result
 
     async def search_events(self, query: EventFilter) -> EventPage:
-        result: EventPage = await self._run(lambda conn: event_search.search_page(PG, conn, query))
+        result: EventPage = await self._read(lambda conn: event_search.search_page(PG, conn, query))
         return result
 
-    async def export_events(self, query: EventFilter) -> ExportPage:
-        result: ExportPage = await self._run(lambda conn: event_search.export_page(PG, conn, query))
+    async def export_events(self, query: EventFilter, fmt: ExportFormat) -> ExportPage:
+        result: ExportPage = await self._read(
+            lambda conn: event_export.postgres_page(PG, conn, query, fmt)
+        )
         return result
 
     async def event_histogram(
         self, query: EventFilter, *, start: float, bucket_seconds: float, buckets: int
     ) -> EventHistogram:
-        result: EventHistogram = await self._run(
+        result: EventHistogram = await self._read(
             lambda conn: event_search.event_histogram(
                 PG, conn, query, start=start, bucket_seconds=bucket_seconds, buckets=buckets
             )
@@ -728,7 +771,7 @@ class PostgresStore:
         return result
 
     async def list_tasks(self, query: TaskFilter) -> list[TaskRecord]:
-        result: list[TaskRecord] = await self._run(lambda conn: tasks.list_tasks(PG, conn, query))
+        result: list[TaskRecord] = await self._read(lambda conn: tasks.list_tasks(PG, conn, query))
         return result
 
     async def forget_tasks(self, *, before: float) -> int:
@@ -742,13 +785,13 @@ class PostgresStore:
                 return forgotten
 
     async def count_tasks(self, query: TaskFilter) -> TaskCounts:
-        result: TaskCounts = await self._run(lambda conn: tasks.count_by_state(PG, conn, query))
+        result: TaskCounts = await self._read(lambda conn: tasks.count_by_state(PG, conn, query))
         return result
 
     async def get_tasks(
         self, engine: str, task_id: str, project_id: uuid.UUID | None = None
     ) -> list[TaskRecord]:
-        result: list[TaskRecord] = await self._run(
+        result: list[TaskRecord] = await self._read(
             lambda conn: tasks.get_tasks(PG, conn, engine, task_id, project_id)
         )
         return result
@@ -756,7 +799,7 @@ class PostgresStore:
     async def task_outcomes(
         self, *, since: float, by: Literal["queue", "name"] = "queue"
     ) -> list[tuple[str, str | None, str, int]]:
-        result: list[tuple[str, str | None, str, int]] = await self._run(
+        result: list[tuple[str, str | None, str, int]] = await self._read(
             lambda conn: tasks.task_outcomes(PG, conn, since, by)
         )
         return result
@@ -764,7 +807,7 @@ class PostgresStore:
     async def recent_runtimes(
         self, *, since: float, limit: int
     ) -> list[tuple[str, str | None, float]]:
-        result: list[tuple[str, str | None, float]] = await self._run(
+        result: list[tuple[str, str | None, float]] = await self._read(
             lambda conn: tasks.recent_runtimes(PG, conn, since, limit)
         )
         return result
@@ -783,7 +826,7 @@ class PostgresStore:
     async def engine_workers(
         self, *, since: float, engine: str | None = None, worker: str | None = None
     ) -> list[EngineWorker]:
-        result: list[EngineWorker] = await self._run(
+        result: list[EngineWorker] = await self._read(
             lambda conn: tasks.engine_workers(PG, conn, since, engine, worker)
         )
         return result
@@ -791,13 +834,13 @@ class PostgresStore:
     async def commands_for_task(
         self, project_id: uuid.UUID, engine: str, task_id: str
     ) -> list[CommandRecord]:
-        result: list[CommandRecord] = await self._run(
+        result: list[CommandRecord] = await self._read(
             lambda conn: tasks.commands_for_task(PG, conn, project_id, engine, task_id)
         )
         return result
 
     async def list_schedules(self, query: ScheduleFilter) -> list[ScheduleRecord]:
-        result: list[ScheduleRecord] = await self._run(
+        result: list[ScheduleRecord] = await self._read(
             lambda conn: schedules.list_schedules(PG, conn, query)
         )
         return result
@@ -805,13 +848,13 @@ class PostgresStore:
     async def get_schedules(
         self, scheduler: str, source_key: str, project_id: uuid.UUID | None = None
     ) -> list[ScheduleRecord]:
-        result: list[ScheduleRecord] = await self._run(
+        result: list[ScheduleRecord] = await self._read(
             lambda conn: schedules.get_schedules(PG, conn, scheduler, source_key, project_id)
         )
         return result
 
     async def schedule_streams(self) -> list[ScheduleStream]:
-        result: list[ScheduleStream] = await self._run(lambda conn: schedules.streams(PG, conn))
+        result: list[ScheduleStream] = await self._read(lambda conn: schedules.streams(PG, conn))
         return result
 
     async def grant_schedule_stream(
@@ -854,7 +897,7 @@ class PostgresStore:
     ) -> list[AuditRecord]:
         where = audit_where(PG, query or AuditFilter(), before_id)
         sql = f"SELECT {AUDIT_COLUMNS} FROM audit_events{where} ORDER BY id DESC LIMIT %s"
-        rows = await self._run(lambda conn: conn.execute(sql, (*where.params, limit)).fetchall())
+        rows = await self._read(lambda conn: conn.execute(sql, (*where.params, limit)).fetchall())
         return [_rows.audit(PG, row) for row in rows]
 
     # -- API credentials ---------------------------------------------------------------
@@ -1143,7 +1186,7 @@ class PostgresStore:
     async def list_opamp_agents(
         self, project_id: uuid.UUID | None = None, instance_uid: bytes | None = None
     ) -> list[OpampAgent]:
-        result: list[OpampAgent] = await self._run(
+        result: list[OpampAgent] = await self._read(
             lambda conn: opamp.list_agents(PG, conn, project_id, instance_uid)
         )
         return result
@@ -1156,7 +1199,7 @@ class PostgresStore:
         before_id: int | None = None,
         limit: int = 50,
     ) -> list[OpampHistoryEntry]:
-        result: list[OpampHistoryEntry] = await self._run(
+        result: list[OpampHistoryEntry] = await self._read(
             lambda conn: opamp_history.list_history(
                 PG, conn, project_id, instance_uid, before_id=before_id, limit=limit
             )
@@ -1190,7 +1233,7 @@ class PostgresStore:
         return result
 
     async def list_opamp_configs(self, project_id: uuid.UUID | None = None) -> list[OpampConfig]:
-        result: list[OpampConfig] = await self._run(
+        result: list[OpampConfig] = await self._read(
             lambda conn: opamp.list_configs(PG, conn, project_id)
         )
         return result
@@ -1268,7 +1311,7 @@ class PostgresStore:
     async def list_opamp_rollouts(
         self, project_id: uuid.UUID | None = None, *, state: str | None = None
     ) -> list[OpampRollout]:
-        result: list[OpampRollout] = await self._run(
+        result: list[OpampRollout] = await self._read(
             lambda conn: opamp_rollouts.list_rollouts(PG, conn, project_id, state)
         )
         return result

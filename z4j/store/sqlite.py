@@ -33,6 +33,7 @@ from ..tasks import TaskEvent, TaskRow
 from . import (
     _rows,
     accounts,
+    event_export,
     event_search,
     federation,
     opamp,
@@ -76,6 +77,7 @@ from .base import (
     EventFilter,
     EventHistogram,
     EventPage,
+    ExportFormat,
     ExportPage,
     FederationToken,
     InstanceInfo,
@@ -112,6 +114,7 @@ T = TypeVar("T")
 class SqliteStore:
     kind: Literal["sqlite"] = "sqlite"
     pool: None = None  # one connection, on a worker thread
+    read_replica: None = None  # refused by the configuration (Z4J_DATABASE_READ_URL)
 
     def __init__(
         self,
@@ -519,8 +522,8 @@ class SqliteStore:
     async def search_events(self, query: EventFilter) -> EventPage:
         return await self._run(lambda db: event_search.search_page(SQ, db, query))
 
-    async def export_events(self, query: EventFilter) -> ExportPage:
-        return await self._run(lambda db: event_search.export_page(SQ, db, query))
+    async def export_events(self, query: EventFilter, fmt: ExportFormat) -> ExportPage:
+        return await self._run(lambda db: event_export.sqlite_page(SQ, db, query, fmt))
 
     async def event_histogram(
         self, query: EventFilter, *, start: float, bucket_seconds: float, buckets: int

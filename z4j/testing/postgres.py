@@ -7,14 +7,23 @@ postgres refuse to run as root, so as root the cluster runs as the
 ``postgres`` user (or ``nobody``) through ``runuser``.
 
 Tests may `stop` and `start` it again (fault tests); the data survives.
+
+`PostgresCluster.standby` makes a streaming hot standby of a running cluster
+with ``pg_basebackup -R`` (read-replica tests). initdb's defaults are what
+that needs, so the primary is started as any other: ``wal_level=replica``,
+``max_wal_senders=10``, and ``--auth=trust`` writes pg_hba lines that let
+local TCP connections replicate. The standby streams through a replication
+slot (WAL it has not received is kept for it), dropped when it is closed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -72,7 +81,14 @@ def _run_as() -> str | None:
 class PostgresCluster:
     """One cluster in a temporary directory. Use as a context manager."""
 
-    def __init__(self, *, fsync: bool = False, settings: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        fsync: bool = False,
+        settings: dict[str, str] | None = None,
+        initdb: bool = True,
+    ) -> None:
+        """``initdb=False``: an empty directory for a data directory made otherwise."""
         self.bin = find_pg_bin()
         self.user = _run_as()
         self.root = Path(tempfile.mkdtemp(prefix="z4j-pg-"))
@@ -83,7 +99,10 @@ class PostgresCluster:
         if self.user is not None:
             pw = pwd.getpwnam(self.user)
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
-        self._initdb()
+        # A standby's replication slot on its primary: (primary, slot name).
+        self._slot: tuple[PostgresCluster, str] | None = None
+        if initdb:
+            self._initdb()
 
     def _cmd(self, *args: str) -> list[str]:
         cmd = [str(self.bin / args[0]), *args[1:]]
@@ -172,6 +191,90 @@ class PostgresCluster:
     def close(self) -> None:
         self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
+        if self._slot is not None:
+            primary, slot = self._slot
+            self._slot = None
+            with psycopg.connect(primary.url, autocommit=True, connect_timeout=5) as conn:
+                conn.execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                    " WHERE slot_name = %s",
+                    (slot,),
+                )
+
+    # -- streaming replication -----------------------------------------------------
+
+    def standby(self) -> PostgresCluster:
+        """A hot standby of this running cluster, on a port of its own (not
+        started): ``pg_basebackup -R`` streams a copy and writes
+        ``standby.signal`` and ``primary_conninfo``. Close it when done: that
+        drops its replication slot here, or this cluster would keep WAL for it."""
+        standby = PostgresCluster(fsync=self.fsync, settings=self.settings, initdb=False)
+        slot = f"z4j_standby_{standby.port}"
+        try:
+            subprocess.run(
+                standby._cmd(
+                    "pg_basebackup",
+                    "-D",
+                    str(standby.data),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-U",
+                    "postgres",
+                    "-R",  # standby.signal + primary_conninfo
+                    "-X",
+                    "stream",
+                    "-c",
+                    "fast",  # an immediate checkpoint, not a spread one
+                    "-C",
+                    "-S",
+                    slot,
+                    "--no-sync",
+                ),
+                check=True,
+                capture_output=True,
+            )
+        except subprocess.CalledProcessError as exc:
+            shutil.rmtree(standby.root, ignore_errors=True)
+            raise RuntimeError(
+                f"pg_basebackup failed: {exc.stderr.decode(errors='replace').strip()}"
+            ) from None
+        standby._slot = (self, slot)
+        return standby
+
+    def promote(self) -> None:
+        """End recovery: the standby becomes a primary of its own (a new timeline)."""
+        subprocess.run(
+            self._cmd("pg_ctl", "-D", str(self.data), "-w", "promote"),
+            check=True,
+            capture_output=True,
+        )
+
+    def freeze(self, *, backends_of: str | None = None) -> list[int]:
+        """SIGSTOP the server's processes, as a host that went silent (its
+        sockets stay open, nothing answers); only the backends whose
+        ``application_name`` starts with ``backends_of`` if given. Returns
+        the pids for `thaw`."""
+        if backends_of is not None:
+            with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
+                rows = conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE starts_with(application_name, %s)",
+                    (backends_of,),
+                ).fetchall()
+            pids = [int(pid) for (pid,) in rows]
+        else:
+            postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+            pids = [postmaster, *_children(postmaster)]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        return pids
+
+    @staticmethod
+    def thaw(pids: list[int]) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
     def __enter__(self) -> PostgresCluster:
         self.start()
@@ -179,6 +282,22 @@ class PostgresCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
 
 
 class ExternalPostgres:

@@ -32,6 +32,7 @@ from ...store.base import (
     Store,
     StoreUnavailable,
 )
+from ...store.replica import replica_reads
 from ..links import CommandDesk, CommandError, OpampNudges
 from ._request import (
     ApiError,
@@ -169,6 +170,23 @@ class Api:
         self._routes.append((method, path, pattern, handler, action_of(method, path)))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # A GET may read the read replica (lists, searches, statistics: the
+        # store methods that allow it); a write request reads the primary
+        # throughout, so that what it checks is what it changes. So does the
+        # GET that operates (it asks an agent for a queue's dead letters by
+        # sending it a command, once its workers are seen to offer it).
+        action = self._action(scope["method"], scope["path"].removeprefix("/api/v1"))
+        with replica_reads(scope["method"] in ("GET", "HEAD") and action not in (None, "operate")):
+            await self._respond(scope, receive, send)
+
+    def _action(self, method: str, path: str) -> Action | None:
+        """The policy action of the route ``method path`` names; None if none does."""
+        for route_method, _, pattern, _, action in self._routes:
+            if route_method == method and pattern.match(path):
+                return action
+        return None
+
+    async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
         extra_headers: list[tuple[bytes, bytes]] = []
         try:
             status, body = await self._dispatch(scope, receive, extra_headers)

@@ -73,10 +73,17 @@ class HealthChecks:
     """
 
     def __init__(
-        self, checks: Mapping[str, Callable[[], Awaitable[str | None]]] | None = None
+        self,
+        checks: Mapping[str, Callable[[], Awaitable[str | None]]] | None = None,
+        *,
+        notes: Mapping[str, Callable[[], str | None]] | None = None,
     ) -> None:
-        """``checks``: by name, each from the module that owns what it checks."""
+        """``checks``: by name, each from the module that owns what it checks.
+        ``notes``: by name, conditions that degrade the brain without making
+        it unready (a read replica behind: the primary serves its reads);
+        each returns why, or None. They read state in memory: no I/O."""
         self._checks: dict[str, Callable[[], Awaitable[str | None]]] = dict(checks or {})
+        self._notes: dict[str, Callable[[], str | None]] = dict(notes or {})
         self._log = ThrottledLog(log)
         # The verdicts of the last run, for /metrics (which runs them first).
         self.last: dict[str, str] = {}
@@ -106,6 +113,11 @@ class HealthChecks:
                 nursery.start_soon(one, name, check)
         self.last = dict(sorted(results.items()))
         return self.last
+
+    def degraded(self) -> dict[str, str]:
+        """The notes that apply now, by name (empty when none does)."""
+        found = {name: note() for name, note in sorted(self._notes.items())}
+        return {name: why for name, why in found.items() if why is not None}
 
 
 async def _json(send: Send, status: int, body: object) -> None:
@@ -203,11 +215,14 @@ def build_app(
         elif path == "/health/ready":
             checks = await health.run()
             ready = all(v == "ok" for v in checks.values())
-            await _json(
-                send,
-                200 if ready else 503,
-                {"status": "ready" if ready else "not_ready", "checks": checks},
-            )
+            verdict: dict[str, object] = {
+                "status": "ready" if ready else "not_ready",
+                "checks": checks,
+            }
+            degraded = health.degraded()
+            if degraded:
+                verdict["degraded"] = degraded
+            await _json(send, 200 if ready else 503, verdict)
         else:
             await _json(send, 404, {"error": "not_found", "message": f"no route for {path}"})
 
