@@ -522,6 +522,19 @@ class Brain:
         )
         return reply
 
+    def progress(self) -> dict[str, float]:
+        """(d)'s progress from /metrics: pushes sent, statuses written; CPU so far."""
+        reply = trio.run(self.get, "/metrics")
+        found = {"pushes": 0.0, "statuses written": 0.0}
+        for line in reply.body.decode().splitlines():
+            if line.startswith("z4j_opamp_pushes_total "):
+                found["pushes"] = float(line.split()[-1])
+            elif line.startswith('z4j_opamp_state_writes_total{kind="config_status"}'):
+                found["statuses written"] = float(line.split()[-1])
+        found["loop CPU s"] = thread_cpu_seconds(self.pid, self.pid)
+        found["brain CPU s"] = process_cpu_seconds(self.pid)
+        return found
+
     def metrics(self) -> dict[str, float]:
         reply = trio.run(self.get, "/metrics")
         values: dict[str, float] = {}
@@ -661,6 +674,11 @@ def main() -> None:
     parser.add_argument(
         "--keep", action="store_true", help="keep the brain's data and log (the path is printed)"
     )
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="print (d)'s progress every half second: pushes sent, statuses written, CPU",
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="z4j-bench-opamp-"))
     salt = random.getrandbits(48)
@@ -737,7 +755,6 @@ def main() -> None:
             started = time.perf_counter()
             how, rollout_id = trio.run(rollout, brain, salt, n)
             agents.pipe.send("applied")
-            _, _, counts = agents.expect("applied", 180)
 
             async def all_applied() -> int:
                 if rollout_id is not None:  # the rollout's own counts: one small read
@@ -752,7 +769,13 @@ def main() -> None:
 
             while (done := trio.run(all_applied)) < n and time.perf_counter() - started < 300:
                 time.sleep(0.5)
+                if args.timeline:
+                    print(
+                        f"    {time.perf_counter() - started:5.1f} s: {done} applied, "
+                        + ", ".join(f"{k} {v:.0f}" for k, v in brain.progress().items())
+                    )
             seconds = time.perf_counter() - started
+            _, _, counts = agents.expect("applied", 180)
             print(
                 f"\n(d) one configuration to {n} WebSocket agents by {how}: all APPLIED in the "
                 f"brain after {seconds:.1f} s ({done} applied; target <= {TARGET_ROLLOUT_SECONDS:g} s: "
