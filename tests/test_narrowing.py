@@ -25,6 +25,7 @@ import attrs
 import orjson
 import pytest
 import trio
+import trio_websocket
 from test_api import call
 from test_dashboard_hub import viewer
 from test_policy import _operations
@@ -75,6 +76,9 @@ FILES = {"a.json": {"body": "{}", "content_type": "application/json"}}
 # Every name of the other project holds this; ingest events (no project) hold TCP_MARK.
 THEIRS_MARK = "q7x"
 TCP_MARK = "tcp-z9k"
+MINE_LABEL, THEIRS_LABEL = "mine-a1b", f"theirs-{THEIRS_MARK}"
+SHARED = "app.shared"  # a task name both projects use, with these runtimes (ms)
+RUNTIMES = {MINE_LABEL: 10.0, THEIRS_LABEL: 7777.0}
 
 
 @attrs.frozen(kw_only=True)
@@ -132,27 +136,32 @@ def _now() -> str:
 
 
 def _task_events(label: str) -> tuple[f.AgentEvent, ...]:
+    """A failed task of its own name, and one of a name both projects use
+    (``SHARED``), which ran ``RUNTIMES[label]`` ms (or 1 ms)."""
     task_id, name = f"task-{label}", f"app.{label}"
     common = {"task_name": name, "queue": f"q-{label}"}
+    shared = {"task_name": SHARED}
     raw = [
-        ("task.received", {**common, "args": [1], "kwargs": {}}),
-        ("task.started", {**common, "worker": f"celery@{label}"}),
-        ("task.failed", {**common, "worker": f"celery@{label}", "exception": "E"}),
+        (task_id, "task.received", {**common, "args": [1], "kwargs": {}}),
+        (task_id, "task.started", {**common, "worker": f"celery@{label}"}),
+        (task_id, "task.failed", {**common, "worker": f"celery@{label}", "exception": "E"}),
+        (f"shared-{label}", "task.received", shared),
+        (f"shared-{label}", "task.succeeded", {**shared, "runtime_ms": RUNTIMES.get(label, 1)}),
     ]
     return tuple(
         f.AgentEvent(
-            id=f"{task_id}-{kind}",
+            id=f"{task}-{kind}",
             kind=kind,
             raw={
-                "id": f"{task_id}-{kind}",
+                "id": f"{task}-{kind}",
                 "kind": kind,
                 "engine": "celery",
-                "task_id": task_id,
+                "task_id": task,
                 "occurred_at": _now(),
                 "data": data,
             },
         )
-        for kind, data in raw
+        for task, kind, data in raw
     )
 
 
@@ -173,9 +182,13 @@ def _opamp_report(uid: bytes, label: str) -> bytes:
 
 
 async def _answer_commands(agent: RawAgent) -> None:
-    """Answer every command as an adapter that did it would (dlq.list: none listed)."""
+    """Answer every command as an adapter that did it would (dlq.list: none
+    listed), until the connection closes."""
     while True:
-        frame = await agent.receive()
+        try:
+            frame = await agent.receive()
+        except trio_websocket.ConnectionClosed:
+            return
         command = frame.payload
         if not isinstance(command, f.Command):
             continue
@@ -304,7 +317,7 @@ async def _seed(
 async def two_projects(config: Config, role: str = "operator") -> AsyncIterator[World]:
     """The world: "mine" and "theirs", and a user of ``role`` narrowed to mine."""
     legacy = await admin_token(config)
-    mine_label, theirs_label = "mine-a1b", f"theirs-{THEIRS_MARK}"
+    mine_label, theirs_label = MINE_LABEL, THEIRS_LABEL
     credentials = {
         label: await provision(config, project=f"proj-{label}", agent=f"agent-{label}")
         for label in (mine_label, theirs_label)
@@ -348,19 +361,21 @@ async def two_projects(config: Config, role: str = "operator") -> AsyncIterator[
             body={"name": "walk", "scope": scope},
         )
         assert status == 201, token
-        yield World(
-            brain=brain,
-            http=http,
-            legacy=legacy,
-            mine=mine,
-            theirs=sides[theirs_label],
-            token=token["token"],
-            cookie=cookie,
-            csrf=csrf,
-            agents=agents,
-            credentials={f"proj-{label}": c for label, c in credentials.items()},
-        )
-        nursery.cancel_scope.cancel()
+        try:
+            yield World(
+                brain=brain,
+                http=http,
+                legacy=legacy,
+                mine=mine,
+                theirs=sides[theirs_label],
+                token=token["token"],
+                cookie=cookie,
+                csrf=csrf,
+                agents=agents,
+                credentials={f"proj-{label}": c for label, c in credentials.items()},
+            )
+        finally:
+            nursery.cancel_scope.cancel()
 
 
 # -- the walk ---------------------------------------------------------------------------
@@ -576,18 +591,21 @@ async def test_each_route_family_keeps_to_the_callers_projects(config: Config) -
             assert (await post(f"/commands/{theirs.command_id}/cancel"))[0] == 404
             ping = {"action": "ping"}
             assert (await post("/commands", {**ping, "agent": str(theirs.agent_id)}))[0] == 404
-            by_name = {**ping, "agent": theirs.agent, "project": theirs.project}
-            assert (await post("/commands", by_name))[0] == 404
+            named = {**ping, "agent": theirs.agent, "project": theirs.project}
+            assert (await post("/commands", named))[0] == 404
             status, sent = await post("/commands", {**ping, "agent": str(mine.agent_id)})
             assert status == 201 and sent["project_id"] == str(mine.project_id)
             # Tasks: the list, names, one task and its actions.
             status, tasks = await get("/tasks")
-            assert status == 200 and ids(tasks, "task_id") == {mine.task_id}
-            assert sum(tasks["counts"].values()) == 1
+            assert status == 200 and ids(tasks, "task_id") == {mine.task_id, f"shared-{MINE_LABEL}"}
+            assert sum(tasks["counts"].values()) == 2
             assert (await get(f"/tasks?project_id={theirs.project_id}"))[0] == 404
             assert (await get(f"/tasks?agent_id={theirs.agent_id}"))[0] == 404
             _, names = await get("/tasks/names")
-            assert {n["name"] for n in names["items"]} == {f"app.{mine.task_id[5:]}"}
+            by_name = {n["name"]: n for n in names["items"]}
+            assert set(by_name) == {f"app.{MINE_LABEL}", SHARED}
+            assert by_name[SHARED]["tasks"] == 1  # their task of that name is not counted
+            assert by_name[SHARED]["runtime_ms"]["p99"] == RUNTIMES[MINE_LABEL]
             assert (await get(f"/tasks/celery/{theirs.task_id}"))[0] == 404
             assert (await get(f"/tasks/celery/{mine.task_id}"))[0] == 200
             assert (await post(f"/tasks/celery/{theirs.task_id}/retry"))[0] == 404
@@ -595,7 +613,7 @@ async def test_each_route_family_keeps_to_the_callers_projects(config: Config) -
             status, retried = await post(f"/tasks/celery/{mine.task_id}/retry")
             assert status == 201 and retried["agent_id"] == str(mine.agent_id), retried
             status, confirm = await post("/tasks/retry", {"max": 10})
-            assert (status, confirm["count"]) == (409, 1)  # theirs not counted
+            assert (status, confirm["count"]) == (409, 2)  # theirs not counted
             refused = await post("/tasks/retry", {"filter": {"project_id": str(theirs.project_id)}})
             assert refused[0] == 404
             # Queues: their brokers and outcomes; purge and dead letters of their agents only.
@@ -677,6 +695,7 @@ async def test_each_route_family_keeps_to_the_callers_projects(config: Config) -
             _, rollouts = await get("/opamp/rollouts")
             assert ids(rollouts, "id") == {mine.rollout_id}
             assert (await get(f"/opamp/rollouts/{theirs.rollout_id}"))[0] == 404
+            assert (await get(f"/opamp/rollouts?project={theirs.project}"))[0] == 404
             for verb in ("halt", "resume", "cancel"):
                 assert (await post(f"/opamp/rollouts/{theirs.rollout_id}/{verb}"))[0] == 404
             new = {"project": theirs.project, "files": FILES, "selector": {}}

@@ -46,7 +46,7 @@ from ._request import (
     page,
     uuid_param,
 )
-from .narrowing import check_project, narrowed, projects_of, sees
+from .narrowing import narrowed, projects_of, sees
 from .resources import SCHEDULE_ACTIONS, to_json
 
 __all__ = ["ScheduleRoutes", "schedule_actions"]
@@ -248,7 +248,6 @@ class ScheduleRoutes:
             found = await self._store.find_project(q["project"])
             if found is None:
                 raise ApiError(404, "not_found", f"no project {q['project']!r}")
-            check_project(request, found.id, q["project"])
             project_id = found.id
         query = ScheduleFilter(
             scheduler=q.get("scheduler"),
