@@ -14,6 +14,10 @@ id, claimed like any new row); if the store refuses it again, the drain sets
 it aside again and counts it again. Discard deletes it. Both are counted in
 the buffer file (metrics) and written to the audit log with the caller.
 
+A user narrowed to projects (narrowing.py) sees and settles the dead
+letters of their projects' agents only, as their ``origin`` names them
+(buffer.py filters on it); an ingest payload has no project.
+
 The task registry is what agents' ``registry_delta`` frames keep per worker:
 ``{engine: {task name: task}}`` as the adapters sent it.
 """
