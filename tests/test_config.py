@@ -51,6 +51,9 @@ POSITIVE_FIELDS = [
     "task_reconcile_seconds",
     "opamp_max_message_bytes",
     "opamp_heartbeat_window_seconds",
+    # federation
+    "federation_timeout_ms",
+    "federation_max_response_bytes",
 ]
 NON_NEGATIVE_FIELDS = [
     "db_statement_timeout_ms",
@@ -58,6 +61,8 @@ NON_NEGATIVE_FIELDS = [
     "drain_linger_ms",
     "rotation_grace_seconds",
     "gil_switch_interval_us",
+    # federation
+    "federation_cache_ms",
 ]
 OPTIONAL_FIELDS = [
     "database_url",
@@ -67,6 +72,8 @@ OPTIONAL_FIELDS = [
     "secret",
     "tls_cert_file",
     "tls_key_file",
+    # federation (federation_peers too, but a test value must be NAME=URL: test_federation_units)
+    "federation_peers_file",
 ]
 
 

@@ -1,4 +1,4 @@
-"""Event search on both stores: each filter, the text match, keyset pages, export rows, the histogram.
+"""Event search on both stores: each filter, the text match, keyset pages, export pages, the histogram.
 
 Events go in through the drain's own write (``write_events``), from two
 agents of two projects and from TCP ingest, several to a receipt time (so
@@ -8,6 +8,8 @@ applied in Python to what was written.
 
 from __future__ import annotations
 
+import csv
+import io
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -16,10 +18,12 @@ import attrs
 import orjson
 import pytest
 
+from z4j.brain.http.resources import iso
 from z4j.buffer import ClaimedRow
 from z4j.config import Config
 from z4j.store import event_search
-from z4j.store.base import EventFilter, EventRecord, Store
+from z4j.store.base import EventFilter, EventRecord, ExportFormat, Store
+from z4j.store.event_export import EXPORT_COLUMNS
 from z4j.testing.store import open_store
 
 T0 = 1_800_000_000.0
@@ -211,33 +215,64 @@ async def test_keyset_boundaries(config: Config) -> None:
         assert {e.received_at for e in page.events} == {T0 + 3}
 
 
-async def test_export_rows_are_the_events_with_their_bodies_as_json_text(config: Config) -> None:
+async def _export(store: Store, query: EventFilter, fmt: ExportFormat) -> tuple[bytes, list[int]]:
+    """Every page of an export: the bytes, and each page's count of events."""
+    data, counts = b"", []
+    while True:
+        page = await store.export_events(query, fmt)
+        data += page.data
+        counts.append(page.rows)
+        if page.next is None:
+            return data, counts
+        query = attrs.evolve(query, before=page.next)
+
+
+def _export_lines(data: bytes, fmt: ExportFormat) -> list[dict[str, Any]]:
+    """An export's lines read back with orjson or the csv module (a CSV's
+    missing values as None, its bodies parsed)."""
+    if fmt == "ndjson":
+        assert data.endswith(b"\n")
+        return [orjson.loads(line) for line in data.split(b"\n")[:-1]]
+    records = list(csv.reader(io.StringIO(data.decode(), newline="")))
+    assert data.count(b"\r\n") >= len(records)
+    lines = []
+    for record in records:
+        line: dict[str, Any] = dict(zip(EXPORT_COLUMNS, record, strict=True))
+        line["id"] = int(line["id"])
+        line["body"] = orjson.loads(line["body"])
+        lines.append({k: None if v == "" else v for k, v in line.items()})
+    return lines
+
+
+@pytest.mark.parametrize("fmt", ["ndjson", "csv"])
+async def test_export_pages_are_the_events_as_lines(config: Config, fmt: ExportFormat) -> None:
+    """Pages of 9 walk every event once, newest first (the cursor breaks
+    ties by id), each one line of the format with every field of the event."""
     async with open_store(config) as store:
         every = _newest_first(await _seed(store))
-        rows = []
-        query = EventFilter(limit=9)
-        while True:
-            page = await store.export_events(query)
-            rows += page.rows
-            if page.next is None:
-                break
-            query = attrs.evolve(query, before=page.next)
-        assert len(rows) == len(every)
-        for row, event in zip(rows, every, strict=True):
-            id_, key, at, source, kind, project, agent, worker, body = row
-            assert (id_, key, at, source, kind, worker) == (
-                event.id,
-                event.key,
-                event.received_at,
-                event.source,
-                event.kind,
-                event.worker_id,
-            )
-            assert project == (None if event.project_id is None else str(event.project_id))
-            assert agent == (None if event.agent_id is None else str(event.agent_id))
-            assert isinstance(body, str) and orjson.loads(body) == event.body
-        text_rows = (await store.export_events(EventFilter(text="Żółw", limit=500))).rows
-        assert [r[0] for r in text_rows] == [e.id for e in every if _contains("Żółw")(e)]
+        data, counts = await _export(store, EventFilter(limit=9), fmt)
+        assert sum(counts) == len(every) and set(counts[:-1]) == {9}
+        assert _export_lines(data, fmt) == [
+            {
+                "id": e.id,
+                "key": e.key,
+                "received_at": iso(e.received_at),
+                "source": e.source,
+                "kind": e.kind,
+                "project_id": None if e.project_id is None else str(e.project_id),
+                "agent_id": None if e.agent_id is None else str(e.agent_id),
+                "worker_id": e.worker_id,
+                "body": e.body,
+            }
+            for e in every
+        ]
+        # A text filter, in pages of at most SCAN_ROWS rows read.
+        data, _ = await _export(store, EventFilter(text="Żółw", limit=500), fmt)
+        found = [line["id"] for line in _export_lines(data, fmt)]
+        assert found == [e.id for e in every if _contains("Żółw")(e)]
+        # An empty page: no bytes, no cursor.
+        page = await store.export_events(EventFilter(kind="none", limit=5), fmt)
+        assert (page.data, page.rows, page.next) == (b"", 0, None)
 
 
 async def test_the_histogram_counts_per_bucket(

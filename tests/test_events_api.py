@@ -17,8 +17,6 @@ from urllib.parse import urlencode
 import orjson
 import pytest
 import trio
-from hypothesis import given
-from hypothesis import strategies as st
 
 from z4j import keys
 from z4j.brain.commands import Commands
@@ -29,7 +27,7 @@ from z4j.brain.http.resources import iso
 from z4j.brain.http.streaming import StreamCut
 from z4j.config import Config
 from z4j.store import StoreUnavailable, event_search
-from z4j.store.base import EventFilter, ExportPage, Store
+from z4j.store.base import EventFilter, ExportFormat, ExportPage, Store
 from z4j.testing import (
     StoredEvent,
     admin_token,
@@ -311,10 +309,10 @@ class CountingStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    async def export_events(self, query: EventFilter) -> ExportPage:
-        found = await self._store.export_events(query)
+    async def export_events(self, query: EventFilter, fmt: ExportFormat) -> ExportPage:
+        found = await self._store.export_events(query, fmt)
         self._log.append(("read", query.limit))
-        self._log.append(("rows", len(found.rows)))
+        self._log.append(("rows", found.rows))
         return found
 
 
@@ -431,52 +429,6 @@ async def test_an_export_stops_reading_when_the_client_goes_away(
     assert body.count(b"\n") == 5
 
 
-# -- the encoders, against the standard library ---------------------------------------------
-
-TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30)
-EXPORT_ROWS = st.lists(
-    st.tuples(
-        st.integers(0, 2**63 - 1),
-        st.text("0123456789abcdef", min_size=32, max_size=32),
-        st.floats(0, 253_402_300_798, allow_nan=False),
-        TEXT,
-        TEXT,
-        st.none() | st.uuids().map(str),
-        st.none() | st.uuids().map(str),
-        st.none() | TEXT,
-        TEXT.map(lambda t: orjson.dumps({"m": t}).decode()),
-    ),
-    max_size=20,
-)
-
-
-@given(EXPORT_ROWS)
-def test_export_encoders_write_what_the_standard_library_would(rows: list[Any]) -> None:
-    expected = io.StringIO()
-    csv.writer(expected).writerows(
-        (i, k, iso(at), src, kind, p or "", a or "", w or "", body)
-        for i, k, at, src, kind, p, a, w, body in rows
-    )
-    assert events_api._csv(rows) == expected.getvalue().encode()
-    lines = events_api._ndjson(rows).splitlines()
-    assert [orjson.loads(line) for line in lines] == [
-        dict(
-            zip(
-                events_api.EXPORT_COLUMNS,
-                (*row[:2], iso(row[2]), *row[3:8], orjson.loads(row[8])),
-                strict=True,
-            )
-        )
-        for row in rows
-    ]
-
-
-@given(st.lists(st.floats(0, 253_402_300_798, allow_nan=False), max_size=50))
-def test_export_times_are_the_apis_times(times: list[float]) -> None:
-    stamp = events_api._Iso()
-    assert [stamp(at) for at in sorted(times)] == [iso(at) for at in sorted(times)]
-
-
 @pytest.mark.parametrize("fail_on", [2, 1])
 async def test_an_export_that_fails_midway_is_cut_short_never_ended(
     config: Config, monkeypatch: pytest.MonkeyPatch, fail_on: int
@@ -491,12 +443,12 @@ async def test_an_export_that_fails_midway_is_cut_short_never_ended(
     reads = 0
 
     class Failing(CountingStore):
-        async def export_events(self, query: EventFilter) -> ExportPage:
+        async def export_events(self, query: EventFilter, fmt: ExportFormat) -> ExportPage:
             nonlocal reads
             reads += 1
             if reads == fail_on:
                 raise StoreUnavailable("the store went away")
-            return await super().export_events(query)
+            return await super().export_events(query, fmt)
 
     async def receive() -> dict[str, Any]:
         if not sent:

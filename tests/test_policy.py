@@ -25,6 +25,7 @@ from z4j.brain.http.policy import ACTIONS, DASHBOARD_ACTION, ROLES, ROUTES, SCOP
 from z4j.config import Config
 from z4j.testing.agents import admin_token
 from z4j.testing.brain import running_brain
+from z4j.testing.federation import federation_token
 
 PASSWORD = "correct horse battery"
 
@@ -50,21 +51,32 @@ def test_the_api_registers_exactly_the_policy_table() -> None:
     from typing import cast
 
     from z4j.brain.commands import Commands
+    from z4j.brain.federation.client import FederationClient
     from z4j.brain.http.auth import Auth
     from z4j.brain.http.dead_letters_api import DeadLetterRoutes
+    from z4j.brain.http.federation_api import FederationRoutes
+    from z4j.brain.http.federation_peer_api import PeerRoutes
     from z4j.brain.http.provisioning_api import ProvisioningRoutes
     from z4j.buffer import Buffer
+    from z4j.stats import FederationStats
     from z4j.store.base import Store
 
     store = cast(Store, None)
     # Only the route table is read: the routes' objects are never called here.
     buffer = cast(Buffer, SimpleNamespace(buffer_id=uuid.uuid4()))
+    stats = FederationStats()
+    peer = PeerRoutes(store, cast(Commands, None), stats, region="here")
+    client = FederationClient(
+        [], stats, region="here", timeout_seconds=1, cache_seconds=0, max_response_bytes=1
+    )
     api = Api(
         store,
         cast(Commands, None),
         Auth(store, b"m" * 32),
         dead_letters=DeadLetterRoutes(store, buffer, instance_id=uuid.uuid4(), name="i"),
         provisioning=ProvisioningRoutes(store, b"m" * 32),
+        peer=peer,
+        federation=FederationRoutes(client, peer, store),
     )
     registered = {(method, template) for method, template, *_ in api._routes}
     assert registered == set(_operations()), "a route the OpenAPI document lacks, or not served"
@@ -98,10 +110,15 @@ def _fill(path: str) -> str:
     return re.sub(r"\{[^}]+\}", lambda m: str(uuid.uuid4()) if m[0] == "{id}" else "x", path)
 
 
-async def _callers(http: tuple[str, int], legacy: str) -> list[Caller]:
+async def _callers(
+    http: tuple[str, int], legacy: str, federation: dict[str, str] | None = None
+) -> list[Caller]:
     """A password session for each role, and personal tokens of every scope
-    each role may make, plus the legacy admin token."""
+    each role may make, plus the legacy admin token (and ``federation``
+    tokens, by role, when given)."""
     callers = [Caller("legacy admin token", "admin", None, token=legacy)]
+    for role, token in (federation or {}).items():
+        callers.append(Caller(f"{role} token", role, None, token=token))
     for role in ("viewer", "operator", "admin"):
         name = f"{role}-{uuid.uuid4().hex[:6]}"
         status, _, body = await call(
@@ -139,14 +156,19 @@ async def test_every_route_with_every_role_and_scope_is_allowed_or_refused_per_p
     config: Config,
 ) -> None:
     legacy = await admin_token(config)
+    federation = {
+        "federation": await federation_token(config, "hub-read"),
+        "federation_commands": await federation_token(config, "hub-cmd", allow_commands=True),
+    }
     # Signing a caller out ends what the next requests need: those go last.
     last = [("DELETE", "/sessions"), ("DELETE", "/session")]
     operations = sorted(_operations(), key=lambda op: last.index(op) + 1 if op in last else 0)
     with trio.fail_after(120):
         async with running_brain(config) as brain:
             http = brain.addresses.http
-            callers = await _callers(http, legacy)
-            assert {c.scope for c in callers} >= set(SCOPES) and len(callers) == 1 + 3 + 6
+            callers = await _callers(http, legacy, federation)
+            assert {c.scope for c in callers} >= set(SCOPES) and len(callers) == 1 + 2 + 3 + 6
+            assert {c.role for c in callers} == set(ROLES)
             refused_somewhere = 0
             for caller in callers:
                 for method, template in operations:
@@ -178,16 +200,24 @@ async def test_every_route_with_every_role_and_scope_is_allowed_or_refused_per_p
 @pytest.mark.parametrize("store_kind", ["sqlite"], indirect=True)
 async def test_the_dashboard_socket_follows_the_policy_for_every_caller(config: Config) -> None:
     legacy = await admin_token(config)
+    federation = {
+        "federation": await federation_token(config, "hub-read"),
+        "federation_commands": await federation_token(config, "hub-cmd", allow_commands=True),
+    }
     with trio.fail_after(60):
         async with running_brain(config) as brain:
             http = brain.addresses.http
-            for caller in await _callers(http, legacy):
+            for caller in await _callers(http, legacy, federation):
                 session = None if caller.cookie is None else caller.cookie.split("=", 1)[1]
                 origin = None if session is None else "http://x"
                 opened: Any = viewer(
                     http, caller.token, origin=origin, session=session, csrf=caller.csrf
                 )
-                assert allowed(DASHBOARD_ACTION, caller.role, caller.scope), caller
                 async with opened as v:
                     first = await v.next_event()
-                    assert not isinstance(first, CloseConnection), caller.label
+                    if allowed(DASHBOARD_ACTION, caller.role, caller.scope):
+                        assert not isinstance(first, CloseConnection), caller.label
+                    else:  # a federation token: the feed is no federation route
+                        assert caller.role.startswith("federation"), caller
+                        assert isinstance(first, CloseConnection), caller.label
+                        assert first.code == 4403, (caller.label, first)

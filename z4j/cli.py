@@ -1,7 +1,8 @@
 """The ``z4j`` command: ``brain``, ``migrate``, ``backup``, ``doctor``,
 ``config``, ``send``, ``project``, ``agent``, ``admin``, ``command``,
-``opamp``, ``user``, ``dead-letters`` (bodies of the larger ones in
-_store_ops_cli.py, _doctor.py, cli_users.py and _dead_letters_cli.py).
+``opamp``, ``user``, ``federation``, ``dead-letters`` (bodies of the larger
+ones in _store_ops_cli.py, _doctor.py, cli_users.py, _federation_cli.py and
+_dead_letters_cli.py).
 
 Imports are lazy: ``z4j --version`` and ``z4j send`` load neither the brain
 nor a store (Trio's, Hypercorn's and psycopg's imports took 1.4 s of them);
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ._cli_out import add_json_flag, emit, iso
+from ._federation_cli import FEDERATION_COMMANDS, add_federation_parser
 from ._version import __version__
 from .cli_users import USER_COMMANDS, add_user_parser
 from .config import (
@@ -258,6 +260,7 @@ def _parser() -> argparse.ArgumentParser:
     token_revoke.add_argument("ref", metavar="NAME_OR_ID", help="the token's name or id")
 
     add_user_parser(sub, lambda leaf: _add_config_flags(leaf, KEYED), add_json_flag)
+    add_federation_parser(sub, lambda leaf: _add_config_flags(leaf, KEYED), add_json_flag)
 
     opamp = sub.add_parser("opamp", help="OpAMP: bearer tokens for POST /v1/opamp")
     opamp_sub = opamp.add_subparsers(dest="action", required=True)
@@ -411,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     import trio
 
-    if args.command in ("project", "agent", "command", "admin", "opamp", "user"):
+    if args.command in ("project", "agent", "command", "admin", "opamp", "user", "federation"):
         _quiet_logging(config)
         return trio.run(_directory, args, config)
     if args.command == "dead-letters":
@@ -570,6 +573,8 @@ async def _directory(args: argparse.Namespace, config: Config) -> int:
         command = _OPAMP_TOKEN_COMMANDS[args.token_action]
     elif args.command == "user":
         command = USER_COMMANDS[args.action]
+    elif args.command == "federation":
+        command = FEDERATION_COMMANDS[args.token_action]
     else:
         command = _DIRECTORY_COMMANDS[args.command, args.action]
     if args.command == "admin" and args.token_action is not None:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import attrs
 import cattrs
 
+from ._federation_peers import check_region_name, parse_peer_list
 from .logs import parse_log_levels
 
 __all__ = ["ENV_PREFIX", "Config", "ConfigError", "check_bind_is_safe", "load_config"]
@@ -68,6 +69,14 @@ def _long_secret(_inst: object, attribute: attrs.Attribute[Any], value: str) -> 
 
 def _log_levels(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
     parse_log_levels(value)
+
+
+def _region_name(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    check_region_name(value)
+
+
+def _peer_list(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    parse_peer_list(value)
 
 
 def _bind(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -168,6 +177,15 @@ class Config:
         default=None, validator=attrs.validators.optional(_log_levels)
     )
     http_access_log: bool = False
+    # -- federation (docs/scaling.md "Federation"; z4j/_federation_peers.py) --
+    region_name: str = attrs.field(default="local", validator=_region_name)
+    federation_peers: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_peer_list)
+    )
+    federation_peers_file: Path | None = None
+    federation_timeout_ms: int = attrs.field(default=3000, validator=_positive)
+    federation_cache_ms: int = attrs.field(default=2000, validator=_non_negative)
+    federation_max_response_bytes: int = attrs.field(default=16 * MiB, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
         if self.database_read_url is not None and self.database_url is None:
@@ -266,6 +284,12 @@ HELP: dict[str, str] = {
     "opamp_max_message_bytes": "Largest OpAMP message, both ways, after gzip is inflated; a larger request body gets 413.",
     "opamp_heartbeat_window_seconds": "An OpAMP agent not heard from for this long shows as offline (the API's `online`).",
     "opamp_bind": "HOST:PORT of a listener serving only OpAMP (`/v1/opamp`, HTTP and WebSocket) and health, e.g. `0.0.0.0:4320`, OpAMP's default port; unset: OpAMP on the HTTP port only.",
+    "region_name": "This brain's region in a federation: how hubs and its own federated views label its rows, and the name a cross-region command's `confirm_region` must give.",
+    "federation_peers": "Peer regions this brain federates as a hub: `NAME=URL` pairs separated by commas, e.g. `east=https://east.example:7700`. Their tokens go in Z4J_FEDERATION_PEERS_FILE, never here.",
+    "federation_peers_file": "TOML file (keep it 0600) with a `[NAME]` table per peer: `token` (from `z4j federation token create` on that peer), optional `ca` (a PEM file to trust instead of the system's CAs) and `url`.",
+    "federation_timeout_ms": "Deadline of each call to a peer region; one that has not answered by then shows as unreachable and the answer is marked partial.",
+    "federation_cache_ms": "How long a peer's answer is reused for the same request (0: never).",
+    "federation_max_response_bytes": "Largest answer read from a peer (after decompression); a larger one counts as that peer failing.",
 }
 
 # Never printed in full: `z4j config` masks them (a URL keeps all but its password).

@@ -8,8 +8,9 @@
 - A project's signing key is derived from the master secret, the project
   id (agent protocol v2) and its generation (moved on by each rotation), so
   it need not be stored either.
-- Admin API tokens, dashboard sessions and OpAMP bearer tokens are kept the
-  same way as agent tokens: keyed hashes only, each kind under its own label.
+- Admin API tokens, dashboard sessions, OpAMP bearer tokens and federation
+  tokens are kept the same way as agent tokens: keyed hashes only, each kind
+  under its own label.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ from .protocol.agent.signing import derive_project_secret, encode_secret
 __all__ = [
     "api_session_hash",
     "api_token_hash",
+    "federation_token_hash",
     "master_secret",
     "new_agent_token",
     "new_api_session",
     "new_api_token",
+    "new_federation_token",
     "new_opamp_token",
     "new_user_session",
     "new_user_token",
@@ -53,10 +56,12 @@ _API_SESSION_LABEL = b"z4j-api-session-v1:"
 _OPAMP_TOKEN_LABEL = b"z4j-opamp-token-v1:"
 _USER_TOKEN_LABEL = b"z4j-user-token-v1:"
 _SETUP_LABEL = b"z4j-setup-v1:"
+_FEDERATION_TOKEN_LABEL = b"z4j-federation-token-v1:"
 TOKEN_PREFIX = "z4j_"
 API_TOKEN_PREFIX = "z4j_admin_"
 OPAMP_TOKEN_PREFIX = "z4j_opamp_"
 USER_TOKEN_PREFIX = "z4j_pat_"
+FEDERATION_TOKEN_PREFIX = "z4j_fed_"
 # A user's session id starts so, an admin token's does not: one lookup either way.
 USER_SESSION_PREFIX = "u."
 
@@ -136,6 +141,17 @@ def new_user_token() -> str:
 
 def user_token_hash(master: bytes, token: str) -> bytes:
     return hmac.new(master, _USER_TOKEN_LABEL + token.encode(), hashlib.sha256).digest()
+
+
+def new_federation_token() -> str:
+    """A token a peer region's hub reads this region with (`z4j federation token create`)."""
+    return FEDERATION_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def federation_token_hash(master: bytes, token: str) -> bytes:
+    """What the store keeps of a federation token (its own label: it never
+    passes for an admin, personal, agent or OpAMP token, nor they for it)."""
+    return hmac.new(master, _FEDERATION_TOKEN_LABEL + token.encode(), hashlib.sha256).digest()
 
 
 def new_user_session() -> str:

@@ -161,7 +161,9 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # hypercorn's own loggers are chatty at INFO about every bind.
-    logging.getLogger("hypercorn").setLevel(max(logging.WARNING, root.level))
+    # hypercorn's own loggers are chatty at INFO about every bind, httpx's
+    # about every federation call (brain/federation/client.py logs failures).
+    for chatty in ("hypercorn", "httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
     for name, named_level in (levels or {}).items():
         logging.getLogger(name).setLevel(named_level)

@@ -18,7 +18,15 @@ from typing import Protocol
 
 import attrs
 
-__all__ = ["BrainStats", "Histogram", "HttpStats", "RateMeter", "TaskStats", "ThrottledLog"]
+__all__ = [
+    "BrainStats",
+    "FederationStats",
+    "Histogram",
+    "HttpStats",
+    "RateMeter",
+    "TaskStats",
+    "ThrottledLog",
+]
 
 # Seconds: from a fast SQLite read to a store write that waits on a lock.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -131,6 +139,28 @@ class TaskStats:
             histogram.observe(runtime_ms / 1000)
 
 
+# A call to a peer region, seconds: a LAN round trip to a deadline's worth.
+FEDERATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@attrs.define
+class FederationStats:
+    """What a hub knows of its peer regions (brain/federation/client.py), and
+    the cross-region commands refused here, hub or peer side. Peers are a
+    configured few, routes and reasons fixed sets: bounded labels."""
+
+    peer_up: dict[str, int] = attrs.field(factory=dict)  # by peer: 1 last call answered
+    request_seconds: dict[str, Histogram] = attrs.field(factory=dict)  # by peer
+    partial: Counter[str] = attrs.field(factory=Counter)  # by route template
+    refused_writes: Counter[str] = attrs.field(factory=Counter)  # by reason
+
+    def observe_call(self, peer: str, seconds: float) -> None:
+        histogram = self.request_seconds.get(peer)
+        if histogram is None:
+            histogram = self.request_seconds[peer] = Histogram(FEDERATION_BUCKETS)
+        histogram.observe(max(seconds, 0.0))
+
+
 @attrs.define
 class BrainStats:
     ingest_connections_total: int = 0
@@ -189,6 +219,7 @@ class BrainStats:
     opamp_rollout_stage: dict[str, int] = attrs.field(factory=dict)
     opamp_config_status: dict[str, int] = attrs.field(factory=dict)
     tasks: TaskStats = attrs.field(factory=TaskStats)
+    federation: FederationStats = attrs.field(factory=FederationStats)
     # Set by the heartbeat, for its ``instances`` row (not /metrics): records/s
     # over its last interval.
     ingest_rate: float = 0.0

@@ -11,7 +11,8 @@ that it returns only once the service can serve:
     store migrations (retried in the background until the store answers)
     → group-commit writer → drains → ingest server → agent endpoint →
     command sweep → registry → the read replica's probe (with
-    Z4J_DATABASE_READ_URL) → HTTP → heartbeat → maintenance → the
+    Z4J_DATABASE_READ_URL) → federation peers' connections → HTTP →
+    heartbeat → maintenance → the
     reconciler, schedule streams and OpAMP rollouts → report addresses.
 
 Any child failing cancels the tree. A graceful stop (``shutdown`` set) runs
@@ -49,6 +50,7 @@ import trio
 from .. import keys
 from .._datadir import SqliteBrainLock, check_single_brain
 from .._fds import with_descriptor_caps
+from .._federation_peers import load_peers
 from .._net import bind_ports, open_tcp_socket
 from ..buffer import Buffer
 from ..config import Config, check_bind_is_safe
@@ -61,11 +63,14 @@ from .agents import AgentEndpoint, Session
 from .commands import Commands
 from .dashboard_hub import DashboardHub
 from .drain import Drainer
+from .federation.client import FederationClient
 from .heartbeat import Heartbeat, instance_info
 from .http.api import Api
 from .http.auth import Auth, announce_setup, sign_in_url
 from .http.dashboard_page import dashboard_pages
 from .http.dead_letters_api import DeadLetterRoutes
+from .http.federation_api import FederationRoutes
+from .http.federation_peer_api import PeerRoutes
 from .http.opamp import OPAMP_PATH, OpampEndpoint
 from .http.opamp_ws import OpampSession, OpampSockets
 from .http.provisioning_api import ProvisioningRoutes
@@ -131,6 +136,7 @@ async def serve_brain(
     # Refusals first, then the ports: a brain that cannot serve creates,
     # locks and migrates nothing.
     check_bind_is_safe(config)
+    peers = load_peers(config)  # a bad peers file refuses the start
     check_single_brain(config)
     tls_context(config)  # a lone or unreadable TLS file
     # Services get caps that fit the descriptor limit (see z4j._fds).
@@ -317,6 +323,23 @@ async def serve_brain(
                 notes=store_health_notes(store),
             )
             instance_row = instance_info(config, instance_id, buffer)
+            federation = FederationClient(
+                peers,
+                stats.federation,
+                region=config.region_name,
+                timeout_seconds=config.federation_timeout_ms / 1000,
+                cache_seconds=config.federation_cache_ms / 1000,
+                max_response_bytes=config.federation_max_response_bytes,
+            )
+            region = PeerRoutes(
+                store,
+                commands,
+                stats.federation,
+                region=config.region_name,
+                readiness=health.run,
+                live_seconds=max(3 * config.heartbeat_seconds, 5.0),
+                clock=clock,
+            )
             http_stats = HttpStats()
             app = build_app(
                 health,
@@ -352,6 +375,8 @@ async def serve_brain(
                         clock=clock,
                         default_grace_seconds=config.rotation_grace_seconds,
                     ),
+                    peer=region,
+                    federation=FederationRoutes(federation, region, store),
                 ),
                 pages=dashboard_pages(auth.signed_in),
                 opamp=opamp_http,
@@ -419,6 +444,7 @@ async def serve_brain(
                             serve_read_replica, store.read_replica, shutdown=support_stop
                         )
                     )
+                await supporting.start(functools.partial(federation.serve, shutdown=support_stop))
                 http_address = await producers.start(
                     functools.partial(
                         serve_http,

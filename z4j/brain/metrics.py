@@ -477,6 +477,42 @@ class BrainCollector(Collector):
             frames_dropped.add_metric([reason], s.schedule_frames_dropped[reason])
         yield frames_dropped
 
+        # -- federation (brain/federation/client.py, the federation routes) ---------
+        fed = s.federation
+        peer_up = GaugeMetricFamily(
+            "z4j_federation_peer_up",
+            "1 when the hub's last read of the peer region answered (2xx, in its deadline)",
+            labels=["peer"],
+        )
+        for peer, up in sorted(fed.peer_up.items()):
+            peer_up.add_metric([peer], up)
+        yield peer_up
+        peer_seconds = HistogramMetricFamily(
+            "z4j_federation_request_duration_seconds",
+            "Calls to a peer region, by peer: answered, refused or cut at the deadline",
+            labels=["peer"],
+        )
+        for peer, histogram in sorted(fed.request_seconds.items()):
+            peer_seconds.add_metric([peer], buckets=_buckets(histogram), sum_value=histogram.sum)
+        yield peer_seconds
+        partial = CounterMetricFamily(
+            "z4j_federation_partial_responses",
+            "Federated answers that lacked a region (marked partial), by route",
+            labels=["route"],
+        )
+        for route, n in sorted(fed.partial.items()):
+            partial.add_metric([route], n)
+        yield partial
+        refused = CounterMetricFamily(
+            "z4j_federation_refused_writes",
+            "Cross-region commands refused here: not_confirmed, not_granted (a read-only "
+            "token), peer_refused (the region said no)",
+            labels=["reason"],
+        )
+        for reason, n in sorted(fed.refused_writes.items()):
+            refused.add_metric([reason], n)
+        yield refused
+
         # -- store -----------------------------------------------------------------
         queries = HistogramMetricFamily(
             "z4j_db_query_duration_seconds",

@@ -1445,6 +1445,7 @@
     "users",
     "tokens",
     "search", // search.js fills it
+    "regions", // regions.js fills it
   ];
   let route = { view: "overview" };
   // #/projects and #/agents: provisioning.js, which app.js lends its helpers to.
@@ -1478,6 +1479,7 @@
     if (parts[0] === "audit") return { view: "audit" };
     if (parts[0] === "users" || parts[0] === "tokens") return { view: parts[0] }; // accounts.js
     if (parts[0] === "search") return { view: "search" };
+    if (parts[0] === "regions") return { view: "regions" };
     return { view: "overview" };
   }
 

@@ -41,8 +41,10 @@ __all__ = [
     "EngineWorker",
     "EventHistogram",
     "EventPage",
+    "ExportFormat",
     "ExportPage",
     "ExportRow",
+    "FederationToken",
     "InstanceInfo",
     "OpampAgent",
     "OpampConfig",
@@ -440,6 +442,24 @@ class OpampToken:
 
 
 @attrs.frozen(kw_only=True)
+class FederationToken:
+    """A token a peer region's hub reads this region with (never the secret).
+
+    ``allow_commands``: it may also send commands to this region's agents
+    (`z4j federation token create --allow-commands`); otherwise read-only.
+    """
+
+    id: uuid.UUID
+    name: str
+    allow_commands: bool
+    created_at: float
+    expires_at: float | None
+    last_used_at: float | None
+    revoked_at: float | None
+    token_hash: bytes = attrs.field(repr=False)
+
+
+@attrs.frozen(kw_only=True)
 class OpampAgent:
     """An OpAMP agent of one project, as the store keeps it (store/opamp.py).
 
@@ -576,17 +596,22 @@ class EventPage:
     next: tuple[float, int] | None
 
 
-# An event as an export writes it: id, key (hex), received_at (epoch),
-# source, kind, project_id, agent_id, worker_id (text or None), and the
-# body as JSON text, never parsed (an export passes it through).
+# An event as an export reads it to encode it in Python: id, key (hex),
+# received_at (epoch), source, kind, project_id, agent_id, worker_id (text
+# or None), and the body as JSON text, never parsed (passed through).
 ExportRow = tuple[int, str, float, str, str, str | None, str | None, str | None, str]
+# How an export writes its events (store/event_export.py).
+ExportFormat = Literal["ndjson", "csv"]
 
 
 @attrs.frozen(kw_only=True)
 class ExportPage:
-    """One page of an export, as `EventPage` (``next`` likewise)."""
+    """One page of an export: its ``rows`` events as ``data``, their lines
+    in the export's format, newest first (a CSV without its header);
+    ``next`` as `EventPage`'s."""
 
-    rows: list[ExportRow]
+    data: bytes
+    rows: int
     next: tuple[float, int] | None
 
 
@@ -870,8 +895,8 @@ class Store(Protocol):
         """A page of the events matching ``query``, newest first (by received_at, then id)."""
         ...
 
-    async def export_events(self, query: EventFilter) -> ExportPage:
-        """As `search_events`, with the bodies as stored JSON text (for a streamed export)."""
+    async def export_events(self, query: EventFilter, fmt: ExportFormat) -> ExportPage:
+        """As `search_events`, the events written as lines of ``fmt`` (for a streamed export)."""
         ...
 
     async def event_histogram(
@@ -1124,6 +1149,26 @@ class Store(Protocol):
 
     async def drop_user_sessions(self, user_id: uuid.UUID) -> int:
         """End every session of the user; how many."""
+        ...
+
+    # -- federation tokens (store/federation.py) ----------------------------------------
+
+    async def add_federation_token(self, token: FederationToken) -> None: ...
+
+    async def federation_token(self, token_hash: bytes, *, now: float) -> FederationToken | None:
+        """The live (not revoked, not expired) token of that hash, else None."""
+        ...
+
+    async def federation_token_used(self, token_hash: bytes, *, now: float) -> None: ...
+
+    async def list_federation_tokens(self) -> list[FederationToken]:
+        """Every federation token, revoked ones too, oldest first."""
+        ...
+
+    async def revoke_federation_token(
+        self, token_id: uuid.UUID, *, now: float
+    ) -> FederationToken | None:
+        """Revoke a live token; it as it was, or None if there was none such."""
         ...
 
     # -- OpAMP (store/opamp.py) ---------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Event search, export pages and the histogram, once for both stores.
+"""Event search pages and the histogram, once for both stores (export pages: event_export.py).
 
 Every filter but the text is served by an index in newest-first keyset
 order (received_at, id): project, agent, worker and kind each have one
@@ -30,7 +30,7 @@ import orjson
 from . import _rows
 from ._filters import Where, events_where
 from ._rows import EVENT_COLUMNS, Conn, Dialect
-from .base import EventFilter, EventHistogram, EventPage, EventRecord, ExportPage, ExportRow
+from .base import EventFilter, EventHistogram, EventPage, EventRecord
 
 __all__ = [
     "HISTOGRAM_ROWS",
@@ -38,7 +38,10 @@ __all__ = [
     "SCAN_ROWS",
     "bucket_width",
     "event_histogram",
-    "export_page",
+    "frontier",
+    "next_key",
+    "page_rows",
+    "page_sql",
     "search_page",
     "text_match",
 ]
@@ -51,16 +54,6 @@ HISTOGRAM_TEXT_ROWS = 100_000
 
 _ORDER = " ORDER BY received_at DESC, id DESC"
 _SCANNED = "id, idempotency_key, received_at, source, kind, project_id, agent_id, worker_id, body"
-# The export's columns, over the scanned rows, already as an `ExportRow`
-# (received_at in epoch seconds, the body JSON text): no Python per row.
-_PG_EXPORT = (
-    "id, replace(idempotency_key::text, '-', ''), extract(epoch FROM received_at)::float8,"
-    " source, kind, project_id::text, agent_id::text, worker_id, body::text"
-)
-_SQ_EXPORT = (
-    "id, lower(hex(idempotency_key)), received_at, source, kind,"
-    " project_id, agent_id, worker_id, body"
-)
 
 R = TypeVar("R")
 
@@ -84,7 +77,45 @@ def text_match(d: Dialect, text: str, column: str = "body") -> tuple[str, list[A
     )
 
 
-def _page(
+def page_sql(d: Dialect, query: EventFilter, columns: str) -> tuple[str, list[Any], Where]:
+    """A page of ``query``: its SQL (this dialect's placeholders) selecting
+    ``columns`` newest first, its parameters, and its WHERE (for `frontier`)."""
+    where = events_where(d, query)
+    if not query.text:
+        sql = d.sql(f"SELECT {columns} FROM events{where}{_ORDER} LIMIT ?")
+        return sql, [*where.params, query.limit], where
+    match, match_params = text_match(d, query.text)
+    sql = d.sql(
+        f"SELECT {columns} FROM (SELECT {_SCANNED} FROM events{where}{_ORDER} LIMIT ?) AS s"
+        f" WHERE {match}{_ORDER} LIMIT ?"
+    )
+    return sql, [*where.params, SCAN_ROWS, *match_params, query.limit], where
+
+
+def next_key(
+    d: Dialect,
+    conn: Conn,
+    query: EventFilter,
+    found: int,
+    last: tuple[float, int] | None,
+    where: Where,
+) -> tuple[float, int] | None:
+    """The cursor after a page of ``query`` that found ``found`` rows, the last
+    at ``last``: a full page goes on after it; a short text page goes on from
+    the oldest row it read (`frontier`); any other short page is the end."""
+    if found == query.limit:
+        return last
+    return frontier(d, conn, where) if query.text else None
+
+
+def frontier(d: Dialect, conn: Conn, where: Where) -> tuple[float, int] | None:
+    """The oldest row a text page read, if it read all it may (else None: no more rows)."""
+    sql = d.sql(f"SELECT received_at, id FROM events{where}{_ORDER} LIMIT 1 OFFSET ?")
+    last = conn.execute(sql, [*where.params, SCAN_ROWS - 1]).fetchone()
+    return None if last is None else (d.ts_out(last[0]), int(last[1]))
+
+
+def page_rows(
     d: Dialect,
     conn: Conn,
     query: EventFilter,
@@ -93,32 +124,11 @@ def _page(
     key: Callable[[R], tuple[float, int]],
 ) -> tuple[list[R], tuple[float, int] | None]:
     """Rows of ``columns`` (each made by ``row``; None: as fetched) and the next cursor."""
-
-    def fetch(sql: str, params: list[Any]) -> list[R]:
-        rows = conn.execute(sql, params).fetchall()
-        return list(rows) if row is None else [row(r) for r in rows]
-
-    where = events_where(d, query)
-    if not query.text:
-        sql = d.sql(f"SELECT {columns} FROM events{where}{_ORDER} LIMIT ?")
-        found = fetch(sql, [*where.params, query.limit])
-        return found, key(found[-1]) if len(found) == query.limit else None
-    match, match_params = text_match(d, query.text)
-    sql = d.sql(
-        f"SELECT {columns} FROM (SELECT {_SCANNED} FROM events{where}{_ORDER} LIMIT ?) AS s"
-        f" WHERE {match}{_ORDER} LIMIT ?"
-    )
-    found = fetch(sql, [*where.params, SCAN_ROWS, *match_params, query.limit])
-    if len(found) == query.limit:
-        return found, key(found[-1])
-    return found, _frontier(d, conn, where)
-
-
-def _frontier(d: Dialect, conn: Conn, where: Where) -> tuple[float, int] | None:
-    """The oldest row a text page read, if it read all it may (else None: no more rows)."""
-    sql = d.sql(f"SELECT received_at, id FROM events{where}{_ORDER} LIMIT 1 OFFSET ?")
-    last = conn.execute(sql, [*where.params, SCAN_ROWS - 1]).fetchone()
-    return None if last is None else (d.ts_out(last[0]), int(last[1]))
+    sql, params, where = page_sql(d, query, columns)
+    rows = conn.execute(sql, params).fetchall()
+    found = list(rows) if row is None else [row(r) for r in rows]
+    last = key(found[-1]) if found else None
+    return found, next_key(d, conn, query, len(found), last, where)
 
 
 def search_page(d: Dialect, conn: Conn, query: EventFilter) -> EventPage:
@@ -127,20 +137,8 @@ def search_page(d: Dialect, conn: Conn, query: EventFilter) -> EventPage:
     def key(e: EventRecord) -> tuple[float, int]:
         return e.received_at, e.id
 
-    events, next_key = _page(d, conn, query, EVENT_COLUMNS, lambda r: _rows.event(d, r), key)
-    return EventPage(events=events, next=next_key)
-
-
-def export_page(d: Dialect, conn: Conn, query: EventFilter) -> ExportPage:
-    """As `search_page`, as export rows: the bodies are not parsed, and the
-    rows are the driver's own tuples (SQLite keeps epoch seconds already)."""
-
-    def key(r: ExportRow) -> tuple[float, int]:
-        return r[2], r[0]
-
-    columns = _PG_EXPORT if _postgres(d) else _SQ_EXPORT
-    rows, next_key = _page(d, conn, query, columns, None, key)
-    return ExportPage(rows=rows, next=next_key)
+    events, following = page_rows(d, conn, query, EVENT_COLUMNS, lambda r: _rows.event(d, r), key)
+    return EventPage(events=events, next=following)
 
 
 def event_histogram(

@@ -1038,4 +1038,36 @@ CREATE INDEX audit_events_by_subject ON audit_events (subject, id);
 CREATE INDEX audit_events_by_at ON audit_events (at);
 """,
     ),
+    Migration(
+        version=18,
+        name="federation tokens",
+        # What a peer region's hub signs in with (z4j federation token create):
+        # a keyed hash only (z4j/keys.py), a name, whether it may send
+        # commands here, and its lifetime. It admits the federation routes
+        # alone (brain/http/policy.py); revoking it ends it on the next request.
+        postgres="""
+CREATE TABLE federation_tokens (
+    id             uuid PRIMARY KEY,
+    token_hash     bytea NOT NULL UNIQUE,
+    name           text NOT NULL,
+    allow_commands boolean NOT NULL,
+    created_at     timestamptz NOT NULL,
+    expires_at     timestamptz,
+    last_used_at   timestamptz,
+    revoked_at     timestamptz
+);
+""",
+        sqlite="""
+CREATE TABLE federation_tokens (
+    id             TEXT PRIMARY KEY,
+    token_hash     BLOB NOT NULL UNIQUE,
+    name           TEXT NOT NULL,
+    allow_commands INTEGER NOT NULL,
+    created_at     REAL NOT NULL,
+    expires_at     REAL,
+    last_used_at   REAL,
+    revoked_at     REAL
+);
+""",
+    ),
 )

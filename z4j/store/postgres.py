@@ -49,7 +49,9 @@ from ..tasks import TaskEvent, TaskRow
 from . import (
     _rows,
     accounts,
+    event_export,
     event_search,
+    federation,
     opamp,
     opamp_history,
     opamp_rollouts,
@@ -91,7 +93,9 @@ from .base import (
     EventFilter,
     EventHistogram,
     EventPage,
+    ExportFormat,
     ExportPage,
+    FederationToken,
     InstanceInfo,
     OpampAgent,
     OpampConfig,
@@ -752,9 +756,9 @@ class PostgresStore:
         result: EventPage = await self._read(lambda conn: event_search.search_page(PG, conn, query))
         return result
 
-    async def export_events(self, query: EventFilter) -> ExportPage:
+    async def export_events(self, query: EventFilter, fmt: ExportFormat) -> ExportPage:
         result: ExportPage = await self._read(
-            lambda conn: event_search.export_page(PG, conn, query)
+            lambda conn: event_export.postgres_page(PG, conn, query, fmt)
         )
         return result
 
@@ -1137,6 +1141,34 @@ class PostgresStore:
     async def drop_user_sessions(self, user_id: uuid.UUID) -> int:
         count: int = await self._run(lambda conn: accounts.drop_sessions(PG, conn, user_id))
         return count
+
+    # -- federation tokens (store/federation.py) --------------------------------------
+
+    async def add_federation_token(self, token: FederationToken) -> None:
+        await self._run(lambda conn: federation.add_token(PG, conn, token))
+
+    async def federation_token(self, token_hash: bytes, *, now: float) -> FederationToken | None:
+        found: FederationToken | None = await self._run(
+            lambda conn: federation.live_token(PG, conn, token_hash, now)
+        )
+        return found
+
+    async def federation_token_used(self, token_hash: bytes, *, now: float) -> None:
+        await self._run(lambda conn: federation.token_used(PG, conn, token_hash, now))
+
+    async def list_federation_tokens(self) -> list[FederationToken]:
+        tokens: list[FederationToken] = await self._run(
+            lambda conn: federation.list_tokens(PG, conn)
+        )
+        return tokens
+
+    async def revoke_federation_token(
+        self, token_id: uuid.UUID, *, now: float
+    ) -> FederationToken | None:
+        revoked: FederationToken | None = await self._run(
+            lambda conn: federation.revoke_token(PG, conn, token_id, now)
+        )
+        return revoked
 
     # -- OpAMP ---------------------------------------------------------------------------
 

@@ -33,7 +33,9 @@ from ..tasks import TaskEvent, TaskRow
 from . import (
     _rows,
     accounts,
+    event_export,
     event_search,
+    federation,
     opamp,
     opamp_history,
     opamp_rollouts,
@@ -75,7 +77,9 @@ from .base import (
     EventFilter,
     EventHistogram,
     EventPage,
+    ExportFormat,
     ExportPage,
+    FederationToken,
     InstanceInfo,
     OpampAgent,
     OpampConfig,
@@ -520,8 +524,8 @@ class SqliteStore:
     async def search_events(self, query: EventFilter) -> EventPage:
         return await self._run(lambda db: event_search.search_page(SQ, db, query))
 
-    async def export_events(self, query: EventFilter) -> ExportPage:
-        return await self._run(lambda db: event_search.export_page(SQ, db, query))
+    async def export_events(self, query: EventFilter, fmt: ExportFormat) -> ExportPage:
+        return await self._run(lambda db: event_export.sqlite_page(SQ, db, query, fmt))
 
     async def event_histogram(
         self, query: EventFilter, *, start: float, bucket_seconds: float, buckets: int
@@ -886,6 +890,34 @@ class SqliteStore:
         return await self._run(
             lambda db: _transaction(db, lambda: accounts.drop_sessions(SQ, db, user_id))
         )
+
+    # -- federation tokens (store/federation.py) --------------------------------------
+
+    async def add_federation_token(self, token: FederationToken) -> None:
+        await self._run(lambda db: _transaction(db, lambda: federation.add_token(SQ, db, token)))
+
+    async def federation_token(self, token_hash: bytes, *, now: float) -> FederationToken | None:
+        found: FederationToken | None = await self._run(
+            lambda db: federation.live_token(SQ, db, token_hash, now)
+        )
+        return found
+
+    async def federation_token_used(self, token_hash: bytes, *, now: float) -> None:
+        await self._run(
+            lambda db: _transaction(db, lambda: federation.token_used(SQ, db, token_hash, now))
+        )
+
+    async def list_federation_tokens(self) -> list[FederationToken]:
+        tokens: list[FederationToken] = await self._run(lambda db: federation.list_tokens(SQ, db))
+        return tokens
+
+    async def revoke_federation_token(
+        self, token_id: uuid.UUID, *, now: float
+    ) -> FederationToken | None:
+        revoked: FederationToken | None = await self._run(
+            lambda db: _transaction(db, lambda: federation.revoke_token(SQ, db, token_id, now))
+        )
+        return revoked
 
     # -- OpAMP ---------------------------------------------------------------------------
 

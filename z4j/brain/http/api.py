@@ -63,9 +63,11 @@ from .auth import (
     header,
     same_origin,
 )
+from .command_input import command_error, command_fields
 from .dead_letters_api import DeadLetterRoutes
 from .events_api import EventRoutes
-from .limits import COMMAND_ACTION_CHARS, COMMAND_TIMEOUT_SECONDS
+from .federation_api import FederationRoutes
+from .federation_peer_api import PeerRoutes
 from .narrowing import check_agent, check_narrowed, check_project, projects_of, sees
 from .opamp_api import OpampRoutes
 from .opamp_rollouts_api import OpampRolloutRoutes
@@ -108,18 +110,22 @@ class Api:
         on_opamp_rollout: Callable[[dict[str, Any]], None] | None = None,
         dead_letters: DeadLetterRoutes | None = None,
         provisioning: ProvisioningRoutes | None = None,
+        peer: PeerRoutes | None = None,
+        federation: FederationRoutes | None = None,
     ) -> None:
         """``project_key``: a project's signing key, for purge tokens (None: no purges).
         ``opamp_heartbeat_window_seconds``: how long an OpAMP agent stays online unheard.
         ``on_opamp_rollout``: called with a rollout's JSON after the API changed it.
         ``dead_letters``: this process's buffer dead letters and the task registry.
         ``provisioning``: the routes that create, archive, revoke and rotate
-        (None: not served)."""
+        (None: not served). ``peer``: what this region serves hubs' federation
+        tokens; ``federation``: the hub's federated view (None: not served)."""
         self._store = store
         self._commands = commands
         # Rotated tokens' graces are shown by the clock that ends them.
         self._clock = provisioning.clock if provisioning is not None else time.time
         self._auth = auth
+        self._peer = peer
         self._throttle = sign_in_throttle if sign_in_throttle is not None else SignInThrottle()
         self._store_error_logged = -STORE_ERROR_LOG_SECONDS
         # (method, path template, path pattern, handler, action from policy.py);
@@ -155,6 +161,8 @@ class Api:
             *OpampRolloutRoutes(store, on_change=on_opamp_rollout).routes(),
             *(dead_letters.routes() if dead_letters is not None else []),
             *(provisioning.routes() if provisioning is not None else ()),
+            *(peer.routes() if peer is not None else ()),
+            *(federation.routes() if federation is not None else ()),
         ]:
             route(method, path, handler)
 
@@ -239,6 +247,15 @@ class Api:
                 elif principal is not None and principal.session is not None:
                     self._check_cookie_write(scope, principal.session)
             if principal is not None and not allowed(action, principal.role, principal.scope):
+                if action == "federation_write" and principal.federation and self._peer:
+                    await self._peer.refused(
+                        principal.name,
+                        "not_granted",
+                        f"the federation token {principal.name!r} is read-only: a region takes "
+                        "commands from a hub only through a token made with "
+                        "`z4j federation token create --allow-commands`",
+                        detail={"action": action, "role": principal.role, "scope": None},
+                    )
                 how = f" through a {principal.scope}-scoped token" if principal.scope else ""
                 raise ApiError(
                     403,
@@ -356,44 +373,21 @@ class Api:
         return 200, page([to_json(c) for c in records], cursor)
 
     async def _create_command(self, request: Request) -> Response:
-        body = request.json_object()
-        agent, action = body.get("agent"), body.get("action")
-        if not isinstance(agent, str) or not agent:
-            raise ApiError(400, "bad_request", "agent: an agent id (or name, with project)")
-        if not isinstance(action, str) or not 0 < len(action) <= COMMAND_ACTION_CHARS:
-            raise ApiError(
-                400, "bad_request", f"action: a string of 1 to {COMMAND_ACTION_CHARS} characters"
-            )
-        project = body.get("project")
-        target = body.get("target", {})
-        parameters = body.get("parameters", {})
-        timeout = body.get("timeout_seconds", 60)
-        if project is not None and not isinstance(project, str):
-            raise ApiError(400, "bad_request", "project: a project name or id")
-        if not isinstance(target, dict) or not isinstance(parameters, dict):
-            raise ApiError(400, "bad_request", "target and parameters must be JSON objects")
-        low, high = COMMAND_TIMEOUT_SECONDS
-        if not isinstance(timeout, int) or isinstance(timeout, bool) or not low <= timeout <= high:
-            raise ApiError(400, "bad_request", f"timeout_seconds: an integer from {low} to {high}")
+        fields = command_fields(request.json_object())
         if projects_of(request) is not None:
-            await self._check_command_target(request, agent, project)
+            await self._check_command_target(request, fields.agent, fields.project)
         try:
             record = await self._commands.send(
-                agent,
-                action,
-                project=project,
-                target=target,
-                parameters=parameters,
-                timeout_seconds=timeout,
+                fields.agent,
+                fields.action,
+                project=fields.project,
+                target=fields.target,
+                parameters=fields.parameters,
+                timeout_seconds=fields.timeout_seconds,
                 issued_by=request.actor,
             )
         except CommandError as exc:
-            message = str(exc)
-            if message.startswith(("no agent", "no project")):
-                raise ApiError(404, "not_found", message) from None
-            if "revoked" in message:
-                raise ApiError(409, "agent_revoked", message) from None
-            raise ApiError(400, "bad_request", message) from None
+            raise command_error(exc) from None
         return 201, to_json(record)
 
     async def _check_command_target(

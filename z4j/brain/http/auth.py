@@ -4,7 +4,9 @@ A request is signed in by ``Authorization: Bearer <token>`` or by the
 session cookie that ``POST /api/v1/session`` sets. Tokens are personal
 (``z4j_pat_``: a user's, with a scope, see accounts_api.py) or legacy admin
 tokens (``z4j_admin_``: ``z4j admin token``, role admin, kept working until
-revoked). Sessions are a user's (``u.`` ids: by password, or opened with
+revoked). A federation token (``z4j_fed_``: ``z4j federation token create``)
+is a peer region's hub: it signs in the federation peer routes alone,
+opens no session and is never "signed in" to the dashboard. Sessions are a user's (``u.`` ids: by password, or opened with
 a personal token) or a legacy token's. The store keeps keyed hashes of all
 of them (z4j/keys.py), never the values.
 
@@ -150,6 +152,8 @@ class Auth:
 
     async def _bearer(self, token: str) -> Principal | None:
         """The caller a bearer token names, if it is valid."""
+        if token.startswith(keys.FEDERATION_TOKEN_PREFIX):
+            return await self._federation(token)
         if token.startswith(keys.USER_TOKEN_PREFIX):
             token_hash = keys.user_token_hash(self._master, token)
             found = await self._store.user_token_owner(token_hash, now=self._clock())
@@ -168,6 +172,23 @@ class Auth:
             name=await self._token_name(token_hash), role="admin", token_hash=token_hash
         )
 
+    async def _federation(self, token: str) -> Principal | None:
+        """A peer hub's federation token: role federation(_commands), nothing else."""
+        token_hash = keys.federation_token_hash(self._master, token)
+        record = await self._store.federation_token(token_hash, now=self._clock())
+        if record is None:
+            return None
+        if self._due(token_hash, LAST_USED_EVERY_SECONDS):
+            await self._store.federation_token_used(token_hash, now=self._clock())
+        return Principal(
+            name=record.name,
+            role="federation_commands" if record.allow_commands else "federation",
+            token_name=record.name,
+            token_hash=token_hash,
+            token_id=record.id,
+            federation=True,
+        )
+
     async def _token_name(self, token_hash: bytes) -> str:
         """An admin token's name (names never change: kept once read)."""
         name = self._token_names.get(token_hash)
@@ -183,7 +204,7 @@ class Auth:
         """A new session id for a valid token (admin or personal), and whose it
         is; None for an invalid token."""
         principal = await self._bearer(token)
-        if principal is None:
+        if principal is None or principal.federation:
             return None
         now = self._clock()
         if principal.user_id is not None:
@@ -282,14 +303,20 @@ class Auth:
         )
 
     async def signed_in(self, headers: Iterable[tuple[bytes, bytes]]) -> bool:
-        """True if the request carries a valid bearer token or session cookie."""
-        return await self.principal(headers) is not None
+        """True if the request carries a valid bearer token or session cookie
+        (a federation token's is no sign-in to the dashboard)."""
+        principal = await self.principal(headers)
+        return principal is not None and not principal.federation
 
     async def still_valid(self, principal: Principal) -> bool:
         """Is this caller still signed in (its user enabled, its token not
         revoked, its session open)? Does not count as activity."""
         if principal.session is not None:
             return await self._session(principal.session, touch=False) is not None
+        if principal.federation:
+            assert principal.token_hash is not None
+            live = await self._store.federation_token(principal.token_hash, now=self._clock())
+            return live is not None
         if principal.user_id is not None:
             assert principal.token_hash is not None
             found = await self._store.user_token_owner(principal.token_hash, now=self._clock())

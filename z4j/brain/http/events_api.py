@@ -12,7 +12,6 @@ and the rows the store counts, an export by one page in memory at a time
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -22,7 +21,8 @@ import attrs
 import orjson
 import trio
 
-from ...store.base import EventFilter, EventRecord, ExportPage, ExportRow, Store
+from ...store.base import EventFilter, EventRecord, ExportFormat, ExportPage, Store
+from ...store.event_export import CSV_HEADER, EXPORT_COLUMNS
 from ...store.event_search import bucket_width
 from ._request import (
     ApiError,
@@ -54,25 +54,15 @@ MAX_TEXT = FILTER_TEXT_CHARS
 # A histogram has at most this many buckets; its default range is the last day.
 HISTOGRAM_BUCKETS = 120
 HISTOGRAM_DEFAULT_SECONDS = 86400.0
-# An export reads pages of at most EXPORT_PAGE_ROWS, fewer when the bodies
-# are large (about EXPORT_PAGE_BYTES a page), starting small; it reads the
-# next page while the last is sent, so it holds two at most.
+# An export reads pages of at most EXPORT_PAGE_ROWS, fewer when the lines
+# are long (about EXPORT_PAGE_BYTES a page, sized from the last page's
+# bytes a line), starting small; it reads the next page while the last is
+# sent, so it holds two at most. The store writes the lines
+# (store/event_export.py): a page is one bytes object here.
 EXPORT_PAGE_ROWS = 5000
 EXPORT_FIRST_ROWS = 200
 EXPORT_PAGE_BYTES = 4 * 1024 * 1024
-EXPORT_ROW_BYTES = 250  # a row's encoded size besides its body, about
-EXPORT_COLUMNS = (
-    "id",
-    "key",
-    "received_at",
-    "source",
-    "kind",
-    "project_id",
-    "agent_id",
-    "worker_id",
-    "body",
-)
-FORMATS = {
+FORMATS: dict[str, tuple[bytes, ExportFormat]] = {
     "ndjson": (b"application/x-ndjson", "ndjson"),
     "csv": (b"text/csv; charset=utf-8", "csv"),
 }
@@ -164,41 +154,42 @@ class EventRoutes:
                 raise ApiError(400, "bad_request", "max: a positive integer")
             most = int(raw)
         query = await self._filter(request, paged=False)
-        content_type, suffix = FORMATS[name]
+        content_type, fmt = FORMATS[name]
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        disposition = f'attachment; filename="z4j-events-{stamp}.{suffix}"'.encode()
-        encode = _ndjson if name == "ndjson" else _csv
+        disposition = f'attachment; filename="z4j-events-{stamp}.{fmt}"'.encode()
+
+        def read(query: EventFilter) -> Awaitable[ExportPage]:
+            return self._store.export_events(query, fmt)
 
         async def chunks(spawn: Spawn) -> AsyncGenerator[bytes, None]:
             # One chunk a page, even an empty one (a text page may match
             # nothing): the first goes out with the status, so a refusal
             # found by the first read is still a proper error response.
-            # The next page is read while this one is encoded and sent: two
-            # pages in memory at most.
-            prefix = _csv_header() if name == "csv" else b""
+            # The next page is read while this one is sent: two pages in
+            # memory at most.
+            header = CSV_HEADER if fmt == "csv" else b""
             rows_left = most
             first = attrs.evolve(query, limit=min(EXPORT_FIRST_ROWS, most or EXPORT_FIRST_ROWS))
-            ahead: _Ahead[ExportPage] | None = _Ahead(spawn, self._store.export_events, first)
-            per_row = EXPORT_ROW_BYTES
+            ahead: _Ahead[ExportPage] | None = _Ahead(spawn, read, first)
+            limit = EXPORT_PAGE_ROWS
             while ahead is not None:
                 found = await ahead.result()
-                rows = found.rows if rows_left is None else found.rows[:rows_left]
                 if rows_left is not None:
-                    rows_left -= len(rows)
+                    rows_left -= found.rows  # a page holds at most the rows asked
                 if found.next is not None and rows_left != 0:
-                    # Size the next page from this one's bytes per row (the
-                    # body, and about EXPORT_ROW_BYTES for the rest).
-                    if rows:
-                        per_row = sum(len(r[8]) for r in rows) // len(rows) + EXPORT_ROW_BYTES
-                    limit = max(1, min(EXPORT_PAGE_ROWS, EXPORT_PAGE_BYTES // per_row))
-                    if rows_left is not None:
-                        limit = min(limit, rows_left)
-                    following = attrs.evolve(first, before=found.next, limit=limit)
-                    ahead = _Ahead(spawn, self._store.export_events, following)
+                    if found.rows:  # the next page's size, from this one's bytes a line
+                        per_row = max(1, len(found.data) // found.rows)
+                        limit = max(1, min(EXPORT_PAGE_ROWS, EXPORT_PAGE_BYTES // per_row))
+                    following = attrs.evolve(
+                        first,
+                        before=found.next,
+                        limit=limit if rows_left is None else min(limit, rows_left),
+                    )
+                    ahead = _Ahead(spawn, read, following)
                 else:
                     ahead = None
-                yield prefix + (encode(rows) if rows else b"")
-                prefix = b""
+                yield header + found.data if header else found.data
+                header = b""
 
         return 200, Streamed(content_type, chunks, headers=((b"content-disposition", disposition),))
 
@@ -290,78 +281,3 @@ def event_json(e: EventRecord, *, body_max_bytes: int | None = None) -> dict[str
         item["body"] = None
         item["body_truncated"] = True
     return item
-
-
-def _ndjson(rows: list[ExportRow]) -> bytes:
-    """One JSON object a line, the body spliced in as stored (never parsed)."""
-    dumps, stamp = orjson.dumps, _Iso()
-    out = bytearray()
-    for id_, key, at, source, kind, project, agent, worker, body in rows:
-        head = dumps(
-            {
-                "id": id_,
-                "key": key,
-                "received_at": stamp(at),
-                "source": source,
-                "kind": kind,
-                "project_id": project,
-                "agent_id": agent,
-                "worker_id": worker,
-            }
-        )
-        out += head[:-1]
-        out += b',"body":'
-        out += body.encode()
-        out += b"}\n"
-    return bytes(out)
-
-
-def _csv_header() -> bytes:
-    return (",".join(EXPORT_COLUMNS) + "\r\n").encode()
-
-
-def _csv(rows: list[ExportRow]) -> bytes:
-    """RFC 4180 rows, as the csv module writes them (a field with a comma, quote
-    or line break is quoted, its quotes doubled); the body column holds its JSON.
-    Written by hand: the csv module takes several times as long per row."""
-    stamp = _Iso()
-    lines = []
-    for id_, key, at, source, kind, project, agent, worker, body in rows:
-        lines.append(
-            f"{id_},{key},{stamp(at)},{_field(source)},{_field(kind)},{project or ''},"
-            f"{agent or ''},{_field(worker or '')},{_field(body)}\r\n"
-        )
-    return "".join(lines).encode()
-
-
-_NEEDS_QUOTES = re.compile(r'[",\r\n]')
-
-
-def _field(text: str) -> str:
-    if _NEEDS_QUOTES.search(text) is None:
-        return text
-    return '"' + text.replace('"', '""') + '"'
-
-
-class _Iso:
-    """Epoch seconds as the API writes times (`resources.iso`), the date and
-    time of the last second kept: an export's rows come in time order."""
-
-    def __init__(self) -> None:
-        self._second: float | None = None
-        self._text = ""
-
-    def __call__(self, at: float) -> str:
-        # As datetime.fromtimestamp rounds: to the microsecond, half to even.
-        frac, whole = math.modf(at)
-        micro = round(frac * 1e6)
-        if micro >= 1_000_000:
-            whole, micro = whole + 1, micro - 1_000_000
-        elif micro < 0:
-            whole, micro = whole - 1, micro + 1_000_000
-        if whole != self._second:
-            self._second = whole
-            self._text = datetime.fromtimestamp(whole, UTC).isoformat()[:-6]
-        if micro:
-            return f"{self._text}.{micro:06d}+00:00"
-        return f"{self._text}+00:00"

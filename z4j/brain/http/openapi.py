@@ -260,6 +260,13 @@ SCHEMAS: dict[str, Any] = {
                 **UUID,
                 "description": "an answer the brain waited for (502, 504): the command sent",
             },
+            # A refusal by the policy (403 forbidden) names what was refused.
+            "action": {**STRING, "description": "403: the action refused (policy.py)"},
+            "role": {**STRING, "description": "403: the caller's role"},
+            "scope": {**STRING, "nullable": True, "description": "403: the token's scope"},
+            # A federation refusal names the region and why.
+            "region": {**STRING, "description": "federation: the region concerned"},
+            "reason": {**STRING, "description": "federation: why it was refused"},
         },
     },
     # Project, Agent, Worker, Instance, Event, Command, Audit: derived from their records.
@@ -1729,4 +1736,307 @@ PROVISIONING_PATHS: dict[str, Any] = {
 
 SCHEMAS.update(PROVISIONING_SCHEMAS)
 for _path_name, _operations in PROVISIONING_PATHS.items():
+    OPENAPI["paths"].setdefault(_path_name, {}).update(_operations)
+
+
+# -- federation (federation_api.py, federation_peer_api.py): merged likewise ----------------
+
+REGION_QUERY = _query(
+    "region",
+    STRING,
+    "only these regions (names separated by commas; default every region)",
+)
+PARTIAL = {
+    "partial": {
+        "type": "boolean",
+        "description": "true when any region asked failed or missed its deadline: the "
+        "answer lacks its rows (never silently)",
+    },
+    "unreachable": {"type": "array", "items": STRING, "description": "the regions that failed"},
+    "errors": {
+        "type": "object",
+        "additionalProperties": STRING,
+        "description": "why each unreachable region failed",
+    },
+}
+NUMBER = {"type": "number"}
+INTEGER = {"type": "integer"}
+FEDERATED_AUDIT_FILTER = [
+    _query("actor", AUDIT_TEXT, "who acted, exactly"),
+    _query("action", AUDIT_TEXT, "the action, exactly; ending in * a prefix"),
+    _query("subject", AUDIT_TEXT, "what it acted on; ending in * a prefix"),
+    _query("outcome", {"type": "string", "enum": ["ok", "refused"]}, "the outcome"),
+    _query("since", STRING, "at or after (ISO-8601 or epoch seconds)"),
+    _query("until", STRING, "before (ISO-8601 or epoch seconds)"),
+]
+
+
+def _labelled(name: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """Component ``name`` with more properties (a region label, a peer's cursor)."""
+    base = SCHEMAS[name]
+    return {
+        **base,
+        "properties": {**base["properties"], **extra},
+        "required": [*base["required"], *extra],
+    }
+
+
+def _federated_page(item: str) -> dict[str, Any]:
+    return _object(
+        {
+            "items": {"type": "array", "items": _ref(item)},
+            "next_cursor": _nullable(STRING),
+            **PARTIAL,
+        }
+    )
+
+
+def _peer_page(item: str) -> dict[str, Any]:
+    return _object(
+        {
+            "items": {"type": "array", "items": _ref(item)},
+            "next_cursor": _nullable(STRING),
+            "frontier": _nullable(
+                {**NUMBER, "description": "epoch seconds down to which this page is complete"}
+            ),
+        }
+    )
+
+
+REGION = {"region": {**STRING, "description": "the region the row is from"}}
+PEER_ROW = {
+    "cursor": {**STRING, "description": "this row's keyset cursor in its region"},
+    "sort_at": {**NUMBER, "description": "its time, epoch seconds (the merge's order)"},
+}
+SUMMARY = _object(
+    {
+        "region": STRING,
+        "version": STRING,
+        "instances": {**INTEGER, "description": "brain instances heard from lately"},
+        "agents_connected": INTEGER,
+        "workers_connected": INTEGER,
+        "ingest_rate": {**NUMBER, "description": "records/s into the buffers, all instances"},
+        "drain_rate": {**NUMBER, "description": "records/s into the store, all instances"},
+        "buffer_depth": {**INTEGER, "description": "payloads in the instances' buffers"},
+        "ready": {"type": "boolean", "description": "every readiness check passes"},
+        "checks": {"type": "object", "additionalProperties": STRING},
+    }
+)
+FEDERATION_SCHEMAS: dict[str, Any] = {
+    "RegionSummary": SUMMARY,
+    "RegionSummaryShown": {
+        **SUMMARY,
+        "properties": {k: _nullable(v) for k, v in SUMMARY["properties"].items()},
+    },
+    "Region": _object(
+        {
+            "name": STRING,
+            "local": {"type": "boolean", "description": "this hub's own region"},
+            "url": _nullable(STRING),
+            "reachable": {"type": "boolean"},
+            "round_trip_ms": _nullable(
+                {**NUMBER, "description": "this call's round trip (null: a cached answer)"}
+            ),
+            "cached": {"type": "boolean"},
+            "error": _nullable(STRING),
+            "summary": _nullable(_ref("RegionSummaryShown")),
+        }
+    ),
+    "Regions": _object(
+        {
+            "region": {**STRING, "description": "this hub's region"},
+            "items": {"type": "array", "items": _ref("Region")},
+            **PARTIAL,
+        }
+    ),
+    "RegionAgent": _labelled("Agent", REGION),
+    "RegionEvent": _labelled("Event", REGION),
+    "RegionCommand": _labelled("Command", REGION),
+    "RegionAudit": _labelled("Audit", REGION),
+    "PeerEvent": _labelled("Event", PEER_ROW),
+    "PeerCommand": _labelled("Command", PEER_ROW),
+    "PeerAudit": _labelled("Audit", PEER_ROW),
+    "CrossRegionCommand": {
+        **SCHEMAS["NewCommand"],
+        "properties": {
+            **SCHEMAS["NewCommand"]["properties"],
+            "confirm_region": {
+                **STRING,
+                "description": "the region's name again: the operator's explicit intent",
+            },
+        },
+        "required": [*SCHEMAS["NewCommand"]["required"], "confirm_region"],
+    },
+    "ForwardedCommand": {
+        **SCHEMAS["NewCommand"],
+        "properties": {
+            **SCHEMAS["NewCommand"]["properties"],
+            "confirm_region": {**STRING, "description": "this region's name"},
+            "operator": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 200,
+                "description": "the hub's operator it is sent for",
+            },
+        },
+        "required": [*SCHEMAS["NewCommand"]["required"], "confirm_region", "operator"],
+    },
+    "RegionCommandSent": _object({"region": STRING, "command": _ref("Command")}),
+}
+FEDERATION_DESCRIPTION = (
+    "Every region is asked at once, each peer within Z4J_FEDERATION_TIMEOUT_MS; rows carry "
+    "their region; partial, unreachable and errors say which regions the answer lacks. "
+    "docs/scaling.md, Federation."
+)
+PAGED_DESCRIPTION = (
+    FEDERATION_DESCRIPTION + " Pages are merged by time; next_cursor continues every region."
+)
+PEER_DESCRIPTION = (
+    "For a peer hub's federation token only (z4j federation token create): no user, "
+    "admin or not, may call it."
+)
+FEDERATION_PATHS: dict[str, Any] = {
+    "/federation/regions": {
+        "get": _operation(
+            "listFederationRegions",
+            "Every region: reachable, round trip, and its summary",
+            (200, _ref("Regions")),
+            errors=(400, 401),
+            description=FEDERATION_DESCRIPTION,
+            parameters=[REGION_QUERY],
+        )
+    },
+    "/federation/agents": {
+        "get": _operation(
+            "listFederationAgents",
+            "Agents and their workers, of every region",
+            (200, _federated_page("RegionAgent")),
+            errors=(400, 401),
+            description=FEDERATION_DESCRIPTION,
+            parameters=[REGION_QUERY],
+        )
+    },
+    "/federation/events": {
+        "get": _operation(
+            "listFederationEvents",
+            "Events of every region, newest first",
+            (200, _federated_page("RegionEvent")),
+            errors=(400, 401),
+            description=PAGED_DESCRIPTION + " The filters are /events'.",
+            parameters=[
+                _query(
+                    "body_max_bytes",
+                    {"type": "integer", "minimum": 0, "maximum": 16777216, "default": 65536},
+                    "leave out bodies larger than this (bytes of JSON)",
+                ),
+                *EVENT_FILTER,
+                REGION_QUERY,
+                CURSOR,
+                LIMIT,
+            ],
+        )
+    },
+    "/federation/commands": {
+        "get": _operation(
+            "listFederationCommands",
+            "Commands of every region, newest first",
+            (200, _federated_page("RegionCommand")),
+            errors=(400, 401),
+            description=PAGED_DESCRIPTION,
+            parameters=[
+                _query("state", COMMAND_STATE, "only commands in this state"),
+                REGION_QUERY,
+                CURSOR,
+                LIMIT,
+            ],
+        )
+    },
+    "/federation/audit": {
+        "get": _operation(
+            "listFederationAudit",
+            "Audit events of every region, newest first",
+            (200, _federated_page("RegionAudit")),
+            errors=(400, 401),
+            description=PAGED_DESCRIPTION + " The filters are /audit's.",
+            parameters=[*FEDERATED_AUDIT_FILTER, REGION_QUERY, CURSOR, LIMIT],
+        )
+    },
+    "/federation/regions/{name}/commands": {
+        "post": _operation(
+            "sendCrossRegionCommand",
+            "Send a command to an agent of another region",
+            (201, _ref("RegionCommandSent")),
+            errors=(400, 401, 403, 404, 409, 413, 415, 502, 504),
+            description="Only with confirm_region naming the region (403 not_confirmed), "
+            "and only if that region gave this hub a token made with --allow-commands "
+            "(403 not_granted, from the region). Both regions audit it as "
+            "federation.command with the operator's name. 504: the region did not answer "
+            "in time; the command may have been minted there.",
+            parameters=[_text_path("name"), CSRF_HEADER],
+            body=_ref("CrossRegionCommand"),
+        )
+    },
+    "/federation/peer/summary": {
+        "get": _operation(
+            "peerSummary",
+            "This region's summary, for a hub",
+            (200, _ref("RegionSummary")),
+            errors=(401,),
+            description=PEER_DESCRIPTION,
+        )
+    },
+    "/federation/peer/agents": {
+        "get": _operation(
+            "peerAgents",
+            "This region's agents and their workers, for a hub",
+            (200, _object({"items": {"type": "array", "items": _ref("Agent")}})),
+            errors=(401,),
+            description=PEER_DESCRIPTION,
+        )
+    },
+    "/federation/peer/events": {
+        "get": _operation(
+            "peerEvents",
+            "A page of this region's events, for a hub",
+            (200, _peer_page("PeerEvent")),
+            errors=(400, 401),
+            description=PEER_DESCRIPTION,
+            parameters=[*EVENT_FILTER, CURSOR, LIMIT],
+        )
+    },
+    "/federation/peer/commands": {
+        "get": _operation(
+            "peerCommands",
+            "A page of this region's commands, for a hub",
+            (200, _peer_page("PeerCommand")),
+            errors=(400, 401),
+            description=PEER_DESCRIPTION,
+            parameters=[_query("state", COMMAND_STATE, "only this state"), CURSOR, LIMIT],
+        ),
+        "post": _operation(
+            "peerSendCommand",
+            "Mint a command a hub forwards for its operator",
+            (201, _ref("RegionCommandSent")),
+            errors=(400, 401, 403, 404, 409, 413, 415),
+            description=PEER_DESCRIPTION + " The token must have been made with "
+            "--allow-commands (403 not_granted) and confirm_region name this region "
+            "(403 not_confirmed). Audited here as federation.command, by "
+            "federation:TOKEN/OPERATOR.",
+            body=_ref("ForwardedCommand"),
+        ),
+    },
+    "/federation/peer/audit": {
+        "get": _operation(
+            "peerAudit",
+            "A page of this region's audit events, for a hub",
+            (200, _peer_page("PeerAudit")),
+            errors=(400, 401),
+            description=PEER_DESCRIPTION,
+            parameters=[*FEDERATED_AUDIT_FILTER, CURSOR, LIMIT],
+        )
+    },
+}
+
+SCHEMAS.update(FEDERATION_SCHEMAS)
+for _path_name, _operations in FEDERATION_PATHS.items():
     OPENAPI["paths"].setdefault(_path_name, {}).update(_operations)

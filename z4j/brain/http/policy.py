@@ -15,6 +15,13 @@ Actions, from least to most:
   rollouts, dead letters);
 - ``admin``: change who may do things and what exists (users, tokens of
   others, projects, agents, audit).
+
+Two more actions belong to no user's role: the federation peer routes a
+peer region's hub calls with a federation token (`z4j federation token
+create`): ``federation`` (read this region) and ``federation_write`` (send a
+command here, only for a token made with ``--allow-commands``). A
+federation token takes no other action (but ``public``, open to anyone),
+and no user takes these.
 """
 
 from __future__ import annotations
@@ -27,26 +34,30 @@ __all__ = [
     "ROLES",
     "ROUTES",
     "SCOPES",
+    "USER_ACTIONS",
     "Action",
     "action_of",
     "allowed",
 ]
 
-Action = Literal["public", "self", "read", "operate", "admin"]
-ACTIONS: Final[tuple[Action, ...]] = ("public", "self", "read", "operate", "admin")
+Action = Literal["public", "self", "read", "operate", "admin", "federation", "federation_write"]
+USER_ACTIONS: Final[tuple[Action, ...]] = ("public", "self", "read", "operate", "admin")
+ACTIONS: Final[tuple[Action, ...]] = (*USER_ACTIONS, "federation", "federation_write")
 
-# Role -> the actions it may take.
+# Role -> the actions it may take. The federation roles are tokens', never users'.
 ROLES: Final[dict[str, frozenset[str]]] = {
     "viewer": frozenset({"public", "self", "read"}),
     "operator": frozenset({"public", "self", "read", "operate"}),
-    "admin": frozenset(ACTIONS),
+    "admin": frozenset(USER_ACTIONS),
+    "federation": frozenset({"public", "federation"}),
+    "federation_commands": frozenset({"public", "federation", "federation_write"}),
 }
 
 # A personal token's scope -> the actions it may take (narrowed further by its owner's role).
 SCOPES: Final[dict[str, frozenset[str]]] = {
     "read": frozenset({"public", "self", "read"}),
     "commands": frozenset({"public", "self", "read", "operate"}),
-    "admin": frozenset(ACTIONS),
+    "admin": frozenset(USER_ACTIONS),
 }
 
 # (method, path template under /api/v1) -> action. Keep in the order of the API.
@@ -130,6 +141,20 @@ ROUTES: Final[dict[tuple[str, str], Action]] = {
     ("POST", "/opamp/rollouts/{id}/halt"): "operate",
     ("POST", "/opamp/rollouts/{id}/resume"): "operate",
     ("POST", "/opamp/rollouts/{id}/cancel"): "operate",
+    # federation, the hub's side: every region's view (federation_api.py)
+    ("GET", "/federation/regions"): "read",
+    ("GET", "/federation/agents"): "read",
+    ("GET", "/federation/events"): "read",
+    ("GET", "/federation/commands"): "read",
+    ("GET", "/federation/audit"): "admin",
+    ("POST", "/federation/regions/{name}/commands"): "operate",
+    # federation, a region's side: what a hub's federation token may call
+    ("GET", "/federation/peer/summary"): "federation",
+    ("GET", "/federation/peer/agents"): "federation",
+    ("GET", "/federation/peer/events"): "federation",
+    ("GET", "/federation/peer/commands"): "federation",
+    ("GET", "/federation/peer/audit"): "federation",
+    ("POST", "/federation/peer/commands"): "federation_write",
 }
 
 

@@ -20,6 +20,9 @@ class Principal:
     A user (``user_id`` set) signs in with a password (a session) or one of
     their personal tokens (``scope`` set: bearer, or a session it opened).
     A legacy admin token has no user: ``name`` is the token's, role admin.
+    A federation token (``federation`` set) is a peer region's hub: ``name``
+    is the token's, its role ``federation`` (or ``federation_commands``),
+    which admits the federation peer routes alone (policy.py).
     """
 
     name: str
@@ -32,6 +35,7 @@ class Principal:
     token_hash: bytes | None = None
     token_id: uuid.UUID | None = None  # a personal token's id
     session: str | None = None
+    federation: bool = False
 
     @property
     def by_cookie(self) -> bool:
@@ -44,6 +48,8 @@ class Principal:
     @property
     def actor(self) -> str:
         """How audit rows and commands name the caller."""
+        if self.federation:
+            return f"federation:{self.name}"
         if self.user_id is None:
             return f"token:{self.name}"
         if self.token_name is not None:
