@@ -140,7 +140,7 @@ def _task_events(label: str) -> tuple[f.AgentEvent, ...]:
     (``SHARED``), which ran ``RUNTIMES[label]`` ms (or 1 ms)."""
     task_id, name = f"task-{label}", f"app.{label}"
     common = {"task_name": name, "queue": f"q-{label}"}
-    shared = {"task_name": SHARED}
+    shared = {"task_name": SHARED, "queue": f"q-{label}"}
     raw = [
         (task_id, "task.received", {**common, "args": [1], "kwargs": {}}),
         (task_id, "task.started", {**common, "worker": f"celery@{label}"}),
@@ -183,22 +183,26 @@ def _opamp_report(uid: bytes, label: str) -> bytes:
 
 async def _answer_commands(agent: RawAgent) -> None:
     """Answer every command as an adapter that did it would (dlq.list: none
-    listed), until the connection closes."""
-    while True:
-        try:
+    listed), until the connection closes. It ends by itself, never by a
+    cancel: a cancel of its nursery while a failure unwinds would turn into
+    a Cancelled the nursery swallows, and take the failure with it."""
+    try:
+        while True:
             frame = await agent.receive()
-        except trio_websocket.ConnectionClosed:
-            return
-        command = frame.payload
-        if not isinstance(command, f.Command):
-            continue
-        token = command.delivery_claim_token
-        await agent.send(f.CommandAck(delivery_claim_token=token), frame_id=frame.id)
-        result: dict[str, Any] = {"entries": [], "total": 0} if command.action == "dlq.list" else {}
-        await agent.send(
-            f.CommandResult(status="success", result=result, delivery_claim_token=token),
-            frame_id=frame.id,
-        )
+            command = frame.payload
+            if not isinstance(command, f.Command):
+                continue
+            token = command.delivery_claim_token
+            await agent.send(f.CommandAck(delivery_claim_token=token), frame_id=frame.id)
+            result: dict[str, Any] = (
+                {"entries": [], "total": 0} if command.action == "dlq.list" else {}
+            )
+            await agent.send(
+                f.CommandResult(status="success", result=result, delivery_claim_token=token),
+                frame_id=frame.id,
+            )
+    except trio_websocket.ConnectionClosed:
+        return
 
 
 async def _get(world_http: tuple[str, int], path: str, token: str) -> Any:
@@ -361,21 +365,18 @@ async def two_projects(config: Config, role: str = "operator") -> AsyncIterator[
             body={"name": "walk", "scope": scope},
         )
         assert status == 201, token
-        try:
-            yield World(
-                brain=brain,
-                http=http,
-                legacy=legacy,
-                mine=mine,
-                theirs=sides[theirs_label],
-                token=token["token"],
-                cookie=cookie,
-                csrf=csrf,
-                agents=agents,
-                credentials={f"proj-{label}": c for label, c in credentials.items()},
-            )
-        finally:
-            nursery.cancel_scope.cancel()
+        yield World(
+            brain=brain,
+            http=http,
+            legacy=legacy,
+            mine=mine,
+            theirs=sides[theirs_label],
+            token=token["token"],
+            cookie=cookie,
+            csrf=csrf,
+            agents=agents,
+            credentials={f"proj-{label}": c for label, c in credentials.items()},
+        )
 
 
 # -- the walk ---------------------------------------------------------------------------
