@@ -89,9 +89,16 @@ async def test_a_signed_in_viewer_sees_events_commands_agents_and_instances(conf
 
                 async with raw_agent(http, agent_token, secret, worker_id="w-1", prove=True):
                     agent = await v.next_message("agent")
+                    shown = await http_request(
+                        http,
+                        "GET",
+                        f"/api/v1/agents/{agent_id}",
+                        headers={"Authorization": f"Bearer {token}"},
+                    )
                     assert agent == {
                         "type": "agent",
                         "agent_id": str(agent_id),
+                        "project_id": shown.json()["project_id"],  # narrowed sockets need it
                         "worker_id": "w-1",
                         "state": "connected",
                     }
@@ -235,6 +242,7 @@ def test_bursts_of_events_coalesce_and_a_slow_subscriber_is_dropped() -> None:
             "count": 10,
             "kinds": {"k": 10},
             "sample": [{"n": 4}, {"n": 3}, {"n": 2}, {"n": 1}, {"n": 0}],
+            "projects": {},  # per project: none here
         }
     ]
     assert stats.dashboard_coalesced == 4

@@ -405,21 +405,50 @@ class BufferFile:
         self.dead_letter_rows += moved
         return moved
 
-    def dead_letters(self) -> int:
-        return int(self._db.execute("SELECT count(*) FROM dead_letter").fetchone()[0])
+    def dead_letters(self, projects: frozenset[uuid.UUID] | None = None) -> int:
+        """How many dead letters there are (of ``projects`` only, unless None)."""
+        where, params = _of_projects(projects)
+        sql = f"SELECT count(*) FROM dead_letter{' WHERE ' + where if where else ''}"
+        return int(self._db.execute(sql, params).fetchone()[0])
 
     def dead_letter_page(
-        self, *, before: int | None, limit: int, body_bytes: int
+        self,
+        *,
+        before: int | None,
+        limit: int,
+        body_bytes: int,
+        projects: frozenset[uuid.UUID] | None = None,
     ) -> list[DeadLetter]:
         """Dead letters newest first, ids below ``before`` (keyset), bodies cut
-        to ``body_bytes``."""
-        where, params = ("WHERE id < ?", [before]) if before is not None else ("", [])
+        to ``body_bytes``; of ``projects`` only, unless None."""
+        terms: list[str] = []
+        params: list[Any] = []
+        if before is not None:
+            terms.append("id < ?")
+            params.append(before)
+        of_projects, values = _of_projects(projects)
+        if of_projects:
+            terms.append(of_projects)
+            params += values
+        where = f"WHERE {' AND '.join(terms)}" if terms else ""
         rows = self._db.execute(
             "SELECT id, received_at, source, origin, substr(body, 1, ?), length(body), error,"
             f" failed_at FROM dead_letter {where} ORDER BY id DESC LIMIT ?",
             (body_bytes, *params, limit),
         ).fetchall()
         return [_dead_letter(row) for row in rows]
+
+    def dead_letter_projects(self, row_ids: Sequence[int]) -> dict[int, uuid.UUID | None]:
+        """The project of each of ``row_ids`` that is a dead letter (None: an
+        ingest payload, which has none)."""
+        found: dict[int, uuid.UUID | None] = {}
+        for row_id in dict.fromkeys(row_ids):
+            row = self._db.execute(
+                f"SELECT {_ORIGIN_PROJECT} FROM dead_letter WHERE id = ?", (row_id,)
+            ).fetchone()
+            if row is not None:
+                found[row_id] = _project_id(row[0])
+        return found
 
     def dead_letter(self, row_id: int, *, body_bytes: int) -> DeadLetter | None:
         row = self._db.execute(
@@ -512,6 +541,30 @@ class BufferFile:
     def count(self) -> int:
         """Rows in the file, counted by SQLite (for tests and checks)."""
         return int(self._db.execute("SELECT count(*) FROM payloads").fetchone()[0])
+
+
+# A dead letter's project: its origin's (agent payloads), NULL for ingest payloads.
+_ORIGIN_PROJECT = (
+    "CASE WHEN json_valid(CAST(origin AS TEXT))"
+    " THEN json_extract(CAST(origin AS TEXT), '$.project_id') END"
+)
+
+
+def _of_projects(projects: frozenset[uuid.UUID] | None) -> tuple[str, list[str]]:
+    """A condition on dead letters: of one of ``projects`` ("" for None)."""
+    if projects is None:
+        return "", []
+    if not projects:
+        return "0", []
+    ids = sorted(str(p) for p in projects)
+    return f"{_ORIGIN_PROJECT} IN ({', '.join('?' * len(ids))})", ids
+
+
+def _project_id(text: Any) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
 
 
 def _dead_letter(row: Any) -> DeadLetter:
@@ -722,12 +775,32 @@ class Buffer:
     # -- dead letters (an operator's) -------------------------------------------
 
     async def dead_letter_page(
-        self, *, before: int | None, limit: int, body_bytes: int
+        self,
+        *,
+        before: int | None,
+        limit: int,
+        body_bytes: int,
+        projects: frozenset[uuid.UUID] | None = None,
     ) -> list[DeadLetter]:
         fn = functools.partial(
-            self.file.dead_letter_page, before=before, limit=limit, body_bytes=body_bytes
+            self.file.dead_letter_page,
+            before=before,
+            limit=limit,
+            body_bytes=body_bytes,
+            projects=projects,
         )
         result: list[DeadLetter] = await self._run(fn)
+        return result
+
+    async def dead_letter_count(self, projects: frozenset[uuid.UUID]) -> int:
+        """Dead letters of ``projects`` (the total is in `statistics`)."""
+        result: int = await self._run(self.file.dead_letters, projects)
+        return result
+
+    async def dead_letter_projects(self, row_ids: Sequence[int]) -> dict[int, uuid.UUID | None]:
+        result: dict[int, uuid.UUID | None] = await self._run(
+            self.file.dead_letter_projects, row_ids
+        )
         return result
 
     async def dead_letter(self, row_id: int, *, body_bytes: int) -> DeadLetter | None:

@@ -58,6 +58,7 @@ from ..stats import BrainStats, HttpStats
 from ..store import health_checks as store_health_checks
 from ..store import health_notes as store_health_notes
 from ..store import migrate_until_ready, store_for
+from ..store.base import Agent
 from .agents import AgentEndpoint, Session
 from .commands import Commands
 from .dashboard_hub import DashboardHub
@@ -242,16 +243,17 @@ async def serve_brain(
                 is_leader=lambda: registry.is_leader,
             )
 
-            def worker_changed(agent_id: uuid.UUID, worker_id: str, state: str) -> None:
+            def worker_changed(agent: Agent, worker_id: str, state: str) -> None:
                 hub.publish(
                     {
                         "type": "agent",
-                        "agent_id": str(agent_id),
+                        "agent_id": str(agent.id),
+                        "project_id": str(agent.project_id),
                         "worker_id": worker_id,
                         "state": state,
                     }
                 )
-                streams.worker_changed(agent_id, worker_id, state)
+                streams.worker_changed(agent.id, worker_id, state)
 
             agents = AgentEndpoint(
                 config,

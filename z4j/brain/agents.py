@@ -225,14 +225,14 @@ class AgentEndpoint:
         sessions: SessionTable[Session] | None = None,
         commands: CommandAnswers | None = None,
         ownership: Ownership | None = None,
-        on_worker: Callable[[uuid.UUID, str, str], None] | None = None,
+        on_worker: Callable[[Agent, str, str], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """``sessions``: filled here, read by commands and the registry.
         ``commands``: told of workers and their answers (None: answers are
         ignored). ``ownership``: claims sessions across replicas.
-        ``on_worker``: called with (agent id, worker id, "connected" |
-        "disconnected") (the dashboard's feed). ``clock``: the wall clock that
+        ``on_worker``: called with (the agent, worker id, "connected" |
+        "disconnected") (the dashboard's feed, which needs its project). ``clock``: the wall clock that
         tokens' and signing keys' ends are held against (tests move it)."""
         self._config = config
         self._store = store
@@ -409,7 +409,7 @@ class AgentEndpoint:
             if self.sessions.get(key) is session:
                 del self.sessions[key]
                 if self._on_worker is not None:
-                    self._on_worker(agent.id, session.worker_id, "disconnected")
+                    self._on_worker(agent, session.worker_id, "disconnected")
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
                     try:
                         if session.fencing_token is not None:
@@ -521,7 +521,7 @@ class AgentEndpoint:
         session.hello = None
         self.sessions[key] = session
         if self._on_worker is not None:
-            self._on_worker(agent.id, worker_id, "connected")
+            self._on_worker(agent, worker_id, "connected")
         log.info("agent %s worker %s connected", agent.id, loggable(worker_id))
         try:
             session.fencing_token = await self._ownership.acquire(agent.id, worker_id)

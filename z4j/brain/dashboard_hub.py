@@ -18,6 +18,19 @@ rollout as the API shows it). On replicas (``postgres_notify``) messages made
 here are also relayed to the others through the registry, and theirs
 arrive through `publish_local`.
 
+A user narrowed to projects (narrowing.py) gets only their projects'
+messages, cut by `for_projects`: a message names its project (a command's,
+an agent's, an OpAMP agent's or rollout's ``project_id``), and an
+``events`` message carries per project the events counted and their kinds
+(``projects``), so their view of it holds their projects' figures and
+sample only. What names no project of theirs is not sent: instance
+heartbeats (brain-wide), ingest payloads (no project) and any type this
+module does not know. Their ``count`` is of the rows the feed looks into
+(the first `SAMPLED_ROWS` payloads of each drained batch): exact for
+batches that small, a lower bound for larger ones, since counting every
+row's events per project would parse each stored record a second time on
+the event loop.
+
 Browsers send the session cookie with any WebSocket handshake, whatever
 page opens it, and WebSockets have no CORS. So a socket signed in by the
 cookie must also give the session's CSRF token (``?csrf=``, read by our
@@ -52,7 +65,7 @@ from .http.auth import Auth, Principal, credentials, header, same_origin
 from .http.policy import DASHBOARD_ACTION, allowed
 from .links import SAMPLE_SIZE, merge_events
 
-__all__ = ["DashboardHub", "merge_events"]
+__all__ = ["DashboardHub", "for_projects", "merge_events"]
 
 log = logging.getLogger("z4j.dashboard")
 
@@ -65,13 +78,15 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class _Subscriber:
-    __slots__ = ("dropped", "queue", "ready", "signed_out")
+    __slots__ = ("dropped", "projects", "queue", "ready", "signed_out")
 
-    def __init__(self) -> None:
+    def __init__(self, projects: frozenset[uuid.UUID] | None = None) -> None:
+        """``projects``: the only projects whose messages it gets (None: all)."""
         self.queue: deque[dict[str, Any]] = deque()
         self.ready = trio.Event()
         self.dropped = False
         self.signed_out = False
+        self.projects = None if projects is None else frozenset(str(p) for p in projects)
 
 
 class DashboardHub:
@@ -113,10 +128,18 @@ class DashboardHub:
         # Trio thread must not parse every stored record a second time.
         kinds: Counter[str] = Counter()
         sample: list[dict[str, Any]] = []
-        for at, key, source, kind, body, _, agent, worker in _sample_rows(
+        projects: dict[str, dict[str, Any]] = {}
+        for at, key, source, kind, body, project, agent, worker in _sample_rows(
             buffer_id, rows[:SAMPLED_ROWS]
         ):
             kinds[kind] += 1
+            project_id = None if project is None else str(uuid.UUID(bytes=project))
+            if project_id is not None:
+                figures = projects.get(project_id)
+                if figures is None:
+                    figures = projects[project_id] = {"count": 0, "kinds": {}}
+                figures["count"] += 1
+                figures["kinds"][kind] = figures["kinds"].get(kind, 0) + 1
             if len(sample) < SAMPLE_SIZE:
                 sample.append(
                     {
@@ -124,29 +147,47 @@ class DashboardHub:
                         "received_at": at.isoformat(),
                         "source": source,
                         "kind": kind,
+                        "project_id": project_id,
                         "agent_id": None if agent is None else str(uuid.UUID(bytes=agent)),
                         "worker_id": worker,
                         "body": orjson.loads(body),
                     }
                 )
         sample.reverse()  # newest first
-        self.publish({"type": "events", "count": records, "kinds": dict(kinds), "sample": sample})
+        self.publish(
+            {
+                "type": "events",
+                "count": records,
+                "kinds": dict(kinds),
+                "sample": sample,
+                "projects": projects,
+            }
+        )
 
     def publish_local(self, message: dict[str, Any]) -> None:
         """Queue ``message`` for every subscriber here (coalescing, or dropping the slow)."""
         if not self._subscribers:
             return
         self._stats.dashboard_messages += 1
+        views: dict[frozenset[str], dict[str, Any] | None] = {}
         for sub in list(self._subscribers):
+            if sub.projects is None:
+                view: dict[str, Any] | None = message
+            elif sub.projects in views:
+                view = views[sub.projects]
+            else:
+                view = views[sub.projects] = for_projects(message, sub.projects)
+            if view is None:
+                continue  # nothing of their projects
             queue = sub.queue
-            if message["type"] == "events" and queue and queue[-1]["type"] == "events":
-                queue[-1] = merge_events(queue[-1], message)
+            if view["type"] == "events" and queue and queue[-1]["type"] == "events":
+                queue[-1] = merge_events(queue[-1], view)
                 self._stats.dashboard_coalesced += 1
             elif len(queue) >= QUEUE_SIZE:
                 self._drop(sub)
                 continue
             else:
-                queue.append(message)
+                queue.append(view)
             sub.ready.set()
 
     def _drop(self, sub: _Subscriber) -> None:
@@ -187,7 +228,7 @@ class DashboardHub:
                 if not self._auth.csrf_matches(principal.session, csrf):
                     await send({"type": "websocket.close", "code": CloseCode.FORBIDDEN})
                     return
-        sub = _Subscriber()
+        sub = _Subscriber(None if principal is None else principal.projects)
         self._subscribers.add(sub)
         self._stats.dashboard_subscribers += 1
         try:
@@ -236,6 +277,37 @@ class DashboardHub:
     @staticmethod
     async def _send(send: Send, message: dict[str, Any]) -> None:
         await send({"type": "websocket.send", "text": orjson.dumps(message).decode()})
+
+
+def for_projects(message: dict[str, Any], projects: frozenset[str]) -> dict[str, Any] | None:
+    """What a subscriber narrowed to ``projects`` (ids as text) sees of
+    ``message``: the message, its part of an ``events`` message, or None
+    (nothing of theirs, or a message that names no project)."""
+    kind = message.get("type")
+    if kind == "events":
+        figures = {p: f for p, f in (message.get("projects") or {}).items() if p in projects}
+        if not figures:
+            return None
+        kinds: dict[str, int] = {}
+        for f in figures.values():
+            for name, n in f["kinds"].items():
+                kinds[name] = kinds.get(name, 0) + n
+        return {
+            "type": "events",
+            "count": sum(f["count"] for f in figures.values()),
+            "kinds": kinds,
+            "sample": [e for e in message["sample"] if e.get("project_id") in projects],
+            "projects": figures,
+        }
+    if kind == "command":
+        project = message["command"].get("project_id")
+    elif kind == "opamp_rollout":
+        project = message["rollout"].get("project_id")
+    elif kind in ("agent", "opamp_agent"):
+        project = message.get("project_id")
+    else:
+        return None  # brain-wide (instance), or a type not known to be of a project
+    return message if project in projects else None
 
 
 def _sample_rows(buffer_id: uuid.UUID, rows: Sequence[ClaimedRow]) -> Iterator[EventRow]:

@@ -305,13 +305,23 @@ class AlonePeers:
 
 def merge_events(queued: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """Two dashboard ``events`` messages as one (a slow subscriber's, or a relayed burst)."""
+    projects = {p: {**f, "kinds": dict(f["kinds"])} for p, f in queued.get("projects", {}).items()}
+    for project, figures in new.get("projects", {}).items():
+        into = projects.setdefault(project, {"count": 0, "kinds": {}})
+        into["count"] += figures["count"]
+        _add_kinds(into["kinds"], figures["kinds"])
     kinds = dict(queued["kinds"])
-    for kind, n in new["kinds"].items():
-        kinds[kind] = kinds.get(kind, 0) + n
+    _add_kinds(kinds, new["kinds"])
     sample = (new["sample"] + queued["sample"])[:SAMPLE_SIZE]  # newest first
     return {
         "type": "events",
         "count": queued["count"] + new["count"],
         "kinds": kinds,
         "sample": sample,
+        "projects": projects,
     }
+
+
+def _add_kinds(into: dict[str, int], more: dict[str, int]) -> None:
+    for kind, n in more.items():
+        into[kind] = into.get(kind, 0) + n

@@ -13,7 +13,7 @@ from typing import Any
 from ._rows import Dialect
 from .base import EventFilter
 
-__all__ = ["Where", "commands_where", "events_where"]
+__all__ = ["Where", "commands_where", "events_where", "one_of"]
 
 
 class Where:
@@ -30,6 +30,14 @@ class Where:
         self.params += values
         return self
 
+    def one_of(self, column: str, ids: frozenset[uuid.UUID] | None) -> Where:
+        """``column`` is one of ``ids`` (None: no condition; empty: none matches)."""
+        if ids is not None:
+            condition, values = one_of(self._d, column, ids)
+            self._terms.append(condition)
+            self.params += values
+        return self
+
     def before(self, first: str, second: str, values: tuple[Any, Any]) -> Where:
         """Rows strictly before ``values`` in (``first``, ``second``) order: a keyset page."""
         if self._d.row_values:
@@ -41,6 +49,19 @@ class Where:
         return f" WHERE {' AND '.join(self._terms)}" if self._terms else ""
 
 
+def one_of(d: Dialect, column: str, ids: frozenset[uuid.UUID]) -> tuple[str, list[Any]]:
+    """SQL (in ``d``'s placeholders) for ``column`` being one of ``ids``, and its values.
+
+    One id is an equality, which the column's index serves as it does a
+    filter by one project; an empty set matches nothing."""
+    if not ids:
+        return "1 = 0", []
+    values = [d.uuid_in(i) for i in sorted(ids)]
+    if len(values) == 1:
+        return f"{column} = {d.param}", values
+    return f"{column} IN ({', '.join([d.param] * len(values))})", values
+
+
 def events_where(d: Dialect, query: EventFilter) -> Where:
     """Every condition of ``query`` but its text (store/event_search.py) and limit."""
     where = Where(d)
@@ -48,6 +69,7 @@ def events_where(d: Dialect, query: EventFilter) -> Where:
         where.add("kind = ?", query.kind)
     if query.project_id is not None:
         where.add("project_id = ?", d.uuid_in(query.project_id))
+    where.one_of("project_id", query.projects)
     if query.agent_id is not None:
         where.add("agent_id = ?", d.uuid_in(query.agent_id))
     if query.worker_id is not None:
@@ -73,10 +95,12 @@ def commands_where(
     agent_id: uuid.UUID | None,
     state: str | None,
     before: tuple[float, uuid.UUID] | None,
+    projects: frozenset[uuid.UUID] | None = None,
 ) -> Where:
     where = Where(d)
     if agent_id is not None:
         where.add("agent_id = ?", d.uuid_in(agent_id))
+    where.one_of("project_id", projects)
     if state is not None:
         where.add("state = ?", state)
     if before is not None:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from . import _rows
-from ._filters import Where
+from ._filters import Where, one_of
 from ._rows import AGENT_COLUMNS, COMMAND_COLUMNS, PROJECT_COLUMNS, Conn, Dialect
 from .base import (
     FINAL_COMMAND_STATES,
@@ -107,11 +107,16 @@ def read_worker_registries(
     agent_id: uuid.UUID | None,
     after: tuple[uuid.UUID, str] | None,
     limit: int,
+    projects: frozenset[uuid.UUID] | None = None,
 ) -> list[WorkerRegistry]:
-    """A page of workers' registries (a read: no transaction needed)."""
+    """A page of workers' registries (a read: no transaction needed), of
+    ``projects``' agents only unless None."""
     where = Where(d)
     if agent_id is not None:
         where.add("agent_id = ?", d.uuid_in(agent_id))
+    if projects is not None:
+        condition, values = one_of(d, "project_id", projects)
+        where.add(f"agent_id IN (SELECT id FROM agents WHERE {condition})", *values)
     if after is not None:
         a, w = d.uuid_in(after[0]), after[1]
         where.add("(agent_id > ? OR (agent_id = ? AND worker_id > ?))", a, a, w)

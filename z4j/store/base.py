@@ -289,6 +289,7 @@ class TaskFilter:
     name: str | None = None
     agent_id: uuid.UUID | None = None
     project_id: uuid.UUID | None = None
+    projects: frozenset[uuid.UUID] | None = None  # only these projects' (None: any)
     since: float | None = None  # last_event_at >= since
     until: float | None = None  # last_event_at < until
     text: str | None = None  # a substring of the name, id, exception or message
@@ -334,6 +335,7 @@ class ScheduleFilter:
     scheduler: str | None = None
     engine: str | None = None
     project_id: uuid.UUID | None = None
+    projects: frozenset[uuid.UUID] | None = None  # only these projects' (None: any)
     enabled: bool | None = None
     # Keyset cursor: schedules strictly after (scheduler, source_key, project_id).
     after: tuple[str, str, uuid.UUID] | None = None
@@ -565,6 +567,8 @@ class EventFilter:
 
     kind: str | None = None
     project_id: uuid.UUID | None = None
+    # Only these projects' events (None: any; a user narrowed to projects).
+    projects: frozenset[uuid.UUID] | None = None
     agent_id: uuid.UUID | None = None
     worker_id: str | None = None
     # Agent events about one task, one engine, one task name (fields of the body).
@@ -828,9 +832,11 @@ class Store(Protocol):
         state: str | None = None,
         before: tuple[float, uuid.UUID] | None = None,
         limit: int = 100,
+        projects: frozenset[uuid.UUID] | None = None,
     ) -> list[CommandRecord]:
-        """The latest ``limit`` commands, of one agent or all, in one state or any;
-        newest first. ``before`` (created_at, id) continues a page."""
+        """The latest ``limit`` commands, of one agent or all, in one state or any,
+        of ``projects`` only (None: any); newest first. ``before`` (created_at,
+        id) continues a page."""
         ...
 
     async def transition_command(
@@ -878,9 +884,11 @@ class Store(Protocol):
         agent_id: uuid.UUID | None = None,
         after: tuple[uuid.UUID, str] | None = None,
         limit: int = 100,
+        projects: frozenset[uuid.UUID] | None = None,
     ) -> list[WorkerRegistry]:
-        """Workers' task registries, of one agent or all, by agent then worker
-        id, those after ``after`` (a keyset page)."""
+        """Workers' task registries, of one agent or all (of ``projects``'
+        agents only, unless None), by agent then worker id, those after
+        ``after`` (a keyset page)."""
         ...
 
     async def search_events(self, query: EventFilter) -> EventPage:
@@ -918,23 +926,35 @@ class Store(Protocol):
         ...
 
     async def task_outcomes(
-        self, *, since: float, by: Literal["queue", "name"] = "queue"
+        self,
+        *,
+        since: float,
+        by: Literal["queue", "name"] = "queue",
+        projects: frozenset[uuid.UUID] | None = None,
     ) -> list[tuple[str, str | None, str, int]]:
-        """(engine, queue or name, state, tasks) for tasks last heard of at or after ``since``."""
+        """(engine, queue or name, state, tasks) for tasks last heard of at or
+        after ``since``, of ``projects`` only (None: any)."""
         ...
 
     async def recent_runtimes(
-        self, *, since: float, limit: int
+        self, *, since: float, limit: int, projects: frozenset[uuid.UUID] | None = None
     ) -> list[tuple[str, str | None, float]]:
-        """(engine, name, runtime_ms) of the newest ``limit`` tasks with a runtime."""
+        """(engine, name, runtime_ms) of the newest ``limit`` tasks with a
+        runtime, of ``projects`` only (None: any)."""
         ...
 
     async def engine_workers(
-        self, *, since: float, engine: str | None = None, worker: str | None = None
+        self,
+        *,
+        since: float,
+        engine: str | None = None,
+        worker: str | None = None,
+        projects: frozenset[uuid.UUID] | None = None,
     ) -> list[EngineWorker]:
         """The engines' own workers named by tasks last heard of at or after
         ``since``, one per (engine, worker, agent), by engine, worker and agent;
-        only ``engine``'s, or only the worker of that name, when given."""
+        only ``engine``'s, or only the worker of that name, when given; only
+        from ``projects``' tasks unless None."""
         ...
 
     async def commands_for_task(

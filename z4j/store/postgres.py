@@ -668,8 +668,9 @@ class PostgresStore:
         state: str | None = None,
         before: tuple[float, uuid.UUID] | None = None,
         limit: int = 100,
+        projects: frozenset[uuid.UUID] | None = None,
     ) -> list[CommandRecord]:
-        where = commands_where(PG, agent_id=agent_id, state=state, before=before)
+        where = commands_where(PG, agent_id=agent_id, state=state, before=before, projects=projects)
         sql = (
             f"SELECT {COMMAND_COLUMNS} FROM commands{where}"
             " ORDER BY created_at DESC, id DESC LIMIT %s"
@@ -744,9 +745,10 @@ class PostgresStore:
         agent_id: uuid.UUID | None = None,
         after: tuple[uuid.UUID, str] | None = None,
         limit: int = 100,
+        projects: frozenset[uuid.UUID] | None = None,
     ) -> list[WorkerRegistry]:
         result: list[WorkerRegistry] = await self._read(
-            lambda conn: read_worker_registries(PG, conn, agent_id, after, limit)
+            lambda conn: read_worker_registries(PG, conn, agent_id, after, limit, projects)
         )
         return result
 
@@ -797,18 +799,22 @@ class PostgresStore:
         return result
 
     async def task_outcomes(
-        self, *, since: float, by: Literal["queue", "name"] = "queue"
+        self,
+        *,
+        since: float,
+        by: Literal["queue", "name"] = "queue",
+        projects: frozenset[uuid.UUID] | None = None,
     ) -> list[tuple[str, str | None, str, int]]:
         result: list[tuple[str, str | None, str, int]] = await self._read(
-            lambda conn: tasks.task_outcomes(PG, conn, since, by)
+            lambda conn: tasks.task_outcomes(PG, conn, since, by, projects)
         )
         return result
 
     async def recent_runtimes(
-        self, *, since: float, limit: int
+        self, *, since: float, limit: int, projects: frozenset[uuid.UUID] | None = None
     ) -> list[tuple[str, str | None, float]]:
         result: list[tuple[str, str | None, float]] = await self._read(
-            lambda conn: tasks.recent_runtimes(PG, conn, since, limit)
+            lambda conn: tasks.recent_runtimes(PG, conn, since, limit, projects)
         )
         return result
 
@@ -824,10 +830,15 @@ class PostgresStore:
             self._on_tasks(finished)
 
     async def engine_workers(
-        self, *, since: float, engine: str | None = None, worker: str | None = None
+        self,
+        *,
+        since: float,
+        engine: str | None = None,
+        worker: str | None = None,
+        projects: frozenset[uuid.UUID] | None = None,
     ) -> list[EngineWorker]:
         result: list[EngineWorker] = await self._read(
-            lambda conn: tasks.engine_workers(PG, conn, since, engine, worker)
+            lambda conn: tasks.engine_workers(PG, conn, since, engine, worker, projects)
         )
         return result
 

@@ -43,6 +43,7 @@ from typing import Any
 from .. import schedules as core
 from ..schedules import ScheduleControl, ScheduleFrame, ScheduleRow
 from . import schedule_frames as staging
+from ._filters import one_of
 from ._rows import Conn, Dialect
 from .base import ScheduleFilter, ScheduleRecord, ScheduleStream
 
@@ -393,6 +394,10 @@ def list_schedules(d: Dialect, conn: Conn, query: ScheduleFilter) -> list[Schedu
     if query.project_id is not None:
         terms.append("project_id = ?")
         params.append(d.uuid_in(query.project_id))
+    if query.projects is not None:
+        condition, values = one_of(d, "project_id", query.projects)
+        terms.append(condition)
+        params.extend(values)
     if query.enabled is not None:
         terms.append("is_enabled = ?")
         params.append(query.enabled)

@@ -435,8 +435,9 @@ class SqliteStore:
         state: str | None = None,
         before: tuple[float, uuid.UUID] | None = None,
         limit: int = 100,
+        projects: frozenset[uuid.UUID] | None = None,
     ) -> list[CommandRecord]:
-        where = commands_where(SQ, agent_id=agent_id, state=state, before=before)
+        where = commands_where(SQ, agent_id=agent_id, state=state, before=before, projects=projects)
         rows = await self._run(
             _fetch_all,
             f"SELECT {COMMAND_COLUMNS} FROM commands{where}"
@@ -513,9 +514,10 @@ class SqliteStore:
         agent_id: uuid.UUID | None = None,
         after: tuple[uuid.UUID, str] | None = None,
         limit: int = 100,
+        projects: frozenset[uuid.UUID] | None = None,
     ) -> list[WorkerRegistry]:
         result: list[WorkerRegistry] = await self._run(
-            lambda db: read_worker_registries(SQ, db, agent_id, after, limit)
+            lambda db: read_worker_registries(SQ, db, agent_id, after, limit, projects)
         )
         return result
 
@@ -558,14 +560,18 @@ class SqliteStore:
         return await self._run(lambda db: tasks.get_tasks(SQ, db, engine, task_id, project_id))
 
     async def task_outcomes(
-        self, *, since: float, by: Literal["queue", "name"] = "queue"
+        self,
+        *,
+        since: float,
+        by: Literal["queue", "name"] = "queue",
+        projects: frozenset[uuid.UUID] | None = None,
     ) -> list[tuple[str, str | None, str, int]]:
-        return await self._run(lambda db: tasks.task_outcomes(SQ, db, since, by))
+        return await self._run(lambda db: tasks.task_outcomes(SQ, db, since, by, projects))
 
     async def recent_runtimes(
-        self, *, since: float, limit: int
+        self, *, since: float, limit: int, projects: frozenset[uuid.UUID] | None = None
     ) -> list[tuple[str, str | None, float]]:
-        return await self._run(lambda db: tasks.recent_runtimes(SQ, db, since, limit))
+        return await self._run(lambda db: tasks.recent_runtimes(SQ, db, since, limit, projects))
 
     async def stuck_counts(self, *, before: float) -> dict[str, int]:
         return await self._run(lambda db: tasks.stuck_counts(SQ, db, before))
@@ -578,9 +584,16 @@ class SqliteStore:
             self._on_tasks(finished)
 
     async def engine_workers(
-        self, *, since: float, engine: str | None = None, worker: str | None = None
+        self,
+        *,
+        since: float,
+        engine: str | None = None,
+        worker: str | None = None,
+        projects: frozenset[uuid.UUID] | None = None,
     ) -> list[EngineWorker]:
-        return await self._run(lambda db: tasks.engine_workers(SQ, db, since, engine, worker))
+        return await self._run(
+            lambda db: tasks.engine_workers(SQ, db, since, engine, worker, projects)
+        )
 
     async def commands_for_task(
         self, project_id: uuid.UUID, engine: str, task_id: str

@@ -18,6 +18,7 @@ import orjson
 
 from ..tasks import task_row
 from . import _rows
+from ._filters import one_of
 from ._rows import COMMAND_COLUMNS, Conn, Dialect
 from .base import CommandRecord, EngineWorker, TaskCounts, TaskFilter, TaskRecord
 
@@ -67,6 +68,10 @@ def _where(d: Dialect, query: TaskFilter, *, with_state: bool = True) -> tuple[s
         add("agent_id = ?", d.uuid_in(query.agent_id))
     if query.project_id is not None:
         add("project_id = ?", d.uuid_in(query.project_id))
+    if query.projects is not None:
+        condition, values = one_of(d, "project_id", query.projects)
+        terms.append(condition)
+        params.extend(values)
     if query.since is not None:
         add("last_event_at >= ?", d.ts_in(query.since))
     if query.until is not None:
@@ -141,6 +146,10 @@ def count_by_state(d: Dialect, conn: Conn, query: TaskFilter) -> TaskCounts:
             if value is not None:
                 terms.append(f"{column} = {d.param}")
                 params.append(value)
+        if query.projects is not None:
+            condition, values = one_of(d, "project_id", query.projects)
+            terms.append(condition)
+            params.extend(values)
         where = (" WHERE " + " AND ".join(terms)) if terms else ""
         rows = conn.execute(
             f"SELECT state, sum(n) FROM task_counts{where} GROUP BY state", params
@@ -264,20 +273,37 @@ def commands_for_task(
     return [_rows.command(d, row) for row in rows]
 
 
+def _of_projects(
+    d: Dialect, sql: str, params: list[Any], projects: frozenset[uuid.UUID] | None
+) -> str:
+    """``sql`` (a WHERE already begun) and ``params`` with the tasks of ``projects`` only."""
+    if projects is None:
+        return sql
+    condition, values = one_of(d, "project_id", projects)
+    params.extend(values)
+    return f"{sql} AND {condition}"
+
+
 def task_outcomes(
-    d: Dialect, conn: Conn, since: float, by: str = "queue"
+    d: Dialect,
+    conn: Conn,
+    since: float,
+    by: str = "queue",
+    projects: frozenset[uuid.UUID] | None = None,
 ) -> list[tuple[str, str | None, str, int]]:
     """(engine, queue or name, state, tasks) of the tasks whose last event is
-    at or after ``since``; ``by`` is "queue" or "name"."""
+    at or after ``since`` (of ``projects`` only, unless None); ``by`` is
+    "queue" or "name"."""
     if by not in ("queue", "name"):
         raise ValueError(f"by: queue or name, not {by!r}")
-    rows = conn.execute(
-        d.sql(
-            f"SELECT engine, {by}, state, count(*) FROM tasks WHERE last_event_at >= ?"
-            f" GROUP BY engine, {by}, state"
-        ),
-        [d.ts_in(since)],
-    ).fetchall()
+    params: list[Any] = [d.ts_in(since)]
+    sql = _of_projects(
+        d,
+        d.sql(f"SELECT engine, {by}, state, count(*) FROM tasks WHERE last_event_at >= ?"),
+        params,
+        projects,
+    )
+    rows = conn.execute(f"{sql} GROUP BY engine, {by}, state", params).fetchall()
     return [(engine, group, state, int(n)) for engine, group, state, n in rows]
 
 
@@ -287,6 +313,7 @@ def engine_workers(
     since: float,
     engine: str | None = None,
     worker: str | None = None,
+    projects: frozenset[uuid.UUID] | None = None,
 ) -> list[EngineWorker]:
     """The engines' own workers that tasks last heard of at or after ``since``
     name (``tasks.worker``), one per (engine, worker, agent): when last heard
@@ -305,7 +332,8 @@ def engine_workers(
     if worker is not None:
         sql += " AND worker = ?"
         params.append(worker)
-    rows = conn.execute(d.sql(sql + " GROUP BY engine, worker, agent_id, state"), params).fetchall()
+    sql = _of_projects(d, d.sql(sql), params, projects)
+    rows = conn.execute(sql + " GROUP BY engine, worker, agent_id, state", params).fetchall()
     found: dict[tuple[str, str, uuid.UUID | None], tuple[float, dict[str, int]]] = {}
     for engine_name, worker_name, agent_id, state, n, last in rows:
         key = (engine_name, worker_name, d.opt_uuid_out(agent_id))
@@ -343,14 +371,25 @@ def stuck_counts(d: Dialect, conn: Conn, before: float) -> dict[str, int]:
 
 
 def recent_runtimes(
-    d: Dialect, conn: Conn, since: float, limit: int
+    d: Dialect,
+    conn: Conn,
+    since: float,
+    limit: int,
+    projects: frozenset[uuid.UUID] | None = None,
 ) -> list[tuple[str, str | None, float]]:
-    """(engine, name, runtime_ms) of the newest ``limit`` tasks with a runtime since ``since``."""
-    rows = conn.execute(
+    """(engine, name, runtime_ms) of the newest ``limit`` tasks with a runtime
+    since ``since`` (of ``projects`` only, unless None)."""
+    params: list[Any] = [d.ts_in(since)]
+    sql = _of_projects(
+        d,
         d.sql(
             "SELECT engine, name, runtime_ms FROM tasks WHERE last_event_at >= ?"
-            " AND runtime_ms IS NOT NULL ORDER BY last_event_at DESC LIMIT ?"
+            " AND runtime_ms IS NOT NULL"
         ),
-        [d.ts_in(since), limit],
+        params,
+        projects,
+    )
+    rows = conn.execute(
+        sql + f" ORDER BY last_event_at DESC LIMIT {d.param}", [*params, limit]
     ).fetchall()
     return [(engine, name, float(ms)) for engine, name, ms in rows]

@@ -394,6 +394,10 @@ class AccountRoutes:
         everyone = request.query.get("all") in ("1", "true")
         if everyone and not allowed("admin", p.role, p.scope):
             raise ApiError(403, "forbidden", "only an admin lists everyone's tokens")
+        if everyone and p.projects is not None:
+            raise ApiError(
+                403, "narrowed", "an admin narrowed to projects lists only their own tokens"
+            )
         names = {u.id: u.name for u in await self._store.list_users()}
         if everyone:
             items = [_legacy_json(t) for t in await self._store.list_api_tokens()]
@@ -445,7 +449,8 @@ class AccountRoutes:
     async def _revoke_token(self, request: Request) -> Response:
         p = _principal(request)
         ref = request.params["id"]
-        is_admin = allowed("admin", p.role, p.scope)
+        # Others' tokens are brain-wide: not an admin's who is narrowed to projects.
+        is_admin = allowed("admin", p.role, p.scope) and p.projects is None
         try:
             token_id = uuid.UUID(ref)
         except ValueError:

@@ -29,6 +29,7 @@ import orjson
 
 from ...store.base import (
     COMMAND_STATES,
+    CommandRecord,
     Store,
     StoreUnavailable,
 )
@@ -67,7 +68,7 @@ from .dead_letters_api import DeadLetterRoutes
 from .events_api import EventRoutes
 from .federation_api import FederationRoutes
 from .federation_peer_api import PeerRoutes
-from .narrowing import check_narrowed
+from .narrowing import check_agent, check_narrowed, check_project, projects_of, sees
 from .opamp_api import OpampRoutes
 from .opamp_rollouts_api import OpampRolloutRoutes
 from .openapi import OPENAPI
@@ -274,10 +275,8 @@ class Api:
                 actor="anonymous" if principal is None else principal.actor,
                 principal=principal,
             )
-            if principal is not None and principal.projects is not None:
-                await check_narrowed(
-                    self._store, principal, method, template, request.params, request.query
-                )
+            if principal is not None:
+                check_narrowed(principal, method, template)
             status, body = await handler(request)
             secure = scope.get("scheme") == "https"
             if (method, template) in _OPENS_SESSION and isinstance(body, dict):
@@ -316,7 +315,7 @@ class Api:
 
     async def _projects(self, request: Request) -> Response:
         projects = await self._store.list_projects()
-        return 200, page([to_json(p) for p in projects if _sees(request, p.id)], None)
+        return 200, page([to_json(p) for p in projects if sees(request, p.id)], None)
 
     async def _agents(self, request: Request) -> Response:
         project_id = None
@@ -325,6 +324,7 @@ class Api:
             project = await self._store.find_project(request.query["project"])
             if project is None:
                 raise ApiError(404, "not_found", f"no project {request.query['project']!r}")
+            check_project(request, project.id, request.query["project"])
             project_id = project.id
         projects = {p.id: p.name for p in await self._store.list_projects()}
         workers: dict[uuid.UUID, list[dict[str, Any]]] = {}
@@ -334,13 +334,13 @@ class Api:
         items = [
             _agent_json(a, projects.get(a.project_id), workers.get(a.id, []), graces.get(a.id))
             for a in await self._store.list_agents(project_id)
-            if _sees(request, a.project_id)
+            if sees(request, a.project_id)
         ]
         return 200, page(items, None)
 
     async def _agent(self, request: Request) -> Response:
         agent_id = uuid_param(request.params["id"], "id")
-        agent = await self._store.find_agent(str(agent_id))
+        agent = await check_agent(self._store, request, agent_id)
         if agent is None:
             raise ApiError(404, "not_found", f"no agent {agent_id}")
         project = await self._store.find_project(str(agent.project_id))
@@ -357,11 +357,15 @@ class Api:
         state = q.get("state")
         if state is not None and state not in COMMAND_STATES:
             raise ApiError(400, "bad_request", f"state must be one of {', '.join(COMMAND_STATES)}")
+        agent_id = uuid_param(q["agent_id"], "agent_id") if "agent_id" in q else None
+        if agent_id is not None:
+            await check_agent(self._store, request, agent_id)
         records = await self._store.list_commands(
-            agent_id=uuid_param(q["agent_id"], "agent_id") if "agent_id" in q else None,
+            agent_id=agent_id,
             state=state,
             before=_command_cursor(q["cursor"]) if "cursor" in q else None,
             limit=limit,
+            projects=projects_of(request),
         )
         cursor = None
         if len(records) == limit:
@@ -370,6 +374,8 @@ class Api:
 
     async def _create_command(self, request: Request) -> Response:
         fields = command_fields(request.json_object())
+        if projects_of(request) is not None:
+            await self._check_command_target(request, fields.agent, fields.project)
         try:
             record = await self._commands.send(
                 fields.agent,
@@ -384,15 +390,40 @@ class Api:
             raise command_error(exc) from None
         return 201, to_json(record)
 
-    async def _get_command(self, request: Request) -> Response:
+    async def _check_command_target(
+        self, request: Request, agent: str, project: str | None
+    ) -> None:
+        """404 unless the agent a new command names (as Commands.send finds
+        it) is of one of the caller's projects."""
+        check_text(agent)
+        project_id = None
+        if project is not None:
+            check_text(project)
+            found = await self._store.find_project(project)
+            if found is None:
+                raise ApiError(404, "not_found", f"no project {project!r}")
+            check_project(request, found.id, project)
+            project_id = found.id
+        target = await self._store.find_agent(agent, project_id)
+        if target is None or not sees(request, target.project_id):
+            raise ApiError(404, "not_found", f"no agent {agent!r}")
+
+    async def _seen_command(self, request: Request) -> tuple[uuid.UUID, CommandRecord | None]:
+        """The command the path names (None: there is none), 404 if another project's."""
         command_id = uuid_param(request.params["id"], "id")
         record = await self._store.get_command(command_id)
+        if record is not None and not sees(request, record.project_id):
+            raise ApiError(404, "not_found", f"no command {command_id}")
+        return command_id, record
+
+    async def _get_command(self, request: Request) -> Response:
+        command_id, record = await self._seen_command(request)
         if record is None:
             raise ApiError(404, "not_found", f"no command {command_id}")
         return 200, to_json(record)
 
     async def _cancel_command(self, request: Request) -> Response:
-        command_id = uuid_param(request.params["id"], "id")
+        command_id, _ = await self._seen_command(request)
         record = await self._commands.cancel(command_id, actor=request.actor)
         if record is not None:
             return 200, to_json(record)
@@ -414,11 +445,6 @@ class Api:
         records = await self._store.list_audit(before_id=before, limit=limit, query=query)
         cursor = str(records[-1].id) if len(records) == limit else None
         return 200, page([to_json(a) for a in records], cursor)
-
-
-def _sees(request: Request, project_id: uuid.UUID) -> bool:
-    """Is the project one of the caller's (narrowing.py)?"""
-    return request.principal is None or request.principal.sees(project_id)
 
 
 # -- input ---------------------------------------------------------------------------------

@@ -14,6 +14,10 @@ id, claimed like any new row); if the store refuses it again, the drain sets
 it aside again and counts it again. Discard deletes it. Both are counted in
 the buffer file (metrics) and written to the audit log with the caller.
 
+A user narrowed to projects (narrowing.py) sees and settles the dead
+letters of their projects' agents only, as their ``origin`` names them
+(buffer.py filters on it); an ingest payload has no project.
+
 The task registry is what agents' ``registry_delta`` frames keep per worker:
 ``{engine: {task name: task}}`` as the adapters sent it.
 """
@@ -27,6 +31,7 @@ from ...buffer import Buffer, BufferFull
 from ...dead_letters import DETAIL_BODY_BYTES, LIST_BODY_BYTES, MAX_IDS, dead_letter_json
 from ...store.base import Store
 from ._request import ApiError, Handler, Request, Response, limit_param, uuid_param
+from .narrowing import check_agent, projects_of, sees
 
 __all__ = ["MAX_REGISTRY_WORKERS", "DeadLetterRoutes"]
 
@@ -62,20 +67,36 @@ class DeadLetterRoutes:
         q = request.query
         before = _row_id(q["cursor"], "cursor") if "cursor" in q else None
         limit = limit_param(q)
+        projects = projects_of(request)
         letters = await self._buffer.dead_letter_page(
-            before=before, limit=limit + 1, body_bytes=LIST_BODY_BYTES
+            before=before, limit=limit + 1, body_bytes=LIST_BODY_BYTES, projects=projects
         )
         more = len(letters) > limit
         letters = letters[:limit]
+        total = (
+            self._buffer.statistics().dead_letter_rows
+            if projects is None
+            else await self._buffer.dead_letter_count(projects)
+        )
         return 200, {
             "items": [self._json(letter) for letter in letters],
             "next_cursor": str(letters[-1].id) if more else None,
             "instance": self._instance,
-            "total": self._buffer.statistics().dead_letter_rows,
+            "total": total,
         }
+
+    async def _theirs(self, request: Request, ids: list[int]) -> list[int]:
+        """The ids of ``ids`` the caller may see: all for an unnarrowed caller,
+        else those of their projects' agents (an ingest payload has no project)."""
+        if projects_of(request) is None:
+            return ids
+        found = await self._buffer.dead_letter_projects(ids)
+        return [i for i in ids if i in found and sees(request, found[i])]
 
     async def get_letter(self, request: Request) -> Response:
         row_id = _row_id(request.params["id"], "id")
+        if not await self._theirs(request, [row_id]):
+            raise _not_here(row_id)
         letter = await self._buffer.dead_letter(row_id, body_bytes=DETAIL_BODY_BYTES)
         if letter is None:
             raise _not_here(row_id)
@@ -108,6 +129,9 @@ class DeadLetterRoutes:
         return 200, {"discarded": gone, "missing": [i for i in dict.fromkeys(ids) if i not in gone]}
 
     async def _requeue(self, request: Request, ids: list[int]) -> dict[int, int]:
+        ids = await self._theirs(request, ids)
+        if not ids:
+            return {}
         try:
             moved = await self._buffer.requeue(ids)
         except BufferFull as exc:
@@ -117,6 +141,9 @@ class DeadLetterRoutes:
         return moved
 
     async def _discard(self, request: Request, ids: list[int]) -> list[int]:
+        ids = await self._theirs(request, ids)
+        if not ids:
+            return []
         gone = await self._buffer.discard(ids)
         for row_id in gone:
             await self._audit(request, "dead_letter.discarded", row_id, {})
@@ -138,6 +165,9 @@ class DeadLetterRoutes:
     async def task_registry(self, request: Request) -> Response:
         q = request.query
         agent_id = uuid_param(q["agent_id"], "agent_id") if "agent_id" in q else None
+        projects = projects_of(request)
+        if agent_id is not None and projects is not None:
+            await check_agent(self._store, request, agent_id)
         raw = q.get("limit", "50")
         if not raw.isdigit() or not 1 <= int(raw) <= MAX_REGISTRY_WORKERS:
             raise ApiError(
@@ -145,7 +175,9 @@ class DeadLetterRoutes:
             )
         limit = int(raw)
         after = _registry_cursor(q["cursor"]) if "cursor" in q else None
-        found = await self._store.worker_registries(agent_id=agent_id, after=after, limit=limit + 1)
+        found = await self._store.worker_registries(
+            agent_id=agent_id, after=after, limit=limit + 1, projects=projects
+        )
         more = len(found) > limit
         found = found[:limit]
         items = [

@@ -37,6 +37,7 @@ from ._request import (
     uuid_param,
 )
 from .limits import FILTER_TEXT_CHARS
+from .narrowing import check_agent, narrowed
 from .resources import iso, to_json
 from .streaming import Spawn, Streamed
 
@@ -80,6 +81,13 @@ class EventRoutes:
             ("GET", "/events/export", self.export),
         ]
 
+    async def _filter(self, request: Request, *, paged: bool = True) -> EventFilter:
+        """The query's filter, kept to the caller's projects (narrowing.py)."""
+        query = narrowed(request, event_filter(request.query, paged=paged))
+        if query.agent_id is not None and query.projects is not None:
+            await check_agent(self._store, request, query.agent_id)
+        return query
+
     async def search(self, request: Request) -> Response:
         q = request.query
         body_max = EVENT_BODY_BYTES
@@ -92,7 +100,7 @@ class EventRoutes:
                     f"body_max_bytes: an integer from 0 to {MAX_EVENT_BODY_BYTES}",
                 )
             body_max = int(raw)
-        query = event_filter(q)
+        query = await self._filter(request)
         found = await self._store.search_events(query)
         events = found.events
         items: list[dict[str, Any]] = []
@@ -109,8 +117,7 @@ class EventRoutes:
         return 200, page(items, None if found.next is None else _cursor_out(found.next))
 
     async def histogram(self, request: Request) -> Response:
-        q = request.query
-        query = event_filter(q, paged=False)
+        query = await self._filter(request, paged=False)
         until = query.until if query.until is not None else time.time()
         since = query.since if query.since is not None else until - HISTOGRAM_DEFAULT_SECONDS
         if since >= until:
@@ -146,7 +153,7 @@ class EventRoutes:
             if not raw.isdigit() or not 1 <= int(raw) < 2**63:
                 raise ApiError(400, "bad_request", "max: a positive integer")
             most = int(raw)
-        query = event_filter(q, paged=False)
+        query = await self._filter(request, paged=False)
         content_type, fmt = FORMATS[name]
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         disposition = f'attachment; filename="z4j-events-{stamp}.{fmt}"'.encode()

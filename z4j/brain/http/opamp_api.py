@@ -36,6 +36,7 @@ from ...store import opamp as stored
 from ...store.base import OpampAgent, OpampConfig, Project, Store
 from ..links import OpampNudges
 from ._request import ApiError, Handler, Request, Response, check_text, limit_param, page
+from .narrowing import check_project, sees
 from .resources import to_json
 
 __all__ = [
@@ -128,12 +129,22 @@ class OpampRoutes:
         project = await self._store.find_project(ref)
         if project is None:
             raise ApiError(404, "not_found", f"no project {ref!r}")
+        check_project(request, project.id, ref)
         return project
+
+    async def _agents(
+        self, request: Request, project: Project | None, uid: bytes | None = None
+    ) -> list[OpampAgent]:
+        """The OpAMP agents of the project (or all), of the caller's projects only."""
+        found = await self._store.list_opamp_agents(
+            None if project is None else project.id, instance_uid=uid
+        )
+        return [a for a in found if sees(request, a.project_id)]
 
     async def list_agents(self, request: Request) -> Response:
         project = await self._project(request)
         project_id = None if project is None else project.id
-        agents = await self._store.list_opamp_agents(project_id)
+        agents = await self._agents(request, project)
         configs = {
             (c.project_id, c.instance_uid): c
             for c in await self._store.list_opamp_configs(project_id)
@@ -154,9 +165,7 @@ class OpampRoutes:
     async def detail(self, request: Request) -> Response:
         raw, uid = _uid(request)
         project = await self._project(request)
-        found = await self._store.list_opamp_agents(
-            None if project is None else project.id, instance_uid=uid
-        )
+        found = await self._agents(request, project, uid)
         if not found:
             raise ApiError(404, "not_found", f"no OpAMP agent {raw.lower()}")
         if len(found) > 1:
@@ -177,9 +186,7 @@ class OpampRoutes:
         """The agent a config route names: its uid, project, and row if heard from."""
         raw, uid = _uid(request)
         project = await self._project(request)
-        found = await self._store.list_opamp_agents(
-            None if project is None else project.id, instance_uid=uid
-        )
+        found = await self._agents(request, project, uid)
         if len(found) > 1:
             raise ApiError(
                 409,

@@ -19,6 +19,7 @@ from typing import Any, Final
 from ...protocol.opamp.remote_config import ConfigFile, config_hash
 from ...store.base import OpampRollout, Store
 from ._request import ApiError, Handler, Request, Response, check_text, page
+from .narrowing import check_project, projects_of, sees
 from .opamp_api import config_files
 from .resources import to_json
 
@@ -81,15 +82,29 @@ class OpampRolloutRoutes:
             project = await self._store.find_project(ref)
             if project is None:
                 raise ApiError(404, "not_found", f"no project {ref!r}")
+            check_project(request, project.id, ref)
             project_id = project.id
         rollouts = await self._store.list_opamp_rollouts(project_id)
         names = await self._names()
-        return 200, page([rollout_json(r, names.get(r.project_id)) for r in rollouts], None)
+        return 200, page(
+            [
+                rollout_json(r, names.get(r.project_id))
+                for r in rollouts
+                if sees(request, r.project_id)
+            ],
+            None,
+        )
+
+    async def _seen(self, request: Request) -> OpampRollout:
+        """The rollout the path names; 404 if there is none, or it is another project's."""
+        rollout_id = _id(request)
+        rollout = await self._store.get_opamp_rollout(rollout_id)
+        if rollout is None or not sees(request, rollout.project_id):
+            raise ApiError(404, "not_found", f"no rollout {rollout_id}")
+        return rollout
 
     async def detail(self, request: Request) -> Response:
-        rollout = await self._store.get_opamp_rollout(_id(request))
-        if rollout is None:
-            raise ApiError(404, "not_found", f"no rollout {request.params['id']}")
+        rollout = await self._seen(request)
         return 200, rollout_json(rollout, (await self._names()).get(rollout.project_id))
 
     async def create(self, request: Request) -> Response:
@@ -104,6 +119,7 @@ class OpampRolloutRoutes:
         project = await self._store.find_project(ref)
         if project is None:
             raise ApiError(404, "not_found", f"no project {ref!r}")
+        check_project(request, project.id, ref)
         digest = config_hash(
             {
                 name: ConfigFile(body=f["body"].encode(), content_type=f["content_type"])
@@ -127,6 +143,8 @@ class OpampRolloutRoutes:
     def _mover(self, verb: str) -> Handler:
         async def move(request: Request) -> Response:
             rollout_id = _id(request)
+            if projects_of(request) is not None:
+                await self._seen(request)  # (a rollout never changes project)
             try:
                 rollout = await self._store.transition_opamp_rollout(
                     rollout_id, to_state=_MOVES[verb], actor=request.actor, now=self._clock()

@@ -37,6 +37,7 @@ import orjson
 from ...store.base import CommandRecord, Store, WorkerInfo
 from ..links import CommandDesk, CommandError
 from ._request import ApiError, Handler, Request, Response, check_text, uuid_param
+from .narrowing import check_agent, projects_of
 from .resources import iso, to_json
 
 __all__ = ["DEAD_LETTER_WAIT_SECONDS", "QueueRoutes", "purge_token", "queue_health"]
@@ -87,9 +88,17 @@ class QueueRoutes:
                 {"engine": engine, "queue": queue, "depths": [], "outcomes": {}},
             )
 
+        projects = projects_of(request)
+        of_agent = (
+            {}
+            if projects is None
+            else {a.id: a.project_id for a in await self._store.list_agents()}
+        )
         for worker in await self._store.list_workers():
             if worker.disconnected_at is not None:
                 continue
+            if projects is not None and of_agent.get(worker.agent_id) not in projects:
+                continue  # another project's broker
             for engine, health in queue_health(worker).items():
                 for queue, depth in health["depths"].items():
                     entry(engine, queue)["depths"].append(
@@ -102,7 +111,9 @@ class QueueRoutes:
                             "broker_type": health["broker_type"],
                         }
                     )
-        for engine, queue, state, n in await self._store.task_outcomes(since=now - WINDOW_SECONDS):
+        for engine, queue, state, n in await self._store.task_outcomes(
+            since=now - WINDOW_SECONDS, projects=projects
+        ):
             entry(engine, queue or "")["outcomes"][state] = n
         items = []
         for item in queues.values():
@@ -122,7 +133,7 @@ class QueueRoutes:
         if not isinstance(body.get("agent_id"), str):
             raise ApiError(400, "bad_request", "agent_id: the agent whose broker holds the queue")
         agent_id = uuid_param(body["agent_id"], "agent_id")
-        agent = await self._store.find_agent(str(agent_id))
+        agent = await check_agent(self._store, request, agent_id)
         if agent is None:
             raise ApiError(404, "not_found", f"no agent {agent_id}")
         workers = await self._store.list_workers(agent_id)
@@ -183,7 +194,7 @@ class QueueRoutes:
             if not 0 < len(cursor) <= MAX_TEXT:
                 raise ApiError(400, "bad_request", "cursor: as given by the last page")
             parameters["cursor"] = cursor
-        advertised = await self._advertised(agent_id, engine)
+        advertised = await self._advertised(request, agent_id, engine)
         if "list_dead_letters" not in advertised:
             raise ApiError(
                 409,
@@ -236,7 +247,7 @@ class QueueRoutes:
         task_name = body.get("task_name")
         if task_name is not None and (not isinstance(task_name, str) or len(task_name) > 500):
             raise ApiError(400, "bad_request", "task_name: the dead letter's task name, if known")
-        if "requeue_dead_letter" not in await self._advertised(agent_id, engine):
+        if "requeue_dead_letter" not in await self._advertised(request, agent_id, engine):
             raise ApiError(
                 409,
                 "not_offered",
@@ -254,9 +265,10 @@ class QueueRoutes:
         )
         return 201, to_json(record)
 
-    async def _advertised(self, agent_id: uuid.UUID, engine: str) -> set[str]:
-        """What the agent's workers advertise for ``engine``; 404 for no such agent."""
-        if await self._store.find_agent(str(agent_id)) is None:
+    async def _advertised(self, request: Request, agent_id: uuid.UUID, engine: str) -> set[str]:
+        """What the agent's workers advertise for ``engine``; 404 for no such
+        agent (or another project's)."""
+        if await check_agent(self._store, request, agent_id) is None:
             raise ApiError(404, "not_found", f"no agent {agent_id}")
         return {
             a

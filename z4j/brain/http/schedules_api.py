@@ -46,6 +46,7 @@ from ._request import (
     page,
     uuid_param,
 )
+from .narrowing import narrowed, projects_of, sees
 from .resources import SCHEDULE_ACTIONS, to_json
 
 __all__ = ["ScheduleRoutes", "schedule_actions"]
@@ -72,7 +73,7 @@ class ScheduleRoutes:
         ]
 
     async def list_schedules(self, request: Request) -> Response:
-        query = await self._filter(request.query)
+        query = await self._filter(request)
         schedules = await self._store.list_schedules(query)
         offered = await self._offered()
         cursor = None
@@ -90,7 +91,15 @@ class ScheduleRoutes:
     async def resync(self, request: Request) -> Response:
         """``schedule.resync`` to every connected worker with a scheduler."""
         created = []
+        projects = projects_of(request)
+        of_agent = (
+            {}
+            if projects is None
+            else {a.id: a.project_id for a in await self._store.list_agents()}
+        )
         for worker in await self._store.list_workers():
+            if projects is not None and of_agent.get(worker.agent_id) not in projects:
+                continue  # another project's scheduler
             if worker.disconnected_at is None and worker.schedulers:
                 created.append(
                     await self._send(
@@ -205,7 +214,13 @@ class ScheduleRoutes:
         check_text(source_key)
         project = request.query.get("project_id")
         project_id = uuid_param(project, "project_id") if project is not None else None
-        found = await self._store.get_schedules(scheduler, source_key, project_id)
+        # Another project's schedule is not there for a narrowed caller, even
+        # to make a key ambiguous.
+        found = [
+            s
+            for s in await self._store.get_schedules(scheduler, source_key, project_id)
+            if sees(request, s.project_id)
+        ]
         if not found:
             raise ApiError(404, "not_found", f"no {scheduler} schedule {source_key}")
         if len(found) > 1:
@@ -217,7 +232,9 @@ class ScheduleRoutes:
             )
         return found[0]
 
-    async def _filter(self, q: dict[str, str]) -> ScheduleFilter:
+    async def _filter(self, request: Request) -> ScheduleFilter:
+        """The query's filter, kept to the caller's projects (narrowing.py)."""
+        q = request.query
         for name in ("scheduler", "engine", "project"):
             if name in q:
                 check_text(q[name])
@@ -232,7 +249,7 @@ class ScheduleRoutes:
             if found is None:
                 raise ApiError(404, "not_found", f"no project {q['project']!r}")
             project_id = found.id
-        return ScheduleFilter(
+        query = ScheduleFilter(
             scheduler=q.get("scheduler"),
             engine=q.get("engine"),
             project_id=project_id,
@@ -240,6 +257,7 @@ class ScheduleRoutes:
             after=_cursor_in(q["cursor"]) if "cursor" in q else None,
             limit=limit_param(q),
         )
+        return narrowed(request, query)
 
     async def _offered(self) -> _Offered:
         return _Offered(

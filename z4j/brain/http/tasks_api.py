@@ -37,6 +37,7 @@ from ._request import (
     time_param,
     uuid_param,
 )
+from .narrowing import check_agent, narrowed, projects_of, sees
 from .resources import is_time, iso, to_json
 
 __all__ = ["RETRY_BY_REFERENCE", "TaskRoutes", "actions_for", "retry_parameters"]
@@ -68,8 +69,15 @@ class TaskRoutes:
             ("POST", "/tasks/{engine}/{task_id}/cancel", self.cancel),
         ]
 
+    async def _filter(self, request: Request, q: dict[str, str]) -> TaskFilter:
+        """The filter of ``q``, kept to the caller's projects (narrowing.py)."""
+        query = narrowed(request, _task_filter(q))
+        if query.agent_id is not None and query.projects is not None:
+            await check_agent(self._store, request, query.agent_id)
+        return query
+
     async def list_tasks(self, request: Request) -> Response:
-        query = _task_filter(request.query)
+        query = await self._filter(request, request.query)
         tasks = await self._store.list_tasks(query)
         cursor = None
         if len(tasks) == query.limit:
@@ -88,13 +96,16 @@ class TaskRoutes:
         the newest RUNTIME_SAMPLE runtimes of the window)."""
         q = request.query
         since = time_param(q["since"], "since") if "since" in q else time.time() - 86400
+        projects = projects_of(request)
         known: dict[tuple[str, str | None], dict[str, Any]] = {}
-        for engine, name, state, n in await self._store.task_outcomes(since=since, by="name"):
+        for engine, name, state, n in await self._store.task_outcomes(
+            since=since, by="name", projects=projects
+        ):
             entry = known.setdefault((engine, name), {"engine": engine, "name": name, "states": {}})
             entry["states"][state] = n
         runtimes: dict[tuple[str, str | None], list[float]] = {}
         for engine, name, ms in await self._store.recent_runtimes(
-            since=since, limit=RUNTIME_SAMPLE
+            since=since, limit=RUNTIME_SAMPLE, projects=projects
         ):
             runtimes.setdefault((engine, name), []).append(ms)
         items = []
@@ -156,7 +167,7 @@ class TaskRoutes:
         most = body.get("max", DEFAULT_BULK)
         if not isinstance(most, int) or isinstance(most, bool) or not 1 <= most <= MAX_BULK:
             raise ApiError(400, "bad_request", f"max: an integer from 1 to {MAX_BULK}")
-        query = _task_filter({**where, "limit": str(min(most, MAX_LIMIT))})
+        query = await self._filter(request, {**where, "limit": str(min(most, MAX_LIMIT))})
         chosen: list[TaskRecord] = []
         while len(chosen) < most:
             page = await self._store.list_tasks(query)
@@ -236,7 +247,13 @@ class TaskRoutes:
         check_text(task_id)
         project = request.query.get("project_id")
         project_id = uuid_param(project, "project_id") if project is not None else None
-        tasks = await self._store.get_tasks(engine, task_id, project_id)
+        # Another project's task is not there for a narrowed caller, even to
+        # make an id ambiguous.
+        tasks = [
+            t
+            for t in await self._store.get_tasks(engine, task_id, project_id)
+            if sees(request, t.project_id)
+        ]
         if not tasks:
             raise ApiError(404, "not_found", f"no {engine} task {task_id}")
         if len(tasks) > 1:

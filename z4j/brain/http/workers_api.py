@@ -30,6 +30,7 @@ from typing import Any
 from ...store.base import EngineWorker, Store, WorkerInfo
 from ..links import CommandDesk, CommandError
 from ._request import ApiError, Handler, Request, Response, check_text, time_param, uuid_param
+from .narrowing import projects_of
 from .resources import WORKER_ACTIONS, iso, to_json
 
 __all__ = ["CONTROL_WARNING", "EngineWorkerRoutes", "engine_worker_json"]
@@ -66,7 +67,7 @@ class EngineWorkerRoutes:
     async def list_workers(self, request: Request) -> Response:
         q = request.query
         since = time_param(q["since"], "since") if "since" in q else self._clock() - WINDOW_SECONDS
-        found = await self._store.engine_workers(since=since)
+        found = await self._store.engine_workers(since=since, projects=projects_of(request))
         by_agent: dict[uuid.UUID, list[WorkerInfo]] = {}
         for worker in await self._store.list_workers():
             by_agent.setdefault(worker.agent_id, []).append(worker)
@@ -92,7 +93,7 @@ class EngineWorkerRoutes:
                 f"no worker control {action!r}: one of {', '.join(WORKER_ACTIONS)}",
             )
         body = request.json_object() if request.body else {}
-        chosen = await self._reporter(engine, worker, body.get("agent_id"))
+        chosen = await self._reporter(engine, worker, body.get("agent_id"), projects_of(request))
         assert chosen.agent_id is not None  # _reporter picks only agents
         advertised = {
             a
@@ -118,14 +119,20 @@ class EngineWorkerRoutes:
             raise ApiError(409, "command_refused", str(exc)) from None
         return 201, {"command": to_json(record), "warning": CONTROL_WARNING}
 
-    async def _reporter(self, engine: str, worker: str, agent: Any) -> EngineWorker:
+    async def _reporter(
+        self, engine: str, worker: str, agent: Any, projects: frozenset[uuid.UUID] | None
+    ) -> EngineWorker:
         """The (engine, worker) as the agent that reported it (``agent``: its
         id, needed when several did; celery's event monitor sees every
-        worker on its broker, so several agents may name one)."""
+        worker on its broker, so several agents may name one); only the
+        reports of ``projects``' tasks count, unless None."""
         if agent is not None and not isinstance(agent, str):
             raise ApiError(400, "bad_request", "agent_id: the agent that reported the worker")
         seen = await self._store.engine_workers(
-            since=self._clock() - CONTROL_LOOKBACK_SECONDS, engine=engine, worker=worker
+            since=self._clock() - CONTROL_LOOKBACK_SECONDS,
+            engine=engine,
+            worker=worker,
+            projects=projects,
         )
         seen = [w for w in seen if w.agent_id is not None]
         if agent is not None:
