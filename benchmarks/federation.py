@@ -33,17 +33,28 @@ alive connection, from the request to the last byte of the answer:
     search is over the two regions). Every answer is checked: 200, not
     partial, labelled by region. Page 2: page 1 is asked first (untimed)
     and page 2 timed through the cursor that page gave, on each side.
-(3) each peer's round trip: the hub's GET /api/v1/federation/regions?
-    region=east,west, as the hub measures it (``round_trip_ms``, what its
-    Regions page shows: a request to the peer and its summary's few small
-    reads), one after each pair of searches. The slowest peer's p50 is the
-    round trip in the target. Beside it, for scale: a bare GET /health/live
-    of each peer from this process.
+    (1) and (2) alternate in order, query by query, so the load of a
+    shared machine falls on both alike.
+(3) each peer's round trip, after each shape: a bare GET /health/live of
+    each peer on a kept-alive connection from this process (loopback and
+    one HTTP exchange with a brain: what the hub's call adds to a region's
+    search at least). The slowest peer's p50 is the round trip in the
+    target. Beside it, and in a second verdict in brackets: the hub's own
+    GET /api/v1/federation/regions?region=east,west as the hub measures it
+    (``round_trip_ms``, its Regions page's figure), which also holds the
+    peer's summary reads and readiness checks.
 
-(1) and (2) alternate in order, query by query, so the load of a shared
-machine falls on both alike. Beside each shape: the hub's CPU per
-federated search. Everything runs on loopback; the clusters, brains and
-temporary files are removed at the end, on Ctrl-C and on SIGTERM too.
+Beside each shape: the hub's CPU per federated search; where a search's
+time went (means from the brains' own /metrics: the hub's handling, its
+call to each peer, the peer's handling of it); and, in a second pass, the
+hub's hop alone: its federated search over east only against east
+directly (no second region searching on the same cores), alternating.
+
+On a machine of few cores all five processes and three clusters share
+them, so a federated search's two region searches compete for the cores
+a single search has to itself; in earnest each region is its own
+machines. Everything runs on loopback; the clusters, brains and temporary
+files are removed at the end, on Ctrl-C and on SIGTERM too.
 """
 
 from __future__ import annotations
@@ -235,6 +246,7 @@ class ShapeResult:
     federated: list[float]
     hub_cpu_ms: float  # the hub's CPU per federated search
     means: dict[str, float]  # ms: where a search's time went, from the brains' /metrics
+    alone: tuple[list[float], list[float]]  # ms: (east directly, east through the hub)
 
 
 def scrape(brain: Http) -> dict[str, float]:
@@ -269,30 +281,44 @@ class Run:
         self.hub_pid = found.pids["hub"]
         self.rtt: dict[str, list[float]] = {name: [] for name in REGIONS}
         self.live: dict[str, list[float]] = {name: [] for name in REGIONS}
-        self.items: dict[str, list[int]] = {"single": [], "federated": []}
+        self.items: dict[str, list[int]] = {}
         self.federated_calls = 0
 
     def single_page(self, params: dict[str, str]) -> tuple[Any, float]:
         return self.single.get(f"/api/v1/events?{query_string(params)}")
 
-    def federated_page(self, params: dict[str, str]) -> tuple[Any, float]:
-        qs = query_string({"region": ",".join(REGIONS), **params})
+    def federated_page(
+        self, params: dict[str, str], regions: tuple[str, ...] = REGIONS
+    ) -> tuple[Any, float]:
+        qs = query_string({"region": ",".join(regions), **params})
         body, ms = self.hub.get(f"/api/v1/federation/events?{qs}")
         self.federated_calls += 1
         if body["partial"] or body["unreachable"]:
             raise RuntimeError(f"a partial federated answer: {body['errors']}")
-        if not {item["region"] for item in body["items"]} <= set(REGIONS):
-            raise RuntimeError("a federated row labelled with no region of the two")
+        if not {item["region"] for item in body["items"]} <= set(regions):
+            raise RuntimeError(f"a federated row labelled with no region of {regions}")
         return body, ms
 
-    def pair(self, shape: str, sampler: Sampler, flip: bool) -> tuple[float, float]:
-        """One search of ``shape`` on each side, in the order ``flip`` says: (single, federated) ms."""
+    def east_via_hub(self, params: dict[str, str]) -> tuple[Any, float]:
+        """The hub's federated search over east alone: its own hop, without a second
+        region's search on the same cores."""
+        return self.federated_page(params, ("east",))
+
+    def pair(
+        self, shape: str, sampler: Sampler, flip: bool, *, other: str = "federated"
+    ) -> tuple[float, float]:
+        """One search of ``shape`` on each side, in the order ``flip`` says:
+        (single ms, ``other`` ms), ``other`` "federated" or "east via the hub"."""
         params = sampler.params(shape)
         if shape == "page 2":  # of a random filter, through the cursor its page 1 gave
             params = sampler.params(sampler.rng.choice(SHAPES[:4]))
         out: dict[str, float] = {}
-        for side in ("federated", "single") if flip else ("single", "federated"):
-            read = self.federated_page if side == "federated" else self.single_page
+        for side in (other, "single") if flip else ("single", other):
+            read = {
+                "single": self.single_page,
+                "federated": self.federated_page,
+                "east via the hub": self.east_via_hub,
+            }[side]
             if shape == "page 2":
                 first, _ = read(params)
                 if first["next_cursor"] is None:
@@ -301,8 +327,8 @@ class Run:
             else:
                 body, ms = read(params)
             out[side] = ms
-            self.items[side].append(len(body["items"]))
-        return out["single"], out["federated"]
+            self.items.setdefault(side, []).append(len(body["items"]))
+        return out["single"], out[other]
 
     def round_trips(self, samples: int) -> None:
         """Each peer's round trip: a bare GET /health/live from here, and the hub's
@@ -348,8 +374,14 @@ class Run:
             means[f"peer read at {name}"] = mean_ms(
                 before[name], after[name], http_series("/api/v1/federation/peer/events")
             )
+        # The hub's own hop: through it to east alone, against east directly.
+        alone: tuple[list[float], list[float]] = ([], [])
+        for n in range(max(10, queries // 2)):
+            s, f = self.pair(shape, sampler, flip=bool(n % 2), other="east via the hub")
+            alone[0].append(s)
+            alone[1].append(f)
         self.round_trips(max(10, queries // 4))
-        return ShapeResult(single, federated, cpu, means)
+        return ShapeResult(single, federated, cpu, means, alone)
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -485,6 +517,18 @@ def report(run: Run, results: dict[str, ShapeResult]) -> list[str]:
             f"    {shape:<10} single {statistics.fmean(found.single):.2f} (east's handling "
             f"{m['single at east']:.2f}); federated {statistics.fmean(found.federated):.2f} "
             f"(the hub's handling {m['federated at hub']:.2f}; its calls {calls})"
+        )
+    say(
+        "    the hub's own hop: its federated search over east alone against east directly, "
+        "the two alternating (a second pass, no second region searching on the same cores):"
+    )
+    for shape in SHAPES:
+        direct, via = results[shape].alone
+        say(
+            f"    {shape:<10} east {percentile(direct, 50):6.2f} / {percentile(direct, 99):6.2f} ms"
+            f", through the hub {percentile(via, 50):6.2f} / {percentile(via, 99):6.2f} ms "
+            f"(p50 / p99; p99 ratio {percentile(via, 99) / percentile(direct, 99):.2f}, "
+            f"n={len(via)})"
         )
     for side, counts in run.items.items():
         say(
