@@ -50,7 +50,7 @@ call to each peer, the peer's handling of it); and, in a second pass, the
 hub's hop alone: its federated search over east only against east
 directly (no second region searching on the same cores), alternating.
 
-On a machine of few cores all five processes and three clusters share
+On a machine of few cores the three brains, this client and the clusters share
 them, so a federated search's two region searches compete for the cores
 a single search has to itself; in earnest each region is its own
 machines. Everything runs on loopback; the clusters, brains and temporary
