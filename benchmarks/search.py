@@ -210,7 +210,10 @@ async def prepare(url: str, now: float, span_days: int) -> None:
         await store.aclose()
 
 
-def load_events(url: str, n: int, chunk: int, now: float, span: float) -> None:
+def load_events(
+    url: str, n: int, chunk: int, now: float, span: float, *, seed: float = 0.42
+) -> None:
+    """``n`` events over ``span`` seconds up to ``now``; ``seed``: Postgres's random()'s."""
     with psycopg.connect(url, autocommit=True) as conn:
         indexes = _index_state(conn)
         unique = conn.execute(
@@ -219,7 +222,7 @@ def load_events(url: str, n: int, chunk: int, now: float, span: float) -> None:
         ).fetchone()
         assert unique is not None
         conn.execute("SET maintenance_work_mem = '512MB'")
-        conn.execute("SELECT setseed(0.42)")
+        conn.execute("SELECT setseed(%s)", [seed])
         started = time.perf_counter()
         conn.execute(f"ALTER TABLE events DROP CONSTRAINT {unique[0]}")
         for name, _ in indexes:
