@@ -91,7 +91,7 @@ MAX_TASK_LABELS = 200
 
 
 class FinishedTask(Protocol):
-    """What the metrics read of a task the drain finished (z4j.tasks.TaskRow)."""
+    """What the metrics read of a task the drain finished (z4j.tasks.TaskSummary)."""
 
     @property
     def engine(self) -> str: ...

@@ -68,10 +68,11 @@ monitor maps twice (redelivery) is a second copy we cannot tell apart.
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import re
 from bisect import bisect_left
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import orjson
@@ -83,6 +84,8 @@ __all__ = [
     "TASK_STATES",
     "TaskEvent",
     "TaskRow",
+    "TaskState",
+    "TaskSummary",
     "merge",
     "task_event",
     "task_row",
@@ -209,10 +212,10 @@ def merge(
     """Fold events (all of ONE key: same project/engine/task_id; raise ValueError
     otherwise) into the stored doc (None: a new task); return the new doc
     (JSON-serialisable with orjson, stored in the row) and the derived row."""
-    task = _Task.load(doc) if doc is not None else None
+    task = TaskState.load(doc) if doc is not None else None
     for event in events:
         if task is None:
-            task = _Task((event.project_id, event.engine, event.task_id))
+            task = TaskState((event.project_id, event.engine, event.task_id))
         task.add(event)
     if task is None:
         raise ValueError("merge needs a doc or at least one event")
@@ -223,7 +226,7 @@ def merge(
 
 def task_row(doc: Mapping[str, Any]) -> TaskRow:
     """The row a doc stands for (what `merge` returned with it)."""
-    task = _Task.load(doc)
+    task = TaskState.load(doc)
     return task.row(task.sorted_obs())
 
 
@@ -244,11 +247,46 @@ class _Obs(NamedTuple):
     message: str | None
 
 
+# An _Obs from a sequence of its 9 values, without the Python-level __new__ a
+# NamedTuple call runs (the drain makes one per task event).
+_new_obs: Callable[[Iterable[Any]], _Obs] = functools.partial(tuple.__new__, _Obs)
+
 _Key = tuple[bytes, str, str]
 
 
-class _Task:
-    """A doc being folded: the observations and registers of one task."""
+class TaskSummary(NamedTuple):
+    """A task's stored columns besides its doc: what the drain writes of a fold
+    (`TaskState.summary`), the same values `TaskRow` holds."""
+
+    project_id: bytes
+    engine: str
+    task_id: str
+    name: str | None
+    queue: str | None
+    state: str
+    attempts: int
+    agent_id: bytes
+    worker: str | None
+    exception: str | None
+    message: str | None
+    runtime_ms: float | None
+    parent_id: str | None
+    root_id: str | None
+    first_seen: float
+    received_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    last_event_at: float
+
+
+_new_summary: Callable[[Iterable[Any]], TaskSummary] = functools.partial(tuple.__new__, TaskSummary)
+
+
+class TaskState:
+    """A doc being folded: the observations and registers of one task.
+
+    The drain keeps recent ones between batches (store/task_writes.py), so a
+    fold never changes one it was given: `copy` first."""
 
     __slots__ = ("first_seen", "key", "last_event_at", "obs", "received_at", "reg", "truncated")
 
@@ -261,8 +299,17 @@ class _Task:
         self.received_at: float | None = None
         self.truncated = False
 
+    def copy(self) -> TaskState:
+        """A state to fold more events into, leaving this one as it is (its
+        observations are immutable, its registers replaced, never changed)."""
+        task = TaskState.__new__(TaskState)
+        task.key, task.obs, task.reg = self.key, self.obs.copy(), self.reg.copy()
+        task.first_seen, task.last_event_at = self.first_seen, self.last_event_at
+        task.received_at, task.truncated = self.received_at, self.truncated
+        return task
+
     @classmethod
-    def load(cls, doc: Mapping[str, Any]) -> _Task:
+    def load(cls, doc: Mapping[str, Any]) -> TaskState:
         version = doc.get("v")
         if version not in _READABLE_VERSIONS:
             raise ValueError(f"task doc version {version!r}, expected {DOC_VERSION}")
@@ -283,7 +330,7 @@ class _Task:
                     o.get("msg"),
                 )
             else:
-                ob = _Obs._make(o)
+                ob = _new_obs(o)
             kept[ob.id, ob.agent] = ob
         task.reg = {name: list(value) for name, value in doc["reg"].items()}
         task.first_seen, task.last_event_at = doc["first_seen"], doc["last_event_at"]
@@ -292,38 +339,41 @@ class _Task:
         return task
 
     def add(self, event: TaskEvent) -> None:
-        if (event.project_id, event.engine, event.task_id) != self.key:
+        project_id, agent_id, _, eid, kind_name, engine, task_id, at, data = event
+        key = self.key
+        if task_id != key[2] or engine != key[1] or project_id != key[0]:
             raise ValueError(
-                f"event {event.event_id!r} is about {event.engine}/{event.task_id}, "
-                f"not {self.key[1]}/{self.key[2]} of this project"
+                f"event {eid!r} is about {engine}/{task_id}, not {key[1]}/{key[2]} of this project"
             )
         # The drain folds every task event: this is its hot loop, so the
         # registers' rule is written out inline (see the module's docstring:
         # the best candidate by quality, then at, then canonical JSON).
-        at, eid, data = event.at, event.event_id, event.data
         get = data.get
-        kind = _KINDS[event.kind]
+        kind = _KINDS[kind_name]
         worker, name = get("worker"), get("task_name")
         worker_ok = type(worker) is str and worker != ""
         name_ok = placeholder = False
         if type(name) is str and name:
-            name_ok, placeholder = True, _placeholder(name)
-        secondary = event.engine == "celery" and (worker_ok or placeholder)
-        agent = event.agent_id.hex()
-        exception, message = _failure(data) if kind in _FAILURES else (None, None)
+            name_ok = True
+            placeholder = name.startswith("<unknown") and name.endswith(">")
+        secondary = engine == "celery" and (worker_ok or placeholder)
+        agent = agent_id.hex()
+        exception, message = _failure(data) if kind in _FAILURES else _NO_FAILURE
         runtime = get("runtime_ms")
-        if runtime is not None and not _number(runtime):
+        if runtime is not None and not (type(runtime) in _NUMBERS and math.isfinite(runtime)):
             runtime = None
-        ob = _Obs(
-            at,
-            eid,
-            agent,
-            kind,
-            secondary,
-            worker if worker_ok else None,
-            runtime,
-            exception,
-            message,
+        ob = _new_obs(
+            (
+                at,
+                eid,
+                agent,
+                kind,
+                secondary,
+                worker if worker_ok else None,
+                runtime,
+                exception,
+                message,
+            )
         )
         obs = self.obs
         old = obs.get((eid, agent))
@@ -338,37 +388,25 @@ class _Task:
             self.received_at = at
 
         primary = 0 if secondary else 1
-        offers: list[tuple[str, Any, int]] = []
+        reg = self.reg
         if name_ok:
-            offers.append(("name", name, primary + (0 if placeholder else 2)))
+            _offer(reg, "name", name, primary + (0 if placeholder else 2), at)
         queue = get("queue")
         if type(queue) is str and queue:
-            delayed = event.engine == "dramatiq" and queue.endswith(".DQ")
-            offers.append(("queue", queue, 2 * primary + (0 if delayed else 1)))
+            delayed = engine == "dramatiq" and queue.endswith(".DQ")
+            _offer(reg, "queue", queue, 2 * primary + (0 if delayed else 1), at)
         for source, field in _PLAIN_REGISTERS:
             value = get(source)
             if value is not None and value != "":
-                offers.append((field, value, primary))
+                _offer(reg, field, value, primary, at)
         if kind == "succeeded" and "result" in data:
             result = data["result"]
             if primary or result is not None:
-                offers.append(("result", result, primary))
+                _offer(reg, "result", result, primary, at)
         parent = get("parent_task_id")
         # Celery's re-receipt of a retry names the task as its own parent.
-        if type(parent) is str and parent and parent != event.task_id:
-            offers.append(("parent_id", parent, primary))
-        reg = self.reg
-        for field, value, quality in offers:
-            held = reg.get(field)
-            if (
-                held is None
-                or quality > held[1]
-                or (quality == held[1] and at > held[2])
-                or (
-                    quality == held[1] and at == held[2] and _canonical(value) > _canonical(held[0])
-                )
-            ):
-                reg[field] = [value, quality, at]
+        if type(parent) is str and parent and parent != task_id:
+            _offer(reg, "parent_id", parent, primary, at)
 
     def trim(self) -> None:
         """Keep the `OBSERVATION_CAP` latest observations by (at, id, agent)."""
@@ -382,6 +420,9 @@ class _Task:
         return sorted(self.obs.values())
 
     def dump(self, obs: list[_Obs]) -> dict[str, Any]:
+        return self._doc([list(o) for o in obs])  # as JSON gives them back
+
+    def _doc(self, obs: list[Any]) -> dict[str, Any]:
         doc: dict[str, Any] = {
             "v": DOC_VERSION,
             "project": self.key[0].hex(),
@@ -390,60 +431,131 @@ class _Task:
             "first_seen": self.first_seen,
             "last_event_at": self.last_event_at,
             "received_at": self.received_at,
-            "obs": [list(o) for o in obs],  # as JSON gives them back
+            "obs": obs,
             "reg": self.reg,
         }
         if self.truncated:
             doc["truncated"] = True
         return doc
 
-    def row(self, obs: list[_Obs]) -> TaskRow:
-        timeline = _timeline(obs)
-        last = timeline[-1]
-        state = last["state"] or "retried"
+    def stored(self) -> tuple[bytes, TaskSummary]:
+        """Trim, then the doc as stored (orjson bytes, as `dump` gives it) and
+        the row's columns: what the drain writes, without the row's derived
+        extras (inputs, result, timeline) that only readers need."""
+        self.trim()
+        obs = self.sorted_obs()
+        # orjson writes tuples as lists; _Obs, a tuple subclass, via `default`.
+        doc = orjson.dumps(self._doc(obs), default=tuple)
+        return doc, self.summary(obs)
+
+    def summary(self, obs: list[_Obs]) -> TaskSummary:
+        """The row's columns, from observations sorted by (at, id, agent)."""
+        groups, uncounted = _attempt_groups(obs)
+        last = _attempt(groups[-1], uncounted)
         # Why the task is where it is: a retried task's reason is its previous attempt's.
-        cause = last if last["state"] is not None or len(timeline) == 1 else timeline[-2]
+        cause = last if last[0] is not None or len(groups) == 1 else _attempt(groups[-2], uncounted)
+        return self._summary(obs, len(groups), last, cause)
+
+    def _summary(
+        self, obs: list[_Obs], attempts: int, last: _Attempt, cause: _Attempt
+    ) -> TaskSummary:
+        state, _, started_at, finished_at, worker, runtime_ms, _, _ = last
         # The agent that reported last, and (between attempts) the worker that ran
         # the task last: primary copies first.
         latest = _preferred(obs)
-        worker = last["worker"]
         if worker is None:
             ran = _preferred([o for o in obs if o.worker is not None])
             worker = ran.worker if ran else None
         get = self.reg.get
         none = _NONE  # an empty register's (value,)
         project, engine, task_id = self.key
+        return _new_summary(
+            (
+                project,
+                engine,
+                task_id,
+                get("name", none)[0],
+                get("queue", none)[0],
+                state or "retried",
+                attempts,
+                bytes.fromhex(latest.agent) if latest else b"",
+                worker,
+                cause[6],
+                cause[7],
+                runtime_ms,
+                get("parent_id", none)[0],
+                get("root_id", none)[0],
+                self.first_seen,
+                self.received_at,
+                started_at,
+                finished_at,
+                self.last_event_at,
+            )
+        )
+
+    def row(self, obs: list[_Obs]) -> TaskRow:
+        groups, uncounted = _attempt_groups(obs)
+        attempts = [_attempt(items, uncounted) for items in groups]
+        last = attempts[-1]
+        cause = last if last[0] is not None or len(attempts) == 1 else attempts[-2]
+        s = self._summary(obs, len(attempts), last, cause)
+        get = self.reg.get
+        none = _NONE
         return TaskRow(
-            project_id=project,
-            engine=engine,
-            task_id=task_id,
-            name=get("name", none)[0],
-            queue=get("queue", none)[0],
-            state=state,
-            attempts=len(timeline),
-            agent_id=bytes.fromhex(latest.agent) if latest else b"",
-            worker=worker,
+            project_id=s.project_id,
+            engine=s.engine,
+            task_id=s.task_id,
+            name=s.name,
+            queue=s.queue,
+            state=s.state,
+            attempts=s.attempts,
+            agent_id=s.agent_id,
+            worker=s.worker,
             args=get("args", none)[0],
             kwargs=get("kwargs", none)[0],
             result=get("result", none)[0],
-            exception=cause["exception"],
-            message=cause["message"],
+            exception=s.exception,
+            message=s.message,
             traceback=get("traceback", none)[0],
-            runtime_ms=last["runtime_ms"],
-            parent_id=get("parent_id", none)[0],
-            root_id=get("root_id", none)[0],
+            runtime_ms=s.runtime_ms,
+            parent_id=s.parent_id,
+            root_id=s.root_id,
             tags=get("tags", none)[0],
             priority=get("priority", none)[0],
-            first_seen=self.first_seen,
-            received_at=self.received_at,
-            started_at=last["started_at"],
-            finished_at=last["finished_at"],
-            last_event_at=self.last_event_at,
-            timeline=timeline,
+            first_seen=s.first_seen,
+            received_at=s.received_at,
+            started_at=s.started_at,
+            finished_at=s.finished_at,
+            last_event_at=s.last_event_at,
+            timeline=[
+                dict(zip(_ATTEMPT_FIELDS, (n, *attempt), strict=True))
+                for n, attempt in enumerate(attempts, 1)
+            ],
         )
 
 
 _NONE = (None,)  # an empty register's value
+_NO_FAILURE = (None, None)
+_NUMBERS = (int, float)
+
+
+def _offer(reg: dict[str, list[Any]], field: str, value: Any, quality: int, at: float) -> None:
+    """A register's candidate: kept if it beats the held one by (quality, at,
+    canonical JSON)."""
+    held = reg.get(field)
+    if (
+        held is None
+        or quality > held[1]
+        or (
+            quality == held[1]
+            and (at > held[2] or (at == held[2] and _canonical_wins(value, held[0])))
+        )
+    ):
+        reg[field] = [value, quality, at]
+
+
+def _canonical_wins(value: Any, held: Any) -> bool:
+    return _canonical(value) > _canonical(held)
 
 
 def _later_version(new: _Obs, old: _Obs) -> bool:
@@ -458,10 +570,6 @@ def _canonical(value: Any) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
-def _number(value: Any) -> bool:
-    return type(value) in (int, float) and math.isfinite(value)
-
-
 def _placeholder(name: str) -> bool:
     """Celery's stand-in when it does not know the name: ``<unknown:…>``."""
     return name.startswith("<unknown") and name.endswith(">")
@@ -472,12 +580,38 @@ def _placeholder(name: str) -> bool:
 # Observations arrive here sorted by (at, id, agent), so "the latest" is the last
 # one met and "the earliest" the first: the loops below pick without sort keys.
 
+# One attempt: (state, received_at, started_at, finished_at, worker, runtime_ms,
+# exception, message); the timeline's entries are these, numbered.
+_Attempt = tuple[
+    str | None,
+    float | None,
+    float | None,
+    float | None,
+    str | None,
+    float | None,
+    str | None,
+    str | None,
+]
+_ATTEMPT_FIELDS = (
+    "attempt",
+    "state",
+    "received_at",
+    "started_at",
+    "finished_at",
+    "worker",
+    "runtime_ms",
+    "exception",
+    "message",
+)
+_NOT_COUNTED: frozenset[_Obs] = frozenset()
 
-def _timeline(obs: list[_Obs]) -> list[dict[str, Any]]:
-    """The attempts, from observations sorted by (at, id, agent)."""
+
+def _attempt_groups(obs: list[_Obs]) -> tuple[list[list[_Obs]], Container[_Obs]]:
+    """The observations of each attempt, from observations sorted by (at, id,
+    agent); and the broker-copy retries that only add a worker or runtime."""
     retried = [o for o in obs if o.kind == "retried"]
     if not retried:
-        return [_attempt(1, obs, ())]
+        return [obs], _NOT_COUNTED
     bounds = [o for o in retried if not o.secondary]
     if not bounds:
         streams: dict[str, list[_Obs]] = {}
@@ -503,7 +637,7 @@ def _timeline(obs: list[_Obs]) -> list[dict[str, Any]]:
         elif where is None:
             where = bisect_left(bound_ats, o.at)
         attempts[where].append(o)
-    return [_attempt(n, items, uncounted) for n, items in enumerate(attempts, 1)]
+    return attempts, uncounted
 
 
 def _preferred(obs: list[_Obs]) -> _Obs | None:
@@ -521,7 +655,7 @@ def _explains_better(o: _Obs, held: _Obs | None) -> bool:
     return o.kind == held.kind and (held.secondary or not o.secondary)
 
 
-def _attempt(number: int, items: list[_Obs], uncounted: Container[_Obs]) -> dict[str, Any]:
+def _attempt(items: list[_Obs], uncounted: Container[_Obs]) -> _Attempt:
     """One attempt from its observations; those in ``uncounted`` only add a
     worker or runtime (see the module's docstring)."""
     firsts: dict[str, _Obs] = {}  # per kind: primary copies first, then the earliest
@@ -548,17 +682,16 @@ def _attempt(number: int, items: list[_Obs], uncounted: Container[_Obs]) -> dict
         runtime_ms = round((finished_at - started_at) * 1000, 3)
     else:
         runtime_ms = None
-    return {
-        "attempt": number,
-        "state": state,
-        "received_at": received.at if received else None,
-        "started_at": started_at,
-        "finished_at": finished_at,
-        "worker": worker.worker if worker else None,
-        "runtime_ms": runtime_ms,
-        "exception": failure.exception if failure else None,
-        "message": failure.message if failure else None,
-    }
+    return (
+        state,
+        received.at if received else None,
+        started_at,
+        finished_at,
+        worker.worker if worker else None,
+        runtime_ms,
+        failure.exception if failure else None,
+        failure.message if failure else None,
+    )
 
 
 # -- exceptions ---------------------------------------------------------------------------
