@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 import trio
 
 from ..config import Config
-from ..tasks import TaskRow
+from ..tasks import TaskSummary
 from .base import (
     COMMAND_STATES,
     FINAL_COMMAND_STATES,
@@ -49,7 +49,7 @@ def store_for(
     *,
     application_name: str = "z4j",
     observe_query: Callable[[str, float], None] | None = None,
-    on_tasks: Callable[[Sequence[TaskRow]], None] | None = None,
+    on_tasks: Callable[[Sequence[TaskSummary]], None] | None = None,
     on_frames_dropped: Callable[[Mapping[str, int]], None] | None = None,
 ) -> Store:
     """The store the configuration asks for (not yet connected)."""

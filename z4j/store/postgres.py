@@ -45,7 +45,7 @@ from psycopg.types.json import Jsonb
 from ..buffer import ClaimedRow
 from ..events import event_rows
 from ..schedules import ScheduleControl, ScheduleFrame
-from ..tasks import TaskEvent, TaskRow
+from ..tasks import TaskEvent, TaskSummary
 from . import (
     _rows,
     accounts,
@@ -124,7 +124,7 @@ from .replica import ReadReplica, replica_reads_allowed
 
 # What one drain write did: events inserted, the tasks it finished, and the
 # staged schedule frames it dropped, by reason.
-Written = tuple[int, list[TaskRow], Counter[str]]
+Written = tuple[int, list[TaskSummary], Counter[str]]
 
 __all__ = ["PostgresStore", "partition_name"]
 
@@ -214,7 +214,7 @@ class PostgresStore:
         *,
         observe_query: Callable[[str, float], None] | None = None,
         project_tasks: bool = True,
-        on_tasks: Callable[[Sequence[TaskRow]], None] | None = None,
+        on_tasks: Callable[[Sequence[TaskSummary]], None] | None = None,
         on_frames_dropped: Callable[[Mapping[str, int]], None] | None = None,
         read_replica: ReadReplica | None = None,
     ) -> None:
@@ -229,6 +229,8 @@ class PostgresStore:
         self.read_replica = read_replica
         self._project_tasks = project_tasks
         self._on_tasks = on_tasks
+        # The tasks this store's drains wrote last (store/task_writes.py).
+        self._task_cache = task_writes.TaskCache()
         self._on_frames_dropped = on_frames_dropped
         self.observe_query = observe_query or _ignore
         self._partitions: set[date] = set()
@@ -244,7 +246,7 @@ class PostgresStore:
         application_name: str = "z4j",
         observe_query: Callable[[str, float], None] | None = None,
         project_tasks: bool = True,
-        on_tasks: Callable[[Sequence[TaskRow]], None] | None = None,
+        on_tasks: Callable[[Sequence[TaskSummary]], None] | None = None,
         on_frames_dropped: Callable[[Mapping[str, int]], None] | None = None,
         read_url: str | None = None,
         read_max_lag_seconds: float = 5.0,
@@ -415,7 +417,9 @@ class PostgresStore:
                 agent_rows = agent_rows or agent is not None
         cur.execute(_INSERT_WITH_AGENT_KEYS if agent_rows else _INSERT_EVENTS)
         inserted: int = cur.rowcount
-        finished = task_writes.write_tasks(PG, conn, about_tasks) if about_tasks else []
+        finished = (
+            task_writes.write_tasks(PG, conn, about_tasks, self._task_cache) if about_tasks else []
+        )
         dropped = schedules.write_schedules(PG, conn, about_schedules)
         return inserted, finished, dropped
 
@@ -823,8 +827,8 @@ class PostgresStore:
         return result
 
     async def fold_task_events(self, events: Sequence[TaskEvent]) -> None:
-        finished: list[TaskRow] = await self._run(
-            lambda conn: task_writes.write_tasks(PG, conn, events)
+        finished: list[TaskSummary] = await self._run(
+            lambda conn: task_writes.write_tasks(PG, conn, events, self._task_cache)
         )
         if finished and self._on_tasks is not None:
             self._on_tasks(finished)

@@ -29,7 +29,7 @@ from .._datadir import private_file
 from ..buffer import ClaimedRow
 from ..events import event_rows
 from ..schedules import ScheduleControl, ScheduleFrame
-from ..tasks import TaskEvent, TaskRow
+from ..tasks import TaskEvent, TaskSummary
 from . import (
     _rows,
     accounts,
@@ -122,7 +122,7 @@ class SqliteStore:
         *,
         observe_query: Callable[[str, float], None] | None = None,
         project_tasks: bool = True,
-        on_tasks: Callable[[Sequence[TaskRow]], None] | None = None,
+        on_tasks: Callable[[Sequence[TaskSummary]], None] | None = None,
         on_frames_dropped: Callable[[Mapping[str, int]], None] | None = None,
     ) -> None:
         """``observe_query``: called with each store call's operation (the store
@@ -1139,7 +1139,7 @@ def _migrate(db: sqlite3.Connection) -> list[int]:
 
 def _write_events(
     db: sqlite3.Connection, buffer_id: uuid.UUID, rows: Sequence[ClaimedRow], project_tasks: bool
-) -> tuple[int, list[TaskRow], Counter[str]]:
+) -> tuple[int, list[TaskSummary], Counter[str]]:
     buffer_text = str(buffer_id)
     ids: dict[bytes | None, str | None] = {None: None}  # the few agents of a batch, as text
 
@@ -1165,7 +1165,7 @@ def _write_events(
         for e in event_rows(buffer_id, rows, about_tasks, about_schedules)
     ]
 
-    def run() -> tuple[int, list[TaskRow], Counter[str]]:
+    def run() -> tuple[int, list[TaskSummary], Counter[str]]:
         before = db.total_changes
         db.executemany(
             "INSERT OR IGNORE INTO events (received_at, idempotency_key, source, kind,"

@@ -2,7 +2,7 @@
 
 Writes happen in the transaction that stores the events they come from, so
 a task row never runs ahead of, or behind, the events it is derived from.
-A batch's task events are grouped by key and folded with `z4j.tasks.merge`
+A batch's task events are grouped by key and folded (`z4j.tasks.TaskState`)
 into the stored doc. The fold is idempotent (observations are kept by event
 id), so a batch drained twice, or an event an agent sent twice, changes
 nothing the second time. ``task_counts`` moves with the rows: each write
@@ -10,40 +10,49 @@ takes one from its row's old (project, engine, queue, state) and adds one
 to its new.
 
 Postgres drains run concurrently (several workers, several replicas): two
-of them folding into one task must not both read the old row and the
-second overwrite the first. The fold runs first, on rows read without a
-lock, so that no other drain waits on this one's Python. Then, every step
-in key order:
+of them folding into one task must not both start from the old row and the
+second overwrite the first. Each row carries a ``version``, a fresh value of
+the ``task_versions`` sequence at every write (never one a rolled-back write
+took). A drain folds without locks, in no other drain's way, from the row
+it last wrote and still holds in its `TaskCache`, or from nothing (a task
+it does not know: most are new). Then ONE statement, in key order, inserts
+the new rows and updates the others ``WHERE`` the row's version is still
+the one folded from. A row it does not write (another drain's, or one
+changed since) is locked all the same (``ON CONFLICT DO UPDATE`` locks the
+row it skips): it is read, folded again and written in a second round that
+waits for no one. A row the statement inserted although the fold came from
+a stored one was deleted by retention meanwhile: it is folded again from
+nothing, as if new. Finally the counts' deltas are added, to one of
+`SHARDS` rows per counter, so that two drains rarely wait on one row.
 
-1. New tasks (not there when read) are inserted ``ON CONFLICT DO
-   NOTHING``: that waits for a concurrent insert of the same key to
-   commit, and the keys it did not insert are "lost" to another drain.
-2. The tasks that were there, and the lost ones, are locked ``FOR
-   UPDATE``. A row whose version (xmin) moved since it was read, or a lost
-   one, is read again and folded again; then all are written back.
-3. The counts' deltas are added, to one of `SHARDS` rows per counter, so
-   that two drains rarely wait on one row.
+Waits only go from a write to another drain's write of the same row, in
+key order, so two drains cannot deadlock (a second round that inserts again
+a row deleted in between is the rare exception the deadlock detector
+covers). A drain that rolls back leaves versions in its cache that no row
+has: the next write from them finds the row changed, and folds again.
 
-Waits only go from an insert to another drain's insert (1) and from a lock
-to another's lock (2), each in key order, so two drains cannot deadlock
-(a row deleted by retention in between is inserted again, a rare second
-round that the deadlock detector covers). SQLite has one writer at a time:
-it reads, folds and upserts.
+SQLite has one writer at a time: it reads, folds and upserts.
+
+What this costs (benchmarks/tasks.py): the common write is a fold of the
+batch's events into a cached state, one COPY row and one upserted row; no
+read, no separate lock, no JSON parse of the stored doc.
 """
 
 from __future__ import annotations
 
 import random
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import orjson
 
-from ..tasks import TaskEvent, TaskRow, merge
+from ..tasks import TaskEvent, TaskState, TaskSummary
 from ._rows import Conn, Dialect
 
-__all__ = ["SHARDS", "delete_tasks_before", "write_tasks"]
+__all__ = ["SHARDS", "TaskCache", "delete_tasks_before", "write_tasks"]
 
 FINAL_STATES = frozenset({"succeeded", "failed", "revoked"})
 Key = tuple[bytes, str, str]  # (project id bytes, engine, task id)
@@ -83,32 +92,117 @@ _COUNTED = "project_id, engine, queue, state"
 SHARDS = 4
 # Keys per statement: SQLite's parameter limit is 32,766 (3 a key).
 _CHUNK = 1000
-_STAGING = "_z4j_task_rows"
+_STAGING = "_z4j_task_writes"
 # The order every step takes keys in: Python's (`_pk_order`), which compares
 # strings by code point, as the "C" collation does.
 _KEY_ORDER = 'engine COLLATE "C", task_id COLLATE "C", project_id'
+# Postgres: the staged rows, plus the version each was folded from (null: a
+# task the drain took for new), in one statement. A new row's version is a
+# fresh one; an update's too, and only WHERE the row is the one folded from.
+# The rows it wrote come back with their versions; a row it did not write
+# stays locked by it (ON CONFLICT DO UPDATE locks before its WHERE).
+_UPSERT = (
+    f"INSERT INTO tasks ({_WRITTEN}, version)"
+    f" SELECT {_FROM_STAGING}, coalesce(expected, nextval('task_versions')) FROM {_STAGING}"
+    f" ORDER BY {_KEY_ORDER}"
+    " ON CONFLICT (engine, task_id, project_id) DO UPDATE SET "
+    + ", ".join(f"{column} = excluded.{column}" for column, _ in _STAGED[3:])
+    + ", version = nextval('task_versions')"
+    " WHERE tasks.version = excluded.version"
+    " RETURNING engine, task_id, uuid_send(project_id), version"
+)
+
+
+# -- the cache --------------------------------------------------------------------------
+
+
+class _Counted(NamedTuple):
+    """What the counts and the finished list need of a row before a write."""
+
+    state: str
+    attempts: int
+    counter: Counter
+
+
+class _Before(NamedTuple):
+    """Where a fold starts: the row's version (None: taken for new), its
+    folded state (None: nothing to fold into) and what it counted as."""
+
+    version: int | None
+    task: TaskState | None
+    counted: _Counted | None
+
+
+_NEW = _Before(None, None, None)
+
+# The cache's budget, in bytes of stored doc (the objects take a few times that).
+CACHE_BYTES = 8 << 20
+# A doc larger than this share of the budget is not kept.
+_CACHE_ENTRY_SHARE = 64
+
+
+class TaskCache:
+    """The tasks a drain wrote last, by key: the version each row was written
+    as, its folded state and what it counted as; least recently written go
+    first past ``max_bytes`` (of stored doc). Shared by a store's drains
+    (threads). A hit saves the read and parse of the stored doc; whether the
+    row is still that version is checked by the write itself."""
+
+    def __init__(self, max_bytes: int = CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Key, tuple[_Before, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def size(self) -> int:
+        """Bytes of stored doc held."""
+        return self._bytes
+
+    def get(self, key: Key) -> _Before | None:
+        entry = self._entries.get(key)
+        return None if entry is None else entry[0]
+
+    def put(self, entries: Iterable[tuple[Key, _Before, int]]) -> None:
+        """Keep ``(key, before, doc size)`` entries, newest last."""
+        limit = self.max_bytes // _CACHE_ENTRY_SHARE
+        with self._lock:
+            held, pop = self._entries, self._entries.pop
+            for key, before, size in entries:
+                old = pop(key, None)
+                if old is not None:
+                    self._bytes -= old[1]
+                if size <= limit:
+                    held[key] = (before, size)
+                    self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, (_, size) = held.popitem(last=False)
+                self._bytes -= size
+
+    def discard(self, keys: Iterable[Key]) -> None:
+        with self._lock:
+            for key in keys:
+                old = self._entries.pop(key, None)
+                if old is not None:
+                    self._bytes -= old[1]
 
 
 # -- writes ---------------------------------------------------------------------------
 
 
-class _Stored(NamedTuple):
-    """What a write needs of a row already there."""
-
-    doc: Any
-    state: str
-    attempts: int
-    counter: Counter
-    version: str | None  # Postgres: the row version's xmin
+# A key's fold: its state, the doc as stored, and the row's columns.
+_Folded = tuple[TaskState, bytes, TaskSummary]
 
 
-# A key's fold: the doc, the row, and the row's stored values (`_columns`).
-_Folded = tuple[dict[str, Any], TaskRow, tuple[Any, ...]]
-
-
-def write_tasks(d: Dialect, conn: Conn, events: Sequence[TaskEvent]) -> list[TaskRow]:
+def write_tasks(
+    d: Dialect, conn: Conn, events: Sequence[TaskEvent], cache: TaskCache | None = None
+) -> list[TaskSummary]:
     """Fold ``events`` into their tasks' rows and counts, in the caller's transaction.
 
+    ``cache`` (Postgres): the tasks this store's drains wrote last.
     Returns the rows this write finished: now in a final state, and not in
     that state and attempt before (so that a replayed batch finishes none,
     and the outcome metrics count each run once)."""
@@ -116,112 +210,140 @@ def write_tasks(d: Dialect, conn: Conn, events: Sequence[TaskEvent]) -> list[Tas
         return []
     by_key: dict[Key, list[TaskEvent]] = {}
     for event in events:
-        by_key.setdefault((event.project_id, event.engine, event.task_id), []).append(event)
+        key = (event[0], event[5], event[6])  # project_id, engine, task_id
+        group = by_key.get(key)
+        if group is None:
+            by_key[key] = [event]
+        else:
+            group.append(event)
     keys = sorted(by_key, key=_pk_order)
-    pg = bool(d.lock)
-    seen = _read(d, conn, keys)
-    befores: dict[Key, _Stored | None] = {key: seen.get(key) for key in keys}
-    folded = {key: _fold(pg, befores[key], by_key[key]) for key in keys}
-    update = _take_rows(d, conn, by_key, befores, folded) if pg else keys
-    _upsert(d, conn, [folded[key] for key in update])
+    if d.lock:
+        befores, folded = _write_postgres(d, conn, by_key, keys, cache)
+    else:
+        befores = {key: _NEW for key in keys}
+        befores.update(_read(d, conn, keys))
+        folded = {key: _fold(befores[key], by_key[key]) for key in keys}
+        _upsert_sqlite(d, conn, [folded[key][2] for key in keys], [folded[key][1] for key in keys])
     deltas: dict[Counter, int] = {}
-    finished: list[TaskRow] = []
+    finished: list[TaskSummary] = []
     for key in keys:
-        _count(deltas, befores[key], folded[key][1], finished)
+        _count(deltas, befores[key].counted, folded[key][2], finished)
     _add_counts(d, conn, deltas)
     return finished
 
 
-def _take_rows(
+def _write_postgres(
     d: Dialect,
     conn: Conn,
     by_key: dict[Key, list[TaskEvent]],
-    befores: dict[Key, _Stored | None],
-    folded: dict[Key, _Folded],
-) -> list[Key]:
-    """On Postgres, after the fold (which ran without locks, in no other
-    drain's way): insert the new rows, lock the others, fold again what
-    another drain changed meanwhile. Returns the keys still to write, in
-    order; ``befores`` and ``folded`` are brought up to date."""
-    new = [key for key in folded if befores[key] is None]
-    update: list[Key] = []
-    while True:
-        inserted = _insert_new(conn, [folded[key][2] for key in new])
-        taken = [key for key in new if key not in inserted]  # lost to another drain
-        taken += [key for key in folded if befores[key] is not None and key not in update]
-        taken.sort(key=_pk_order)
-        versions = _lock(conn, taken)
-        stale = [key for key in taken if _version(befores[key]) != versions.get(key)]
-        now = _read(d, conn, [key for key in stale if key in versions])
-        new = []
-        for key in stale:
-            befores[key] = now.get(key)
-            folded[key] = _fold(True, befores[key], by_key[key])
-            if befores[key] is None:  # deleted meanwhile: insert it again
-                new.append(key)
-        update += [key for key in taken if key not in new]
-        if not new:
-            return sorted(update, key=_pk_order)
+    keys: list[Key],
+    cache: TaskCache | None,
+) -> tuple[dict[Key, _Before], dict[Key, _Folded]]:
+    """Fold from the cache (else as new), write in one statement, then fold
+    again and write what another drain had changed (see the module's docstring)."""
+    get = cache.get if cache is not None else _no_entry
+    befores = {key: get(key) or _NEW for key in keys}
+    folded = {key: _fold(befores[key], by_key[key]) for key in keys}
+    versions: dict[Key, int] = {}
+    pending = keys
+    while pending:
+        written = _upsert_postgres(conn, pending, befores, folded)
+        again: list[Key] = []
+        reborn: list[Key] = []
+        for key in pending:
+            version = written.get(key)
+            expected = befores[key].version
+            if version is None:
+                again.append(key)  # not the row folded from: read it (ours, locked) and again
+            elif version == expected:
+                reborn.append(key)  # deleted meanwhile, and inserted from the old fold
+            else:
+                versions[key] = version
+        stored = _read(d, conn, again)
+        for key in again:
+            befores[key] = stored.get(key, _NEW)
+        for key in reborn:
+            befores[key] = _Before(befores[key].version, None, None)
+        pending = sorted(again + reborn, key=_pk_order)
+        for key in pending:
+            folded[key] = _fold(befores[key], by_key[key])
+    if cache is not None:
+        cache.put(
+            (key, _Before(versions[key], state, _counted(summary)), len(doc))
+            for key in keys
+            for state, doc, summary in (folded[key],)
+        )
+    return befores, folded
 
 
-def _version(stored: _Stored | None) -> str | None:
-    return None if stored is None else stored.version
+def _no_entry(key: Key) -> None:
+    return None
 
 
-def _fold(pg: bool, before: _Stored | None, events: list[TaskEvent]) -> _Folded:
-    doc, row = merge(None if before is None else before.doc, events)
-    return doc, row, _columns(pg, doc, row)
+def _fold(before: _Before, events: list[TaskEvent]) -> _Folded:
+    task = before.task.copy() if before.task is not None else TaskState(_key_of(events[0]))
+    for event in events:
+        task.add(event)
+    doc, summary = task.stored()
+    return task, doc, summary
+
+
+def _key_of(event: TaskEvent) -> Key:
+    return event[0], event[5], event[6]
 
 
 def _pk_order(key: Key) -> tuple[str, str, bytes]:
     return key[1], key[2], key[0]
 
 
+def _counted(row: TaskSummary) -> _Counted:
+    return _Counted(
+        row.state, row.attempts, (row.project_id, row.engine, row.queue or "", row.state)
+    )
+
+
 def _count(
-    deltas: dict[Counter, int], before: _Stored | None, row: TaskRow, finished: list[TaskRow]
+    deltas: dict[Counter, int],
+    before: _Counted | None,
+    row: TaskSummary,
+    finished: list[TaskSummary],
 ) -> None:
-    after = (row.project_id, row.engine, row.queue or "", row.state)
+    state = row.state
+    after = (row.project_id, row.engine, row.queue or "", state)
     if before is None or before.counter != after:
         if before is not None:
             deltas[before.counter] = deltas.get(before.counter, 0) - 1
         deltas[after] = deltas.get(after, 0) + 1
-    if row.state in FINAL_STATES and (
-        before is None or (before.state, before.attempts) != (row.state, row.attempts)
+    if state in FINAL_STATES and (
+        before is None or before.state != state or before.attempts != row.attempts
     ):
         finished.append(row)
 
 
-def _columns(pg: bool, doc: dict[str, Any], row: TaskRow) -> tuple[Any, ...]:
+def _columns(pg: bool, doc: bytes, row: TaskSummary) -> tuple[Any, ...]:
     """A row's stored values, in `_STAGED`'s order: the doc as orjson bytes,
     times as epoch seconds; uuids as 16 bytes on Postgres (its binary COPY
     takes them so), as text on SQLite."""
-    uuid_in = _raw_uuid if pg else _text_uuid
+    agent = row.agent_id
+    if pg:
+        return (
+            row.engine,
+            row.task_id,
+            row.project_id,
+            *row[3:7],  # name, queue, state, attempts
+            agent or None,
+            *row[8:],  # worker ... last_event_at
+            doc,
+        )
     return (
         row.engine,
         row.task_id,
-        uuid_in(row.project_id),
-        row.name,
-        row.queue,
-        row.state,
-        row.attempts,
-        uuid_in(row.agent_id) if row.agent_id else None,
-        row.worker,
-        row.exception,
-        row.message,
-        row.runtime_ms,
-        row.parent_id,
-        row.root_id,
-        row.first_seen,
-        row.received_at,
-        row.started_at,
-        row.finished_at,
-        row.last_event_at,
-        orjson.dumps(doc),
+        _text_uuid(row.project_id),
+        *row[3:7],
+        _text_uuid(agent) if agent else None,
+        *row[8:],
+        doc,
     )
-
-
-def _raw_uuid(value: bytes) -> bytes:
-    return value
 
 
 def _text_uuid(value: bytes) -> str:
@@ -244,68 +366,48 @@ def _groups(keys: Sequence[Key]) -> Iterator[tuple[uuid.UUID, str, list[str]]]:
 # the order given. A plain join or ``task_id = ANY(...)`` lets the planner
 # pick a hash join over every task of the engine when the table's statistics
 # are stale (a table that grew since its last ANALYZE, as drains make it):
-# the subquery, kept apart by its OFFSET 0 or FOR UPDATE, cannot be flattened.
-def _keyed(columns: str, lock: str) -> str:
-    fence = lock or " OFFSET 0"
-    return (
-        f"SELECT t.* FROM unnest(%s::text[]) AS k (task_id), LATERAL"
-        f" (SELECT {columns} FROM tasks WHERE engine = %s AND task_id = k.task_id"
-        f" AND project_id = %s{fence}) AS t"
-    )
+# the subquery, kept apart by its OFFSET 0, cannot be flattened.
+_READ_KEYED = (
+    "SELECT t.* FROM unnest(%s::text[]) AS k (task_id), LATERAL"
+    " (SELECT task_id, doc, state, attempts, queue, version FROM tasks"
+    " WHERE engine = %s AND task_id = k.task_id AND project_id = %s OFFSET 0) AS t"
+)
 
 
-def _lock(conn: Conn, keys: list[Key]) -> dict[Key, str]:
-    """Lock the rows of ``keys``, in key order; their versions (absent: no row)."""
-    versions: dict[Key, str] = {}
-    for project, engine, task_ids in _groups(keys):
-        rows = conn.execute(
-            _keyed("task_id, xmin::text AS version", " FOR UPDATE"), (task_ids, engine, project)
-        ).fetchall()
-        versions.update(((project.bytes, engine, task_id), v) for task_id, v in rows)
-    return versions
-
-
-def _stage(conn: Conn, rows: Sequence[tuple[Any, ...]]) -> None:
-    """Copy rows (`_columns`) into this transaction's staging table (created
-    once per session; a rolled-back transaction takes it along, hence IF NOT
+def _upsert_postgres(
+    conn: Conn, keys: list[Key], befores: dict[Key, _Before], folded: dict[Key, _Folded]
+) -> dict[Key, int]:
+    """Write the folds of ``keys`` (in key order) in one statement; the versions
+    of the rows it wrote (see `_UPSERT`). The staging table is created once
+    per session (a rolled-back transaction takes it along, hence IF NOT
     EXISTS)."""
     cur = conn.cursor()
     cur.execute(
         f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} ("
         + ", ".join(f"{column} {kind}" for column, kind in _STAGED)
-        + ") ON COMMIT DELETE ROWS"
+        + ", expected int8) ON COMMIT DELETE ROWS"
     )
     cur.execute(f"DELETE FROM {_STAGING}")
-    with cur.copy(f"COPY {_STAGING} ({_WRITTEN}) FROM STDIN (FORMAT BINARY)") as copy:
-        copy.set_types([kind for _, kind in _STAGED])
+    with cur.copy(f"COPY {_STAGING} ({_WRITTEN}, expected) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types([kind for _, kind in _STAGED] + ["int8"])
         write_row = copy.write_row
-        for values in rows:
-            write_row(values)
+        for key in keys:
+            _, doc, row = folded[key]
+            write_row((*_columns(True, doc, row), befores[key].version))
+    return {
+        (project, engine, task_id): version
+        for engine, task_id, project, version in cur.execute(_UPSERT).fetchall()
+    }
 
 
-def _insert_new(conn: Conn, rows: list[tuple[Any, ...]]) -> set[Key]:
-    """Insert rows for tasks that had none; the keys it inserted (the others
-    were inserted by a concurrent drain meanwhile)."""
-    if not rows:
-        return set()
-    _stage(conn, rows)
-    inserted = conn.execute(
-        f"INSERT INTO tasks ({_WRITTEN}) SELECT {_FROM_STAGING} FROM {_STAGING}"
-        f" ORDER BY {_KEY_ORDER} ON CONFLICT DO NOTHING"
-        " RETURNING engine, task_id, project_id"
-    ).fetchall()
-    return {(project.bytes, engine, task_id) for engine, task_id, project in inserted}
-
-
-def _read(d: Dialect, conn: Conn, keys: list[Key]) -> dict[Key, _Stored]:
+def _read(d: Dialect, conn: Conn, keys: list[Key]) -> dict[Key, _Before]:
     """The stored rows of ``keys`` (absent: none). Takes no lock."""
-    found: dict[Key, _Stored] = {}
+    found: dict[Key, _Before] = {}
+    if not keys:
+        return found
     if d.lock:
         for project, engine, task_ids in _groups(keys):
-            rows = conn.execute(
-                _keyed("task_id, doc, state, attempts, queue, xmin::text AS version", ""),
-                (task_ids, engine, project),
-            ).fetchall()
+            rows = conn.execute(_READ_KEYED, (task_ids, engine, project)).fetchall()
             _found(found, project.bytes, engine, rows)
         return found
     for start in range(0, len(keys), _CHUNK):
@@ -322,32 +424,26 @@ def _read(d: Dialect, conn: Conn, keys: list[Key]) -> dict[Key, _Stored]:
     return found
 
 
-def _found(found: dict[Key, _Stored], project: bytes, engine: str, rows: Iterable[Any]) -> None:
+def _found(found: dict[Key, _Before], project: bytes, engine: str, rows: Iterable[Any]) -> None:
     for task_id, doc, state, attempts, queue, version in rows:
-        found[project, engine, task_id] = _Stored(
-            orjson.loads(doc), state, attempts, (project, engine, queue or "", state), version
+        found[project, engine, task_id] = _Before(
+            version,
+            TaskState.load(orjson.loads(doc)),
+            _Counted(state, attempts, (project, engine, queue or "", state)),
         )
 
 
-def _upsert(d: Dialect, conn: Conn, written: list[_Folded]) -> None:
-    """Write folded rows over their stored ones (locked by `_lock` on Postgres),
-    or as new rows (on SQLite, or deleted meanwhile on Postgres)."""
-    if not written:
+def _upsert_sqlite(d: Dialect, conn: Conn, rows: list[TaskSummary], docs: list[bytes]) -> None:
+    """Write folded rows over their stored ones, or as new rows."""
+    if not rows:
         return
     updates = ", ".join(f"{column} = excluded.{column}" for column, _ in _STAGED[3:])
-    conflict = f" ON CONFLICT (engine, task_id, project_id) DO UPDATE SET {updates}"
-    if d.lock:
-        _stage(conn, [values for _, _, values in written])
-        conn.execute(
-            f"INSERT INTO tasks ({_WRITTEN}) SELECT {_FROM_STAGING} FROM {_STAGING}"
-            f" ORDER BY {_KEY_ORDER}{conflict}"
-        )
-    else:
-        placeholders = ", ".join("?" * len(_STAGED))
-        conn.cursor().executemany(
-            f"INSERT INTO tasks ({_WRITTEN}) VALUES ({placeholders}){conflict}",
-            [values for _, _, values in written],
-        )
+    placeholders = ", ".join("?" * len(_STAGED))
+    conn.cursor().executemany(
+        f"INSERT INTO tasks ({_WRITTEN}) VALUES ({placeholders})"
+        f" ON CONFLICT (engine, task_id, project_id) DO UPDATE SET {updates}",
+        [_columns(False, doc, row) for row, doc in zip(rows, docs, strict=True)],
+    )
 
 
 def _add_counts(d: Dialect, conn: Conn, deltas: dict[Counter, int]) -> None:
