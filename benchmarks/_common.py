@@ -64,6 +64,26 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def cluster_cpu_seconds(postmaster_pid: int) -> float:
+    """User + system CPU time of a Postgres server so far: the postmaster, the
+    backends it has reaped (its children's times), and those still running."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(entry) == postmaster_pid:
+            total += sum(int(n) for n in fields[11:15])  # its own and its reaped children's
+        elif int(fields[1]) == postmaster_pid:
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
 class CpuMeter:
     """CPU share of one process over an interval (1.0 = one core busy)."""
 

@@ -28,7 +28,11 @@ half). Both figures are measured against a reference taken in the same run.
     brain's default drain workers, lease, pool and statement timeout), once
     with ``project_tasks=False`` and once with ``True``, each into a fresh
     database from a copy of the same buffer file, alternated off/on
-    ``--rounds`` times; the best run of each counts. The clock runs from the
+    ``--rounds`` times; the best run of each counts. This process runs with
+    the garbage collector's thresholds of the ``z4j brain`` process
+    (`z4j.cli.tune_gc`). Each run says the CPU time it took, in this
+    process (the drains, the buffer, Trio) and in Postgres (its backends
+    and background processes). The clock runs from the
     start of the drains until the buffer is empty. A run counts only if
     ``events`` then holds every event, and ``tasks`` holds one row per task,
     succeeded, with its real name, the broker copy's worker and runtime
@@ -95,9 +99,10 @@ import psycopg
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import CpuMeter
+from _common import cluster_cpu_seconds, process_cpu_seconds
 
 from z4j.buffer import Buffer, BufferFile, NewRow
+from z4j.cli import tune_gc
 from z4j.config import Config
 from z4j.stats import BrainStats
 from z4j.store import tasks as task_sql
@@ -343,7 +348,8 @@ def batch_rows_for(per_row: int, args: argparse.Namespace) -> int:
 async def drain_once(
     buffer_path: Path, url: str, project_tasks: bool, batch_rows: int, args: argparse.Namespace
 ) -> tuple[float | None, float, int]:
-    """Drain the whole buffer; (seconds or None past --timeout, CPU share, failed writes)."""
+    """Drain the whole buffer; (seconds or None past --timeout, this process's CPU
+    seconds meanwhile, failed writes)."""
     buffer = await Buffer.open(buffer_path, max_rows=10**9)
     store = PostgresStore.from_url(
         url,
@@ -353,7 +359,7 @@ async def drain_once(
     )
     stats = BrainStats()
     try:
-        cpu = CpuMeter(os.getpid())
+        cpu = process_cpu_seconds(os.getpid())
         started = time.perf_counter()
         seconds = None
         async with draining(
@@ -368,8 +374,8 @@ async def drain_once(
                 while buffer.file.depth > 0:  # noqa: ASYNC110 - polls a counter a thread updates
                     await trio.sleep(0.002)
                 seconds = time.perf_counter() - started
-            share = cpu.read()
-        return seconds, share, stats.drain_failures
+            used = process_cpu_seconds(os.getpid()) - cpu
+        return seconds, used, stats.drain_failures
     finally:
         await buffer.aclose()
         await store.aclose()
@@ -427,11 +433,15 @@ def drain_run(
         trio.run(migrate, url)
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("CHECKPOINT")
-        seconds, share, failures = trio.run(
+        postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
+        server = cluster_cpu_seconds(postmaster)
+        seconds, used, failures = trio.run(
             drain_once, buffer_path, url, project_tasks, batch_rows, args
         )
+        time.sleep(0.2)  # the pool's backends exit, and are reaped
+        server = cluster_cpu_seconds(postmaster) - server
         failed = f"; {failures} store writes failed and were retried" if failures else ""
-        cpu = f"drain process CPU {share:.2f} cores"
+        cpu = f"CPU: drain process {used:.2f} s, Postgres {server:.2f} s"
         if seconds is None:
             return None, f"not drained after {args.timeout:g} s, {cpu}{failed}"
         summary = check_drained(url, project_tasks, events, args.drain_tasks)
@@ -909,6 +919,7 @@ def main() -> int:
     args = parser.parse_args()
 
     started = time.perf_counter()
+    tune_gc()  # as the `z4j brain` process runs
     say(
         f"z4j tasks benchmark: {os.cpu_count()} cores, load average "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the start"
