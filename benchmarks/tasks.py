@@ -29,10 +29,11 @@ half). Both figures are measured against a reference taken in the same run.
     with ``project_tasks=False`` and once with ``True``, each into a fresh
     database from a copy of the same buffer file, alternated off/on
     ``--rounds`` times; the best run of each counts. This process runs with
-    the garbage collector's thresholds of the ``z4j brain`` process
-    (`z4j.cli.tune_gc`). Each run says the CPU time it took, in this
-    process (the drains, the buffer, Trio) and in Postgres (its backends
-    and background processes). The clock runs from the
+    the garbage collector's thresholds and GIL switch interval of the
+    ``z4j brain`` process (`z4j.cli.tune_interpreter`, the defaults). Each
+    run says the CPU time it took, in this process (the drains, the buffer,
+    Trio) and in Postgres (its backends and background processes). The
+    clock runs from the
     start of the drains until the buffer is empty. A run counts only if
     ``events`` then holds every event, and ``tasks`` holds one row per task,
     succeeded, with its real name, the broker copy's worker and runtime
@@ -102,7 +103,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cluster_cpu_seconds, process_cpu_seconds
 
 from z4j.buffer import Buffer, BufferFile, NewRow
-from z4j.cli import tune_gc
+from z4j.cli import tune_interpreter
 from z4j.config import Config
 from z4j.stats import BrainStats
 from z4j.store import tasks as task_sql
@@ -919,7 +920,7 @@ def main() -> int:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    tune_gc()  # as the `z4j brain` process runs
+    tune_interpreter(DEFAULTS)  # as the `z4j brain` process runs
     say(
         f"z4j tasks benchmark: {os.cpu_count()} cores, load average "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the start"
