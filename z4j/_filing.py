@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-__all__ = ["MAX_CLOCK_SKEW_SECONDS", "filing_time"]
+__all__ = ["MAX_CLOCK_SKEW_SECONDS", "filing", "filing_time"]
 
 # An occurred_at further than this from its receipt is not trusted for
 # filing; the receipt time is used instead.
@@ -20,6 +20,11 @@ MAX_CLOCK_SKEW_SECONDS = 7 * 86400
 
 def filing_time(occurred_at: object, received_at: float) -> datetime:
     """occurred_at when it is a sane timestamp (naive means UTC), else receipt time."""
+    return filing(occurred_at, received_at)[0]
+
+
+def filing(occurred_at: object, received_at: float) -> tuple[datetime, float]:
+    """`filing_time`, and the same as epoch seconds (the drain wants both)."""
     if isinstance(occurred_at, str):
         try:
             when = datetime.fromisoformat(occurred_at.replace("Z", "+00:00"))
@@ -28,6 +33,8 @@ def filing_time(occurred_at: object, received_at: float) -> datetime:
         else:
             if when.tzinfo is None:
                 when = when.replace(tzinfo=UTC)
-            if abs(when.timestamp() - received_at) <= MAX_CLOCK_SKEW_SECONDS:
-                return when
-    return datetime.fromtimestamp(received_at, UTC)
+            at = when.timestamp()
+            if abs(at - received_at) <= MAX_CLOCK_SKEW_SECONDS:
+                return when, at
+    when = datetime.fromtimestamp(received_at, UTC)
+    return when, when.timestamp()  # to the microsecond, as the datetime has it

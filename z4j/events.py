@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import orjson
 
-from ._filing import filing_time
+from ._filing import filing
 from .buffer import ClaimedRow
 from .schedules import ScheduleControl, ScheduleFrame, schedule_event
 from .tasks import TaskEvent, task_event
@@ -138,11 +138,9 @@ def _agent_event_rows(
         kind = event.get("kind") if isinstance(event, dict) else None
         if not isinstance(event_id, str) or not isinstance(kind, str):
             raise ValueError(f"buffer row {row.id}: an agent event without string id and kind")
-        filed = filing_time(event.get("occurred_at"), row.received_at)
+        filed, at = filing(event.get("occurred_at"), row.received_at)
         if tasks is not None and kind.startswith("task."):
-            about = task_event(
-                project, agent, worker, event, row.received_at, filed_at=filed.timestamp()
-            )
+            about = task_event(project, agent, worker, event, row.received_at, filed_at=at)
             if about is not None:
                 tasks.append(about)
         elif schedules is not None and kind.startswith("schedule."):

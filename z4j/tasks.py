@@ -73,7 +73,7 @@ import math
 import re
 from bisect import bisect_left
 from collections.abc import Callable, Container, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import orjson
 
@@ -170,6 +170,11 @@ class TaskRow(NamedTuple):
     timeline: list[dict[str, Any]]
 
 
+# A TaskEvent from a tuple of its values, without the Python-level __new__ a
+# NamedTuple call runs (the drain makes one per task event).
+_new_event: Callable[[Iterable[Any]], TaskEvent] = functools.partial(tuple.__new__, TaskEvent)
+
+
 def task_event(
     project_id: bytes,
     agent_id: bytes,
@@ -193,16 +198,18 @@ def task_event(
         if filed_at is None
         else filed_at
     )
-    return TaskEvent(
-        project_id,
-        agent_id,
-        worker_id,
-        event_id,
-        kind,
-        engine,
-        task_id,
-        at,
-        data if type(data) is dict or isinstance(data, Mapping) else {},
+    return _new_event(
+        (
+            project_id,
+            agent_id,
+            worker_id,
+            event_id,
+            kind,
+            engine,
+            task_id,
+            at,
+            data if type(data) is dict or isinstance(data, Mapping) else {},
+        )
     )
 
 
@@ -233,23 +240,21 @@ def task_row(doc: Mapping[str, Any]) -> TaskRow:
 # -- observations and registers ----------------------------------------------------------
 
 
-class _Obs(NamedTuple):
-    """What an event leaves in the doc besides its registers' candidates."""
-
-    at: float
-    id: str
-    agent: str  # hex
-    kind: str  # a TASK_STATES member
-    secondary: bool  # Celery's broker-monitor copy
-    worker: str | None
-    runtime_ms: float | None
-    exception: str | None
-    message: str | None
-
-
-# An _Obs from a sequence of its 9 values, without the Python-level __new__ a
-# NamedTuple call runs (the drain makes one per task event).
-_new_obs: Callable[[Iterable[Any]], _Obs] = functools.partial(tuple.__new__, _Obs)
+# What an event leaves in the doc besides its registers' candidates: (at, event
+# id, agent hex, kind (a TASK_STATES member), Celery's broker-monitor copy,
+# worker, runtime_ms, exception, message). A plain tuple, as the doc holds it
+# (orjson writes tuples as lists): the drain makes one per task event. The
+# loops below unpack it, or read a field by these indexes.
+_Obs = tuple[float, str, str, str, bool, str | None, float | None, str | None, str | None]
+_AT: Final = 0
+_ID: Final = 1
+_AGENT: Final = 2
+_KIND: Final = 3
+_SECONDARY: Final = 4
+_WORKER: Final = 5
+_RUNTIME: Final = 6
+_EXCEPTION: Final = 7
+_MESSAGE: Final = 8
 
 _Key = tuple[bytes, str, str]
 
@@ -318,7 +323,7 @@ class TaskState:
         kept = task.obs
         for o in doc["obs"]:
             if version == 1:
-                ob = _Obs(
+                ob: _Obs = (
                     o["at"],
                     o["id"],
                     agents[o["a"]],
@@ -330,8 +335,8 @@ class TaskState:
                     o.get("msg"),
                 )
             else:
-                ob = _new_obs(o)
-            kept[ob.id, ob.agent] = ob
+                ob = tuple(o)
+            kept[ob[_ID], ob[_AGENT]] = ob
         task.reg = {name: list(value) for name, value in doc["reg"].items()}
         task.first_seen, task.last_event_at = doc["first_seen"], doc["last_event_at"]
         task.received_at = doc["received_at"]
@@ -362,18 +367,16 @@ class TaskState:
         runtime = get("runtime_ms")
         if runtime is not None and not (type(runtime) in _NUMBERS and math.isfinite(runtime)):
             runtime = None
-        ob = _new_obs(
-            (
-                at,
-                eid,
-                agent,
-                kind,
-                secondary,
-                worker if worker_ok else None,
-                runtime,
-                exception,
-                message,
-            )
+        ob = (
+            at,
+            eid,
+            agent,
+            kind,
+            secondary,
+            worker if worker_ok else None,
+            runtime,
+            exception,
+            message,
         )
         obs = self.obs
         old = obs.get((eid, agent))
@@ -412,7 +415,7 @@ class TaskState:
         """Keep the `OBSERVATION_CAP` latest observations by (at, id, agent)."""
         if len(self.obs) > OBSERVATION_CAP:
             kept = sorted(self.obs.values())[-OBSERVATION_CAP:]
-            self.obs = {(o.id, o.agent): o for o in kept}
+            self.obs = {(o[_ID], o[_AGENT]): o for o in kept}
             self.truncated = True
 
     def sorted_obs(self) -> list[_Obs]:
@@ -444,8 +447,7 @@ class TaskState:
         extras (inputs, result, timeline) that only readers need."""
         self.trim()
         obs = self.sorted_obs()
-        # orjson writes tuples as lists; _Obs, a tuple subclass, via `default`.
-        doc = orjson.dumps(self._doc(obs), default=tuple)
+        doc = orjson.dumps(self._doc(obs))  # tuples as lists, as `dump` has them
         return doc, self.summary(obs)
 
     def summary(self, obs: list[_Obs]) -> TaskSummary:
@@ -464,8 +466,8 @@ class TaskState:
         # the task last: primary copies first.
         latest = _preferred(obs)
         if worker is None:
-            ran = _preferred([o for o in obs if o.worker is not None])
-            worker = ran.worker if ran else None
+            ran = _preferred([o for o in obs if o[_WORKER] is not None])
+            worker = ran[_WORKER] if ran else None
         get = self.reg.get
         none = _NONE  # an empty register's (value,)
         project, engine, task_id = self.key
@@ -478,7 +480,7 @@ class TaskState:
                 get("queue", none)[0],
                 state or "retried",
                 attempts,
-                bytes.fromhex(latest.agent) if latest else b"",
+                bytes.fromhex(latest[_AGENT]) if latest else b"",
                 worker,
                 cause[6],
                 cause[7],
@@ -561,9 +563,9 @@ def _canonical_wins(value: Any, held: Any) -> bool:
 def _later_version(new: _Obs, old: _Obs) -> bool:
     """Two versions of one (event id, agent): e.g. a re-send filed at its receipt time.
     Pick by the order `trim` keeps by, so the choice and the cap commute."""
-    if new.at != old.at:
-        return new.at > old.at
-    return orjson.dumps(tuple(new)) > orjson.dumps(tuple(old))
+    if new[_AT] != old[_AT]:
+        return new[_AT] > old[_AT]
+    return orjson.dumps(new) > orjson.dumps(old)
 
 
 def _canonical(value: Any) -> bytes:
@@ -609,33 +611,34 @@ _NOT_COUNTED: frozenset[_Obs] = frozenset()
 def _attempt_groups(obs: list[_Obs]) -> tuple[list[list[_Obs]], Container[_Obs]]:
     """The observations of each attempt, from observations sorted by (at, id,
     agent); and the broker-copy retries that only add a worker or runtime."""
-    retried = [o for o in obs if o.kind == "retried"]
+    retried = [o for o in obs if o[_KIND] == "retried"]
     if not retried:
         return [obs], _NOT_COUNTED
-    bounds = [o for o in retried if not o.secondary]
+    bounds = [o for o in retried if not o[_SECONDARY]]
     if not bounds:
         streams: dict[str, list[_Obs]] = {}
         for o in retried:
-            streams.setdefault(o.agent, []).append(o)
+            streams.setdefault(o[_AGENT], []).append(o)
         bounds = min(streams.items(), key=lambda s: (-len(s[1]), s[0]))[1]
     last = len(bounds)
-    bound_ats = [b.at for b in bounds]
-    position = {(b.id, b.agent): i for i, b in enumerate(bounds)}
+    bound_ats = [b[_AT] for b in bounds]
+    position = {(b[_ID], b[_AGENT]): i for i, b in enumerate(bounds)}
     attempts: list[list[_Obs]] = [[] for _ in range(last + 1)]
     uncounted: set[_Obs] = set()  # broker-copy retries that are not boundaries
     retries_seen: dict[str, int] = {}  # per agent, its broker copies of task.retried so far
     for o in obs:
-        where = position.get((o.id, o.agent)) if o.kind == "retried" else None
-        if o.secondary:
-            seen = retries_seen.get(o.agent, 0)
-            if o.kind == "retried":
-                retries_seen[o.agent] = seen + 1
+        at, eid, agent, kind, secondary = o[:5]
+        where = position.get((eid, agent)) if kind == "retried" else None
+        if secondary:
+            seen = retries_seen.get(agent, 0)
+            if kind == "retried":
+                retries_seen[agent] = seen + 1
                 if where is None:
                     uncounted.add(o)
             if where is None:
                 where = min(seen, last)
         elif where is None:
-            where = bisect_left(bound_ats, o.at)
+            where = bisect_left(bound_ats, at)
         attempts[where].append(o)
     return attempts, uncounted
 
@@ -643,16 +646,16 @@ def _attempt_groups(obs: list[_Obs]) -> tuple[list[list[_Obs]], Container[_Obs]]
 def _preferred(obs: list[_Obs]) -> _Obs | None:
     """Primary copies first, then the latest."""
     for o in reversed(obs):
-        if not o.secondary:
+        if not o[_SECONDARY]:
             return o
     return obs[-1] if obs else None
 
 
 def _explains_better(o: _Obs, held: _Obs | None) -> bool:
     """The highest kind (a failure over a retry), then primary copies, then the latest."""
-    if held is None or _RANK[o.kind] > _RANK[held.kind]:
+    if held is None or _RANK[o[_KIND]] > _RANK[held[_KIND]]:
         return True
-    return o.kind == held.kind and (held.secondary or not o.secondary)
+    return o[_KIND] == held[_KIND] and (held[_SECONDARY] or not o[_SECONDARY])
 
 
 def _attempt(items: list[_Obs], uncounted: Container[_Obs]) -> _Attempt:
@@ -661,36 +664,37 @@ def _attempt(items: list[_Obs], uncounted: Container[_Obs]) -> _Attempt:
     firsts: dict[str, _Obs] = {}  # per kind: primary copies first, then the earliest
     worker = timed = failure = None  # primary copies first, then the latest
     for o in items:
-        if o not in uncounted:
-            first = firsts.get(o.kind)
-            if first is None or (first.secondary and not o.secondary):
-                firsts[o.kind] = o
-            if (o.exception is not None or o.message is not None) and _explains_better(o, failure):
+        _, _, _, kind, secondary, ran_on, runtime, exception, message = o
+        if not uncounted or o not in uncounted:
+            first = firsts.get(kind)
+            if first is None or (first[_SECONDARY] and not secondary):
+                firsts[kind] = o
+            if (exception is not None or message is not None) and _explains_better(o, failure):
                 failure = o
-        if o.worker is not None and (worker is None or worker.secondary or not o.secondary):
+        if ran_on is not None and (worker is None or worker[_SECONDARY] or not secondary):
             worker = o
-        if o.runtime_ms is not None and (timed is None or timed.secondary or not o.secondary):
+        if runtime is not None and (timed is None or timed[_SECONDARY] or not secondary):
             timed = o
     state = max(firsts, key=_RANK.__getitem__, default=None)
     received, started = firsts.get("received"), firsts.get("started")
     ended = firsts[state] if state in _ENDS else None
-    started_at = started.at if started else None
-    finished_at = ended.at if ended else None
+    started_at = started[_AT] if started else None
+    finished_at = ended[_AT] if ended else None
     if timed is not None:
-        runtime_ms = timed.runtime_ms
+        runtime_ms = timed[_RUNTIME]
     elif started_at is not None and finished_at is not None and finished_at >= started_at:
         runtime_ms = round((finished_at - started_at) * 1000, 3)
     else:
         runtime_ms = None
     return (
         state,
-        received.at if received else None,
+        received[_AT] if received else None,
         started_at,
         finished_at,
-        worker.worker if worker else None,
+        worker[_WORKER] if worker else None,
         runtime_ms,
-        failure.exception if failure else None,
-        failure.message if failure else None,
+        failure[_EXCEPTION] if failure else None,
+        failure[_MESSAGE] if failure else None,
     )
 
 

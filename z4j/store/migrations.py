@@ -1075,12 +1075,11 @@ CREATE TABLE federation_tokens (
         name="tasks: a version per row write",
         # Postgres drains fold without locks and write a task's row in one
         # statement, only if it is still the version they folded from
-        # (store/task_writes.py): every write takes a fresh value of
-        # task_versions, which a rolled-back write never gives back. Rows
-        # written before have version 0, which no write folds from.
-        # SQLite has one writer and keeps the column for the same schema.
+        # (store/task_writes.py): every write gives the row a fresh random
+        # version. Rows written before have version 0, which a drain that
+        # read them folds from like any other. SQLite has one writer and
+        # keeps the column for the same schema.
         postgres="""
-CREATE SEQUENCE task_versions;
 ALTER TABLE tasks ADD COLUMN version bigint NOT NULL DEFAULT 0;
 """,
         sqlite="""

@@ -40,11 +40,13 @@ read, no separate lock, no JSON parse of the stored doc.
 
 from __future__ import annotations
 
+import functools
+import os
 import random
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import orjson
@@ -55,7 +57,9 @@ from ._rows import Conn, Dialect
 __all__ = ["SHARDS", "TaskCache", "delete_tasks_before", "write_tasks"]
 
 FINAL_STATES = frozenset({"succeeded", "failed", "revoked"})
-Key = tuple[bytes, str, str]  # (project id bytes, engine, task id)
+# (engine, task id, project id bytes): the primary key's order, which the
+# tuples' own order follows.
+Key = tuple[str, str, bytes]
 # A counter's dimensions: (project, engine, queue or '', state).
 Counter = tuple[bytes, str, str, str]
 
@@ -93,21 +97,21 @@ SHARDS = 4
 # Keys per statement: SQLite's parameter limit is 32,766 (3 a key).
 _CHUNK = 1000
 _STAGING = "_z4j_task_writes"
-# The order every step takes keys in: Python's (`_pk_order`), which compares
-# strings by code point, as the "C" collation does.
+# The order every step takes keys in: Python's (of `Key` tuples), which
+# compares strings by code point, as the "C" collation does.
 _KEY_ORDER = 'engine COLLATE "C", task_id COLLATE "C", project_id'
-# Postgres: the staged rows, plus the version each was folded from (null: a
-# task the drain took for new), in one statement. A new row's version is a
-# fresh one; an update's too, and only WHERE the row is the one folded from.
-# The rows it wrote come back with their versions; a row it did not write
-# stays locked by it (ON CONFLICT DO UPDATE locks before its WHERE).
+# Postgres: the staged rows in one statement, each with the version it was
+# folded from (a row taken for new: a fresh one, which no row has). A new
+# row keeps it; a stored row is updated only WHERE it is still that version,
+# to that version XOR the statement's salt (`_versions`). The rows it wrote
+# come back with their versions; a row it did not write stays locked by it
+# (ON CONFLICT DO UPDATE locks before its WHERE).
 _UPSERT = (
     f"INSERT INTO tasks ({_WRITTEN}, version)"
-    f" SELECT {_FROM_STAGING}, coalesce(expected, nextval('task_versions')) FROM {_STAGING}"
-    f" ORDER BY {_KEY_ORDER}"
+    f" SELECT {_FROM_STAGING}, version FROM {_STAGING} ORDER BY {_KEY_ORDER}"
     " ON CONFLICT (engine, task_id, project_id) DO UPDATE SET "
     + ", ".join(f"{column} = excluded.{column}" for column, _ in _STAGED[3:])
-    + ", version = nextval('task_versions')"
+    + ", version = excluded.version # %s"
     " WHERE tasks.version = excluded.version"
     " RETURNING engine, task_id, uuid_send(project_id), version"
 )
@@ -134,6 +138,9 @@ class _Before(NamedTuple):
 
 
 _NEW = _Before(None, None, None)
+# Without the Python-level __new__ a NamedTuple call runs (one a task written).
+_new_before: Callable[[Iterable[Any]], _Before] = functools.partial(tuple.__new__, _Before)
+_new_counted: Callable[[Iterable[Any]], _Counted] = functools.partial(tuple.__new__, _Counted)
 
 # The cache's budget, in bytes of stored doc (the objects take a few times that).
 CACHE_BYTES = 8 << 20
@@ -210,13 +217,13 @@ def write_tasks(
         return []
     by_key: dict[Key, list[TaskEvent]] = {}
     for event in events:
-        key = (event[0], event[5], event[6])  # project_id, engine, task_id
+        key = (event[5], event[6], event[0])  # engine, task_id, project_id
         group = by_key.get(key)
         if group is None:
             by_key[key] = [event]
         else:
             group.append(event)
-    keys = sorted(by_key, key=_pk_order)
+    keys = sorted(by_key)
     if d.lock:
         befores, folded = _write_postgres(d, conn, by_key, keys, cache)
     else:
@@ -244,36 +251,65 @@ def _write_postgres(
     get = cache.get if cache is not None else _no_entry
     befores = {key: get(key) or _NEW for key in keys}
     folded = {key: _fold(befores[key], by_key[key]) for key in keys}
-    versions: dict[Key, int] = {}
     pending = keys
     while pending:
-        written = _upsert_postgres(conn, pending, befores, folded)
+        salt, staged, meant = _versions(pending, befores)
+        if cache is not None:
+            # Before the write: a drain beside this one that folds one of these
+            # tasks now folds from this fold, and its write waits for this one's
+            # to commit. Should this one not write it, the version is not the row's.
+            _keep(cache, pending, meant, folded)
+        written = _upsert_postgres(conn, pending, staged, salt, folded)
         again: list[Key] = []
         reborn: list[Key] = []
         for key in pending:
             version = written.get(key)
-            expected = befores[key].version
+            if version == meant[key]:
+                continue
             if version is None:
                 again.append(key)  # not the row folded from: read it (ours, locked) and again
-            elif version == expected:
-                reborn.append(key)  # deleted meanwhile, and inserted from the old fold
             else:
-                versions[key] = version
+                reborn.append(key)  # deleted meanwhile, and inserted from the old fold
         stored = _read(d, conn, again)
         for key in again:
             befores[key] = stored.get(key, _NEW)
         for key in reborn:
-            befores[key] = _Before(befores[key].version, None, None)
-        pending = sorted(again + reborn, key=_pk_order)
+            befores[key] = _Before(staged[key], None, None)
+        pending = sorted(again + reborn)
         for key in pending:
             folded[key] = _fold(befores[key], by_key[key])
-    if cache is not None:
-        cache.put(
-            (key, _Before(versions[key], state, _counted(summary)), len(doc))
-            for key in keys
-            for state, doc, summary in (folded[key],)
-        )
     return befores, folded
+
+
+def _versions(
+    keys: list[Key], befores: dict[Key, _Before]
+) -> tuple[int, dict[Key, int], dict[Key, int]]:
+    """A statement's salt, the version each row is staged with (the one it was
+    folded from, else a fresh one), and the version each is meant to have
+    after it. Random 63-bit values, from the OS (forked processes draw
+    different ones): a version a rolled-back write meant is no row's."""
+    salt = int.from_bytes(os.urandom(8)) >> 1
+    fresh = int.from_bytes(os.urandom(8)) >> 1
+    staged: dict[Key, int] = {}
+    meant: dict[Key, int] = {}
+    for n, key in enumerate(keys, 1):
+        version = befores[key].version
+        if version is None:
+            staged[key] = meant[key] = fresh ^ n
+        else:
+            staged[key] = version
+            meant[key] = version ^ salt
+    return salt, staged, meant
+
+
+def _keep(
+    cache: TaskCache, keys: list[Key], meant: dict[Key, int], folded: dict[Key, _Folded]
+) -> None:
+    entries = []
+    for key in keys:
+        state, doc, row = folded[key]
+        entries.append((key, _new_before((meant[key], state, _counted(row))), len(doc)))
+    cache.put(entries)
 
 
 def _no_entry(key: Key) -> None:
@@ -281,25 +317,20 @@ def _no_entry(key: Key) -> None:
 
 
 def _fold(before: _Before, events: list[TaskEvent]) -> _Folded:
-    task = before.task.copy() if before.task is not None else TaskState(_key_of(events[0]))
+    if before.task is not None:
+        task = before.task.copy()
+    else:
+        first = events[0]
+        task = TaskState((first[0], first[5], first[6]))  # project_id, engine, task_id
     for event in events:
         task.add(event)
     doc, summary = task.stored()
     return task, doc, summary
 
 
-def _key_of(event: TaskEvent) -> Key:
-    return event[0], event[5], event[6]
-
-
-def _pk_order(key: Key) -> tuple[str, str, bytes]:
-    return key[1], key[2], key[0]
-
-
 def _counted(row: TaskSummary) -> _Counted:
-    return _Counted(
-        row.state, row.attempts, (row.project_id, row.engine, row.queue or "", row.state)
-    )
+    project, engine, _, _, queue, state, attempts = row[:7]
+    return _new_counted((state, attempts, (project, engine, queue or "", state)))
 
 
 def _count(
@@ -351,10 +382,10 @@ def _text_uuid(value: bytes) -> str:
 
 
 def _groups(keys: Sequence[Key]) -> Iterator[tuple[uuid.UUID, str, list[str]]]:
-    """Keys (in `_pk_order`) as (project, engine, task ids), by engine and
-    project: a batch has few of those, so a lookup sends one array per pair."""
+    """Keys (in order) as (project, engine, task ids), by engine and project:
+    a batch has few of those, so a lookup sends one array per pair."""
     by_pair: dict[tuple[bytes, str], list[str]] = {}
-    for project, engine, task_id in keys:
+    for engine, task_id, project in keys:
         by_pair.setdefault((project, engine), []).append(task_id)
     # Every drain takes the pairs in one order, and the ids in each in theirs.
     for (project, engine), task_ids in sorted(by_pair.items(), key=lambda kv: kv[0][::-1]):
@@ -375,7 +406,7 @@ _READ_KEYED = (
 
 
 def _upsert_postgres(
-    conn: Conn, keys: list[Key], befores: dict[Key, _Before], folded: dict[Key, _Folded]
+    conn: Conn, keys: list[Key], staged: dict[Key, int], salt: int, folded: dict[Key, _Folded]
 ) -> dict[Key, int]:
     """Write the folds of ``keys`` (in key order) in one statement; the versions
     of the rows it wrote (see `_UPSERT`). The staging table is created once
@@ -385,18 +416,18 @@ def _upsert_postgres(
     cur.execute(
         f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} ("
         + ", ".join(f"{column} {kind}" for column, kind in _STAGED)
-        + ", expected int8) ON COMMIT DELETE ROWS"
+        + ", version int8) ON COMMIT DELETE ROWS"
     )
     cur.execute(f"DELETE FROM {_STAGING}")
-    with cur.copy(f"COPY {_STAGING} ({_WRITTEN}, expected) FROM STDIN (FORMAT BINARY)") as copy:
+    with cur.copy(f"COPY {_STAGING} ({_WRITTEN}, version) FROM STDIN (FORMAT BINARY)") as copy:
         copy.set_types([kind for _, kind in _STAGED] + ["int8"])
         write_row = copy.write_row
         for key in keys:
             _, doc, row = folded[key]
-            write_row((*_columns(True, doc, row), befores[key].version))
+            write_row((*_columns(True, doc, row), staged[key]))
     return {
-        (project, engine, task_id): version
-        for engine, task_id, project, version in cur.execute(_UPSERT).fetchall()
+        (engine, task_id, project): version
+        for engine, task_id, project, version in cur.execute(_UPSERT, (salt,)).fetchall()
     }
 
 
@@ -413,7 +444,7 @@ def _read(d: Dialect, conn: Conn, keys: list[Key]) -> dict[Key, _Before]:
     for start in range(0, len(keys), _CHUNK):
         chunk = keys[start : start + _CHUNK]
         values = ", ".join(["(?, ?, ?)"] * len(chunk))
-        flat = [v for k in chunk for v in (k[1], k[2], _text_uuid(k[0]))]
+        flat = [v for k in chunk for v in (k[0], k[1], _text_uuid(k[2]))]
         rows = conn.execute(
             "SELECT project_id, engine, task_id, doc, state, attempts, queue, NULL FROM tasks"
             f" WHERE (engine, task_id, project_id) IN (VALUES {values})",
@@ -426,7 +457,7 @@ def _read(d: Dialect, conn: Conn, keys: list[Key]) -> dict[Key, _Before]:
 
 def _found(found: dict[Key, _Before], project: bytes, engine: str, rows: Iterable[Any]) -> None:
     for task_id, doc, state, attempts, queue, version in rows:
-        found[project, engine, task_id] = _Before(
+        found[engine, task_id, project] = _Before(
             version,
             TaskState.load(orjson.loads(doc)),
             _Counted(state, attempts, (project, engine, queue or "", state)),
