@@ -110,6 +110,9 @@ _PLAIN_REGISTERS = (
     ("tags", "tags"),
     ("priority", "priority"),
 )
+# Agent ids as the doc holds them (hex), for the few agents a brain hears from.
+_AGENT_HEX: dict[bytes, str] = {}
+_AGENT_HEX_KEPT = 1024
 
 
 class TaskEvent(NamedTuple):
@@ -362,7 +365,11 @@ class TaskState:
             name_ok = True
             placeholder = name.startswith("<unknown") and name.endswith(">")
         secondary = engine == "celery" and (worker_ok or placeholder)
-        agent = agent_id.hex()
+        agent = _AGENT_HEX.get(agent_id)
+        if agent is None:
+            agent = agent_id.hex()
+            if len(_AGENT_HEX) < _AGENT_HEX_KEPT:
+                _AGENT_HEX[agent_id] = agent
         exception, message = _failure(data) if kind in _FAILURES else _NO_FAILURE
         runtime = get("runtime_ms")
         if runtime is not None and not (type(runtime) in _NUMBERS and math.isfinite(runtime)):
