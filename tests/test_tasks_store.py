@@ -377,10 +377,18 @@ async def test_a_task_changed_by_another_drain_meanwhile_is_folded_again(
     _assert_counts_agree(config)
 
 
-async def _race(url: str, first: list[Any], then: list[Any]) -> None:
+async def _race(
+    url: str,
+    first: list[Any],
+    then: list[Any],
+    *,
+    cache: task_writes.TaskCache | None = None,
+    a_commits: bool = True,
+) -> None:
     """Drain A writes ``first`` and holds its transaction open; drain B writes
-    ``then`` on a thread until Postgres shows it waiting on A; A commits, then
-    B. Both must succeed."""
+    ``then`` on a thread until Postgres shows it waiting on A; A commits (or
+    rolls back), then B. Both must succeed. ``cache``: the drains' shared one
+    (two workers of one store)."""
     import psycopg
 
     from z4j.store.postgres import PG, _configure  # the store's own connection setup
@@ -389,13 +397,13 @@ async def _race(url: str, first: list[Any], then: list[Any]) -> None:
         watch.autocommit = True
         _configure(a)
         _configure(b)
-        task_writes.write_tasks(PG, a, first)  # not committed
+        task_writes.write_tasks(PG, a, first, cache)  # not committed
         b_pid = b.info.backend_pid
         done: list[BaseException | None] = []
 
         def drain_b() -> None:
             try:
-                task_writes.write_tasks(PG, b, then)
+                task_writes.write_tasks(PG, b, then, cache)
                 b.commit()
                 done.append(None)
             except BaseException as exc:
@@ -409,5 +417,75 @@ async def _race(url: str, first: list[Any], then: list[Any]) -> None:
                 ).fetchall(),
                 timeout=30,
             )
-            a.commit()
+            if a_commits:
+                a.commit()
+            else:
+                a.rollback()
         assert done == [None]
+
+
+@pytest.mark.postgres
+async def test_a_fold_of_a_drain_that_rolls_back_is_not_kept(config: Config) -> None:
+    """Two drains of one store share its cache: drain B folds the task from
+    what drain A folded and has not committed, and waits for A's row. A rolls
+    back: the row B expected is not there, so B folds again from nothing, and
+    keeps none of A's events (they will be drained again)."""
+    if config.database_url is None:
+        pytest.skip("one writer at a time on SQLite")
+    from z4j.tasks import task_event
+
+    async with open_store(config) as store:
+        await _seed(store)
+    received, started, succeeded = (
+        task_event(Ids.project.bytes, Ids.agent.bytes, "w-1", e, T0) for e in _lifecycle("t-undone")
+    )
+    assert received and started and succeeded
+    cache = task_writes.TaskCache()
+    await _race(config.database_url, [received, started], [succeeded], cache=cache, a_commits=False)
+    async with open_store(config) as store:
+        [task] = await store.get_tasks("celery", "t-undone")
+        assert (task.state, task.result) == ("succeeded", 42)
+        assert (task.args, task.started_at, task.received_at) == (None, None, None)
+        assert await store.count_tasks(TaskFilter()) == TaskCounts({"succeeded": 1}, exact=True)
+    _assert_counts_agree(config)
+
+
+async def test_a_task_forgotten_meanwhile_comes_back_with_its_new_events_only(
+    config: Config,
+) -> None:
+    """The store's drains still hold the task they wrote (Postgres: in their
+    cache) when retention deletes it; a later event makes a new task of it,
+    not the old one again."""
+    async with open_store(config) as store:
+        await _seed(store)
+        await store.write_events(uuid.uuid4(), [_row(1, _lifecycle("t-gone"))])
+        assert await store.forget_tasks(before=T0 + 60) == 1
+        late = _event("task.revoked", "t-gone", 9)
+        await store.write_events(uuid.uuid4(), [_row(2, [late], received_at=T0 + 120)])
+        [task] = await store.get_tasks("celery", "t-gone")
+        assert (task.state, task.args, task.result, task.started_at) == (
+            "revoked",
+            None,
+            None,
+            None,
+        )
+        assert await store.count_tasks(TaskFilter()) == TaskCounts({"revoked": 1}, exact=True)
+    _assert_counts_agree(config)
+
+
+def test_the_task_cache_keeps_to_its_budget() -> None:
+    """The drains' cache holds at most its budget of stored doc, the least
+    recently written going first; a doc past a 64th of it is not kept."""
+    cache = task_writes.TaskCache(max_bytes=64_000)
+    before = task_writes._Before(1, None, None)
+    cache.put(((f"t-{n}", "celery", b"p"), before, 900) for n in range(1000))
+    assert cache.size <= 64_000 and len(cache) == 64_000 // 900
+    assert cache.get(("t-999", "celery", b"p")) is before
+    assert cache.get(("t-0", "celery", b"p")) is None
+    cache.put([(("t-999", "celery", b"p"), before, 100)])  # written again, smaller
+    assert cache.size == (64_000 // 900 - 1) * 900 + 100
+    cache.put([(("big", "celery", b"p"), before, 1001)])  # past 64,000 / 64
+    assert cache.get(("big", "celery", b"p")) is None
+    cache.put([(("t-999", "celery", b"p"), before, 1001)])  # grew past it: dropped
+    assert cache.get(("t-999", "celery", b"p")) is None
+    assert cache.size == sum(size for _, size in cache._entries.values())
