@@ -11,25 +11,28 @@ to its new.
 
 Postgres drains run concurrently (several workers, several replicas): two
 of them folding into one task must not both start from the old row and the
-second overwrite the first. Each row carries a ``version``, a fresh value of
-the ``task_versions`` sequence at every write (never one a rolled-back write
-took). A drain folds without locks, in no other drain's way, from the row
-it last wrote and still holds in its `TaskCache`, or from nothing (a task
-it does not know: most are new). Then ONE statement, in key order, inserts
-the new rows and updates the others ``WHERE`` the row's version is still
-the one folded from. A row it does not write (another drain's, or one
-changed since) is locked all the same (``ON CONFLICT DO UPDATE`` locks the
-row it skips): it is read, folded again and written in a second round that
-waits for no one. A row the statement inserted although the fold came from
-a stored one was deleted by retention meanwhile: it is folded again from
+second overwrite the first. Each row carries a ``version``, a fresh random
+value at every write (so none a rolled-back write meant). A drain
+folds without locks, in no other drain's way, from the fold it last wrote
+and still holds in its store's `TaskCache`, or from nothing (a task it does
+not know: most are new). It puts its folds in the cache before it writes
+them, with the versions the rows are to have: a drain of the same store
+that folds one of these tasks meanwhile folds from it, and its write waits
+for this one's. Then ONE statement, in key order, inserts the new rows and
+updates the others ``WHERE`` the row's version is still the one folded
+from. A row it does not write (another drain's, or one changed since) is
+locked all the same (``ON CONFLICT DO UPDATE`` locks the row it skips): it
+is read, folded again and written in a second round that waits for no one.
+A row the statement inserted although the fold came from a stored one was
+deleted meanwhile (by retention, or a rollback): it is folded again from
 nothing, as if new. Finally the counts' deltas are added, to one of
 `SHARDS` rows per counter, so that two drains rarely wait on one row.
 
 Waits only go from a write to another drain's write of the same row, in
 key order, so two drains cannot deadlock (a second round that inserts again
 a row deleted in between is the rare exception the deadlock detector
-covers). A drain that rolls back leaves versions in its cache that no row
-has: the next write from them finds the row changed, and folds again.
+covers). A cache entry whose write did not commit names a version no row
+has: the next write from it finds the row changed, and folds again.
 
 SQLite has one writer at a time: it reads, folds and upserts.
 
