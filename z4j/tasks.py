@@ -291,10 +291,7 @@ _new_summary: Callable[[Iterable[Any]], TaskSummary] = functools.partial(tuple._
 
 
 class TaskState:
-    """A doc being folded: the observations and registers of one task.
-
-    The drain keeps recent ones between batches (store/task_writes.py), so a
-    fold never changes one it was given: `copy` first."""
+    """A doc being folded: the observations and registers of one task."""
 
     __slots__ = ("first_seen", "key", "last_event_at", "obs", "received_at", "reg", "truncated")
 
@@ -306,15 +303,6 @@ class TaskState:
         self.last_event_at = -math.inf
         self.received_at: float | None = None
         self.truncated = False
-
-    def copy(self) -> TaskState:
-        """A state to fold more events into, leaving this one as it is (its
-        observations are immutable, its registers replaced, never changed)."""
-        task = TaskState.__new__(TaskState)
-        task.key, task.obs, task.reg = self.key, self.obs.copy(), self.reg.copy()
-        task.first_seen, task.last_event_at = self.first_seen, self.last_event_at
-        task.received_at, task.truncated = self.received_at, self.truncated
-        return task
 
     @classmethod
     def load(cls, doc: Mapping[str, Any]) -> TaskState:
