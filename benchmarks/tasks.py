@@ -33,11 +33,10 @@ half). Both figures are measured against a reference taken in the same run.
     ``z4j brain`` process (`z4j.cli.tune_interpreter`, the defaults). Each
     run says the CPU time it took, in this process (the drains, the buffer,
     Trio) and in Postgres (its backends and background processes). The
-    clock runs from the
-    start of the drains until the buffer is empty. A run counts only if
-    ``events`` then holds every event, and ``tasks`` holds one row per task,
-    succeeded, with its real name, the broker copy's worker and runtime
-    (on), or nothing (off). Target: on/off >= 0.7.
+    clock runs from the start of the drains until the buffer is empty. A
+    run counts only if ``events`` then holds every event, and ``tasks``
+    holds one row per task, succeeded, with its real name, the broker
+    copy's worker and runtime (on), or nothing (off). Target: on/off >= 0.7.
 
     The claim size is the brain's default (2000 rows) but at most 10,000
     events (what 2000 rows of 5-record TCP payloads hold): 100 rows of
