@@ -81,13 +81,21 @@ def test_opamp(brain: ServedBrain, client: TrioPortal) -> None:
     """OpAMP over plain HTTP, with z4j's own policy checked too."""
     target = brain.opamp_target()
     machine = opamp_machine(target, brain.opamp_hooks(target), client)
-    run_machine(machine, machine_settings("opamp"))
-    for rule in (
+    wanted = (
         "opamp-full-state",
         "opamp-z4j-full-state-policy",
         "opamp-too-large-413",
         "opamp-z4j-remote-config-offered",
-    ):
+    )
+    # Each run draws its own sessions: a refusal over HTTP is one rule of
+    # ten, on the HTTP transport only, and many sessions are short, so one
+    # run under the fast profile misses the 413 now and then (seen once in
+    # a full suite). Up to two more runs, which still must reach each rule.
+    for _ in range(3):
+        run_machine(machine, machine_settings("opamp"))
+        if all(machine.exercised[rule] > 0 for rule in wanted):
+            break
+    for rule in wanted:
         assert machine.exercised[rule] > 0, rule
 
 

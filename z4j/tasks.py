@@ -1,5 +1,9 @@
 """The task projection's core: a task's agent events folded into one `tasks` row.
 
+One concern justifies the length (past 700 lines): the fold and its doc,
+with the fast path the drain takes (`TaskState`) beside the reader's
+(`task_row`), both from the same attempt rules so that they cannot drift.
+
 The drain writes a task's row in the same transaction as its events, batch
 by batch, and agents re-send, reorder and (Celery) double their events. So
 the fold must not care how events arrive: `merge` keeps a *doc* that is a
