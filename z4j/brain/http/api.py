@@ -73,7 +73,7 @@ from .opamp_api import OpampRoutes
 from .opamp_rollouts_api import OpampRolloutRoutes
 from .openapi import OPENAPI
 from .policy import Action, action_of, allowed
-from .provisioning_api import ProvisioningRoutes
+from .provisioning_api import ProvisioningRoutes, agent_list
 from .provisioning_api import agent_json as _agent_json
 from .queues_api import QueueRoutes
 from .resources import to_json
@@ -326,16 +326,7 @@ class Api:
                 raise ApiError(404, "not_found", f"no project {request.query['project']!r}")
             check_project(request, project.id, request.query["project"])
             project_id = project.id
-        projects = {p.id: p.name for p in await self._store.list_projects()}
-        workers: dict[uuid.UUID, list[dict[str, Any]]] = {}
-        for worker in await self._store.list_workers():
-            workers.setdefault(worker.agent_id, []).append(to_json(worker))
-        graces = await self._store.token_graces(now=self._clock())
-        items = [
-            _agent_json(a, projects.get(a.project_id), workers.get(a.id, []), graces.get(a.id))
-            for a in await self._store.list_agents(project_id)
-            if sees(request, a.project_id)
-        ]
+        items = await agent_list(self._store, self._clock(), project_id, lambda p: sees(request, p))
         return 200, page(items, None)
 
     async def _agent(self, request: Request) -> Response:

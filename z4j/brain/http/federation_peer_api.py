@@ -34,7 +34,7 @@ from .audit_params import audit_filter
 from .command_input import command_error, command_fields
 from .events_api import EVENT_BODY_BYTES, EVENTS_PAGE_BYTES, MAX_EVENT_BODY_BYTES, event_filter
 from .events_api import event_json as _event_json
-from .provisioning_api import agent_json
+from .provisioning_api import agent_list
 from .resources import to_json
 
 __all__ = ["OPERATOR_CHARS", "PEER_READS", "PeerRoutes", "body_max_param"]
@@ -122,16 +122,7 @@ class PeerRoutes:
         }
 
     async def _agents(self, q: dict[str, str]) -> dict[str, Any]:
-        projects = {p.id: p.name for p in await self._store.list_projects()}
-        workers: dict[uuid.UUID, list[dict[str, Any]]] = {}
-        for worker in await self._store.list_workers():
-            workers.setdefault(worker.agent_id, []).append(to_json(worker))
-        graces = await self._store.token_graces(now=self._clock())
-        items = [
-            agent_json(a, projects.get(a.project_id), workers.get(a.id, []), graces.get(a.id))
-            for a in await self._store.list_agents(None)
-        ]
-        return {"items": items}
+        return {"items": await agent_list(self._store, self._clock())}
 
     async def _events(self, q: dict[str, str]) -> dict[str, Any]:
         body_max = body_max_param(q)

@@ -29,6 +29,7 @@ __all__ = [
     "MAX_NAME_CHARS",
     "ProvisioningRoutes",
     "agent_json",
+    "agent_list",
     "bare_config",
 ]
 
@@ -316,6 +317,26 @@ def agent_json(
     item["versions"] = sorted({w["agent_version"] for w in workers if w["agent_version"]})
     item["token_grace_until"] = iso(grace_until)
     return item
+
+
+async def agent_list(
+    store: Store,
+    now: float,
+    project_id: uuid.UUID | None = None,
+    keep: Callable[[uuid.UUID], bool] = lambda project_id: True,
+) -> list[dict[str, Any]]:
+    """The agents (of one project, or all) whose project ``keep`` allows, as
+    `agent_json` shows them: three store reads for the whole list."""
+    projects = {p.id: p.name for p in await store.list_projects()}
+    workers: dict[uuid.UUID, list[dict[str, Any]]] = {}
+    for worker in await store.list_workers():
+        workers.setdefault(worker.agent_id, []).append(to_json(worker))
+    graces = await store.token_graces(now=now)
+    return [
+        agent_json(a, projects.get(a.project_id), workers.get(a.id, []), graces.get(a.id))
+        for a in await store.list_agents(project_id)
+        if keep(a.project_id)
+    ]
 
 
 def _name(body: dict[str, Any], key: str) -> str:
