@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import trio
 
+from z4j._decimal import parse_decimal
 from z4j.brain.http import limits
 from z4j.brain.http.openapi import OPENAPI
 from z4j.protocol.agent import frames
@@ -104,3 +105,37 @@ async def test_the_server_takes_each_bound_and_refuses_one_past_it(tmp_path: Pat
             assert (await _call(http, "POST", "/api/v1/users", token, user))[0] == 400
             user = {"name": name, "password": password, "role": "viewer"}
             assert (await _call(http, "POST", "/api/v1/users", token, user))[0] == 201
+
+
+def test_parse_decimal_takes_ascii_digits_only() -> None:
+    assert parse_decimal("0") == 0 and parse_decimal("9" * 20) == int("9" * 20)
+    for text in ("", "³", "٣", "1²", "-1", "+1", " 1", "1_0", "9" * 21, "9" * 5000):
+        assert parse_decimal(text) is None, text
+
+
+async def test_odd_digits_in_any_query_parameter_are_a_400_not_a_500(tmp_path: Path) -> None:
+    """Schemathesis once found ``/dead-letters?cursor=³`` answered 500.
+
+    ``"³".isdigit()`` holds while ``int("³")`` raises; so do 5,000 digits. Every GET
+    route's every query parameter gets both: a text filter may take them, a number
+    must refuse them (4xx); nothing may fail (5xx).
+    """
+    config = make_config(tmp_path / "data")
+    token = await admin_token(config)
+    odd = ("%C2%B3", "9" * 5000)
+    tried = 0
+    with trio.fail_after(120):
+        async with running_brain(config) as brain:
+            for path, operations in OPENAPI["paths"].items():
+                get = operations.get("get")
+                if get is None or "{" in path:
+                    continue
+                for param in get.get("parameters", []):
+                    if param["in"] != "query":
+                        continue
+                    for value in odd:
+                        url = f"/api/v1{path}?{param['name']}={value}"
+                        status, body = await _call(brain.addresses.http, "GET", url, token)
+                        assert status < 500, (url[:80], status, body)
+                        tried += 1
+    assert tried >= 40, tried

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import attrs
 import cattrs
 
+from ._decimal import parse_decimal
 from ._federation_peers import check_region_name, parse_peer_list
 from .logs import parse_log_levels
 
@@ -86,11 +87,12 @@ def _bind(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
 def parse_bind(value: str) -> tuple[str, int]:
     """Split ``host:port`` (``[v6]:port`` for IPv6) into its parts."""
     host, sep, port_text = value.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+    port = parse_decimal(port_text)
+    if not sep or not host or port is None or port > 65535:
         raise ValueError(f"must look like HOST:PORT (for example 127.0.0.1:7700), got {value!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    return host, int(port_text)
+    return host, port
 
 
 def is_loopback_bind(bind: str) -> bool:

@@ -31,6 +31,7 @@ import httpx
 import orjson
 import trio
 
+from ..._decimal import parse_decimal
 from ..._federation_peers import Peer
 from ..._version import __version__
 from ...stats import FederationStats, ThrottledLog
@@ -226,8 +227,8 @@ class FederationClient:
         )
         response = await client.send(request, stream=True)
         try:
-            declared = response.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > cap:
+            declared = parse_decimal(response.headers.get("content-length", "").strip())
+            if declared is not None and declared > cap:
                 raise _TooLarge
             raw = bytearray()
             # An async generator, though typed as an iterator: closed here, not by the GC.

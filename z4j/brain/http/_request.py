@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 import orjson
 
+from ..._decimal import parse_decimal
 from .limits import PAGE_LIMIT
 from .principal import Principal
 
@@ -140,9 +141,9 @@ def check_text(value: Any) -> None:
 
 def limit_param(query: dict[str, str]) -> int:
     raw = query.get("limit", "50")
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    if (number := parse_decimal(raw)) is None or not 1 <= number <= MAX_LIMIT:
         raise ApiError(400, "bad_request", f"limit: an integer from 1 to {MAX_LIMIT}")
-    return int(raw)
+    return number
 
 
 def uuid_param(raw: str, name: str) -> uuid.UUID:

@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from ..._decimal import parse_decimal
 from ...store.base import (
     COMMAND_STATES,
     CommandRecord,
@@ -429,9 +430,11 @@ class Api:
         before = None
         if "cursor" in q:
             raw = q["cursor"]
-            if not raw.isdigit() or int(raw) >= 2**63:  # SQLite's and Postgres's bigint
+            if (
+                number := parse_decimal(raw)
+            ) is None or number >= 2**63:  # SQLite's and Postgres's bigint
                 raise ApiError(400, "bad_request", "cursor: as given by the last page")
-            before = int(raw)
+            before = number
         query = audit_filter(q)
         records = await self._store.list_audit(before_id=before, limit=limit, query=query)
         cursor = str(records[-1].id) if len(records) == limit else None

@@ -27,6 +27,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from ..._decimal import parse_decimal
 from ...buffer import Buffer, BufferFull
 from ...dead_letters import DETAIL_BODY_BYTES, LIST_BODY_BYTES, MAX_IDS, dead_letter_json
 from ...store.base import Store
@@ -169,11 +170,11 @@ class DeadLetterRoutes:
         if agent_id is not None and projects is not None:
             await check_agent(self._store, request, agent_id)
         raw = q.get("limit", "50")
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_REGISTRY_WORKERS:
+        if (number := parse_decimal(raw)) is None or not 1 <= number <= MAX_REGISTRY_WORKERS:
             raise ApiError(
                 400, "bad_request", f"limit: an integer from 1 to {MAX_REGISTRY_WORKERS}"
             )
-        limit = int(raw)
+        limit = number
         after = _registry_cursor(q["cursor"]) if "cursor" in q else None
         found = await self._store.worker_registries(
             agent_id=agent_id, after=after, limit=limit + 1, projects=projects
@@ -197,9 +198,9 @@ class DeadLetterRoutes:
 
 
 def _row_id(raw: str, name: str) -> int:
-    if not raw.isdigit() or not 1 <= int(raw) <= _MAX_ROW_ID:
+    if (number := parse_decimal(raw)) is None or not 1 <= number <= _MAX_ROW_ID:
         raise ApiError(400, "bad_request", f"{name}: a dead letter's id (a positive integer)")
-    return int(raw)
+    return number
 
 
 def _ids(request: Request) -> list[int]:

@@ -21,6 +21,7 @@ import attrs
 import orjson
 import trio
 
+from ..._decimal import parse_decimal
 from ...store.base import EventFilter, EventRecord, ExportFormat, ExportPage, Store
 from ...store.event_export import CSV_HEADER, EXPORT_COLUMNS
 from ...store.event_search import bucket_width
@@ -93,13 +94,13 @@ class EventRoutes:
         body_max = EVENT_BODY_BYTES
         if "body_max_bytes" in q:
             raw = q["body_max_bytes"]
-            if not raw.isdigit() or int(raw) > MAX_EVENT_BODY_BYTES:
+            if (number := parse_decimal(raw)) is None or number > MAX_EVENT_BODY_BYTES:
                 raise ApiError(
                     400,
                     "bad_request",
                     f"body_max_bytes: an integer from 0 to {MAX_EVENT_BODY_BYTES}",
                 )
-            body_max = int(raw)
+            body_max = number
         query = await self._filter(request)
         found = await self._store.search_events(query)
         events = found.events
@@ -150,9 +151,9 @@ class EventRoutes:
         most: int | None = None
         if "max" in q:
             raw = q["max"]
-            if not raw.isdigit() or not 1 <= int(raw) < 2**63:
+            if (number := parse_decimal(raw)) is None or not 1 <= number < 2**63:
                 raise ApiError(400, "bad_request", "max: a positive integer")
-            most = int(raw)
+            most = number
         query = await self._filter(request, paged=False)
         content_type, fmt = FORMATS[name]
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -25,6 +25,7 @@ from typing import Any, Final, NoReturn
 
 import orjson
 
+from ..._decimal import parse_decimal
 from ..._version import __version__
 from ...stats import FederationStats
 from ...store.base import COMMAND_STATES, Store
@@ -167,9 +168,9 @@ class PeerRoutes:
         before = None
         if "cursor" in q:
             raw = q["cursor"]
-            if not raw.isdigit() or int(raw) >= 2**63:
+            if (number := parse_decimal(raw)) is None or number >= 2**63:
                 raise ApiError(400, "bad_request", "cursor: as given by the last page")
-            before = int(raw)
+            before = number
         records = await self._store.list_audit(before_id=before, limit=limit, query=audit_filter(q))
         items = []
         last_at = float("inf")
@@ -264,11 +265,11 @@ def body_max_param(q: Mapping[str, str]) -> int:
     if "body_max_bytes" not in q:
         return EVENT_BODY_BYTES
     raw = q["body_max_bytes"]
-    if not raw.isdigit() or int(raw) > MAX_EVENT_BODY_BYTES:
+    if (number := parse_decimal(raw)) is None or number > MAX_EVENT_BODY_BYTES:
         raise ApiError(
             400, "bad_request", f"body_max_bytes: an integer from 0 to {MAX_EVENT_BODY_BYTES}"
         )
-    return int(raw)
+    return number
 
 
 def _page(

@@ -33,6 +33,7 @@ from typing import Final
 
 import trio
 
+from ..._decimal import parse_decimal
 from ...protocol.errors import LocalProtocolError
 from ...protocol.opamp import (
     MessageTooLarge,
@@ -155,7 +156,8 @@ class OpampEndpoint:
 async def _read_body(receive: Receive, headers: Headers, limit: int) -> bytes | None:
     """The request body; None as soon as it is known to exceed ``limit``."""
     length = header(headers, b"content-length")
-    if length is not None and length.strip().isdigit() and int(length) > limit:
+    declared = parse_decimal(length.strip()) if length is not None else None
+    if declared is not None and declared > limit:
         return None
     chunks: list[bytes] = []
     size = 0

@@ -30,6 +30,7 @@ from typing import Any, Final
 import trio
 import yaml
 
+from ..._decimal import parse_decimal
 from ...protocol.opamp import opamp_pb2 as pb
 from ...protocol.opamp.remote_config import ConfigFile, ConfigProgress, config_hash, progress
 from ...store import opamp as stored
@@ -209,9 +210,11 @@ class OpampRoutes:
         before = None
         if "cursor" in request.query:
             raw = request.query["cursor"]
-            if not raw.isdigit() or int(raw) >= 2**63:  # SQLite's and Postgres's bigint
+            if (
+                number := parse_decimal(raw)
+            ) is None or number >= 2**63:  # SQLite's and Postgres's bigint
                 raise ApiError(400, "bad_request", "cursor: as given by the last page")
-            before = int(raw)
+            before = number
         uid, project_id, agent = await self._target(request)
         if agent is None:
             raise ApiError(404, "not_found", f"no OpAMP agent {uid.hex()}")
