@@ -12,7 +12,9 @@ and a command minted on the replica that does *not* hold its socket is
 forwarded (LISTEN/NOTIFY) and completed. The agent comes back twice and
 lands on the same replica (the hash on its token); a dashboard socket with
 a browser's Origin is accepted (nginx passes Host with its port);
-/health/ready answers through the proxy and /metrics does not.
+/health/ready answers through the proxy and /metrics does not. With
+Z4J_TRUSTED_PROXIES naming nginx, each browser is its own source (sign-in
+throttle, audit) and its session cookie is Secure.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import trustme
 
 from z4j.store.base import FINAL_COMMAND_STATES
 from z4j.testing.agents import admin_token, provision
-from z4j.testing.brain import BrainProcess, make_config, read_events, wait_until
+from z4j.testing.brain import BrainProcess, make_config, read_events, running_brain, wait_until
 from z4j.testing.http import http_request
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -344,3 +346,88 @@ def _https_get(port: int, path: str, ca_file: Path) -> tuple[int, bytes]:
             return reply.status, reply.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+
+
+def _sign_in(
+    port: int, source: str, token: str, ca_file: Path, forwarded: str | None = None
+) -> Any:
+    """POST /api/v1/session through nginx from ``source`` (a loopback address of
+    this machine's): (status, Set-Cookie headers)."""
+    import http.client
+
+    context = ssl.create_default_context(cafile=str(ca_file))
+    conn = http.client.HTTPSConnection(
+        "127.0.0.1", port, context=context, timeout=30, source_address=(source, 0)
+    )
+    headers = {"Content-Type": "application/json"}
+    if forwarded is not None:
+        headers["X-Forwarded-For"] = forwarded
+    try:
+        conn.request("POST", "/api/v1/session", orjson.dumps({"token": token}), headers)
+        reply = conn.getresponse()
+        reply.read()
+        return reply.status, reply.headers.get_all("Set-Cookie") or []
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+async def test_behind_nginx_each_client_is_its_own_source(
+    tmp_path: Path, nginx: Any, trusted: bool
+) -> None:
+    """With Z4J_TRUSTED_PROXIES naming nginx, the sign-in throttle and the audit
+    see each browser's address, and cookies are Secure (nginx speaks TLS to
+    them); a client's own X-Forwarded-For is not believed. Without it, every
+    client is nginx: one guesser locks the others out (the control case)."""
+    # nginx reaches the brain from 127.0.0.1; the clients come from 127.0.0.7 and .8.
+    overrides = {"trusted_proxies": "127.0.0.1"} if trusted else {}
+    config = make_config(tmp_path / "data", **overrides)
+    admin = await admin_token(config)
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    with trio.fail_after(120):
+        async with running_brain(config) as brain:
+            upstream = "{}:{}".format(*brain.addresses.http)
+            _, https = nginx([upstream, upstream], ca)
+            await wait_until(lambda: _listening(https), timeout=30)
+
+            async def sign_in(source: str, token: str, forwarded: str | None = None) -> Any:
+                return await trio.to_thread.run_sync(
+                    _sign_in, https, source, token, ca_file, forwarded
+                )
+
+            # The guesser claims another address; nginx appends its real one.
+            statuses = [(await sign_in("127.0.0.7", "wrong", "192.0.2.66"))[0] for _ in range(11)]
+            assert statuses == [401] * 10 + [429], statuses
+            status, cookies = await sign_in("127.0.0.8", admin)
+            if not trusted:
+                assert status == 429  # everyone is 127.0.0.1: locked out with the guesser
+                return
+            assert status == 200, status
+            session = next(c for c in cookies if c.startswith("z4j_session="))
+            assert "Secure" in session and "HttpOnly" in session, session
+            records = await _audit_sources(brain.addresses.http, admin)
+    assert records.count(("refused", "127.0.0.7")) == 10, records
+    assert ("ok", "127.0.0.8") in records, records
+    assert all(source not in ("127.0.0.1", "192.0.2.66") for _, source in records), records
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+async def _audit_sources(http: tuple[str, int], token: str) -> list[tuple[str, str]]:
+    """(outcome, source) of the sign-ins the audit API lists."""
+    reply = await http_request(
+        http,
+        "GET",
+        "/api/v1/audit?action=session.sign_in&limit=100",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert reply.status == 200, reply.body
+    return [(r["details"]["outcome"], r["details"]["source"]) for r in reply.json()["items"]]

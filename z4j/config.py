@@ -80,6 +80,29 @@ def _peer_list(_inst: object, attribute: attrs.Attribute[Any], value: str) -> No
     parse_peer_list(value)
 
 
+def _networks(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    parse_networks(value)
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(text: str) -> list[Network]:
+    """``"10.0.0.0/8, 127.0.0.1, ::1"`` as networks; ValueError naming a bad entry."""
+    networks = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(
+                f"{item!r} is not an IP address or network (e.g. 10.0.0.0/8 or 127.0.0.1)"
+            ) from None
+    return networks
+
+
 def _bind(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
     parse_bind(value)
 
@@ -179,6 +202,9 @@ class Config:
         default=None, validator=attrs.validators.optional(_log_levels)
     )
     http_access_log: bool = False
+    trusted_proxies: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_networks)
+    )
     # -- federation (docs/scaling.md "Federation"; z4j/_federation_peers.py) --
     region_name: str = attrs.field(default="local", validator=_region_name)
     federation_peers: str | None = attrs.field(
@@ -291,6 +317,7 @@ HELP: dict[str, str] = {
     "federation_peers_file": "TOML file (keep it 0600) with a `[NAME]` table per peer: `token` (from `z4j federation token create` on that peer), optional `ca` (a PEM file to trust instead of the system's CAs) and `url`.",
     "federation_timeout_ms": "Deadline of each call to a peer region; one that has not answered by then shows as unreachable and the answer is marked partial.",
     "federation_cache_ms": "How long a peer's answer is reused for the same request (0: never).",
+    "trusted_proxies": "Comma-separated addresses or networks of reverse proxies (e.g. `10.0.0.0/8, ::1`) whose `X-Forwarded-For` and `X-Forwarded-Proto` are believed: a request from one of them counts as from the first untrusted address in `X-Forwarded-For` (read from the right) and as https when the proxy says so (Secure cookies). Unset: every request is from its peer; see operations.md.",
     "federation_max_response_bytes": "Largest answer read from a peer (after decompression); a larger one counts as that peer failing.",
 }
 

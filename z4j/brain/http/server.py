@@ -35,11 +35,12 @@ from hypercorn.utils import wrap_app
 
 from ..._net import REFUSAL_SLOTS, open_tcp_socket, serve_listener
 from ..._tls import server_tls_context
-from ...config import Config, is_loopback_bind
+from ...config import Config, is_loopback_bind, parse_networks
 from ...logs import bind_log_context
 from ...protocol.close import CloseCode
 from ...stats import HttpStats, ThrottledLog
 from .access_log import with_request_context
+from .proxies import TrustedProxies, behind_proxies
 from .request_metrics import measured
 from .websocket import Handler, serve_websocket
 
@@ -284,7 +285,11 @@ async def serve_http(
     hc.websocket_max_message_size = config.ws_max_frame_bytes
     hc.errorlog = logging.getLogger("z4j.http.server")
     hc.set_statsd_logger_class(StatsdLogger)
-    app = with_request_context(app, access_log=config.http_access_log)
+    # Outermost, so that the access log and every route see the client a
+    # trusted proxy forwarded (proxies.py).
+    proxies = TrustedProxies(parse_networks(config.trusted_proxies or ""))
+    app = behind_proxies(with_request_context(app, access_log=config.http_access_log), proxies)
+    websockets = {path: behind_proxies(handler, proxies) for path, handler in websockets.items()}
     asgi = wrap_app(cast(Any, app), hc.wsgi_max_body_size, "asgi")
     context = WorkerContext(None)
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
