@@ -170,6 +170,7 @@ async def drain_once(
             buffer,
             store,
             batch_rows=args.batch_rows,
+            batch_bytes=args.batch_bytes,
             lease_seconds=DEFAULTS.drain_lease_seconds,
             workers=workers,
         ):
@@ -232,6 +233,12 @@ def main() -> int:
         type=int,
         default=DEFAULTS.drain_batch_rows,
         help="payloads per claim (Z4J_DRAIN_BATCH_ROWS's default)",
+    )
+    parser.add_argument(
+        "--batch-bytes",
+        type=int,
+        default=DEFAULTS.drain_batch_bytes,
+        help="payload bytes per claim (Z4J_DRAIN_BATCH_BYTES's default)",
     )
     parser.add_argument(
         "--pool-size",

@@ -38,14 +38,12 @@ half). Both figures are measured against a reference taken in the same run.
     holds one row per task, succeeded, with its real name, the broker
     copy's worker and runtime (on), or nothing (off). Target: on/off >= 0.7.
 
-    The claim size is the brain's default (2000 rows) but at most 10,000
-    events (what 2000 rows of 5-record TCP payloads hold): 100 rows of
-    100-event batches. 2000 rows of 100-event batches, 200,000 events in
-    one transaction, take longer than the 30 s lease with the projection
-    on: the other drain re-claims the batch, waits on the task rows the
-    first one holds locked, hits the 30 s statement timeout and retries
-    (400,000 events were not drained after 600 s on 2 cores; see it with
-    ``--batch-rows 2000 --per-row 100 --drain-tasks 80000``).
+    Each claim is the brain's: up to Z4J_DRAIN_BATCH_ROWS rows and
+    Z4J_DRAIN_BATCH_BYTES of payloads (``--batch-rows``/``--batch-bytes``
+    override them), about 12,000 events of 100-event agent batches and
+    10,000 of one-event ones. (Before the byte limit a claim was 2,000 rows
+    whatever they held: 200,000 events of 100-event batches in one
+    transaction.)
 
 (b) The tasks page's query over ``--tasks`` tasks (10,000,000). A fresh
     database gets the brain's schema; the ``tasks`` table's indexes are
@@ -115,11 +113,6 @@ DEFAULTS = Config()
 TARGET_RATIO = 0.7
 TARGET_P99_MS = 100.0
 EVENTS_PER_TASK = 5
-# Events per drain claim at most, unless --batch-rows says otherwise: what the
-# brain's default claim (2000 rows) holds of 5-record TCP payloads. 2000 rows of
-# 100-event agent batches are 200,000 events in one transaction: with the
-# projection on, longer than the 30 s lease (see the docstring).
-MAX_BATCH_EVENTS = DEFAULTS.drain_batch_rows * 5
 PAGE = 50  # the API's default limit
 DOC_BYTES = 600  # a celery task's doc (5 observations, its registers), as orjson
 
@@ -339,10 +332,8 @@ async def migrate(url: str) -> None:
 
 
 def batch_rows_for(per_row: int, args: argparse.Namespace) -> int:
-    """--batch-rows, else the brain's default capped at `MAX_BATCH_EVENTS` events."""
-    if args.batch_rows:
-        return int(args.batch_rows)
-    return max(1, min(DEFAULTS.drain_batch_rows, MAX_BATCH_EVENTS // per_row))
+    """--batch-rows, else the brain's default (Z4J_DRAIN_BATCH_ROWS)."""
+    return int(args.batch_rows) if args.batch_rows else DEFAULTS.drain_batch_rows
 
 
 async def drain_once(
@@ -366,6 +357,7 @@ async def drain_once(
             buffer,
             store,
             batch_rows=batch_rows,
+            batch_bytes=args.batch_bytes,
             lease_seconds=DEFAULTS.drain_lease_seconds,
             workers=args.workers,
             stats=stats,
@@ -476,11 +468,12 @@ def drain_figure(args: argparse.Namespace, root: Path) -> list[str]:
             started = time.perf_counter()
             rows, size = make_buffer(master, args, per_row)
             batch_rows = batch_rows_for(per_row, args)
+            per_claim = min(batch_rows, max(1, args.batch_bytes // max(1, size // rows)))
             say(
                 f"  agent rows of {per_row} event{'s' if per_row > 1 else ''}: {rows:,} rows "
                 f"({size / events:.0f} B per event as JSON, written in "
-                f"{time.perf_counter() - started:.1f} s); drain batch {batch_rows:,} rows "
-                f"= {batch_rows * per_row:,} events"
+                f"{time.perf_counter() - started:.1f} s); a drain claims up to {batch_rows:,} "
+                f"rows and {args.batch_bytes:,} bytes: about {per_claim * per_row:,} events"
             )
             results: dict[bool, list[float]] = {False: [], True: []}
             for rnd in range(1, args.rounds + 1):
@@ -891,8 +884,13 @@ def main() -> int:
         "--batch-rows",
         type=int,
         default=0,
-        help="buffer rows per claim; 0: Z4J_DRAIN_BATCH_ROWS's default "
-        f"({DEFAULTS.drain_batch_rows}), at most {MAX_BATCH_EVENTS:,} events",
+        help=f"buffer rows per claim; 0: Z4J_DRAIN_BATCH_ROWS's default ({DEFAULTS.drain_batch_rows})",
+    )
+    parser.add_argument(
+        "--batch-bytes",
+        type=int,
+        default=DEFAULTS.drain_batch_bytes,
+        help="payload bytes per claim (Z4J_DRAIN_BATCH_BYTES's default)",
     )
     parser.add_argument(
         "--pool-size",

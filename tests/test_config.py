@@ -33,6 +33,7 @@ POSITIVE_FIELDS = [
     "buffer_max_rows",
     "drain_workers",
     "drain_batch_rows",
+    "drain_batch_bytes",
     "drain_lease_seconds",
     "instances",
     "db_pool_size",

@@ -51,6 +51,27 @@ def test_claims_are_leased_and_expire(tmp_path: Path) -> None:
         buf.close()
 
 
+def test_a_claim_stops_at_its_byte_limit(tmp_path: Path) -> None:
+    """Z4J_DRAIN_BATCH_BYTES: rows up to the limit, at least one; ``full`` when a
+    limit stopped it, so that the drain goes straight on."""
+    buf = BufferFile(tmp_path / "b.sqlite3")
+    try:
+        buf.append([_row(n, b"x" * 1000) for n in range(5)] + [_row(9, b"y" * 5000)])
+        first = buf.claim(100, lease_seconds=60, max_bytes=2500)
+        assert first is not None and [r.id for r in first.rows] == [1, 2] and first.full
+        second = buf.claim(100, lease_seconds=60, max_bytes=3000)
+        assert second is not None and [r.id for r in second.rows] == [3, 4, 5] and second.full
+        alone = buf.claim(100, lease_seconds=60, max_bytes=3000)  # larger than the limit
+        assert alone is not None and [r.id for r in alone.rows] == [6] and not alone.full
+        buf.append([_row(n) for n in range(3)])
+        by_rows = buf.claim(2, lease_seconds=60, max_bytes=10**6)
+        assert by_rows is not None and len(by_rows.rows) == 2 and by_rows.full
+        rest = buf.claim(2, lease_seconds=60)
+        assert rest is not None and len(rest.rows) == 1 and not rest.full
+    finally:
+        buf.close()
+
+
 def test_row_ids_are_never_reused(tmp_path: Path) -> None:
     path = tmp_path / "b.sqlite3"
     buf = BufferFile(path)
@@ -218,6 +239,34 @@ async def test_a_drain_lingers_after_a_partial_batch_not_after_a_full_one(tmp_pa
                     await buffer.append([_row(99)])  # arrives during the linger
                     await wait_until(lambda: len(store.writes) == 4)
                     assert store.writes[-1][0] - started >= 0.45
+                    drainer.stop()
+                buffer.close_writer()
+    finally:
+        await buffer.aclose()
+
+
+async def test_byte_bounded_batches_are_full_and_not_lingered_after(tmp_path: Path) -> None:
+    """Large payloads: each batch holds what fits Z4J_DRAIN_BATCH_BYTES, however
+    many rows Z4J_DRAIN_BATCH_ROWS allows, and counts as full (no linger: with
+    a 60 s linger the drain would not finish within the deadline)."""
+    buffer = await Buffer.open(tmp_path / "b.sqlite3", max_rows=10_000)
+    store = _CountingStore()
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(buffer.run_writer)
+                async with draining(
+                    buffer,
+                    store,  # type: ignore[arg-type]
+                    batch_rows=1000,
+                    batch_bytes=3 * 1100,
+                    lease_seconds=60,
+                    linger_seconds=60,
+                ) as drainer:
+                    assert buffer.admit(10)
+                    await buffer.append([_row(n, b"[" + b" " * 1000 + b"]") for n in range(10)])
+                    await wait_until(lambda: sum(n for _, n in store.writes) == 10)
+                    assert [n for _, n in store.writes] == [3, 3, 3, 1]
                     drainer.stop()
                 buffer.close_writer()
     finally:

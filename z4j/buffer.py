@@ -107,6 +107,8 @@ class Claim:
 
     token: str
     rows: tuple[ClaimedRow, ...]
+    # It stopped at the row or byte limit (more rows were there to take).
+    full: bool = False
 
     @property
     def first(self) -> int:
@@ -300,8 +302,14 @@ class BufferFile:
                 raise
         self.depth += len(rows)
 
-    def claim(self, limit: int, lease_seconds: float) -> Claim | None:
-        """Lease up to ``limit`` unclaimed rows, oldest first (a freed range whole).
+    def claim(self, limit: int, lease_seconds: float, max_bytes: int | None = None) -> Claim | None:
+        """Lease up to ``limit`` unclaimed rows, oldest first, and no more rows
+        than fit ``max_bytes`` of bodies (at least one); a freed range is taken
+        whole (it was bounded when first claimed).
+
+        The byte bound is what keeps a claim's memory and its store transaction
+        in bounds whatever the payloads' size: 2,000 agent batches of 100
+        events are 200,000 events, 2,000 ingest frames of 10 MiB are 20 GiB.
 
         Reads only, on the read connection: safe beside a running append.
         """
@@ -323,12 +331,22 @@ class BufferFile:
                     " WHERE id BETWEEN ? AND ? ORDER BY id",
                     freed,
                 ).fetchall()
+            full = bool(rows)  # a range taken back: more may wait behind it
             if not rows:  # no range to take back (or its rows are gone): new rows
-                rows = self._reader.execute(
+                found = self._reader.execute(
                     "SELECT id, received_at, source, body, origin FROM payloads"
                     " WHERE id > ? ORDER BY id LIMIT ?",
                     (cursor, limit),
-                ).fetchall()
+                )
+                size = 0
+                for row in found:
+                    size += len(row[3])
+                    if rows and max_bytes is not None and size > max_bytes:
+                        full = True
+                        break
+                    rows.append(row)
+                found.close()
+                full = full or len(rows) == limit
             if not rows:
                 return None
             token = uuid.uuid4().hex
@@ -341,6 +359,7 @@ class BufferFile:
                 ClaimedRow(id=r[0], received_at=r[1], source=r[2], body=r[3], origin=r[4])
                 for r in rows
             ),
+            full=full,
         )
 
     def _take(self, claim: Claim) -> bool:
@@ -755,9 +774,11 @@ class Buffer:
 
     # -- drain side --------------------------------------------------------------
 
-    async def claim(self, limit: int, lease_seconds: float) -> Claim | None:
+    async def claim(
+        self, limit: int, lease_seconds: float, max_bytes: int | None = None
+    ) -> Claim | None:
         result: Claim | None = await trio.to_thread.run_sync(
-            self.file.claim, limit, lease_seconds, limiter=self._read_limiter
+            self.file.claim, limit, lease_seconds, max_bytes, limiter=self._read_limiter
         )
         return result
 

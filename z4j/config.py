@@ -160,7 +160,8 @@ class Config:
     buffer_path: Path | None = None
     buffer_max_rows: int = attrs.field(default=100_000, validator=_positive)
     drain_workers: int = attrs.field(default=2, validator=_positive)
-    drain_batch_rows: int = attrs.field(default=2_000, validator=_positive)
+    drain_batch_rows: int = attrs.field(default=10_000, validator=_positive)
+    drain_batch_bytes: int = attrs.field(default=4 * MiB, validator=_positive)
     drain_lease_seconds: float = attrs.field(default=30.0, validator=_positive)
     drain_linger_ms: int = attrs.field(default=500, validator=_non_negative)
     so_reuseport: bool = False
@@ -270,9 +271,10 @@ HELP: dict[str, str] = {
     "buffer_path": "The local buffer file; one per instance (it is locked while in use).",
     "buffer_max_rows": "Buffer capacity in payloads; when full, ingest answers 5:ERROR.",
     "drain_workers": "Concurrent drain tasks moving the buffer into the store.",
-    "drain_batch_rows": "Buffer rows (payloads) a drain claims per batch.",
+    "drain_batch_rows": "Buffer rows (payloads) a drain claims per batch, at most; Z4J_DRAIN_BATCH_BYTES bounds it too.",
+    "drain_batch_bytes": "Payload bytes a drain claims per batch, at most (at least one row is taken): bounds a claim's memory and its store transaction whatever the payloads' size (an agent batch of 100 events is about 33 KiB).",
     "drain_lease_seconds": "How long a drain's claim holds before others may take it.",
-    "drain_linger_ms": "After a batch smaller than Z4J_DRAIN_BATCH_ROWS, how long a drain waits "
+    "drain_linger_ms": "After a batch that reached neither Z4J_DRAIN_BATCH_ROWS nor Z4J_DRAIN_BATCH_BYTES, how long a drain waits "
     "before its next claim: the store lags ingest by up to this much, in fewer, larger "
     "transactions that leave the disk and the GIL to ingest. 0: claim at once.",
     "so_reuseport": "Set SO_REUSEPORT so several processes share the ingest and HTTP ports.",

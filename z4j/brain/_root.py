@@ -219,6 +219,7 @@ async def serve_brain(
                 stats,
                 batch_rows=config.drain_batch_rows,
                 lease_seconds=config.drain_lease_seconds,
+                batch_bytes=config.drain_batch_bytes,
                 store_ready=store_ready,
                 linger_seconds=config.drain_linger_ms / 1000,
                 on_stored=functools.partial(hub.publish_stored, buffer.buffer_id),

@@ -57,6 +57,7 @@ class Drainer:
         batch_rows: int,
         lease_seconds: float,
         store_ready: trio.Event,
+        batch_bytes: int | None = None,
         linger_seconds: float = 0.0,
         on_stored: Callable[[Sequence[ClaimedRow], int], None] | None = None,
     ) -> None:
@@ -65,6 +66,7 @@ class Drainer:
         self._store = store
         self._stats = stats
         self._batch_rows = batch_rows
+        self._batch_bytes = batch_bytes  # Z4J_DRAIN_BATCH_BYTES (Buffer.claim)
         self._lease = lease_seconds
         # After a batch smaller than a full one, wait this long before the
         # next claim (Z4J_DRAIN_LINGER_MS): under a steady stream of small
@@ -137,14 +139,14 @@ class Drainer:
                 claim = (
                     ahead.pop()
                     if ahead
-                    else await self._buffer.claim(self._batch_rows, self._lease)
+                    else await self._buffer.claim(self._batch_rows, self._lease, self._batch_bytes)
                 )
                 if claim is None:
                     await self._idle(IDLE_POLL_SECONDS)
                     continue
                 if await self._pipelined(worker, claim, ahead, stored):
                     failures = 0
-                    if self._linger and len(claim.rows) < self._batch_rows and not ahead:
+                    if self._linger and not claim.full and not ahead:
                         await self._sleep(self._linger)
                 else:
                     failures += 1
@@ -171,7 +173,7 @@ class Drainer:
 
         While this batch goes to the store (Postgres, on a pool thread), the
         buffer (SQLite, on its own thread) deletes the batch stored before
-        (``stored``) and, after a full batch, when more rows are likely
+        (``stored``) and, after a full batch (at its row or byte limit), when more rows are likely
         waiting, claims the next one into ``ahead``. Both sides stay busy
         instead of taking turns. Nothing changes in what is guaranteed: a
         batch leaves the buffer only after the store has it, and the claim
@@ -185,7 +187,9 @@ class Drainer:
 
         async def claim_ahead() -> None:
             try:
-                next_claim = await self._buffer.claim(self._batch_rows, self._lease)
+                next_claim = await self._buffer.claim(
+                    self._batch_rows, self._lease, self._batch_bytes
+                )
             except Exception as exc:  # raised below, as the loop's own claim would
                 failed.append(exc)
                 return
@@ -204,7 +208,7 @@ class Drainer:
             nursery.start_soon(self._keep_leased, keeper, claim, ahead)
             if previous is not None:
                 nursery.start_soon(complete_previous)
-            if len(claim.rows) >= self._batch_rows and not self._stopping:
+            if claim.full and not self._stopping:
                 nursery.start_soon(claim_ahead)
             done = await self._write_batch(worker, claim)
             keeper.cancel()
