@@ -513,6 +513,57 @@ async def test_hostile_peers_cost_a_request_its_deadline_and_their_byte_cap(
         assert token not in caplog.text
 
 
+async def test_fanouts_in_flight_are_bounded_hub_wide(tmp_path: Path) -> None:
+    """Each fan-out may hold an answer of Z4J_FEDERATION_MAX_RESPONSE_BYTES per
+    peer: the hub runs FANOUT_BYTES worth at once (here 2), and a request that
+    finds them all taken by a slow peer's callers gets a 503 with Retry-After
+    within half the deadline, not another share of memory; once they end,
+    requests are served again."""
+    from z4j.brain.http.federation_api import FANOUT_BYTES
+
+    fake = FakePeer("trickle")
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fake.serve)
+            peers = {"slow": {"url": fake.url, "token": "z4j_fed_x"}}
+            async with hub_of(
+                tmp_path,
+                peers,
+                federation_timeout_ms=4000,
+                federation_max_response_bytes=FANOUT_BYTES // 2,
+                federation_cache_ms=0,
+            ) as (hub, admin):
+                http = hub.addresses.http
+                held: list[int] = []
+
+                async def hold() -> None:
+                    held.append((await get(http, "/api/v1/federation/events", admin))[0])
+
+                async with trio.open_nursery() as holders:
+                    holders.start_soon(hold)
+                    holders.start_soon(hold)
+                    await wait_until(lambda: fake.requests == 2)  # both slots taken
+                    started = trio.current_time()
+                    reply = await http_request(
+                        http,
+                        "GET",
+                        "/api/v1/federation/regions",
+                        headers={"Authorization": f"Bearer {admin}"},
+                    )
+                    assert reply.status == 503, reply.body
+                    assert reply.json()["error"] == "federation_busy"
+                    assert dict(reply.headers).get("retry-after") == "1"
+                    assert trio.current_time() - started < 4.0  # before the holders' deadline
+                    assert fake.requests == 2  # the refused request asked no peer
+                assert held == [200, 200]  # partial: the slow peer missed its deadline
+                assert hub.stats.federation.busy == 1
+                status, regions = await get(http, "/api/v1/federation/regions", admin)
+                assert status == 200 and regions["partial"] is True
+                metrics = (await http_request(http, "GET", "/metrics")).body
+                assert b"z4j_federation_busy_total 1.0" in metrics
+            nursery.cancel_scope.cancel()
+
+
 async def test_peer_answers_are_reused_within_the_cache_time(tmp_path: Path) -> None:
     fake = FakePeer("summary")
     with trio.fail_after(60):

@@ -153,6 +153,7 @@ class FederationStats:
     request_seconds: dict[str, Histogram] = attrs.field(factory=dict)  # by peer
     partial: Counter[str] = attrs.field(factory=Counter)  # by route template
     refused_writes: Counter[str] = attrs.field(factory=Counter)  # by reason
+    busy: int = 0  # federated reads refused: every fan-out slot taken (503)
 
     def observe_call(self, peer: str, seconds: float) -> None:
         histogram = self.request_seconds.get(peer)

@@ -512,6 +512,11 @@ class BrainCollector(Collector):
         for reason, n in sorted(fed.refused_writes.items()):
             refused.add_metric([reason], n)
         yield refused
+        yield CounterMetricFamily(
+            "z4j_federation_busy",
+            "Federated requests refused with 503: every fan-out slot of the hub was taken",
+            value=fed.busy,
+        )
 
         # -- store -----------------------------------------------------------------
         queries = HistogramMetricFamily(

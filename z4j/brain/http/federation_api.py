@@ -9,6 +9,13 @@ Never silently incomplete. Pages of events, commands and audit are merged
 by time (brain/federation/merge.py); their ``next_cursor`` continues every
 region at once. ``?region=a,b`` narrows any read to those regions.
 
+Fan-outs in flight are bounded hub-wide: each may hold an answer of up to
+Z4J_FEDERATION_MAX_RESPONSE_BYTES per region, so at most `FANOUT_BYTES`
+worth of them run at once (8 with two peers and the default cap). A
+request that finds none free waits half the peer deadline, then gets 503
+``federation_busy`` with a Retry-After: a client that opens many slow
+federated reads holds its own share, not the hub's memory.
+
 ``POST /federation/regions/{name}/commands`` forwards a command to a peer
 for the operator who asks, only with ``confirm_region`` naming that
 region; the peer decides too (its token's grant, its own check of the
@@ -42,6 +49,8 @@ from .federation_peer_api import PeerRoutes, body_max_param
 __all__ = ["PEER_PREFIX", "FederationRoutes"]
 
 PEER_PREFIX: Final = "/api/v1/federation/peer/"
+# Peer answers (as received) that the hub's fan-outs in flight may hold together.
+FANOUT_BYTES: Final = 256 * 1024 * 1024
 # A region summary's fields as the hub shows them (anything else a peer sends is dropped).
 SUMMARY_FIELDS: Final = {
     "region": str,
@@ -70,16 +79,44 @@ class FederationRoutes:
         self._store = store
         self._stats = local.stats
         self.region = local.region
+        per_fanout = client.max_response_bytes * max(1, len(client.peers))
+        self.fanouts = max(1, FANOUT_BYTES // per_fanout)
+        self._slots = trio.CapacityLimiter(self.fanouts)
 
     def routes(self) -> list[tuple[str, str, Handler]]:
         return [
-            ("GET", "/federation/regions", self._regions),
-            ("GET", "/federation/agents", self._agents),
-            ("GET", "/federation/events", self._events),
-            ("GET", "/federation/commands", self._commands),
-            ("GET", "/federation/audit", self._audit),
-            ("POST", "/federation/regions/{name}/commands", self._command),
+            ("GET", "/federation/regions", self._bounded(self._regions)),
+            ("GET", "/federation/agents", self._bounded(self._agents)),
+            ("GET", "/federation/events", self._bounded(self._events)),
+            ("GET", "/federation/commands", self._bounded(self._commands)),
+            ("GET", "/federation/audit", self._bounded(self._audit)),
+            ("POST", "/federation/regions/{name}/commands", self._bounded(self._command)),
         ]
+
+    def _bounded(self, handler: Handler) -> Handler:
+        """``handler`` holding one of the hub's fan-out slots from start to answer."""
+
+        async def bounded(request: Request) -> Response:
+            wait = self._client.timeout_seconds / 2
+            acquired = False
+            with trio.move_on_after(wait):  # the wait for a slot, not the handler
+                await self._slots.acquire()
+                acquired = True
+            if not acquired:
+                self._stats.busy += 1
+                raise ApiError(
+                    503,
+                    "federation_busy",
+                    f"{self.fanouts} federated requests are in flight, the most this hub runs "
+                    f"at once; none ended within {wait * 1000:.0f} ms: try again shortly",
+                    headers=((b"retry-after", b"1"),),
+                )
+            try:
+                return await handler(request)
+            finally:
+                self._slots.release()
+
+        return bounded
 
     @property
     def regions(self) -> list[str]:

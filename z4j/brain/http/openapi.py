@@ -84,7 +84,9 @@ def _errors(*statuses: int) -> dict[str, Any]:
         415: "Not JSON: a browser-style write needs Content-Type: application/json",
         429: "Too many failed sign-ins from this address: wait the Retry-After seconds",
         502: "The agent answered with a failure (command_id names the command)",
-        503: "The store is not reachable; try again",
+        503: "The store is not reachable; or, on /federation routes, every federated "
+        "request this hub runs at once is in flight (federation_busy, with Retry-After); "
+        "try again",
         504: "The agent did not answer in time (command_id names the command, which "
         "keeps its answer when it lands)",
     }
@@ -1901,7 +1903,7 @@ FEDERATION_PATHS: dict[str, Any] = {
             "listFederationRegions",
             "Every region: reachable, round trip, and its summary",
             (200, _ref("Regions")),
-            errors=(400, 401),
+            errors=(400, 401, 503),
             description=FEDERATION_DESCRIPTION,
             parameters=[REGION_QUERY],
         )
@@ -1911,7 +1913,7 @@ FEDERATION_PATHS: dict[str, Any] = {
             "listFederationAgents",
             "Agents and their workers, of every region",
             (200, _federated_page("RegionAgent")),
-            errors=(400, 401),
+            errors=(400, 401, 503),
             description=FEDERATION_DESCRIPTION,
             parameters=[REGION_QUERY],
         )
@@ -1921,7 +1923,7 @@ FEDERATION_PATHS: dict[str, Any] = {
             "listFederationEvents",
             "Events of every region, newest first",
             (200, _federated_page("RegionEvent")),
-            errors=(400, 401),
+            errors=(400, 401, 503),
             description=PAGED_DESCRIPTION + " The filters are /events'.",
             parameters=[
                 _query(
@@ -1941,7 +1943,7 @@ FEDERATION_PATHS: dict[str, Any] = {
             "listFederationCommands",
             "Commands of every region, newest first",
             (200, _federated_page("RegionCommand")),
-            errors=(400, 401),
+            errors=(400, 401, 503),
             description=PAGED_DESCRIPTION,
             parameters=[
                 _query("state", COMMAND_STATE, "only commands in this state"),
@@ -1956,7 +1958,7 @@ FEDERATION_PATHS: dict[str, Any] = {
             "listFederationAudit",
             "Audit events of every region, newest first",
             (200, _federated_page("RegionAudit")),
-            errors=(400, 401),
+            errors=(400, 401, 503),
             description=PAGED_DESCRIPTION + " The filters are /audit's.",
             parameters=[*FEDERATED_AUDIT_FILTER, REGION_QUERY, CURSOR, LIMIT],
         )
@@ -1966,7 +1968,7 @@ FEDERATION_PATHS: dict[str, Any] = {
             "sendCrossRegionCommand",
             "Send a command to an agent of another region",
             (201, _ref("RegionCommandSent")),
-            errors=(400, 401, 403, 404, 409, 413, 415, 502, 504),
+            errors=(400, 401, 403, 404, 409, 413, 415, 502, 503, 504),
             description="Only with confirm_region naming the region (403 not_confirmed), "
             "and only if that region gave this hub a token made with --allow-commands "
             "(403 not_granted, from the region). Both regions audit it as "
