@@ -130,9 +130,36 @@ async def _store_checks(config: Config) -> list[Check]:
         server = await store.database_time()
         after = time.time()
         assert server is not None
-        return [store_ok, schema, _skew(server - (before + after) / 2, (after - before) / 2)]
+        checks = [store_ok, schema, _skew(server - (before + after) / 2, (after - before) / 2)]
+        if config.database_read_url is not None:
+            checks.append(await _replica(config.database_read_url, config.read_max_lag_ms))
+        return checks
     finally:
         await store.aclose()
+
+
+async def _replica(url: str, max_lag_ms: int) -> Check:
+    """Z4J_DATABASE_READ_URL: a standby that answers, within the lag limit. The
+    brain falls back to the primary either way; a URL that names no standby
+    (the primary itself, say) or none at all is a mistake, a lag a warning."""
+    import psycopg
+    import trio
+
+    from .store.replica import judge, probe_url
+
+    try:
+        sample = await trio.to_thread.run_sync(probe_url, url)
+    except psycopg.Error as exc:
+        return Check(check="replica", status="fail", detail=f"unreachable: {_one_line(exc)}")
+    standing = judge(None, sample, age=0.0, max_lag_seconds=max_lag_ms / 1000)
+    if standing.fallback is None:
+        lag = "caught up" if sample.receiving and sample.caught_up else "streaming"
+        return Check(check="replica", status="ok", detail=f"a standby, {lag}: reads go to it")
+    status: Status = "fail" if standing.fallback == "promoted" else "warn"
+    detail = standing.note or standing.fallback
+    if standing.fallback == "promoted":
+        detail = "not a standby (pg_is_in_recovery() is false): the primary, or promoted"
+    return Check(check="replica", status=status, detail=detail)
 
 
 def _no_clock() -> Check:

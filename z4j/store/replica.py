@@ -59,6 +59,7 @@ __all__ = [
     "Standing",
     "judge",
     "lag_of",
+    "probe_url",
     "replica_reads",
     "replica_reads_allowed",
 ]
@@ -191,6 +192,15 @@ def _probe(conn: psycopg.Connection[Any]) -> Sample:
         caught_up=bool(caught_up),
         since_replay=None if since is None else float(since),
     )
+
+
+def probe_url(url: str, *, timeout: float = PROBE_TIMEOUT_SECONDS) -> Sample:
+    """One probe of the standby at ``url`` on a connection of its own (blocking:
+    for `z4j doctor`); raises psycopg.Error when it does not answer."""
+    with psycopg.connect(
+        url, connect_timeout=max(1, round(timeout)), application_name="z4j-doctor"
+    ) as conn:
+        return _probe(conn)
 
 
 def _unreachable(exc: psycopg.Error) -> bool:
