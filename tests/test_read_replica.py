@@ -314,6 +314,35 @@ class _Freeze:
         self.pids = []
 
 
+def test_doctor_checks_the_read_replica(pg_url: str, read_url: str, tmp_path: Path) -> None:
+    """`z4j doctor` says whether Z4J_DATABASE_READ_URL is a standby that answers:
+    ok for the standby, fail for the primary named by mistake or a dead URL."""
+
+    def replica_check(url: str) -> tuple[int, tuple[str, str]]:
+        env = {
+            "Z4J_DATA_DIR": str(tmp_path / "data"),
+            "Z4J_DATABASE_URL": pg_url,
+            "Z4J_DATABASE_READ_URL": url,
+        }
+        result = run_z4j("doctor", "--json", env=env)
+        assert "Traceback" not in result.stderr, result.stderr
+        checks = {
+            c["check"]: (c["status"], c["detail"]) for c in orjson.loads(result.stdout)["checks"]
+        }
+        return result.returncode, checks["replica"]
+
+    assert replica_check(read_url)[1][0] == "ok"
+    status, (verdict, detail) = replica_check(pg_url)
+    assert status == 1 and verdict == "fail" and "not a standby" in detail, detail
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    dead = f"postgresql://z4j@127.0.0.1:{port}/z4j"
+    status, (verdict, detail) = replica_check(dead)
+    assert status == 1 and verdict == "fail" and detail.startswith("unreachable"), detail
+
+
 async def test_a_silent_stopped_or_promoted_standby_degrades_reads_to_the_primary(
     tmp_path: Path, pg_url: str, read_url: str, standby: PostgresCluster
 ) -> None:
@@ -579,32 +608,3 @@ def test_the_rule_sends_reads_to_the_primary_and_says_why() -> None:
     assert promoted.fallback == "promoted"
     assert judge("unreachable", None, age=0, max_lag_seconds=5).fallback == "unreachable"
     assert judge("unchecked", None, age=0, max_lag_seconds=5).fallback == "unchecked"
-
-
-def test_doctor_checks_the_read_replica(pg_url: str, read_url: str, tmp_path: Path) -> None:
-    """`z4j doctor` says whether Z4J_DATABASE_READ_URL is a standby that answers:
-    ok for the standby, fail for the primary named by mistake or a dead URL."""
-
-    def replica_check(url: str) -> tuple[int, tuple[str, str]]:
-        env = {
-            "Z4J_DATA_DIR": str(tmp_path / "data"),
-            "Z4J_DATABASE_URL": pg_url,
-            "Z4J_DATABASE_READ_URL": url,
-        }
-        result = run_z4j("doctor", "--json", env=env)
-        assert "Traceback" not in result.stderr, result.stderr
-        checks = {
-            c["check"]: (c["status"], c["detail"]) for c in orjson.loads(result.stdout)["checks"]
-        }
-        return result.returncode, checks["replica"]
-
-    assert replica_check(read_url)[1][0] == "ok"
-    status, (verdict, detail) = replica_check(pg_url)
-    assert status == 1 and verdict == "fail" and "not a standby" in detail, detail
-    closed = socket.socket()
-    closed.bind(("127.0.0.1", 0))
-    port = closed.getsockname()[1]
-    closed.close()
-    dead = f"postgresql://z4j@127.0.0.1:{port}/z4j"
-    status, (verdict, detail) = replica_check(dead)
-    assert status == 1 and verdict == "fail" and detail.startswith("unreachable"), detail
