@@ -173,11 +173,12 @@ class Drainer:
 
         While this batch goes to the store (Postgres, on a pool thread), the
         buffer (SQLite, on its own thread) deletes the batch stored before
-        (``stored``) and, after a full batch (at its row or byte limit), when more rows are likely
-        waiting, claims the next one into ``ahead``. Both sides stay busy
-        instead of taking turns. Nothing changes in what is guaranteed: a
-        batch leaves the buffer only after the store has it, and the claim
-        ahead is leased like any other (released by whoever gives up on it).
+        (``stored``) and, after a full batch (stopped at its row or byte
+        limit), when more rows are likely waiting, claims the next one into
+        ``ahead``. Both sides stay busy instead of taking turns. Nothing
+        changes in what is guaranteed: a batch leaves the buffer only after
+        the store has it, and the claim ahead is leased like any other
+        (released by whoever gives up on it).
 
         True when the store has ``claim``; it then waits in ``stored`` for
         its delete if a next batch is already claimed, else it is deleted now.
