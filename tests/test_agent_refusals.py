@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from z4j.agent import Agent, Backoff
-from z4j.brain.agents import BAD_TOKEN_STRIKES, CLOSE_REASONS, close_message
+from z4j.brain.agents import CLOSE_REASONS, close_message
 from z4j.protocol.close import CloseCode
 from z4j.testing.agents import provision, raw_agent
 from z4j.testing.brain import make_config, running_brain, wait_until
@@ -117,35 +117,3 @@ async def test_a_wrong_signing_secret_is_closed_4403_naming_the_check(tmp_path: 
                 code, reason = await agent.closed_because()
             assert code == CloseCode.FORBIDDEN
             assert reason is not None and "signature" in reason, reason
-
-
-async def test_a_source_sending_many_bad_tokens_is_closed_4429_without_lookups(
-    tmp_path: Path,
-) -> None:
-    """Past BAD_TOKEN_STRIKES unknown tokens in a minute, a source's connections
-    are closed 4429 before any store lookup (its good tokens too, for that
-    minute); another address is not held up."""
-    config = make_config(tmp_path / "data")
-    token, secret, _ = await provision(config)
-    with trio.fail_after(120):
-        async with running_brain(config) as brain:
-            http = brain.addresses.http
-
-            async def close_of(token: str, source: str) -> tuple[int | None, str | None]:
-                async with raw_agent(http, token, secret, hello=False, local_address=source) as a:
-                    return await a.closed_because()
-
-            for n in range(BAD_TOKEN_STRIKES):
-                code, _ = await close_of(f"z4j_agent_guess-{n}", "127.0.0.7")
-                assert code == CloseCode.UNAUTHORIZED, n
-            code, reason = await close_of(f"z4j_agent_guess-{BAD_TOKEN_STRIKES}", "127.0.0.7")
-            assert code == CloseCode.RATE_LIMITED, reason
-            assert reason is not None and reason.startswith("too many bad tokens"), reason
-            code, _ = await close_of(token, "127.0.0.7")  # even a good token, for the minute
-            assert code == CloseCode.RATE_LIMITED
-            rejected = brain.stats.agent_rejected
-            assert rejected["bad_token"] == BAD_TOKEN_STRIKES
-            assert rejected["bad_token_throttled"] == 2
-            # Another address connects as ever.
-            async with raw_agent(http, token, secret, prove=True, local_address="127.0.0.8"):
-                await wait_until(lambda: brain.stats.agent_sessions_open == 1)

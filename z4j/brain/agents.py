@@ -63,7 +63,7 @@ from ..stats import BrainStats, ThrottledLog
 from ..store.base import Agent, CredentialDeadlines, Store, StoreUnavailable
 from .http.websocket import SEND_BATCH
 from .links import AlonePeers, Ownership, SessionTable
-from .ratelimit import FailureThrottle, TokenBucket, source_of
+from .ratelimit import TokenBucket
 
 __all__ = ["AgentEndpoint"]
 
@@ -75,8 +75,6 @@ SESSIONS_GONE_POLL_SECONDS = 0.05  # at shutdown, how often to look for sessions
 # How long a new connection waits for the store before 1013: well inside
 # the 10 s agents give the upgrade, so they see the code, not a timeout.
 STORE_WAIT_SECONDS = 3.0
-# Unknown agent tokens a source may send in a minute before it waits a minute.
-BAD_TOKEN_STRIKES = 50
 # Batches one connection may have waiting for durability; beyond it we stop
 # reading, and TCP pushes back on the agent.
 MAX_BATCHES_IN_FLIGHT = 256
@@ -249,12 +247,6 @@ class AgentEndpoint:
         self._on_worker = on_worker
         self._clock = clock
         self._log = ThrottledLog(log)
-        # Unknown tokens per source address (IPv6 by /64): past BAD_TOKEN_STRIKES
-        # in a minute, the source's connections are closed 4429 for a minute,
-        # without a store lookup. Generous, for many agents behind one NAT.
-        self._bad_tokens = FailureThrottle(
-            max_failures=BAD_TOKEN_STRIKES, window=60.0, block=60.0, max_sources=4096
-        )
         self._tasks: trio.Nursery | None = None
         self._in_flight_bytes = 0  # over all sessions
         self._room = trio.Event()  # set (and replaced) whenever some is freed
@@ -357,20 +349,9 @@ class AgentEndpoint:
             return
         token = _bearer(scope)
         send_batch = SEND_BATCH in scope.get("extensions", {})
-        client = scope.get("client")
-        source = source_of(str(client[0])) if client else "unknown"
         del scope, message  # an idle connection keeps only what it needs
         login = None
         token_hash = b""
-        blocked = self._bad_tokens.refused_for(source, time.monotonic())
-        if blocked > 0:
-            # A source that sent many unknown tokens is not looked up again
-            # for a while: a flood of them costs no store queries.
-            self._reject("bad_token_throttled")
-            await send({"type": "websocket.accept"})
-            reason = f"too many bad tokens from this address: wait {blocked:.0f} s"
-            await send(close_message(CloseCode.RATE_LIMITED, reason))
-            return
         if token is not None:
             # Just after start the store may not be migrated yet: a moment's
             # wait, then "try again later" (1013), never "bad token".
@@ -390,8 +371,6 @@ class AgentEndpoint:
         now = self._clock()
         if login is None:
             self._reject("bad_token")
-            if token is not None:
-                self._bad_tokens.failed(source, time.monotonic())
             reason = "no token" if token is None else "bad token (unknown, revoked or archived)"
             await send(close_message(CloseCode.UNAUTHORIZED, reason))
             return

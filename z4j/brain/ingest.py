@@ -33,6 +33,7 @@ them and answer first.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket as stdlib_socket
 import time
@@ -52,7 +53,7 @@ from ..logs import log_context
 from ..protocol import ingest as proto
 from ..protocol.errors import RemoteProtocolError
 from ..stats import BrainStats, ThrottledLog
-from .ratelimit import FailureThrottle, source_of
+from .ratelimit import FailureThrottle
 
 __all__ = [
     "FrameBudget",
@@ -138,6 +139,19 @@ class TokenThrottle(FailureThrottle):
 
     def strike(self, source: str, now: float) -> None:
         self.failed(source, now)
+
+
+def source_of(host: str) -> str:
+    """The throttle's key for a peer address."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 @attrs.frozen(kw_only=True)

@@ -5,20 +5,18 @@ tokens (one second's worth) and refills at ``rate`` per second, so a peer
 may burst up to a second's budget and keep up the rate indefinitely, but no
 more.
 
-`FailureThrottle`, for guessing: failures per source (a wrong ingest or
-agent token, a failed sign-in) in a window, and a block once there are too
-many; `source_of` is the key a peer address counts under.
+`FailureThrottle`, for guessing: failures per source (a wrong ingest token,
+a failed sign-in) in a window, and a block once there are too many.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from collections import OrderedDict
 
 import attrs
 
-__all__ = ["FailureThrottle", "TokenBucket", "source_of"]
+__all__ = ["FailureThrottle", "TokenBucket"]
 
 
 @attrs.define
@@ -97,16 +95,3 @@ class FailureThrottle:
 
     def forgive(self, source: str) -> None:
         self._sources.pop(source, None)
-
-
-def source_of(host: str) -> str:
-    """The throttle's key for a peer address."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)

@@ -94,18 +94,16 @@ async def raw_agent(
     capabilities: dict[str, list[str]] | None = None,
     schedulers: tuple[str, ...] = (),
     runtime_features: tuple[str, ...] = (),
-    local_address: str | None = None,
 ) -> AsyncIterator[RawAgent]:
     """A connected agent (after hello_ack, if ``hello``). With ``prove`` it then
     sends a heartbeat, as z4j agents do at once: the brain gives a connection
     its worker's slot and commands only after a signed frame proves the key.
     ``capabilities``: what its hello advertises, per engine or scheduler;
-    ``schedulers`` and ``runtime_features``: its hello's fields of those names;
-    ``local_address``: the address it connects from (any 127.x on loopback)."""
+    ``schedulers`` and ``runtime_features``: its hello's fields of those names."""
     host, port = http
     # We own the stream: trio-websocket 0.12 leaves a client's socket open
     # when the server closes first.
-    stream = await trio.open_tcp_stream(host, port, local_address=local_address)
+    stream = await trio.open_tcp_stream(host, port)
     try:
         async with trio.open_nursery() as nursery:
             ws = await trio_websocket.wrap_client_stream(
