@@ -5,6 +5,8 @@ from __future__ import annotations
 import sqlite3
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -214,63 +216,55 @@ class _CountingStore:
         return len(rows)
 
 
-async def test_a_drain_lingers_after_a_partial_batch_not_after_a_full_one(tmp_path: Path) -> None:
-    """Z4J_DRAIN_LINGER_MS: a batch short of full makes the drain wait before its next
-    claim (the store lags by up to that much); full batches go straight on."""
+@asynccontextmanager
+async def _counted_drain(
+    tmp_path: Path, **settings: Any
+) -> AsyncIterator[tuple[Buffer, _CountingStore]]:
+    """A buffer with its writer and one drain (``settings`` for `draining`) into a
+    `_CountingStore`; the drain is stopped and the buffer closed at the end."""
     buffer = await Buffer.open(tmp_path / "b.sqlite3", max_rows=10_000)
     store = _CountingStore()
     try:
-        with trio.fail_after(20):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(buffer.run_writer)
-                async with draining(
-                    buffer,
-                    store,  # type: ignore[arg-type]
-                    batch_rows=10,
-                    lease_seconds=60,
-                    linger_seconds=0.5,
-                ) as drainer:
-                    assert buffer.admit(25)
-                    await buffer.append([_row(n) for n in range(25)])  # two full batches and 5
-                    await wait_until(lambda: sum(n for _, n in store.writes) == 25)
-                    assert [n for _, n in store.writes] == [10, 10, 5]
-                    started = store.writes[-1][0]
-                    assert buffer.admit(1)
-                    await buffer.append([_row(99)])  # arrives during the linger
-                    await wait_until(lambda: len(store.writes) == 4)
-                    assert store.writes[-1][0] - started >= 0.45
-                    drainer.stop()
-                buffer.close_writer()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(buffer.run_writer)
+            async with draining(buffer, store, **settings) as drainer:  # type: ignore[arg-type]
+                yield buffer, store
+                drainer.stop()
+            buffer.close_writer()
     finally:
         await buffer.aclose()
+
+
+async def test_a_drain_lingers_after_a_partial_batch_not_after_a_full_one(tmp_path: Path) -> None:
+    """Z4J_DRAIN_LINGER_MS: a batch short of full makes the drain wait before its next
+    claim (the store lags by up to that much); full batches go straight on."""
+    with trio.fail_after(20):
+        async with _counted_drain(
+            tmp_path, batch_rows=10, lease_seconds=60, linger_seconds=0.5
+        ) as (buffer, store):
+            assert buffer.admit(25)
+            await buffer.append([_row(n) for n in range(25)])  # two full batches and 5
+            await wait_until(lambda: sum(n for _, n in store.writes) == 25)
+            assert [n for _, n in store.writes] == [10, 10, 5]
+            started = store.writes[-1][0]
+            assert buffer.admit(1)
+            await buffer.append([_row(99)])  # arrives during the linger
+            await wait_until(lambda: len(store.writes) == 4)
+            assert store.writes[-1][0] - started >= 0.45
 
 
 async def test_byte_bounded_batches_are_full_and_not_lingered_after(tmp_path: Path) -> None:
     """Large payloads: each batch holds what fits Z4J_DRAIN_BATCH_BYTES, however
     many rows Z4J_DRAIN_BATCH_ROWS allows, and counts as full (no linger: with
     a 60 s linger the drain would not finish within the deadline)."""
-    buffer = await Buffer.open(tmp_path / "b.sqlite3", max_rows=10_000)
-    store = _CountingStore()
-    try:
-        with trio.fail_after(20):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(buffer.run_writer)
-                async with draining(
-                    buffer,
-                    store,  # type: ignore[arg-type]
-                    batch_rows=1000,
-                    batch_bytes=3 * 1100,
-                    lease_seconds=60,
-                    linger_seconds=60,
-                ) as drainer:
-                    assert buffer.admit(10)
-                    await buffer.append([_row(n, b"[" + b" " * 1000 + b"]") for n in range(10)])
-                    await wait_until(lambda: sum(n for _, n in store.writes) == 10)
-                    assert [n for _, n in store.writes] == [3, 3, 3, 1]
-                    drainer.stop()
-                buffer.close_writer()
-    finally:
-        await buffer.aclose()
+    with trio.fail_after(20):
+        async with _counted_drain(
+            tmp_path, batch_rows=1000, batch_bytes=3 * 1100, lease_seconds=60, linger_seconds=60
+        ) as (buffer, store):
+            assert buffer.admit(10)
+            await buffer.append([_row(n, b"[" + b" " * 1000 + b"]") for n in range(10)])
+            await wait_until(lambda: sum(n for _, n in store.writes) == 10)
+            assert [n for _, n in store.writes] == [3, 3, 3, 1]
 
 
 async def test_the_writer_groups_appends_finishes_the_queue_on_close_then_refuses(
