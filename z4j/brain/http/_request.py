@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,6 +33,7 @@ __all__ = [
     "Send",
     "check_text",
     "epoch",
+    "id_cursor_param",
     "limit_param",
     "page",
     "parse_query",
@@ -139,10 +140,19 @@ def check_text(value: Any) -> None:
             check_text(item)
 
 
-def limit_param(query: dict[str, str]) -> int:
-    raw = query.get("limit", "50")
-    if (number := parse_decimal(raw)) is None or not 1 <= number <= MAX_LIMIT:
-        raise ApiError(400, "bad_request", f"limit: an integer from 1 to {MAX_LIMIT}")
+def limit_param(query: Mapping[str, str], *, most: int = MAX_LIMIT, default: int = 50) -> int:
+    """``limit``: a page's size, 1 to ``most``."""
+    number = parse_decimal(query.get("limit", str(default)))
+    if number is None or not 1 <= number <= most:
+        raise ApiError(400, "bad_request", f"limit: an integer from 1 to {most}")
+    return number
+
+
+def id_cursor_param(raw: str) -> int:
+    """A page cursor that is a row id: a bigint, as both stores hold them."""
+    number = parse_decimal(raw)
+    if number is None or number >= 2**63:
+        raise ApiError(400, "bad_request", "cursor: as given by the last page")
     return number
 
 

@@ -27,7 +27,6 @@ from typing import Any
 
 import orjson
 
-from ..._decimal import parse_decimal
 from ...store.base import (
     COMMAND_STATES,
     CommandRecord,
@@ -46,6 +45,7 @@ from ._request import (
     Send,
     check_text,
     epoch,
+    id_cursor_param,
     limit_param,
     page,
     parse_query,
@@ -429,12 +429,7 @@ class Api:
         limit = limit_param(q)
         before = None
         if "cursor" in q:
-            raw = q["cursor"]
-            if (
-                number := parse_decimal(raw)
-            ) is None or number >= 2**63:  # SQLite's and Postgres's bigint
-                raise ApiError(400, "bad_request", "cursor: as given by the last page")
-            before = number
+            before = id_cursor_param(q["cursor"])
         query = audit_filter(q)
         records = await self._store.list_audit(before_id=before, limit=limit, query=query)
         cursor = str(records[-1].id) if len(records) == limit else None

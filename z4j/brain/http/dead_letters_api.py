@@ -169,12 +169,7 @@ class DeadLetterRoutes:
         projects = projects_of(request)
         if agent_id is not None and projects is not None:
             await check_agent(self._store, request, agent_id)
-        raw = q.get("limit", "50")
-        if (number := parse_decimal(raw)) is None or not 1 <= number <= MAX_REGISTRY_WORKERS:
-            raise ApiError(
-                400, "bad_request", f"limit: an integer from 1 to {MAX_REGISTRY_WORKERS}"
-            )
-        limit = number
+        limit = limit_param(q, most=MAX_REGISTRY_WORKERS)
         after = _registry_cursor(q["cursor"]) if "cursor" in q else None
         found = await self._store.worker_registries(
             agent_id=agent_id, after=after, limit=limit + 1, projects=projects

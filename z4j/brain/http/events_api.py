@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
@@ -91,16 +91,7 @@ class EventRoutes:
 
     async def search(self, request: Request) -> Response:
         q = request.query
-        body_max = EVENT_BODY_BYTES
-        if "body_max_bytes" in q:
-            raw = q["body_max_bytes"]
-            if (number := parse_decimal(raw)) is None or number > MAX_EVENT_BODY_BYTES:
-                raise ApiError(
-                    400,
-                    "bad_request",
-                    f"body_max_bytes: an integer from 0 to {MAX_EVENT_BODY_BYTES}",
-                )
-            body_max = number
+        body_max = body_max_param(q)
         query = await self._filter(request)
         found = await self._store.search_events(query)
         events = found.events
@@ -282,3 +273,15 @@ def event_json(e: EventRecord, *, body_max_bytes: int | None = None) -> dict[str
         item["body"] = None
         item["body_truncated"] = True
     return item
+
+
+def body_max_param(q: Mapping[str, str]) -> int:
+    """``body_max_bytes``: the largest event body a listing shows (here and to peers)."""
+    if "body_max_bytes" not in q:
+        return EVENT_BODY_BYTES
+    raw = q["body_max_bytes"]
+    if (number := parse_decimal(raw)) is None or number > MAX_EVENT_BODY_BYTES:
+        raise ApiError(
+            400, "bad_request", f"body_max_bytes: an integer from 0 to {MAX_EVENT_BODY_BYTES}"
+        )
+    return number

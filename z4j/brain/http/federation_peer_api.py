@@ -25,15 +25,23 @@ from typing import Any, Final, NoReturn
 
 import orjson
 
-from ..._decimal import parse_decimal
 from ..._version import __version__
 from ...stats import FederationStats
 from ...store.base import COMMAND_STATES, Store
 from ..links import CommandDesk, CommandError
-from ._request import ApiError, Handler, Request, Response, check_text, epoch, limit_param
+from ._request import (
+    ApiError,
+    Handler,
+    Request,
+    Response,
+    check_text,
+    epoch,
+    id_cursor_param,
+    limit_param,
+)
 from .audit_params import audit_filter
 from .command_input import command_error, command_fields
-from .events_api import EVENT_BODY_BYTES, EVENTS_PAGE_BYTES, MAX_EVENT_BODY_BYTES, event_filter
+from .events_api import EVENTS_PAGE_BYTES, body_max_param, event_filter
 from .events_api import event_json as _event_json
 from .provisioning_api import agent_list
 from .resources import to_json
@@ -167,10 +175,7 @@ class PeerRoutes:
         limit = limit_param(q)
         before = None
         if "cursor" in q:
-            raw = q["cursor"]
-            if (number := parse_decimal(raw)) is None or number >= 2**63:
-                raise ApiError(400, "bad_request", "cursor: as given by the last page")
-            before = number
+            before = id_cursor_param(q["cursor"])
         records = await self._store.list_audit(before_id=before, limit=limit, query=audit_filter(q))
         items = []
         last_at = float("inf")
@@ -258,18 +263,6 @@ class PeerRoutes:
         raise ApiError(
             403, reason, message, detail={"region": self.region, "reason": reason, **(detail or {})}
         )
-
-
-def body_max_param(q: Mapping[str, str]) -> int:
-    """``body_max_bytes``: the largest event body a listing shows (events_api.py)."""
-    if "body_max_bytes" not in q:
-        return EVENT_BODY_BYTES
-    raw = q["body_max_bytes"]
-    if (number := parse_decimal(raw)) is None or number > MAX_EVENT_BODY_BYTES:
-        raise ApiError(
-            400, "bad_request", f"body_max_bytes: an integer from 0 to {MAX_EVENT_BODY_BYTES}"
-        )
-    return number
 
 
 def _page(

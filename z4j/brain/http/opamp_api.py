@@ -30,13 +30,21 @@ from typing import Any, Final
 import trio
 import yaml
 
-from ..._decimal import parse_decimal
 from ...protocol.opamp import opamp_pb2 as pb
 from ...protocol.opamp.remote_config import ConfigFile, ConfigProgress, config_hash, progress
 from ...store import opamp as stored
 from ...store.base import OpampAgent, OpampConfig, Project, Store
 from ..links import OpampNudges
-from ._request import ApiError, Handler, Request, Response, check_text, limit_param, page
+from ._request import (
+    ApiError,
+    Handler,
+    Request,
+    Response,
+    check_text,
+    id_cursor_param,
+    limit_param,
+    page,
+)
 from .narrowing import check_project, sees
 from .resources import to_json
 
@@ -209,12 +217,7 @@ class OpampRoutes:
         limit = limit_param(request.query)
         before = None
         if "cursor" in request.query:
-            raw = request.query["cursor"]
-            if (
-                number := parse_decimal(raw)
-            ) is None or number >= 2**63:  # SQLite's and Postgres's bigint
-                raise ApiError(400, "bad_request", "cursor: as given by the last page")
-            before = number
+            before = id_cursor_param(request.query["cursor"])
         uid, project_id, agent = await self._target(request)
         if agent is None:
             raise ApiError(404, "not_found", f"no OpAMP agent {uid.hex()}")

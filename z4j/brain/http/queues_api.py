@@ -34,10 +34,9 @@ from typing import Any
 
 import orjson
 
-from ..._decimal import parse_decimal
 from ...store.base import CommandRecord, Store, WorkerInfo
 from ..links import CommandDesk, CommandError
-from ._request import ApiError, Handler, Request, Response, check_text, uuid_param
+from ._request import ApiError, Handler, Request, Response, check_text, limit_param, uuid_param
 from .narrowing import check_agent, projects_of
 from .resources import iso, to_json
 
@@ -183,12 +182,8 @@ class QueueRoutes:
         if "agent_id" not in q:
             raise ApiError(400, "bad_request", "agent_id: the agent whose broker holds the queue")
         agent_id = uuid_param(q["agent_id"], "agent_id")
-        raw = q.get("limit", str(DEAD_LETTER_LIMIT))
-        if (number := parse_decimal(raw)) is None or not 1 <= number <= MAX_DEAD_LETTER_LIMIT:
-            raise ApiError(
-                400, "bad_request", f"limit: an integer from 1 to {MAX_DEAD_LETTER_LIMIT}"
-            )
-        parameters: dict[str, Any] = {"engine": engine, "queue": queue, "limit": number}
+        limit = limit_param(q, most=MAX_DEAD_LETTER_LIMIT, default=DEAD_LETTER_LIMIT)
+        parameters: dict[str, Any] = {"engine": engine, "queue": queue, "limit": limit}
         if "cursor" in q:
             cursor = q["cursor"]
             check_text(cursor)
