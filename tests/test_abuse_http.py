@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 import pytest
 import trio
+from trio.testing import wait_all_tasks_blocked
 
 from z4j import _net
 from z4j._fds import fit_connection_caps
@@ -374,3 +375,74 @@ async def test_readiness_names_the_check_never_the_raw_error(
         "checks": {"buffer": "ok", "store": "unavailable"},
     }
     assert secret in caplog.text  # the operator still learns why
+
+
+async def test_concurrent_readiness_probes_share_one_run_of_the_checks() -> None:
+    """A flood of probes while the store check is slow runs it once, not once
+    per probe: each run holds a store connection the drains need."""
+    entered = 0
+    release = trio.Event()
+
+    async def slow_store() -> str | None:
+        nonlocal entered
+        entered += 1
+        await release.wait()
+        return None
+
+    health = HealthChecks({"store": slow_store})
+    verdicts: list[dict[str, str]] = []
+
+    async def probe() -> None:
+        verdicts.append(await health.run())
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for _ in range(50):
+                nursery.start_soon(probe)
+            await wait_all_tasks_blocked()
+            assert entered == 1
+            release.set()
+    assert verdicts == [{"store": "ok"}] * 50
+    # A probe after that run has ended gets a run of its own.
+    assert await health.run() == {"store": "ok"}
+    assert entered == 2
+
+
+async def test_a_probe_whose_caller_went_away_does_not_leave_the_others_without_verdicts() -> None:
+    """The caller that started a run is cancelled mid-run (its client hung up):
+    those waiting for that run start another, and all get its verdicts."""
+    entered = 0
+    release = trio.Event()
+
+    async def slow_store() -> str | None:
+        nonlocal entered
+        entered += 1
+        if entered == 1:
+            await trio.sleep_forever()
+        await release.wait()
+        return "down"
+
+    health = HealthChecks({"store": slow_store})
+    got: list[dict[str, str]] = []
+    first = trio.CancelScope()
+
+    async def first_probe() -> None:
+        with first:
+            await health.run()
+
+    async def probe() -> None:
+        got.append(await health.run())
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first_probe)
+            await wait_all_tasks_blocked()
+            nursery.start_soon(probe)
+            nursery.start_soon(probe)
+            await wait_all_tasks_blocked()
+            assert entered == 1
+            first.cancel()
+            await wait_all_tasks_blocked()
+            assert entered == 2
+            release.set()
+    assert got == [{"store": "down"}] * 2

@@ -24,6 +24,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
+import attrs
 import orjson
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -70,7 +71,10 @@ class HealthChecks:
     /health/ready is open to anyone who reaches the port, so a check
     returns a reason of its own wording; an exception it raises (a store
     error with file paths, or libpq's host and user) is logged, throttled,
-    and the caller reads only ``"unavailable"``.
+    and the caller reads only ``"unavailable"``. For the same reason the
+    checks run once at a time: callers that ask while a run is under way
+    share its verdicts, so a flood of anonymous probes holds one store
+    connection, not the pool the drains and the API need.
     """
 
     def __init__(
@@ -88,12 +92,29 @@ class HealthChecks:
         self._log = ThrottledLog(log)
         # The verdicts of the last run, for /metrics (which runs them first).
         self.last: dict[str, str] = {}
+        self._running: _Run | None = None
 
     def add(self, name: str, check: Callable[[], Awaitable[str | None]]) -> None:
         self._checks[name] = check
 
     async def run(self, per_check_seconds: float = 2.0) -> dict[str, str]:
-        """Every check's verdict: ``"ok"`` or the reason it failed."""
+        """Every check's verdict: ``"ok"`` or the reason it failed. A call made
+        while a run is under way gets that run's verdicts."""
+        while self._running is not None:
+            running = self._running
+            await running.done.wait()
+            if running.verdicts is not None:
+                return running.verdicts
+            # Its caller was cancelled before the checks ended: run them here.
+        running = self._running = _Run()
+        try:
+            running.verdicts = await self._run(per_check_seconds)
+            return running.verdicts
+        finally:
+            self._running = None
+            running.done.set()
+
+    async def _run(self, per_check_seconds: float) -> dict[str, str]:
         results: dict[str, str] = {}
 
         async def one(name: str, check: Callable[[], Awaitable[str | None]]) -> None:
@@ -119,6 +140,14 @@ class HealthChecks:
         """The notes that apply now, by name (empty when none does)."""
         found = {name: note() for name, note in sorted(self._notes.items())}
         return {name: why for name, why in found.items() if why is not None}
+
+
+@attrs.define
+class _Run:
+    """A run of the readiness checks that others may wait for."""
+
+    done: trio.Event = attrs.Factory(trio.Event)
+    verdicts: dict[str, str] | None = None
 
 
 async def _json(send: Send, status: int, body: object) -> None:
