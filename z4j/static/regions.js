@@ -2,10 +2,11 @@
 //
 // app.js shows and hides the page (its VIEWS); this file fills it from the
 // hub's API: every region's state (/api/v1/federation/regions), agents
-// across regions (/api/v1/federation/agents) and events merged by time
-// (/api/v1/federation/events, "Older" follows the merged cursor). Every row
-// names its region. When a region did not answer, the page says so
-// (partial), never showing less as if it were all.
+// across regions newest first (/api/v1/federation/agents, "More agents"
+// follows the merged cursor) and events merged by time
+// (/api/v1/federation/events, "Older" likewise). Every row names its
+// region. When a region did not answer, the page says so (partial), never
+// showing less as if it were all.
 //
 // A command to another region's agent is sent only after the operator
 // types that region's name (the API's confirm_region): the region decides
@@ -18,7 +19,7 @@
   const BODY_PREVIEW = 160;
   const REFRESH_MS = 5000;
 
-  const state = { cursor: null, timer: 0, gen: 0, target: null, local: null };
+  const state = { cursor: null, agentCursor: null, timer: 0, gen: 0, target: null, local: null };
 
   class ApiError extends Error {
     constructor(status, message) {
@@ -145,9 +146,8 @@
       `${answer.items.length} regions; this brain is ${answer.region}`;
   }
 
-  function renderAgents(answer) {
+  function appendAgents(answer) {
     const body = $("region-agents-table").tBodies[0];
-    body.replaceChildren();
     for (const a of answer.items) {
       const row = body.insertRow();
       row.dataset.region = a.region;
@@ -167,7 +167,9 @@
         actions.append(button);
       }
     }
-    $("region-agents-empty").hidden = answer.items.length > 0;
+    $("region-agents-empty").hidden = body.rows.length > 0;
+    state.agentCursor = answer.next_cursor;
+    $("region-agents-more").hidden = !state.agentCursor;
   }
 
   function appendEvents(answer) {
@@ -193,14 +195,15 @@
     try {
       const [regions, agents, events] = await Promise.all([
         call("GET", "/api/v1/federation/regions"),
-        call("GET", "/api/v1/federation/agents"),
+        call("GET", "/api/v1/federation/agents?limit=100"),
         call("GET", "/api/v1/federation/events?limit=50"),
       ]);
       if (gen !== state.gen) return;
       missing.clear();
       for (const answer of [regions, agents, events]) notePartial(answer);
       renderRegions(regions);
-      renderAgents(agents);
+      $("region-agents-table").tBodies[0].replaceChildren();
+      appendAgents(agents);
       $("region-events-table").tBodies[0].replaceChildren();
       appendEvents(events);
       showPartial();
@@ -226,6 +229,23 @@
       $("regions-error").hidden = false;
     } finally {
       $("region-events-older").disabled = false;
+    }
+  }
+
+  async function moreAgents() {
+    if (!state.agentCursor) return;
+    $("region-agents-more").disabled = true;
+    try {
+      const cursor = encodeURIComponent(state.agentCursor);
+      const answer = await call("GET", `/api/v1/federation/agents?limit=100&cursor=${cursor}`);
+      notePartial(answer);
+      appendAgents(answer);
+      showPartial();
+    } catch (err) {
+      $("regions-error").textContent = err.message;
+      $("regions-error").hidden = false;
+    } finally {
+      $("region-agents-more").disabled = false;
     }
   }
 
@@ -283,6 +303,7 @@
   function start() {
     $("regions-refresh").addEventListener("click", load);
     $("region-events-older").addEventListener("click", older);
+    $("region-agents-more").addEventListener("click", moreAgents);
     $("region-command-confirm").addEventListener("input", () => {
       const agent = state.target;
       $("region-command-go").disabled =
