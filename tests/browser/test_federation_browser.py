@@ -20,7 +20,6 @@ from typing import Any
 import attrs
 import pytest
 from playwright.sync_api import Page, expect
-from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from z4j.agent import Agent
 from z4j.config import Config
@@ -189,21 +188,22 @@ def test_the_regions_page_shows_every_region_labelled_and_asks_before_a_command(
         expect(rows.filter(has_text="west-" if name == "east" else "east-")).to_have_count(0)
     page.screenshot(path=str(tmp_path / "regions.png"), full_page=True)
 
-    # "More agents" appends the rest, and is gone when there is none. (The
-    # page's refresh puts the first page back: clicked again if it came between.)
-    every_agent = (
-        "() => document.querySelectorAll('#region-agents-table tbody tr').length === "
-        f"{FLEET + 2} && document.getElementById('region-agents-more').hidden"
-    )
-    for _ in range(5):
-        page.click("#region-agents-more")
-        try:
-            page.wait_for_function(every_agent, timeout=3000)
-            break
-        except PlaywrightTimeoutError:
-            continue
-    else:
-        raise AssertionError("More agents did not bring the last agent")
+    # "More agents" appends the rest, and is gone when there is none. The
+    # page's refresh then renews the regions' state only: it asks for no first
+    # page of agents, and the rows stay.
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(request.url))
+    page.click("#region-agents-more")
+    expect(agent_rows).to_have_count(FLEET + 2)
+    expect(page.locator("#region-agents-more")).to_be_hidden()
+    expect(agent_rows.last).to_contain_text("fleet-0")  # the oldest
+    asked.clear()
+    for _ in range(2):
+        with page.expect_response(lambda r: "/api/v1/federation/regions" in r.url, timeout=30_000):
+            pass
+    assert [u for u in asked if "/api/v1/federation/regions" in u]
+    assert [u for u in asked if "/api/v1/federation/agents" in u] == []
+    expect(agent_rows).to_have_count(FLEET + 2)
 
     # A command to west: only once "west" is typed; the agent gets it once.
     page.click('#region-agents-table tr[data-region="west"] button')

@@ -19,7 +19,15 @@
   const BODY_PREVIEW = 160;
   const REFRESH_MS = 5000;
 
-  const state = { cursor: null, agentCursor: null, timer: 0, gen: 0, target: null, local: null };
+  const state = {
+    cursor: null,
+    agentCursor: null,
+    paged: false, // the operator brought more rows: the timer leaves the tables be
+    timer: 0,
+    gen: 0,
+    target: null,
+    local: null,
+  };
 
   class ApiError extends Error {
     constructor(status, message) {
@@ -189,23 +197,29 @@
     $("region-events-older").hidden = !state.cursor;
   }
 
+  // Every region's state, and the first page of agents and of events; once
+  // the operator has brought more of either ("More agents", "Older"), the
+  // timer renews the regions' state only, until Refresh starts over.
   async function load() {
     if (!onPage()) return;
     const gen = ++state.gen;
+    const tables = !state.paged;
     try {
       const [regions, agents, events] = await Promise.all([
         call("GET", "/api/v1/federation/regions"),
-        call("GET", "/api/v1/federation/agents?limit=100"),
-        call("GET", "/api/v1/federation/events?limit=50"),
+        tables ? call("GET", "/api/v1/federation/agents?limit=100") : null,
+        tables ? call("GET", "/api/v1/federation/events?limit=50") : null,
       ]);
       if (gen !== state.gen) return;
       missing.clear();
-      for (const answer of [regions, agents, events]) notePartial(answer);
+      for (const answer of [regions, agents, events]) if (answer) notePartial(answer);
       renderRegions(regions);
-      $("region-agents-table").tBodies[0].replaceChildren();
-      appendAgents(agents);
-      $("region-events-table").tBodies[0].replaceChildren();
-      appendEvents(events);
+      if (tables) {
+        $("region-agents-table").tBodies[0].replaceChildren();
+        appendAgents(agents);
+        $("region-events-table").tBodies[0].replaceChildren();
+        appendEvents(events);
+      }
       showPartial();
       $("regions-error").hidden = true;
     } catch (err) {
@@ -218,6 +232,8 @@
   async function older() {
     if (!state.cursor) return;
     $("region-events-older").disabled = true;
+    state.paged = true;
+    state.gen++; // a load under way would put the first page back
     try {
       const cursor = encodeURIComponent(state.cursor);
       const answer = await call("GET", `/api/v1/federation/events?limit=50&cursor=${cursor}`);
@@ -235,6 +251,8 @@
   async function moreAgents() {
     if (!state.agentCursor) return;
     $("region-agents-more").disabled = true;
+    state.paged = true;
+    state.gen++; // a load under way would put the first page back
     try {
       const cursor = encodeURIComponent(state.agentCursor);
       const answer = await call("GET", `/api/v1/federation/agents?limit=100&cursor=${cursor}`);
@@ -294,6 +312,7 @@
     clearInterval(state.timer);
     state.timer = 0;
     if (!onPage()) return;
+    state.paged = false;
     load();
     state.timer = setInterval(() => {
       if ($("region-command").hidden) load();
@@ -301,7 +320,10 @@
   }
 
   function start() {
-    $("regions-refresh").addEventListener("click", load);
+    $("regions-refresh").addEventListener("click", () => {
+      state.paged = false;
+      load();
+    });
     $("region-events-older").addEventListener("click", older);
     $("region-agents-more").addEventListener("click", moreAgents);
     $("region-command-confirm").addEventListener("input", () => {
