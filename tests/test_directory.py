@@ -7,16 +7,21 @@ reading back its own mistakes cannot pass.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import pytest
 import trio
 
 from z4j.config import Config
 from z4j.store import Agent, DirectoryConflict, Project, Store
+from z4j.store._filters import agents_where
+from z4j.store.postgres import PG
+from z4j.store.sqlite import SQ
 from z4j.testing.store import json_of, open_store, query
 
 
@@ -25,6 +30,19 @@ def json_type(config: Config, column: str, table: str) -> str:
     fn = "jsonb_typeof" if config.database_url is not None else "json_type"
     (row,) = query(config, f"SELECT {fn}({column}) FROM {table}")
     return str(row[0])
+
+
+def execute(config: Config, sql: str) -> None:
+    """Write outside the store under test (blocking)."""
+    if config.database_url is not None:
+        with psycopg.connect(config.database_url, autocommit=True) as conn:
+            conn.execute(sql.encode())
+        return
+    db = sqlite3.connect(config.sqlite_store_path, isolation_level=None)
+    try:
+        db.execute(sql)
+    finally:
+        db.close()
 
 
 # -- projects ------------------------------------------------------------------------
@@ -169,6 +187,64 @@ async def test_a_revoked_agent_is_not_found_by_its_token(config: Config) -> None
     assert query(config, "SELECT revoked_at FROM agents WHERE name = 'api'") == [(None,)]
 
 
+async def test_agents_are_paged_newest_first_by_creation_then_id(config: Config) -> None:
+    async with open_store(config) as store:
+        project = await store.create_project("shop")
+        made = [await store.create_agent(project.id, f"a{n}", bytes([n]) * 32) for n in range(7)]
+        await store.revoke_agent(made[1].id)
+    # Three created at one instant: their ids order them.
+    execute(
+        config,
+        "UPDATE agents SET created_at = (SELECT max(created_at) FROM agents)"
+        " WHERE name IN ('a0', 'a3', 'a5')",
+    )
+    stored = sorted(
+        ((at, uuid.UUID(id)) for id, at in query(config, "SELECT id, created_at FROM agents")),
+        reverse=True,
+    )
+    async with open_store(config) as store:
+        pages = [await store.agents_page(limit=3)]
+        while len(pages[-1]) == 3:
+            last = pages[-1][-1]
+            pages.append(await store.agents_page(before=(last.created_at, last.agent.id), limit=3))
+        assert await store.agents_page(before=stored[-1], limit=3) == []
+    assert [len(page) for page in pages] == [3, 3, 1]
+    seen = [item for page in pages for item in page]
+    assert [(d.created_at, d.agent.id) for d in seen] == stored
+    by_id = {a.id: a for a in made}
+    assert [d.agent for d in seen if d.agent.revoked] == [
+        Agent(made[1].id, project.id, "a1", revoked=True)
+    ]
+    assert all(d.agent == by_id[d.agent.id] for d in seen if not d.agent.revoked)
+
+
+async def test_a_page_of_agents_reads_its_index(config: Config) -> None:
+    """Over 20,000 agents, a page after a cursor is a range of agents_by_created
+    (migration 20) on both stores, not a walk from the newest."""
+    async with open_store(config) as store:
+        await store.create_project("bulk")
+    pg = config.database_url is not None
+    execute(
+        config,
+        "INSERT INTO agents (id, project_id, name, created_at)"
+        " SELECT gen_random_uuid(), p.id, 'bulk-' || n, to_timestamp(1e9 - n)"
+        " FROM projects p, generate_series(1, 20000) n"
+        if pg
+        else "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000)"
+        " INSERT INTO agents (id, project_id, name, created_at)"
+        " SELECT lower(hex(randomblob(16))), p.id, 'bulk-' || i, 1e9 - i FROM projects p, n",
+    )
+    execute(config, "ANALYZE")
+    where = agents_where(PG if pg else SQ, (1e9 - 5000, uuid.uuid4()))
+    sql = f"SELECT a.id FROM agents a{where} ORDER BY a.created_at DESC, a.id DESC LIMIT 51"
+    explain = "EXPLAIN " if pg else "EXPLAIN QUERY PLAN "
+    plan = " ".join(
+        str(row) for row in query(config, explain + sql.replace("%s", "?"), *where.params)
+    )
+    assert "agents_by_created" in plan, plan
+    assert ("Index Cond" if pg else "SEARCH") in plan, plan
+
+
 # -- workers -------------------------------------------------------------------------
 
 
@@ -277,6 +353,28 @@ async def test_connecting_twice_updates_the_one_row(config: Config) -> None:
             "registry": {"fake": {"a": {"name": "a"}}},
         }
     assert sorted(query(config, "SELECT worker_id FROM workers")) == [("w-1",), ("w-2",)]
+
+
+async def test_workers_of_a_page_of_agents_and_the_connected_counts(config: Config) -> None:
+    async with open_store(config) as store:
+        a, b, c = [await _agent(store) for _ in range(3)]
+        for agent, worker in ((a, "a-1"), (a, "a-2"), (b, "b-1"), (c, "c-1")):
+            await store.worker_connected(
+                agent.id, worker, role=None, hello={}, instance_id=uuid.uuid4(), at=1.0
+            )
+        await store.worker_disconnected(a.id, "a-2", at=2.0)
+        await store.worker_disconnected(c.id, "c-1", at=2.0)
+
+        some = await store.list_workers(agent_ids=frozenset({a.id, c.id}))
+        assert [(w.agent_id, w.worker_id) for w in some] == sorted(
+            [(a.id, "a-1"), (a.id, "a-2"), (c.id, "c-1")]
+        )
+        assert await store.list_workers(agent_ids=frozenset()) == []
+        assert [w.worker_id for w in await store.list_workers(agent_ids=frozenset({b.id}))] == [
+            "b-1"
+        ]
+        # Connected: a-1 and b-1, of agents a and b.
+        assert await store.connected_counts() == (2, 2)
 
 
 async def test_the_registry_takes_adds_updates_and_removals(config: Config) -> None:

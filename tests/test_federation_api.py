@@ -1,8 +1,9 @@
 """Federation in process: a hub and its regions as brains of one Trio run, and fake peers.
 
 - The hub's view: every region's summary, agents and events labelled by
-  region; events paged across regions in time order, each once; a region
-  that stops answering is named unreachable and the answer partial.
+  region; events paged across regions in time order, and agents newest
+  first by creation, each once; a region that stops answering is named
+  unreachable and the answer partial.
 - Cross-region commands: refused without the peer's grant (a read-only
   token), refused without the operator's explicit intent (confirm_region),
   delivered once with both, audited in both regions with the operator.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -238,6 +240,99 @@ async def test_the_hub_shows_every_region_labelled_and_a_dead_one_as_partial(
                 assert fed.peer_up == {"east": 1, "west": 0}
                 assert fed.partial["/api/v1/federation/agents"] >= 1
                 assert fed.request_seconds["east"].count >= 3
+            nursery.cancel_scope.cancel()
+
+
+async def test_agents_are_paged_across_regions_newest_first_each_once(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(120):
+        async with (
+            region(tmp_path, "east") as (east, east_token, _),
+            region(tmp_path, "west") as (west, west_token, _),
+            trio.open_nursery() as nursery,
+        ):
+            # Created in turn, 7 in east and 5 in west: the newest last.
+            made: list[tuple[str, str]] = []
+            for n in range(7):
+                for name, brain in (("east", east), ("west", west)):
+                    if name == "east" or n < 5:
+                        agent = f"{name}-agent-{n}"
+                        await provision(brain.config, project=f"{name}-p{n}", agent=agent)
+                        made.append((name, agent))
+            # One agent with two workers connected: the summary counts both, and it once.
+            token, secret, _ = await provision(east.config, project="live", agent="live")
+            for worker in ("live-1", "live-2"):
+                live = Agent(east.addresses.http_url, token=token, secret=secret, worker_id=worker)
+                await nursery.start(live.run)
+                await wait_until(lambda live=live: live.connected)
+            made.append(("east", "live"))
+            peers = {
+                "east": {"url": east.addresses.http_url, "token": east_token},
+                "west": {"url": west.addresses.http_url, "token": west_token},
+            }
+            async with hub_of(tmp_path, peers, federation_cache_ms=0) as (hub, admin):
+                http = hub.addresses.http
+                _, regions = await get(http, "/api/v1/federation/regions", admin)
+                summaries = {r["name"]: r["summary"] for r in regions["items"]}
+                assert summaries["east"]["workers_connected"] == 2
+                assert summaries["east"]["agents_connected"] == 1
+                assert summaries["west"]["workers_connected"] == 0
+                assert summaries["west"]["agents_connected"] == 0
+
+                # 4 at a time across the regions: every agent once, newest first.
+                seen: list[dict[str, Any]] = []
+                cursor = ""
+                for _ in range(10):
+                    status, page = await get(
+                        http, f"/api/v1/federation/agents?limit=4{cursor}", admin
+                    )
+                    assert status == 200 and page["partial"] is False, page
+                    assert len(page["items"]) <= 4
+                    conforms(page, answer_schema("/federation/agents"))
+                    assert all("cursor" not in a and "sort_at" not in a for a in page["items"])
+                    seen += page["items"]
+                    if page["next_cursor"] is None:
+                        break
+                    cursor = f"&cursor={page['next_cursor']}"
+                assert page["next_cursor"] is None
+                assert [(a["region"], a["name"]) for a in seen] == made[::-1]
+                (live_agent,) = [a for a in seen if a["name"] == "live"]
+                assert sorted(w["worker_id"] for w in live_agent["workers"]) == ["live-1", "live-2"]
+                assert all(a["workers"] == [] for a in seen if a["name"] != "live")
+
+                # A region's own page never holds more than its limit.
+                peer_seen: list[dict[str, Any]] = []
+                cursor = ""
+                for _ in range(10):
+                    status, page = await get(
+                        east.addresses.http,
+                        f"/api/v1/federation/peer/agents?limit=3{cursor}",
+                        east_token,
+                    )
+                    assert status == 200, page
+                    assert len(page["items"]) <= 3
+                    conforms(page, answer_schema("/federation/peer/agents"))
+                    peer_seen += page["items"]
+                    if page["next_cursor"] is None:
+                        break
+                    cursor = f"&cursor={page['next_cursor']}"
+                assert [a["name"] for a in peer_seen] == [n for r, n in made[::-1] if r == "east"]
+                times = [a["sort_at"] for a in peer_seen]
+                assert times == sorted(times, reverse=True)
+
+                # A cursor neither made is refused, by the region and by the hub.
+                for bad in ("zz", "1.5_zz", "nan_" + str(uuid.uuid4()), "-1_" + str(uuid.uuid4())):
+                    status, body = await get(
+                        east.addresses.http,
+                        f"/api/v1/federation/peer/agents?cursor={bad}",
+                        east_token,
+                    )
+                    assert status == 400 and body["error"] == "bad_request", (bad, body)
+                status, body = await get(http, "/api/v1/federation/agents?cursor=zz", admin)
+                assert status == 400 and body["error"] == "bad_request", body
+                status, body = await get(http, "/api/v1/federation/agents?limit=0", admin)
+                assert status == 400, body
             nursery.cancel_scope.cancel()
 
 

@@ -3,8 +3,9 @@
 Three brains on a Trio loop of the test's own: east and west, each with an
 agent streaming events, and the hub that federates them (east gave it a
 read-only token, west one that allows commands). The page shows both
-regions, their agents and their events, every row labelled by region; a
-command to west's agent is sent only once the operator has typed "west",
+regions, their agents and their events, every row labelled by region; east
+has more agents than a page (an older fleet), which "More agents" brings;
+a command to west's agent is sent only once the operator has typed "west",
 and the agent gets it; when east stops, the page says the view is partial
 and names east, while west is still shown.
 """
@@ -21,11 +22,15 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from z4j.agent import Agent
+from z4j.config import Config
 from z4j.testing.agents import admin_token, provision
 from z4j.testing.brain import RunningBrain, make_config, running_brain, wait_until
 from z4j.testing.federation import federation_token, write_peers_file
+from z4j.testing.store import open_store
 
 expect.set_options(timeout=60_000)  # bounds failures only
+
+FLEET = 99  # east's older agents: with east-box and west-box, a page of 100 and one more
 
 
 def browser_conftest(request: pytest.FixtureRequest) -> Any:
@@ -35,6 +40,14 @@ def browser_conftest(request: pytest.FixtureRequest) -> Any:
         if getattr(plugin, "__file__", None) == here:
             return plugin
     raise LookupError(here)
+
+
+async def fleet(config: Config, n: int) -> None:
+    """``n`` agents in a project of their own, made before any other."""
+    async with open_store(config) as store:
+        project = await store.create_project("fleet")
+        for i in range(n):
+            await store.create_agent(project.id, f"fleet-{i}", i.to_bytes(32, "big"))
 
 
 @attrs.define
@@ -64,6 +77,8 @@ def world(
         peers = {}
         for name in ("east", "west"):
             config = make_config(root / name, region_name=name)
+            if name == "east":
+                loop.run(fleet, config, FLEET)
             token = loop.run(
                 functools.partial(federation_token, config, "hub", allow_commands=name == "west")
             )
@@ -156,11 +171,15 @@ def test_the_regions_page_shows_every_region_labelled_and_asks_before_a_command(
     )
     expect(page.locator("#regions-partial")).to_be_hidden()
 
+    # The first page: the newest 100 agents, east's and west's own first.
     agent_rows = page.locator("#region-agents-table tbody tr")
-    expect(agent_rows).to_have_count(2)
-    expect(page.locator('#region-agents-table tr[data-region="east"]')).to_contain_text("east-box")
-    expect(page.locator('#region-agents-table tr[data-region="east"]')).to_contain_text("east-1")
+    expect(agent_rows).to_have_count(100)
+    expect(page.locator("#region-agents-more")).to_be_visible()
+    east_box = page.locator('#region-agents-table tr[data-region="east"]', has_text="east-box")
+    expect(east_box).to_contain_text("east-1")
     expect(page.locator('#region-agents-table tr[data-region="west"]')).to_contain_text("west-box")
+    expect(agent_rows.nth(0)).to_contain_text("west-box")  # newest first
+    expect(agent_rows.nth(1)).to_contain_text("east-box")
 
     # The agents' events, each row labelled with the region that stored it.
     for name in ("east", "west"):
@@ -168,6 +187,23 @@ def test_the_regions_page_shows_every_region_labelled_and_asks_before_a_command(
         expect(rows.filter(has_text=f"{name}-2")).to_have_count(1)
         expect(rows.filter(has_text="west-" if name == "east" else "east-")).to_have_count(0)
     page.screenshot(path=str(tmp_path / "regions.png"), full_page=True)
+
+    # "More agents" appends the rest, and is gone when there is none. The
+    # page's refresh then renews the regions' state only: it asks for no first
+    # page of agents, and the rows stay.
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(request.url))
+    page.click("#region-agents-more")
+    expect(agent_rows).to_have_count(FLEET + 2)
+    expect(page.locator("#region-agents-more")).to_be_hidden()
+    expect(agent_rows.last).to_contain_text("fleet-0")  # the oldest
+    asked.clear()
+    for _ in range(2):
+        with page.expect_response(lambda r: "/api/v1/federation/regions" in r.url, timeout=30_000):
+            pass
+    assert [u for u in asked if "/api/v1/federation/regions" in u]
+    assert [u for u in asked if "/api/v1/federation/agents" in u] == []
+    expect(agent_rows).to_have_count(FLEET + 2)
 
     # A command to west: only once "west" is typed; the agent gets it once.
     page.click('#region-agents-table tr[data-region="west"] button')

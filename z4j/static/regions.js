@@ -2,10 +2,11 @@
 //
 // app.js shows and hides the page (its VIEWS); this file fills it from the
 // hub's API: every region's state (/api/v1/federation/regions), agents
-// across regions (/api/v1/federation/agents) and events merged by time
-// (/api/v1/federation/events, "Older" follows the merged cursor). Every row
-// names its region. When a region did not answer, the page says so
-// (partial), never showing less as if it were all.
+// across regions newest first (/api/v1/federation/agents, "More agents"
+// follows the merged cursor) and events merged by time
+// (/api/v1/federation/events, "Older" likewise). Every row names its
+// region. When a region did not answer, the page says so (partial), never
+// showing less as if it were all.
 //
 // A command to another region's agent is sent only after the operator
 // types that region's name (the API's confirm_region): the region decides
@@ -18,7 +19,15 @@
   const BODY_PREVIEW = 160;
   const REFRESH_MS = 5000;
 
-  const state = { cursor: null, timer: 0, gen: 0, target: null, local: null };
+  const state = {
+    cursor: null,
+    agentCursor: null,
+    paged: false, // the operator brought more rows: the timer leaves the tables be
+    timer: 0,
+    gen: 0,
+    target: null,
+    local: null,
+  };
 
   class ApiError extends Error {
     constructor(status, message) {
@@ -145,9 +154,8 @@
       `${answer.items.length} regions; this brain is ${answer.region}`;
   }
 
-  function renderAgents(answer) {
+  function appendAgents(answer) {
     const body = $("region-agents-table").tBodies[0];
-    body.replaceChildren();
     for (const a of answer.items) {
       const row = body.insertRow();
       row.dataset.region = a.region;
@@ -167,7 +175,9 @@
         actions.append(button);
       }
     }
-    $("region-agents-empty").hidden = answer.items.length > 0;
+    $("region-agents-empty").hidden = body.rows.length > 0;
+    state.agentCursor = answer.next_cursor;
+    $("region-agents-more").hidden = !state.agentCursor;
   }
 
   function appendEvents(answer) {
@@ -187,22 +197,29 @@
     $("region-events-older").hidden = !state.cursor;
   }
 
+  // Every region's state, and the first page of agents and of events; once
+  // the operator has brought more of either ("More agents", "Older"), the
+  // timer renews the regions' state only, until Refresh starts over.
   async function load() {
     if (!onPage()) return;
     const gen = ++state.gen;
+    const tables = !state.paged;
     try {
       const [regions, agents, events] = await Promise.all([
         call("GET", "/api/v1/federation/regions"),
-        call("GET", "/api/v1/federation/agents"),
-        call("GET", "/api/v1/federation/events?limit=50"),
+        tables ? call("GET", "/api/v1/federation/agents?limit=100") : null,
+        tables ? call("GET", "/api/v1/federation/events?limit=50") : null,
       ]);
       if (gen !== state.gen) return;
       missing.clear();
-      for (const answer of [regions, agents, events]) notePartial(answer);
+      for (const answer of [regions, agents, events]) if (answer) notePartial(answer);
       renderRegions(regions);
-      renderAgents(agents);
-      $("region-events-table").tBodies[0].replaceChildren();
-      appendEvents(events);
+      if (tables) {
+        $("region-agents-table").tBodies[0].replaceChildren();
+        appendAgents(agents);
+        $("region-events-table").tBodies[0].replaceChildren();
+        appendEvents(events);
+      }
       showPartial();
       $("regions-error").hidden = true;
     } catch (err) {
@@ -215,6 +232,8 @@
   async function older() {
     if (!state.cursor) return;
     $("region-events-older").disabled = true;
+    state.paged = true;
+    state.gen++; // a load under way would put the first page back
     try {
       const cursor = encodeURIComponent(state.cursor);
       const answer = await call("GET", `/api/v1/federation/events?limit=50&cursor=${cursor}`);
@@ -226,6 +245,25 @@
       $("regions-error").hidden = false;
     } finally {
       $("region-events-older").disabled = false;
+    }
+  }
+
+  async function moreAgents() {
+    if (!state.agentCursor) return;
+    $("region-agents-more").disabled = true;
+    state.paged = true;
+    state.gen++; // a load under way would put the first page back
+    try {
+      const cursor = encodeURIComponent(state.agentCursor);
+      const answer = await call("GET", `/api/v1/federation/agents?limit=100&cursor=${cursor}`);
+      notePartial(answer);
+      appendAgents(answer);
+      showPartial();
+    } catch (err) {
+      $("regions-error").textContent = err.message;
+      $("regions-error").hidden = false;
+    } finally {
+      $("region-agents-more").disabled = false;
     }
   }
 
@@ -274,6 +312,7 @@
     clearInterval(state.timer);
     state.timer = 0;
     if (!onPage()) return;
+    state.paged = false;
     load();
     state.timer = setInterval(() => {
       if ($("region-command").hidden) load();
@@ -281,8 +320,12 @@
   }
 
   function start() {
-    $("regions-refresh").addEventListener("click", load);
+    $("regions-refresh").addEventListener("click", () => {
+      state.paged = false;
+      load();
+    });
     $("region-events-older").addEventListener("click", older);
+    $("region-agents-more").addEventListener("click", moreAgents);
     $("region-command-confirm").addEventListener("input", () => {
       const agent = state.target;
       $("region-command-go").disabled =

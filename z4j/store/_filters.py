@@ -13,7 +13,7 @@ from typing import Any
 from ._rows import Dialect
 from .base import EventFilter
 
-__all__ = ["Where", "commands_where", "events_where", "one_of"]
+__all__ = ["Where", "agents_where", "commands_where", "events_where", "one_of"]
 
 
 class Where:
@@ -105,4 +105,14 @@ def commands_where(
         where.add("state = ?", state)
     if before is not None:
         where.before("created_at", "id", (d.ts_in(before[0]), d.uuid_in(before[1])))
+    return where
+
+
+def agents_where(d: Dialect, before: tuple[float, uuid.UUID] | None) -> Where:
+    """Agents before ``before`` in (created_at, id) order, as a row value on
+    both stores: SQLite range-scans one over agents_by_created as Postgres
+    does, where the OR that `Where.before` spells for it walks from the newest."""
+    where = Where(d)
+    if before is not None:
+        where.add("(a.created_at, a.id) < (?, ?)", d.ts_in(before[0]), d.uuid_in(before[1]))
     return where

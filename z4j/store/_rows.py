@@ -20,6 +20,7 @@ from .base import (
     ApiToken,
     AuditRecord,
     CommandRecord,
+    DatedAgent,
     EventRecord,
     InstanceInfo,
     Project,
@@ -41,6 +42,7 @@ __all__ = [
     "api_token",
     "audit",
     "command",
+    "dated_agent",
     "event",
     "instance",
     "project",
@@ -130,6 +132,12 @@ def project(d: Dialect, row: Any) -> Project:
 def agent(d: Dialect, row: Any) -> Agent:
     id, project_id, name, revoked = row
     return Agent(d.uuid_out(id), d.uuid_out(project_id), name, bool(revoked))
+
+
+def dated_agent(d: Dialect, row: Any) -> DatedAgent:
+    """A row of `AGENT_COLUMNS` and then ``a.created_at``."""
+    *columns, created_at = row
+    return DatedAgent(agent=agent(d, columns), created_at=d.ts_out(created_at))
 
 
 def command(d: Dialect, row: Any) -> CommandRecord:

@@ -37,6 +37,7 @@ __all__ = [
     "ApiToken",
     "CommandRecord",
     "CredentialDeadlines",
+    "DatedAgent",
     "DirectoryConflict",
     "EngineWorker",
     "EventHistogram",
@@ -114,6 +115,14 @@ class Agent:
     project_id: uuid.UUID
     name: str
     revoked: bool
+
+
+@attrs.frozen(kw_only=True)
+class DatedAgent:
+    """An agent and when it was created: what pages of agents are ordered by."""
+
+    agent: Agent
+    created_at: float
 
 
 @attrs.frozen(kw_only=True)
@@ -715,6 +724,13 @@ class Store(Protocol):
         """Agents (revoked ones too), of one project or all; by project name, then name."""
         ...
 
+    async def agents_page(
+        self, *, before: tuple[float, uuid.UUID] | None = None, limit: int = 100
+    ) -> list[DatedAgent]:
+        """The latest ``limit`` agents (revoked ones too), newest first by
+        (created_at, id); ``before`` (created_at, id) continues a page."""
+        ...
+
     async def revoke_agent(self, agent_id: uuid.UUID) -> bool:
         """Revoke an agent (its tokens stop working); False if unknown or revoked already."""
         ...
@@ -874,8 +890,16 @@ class Store(Protocol):
         """Every instance row, the most recently seen first."""
         ...
 
-    async def list_workers(self, agent_id: uuid.UUID | None = None) -> list[WorkerInfo]:
-        """Workers of one agent or all, by agent then worker id."""
+    async def list_workers(
+        self, agent_id: uuid.UUID | None = None, *, agent_ids: frozenset[uuid.UUID] | None = None
+    ) -> list[WorkerInfo]:
+        """Workers of one agent, of ``agent_ids`` (a page of agents), or all; by
+        agent then worker id."""
+        ...
+
+    async def connected_counts(self) -> tuple[int, int]:
+        """(workers connected, agents with a worker connected), counted by the
+        database: a region's summary, without reading every worker."""
         ...
 
     async def worker_registries(

@@ -1086,4 +1086,17 @@ ALTER TABLE tasks ADD COLUMN version bigint NOT NULL DEFAULT 0;
 ALTER TABLE tasks ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
 """,
     ),
+    Migration(
+        version=20,
+        name="agents: newest first, for pages of them",
+        # A hub pages each region's agents newest first by (created_at, id)
+        # (GET /federation/peer/agents), a region having tens of thousands:
+        # each page reads its own rows of this index, not the whole table.
+        postgres="""
+CREATE INDEX agents_by_created ON agents (created_at DESC, id DESC);
+""",
+        sqlite="""
+CREATE INDEX agents_by_created ON agents (created_at DESC, id DESC);
+""",
+    ),
 )

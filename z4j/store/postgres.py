@@ -61,7 +61,7 @@ from . import (
     task_writes,
     tasks,
 )
-from ._filters import Where, commands_where
+from ._filters import Where, agents_where, commands_where
 from ._rows import (
     AGENT_COLUMNS,
     AUDIT_COLUMNS,
@@ -88,6 +88,7 @@ from .base import (
     AuditRecord,
     CommandRecord,
     CredentialDeadlines,
+    DatedAgent,
     DirectoryConflict,
     EngineWorker,
     EventFilter,
@@ -510,6 +511,17 @@ class PostgresStore:
         rows = await self._read(lambda conn: conn.execute(sql, where.params).fetchall())
         return [_rows.agent(PG, row) for row in rows]
 
+    async def agents_page(
+        self, *, before: tuple[float, uuid.UUID] | None = None, limit: int = 100
+    ) -> list[DatedAgent]:
+        where = agents_where(PG, before)
+        sql = (
+            f"SELECT {AGENT_COLUMNS}, a.created_at FROM agents a{where}"
+            " ORDER BY a.created_at DESC, a.id DESC LIMIT %s"
+        )
+        rows = await self._read(lambda conn: conn.execute(sql, (*where.params, limit)).fetchall())
+        return [_rows.dated_agent(PG, row) for row in rows]
+
     async def revoke_agent(self, agent_id: uuid.UUID) -> bool:
         count: int = await self._run(
             lambda conn: (
@@ -735,13 +747,24 @@ class PostgresStore:
         )
         return [_rows.instance(PG, row) for row in rows]
 
-    async def list_workers(self, agent_id: uuid.UUID | None = None) -> list[WorkerInfo]:
-        where = Where(PG)
+    async def list_workers(
+        self, agent_id: uuid.UUID | None = None, *, agent_ids: frozenset[uuid.UUID] | None = None
+    ) -> list[WorkerInfo]:
+        where = Where(PG).one_of("agent_id", agent_ids)
         if agent_id is not None:
             where.add("agent_id = ?", agent_id)
         sql = f"SELECT {WORKER_COLUMNS} FROM workers{where} ORDER BY agent_id, worker_id"
         rows = await self._read(lambda conn: conn.execute(sql, where.params).fetchall())
         return [_rows.worker(PG, row) for row in rows]
+
+    async def connected_counts(self) -> tuple[int, int]:
+        workers, agents = await self._read(
+            lambda conn: conn.execute(
+                "SELECT count(*), count(DISTINCT agent_id) FROM workers"
+                " WHERE disconnected_at IS NULL"
+            ).fetchone()
+        )
+        return int(workers), int(agents)
 
     async def worker_registries(
         self,

@@ -45,7 +45,7 @@ from . import (
     task_writes,
     tasks,
 )
-from ._filters import Where, commands_where
+from ._filters import Where, agents_where, commands_where
 from ._rows import (
     AGENT_COLUMNS,
     AUDIT_COLUMNS,
@@ -72,6 +72,7 @@ from .base import (
     AuditRecord,
     CommandRecord,
     CredentialDeadlines,
+    DatedAgent,
     DirectoryConflict,
     EngineWorker,
     EventFilter,
@@ -279,6 +280,18 @@ class SqliteStore:
             tuple(where.params),
         )
         return [_rows.agent(SQ, row) for row in rows]
+
+    async def agents_page(
+        self, *, before: tuple[float, uuid.UUID] | None = None, limit: int = 100
+    ) -> list[DatedAgent]:
+        where = agents_where(SQ, before)
+        rows = await self._run(
+            _fetch_all,
+            f"SELECT {AGENT_COLUMNS}, a.created_at FROM agents a{where}"
+            " ORDER BY a.created_at DESC, a.id DESC LIMIT ?",
+            (*where.params, limit),
+        )
+        return [_rows.dated_agent(SQ, row) for row in rows]
 
     async def revoke_agent(self, agent_id: uuid.UUID) -> bool:
         count = await self._run(
@@ -497,8 +510,10 @@ class SqliteStore:
         )
         return [_rows.instance(SQ, row) for row in rows]
 
-    async def list_workers(self, agent_id: uuid.UUID | None = None) -> list[WorkerInfo]:
-        where = Where(SQ)
+    async def list_workers(
+        self, agent_id: uuid.UUID | None = None, *, agent_ids: frozenset[uuid.UUID] | None = None
+    ) -> list[WorkerInfo]:
+        where = Where(SQ).one_of("agent_id", agent_ids)
         if agent_id is not None:
             where.add("agent_id = ?", str(agent_id))
         rows = await self._run(
@@ -507,6 +522,14 @@ class SqliteStore:
             tuple(where.params),
         )
         return [_rows.worker(SQ, row) for row in rows]
+
+    async def connected_counts(self) -> tuple[int, int]:
+        ((workers, agents),) = await self._run(
+            _fetch_all,
+            "SELECT count(*), count(DISTINCT agent_id) FROM workers WHERE disconnected_at IS NULL",
+            (),
+        )
+        return int(workers), int(agents)
 
     async def worker_registries(
         self,

@@ -5,9 +5,10 @@ HTTPS: brain/federation/client.py), in one nursery per request, each peer
 under its own deadline. What comes back is labelled by region (``region``
 on every row) and, when any region failed or timed out, marked: ``partial``
 true, ``unreachable`` naming those regions and ``errors`` saying why.
-Never silently incomplete. Pages of events, commands and audit are merged
-by time (brain/federation/merge.py); their ``next_cursor`` continues every
-region at once. ``?region=a,b`` narrows any read to those regions.
+Never silently incomplete. Pages of agents (by creation), events, commands
+and audit are merged by time (brain/federation/merge.py); their
+``next_cursor`` continues every region at once. ``?region=a,b`` narrows any
+read to those regions.
 
 Fan-outs in flight are bounded hub-wide: each may hold an answer of up to
 Z4J_FEDERATION_MAX_RESPONSE_BYTES per region, so at most `FANOUT_BYTES`
@@ -216,26 +217,7 @@ class FederationRoutes:
         }
 
     async def _agents(self, request: Request) -> Response:
-        names = self._selected(dict(request.query))
-        answers = await self._ask("agents", {key: {} for key in names})
-        items: list[dict[str, Any]] = []
-        failed: dict[str, str | None] = {}
-        for name in names:
-            answer = answers[name]
-            body = answer.body
-            if (
-                not answer.ok
-                or not isinstance(body, dict)
-                or not isinstance(body.get("items"), list)
-            ):
-                failed[name] = answer.error if not answer.ok else "not a list of agents"
-                continue
-            items += [{**a, "region": name} for a in body["items"] if isinstance(a, dict)]
-        return 200, {
-            "items": items,
-            "next_cursor": None,
-            **self._marked("/api/v1/federation/agents", failed),
-        }
+        return await self._paged(request, "agents", "/api/v1/federation/agents")
 
     async def _events(self, request: Request) -> Response:
         return await self._paged(request, "events", "/api/v1/federation/events")
@@ -260,7 +242,7 @@ class FederationRoutes:
                 raise ApiError(
                     400, "bad_request", f"state must be one of {', '.join(COMMAND_STATES)}"
                 )
-        else:
+        elif read == "audit":
             audit_filter(q)
         try:
             every = decode_cursor(cursor, self.regions) if cursor else dict.fromkeys(self.regions)

@@ -1,12 +1,15 @@
 """What a region serves a hub's federation token: ``/api/v1/federation/peer/*``.
 
 A hub reads a region through these routes only (policy.py's
-``federation`` action): its summary, its agents (with their workers), and
-pages of its events, commands and audit, each item with its own keyset
-``cursor`` and time ``sort_at`` and each page with its ``frontier`` (the time
-down to which it is complete), which is what the hub merges regions by
-(brain/federation/merge.py). The same reads serve the hub's own region in
-process (`PeerRoutes.read`), so every region, local or not, answers alike.
+``federation`` action): its summary, and pages of its agents (with their
+workers; by creation time), events, commands and audit, each item with its
+own keyset ``cursor`` and time ``sort_at`` and each page with its
+``frontier`` (the time down to which it is complete), which is what the
+hub merges regions by (brain/federation/merge.py): a region of tens of
+thousands of agents answers a page of them at a time, not all in one answer
+(which a hub's byte cap would refuse). The same reads serve the hub's own
+region in process (`PeerRoutes.read`), so every region, local or not,
+answers alike.
 
 ``POST /federation/peer/commands`` mints a command here for a hub's
 operator: only for a token made with ``--allow-commands`` (the
@@ -43,7 +46,7 @@ from .audit_params import audit_filter
 from .command_input import command_error, command_fields
 from .events_api import EVENTS_PAGE_BYTES, body_max_param, event_filter
 from .events_api import event_json as _event_json
-from .provisioning_api import agent_list
+from .provisioning_api import agent_page
 from .resources import to_json
 
 __all__ = ["OPERATOR_CHARS", "PEER_READS", "PeerRoutes", "body_max_param"]
@@ -115,14 +118,14 @@ class PeerRoutes:
             for i in await self._store.list_instances()
             if i.stopped_at is None and now - i.last_seen <= self._live_seconds
         ]
-        workers = [w for w in await self._store.list_workers() if w.disconnected_at is None]
+        workers, agents = await self._store.connected_counts()
         checks = dict(await self._readiness()) if self._readiness is not None else {}
         return {
             "region": self.region,
             "version": __version__,
             "instances": len(instances),
-            "agents_connected": len({w.agent_id for w in workers}),
-            "workers_connected": len(workers),
+            "agents_connected": agents,
+            "workers_connected": workers,
             "ingest_rate": round(sum(i.ingest_rate for i in instances), 3),
             "drain_rate": round(sum(i.drain_rate for i in instances), 3),
             "buffer_depth": sum(i.buffer_depth for i in instances),
@@ -131,7 +134,16 @@ class PeerRoutes:
         }
 
     async def _agents(self, q: dict[str, str]) -> dict[str, Any]:
-        return {"items": await agent_list(self._store, self._clock())}
+        limit = limit_param(q)
+        before = _created_cursor(q["cursor"]) if "cursor" in q else None
+        page = await self._store.agents_page(before=before, limit=limit)
+        items = await agent_page(self._store, [d.agent for d in page], self._clock())
+        for dated, item in zip(page, items, strict=True):
+            item["cursor"] = f"{dated.created_at!r}_{dated.agent.id}"
+            item["sort_at"] = dated.created_at
+        if len(page) < limit:
+            return _page(items, None, None)
+        return _page(items, items[-1]["cursor"], items[-1]["sort_at"])
 
     async def _events(self, q: dict[str, str]) -> dict[str, Any]:
         body_max = body_max_param(q)
@@ -159,7 +171,7 @@ class PeerRoutes:
         if state is not None and state not in COMMAND_STATES:
             raise ApiError(400, "bad_request", f"state must be one of {', '.join(COMMAND_STATES)}")
         records = await self._store.list_commands(
-            state=state, before=_command_cursor(q["cursor"]) if "cursor" in q else None, limit=limit
+            state=state, before=_created_cursor(q["cursor"]) if "cursor" in q else None, limit=limit
         )
         items = []
         for c in records:
@@ -271,7 +283,8 @@ def _page(
     return {"items": items, "next_cursor": next_cursor, "frontier": frontier}
 
 
-def _command_cursor(raw: str) -> tuple[float, uuid.UUID]:
+def _created_cursor(raw: str) -> tuple[float, uuid.UUID]:
+    """A commands' or agents' page cursor: (created_at, id) as ``at_id``."""
     at, _, last = raw.partition("_")
     try:
         return epoch(float(at), "cursor"), uuid.UUID(last)

@@ -1855,6 +1855,7 @@ FEDERATION_SCHEMAS: dict[str, Any] = {
     "RegionEvent": _labelled("Event", REGION),
     "RegionCommand": _labelled("Command", REGION),
     "RegionAudit": _labelled("Audit", REGION),
+    "PeerAgent": _labelled("Agent", PEER_ROW),
     "PeerEvent": _labelled("Event", PEER_ROW),
     "PeerCommand": _labelled("Command", PEER_ROW),
     "PeerAudit": _labelled("Audit", PEER_ROW),
@@ -1911,11 +1912,11 @@ FEDERATION_PATHS: dict[str, Any] = {
     "/federation/agents": {
         "get": _operation(
             "listFederationAgents",
-            "Agents and their workers, of every region",
+            "Agents and their workers, of every region, newest first",
             (200, _federated_page("RegionAgent")),
             errors=(400, 401, 503),
-            description=FEDERATION_DESCRIPTION,
-            parameters=[REGION_QUERY],
+            description=PAGED_DESCRIPTION + " An agent's time is its creation.",
+            parameters=[REGION_QUERY, CURSOR, LIMIT],
         )
     },
     "/federation/events": {
@@ -1990,10 +1991,11 @@ FEDERATION_PATHS: dict[str, Any] = {
     "/federation/peer/agents": {
         "get": _operation(
             "peerAgents",
-            "This region's agents and their workers, for a hub",
-            (200, _object({"items": {"type": "array", "items": _ref("Agent")}})),
-            errors=(401,),
-            description=PEER_DESCRIPTION,
+            "A page of this region's agents and their workers, for a hub",
+            (200, _peer_page("PeerAgent")),
+            errors=(400, 401),
+            description=PEER_DESCRIPTION + " Newest first by creation time (sort_at).",
+            parameters=[CURSOR, LIMIT],
         )
     },
     "/federation/peer/events": {

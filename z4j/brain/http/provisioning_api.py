@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from ... import keys
-from ...store.base import Agent, DirectoryConflict, Project, Store
+from ...store.base import Agent, DirectoryConflict, Project, Store, WorkerInfo
 from ._request import ApiError, Handler, Request, Response, check_text, uuid_param
 from .resources import iso, to_json
 
@@ -30,6 +30,7 @@ __all__ = [
     "ProvisioningRoutes",
     "agent_json",
     "agent_list",
+    "agent_page",
     "bare_config",
 ]
 
@@ -327,15 +328,27 @@ async def agent_list(
 ) -> list[dict[str, Any]]:
     """The agents (of one project, or all) whose project ``keep`` allows, as
     `agent_json` shows them: three store reads for the whole list."""
+    agents = [a for a in await store.list_agents(project_id) if keep(a.project_id)]
+    return await _shown(store, agents, await store.list_workers(), now)
+
+
+async def agent_page(store: Store, agents: Sequence[Agent], now: float) -> list[dict[str, Any]]:
+    """A page of ``agents`` as `agent_json` shows them, reading their workers only."""
+    workers = await store.list_workers(agent_ids=frozenset(a.id for a in agents))
+    return await _shown(store, agents, workers, now)
+
+
+async def _shown(
+    store: Store, agents: Sequence[Agent], workers: Sequence[WorkerInfo], now: float
+) -> list[dict[str, Any]]:
     projects = {p.id: p.name for p in await store.list_projects()}
-    workers: dict[uuid.UUID, list[dict[str, Any]]] = {}
-    for worker in await store.list_workers():
-        workers.setdefault(worker.agent_id, []).append(to_json(worker))
+    theirs: dict[uuid.UUID, list[dict[str, Any]]] = {}
+    for worker in workers:
+        theirs.setdefault(worker.agent_id, []).append(to_json(worker))
     graces = await store.token_graces(now=now)
     return [
-        agent_json(a, projects.get(a.project_id), workers.get(a.id, []), graces.get(a.id))
-        for a in await store.list_agents(project_id)
-        if keep(a.project_id)
+        agent_json(a, projects.get(a.project_id), theirs.get(a.id, []), graces.get(a.id))
+        for a in agents
     ]
 
 
