@@ -44,9 +44,10 @@ class Ledger:
 
 
 async def run_ingest_client(host: str, port: int, ledger: Ledger, name: str, size: int) -> None:
-    """Pipelined payloads of ``size`` records until the connection breaks."""
+    """Pipelined payloads of ``size`` records until the connection breaks (no
+    reconnect: the brain is being killed)."""
     try:
-        async with await z4j.ingest.open_trio(host, port) as client:
+        async with await z4j.ingest.open_trio(host, port, retry_seconds=0) as client:
             for round_ in itertools.count():
                 ids = [f"{ledger.prefix}.{name}.{round_}.{k}" for k in range(4)]
                 payloads = [[{"t": "log", "rid": f"{pid}/{i}"} for i in range(size)] for pid in ids]

@@ -68,7 +68,9 @@ async def test_postgres_stopped_mid_drain(tmp_path: Path, own_postgres: Postgres
 
 
 class Sender(threading.Thread):
-    """Sends batches on persistent connections until stopped; records acks."""
+    """Sends batches on persistent connections until stopped; records acks.
+    It stops at the first break (no reconnect): the brain is killed or stopped
+    under it, and its retries would only wait out their budget."""
 
     def __init__(self, address: tuple[str, int], first_batch: int = 0) -> None:
         super().__init__(daemon=True)
@@ -80,7 +82,7 @@ class Sender(threading.Thread):
 
     def run(self) -> None:
         try:
-            with z4j.ingest.connect(*self.address, timeout=60) as client:
+            with z4j.ingest.connect(*self.address, timeout=60, retry_seconds=0) as client:
                 while not self.stop.is_set():
                     window = list(range(self.batch, self.batch + 20))
                     self.batch += 20

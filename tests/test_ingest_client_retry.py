@@ -17,7 +17,7 @@ import trio
 
 import z4j.ingest
 from z4j.config import Config
-from z4j.testing.brain import make_config, read_events, running_brain, wait_until
+from z4j.testing.brain import make_config, read_events, run_z4j, running_brain, wait_until
 
 TOTAL = 200
 CHUNK = 10
@@ -123,3 +123,10 @@ async def test_no_retry_budget_raises_at_the_first_break(tmp_path: Path) -> None
         # A client closed by its owner stays closed (no reconnect behind its back).
         with pytest.raises(z4j.ingest.IngestConnectionError, match="closed"):
             await client.ping()
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "nan"])
+def test_z4j_send_refuses_a_retry_budget_that_is_no_number_of_seconds(value: str) -> None:
+    sent = run_z4j("send", "--retry-seconds", value, env={}, stdin='{"t": "log"}\n')
+    assert sent.returncode == 2
+    assert "--retry-seconds" in sent.stderr and "seconds" in sent.stderr.splitlines()[-1]

@@ -197,8 +197,12 @@ async def test_z4j_send_over_tls_with_a_ca_file(
                     "send", "--ingest", ingest, "--ca-file", str(ca_file), env={}, stdin=records
                 )
             )
+            # The TLS port closes on a plain client: with retries it would say
+            # so only after its 30 s budget.
             plain = await trio.to_thread.run_sync(
-                lambda: run_z4j("send", "--ingest", ingest, env={}, stdin=records)
+                lambda: run_z4j(
+                    "send", "--ingest", ingest, "--retry-seconds", "0", env={}, stdin=records
+                )
             )
             await wait_until(lambda: len(tcp_events(config)) == 1)
     assert sent.returncode == 0, sent.stderr

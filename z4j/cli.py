@@ -123,6 +123,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < 1e9:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="z4j", description="z4j brain and tools")
     parser.add_argument("--version", action="version", version=f"z4j {__version__}")
@@ -215,6 +225,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     send.add_argument(
         "--ca-file", type=Path, default=None, help="connect over TLS, trusting this PEM CA file"
+    )
+    send.add_argument(
+        "--retry-seconds",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="after a broken connection, reconnect and resend what was not answered "
+        "for up to SECONDS (default 30; 0: give up at the first break)",
     )
 
     project = sub.add_parser("project", help="create and list projects")
@@ -966,7 +984,7 @@ def _read_records(path: str) -> Iterator[dict[str, Any]]:
 def _send(args: argparse.Namespace) -> int:
     import os
 
-    from .ingest import connect
+    from .ingest import RETRY_SECONDS, connect
 
     host, port = parse_bind(args.ingest)
     token = args.token if args.token is not None else os.environ.get("Z4J_INGEST_TOKEN") or None
@@ -982,7 +1000,10 @@ def _send(args: argparse.Namespace) -> int:
             import ssl
 
             context = ssl.create_default_context(cafile=args.ca_file)
-        with connect(host, port, token=token, compress=args.gzip, ssl_context=context) as client:
+        retry = RETRY_SECONDS if args.retry_seconds is None else args.retry_seconds
+        with connect(
+            host, port, token=token, compress=args.gzip, ssl_context=context, retry_seconds=retry
+        ) as client:
             results = client.send_many(batches) if batches else []
     except OSError as exc:
         print(f"z4j send: {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
