@@ -1083,6 +1083,8 @@
       api("GET", "/api/v1/agents")
         .then((data) => setAgents(data.items || []))
         .catch(() => {});
+      // The Projects and Agents pages show who is connected too: read them again.
+      if (PROVISIONING_VIEWS.has(route.view)) window.z4jProvisioning?.refresh(route.view);
     }, 400);
   }
 
