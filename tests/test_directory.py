@@ -17,6 +17,7 @@ import psycopg
 import pytest
 import trio
 
+from z4j.brain.maintenance import Maintenance
 from z4j.config import Config
 from z4j.store import Agent, DirectoryConflict, Project, Store
 from z4j.store._filters import agents_where
@@ -375,6 +376,42 @@ async def test_workers_of_a_page_of_agents_and_the_connected_counts(config: Conf
         ]
         # Connected: a-1 and b-1, of agents a and b.
         assert await store.connected_counts() == (2, 2)
+
+
+async def test_maintenance_forgets_workers_gone_longer_than_the_retention(
+    config: Config,
+) -> None:
+    """Each agent start adds a worker row (z4j-bare names a new worker each
+    time); those not seen for the retention go, connected ones and the agents stay."""
+    day = 86_400.0
+    now = 100 * day
+    async with open_store(config) as store:
+        agent = await _agent(store)
+        for n in range(3):  # three restarts, 40 days ago: gone
+            worker = f"bare-{n}"
+            at = now - 40 * day + n
+            await store.worker_connected(
+                agent.id, worker, role=None, hello={}, instance_id=uuid.uuid4(), at=at
+            )
+            await store.worker_disconnected(agent.id, worker, at=at + 0.5)
+        # Connected 40 days ago and seen since: it stays.
+        await store.worker_connected(
+            agent.id, "live", role=None, hello={}, instance_id=uuid.uuid4(), at=now - 40 * day
+        )
+        await store.worker_seen(agent.id, "live", at=now - 60)
+        # Gone 10 days ago: within the retention, it stays.
+        await store.worker_connected(
+            agent.id, "recent", role=None, hello={}, instance_id=uuid.uuid4(), at=now - 11 * day
+        )
+        await store.worker_disconnected(agent.id, "recent", at=now - 10 * day)
+
+        upkeep = Maintenance(store, retention_days=30, store_ready=trio.Event(), clock=lambda: now)
+        await upkeep.run_once()
+        left = await store.list_workers(agent.id)
+        assert sorted(w.worker_id for w in left) == ["live", "recent"]
+        assert [a.id for a in await store.list_agents()] == [agent.id]
+        await upkeep.run_once()  # nothing more to do
+        assert len(await store.list_workers(agent.id)) == 2
 
 
 async def test_the_registry_takes_adds_updates_and_removals(config: Config) -> None:

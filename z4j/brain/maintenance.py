@@ -1,4 +1,5 @@
-"""Periodic upkeep of the store: partitions ahead, retention, abandoned schedule frames.
+"""Periodic upkeep of the store: partitions ahead, retention (events, tasks, workers gone,
+OpAMP history), abandoned schedule frames.
 
 Runs once the store is migrated, then every MAINTENANCE_INTERVAL_SECONDS.
 Every step is idempotent and serialised in the store (advisory lock on
@@ -48,8 +49,8 @@ class Maintenance:
         self._log = ThrottledLog(log, interval=interval)
 
     async def run_once(self) -> int:
-        """One round of upkeep: events and OpAMP history past retention, tasks
-        past theirs, schedule frames staged too long. Returns what went of the events (partitions or rows)."""
+        """One round of upkeep: events, workers gone and OpAMP history past
+        retention, tasks past theirs, schedule frames staged too long. Returns what went of the events (partitions or rows)."""
         now = self._clock()
         removed = await self._store.enforce_retention(now=now, keep_days=self._retention_days)
         forgotten = await self._store.forget_tasks(before=now - self._task_retention_days * 86400)
@@ -61,6 +62,11 @@ class Maintenance:
                 self._retention_days,
                 removed,
                 "partitions" if self._store.kind == "postgres" else "events",
+            )
+        gone = await self._store.forget_workers(before=now - self._retention_days * 86400)
+        if gone:
+            log.info(
+                "retention (%d days): removed %d workers not seen since", self._retention_days, gone
             )
         faded = await self._store.forget_opamp_history(before=now - self._retention_days * 86400)
         if faded:

@@ -897,6 +897,11 @@ class Store(Protocol):
         agent then worker id."""
         ...
 
+    async def forget_workers(self, *, before: float) -> int:
+        """Delete the workers last seen before ``before`` (store/workers.py), in
+        chunks of one transaction each; how many went."""
+        ...
+
     async def connected_counts(self) -> tuple[int, int]:
         """(workers connected, agents with a worker connected), counted by the
         database: a region's summary, without reading every worker."""

@@ -60,6 +60,7 @@ from . import (
     schedules,
     task_writes,
     tasks,
+    workers,
 )
 from ._filters import Where, agents_where, commands_where
 from ._rows import (
@@ -136,7 +137,7 @@ PARTITION_LOCK_KEY = int.from_bytes(b"z4j-part", "big", signed=True)
 FIRST_TOKEN_LOCK_KEY = int.from_bytes(b"z4j-tokn", "big", signed=True)
 FIRST_USER_LOCK_KEY = int.from_bytes(b"z4j-user", "big", signed=True)
 _STAGING = "z4j_events_staging"
-_FORGET_CHUNK = 10_000  # tasks deleted per retention transaction
+_FORGET_CHUNK = 10_000  # rows deleted per retention transaction
 _COLUMNS = (
     "received_at, idempotency_key, source, kind, buffer_id, body, project_id, agent_id, worker_id"
 )
@@ -757,14 +758,24 @@ class PostgresStore:
         rows = await self._read(lambda conn: conn.execute(sql, where.params).fetchall())
         return [_rows.worker(PG, row) for row in rows]
 
+    async def forget_workers(self, *, before: float) -> int:
+        forgotten = 0
+        while True:  # in chunks: each a short transaction
+            n: int = await self._run(
+                lambda conn: workers.forget_workers_before(PG, conn, before, _FORGET_CHUNK)
+            )
+            forgotten += n
+            if n < _FORGET_CHUNK:
+                return forgotten
+
     async def connected_counts(self) -> tuple[int, int]:
-        workers, agents = await self._read(
+        connected, agents = await self._read(
             lambda conn: conn.execute(
                 "SELECT count(*), count(DISTINCT agent_id) FROM workers"
                 " WHERE disconnected_at IS NULL"
             ).fetchone()
         )
-        return int(workers), int(agents)
+        return int(connected), int(agents)
 
     async def worker_registries(
         self,

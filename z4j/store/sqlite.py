@@ -44,6 +44,7 @@ from . import (
     schedules,
     task_writes,
     tasks,
+    workers,
 )
 from ._filters import Where, agents_where, commands_where
 from ._rows import (
@@ -108,7 +109,7 @@ from .migrations import MIGRATIONS
 __all__ = ["SqliteStore"]
 
 log = logging.getLogger("z4j.store.sqlite")
-_FORGET_CHUNK = 10_000  # tasks deleted per retention transaction
+_FORGET_CHUNK = 10_000  # rows deleted per retention transaction
 T = TypeVar("T")
 
 
@@ -523,13 +524,25 @@ class SqliteStore:
         )
         return [_rows.worker(SQ, row) for row in rows]
 
+    async def forget_workers(self, *, before: float) -> int:
+        forgotten = 0
+        while True:  # in chunks, so other writers get the lock in between
+            n: int = await self._run(
+                lambda db: _transaction(
+                    db, lambda: workers.forget_workers_before(SQ, db, before, _FORGET_CHUNK)
+                )
+            )
+            forgotten += n
+            if n < _FORGET_CHUNK:
+                return forgotten
+
     async def connected_counts(self) -> tuple[int, int]:
-        ((workers, agents),) = await self._run(
+        ((connected, agents),) = await self._run(
             _fetch_all,
             "SELECT count(*), count(DISTINCT agent_id) FROM workers WHERE disconnected_at IS NULL",
             (),
         )
-        return int(workers), int(agents)
+        return int(connected), int(agents)
 
     async def worker_registries(
         self,
