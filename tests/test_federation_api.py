@@ -32,6 +32,7 @@ import orjson
 import pytest
 import trio
 
+import z4j.brain.http.federation_peer_api
 import z4j.ingest
 from z4j.agent import Agent
 from z4j.brain import serve_brain
@@ -334,6 +335,34 @@ async def test_agents_are_paged_across_regions_newest_first_each_once(
                 status, body = await get(http, "/api/v1/federation/agents?limit=0", admin)
                 assert status == 400, body
             nursery.cancel_scope.cancel()
+
+
+async def test_a_regions_agents_page_is_bounded_in_bytes_and_continues(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the page's bytes a region stops (at least one agent a page) and
+    its cursor continues after the last agent kept: every agent once."""
+    monkeypatch.setattr(z4j.brain.http.federation_peer_api, "EVENTS_PAGE_BYTES", 1)
+    with trio.fail_after(60):
+        async with region(tmp_path, "east") as (east, east_token, _):
+            names = [f"agent-{n}" for n in range(5)]
+            for name in names:
+                await provision(east.config, project=f"p-{name}", agent=name)
+            seen: list[str] = []
+            cursor = ""
+            for _ in range(10):
+                status, page = await get(
+                    east.addresses.http,
+                    f"/api/v1/federation/peer/agents?limit=3{cursor}",
+                    east_token,
+                )
+                assert status == 200, page
+                assert len(page["items"]) == 1
+                seen += [a["name"] for a in page["items"]]
+                if page["next_cursor"] is None:
+                    break
+                cursor = f"&cursor={page['next_cursor']}"
+            assert seen == names[::-1]
 
 
 # -- cross-region commands ---------------------------------------------------------------

@@ -137,10 +137,20 @@ class PeerRoutes:
         limit = limit_param(q)
         before = _created_cursor(q["cursor"]) if "cursor" in q else None
         page = await self._store.agents_page(before=before, limit=limit)
-        items = await agent_page(self._store, [d.agent for d in page], self._clock())
-        for dated, item in zip(page, items, strict=True):
+        shown = await agent_page(self._store, [d.agent for d in page], self._clock())
+        items: list[dict[str, Any]] = []
+        size = 0
+        for dated, item in zip(page, shown, strict=True):
             item["cursor"] = f"{dated.created_at!r}_{dated.agent.id}"
             item["sort_at"] = dated.created_at
+            # Bounded in bytes too, as pages of events are: an agent may run
+            # hundreds of workers, each listed.
+            size += len(orjson.dumps(item))
+            if items and size > EVENTS_PAGE_BYTES:
+                break  # full: the region continues after the last agent kept
+            items.append(item)
+        if len(items) < len(page):
+            return _page(items, items[-1]["cursor"], items[-1]["sort_at"])
         if len(page) < limit:
             return _page(items, None, None)
         return _page(items, items[-1]["cursor"], items[-1]["sort_at"])
