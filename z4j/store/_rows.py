@@ -63,7 +63,6 @@ class Dialect:
 
     param: str  # the placeholder: "%s" (psycopg) or "?" (sqlite3)
     lock: str  # appended to a read that a transition then writes: " FOR UPDATE" or ""
-    row_values: bool  # keyset pages as ``(a, b) < (x, y)``, which Postgres can range-scan
     ts_in: Callable[[float], Any]
     ts_out: Callable[[Any], float]
     uuid_in: Callable[[uuid.UUID], Any]

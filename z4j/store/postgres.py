@@ -1523,7 +1523,6 @@ def _same(value: Any) -> Any:
 PG = Dialect(
     param="%s",
     lock=" FOR UPDATE",
-    row_values=True,
     ts_in=_ts,
     ts_out=datetime.timestamp,
     uuid_in=_same,

@@ -1267,7 +1267,6 @@ def _same(value: Any) -> Any:
 SQ = Dialect(
     param="?",
     lock="",
-    row_values=False,
     ts_in=_same,
     ts_out=_same,
     uuid_in=str,

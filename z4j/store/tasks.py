@@ -98,17 +98,8 @@ def list_tasks(d: Dialect, conn: Conn, query: TaskFilter) -> list[TaskRecord]:
     where, params = _where(d, query)
     if query.before is not None:
         at, engine, task_id = query.before
-        page = d.sql(
-            "(last_event_at, engine, task_id) < (?, ?, ?)"
-            if d.row_values
-            else "(last_event_at < ? OR (last_event_at = ? AND (engine < ?"
-            " OR (engine = ? AND task_id < ?))))"
-        )
-        values = (
-            [d.ts_in(at), engine, task_id]
-            if d.row_values
-            else [d.ts_in(at), d.ts_in(at), engine, engine, task_id]
-        )
+        page = d.sql("(last_event_at, engine, task_id) < (?, ?, ?)")
+        values = [d.ts_in(at), engine, task_id]
         where = f"{where} AND {page}" if where else f" WHERE {page}"
         params += values
     sql = d.sql(
