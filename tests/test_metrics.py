@@ -13,6 +13,7 @@ from typing import Any
 
 import attrs
 import orjson
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -260,3 +261,37 @@ async def test_ready_follows_postgres_within_five_seconds(
             started = trio.current_time()
             await wait_until(is_ready, timeout=5)
             assert trio.current_time() - started <= 5
+
+
+async def test_with_a_metrics_token_a_scrape_must_bring_it(tmp_path: Path) -> None:
+    """Z4J_METRICS_TOKEN: /metrics (whose labels name tasks and queues) answers
+    401 without the token or with another, and the metrics with it; health
+    stays open for probes."""
+    token = "m" * 40
+    config = make_config(tmp_path / "data", metrics_token=token)
+    with trio.fail_after(30):
+        async with running_brain(config) as brain:
+            http = brain.addresses.http
+            for headers in (
+                (),
+                (("Authorization", "Bearer " + "x" * 40),),
+                (("Authorization", f"Basic {token}"),),
+                (("Authorization", f"Bearer {token}x"),),
+            ):
+                reply = await http_request(http, "GET", "/metrics", headers=headers)
+                assert reply.status == 401, (headers, reply)
+                assert b"z4j_" not in reply.body
+                assert reply.headers.get("www-authenticate", "").startswith("Bearer")
+            reply = await http_request(
+                http, "GET", "/metrics", headers=(("Authorization", f"Bearer {token}"),)
+            )
+            assert reply.status == 200
+            names = {family.name for family in text_string_to_metric_families(reply.body.decode())}
+            assert "z4j_ready" in names
+            status, _ = await http_get(http, "/health/live")
+            assert status == 200
+
+
+def test_a_metrics_token_is_at_least_32_characters(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least 32 characters"):
+        make_config(tmp_path / "data", metrics_token="short")

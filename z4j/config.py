@@ -203,6 +203,9 @@ class Config:
         default=None, validator=attrs.validators.optional(_log_levels)
     )
     http_access_log: bool = False
+    metrics_token: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_long_secret)
+    )
     trusted_proxies: str | None = attrs.field(
         default=None, validator=attrs.validators.optional(_networks)
     )
@@ -319,12 +322,15 @@ HELP: dict[str, str] = {
     "federation_peers_file": "TOML file (keep it 0600) with a `[NAME]` table per peer: `token` (from `z4j federation token create` on that peer), optional `ca` (a PEM file to trust instead of the system's CAs) and `url`.",
     "federation_timeout_ms": "Deadline of each call to a peer region; one that has not answered by then shows as unreachable and the answer is marked partial.",
     "federation_cache_ms": "How long a peer's answer is reused for the same request (0: never).",
+    "metrics_token": "When set (32+ characters), GET /metrics answers only `Authorization: Bearer TOKEN` (Prometheus: `authorization: {credentials: TOKEN}`), 401 otherwise. Unset: /metrics is open to whoever reaches the HTTP port, as health is; its labels name task names and queues.",
     "trusted_proxies": "Comma-separated addresses or networks of reverse proxies (e.g. `10.0.0.0/8, ::1`) whose `X-Forwarded-For` and `X-Forwarded-Proto` are believed: a request from one of them counts as from the first untrusted address in `X-Forwarded-For` (read from the right) and as https when the proxy says so (Secure cookies). Unset: every request is from its peer; see operations.md.",
     "federation_max_response_bytes": "Largest answer read from a peer (after decompression); a larger one counts as that peer failing.",
 }
 
 # Never printed in full: `z4j config` masks them (a URL keeps all but its password).
-SECRET_FIELDS = frozenset({"ingest_token", "database_url", "database_read_url", "secret"})
+SECRET_FIELDS = frozenset(
+    {"ingest_token", "database_url", "database_read_url", "secret", "metrics_token"}
+)
 
 attrs.resolve_types(Config)
 FIELDS: dict[str, attrs.Attribute[Any]] = {a.name: a for a in attrs.fields(Config)}

@@ -344,6 +344,7 @@ async def serve_brain(
             http_stats = HttpStats()
             app = build_app(
                 health,
+                metrics_token=config.metrics_token,
                 metrics=functools.partial(
                     render,
                     brain_registry(

@@ -18,6 +18,7 @@ Z4J_TLS_KEY_FILE the port speaks only TLS, and scopes say ``https``/``wss``.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import socket
 import ssl
@@ -150,7 +151,9 @@ class _Run:
     verdicts: dict[str, str] | None = None
 
 
-async def _json(send: Send, status: int, body: object) -> None:
+async def _json(
+    send: Send, status: int, body: object, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     payload = orjson.dumps(body)
     await send(
         {
@@ -160,10 +163,20 @@ async def _json(send: Send, status: int, body: object) -> None:
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(payload)).encode()),
                 (b"cache-control", b"no-store"),
+                *(headers or ()),
             ],
         }
     )
     await send({"type": "http.response.body", "body": payload})
+
+
+def _bearer_is(scope: Scope, key: bytes) -> bool:
+    """Does the request carry ``Authorization: Bearer <key>``? Compared in
+    constant time, so a guess learns nothing from how long it took."""
+    for name, value in scope["headers"]:
+        if name == b"authorization" and value[:7].lower() == b"bearer ":
+            return hmac.compare_digest(value[7:].strip(), key)
+    return False
 
 
 Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -179,6 +192,7 @@ def build_app(
     pages: Pages | None = None,
     opamp: Asgi | None = None,
     stats: HttpStats | None = None,
+    metrics_token: str | None = None,
 ) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """The brain's ASGI app for plain HTTP (WebSockets are `serve_http`'s).
 
@@ -186,11 +200,14 @@ def build_app(
     serves ``/api/v1/``; ``opamp`` serves ``/v1/opamp`` (OpAMP over plain
     HTTP, bearer-authenticated by its own tokens); ``pages`` serves the dashboard's files (the page
     itself only to a signed-in session: `dashboard_page` checks the file it
-    resolved, whatever path named it). Health and metrics are open, for
-    probes and scrapers; a scrape runs the readiness checks first, so
+    resolved, whatever path named it). Health is open, for probes; so are
+    metrics, for scrapers, unless ``metrics_token`` (Z4J_METRICS_TOKEN) asks
+    for it as a bearer token. A scrape runs the readiness checks first, so
     ``z4j_ready`` is as fresh as the scrape. ``stats`` counts requests by
     route template (request_metrics.py).
     """
+
+    scrape_key = None if metrics_token is None else metrics_token.encode()
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -226,6 +243,14 @@ def build_app(
         if scope["method"] not in ("GET", "HEAD"):
             await _json(send, 405, {"error": "method_not_allowed", "message": "use GET"})
         elif path == "/metrics" and metrics is not None:
+            if scrape_key is not None and not _bearer_is(scope, scrape_key):
+                await _json(
+                    send,
+                    401,
+                    {"error": "unauthorized", "message": "/metrics needs its bearer token"},
+                    headers=[(b"www-authenticate", b'Bearer realm="metrics"')],
+                )
+                return
             await health.run()
             body = metrics()
             await send(
