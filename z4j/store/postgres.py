@@ -138,6 +138,8 @@ FIRST_TOKEN_LOCK_KEY = int.from_bytes(b"z4j-tokn", "big", signed=True)
 FIRST_USER_LOCK_KEY = int.from_bytes(b"z4j-user", "big", signed=True)
 _STAGING = "z4j_events_staging"
 _FORGET_CHUNK = 10_000  # rows deleted per retention transaction
+# A retention delete: (dialect, connection, before, at most) -> rows deleted.
+_Delete = Callable[[Dialect, Any, float, int], int]
 _COLUMNS = (
     "received_at, idempotency_key, source, kind, buffer_id, body, project_id, agent_id, worker_id"
 )
@@ -758,15 +760,18 @@ class PostgresStore:
         rows = await self._read(lambda conn: conn.execute(sql, where.params).fetchall())
         return [_rows.worker(PG, row) for row in rows]
 
-    async def forget_workers(self, *, before: float) -> int:
+    async def _forget(self, delete: _Delete, before: float) -> int:
+        """``delete`` (retention SQL both stores share) until nothing is left
+        before ``before``, in chunks: each a short transaction; how many went."""
         forgotten = 0
-        while True:  # in chunks: each a short transaction
-            n: int = await self._run(
-                lambda conn: workers.forget_workers_before(PG, conn, before, _FORGET_CHUNK)
-            )
+        while True:
+            n: int = await self._run(lambda conn: delete(PG, conn, before, _FORGET_CHUNK))
             forgotten += n
             if n < _FORGET_CHUNK:
                 return forgotten
+
+    async def forget_workers(self, *, before: float) -> int:
+        return await self._forget(workers.forget_workers_before, before)
 
     async def connected_counts(self) -> tuple[int, int]:
         connected, agents = await self._read(
@@ -815,14 +820,7 @@ class PostgresStore:
         return result
 
     async def forget_tasks(self, *, before: float) -> int:
-        forgotten = 0
-        while True:  # in chunks: each a short transaction
-            n: int = await self._run(
-                lambda conn: task_writes.delete_tasks_before(PG, conn, before, _FORGET_CHUNK)
-            )
-            forgotten += n
-            if n < _FORGET_CHUNK:
-                return forgotten
+        return await self._forget(task_writes.delete_tasks_before, before)
 
     async def count_tasks(self, query: TaskFilter) -> TaskCounts:
         result: TaskCounts = await self._read(lambda conn: tasks.count_by_state(PG, conn, query))
@@ -1256,14 +1254,7 @@ class PostgresStore:
         return result
 
     async def forget_opamp_history(self, *, before: float) -> int:
-        forgotten = 0
-        while True:  # in chunks: each a short transaction
-            n: int = await self._run(
-                lambda conn: opamp_history.forget_history_before(PG, conn, before, _FORGET_CHUNK)
-            )
-            forgotten += n
-            if n < _FORGET_CHUNK:
-                return forgotten
+        return await self._forget(opamp_history.forget_history_before, before)
 
     async def load_opamp_agent(
         self, project_id: uuid.UUID, instance_uid: bytes

@@ -110,6 +110,8 @@ __all__ = ["SqliteStore"]
 
 log = logging.getLogger("z4j.store.sqlite")
 _FORGET_CHUNK = 10_000  # rows deleted per retention transaction
+# A retention delete: (dialect, connection, before, at most) -> rows deleted.
+_Delete = Callable[[Dialect, Any, float, int], int]
 T = TypeVar("T")
 
 
@@ -524,17 +526,21 @@ class SqliteStore:
         )
         return [_rows.worker(SQ, row) for row in rows]
 
-    async def forget_workers(self, *, before: float) -> int:
+    async def _forget(self, delete: _Delete, before: float) -> int:
+        """``delete`` (retention SQL both stores share) until nothing is left
+        before ``before``, in chunks, so other writers get the lock in between;
+        how many went."""
         forgotten = 0
-        while True:  # in chunks, so other writers get the lock in between
-            n: int = await self._run(
-                lambda db: _transaction(
-                    db, lambda: workers.forget_workers_before(SQ, db, before, _FORGET_CHUNK)
-                )
+        while True:
+            n = await self._run(
+                lambda db: _transaction(db, lambda: delete(SQ, db, before, _FORGET_CHUNK))
             )
             forgotten += n
             if n < _FORGET_CHUNK:
                 return forgotten
+
+    async def forget_workers(self, *, before: float) -> int:
+        return await self._forget(workers.forget_workers_before, before)
 
     async def connected_counts(self) -> tuple[int, int]:
         ((connected, agents),) = await self._run(
@@ -576,16 +582,7 @@ class SqliteStore:
         return await self._run(lambda db: tasks.list_tasks(SQ, db, query))
 
     async def forget_tasks(self, *, before: float) -> int:
-        forgotten = 0
-        while True:  # in chunks, so other writers get the lock in between
-            n: int = await self._run(
-                lambda db: _transaction(
-                    db, lambda: task_writes.delete_tasks_before(SQ, db, before, _FORGET_CHUNK)
-                )
-            )
-            forgotten += n
-            if n < _FORGET_CHUNK:
-                return forgotten
+        return await self._forget(task_writes.delete_tasks_before, before)
 
     async def count_tasks(self, query: TaskFilter) -> TaskCounts:
         return await self._run(lambda db: tasks.count_by_state(SQ, db, query))
@@ -998,17 +995,7 @@ class SqliteStore:
         )
 
     async def forget_opamp_history(self, *, before: float) -> int:
-        forgotten = 0
-        while True:  # in chunks, so other writers get the lock in between
-            n: int = await self._run(
-                lambda db: _transaction(
-                    db,
-                    lambda: opamp_history.forget_history_before(SQ, db, before, _FORGET_CHUNK),
-                )
-            )
-            forgotten += n
-            if n < _FORGET_CHUNK:
-                return forgotten
+        return await self._forget(opamp_history.forget_history_before, before)
 
     async def load_opamp_agent(
         self, project_id: uuid.UUID, instance_uid: bytes
