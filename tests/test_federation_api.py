@@ -32,7 +32,7 @@ import orjson
 import pytest
 import trio
 
-import z4j.brain.http.federation_peer_api
+import z4j.brain.http.events_api
 import z4j.ingest
 from z4j.agent import Agent
 from z4j.brain import serve_brain
@@ -342,7 +342,7 @@ async def test_a_regions_agents_page_is_bounded_in_bytes_and_continues(
 ) -> None:
     """Past the page's bytes a region stops (at least one agent a page) and
     its cursor continues after the last agent kept: every agent once."""
-    monkeypatch.setattr(z4j.brain.http.federation_peer_api, "EVENTS_PAGE_BYTES", 1)
+    monkeypatch.setattr(z4j.brain.http.events_api, "EVENTS_PAGE_BYTES", 1)
     with trio.fail_after(60):
         async with region(tmp_path, "east") as (east, east_token, _):
             names = [f"agent-{n}" for n in range(5)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
@@ -95,15 +95,8 @@ class EventRoutes:
         query = await self._filter(request)
         found = await self._store.search_events(query)
         events = found.events
-        items: list[dict[str, Any]] = []
-        size = 0
-        for event in events:
-            item = event_json(event, body_max_bytes=body_max)
-            size += len(orjson.dumps(item))
-            if items and size > EVENTS_PAGE_BYTES:
-                break  # the page is full: the cursor continues after the last item kept
-            items.append(item)
-        if len(items) < len(events):
+        items, full = within_page_bytes(event_json(e, body_max_bytes=body_max) for e in events)
+        if full:  # the cursor continues after the last item kept
             last = events[len(items) - 1]
             return 200, page(items, _cursor_out((last.received_at, last.id)))
         return 200, page(items, None if found.next is None else _cursor_out(found.next))
@@ -273,6 +266,21 @@ def event_json(e: EventRecord, *, body_max_bytes: int | None = None) -> dict[str
         item["body"] = None
         item["body_truncated"] = True
     return item
+
+
+def within_page_bytes(items: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
+    """The leading ``items`` (made as they are taken) that fit `EVENTS_PAGE_BYTES`
+    as JSON, at least one; and whether some were left out (the page is full:
+    the next one starts after the last kept). Here and in a region's pages to
+    a hub."""
+    kept: list[dict[str, Any]] = []
+    size = 0
+    for item in items:
+        size += len(orjson.dumps(item))
+        if kept and size > EVENTS_PAGE_BYTES:
+            return kept, True
+        kept.append(item)
+    return kept, False
 
 
 def body_max_param(q: Mapping[str, str]) -> int:

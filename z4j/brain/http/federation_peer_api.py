@@ -26,11 +26,9 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, NoReturn
 
-import orjson
-
 from ..._version import __version__
 from ...stats import FederationStats
-from ...store.base import COMMAND_STATES, Store
+from ...store.base import COMMAND_STATES, EventRecord, Store
 from ..links import CommandDesk, CommandError
 from ._request import (
     ApiError,
@@ -44,7 +42,7 @@ from ._request import (
 )
 from .audit_params import audit_filter
 from .command_input import command_error, command_fields
-from .events_api import EVENTS_PAGE_BYTES, body_max_param, event_filter
+from .events_api import body_max_param, event_filter, within_page_bytes
 from .events_api import event_json as _event_json
 from .provisioning_api import agent_page
 from .resources import to_json
@@ -138,37 +136,20 @@ class PeerRoutes:
         before = _created_cursor(q["cursor"]) if "cursor" in q else None
         page = await self._store.agents_page(before=before, limit=limit)
         shown = await agent_page(self._store, [d.agent for d in page], self._clock())
-        items: list[dict[str, Any]] = []
-        size = 0
         for dated, item in zip(page, shown, strict=True):
             item["cursor"] = f"{dated.created_at!r}_{dated.agent.id}"
             item["sort_at"] = dated.created_at
-            # Bounded in bytes too, as pages of events are: an agent may run
-            # hundreds of workers, each listed.
-            size += len(orjson.dumps(item))
-            if items and size > EVENTS_PAGE_BYTES:
-                break  # full: the region continues after the last agent kept
-            items.append(item)
-        if len(items) < len(page):
-            return _page(items, items[-1]["cursor"], items[-1]["sort_at"])
-        if len(page) < limit:
+        # Bounded in bytes too: an agent may run hundreds of workers, each listed.
+        items, full = within_page_bytes(shown)
+        if not full and len(page) < limit:
             return _page(items, None, None)
         return _page(items, items[-1]["cursor"], items[-1]["sort_at"])
 
     async def _events(self, q: dict[str, str]) -> dict[str, Any]:
         body_max = body_max_param(q)
         found = await self._store.search_events(event_filter(q))
-        items: list[dict[str, Any]] = []
-        size = 0
-        for event in found.events:
-            item = _event_json(event, body_max_bytes=body_max)
-            item["cursor"] = f"{event.received_at!r}_{event.id}"
-            item["sort_at"] = event.received_at
-            size += len(orjson.dumps(item))
-            if items and size > EVENTS_PAGE_BYTES:
-                break  # full: the region continues after the last item kept
-            items.append(item)
-        if len(items) < len(found.events):
+        items, full = within_page_bytes(_event_item(event, body_max) for event in found.events)
+        if full:
             return _page(items, items[-1]["cursor"], items[-1]["sort_at"])
         if found.next is None:
             return _page(items, None, None)
@@ -291,6 +272,13 @@ def _page(
     items: list[dict[str, Any]], next_cursor: str | None, frontier: float | None
 ) -> dict[str, Any]:
     return {"items": items, "next_cursor": next_cursor, "frontier": frontier}
+
+
+def _event_item(event: EventRecord, body_max: int) -> dict[str, Any]:
+    item = _event_json(event, body_max_bytes=body_max)
+    item["cursor"] = f"{event.received_at!r}_{event.id}"
+    item["sort_at"] = event.received_at
+    return item
 
 
 def _created_cursor(raw: str) -> tuple[float, uuid.UUID]:
