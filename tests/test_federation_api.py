@@ -52,6 +52,23 @@ async def get(http: tuple[str, int], path: str, token: str) -> tuple[int, Any]:
     return reply.status, reply.json()
 
 
+async def every_page(
+    http: tuple[str, int], path: str, token: str, most: int = 20
+) -> list[dict[str, Any]]:
+    """``path`` (with its query) and each page its ``next_cursor`` leads to,
+    every one 200, until the last (at most ``most`` pages)."""
+    pages: list[dict[str, Any]] = []
+    cursor = ""
+    for _ in range(most):
+        status, page = await get(http, path + cursor, token)
+        assert status == 200, page
+        pages.append(page)
+        if page["next_cursor"] is None:
+            return pages
+        cursor = f"&cursor={page['next_cursor']}"
+    raise AssertionError(f"{path}: still more after {most} pages")
+
+
 async def post(http: tuple[str, int], path: str, token: str, body: Any) -> tuple[int, Any]:
     reply = await http_request(
         http,
@@ -182,17 +199,11 @@ async def test_the_hub_shows_every_region_labelled_and_a_dead_one_as_partial(
 
                 # Paged across the regions, 5 at a time: each event once, newest
                 # first, each labelled with the region it was sent to.
-                seen: list[dict[str, Any]] = []
-                cursor = ""
-                for _ in range(20):
-                    path = f"/api/v1/federation/events?kind=log&limit=5{cursor}"
-                    status, page = await get(http, path, admin)
-                    assert status == 200 and page["partial"] is False, page
+                pages = await every_page(http, "/api/v1/federation/events?kind=log&limit=5", admin)
+                for page in pages:
+                    assert page["partial"] is False, page
                     assert len(page["items"]) <= 5
-                    seen += page["items"]
-                    if page["next_cursor"] is None:
-                        break
-                    cursor = f"&cursor={page['next_cursor']}"
+                seen = [event for page in pages for event in page["items"]]
                 assert len(seen) == 23
                 assert all(e["body"]["region"] == e["region"] for e in seen)
                 keys = [(e["region"], e["body"]["n"]) for e in seen]
@@ -282,42 +293,26 @@ async def test_agents_are_paged_across_regions_newest_first_each_once(
                 assert summaries["west"]["agents_connected"] == 0
 
                 # 4 at a time across the regions: every agent once, newest first.
-                seen: list[dict[str, Any]] = []
-                cursor = ""
-                for _ in range(10):
-                    status, page = await get(
-                        http, f"/api/v1/federation/agents?limit=4{cursor}", admin
-                    )
-                    assert status == 200 and page["partial"] is False, page
+                pages = await every_page(http, "/api/v1/federation/agents?limit=4", admin, most=10)
+                for page in pages:
+                    assert page["partial"] is False, page
                     assert len(page["items"]) <= 4
                     conforms(page, answer_schema("/federation/agents"))
                     assert all("cursor" not in a and "sort_at" not in a for a in page["items"])
-                    seen += page["items"]
-                    if page["next_cursor"] is None:
-                        break
-                    cursor = f"&cursor={page['next_cursor']}"
-                assert page["next_cursor"] is None
+                seen = [agent for page in pages for agent in page["items"]]
                 assert [(a["region"], a["name"]) for a in seen] == made[::-1]
                 (live_agent,) = [a for a in seen if a["name"] == "live"]
                 assert sorted(w["worker_id"] for w in live_agent["workers"]) == ["live-1", "live-2"]
                 assert all(a["workers"] == [] for a in seen if a["name"] != "live")
 
                 # A region's own page never holds more than its limit.
-                peer_seen: list[dict[str, Any]] = []
-                cursor = ""
-                for _ in range(10):
-                    status, page = await get(
-                        east.addresses.http,
-                        f"/api/v1/federation/peer/agents?limit=3{cursor}",
-                        east_token,
-                    )
-                    assert status == 200, page
+                pages = await every_page(
+                    east.addresses.http, "/api/v1/federation/peer/agents?limit=3", east_token, 10
+                )
+                for page in pages:
                     assert len(page["items"]) <= 3
                     conforms(page, answer_schema("/federation/peer/agents"))
-                    peer_seen += page["items"]
-                    if page["next_cursor"] is None:
-                        break
-                    cursor = f"&cursor={page['next_cursor']}"
+                peer_seen = [agent for page in pages for agent in page["items"]]
                 assert [a["name"] for a in peer_seen] == [n for r, n in made[::-1] if r == "east"]
                 times = [a["sort_at"] for a in peer_seen]
                 assert times == sorted(times, reverse=True)
@@ -348,21 +343,11 @@ async def test_a_regions_agents_page_is_bounded_in_bytes_and_continues(
             names = [f"agent-{n}" for n in range(5)]
             for name in names:
                 await provision(east.config, project=f"p-{name}", agent=name)
-            seen: list[str] = []
-            cursor = ""
-            for _ in range(10):
-                status, page = await get(
-                    east.addresses.http,
-                    f"/api/v1/federation/peer/agents?limit=3{cursor}",
-                    east_token,
-                )
-                assert status == 200, page
-                assert len(page["items"]) == 1
-                seen += [a["name"] for a in page["items"]]
-                if page["next_cursor"] is None:
-                    break
-                cursor = f"&cursor={page['next_cursor']}"
-            assert seen == names[::-1]
+            pages = await every_page(
+                east.addresses.http, "/api/v1/federation/peer/agents?limit=3", east_token, 10
+            )
+            assert all(len(page["items"]) == 1 for page in pages)
+            assert [a["name"] for page in pages for a in page["items"]] == names[::-1]
 
 
 # -- cross-region commands ---------------------------------------------------------------
