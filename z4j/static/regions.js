@@ -229,43 +229,39 @@
     }
   }
 
-  async function older() {
-    if (!state.cursor) return;
-    $("region-events-older").disabled = true;
+  // The next page of a table ("Older", "More agents"), appended to it.
+  async function nextPage(button, path, cursor, append) {
+    if (!cursor) return;
+    $(button).disabled = true;
     state.paged = true;
     state.gen++; // a load under way would put the first page back
     try {
-      const cursor = encodeURIComponent(state.cursor);
-      const answer = await call("GET", `/api/v1/federation/events?limit=50&cursor=${cursor}`);
+      const answer = await call("GET", `${path}&cursor=${encodeURIComponent(cursor)}`);
       notePartial(answer);
-      appendEvents(answer);
+      append(answer);
       showPartial();
     } catch (err) {
       $("regions-error").textContent = err.message;
       $("regions-error").hidden = false;
     } finally {
-      $("region-events-older").disabled = false;
+      $(button).disabled = false;
     }
   }
 
-  async function moreAgents() {
-    if (!state.agentCursor) return;
-    $("region-agents-more").disabled = true;
-    state.paged = true;
-    state.gen++; // a load under way would put the first page back
-    try {
-      const cursor = encodeURIComponent(state.agentCursor);
-      const answer = await call("GET", `/api/v1/federation/agents?limit=100&cursor=${cursor}`);
-      notePartial(answer);
-      appendAgents(answer);
-      showPartial();
-    } catch (err) {
-      $("regions-error").textContent = err.message;
-      $("regions-error").hidden = false;
-    } finally {
-      $("region-agents-more").disabled = false;
-    }
-  }
+  const older = () =>
+    nextPage(
+      "region-events-older",
+      "/api/v1/federation/events?limit=50",
+      state.cursor,
+      appendEvents,
+    );
+  const moreAgents = () =>
+    nextPage(
+      "region-agents-more",
+      "/api/v1/federation/agents?limit=100",
+      state.agentCursor,
+      appendAgents,
+    );
 
   // -- a command to another region: confirmed by naming it ------------------------
 
