@@ -42,6 +42,7 @@ from ...logs import bind_log_context
 from ...protocol.close import CloseCode
 from ...stats import HttpStats, ThrottledLog
 from .access_log import with_request_context
+from .auth import credentials
 from .proxies import TrustedProxies, behind_proxies
 from .request_metrics import measured
 from .websocket import Handler, serve_websocket
@@ -173,10 +174,8 @@ async def _json(
 def _bearer_is(scope: Scope, key: bytes) -> bool:
     """Does the request carry ``Authorization: Bearer <key>``? Compared in
     constant time, so a guess learns nothing from how long it took."""
-    for name, value in scope["headers"]:
-        if name == b"authorization" and value[:7].lower() == b"bearer ":
-            return hmac.compare_digest(value[7:].strip(), key)
-    return False
+    token, _ = credentials(scope["headers"])
+    return token is not None and hmac.compare_digest(token.encode("latin-1"), key)
 
 
 Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
