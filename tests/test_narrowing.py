@@ -678,6 +678,10 @@ async def test_each_route_family_keeps_to_the_callers_projects(config: Config) -
             for path in ("", "/config", "/history"):
                 assert (await get(f"/opamp/agents/{theirs.uid}{path}"))[0] == 404, path
             assert (await get(f"/opamp/agents/{mine.uid}"))[0] == 200
+            # Cancel mine while it runs: once the PUT below replaces its one
+            # target's configuration (superseded, so settled), the leader may
+            # complete it, and a completed rollout cannot be cancelled (409).
+            assert (await post(f"/opamp/rollouts/{mine.rollout_id}/cancel"))[0] == 200
             status, _, _ = await call(
                 http,
                 "PUT",
@@ -702,7 +706,6 @@ async def test_each_route_family_keeps_to_the_callers_projects(config: Config) -
                 assert (await post(f"/opamp/rollouts/{theirs.rollout_id}/{verb}"))[0] == 404
             new = {"project": theirs.project, "files": FILES, "selector": {}}
             assert (await post("/opamp/rollouts", new))[0] == 404
-            assert (await post(f"/opamp/rollouts/{mine.rollout_id}/cancel"))[0] == 200
             # Brain-wide: refused.
             for path in ("/instances", "/audit", "/users"):
                 status, body = await get(path)
