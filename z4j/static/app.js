@@ -263,6 +263,13 @@
   const instances = new Map(); // id -> instance row
   const beatInterval = new Map(); // id -> ms between its last two heartbeats
   const agents = new Map(); // id -> agent with workers
+  // A brain may have tens of thousands of agents: they are sorted, and the
+  // pickers built, when the list is loaded (`setAgents`), not at each render;
+  // the overview's table shows the first AGENTS_SHOWN its filter matches.
+  const AGENTS_SHOWN = 100;
+  const collator = new Intl.Collator();
+  let agentOrder = []; // the agents by project, then name
+  const agentText = new Map(); // id -> what the overview's filter matches (lower case)
   const commands = new Map(); // id -> command record
   const feed = []; // newest first
   const feedIds = new Set();
@@ -434,23 +441,28 @@
   function renderAgents() {
     const now = serverNow();
     const body = $("agents-table").tBodies[0];
-    const list = [...agents.values()].sort(
-      (a, b) =>
-        String(a.project).localeCompare(String(b.project)) ||
-        String(a.name).localeCompare(String(b.name)),
-    );
-    const rows = [];
+    const filter = $("agents-filter").value.trim().toLowerCase();
+    const list = [];
+    let matched = 0;
     let connected = 0;
     let workersTotal = 0;
+    for (const agent of agentOrder) {
+      for (const worker of agent.workers || []) {
+        workersTotal += 1;
+        if (worker.connected) connected += 1;
+      }
+      if (filter && !agentText.get(String(agent.id)).includes(filter)) continue;
+      matched += 1;
+      if (list.length < AGENTS_SHOWN) list.push(agent);
+    }
+    const rows = [];
     for (const agent of list) {
       const workers = [...(agent.workers || [])].sort(
         (a, b) =>
           Number(b.connected) - Number(a.connected) ||
-          String(a.worker_id).localeCompare(String(b.worker_id)),
+          collator.compare(String(a.worker_id), String(b.worker_id)),
       );
       const live = workers.filter((w) => w.connected).length;
-      connected += live;
-      workersTotal += workers.length;
       rows.push(
         el(
           "tr",
@@ -539,35 +551,75 @@
       }
     }
     body.replaceChildren(...rows);
-    $("agents-empty").hidden = list.length > 0;
-    $("agents-hint").textContent = list.length
-      ? `${list.length} agent${list.length === 1 ? "" : "s"}`
-      : "";
+    $("agents-empty").hidden = agents.size > 0;
+    $("agents-hint").textContent = agentsHint(agents.size, matched, list.length, filter);
     $("kpi-workers").textContent = fmtInt(connected);
     $("kpi-workers-of").textContent = `of ${fmtInt(workersTotal)}`;
-    renderAgentOptions();
-    renderTaskAgentOptions();
+  }
+
+  function agentsHint(total, matched, shown, filter) {
+    if (!total) return "";
+    const all = `${fmtInt(total)} agent${total === 1 ? "" : "s"}`;
+    if (!filter) {
+      return shown < total ? `${all}, the first ${fmtInt(shown)} shown: filter to find others` : all;
+    }
+    if (!matched) return `none of ${all} matches`;
+    if (shown < matched) return `${fmtInt(matched)} of ${all} match, the first ${fmtInt(shown)} shown`;
+    return `${fmtInt(matched)} of ${all} match`;
+  }
+  $("agents-filter").addEventListener("input", () => mark("agents"));
+
+  // An agent picker may hold thousands of options, and Chromium takes tens of
+  // microseconds to make each: options of agents that stay are kept (their
+  // label set if it changed), those of agents gone removed, new ones put in
+  // place. A picker mostly new (the first fill) is made anew at once (one
+  // insertion each would cost far more), as is one whose agents were reordered.
+  function syncOptions(select, items) {
+    const options = select.options;
+    const rebuild = () => {
+      const fragment = document.createDocumentFragment();
+      for (const [value, text, disabled] of items) {
+        const option = new Option(text, value);
+        option.disabled = Boolean(disabled);
+        fragment.append(option);
+      }
+      select.replaceChildren(fragment);
+    };
+    const wanted = new Set(items.map(([value]) => value));
+    for (let i = options.length - 1; i >= 0; i -= 1) {
+      if (!wanted.has(options[i].value)) options[i].remove();
+    }
+    let kept = 0; // how many of the options left come in the order `items` has them
+    for (const [value] of items) {
+      if (kept < options.length && options[kept].value === value) kept += 1;
+    }
+    if (kept < options.length || options.length < items.length / 2) {
+      rebuild();
+      return;
+    }
+    items.forEach(([value, text, disabled], i) => {
+      const there = options[i];
+      if (!there || there.value !== value) {
+        const option = new Option(text, value);
+        option.disabled = Boolean(disabled);
+        select.insertBefore(option, there ?? null);
+        return;
+      }
+      if (there.text !== text) there.text = text;
+      if (there.disabled !== Boolean(disabled)) there.disabled = Boolean(disabled);
+    });
   }
 
   function renderAgentOptions() {
     const select = $("cmd-agent");
     const previous = select.value;
-    const list = [...agents.values()].sort(
-      (a, b) =>
-        String(a.project).localeCompare(String(b.project)) ||
-        String(a.name).localeCompare(String(b.name)),
-    );
-    select.replaceChildren(
-      ...list.map((agent) => {
-        const live = (agent.workers || []).filter((w) => w.connected).length;
-        return el("option", {
-          value: agent.id,
-          disabled: agent.revoked || null,
-          text: `${agentLabel(agent.id)} (${agent.revoked ? "revoked" : `${live} live`})`,
-        });
-      }),
-    );
-    if (!list.length) select.append(el("option", { value: "", text: "no agents" }));
+    const list = agentOrder;
+    const items = list.map((agent) => {
+      const live = (agent.workers || []).filter((w) => w.connected).length;
+      const state = agent.revoked ? "revoked" : `${live} live`;
+      return [String(agent.id), `${agentLabel(agent.id)} (${state})`, agent.revoked];
+    });
+    syncOptions(select, items.length ? items : [["", "no agents"]]);
     if (previous && agents.has(previous)) select.value = previous;
     else {
       const best = list.find((a) => !a.revoked && (a.workers || []).some((w) => w.connected));
@@ -979,7 +1031,21 @@
 
   function setAgents(items) {
     agents.clear();
-    for (const agent of items) agents.set(String(agent.id), agent);
+    agentText.clear();
+    for (const agent of items) {
+      agents.set(String(agent.id), agent);
+      agentText.set(
+        String(agent.id),
+        `${agent.project ?? ""} / ${agent.name} ${agent.id}`.toLowerCase(),
+      );
+    }
+    agentOrder = [...agents.values()].sort(
+      (a, b) =>
+        collator.compare(String(a.project), String(b.project)) ||
+        collator.compare(String(a.name), String(b.name)),
+    );
+    renderAgentOptions();
+    if (route.view === "tasks") renderTaskAgentOptions(); // else when the page opens
     mark("agents", "commands", "feed");
     // What agents offer, and their names, show on these pages too.
     if (route.view === "queues") renderQueues();
@@ -1506,8 +1572,10 @@
       if (link.dataset.view === section) link.setAttribute("aria-current", "page");
       else link.removeAttribute("aria-current");
     }
-    if (route.view === "tasks") loadTasks();
-    else if (route.view === "task") {
+    if (route.view === "tasks") {
+      renderTaskAgentOptions();
+      loadTasks();
+    } else if (route.view === "task") {
       const same =
         previous.view === "task" &&
         previous.engine === route.engine &&
@@ -1808,13 +1876,8 @@
   function renderTaskAgentOptions() {
     const select = $("tf-agent");
     const previous = select.value;
-    const list = [...agents.values()].sort((a, b) =>
-      agentLabel(a.id).localeCompare(agentLabel(b.id)),
-    );
-    select.replaceChildren(
-      el("option", { value: "", text: "any agent" }),
-      ...list.map((agent) => el("option", { value: agent.id, text: agentLabel(agent.id) })),
-    );
+    const items = agentOrder.map((agent) => [String(agent.id), agentLabel(agent.id)]);
+    syncOptions(select, [["", "any agent"], ...items]);
     if (previous && agents.has(previous)) select.value = previous;
     else if (previous) {
       select.append(el("option", { value: previous, text: shortId(previous) }));

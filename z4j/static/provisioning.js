@@ -15,7 +15,10 @@
   const $ = (id) => document.getElementById(id);
   const DEFAULT_GRACE_SECONDS = 86400; // the brain's own default is Z4J_ROTATION_GRACE_SECONDS
 
-  const state = { projects: [], agents: [], gen: 0, pending: null };
+  // The Agents page lists PAGE agents that match its filter, and PAGE more at
+  // each "More": a brain may have tens of thousands.
+  const PAGE = 100;
+  const state = { projects: [], agents: [], gen: 0, pending: null, shown: PAGE };
 
   async function load() {
     const gen = ++state.gen;
@@ -157,9 +160,16 @@
 
   function renderAgents() {
     const now = Date.now();
+    const filter = $("prov-agents-filter").value.trim().toLowerCase();
+    const matching = filter
+      ? state.agents.filter((a) =>
+          `${a.project ?? ""} / ${a.name} ${a.id}`.toLowerCase().includes(filter),
+        )
+      : state.agents;
+    const shown = matching.slice(0, state.shown);
     fill(
       $("prov-agents-table").tBodies[0],
-      state.agents.map((a) => {
+      shown.map((a) => {
         const live = (a.workers || []).filter((w) => w.connected);
         const seen = parseTime(a.last_seen);
         const grace = parseTime(a.token_grace_until);
@@ -208,7 +218,27 @@
       }),
     );
     $("prov-agents-empty").hidden = state.agents.length > 0;
+    $("prov-agents-more").hidden = shown.length >= matching.length;
+    const total = state.agents.length;
+    const all = `${fmtInt(total)} agent${total === 1 ? "" : "s"}`;
+    $("prov-agents-hint").textContent = !total
+      ? "their tokens, workers and versions"
+      : filter
+        ? `${fmtInt(matching.length)} of ${all} match` +
+          (shown.length < matching.length ? `, ${fmtInt(shown.length)} shown` : "")
+        : shown.length < total
+          ? `${all}, ${fmtInt(shown.length)} shown`
+          : all;
   }
+
+  $("prov-agents-filter").addEventListener("input", () => {
+    state.shown = PAGE;
+    renderAgents();
+  });
+  $("prov-agents-more").addEventListener("click", () => {
+    state.shown += PAGE;
+    renderAgents();
+  });
 
   function askRevoke(a) {
     ask(

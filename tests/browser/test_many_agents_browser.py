@@ -1,0 +1,204 @@
+"""The dashboard with more agents than a page should draw, in a real headless Chromium.
+
+A brain may have tens of thousands of agents. The page drew every one of
+them in the overview's table and on the Agents page, and built its two
+agent pickers anew at every render (each agent's worker coming or going):
+with 5,000 agents, loading the overview held Chromium's main thread for
+7.4 s in one piece, each agent joining for up to 0.7 s, opening the Agents
+page for 4.7 s (this machine, measured with a PerformanceObserver of long
+tasks). Now the tables show the first 100 agents their filter matches (the
+Agents page: 100 more at each "More"), and a picker keeps the options of
+agents that stay, setting only labels that changed.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from z4j import keys
+from z4j.agent import Agent
+from z4j.config import Config
+from z4j.store import store_for
+from z4j.testing.agents import admin_token, provision
+from z4j.testing.brain import make_config, running_brain
+
+if TYPE_CHECKING:
+    from conftest import Dashboard  # tests/browser/conftest.py
+
+expect.set_options(timeout=60_000)
+MANY = 1500  # agents of project "fleet", besides "shop / checkout"
+SHOWN = 100  # what each table shows at once (app.js AGENTS_SHOWN, provisioning.js PAGE)
+
+
+def browser_conftest(request: pytest.FixtureRequest) -> Any:
+    """tests/browser/conftest.py as pytest loaded it (its Dashboard, TrioThread)."""
+    here = str(Path(__file__).with_name("conftest.py"))
+    for plugin in request.config.pluginmanager.get_plugins():
+        if getattr(plugin, "__file__", None) == here:
+            return plugin
+    raise LookupError(here)
+
+
+async def _fleet(config: Config, count: int) -> None:
+    """``count`` agents of project "fleet", node-00000 ... (their tokens unused)."""
+    store = store_for(config)
+    master = keys.master_secret(config)
+    try:
+        await store.migrate()
+        project = await store.create_project("fleet")
+        for n in range(count):
+            token_hash = keys.token_hash(master, keys.new_agent_token())
+            await store.create_agent(project.id, f"node-{n:05d}", token_hash)
+    finally:
+        await store.aclose()
+
+
+@pytest.fixture(scope="module")
+def dashboard(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Dashboard]:
+    """conftest's dashboard, with `MANY` more agents made before the brain starts."""
+    shared = browser_conftest(request)
+    Dashboard, TrioThread = shared.Dashboard, shared.TrioThread
+    config = make_config(tmp_path_factory.mktemp("many") / "data", heartbeat_seconds=0.5)
+    loop = TrioThread()
+    try:
+        token, secret, agent_id = loop.run(
+            functools.partial(provision, config, project="shop", agent="checkout")
+        )
+        loop.run(_fleet, config, MANY)
+        admin = loop.run(admin_token, config)
+        brain = loop.enter(running_brain(config))
+        agent = Agent(
+            brain.addresses.http_url,
+            token=token,
+            secret=secret,
+            worker_id="checkout-1",
+            worker_role="worker",
+        )
+        loop.run(loop.nursery.start, agent.run)
+        yield Dashboard(
+            loop=loop,
+            brain=brain,
+            config=config,
+            admin_token=admin,
+            agent_id=str(agent_id),
+            agent=agent,
+            gates={},
+        )
+    finally:
+        loop.close()
+
+
+def sign_in(page: Page, dashboard: Dashboard) -> None:
+    page.goto(f"{dashboard.url}/")
+    page.fill("#token", dashboard.admin_token)
+    page.click("#login-submit")
+    expect(page).to_have_url(f"{dashboard.url}/")
+    expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+
+
+def option(page: Page, label: str) -> Any:
+    """The command picker's option of the agent labelled ``label`` (project / name)."""
+    return page.locator("#cmd-agent option").filter(has_text=f"{label} (")
+
+
+def test_the_overview_shows_a_page_of_agents_and_finds_the_others(
+    page: Page, dashboard: Dashboard
+) -> None:
+    sign_in(page, dashboard)
+    total = MANY + 1
+    rows = page.locator("#agents-table tr.agent-row")
+    expect(page.locator("#agents-hint")).to_have_text(
+        f"{total:,} agents, the first {SHOWN} shown: filter to find others"
+    )
+    expect(rows).to_have_count(SHOWN)
+    # By project, then name: fleet's first hundred (shop / checkout sorts after).
+    expect(rows.first).to_contain_text("node-00000")
+    expect(rows.last).to_contain_text(f"node-{SHOWN - 1:05d}")
+    # The filter reaches past the page, by name, project or id.
+    page.fill("#agents-filter", f"node-{MANY - 1:05d}")
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_contain_text(f"node-{MANY - 1:05d}")
+    expect(page.locator("#agents-hint")).to_have_text(f"1 of {total:,} agents match")
+    page.fill("#agents-filter", dashboard.agent_id)
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_contain_text("checkout")
+    expect(rows.first).to_contain_text("1 of 1 live")
+    page.fill("#agents-filter", "node-010")  # node-01000 ... node-01099
+    expect(page.locator("#agents-hint")).to_have_text(f"100 of {total:,} agents match")
+    page.fill("#agents-filter", "no such agent")
+    expect(rows).to_have_count(0)
+    expect(page.locator("#agents-hint")).to_have_text(f"none of {total:,} agents matches")
+    # The command picker still offers every agent.
+    expect(page.locator("#cmd-agent option")).to_have_count(total)
+    last = option(page, f"fleet / node-{MANY - 1:05d}")
+    page.select_option("#cmd-agent", last.get_attribute("value"))
+    expect(page.locator("#cmd-agent option:checked")).to_have_text(
+        f"fleet / node-{MANY - 1:05d} (0 live)"
+    )
+
+
+def test_a_picker_keeps_its_options_as_agents_come_and_go(
+    page: Page, dashboard: Dashboard
+) -> None:
+    """An agent joining puts one option in place, its worker leaving changes one
+    label: the options of the others are the same elements as before."""
+    sign_in(page, dashboard)
+    expect(page.locator("#cmd-agent option")).to_have_count(MANY + 1)
+    kept = option(page, "fleet / node-00007")
+    kept.evaluate("(o) => { o.dataset.mark = 'kept'; }")
+    dashboard.add_agent(project="late", agent="arrival", workers=["arrival-1"])
+    arrival = option(page, "late / arrival")
+    expect(arrival).to_have_text("late / arrival (1 live)")
+    expect(page.locator("#cmd-agent option")).to_have_count(MANY + 2)
+    # In its place by project, then name: after fleet, before shop.
+    labels = page.locator("#cmd-agent option").all_text_contents()
+    assert labels[MANY - 1].startswith(f"fleet / node-{MANY - 1:05d} ")
+    assert labels[MANY] == "late / arrival (1 live)"
+    assert labels[MANY + 1].startswith("shop / checkout ")
+    expect(page.locator("#cmd-agent option[data-mark='kept']")).to_have_count(1)
+    arrival.evaluate("(o) => { o.dataset.mark = 'arrival'; }")
+    dashboard.stop_worker("arrival-1")
+    expect(page.locator("#cmd-agent option[data-mark='arrival']")).to_have_text(
+        "late / arrival (0 live)"
+    )
+    expect(page.locator("#cmd-agent option[data-mark='kept']")).to_have_text(
+        "fleet / node-00007 (0 live)"
+    )
+    # The tasks page's agent filter is filled when that page opens.
+    page.click("#nav a[data-view='tasks']")
+    expect(page.locator("#tf-agent option")).to_have_count(MANY + 3)  # and "any agent"
+
+
+def test_the_agents_page_shows_a_hundred_more_at_each_more(
+    page: Page, dashboard: Dashboard
+) -> None:
+    sign_in(page, dashboard)
+    page.click("#nav a[data-view='agents']")
+    rows = page.locator("#prov-agents-table tbody tr")
+    expect(rows).to_have_count(SHOWN)
+    total = int(
+        page.evaluate("fetch('/api/v1/agents').then((r) => r.json()).then((b) => b.items.length)")
+    )
+    expect(page.locator("#prov-agents-hint")).to_have_text(f"{total:,} agents, {SHOWN} shown")
+    page.click("#prov-agents-more")
+    expect(rows).to_have_count(2 * SHOWN)
+    expect(page.locator("#prov-agents-hint")).to_have_text(f"{total:,} agents, {2 * SHOWN} shown")
+    page.fill("#prov-agents-filter", f"node-{MANY - 1:05d}")
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_have_attribute("data-agent", f"node-{MANY - 1:05d}")
+    expect(page.locator("#prov-agents-more")).to_be_hidden()
+    expect(page.locator("#prov-agents-hint")).to_have_text(f"1 of {total:,} agents match")
+    page.fill("#prov-agents-filter", "fleet")  # a project's name: more than a page
+    expect(rows).to_have_count(SHOWN)
+    expect(page.locator("#prov-agents-hint")).to_have_text(
+        f"{MANY:,} of {total:,} agents match, {SHOWN} shown"
+    )
+    expect(page.locator("#prov-agents-more")).to_be_visible()
