@@ -79,7 +79,7 @@ OPAMP_AGENT = OpampAgent(
 )
 SAMPLES: dict[type, list[Any]] = {
     Project: [Project(ID, "p")],
-    Agent: [Agent(ID, ID, "a", False)],
+    Agent: [Agent(ID, ID, "a", False, T)],
     WorkerInfo: [
         WorkerInfo(
             agent_id=ID,
@@ -397,6 +397,7 @@ def test_an_agent_as_the_route_sends_it_matches_its_component() -> None:
         "project",
         "name",
         "revoked",
+        "created_at",
         "workers",
         "last_seen",
         "versions",
@@ -404,6 +405,7 @@ def test_an_agent_as_the_route_sends_it_matches_its_component() -> None:
     ]
     assert item["last_seen"] == max(w["last_seen"] for w in item["workers"])
     assert item["token_grace_until"] == "2001-09-09T01:46:40+00:00"
+    assert item["created_at"] == "2025-12-06T05:46:40.250000+00:00"
     validator_module.validate(
         item,
         {**OPENAPI["components"]["schemas"]["Agent"], "components": OPENAPI["components"]},

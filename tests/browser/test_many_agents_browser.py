@@ -14,6 +14,7 @@ agents that stay, setting only labels that changed.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,6 +123,10 @@ def test_the_overview_shows_a_page_of_agents_and_finds_the_others(
     # By project, then name: fleet's first hundred (shop / checkout sorts after).
     expect(rows.first).to_contain_text("node-00000")
     expect(rows.last).to_contain_text(f"node-{SHOWN - 1:05d}")
+    # Since when each agent is: its creation (the API had not sent it).
+    since = rows.first.locator("td").nth(3)
+    expect(since).to_have_attribute("title", re.compile(r"^\d{4}-\d\d-\d\dT"))
+    expect(since).not_to_have_text("\u2013")
     # The filter reaches past the page, by name, project or id.
     page.fill("#agents-filter", f"node-{MANY - 1:05d}")
     expect(rows).to_have_count(1)

@@ -20,7 +20,6 @@ from .base import (
     ApiToken,
     AuditRecord,
     CommandRecord,
-    DatedAgent,
     EventRecord,
     InstanceInfo,
     Project,
@@ -29,6 +28,7 @@ from .base import (
 
 __all__ = [
     "AGENT_COLUMNS",
+    "AGENT_WIDTH",
     "AUDIT_COLUMNS",
     "COMMAND_COLUMNS",
     "EVENT_COLUMNS",
@@ -42,7 +42,6 @@ __all__ = [
     "api_token",
     "audit",
     "command",
-    "dated_agent",
     "event",
     "instance",
     "project",
@@ -96,7 +95,8 @@ class Dialect:
 
 
 PROJECT_COLUMNS = "id, name, archived_at, secret_generation, previous_secret_expires_at"
-AGENT_COLUMNS = "a.id, a.project_id, a.name, a.revoked_at IS NOT NULL"
+AGENT_COLUMNS = "a.id, a.project_id, a.name, a.revoked_at IS NOT NULL, a.created_at"
+AGENT_WIDTH = AGENT_COLUMNS.count(",") + 1  # where a row's agent columns end
 COMMAND_COLUMNS = (
     "id, project_id, agent_id, action, target, parameters, timeout_seconds, issued_by,"
     " state, worker_id, delivery_claim_token, created_at, dispatched_at, finished_at,"
@@ -129,14 +129,8 @@ def project(d: Dialect, row: Any) -> Project:
 
 
 def agent(d: Dialect, row: Any) -> Agent:
-    id, project_id, name, revoked = row
-    return Agent(d.uuid_out(id), d.uuid_out(project_id), name, bool(revoked))
-
-
-def dated_agent(d: Dialect, row: Any) -> DatedAgent:
-    """A row of `AGENT_COLUMNS` and then ``a.created_at``."""
-    *columns, created_at = row
-    return DatedAgent(agent=agent(d, columns), created_at=d.ts_out(created_at))
+    id, project_id, name, revoked, created_at = row
+    return Agent(d.uuid_out(id), d.uuid_out(project_id), name, bool(revoked), d.ts_out(created_at))
 
 
 def command(d: Dialect, row: Any) -> CommandRecord:

@@ -37,7 +37,6 @@ __all__ = [
     "ApiToken",
     "CommandRecord",
     "CredentialDeadlines",
-    "DatedAgent",
     "DirectoryConflict",
     "EngineWorker",
     "EventHistogram",
@@ -115,14 +114,7 @@ class Agent:
     project_id: uuid.UUID
     name: str
     revoked: bool
-
-
-@attrs.frozen(kw_only=True)
-class DatedAgent:
-    """An agent and when it was created: what pages of agents are ordered by."""
-
-    agent: Agent
-    created_at: float
+    created_at: float  # what pages of agents are ordered by (with the id)
 
 
 @attrs.frozen(kw_only=True)
@@ -726,7 +718,7 @@ class Store(Protocol):
 
     async def agents_page(
         self, *, before: tuple[float, uuid.UUID] | None = None, limit: int = 100
-    ) -> list[DatedAgent]:
+    ) -> list[Agent]:
         """The latest ``limit`` agents (revoked ones too), newest first by
         (created_at, id); ``before`` (created_at, id) continues a page."""
         ...

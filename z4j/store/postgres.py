@@ -89,7 +89,6 @@ from .base import (
     AuditRecord,
     CommandRecord,
     CredentialDeadlines,
-    DatedAgent,
     DirectoryConflict,
     EngineWorker,
     EventFilter,
@@ -479,14 +478,14 @@ class PostgresStore:
         return [_rows.project(PG, row) for row in rows]
 
     async def create_agent(self, project_id: uuid.UUID, name: str, token_hash: bytes) -> Agent:
-        agent = Agent(uuid.uuid4(), project_id, name, revoked=False)
+        agent_id = uuid.uuid4()
         try:
-            await self._run(_insert_agent, agent, token_hash)
+            created_at = await self._run(_insert_agent, project_id, agent_id, name, token_hash)
         except psycopg.errors.UniqueViolation as exc:
             raise DirectoryConflict(
                 f"project {project_id} has an agent named {name!r} already"
             ) from exc
-        return agent
+        return Agent(agent_id, project_id, name, revoked=False, created_at=created_at)
 
     async def agent_by_token(self, token_hash: bytes) -> Agent | None:
         row = await self._run(
@@ -516,14 +515,14 @@ class PostgresStore:
 
     async def agents_page(
         self, *, before: tuple[float, uuid.UUID] | None = None, limit: int = 100
-    ) -> list[DatedAgent]:
+    ) -> list[Agent]:
         where = agents_where(PG, before)
         sql = (
-            f"SELECT {AGENT_COLUMNS}, a.created_at FROM agents a{where}"
+            f"SELECT {AGENT_COLUMNS} FROM agents a{where}"
             " ORDER BY a.created_at DESC, a.id DESC LIMIT %s"
         )
         rows = await self._read(lambda conn: conn.execute(sql, (*where.params, limit)).fetchall())
-        return [_rows.dated_agent(PG, row) for row in rows]
+        return [_rows.agent(PG, row) for row in rows]
 
     async def revoke_agent(self, agent_id: uuid.UUID) -> bool:
         count: int = await self._run(
@@ -1525,21 +1524,28 @@ PG = Dialect(
 )
 
 
-def _insert_agent(conn: psycopg.Connection[Any], agent: Agent, token_hash: bytes) -> None:
-    row = conn.execute(
-        "SELECT archived_at FROM projects WHERE id = %s", (agent.project_id,)
-    ).fetchone()
+def _insert_agent(
+    conn: psycopg.Connection[Any],
+    project_id: uuid.UUID,
+    agent_id: uuid.UUID,
+    name: str,
+    token_hash: bytes,
+) -> float:
+    """Insert the agent and its token; when it was created (the database's clock)."""
+    row = conn.execute("SELECT archived_at FROM projects WHERE id = %s", (project_id,)).fetchone()
     if row is None:
-        raise LookupError(f"no project with id {agent.project_id}")
+        raise LookupError(f"no project with id {project_id}")
     if row[0] is not None:
-        raise LookupError(f"project {agent.project_id} is archived")
+        raise LookupError(f"project {project_id} is archived")
+    created = conn.execute(
+        "INSERT INTO agents (id, project_id, name) VALUES (%s, %s, %s) RETURNING created_at",
+        (agent_id, project_id, name),
+    ).fetchone()
     conn.execute(
-        "INSERT INTO agents (id, project_id, name) VALUES (%s, %s, %s)",
-        (agent.id, agent.project_id, agent.name),
+        "INSERT INTO agent_tokens (token_hash, agent_id) VALUES (%s, %s)", (token_hash, agent_id)
     )
-    conn.execute(
-        "INSERT INTO agent_tokens (token_hash, agent_id) VALUES (%s, %s)", (token_hash, agent.id)
-    )
+    assert created is not None
+    return PG.ts_out(created[0])
 
 
 def _insert_audit(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import uuid
 
 from . import _rows
-from ._rows import AGENT_COLUMNS, PROJECT_COLUMNS, Conn, Dialect
+from ._rows import AGENT_COLUMNS, AGENT_WIDTH, PROJECT_COLUMNS, Conn, Dialect
 from .base import Agent, AgentLogin, CredentialDeadlines, Project
 
 __all__ = [
@@ -113,9 +113,9 @@ def agent_login(d: Dialect, conn: Conn, token_hash: bytes) -> AgentLogin | None:
     if row is None:
         return None
     return AgentLogin(
-        agent=_rows.agent(d, row[:4]),
-        token_expires_at=d.opt_ts_out(row[4]),
-        project=_rows.project(d, row[5:]),
+        agent=_rows.agent(d, row[:AGENT_WIDTH]),
+        token_expires_at=d.opt_ts_out(row[AGENT_WIDTH]),
+        project=_rows.project(d, row[AGENT_WIDTH + 1 :]),
     )
 
 

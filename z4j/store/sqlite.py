@@ -73,7 +73,6 @@ from .base import (
     AuditRecord,
     CommandRecord,
     CredentialDeadlines,
-    DatedAgent,
     DirectoryConflict,
     EngineWorker,
     EventFilter,
@@ -250,14 +249,14 @@ class SqliteStore:
         return [_rows.project(SQ, row) for row in rows]
 
     async def create_agent(self, project_id: uuid.UUID, name: str, token_hash: bytes) -> Agent:
-        agent = Agent(uuid.uuid4(), project_id, name, revoked=False)
+        agent_id = uuid.uuid4()
         try:
-            await self._run(_insert_agent, agent, token_hash)
+            created_at = await self._run(_insert_agent, project_id, agent_id, name, token_hash)
         except sqlite3.IntegrityError as exc:
             raise DirectoryConflict(
                 f"project {project_id} has an agent named {name!r} already"
             ) from exc
-        return agent
+        return Agent(agent_id, project_id, name, revoked=False, created_at=created_at)
 
     async def agent_by_token(self, token_hash: bytes) -> Agent | None:
         rows = await self._run(
@@ -286,15 +285,15 @@ class SqliteStore:
 
     async def agents_page(
         self, *, before: tuple[float, uuid.UUID] | None = None, limit: int = 100
-    ) -> list[DatedAgent]:
+    ) -> list[Agent]:
         where = agents_where(SQ, before)
         rows = await self._run(
             _fetch_all,
-            f"SELECT {AGENT_COLUMNS}, a.created_at FROM agents a{where}"
+            f"SELECT {AGENT_COLUMNS} FROM agents a{where}"
             " ORDER BY a.created_at DESC, a.id DESC LIMIT ?",
             (*where.params, limit),
         )
-        return [_rows.dated_agent(SQ, row) for row in rows]
+        return [_rows.agent(SQ, row) for row in rows]
 
     async def revoke_agent(self, agent_id: uuid.UUID) -> bool:
         count = await self._run(
@@ -1274,25 +1273,34 @@ def _fetch_all(db: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> lis
     return db.execute(sql, params).fetchall()
 
 
-def _insert_agent(db: sqlite3.Connection, agent: Agent, token_hash: bytes) -> None:
+def _insert_agent(
+    db: sqlite3.Connection,
+    project_id: uuid.UUID,
+    agent_id: uuid.UUID,
+    name: str,
+    token_hash: bytes,
+) -> float:
+    """Insert the agent and its token; when it was created."""
+    now = time.time()
+
     def run() -> None:
-        project = str(agent.project_id)
+        project = str(project_id)
         row = db.execute("SELECT archived_at FROM projects WHERE id = ?", (project,)).fetchone()
         if row is None:
-            raise LookupError(f"no project with id {agent.project_id}")
+            raise LookupError(f"no project with id {project_id}")
         if row[0] is not None:
-            raise LookupError(f"project {agent.project_id} is archived")
-        now = time.time()
+            raise LookupError(f"project {project_id} is archived")
         db.execute(
             "INSERT INTO agents (id, project_id, name, created_at) VALUES (?, ?, ?, ?)",
-            (str(agent.id), project, agent.name, now),
+            (str(agent_id), project, name, now),
         )
         db.execute(
             "INSERT INTO agent_tokens (token_hash, agent_id, created_at) VALUES (?, ?, ?)",
-            (token_hash, str(agent.id), now),
+            (token_hash, str(agent_id), now),
         )
 
     _transaction(db, run)
+    return now
 
 
 def _insert_audit(

@@ -135,10 +135,10 @@ class PeerRoutes:
         limit = limit_param(q)
         before = _created_cursor(q["cursor"]) if "cursor" in q else None
         page = await self._store.agents_page(before=before, limit=limit)
-        shown = await agent_page(self._store, [d.agent for d in page], self._clock())
-        for dated, item in zip(page, shown, strict=True):
-            item["cursor"] = f"{dated.created_at!r}_{dated.agent.id}"
-            item["sort_at"] = dated.created_at
+        shown = await agent_page(self._store, page, self._clock())
+        for agent, item in zip(page, shown, strict=True):
+            item["cursor"] = f"{agent.created_at!r}_{agent.id}"
+            item["sort_at"] = agent.created_at
         # Bounded in bytes too: an agent may run hundreds of workers, each listed.
         items, full = within_page_bytes(shown)
         if not full and len(page) < limit:
