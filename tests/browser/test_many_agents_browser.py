@@ -150,9 +150,7 @@ def test_the_overview_shows_a_page_of_agents_and_finds_the_others(
     )
 
 
-def test_a_picker_keeps_its_options_as_agents_come_and_go(
-    page: Page, dashboard: Dashboard
-) -> None:
+def test_a_picker_keeps_its_options_as_agents_come_and_go(page: Page, dashboard: Dashboard) -> None:
     """An agent joining puts one option in place, its worker leaving changes one
     label: the options of the others are the same elements as before."""
     sign_in(page, dashboard)
