@@ -682,11 +682,17 @@ def tune_interpreter(config: Config) -> None:
     """Tune the `z4j brain` process's interpreter for a server's load; a
     program that embeds the brain owns its interpreter and may do the same.
 
-    The cyclic collector runs on the young generation every 10,000
+    The cyclic collector runs on the young generation every 100,000
     allocations, not every 700: a brain allocates a few dicts per event and
-    keeps few of them; at the default it ran several times per 100-event
-    batch, and agent frames per second rose by about 15 % with this
-    (benchmarks/agents.py, one connection, one event per frame, A/B runs).
+    keeps few of them, and what it keeps for a while is a drain's claim, and
+    each young collection walks all of it. At the default the collector ran
+    several times per 100-event batch (agent frames per second rose by about
+    15 % at 10,000: benchmarks/agents.py, one connection, one event per frame,
+    A/B runs, and stayed within noise at 100,000). With the task projection a
+    claim of ~12,700 events stays alive while its tasks are folded: at 10,000
+    the collector ran 44 times in a drain of 100,000 events, 0.5 to 0.7 s of
+    the drain's CPU, at 100,000 once, 0.06 s (benchmarks/tasks.py with a
+    gc.callbacks timer; drain throughput with the projection +7 %, A/B twice).
 
     The GIL switch interval is Z4J_GIL_SWITCH_INTERVAL_US (500 us, not
     Python's 5 ms): the store's threads give the GIL back on every SQLite
@@ -695,7 +701,7 @@ def tune_interpreter(config: Config) -> None:
     written beside a busy thread took 568 us each at 5 ms, 76 us at 500 us
     and 70 us alone (a store-only measurement, same machine and run).
     """
-    gc.set_threshold(10_000, 20, 100)
+    gc.set_threshold(100_000, 20, 100)
     if config.gil_switch_interval_us:
         sys.setswitchinterval(config.gil_switch_interval_us / 1e6)
 
