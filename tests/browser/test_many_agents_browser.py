@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import pytest
 from playwright.sync_api import Page, expect
@@ -152,9 +153,20 @@ def test_the_overview_shows_a_page_of_agents_and_finds_the_others(
 
 def test_a_picker_keeps_its_options_as_agents_come_and_go(page: Page, dashboard: Dashboard) -> None:
     """An agent joining puts one option in place, its worker leaving changes one
-    label: the options of the others are the same elements as before."""
+    label: the options of the others are the same elements as before. And the
+    page reads the one agent a message names, not the whole list again."""
+    reads: list[str] = []
+    page.on(
+        "request",
+        lambda request: (
+            reads.append(urlsplit(request.url).path)
+            if urlsplit(request.url).path.startswith(("/api/v1/agents", "/api/v1/instances"))
+            else None
+        ),
+    )
     sign_in(page, dashboard)
     expect(page.locator("#cmd-agent option")).to_have_count(MANY + 1)
+    reads.clear()
     kept = option(page, "fleet / node-00007")
     kept.evaluate("(o) => { o.dataset.mark = 'kept'; }")
     dashboard.add_agent(project="late", agent="arrival", workers=["arrival-1"])
@@ -175,6 +187,11 @@ def test_a_picker_keeps_its_options_as_agents_come_and_go(page: Page, dashboard:
     expect(page.locator("#cmd-agent option[data-mark='kept']")).to_have_text(
         "fleet / node-00007 (0 live)"
     )
+    # The arrival was read alone; the whole list only with the slow poll
+    # (which reads the instances too), if one fell in this test.
+    arrival_id = arrival.get_attribute("value")
+    assert f"/api/v1/agents/{arrival_id}" in reads, reads
+    assert reads.count("/api/v1/agents") == reads.count("/api/v1/instances"), reads
     # The tasks page's agent filter is filled when that page opens.
     page.click("#nav a[data-view='tasks']")
     expect(page.locator("#tf-agent option")).to_have_count(MANY + 3)  # and "any agent"
