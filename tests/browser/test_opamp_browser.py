@@ -597,3 +597,79 @@ def test_a_real_staged_rollout_started_from_the_page_halts_on_injected_failures(
     actions = {row["action"] for row in audit["items"] if rollout_id in json.dumps(row)}
     assert {"opamp.rollout.created", "opamp.rollout.stage", "opamp.rollout.halted"} <= actions
     assert_no_reload(page)
+
+
+def test_a_rollout_read_that_answers_late_does_not_undo_what_the_socket_brought(
+    page: Page, dashboard: Dashboard
+) -> None:
+    """The page opens a new rollout and reads it from the API; the leader
+    assigns its canary meanwhile, and the socket brings that first. Held here
+    until then, the read answers with the rollout as it was created: the page
+    keeps the newer state (it showed stage 0 until the next change)."""
+    sign_in(page, dashboard)
+    created: list[dict[str, Any]] = []
+    held: list[Any] = []
+    frames: list[dict[str, Any]] = []
+
+    def on_response(response: Any) -> None:
+        if response.request.method == "POST" and response.url.endswith("/api/v1/opamp/rollouts"):
+            created.append(response.json())
+
+    def on_socket(socket: Any) -> None:
+        def on_frame(payload: str | bytes) -> None:
+            message = json.loads(payload)
+            if isinstance(message, dict):
+                frames.append(message)
+
+        socket.on("framereceived", on_frame)
+
+    page.on("response", on_response)
+    page.on("websocket", on_socket)
+    page.route(
+        re.compile(r".*/api/v1/opamp/rollouts/[0-9a-f-]{36}$"),
+        lambda route: held.append(route) if route.request.method == "GET" else route.continue_(),
+    )
+    page.reload()  # a socket the listener below sees from its start
+    expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+
+    def until(what: str, check: Callable[[], bool]) -> None:
+        """Wait, letting Playwright deliver the page's events meanwhile."""
+        deadline = time.monotonic() + 60
+        while not check():
+            assert time.monotonic() < deadline, f"{what}: not within 60 s"
+            page.wait_for_timeout(50)
+
+    tag = marker()
+    for agent in [
+        new_agent(dashboard, "fleet", f"svc-{tag}", **{"deployment.environment": tag})
+        for _ in range(10)
+    ]:
+        agent.report()
+    page.click('#nav a[data-view="rollouts"]')
+    page.fill("#ro-project", "fleet")
+    page.fill("#ro-selector", json.dumps({"deployment.environment": tag}))
+    page.fill("#ro-name", "collector.yaml")
+    page.fill("#ro-type", "application/yaml")
+    page.fill("#ro-body", COLLECTOR)
+    page.fill("#ro-canary", "20")
+    page.fill("#ro-batch", "4")
+    page.fill("#ro-threshold", "10")
+    page.click("#ro-start")
+    until("the rollout's read", lambda: bool(held) and bool(created))
+    (first,) = created
+    assert first["stage"] == 0 and first["counts"]["pending"] == 0
+    rollout_id = first["id"]
+
+    def canary_on_the_socket() -> bool:
+        return any(
+            m.get("type") == "opamp_rollout"
+            and m["rollout"]["id"] == rollout_id
+            and m["rollout"]["stage"] >= 1
+            for m in frames
+        )
+
+    until("the canary's message", canary_on_the_socket)
+    held[0].fulfill(status=200, content_type="application/json", body=json.dumps(first))
+    summary = page.locator("#rd-summary")
+    expect(summary).to_contain_text("stage 1 of 3", timeout=LIVE_MS)
+    expect(summary).to_contain_text("2 pending")

@@ -4325,12 +4325,16 @@
           `/api/v1/opamp/rollouts/${encodeURIComponent(route.rolloutId)}`,
         );
         if (gen !== rollouts.gen) return;
-        rollouts.detail = item;
         upsertRollout(item);
+        rollouts.detail = rollouts.items.find((r) => r.id === item.id) ?? item;
       } else {
         const data = await api("GET", "/api/v1/opamp/rollouts");
         if (gen !== rollouts.gen) return;
-        rollouts.items = data.items || [];
+        const held = new Map(rollouts.items.map((r) => [r.id, r]));
+        rollouts.items = (data.items || []).map((r) => {
+          const mine = held.get(r.id);
+          return mine && !fresher(r, mine) ? mine : r;
+        });
       }
       rollouts.available = true;
       showText("rollouts-error", "");
@@ -4357,11 +4361,20 @@
     }
   }
 
+  // A read of the API may answer after the socket brought a newer state of
+  // the same rollout (the leader assigning its first stage as the page opens
+  // it): the one written last (updated_at) is kept, the other dropped.
+  function fresher(item, held) {
+    return (parseTime(item.updated_at) ?? 0) >= (parseTime(held.updated_at) ?? 0);
+  }
+
   function upsertRollout(item) {
     if (!item || !item.id) return;
     const at = rollouts.items.findIndex((r) => r.id === item.id);
-    if (at >= 0) rollouts.items[at] = item;
-    else rollouts.items.unshift(item);
+    if (at >= 0) {
+      if (!fresher(item, rollouts.items[at])) return;
+      rollouts.items[at] = item;
+    } else rollouts.items.unshift(item);
     if (rollouts.detail && rollouts.detail.id === item.id) rollouts.detail = item;
   }
 
