@@ -576,14 +576,10 @@
   // insertion each would cost far more), as is one whose agents were reordered.
   function syncOptions(select, items) {
     const options = select.options;
-    const rebuild = () => {
-      const fragment = document.createDocumentFragment();
-      for (const [value, text, disabled] of items) {
-        const option = new Option(text, value);
-        option.disabled = Boolean(disabled);
-        fragment.append(option);
-      }
-      select.replaceChildren(fragment);
+    const option = ([value, text, disabled]) => {
+      const made = new Option(text, value);
+      made.disabled = Boolean(disabled);
+      return made;
     };
     const wanted = new Set(items.map(([value]) => value));
     for (let i = options.length - 1; i >= 0; i -= 1) {
@@ -594,19 +590,19 @@
       if (kept < options.length && options[kept].value === value) kept += 1;
     }
     if (kept < options.length || options.length < items.length / 2) {
-      rebuild();
+      const fragment = document.createDocumentFragment();
+      for (const item of items) fragment.append(option(item));
+      select.replaceChildren(fragment);
       return;
     }
-    items.forEach(([value, text, disabled], i) => {
+    items.forEach((item, i) => {
       const there = options[i];
-      if (!there || there.value !== value) {
-        const option = new Option(text, value);
-        option.disabled = Boolean(disabled);
-        select.insertBefore(option, there ?? null);
+      if (!there || there.value !== item[0]) {
+        select.insertBefore(option(item), there ?? null);
         return;
       }
-      if (there.text !== text) there.text = text;
-      if (there.disabled !== Boolean(disabled)) there.disabled = Boolean(disabled);
+      if (there.text !== item[1]) there.text = item[1];
+      if (there.disabled !== Boolean(item[2])) there.disabled = Boolean(item[2]);
     });
   }
 
@@ -1035,10 +1031,14 @@
     mark("instances", "kpis");
   }
 
+  // What a filter of agents matches (the Agents page's too): project, name, id.
+  const agentSearchText = (agent) =>
+    `${agent.project ?? ""} / ${agent.name} ${agent.id}`.toLowerCase();
+
   function putAgent(agent) {
     const id = String(agent.id);
     agents.set(id, agent);
-    agentText.set(id, `${agent.project ?? ""} / ${agent.name} ${agent.id}`.toLowerCase());
+    agentText.set(id, agentSearchText(agent));
   }
 
   function setAgents(items) {
@@ -5003,7 +5003,17 @@
   $("audit-refresh").addEventListener("click", () => loadAudit());
   $("audit-more").addEventListener("click", () => loadAudit({ more: true }));
 
-  window.z4jDashboard = { api, el, fill, showText, when, ago, parseTime, fmtInt };
+  window.z4jDashboard = {
+    api,
+    el,
+    fill,
+    showText,
+    when,
+    ago,
+    parseTime,
+    fmtInt,
+    agentSearchText,
+  };
   mark("instances", "agents", "feed", "kinds", "commands", "kpis", "charts");
   showRoute();
   refreshAll();

@@ -11,7 +11,8 @@
 (() => {
   "use strict";
 
-  const { api, el, fill, showText, when, ago, parseTime, fmtInt } = window.z4jDashboard;
+  const { api, el, fill, showText, when, ago, parseTime, fmtInt, agentSearchText } =
+    window.z4jDashboard;
   const $ = (id) => document.getElementById(id);
   const DEFAULT_GRACE_SECONDS = 86400; // the brain's own default is Z4J_ROTATION_GRACE_SECONDS
 
@@ -162,9 +163,7 @@
     const now = Date.now();
     const filter = $("prov-agents-filter").value.trim().toLowerCase();
     const matching = filter
-      ? state.agents.filter((a) =>
-          `${a.project ?? ""} / ${a.name} ${a.id}`.toLowerCase().includes(filter),
-        )
+      ? state.agents.filter((a) => agentSearchText(a).includes(filter))
       : state.agents;
     const shown = matching.slice(0, state.shown);
     fill(
