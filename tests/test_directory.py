@@ -24,6 +24,7 @@ from z4j.store import Agent, DirectoryConflict, Project, Store
 from z4j.store._filters import agents_where
 from z4j.store.postgres import PG
 from z4j.store.sqlite import SQ
+from z4j.store.workers import CONNECTED_COUNTS
 from z4j.testing.store import json_of, open_store, query
 
 
@@ -382,6 +383,33 @@ async def test_workers_of_a_page_of_agents_and_the_connected_counts(config: Conf
         ]
         # Connected: a-1 and b-1, of agents a and b.
         assert await store.connected_counts() == (2, 2)
+
+
+async def test_the_connected_counts_read_the_connected_workers_alone(config: Config) -> None:
+    """Over 20,000 disconnected workers, the counts read workers_connected
+    (migration 21), an index of the connected ones, on both stores."""
+    async with open_store(config) as store:
+        agent = await _agent(store)
+        await store.worker_connected(
+            agent.id, "live", role=None, hello={}, instance_id=uuid.uuid4(), at=1.0
+        )
+    pg = config.database_url is not None
+    execute(
+        config,
+        "INSERT INTO workers (agent_id, worker_id, hello, connected_at, last_seen,"
+        " disconnected_at) SELECT a.id, 'gone-' || n, '{}', now(), now(), now()"
+        " FROM agents a, generate_series(1, 20000) n"
+        if pg
+        else "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000)"
+        " INSERT INTO workers (agent_id, worker_id, hello, connected_at, last_seen,"
+        " disconnected_at) SELECT a.id, 'gone-' || i, '{}', 1, 1, 2 FROM agents a, n",
+    )
+    execute(config, "ANALYZE")
+    async with open_store(config) as store:
+        assert await store.connected_counts() == (1, 1)
+    explain = "EXPLAIN " if pg else "EXPLAIN QUERY PLAN "
+    plan = " ".join(str(row) for row in query(config, explain + CONNECTED_COUNTS))
+    assert "workers_connected" in plan, plan
 
 
 async def test_maintenance_forgets_workers_gone_longer_than_the_retention(

@@ -773,13 +773,8 @@ class PostgresStore:
         return await self._forget(workers.forget_workers_before, before)
 
     async def connected_counts(self) -> tuple[int, int]:
-        connected, agents = await self._read(
-            lambda conn: conn.execute(
-                "SELECT count(*), count(DISTINCT agent_id) FROM workers"
-                " WHERE disconnected_at IS NULL"
-            ).fetchone()
-        )
-        return int(connected), int(agents)
+        counts: tuple[int, int] = await self._read(workers.connected_counts)
+        return counts
 
     async def worker_registries(
         self,

@@ -542,12 +542,8 @@ class SqliteStore:
         return await self._forget(workers.forget_workers_before, before)
 
     async def connected_counts(self) -> tuple[int, int]:
-        ((connected, agents),) = await self._run(
-            _fetch_all,
-            "SELECT count(*), count(DISTINCT agent_id) FROM workers WHERE disconnected_at IS NULL",
-            (),
-        )
-        return int(connected), int(agents)
+        counts: tuple[int, int] = await self._run(workers.connected_counts)
+        return counts
 
     async def worker_registries(
         self,
