@@ -13,6 +13,7 @@ and names east, while west is still shown.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from playwright.sync_api import Page, expect
 
 from z4j.agent import Agent
 from z4j.config import Config
+from z4j.ingest import connect as ingest_connect
 from z4j.testing.agents import admin_token, provision
 from z4j.testing.brain import RunningBrain, make_config, running_brain, wait_until
 from z4j.testing.federation import federation_token, write_peers_file
@@ -31,6 +33,7 @@ from z4j.testing.store import open_store
 expect.set_options(timeout=60_000)  # bounds failures only
 
 FLEET = 99  # east's older agents: with east-box and west-box, a page of 100 and one more
+LOGS = 60  # east's older events (ingested records): the events need a second page of 50
 
 
 def browser_conftest(request: pytest.FixtureRequest) -> Any:
@@ -87,6 +90,9 @@ def world(
             )
             brain = loop.enter(running_brain(config))
             regions[name] = brain
+            if name == "east":
+                with ingest_connect(*brain.ingest) as client:
+                    client.send([{"t": "log", "n": n} for n in range(LOGS)])
             agent = Agent(
                 brain.addresses.http_url,
                 token=agent_token,
@@ -204,6 +210,20 @@ def test_the_regions_page_shows_every_region_labelled_and_asks_before_a_command(
     assert [u for u in asked if "/api/v1/federation/regions" in u]
     assert [u for u in asked if "/api/v1/federation/agents" in u] == []
     expect(agent_rows).to_have_count(FLEET + 2)
+
+    # "Older" appends the next page of events, once each, newest first, and
+    # is gone when there is none.
+    event_rows = page.locator("#region-events-table tbody tr")
+    expect(event_rows).to_have_count(50)
+    older = page.locator("#region-events-older")
+    expect(older).to_be_visible()
+    older.click()
+    expect(older).to_be_hidden()
+    expect(event_rows).to_have_count(LOGS + 6)  # the records and both agents' task notes
+    records = [
+        int(n) for text in event_rows.all_text_contents() for n in re.findall(r'"n":(\d+)', text)
+    ]
+    assert sorted(records) == list(range(LOGS)), records
 
     # A command to west: only once "west" is typed; the agent gets it once.
     page.click('#region-agents-table tr[data-region="west"] button')
