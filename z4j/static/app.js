@@ -570,39 +570,58 @@
   $("agents-filter").addEventListener("input", () => mark("agents"));
 
   // An agent picker may hold thousands of options, and Chromium takes tens of
-  // microseconds to make each: options of agents that stay are kept (their
-  // label set if it changed), those of agents gone removed, new ones put in
-  // place. A picker mostly new (the first fill) is made anew at once (one
-  // insertion each would cost far more), as is one whose agents were reordered.
+  // microseconds to make each, and some to read one: what each picker was
+  // given last is remembered here. The same agents in the same order (a
+  // worker came or went): only the labels that changed are set. Otherwise
+  // options of agents that stay are kept, those of agents gone removed, new
+  // ones put in place; a picker mostly new (the first fill), or whose agents
+  // were reordered, is made anew at once.
+  const optionsGiven = new WeakMap(); // select -> { values, shown: value -> label and state }
   function syncOptions(select, items) {
     const options = select.options;
-    const option = ([value, text, disabled]) => {
-      const made = new Option(text, value);
-      made.disabled = Boolean(disabled);
+    const shown = ([, text, disabled]) => `${text}\u0000${Boolean(disabled)}`;
+    const given = optionsGiven.get(select) ?? { values: [], shown: new Map() };
+    optionsGiven.set(select, given);
+    const values = items.map(([value]) => value);
+    const same =
+      options.length === given.values.length &&
+      values.length === given.values.length &&
+      values.every((value, i) => value === given.values[i]);
+    const option = (item) => {
+      const made = new Option(item[1], item[0]);
+      made.disabled = Boolean(item[2]);
       return made;
     };
-    const wanted = new Set(items.map(([value]) => value));
-    for (let i = options.length - 1; i >= 0; i -= 1) {
-      if (!wanted.has(options[i].value)) options[i].remove();
-    }
-    let kept = 0; // how many of the options left come in the order `items` has them
-    for (const [value] of items) {
-      if (kept < options.length && options[kept].value === value) kept += 1;
-    }
-    if (kept < options.length || options.length < items.length / 2) {
-      const fragment = document.createDocumentFragment();
-      for (const item of items) fragment.append(option(item));
-      select.replaceChildren(fragment);
-      return;
-    }
-    items.forEach((item, i) => {
-      const there = options[i];
-      if (!there || there.value !== item[0]) {
-        select.insertBefore(option(item), there ?? null);
+    if (!same) {
+      const wanted = new Set(values);
+      for (let i = options.length - 1; i >= 0; i -= 1) {
+        if (!wanted.has(options[i].value)) options[i].remove();
+      }
+      let kept = 0; // how many of the options left come in the order `items` has them
+      for (const value of values) {
+        if (kept < options.length && options[kept].value === value) kept += 1;
+      }
+      if (kept < options.length || options.length < items.length / 2) {
+        const fragment = document.createDocumentFragment();
+        for (const item of items) fragment.append(option(item));
+        select.replaceChildren(fragment);
+        given.shown = new Map(items.map((item) => [item[0], shown(item)]));
+        given.values = values;
         return;
       }
-      if (there.text !== item[1]) there.text = item[1];
-      if (there.disabled !== Boolean(item[2])) there.disabled = Boolean(item[2]);
+      items.forEach((item, i) => {
+        if (options[i]?.value !== item[0]) {
+          select.insertBefore(option(item), options[i] ?? null);
+          given.shown.set(item[0], shown(item));
+        }
+      });
+      given.values = values;
+    }
+    items.forEach((item, i) => {
+      if (given.shown.get(item[0]) === shown(item)) return;
+      options[i].text = item[1];
+      options[i].disabled = Boolean(item[2]);
+      given.shown.set(item[0], shown(item));
     });
   }
 
