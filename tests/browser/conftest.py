@@ -26,7 +26,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, contextmanager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -304,18 +304,26 @@ class Dashboard:
         self.loop.run_sync(self.gates[name].set)
 
 
-@pytest.fixture(scope="module")
-def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
-    """One SQLite brain per test module, an agent ("shop / checkout") that
-    answers ``ping`` and ``hold``, and an admin token to sign in with."""
-    config = make_config(tmp_path_factory.mktemp("dashboard") / "data", heartbeat_seconds=0.5)
+@contextmanager
+def serving_dashboard(
+    data: Path,
+    *,
+    clock: Callable[[], float] = time.time,
+    before_start: Callable[[Config], Awaitable[None]] | None = None,
+) -> Iterator[Dashboard]:
+    """A SQLite brain in ``data`` on ``clock``, an agent ("shop / checkout",
+    worker checkout-1) that answers ``ping`` and ``hold``, and an admin token
+    to sign in with; ``before_start`` fills the store before the brain starts."""
+    config = make_config(data, heartbeat_seconds=0.5)
     loop = TrioThread()
     try:
         token, secret, agent_id = loop.run(
             functools.partial(provision, config, project="shop", agent="checkout")
         )
+        if before_start is not None:
+            loop.run(before_start, config)
         admin = loop.run(admin_token, config)
-        brain = loop.enter(running_brain(config))
+        brain = loop.enter(running_brain(config, clock=clock))
         gates: dict[str, trio.Event] = {}
         agent = Agent(
             brain.addresses.http_url,
@@ -349,6 +357,19 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
         )
     finally:
         loop.close()
+
+
+@pytest.fixture(scope="module")
+def serve_dashboard() -> Callable[..., AbstractContextManager[Dashboard]]:
+    """`serving_dashboard`, for a module whose dashboard needs a clock or data."""
+    return serving_dashboard
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
+    """One `serving_dashboard` per test module."""
+    with serving_dashboard(tmp_path_factory.mktemp("dashboard") / "data") as dashboard:
+        yield dashboard
 
 
 @pytest.fixture

@@ -15,20 +15,18 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import pytest
 from playwright.sync_api import Page, expect
+from test_provisioning_browser import sign_in
 
 from z4j import keys
-from z4j.agent import Agent
 from z4j.config import Config
 from z4j.store import store_for
-from z4j.testing.agents import admin_token, provision
-from z4j.testing.brain import make_config, running_brain
 
 if TYPE_CHECKING:
     from conftest import Dashboard  # tests/browser/conftest.py
@@ -36,15 +34,6 @@ if TYPE_CHECKING:
 expect.set_options(timeout=60_000)
 MANY = 1500  # agents of project "fleet", besides "shop / checkout"
 SHOWN = 100  # what each table shows at once (app.js AGENTS_SHOWN, provisioning.js PAGE)
-
-
-def browser_conftest(request: pytest.FixtureRequest) -> Any:
-    """tests/browser/conftest.py as pytest loaded it (its Dashboard, TrioThread)."""
-    here = str(Path(__file__).with_name("conftest.py"))
-    for plugin in request.config.pluginmanager.get_plugins():
-        if getattr(plugin, "__file__", None) == here:
-            return plugin
-    raise LookupError(here)
 
 
 async def _fleet(config: Config, count: int) -> None:
@@ -63,47 +52,13 @@ async def _fleet(config: Config, count: int) -> None:
 
 @pytest.fixture(scope="module")
 def dashboard(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    serve_dashboard: Callable[..., AbstractContextManager[Dashboard]],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Dashboard]:
     """conftest's dashboard, with `MANY` more agents made before the brain starts."""
-    shared = browser_conftest(request)
-    Dashboard, TrioThread = shared.Dashboard, shared.TrioThread
-    config = make_config(tmp_path_factory.mktemp("many") / "data", heartbeat_seconds=0.5)
-    loop = TrioThread()
-    try:
-        token, secret, agent_id = loop.run(
-            functools.partial(provision, config, project="shop", agent="checkout")
-        )
-        loop.run(_fleet, config, MANY)
-        admin = loop.run(admin_token, config)
-        brain = loop.enter(running_brain(config))
-        agent = Agent(
-            brain.addresses.http_url,
-            token=token,
-            secret=secret,
-            worker_id="checkout-1",
-            worker_role="worker",
-        )
-        loop.run(loop.nursery.start, agent.run)
-        yield Dashboard(
-            loop=loop,
-            brain=brain,
-            config=config,
-            admin_token=admin,
-            agent_id=str(agent_id),
-            agent=agent,
-            gates={},
-        )
-    finally:
-        loop.close()
-
-
-def sign_in(page: Page, dashboard: Dashboard) -> None:
-    page.goto(f"{dashboard.url}/")
-    page.fill("#token", dashboard.admin_token)
-    page.click("#login-submit")
-    expect(page).to_have_url(f"{dashboard.url}/")
-    expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    fleet = functools.partial(_fleet, count=MANY)
+    with serve_dashboard(tmp_path_factory.mktemp("many") / "data", before_start=fleet) as shown:
+        yield shown
 
 
 def option(page: Page, label: str) -> Any:

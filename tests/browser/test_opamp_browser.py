@@ -526,16 +526,10 @@ def test_rollouts_say_when_the_brain_has_none_and_show_what_the_api_gives(
     assert_no_reload(page)
 
 
-def test_a_real_staged_rollout_started_from_the_page_halts_on_injected_failures(
-    page: Page, dashboard: Dashboard
-) -> None:
-    """No routing here: the brain's own rollouts API and leader task. Ten
-    agents match the selector; the canary (two of them) applies, the next
-    stage's agents fail, and the rollout halts by itself: the page shows it
-    live, with the reason, and the later stages never reach anyone."""
-    if api(dashboard, "/opamp/rollouts")[0] == 404:
-        pytest.fail("this brain serves no rollouts API")
-    sign_in(page, dashboard)
+def start_staged_rollout(page: Page, dashboard: Dashboard) -> list[OpampAgent]:
+    """Ten agents of project "fleet" reporting under a fresh tag, and a rollout
+    to them started from the page: a canary of 20 %, batches of four, halting
+    past 10 % failed. The agents, for the test to answer as."""
     tag = marker()
     agents = [
         new_agent(dashboard, "fleet", f"svc-{tag}", **{"deployment.environment": tag})
@@ -554,6 +548,20 @@ def test_a_real_staged_rollout_started_from_the_page_halts_on_injected_failures(
     page.fill("#ro-batch", "4")
     page.fill("#ro-threshold", "10")
     page.click("#ro-start")
+    return agents
+
+
+def test_a_real_staged_rollout_started_from_the_page_halts_on_injected_failures(
+    page: Page, dashboard: Dashboard
+) -> None:
+    """No routing here: the brain's own rollouts API and leader task. Ten
+    agents match the selector; the canary (two of them) applies, the next
+    stage's agents fail, and the rollout halts by itself: the page shows it
+    live, with the reason, and the later stages never reach anyone."""
+    if api(dashboard, "/opamp/rollouts")[0] == 404:
+        pytest.fail("this brain serves no rollouts API")
+    sign_in(page, dashboard)
+    agents = start_staged_rollout(page, dashboard)
     expect(page.locator("#rollout-card")).to_be_visible()
     rollout_id = page.evaluate("location.hash").rsplit("/", 1)[1]
 
@@ -639,22 +647,7 @@ def test_a_rollout_read_that_answers_late_does_not_undo_what_the_socket_brought(
             assert time.monotonic() < deadline, f"{what}: not within 60 s"
             page.wait_for_timeout(50)
 
-    tag = marker()
-    for agent in [
-        new_agent(dashboard, "fleet", f"svc-{tag}", **{"deployment.environment": tag})
-        for _ in range(10)
-    ]:
-        agent.report()
-    page.click('#nav a[data-view="rollouts"]')
-    page.fill("#ro-project", "fleet")
-    page.fill("#ro-selector", json.dumps({"deployment.environment": tag}))
-    page.fill("#ro-name", "collector.yaml")
-    page.fill("#ro-type", "application/yaml")
-    page.fill("#ro-body", COLLECTOR)
-    page.fill("#ro-canary", "20")
-    page.fill("#ro-batch", "4")
-    page.fill("#ro-threshold", "10")
-    page.click("#ro-start")
+    start_staged_rollout(page, dashboard)
     until("the rollout's read", lambda: bool(held) and bool(created))
     (first,) = created
     assert first["stage"] == 0 and first["counts"]["pending"] == 0

@@ -14,10 +14,10 @@ confirmation (and Cancel leaves things as they were).
 
 from __future__ import annotations
 
-import functools
 import json
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,10 +25,6 @@ import pytest
 from playwright.sync_api import Page, expect
 from test_provisioning_api import HOUR, Clock
 from test_rotation_bare import BareAgent
-
-from z4j.agent import Agent
-from z4j.testing.agents import admin_token, provision
-from z4j.testing.brain import make_config, running_brain
 
 if TYPE_CHECKING:
     from conftest import Dashboard  # tests/browser/conftest.py
@@ -42,49 +38,15 @@ def clock() -> Clock:
     return Clock()
 
 
-def browser_conftest(request: pytest.FixtureRequest) -> Any:
-    """tests/browser/conftest.py as pytest loaded it (its Dashboard, TrioThread)."""
-    here = str(Path(__file__).with_name("conftest.py"))
-    for plugin in request.config.pluginmanager.get_plugins():
-        if getattr(plugin, "__file__", None) == here:
-            return plugin
-    raise LookupError(here)
-
-
 @pytest.fixture(scope="module")
 def dashboard(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, clock: Clock
+    serve_dashboard: Callable[..., AbstractContextManager[Dashboard]],
+    tmp_path_factory: pytest.TempPathFactory,
+    clock: Clock,
 ) -> Iterator[Dashboard]:
     """conftest's dashboard, but its brain runs on ``clock``."""
-    shared = browser_conftest(request)
-    Dashboard, TrioThread = shared.Dashboard, shared.TrioThread
-    config = make_config(tmp_path_factory.mktemp("provisioning") / "data", heartbeat_seconds=0.5)
-    loop = TrioThread()
-    try:
-        token, secret, agent_id = loop.run(
-            functools.partial(provision, config, project="shop", agent="checkout")
-        )
-        admin = loop.run(admin_token, config)
-        brain = loop.enter(running_brain(config, clock=clock))
-        agent = Agent(
-            brain.addresses.http_url,
-            token=token,
-            secret=secret,
-            worker_id="checkout-1",
-            worker_role="worker",
-        )
-        loop.run(loop.nursery.start, agent.run)
-        yield Dashboard(
-            loop=loop,
-            brain=brain,
-            config=config,
-            admin_token=admin,
-            agent_id=str(agent_id),
-            agent=agent,
-            gates={},
-        )
-    finally:
-        loop.close()
+    with serve_dashboard(tmp_path_factory.mktemp("provisioning") / "data", clock=clock) as shown:
+        yield shown
 
 
 def sign_in(page: Page, dashboard: Dashboard) -> None:
